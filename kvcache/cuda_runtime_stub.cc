@@ -1,0 +1,13 @@
+#include "absl/status/status.h"
+#include "kvcache/cuda_runtime.h"
+
+namespace kvcache {
+
+bool BuiltWithCuda() { return false; }
+
+absl::StatusOr<int> CudaDeviceCount() {
+  return absl::FailedPreconditionError(
+      "kvcache was built without CUDA support");
+}
+
+}  // namespace kvcache

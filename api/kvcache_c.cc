@@ -1,0 +1,450 @@
+// The C API: each function converts its arguments, calls the KVCacheManager and maps the status to
+// a kvcache_status, recording the message in the handle.
+
+#include "api/kvcache_c.h"
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "api/kv_cache_manager.h"
+
+struct kvcache_manager {
+  std::unique_ptr<kvcache::KVCacheManager> impl;
+  std::mutex mu;
+  std::string last_error;  // Guarded by mu.
+};
+
+namespace {
+
+using kvcache::KVCacheManager;
+
+thread_local std::string create_error;
+thread_local std::string error_copy;
+
+kvcache_status ToCode(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kOk:
+      return KVCACHE_OK;
+    case absl::StatusCode::kInvalidArgument:
+      return KVCACHE_INVALID_ARGUMENT;
+    case absl::StatusCode::kNotFound:
+      return KVCACHE_NOT_FOUND;
+    case absl::StatusCode::kAlreadyExists:
+      return KVCACHE_ALREADY_EXISTS;
+    case absl::StatusCode::kResourceExhausted:
+      return KVCACHE_RESOURCE_EXHAUSTED;
+    case absl::StatusCode::kFailedPrecondition:
+      return KVCACHE_FAILED_PRECONDITION;
+    case absl::StatusCode::kOutOfRange:
+      return KVCACHE_OUT_OF_RANGE;
+    case absl::StatusCode::kInternal:
+      return KVCACHE_INTERNAL;
+    default:
+      return KVCACHE_UNKNOWN;
+  }
+}
+
+kvcache_status Record(kvcache_manager* m, const absl::Status& status) {
+  if (!status.ok()) {
+    std::lock_guard<std::mutex> lock(m->mu);
+    m->last_error = std::string(status.message());
+  }
+  return ToCode(status);
+}
+
+absl::Status Null(const char* what) {
+  return absl::InvalidArgumentError(absl::StrCat(what, " is NULL"));
+}
+
+kvcache::TensorView ToView(const kvcache_tensor& t) {
+  kvcache::TensorView v;
+  v.data = t.data;
+  v.dtype = static_cast<kvcache::DType>(t.dtype);
+  v.ndim = std::clamp(t.ndim, 0, kvcache::TensorView::kMaxDims);
+  for (int d = 0; d < v.ndim; ++d) {
+    v.shape[d] = t.shape[d];
+    v.strides[d] = t.strides[d];
+  }
+  v.memory = t.memory == KVCACHE_DEVICE ? kvcache::MemoryKind::kCuda
+                                        : kvcache::MemoryKind::kHost;
+  v.device = t.device;
+  return v;
+}
+
+absl::Status CheckTensor(const kvcache_tensor* t, const char* name) {
+  if (t == nullptr) return Null(name);
+  if (!kvcache::IsValidDType(static_cast<kvcache::DType>(t->dtype))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " dtype ", t->dtype, " is not a kvcache_dtype"));
+  }
+  if (t->ndim < 0 || t->ndim > kvcache::TensorView::kMaxDims) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " ndim ", t->ndim, " is not in [0, 4]"));
+  }
+  if (t->memory != KVCACHE_HOST && t->memory != KVCACHE_DEVICE) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " memory ", t->memory, " is not a kvcache_memory"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<kvcache::ReserveRequest>> ToRequests(
+    const kvcache_reserve_request* batch, int64_t n) {
+  if (n < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch_size ", n, " is negative"));
+  }
+  if (batch == nullptr && n > 0) return Null("batch");
+  std::vector<kvcache::ReserveRequest> requests(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const kvcache_reserve_request& r = batch[i];
+    if (r.num_new_token_ids < 0 ||
+        (r.num_new_token_ids > 0 && r.new_token_ids == nullptr)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "batch[", i, "]: new_token_ids is NULL or num_new_token_ids ",
+          r.num_new_token_ids, " is negative"));
+    }
+    requests[i].sequence = r.sequence;
+    requests[i].num_tokens = r.num_tokens;
+    if (r.num_new_token_ids > 0) {
+      requests[i].new_token_ids.assign(r.new_token_ids,
+                                       r.new_token_ids + r.num_new_token_ids);
+    }
+  }
+  return requests;
+}
+
+}  // namespace
+
+extern "C" {
+
+void kvcache_config_init(kvcache_config* c) {
+  if (c == nullptr) return;
+  const kvcache::KVCacheConfig d;
+  std::memset(c, 0, sizeof(*c));
+  c->head_size_v = d.head_size_v;
+  c->block_size = d.block_size;
+  c->cache_dtype = static_cast<int32_t>(d.cache_dtype);
+  c->input_dtype = static_cast<int32_t>(d.input_dtype);
+  c->backend = KVCACHE_CPU;
+  c->enable_prefix_caching = d.enable_prefix_caching ? 1 : 0;
+  c->max_tokens_per_step = d.max_tokens_per_step;
+  c->max_sequences_per_step = d.max_sequences_per_step;
+  c->max_blocks_per_sequence = d.max_blocks_per_sequence;
+  c->max_inflight_plans = d.max_inflight_plans;
+}
+
+const char* kvcache_status_name(kvcache_status status) {
+  switch (status) {
+    case KVCACHE_OK:
+      return "OK";
+    case KVCACHE_INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case KVCACHE_NOT_FOUND:
+      return "NOT_FOUND";
+    case KVCACHE_ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case KVCACHE_RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case KVCACHE_FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case KVCACHE_OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case KVCACHE_INTERNAL:
+      return "INTERNAL";
+    default:
+      return "UNKNOWN";
+  }
+}
+
+kvcache_status kvcache_create(const kvcache_config* c, kvcache_manager** out) {
+  absl::Status status;
+  if (c == nullptr || out == nullptr) {
+    status = Null(c == nullptr ? "config" : "out");
+    create_error = std::string(status.message());
+    return ToCode(status);
+  }
+  *out = nullptr;
+  kvcache::KVCacheConfig config;
+  config.num_layers = c->num_layers;
+  config.num_kv_heads = c->num_kv_heads;
+  config.head_size = c->head_size;
+  config.head_size_v = c->head_size_v;
+  config.block_size = c->block_size;
+  config.cache_dtype = static_cast<kvcache::DType>(c->cache_dtype);
+  config.input_dtype = static_cast<kvcache::DType>(c->input_dtype);
+  config.backend = static_cast<kvcache::Backend>(c->backend);
+  config.device = c->device;
+  config.num_blocks = c->num_blocks;
+  config.memory_budget_bytes = c->memory_budget_bytes;
+  config.memory_fraction = c->memory_fraction;
+  config.enable_prefix_caching = c->enable_prefix_caching != 0;
+  config.max_tokens_per_step = c->max_tokens_per_step;
+  config.max_sequences_per_step = c->max_sequences_per_step;
+  config.max_blocks_per_sequence = c->max_blocks_per_sequence;
+  config.max_inflight_plans = c->max_inflight_plans;
+  absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
+      KVCacheManager::Create(config);
+  if (!manager.ok()) {
+    create_error = std::string(manager.status().message());
+    return ToCode(manager.status());
+  }
+  auto handle = std::make_unique<kvcache_manager>();
+  handle->impl = *std::move(manager);
+  *out = handle.release();
+  return KVCACHE_OK;
+}
+
+const char* kvcache_last_create_error(void) { return create_error.c_str(); }
+
+void kvcache_destroy(kvcache_manager* m) { delete m; }
+
+const char* kvcache_last_error(kvcache_manager* m) {
+  if (m == nullptr) return "manager is NULL";
+  std::lock_guard<std::mutex> lock(m->mu);
+  error_copy = m->last_error;
+  return error_copy.c_str();
+}
+
+#define KVCACHE_C_REQUIRE(m)                  \
+  do {                                        \
+    if ((m) == nullptr) return KVCACHE_INVALID_ARGUMENT; \
+  } while (0)
+
+kvcache_status kvcache_add_sequence(kvcache_manager* m, int64_t sequence,
+                                    const int32_t* prompt, int64_t prompt_len,
+                                    int64_t adapter_id, const char* salt,
+                                    int64_t* computed_tokens) {
+  KVCACHE_C_REQUIRE(m);
+  if (prompt == nullptr && prompt_len > 0) return Record(m, Null("prompt"));
+  if (prompt_len < 0) {
+    return Record(m, absl::InvalidArgumentError(absl::StrCat(
+                         "prompt_len ", prompt_len, " is negative")));
+  }
+  kvcache::ExtraKey extra;
+  extra.adapter_id = adapter_id;
+  if (salt != nullptr) extra.salt = salt;
+  absl::StatusOr<int64_t> computed = m->impl->AddSequence(
+      sequence, absl::MakeConstSpan(prompt, prompt_len), extra);
+  if (!computed.ok()) return Record(m, computed.status());
+  if (computed_tokens != nullptr) *computed_tokens = *computed;
+  return KVCACHE_OK;
+}
+
+kvcache_status kvcache_reserve(kvcache_manager* m,
+                               const kvcache_reserve_request* batch,
+                               int64_t batch_size, void* stream,
+                               kvcache_plan* plan) {
+  KVCACHE_C_REQUIRE(m);
+  if (plan == nullptr) return Record(m, Null("plan"));
+  absl::StatusOr<std::vector<kvcache::ReserveRequest>> requests =
+      ToRequests(batch, batch_size);
+  if (!requests.ok()) return Record(m, requests.status());
+  absl::StatusOr<kvcache::StepPlanInfo> info =
+      m->impl->Reserve(*requests, stream);
+  if (!info.ok()) return Record(m, info.status());
+  plan->id = info->id;
+  plan->num_tokens = info->num_tokens;
+  plan->slot_mapping = info->slot_mapping;
+  plan->num_block_copies = info->num_block_copies;
+  return KVCACHE_OK;
+}
+
+kvcache_status kvcache_can_reserve(kvcache_manager* m,
+                                   const kvcache_reserve_request* batch,
+                                   int64_t batch_size) {
+  KVCACHE_C_REQUIRE(m);
+  absl::StatusOr<std::vector<kvcache::ReserveRequest>> requests =
+      ToRequests(batch, batch_size);
+  if (!requests.ok()) return Record(m, requests.status());
+  return Record(m, m->impl->CanReserve(*requests));
+}
+
+kvcache_status kvcache_append(kvcache_manager* m, uint64_t plan_id,
+                              int32_t layer, const kvcache_tensor* key,
+                              const kvcache_tensor* value, void* stream) {
+  KVCACHE_C_REQUIRE(m);
+  if (absl::Status s = CheckTensor(key, "key"); !s.ok()) return Record(m, s);
+  if (absl::Status s = CheckTensor(value, "value"); !s.ok()) {
+    return Record(m, s);
+  }
+  return Record(m, m->impl->Append(plan_id, layer, ToView(*key), ToView(*value),
+                                   stream));
+}
+
+kvcache_status kvcache_append_dlpack(kvcache_manager* m, uint64_t plan_id,
+                                     int32_t layer, const struct DLTensor* key,
+                                     const struct DLTensor* value,
+                                     void* stream) {
+  KVCACHE_C_REQUIRE(m);
+  if (key == nullptr) return Record(m, Null("key"));
+  if (value == nullptr) return Record(m, Null("value"));
+  return Record(m, m->impl->Append(plan_id, layer, *key, *value, stream));
+}
+
+kvcache_status kvcache_commit(kvcache_manager* m, uint64_t plan_id) {
+  KVCACHE_C_REQUIRE(m);
+  return Record(m, m->impl->Commit(plan_id));
+}
+
+kvcache_status kvcache_abort(kvcache_manager* m, uint64_t plan_id) {
+  KVCACHE_C_REQUIRE(m);
+  return Record(m, m->impl->Abort(plan_id));
+}
+
+kvcache_status kvcache_fork(kvcache_manager* m, int64_t parent, int64_t child) {
+  KVCACHE_C_REQUIRE(m);
+  return Record(m, m->impl->Fork(parent, child));
+}
+
+kvcache_status kvcache_free(kvcache_manager* m, int64_t sequence) {
+  KVCACHE_C_REQUIRE(m);
+  return Record(m, m->impl->Free(sequence));
+}
+
+kvcache_status kvcache_block_table(kvcache_manager* m, int64_t sequence,
+                                   int32_t* blocks, int64_t capacity,
+                                   int64_t* num_blocks) {
+  KVCACHE_C_REQUIRE(m);
+  if (num_blocks == nullptr) return Record(m, Null("num_blocks"));
+  absl::StatusOr<std::vector<kvcache::BlockId>> table =
+      m->impl->BlockTable(sequence);
+  if (!table.ok()) return Record(m, table.status());
+  const int64_t n = static_cast<int64_t>(table->size());
+  if (n > capacity || (n > 0 && blocks == nullptr)) {
+    return Record(m, absl::OutOfRangeError(absl::StrCat(
+                         "block table of sequence ", sequence, " has ", n,
+                         " blocks; capacity is ", capacity)));
+  }
+  std::copy(table->begin(), table->end(), blocks);
+  *num_blocks = n;
+  return KVCACHE_OK;
+}
+
+kvcache_status kvcache_sequence_length(kvcache_manager* m, int64_t sequence,
+                                       int64_t* length) {
+  KVCACHE_C_REQUIRE(m);
+  if (length == nullptr) return Record(m, Null("length"));
+  absl::StatusOr<int64_t> n = m->impl->SequenceLength(sequence);
+  if (!n.ok()) return Record(m, n.status());
+  *length = *n;
+  return KVCACHE_OK;
+}
+
+kvcache_status kvcache_batch_block_table(kvcache_manager* m,
+                                         const int64_t* sequences,
+                                         int64_t num_sequences, void* stream,
+                                         kvcache_block_table_view* view) {
+  KVCACHE_C_REQUIRE(m);
+  if (view == nullptr) return Record(m, Null("view"));
+  if (sequences == nullptr || num_sequences < 0) {
+    return Record(m, Null("sequences"));
+  }
+  absl::StatusOr<kvcache::BlockTableView> table = m->impl->BatchBlockTable(
+      absl::MakeConstSpan(sequences, num_sequences), stream);
+  if (!table.ok()) return Record(m, table.status());
+  view->block_table = table->block_table;
+  view->seq_lens = table->seq_lens;
+  view->num_sequences = table->num_sequences;
+  view->max_blocks = table->max_blocks;
+  view->row_stride = table->row_stride;
+  return KVCACHE_OK;
+}
+
+kvcache_status kvcache_get_layer_view(kvcache_manager* m, int32_t layer,
+                                      kvcache_layer_view* view) {
+  KVCACHE_C_REQUIRE(m);
+  if (view == nullptr) return Record(m, Null("view"));
+  absl::StatusOr<kvcache::LayerView> v = m->impl->GetLayerView(layer);
+  if (!v.ok()) return Record(m, v.status());
+  view->key_cache = v->key_cache;
+  view->value_cache = v->value_cache;
+  view->key_scale = v->key_scale;
+  view->value_scale = v->value_scale;
+  view->cache_dtype = static_cast<int32_t>(v->cache_dtype);
+  view->memory =
+      v->memory == kvcache::MemoryKind::kCuda ? KVCACHE_DEVICE : KVCACHE_HOST;
+  view->device = v->device;
+  view->num_blocks = v->num_blocks;
+  view->block_size = v->block_size;
+  view->num_kv_heads = v->num_kv_heads;
+  view->head_size = v->head_size;
+  view->head_size_v = v->head_size_v;
+  std::copy_n(v->key_strides, 4, view->key_strides);
+  std::copy_n(v->value_strides, 4, view->value_strides);
+  std::copy_n(v->scale_strides, 3, view->scale_strides);
+  return KVCACHE_OK;
+}
+
+kvcache_status kvcache_gather(kvcache_manager* m, int64_t sequence,
+                              int32_t layer, int64_t token_begin,
+                              int64_t num_tokens, const kvcache_tensor* key_out,
+                              const kvcache_tensor* value_out, void* stream) {
+  KVCACHE_C_REQUIRE(m);
+  if (absl::Status s = CheckTensor(key_out, "key_out"); !s.ok()) {
+    return Record(m, s);
+  }
+  if (absl::Status s = CheckTensor(value_out, "value_out"); !s.ok()) {
+    return Record(m, s);
+  }
+  return Record(m, m->impl->Gather(sequence, layer, token_begin, num_tokens,
+                                   ToView(*key_out), ToView(*value_out),
+                                   stream));
+}
+
+kvcache_status kvcache_tokens_that_fit(kvcache_manager* m, int64_t sequence,
+                                       int64_t* tokens) {
+  KVCACHE_C_REQUIRE(m);
+  if (tokens == nullptr) return Record(m, Null("tokens"));
+  absl::StatusOr<int64_t> n = m->impl->TokensThatFit(sequence);
+  if (!n.ok()) return Record(m, n.status());
+  *tokens = *n;
+  return KVCACHE_OK;
+}
+
+kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
+  KVCACHE_C_REQUIRE(m);
+  if (out == nullptr) return Record(m, Null("metrics"));
+  const kvcache::MetricsSnapshot s = m->impl->Metrics();
+  out->blocks_total = s.blocks_total;
+  out->blocks_free = s.blocks_free;
+  out->blocks_cached = s.blocks_cached;
+  out->blocks_in_use = s.blocks_in_use;
+  out->usage = s.usage;
+  out->sequences = s.sequences;
+  out->plans_in_flight = s.plans_in_flight;
+  out->prefix_queries = s.prefix_queries;
+  out->prefix_query_tokens = s.prefix_query_tokens;
+  out->prefix_hit_tokens = s.prefix_hit_tokens;
+  out->evictions = s.evictions;
+  out->tokens_appended = s.tokens_appended;
+  out->tokens_committed = s.tokens_committed;
+  out->kernel_launches = s.kernel_launches;
+  out->reserve_failures = s.reserve_failures;
+  out->block_copies = s.block_copies;
+  return KVCACHE_OK;
+}
+
+size_t kvcache_metrics_text(kvcache_manager* m, char* buffer, size_t capacity) {
+  if (m == nullptr) return 0;
+  const std::string text = m->impl->MetricsText();
+  if (buffer != nullptr && capacity > 0) {
+    const size_t n = std::min(capacity - 1, text.size());
+    std::memcpy(buffer, text.data(), n);
+    buffer[n] = '\0';
+  }
+  return text.size();
+}
+
+kvcache_status kvcache_validate(kvcache_manager* m) {
+  KVCACHE_C_REQUIRE(m);
+  return Record(m, m->impl->Validate());
+}
+
+}  // extern "C"

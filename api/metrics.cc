@@ -1,0 +1,59 @@
+#include "api/metrics.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+
+namespace kvcache {
+namespace {
+
+void Add(std::string* out, absl::string_view name, absl::string_view type,
+         absl::string_view help, double value) {
+  absl::StrAppend(out, "# HELP kvcache_", name, " ", help, "\n# TYPE kvcache_",
+                  name, " ", type, "\nkvcache_", name, " ", value, "\n");
+}
+
+}  // namespace
+
+std::string ToPrometheusText(const MetricsSnapshot& m) {
+  std::string out;
+  absl::StrAppend(&out,
+                  "# HELP kvcache_blocks KV-cache blocks by state.\n"
+                  "# TYPE kvcache_blocks gauge\n",
+                  "kvcache_blocks{state=\"free\"} ", m.blocks_free, "\n",
+                  "kvcache_blocks{state=\"cached\"} ", m.blocks_cached, "\n",
+                  "kvcache_blocks{state=\"in_use\"} ", m.blocks_in_use, "\n");
+  Add(&out, "blocks_total", "gauge", "Blocks in the pool.",
+      static_cast<double>(m.blocks_total));
+  Add(&out, "usage_ratio", "gauge", "Blocks in use over total blocks.",
+      m.usage);
+  Add(&out, "sequences", "gauge", "Live sequences.",
+      static_cast<double>(m.sequences));
+  Add(&out, "plans_in_flight", "gauge", "Reserved, uncommitted step plans.",
+      static_cast<double>(m.plans_in_flight));
+  Add(&out, "prefix_queries_total", "counter",
+      "Prompts looked up in the prefix cache.",
+      static_cast<double>(m.prefix_queries));
+  Add(&out, "prefix_query_tokens_total", "counter",
+      "Prompt tokens looked up in the prefix cache.",
+      static_cast<double>(m.prefix_query_tokens));
+  Add(&out, "prefix_hit_tokens_total", "counter",
+      "Prompt tokens found already computed.",
+      static_cast<double>(m.prefix_hit_tokens));
+  Add(&out, "evictions_total", "counter", "Cached blocks evicted for reuse.",
+      static_cast<double>(m.evictions));
+  Add(&out, "tokens_appended_total", "counter",
+      "Tokens quantized into the cache, summed over layers.",
+      static_cast<double>(m.tokens_appended));
+  Add(&out, "tokens_committed_total", "counter", "Tokens committed.",
+      static_cast<double>(m.tokens_committed));
+  Add(&out, "kernel_launches_total", "counter", "Cache kernels launched.",
+      static_cast<double>(m.kernel_launches));
+  Add(&out, "reserve_failures_total", "counter",
+      "Reserve calls refused for lack of room.",
+      static_cast<double>(m.reserve_failures));
+  Add(&out, "block_copies_total", "counter", "Copy-on-write block copies.",
+      static_cast<double>(m.block_copies));
+  return out;
+}
+
+}  // namespace kvcache

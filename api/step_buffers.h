@@ -1,0 +1,65 @@
+// StepBuffers: the fixed staging (pinned host) and device buffers that carry step plans' slot
+// mappings and copy-on-write pairs to the device, one slot per plan in flight, allocated once.
+//
+// A slot's staging memory is rewritten only after its last upload finished, and its device memory
+// only after the kernels that read it (the upload waits on the slot's last-use event), so no step
+// allocates and no step stalls the host. Thread-compatible: the manager's mutex guards it.
+
+#ifndef KVCACHE_API_STEP_BUFFERS_H_
+#define KVCACHE_API_STEP_BUFFERS_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "allocator/block_manager.h"
+#include "kvcache/buffer.h"
+#include "kvcache/device.h"
+
+namespace kvcache::internal {
+
+class StepBuffers {
+ public:
+  struct Slot {
+    Buffer staging;     // int64 slots [max_tokens], then int64 pairs [2 * max_copies].
+    Buffer device;      // The same layout on the device.
+    Event uploaded;     // After the last upload from `staging`.
+    Event last_use;     // After the last kernel that read `device`.
+    bool busy = false;  // Owned by a plan in flight.
+  };
+
+  // REQUIRES: `device` outlives the buffers.
+  static absl::StatusOr<std::unique_ptr<StepBuffers>> Create(
+      Device* device, int num_slots, int64_t max_tokens, int64_t max_copies);
+
+  // A free slot's index, or -1 when every slot is busy.
+  int FindFree() const;
+  // Writes `slots` and `copies` into slot `index` and uploads them on `stream`. On error the slot
+  // is left free.
+  absl::Status Upload(int index, absl::Span<const int64_t> slots,
+                      absl::Span<const BlockCopy> copies, void* stream);
+
+  Slot& slot(int index) { return slots_[index]; }
+  const int64_t* device_slots(int index) const {
+    return slots_[index].device.as<int64_t>();
+  }
+  const int64_t* device_pairs(int index) const {
+    return slots_[index].device.as<int64_t>() + max_tokens_;
+  }
+  int num_busy() const;
+
+ private:
+  StepBuffers(Device* device, int64_t max_tokens, int64_t max_copies)
+      : device_(device), max_tokens_(max_tokens), max_copies_(max_copies) {}
+
+  Device* const device_;
+  const int64_t max_tokens_;
+  const int64_t max_copies_;
+  std::vector<Slot> slots_;
+};
+
+}  // namespace kvcache::internal
+
+#endif  // KVCACHE_API_STEP_BUFFERS_H_

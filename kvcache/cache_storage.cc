@@ -1,0 +1,79 @@
+#include "kvcache/cache_storage.h"
+
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace kvcache {
+namespace {
+
+constexpr int64_t kAlign = 256;
+
+int64_t AlignUp(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+struct LayerOffsets {
+  int64_t value = 0;
+  int64_t key_scale = 0;
+  int64_t value_scale = 0;
+  int64_t total = 0;
+};
+
+LayerOffsets Offsets(const CacheLayout& layout) {
+  const int64_t elem = static_cast<int64_t>(DTypeSize(layout.cache_dtype));
+  const int64_t key_bytes = layout.num_blocks * layout.key_block_elems() * elem;
+  const int64_t value_bytes =
+      layout.num_blocks * layout.value_block_elems() * elem;
+  const int64_t scale_bytes =
+      IsQuantized(layout.cache_dtype)
+          ? layout.num_blocks * layout.scale_block_elems() *
+                static_cast<int64_t>(sizeof(float))
+          : 0;
+  LayerOffsets o;
+  o.value = AlignUp(key_bytes);
+  o.key_scale = o.value + AlignUp(value_bytes);
+  o.value_scale = o.key_scale + AlignUp(scale_bytes);
+  o.total = o.value_scale + AlignUp(scale_bytes);
+  return o;
+}
+
+}  // namespace
+
+int64_t CacheStorage::LayerAllocationBytes(const CacheLayout& layout) {
+  return Offsets(layout).total;
+}
+
+absl::StatusOr<std::unique_ptr<CacheStorage>> CacheStorage::Create(
+    Device* device, const CacheLayout& layout, int num_layers) {
+  std::unique_ptr<CacheStorage> storage(new CacheStorage(layout));
+  const LayerOffsets offsets = Offsets(layout);
+  const bool quantized = IsQuantized(layout.cache_dtype);
+  storage->buffers_.reserve(num_layers);
+  storage->layers_.reserve(num_layers);
+  for (int i = 0; i < num_layers; ++i) {
+    absl::StatusOr<Buffer> buffer = device->Allocate(offsets.total);
+    if (!buffer.ok()) {
+      return absl::Status(
+          buffer.status().code(),
+          absl::StrCat("cache of layer ", i, " of ", num_layers, " (",
+                       offsets.total, " bytes): ", buffer.status().message()));
+    }
+    absl::Status zeroed = device->Zero(buffer->data(), buffer->size());
+    if (!zeroed.ok()) return zeroed;
+    char* base = buffer->as<char>();
+    LayerCache cache;
+    cache.layout = layout;
+    cache.key_cache = base;
+    cache.value_cache = base + offsets.value;
+    if (quantized) {
+      cache.key_scale = reinterpret_cast<float*>(base + offsets.key_scale);
+      cache.value_scale = reinterpret_cast<float*>(base + offsets.value_scale);
+    }
+    storage->layers_.push_back(cache);
+    storage->buffers_.push_back(*std::move(buffer));
+    storage->total_bytes_ += offsets.total;
+  }
+  return storage;
+}
+
+}  // namespace kvcache

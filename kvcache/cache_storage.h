@@ -1,0 +1,51 @@
+// CacheStorage owns the K/V caches and scale caches of every layer of one KV cache, allocated once
+// on a Device and zero-initialised (scales included, so no layer ever holds garbage).
+//
+// Each layer is one allocation, carved into key cache, value cache, key scales and value scales at
+// 256-byte aligned offsets. Thread-compatible: the pointers never change after Create.
+
+#ifndef KVCACHE_KVCACHE_CACHE_STORAGE_H_
+#define KVCACHE_KVCACHE_CACHE_STORAGE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/kernel_params.h"
+#include "kvcache/buffer.h"
+#include "kvcache/device.h"
+
+namespace kvcache {
+
+class CacheStorage {
+ public:
+  // Bytes one layer takes, alignment padding included.
+  static int64_t LayerAllocationBytes(const CacheLayout& layout);
+
+  // REQUIRES: `device` outlives the storage; the layout is valid.
+  // ResourceExhausted when the device cannot hold every layer (nothing stays allocated).
+  static absl::StatusOr<std::unique_ptr<CacheStorage>> Create(
+      Device* device, const CacheLayout& layout, int num_layers);
+
+  CacheStorage(const CacheStorage&) = delete;
+  CacheStorage& operator=(const CacheStorage&) = delete;
+
+  const CacheLayout& layout() const { return layout_; }
+  int num_layers() const { return static_cast<int>(layers_.size()); }
+  // REQUIRES: 0 <= layer < num_layers().
+  const LayerCache& layer(int layer) const { return layers_[layer]; }
+  int64_t total_bytes() const { return total_bytes_; }
+
+ private:
+  CacheStorage(const CacheLayout& layout) : layout_(layout) {}
+
+  CacheLayout layout_;
+  std::vector<Buffer> buffers_;
+  std::vector<LayerCache> layers_;
+  int64_t total_bytes_ = 0;
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_KVCACHE_CACHE_STORAGE_H_

@@ -1,0 +1,97 @@
+// The CUDA backend against the CPU backend: the same random operations on both must give
+// byte-identical caches and scales in every layer, and Gather must match the reference on CUDA too.
+
+#include <random>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/cuda_test_util.h"
+#include "tests/manager_driver.h"
+
+namespace kvcache {
+namespace {
+
+std::vector<char> LayerBytes(testing::ManagerDriver& driver, int layer) {
+  absl::StatusOr<LayerView> view = driver.manager().GetLayerView(layer);
+  EXPECT_TRUE(view.ok()) << view.status();
+  const int64_t elem = static_cast<int64_t>(DTypeSize(view->cache_dtype));
+  const int64_t k = view->num_blocks * view->key_strides[0] * elem;
+  const int64_t v = view->num_blocks * view->value_strides[0] * elem;
+  const int64_t s = view->key_scale == nullptr
+                        ? 0
+                        : view->num_blocks * view->scale_strides[0] * 4;
+  std::vector<char> bytes(k + v + 2 * s);
+  EXPECT_TRUE(driver.device().CopyToHost(bytes.data(), view->key_cache, k).ok());
+  EXPECT_TRUE(
+      driver.device().CopyToHost(bytes.data() + k, view->value_cache, v).ok());
+  if (s > 0) {
+    EXPECT_TRUE(driver.device()
+                    .CopyToHost(bytes.data() + k + v, view->key_scale, s)
+                    .ok());
+    EXPECT_TRUE(driver.device()
+                    .CopyToHost(bytes.data() + k + v + s, view->value_scale, s)
+                    .ok());
+  }
+  return bytes;
+}
+
+class CudaManagerTest : public ::testing::TestWithParam<DType> {};
+
+TEST_P(CudaManagerTest, CachesAreByteIdenticalToTheCpuBackend) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  KVCacheConfig config;
+  config.num_layers = 3;
+  config.num_kv_heads = 4;
+  config.head_size = 128;
+  config.head_size_v = 64;
+  config.block_size = 16;
+  config.cache_dtype = GetParam();
+  config.num_blocks = 64;
+  auto cpu = testing::ManagerDriver::Create(config, seed, seed + 1);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  config.backend = Backend::kCuda;
+  auto cuda = testing::ManagerDriver::Create(config, seed, seed + 1);
+  ASSERT_TRUE(cuda.ok()) << cuda.status();
+  for (int op = 0; op < 300; ++op) {
+    ASSERT_TRUE((*cpu)->RandomOp().ok());
+    ASSERT_TRUE((*cuda)->RandomOp().ok());
+  }
+  absl::Status verified = (*cuda)->VerifyAll();
+  ASSERT_TRUE(verified.ok()) << verified;
+  EXPECT_GT((*cuda)->counts().block_copies, 0);
+  EXPECT_EQ((*cuda)->counts().steps, (*cpu)->counts().steps);
+  for (int layer = 0; layer < config.num_layers; ++layer) {
+    const std::vector<char> a = LayerBytes(**cpu, layer);
+    const std::vector<char> b = LayerBytes(**cuda, layer);
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_TRUE(a == b) << "layer " << layer << " differs";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaManagerTest,
+                         ::testing::Values(DType::kInt8, DType::kFp8E4M3,
+                                           DType::kBFloat16),
+                         [](const ::testing::TestParamInfo<DType>& info) {
+                           return std::string(DTypeName(info.param));
+                         });
+
+TEST(CudaManagerTest, CreateOnAHostWithoutAGpuIsAnErrorNotACrash) {
+  absl::StatusOr<int> devices = CudaDeviceCount();
+  if (devices.ok() && *devices > 0) GTEST_SKIP() << "this host has a GPU";
+  KVCacheConfig config;
+  config.num_layers = 1;
+  config.num_kv_heads = 1;
+  config.head_size = 8;
+  config.num_blocks = 4;
+  config.backend = Backend::kCuda;
+  absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
+      KVCacheManager::Create(config);
+  EXPECT_EQ(manager.status().code(), absl::StatusCode::kFailedPrecondition)
+      << manager.status();
+}
+
+}  // namespace
+}  // namespace kvcache

@@ -1,0 +1,160 @@
+/* The C API, from C, using only api/kvcache_c.h: create, a prefilled and forked sequence, append,
+ * gather, lookups, metrics, and error codes with messages. Exits non-zero on the first failure. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/kvcache_c.h"
+
+static int failures = 0;
+
+#define CHECK(cond)                                                   \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                     \
+    }                                                                 \
+  } while (0)
+
+#define CHECK_OK(m, call)                                                       \
+  do {                                                                          \
+    kvcache_status s_ = (call);                                                 \
+    if (s_ != KVCACHE_OK) {                                                     \
+      fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call,       \
+              kvcache_status_name(s_), kvcache_last_error(m));                  \
+      ++failures;                                                               \
+    }                                                                           \
+  } while (0)
+
+static kvcache_tensor tensor3(void* data, int32_t dtype, int64_t t, int64_t h, int64_t d) {
+  kvcache_tensor x;
+  memset(&x, 0, sizeof(x));
+  x.data = data;
+  x.dtype = dtype;
+  x.ndim = 3;
+  x.shape[0] = t;
+  x.shape[1] = h;
+  x.shape[2] = d;
+  x.strides[0] = h * d;
+  x.strides[1] = d;
+  x.strides[2] = 1;
+  x.memory = KVCACHE_HOST;
+  return x;
+}
+
+int main(void) {
+  enum { H = 2, D = 8, T = 5 };
+  kvcache_config config;
+  kvcache_manager* m = NULL;
+
+  /* A bad config fails with a message naming the value. */
+  kvcache_config_init(&config);
+  config.num_layers = 2;
+  config.num_kv_heads = H;
+  config.head_size = 12;
+  config.num_blocks = 8;
+  config.block_size = 4;
+  config.input_dtype = KVCACHE_FLOAT32;
+  CHECK(kvcache_create(&config, &m) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(m == NULL);
+  CHECK(strstr(kvcache_last_create_error(), "head_size 12") != NULL);
+
+  config.head_size = D;
+  CHECK_OK(m, kvcache_create(&config, &m));
+  CHECK(m != NULL);
+  if (m == NULL) return 1;
+
+  int32_t prompt[T] = {11, 12, 13, 14, 15};
+  int64_t computed = -1;
+  CHECK_OK(m, kvcache_add_sequence(m, 7, prompt, T, 0, "tenant-a", &computed));
+  CHECK(computed == 0);
+  CHECK(kvcache_add_sequence(m, 7, prompt, T, 0, NULL, &computed) == KVCACHE_ALREADY_EXISTS);
+  CHECK(strstr(kvcache_last_error(m), "7") != NULL);
+
+  kvcache_reserve_request request = {7, T, NULL, 0};
+  kvcache_plan plan;
+  CHECK_OK(m, kvcache_reserve(m, &request, 1, NULL, &plan));
+  CHECK(plan.num_tokens == T);
+
+  float k[T * H * D], v[T * H * D];
+  for (int i = 0; i < T * H * D; ++i) {
+    k[i] = sinf((float)i) * 3.0f;
+    v[i] = cosf((float)i) * 0.5f;
+  }
+  kvcache_tensor kt = tensor3(k, KVCACHE_FLOAT32, T, H, D);
+  kvcache_tensor vt = tensor3(v, KVCACHE_FLOAT32, T, H, D);
+  CHECK(kvcache_commit(m, plan.id) == KVCACHE_FAILED_PRECONDITION);
+  for (int layer = 0; layer < 2; ++layer) {
+    CHECK_OK(m, kvcache_append(m, plan.id, layer, &kt, &vt, NULL));
+  }
+  CHECK(kvcache_append(m, plan.id, 2, &kt, &vt, NULL) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(m), "layer 2") != NULL);
+  CHECK(kvcache_append(m, plan.id, 0, NULL, &vt, NULL) == KVCACHE_INVALID_ARGUMENT);
+  CHECK_OK(m, kvcache_commit(m, plan.id));
+  CHECK(kvcache_commit(m, plan.id) == KVCACHE_NOT_FOUND);
+
+  /* Gather back: int8 round trip error is small. */
+  float gk[T * H * D], gv[T * H * D];
+  kvcache_tensor gkt = tensor3(gk, KVCACHE_FLOAT32, T, H, D);
+  kvcache_tensor gvt = tensor3(gv, KVCACHE_FLOAT32, T, H, D);
+  CHECK_OK(m, kvcache_gather(m, 7, 1, 0, T, &gkt, &gvt, NULL));
+  double err = 0, norm = 0;
+  for (int i = 0; i < T * H * D; ++i) {
+    err += (gk[i] - k[i]) * (gk[i] - k[i]);
+    norm += k[i] * k[i];
+  }
+  CHECK(sqrt(err / norm) < 7e-3);
+
+  /* Lookups. */
+  int64_t length = 0, num_blocks = 0;
+  int32_t blocks[8];
+  CHECK_OK(m, kvcache_sequence_length(m, 7, &length));
+  CHECK(length == T);
+  CHECK_OK(m, kvcache_block_table(m, 7, blocks, 8, &num_blocks));
+  CHECK(num_blocks == 2);
+  CHECK(kvcache_block_table(m, 7, blocks, 1, &num_blocks) == KVCACHE_OUT_OF_RANGE);
+  CHECK(kvcache_sequence_length(m, 8, &length) == KVCACHE_NOT_FOUND);
+  CHECK(strstr(kvcache_last_error(m), "8") != NULL);
+
+  CHECK_OK(m, kvcache_fork(m, 7, 8));
+  int64_t ids[2] = {7, 8};
+  kvcache_block_table_view table;
+  CHECK_OK(m, kvcache_batch_block_table(m, ids, 2, NULL, &table));
+  CHECK(table.num_sequences == 2);
+  CHECK(table.block_table[0] == blocks[0]);
+  CHECK(table.block_table[table.row_stride + 1] == blocks[1]);
+  CHECK(table.seq_lens[1] == T);
+
+  kvcache_layer_view layer;
+  CHECK_OK(m, kvcache_get_layer_view(m, 0, &layer));
+  CHECK(layer.num_blocks == 8 && layer.block_size == 4 && layer.key_scale != NULL);
+  CHECK(layer.key_strides[0] == 4 * H * D);
+
+  int64_t fit = 0;
+  CHECK_OK(m, kvcache_tokens_that_fit(m, 8, &fit));
+  CHECK(fit > 0);
+  kvcache_reserve_request too_many = {8, 1000, NULL, 0};
+  CHECK(kvcache_can_reserve(m, &too_many, 1) != KVCACHE_OK);
+
+  kvcache_metrics metrics;
+  CHECK_OK(m, kvcache_get_metrics(m, &metrics));
+  CHECK(metrics.blocks_total == 8);
+  CHECK(metrics.sequences == 2);
+  CHECK(metrics.tokens_committed == T);
+  CHECK(metrics.blocks_free + metrics.blocks_cached + metrics.blocks_in_use == 8);
+  char text[4096];
+  size_t n = kvcache_metrics_text(m, text, sizeof(text));
+  CHECK(n > 0 && n < sizeof(text));
+  CHECK(strstr(text, "kvcache_sequences 2") != NULL);
+
+  CHECK_OK(m, kvcache_free(m, 8));
+  CHECK(kvcache_free(m, 8) == KVCACHE_NOT_FOUND);
+  CHECK_OK(m, kvcache_validate(m));
+  kvcache_destroy(m);
+
+  if (failures == 0) printf("kvcache_c_test: all checks passed\n");
+  return failures == 0 ? 0 : 1;
+}

@@ -1,12 +1,15 @@
-// BlockManager owns the block pool, the sequences and the prefix-cache index of one KV cache
-// (DESIGN.md section 4). It is pure host bookkeeping: it hands out block ids and slots and reports
-// which blocks must be copied, but never touches K/V memory.
+// BlockManager owns the block pool, the sequences and the prefix-cache index of
+// one KV cache (DESIGN.md section 4). It is pure host bookkeeping: it hands out
+// block ids and slots and reports which blocks must be copied, but never
+// touches K/V memory.
 //
-// Life of a step:  AddSequence -> Reserve (a StepPlan: slots + copy-on-write pairs)
-//                  -> the caller writes every layer -> Commit(plan)   (or Abort(plan))
+// Life of a step:  AddSequence -> Reserve (a StepPlan: slots + copy-on-write
+// pairs)
+//                  -> the caller writes every layer -> Commit(plan)   (or
+//                  Abort(plan))
 //
-// Not thread-safe: the caller (KVCacheManager) serializes calls. Every call that returns a non-OK
-// status leaves the manager exactly as it was.
+// Not thread-safe: the caller (KVCacheManager) serializes calls. Every call
+// that returns a non-OK status leaves the manager exactly as it was.
 
 #ifndef KVCACHE_ALLOCATOR_BLOCK_MANAGER_H_
 #define KVCACHE_ALLOCATOR_BLOCK_MANAGER_H_
@@ -19,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "allocator/block_hash.h"
 
 namespace kvcache {
 
@@ -26,7 +30,8 @@ using SequenceId = int64_t;
 using BlockId = int32_t;
 using TokenId = int32_t;
 
-// Part of every block's identity besides its tokens: blocks of different extra keys never share.
+// Part of every block's identity besides its tokens: blocks of different extra
+// keys never share.
 struct ExtraKey {
   int64_t adapter_id = 0;  // e.g. a LoRA adapter; 0 = none.
   std::string salt;        // per-tenant salt; empty = none.
@@ -36,16 +41,21 @@ struct BlockManagerOptions {
   int32_t num_blocks = 0;   // >= 1
   int32_t block_size = 16;  // tokens per block, >= 1
   bool enable_prefix_caching = true;
+  // Test seam: replaces the block hash (e.g. to force collisions). nullptr =
+  // XXH3-128 (HashBlock).
+  BlockHashFunction hash_function_for_testing = nullptr;
 };
 
 // One sequence's part of a Reserve call.
 struct ReserveRequest {
   SequenceId sequence = 0;
-  // Token ids appended to the sequence's known tokens before reserving (e.g. the token sampled in
-  // the last step). May be empty when the tokens to compute are already known (prompt chunks).
+  // Token ids appended to the sequence's known tokens before reserving (e.g.
+  // the token sampled in the last step). May be empty when the tokens to
+  // compute are already known (prompt chunks).
   std::vector<TokenId> new_token_ids;
-  // Tokens to reserve room for, starting at the sequence's computed length. >= 1, and
-  // computed + num_tokens <= known tokens (after appending new_token_ids).
+  // Tokens to reserve room for, starting at the sequence's computed length. >=
+  // 1, and computed + num_tokens <= known tokens (after appending
+  // new_token_ids).
   int64_t num_tokens = 0;
 };
 
@@ -54,13 +64,16 @@ struct BlockCopy {
   BlockId dst = 0;
 };
 
-// The result of Reserve: where each reserved token goes. Valid until Commit or Abort.
+// The result of Reserve: where each reserved token goes. Valid until Commit or
+// Abort.
 struct StepPlan {
-  uint64_t id = 0;                   // Unique per BlockManager; never reused.
+  uint64_t id = 0;                    // Unique per BlockManager; never reused.
   std::vector<SequenceId> sequences;  // In request order.
   std::vector<int64_t> num_tokens;    // Per sequence, in request order.
-  std::vector<int64_t> slot_mapping;  // One slot per reserved token, in request order.
-  std::vector<BlockCopy> copies;      // Copy-on-write: run before any write of the step.
+  std::vector<int64_t>
+      slot_mapping;  // One slot per reserved token, in request order.
+  std::vector<BlockCopy>
+      copies;  // Copy-on-write: run before any write of the step.
 };
 
 struct PoolUsage {
@@ -71,20 +84,22 @@ struct PoolUsage {
 };
 
 struct PrefixCacheStats {
-  int64_t queries = 0;        // AddSequence calls with prefix caching on.
-  int64_t query_tokens = 0;   // Prompt tokens looked up.
-  int64_t hit_tokens = 0;     // Prompt tokens found computed.
-  int64_t evictions = 0;      // Cached blocks evicted for reuse.
+  int64_t queries = 0;       // AddSequence calls with prefix caching on.
+  int64_t query_tokens = 0;  // Prompt tokens looked up.
+  int64_t hit_tokens = 0;    // Prompt tokens found computed.
+  int64_t evictions = 0;     // Cached blocks evicted for reuse.
 };
 
-// A batch's block tables as a padded row-major int32 [num_sequences, max_blocks] array
-// (unused entries 0) plus each sequence's length in tokens.
+// A batch's block tables as a padded row-major int32 [num_sequences,
+// max_blocks] array (unused entries 0) plus each sequence's length in tokens.
 struct BatchBlockTable {
   int32_t num_sequences = 0;
   int32_t max_blocks = 0;
-  std::vector<int32_t> table;        // num_sequences * max_blocks entries; unused entries are 0.
-  std::vector<int32_t> num_blocks;   // Per sequence.
-  std::vector<int32_t> seq_lens;     // Per sequence: tokens written so far (computed length).
+  std::vector<int32_t>
+      table;  // num_sequences * max_blocks entries; unused entries are 0.
+  std::vector<int32_t> num_blocks;  // Per sequence.
+  std::vector<int32_t>
+      seq_lens;  // Per sequence: tokens written so far (computed length).
 };
 
 class BlockManager {
@@ -97,47 +112,57 @@ class BlockManager {
   BlockManager& operator=(const BlockManager&) = delete;
   ~BlockManager();
 
-  // Registers a sequence with its prompt. With prefix caching on, shares the longest run of cached
-  // full blocks (leaving at least one prompt token to compute) and returns how many tokens are
-  // already computed. AlreadyExists for a duplicate id, InvalidArgument for an empty prompt,
-  // ResourceExhausted if the pool cannot hold even the shared prefix (it never can fail for that
+  // Registers a sequence with its prompt. With prefix caching on, shares the
+  // longest run of cached full blocks (leaving at least one prompt token to
+  // compute) and returns how many tokens are already computed. AlreadyExists
+  // for a duplicate id, InvalidArgument for an empty prompt, ResourceExhausted
+  // if the pool cannot hold even the shared prefix (it never can fail for that
   // reason since shared blocks are already resident; kept for symmetry).
   absl::StatusOr<int64_t> AddSequence(SequenceId id,
                                       absl::Span<const TokenId> prompt,
                                       const ExtraKey& extra = {});
 
-  // Reserves room for a batch, all or nothing. ResourceExhausted (and no change) when the pool
-  // cannot hold the whole batch; NotFound for an unknown sequence; InvalidArgument for
-  // num_tokens < 1, tokens beyond the known ones, or a sequence named twice; FailedPrecondition
-  // for a sequence that already has an uncommitted reservation.
+  // Reserves room for a batch, all or nothing. ResourceExhausted (and no
+  // change) when the pool cannot hold the whole batch; NotFound for an unknown
+  // sequence; InvalidArgument for num_tokens < 1, tokens beyond the known ones,
+  // or a sequence named twice; FailedPrecondition for a sequence that already
+  // has an uncommitted reservation.
   absl::StatusOr<StepPlan> Reserve(absl::Span<const ReserveRequest> batch);
 
   // Would Reserve(batch) succeed now? Same validation, no change.
   absl::Status CanReserve(absl::Span<const ReserveRequest> batch) const;
 
-  // The reserved tokens of every sequence in the plan are written in every layer: they count as
-  // computed; newly full blocks get their chained hash and become reusable. NotFound for an
-  // unknown or already committed/aborted plan. Sequences freed since Reserve are skipped.
+  // The reserved tokens of every sequence in the plan are written in every
+  // layer: they count as computed; newly full blocks get their chained hash and
+  // become reusable. NotFound for an unknown or already committed/aborted plan.
+  // Sequences freed since Reserve are skipped.
   absl::Status Commit(uint64_t plan_id);
 
-  // Releases a plan's reservations without committing (blocks allocated for it are returned and
-  // copy-on-write replacements undone). NotFound as for Commit.
+  // Releases a plan's reservations without committing (blocks allocated for it
+  // are returned and copy-on-write replacements undone). NotFound as for
+  // Commit.
   absl::Status Abort(uint64_t plan_id);
 
-  // Releases a sequence's blocks (cancelling its part of an outstanding plan). NotFound if unknown.
+  // Releases a sequence's blocks (cancelling its part of an outstanding plan).
+  // NotFound if unknown.
   absl::Status Free(SequenceId id);
 
-  // Creates `child` sharing all of `parent`'s blocks and tokens (a shared partial last block is
-  // copied on the first write of either). NotFound / AlreadyExists; FailedPrecondition while the
-  // parent has an uncommitted reservation.
+  // Creates `child` sharing all of `parent`'s blocks and tokens (a shared
+  // partial last block is copied on the first write of either). NotFound /
+  // AlreadyExists; FailedPrecondition while the parent has an uncommitted
+  // reservation.
   absl::Status Fork(SequenceId parent, SequenceId child);
 
   // Lookups. NotFound for an unknown sequence.
   absl::StatusOr<absl::Span<const BlockId>> BlockTable(SequenceId id) const;
-  absl::StatusOr<int64_t> ComputedLength(SequenceId id) const;  // Tokens written and committed.
-  absl::StatusOr<int64_t> KnownLength(SequenceId id) const;     // Token ids known (prompt + new).
-  absl::StatusOr<BatchBlockTable> BatchTable(absl::Span<const SequenceId> ids) const;
-  // Largest n such that Reserve({id, n}) would fit now (ignoring known-token limits).
+  absl::StatusOr<int64_t> ComputedLength(
+      SequenceId id) const;  // Tokens written and committed.
+  absl::StatusOr<int64_t> KnownLength(
+      SequenceId id) const;  // Token ids known (prompt + new).
+  absl::StatusOr<BatchBlockTable> BatchTable(
+      absl::Span<const SequenceId> ids) const;
+  // Largest n such that Reserve({id, n}) would fit now (ignoring known-token
+  // limits).
   absl::StatusOr<int64_t> TokensThatFit(SequenceId id) const;
   bool Contains(SequenceId id) const;
   int64_t num_sequences() const;
@@ -146,9 +171,10 @@ class BlockManager {
   PrefixCacheStats PrefixStats() const;
   const BlockManagerOptions& options() const;
 
-  // Checks every invariant of DESIGN.md section 4 (each block in exactly one state; free + cached +
-  // used = total; ref counts = holders; the hash index = hashed cached and used blocks). Internal
-  // with a description of the first violation.
+  // Checks every invariant of DESIGN.md section 4 (each block in exactly one
+  // state; free + cached + used = total; ref counts = holders; the hash index =
+  // hashed cached and used blocks). Internal with a description of the first
+  // violation.
   absl::Status Validate() const;
 
  private:

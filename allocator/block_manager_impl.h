@@ -1,0 +1,87 @@
+// BlockManager::Impl: the state behind BlockManager, shared by block_manager.cc
+// (operations) and block_manager_validate.cc (invariant checks). Internal to
+// //allocator.
+
+#ifndef KVCACHE_ALLOCATOR_BLOCK_MANAGER_IMPL_H_
+#define KVCACHE_ALLOCATOR_BLOCK_MANAGER_IMPL_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "allocator/block_manager.h"
+#include "allocator/block_pool.h"
+#include "allocator/prefix_cache_index.h"
+#include "allocator/sequence.h"
+
+namespace kvcache {
+
+class BlockManager::Impl {
+ public:
+  explicit Impl(const BlockManagerOptions& options)
+      : options_(options),
+        pool_(options.num_blocks),
+        index_(options.enable_prefix_caching ? options.num_blocks : 0,
+               options.block_size) {}
+
+  absl::StatusOr<int64_t> AddSequence(SequenceId id,
+                                      absl::Span<const TokenId> prompt,
+                                      const ExtraKey& extra);
+  absl::StatusOr<StepPlan> Reserve(absl::Span<const ReserveRequest> batch);
+  absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const;
+  absl::Status Commit(uint64_t plan_id);
+  absl::Status Abort(uint64_t plan_id);
+  absl::Status Free(SequenceId id);
+  absl::Status Fork(SequenceId parent, SequenceId child);
+  absl::StatusOr<const internal::Sequence*> Find(SequenceId id) const;
+  absl::StatusOr<BatchBlockTable> BatchTable(
+      absl::Span<const SequenceId> ids) const;
+  absl::StatusOr<int64_t> TokensThatFit(SequenceId id) const;
+  absl::Status Validate() const;
+
+  const BlockManagerOptions& options() const { return options_; }
+  const internal::BlockPool& pool() const { return pool_; }
+  const PrefixCacheStats& stats() const { return stats_; }
+  int64_t num_sequences() const {
+    return static_cast<int64_t>(sequences_.size());
+  }
+
+ private:
+  using Sequence = internal::Sequence;
+  struct PlanRecord {
+    std::vector<Sequence*> sequences;  // nullptr once freed.
+  };
+
+  BlockHash Hash(const BlockHash& parent,
+                 absl::Span<const TokenId> tokens) const {
+    return options_.hash_function_for_testing != nullptr
+               ? options_.hash_function_for_testing(parent, tokens)
+               : HashBlock(parent, tokens);
+  }
+  BlockId AllocateBlock();
+  int64_t BlocksNeeded(const Sequence& s, int64_t num_tokens) const;
+  bool NeedsCopy(const Sequence& s) const;
+  void ReleaseAll(Sequence& s);
+  void HashNewFullBlocks(Sequence& s);
+  int64_t MatchPrefix(Sequence& s, absl::Span<const TokenId> prompt);
+  absl::Status ValidateSequence(const Sequence& s,
+                                std::vector<int32_t>& refs) const;
+  absl::Status ValidateIndex() const;
+
+  BlockManagerOptions options_;
+  internal::BlockPool pool_;
+  internal::PrefixCacheIndex index_;
+  absl::flat_hash_map<SequenceId, std::unique_ptr<Sequence>> sequences_;
+  absl::flat_hash_map<uint64_t, PlanRecord> plans_;
+  uint64_t next_plan_id_ = 1;
+  PrefixCacheStats stats_;
+  // Reserve/CheckBatch scratch: the batch's sequences, and the duplicate-check
+  // epoch.
+  mutable std::vector<Sequence*> batch_;
+  mutable uint64_t batch_epoch_ = 0;
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_ALLOCATOR_BLOCK_MANAGER_IMPL_H_

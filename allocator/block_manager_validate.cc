@@ -1,0 +1,121 @@
+// BlockManager::Validate: the invariants of DESIGN.md section 4, checked from
+// scratch.
+
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "allocator/block_manager_impl.h"
+
+namespace kvcache {
+
+absl::Status BlockManager::Impl::ValidateSequence(
+    const Sequence& s, std::vector<int32_t>& refs) const {
+  const int64_t bs = options_.block_size;
+  const int64_t end = s.computed + s.reserved;
+  const std::string name = absl::StrCat("sequence ", s.id, ": ");
+  if (s.computed < 0 || s.reserved < 0 ||
+      end > static_cast<int64_t>(s.tokens.size())) {
+    return absl::InternalError(absl::StrCat(name, s.computed, " computed + ",
+                                            s.reserved, " reserved of ",
+                                            s.tokens.size(), " known tokens"));
+  }
+  if (static_cast<int64_t>(s.blocks.size()) != (end + bs - 1) / bs) {
+    return absl::InternalError(
+        absl::StrCat(name, s.blocks.size(), " blocks for ", end, " tokens"));
+  }
+  if ((s.plan_id == 0) != (s.reserved == 0) ||
+      (s.cow_src >= 0 && s.plan_id == 0)) {
+    return absl::InternalError(
+        absl::StrCat(name, "plan ", s.plan_id, " with ", s.reserved,
+                     " reserved tokens, copy source ", s.cow_src));
+  }
+  if (s.plan_id != 0) {
+    auto it = plans_.find(s.plan_id);
+    if (it == plans_.end() ||
+        it->second.sequences.size() <= static_cast<size_t>(s.plan_index) ||
+        it->second.sequences[s.plan_index] != &s) {
+      return absl::InternalError(
+          absl::StrCat(name, "plan ", s.plan_id, " does not list it"));
+    }
+  }
+  for (BlockId b : s.blocks) {
+    if (b < 0 || b >= pool_.num_blocks())
+      return absl::InternalError(absl::StrCat(name, "block ", b));
+    ++refs[b];
+  }
+  if (s.cow_src >= 0) ++refs[s.cow_src];
+  if (options_.enable_prefix_caching) {
+    const size_t full = static_cast<size_t>(s.computed / bs);
+    if (s.hashes.size() != full || s.chain_ids.size() != full) {
+      return absl::InternalError(absl::StrCat(name, s.hashes.size(),
+                                              " hashes for ", full,
+                                              " full computed blocks"));
+    }
+    for (size_t i = 0; i < full; ++i) {
+      if (index_.registered(s.blocks[i]) &&
+          index_.hash(s.blocks[i]) != s.hashes[i]) {
+        return absl::InternalError(absl::StrCat(
+            name, "block ", s.blocks[i], " is registered under another hash"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BlockManager::Impl::ValidateIndex() const {
+  int32_t hashed = 0;
+  for (BlockId b = 0; b < pool_.num_blocks(); ++b) {
+    if (pool_.hashed(b)) ++hashed;
+    if (options_.enable_prefix_caching &&
+        pool_.hashed(b) != index_.registered(b)) {
+      return absl::InternalError(
+          absl::StrCat("block ", b, ": hashed ", pool_.hashed(b),
+                       " but registered ", index_.registered(b)));
+    }
+  }
+  if (static_cast<size_t>(hashed) != index_.size()) {
+    return absl::InternalError(absl::StrCat(hashed, " hashed blocks but ",
+                                            index_.size(), " index entries"));
+  }
+  for (const auto& [hash, b] : index_.map()) {
+    if (b < 0 || b >= pool_.num_blocks() || !pool_.hashed(b) ||
+        index_.hash(b) != hash) {
+      return absl::InternalError(
+          absl::StrCat("index entry for block ", b, " is stale"));
+    }
+    if (pool_.state(b) == internal::BlockState::kFree) {
+      return absl::InternalError(absl::StrCat("index holds free block ", b));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BlockManager::Impl::Validate() const {
+  if (absl::Status s = pool_.Validate(); !s.ok()) return s;
+  std::vector<int32_t> refs(pool_.num_blocks(), 0);
+  for (const auto& [id, seq] : sequences_) {
+    if (seq->id != id)
+      return absl::InternalError(
+          absl::StrCat("sequence ", id, " has id ", seq->id));
+    if (absl::Status s = ValidateSequence(*seq, refs); !s.ok()) return s;
+  }
+  for (BlockId b = 0; b < pool_.num_blocks(); ++b) {
+    if (refs[b] != pool_.ref_count(b)) {
+      return absl::InternalError(absl::StrCat("block ", b, " has ref count ",
+                                              pool_.ref_count(b), " but ",
+                                              refs[b], " holders"));
+    }
+  }
+  for (const auto& [plan_id, record] : plans_) {
+    for (const Sequence* s : record.sequences) {
+      if (s != nullptr && s->plan_id != plan_id) {
+        return absl::InternalError(absl::StrCat("plan ", plan_id,
+                                                " lists sequence ", s->id,
+                                                " whose plan is ", s->plan_id));
+      }
+    }
+  }
+  return ValidateIndex();
+}
+
+}  // namespace kvcache

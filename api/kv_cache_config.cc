@@ -12,7 +12,8 @@ absl::Status Bad(absl::string_view field, int64_t value,
 }
 
 absl::Status CheckHeadSize(absl::string_view field, int32_t value) {
-  if (value < 8 || value > 1024) return Bad(field, value, "is not in [8, 1024]");
+  if (value < 8 || value > 1024)
+    return Bad(field, value, "is not in [8, 1024]");
   if (value % 8 != 0) return Bad(field, value, "is not a multiple of 8");
   return absl::OkStatus();
 }
@@ -24,7 +25,8 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
   if (c.num_kv_heads < 1) {
     return Bad("num_kv_heads", c.num_kv_heads, "must be >= 1");
   }
-  if (absl::Status s = CheckHeadSize("head_size", c.head_size); !s.ok()) return s;
+  if (absl::Status s = CheckHeadSize("head_size", c.head_size); !s.ok())
+    return s;
   if (c.head_size_v != 0) {
     if (absl::Status s = CheckHeadSize("head_size_v", c.head_size_v); !s.ok()) {
       return s;
@@ -45,7 +47,8 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
         DTypeName(c.cache_dtype), " for an unquantized cache"));
   }
   if (c.backend != Backend::kCpu && c.backend != Backend::kCuda) {
-    return Bad("backend", static_cast<int32_t>(c.backend), "is not CPU or CUDA");
+    return Bad("backend", static_cast<int32_t>(c.backend),
+               "is not CPU or CUDA");
   }
   if (c.device < 0) return Bad("device", c.device, "must be >= 0");
   const int capacity_fields = (c.num_blocks != 0) +

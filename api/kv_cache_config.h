@@ -1,5 +1,5 @@
-// KVCacheConfig: the shape, dtypes, backend and capacity of one KV cache. Validated by
-// KVCacheManager::Create. Plain value type.
+// KVCacheConfig: the shape, dtypes, backend and capacity of one KV cache.
+// Validated by KVCacheManager::Create. Plain value type.
 
 #ifndef KVCACHE_API_KV_CACHE_CONFIG_H_
 #define KVCACHE_API_KV_CACHE_CONFIG_H_
@@ -25,8 +25,8 @@ struct KVCacheConfig {
   int32_t head_size_v = 0;  // 0 means head_size.
   int32_t block_size = 16;  // Tokens per block.
 
-  // int8 or fp8_e4m3 (quantized, with float32 scales), or bfloat16/float16 (stored as is, then
-  // input_dtype must equal cache_dtype).
+  // int8 or fp8_e4m3 (quantized, with float32 scales), or bfloat16/float16
+  // (stored as is, then input_dtype must equal cache_dtype).
   DType cache_dtype = DType::kInt8;
   // K/V handed to Append: float32, float16 or bfloat16.
   DType input_dtype = DType::kBFloat16;
@@ -37,22 +37,28 @@ struct KVCacheConfig {
   // Capacity: exactly one of these is set (> 0).
   int64_t num_blocks = 0;
   int64_t memory_budget_bytes = 0;  // All layers' caches and scales together.
-  double memory_fraction = 0.0;     // Of the device's free memory (host RAM on the CPU).
+  double memory_fraction =
+      0.0;  // Of the device's free memory (host RAM on the CPU).
 
   bool enable_prefix_caching = true;
 
-  // Fixed-capacity step and lookup buffers (allocated once, so steps allocate nothing and block
-  // tables can be captured in a CUDA graph).
-  int32_t max_tokens_per_step = 8192;     // Tokens in one Reserve.
-  int32_t max_sequences_per_step = 1024;  // Sequences in one Reserve or BatchBlockTable.
-  int32_t max_blocks_per_sequence = 0;    // Block-table columns; 0 means enough for all blocks.
-  int32_t max_inflight_plans = 4;         // Reserved but not yet committed/aborted plans.
+  // Fixed-capacity step and lookup buffers (allocated once, so steps allocate
+  // nothing and block tables can be captured in a CUDA graph).
+  int32_t max_tokens_per_step = 8192;  // Tokens in one Reserve.
+  int32_t max_sequences_per_step =
+      1024;  // Sequences in one Reserve or BatchBlockTable.
+  int32_t max_blocks_per_sequence =
+      0;  // Block-table columns; 0 means enough for all blocks.
+  int32_t max_inflight_plans =
+      4;  // Reserved but not yet committed/aborted plans.
 
-  // Logger name for spdlog ("" = spdlog's default logger). The library installs no sinks.
+  // Logger name for spdlog ("" = spdlog's default logger). The library installs
+  // no sinks.
   std::string logger_name;
 };
 
-// InvalidArgument naming the first bad field (e.g. "head_size 100 is not a multiple of 8").
+// InvalidArgument naming the first bad field (e.g. "head_size 100 is not a
+// multiple of 8").
 absl::Status ValidateConfig(const KVCacheConfig& config);
 
 }  // namespace kvcache

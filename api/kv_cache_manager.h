@@ -1,25 +1,29 @@
-// KVCacheManager is the one object a serving engine talks to: it owns a paged KV cache (every
-// layer's K/V caches and float32 scale caches, on the host or one CUDA GPU), the block allocator
-// with its prefix cache, and the kernels that quantize K/V into the cache and read it back.
+// KVCacheManager is the one object a serving engine talks to: it owns a paged
+// KV cache (every layer's K/V caches and float32 scale caches, on the host or
+// one CUDA GPU), the block allocator with its prefix cache, and the kernels
+// that quantize K/V into the cache and read it back.
 //
 // A step, for a batch of sequences:
-//   plan = Reserve({{seq, new tokens}, ...}, stream)       room for the tokens, all or nothing
-//   for layer in layers: Append(plan.id, layer, k, v, stream)   quantize and write one layer
-//   Commit(plan.id)                                         tokens count as computed
-// Reserve fails with ResourceExhausted (changing nothing) when the batch does not fit: preempt
-// (Free) a sequence and retry. Abort(plan.id) gives a plan's room back without committing.
+//   plan = Reserve({{seq, new tokens}, ...}, stream)       room for the tokens,
+//   all or nothing for layer in layers: Append(plan.id, layer, k, v, stream)
+//   quantize and write one layer Commit(plan.id) tokens count as computed
+// Reserve fails with ResourceExhausted (changing nothing) when the batch does
+// not fit: preempt (Free) a sequence and retry. Abort(plan.id) gives a plan's
+// room back without committing.
 //
-// Thread safety: every method may be called from any thread; one mutex serializes them. On the
-// CUDA backend kernels and copies are enqueued on the caller's stream (a cudaStream_t passed as
-// void*; nullptr = the legacy default stream) while the mutex is held, and return without waiting
-// for them, except Gather, which waits for its own work. On the CPU backend everything runs before
-// the call returns.
+// Thread safety: every method may be called from any thread; one mutex
+// serializes them. On the CUDA backend kernels and copies are enqueued on the
+// caller's stream (a cudaStream_t passed as void*; nullptr = the legacy default
+// stream) while the mutex is held, and return without waiting for them, except
+// Gather, which waits for its own work. On the CPU backend everything runs
+// before the call returns.
 //
-// Ownership: the manager owns all cache memory; the views it returns stay valid while it lives
-// (BatchBlockTable's buffers until the next BatchBlockTable call). Callers own their tensors.
+// Ownership: the manager owns all cache memory; the views it returns stay valid
+// while it lives (BatchBlockTable's buffers until the next BatchBlockTable
+// call). Callers own their tensors.
 //
-// Errors: every call that fails returns a status whose message names the bad value and leaves the
-// manager exactly as it was.
+// Errors: every call that fails returns a status whose message names the bad
+// value and leaves the manager exactly as it was.
 
 #ifndef KVCACHE_API_KV_CACHE_MANAGER_H_
 #define KVCACHE_API_KV_CACHE_MANAGER_H_
@@ -44,32 +48,39 @@ namespace kvcache {
 
 class Device;
 
-// What Reserve hands back. The slot mapping lives in the backend's memory (device memory on CUDA,
-// copied asynchronously on the Reserve stream) and stays valid until Commit or Abort.
+// What Reserve hands back. The slot mapping lives in the backend's memory
+// (device memory on CUDA, copied asynchronously on the Reserve stream) and
+// stays valid until Commit or Abort.
 struct StepPlanInfo {
   uint64_t id = 0;
-  int64_t num_tokens = 0;                // Tokens reserved over the whole batch.
-  const int64_t* slot_mapping = nullptr;  // [num_tokens], batch order.
+  int64_t num_tokens = 0;  // Tokens reserved over the whole batch.
+  const int64_t* slot_mapping = nullptr;   // [num_tokens], batch order.
   std::vector<int64_t> host_slot_mapping;  // The same slots, on the host.
-  int64_t num_block_copies = 0;           // Copy-on-write copies run before the first Append.
+  int64_t num_block_copies =
+      0;  // Copy-on-write copies run before the first Append.
 };
 
-// A batch's block tables in fixed buffers of the backend's memory (the same pointers on every call,
-// so they can be captured in a CUDA graph): row i holds sequence i's block ids, then zeros.
+// A batch's block tables in fixed buffers of the backend's memory (the same
+// pointers on every call, so they can be captured in a CUDA graph): row i holds
+// sequence i's block ids, then zeros.
 struct BlockTableView {
   const int32_t* block_table = nullptr;  // [num_sequences, row_stride]
-  const int32_t* seq_lens = nullptr;     // [num_sequences] computed tokens per sequence.
+  const int32_t* seq_lens =
+      nullptr;  // [num_sequences] computed tokens per sequence.
   int32_t num_sequences = 0;
   int32_t max_blocks = 0;  // Longest table in this batch.
   int32_t row_stride = 0;  // Columns of the buffer (max_blocks_per_sequence).
 };
 
-// Everything an engine's own attention kernel needs to read one layer's cache (DESIGN.md section
-// 2). Strides are in elements.
+// Everything an engine's own attention kernel needs to read one layer's cache
+// (DESIGN.md section 2). Strides are in elements.
 struct LayerView {
-  void* key_cache = nullptr;    // [num_blocks, block_size, num_kv_heads, head_size]
-  void* value_cache = nullptr;  // [num_blocks, block_size, num_kv_heads, head_size_v]
-  float* key_scale = nullptr;   // [num_blocks, block_size, num_kv_heads]; null for bf16/fp16.
+  void* key_cache =
+      nullptr;  // [num_blocks, block_size, num_kv_heads, head_size]
+  void* value_cache =
+      nullptr;  // [num_blocks, block_size, num_kv_heads, head_size_v]
+  float* key_scale =
+      nullptr;  // [num_blocks, block_size, num_kv_heads]; null for bf16/fp16.
   float* value_scale = nullptr;
   DType cache_dtype = DType::kInt8;
   MemoryKind memory = MemoryKind::kHost;
@@ -86,10 +97,11 @@ struct LayerView {
 
 class KVCacheManager {
  public:
-  // Validates the config, creates the backend, sizes the pool, allocates and zeroes every layer's
-  // caches and scales once, and logs the layout and capacity. InvalidArgument for a bad config,
-  // FailedPrecondition for a CUDA backend without CUDA (build or device), ResourceExhausted when
-  // the memory cannot be allocated.
+  // Validates the config, creates the backend, sizes the pool, allocates and
+  // zeroes every layer's caches and scales once, and logs the layout and
+  // capacity. InvalidArgument for a bad config, FailedPrecondition for a CUDA
+  // backend without CUDA (build or device), ResourceExhausted when the memory
+  // cannot be allocated.
   static absl::StatusOr<std::unique_ptr<KVCacheManager>> Create(
       const KVCacheConfig& config);
 
@@ -97,20 +109,23 @@ class KVCacheManager {
   KVCacheManager& operator=(const KVCacheManager&) = delete;
   ~KVCacheManager();
 
-  // Sequence life cycle. AddSequence returns the prompt tokens already computed (prefix cache).
+  // Sequence life cycle. AddSequence returns the prompt tokens already computed
+  // (prefix cache).
   absl::StatusOr<int64_t> AddSequence(SequenceId id,
                                       absl::Span<const TokenId> prompt,
                                       const ExtraKey& extra = {});
   absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
                                        void* stream = nullptr);
-  // Writes the plan's next key.shape[0] tokens of `layer` (key [T, H, D], value [T, H, Dv], any
-  // token/head strides, unit last stride, input_dtype, in the backend's memory). A plan's tokens may
-  // be appended in several calls per layer, in batch order.
+  // Writes the plan's next key.shape[0] tokens of `layer` (key [T, H, D], value
+  // [T, H, Dv], any token/head strides, unit last stride, input_dtype, in the
+  // backend's memory). A plan's tokens may be appended in several calls per
+  // layer, in batch order.
   absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
                       const TensorView& value, void* stream = nullptr);
   absl::Status Append(uint64_t plan_id, int layer, const DLTensor& key,
                       const DLTensor& value, void* stream = nullptr);
-  // Every layer must hold all the plan's tokens. FailedPrecondition naming the first short layer.
+  // Every layer must hold all the plan's tokens. FailedPrecondition naming the
+  // first short layer.
   absl::Status Commit(uint64_t plan_id);
   absl::Status Abort(uint64_t plan_id);
   absl::Status Fork(SequenceId parent, SequenceId child);
@@ -119,13 +134,15 @@ class KVCacheManager {
 
   // Lookups.
   absl::StatusOr<std::vector<BlockId>> BlockTable(SequenceId id) const;
-  absl::StatusOr<int64_t> SequenceLength(SequenceId id) const;  // Computed tokens.
+  absl::StatusOr<int64_t> SequenceLength(
+      SequenceId id) const;  // Computed tokens.
   absl::StatusOr<BlockTableView> BatchBlockTable(
       absl::Span<const SequenceId> ids, void* stream = nullptr);
   absl::StatusOr<LayerView> GetLayerView(int layer) const;
-  // Dequantizes tokens [token_begin, token_begin + num_tokens) of a sequence's committed tokens in
-  // `layer` into key_out [T, H, D] / value_out [T, H, Dv] (float32, float16 or bfloat16, in the
-  // backend's memory). Waits for its own work on CUDA.
+  // Dequantizes tokens [token_begin, token_begin + num_tokens) of a sequence's
+  // committed tokens in `layer` into key_out [T, H, D] / value_out [T, H, Dv]
+  // (float32, float16 or bfloat16, in the backend's memory). Waits for its own
+  // work on CUDA.
   absl::Status Gather(SequenceId id, int layer, int64_t token_begin,
                       int64_t num_tokens, const TensorView& key_out,
                       const TensorView& value_out, void* stream = nullptr);
@@ -141,7 +158,8 @@ class KVCacheManager {
   std::string MetricsText() const;  // Prometheus exposition format.
 
   const KVCacheConfig& config() const;
-  // Checks the allocator's invariants (DESIGN.md section 4). For tests and debug builds.
+  // Checks the allocator's invariants (DESIGN.md section 4). For tests and
+  // debug builds.
   absl::Status Validate() const;
 
  private:

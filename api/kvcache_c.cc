@@ -1,5 +1,5 @@
-// The C API: each function converts its arguments, calls the KVCacheManager and maps the status to
-// a kvcache_status, recording the message in the handle.
+// The C API: each function converts its arguments, calls the KVCacheManager and
+// maps the status to a kvcache_status, recording the message in the handle.
 
 #include "api/kvcache_c.h"
 
@@ -212,8 +212,8 @@ const char* kvcache_last_error(kvcache_manager* m) {
   return error_copy.c_str();
 }
 
-#define KVCACHE_C_REQUIRE(m)                  \
-  do {                                        \
+#define KVCACHE_C_REQUIRE(m)                             \
+  do {                                                   \
     if ((m) == nullptr) return KVCACHE_INVALID_ARGUMENT; \
   } while (0)
 
@@ -274,8 +274,8 @@ kvcache_status kvcache_append(kvcache_manager* m, uint64_t plan_id,
   if (absl::Status s = CheckTensor(value, "value"); !s.ok()) {
     return Record(m, s);
   }
-  return Record(m, m->impl->Append(plan_id, layer, ToView(*key), ToView(*value),
-                                   stream));
+  return Record(
+      m, m->impl->Append(plan_id, layer, ToView(*key), ToView(*value), stream));
 }
 
 kvcache_status kvcache_append_dlpack(kvcache_manager* m, uint64_t plan_id,
@@ -393,9 +393,9 @@ kvcache_status kvcache_gather(kvcache_manager* m, int64_t sequence,
   if (absl::Status s = CheckTensor(value_out, "value_out"); !s.ok()) {
     return Record(m, s);
   }
-  return Record(m, m->impl->Gather(sequence, layer, token_begin, num_tokens,
-                                   ToView(*key_out), ToView(*value_out),
-                                   stream));
+  return Record(m,
+                m->impl->Gather(sequence, layer, token_begin, num_tokens,
+                                ToView(*key_out), ToView(*value_out), stream));
 }
 
 kvcache_status kvcache_tokens_that_fit(kvcache_manager* m, int64_t sequence,

@@ -1,14 +1,17 @@
-/* The C API of kvcache: an opaque handle over a KVCacheManager, for engines written in C or loaded
- * through an FFI. The semantics of every call are those of the same method in kv_cache_manager.h.
+/* The C API of kvcache: an opaque handle over a KVCacheManager, for engines
+ * written in C or loaded through an FFI. The semantics of every call are those
+ * of the same method in kv_cache_manager.h.
  *
- * Every fallible call returns a kvcache_status; on failure kvcache_last_error(handle) returns the
- * message of that handle's last failure (creation failures: kvcache_last_create_error()). A failed
- * call changes nothing. Thread-safe like the C++ manager; the returned message pointer is valid
- * until the calling thread's next kvcache_last_error call.
+ * Every fallible call returns a kvcache_status; on failure
+ * kvcache_last_error(handle) returns the message of that handle's last failure
+ * (creation failures: kvcache_last_create_error()). A failed call changes
+ * nothing. Thread-safe like the C++ manager; the returned message pointer is
+ * valid until the calling thread's next kvcache_last_error call.
  *
- * Ownership: kvcache_create returns a handle the caller destroys with kvcache_destroy. Pointers
- * returned in views and plans are owned by the handle. Streams are cudaStream_t passed as void*
- * (NULL = default stream); they are ignored on the CPU backend. */
+ * Ownership: kvcache_create returns a handle the caller destroys with
+ * kvcache_destroy. Pointers returned in views and plans are owned by the
+ * handle. Streams are cudaStream_t passed as void* (NULL = default stream);
+ * they are ignored on the CPU backend. */
 
 #ifndef KVCACHE_API_KVCACHE_C_H_
 #define KVCACHE_API_KVCACHE_C_H_
@@ -44,8 +47,14 @@ typedef enum kvcache_dtype {
   KVCACHE_FP8_E4M3 = 4
 } kvcache_dtype;
 
-typedef enum kvcache_backend { KVCACHE_CPU = 0, KVCACHE_CUDA = 1 } kvcache_backend;
-typedef enum kvcache_memory { KVCACHE_HOST = 0, KVCACHE_DEVICE = 1 } kvcache_memory;
+typedef enum kvcache_backend {
+  KVCACHE_CPU = 0,
+  KVCACHE_CUDA = 1
+} kvcache_backend;
+typedef enum kvcache_memory {
+  KVCACHE_HOST = 0,
+  KVCACHE_DEVICE = 1
+} kvcache_memory;
 
 typedef struct kvcache_config {
   int32_t num_layers;
@@ -70,8 +79,8 @@ typedef struct kvcache_config {
 /* A caller tensor: strides in elements; [tokens, heads, head_size] for K/V. */
 typedef struct kvcache_tensor {
   void* data;
-  int32_t dtype;  /* kvcache_dtype */
-  int32_t ndim;   /* <= 4 */
+  int32_t dtype; /* kvcache_dtype */
+  int32_t ndim;  /* <= 4 */
   int64_t shape[4];
   int64_t strides[4];
   int32_t memory; /* kvcache_memory */
@@ -137,11 +146,13 @@ typedef struct kvcache_metrics {
   int64_t block_copies;
 } kvcache_metrics;
 
-/* Fills `config` with the C++ defaults (block_size 16, int8 cache, bf16 input, CPU, ...). */
+/* Fills `config` with the C++ defaults (block_size 16, int8 cache, bf16 input,
+ * CPU, ...). */
 void kvcache_config_init(kvcache_config* config);
 const char* kvcache_status_name(kvcache_status status);
 
-kvcache_status kvcache_create(const kvcache_config* config, kvcache_manager** out);
+kvcache_status kvcache_create(const kvcache_config* config,
+                              kvcache_manager** out);
 /* The message of the calling thread's last failed kvcache_create. */
 const char* kvcache_last_create_error(void);
 void kvcache_destroy(kvcache_manager* manager);
@@ -153,46 +164,54 @@ kvcache_status kvcache_add_sequence(kvcache_manager* manager, int64_t sequence,
                                     int64_t adapter_id, const char* salt,
                                     int64_t* computed_tokens);
 kvcache_status kvcache_reserve(kvcache_manager* manager,
-                               const kvcache_reserve_request* batch, int64_t batch_size,
-                               void* stream, kvcache_plan* plan);
+                               const kvcache_reserve_request* batch,
+                               int64_t batch_size, void* stream,
+                               kvcache_plan* plan);
 kvcache_status kvcache_can_reserve(kvcache_manager* manager,
-                                   const kvcache_reserve_request* batch, int64_t batch_size);
-kvcache_status kvcache_append(kvcache_manager* manager, uint64_t plan_id, int32_t layer,
-                              const kvcache_tensor* key, const kvcache_tensor* value,
-                              void* stream);
-kvcache_status kvcache_append_dlpack(kvcache_manager* manager, uint64_t plan_id, int32_t layer,
-                                     const struct DLTensor* key, const struct DLTensor* value,
+                                   const kvcache_reserve_request* batch,
+                                   int64_t batch_size);
+kvcache_status kvcache_append(kvcache_manager* manager, uint64_t plan_id,
+                              int32_t layer, const kvcache_tensor* key,
+                              const kvcache_tensor* value, void* stream);
+kvcache_status kvcache_append_dlpack(kvcache_manager* manager, uint64_t plan_id,
+                                     int32_t layer, const struct DLTensor* key,
+                                     const struct DLTensor* value,
                                      void* stream);
 kvcache_status kvcache_commit(kvcache_manager* manager, uint64_t plan_id);
 kvcache_status kvcache_abort(kvcache_manager* manager, uint64_t plan_id);
-kvcache_status kvcache_fork(kvcache_manager* manager, int64_t parent, int64_t child);
+kvcache_status kvcache_fork(kvcache_manager* manager, int64_t parent,
+                            int64_t child);
 kvcache_status kvcache_free(kvcache_manager* manager, int64_t sequence);
 
-/* Copies up to `capacity` block ids into `blocks`; *num_blocks gets the table's length.
- * KVCACHE_OUT_OF_RANGE (nothing copied) when capacity is too small. */
-kvcache_status kvcache_block_table(kvcache_manager* manager, int64_t sequence, int32_t* blocks,
-                                   int64_t capacity, int64_t* num_blocks);
-kvcache_status kvcache_sequence_length(kvcache_manager* manager, int64_t sequence,
-                                       int64_t* length);
-kvcache_status kvcache_batch_block_table(kvcache_manager* manager, const int64_t* sequences,
+/* Copies up to `capacity` block ids into `blocks`; *num_blocks gets the table's
+ * length. KVCACHE_OUT_OF_RANGE (nothing copied) when capacity is too small. */
+kvcache_status kvcache_block_table(kvcache_manager* manager, int64_t sequence,
+                                   int32_t* blocks, int64_t capacity,
+                                   int64_t* num_blocks);
+kvcache_status kvcache_sequence_length(kvcache_manager* manager,
+                                       int64_t sequence, int64_t* length);
+kvcache_status kvcache_batch_block_table(kvcache_manager* manager,
+                                         const int64_t* sequences,
                                          int64_t num_sequences, void* stream,
                                          kvcache_block_table_view* view);
 kvcache_status kvcache_get_layer_view(kvcache_manager* manager, int32_t layer,
                                       kvcache_layer_view* view);
-kvcache_status kvcache_gather(kvcache_manager* manager, int64_t sequence, int32_t layer,
-                              int64_t token_begin, int64_t num_tokens,
-                              const kvcache_tensor* key_out, const kvcache_tensor* value_out,
-                              void* stream);
-kvcache_status kvcache_tokens_that_fit(kvcache_manager* manager, int64_t sequence,
-                                       int64_t* tokens);
-kvcache_status kvcache_get_metrics(kvcache_manager* manager, kvcache_metrics* metrics);
-/* Writes the Prometheus text (NUL-terminated, truncated to capacity) and returns its full length
- * without the NUL. */
-size_t kvcache_metrics_text(kvcache_manager* manager, char* buffer, size_t capacity);
+kvcache_status kvcache_gather(kvcache_manager* manager, int64_t sequence,
+                              int32_t layer, int64_t token_begin,
+                              int64_t num_tokens, const kvcache_tensor* key_out,
+                              const kvcache_tensor* value_out, void* stream);
+kvcache_status kvcache_tokens_that_fit(kvcache_manager* manager,
+                                       int64_t sequence, int64_t* tokens);
+kvcache_status kvcache_get_metrics(kvcache_manager* manager,
+                                   kvcache_metrics* metrics);
+/* Writes the Prometheus text (NUL-terminated, truncated to capacity) and
+ * returns its full length without the NUL. */
+size_t kvcache_metrics_text(kvcache_manager* manager, char* buffer,
+                            size_t capacity);
 kvcache_status kvcache_validate(kvcache_manager* manager);
 
 #ifdef __cplusplus
-}  /* extern "C" */
+} /* extern "C" */
 #endif
 
-#endif  /* KVCACHE_API_KVCACHE_C_H_ */
+#endif /* KVCACHE_API_KVCACHE_C_H_ */

@@ -1,5 +1,5 @@
-// MetricsSnapshot: a consistent copy of a KVCacheManager's counters and gauges, and its text dump in
-// the Prometheus exposition format. Plain value type.
+// MetricsSnapshot: a consistent copy of a KVCacheManager's counters and gauges,
+// and its text dump in the Prometheus exposition format. Plain value type.
 
 #ifndef KVCACHE_API_METRICS_H_
 #define KVCACHE_API_METRICS_H_
@@ -23,14 +23,17 @@ struct MetricsSnapshot {
   int64_t prefix_query_tokens = 0;
   int64_t prefix_hit_tokens = 0;
   int64_t evictions = 0;
-  int64_t tokens_appended = 0;   // Tokens written, summed over layers.
-  int64_t tokens_committed = 0;  // Tokens committed (once per token, not per layer).
+  int64_t tokens_appended = 0;  // Tokens written, summed over layers.
+  int64_t tokens_committed =
+      0;  // Tokens committed (once per token, not per layer).
   int64_t kernel_launches = 0;
   int64_t reserve_failures = 0;  // Reserve calls refused for lack of room.
-  int64_t block_copies = 0;      // Copy-on-write block copies (per block, all layers).
+  int64_t block_copies =
+      0;  // Copy-on-write block copies (per block, all layers).
 };
 
-// "# HELP ...\n# TYPE ...\nkvcache_blocks{state=\"free\"} 12\n..." with names prefixed "kvcache_".
+// "# HELP ...\n# TYPE ...\nkvcache_blocks{state=\"free\"} 12\n..." with names
+// prefixed "kvcache_".
 std::string ToPrometheusText(const MetricsSnapshot& metrics);
 
 }  // namespace kvcache

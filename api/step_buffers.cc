@@ -51,12 +51,13 @@ absl::Status StepBuffers::Upload(int index, absl::Span<const int64_t> slots,
   Slot& slot = slots_[index];
   if (static_cast<int64_t>(slots.size()) > max_tokens_ ||
       static_cast<int64_t>(copies.size()) > max_copies_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "step of ", slots.size(), " tokens and ", copies.size(),
-        " block copies exceeds the step buffers (", max_tokens_, " tokens, ",
-        max_copies_, " copies)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("step of ", slots.size(), " tokens and ", copies.size(),
+                     " block copies exceeds the step buffers (", max_tokens_,
+                     " tokens, ", max_copies_, " copies)"));
   }
-  // The previous upload from this staging memory must have finished before it is rewritten.
+  // The previous upload from this staging memory must have finished before it
+  // is rewritten.
   if (absl::Status s = device_->SynchronizeEvent(slot.uploaded); !s.ok()) {
     return s;
   }

@@ -1,9 +1,11 @@
-// StepBuffers: the fixed staging (pinned host) and device buffers that carry step plans' slot
-// mappings and copy-on-write pairs to the device, one slot per plan in flight, allocated once.
+// StepBuffers: the fixed staging (pinned host) and device buffers that carry
+// step plans' slot mappings and copy-on-write pairs to the device, one slot per
+// plan in flight, allocated once.
 //
-// A slot's staging memory is rewritten only after its last upload finished, and its device memory
-// only after the kernels that read it (the upload waits on the slot's last-use event), so no step
-// allocates and no step stalls the host. Thread-compatible: the manager's mutex guards it.
+// A slot's staging memory is rewritten only after its last upload finished, and
+// its device memory only after the kernels that read it (the upload waits on
+// the slot's last-use event), so no step allocates and no step stalls the host.
+// Thread-compatible: the manager's mutex guards it.
 
 #ifndef KVCACHE_API_STEP_BUFFERS_H_
 #define KVCACHE_API_STEP_BUFFERS_H_
@@ -23,7 +25,8 @@ namespace kvcache::internal {
 class StepBuffers {
  public:
   struct Slot {
-    Buffer staging;     // int64 slots [max_tokens], then int64 pairs [2 * max_copies].
+    Buffer staging;     // int64 slots [max_tokens], then int64 pairs [2 *
+                        // max_copies].
     Buffer device;      // The same layout on the device.
     Event uploaded;     // After the last upload from `staging`.
     Event last_use;     // After the last kernel that read `device`.
@@ -36,8 +39,8 @@ class StepBuffers {
 
   // A free slot's index, or -1 when every slot is busy.
   int FindFree() const;
-  // Writes `slots` and `copies` into slot `index` and uploads them on `stream`. On error the slot
-  // is left free.
+  // Writes `slots` and `copies` into slot `index` and uploads them on `stream`.
+  // On error the slot is left free.
   absl::Status Upload(int index, absl::Span<const int64_t> slots,
                       absl::Span<const BlockCopy> copies, void* stream);
 

@@ -22,9 +22,10 @@ absl::Status CheckKVTensor(absl::string_view name, const TensorView& t,
                      "); expected 3: [tokens, heads, head_size]"));
   }
   if (e.any_float_dtype ? !IsFloatingInput(t.dtype) : t.dtype != e.dtype) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, " dtype ", DTypeName(t.dtype), " is not ",
-        e.any_float_dtype ? "float32, float16 or bfloat16" : DTypeName(e.dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " dtype ", DTypeName(t.dtype), " is not ",
+                     e.any_float_dtype ? "float32, float16 or bfloat16"
+                                       : DTypeName(e.dtype)));
   }
   if (t.memory != e.memory ||
       (e.memory == MemoryKind::kCuda && t.device != e.device)) {
@@ -52,13 +53,13 @@ absl::Status CheckKVTensor(absl::string_view name, const TensorView& t,
                      ") does not match the cache's ", e.head_size));
   }
   if (t.strides[2] != 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name, " stride ", t.strides[2],
-                     " in the last dimension must be 1 (", t.DebugString(), ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, " stride ", t.strides[2], " in the last dimension must be 1 (",
+        t.DebugString(), ")"));
   }
   if (t.strides[0] < 0 || t.strides[1] < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, " has negative strides (", t.DebugString(), ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " has negative strides (", t.DebugString(), ")"));
   }
   return absl::OkStatus();
 }

@@ -1,5 +1,6 @@
-// Validation of caller tensors against what a KVCacheManager expects, with messages that name the
-// argument, the bad value and the expectation. Internal to api/.
+// Validation of caller tensors against what a KVCacheManager expects, with
+// messages that name the argument, the bad value and the expectation. Internal
+// to api/.
 
 #ifndef KVCACHE_API_TENSOR_CHECKS_H_
 #define KVCACHE_API_TENSOR_CHECKS_H_
@@ -23,8 +24,8 @@ struct ExpectedKV {
   int32_t device = 0;
 };
 
-// Checks `tensor` (named `name` in messages) is [T, H, D] as expected, non-null, with unit stride
-// in the last dimension and non-negative strides.
+// Checks `tensor` (named `name` in messages) is [T, H, D] as expected,
+// non-null, with unit stride in the last dimension and non-negative strides.
 absl::Status CheckKVTensor(absl::string_view name, const TensorView& tensor,
                            const ExpectedKV& expected);
 

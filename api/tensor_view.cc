@@ -16,8 +16,8 @@ TensorView TensorView::Contiguous(void* data, DType dtype,
   view.dtype = dtype;
   view.memory = memory;
   view.device = device;
-  view.ndim = static_cast<int32_t>(shape.size() > kMaxDims ? kMaxDims
-                                                           : shape.size());
+  view.ndim =
+      static_cast<int32_t>(shape.size() > kMaxDims ? kMaxDims : shape.size());
   int i = 0;
   for (int64_t dim : shape) {
     if (i == kMaxDims) break;
@@ -44,8 +44,7 @@ std::string TensorView::DebugString() const {
       "] strides [",
       absl::StrJoin(absl::MakeConstSpan(strides, ndim < 0 ? 0 : ndim), ", "),
       "] on ",
-      memory == MemoryKind::kHost ? "host"
-                                  : absl::StrCat("cuda:", device));
+      memory == MemoryKind::kHost ? "host" : absl::StrCat("cuda:", device));
 }
 
 absl::StatusOr<TensorView> FromDLPack(const DLTensor& tensor) {
@@ -61,10 +60,9 @@ absl::StatusOr<TensorView> FromDLPack(const DLTensor& tensor) {
   } else if (tensor.dtype.code == kDLBfloat && tensor.dtype.bits == 16) {
     view.dtype = DType::kBFloat16;
   } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("DLTensor dtype (code ", tensor.dtype.code, ", bits ",
-                     tensor.dtype.bits,
-                     ") is not float32, float16 or bfloat16"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "DLTensor dtype (code ", tensor.dtype.code, ", bits ",
+        tensor.dtype.bits, ") is not float32, float16 or bfloat16"));
   }
   switch (tensor.device.device_type) {
     case kDLCPU:
@@ -82,8 +80,8 @@ absl::StatusOr<TensorView> FromDLPack(const DLTensor& tensor) {
   view.device = tensor.device.device_id;
   if (tensor.ndim < 1 || tensor.ndim > TensorView::kMaxDims) {
     return absl::InvalidArgumentError(
-        absl::StrCat("DLTensor has ", tensor.ndim, " dimensions; expected 1 to ",
-                     TensorView::kMaxDims));
+        absl::StrCat("DLTensor has ", tensor.ndim,
+                     " dimensions; expected 1 to ", TensorView::kMaxDims));
   }
   if (tensor.data == nullptr) {
     return absl::InvalidArgumentError("DLTensor data is null");

@@ -1,9 +1,11 @@
-// TensorView is a non-owning description of a caller's tensor: pointer, dtype, shape, element
-// strides and where the memory lives. It is how K/V reach the manager and where dequantized K/V go.
-// FromDLPack turns a DLPack DLTensor (e.g. from torch.utils.dlpack) into one without a copy.
+// TensorView is a non-owning description of a caller's tensor: pointer, dtype,
+// shape, element strides and where the memory lives. It is how K/V reach the
+// manager and where dequantized K/V go. FromDLPack turns a DLPack DLTensor
+// (e.g. from torch.utils.dlpack) into one without a copy.
 //
-// Plain value type; thread-compatible. The caller owns the memory and keeps it alive for the call
-// (and, on CUDA, until the work enqueued on the call's stream has run).
+// Plain value type; thread-compatible. The caller owns the memory and keeps it
+// alive for the call (and, on CUDA, until the work enqueued on the call's
+// stream has run).
 
 #ifndef KVCACHE_API_TENSOR_VIEW_H_
 #define KVCACHE_API_TENSOR_VIEW_H_
@@ -46,9 +48,10 @@ struct TensorView {
   std::string DebugString() const;
 };
 
-// Converts a DLTensor: float32/float16/bfloat16 (lanes 1) on kDLCPU, kDLCUDAHost or kDLCUDA, up to
-// kMaxDims dimensions; byte_offset is applied; null strides mean row-major. InvalidArgument naming
-// the unsupported field otherwise.
+// Converts a DLTensor: float32/float16/bfloat16 (lanes 1) on kDLCPU,
+// kDLCUDAHost or kDLCUDA, up to kMaxDims dimensions; byte_offset is applied;
+// null strides mean row-major. InvalidArgument naming the unsupported field
+// otherwise.
 absl::StatusOr<TensorView> FromDLPack(const DLTensor& tensor);
 
 }  // namespace kvcache

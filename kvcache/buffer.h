@@ -1,7 +1,9 @@
-// Buffer owns one allocation of host, pinned host or device memory and frees it on destruction.
+// Buffer owns one allocation of host, pinned host or device memory and frees it
+// on destruction.
 //
-// Move-only; thread-compatible. A default-constructed Buffer is empty. The memory is released by the
-// deleter the allocating Device supplied, so a Buffer may outlive nothing but its Device's process.
+// Move-only; thread-compatible. A default-constructed Buffer is empty. The
+// memory is released by the deleter the allocating Device supplied, so a Buffer
+// may outlive nothing but its Device's process.
 
 #ifndef KVCACHE_KVCACHE_BUFFER_H_
 #define KVCACHE_KVCACHE_BUFFER_H_

@@ -10,7 +10,9 @@ namespace {
 
 constexpr int64_t kAlign = 256;
 
-int64_t AlignUp(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+int64_t AlignUp(int64_t bytes) {
+  return (bytes + kAlign - 1) / kAlign * kAlign;
+}
 
 struct LayerOffsets {
   int64_t value = 0;
@@ -24,11 +26,11 @@ LayerOffsets Offsets(const CacheLayout& layout) {
   const int64_t key_bytes = layout.num_blocks * layout.key_block_elems() * elem;
   const int64_t value_bytes =
       layout.num_blocks * layout.value_block_elems() * elem;
-  const int64_t scale_bytes =
-      IsQuantized(layout.cache_dtype)
-          ? layout.num_blocks * layout.scale_block_elems() *
-                static_cast<int64_t>(sizeof(float))
-          : 0;
+  const int64_t scale_bytes = IsQuantized(layout.cache_dtype)
+                                  ? layout.num_blocks *
+                                        layout.scale_block_elems() *
+                                        static_cast<int64_t>(sizeof(float))
+                                  : 0;
   LayerOffsets o;
   o.value = AlignUp(key_bytes);
   o.key_scale = o.value + AlignUp(value_bytes);

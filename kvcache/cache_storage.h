@@ -1,8 +1,10 @@
-// CacheStorage owns the K/V caches and scale caches of every layer of one KV cache, allocated once
-// on a Device and zero-initialised (scales included, so no layer ever holds garbage).
+// CacheStorage owns the K/V caches and scale caches of every layer of one KV
+// cache, allocated once on a Device and zero-initialised (scales included, so
+// no layer ever holds garbage).
 //
-// Each layer is one allocation, carved into key cache, value cache, key scales and value scales at
-// 256-byte aligned offsets. Thread-compatible: the pointers never change after Create.
+// Each layer is one allocation, carved into key cache, value cache, key scales
+// and value scales at 256-byte aligned offsets. Thread-compatible: the pointers
+// never change after Create.
 
 #ifndef KVCACHE_KVCACHE_CACHE_STORAGE_H_
 #define KVCACHE_KVCACHE_CACHE_STORAGE_H_
@@ -24,7 +26,8 @@ class CacheStorage {
   static int64_t LayerAllocationBytes(const CacheLayout& layout);
 
   // REQUIRES: `device` outlives the storage; the layout is valid.
-  // ResourceExhausted when the device cannot hold every layer (nothing stays allocated).
+  // ResourceExhausted when the device cannot hold every layer (nothing stays
+  // allocated).
   static absl::StatusOr<std::unique_ptr<CacheStorage>> Create(
       Device* device, const CacheLayout& layout, int num_layers);
 

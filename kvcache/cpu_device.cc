@@ -1,4 +1,5 @@
-// The host as a Device: plain aligned host memory, synchronous copies, no-op events.
+// The host as a Device: plain aligned host memory, synchronous copies, no-op
+// events.
 
 #include <unistd.h>
 

@@ -1,5 +1,6 @@
-// One CUDA GPU as a Device: cudaMalloc'd memory, pinned staging memory, stream-ordered copies and
-// events. Every call first makes the device current on the calling thread.
+// One CUDA GPU as a Device: cudaMalloc'd memory, pinned staging memory,
+// stream-ordered copies and events. Every call first makes the device current
+// on the calling thread.
 
 #include <cuda_runtime_api.h>
 
@@ -16,9 +17,13 @@ namespace {
 
 void FreeDevice(void* ptr) { cudaFree(ptr); }
 void FreePinned(void* ptr) { cudaFreeHost(ptr); }
-void DestroyEvent(void* event) { cudaEventDestroy(static_cast<cudaEvent_t>(event)); }
+void DestroyEvent(void* event) {
+  cudaEventDestroy(static_cast<cudaEvent_t>(event));
+}
 
-cudaStream_t AsStream(void* stream) { return static_cast<cudaStream_t>(stream); }
+cudaStream_t AsStream(void* stream) {
+  return static_cast<cudaStream_t>(stream);
+}
 cudaEvent_t AsEvent(const Event& event) {
   return static_cast<cudaEvent_t>(event.handle());
 }

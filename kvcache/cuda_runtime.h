@@ -1,7 +1,8 @@
-// Queries of the CUDA runtime that do not depend on any kernel: how many devices there are.
+// Queries of the CUDA runtime that do not depend on any kernel: how many
+// devices there are.
 //
-// Thread-safe. In a build without a CUDA toolkit every function reports "built without CUDA
-// support" as FailedPrecondition.
+// Thread-safe. In a build without a CUDA toolkit every function reports "built
+// without CUDA support" as FailedPrecondition.
 
 #ifndef KVCACHE_KVCACHE_CUDA_RUNTIME_H_
 #define KVCACHE_KVCACHE_CUDA_RUNTIME_H_
@@ -13,7 +14,8 @@ namespace kvcache {
 // True when this binary was compiled with the CUDA backend.
 bool BuiltWithCuda();
 
-// Number of visible CUDA devices; 0 when there is a driver but no device (or no driver at all).
+// Number of visible CUDA devices; 0 when there is a driver but no device (or no
+// driver at all).
 absl::StatusOr<int> CudaDeviceCount();
 
 }  // namespace kvcache

@@ -1,10 +1,12 @@
-// Device is where a KV cache's memory lives and how bytes reach it: the host (CPU backend) or one
-// CUDA GPU. It allocates owned Buffers, moves bytes between staging (pinned host) memory and device
-// memory on a caller's stream, and orders work with events.
+// Device is where a KV cache's memory lives and how bytes reach it: the host
+// (CPU backend) or one CUDA GPU. It allocates owned Buffers, moves bytes
+// between staging (pinned host) memory and device memory on a caller's stream,
+// and orders work with events.
 //
-// Thread-safe: every method may be called from any thread. Streams and events are opaque handles
-// (cudaStream_t / cudaEvent_t on CUDA, ignored on the CPU, where every operation is synchronous).
-// Every allocation goes through Allocate or AllocateStaging, so a test can make any of them fail.
+// Thread-safe: every method may be called from any thread. Streams and events
+// are opaque handles (cudaStream_t / cudaEvent_t on CUDA, ignored on the CPU,
+// where every operation is synchronous). Every allocation goes through Allocate
+// or AllocateStaging, so a test can make any of them fail.
 
 #ifndef KVCACHE_KVCACHE_DEVICE_H_
 #define KVCACHE_KVCACHE_DEVICE_H_
@@ -58,16 +60,19 @@ class Device {
   // CUDA device ordinal; 0 on the CPU.
   virtual int ordinal() const = 0;
 
-  // Memory the kernels read and write (device memory on CUDA). ResourceExhausted on failure.
+  // Memory the kernels read and write (device memory on CUDA).
+  // ResourceExhausted on failure.
   virtual absl::StatusOr<Buffer> Allocate(size_t bytes) = 0;
-  // Host memory that CopyToDeviceAsync may read without a stall (pinned on CUDA).
+  // Host memory that CopyToDeviceAsync may read without a stall (pinned on
+  // CUDA).
   virtual absl::StatusOr<Buffer> AllocateStaging(size_t bytes) = 0;
 
-  // Sets `bytes` bytes at `dst` (device memory) to zero; completes before returning.
+  // Sets `bytes` bytes at `dst` (device memory) to zero; completes before
+  // returning.
   virtual absl::Status Zero(void* dst, size_t bytes) = 0;
   // Copies host staging memory to device memory, ordered on `stream`.
-  virtual absl::Status CopyToDeviceAsync(void* dst, const void* src, size_t bytes,
-                                         void* stream) = 0;
+  virtual absl::Status CopyToDeviceAsync(void* dst, const void* src,
+                                         size_t bytes, void* stream) = 0;
   // Copies device memory to host memory; completes before returning.
   virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
 
@@ -88,8 +93,9 @@ class Device {
 // The host. Never fails to be created.
 std::unique_ptr<Device> CreateCpuDevice();
 
-// CUDA device `ordinal`. FailedPrecondition when built without CUDA support or when the host has no
-// CUDA device; InvalidArgument naming the ordinal when it is out of range.
+// CUDA device `ordinal`. FailedPrecondition when built without CUDA support or
+// when the host has no CUDA device; InvalidArgument naming the ordinal when it
+// is out of range.
 absl::StatusOr<std::unique_ptr<Device>> CreateCudaDevice(int ordinal);
 
 }  // namespace kvcache

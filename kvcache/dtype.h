@@ -1,7 +1,8 @@
-// DType names the element types of K/V inputs and caches, with their sizes and the quantization
-// limits of DESIGN.md section 3.
+// DType names the element types of K/V inputs and caches, with their sizes and
+// the quantization limits of DESIGN.md section 3.
 //
-// Plain constexpr data and functions: thread-safe, no state, no CUDA. Kernels use the same values.
+// Plain constexpr data and functions: thread-safe, no state, no CUDA. Kernels
+// use the same values.
 
 #ifndef KVCACHE_KVCACHE_DTYPE_H_
 #define KVCACHE_KVCACHE_DTYPE_H_
@@ -28,7 +29,8 @@ inline constexpr float kFp8E4M3QuantMax = 448.0f;
 // int8 codes are clamped to [kInt8Min, kInt8Max].
 inline constexpr int kInt8Min = -128;
 inline constexpr int kInt8Max = 127;
-// Lower bound of every per-(token, head) scale, so an all-zero head never divides by zero.
+// Lower bound of every per-(token, head) scale, so an all-zero head never
+// divides by zero.
 inline constexpr float kMinScale = 1e-6f;
 
 // Bytes per element.
@@ -69,13 +71,16 @@ constexpr float QuantMax(DType dtype) {
   }
 }
 
-// "float32", "float16", "bfloat16", "int8", "fp8_e4m3"; "unknown" for an invalid value.
+// "float32", "float16", "bfloat16", "int8", "fp8_e4m3"; "unknown" for an
+// invalid value.
 absl::string_view DTypeName(DType dtype);
 
-// Parses a name printed by DTypeName (also "fp32", "fp16", "bf16", "fp8"). InvalidArgument otherwise.
+// Parses a name printed by DTypeName (also "fp32", "fp16", "bf16", "fp8").
+// InvalidArgument otherwise.
 absl::StatusOr<DType> ParseDType(absl::string_view name);
 
-// True when `dtype` holds one of the enumerators (guards values cast from integers, e.g. the C API).
+// True when `dtype` holds one of the enumerators (guards values cast from
+// integers, e.g. the C API).
 bool IsValidDType(DType dtype);
 
 }  // namespace kvcache

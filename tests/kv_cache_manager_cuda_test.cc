@@ -1,5 +1,6 @@
-// The CUDA backend against the CPU backend: the same random operations on both must give
-// byte-identical caches and scales in every layer, and Gather must match the reference on CUDA too.
+// The CUDA backend against the CPU backend: the same random operations on both
+// must give byte-identical caches and scales in every layer, and Gather must
+// match the reference on CUDA too.
 
 #include <random>
 #include <vector>
@@ -22,7 +23,8 @@ std::vector<char> LayerBytes(testing::ManagerDriver& driver, int layer) {
                         ? 0
                         : view->num_blocks * view->scale_strides[0] * 4;
   std::vector<char> bytes(k + v + 2 * s);
-  EXPECT_TRUE(driver.device().CopyToHost(bytes.data(), view->key_cache, k).ok());
+  EXPECT_TRUE(
+      driver.device().CopyToHost(bytes.data(), view->key_cache, k).ok());
   EXPECT_TRUE(
       driver.device().CopyToHost(bytes.data() + k, view->value_cache, v).ok());
   if (s > 0) {

@@ -1,6 +1,7 @@
-// End to end on the CPU backend: random sequences with shared prefixes, chunked prefill, decode,
-// forks (copy-on-write) and frees, every layer appended; Gather must equal the reference
-// quantization of exactly what was appended, token by token, in every layer.
+// End to end on the CPU backend: random sequences with shared prefixes, chunked
+// prefill, decode, forks (copy-on-write) and frees, every layer appended;
+// Gather must equal the reference quantization of exactly what was appended,
+// token by token, in every layer.
 
 #include <random>
 
@@ -59,18 +60,19 @@ TEST_P(ManagerEndToEndTest, GatherEqualsReferenceOfWhatWasAppended) {
   EXPECT_EQ(m.blocks_free + m.blocks_cached + m.blocks_in_use, m.blocks_total);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Dtypes, ManagerEndToEndTest,
-    ::testing::Values(Case{DType::kInt8, 16, 16, 4},
-                      Case{DType::kFp8E4M3, 16, 16, 4},
-                      Case{DType::kInt8, 24, 8, 3},
-                      Case{DType::kBFloat16, 8, 16, 5},
-                      Case{DType::kFp8E4M3, 64, 32, 1}),
-    [](const ::testing::TestParamInfo<Case>& info) {
-      return absl::StrCat(DTypeName(info.param.cache_dtype), "_D",
-                          info.param.head_size, "_Dv", info.param.head_size_v,
-                          "_bs", info.param.block_size);
-    });
+INSTANTIATE_TEST_SUITE_P(Dtypes, ManagerEndToEndTest,
+                         ::testing::Values(Case{DType::kInt8, 16, 16, 4},
+                                           Case{DType::kFp8E4M3, 16, 16, 4},
+                                           Case{DType::kInt8, 24, 8, 3},
+                                           Case{DType::kBFloat16, 8, 16, 5},
+                                           Case{DType::kFp8E4M3, 64, 32, 1}),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return absl::StrCat(
+                               DTypeName(info.param.cache_dtype), "_D",
+                               info.param.head_size, "_Dv",
+                               info.param.head_size_v, "_bs",
+                               info.param.block_size);
+                         });
 
 }  // namespace
 }  // namespace kvcache

@@ -1,5 +1,6 @@
-// KVCacheManager on the CPU backend: config validation, every kind of bad input (each must name the
-// bad value and leave the manager exactly as it was), lookups, views, DLPack input and metrics.
+// KVCacheManager on the CPU backend: config validation, every kind of bad input
+// (each must name the bad value and leave the manager exactly as it was),
+// lookups, views, DLPack input and metrics.
 
 #include "api/kv_cache_manager.h"
 
@@ -41,7 +42,8 @@ struct KV {
     for (size_t i = 0; i < v.size(); ++i) {
       v[i] = testing::FloatToBf16(0.02f * static_cast<float>(i % 89) - 0.8f);
     }
-    key = TensorView::Contiguous(k.data(), DType::kBFloat16, {tokens, heads, d});
+    key =
+        TensorView::Contiguous(k.data(), DType::kBFloat16, {tokens, heads, d});
     value =
         TensorView::Contiguous(v.data(), DType::kBFloat16, {tokens, heads, dv});
   }
@@ -58,7 +60,8 @@ class ManagerTest : public ::testing::Test {
     manager_ = *std::move(m);
   }
 
-  // Everything observable about the manager, to compare before and after a failed call.
+  // Everything observable about the manager, to compare before and after a
+  // failed call.
   std::string Snapshot() {
     std::string s = manager_->MetricsText();
     for (SequenceId id = 0; id < 40; ++id) {
@@ -72,7 +75,8 @@ class ManagerTest : public ::testing::Test {
     return s;
   }
 
-  // Adds sequence `id` with `n` prompt tokens and writes them (one step, all layers).
+  // Adds sequence `id` with `n` prompt tokens and writes them (one step, all
+  // layers).
   void AddAndPrefill(SequenceId id, int n, int first_token = 1) {
     std::vector<TokenId> prompt(n);
     for (int i = 0; i < n; ++i) prompt[i] = first_token + i;
@@ -91,7 +95,8 @@ class ManagerTest : public ::testing::Test {
   void ExpectError(const absl::Status& status, absl::StatusCode code,
                    absl::string_view substring, const std::string& before) {
     EXPECT_EQ(status.code(), code) << status;
-    EXPECT_THAT(std::string(status.message()), HasSubstr(std::string(substring)));
+    EXPECT_THAT(std::string(status.message()),
+                HasSubstr(std::string(substring)));
     EXPECT_EQ(Snapshot(), before) << "a failed call changed the manager";
     EXPECT_TRUE(manager_->Validate().ok());
   }
@@ -141,7 +146,8 @@ TEST(ManagerConfigTest, RejectsBadConfigsByName) {
 TEST(ManagerConfigTest, CapacityFromAMemoryBudget) {
   KVCacheConfig config = SmallConfig();
   config.num_blocks = 0;
-  // One block of both layers: 2 * (4 * 2 * (16 + 8) bytes + 2 * 4 * 2 * 4 bytes of scales) = 512.
+  // One block of both layers: 2 * (4 * 2 * (16 + 8) bytes + 2 * 4 * 2 * 4 bytes
+  // of scales) = 512.
   config.memory_budget_bytes = 2 * 1024 + 100 * 512 + 10;
   absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
       KVCacheManager::Create(config);
@@ -180,8 +186,8 @@ TEST_F(ManagerTest, UnknownIdsAreNotFound) {
               absl::StatusCode::kNotFound, "plan 12345", before);
   ExpectError(manager_->Commit(12345), absl::StatusCode::kNotFound,
               "plan 12345", before);
-  ExpectError(manager_->Abort(12345), absl::StatusCode::kNotFound,
-              "plan 12345", before);
+  ExpectError(manager_->Abort(12345), absl::StatusCode::kNotFound, "plan 12345",
+              before);
 }
 
 TEST_F(ManagerTest, DuplicateIdsAndEmptyInputsAreRejected) {
@@ -281,8 +287,8 @@ TEST_F(ManagerTest, PlanLifeCycleErrors) {
   ExpectError(manager_->Fork(1, 2), absl::StatusCode::kFailedPrecondition,
               "in flight", before);
   ExpectError(manager_->Reserve({{1, {}, 1}}).status(),
-              absl::StatusCode::kFailedPrecondition, "already has a reservation",
-              before);
+              absl::StatusCode::kFailedPrecondition,
+              "already has a reservation", before);
   ASSERT_TRUE(manager_->Append(plan->id, 1, kv.key, kv.value).ok());
   ASSERT_TRUE(manager_->Commit(plan->id).ok());
   before = Snapshot();
@@ -364,8 +370,10 @@ TEST_F(ManagerTest, ForkCopiesTheSharedPartialBlockOnWrite) {
     auto view = [](std::vector<float>& x, int d) {
       return TensorView::Contiguous(x.data(), DType::kFloat32, {2, 2, d});
     };
-    ASSERT_TRUE(manager_->Gather(1, layer, 4, 2, view(k1, 16), view(v1, 8)).ok());
-    ASSERT_TRUE(manager_->Gather(2, layer, 4, 2, view(k2, 16), view(v2, 8)).ok());
+    ASSERT_TRUE(
+        manager_->Gather(1, layer, 4, 2, view(k1, 16), view(v1, 8)).ok());
+    ASSERT_TRUE(
+        manager_->Gather(2, layer, 4, 2, view(k2, 16), view(v2, 8)).ok());
     EXPECT_EQ(k1, k2);
     EXPECT_EQ(v1, v2);
   }
@@ -401,7 +409,8 @@ TEST_F(ManagerTest, BatchBlockTableAndLayerView) {
   EXPECT_EQ(layer->value_strides[0], 4 * 2 * 8);
   EXPECT_EQ(layer->scale_strides[0], 8);
   ASSERT_NE(layer->key_scale, nullptr);
-  // Scale of token 0, head 1 of sequence 1 in layer 1 is set; an untouched block's is zero.
+  // Scale of token 0, head 1 of sequence 1 in layer 1 is set; an untouched
+  // block's is zero.
   const int64_t slot0 = t1[0] * 4;
   EXPECT_GT(layer->key_scale[slot0 * 2 + 1], 0.0f);
   EXPECT_EQ(manager_->GetLayerView(2).status().code(),

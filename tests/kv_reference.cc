@@ -93,8 +93,8 @@ std::vector<float> SyntheticRow(uint64_t seed, int layer, bool is_value,
                                 uint64_t prefix_hash, int heads,
                                 int head_size) {
   std::vector<float> row(static_cast<size_t>(heads) * head_size);
-  uint64_t state = Mix(seed ^ Mix(prefix_hash ^ (static_cast<uint64_t>(layer)
-                                                 << 1 | is_value)));
+  uint64_t state = Mix(
+      seed ^ Mix(prefix_hash ^ (static_cast<uint64_t>(layer) << 1 | is_value)));
   for (float& v : row) {
     // Sum of four uniforms: roughly Gaussian, rounded to bf16.
     float sum = 0.0f;

@@ -1,5 +1,8 @@
-/* The C API, from C, using only api/kvcache_c.h: create, a prefilled and forked sequence, append,
- * gather, lookups, metrics, and error codes with messages. Exits non-zero on the first failure. */
+/* The C API, from C, using only api/kvcache_c.h: create, a prefilled and forked
+ * sequence, append, gather, lookups, metrics, and error codes with messages.
+ * Exits non-zero on the first failure. */
+
+#include "api/kvcache_c.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -7,29 +10,28 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "api/kvcache_c.h"
-
 static int failures = 0;
 
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
+#define CHECK(cond)                                                            \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
       fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                     \
-    }                                                                 \
+      ++failures;                                                              \
+    }                                                                          \
   } while (0)
 
-#define CHECK_OK(m, call)                                                       \
-  do {                                                                          \
-    kvcache_status s_ = (call);                                                 \
-    if (s_ != KVCACHE_OK) {                                                     \
-      fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call,       \
-              kvcache_status_name(s_), kvcache_last_error(m));                  \
-      ++failures;                                                               \
-    }                                                                           \
+#define CHECK_OK(m, call)                                                 \
+  do {                                                                    \
+    kvcache_status s_ = (call);                                           \
+    if (s_ != KVCACHE_OK) {                                               \
+      fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #call, \
+              kvcache_status_name(s_), kvcache_last_error(m));            \
+      ++failures;                                                         \
+    }                                                                     \
   } while (0)
 
-static kvcache_tensor tensor3(void* data, int32_t dtype, int64_t t, int64_t h, int64_t d) {
+static kvcache_tensor tensor3(void* data, int32_t dtype, int64_t t, int64_t h,
+                              int64_t d) {
   kvcache_tensor x;
   memset(&x, 0, sizeof(x));
   x.data = data;
@@ -71,7 +73,8 @@ int main(void) {
   int64_t computed = -1;
   CHECK_OK(m, kvcache_add_sequence(m, 7, prompt, T, 0, "tenant-a", &computed));
   CHECK(computed == 0);
-  CHECK(kvcache_add_sequence(m, 7, prompt, T, 0, NULL, &computed) == KVCACHE_ALREADY_EXISTS);
+  CHECK(kvcache_add_sequence(m, 7, prompt, T, 0, NULL, &computed) ==
+        KVCACHE_ALREADY_EXISTS);
   CHECK(strstr(kvcache_last_error(m), "7") != NULL);
 
   kvcache_reserve_request request = {7, T, NULL, 0};
@@ -90,9 +93,11 @@ int main(void) {
   for (int layer = 0; layer < 2; ++layer) {
     CHECK_OK(m, kvcache_append(m, plan.id, layer, &kt, &vt, NULL));
   }
-  CHECK(kvcache_append(m, plan.id, 2, &kt, &vt, NULL) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(kvcache_append(m, plan.id, 2, &kt, &vt, NULL) ==
+        KVCACHE_INVALID_ARGUMENT);
   CHECK(strstr(kvcache_last_error(m), "layer 2") != NULL);
-  CHECK(kvcache_append(m, plan.id, 0, NULL, &vt, NULL) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(kvcache_append(m, plan.id, 0, NULL, &vt, NULL) ==
+        KVCACHE_INVALID_ARGUMENT);
   CHECK_OK(m, kvcache_commit(m, plan.id));
   CHECK(kvcache_commit(m, plan.id) == KVCACHE_NOT_FOUND);
 
@@ -115,7 +120,8 @@ int main(void) {
   CHECK(length == T);
   CHECK_OK(m, kvcache_block_table(m, 7, blocks, 8, &num_blocks));
   CHECK(num_blocks == 2);
-  CHECK(kvcache_block_table(m, 7, blocks, 1, &num_blocks) == KVCACHE_OUT_OF_RANGE);
+  CHECK(kvcache_block_table(m, 7, blocks, 1, &num_blocks) ==
+        KVCACHE_OUT_OF_RANGE);
   CHECK(kvcache_sequence_length(m, 8, &length) == KVCACHE_NOT_FOUND);
   CHECK(strstr(kvcache_last_error(m), "8") != NULL);
 
@@ -130,7 +136,8 @@ int main(void) {
 
   kvcache_layer_view layer;
   CHECK_OK(m, kvcache_get_layer_view(m, 0, &layer));
-  CHECK(layer.num_blocks == 8 && layer.block_size == 4 && layer.key_scale != NULL);
+  CHECK(layer.num_blocks == 8 && layer.block_size == 4 &&
+        layer.key_scale != NULL);
   CHECK(layer.key_strides[0] == 4 * H * D);
 
   int64_t fit = 0;
@@ -144,7 +151,8 @@ int main(void) {
   CHECK(metrics.blocks_total == 8);
   CHECK(metrics.sequences == 2);
   CHECK(metrics.tokens_committed == T);
-  CHECK(metrics.blocks_free + metrics.blocks_cached + metrics.blocks_in_use == 8);
+  CHECK(metrics.blocks_free + metrics.blocks_cached + metrics.blocks_in_use ==
+        8);
   char text[4096];
   size_t n = kvcache_metrics_text(m, text, sizeof(text));
   CHECK(n > 0 && n < sizeof(text));

@@ -19,8 +19,8 @@ absl::StatusOr<std::unique_ptr<ManagerDriver>> ManagerDriver::Create(
     const KVCacheConfig& config, uint64_t data_seed, uint64_t op_seed) {
   std::unique_ptr<ManagerDriver> d(
       new ManagerDriver(config, data_seed, op_seed));
-  d->head_size_v_ = config.head_size_v != 0 ? config.head_size_v
-                                            : config.head_size;
+  d->head_size_v_ =
+      config.head_size_v != 0 ? config.head_size_v : config.head_size;
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
       KVCacheManager::Create(config);
   if (!manager.ok()) return manager.status();
@@ -35,8 +35,8 @@ absl::StatusOr<std::unique_ptr<ManagerDriver>> ManagerDriver::Create(
   }
   // A few shared prefixes, some longer than several blocks.
   for (int i = 0; i < 4; ++i) {
-    std::vector<int32_t> prefix(std::uniform_int_distribution<int>(
-        1, 5 * config.block_size)(d->rng_));
+    std::vector<int32_t> prefix(
+        std::uniform_int_distribution<int>(1, 5 * config.block_size)(d->rng_));
     for (int32_t& t : prefix) {
       t = std::uniform_int_distribution<int32_t>(0, 50000)(d->rng_);
     }
@@ -54,9 +54,9 @@ void ManagerDriver::PushToken(Sequence& seq, int32_t token) {
 std::vector<float> ManagerDriver::Expected(const Sequence& seq, int64_t pos,
                                            int layer, bool is_value) const {
   const int d = is_value ? head_size_v_ : config_.head_size;
-  std::vector<float> row = SyntheticRow(data_seed_, layer, is_value,
-                                        seq.prefix_hash[pos],
-                                        config_.num_kv_heads, d);
+  std::vector<float> row =
+      SyntheticRow(data_seed_, layer, is_value, seq.prefix_hash[pos],
+                   config_.num_kv_heads, d);
   std::vector<float> out;
   out.reserve(row.size());
   for (int h = 0; h < config_.num_kv_heads; ++h) {
@@ -94,10 +94,9 @@ absl::Status ManagerDriver::Add() {
       manager_->AddSequence(id, seq.tokens, ExtraKey{});
   if (!computed.ok()) return computed.status();
   if (*computed >= static_cast<int64_t>(seq.tokens.size())) {
-    return absl::InternalError(absl::StrCat("sequence ", id, " of ",
-                                            seq.tokens.size(),
-                                            " tokens reported ", *computed,
-                                            " computed"));
+    return absl::InternalError(
+        absl::StrCat("sequence ", id, " of ", seq.tokens.size(),
+                     " tokens reported ", *computed, " computed"));
   }
   seq.computed = *computed;
   counts_.prefix_hit_tokens += *computed;
@@ -128,7 +127,8 @@ absl::Status ManagerDriver::Step() {
   // A random subset of the sequences, in id order.
   std::vector<ReserveRequest> batch;
   std::vector<int64_t> ids;
-  std::vector<std::pair<int64_t, int64_t>> rows;  // (sequence, position) per token.
+  std::vector<std::pair<int64_t, int64_t>>
+      rows;  // (sequence, position) per token.
   for (auto& [id, seq] : sequences_) {
     if (std::uniform_int_distribution<int>(0, 2)(rng_) == 0) continue;
     ReserveRequest request;
@@ -182,17 +182,19 @@ absl::Status ManagerDriver::AppendLayer(
   const int64_t t = static_cast<int64_t>(rows.size());
   const int64_t k_row = static_cast<int64_t>(heads) * config_.head_size;
   const int64_t v_row = static_cast<int64_t>(heads) * head_size_v_;
-  // K and V interleaved in one buffer per token, like a fused QKV output: K then V then padding.
+  // K and V interleaved in one buffer per token, like a fused QKV output: K
+  // then V then padding.
   const int64_t stride = k_row + v_row + 8;
   std::vector<uint16_t> host(t * stride, 0xffff);
   for (int64_t i = 0; i < t; ++i) {
     const Sequence& seq = sequences_[rows[i].first];
     const uint64_t hash = seq.prefix_hash[rows[i].second];
-    std::vector<float> k = SyntheticRow(data_seed_, layer, false, hash, heads,
-                                        config_.head_size);
-    std::vector<float> v = SyntheticRow(data_seed_, layer, true, hash, heads,
-                                        head_size_v_);
-    for (int64_t j = 0; j < k_row; ++j) host[i * stride + j] = FloatToBf16(k[j]);
+    std::vector<float> k =
+        SyntheticRow(data_seed_, layer, false, hash, heads, config_.head_size);
+    std::vector<float> v =
+        SyntheticRow(data_seed_, layer, true, hash, heads, head_size_v_);
+    for (int64_t j = 0; j < k_row; ++j)
+      host[i * stride + j] = FloatToBf16(k[j]);
     for (int64_t j = 0; j < v_row; ++j) {
       host[i * stride + k_row + j] = FloatToBf16(v[j]);
     }
@@ -200,21 +202,20 @@ absl::Status ManagerDriver::AppendLayer(
   const size_t bytes = host.size() * sizeof(uint16_t);
   absl::StatusOr<Buffer> buffer = device_->Allocate(bytes);
   if (!buffer.ok()) return buffer.status();
-  if (absl::Status s =
-          device_->CopyToDeviceAsync(buffer->data(), host.data(), bytes, nullptr);
+  if (absl::Status s = device_->CopyToDeviceAsync(buffer->data(), host.data(),
+                                                  bytes, nullptr);
       !s.ok()) {
     return s;
   }
-  const MemoryKind memory = config_.backend == Backend::kCuda
-                                ? MemoryKind::kCuda
-                                : MemoryKind::kHost;
+  const MemoryKind memory =
+      config_.backend == Backend::kCuda ? MemoryKind::kCuda : MemoryKind::kHost;
   TensorView key = TensorView::Contiguous(buffer->data(), DType::kBFloat16,
-                                          {t, heads, config_.head_size},
-                                          memory, config_.device);
+                                          {t, heads, config_.head_size}, memory,
+                                          config_.device);
   key.strides[0] = stride;
-  TensorView value = TensorView::Contiguous(
-      buffer->as<uint16_t>() + k_row, DType::kBFloat16,
-      {t, heads, head_size_v_}, memory, config_.device);
+  TensorView value =
+      TensorView::Contiguous(buffer->as<uint16_t>() + k_row, DType::kBFloat16,
+                             {t, heads, head_size_v_}, memory, config_.device);
   value.strides[0] = stride;
   // Append in two pieces to exercise partial appends.
   const int64_t first = t / 2;
@@ -237,9 +238,8 @@ absl::Status ManagerDriver::AppendLayer(
 
 absl::Status ManagerDriver::VerifyAll() {
   const int heads = config_.num_kv_heads;
-  const MemoryKind memory = config_.backend == Backend::kCuda
-                                ? MemoryKind::kCuda
-                                : MemoryKind::kHost;
+  const MemoryKind memory =
+      config_.backend == Backend::kCuda ? MemoryKind::kCuda : MemoryKind::kHost;
   for (const auto& [id, seq] : sequences_) {
     if (seq.computed == 0) continue;
     absl::StatusOr<int64_t> length = manager_->SequenceLength(id);
@@ -259,10 +259,9 @@ absl::Status ManagerDriver::VerifyAll() {
       TensorView k = TensorView::Contiguous(out->data(), DType::kFloat32,
                                             {t, heads, config_.head_size},
                                             memory, config_.device);
-      TensorView v = TensorView::Contiguous(out->as<float>() + k_elems,
-                                            DType::kFloat32,
-                                            {t, heads, head_size_v_}, memory,
-                                            config_.device);
+      TensorView v = TensorView::Contiguous(
+          out->as<float>() + k_elems, DType::kFloat32, {t, heads, head_size_v_},
+          memory, config_.device);
       if (absl::Status s = manager_->Gather(id, layer, 0, t, k, v); !s.ok()) {
         return s;
       }
@@ -274,17 +273,18 @@ absl::Status ManagerDriver::VerifyAll() {
       }
       for (int64_t pos = 0; pos < t; ++pos) {
         for (bool is_value : {false, true}) {
-          const std::vector<float> expected = Expected(seq, pos, layer, is_value);
+          const std::vector<float> expected =
+              Expected(seq, pos, layer, is_value);
           const float* got = host.data() + (is_value ? k_elems : 0) +
                              pos * static_cast<int64_t>(expected.size());
           if (std::memcmp(got, expected.data(),
                           expected.size() * sizeof(float)) != 0) {
             size_t j = 0;
             while (got[j] == expected[j]) ++j;
-            return absl::InternalError(absl::StrCat(
-                "sequence ", id, " layer ", layer, " token ", pos,
-                is_value ? " V" : " K", " element ", j, ": got ", got[j],
-                ", expected ", expected[j]));
+            return absl::InternalError(
+                absl::StrCat("sequence ", id, " layer ", layer, " token ", pos,
+                             is_value ? " V" : " K", " element ", j, ": got ",
+                             got[j], ", expected ", expected[j]));
           }
         }
       }

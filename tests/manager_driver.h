@@ -1,7 +1,8 @@
-// Test-only driver of a KVCacheManager: random sequences with shared prefixes, chunked prefill,
-// decode steps, forks and frees, every layer appended with synthetic K/V that is a function of the
-// token prefix (so prefix-cache hits must read back the same data), and a reference model to check
-// Gather against, token by token, in every layer.
+// Test-only driver of a KVCacheManager: random sequences with shared prefixes,
+// chunked prefill, decode steps, forks and frees, every layer appended with
+// synthetic K/V that is a function of the token prefix (so prefix-cache hits
+// must read back the same data), and a reference model to check Gather against,
+// token by token, in every layer.
 
 #ifndef KVCACHE_TESTS_MANAGER_DRIVER_H_
 #define KVCACHE_TESTS_MANAGER_DRIVER_H_
@@ -25,15 +26,16 @@ class ManagerDriver {
     int64_t prefix_hit_tokens = 0, block_copies = 0;
   };
 
-  // `data_seed` seeds the synthetic K/V; `op_seed` the sequence of operations. REQUIRES: the
-  // config's input dtype is bfloat16.
+  // `data_seed` seeds the synthetic K/V; `op_seed` the sequence of operations.
+  // REQUIRES: the config's input dtype is bfloat16.
   static absl::StatusOr<std::unique_ptr<ManagerDriver>> Create(
       const KVCacheConfig& config, uint64_t data_seed, uint64_t op_seed);
 
-  // One random operation (add, step, fork or free). Any unexpected status is returned.
+  // One random operation (add, step, fork or free). Any unexpected status is
+  // returned.
   absl::Status RandomOp();
-  // Gathers every committed token of every sequence in every layer and compares it with the
-  // reference. Returns a description of the first mismatch.
+  // Gathers every committed token of every sequence in every layer and compares
+  // it with the reference. Returns a description of the first mismatch.
   absl::Status VerifyAll();
 
   KVCacheManager& manager() { return *manager_; }
@@ -42,8 +44,8 @@ class ManagerDriver {
 
  private:
   struct Sequence {
-    std::vector<int32_t> tokens;         // Known tokens.
-    std::vector<uint64_t> prefix_hash;   // Per known token.
+    std::vector<int32_t> tokens;        // Known tokens.
+    std::vector<uint64_t> prefix_hash;  // Per known token.
     int64_t computed = 0;
   };
 

@@ -1,0 +1,28 @@
+// KVCacheManagerTestPeer: test seams of KVCacheManager. Not for engines.
+//
+// CreateWithDevice builds a manager on a caller-supplied Device (e.g. one that
+// fails chosen allocations), so tests can reach every allocation point at
+// Create and during operation.
+
+#ifndef KVCACHE_API_KV_CACHE_MANAGER_TEST_PEER_H_
+#define KVCACHE_API_KV_CACHE_MANAGER_TEST_PEER_H_
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "api/kv_cache_manager.h"
+#include "kvcache/device.h"
+
+namespace kvcache {
+
+class KVCacheManagerTestPeer {
+ public:
+  // Like KVCacheManager::Create, on `device` instead of the config's backend
+  // (whose memory kind must still match `device`'s kind).
+  static absl::StatusOr<std::unique_ptr<KVCacheManager>> CreateWithDevice(
+      const KVCacheConfig& config, std::unique_ptr<Device> device);
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_API_KV_CACHE_MANAGER_TEST_PEER_H_

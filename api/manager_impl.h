@@ -1,0 +1,108 @@
+// KVCacheManager::Impl: the state behind a KVCacheManager (device, cache
+// storage, block manager, step buffers, plans in flight, counters) and the
+// operations that touch more than one of them. Internal to api/. Guarded by
+// mu_: every member function here REQUIRES the caller to hold it, except Init,
+// which runs before the manager is shared.
+
+#ifndef KVCACHE_API_MANAGER_IMPL_H_
+#define KVCACHE_API_MANAGER_IMPL_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "allocator/block_manager.h"
+#include "api/kv_cache_manager.h"
+#include "api/step_buffers.h"
+#include "kernels/kernel_params.h"
+#include "kvcache/cache_storage.h"
+#include "kvcache/device.h"
+
+namespace kvcache {
+namespace internal {
+
+// Chooses the CPU or CUDA implementation of each kernel.
+class Kernels {
+ public:
+  explicit Kernels(DeviceKind kind) : cuda_(kind == DeviceKind::kCuda) {}
+  absl::Status QuantizeWrite(const QuantizeWriteParams& p, void* stream) const;
+  absl::Status Gather(const GatherParams& p, void* stream) const;
+  absl::Status BlockCopy(const BlockCopyParams& p, void* stream) const;
+
+ private:
+  bool cuda_;
+};
+
+// Prefixes a status's message with `context`.
+absl::Status Annotate(const absl::Status& status, absl::string_view context);
+
+}  // namespace internal
+
+class KVCacheManager::Impl {
+ public:
+  struct PlanState {
+    int slot = 0;
+    int64_t num_tokens = 0;
+    std::vector<SequenceId> sequences;
+    std::vector<int64_t> appended;  // Per layer.
+    int64_t num_copies = 0;
+  };
+
+  Impl(const KVCacheConfig& config, std::unique_ptr<Device> device)
+      : config_(config),
+        device_(std::move(device)),
+        kernels_(device_->kind()) {}
+
+  absl::Status Init();
+
+  KVCacheConfig config_;
+  std::unique_ptr<Device> device_;
+  internal::Kernels kernels_;
+  CacheLayout layout_;
+  int64_t table_cols_ = 0;
+  std::unique_ptr<CacheStorage> storage_;
+
+  mutable std::mutex mu_;
+  std::unique_ptr<BlockManager> blocks_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<internal::StepBuffers> steps_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, PlanState> plans_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<SequenceId, uint64_t> sequence_plan_ ABSL_GUARDED_BY(mu_);
+  // Batch block table: int32 [max_sequences, table_cols_] then int32 seq_lens
+  // [max_sequences].
+  Buffer table_staging_ ABSL_GUARDED_BY(mu_);
+  Buffer table_device_ ABSL_GUARDED_BY(mu_);
+  Event table_uploaded_ ABSL_GUARDED_BY(mu_);
+  // One sequence's block table for Gather.
+  Buffer gather_staging_ ABSL_GUARDED_BY(mu_);
+  Buffer gather_device_ ABSL_GUARDED_BY(mu_);
+  MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);
+
+  MemoryKind memory_kind() const {
+    return device_->kind() == DeviceKind::kCuda ? MemoryKind::kCuda
+                                                : MemoryKind::kHost;
+  }
+  absl::Status CheckLayer(int layer) const {
+    if (layer < 0 || layer >= config_.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "layer ", layer, " out of range [0, ", config_.num_layers, ")"));
+    }
+    return absl::OkStatus();
+  }
+  absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<PlanState*> FindPlan(uint64_t plan_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleasePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
+                      const TensorView& value, void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_API_MANAGER_IMPL_H_

@@ -1,25 +1,22 @@
-// CacheLayout describes one layer's paged K/V cache (DESIGN.md section 2) and computes every offset
-// into it. The CPU and CUDA kernels both use these helpers, so the layout lives in this header alone.
+// CacheLayout describes one layer's paged K/V cache (DESIGN.md section 2) and
+// computes every offset into it. The CPU and CUDA kernels both use these
+// helpers, so the layout lives in this header alone.
 //
 //   key_cache    [num_blocks, block_size, num_heads, head_size]
 //   value_cache  [num_blocks, block_size, num_heads, head_size_v]
-//   key_scale    [num_blocks, block_size, num_heads]   float32 (quantized caches only)
-//   value_scale  [num_blocks, block_size, num_heads]
+//   key_scale    [num_blocks, block_size, num_heads]   float32 (quantized
+//   caches only) value_scale  [num_blocks, block_size, num_heads]
 //
-// A slot is block_id * block_size + offset. Plain value type; thread-compatible.
+// A slot is block_id * block_size + offset. Plain value type;
+// thread-compatible.
 
 #ifndef KVCACHE_KERNELS_CACHE_LAYOUT_H_
 #define KVCACHE_KERNELS_CACHE_LAYOUT_H_
 
 #include <cstdint>
 
+#include "kernels/host_device.h"
 #include "kvcache/dtype.h"
-
-#if defined(__CUDACC__)
-#define KVCACHE_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define KVCACHE_HOST_DEVICE inline
-#endif
 
 namespace kvcache {
 
@@ -31,10 +28,16 @@ struct CacheLayout {
   int64_t head_size_v = 0;  // V elements per (token, head).
   DType cache_dtype = DType::kInt8;
 
-  KVCACHE_HOST_DEVICE int64_t num_slots() const { return num_blocks * block_size; }
+  KVCACHE_HOST_DEVICE int64_t num_slots() const {
+    return num_blocks * block_size;
+  }
   // Elements of one K (V) slot: all heads of one token.
-  KVCACHE_HOST_DEVICE int64_t key_slot_elems() const { return num_heads * head_size; }
-  KVCACHE_HOST_DEVICE int64_t value_slot_elems() const { return num_heads * head_size_v; }
+  KVCACHE_HOST_DEVICE int64_t key_slot_elems() const {
+    return num_heads * head_size;
+  }
+  KVCACHE_HOST_DEVICE int64_t value_slot_elems() const {
+    return num_heads * head_size_v;
+  }
   // Element offset of (slot, head, 0) in the K (V) cache.
   KVCACHE_HOST_DEVICE int64_t key_offset(int64_t slot, int64_t head) const {
     return (slot * num_heads + head) * head_size;
@@ -58,11 +61,13 @@ struct CacheLayout {
   }
 };
 
-// Total bytes of one layer's K cache, V cache and (for quantized dtypes) both scale caches.
+// Total bytes of one layer's K cache, V cache and (for quantized dtypes) both
+// scale caches.
 inline int64_t LayerBytes(const CacheLayout& layout) {
   const int64_t elem = static_cast<int64_t>(DTypeSize(layout.cache_dtype));
   int64_t bytes = layout.num_blocks *
-                  (layout.key_block_elems() + layout.value_block_elems()) * elem;
+                  (layout.key_block_elems() + layout.value_block_elems()) *
+                  elem;
   if (IsQuantized(layout.cache_dtype)) {
     bytes += 2 * layout.num_blocks * layout.scale_block_elems() *
              static_cast<int64_t>(sizeof(float));

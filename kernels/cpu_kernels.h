@@ -1,6 +1,7 @@
-// CPU implementations of the cache kernels: bit-identical to the CUDA ones (DESIGN.md section 3),
-// multi-threaded when the work is large. Each validates its parameters first and returns
-// InvalidArgument naming the bad value; on error nothing is written.
+// CPU implementations of the cache kernels: bit-identical to the CUDA ones
+// (DESIGN.md section 3), multi-threaded when the work is large. Each validates
+// its parameters first and returns InvalidArgument naming the bad value; on
+// error nothing is written.
 //
 // Thread-safe for calls on disjoint outputs. All pointers are host pointers.
 

@@ -1,9 +1,12 @@
-// CUDA launchers of the cache kernels. Each validates its parameters (InvalidArgument naming the bad
-// value), dispatches on dtype and head size, sizes the grid, launches on `stream` (a cudaStream_t;
-// nullptr is the default stream) and checks the launch (Internal on a CUDA error). All pointers are
-// device pointers; launches are asynchronous. This header includes no CUDA header.
+// CUDA launchers of the cache kernels. Each validates its parameters
+// (InvalidArgument naming the bad value), dispatches on dtype and head size,
+// sizes the grid, launches on `stream` (a cudaStream_t; nullptr is the default
+// stream) and checks the launch (Internal on a CUDA error). All pointers are
+// device pointers; launches are asynchronous. This header includes no CUDA
+// header.
 //
-// In a build without CUDA every launcher returns FailedPrecondition("... built without CUDA ...").
+// In a build without CUDA every launcher returns FailedPrecondition("... built
+// without CUDA ...").
 
 #ifndef KVCACHE_KERNELS_CUDA_KERNELS_H_
 #define KVCACHE_KERNELS_CUDA_KERNELS_H_

@@ -4,7 +4,8 @@
 namespace kvcache::testing {
 
 absl::Status AddOneOnDevice(std::vector<int>&) {
-  return absl::FailedPreconditionError("kvcache was built without CUDA support");
+  return absl::FailedPreconditionError(
+      "kvcache was built without CUDA support");
 }
 
 }  // namespace kvcache::testing

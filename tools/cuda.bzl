@@ -44,16 +44,21 @@ def cuda_library(name, srcs, hdrs = [], deps = [], stub_srcs = [], nvcc_hdrs = [
             cc_srcs.append(src)
             continue
         obj = "_objs_cuda/{}/{}.o".format(name, src[:-3])
+        cmd = ("{nvcc} -O3 -std=c++17 -Xcompiler=-fPIC,-Wall -Werror=all-warnings -diag-suppress=2810 " +
+               "{gencode} -I. -I$(GENDIR) {{defines}}-c $(location {src}) -o $@").format(
+            nvcc = NVCC,
+            gencode = _gencode_flags(),
+            src = src,
+        )
         native.genrule(
             name = "{}_{}_nvcc".format(name, src[:-3].replace("/", "_")),
             srcs = [src] + hdrs + nvcc_hdrs + ["@local_cuda//:cuda_headers"],
             outs = [obj],
-            cmd = ("{nvcc} -O3 -std=c++17 -Xcompiler=-fPIC,-Wall -Werror=all-warnings -diag-suppress=2810 " +
-                   "{gencode} -I. -I$(GENDIR) -c $(location {src}) -o $@").format(
-                nvcc = NVCC,
-                gencode = _gencode_flags(),
-                src = src,
-            ),
+            # Like the host compiler under -c opt, nvcc drops assert() and debug-only checks.
+            cmd = select({
+                "//tools:opt": cmd.format(defines = "-DNDEBUG "),
+                "//conditions:default": cmd.format(defines = ""),
+            }),
             message = "nvcc " + src,
             testonly = kwargs.get("testonly", False),
         )

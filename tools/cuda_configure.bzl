@@ -2,7 +2,9 @@
 
 Search order: $CUDA_PATH, /usr/local/cuda, then the directory of `nvcc` on $PATH. The generated
 repository holds:
-  //:cuda_runtime   headers plus static cudart (empty when no toolkit was found)
+  //:cuda_runtime   headers plus static cudart, KVCACHE_HAVE_CUDA_RUNTIME=1 (empty when no toolkit)
+  //:cuda_headers_lib  the toolkit's headers only, with KVCACHE_HAVE_CUDA_HEADERS=1, for host code
+                       that uses host-callable CUDA headers such as cuda_fp8.h (empty without one)
   //:defs.bzl       CUDA_AVAILABLE, NVCC, CUDA_ARCHS
 The architecture list defaults to 80,89,90 (native code for each, plus PTX for the newest) and is
 overridden from the command line with --repo_env=KVCACHE_CUDA_ARCHS=90 (comma separated).
@@ -31,6 +33,8 @@ def _cuda_configure_impl(ctx):
 package(default_visibility = ["//visibility:public"])
 # No CUDA toolkit was found: the CUDA backend is built as a stub.
 cc_library(name = "cuda_runtime")
+cc_library(name = "cuda_headers_lib")
+filegroup(name = "cuda_headers")
 """)
         ctx.file("defs.bzl", "CUDA_AVAILABLE = False\nNVCC = \"\"\nCUDA_ARCHS = []\n")
         return
@@ -49,6 +53,16 @@ cc_library(
     hdrs = glob(["include/**/*.h", "include/**/*.hpp"]),
     includes = ["include"],
     linkopts = ["-ldl", "-lrt", "-lpthread"],
+    # Host code that calls the runtime directly (GPU tests, benchmarks) compiles only with this.
+    defines = ["KVCACHE_HAVE_CUDA_RUNTIME=1"],
+)
+
+# Headers only (no cudart): host code may include host-callable headers such as cuda_fp8.h.
+cc_library(
+    name = "cuda_headers_lib",
+    hdrs = glob(["include/**/*.h", "include/**/*.hpp", "include/nv/**"]),
+    includes = ["include"],
+    defines = ["KVCACHE_HAVE_CUDA_HEADERS=1"],
 )
 
 filegroup(

@@ -1,0 +1,98 @@
+// Host launcher of quantize-and-write: validate, dispatch, size the grid, check
+// the launch.
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kernels/cuda_check.h"
+#include "kernels/cuda_kernels.h"
+#include "kernels/cuda_util.cuh"
+#include "kernels/dtype_dispatch.h"
+#include "kernels/kernel_validation.h"
+#include "kernels/quantize_write.cuh"
+
+namespace kvcache {
+namespace {
+
+using internal::kThreadsPerBlock;
+
+template <class In>
+bool CanVectorize(const QuantizeWriteParams& p) {
+  const int64_t elem = sizeof(typename In::T);
+  const CacheLayout& layout = p.cache.layout;
+  return internal::RowsAligned16(p.input.key, elem, p.num_tokens,
+                                 layout.num_heads, p.input.key_token_stride,
+                                 p.input.key_head_stride) &&
+         internal::RowsAligned16(p.input.value, elem, p.num_tokens,
+                                 layout.num_heads, p.input.value_token_stride,
+                                 p.input.value_head_stride) &&
+         internal::IsAligned16(p.cache.key_cache) &&
+         internal::IsAligned16(p.cache.value_cache);
+}
+
+template <class In, class Cache>
+absl::Status Launch(const QuantizeWriteParams& p, cudaStream_t stream) {
+  const CacheLayout& layout = p.cache.layout;
+  const int64_t rows = p.num_tokens * layout.num_heads;
+  if (CanVectorize<In>(p)) {
+    constexpr int64_t kElems = 16 / sizeof(typename In::T);
+    const int64_t vectors =
+        std::max(layout.head_size, layout.head_size_v) / kElems;
+    return internal::DispatchRowConfig(
+        vectors, [&](auto group, auto vecs) -> absl::Status {
+          constexpr int kGroup = decltype(group)::value;
+          constexpr int kVecs = decltype(vecs)::value;
+          absl::StatusOr<int64_t> blocks =
+              internal::GridSize(rows, kThreadsPerBlock / kGroup);
+          if (!blocks.ok()) return blocks.status();
+          internal::QuantizeWriteVecKernel<In, Cache, kGroup, kVecs>
+              <<<static_cast<unsigned>(*blocks), kThreadsPerBlock, 0, stream>>>(
+                  p);
+          KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+          return absl::OkStatus();
+        });
+  }
+  absl::StatusOr<int64_t> blocks =
+      internal::GridSize(rows, kThreadsPerBlock / 32);
+  if (!blocks.ok()) return blocks.status();
+  internal::QuantizeWriteScalarKernel<In, Cache>
+      <<<static_cast<unsigned>(*blocks), kThreadsPerBlock, 0, stream>>>(p);
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status QuantizeWriteCuda(const QuantizeWriteParams& params,
+                               void* stream) {
+  KVCACHE_RETURN_IF_ERROR(internal::ValidateQuantizeWrite(params));
+  if (params.num_tokens == 0) return absl::OkStatus();
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+#ifndef NDEBUG
+  std::vector<int64_t> slots;
+  KVCACHE_RETURN_IF_ERROR(internal::CopyForDebugCheck(
+      params.slot_mapping, params.num_tokens, s, &slots));
+  KVCACHE_RETURN_IF_ERROR(internal::CheckSlotIndices(
+      slots.data(), static_cast<int64_t>(slots.size()),
+      params.cache.layout.num_slots(), "slot_mapping"));
+#endif
+  return internal::DispatchFloatType(params.input.dtype, "input", [&](auto in) {
+    return internal::DispatchCacheType(
+        params.cache.layout.cache_dtype, [&](auto cache) {
+          using In = decltype(in);
+          using Cache = decltype(cache);
+          if constexpr (internal::kIsSupportedWrite<In, Cache>) {
+            return Launch<In, Cache>(params, s);
+          } else {
+            return absl::InternalError(
+                "unsupported input/cache dtype pair passed validation");
+          }
+        });
+  });
+}
+
+}  // namespace kvcache

@@ -1,0 +1,253 @@
+// CPU kernels against the independent scalar reference of
+// tests/kernel_reference.h, bit for bit, over the head-size x heads x
+// block-size matrix, every dtype pair, strided and unaligned inputs, padding
+// slots and special heads (zero, huge, NaN, Inf). Inputs are fresh random each
+// run; the seed is printed (rerun with KVCACHE_TEST_SEED=<seed>).
+
+#include "kernels/cpu_kernels.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/kernel_reference.h"
+#include "tests/kernel_test_util.h"
+
+namespace kvcache::testing {
+namespace {
+
+uint64_t Seed() {
+  static const uint64_t seed = [] {
+    const uint64_t s = TestSeed();
+    std::printf("cpu_kernels_test seed: KVCACHE_TEST_SEED=%llu\n",
+                static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return seed;
+}
+
+// Index of the first differing byte, or -1.
+int64_t FirstDiff(const void* a, const void* b, size_t n) {
+  const uint8_t* x = static_cast<const uint8_t*>(a);
+  const uint8_t* y = static_cast<const uint8_t*>(b);
+  for (size_t i = 0; i < n; ++i) {
+    if (x[i] != y[i]) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+// Runs write + both gathers of one case on the CPU and compares each with the
+// reference.
+void CheckCase(const CaseConfig& config, std::mt19937_64& rng) {
+  SCOPED_TRACE(config.Name());
+  HostCase hc = MakeCase(config, rng);
+  const ref::Caches want = ref::QuantizeWrite(hc);
+  ref::Caches got{hc.key_cache, hc.value_cache, hc.key_scale, hc.value_scale};
+  std::vector<uint8_t> input = hc.input;
+  const bool quantized = IsQuantized(config.cache_dtype);
+  QuantizeWriteParams p = hc.Params(
+      input.data(), hc.slots.data(), got.key_cache.data(),
+      got.value_cache.data(), quantized ? got.key_scale.data() : nullptr,
+      quantized ? got.value_scale.data() : nullptr);
+  ASSERT_TRUE(QuantizeWriteCpu(p).ok());
+  ASSERT_EQ(FirstDiff(got.key_cache.data(), want.key_cache.data(),
+                      want.key_cache.size()),
+            -1);
+  ASSERT_EQ(FirstDiff(got.value_cache.data(), want.value_cache.data(),
+                      want.value_cache.size()),
+            -1);
+  ASSERT_EQ(FirstDiff(got.key_scale.data(), want.key_scale.data(),
+                      want.key_scale.size() * 4),
+            -1);
+  ASSERT_EQ(FirstDiff(got.value_scale.data(), want.value_scale.data(),
+                      want.value_scale.size() * 4),
+            -1);
+
+  const DType outs[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  for (int variant = 0; variant < 3; ++variant) {
+    const DType out = outs[(variant + rng() % 3) % 3];
+    GatherCase g = MakeGatherCase(hc, out, variant, rng);
+    SCOPED_TRACE(::testing::Message()
+                 << "gather variant " << variant << " out " << DTypeName(out));
+    const std::vector<uint8_t> expected = ref::Gather(hc, want, g);
+    LayerCache cache = p.cache;
+    GatherParams gp =
+        g.Params(cache, g.output.data(), g.slots.data(), g.block_table.data());
+    ASSERT_TRUE(GatherCpu(gp).ok());
+    ASSERT_EQ(FirstDiff(g.output.data(), expected.data(), expected.size()), -1);
+  }
+}
+
+class CpuKernelMatrixTest
+    : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, int64_t>> {};
+
+TEST_P(CpuKernelMatrixTest, WriteAndGatherMatchReference) {
+  const auto [d, heads, block_size] = GetParam();
+  std::mt19937_64 rng(Seed() ^ (d * 1000003 + heads * 101 + block_size));
+  const int64_t dv = block_size == 16 ? d : OtherHeadSize(d);
+  int i = 0;
+  for (const DTypePair& pair : WriteDTypePairs()) {
+    CaseConfig c;
+    c.head_size = d;
+    c.head_size_v = dv;
+    c.num_heads = heads;
+    c.block_size = block_size;
+    c.num_tokens = TokensFor(heads, d, dv, 120000);
+    c.input_dtype = pair.input;
+    c.cache_dtype = pair.cache;
+    c.layout = static_cast<InputLayout>((i++ + d / 8) % 4);
+    CheckCase(c, rng);
+    if (HasFatalFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Matrix, CpuKernelMatrixTest,
+    ::testing::Combine(::testing::ValuesIn(MatrixHeadSizes()),
+                       ::testing::Values(1, 8, 32),
+                       ::testing::Values(1, 16, 64)),
+    [](const auto& info) {
+      return "D" + std::to_string(std::get<0>(info.param)) + "_H" +
+             std::to_string(std::get<1>(info.param)) + "_bs" +
+             std::to_string(std::get<2>(info.param));
+    });
+
+TEST(CpuKernelsTest, LargeWriteUsesThreadsAndMatchesReference) {
+  std::mt19937_64 rng(Seed() + 1);
+  CaseConfig c;
+  c.num_tokens =
+      2048;  // 2048 * 8 * 256 = 4M elements: above the threading threshold.
+  c.specials = true;
+  CheckCase(c, rng);
+}
+
+// NaN and Inf stay in their own head: every other head of the token is finite
+// and exact.
+TEST(CpuKernelsTest, NonFiniteHeadsAreConfined) {
+  std::mt19937_64 rng(Seed() + 2);
+  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+    CaseConfig c;
+    c.num_tokens = 4;
+    c.num_heads = 8;
+    c.cache_dtype = cache;
+    c.specials = false;
+    c.padding = 0;
+    HostCase hc = MakeCase(c, rng);
+    // Token 1: head 2 holds a NaN, head 5 an infinity (K only).
+    auto poke = [&](int64_t h, int64_t i, float v) {
+      StoreAs(c.input_dtype, v,
+              const_cast<uint8_t*>(hc.Row(true, 1, h)) + i * 2);
+    };
+    poke(2, 7, std::nanf(""));
+    poke(5, 0, INFINITY);
+    const ref::Caches want = ref::QuantizeWrite(hc);
+    QuantizeWriteParams p = hc.Params(
+        hc.input.data(), hc.slots.data(), hc.key_cache.data(),
+        hc.value_cache.data(), hc.key_scale.data(), hc.value_scale.data());
+    ASSERT_TRUE(QuantizeWriteCpu(p).ok());
+    EXPECT_EQ(FirstDiff(hc.key_cache.data(), want.key_cache.data(),
+                        want.key_cache.size()),
+              -1);
+    const int64_t slot = hc.slots[1];
+    for (int64_t h = 0; h < 8; ++h) {
+      const float s = hc.key_scale[slot * 8 + h];
+      if (h == 2) {
+        EXPECT_TRUE(std::isnan(s));
+      } else if (h == 5) {
+        EXPECT_TRUE(std::isinf(s));
+      } else {
+        EXPECT_TRUE(std::isfinite(s)) << "head " << h;
+      }
+      EXPECT_TRUE(std::isfinite(hc.value_scale[slot * 8 + h])) << "head " << h;
+    }
+  }
+}
+
+// Gaussian input: gather after write is within the quantization error of
+// DESIGN.md.
+TEST(CpuKernelsTest, RoundTripErrorIsBounded) {
+  std::mt19937_64 rng(Seed() + 3);
+  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+    CaseConfig c;
+    c.num_tokens = 256;
+    c.cache_dtype = cache;
+    c.specials = false;
+    c.padding = 0;
+    c.gaussian = true;
+    HostCase hc = MakeCase(c, rng);
+    QuantizeWriteParams p = hc.Params(
+        hc.input.data(), hc.slots.data(), hc.key_cache.data(),
+        hc.value_cache.data(), hc.key_scale.data(), hc.value_scale.data());
+    ASSERT_TRUE(QuantizeWriteCpu(p).ok());
+    GatherCase g = MakeGatherCase(hc, DType::kFloat32, 0, rng);
+    ASSERT_TRUE(
+        GatherCpu(g.Params(p.cache, g.output.data(), g.slots.data(), nullptr))
+            .ok());
+    double err = 0, norm = 0;
+    const float* out = reinterpret_cast<const float*>(g.output.data());
+    for (int64_t t = 0; t < c.num_tokens; ++t) {
+      for (int64_t h = 0; h < c.num_heads; ++h) {
+        for (int64_t i = 0; i < c.head_size; ++i) {
+          const double x = ref::Load(c.input_dtype, hc.Row(true, t, h) + i * 2);
+          const double y = out[(t * c.num_heads + h) * c.head_size + i];
+          err += (x - y) * (x - y);
+          norm += x * x;
+        }
+      }
+    }
+    const double rel = std::sqrt(err / norm);
+    std::printf("round trip %s: relative L2 error %.3g\n",
+                DTypeName(cache).data(), rel);
+    EXPECT_LE(rel, cache == DType::kInt8 ? 7e-3 : 2.7e-2);
+  }
+}
+
+TEST(CpuKernelsTest, BlockCopyCopiesDataAndScales) {
+  std::mt19937_64 rng(Seed() + 4);
+  for (DType cache : {DType::kInt8, DType::kBFloat16}) {
+    CaseConfig c;
+    c.cache_dtype = cache;
+    c.input_dtype = DType::kBFloat16;
+    c.head_size = 64;
+    c.head_size_v = 128;
+    c.num_tokens = 64;
+    HostCase hc = MakeCase(c, rng);
+    ref::Caches want{hc.key_cache, hc.value_cache, hc.key_scale,
+                     hc.value_scale};
+    const CacheLayout& L = hc.layout;
+    const std::vector<int64_t> pairs = {0, 3, 2, 1, 4, L.num_blocks - 1};
+    const size_t ce = DTypeSize(cache);
+    for (size_t i = 0; i < pairs.size(); i += 2) {
+      auto copy = [&](auto& v, int64_t elems) {
+        std::memcpy(&v[pairs[i + 1] * elems], &v[pairs[i] * elems],
+                    elems * sizeof(v[0]));
+      };
+      copy(want.key_cache, L.key_block_elems() * ce);
+      copy(want.value_cache, L.value_block_elems() * ce);
+      if (IsQuantized(cache)) {
+        copy(want.key_scale, L.scale_block_elems());
+        copy(want.value_scale, L.scale_block_elems());
+      }
+    }
+    BlockCopyParams p;
+    p.cache.layout = L;
+    p.cache.key_cache = hc.key_cache.data();
+    p.cache.value_cache = hc.value_cache.data();
+    p.cache.key_scale = IsQuantized(cache) ? hc.key_scale.data() : nullptr;
+    p.cache.value_scale = IsQuantized(cache) ? hc.value_scale.data() : nullptr;
+    p.pairs = pairs.data();
+    p.num_pairs = 3;
+    ASSERT_TRUE(BlockCopyCpu(p).ok());
+    EXPECT_EQ(hc.key_cache, want.key_cache);
+    EXPECT_EQ(hc.value_cache, want.value_cache);
+    EXPECT_EQ(hc.key_scale, want.key_scale);
+    EXPECT_EQ(hc.value_scale, want.value_scale);
+  }
+}
+
+}  // namespace
+}  // namespace kvcache::testing

@@ -1,0 +1,232 @@
+// An independent scalar reference of the cache kernels (DESIGN.md section 3 and
+// the non-finite rules of kernels/quantize.h), written without the kernels'
+// shared helpers: fp16 through GCC's _Float16, fp8 by a nearest-value search
+// over the decoded code table, bf16 by the bias trick.
+
+#ifndef KVCACHE_TESTS_KERNEL_REFERENCE_H_
+#define KVCACHE_TESTS_KERNEL_REFERENCE_H_
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "tests/kernel_test_util.h"
+
+namespace kvcache::testing::ref {
+
+inline uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float FromBits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float Nan() { return FromBits(0x7FFFFFFFu); }
+
+inline float Load(DType dtype, const uint8_t* p) {
+  if (dtype == DType::kFloat32) {
+    float f;
+    std::memcpy(&f, p, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  if (dtype == DType::kBFloat16)
+    return FromBits(static_cast<uint32_t>(h) << 16);
+  _Float16 x;
+  std::memcpy(&x, &h, 2);
+  return static_cast<float>(x);
+}
+
+inline void Store(DType dtype, float f, uint8_t* p) {
+  if (dtype == DType::kFloat32) {
+    std::memcpy(p, &f, 4);
+    return;
+  }
+  uint16_t h;
+  if (std::isnan(f)) {
+    h = 0x7FFF;
+  } else if (dtype == DType::kBFloat16) {
+    const uint32_t u = Bits(f);
+    h = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  } else {
+    const _Float16 x = static_cast<_Float16>(f);
+    std::memcpy(&h, &x, 2);
+  }
+  std::memcpy(p, &h, 2);
+}
+
+// Value of e4m3fn code c (c & 0x7F != 0x7F).
+inline double Fp8Value(uint8_t c) {
+  const int e = (c >> 3) & 0xF, m = c & 7;
+  const double mag = e == 0 ? std::ldexp(m, -9) : std::ldexp(8 + m, e - 10);
+  return (c & 0x80) ? -mag : mag;
+}
+
+inline uint8_t Fp8Encode(float v) {
+  if (std::isnan(v)) return 0x7F;
+  static const std::array<double, 127> table = [] {
+    std::array<double, 127> t{};
+    for (int c = 0; c < 127; ++c) t[c] = Fp8Value(static_cast<uint8_t>(c));
+    return t;
+  }();
+  const double a = std::fabs(static_cast<double>(v));
+  const uint8_t sign = std::signbit(v) ? 0x80 : 0;
+  if (a >= table[126]) return sign | 126;  // Saturate.
+  const int hi = static_cast<int>(
+      std::upper_bound(table.begin(), table.end(), a) - table.begin());
+  const int lo = hi - 1;  // table[lo] <= a < table[hi]
+  const double dlo = a - table[lo], dhi = table[hi] - a;
+  int code = dlo < dhi ? lo : dhi < dlo ? hi : (lo % 2 == 0 ? lo : hi);
+  return static_cast<uint8_t>(sign | code);
+}
+
+inline float Fp8Decode(uint8_t c) {
+  if ((c & 0x7F) == 0x7F) return Nan();
+  return static_cast<float>(Fp8Value(c));
+}
+
+struct Quantized {
+  std::vector<uint8_t> codes;  // Raw cache bytes of the row.
+  float scale = 0;
+};
+
+// Quantizes one row (raw input bytes) into cache_dtype.
+inline Quantized QuantizeRow(DType in, DType cache, const uint8_t* src,
+                             int64_t n) {
+  Quantized q;
+  const size_t ie = DTypeSize(in);
+  if (!IsQuantized(cache)) {
+    q.codes.assign(src, src + n * ie);
+    return q;
+  }
+  std::vector<float> x(n);
+  bool has_nan = false;
+  float absmax = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = Load(in, src + i * ie);
+    if (std::isnan(x[i])) has_nan = true;
+    absmax = std::max(absmax, std::fabs(x[i]));
+  }
+  const float qmax = cache == DType::kInt8 ? 127.0f : 448.0f;
+  q.scale = has_nan ? Nan() : std::max(absmax / qmax, 1e-6f);
+  const float inv = 1.0f / q.scale;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] * inv;
+    if (cache == DType::kInt8) {
+      int8_t c = 0;
+      if (!std::isnan(v)) {
+        const double r = std::nearbyint(static_cast<double>(v));
+        c = static_cast<int8_t>(std::min(127.0, std::max(-128.0, r)));
+      }
+      q.codes.push_back(static_cast<uint8_t>(c));
+    } else {
+      q.codes.push_back(Fp8Encode(v));
+    }
+  }
+  return q;
+}
+
+// Dequantizes one cache row into out dtype (raw bytes).
+inline void DequantizeRow(DType cache, DType out, const uint8_t* codes,
+                          float scale, int64_t n, uint8_t* dst) {
+  const size_t oe = DTypeSize(out);
+  for (int64_t i = 0; i < n; ++i) {
+    float v;
+    if (cache == out) {
+      std::memcpy(dst + i * oe, codes + i * oe, oe);
+      continue;
+    }
+    if (cache == DType::kInt8) {
+      v = static_cast<float>(static_cast<int8_t>(codes[i])) * scale;
+    } else if (cache == DType::kFp8E4M3) {
+      v = Fp8Decode(codes[i]) * scale;
+    } else {
+      v = Load(cache, codes + i * DTypeSize(cache));
+    }
+    if (std::isnan(v)) v = Nan();
+    Store(out, v, dst + i * oe);
+  }
+}
+
+// Applies quantize-and-write of case hc to copies of its caches.
+struct Caches {
+  std::vector<uint8_t> key_cache, value_cache;
+  std::vector<float> key_scale, value_scale;
+};
+
+inline Caches QuantizeWrite(const HostCase& hc) {
+  Caches out{hc.key_cache, hc.value_cache, hc.key_scale, hc.value_scale};
+  const CacheLayout& L = hc.layout;
+  const DType in = hc.config.input_dtype, cache = hc.config.cache_dtype;
+  const size_t ce = DTypeSize(cache);
+  for (int64_t t = 0; t < hc.config.num_tokens; ++t) {
+    const int64_t slot = hc.slots[t];
+    if (slot < 0) continue;
+    for (int64_t h = 0; h < L.num_heads; ++h) {
+      const Quantized k =
+          QuantizeRow(in, cache, hc.Row(true, t, h), L.head_size);
+      const Quantized v =
+          QuantizeRow(in, cache, hc.Row(false, t, h), L.head_size_v);
+      std::memcpy(
+          out.key_cache.data() + ((slot * L.num_heads + h) * L.head_size) * ce,
+          k.codes.data(), k.codes.size());
+      std::memcpy(out.value_cache.data() +
+                      ((slot * L.num_heads + h) * L.head_size_v) * ce,
+                  v.codes.data(), v.codes.size());
+      if (IsQuantized(cache)) {
+        out.key_scale[slot * L.num_heads + h] = k.scale;
+        out.value_scale[slot * L.num_heads + h] = v.scale;
+      }
+    }
+  }
+  return out;
+}
+
+// Applies gather g over caches c (of case hc) to a copy of g's output buffer.
+inline std::vector<uint8_t> Gather(const HostCase& hc, const Caches& c,
+                                   const GatherCase& g) {
+  std::vector<uint8_t> out = g.output;
+  const CacheLayout& L = hc.layout;
+  const DType cache = hc.config.cache_dtype;
+  const size_t ce = DTypeSize(cache), oe = DTypeSize(g.out_dtype);
+  for (int64_t t = 0; t < g.num_tokens; ++t) {
+    const int64_t slot = g.SlotOf(t, L.block_size);
+    for (int64_t h = 0; h < L.num_heads; ++h) {
+      for (int kv = 0; kv < 2; ++kv) {
+        const Operand& op = kv == 0 ? g.key : g.value;
+        const int64_t d = kv == 0 ? L.head_size : L.head_size_v;
+        uint8_t* dst =
+            out.data() +
+            (op.offset + t * op.token_stride + h * op.head_stride) * oe;
+        if (slot < 0) {
+          for (int64_t i = 0; i < d; ++i)
+            Store(g.out_dtype, 0.0f, dst + i * oe);
+          continue;
+        }
+        const std::vector<uint8_t>& data =
+            kv == 0 ? c.key_cache : c.value_cache;
+        const float scale =
+            IsQuantized(cache)
+                ? (kv == 0 ? c.key_scale
+                           : c.value_scale)[slot * L.num_heads + h]
+                : 1.0f;
+        DequantizeRow(cache, g.out_dtype,
+                      data.data() + (slot * L.num_heads + h) * d * ce, scale, d,
+                      dst);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace kvcache::testing::ref
+
+#endif  // KVCACHE_TESTS_KERNEL_REFERENCE_H_

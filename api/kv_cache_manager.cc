@@ -196,7 +196,7 @@ absl::StatusOr<BlockTableView> KVCacheManager::BatchBlockTable(
                      " sequences: expected 1 to max_sequences_per_step ",
                      m.config_.max_sequences_per_step));
   }
-  absl::StatusOr<BatchBlockTable> batch = m.blocks_->BatchTable(ids);
+  absl::StatusOr<kvcache::BatchBlockTable> batch = m.blocks_->BatchTable(ids);
   if (!batch.ok()) return batch.status();
   if (batch->max_blocks > m.table_cols_) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -42,8 +42,6 @@
 #include "api/tensor_view.h"
 #include "kvcache/dtype.h"
 
-struct DLTensor;
-
 namespace kvcache {
 
 class Device;

@@ -279,9 +279,8 @@ kvcache_status kvcache_append(kvcache_manager* m, uint64_t plan_id,
 }
 
 kvcache_status kvcache_append_dlpack(kvcache_manager* m, uint64_t plan_id,
-                                     int32_t layer, const struct DLTensor* key,
-                                     const struct DLTensor* value,
-                                     void* stream) {
+                                     int32_t layer, const DLTensor* key,
+                                     const DLTensor* value, void* stream) {
   KVCACHE_C_REQUIRE(m);
   if (key == nullptr) return Record(m, Null("key"));
   if (value == nullptr) return Record(m, Null("value"));

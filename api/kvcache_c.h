@@ -19,12 +19,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "dlpack/dlpack.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 typedef struct kvcache_manager kvcache_manager;
-struct DLTensor;
 
 typedef enum kvcache_status {
   KVCACHE_OK = 0,
@@ -174,9 +175,8 @@ kvcache_status kvcache_append(kvcache_manager* manager, uint64_t plan_id,
                               int32_t layer, const kvcache_tensor* key,
                               const kvcache_tensor* value, void* stream);
 kvcache_status kvcache_append_dlpack(kvcache_manager* manager, uint64_t plan_id,
-                                     int32_t layer, const struct DLTensor* key,
-                                     const struct DLTensor* value,
-                                     void* stream);
+                                     int32_t layer, const DLTensor* key,
+                                     const DLTensor* value, void* stream);
 kvcache_status kvcache_commit(kvcache_manager* manager, uint64_t plan_id);
 kvcache_status kvcache_abort(kvcache_manager* manager, uint64_t plan_id);
 kvcache_status kvcache_fork(kvcache_manager* manager, int64_t parent,

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "api/tensor_checks.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/cuda_kernels.h"
 #include "spdlog/spdlog.h"
@@ -144,7 +145,8 @@ absl::Status KVCacheManager::Impl::Init() {
               : std::string(),
           config_.num_layers, layout_.num_blocks, layout_.block_size,
           layout_.num_heads, layout_.head_size, layout_.head_size_v,
-          DTypeName(layout_.cache_dtype), DTypeName(config_.input_dtype),
+          std::string(DTypeName(layout_.cache_dtype)),
+          std::string(DTypeName(config_.input_dtype)),
           static_cast<double>(storage_->total_bytes()) / (1 << 20),
           layout_.num_blocks * layout_.block_size,
           config_.enable_prefix_caching ? "on" : "off");

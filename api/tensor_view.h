@@ -15,9 +15,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "dlpack/dlpack.h"
 #include "kvcache/dtype.h"
-
-struct DLTensor;  // dlpack/dlpack.h
 
 namespace kvcache {
 

@@ -50,10 +50,12 @@ TEST_P(ManagerEndToEndTest, GatherEqualsReferenceOfWhatWasAppended) {
   ASSERT_TRUE((*driver)->manager().Validate().ok());
   // The run must have exercised what it claims to test.
   const auto& counts = (*driver)->counts();
-  EXPECT_GT(counts.steps, 100);
+  EXPECT_GT(counts.steps, 50);
   EXPECT_GT(counts.forks, 5);
   EXPECT_GT(counts.prefix_hit_tokens, 0) << "no prefix-cache hit exercised";
-  EXPECT_GT(counts.block_copies, 0) << "no copy-on-write exercised";
+  if (c.block_size > 1) {  // With one-token blocks no block is ever partial.
+    EXPECT_GT(counts.block_copies, 0) << "no copy-on-write exercised";
+  }
   const MetricsSnapshot m = (*driver)->manager().Metrics();
   EXPECT_EQ(m.prefix_hit_tokens, counts.prefix_hit_tokens);
   EXPECT_EQ(m.block_copies, counts.block_copies);

@@ -38,17 +38,17 @@ float Fp8E4M3Value(uint8_t code) {
 
 namespace {
 
-// Nearest fp8 value to x with ties to the even code, saturating at +-448.
+// Nearest fp8 value to x with ties to the even code, saturating at +-448; the
+// sign is kept (so -0.0 maps to the code 0x80).
 float NearestFp8(float x) {
   if (std::isnan(x)) return x;
-  const float clamped = std::clamp(x, -448.0f, 448.0f);
+  const float magnitude = std::min(std::fabs(x), 448.0f);
   float best = 0.0f;
   double best_err = std::numeric_limits<double>::infinity();
   int best_code = 0;
-  for (int code = 0; code < 256; ++code) {
+  for (int code = 0; code < 0x7f; ++code) {
     const float v = Fp8E4M3Value(static_cast<uint8_t>(code));
-    if (std::isnan(v)) continue;
-    const double err = std::fabs(static_cast<double>(v) - clamped);
+    const double err = std::fabs(static_cast<double>(v) - magnitude);
     if (err < best_err ||
         (err == best_err && (code & 1) == 0 && (best_code & 1) == 1)) {
       best = v;
@@ -56,7 +56,7 @@ float NearestFp8(float x) {
       best_code = code;
     }
   }
-  return best;
+  return std::signbit(x) ? -best : best;
 }
 
 }  // namespace
@@ -73,7 +73,9 @@ std::vector<float> QuantizeDequantizeHead(const std::vector<float>& x,
     const float scaled = x[i] * inv;
     float q;
     if (cache_dtype == DType::kInt8) {
-      q = std::clamp(std::nearbyint(scaled), -128.0f, 127.0f);
+      // An int8 code has no negative zero.
+      q = static_cast<float>(static_cast<int>(
+          std::clamp(std::nearbyint(scaled), -128.0f, 127.0f)));
     } else {
       q = NearestFp8(scaled);
     }

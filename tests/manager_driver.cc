@@ -280,7 +280,7 @@ absl::Status ManagerDriver::VerifyAll() {
           if (std::memcmp(got, expected.data(),
                           expected.size() * sizeof(float)) != 0) {
             size_t j = 0;
-            while (got[j] == expected[j]) ++j;
+            while (std::memcmp(&got[j], &expected[j], sizeof(float)) == 0) ++j;
             return absl::InternalError(
                 absl::StrCat("sequence ", id, " layer ", layer, " token ", pos,
                              is_value ? " V" : " K", " element ", j, ": got ",

@@ -25,16 +25,14 @@ BlockId BlockManager::Impl::AllocateBlock() {
 // A partial last block shared with another holder must be copied before this
 // sequence writes it.
 bool BlockManager::Impl::NeedsCopy(const Sequence& s) const {
-  return s.computed % options_.block_size != 0 &&
+  return s.tail_maybe_shared && math_.Mod(s.computed) != 0 &&
          pool_.ref_count(s.blocks.back()) > 1;
 }
 
 int64_t BlockManager::Impl::BlocksNeeded(const Sequence& s,
                                          int64_t num_tokens) const {
-  const int64_t bs = options_.block_size;
-  const int64_t end = s.computed + num_tokens;
-  return (end + bs - 1) / bs - static_cast<int64_t>(s.blocks.size()) +
-         (NeedsCopy(s) ? 1 : 0);
+  return math_.CeilDiv(s.computed + num_tokens) -
+         static_cast<int64_t>(s.blocks.size()) + (s.copy_needed ? 1 : 0);
 }
 
 // Releases the tail first so that, once cached, a chain's last blocks are
@@ -50,22 +48,28 @@ void BlockManager::Impl::ReleaseAll(Sequence& s) {
 // ---- Prefix cache
 // ----------------------------------------------------------------------------
 
-// Shares the longest run of cached full blocks of the prompt, leaving at least
-// one token.
+// Hashes every full block of the prompt (Commit reuses them), then shares the
+// longest run of cached ones, leaving at least one token to compute.
 int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
                                         absl::Span<const TokenId> prompt) {
   const int64_t bs = options_.block_size;
+  const int64_t full = static_cast<int64_t>(prompt.size()) / bs;
   const int64_t max_blocks = (static_cast<int64_t>(prompt.size()) - 1) / bs;
+  s.hashes.resize(full);
   BlockHash parent_hash = s.root_hash;
+  for (int64_t i = 0; i < full; ++i) {
+    parent_hash = s.hashes[i] = Hash(parent_hash, prompt.subspan(i * bs, bs));
+  }
+  // The lookups are independent until the first miss, so they overlap.
+  s.blocks.reserve(max_blocks);
+  s.chain_ids.reserve(max_blocks);
   uint64_t parent_id = s.root_id;
   for (int64_t i = 0; i < max_blocks; ++i) {
-    const absl::Span<const TokenId> tokens = prompt.subspan(i * bs, bs);
-    const BlockHash h = Hash(parent_hash, tokens);
-    const BlockId b = index_.Find(h);
-    if (b < 0 || !index_.Matches(b, parent_id, tokens)) break;
+    const BlockId b = index_.Find(s.hashes[i]);
+    if (b < 0 || !index_.Matches(b, parent_id, prompt.subspan(i * bs, bs))) {
+      break;
+    }
     s.blocks.push_back(b);
-    s.hashes.push_back(h);
-    parent_hash = h;
     parent_id = index_.content_id(b);
     s.chain_ids.push_back(parent_id);
   }
@@ -78,12 +82,14 @@ int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
 // content) stays unhashed.
 void BlockManager::Impl::HashNewFullBlocks(Sequence& s) {
   const int64_t bs = options_.block_size;
-  const size_t full = static_cast<size_t>(s.computed / bs);
-  for (size_t i = s.hashes.size(); i < full; ++i) {
-    const BlockHash& parent_hash = i == 0 ? s.root_hash : s.hashes[i - 1];
+  const size_t full = static_cast<size_t>(math_.Div(s.computed));
+  for (size_t i = s.chain_ids.size(); i < full; ++i) {
     const uint64_t parent_id = i == 0 ? s.root_id : s.chain_ids[i - 1];
     const absl::Span<const TokenId> tokens(&s.tokens[i * bs], bs);
-    const BlockHash h = Hash(parent_hash, tokens);
+    if (s.hashes.size() == i) {
+      s.hashes.push_back(Hash(i == 0 ? s.root_hash : s.hashes[i - 1], tokens));
+    }
+    const BlockHash& h = s.hashes[i];
     const BlockId b = s.blocks[i];
     ABSL_ASSERT(!pool_.hashed(b) && pool_.ref_count(b) == 1);
     const BlockId existing = index_.Find(h);
@@ -98,7 +104,6 @@ void BlockManager::Impl::HashNewFullBlocks(Sequence& s) {
       chain_id =
           index_.NewId();  // A collision: this chain can never be matched.
     }
-    s.hashes.push_back(h);
     s.chain_ids.push_back(chain_id);
   }
 }
@@ -167,6 +172,7 @@ absl::Status BlockManager::Impl::CheckBatch(
                        r.sequence, ": ", s->computed, " computed + ",
                        r.num_tokens, " exceeds the ", known, " known tokens"));
     }
+    s->copy_needed = NeedsCopy(*s);
     needed += BlocksNeeded(*s, r.num_tokens);
     batch_.push_back(s);
   }
@@ -198,20 +204,26 @@ absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
     Sequence& s = *batch_[i];
     s.tokens_before = s.tokens.size();
     s.blocks_before = s.blocks.size();
-    s.tokens.insert(s.tokens.end(), r.new_token_ids.begin(),
-                    r.new_token_ids.end());
-    if (NeedsCopy(s)) {
+    for (TokenId t : r.new_token_ids) s.tokens.push_back(t);
+    if (s.copy_needed) {
       const BlockId fresh = AllocateBlock();
       plan.copies.push_back(BlockCopy{s.blocks.back(), fresh});
       s.cow_src = s.blocks.back();  // Keeps its reference: the copy reads it.
       s.blocks.back() = fresh;
     }
     const int64_t end = s.computed + r.num_tokens;
-    while (static_cast<int64_t>(s.blocks.size()) * bs < end)
-      s.blocks.push_back(AllocateBlock());
-    for (int64_t p = s.computed; p < end; ++p) {
-      plan.slot_mapping.push_back(static_cast<int64_t>(s.blocks[p / bs]) * bs +
-                                  p % bs);
+    const size_t num_blocks = static_cast<size_t>(math_.CeilDiv(end));
+    while (s.blocks.size() < num_blocks) s.blocks.push_back(AllocateBlock());
+    // The tail is now fresh or was never shared (else it was copied).
+    s.tail_maybe_shared = false;
+    for (int64_t p = s.computed; p < end;) {
+      const int64_t offset = math_.Mod(p);
+      const int64_t run = std::min(end - p, bs - offset);
+      const int64_t base = static_cast<int64_t>(s.blocks[math_.Div(p)]) * bs;
+      for (int64_t k = 0; k < run; ++k) {
+        plan.slot_mapping.push_back(base + offset + k);
+      }
+      p += run;
     }
     s.plan_id = plan.id;
     s.plan_index = static_cast<int32_t>(i);
@@ -236,7 +248,10 @@ absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
     s->computed += s->reserved;
     s->reserved = 0;
     s->plan_id = 0;
-    if (options_.enable_prefix_caching) HashNewFullBlocks(*s);
+    if (options_.enable_prefix_caching &&
+        static_cast<size_t>(math_.Div(s->computed)) > s->chain_ids.size()) {
+      HashNewFullBlocks(*s);
+    }
   }
   plans_.erase(it);
   return absl::OkStatus();
@@ -260,6 +275,7 @@ absl::Status BlockManager::Impl::Abort(uint64_t plan_id) {
       pool_.Release(s->blocks.back());
       s->blocks.back() = s->cow_src;
       s->cow_src = -1;
+      s->tail_maybe_shared = true;
     }
     s->tokens.resize(s->tokens_before);
     s->reserved = 0;
@@ -296,6 +312,7 @@ absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
     return absl::AlreadyExistsError(
         absl::StrCat("fork: child sequence ", child, " already exists"));
   }
+  it->second->tail_maybe_shared = true;
   auto c = std::make_unique<Sequence>(p);
   c->id = child;
   c->batch_mark = 0;

@@ -46,10 +46,11 @@ absl::Status BlockManager::Impl::ValidateSequence(
   if (s.cow_src >= 0) ++refs[s.cow_src];
   if (options_.enable_prefix_caching) {
     const size_t full = static_cast<size_t>(s.computed / bs);
-    if (s.hashes.size() != full || s.chain_ids.size() != full) {
-      return absl::InternalError(absl::StrCat(name, s.hashes.size(),
-                                              " hashes for ", full,
-                                              " full computed blocks"));
+    if (s.hashes.size() < full || s.chain_ids.size() != full ||
+        s.hashes.size() > s.tokens.size() / bs) {
+      return absl::InternalError(absl::StrCat(
+          name, s.hashes.size(), " hashes and ", s.chain_ids.size(),
+          " chain ids for ", full, " full computed blocks"));
     }
     for (size_t i = 0; i < full; ++i) {
       if (index_.registered(s.blocks[i]) &&

@@ -12,7 +12,9 @@ PrefixCacheIndex::PrefixCacheIndex(int32_t num_blocks, int32_t block_size)
       hash_(num_blocks),
       content_id_(num_blocks, 0),
       parent_id_(num_blocks, 0),
-      tokens_(static_cast<size_t>(num_blocks) * block_size) {}
+      tokens_(static_cast<size_t>(num_blocks) * block_size) {
+  map_.reserve(num_blocks);  // Never rehashes: at most one entry per block.
+}
 
 bool PrefixCacheIndex::Matches(BlockId block, uint64_t parent_id,
                                absl::Span<const TokenId> tokens) const {

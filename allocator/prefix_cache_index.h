@@ -27,6 +27,11 @@ namespace internal {
 
 using BlockId = int32_t;
 
+// XXH3 output is already uniform: hash maps use its low half as is.
+struct BlockHashHasher {
+  size_t operator()(const BlockHash& h) const { return h.low; }
+};
+
 class PrefixCacheIndex {
  public:
   PrefixCacheIndex(int32_t num_blocks, int32_t block_size);
@@ -54,7 +59,9 @@ class PrefixCacheIndex {
   uint64_t content_id(BlockId block) const { return content_id_[block]; }
   const BlockHash& hash(BlockId block) const { return hash_[block]; }
   size_t size() const { return map_.size(); }
-  const absl::flat_hash_map<BlockHash, BlockId>& map() const { return map_; }
+  const absl::flat_hash_map<BlockHash, BlockId, BlockHashHasher>& map() const {
+    return map_;
+  }
 
   // A content id no block holds yet (for chains that must never match
   // anything).
@@ -66,7 +73,7 @@ class PrefixCacheIndex {
  private:
   int32_t block_size_;
   uint64_t next_id_ = 1;  // 0 means "not registered".
-  absl::flat_hash_map<BlockHash, BlockId> map_;
+  absl::flat_hash_map<BlockHash, BlockId, BlockHashHasher> map_;
   absl::flat_hash_map<std::pair<int64_t, std::string>, uint64_t> roots_;
   std::vector<BlockHash> hash_;       // Per block.
   std::vector<uint64_t> content_id_;  // Per block; 0 when not registered.

@@ -11,6 +11,22 @@ namespace kvcache {
 
 using internal::Sequence;
 
+namespace {
+
+// Copies in pieces under glibc's rep-movsb threshold: on AMD Zen, `rep movsb`
+// between buffers at equal offsets within a page (two large allocations) runs
+// at about 3 GB/s, six times slower than the vector loop used for pieces.
+void AppendTokens(std::vector<TokenId>& dst, absl::Span<const TokenId> src) {
+  constexpr size_t kPiece = 512;  // 2 KiB.
+  dst.reserve(dst.size() + src.size());
+  for (size_t i = 0; i < src.size(); i += kPiece) {
+    const absl::Span<const TokenId> piece = src.subspan(i, kPiece);
+    dst.insert(dst.end(), piece.begin(), piece.end());
+  }
+}
+
+}  // namespace
+
 // ---- Blocks
 // ----------------------------------------------------------------------------------
 
@@ -64,7 +80,12 @@ int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
   s.blocks.reserve(max_blocks);
   s.chain_ids.reserve(max_blocks);
   uint64_t parent_id = s.root_id;
+  constexpr int64_t kAhead = 8;
+  for (int64_t i = 0; i < std::min(kAhead, max_blocks); ++i) {
+    index_.Prefetch(s.hashes[i]);
+  }
   for (int64_t i = 0; i < max_blocks; ++i) {
+    if (i + kAhead < max_blocks) index_.Prefetch(s.hashes[i + kAhead]);
     const BlockId b = index_.Find(s.hashes[i]);
     if (b < 0 || !index_.Matches(b, parent_id, prompt.subspan(i * bs, bs))) {
       break;
@@ -124,7 +145,7 @@ absl::StatusOr<int64_t> BlockManager::Impl::AddSequence(
   it->second = std::make_unique<Sequence>();
   Sequence& s = *it->second;
   s.id = id;
-  s.tokens.assign(prompt.begin(), prompt.end());
+  AppendTokens(s.tokens, prompt);
   if (!options_.enable_prefix_caching) return 0;
   s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
   s.root_id = index_.RootId(extra.adapter_id, extra.salt);
@@ -140,15 +161,30 @@ absl::Status BlockManager::Impl::CheckBatch(
   batch_.clear();
   if (batch.empty())
     return absl::InvalidArgumentError("reserve of an empty batch");
-  const uint64_t epoch = ++batch_epoch_;
-  int64_t needed = 0;
+  // Pass 1 looks every sequence up and prefetches its hot line, so that the
+  // misses of a large batch overlap; pass 2 checks in batch order.
   for (const ReserveRequest& r : batch) {
     auto it = sequences_.find(r.sequence);
-    if (it == sequences_.end()) {
+    Sequence* s = it == sequences_.end() ? nullptr : it->second.get();
+    if (s != nullptr) __builtin_prefetch(s, /*rw=*/1);
+    batch_.push_back(s);
+  }
+  const uint64_t epoch = ++batch_epoch_;
+  int64_t needed = 0;
+  batch_tokens_ = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const ReserveRequest& r = batch[i];
+    Sequence* s = batch_[i];
+    if (s == nullptr) {
       return absl::NotFoundError(
           absl::StrCat("sequence ", r.sequence, " not found"));
     }
-    Sequence* s = it->second.get();
+    if (i + 4 < batch.size() && batch_[i + 4] != nullptr) {
+      const Sequence* ahead = batch_[i + 4];
+      if (!ahead->tokens.empty()) __builtin_prefetch(&ahead->tokens.back());
+      if (!ahead->blocks.empty()) __builtin_prefetch(&ahead->blocks.back());
+      __builtin_prefetch(batch[i + 4].new_token_ids.data());
+    }
     if (s->batch_mark == epoch) {
       return absl::InvalidArgumentError(absl::StrCat(
           "sequence ", r.sequence, " is named twice in one reserve"));
@@ -174,7 +210,7 @@ absl::Status BlockManager::Impl::CheckBatch(
     }
     s->copy_needed = NeedsCopy(*s);
     needed += BlocksNeeded(*s, r.num_tokens);
-    batch_.push_back(s);
+    batch_tokens_ += r.num_tokens;
   }
   const int64_t available = pool_.num_free() + pool_.num_cached();
   if (needed > available) {
@@ -192,11 +228,10 @@ absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
   const int64_t bs = options_.block_size;
   StepPlan plan;
   plan.id = next_plan_id_++;
-  plan.sequences.reserve(batch.size());
-  plan.num_tokens.reserve(batch.size());
-  int64_t total = 0;
-  for (const ReserveRequest& r : batch) total += r.num_tokens;
-  plan.slot_mapping.reserve(total);
+  plan.sequences.resize(batch.size());
+  plan.num_tokens.resize(batch.size());
+  plan.slot_mapping.resize(batch_tokens_);
+  int64_t* slot = plan.slot_mapping.data();
   PlanRecord& record = plans_[plan.id];
   record.sequences = batch_;
   for (size_t i = 0; i < batch.size(); ++i) {
@@ -220,16 +255,14 @@ absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
       const int64_t offset = math_.Mod(p);
       const int64_t run = std::min(end - p, bs - offset);
       const int64_t base = static_cast<int64_t>(s.blocks[math_.Div(p)]) * bs;
-      for (int64_t k = 0; k < run; ++k) {
-        plan.slot_mapping.push_back(base + offset + k);
-      }
+      for (int64_t k = 0; k < run; ++k) *slot++ = base + offset + k;
       p += run;
     }
     s.plan_id = plan.id;
     s.plan_index = static_cast<int32_t>(i);
     s.reserved = r.num_tokens;
-    plan.sequences.push_back(r.sequence);
-    plan.num_tokens.push_back(r.num_tokens);
+    plan.sequences[i] = r.sequence;
+    plan.num_tokens[i] = r.num_tokens;
   }
   return plan;
 }
@@ -241,7 +274,12 @@ absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
         absl::StrCat("plan ", plan_id,
                      " not found (unknown, or already committed or aborted)"));
   }
-  for (Sequence* s : it->second.sequences) {
+  const std::vector<Sequence*>& seqs = it->second.sequences;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (i + 8 < seqs.size() && seqs[i + 8] != nullptr) {
+      __builtin_prefetch(seqs[i + 8], /*rw=*/1);
+    }
+    Sequence* s = seqs[i];
     if (s == nullptr) continue;  // Freed since Reserve.
     if (s->cow_src >= 0) pool_.Release(s->cow_src);
     s->cow_src = -1;

@@ -107,6 +107,7 @@ class BlockManager::Impl {
   // epoch.
   mutable std::vector<Sequence*> batch_;
   mutable uint64_t batch_epoch_ = 0;
+  mutable int64_t batch_tokens_ = 0;  // Tokens the checked batch reserves.
 };
 
 }  // namespace kvcache

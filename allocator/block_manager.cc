@@ -283,11 +283,14 @@ absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
     if (s == nullptr) continue;  // Freed since Reserve.
     if (s->cow_src >= 0) pool_.Release(s->cow_src);
     s->cow_src = -1;
+    const int64_t before = s->computed;
     s->computed += s->reserved;
     s->reserved = 0;
     s->plan_id = 0;
+    // Only a step that filled a block has anything to hash (chain_ids covers
+    // every full block computed before it).
     if (options_.enable_prefix_caching &&
-        static_cast<size_t>(math_.Div(s->computed)) > s->chain_ids.size()) {
+        math_.Div(s->computed) != math_.Div(before)) {
       HashNewFullBlocks(*s);
     }
   }

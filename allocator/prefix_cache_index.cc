@@ -1,6 +1,7 @@
 #include "allocator/prefix_cache_index.h"
 
 #include <cstring>
+#include <random>
 
 #include "absl/base/macros.h"
 
@@ -9,6 +10,7 @@ namespace internal {
 
 PrefixCacheIndex::PrefixCacheIndex(int32_t num_blocks, int32_t block_size)
     : block_size_(block_size),
+      table_(num_blocks, std::random_device{}()),
       hash_(num_blocks),
       content_id_(num_blocks, 0),
       parent_id_(num_blocks, 0),
@@ -28,9 +30,7 @@ uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
                                   absl::Span<const TokenId> tokens) {
   ABSL_ASSERT(!registered(block));
   ABSL_ASSERT(tokens.size() == static_cast<size_t>(block_size_));
-  const bool inserted = map_.emplace(hash, block).second;
-  ABSL_ASSERT(inserted);
-  (void)inserted;
+  table_.Insert(hash, block);
   hash_[block] = hash;
   parent_id_[block] = parent_id;
   content_id_[block] = NewId();
@@ -41,8 +41,8 @@ uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
 
 void PrefixCacheIndex::Erase(BlockId block) {
   ABSL_ASSERT(registered(block));
-  const size_t erased = map_.erase(hash_[block]);
-  ABSL_ASSERT(erased == 1);
+  const bool erased = table_.Erase(hash_[block]);
+  ABSL_ASSERT(erased);
   (void)erased;
   content_id_[block] = 0;
   parent_id_[block] = 0;

@@ -21,6 +21,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/types/span.h"
 #include "allocator/block_hash.h"
+#include "allocator/block_hash_table.h"
 
 namespace kvcache {
 namespace internal {
@@ -35,10 +36,8 @@ class PrefixCacheIndex {
   PrefixCacheIndex& operator=(const PrefixCacheIndex&) = delete;
 
   // The block registered under `hash`, or -1.
-  BlockId Find(const BlockHash& hash) const {
-    auto it = map_.find(hash);
-    return it == map_.end() ? -1 : it->second;
-  }
+  BlockId Find(const BlockHash& hash) const { return table_.Find(hash); }
+  void Prefetch(const BlockHash& hash) const { table_.Prefetch(hash); }
   // Exact confirmation of a candidate. REQUIRES: block registered.
   bool Matches(BlockId block, uint64_t parent_id,
                absl::Span<const TokenId> tokens) const;
@@ -53,8 +52,8 @@ class PrefixCacheIndex {
   bool registered(BlockId block) const { return content_id_[block] != 0; }
   uint64_t content_id(BlockId block) const { return content_id_[block]; }
   const BlockHash& hash(BlockId block) const { return hash_[block]; }
-  size_t size() const { return map_.size(); }
-  const absl::flat_hash_map<BlockHash, BlockId>& map() const { return map_; }
+  size_t size() const { return table_.size(); }
+  const BlockHashTable& table() const { return table_; }
 
   // A content id no block holds yet (for chains that must never match
   // anything).
@@ -66,7 +65,7 @@ class PrefixCacheIndex {
  private:
   int32_t block_size_;
   uint64_t next_id_ = 1;  // 0 means "not registered".
-  absl::flat_hash_map<BlockHash, BlockId> map_;
+  BlockHashTable table_;
   absl::flat_hash_map<std::pair<int64_t, std::string>, uint64_t> roots_;
   std::vector<BlockHash> hash_;       // Per block.
   std::vector<uint64_t> content_id_;  // Per block; 0 when not registered.

@@ -36,7 +36,7 @@ ABSL_FLAG(std::string, trace, "data/mooncake_conversation_trace.jsonl",
           "$BUILD_WORKSPACE_DIRECTORY (bazel run), then the working "
           "directory; $KVCACHE_DATA_DIR/mooncake_conversation_trace.jsonl "
           "is tried last.");
-ABSL_FLAG(int64_t, max_requests, 24,
+ABSL_FLAG(int64_t, max_requests, 8,
           "Replay the first N requests of the trace; 0 = all (12,031).");
 ABSL_FLAG(bool, back_to_back, false,
           "Ignore timestamps: every request arrives at time 0.");
@@ -52,7 +52,7 @@ ABSL_FLAG(std::string, cache_dtype, "int8",
           "int8, fp8 (e4m3), bf16 or fp16. K/V input is bf16 (fp16 for an "
           "fp16 cache).");
 ABSL_FLAG(int, block_size, 16, "Tokens per block.");
-ABSL_FLAG(int64_t, num_blocks, 1024,
+ABSL_FLAG(int64_t, num_blocks, 2048,
           "Pool capacity in blocks (shared by all layers); 0 = use "
           "--memory_fraction.");
 ABSL_FLAG(double, memory_fraction, 0.0,

@@ -1,8 +1,9 @@
 // The host as a Device: plain aligned host memory, synchronous copies, no-op
-// events.
+// events (timing events hold a steady-clock reading in nanoseconds).
 
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -17,6 +18,13 @@ namespace {
 constexpr size_t kAlignment = 256;
 
 void FreeHost(void* ptr) { std::free(ptr); }
+void DeleteTimestamp(void* ptr) { delete static_cast<int64_t*>(ptr); }
+
+int64_t NowNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 absl::StatusOr<Buffer> AllocateHost(size_t bytes, absl::string_view what) {
   if (bytes == 0) return Buffer();
@@ -54,7 +62,11 @@ class CpuDevice final : public Device {
     return absl::OkStatus();
   }
   absl::StatusOr<Event> CreateEvent() override { return Event(); }
-  absl::Status RecordEvent(const Event&, void*) override {
+  absl::Status RecordEvent(const Event& event, void*) override {
+    // Only timing events have a handle: the host clock now.
+    if (event.handle() != nullptr) {
+      *static_cast<int64_t*>(event.handle()) = NowNanos();
+    }
     return absl::OkStatus();
   }
   absl::Status StreamWaitEvent(void*, const Event&) override {
@@ -64,6 +76,20 @@ class CpuDevice final : public Device {
     return absl::OkStatus();
   }
   absl::Status SynchronizeStream(void*) override { return absl::OkStatus(); }
+  absl::StatusOr<Event> CreateTimingEvent() override {
+    auto timestamp = std::make_unique<int64_t>(0);
+    return Event(timestamp.release(), &DeleteTimestamp);
+  }
+  absl::StatusOr<float> ElapsedMs(const Event& start,
+                                  const Event& end) override {
+    if (start.handle() == nullptr || end.handle() == nullptr) {
+      return absl::InvalidArgumentError(
+          "ElapsedMs needs two events from CreateTimingEvent");
+    }
+    const int64_t nanos = *static_cast<const int64_t*>(end.handle()) -
+                          *static_cast<const int64_t*>(start.handle());
+    return static_cast<float>(static_cast<double>(nanos) * 1e-6);
+  }
   absl::Status MemoryInfo(size_t* free_bytes, size_t* total_bytes) override {
     const long page = sysconf(_SC_PAGESIZE);
     const long avail = sysconf(_SC_AVPHYS_PAGES);

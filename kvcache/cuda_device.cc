@@ -121,6 +121,24 @@ class CudaDevice final : public Device {
     return absl::OkStatus();
   }
 
+  absl::StatusOr<Event> CreateTimingEvent() override {
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(ordinal_));
+    cudaEvent_t event = nullptr;
+    KVCACHE_CUDA_RETURN_IF_ERROR(
+        cudaEventCreateWithFlags(&event, cudaEventDefault));
+    return Event(event, &DestroyEvent);
+  }
+
+  absl::StatusOr<float> ElapsedMs(const Event& start,
+                                  const Event& end) override {
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(ordinal_));
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(AsEvent(end)));
+    float ms = 0.0f;
+    KVCACHE_CUDA_RETURN_IF_ERROR(
+        cudaEventElapsedTime(&ms, AsEvent(start), AsEvent(end)));
+    return ms;
+  }
+
   absl::Status MemoryInfo(size_t* free_bytes, size_t* total_bytes) override {
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(ordinal_));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(free_bytes, total_bytes));

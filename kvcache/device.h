@@ -86,6 +86,14 @@ class Device {
   // Blocks the calling thread until all work on `stream` has completed.
   virtual absl::Status SynchronizeStream(void* stream) = 0;
 
+  // An event that can time work: a timing-enabled cudaEvent_t on CUDA; on the
+  // CPU, a host clock reading taken by RecordEvent (work there is synchronous).
+  virtual absl::StatusOr<Event> CreateTimingEvent() = 0;
+  // Milliseconds between two recorded timing events. Waits for `end` to
+  // complete. REQUIRES: both come from CreateTimingEvent and were recorded.
+  virtual absl::StatusOr<float> ElapsedMs(const Event& start,
+                                          const Event& end) = 0;
+
   // Bytes of memory free and in total (host RAM on the CPU).
   virtual absl::Status MemoryInfo(size_t* free_bytes, size_t* total_bytes) = 0;
 };

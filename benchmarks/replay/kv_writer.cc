@@ -1,0 +1,187 @@
+#include "benchmarks/replay/kv_writer.h"
+
+#include <chrono>
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvcache::replay {
+namespace {
+
+double MillisSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+}  // namespace
+
+double ErrorTotals::RelativeL2() const {
+  return reference_sq > 0.0 ? std::sqrt(error_sq / reference_sq) : 0.0;
+}
+
+KvWriter::KvWriter(KVCacheManager* manager, Device* device, int64_t max_tokens)
+    : manager_(manager),
+      device_(device),
+      config_(manager->config()),
+      synthetic_(
+          config_.input_dtype, config_.num_kv_heads, config_.head_size,
+          config_.head_size_v != 0 ? config_.head_size_v : config_.head_size),
+      max_tokens_(max_tokens) {
+  k_row_ = static_cast<int64_t>(config_.num_kv_heads) * config_.head_size;
+  v_row_ = static_cast<int64_t>(config_.num_kv_heads) *
+           (config_.head_size_v != 0 ? config_.head_size_v : config_.head_size);
+}
+
+absl::StatusOr<std::unique_ptr<KvWriter>> KvWriter::Create(
+    KVCacheManager* manager, Device* device, int64_t max_tokens) {
+  const DType input = manager->config().input_dtype;
+  if (input != DType::kBFloat16 && input != DType::kFloat16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("replay input_dtype ", DTypeName(input),
+                     " is not bfloat16 or float16"));
+  }
+  std::unique_ptr<KvWriter> w(new KvWriter(manager, device, max_tokens));
+  const bool cuda = device->kind() == DeviceKind::kCuda;
+  const int layers = w->config_.num_layers;
+  // K then V per token, like a slice of a fused QKV output.
+  const size_t bytes = max_tokens * (w->k_row_ + w->v_row_) * sizeof(uint16_t);
+  for (int l = 0; l < (cuda ? layers : 1); ++l) {
+    absl::StatusOr<Buffer> staging = device->AllocateStaging(bytes);
+    if (!staging.ok()) return staging.status();
+    w->staging_.push_back(*std::move(staging));
+  }
+  for (int l = 0; l < layers; ++l) {
+    if (cuda) {
+      absl::StatusOr<Buffer> input_buffer = device->Allocate(bytes);
+      if (!input_buffer.ok()) return input_buffer.status();
+      w->inputs_.push_back(*std::move(input_buffer));
+    }
+    absl::StatusOr<Event> start = device->CreateTimingEvent();
+    if (!start.ok()) return start.status();
+    absl::StatusOr<Event> end = device->CreateTimingEvent();
+    if (!end.ok()) return end.status();
+    w->starts_.push_back(*std::move(start));
+    w->ends_.push_back(*std::move(end));
+  }
+  return w;
+}
+
+absl::StatusOr<AppendTiming> KvWriter::AppendStep(
+    uint64_t plan_id, absl::Span<const TokenAt> tokens) {
+  const int64_t t = static_cast<int64_t>(tokens.size());
+  if (t > max_tokens_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("step of ", t, " tokens exceeds ", max_tokens_));
+  }
+  const bool cuda = device_->kind() == DeviceKind::kCuda;
+  const MemoryKind memory = cuda ? MemoryKind::kCuda : MemoryKind::kHost;
+  const int64_t stride = k_row_ + v_row_;
+  const int64_t d_v = v_row_ / config_.num_kv_heads;
+  AppendTiming timing;
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    uint16_t* host = staging_[cuda ? layer : 0].as<uint16_t>();
+    synthetic_.Fill(layer, /*is_value=*/false, tokens, host, stride);
+    synthetic_.Fill(layer, /*is_value=*/true, tokens, host + k_row_, stride);
+    uint16_t* input = host;
+    if (cuda) {
+      input = inputs_[layer].as<uint16_t>();
+      if (absl::Status s = device_->CopyToDeviceAsync(
+              input, host, t * stride * sizeof(uint16_t), nullptr);
+          !s.ok()) {
+        return s;
+      }
+    }
+    TensorView key = TensorView::Contiguous(
+        input, config_.input_dtype,
+        {t, config_.num_kv_heads, config_.head_size}, memory, config_.device);
+    key.strides[0] = stride;
+    TensorView value = TensorView::Contiguous(
+        input + k_row_, config_.input_dtype, {t, config_.num_kv_heads, d_v},
+        memory, config_.device);
+    value.strides[0] = stride;
+    const auto start = std::chrono::steady_clock::now();
+    if (absl::Status s = device_->RecordEvent(starts_[layer], nullptr);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = manager_->Append(plan_id, layer, key, value);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = device_->RecordEvent(ends_[layer], nullptr); !s.ok()) {
+      return s;
+    }
+    timing.host_ms += MillisSince(start);
+  }
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    absl::StatusOr<float> ms = device_->ElapsedMs(starts_[layer], ends_[layer]);
+    if (!ms.ok()) return ms.status();
+    timing.kernel_ms += *ms;
+  }
+  return timing;
+}
+
+absl::Status KvWriter::SampleError(SequenceId id, int layer, int64_t begin,
+                                   absl::Span<const TokenAt> tokens) {
+  const int64_t t = static_cast<int64_t>(tokens.size());
+  const int heads = config_.num_kv_heads;
+  const int64_t d_v = v_row_ / heads;
+  const size_t bytes = t * (k_row_ + v_row_) * sizeof(float);
+  if (gather_out_.size() < bytes) {
+    absl::StatusOr<Buffer> out = device_->Allocate(bytes);
+    if (!out.ok()) return out.status();
+    gather_out_ = *std::move(out);
+  }
+  const MemoryKind memory = device_->kind() == DeviceKind::kCuda
+                                ? MemoryKind::kCuda
+                                : MemoryKind::kHost;
+  TensorView key = TensorView::Contiguous(gather_out_.data(), DType::kFloat32,
+                                          {t, heads, config_.head_size}, memory,
+                                          config_.device);
+  TensorView value = TensorView::Contiguous(
+      gather_out_.as<float>() + t * k_row_, DType::kFloat32, {t, heads, d_v},
+      memory, config_.device);
+  if (absl::Status s = manager_->Gather(id, layer, begin, t, key, value);
+      !s.ok()) {
+    return s;
+  }
+  std::vector<float> got(t * (k_row_ + v_row_));
+  if (absl::Status s = device_->CopyToHost(got.data(), gather_out_.data(),
+                                           got.size() * sizeof(float));
+      !s.ok()) {
+    return s;
+  }
+  std::vector<float> exact(std::max(config_.head_size, static_cast<int>(d_v)));
+  for (bool is_value : {false, true}) {
+    const int64_t d = is_value ? d_v : config_.head_size;
+    const float* base = got.data() + (is_value ? t * k_row_ : 0);
+    for (int64_t i = 0; i < t; ++i) {
+      for (int h = 0; h < heads; ++h) {
+        synthetic_.Exact(layer, is_value, tokens[i], h, exact.data());
+        const float* row = base + (i * heads + h) * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const double diff = static_cast<double>(row[j]) - exact[j];
+          error_.error_sq += diff * diff;
+          error_.reference_sq += static_cast<double>(exact[j]) * exact[j];
+        }
+      }
+    }
+  }
+  error_.tokens += t;
+  ++error_.samples;
+  return absl::OkStatus();
+}
+
+int64_t KvWriter::BytesPerToken() const {
+  const int64_t elements = k_row_ + v_row_;
+  int64_t bytes = elements * (DTypeSize(config_.input_dtype) +
+                              DTypeSize(config_.cache_dtype));
+  if (IsQuantized(config_.cache_dtype)) {
+    bytes += 2 * config_.num_kv_heads * static_cast<int64_t>(sizeof(float));
+  }
+  return bytes * config_.num_layers;
+}
+
+}  // namespace kvcache::replay

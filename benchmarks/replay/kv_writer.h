@@ -1,0 +1,78 @@
+// KvWriter is the replay's stand-in for a model's forward pass: for a step's
+// plan it generates every layer's synthetic K/V (SyntheticKv) in the backend's
+// memory and appends it, timing the Append calls (device timing events on
+// CUDA, the host clock on the CPU). It also gathers committed tokens back and
+// accumulates their quantization error against the exact input.
+//
+// Not thread-safe: one scheduler drives it. Borrows the manager and device,
+// which must outlive it.
+
+#ifndef KVCACHE_BENCHMARKS_REPLAY_KV_WRITER_H_
+#define KVCACHE_BENCHMARKS_REPLAY_KV_WRITER_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "api/kv_cache_manager.h"
+#include "benchmarks/replay/synthetic_kv.h"
+#include "kvcache/device.h"
+
+namespace kvcache::replay {
+
+struct AppendTiming {
+  double host_ms = 0.0;    // Wall time inside the Append calls.
+  double kernel_ms = 0.0;  // Timed by events around each Append.
+};
+
+struct ErrorTotals {
+  double error_sq = 0.0;      // Sum of (gathered - exact)^2.
+  double reference_sq = 0.0;  // Sum of exact^2.
+  int64_t tokens = 0;         // Tokens gathered (each over all heads, K and V).
+  int64_t samples = 0;        // Gather calls.
+  double RelativeL2() const;
+};
+
+class KvWriter {
+ public:
+  // `max_tokens`: most tokens one step appends.
+  static absl::StatusOr<std::unique_ptr<KvWriter>> Create(
+      KVCacheManager* manager, Device* device, int64_t max_tokens);
+
+  // Appends all layers of `tokens` (the plan's tokens, in batch order).
+  absl::StatusOr<AppendTiming> AppendStep(uint64_t plan_id,
+                                          absl::Span<const TokenAt> tokens);
+
+  // Gathers committed tokens [begin, begin + tokens.size()) of `id` in
+  // `layer` (tokens[i] is the token at begin + i) and adds their error.
+  absl::Status SampleError(SequenceId id, int layer, int64_t begin,
+                           absl::Span<const TokenAt> tokens);
+
+  const ErrorTotals& error() const { return error_; }
+  // Bytes one token moves over all layers: K/V read plus cache and scales
+  // written.
+  int64_t BytesPerToken() const;
+
+ private:
+  KvWriter(KVCacheManager* manager, Device* device, int64_t max_tokens);
+
+  KVCacheManager* manager_;
+  Device* device_;
+  KVCacheConfig config_;
+  SyntheticKv synthetic_;
+  int64_t max_tokens_;
+  int64_t k_row_ = 0;  // Elements of K per token (heads * head_size).
+  int64_t v_row_ = 0;
+  std::vector<Buffer> staging_;  // Per layer on CUDA; one on the CPU.
+  std::vector<Buffer> inputs_;   // Per layer, in the backend's memory.
+  std::vector<Event> starts_;
+  std::vector<Event> ends_;
+  Buffer gather_out_;
+  ErrorTotals error_;
+};
+
+}  // namespace kvcache::replay
+
+#endif  // KVCACHE_BENCHMARKS_REPLAY_KV_WRITER_H_

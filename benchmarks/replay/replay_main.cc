@@ -1,0 +1,206 @@
+// Replays the Mooncake conversation trace through a KVCacheManager: continuous
+// batching with chunked prefill, one-token decode steps, preemption on a full
+// pool, synthetic K/V for every layer. Prints a report (README.md, "Main job:
+// trace replay"); --json writes it as JSON too.
+//
+//   bazel run -c opt //benchmarks/replay:replay -- --backend=cuda
+//   --max_requests=0
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "api/kv_cache_manager.h"
+#include "benchmarks/replay/kv_writer.h"
+#include "benchmarks/replay/progress.h"
+#include "benchmarks/replay/replay_report.h"
+#include "benchmarks/replay/replay_scheduler.h"
+#include "benchmarks/trace.h"
+#include "kvcache/device.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
+
+ABSL_FLAG(std::string, trace, "data/mooncake_conversation_trace.jsonl",
+          "Mooncake trace (JSONL). A relative path is tried against "
+          "$BUILD_WORKSPACE_DIRECTORY (bazel run), then the working "
+          "directory; $KVCACHE_DATA_DIR/mooncake_conversation_trace.jsonl "
+          "is tried last.");
+ABSL_FLAG(int64_t, max_requests, 8,
+          "Replay the first N requests of the trace; 0 = all (12,031).");
+ABSL_FLAG(bool, back_to_back, false,
+          "Ignore timestamps: every request arrives at time 0.");
+ABSL_FLAG(double, step_ms, 50.0,
+          "Simulated model time per step: arrivals are compared with a clock "
+          "that advances this much per step (idle gaps are skipped).");
+ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda.");
+ABSL_FLAG(int, device, 0, "CUDA device ordinal.");
+ABSL_FLAG(int, num_layers, 32, "Model layers.");
+ABSL_FLAG(int, num_kv_heads, 8, "KV heads.");
+ABSL_FLAG(int, head_size, 128, "Head size of K (and V).");
+ABSL_FLAG(std::string, cache_dtype, "int8",
+          "int8, fp8 (e4m3), bf16 or fp16. K/V input is bf16 (fp16 for an "
+          "fp16 cache).");
+ABSL_FLAG(int, block_size, 16, "Tokens per block.");
+ABSL_FLAG(int64_t, num_blocks, 2048,
+          "Pool capacity in blocks (shared by all layers); 0 = use "
+          "--memory_fraction.");
+ABSL_FLAG(double, memory_fraction, 0.0,
+          "Capacity as a fraction of free device memory (with "
+          "--num_blocks=0).");
+ABSL_FLAG(int, max_running, 64, "Most requests running at once.");
+ABSL_FLAG(int64_t, token_budget, 2048, "Tokens per step (prefill + decode).");
+ABSL_FLAG(int, error_samples, 64,
+          "Committed blocks gathered back to measure the quantization error.");
+ABSL_FLAG(std::string, json, "", "Also write the report as JSON to this path.");
+ABSL_FLAG(double, progress_interval_s, 10.0,
+          "Seconds between progress lines when stderr is not a terminal.");
+
+namespace kvcache::replay {
+namespace {
+
+std::string ResolveTrace(const std::string& flag) {
+  std::vector<std::string> candidates;
+  if (!flag.empty() && flag[0] != '/') {
+    if (const char* ws = std::getenv("BUILD_WORKSPACE_DIRECTORY")) {
+      candidates.push_back(absl::StrCat(ws, "/", flag));
+    }
+  }
+  candidates.push_back(flag);
+  if (const char* dir = std::getenv("KVCACHE_DATA_DIR")) {
+    candidates.push_back(
+        absl::StrCat(dir, "/mooncake_conversation_trace.jsonl"));
+  }
+  for (const std::string& path : candidates) {
+    if (access(path.c_str(), R_OK) == 0) return path;
+  }
+  return flag;
+}
+
+absl::StatusOr<KVCacheConfig> MakeConfig() {
+  KVCacheConfig config;
+  config.num_layers = absl::GetFlag(FLAGS_num_layers);
+  config.num_kv_heads = absl::GetFlag(FLAGS_num_kv_heads);
+  config.head_size = absl::GetFlag(FLAGS_head_size);
+  config.block_size = absl::GetFlag(FLAGS_block_size);
+  absl::StatusOr<DType> dtype = ParseDType(absl::GetFlag(FLAGS_cache_dtype));
+  if (!dtype.ok()) return dtype.status();
+  config.cache_dtype = *dtype;
+  config.input_dtype =
+      *dtype == DType::kFloat16 ? DType::kFloat16 : DType::kBFloat16;
+  const std::string backend = absl::GetFlag(FLAGS_backend);
+  if (backend != "cpu" && backend != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend ", backend, " is not cpu or cuda"));
+  }
+  config.backend = backend == "cuda" ? Backend::kCuda : Backend::kCpu;
+  config.device = absl::GetFlag(FLAGS_device);
+  config.num_blocks = absl::GetFlag(FLAGS_num_blocks);
+  if (config.num_blocks == 0) {
+    config.memory_fraction = absl::GetFlag(FLAGS_memory_fraction);
+  }
+  config.max_tokens_per_step =
+      static_cast<int32_t>(absl::GetFlag(FLAGS_token_budget));
+  config.max_sequences_per_step = std::max(1, absl::GetFlag(FLAGS_max_running));
+  config.logger_name = "replay";
+  return config;
+}
+
+absl::Status Run() {
+  const std::string path = ResolveTrace(absl::GetFlag(FLAGS_trace));
+  absl::StatusOr<std::vector<TraceRequest>> trace = LoadTrace(path);
+  if (!trace.ok()) return trace.status();
+  const int64_t max_requests = absl::GetFlag(FLAGS_max_requests);
+  if (max_requests > 0 && static_cast<int64_t>(trace->size()) > max_requests) {
+    trace->resize(max_requests);
+  }
+  std::stable_sort(trace->begin(), trace->end(),
+                   [](const TraceRequest& a, const TraceRequest& b) {
+                     return a.timestamp_ms < b.timestamp_ms;
+                   });
+  absl::StatusOr<KVCacheConfig> config = MakeConfig();
+  if (!config.ok()) return config.status();
+  std::unique_ptr<Device> device;
+  if (config->backend == Backend::kCuda) {
+    absl::StatusOr<std::unique_ptr<Device>> cuda =
+        CreateCudaDevice(config->device);
+    if (!cuda.ok()) return cuda.status();
+    device = *std::move(cuda);
+  } else {
+    device = CreateCpuDevice();
+  }
+  absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
+      KVCacheManager::Create(*config);
+  if (!manager.ok()) return manager.status();
+  absl::StatusOr<std::unique_ptr<KvWriter>> writer = KvWriter::Create(
+      manager->get(), device.get(), absl::GetFlag(FLAGS_token_budget));
+  if (!writer.ok()) return writer.status();
+
+  SchedulerOptions options;
+  options.token_budget = absl::GetFlag(FLAGS_token_budget);
+  options.max_running = absl::GetFlag(FLAGS_max_running);
+  options.back_to_back = absl::GetFlag(FLAGS_back_to_back);
+  options.step_ms = absl::GetFlag(FLAGS_step_ms);
+  options.error_samples = absl::GetFlag(FLAGS_error_samples);
+  spdlog::get("replay")->info("replaying {} requests of {}", trace->size(),
+                              path);
+  Scheduler scheduler(manager->get(), writer->get(), *std::move(trace),
+                      options);
+  Progress progress(stderr, scheduler.stats().requests_total,
+                    absl::GetFlag(FLAGS_progress_interval_s));
+  const auto start = std::chrono::steady_clock::now();
+  while (!scheduler.Done()) {
+    if (absl::Status s = scheduler.Step(); !s.ok()) return s;
+    const ReplayStats& stats = scheduler.stats();
+    progress.Update(stats.requests_finished + stats.requests_rejected,
+                    stats.tokens_appended());
+  }
+  const double wall_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+          .count();
+  const ReplayStats& stats = scheduler.stats();
+  progress.Finish(stats.requests_finished + stats.requests_rejected,
+                  stats.tokens_appended());
+  if (absl::Status s = (*manager)->Validate(); !s.ok()) return s;
+
+  ReplayReport report = MakeReport(stats, (*manager)->Metrics(),
+                                   (*writer)->BytesPerToken(), wall_s);
+  report.backend = absl::GetFlag(FLAGS_backend);
+  report.cache_dtype = std::string(DTypeName(config->cache_dtype));
+  report.num_layers = config->num_layers;
+  std::fputs(ReportText(report).c_str(), stdout);
+  const std::string json_path = absl::GetFlag(FLAGS_json);
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    out << ReportJson(report);
+    if (!out) {
+      return absl::InternalError(absl::StrCat("cannot write ", json_path));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace kvcache::replay
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  // The manager logs through "replay", on stderr, so stdout is the report.
+  spdlog::stderr_color_mt("replay");
+  const absl::Status status = kvcache::replay::Run();
+  if (!status.ok()) {
+    std::fprintf(stderr, "replay: %s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,135 @@
+#include "benchmarks/replay/replay_report.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "nlohmann/json.hpp"
+
+namespace kvcache::replay {
+namespace {
+
+// Nearest-rank percentile (p in (0, 100]) of unsorted values; 0 when empty.
+double Percentile(std::vector<double> values, double p) {
+  if (values.empty()) return 0.0;
+  std::sort(values.begin(), values.end());
+  const size_t rank = static_cast<size_t>(
+      std::ceil(p / 100.0 * static_cast<double>(values.size())));
+  return values[std::clamp<size_t>(rank, 1, values.size()) - 1];
+}
+
+}  // namespace
+
+ReplayReport MakeReport(const ReplayStats& stats,
+                        const MetricsSnapshot& metrics, int64_t bytes_per_token,
+                        double wall_s) {
+  ReplayReport r;
+  r.requests_total = stats.requests_total;
+  r.requests_finished = stats.requests_finished;
+  r.requests_rejected = stats.requests_rejected;
+  r.steps = stats.steps;
+  r.tokens_appended = stats.tokens_appended();
+  r.prefill_tokens = stats.prefill_tokens;
+  r.recompute_tokens = stats.recompute_tokens;
+  r.decode_tokens = stats.decode_tokens;
+  r.layer_appends = metrics.tokens_appended;
+  r.prefix_hit_rate = stats.prompt_tokens > 0
+                          ? static_cast<double>(stats.prefix_hit_tokens) /
+                                static_cast<double>(stats.prompt_tokens)
+                          : 0.0;
+  r.evictions = metrics.evictions;
+  r.preemptions = stats.preemptions;
+  r.peak_blocks_in_use = stats.peak_blocks_in_use;
+  r.total_blocks = metrics.blocks_total;
+  r.host_ms_median = Percentile(stats.step_host_ms, 50.0);
+  r.host_ms_p99 = Percentile(stats.step_host_ms, 99.0);
+  r.kernel_s = stats.kernel_ms / 1e3;
+  r.append_gb_per_s = r.kernel_s > 0.0
+                          ? static_cast<double>(r.tokens_appended) *
+                                static_cast<double>(bytes_per_token) /
+                                r.kernel_s / 1e9
+                          : 0.0;
+  r.quant_rel_l2 = stats.error.RelativeL2();
+  r.error_samples = stats.error.samples;
+  r.error_tokens = stats.error.tokens;
+  r.simulated_s = stats.simulated_ms / 1e3;
+  r.wall_s = wall_s;
+  r.tokens_per_s =
+      wall_s > 0.0 ? static_cast<double>(r.tokens_appended) / wall_s : 0.0;
+  return r;
+}
+
+std::string ReportText(const ReplayReport& r) {
+  std::string out =
+      absl::StrFormat("trace replay: %s backend, %s cache, %d layers\n",
+                      r.backend, r.cache_dtype, r.num_layers);
+  absl::StrAppendFormat(
+      &out, "  requests finished     %d of %d (%d rejected)\n",
+      r.requests_finished, r.requests_total, r.requests_rejected);
+  absl::StrAppendFormat(&out,
+                        "  tokens appended       %d (prefill %d, of which "
+                        "recomputed %d; decode %d)\n",
+                        r.tokens_appended, r.prefill_tokens, r.recompute_tokens,
+                        r.decode_tokens);
+  absl::StrAppendFormat(&out, "  layer appends         %d (tokens x layers)\n",
+                        r.layer_appends);
+  absl::StrAppendFormat(&out, "  steps                 %d\n", r.steps);
+  absl::StrAppendFormat(&out, "  prefix hit rate       %.1f%%\n",
+                        100.0 * r.prefix_hit_rate);
+  absl::StrAppendFormat(&out, "  evictions             %d blocks\n",
+                        r.evictions);
+  absl::StrAppendFormat(&out, "  preemptions           %d\n", r.preemptions);
+  absl::StrAppendFormat(&out, "  peak blocks in use    %d of %d\n",
+                        r.peak_blocks_in_use, r.total_blocks);
+  absl::StrAppendFormat(&out,
+                        "  host time per step    median %.3f ms, p99 %.3f ms\n",
+                        r.host_ms_median, r.host_ms_p99);
+  absl::StrAppendFormat(&out, "  kernel time           %.3f s\n", r.kernel_s);
+  absl::StrAppendFormat(&out, "  append bandwidth      %.2f GB/s\n",
+                        r.append_gb_per_s);
+  absl::StrAppendFormat(&out,
+                        "  quantization error    %.3e relative L2 (%d blocks, "
+                        "%d tokens gathered)\n",
+                        r.quant_rel_l2, r.error_samples, r.error_tokens);
+  absl::StrAppendFormat(&out,
+                        "  wall time             %.1f s (%.0f tokens/s; %.1f s "
+                        "of trace time)\n",
+                        r.wall_s, r.tokens_per_s, r.simulated_s);
+  return out;
+}
+
+std::string ReportJson(const ReplayReport& r) {
+  const nlohmann::json j = {
+      {"backend", r.backend},
+      {"cache_dtype", r.cache_dtype},
+      {"num_layers", r.num_layers},
+      {"requests_total", r.requests_total},
+      {"requests_finished", r.requests_finished},
+      {"requests_rejected", r.requests_rejected},
+      {"steps", r.steps},
+      {"tokens_appended", r.tokens_appended},
+      {"prefill_tokens", r.prefill_tokens},
+      {"recompute_tokens", r.recompute_tokens},
+      {"decode_tokens", r.decode_tokens},
+      {"layer_appends", r.layer_appends},
+      {"prefix_hit_rate", r.prefix_hit_rate},
+      {"evictions", r.evictions},
+      {"preemptions", r.preemptions},
+      {"peak_blocks_in_use", r.peak_blocks_in_use},
+      {"total_blocks", r.total_blocks},
+      {"host_ms_per_step_median", r.host_ms_median},
+      {"host_ms_per_step_p99", r.host_ms_p99},
+      {"kernel_s", r.kernel_s},
+      {"append_gb_per_s", r.append_gb_per_s},
+      {"quant_rel_l2_error", r.quant_rel_l2},
+      {"error_samples", r.error_samples},
+      {"error_tokens", r.error_tokens},
+      {"simulated_s", r.simulated_s},
+      {"wall_s", r.wall_s},
+      {"tokens_per_s", r.tokens_per_s},
+  };
+  return j.dump(2) + "\n";
+}
+
+}  // namespace kvcache::replay

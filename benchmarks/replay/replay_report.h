@@ -1,0 +1,54 @@
+// ReplayReport: the figures of one trace replay, printed as text or JSON.
+// Plain value type.
+
+#ifndef KVCACHE_BENCHMARKS_REPLAY_REPLAY_REPORT_H_
+#define KVCACHE_BENCHMARKS_REPLAY_REPLAY_REPORT_H_
+
+#include <cstdint>
+#include <string>
+
+#include "api/metrics.h"
+#include "benchmarks/replay/replay_scheduler.h"
+
+namespace kvcache::replay {
+
+struct ReplayReport {
+  std::string backend;
+  std::string cache_dtype;
+  int64_t num_layers = 0;
+  int64_t requests_total = 0;
+  int64_t requests_finished = 0;
+  int64_t requests_rejected = 0;
+  int64_t steps = 0;
+  int64_t tokens_appended = 0;  // Prefill + decode tokens (each all layers).
+  int64_t prefill_tokens = 0;
+  int64_t recompute_tokens = 0;
+  int64_t decode_tokens = 0;
+  int64_t layer_appends = 0;     // Manager metric: tokens x layers.
+  double prefix_hit_rate = 0.0;  // Prompt tokens found cached.
+  int64_t evictions = 0;
+  int64_t preemptions = 0;
+  int64_t peak_blocks_in_use = 0;
+  int64_t total_blocks = 0;
+  double host_ms_median = 0.0;  // Per step.
+  double host_ms_p99 = 0.0;
+  double kernel_s = 0.0;
+  double append_gb_per_s = 0.0;  // (K/V read + cache/scales written) / kernel.
+  double quant_rel_l2 = 0.0;
+  int64_t error_samples = 0;
+  int64_t error_tokens = 0;
+  double simulated_s = 0.0;
+  double wall_s = 0.0;
+  double tokens_per_s = 0.0;  // tokens_appended / wall_s.
+};
+
+ReplayReport MakeReport(const ReplayStats& stats,
+                        const MetricsSnapshot& metrics, int64_t bytes_per_token,
+                        double wall_s);
+
+std::string ReportText(const ReplayReport& report);
+std::string ReportJson(const ReplayReport& report);
+
+}  // namespace kvcache::replay
+
+#endif  // KVCACHE_BENCHMARKS_REPLAY_REPLAY_REPORT_H_

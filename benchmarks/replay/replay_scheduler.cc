@@ -1,0 +1,270 @@
+#include "benchmarks/replay/replay_scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvcache::replay {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MillisSince(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start)
+      .count();
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+TokenId DecodeToken(int64_t request, int64_t index) {
+  uint64_t x = (static_cast<uint64_t>(request) << 24) ^
+               static_cast<uint64_t>(index) ^ 0xdec0de0000000000ULL;
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  x ^= x >> 31;
+  return static_cast<TokenId>(x & 0x7fffffffU);
+}
+
+struct Scheduler::Request {
+  int64_t index = 0;  // In the trace.
+  const TraceRequest* trace = nullptr;
+  std::vector<TokenId> tokens;  // Prompt, then the tokens decoded so far.
+  SequenceId sequence = 0;      // 0 while not admitted.
+  int64_t computed = 0;         // Tokens committed in the current admission.
+  int64_t max_computed = 0;     // Over all admissions (for recompute counts).
+  int64_t generated = 0;        // Output tokens decoded.
+  bool admitted_before = false;
+};
+
+Scheduler::Scheduler(KVCacheManager* manager, KvWriter* writer,
+                     std::vector<TraceRequest> requests,
+                     SchedulerOptions options)
+    : manager_(manager),
+      writer_(writer),
+      trace_(std::move(requests)),
+      options_(options) {
+  stats_.requests_total = static_cast<int64_t>(trace_.size());
+  if (options_.error_samples > 0) {
+    sample_every_ = std::max<int64_t>(
+        1, static_cast<int64_t>(trace_.size()) / options_.error_samples);
+  }
+}
+
+Scheduler::~Scheduler() = default;
+
+bool Scheduler::Done() const {
+  return next_arrival_ >= trace_.size() && waiting_.empty() && running_.empty();
+}
+
+void Scheduler::Arrive() {
+  const int64_t block_size = manager_->config().block_size;
+  while (next_arrival_ < trace_.size() &&
+         (options_.back_to_back ||
+          trace_[next_arrival_].timestamp_ms <= now_ms_)) {
+    const TraceRequest& t = trace_[next_arrival_];
+    if (CeilDiv(t.input_length + t.output_length, block_size) >
+        manager_->TotalBlocks()) {
+      ++stats_.requests_rejected;  // Could never fit, even alone.
+    } else {
+      auto r = std::make_unique<Request>();
+      r->index = static_cast<int64_t>(next_arrival_);
+      r->trace = &t;
+      waiting_.push_back(std::move(r));
+    }
+    ++next_arrival_;
+  }
+}
+
+void Scheduler::BuildRunningEntries(std::vector<Entry>* entries,
+                                    int64_t* budget) {
+  for (const std::unique_ptr<Request>& r : running_) {
+    if (*budget == 0) break;
+    const int64_t pending =
+        static_cast<int64_t>(r->tokens.size()) - r->computed;
+    if (pending > 0) {
+      const int64_t n = std::min(pending, *budget);
+      entries->push_back({r.get(), n, /*decode=*/false});
+      *budget -= n;
+    } else {
+      entries->push_back({r.get(), 1, /*decode=*/true});
+      *budget -= 1;
+    }
+  }
+}
+
+absl::Status Scheduler::AdmitWaiting(std::vector<Entry>* entries,
+                                     int64_t* budget) {
+  while (*budget > 0 && !waiting_.empty() &&
+         static_cast<int>(running_.size()) < options_.max_running) {
+    Request* r = waiting_.front().get();
+    if (r->tokens.empty()) r->tokens = TracePrompt(*r->trace);
+    const SequenceId id = next_sequence_id_++;
+    absl::StatusOr<int64_t> hit = manager_->AddSequence(id, r->tokens);
+    if (!hit.ok()) return hit.status();
+    const int64_t n =
+        std::min(static_cast<int64_t>(r->tokens.size()) - *hit, *budget);
+    entries->push_back({r, n, /*decode=*/false});
+    r->sequence = id;
+    r->computed = *hit;
+    const absl::Status fits = manager_->CanReserve(ToReserve(*entries));
+    if (absl::IsResourceExhausted(fits)) {
+      entries->pop_back();
+      r->sequence = 0;
+      r->computed = 0;
+      return manager_->Free(id);
+    }
+    if (!fits.ok()) return fits;
+    if (!r->admitted_before) {
+      stats_.prompt_tokens += static_cast<int64_t>(r->tokens.size());
+      stats_.prefix_hit_tokens += *hit;
+      r->admitted_before = true;
+    }
+    *budget -= n;
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::Preempt(std::vector<Entry>* entries) {
+  std::unique_ptr<Request> victim = std::move(running_.back());
+  running_.pop_back();
+  entries->erase(
+      std::remove_if(entries->begin(), entries->end(),
+                     [&](const Entry& e) { return e.request == victim.get(); }),
+      entries->end());
+  if (absl::Status s = manager_->Free(victim->sequence); !s.ok()) return s;
+  victim->sequence = 0;
+  victim->computed = 0;
+  if (running_.empty()) {
+    ++stats_.requests_rejected;  // Does not fit even alone.
+    return absl::OkStatus();
+  }
+  ++stats_.preemptions;
+  waiting_.push_front(std::move(victim));
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::Finish(Request* r) {
+  const int64_t block_size = manager_->config().block_size;
+  if (options_.error_samples > 0 &&
+      stats_.error.samples < options_.error_samples &&
+      stats_.requests_finished % sample_every_ == 0 && r->computed > 0) {
+    // One committed block (or the whole sequence if shorter) of one layer.
+    const int64_t n = std::min(block_size, r->computed);
+    const int64_t blocks = r->computed / n;
+    const int64_t begin = (r->index * 7919 % blocks) * n;
+    const int layer =
+        static_cast<int>(r->index % manager_->config().num_layers);
+    std::vector<TokenAt> tokens;
+    for (int64_t p = begin; p < begin + n; ++p) {
+      tokens.push_back({r->tokens[p], p});
+    }
+    if (absl::Status s =
+            writer_->SampleError(r->sequence, layer, begin, tokens);
+        !s.ok()) {
+      return s;
+    }
+    stats_.error = writer_->error();
+  }
+  ++stats_.requests_finished;
+  return manager_->Free(r->sequence);
+}
+
+std::vector<ReserveRequest> Scheduler::ToReserve(
+    const std::vector<Entry>& entries) {
+  std::vector<ReserveRequest> batch;
+  batch.reserve(entries.size());
+  for (const Entry& e : entries) {
+    ReserveRequest request;
+    request.sequence = e.request->sequence;
+    request.num_tokens = e.num_tokens;
+    if (e.decode) {
+      request.new_token_ids = {
+          DecodeToken(e.request->index, e.request->generated)};
+    }
+    batch.push_back(std::move(request));
+  }
+  return batch;
+}
+
+absl::Status Scheduler::Step() {
+  Arrive();
+  if (running_.empty() && waiting_.empty()) {
+    if (next_arrival_ >= trace_.size()) return absl::OkStatus();
+    now_ms_ = std::max<double>(now_ms_, trace_[next_arrival_].timestamp_ms);
+    Arrive();                                       // Skip the idle gap.
+    if (waiting_.empty()) return absl::OkStatus();  // All rejected.
+  }
+  const Clock::time_point start = Clock::now();
+  std::vector<Entry> entries;
+  int64_t budget = options_.token_budget;
+  BuildRunningEntries(&entries, &budget);
+  if (absl::Status s = AdmitWaiting(&entries, &budget); !s.ok()) return s;
+  absl::StatusOr<StepPlanInfo> plan;
+  while (!entries.empty()) {
+    plan = manager_->Reserve(ToReserve(entries));
+    if (plan.ok()) break;
+    if (!absl::IsResourceExhausted(plan.status())) return plan.status();
+    if (absl::Status s = Preempt(&entries); !s.ok()) return s;
+  }
+  now_ms_ += options_.step_ms;
+  if (entries.empty()) return absl::OkStatus();
+  double host_ms = MillisSince(start);
+  stats_.peak_blocks_in_use =
+      std::max(stats_.peak_blocks_in_use, manager_->Metrics().blocks_in_use);
+
+  std::vector<TokenAt> tokens;
+  for (const Entry& e : entries) {
+    Request* r = e.request;
+    if (e.decode) r->tokens.push_back(DecodeToken(r->index, r->generated));
+    for (int64_t k = 0; k < e.num_tokens; ++k) {
+      tokens.push_back({r->tokens[r->computed + k], r->computed + k});
+    }
+  }
+  absl::StatusOr<AppendTiming> timing = writer_->AppendStep(plan->id, tokens);
+  if (!timing.ok()) return timing.status();
+  const Clock::time_point commit_start = Clock::now();
+  if (absl::Status s = manager_->Commit(plan->id); !s.ok()) return s;
+  host_ms += timing->host_ms + MillisSince(commit_start);
+  stats_.kernel_ms += timing->kernel_ms;
+  ++stats_.steps;
+
+  for (const Entry& e : entries) {
+    Request* r = e.request;
+    if (e.decode) {
+      ++r->generated;
+      ++stats_.decode_tokens;
+    } else {
+      stats_.prefill_tokens += e.num_tokens;
+      stats_.recompute_tokens += std::max<int64_t>(
+          0,
+          std::min(r->max_computed, r->computed + e.num_tokens) - r->computed);
+    }
+    r->computed += e.num_tokens;
+    r->max_computed = std::max(r->max_computed, r->computed);
+  }
+  // Free the finished, keeping the others in admission order.
+  std::vector<std::unique_ptr<Request>> still_running;
+  for (std::unique_ptr<Request>& r : running_) {
+    if (r->computed == static_cast<int64_t>(r->tokens.size()) &&
+        r->generated >= r->trace->output_length) {
+      const Clock::time_point free_start = Clock::now();
+      if (absl::Status s = Finish(r.get()); !s.ok()) return s;
+      host_ms += MillisSince(free_start);
+    } else {
+      still_running.push_back(std::move(r));
+    }
+  }
+  running_ = std::move(still_running);
+  stats_.step_host_ms.push_back(host_ms);
+  stats_.simulated_ms = now_ms_;
+  return absl::OkStatus();
+}
+
+}  // namespace kvcache::replay

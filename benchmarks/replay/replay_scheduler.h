@@ -1,0 +1,110 @@
+// Scheduler replays a Mooncake trace through a KVCacheManager the way a
+// serving engine's continuous-batching loop would. Each Step:
+//   1. Requests whose arrival time has come join the waiting queue (by
+//      timestamp on a simulated clock that advances step_ms per step and skips
+//      idle gaps, or all at once with back_to_back).
+//   2. Running requests, oldest first, take tokens from the step's budget: one
+//      token each when decoding, a chunk of the rest of the prompt otherwise.
+//   3. While budget and running slots remain, the oldest waiting request is
+//      added (its prompt from TraceToken; the prefix cache skips what it
+//      holds) and given a prefill chunk, if the pool can hold the batch.
+//   4. Reserve the batch. On ResourceExhausted the newest running request is
+//      preempted (freed, requeued at the front of the waiting queue to be
+//      recomputed later: prompt plus the tokens it had decoded) and Reserve is
+//      retried without it.
+//   5. KvWriter appends every layer; Commit. A request that has decoded
+//      output_length tokens is freed (after an optional quantization-error
+//      sample of one committed block).
+// A request that cannot fit in the whole pool (prompt + output) is rejected
+// and counted. Decode steps pass a deterministic token id per (request, output
+// index) as new_token_ids. Not thread-safe.
+
+#ifndef KVCACHE_BENCHMARKS_REPLAY_REPLAY_SCHEDULER_H_
+#define KVCACHE_BENCHMARKS_REPLAY_REPLAY_SCHEDULER_H_
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "api/kv_cache_manager.h"
+#include "benchmarks/replay/kv_writer.h"
+#include "benchmarks/trace.h"
+
+namespace kvcache::replay {
+
+struct SchedulerOptions {
+  int64_t token_budget = 2048;  // Tokens per step, prefill and decode.
+  int max_running = 64;         // Requests running at once.
+  bool back_to_back = false;    // Ignore timestamps: all arrive at time 0.
+  double step_ms = 50.0;        // Simulated time per step.
+  int error_samples = 64;       // Blocks gathered for the error figure.
+};
+
+struct ReplayStats {
+  int64_t requests_total = 0;
+  int64_t requests_finished = 0;
+  int64_t requests_rejected = 0;  // Larger than the whole pool.
+  int64_t steps = 0;
+  int64_t prompt_tokens = 0;      // At first admission.
+  int64_t prefix_hit_tokens = 0;  // Of those, found in the prefix cache.
+  int64_t prefill_tokens = 0;     // Prompt tokens computed (all admissions).
+  int64_t recompute_tokens = 0;   // Of those, recomputed after preemption.
+  int64_t decode_tokens = 0;      // Output tokens appended.
+  int64_t preemptions = 0;
+  int64_t peak_blocks_in_use = 0;
+  double simulated_ms = 0.0;
+  double kernel_ms = 0.0;            // Summed over steps.
+  std::vector<double> step_host_ms;  // Manager calls per step (host wall time).
+  ErrorTotals error;
+
+  int64_t tokens_appended() const { return prefill_tokens + decode_tokens; }
+};
+
+// The id decode step `index` of request `request` appends.
+TokenId DecodeToken(int64_t request, int64_t index);
+
+class Scheduler {
+ public:
+  // Borrows manager and writer. `requests` sorted by timestamp.
+  Scheduler(KVCacheManager* manager, KvWriter* writer,
+            std::vector<TraceRequest> requests, SchedulerOptions options);
+  ~Scheduler();
+
+  bool Done() const;
+  absl::Status Step();
+  const ReplayStats& stats() const { return stats_; }
+
+ private:
+  struct Request;
+  struct Entry {
+    Request* request;
+    int64_t num_tokens;
+    bool decode;
+  };
+
+  void Arrive();
+  void BuildRunningEntries(std::vector<Entry>* entries, int64_t* budget);
+  absl::Status AdmitWaiting(std::vector<Entry>* entries, int64_t* budget);
+  absl::Status Preempt(std::vector<Entry>* entries);
+  absl::Status Finish(Request* request);
+  static std::vector<ReserveRequest> ToReserve(
+      const std::vector<Entry>& entries);
+
+  KVCacheManager* manager_;
+  KvWriter* writer_;
+  std::vector<TraceRequest> trace_;
+  SchedulerOptions options_;
+  size_t next_arrival_ = 0;
+  double now_ms_ = 0.0;
+  int64_t next_sequence_id_ = 1;
+  int64_t sample_every_ = 1;
+  std::deque<std::unique_ptr<Request>> waiting_;
+  std::vector<std::unique_ptr<Request>> running_;  // Admission order.
+  ReplayStats stats_;
+};
+
+}  // namespace kvcache::replay
+
+#endif  // KVCACHE_BENCHMARKS_REPLAY_REPLAY_SCHEDULER_H_

@@ -1,0 +1,196 @@
+#include "benchmarks/replay/replay_scheduler.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "api/kv_cache_manager.h"
+#include "benchmarks/replay/kv_writer.h"
+#include "benchmarks/replay/replay_report.h"
+#include "benchmarks/trace.h"
+#include "gtest/gtest.h"
+#include "kvcache/device.h"
+#include "nlohmann/json.hpp"
+
+namespace kvcache::replay {
+namespace {
+
+constexpr int kLayers = 2;
+
+// 12 requests of 20..300 prompt tokens; every third starts a new "conversation"
+// (hash id), the others continue the previous one, so prefixes are shared.
+std::vector<TraceRequest> TinyTrace() {
+  std::vector<TraceRequest> trace;
+  for (int i = 0; i < 12; ++i) {
+    TraceRequest r;
+    r.timestamp_ms = 100 * i;
+    r.input_length = 20 + (i % 3) * 130 + i;
+    r.output_length = 3 + i % 5;
+    r.hash_ids = {1000 + i / 3};
+    trace.push_back(r);
+  }
+  return trace;
+}
+
+struct Harness {
+  std::unique_ptr<Device> device = CreateCpuDevice();
+  std::unique_ptr<KVCacheManager> manager;
+  std::unique_ptr<KvWriter> writer;
+  std::unique_ptr<Scheduler> scheduler;
+
+  Harness(int64_t num_blocks, SchedulerOptions options,
+          std::vector<TraceRequest> trace = TinyTrace()) {
+    KVCacheConfig config;
+    config.num_layers = kLayers;
+    config.num_kv_heads = 2;
+    config.head_size = 32;
+    config.block_size = 16;
+    config.cache_dtype = DType::kInt8;
+    config.num_blocks = num_blocks;
+    config.max_tokens_per_step = static_cast<int32_t>(options.token_budget);
+    manager = KVCacheManager::Create(config).value();
+    writer = KvWriter::Create(manager.get(), device.get(), options.token_budget)
+                 .value();
+    scheduler = std::make_unique<Scheduler>(manager.get(), writer.get(),
+                                            std::move(trace), options);
+  }
+
+  void RunToEnd() {
+    for (int i = 0; i < 100000 && !scheduler->Done(); ++i) {
+      ASSERT_TRUE(scheduler->Step().ok());
+    }
+    ASSERT_TRUE(scheduler->Done());
+    ASSERT_TRUE(manager->Validate().ok());
+  }
+};
+
+SchedulerOptions Options() {
+  SchedulerOptions options;
+  options.token_budget = 64;
+  options.max_running = 4;
+  options.back_to_back = true;
+  options.error_samples = 12;
+  return options;
+}
+
+TEST(ReplaySchedulerTest, EveryRequestFinishesAndEveryTokenIsAppended) {
+  Harness h(/*num_blocks=*/512, Options());
+  h.RunToEnd();
+  const ReplayStats& s = h.scheduler->stats();
+  int64_t prompt = 0, output = 0;
+  for (const TraceRequest& r : TinyTrace()) {
+    prompt += r.input_length;
+    output += r.output_length;
+  }
+  EXPECT_EQ(s.requests_finished, 12);
+  EXPECT_EQ(s.requests_rejected, 0);
+  EXPECT_EQ(s.preemptions, 0);
+  EXPECT_EQ(s.prompt_tokens, prompt);
+  EXPECT_GT(s.prefix_hit_tokens, 0);  // Continuations share their prefix.
+  EXPECT_EQ(s.prefill_tokens, prompt - s.prefix_hit_tokens);
+  EXPECT_EQ(s.decode_tokens, output);
+  const MetricsSnapshot m = h.manager->Metrics();
+  EXPECT_EQ(m.tokens_appended,
+            kLayers * (prompt - s.prefix_hit_tokens + output));
+  EXPECT_EQ(m.prefix_hit_tokens, s.prefix_hit_tokens);
+  EXPECT_EQ(m.blocks_in_use, 0);
+  EXPECT_EQ(m.sequences, 0);
+  EXPECT_EQ(static_cast<int64_t>(s.step_host_ms.size()), s.steps);
+  // Every prefill chunk and decode token fits the budget of 64.
+  EXPECT_GE(s.steps, (prompt - s.prefix_hit_tokens + output + 63) / 64);
+}
+
+TEST(ReplaySchedulerTest, TinyPoolPreemptsAndStillFinishesEverything) {
+  SchedulerOptions options = Options();
+  options.max_running = 8;
+  Harness h(/*num_blocks=*/24, options);
+  h.RunToEnd();
+  const ReplayStats& s = h.scheduler->stats();
+  EXPECT_EQ(s.requests_finished, 12);
+  EXPECT_EQ(s.requests_rejected, 0);
+  EXPECT_GT(s.preemptions, 0);
+  EXPECT_LE(s.peak_blocks_in_use, 24);
+  const MetricsSnapshot m = h.manager->Metrics();
+  EXPECT_EQ(m.tokens_appended, kLayers * s.tokens_appended());
+  EXPECT_GT(m.reserve_failures, 0);
+  EXPECT_EQ(m.blocks_in_use, 0);
+}
+
+TEST(ReplaySchedulerTest, RequestLargerThanThePoolIsRejected) {
+  std::vector<TraceRequest> trace = TinyTrace();
+  trace[4].input_length = 500;  // 32 blocks of 16 > 24.
+  Harness h(/*num_blocks=*/24, Options(), trace);
+  h.RunToEnd();
+  EXPECT_EQ(h.scheduler->stats().requests_rejected, 1);
+  EXPECT_EQ(h.scheduler->stats().requests_finished, 11);
+}
+
+TEST(ReplaySchedulerTest, GatheredBlocksMatchTheInputWithinInt8Error) {
+  Harness h(/*num_blocks=*/512, Options());
+  h.RunToEnd();
+  const ErrorTotals& e = h.scheduler->stats().error;
+  EXPECT_EQ(e.samples, 12);
+  EXPECT_GT(e.tokens, 12);
+  // int8 per-(token, head) rounding on Gaussian data: about 6.5e-3.
+  EXPECT_GT(e.RelativeL2(), 3e-3);
+  EXPECT_LT(e.RelativeL2(), 1e-2);
+}
+
+TEST(ReplaySchedulerTest, ArrivalsFollowTimestamps) {
+  SchedulerOptions options = Options();
+  options.back_to_back = false;
+  options.step_ms = 1.0;
+  std::vector<TraceRequest> trace = TinyTrace();
+  trace.back().timestamp_ms = 1000000;  // Long idle gap before the last.
+  Harness h(/*num_blocks=*/512, options, trace);
+  h.RunToEnd();
+  const ReplayStats& s = h.scheduler->stats();
+  EXPECT_EQ(s.requests_finished, 12);
+  EXPECT_GE(s.simulated_ms, 1000000.0);  // The gap was skipped, not stepped.
+  EXPECT_LT(s.steps, 1000);
+}
+
+TEST(ReplaySchedulerTest, JsonReportParsesAndHasEveryField) {
+  Harness h(/*num_blocks=*/24, Options());
+  h.RunToEnd();
+  ReplayReport report = MakeReport(h.scheduler->stats(), h.manager->Metrics(),
+                                   h.writer->BytesPerToken(), /*wall_s=*/1.0);
+  const nlohmann::json j = nlohmann::json::parse(ReportJson(report));
+  for (const char* key : {"backend",
+                          "cache_dtype",
+                          "num_layers",
+                          "requests_total",
+                          "requests_finished",
+                          "requests_rejected",
+                          "steps",
+                          "tokens_appended",
+                          "prefill_tokens",
+                          "recompute_tokens",
+                          "decode_tokens",
+                          "layer_appends",
+                          "prefix_hit_rate",
+                          "evictions",
+                          "preemptions",
+                          "peak_blocks_in_use",
+                          "total_blocks",
+                          "host_ms_per_step_median",
+                          "host_ms_per_step_p99",
+                          "kernel_s",
+                          "append_gb_per_s",
+                          "quant_rel_l2_error",
+                          "error_samples",
+                          "error_tokens",
+                          "simulated_s",
+                          "wall_s",
+                          "tokens_per_s"}) {
+    EXPECT_TRUE(j.contains(key)) << key;
+  }
+  EXPECT_EQ(j["requests_finished"], 12);
+  EXPECT_EQ(j["layer_appends"], h.manager->Metrics().tokens_appended);
+  EXPECT_GT(j["append_gb_per_s"].get<double>(), 0.0);
+  EXPECT_GT(j["prefix_hit_rate"].get<double>(), 0.0);
+  EXPECT_NE(ReportText(report).find("preemptions"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace kvcache::replay

@@ -7,7 +7,7 @@
 #   OUT_DIR/run_all.sh LOG_DIR [--memcheck] [--racecheck] [--no-bench]
 #
 # GPU tests are the test targets tagged "gpu"; GPU benchmarks are the binaries under //benchmarks
-# tagged "gpu". Extra bazel flags can be passed in BAZEL_FLAGS.
+# tagged "gpu"; binaries tagged "gpu_tool" (the trace replay) are copied to tools/ but not run. Extra bazel flags can be passed in BAZEL_FLAGS.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -17,15 +17,17 @@ flags=(-c opt ${BAZEL_FLAGS:-})
 tests=$(bazel query --noshow_progress 'attr(tags, "\bgpu\b", tests(//...))' 2>/dev/null)
 benches=$(bazel query --noshow_progress \
   'attr(tags, "\bgpu\b", kind("cc_binary", //benchmarks/...))' 2>/dev/null || true)
+gpu_tools=$(bazel query --noshow_progress 'attr(tags, "\bgpu_tool\b", kind("cc_binary", //...))' \
+  2>/dev/null || true)
 if [[ -z "$tests" ]]; then
   echo "bundle_gpu: no test target is tagged gpu" >&2
   exit 1
 fi
 # shellcheck disable=SC2086
-bazel build "${flags[@]}" $tests $benches
+bazel build "${flags[@]}" $tests $benches $gpu_tools
 
 rm -rf "$out"
-mkdir -p "$out/tests" "$out/benchmarks" "$out/lib" "$out/data"
+mkdir -p "$out/tests" "$out/benchmarks" "$out/tools" "$out/lib" "$out/data"
 bin_dir=$(bazel info "${flags[@]}" bazel-bin 2>/dev/null)
 copy_target() {  # label, destination folder
   local label="$1" dest="$2"
@@ -35,10 +37,11 @@ copy_target() {  # label, destination folder
 }
 for t in $tests; do copy_target "$t" "$out/tests"; done
 for b in $benches; do copy_target "$b" "$out/benchmarks"; done
+for g in $gpu_tools; do copy_target "$g" "$out/tools"; done
 
 # Shared libraries every Linux host has (glibc and the driver) stay behind; the rest travel.
 system_lib='^(linux-vdso|ld-linux|libc\.|libm\.|libdl\.|libpthread\.|librt\.|libcuda\.|libnvidia)'
-for exe in "$out"/tests/* "$out"/benchmarks/*; do
+for exe in "$out"/tests/* "$out"/benchmarks/* "$out"/tools/*; do
   [[ -e "$exe" ]] || continue
   ldd "$exe" | awk '/=> \// {print $1, $3}' | while read -r name path; do
     if [[ ! "$name" =~ $system_lib && ! -e "$out/lib/$name" ]]; then

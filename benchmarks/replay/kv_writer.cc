@@ -1,7 +1,10 @@
 #include "benchmarks/replay/kv_writer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -47,17 +50,11 @@ absl::StatusOr<std::unique_ptr<KvWriter>> KvWriter::Create(
   const int layers = w->config_.num_layers;
   // K then V per token, like a slice of a fused QKV output.
   const size_t bytes = max_tokens * (w->k_row_ + w->v_row_) * sizeof(uint16_t);
-  for (int l = 0; l < (cuda ? layers : 1); ++l) {
-    absl::StatusOr<Buffer> staging = device->AllocateStaging(bytes);
-    if (!staging.ok()) return staging.status();
-    w->staging_.push_back(*std::move(staging));
+  if (absl::Status s = cuda ? w->InitDevice(bytes) : w->InitHost(bytes);
+      !s.ok()) {
+    return s;
   }
   for (int l = 0; l < layers; ++l) {
-    if (cuda) {
-      absl::StatusOr<Buffer> input_buffer = device->Allocate(bytes);
-      if (!input_buffer.ok()) return input_buffer.status();
-      w->inputs_.push_back(*std::move(input_buffer));
-    }
     absl::StatusOr<Event> start = device->CreateTimingEvent();
     if (!start.ok()) return start.status();
     absl::StatusOr<Event> end = device->CreateTimingEvent();
@@ -66,6 +63,87 @@ absl::StatusOr<std::unique_ptr<KvWriter>> KvWriter::Create(
     w->ends_.push_back(*std::move(end));
   }
   return w;
+}
+
+absl::Status KvWriter::InitHost(size_t bytes) {
+  absl::StatusOr<Buffer> staging = device_->AllocateStaging(bytes);
+  if (!staging.ok()) return staging.status();
+  staging_ = *std::move(staging);
+  return absl::OkStatus();
+}
+
+absl::Status KvWriter::InitDevice(size_t bytes) {
+  const std::vector<uint16_t>& table = synthetic_.table();
+  const size_t table_bytes = table.size() * sizeof(uint16_t);
+  const size_t token_bytes =
+      PositionsOffset() * sizeof(int32_t) + max_tokens_ * sizeof(int64_t);
+  for (auto [buffer, size, pinned] :
+       {std::make_tuple(&device_table_, table_bytes, false),
+        std::make_tuple(&token_staging_, std::max(token_bytes, table_bytes),
+                        true),
+        std::make_tuple(&device_tokens_, token_bytes, false),
+        std::make_tuple(&input_, bytes, false)}) {
+    absl::StatusOr<Buffer> b =
+        pinned ? device_->AllocateStaging(size) : device_->Allocate(size);
+    if (!b.ok()) return b.status();
+    *buffer = *std::move(b);
+  }
+  absl::StatusOr<Event> uploaded = device_->CreateEvent();
+  if (!uploaded.ok()) return uploaded.status();
+  tokens_uploaded_ = *std::move(uploaded);
+  std::memcpy(token_staging_.data(), table.data(), table_bytes);
+  if (absl::Status s = device_->CopyToDeviceAsync(
+          device_table_.data(), token_staging_.data(), table_bytes, nullptr);
+      !s.ok()) {
+    return s;
+  }
+  return device_->SynchronizeStream(nullptr);
+}
+
+// Generates layer `layer` of a step's K/V into `input_` on the device (the
+// step's tokens are already there).
+absl::Status KvWriter::FillOnDevice(int layer, int64_t num_tokens) {
+  SyntheticFillParams p;
+  p.table = device_table_.as<uint16_t>();
+  p.tokens = device_tokens_.as<int32_t>();
+  p.positions = reinterpret_cast<const int64_t*>(device_tokens_.as<int32_t>() +
+                                                 PositionsOffset());
+  p.num_tokens = num_tokens;
+  p.layer = layer;
+  p.num_heads = config_.num_kv_heads;
+  p.head_size = config_.head_size;
+  p.head_size_v = static_cast<int>(v_row_ / config_.num_kv_heads);
+  p.out = input_.as<uint16_t>();
+  p.token_stride = k_row_ + v_row_;
+  p.value_offset = k_row_;
+  return FillSyntheticCuda(p, nullptr);
+}
+
+absl::Status KvWriter::UploadTokens(absl::Span<const TokenAt> tokens) {
+  // The previous step's upload must be done before its staging is rewritten.
+  if (absl::Status s = device_->SynchronizeEvent(tokens_uploaded_); !s.ok()) {
+    return s;
+  }
+  int32_t* ids = token_staging_.as<int32_t>();
+  int64_t* positions = reinterpret_cast<int64_t*>(ids + PositionsOffset());
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    ids[i] = tokens[i].token;
+    positions[i] = tokens[i].position;
+  }
+  const size_t n = tokens.size();
+  int32_t* device_ids = device_tokens_.as<int32_t>();
+  if (absl::Status s = device_->CopyToDeviceAsync(device_ids, ids,
+                                                  n * sizeof(int32_t), nullptr);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = device_->CopyToDeviceAsync(
+          reinterpret_cast<int64_t*>(device_ids + PositionsOffset()), positions,
+          n * sizeof(int64_t), nullptr);
+      !s.ok()) {
+    return s;
+  }
+  return device_->RecordEvent(tokens_uploaded_, nullptr);
 }
 
 absl::StatusOr<AppendTiming> KvWriter::AppendStep(
@@ -80,18 +158,18 @@ absl::StatusOr<AppendTiming> KvWriter::AppendStep(
   const int64_t stride = k_row_ + v_row_;
   const int64_t d_v = v_row_ / config_.num_kv_heads;
   AppendTiming timing;
+  if (cuda) {
+    if (absl::Status s = UploadTokens(tokens); !s.ok()) return s;
+  }
   for (int layer = 0; layer < config_.num_layers; ++layer) {
-    uint16_t* host = staging_[cuda ? layer : 0].as<uint16_t>();
-    synthetic_.Fill(layer, /*is_value=*/false, tokens, host, stride);
-    synthetic_.Fill(layer, /*is_value=*/true, tokens, host + k_row_, stride);
-    uint16_t* input = host;
+    uint16_t* input;
     if (cuda) {
-      input = inputs_[layer].as<uint16_t>();
-      if (absl::Status s = device_->CopyToDeviceAsync(
-              input, host, t * stride * sizeof(uint16_t), nullptr);
-          !s.ok()) {
-        return s;
-      }
+      if (absl::Status s = FillOnDevice(layer, t); !s.ok()) return s;
+      input = input_.as<uint16_t>();
+    } else {
+      input = staging_.as<uint16_t>();
+      synthetic_.Fill(layer, /*is_value=*/false, tokens, input, stride);
+      synthetic_.Fill(layer, /*is_value=*/true, tokens, input + k_row_, stride);
     }
     TensorView key = TensorView::Contiguous(
         input, config_.input_dtype,

@@ -18,6 +18,7 @@
 #include "absl/types/span.h"
 #include "api/kv_cache_manager.h"
 #include "benchmarks/replay/synthetic_kv.h"
+#include "benchmarks/replay/synthetic_kv_cuda.h"
 #include "kvcache/device.h"
 
 namespace kvcache::replay {
@@ -57,6 +58,13 @@ class KvWriter {
 
  private:
   KvWriter(KVCacheManager* manager, Device* device, int64_t max_tokens);
+  absl::Status InitHost(size_t bytes);
+  absl::Status InitDevice(size_t bytes);
+  absl::Status UploadTokens(absl::Span<const TokenAt> tokens);
+  absl::Status FillOnDevice(int layer, int64_t num_tokens);
+  // Token ids (int32) come first in the token buffers, then positions (int64)
+  // from this int32 index on (8-byte aligned).
+  int64_t PositionsOffset() const { return (max_tokens_ + 1) / 2 * 2; }
 
   KVCacheManager* manager_;
   Device* device_;
@@ -65,8 +73,15 @@ class KvWriter {
   int64_t max_tokens_;
   int64_t k_row_ = 0;  // Elements of K per token (heads * head_size).
   int64_t v_row_ = 0;
-  std::vector<Buffer> staging_;  // Per layer on CUDA; one on the CPU.
-  std::vector<Buffer> inputs_;   // Per layer, in the backend's memory.
+  // CPU: one host buffer of a step's K/V, filled on the host for each layer.
+  Buffer staging_;
+  // CUDA: the table and one step's token ids and positions on the device; the
+  // K/V of each layer is generated on the device into `input_`.
+  Buffer device_table_;
+  Buffer token_staging_;  // Pinned: int32 tokens then int64 positions.
+  Buffer device_tokens_;  // The same layout on the device.
+  Event tokens_uploaded_;
+  Buffer input_;
   std::vector<Event> starts_;
   std::vector<Event> ends_;
   Buffer gather_out_;

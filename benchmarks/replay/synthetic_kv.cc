@@ -4,20 +4,12 @@
 #include <cstring>
 
 #include "absl/base/macros.h"
+#include "benchmarks/replay/synthetic_row.h"
 
 namespace kvcache::replay {
 namespace {
 
-constexpr int kTableBits = 16;
-constexpr int64_t kTableRows = int64_t{1} << kTableBits;  // Window starts.
-constexpr int kMaxHeadSize = 1024;
-
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
+constexpr int kMaxHeadSize = kSyntheticMaxHeadSize;
 
 // float -> bfloat16 bits, round to nearest even (finite input).
 uint16_t ToBf16(float f) {
@@ -58,12 +50,12 @@ SyntheticKv::SyntheticKv(DType input_dtype, int num_kv_heads, int head_size,
   ABSL_ASSERT(input_dtype == DType::kBFloat16 ||
               input_dtype == DType::kFloat16);
   ABSL_ASSERT(head_size <= kMaxHeadSize && head_size_v <= kMaxHeadSize);
-  const int64_t n = kTableRows + kMaxHeadSize;
+  const int64_t n = kSyntheticTableSize;
   values_.resize(n);
   table_.resize(n);
   for (int64_t i = 0; i < n; i += 2) {
     // Box-Muller over two uniforms in (0, 1].
-    const uint64_t r = SplitMix64(0x5eed0000ULL + static_cast<uint64_t>(i));
+    const uint64_t r = SyntheticMix(0x5eed0000ULL + static_cast<uint64_t>(i));
     const double u1 = (static_cast<double>(r >> 40) + 1.0) / 16777216.0;
     const double u2 = static_cast<double>(r & 0xffffffu) / 16777216.0;
     const double radius = std::sqrt(-2.0 * std::log(u1));
@@ -81,12 +73,8 @@ SyntheticKv::SyntheticKv(DType input_dtype, int num_kv_heads, int head_size,
 
 const uint16_t* SyntheticKv::Row(int layer, bool is_value, TokenAt token,
                                  int head) const {
-  uint64_t h = SplitMix64(static_cast<uint64_t>(token.token) << 1 |
-                          static_cast<uint64_t>(is_value));
-  h = SplitMix64(h ^ static_cast<uint64_t>(token.position));
-  h = SplitMix64(
-      h ^ (static_cast<uint64_t>(layer) << 16 | static_cast<uint64_t>(head)));
-  return table_.data() + (h & (kTableRows - 1));
+  return table_.data() +
+         SyntheticRowOffset(layer, is_value, token.token, token.position, head);
 }
 
 void SyntheticKv::Fill(int layer, bool is_value,

@@ -43,6 +43,8 @@ class SyntheticKv {
              float* out) const;
 
   DType input_dtype() const { return input_dtype_; }
+  // The table in input_dtype (kSyntheticTableSize entries), for a device copy.
+  const std::vector<uint16_t>& table() const { return table_; }
 
  private:
   const uint16_t* Row(int layer, bool is_value, TokenAt token, int head) const;

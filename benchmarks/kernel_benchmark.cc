@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "benchmark/benchmark.h"
+#include "benchmarks/empty_kernel.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/float_convert.h"
 #include "kernels/kernel_params.h"
@@ -297,6 +298,48 @@ void BM_QuantizeWrite(benchmark::State& state, WriteCase c) {
   cudaStreamDestroy(stream);
 }
 
+// Baseline of the decode rows: a graph of 100 launches of an empty kernel.
+void BM_EmptyLaunchGraph(benchmark::State& state) {
+  constexpr int kGraphLaunches = 100;
+  cudaStream_t stream;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec = nullptr;
+  BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < kGraphLaunches; ++i) {
+    BENCH_CHECK(static_cast<cudaError_t>(bench::LaunchEmptyKernel(stream)));
+  }
+  BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
+  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  BENCH_CHECK(cudaGraphDestroy(graph));
+  BENCH_CHECK(cudaGraphLaunch(exec, stream));  // Warm-up.
+  BENCH_CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> per_launch;
+  for (auto _ : state) {
+    cudaEventRecord(start, stream);
+    cudaGraphLaunch(exec, stream);
+    cudaEventRecord(stop, stream);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    state.SetIterationTime(ms / 1e3);
+    per_launch.push_back(ms / 1e3 / kGraphLaunches);
+  }
+  BENCH_CHECK(cudaGetLastError());
+  const double t = Median(per_launch);
+  state.counters["us_per_launch"] = t * 1e6;
+  Summaries()["empty kernel (launch baseline) [graph]"].us.push_back(t * 1e6);
+  Summaries()["empty kernel (launch baseline) [graph]"].gbps.push_back(0);
+  Summaries()["empty kernel (launch baseline) [graph]"].pct.push_back(0);
+  cudaGraphExecDestroy(exec);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+}
+
 struct GatherCase {
   int64_t tokens, heads, head_size;
   DType cache, output;
@@ -412,6 +455,10 @@ void RegisterAll() {
   }
   writes.push_back(
       {16384, 8, 128, DType::kBFloat16, DType::kBFloat16, true, false});
+  benchmark::RegisterBenchmark("empty_kernel_graph", BM_EmptyLaunchGraph)
+      ->UseManualTime()
+      ->Unit(benchmark::kMicrosecond)
+      ->MinTime(0.1);
   for (int64_t t : {1, 16, 64, 256}) {
     for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
       writes.push_back({t, 8, 128, DType::kBFloat16, cache, true, true});

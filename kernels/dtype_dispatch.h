@@ -68,7 +68,8 @@ inline constexpr bool kIsSupportedWrite =
 // Row configurations of the vectorized CUDA kernels: `group` lanes share one
 // (token, head) row and each lane holds up to `vecs` 16-byte vectors of it.
 // Picks the smallest group that covers the row with one vector per lane, else
-// 32 lanes with 2, 4 or 8 vectors each.
+// 32 lanes with 2, 4 or 8 vectors each. (Four vectors per lane in groups of
+// four measured slower on an H100 at every size: benchmarks/results/NOTES.md.)
 inline constexpr int kMaxVectorsPerRow = 32 * 8;
 
 template <class F>

@@ -104,17 +104,35 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         if (idx < nv) vc[i] = LoadVec(vsrc + idx);
       }
     }
+    bool fast = false;
+    if constexpr (std::is_same_v<Cache, Int8Type>) {
+      fast = slot >= 0 && (FloatBits(kscale) & 0x7FFFFFFFu) < 0x7F800000u &&
+             (FloatBits(vscale) & 0x7FFFFFFFu) < 0x7F800000u;
+    }
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
       const int idx = lane + i * kGroup;
       OutVec ko;
       OutVec vo;
+      bool done = false;
+      if constexpr (std::is_same_v<Cache, Int8Type>) {
+        if (fast) {  // int8 codes times a finite scale: no NaN to canonicalize.
 #pragma unroll
-      for (int j = 0; j < kElems; ++j) {
-        ko.v[j] = slot >= 0 ? ConvertOut<Cache, Out>(kc[i].v[j], kscale)
-                            : Out::FromFloat(0.0f);
-        vo.v[j] = slot >= 0 ? ConvertOut<Cache, Out>(vc[i].v[j], vscale)
-                            : Out::FromFloat(0.0f);
+          for (int j = 0; j < kElems; ++j) {
+            ko.v[j] = Out::FromFloat(MulRn(Cache::Decode(kc[i].v[j]), kscale));
+            vo.v[j] = Out::FromFloat(MulRn(Cache::Decode(vc[i].v[j]), vscale));
+          }
+          done = true;
+        }
+      }
+      if (!done) {
+#pragma unroll
+        for (int j = 0; j < kElems; ++j) {
+          ko.v[j] = slot >= 0 ? ConvertOut<Cache, Out>(kc[i].v[j], kscale)
+                              : Out::FromFloat(0.0f);
+          vo.v[j] = slot >= 0 ? ConvertOut<Cache, Out>(vc[i].v[j], vscale)
+                              : Out::FromFloat(0.0f);
+        }
       }
       if (idx < nk) kdst[idx] = ko;
       if (idx < nv) vdst[idx] = vo;

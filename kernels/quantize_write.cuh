@@ -12,6 +12,7 @@
 #define KVCACHE_KERNELS_QUANTIZE_WRITE_CUH_
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cache_layout.h"
 #include "kernels/cuda_util.cuh"
@@ -19,6 +20,45 @@
 #include "kernels/quantize.h"
 
 namespace kvcache::internal {
+
+// Encodes one vector of finite inputs scaled by `inv` (|x * inv| <= QMAX up to
+// rounding, as for every row whose absmax is finite). Bit-identical to
+// Cache::Encode(MulRn(x, inv)) element by element for such inputs: int8 rounds
+// to nearest even (the clamp cannot bind), fp8 converts two at a time with the
+// same saturating round-to-nearest-even conversion.
+template <class In, class Cache, class InVec, class OutVec>
+__device__ __forceinline__ void EncodeFiniteVec(const InVec& x, float inv,
+                                                OutVec* out) {
+  constexpr int kElems = sizeof(x.v) / sizeof(x.v[0]);
+  static_assert(kElems % 4 == 0, "vectors hold a multiple of 4 elements");
+  uint32_t words[kElems / 4];
+  if constexpr (std::is_same_v<Cache, Int8Type>) {
+#pragma unroll
+    for (int j = 0; j < kElems; j += 4) {
+      const int q0 = __float2int_rn(MulRn(In::ToFloat(x.v[j]), inv));
+      const int q1 = __float2int_rn(MulRn(In::ToFloat(x.v[j + 1]), inv));
+      const int q2 = __float2int_rn(MulRn(In::ToFloat(x.v[j + 2]), inv));
+      const int q3 = __float2int_rn(MulRn(In::ToFloat(x.v[j + 3]), inv));
+      words[j / 4] = __byte_perm(__byte_perm(q0, q1, 0x0040),
+                                 __byte_perm(q2, q3, 0x0040), 0x5410);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kElems; j += 4) {
+      const uint32_t lo = __nv_cvt_float2_to_fp8x2(
+          make_float2(MulRn(In::ToFloat(x.v[j]), inv),
+                      MulRn(In::ToFloat(x.v[j + 1]), inv)),
+          __NV_SATFINITE, __NV_E4M3);
+      const uint32_t hi = __nv_cvt_float2_to_fp8x2(
+          make_float2(MulRn(In::ToFloat(x.v[j + 2]), inv),
+                      MulRn(In::ToFloat(x.v[j + 3]), inv)),
+          __NV_SATFINITE, __NV_E4M3);
+      words[j / 4] = __byte_perm(lo, hi, 0x5410);
+    }
+  }
+  static_assert(sizeof(words) == sizeof(OutVec));
+  memcpy(out, words, sizeof(words));
+}
 
 template <class In, class Cache, int kGroup, int kVecs>
 __global__ void __launch_bounds__(kThreadsPerBlock)
@@ -91,15 +131,24 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const float vscale = ScaleFromAbsMaxBits(vmax, Cache::kQMax);
       const float kinv = InverseScale(kscale);
       const float vinv = InverseScale(vscale);
+      // Rows of finite input (all but pathological ones) take the short encode:
+      // every scaled value is finite with |v| <= QMAX (up to rounding), where
+      // round-to-nearest-even without a NaN check or clamp is exact.
+      const bool finite = kmax < 0x7F800000u && vmax < 0x7F800000u;
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         const int idx = lane + i * kGroup;
         OutVec kq;
         OutVec vq;
+        if (finite) {
+          EncodeFiniteVec<In, Cache>(kx[i], kinv, &kq);
+          EncodeFiniteVec<In, Cache>(vx[i], vinv, &vq);
+        } else {
 #pragma unroll
-        for (int j = 0; j < kElems; ++j) {
-          kq.v[j] = Cache::Encode(MulRn(In::ToFloat(kx[i].v[j]), kinv));
-          vq.v[j] = Cache::Encode(MulRn(In::ToFloat(vx[i].v[j]), vinv));
+          for (int j = 0; j < kElems; ++j) {
+            kq.v[j] = Cache::Encode(MulRn(In::ToFloat(kx[i].v[j]), kinv));
+            vq.v[j] = Cache::Encode(MulRn(In::ToFloat(vx[i].v[j]), vinv));
+          }
         }
         if (idx < nk) reinterpret_cast<OutVec*>(kdst)[idx] = kq;
         if (idx < nv) reinterpret_cast<OutVec*>(vdst)[idx] = vq;

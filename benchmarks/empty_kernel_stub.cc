@@ -1,0 +1,7 @@
+#include "benchmarks/empty_kernel.h"
+
+namespace kvcache::bench {
+
+int LaunchEmptyKernel(void*) { return -1; }
+
+}  // namespace kvcache::bench

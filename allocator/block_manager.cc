@@ -50,8 +50,9 @@ void BlockManager::Impl::ReleaseAll(Sequence& s) {
 // ---- Prefix cache
 // ----------------------------------------------------------------------------
 
-// Shares the longest run of cached full blocks of the prompt, leaving at least
-// one token.
+// Finds the longest run of cached full blocks of the prompt, leaving at least
+// one token, and puts them in `s` (the caller acquires them once `s` is
+// registered: this may throw std::bad_alloc and then must change nothing).
 int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
                                         absl::Span<const TokenId> prompt) {
   const int64_t bs = options_.block_size;
@@ -69,7 +70,6 @@ int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
     parent_id = index_.content_id(b);
     s.chain_ids.push_back(parent_id);
   }
-  for (BlockId b : s.blocks) pool_.Acquire(b);
   return static_cast<int64_t>(s.blocks.size()) * bs;
 }
 
@@ -112,18 +112,25 @@ absl::StatusOr<int64_t> BlockManager::Impl::AddSequence(
     return absl::InvalidArgumentError(absl::StrCat(
         "sequence ", id, ": prompt is empty, expected at least 1 token"));
   }
-  auto [it, inserted] = sequences_.try_emplace(id);
-  if (!inserted)
+  if (sequences_.count(id) != 0) {
     return absl::AlreadyExistsError(
         absl::StrCat("sequence ", id, " already exists"));
-  it->second = std::make_unique<Sequence>();
-  Sequence& s = *it->second;
+  }
+  // Everything that allocates (and so may throw std::bad_alloc) happens on a
+  // sequence of our own before it is registered; the pool changes only after.
+  auto seq = std::make_unique<Sequence>();
+  Sequence& s = *seq;
   s.id = id;
   s.tokens.assign(prompt.begin(), prompt.end());
+  if (options_.enable_prefix_caching) {
+    s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
+    s.root_id = index_.RootId(extra.adapter_id, extra.salt);
+    s.computed = MatchPrefix(s, prompt);
+  }
+  sequences_.emplace(id, std::move(seq));
+  // From here on nothing allocates.
+  for (BlockId b : s.blocks) pool_.Acquire(b);
   if (!options_.enable_prefix_caching) return 0;
-  s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
-  s.root_id = index_.RootId(extra.adapter_id, extra.salt);
-  s.computed = MatchPrefix(s, prompt);
   ++stats_.queries;
   stats_.query_tokens += static_cast<int64_t>(prompt.size());
   stats_.hit_tokens += s.computed;
@@ -182,17 +189,29 @@ absl::Status BlockManager::Impl::CheckBatch(
 absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
     absl::Span<const ReserveRequest> batch) {
   if (absl::Status s = CheckBatch(batch); !s.ok()) return s;
-  // From here on nothing can fail.
+  // First allocate everything the plan needs (this may throw std::bad_alloc,
+  // and then nothing observable changed), then change the pool.
   const int64_t bs = options_.block_size;
   StepPlan plan;
-  plan.id = next_plan_id_++;
   plan.sequences.reserve(batch.size());
   plan.num_tokens.reserve(batch.size());
+  plan.copies.reserve(batch.size());
   int64_t total = 0;
-  for (const ReserveRequest& r : batch) total += r.num_tokens;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const ReserveRequest& r = batch[i];
+    Sequence& s = *batch_[i];
+    total += r.num_tokens;
+    s.tokens.reserve(s.tokens.size() + r.new_token_ids.size());
+    s.blocks.reserve(
+        static_cast<size_t>((s.computed + r.num_tokens + bs - 1) / bs));
+  }
   plan.slot_mapping.reserve(total);
-  PlanRecord& record = plans_[plan.id];
-  record.sequences = batch_;
+  PlanRecord new_record;
+  new_record.sequences = batch_;
+  plan.id = next_plan_id_;
+  plans_.emplace(plan.id, std::move(new_record));
+  ++next_plan_id_;
+  // From here on nothing can fail or allocate.
   for (size_t i = 0; i < batch.size(); ++i) {
     const ReserveRequest& r = batch[i];
     Sequence& s = *batch_[i];
@@ -229,6 +248,22 @@ absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
         absl::StrCat("plan ", plan_id,
                      " not found (unknown, or already committed or aborted)"));
   }
+  // Allocate first (may throw std::bad_alloc with nothing changed): room for
+  // the hashes of every block this commit fills, in the sequences and in the
+  // prefix-cache index.
+  if (options_.enable_prefix_caching) {
+    size_t new_full = 0;
+    for (Sequence* s : it->second.sequences) {
+      if (s == nullptr) continue;
+      const size_t full = static_cast<size_t>((s->computed + s->reserved) /
+                                              options_.block_size);
+      s->hashes.reserve(full);
+      s->chain_ids.reserve(full);
+      new_full += full - std::min(full, s->hashes.size());
+    }
+    index_.Reserve(new_full);
+  }
+  // From here on nothing allocates.
   for (Sequence* s : it->second.sequences) {
     if (s == nullptr) continue;  // Freed since Reserve.
     if (s->cow_src >= 0) pool_.Release(s->cow_src);
@@ -274,7 +309,7 @@ absl::Status BlockManager::Impl::Free(SequenceId id) {
   if (it == sequences_.end())
     return absl::NotFoundError(absl::StrCat("sequence ", id, " not found"));
   Sequence& s = *it->second;
-  if (s.plan_id != 0) plans_[s.plan_id].sequences[s.plan_index] = nullptr;
+  if (s.plan_id != 0) plans_.at(s.plan_id).sequences[s.plan_index] = nullptr;
   ReleaseAll(s);
   sequences_.erase(it);
   return absl::OkStatus();
@@ -292,15 +327,18 @@ absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
         absl::StrCat("fork: parent sequence ", parent,
                      " has an uncommitted reservation (plan ", p.plan_id, ")"));
   }
-  if (sequences_.contains(child)) {
+  if (sequences_.count(child) != 0) {
     return absl::AlreadyExistsError(
         absl::StrCat("fork: child sequence ", child, " already exists"));
   }
+  // Copy and register the child first (may throw std::bad_alloc with nothing
+  // changed), then take the references.
   auto c = std::make_unique<Sequence>(p);
   c->id = child;
   c->batch_mark = 0;
-  for (BlockId b : c->blocks) pool_.Acquire(b);
+  const Sequence& registered = *c;
   sequences_.emplace(child, std::move(c));
+  for (BlockId b : registered.blocks) pool_.Acquire(b);
   return absl::OkStatus();
 }
 
@@ -417,6 +455,10 @@ absl::StatusOr<BatchBlockTable> BlockManager::BatchTable(
 }
 absl::StatusOr<int64_t> BlockManager::TokensThatFit(SequenceId id) const {
   return impl_->TokensThatFit(id);
+}
+uint64_t BlockManager::PendingPlan(SequenceId id) const {
+  absl::StatusOr<const Sequence*> s = impl_->Find(id);
+  return s.ok() ? (*s)->plan_id : 0;
 }
 bool BlockManager::Contains(SequenceId id) const {
   return impl_->Find(id).ok();

@@ -1,6 +1,7 @@
 #include "allocator/prefix_cache_index.h"
 
 #include <cstring>
+#include <utility>
 
 #include "absl/base/macros.h"
 
@@ -28,7 +29,15 @@ uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
                                   absl::Span<const TokenId> tokens) {
   ABSL_ASSERT(!registered(block));
   ABSL_ASSERT(tokens.size() == static_cast<size_t>(block_size_));
-  const bool inserted = map_.emplace(hash, block).second;
+  bool inserted;
+  if (!spare_.empty()) {
+    Map::node_type node = spare_.extract(spare_.begin());
+    node.key() = hash;
+    node.mapped() = block;
+    inserted = map_.insert(std::move(node)).inserted;
+  } else {
+    inserted = map_.emplace(hash, block).second;
+  }
   ABSL_ASSERT(inserted);
   (void)inserted;
   hash_[block] = hash;
@@ -37,6 +46,12 @@ uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
   std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens.data(),
               tokens.size() * sizeof(TokenId));
   return content_id_[block];
+}
+
+void PrefixCacheIndex::Reserve(size_t n) {
+  map_.reserve(map_.size() + n);
+  uint64_t key = spare_.size();
+  while (spare_.size() < n) spare_.emplace(BlockHash{++key, 0}, -1);
 }
 
 void PrefixCacheIndex::Erase(BlockId block) {

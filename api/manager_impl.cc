@@ -30,6 +30,15 @@ absl::Status Annotate(const absl::Status& status, absl::string_view context) {
                       absl::StrCat(context, ": ", status.message()));
 }
 
+absl::Status OutOfHostMemory(absl::string_view call) noexcept {
+  try {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(call, ": out of host memory (std::bad_alloc)"));
+  } catch (const std::bad_alloc&) {
+    return absl::Status(absl::StatusCode::kResourceExhausted, "");
+  }
+}
+
 }  // namespace internal
 namespace {
 
@@ -165,11 +174,11 @@ absl::Status KVCacheManager::Impl::CheckBatch(
   }
   int64_t tokens = 0;
   for (const ReserveRequest& request : batch) {
-    if (auto it = sequence_plan_.find(request.sequence);
-        it != sequence_plan_.end()) {
+    if (const uint64_t plan = blocks_->PendingPlan(request.sequence);
+        plan != 0) {
       return absl::FailedPreconditionError(absl::StrCat(
           "sequence ", request.sequence, " already has a reservation in plan ",
-          it->second, ": commit or abort it first"));
+          plan, ": commit or abort it first"));
     }
     tokens += std::max<int64_t>(request.num_tokens, 0);
   }
@@ -195,7 +204,6 @@ absl::StatusOr<KVCacheManager::Impl::PlanState*> KVCacheManager::Impl::FindPlan(
 
 void KVCacheManager::Impl::ReleasePlan(uint64_t plan_id) {
   auto it = plans_.find(plan_id);
-  for (SequenceId id : it->second.sequences) sequence_plan_.erase(id);
   steps_->slot(it->second.slot).busy = false;
   plans_.erase(it);
 }

@@ -10,10 +10,11 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "allocator/block_manager.h"
@@ -40,6 +41,23 @@ class Kernels {
 
 // Prefixes a status's message with `context`.
 absl::Status Annotate(const absl::Status& status, absl::string_view context);
+
+// ResourceExhausted for a call that ran out of host memory; never throws (the
+// message is dropped when even it cannot be allocated).
+absl::Status OutOfHostMemory(absl::string_view call) noexcept;
+
+// Runs a public method's body: std::bad_alloc (host memory exhausted inside a
+// standard container) becomes ResourceExhausted instead of crossing the API.
+// The bodies allocate before they change anything, so the manager is left as
+// it was.
+template <typename F>
+auto NoBadAlloc(absl::string_view call, F&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return OutOfHostMemory(call);
+  }
+}
 
 }  // namespace internal
 
@@ -70,8 +88,10 @@ class KVCacheManager::Impl {
   mutable std::mutex mu_;
   std::unique_ptr<BlockManager> blocks_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<internal::StepBuffers> steps_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<uint64_t, PlanState> plans_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<SequenceId, uint64_t> sequence_plan_ ABSL_GUARDED_BY(mu_);
+  // Node-based: Reserve makes the node before the allocator changes and then
+  // inserts it without allocating (see Reserve).
+  using PlanMap = std::unordered_map<uint64_t, PlanState>;
+  PlanMap plans_ ABSL_GUARDED_BY(mu_);
   // Batch block table: int32 [max_sequences, table_cols_] then int32 seq_lens
   // [max_sequences].
   Buffer table_staging_ ABSL_GUARDED_BY(mu_);

@@ -325,8 +325,8 @@ absl::Status KVCacheManager::Gather(SequenceId id, int layer,
     if (token_begin < 0 || num_tokens < 1 || token_begin > *length ||
         num_tokens > *length - token_begin) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "gather of tokens [", token_begin, ", ", token_begin + num_tokens,
-          ") of sequence ", id, ": it has ", *length, " computed tokens"));
+          "gather of ", num_tokens, " tokens from token ", token_begin,
+          " of sequence ", id, ": it has ", *length, " computed tokens"));
     }
     internal::ExpectedKV expected;
     expected.num_tokens = num_tokens;

@@ -180,7 +180,10 @@ absl::Status KVCacheManager::Impl::CheckBatch(
           "sequence ", request.sequence, " already has a reservation in plan ",
           plan, ": commit or abort it first"));
     }
-    tokens += std::max<int64_t>(request.num_tokens, 0);
+    // Clamped per request so that hostile counts (INT64_MAX) cannot overflow
+    // the sum (found by //fuzz:manager_fuzzer).
+    tokens += std::clamp<int64_t>(request.num_tokens, 0,
+                                  int64_t{config_.max_tokens_per_step} + 1);
   }
   if (tokens > config_.max_tokens_per_step) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -439,10 +439,13 @@ class Harness {
     const int64_t n =
         std::max<int64_t>(1, std::min<int64_t>(count, 64));  // buffer tokens
     std::vector<float> k_out(n * h * config_.head_size), v_out(n * h * hv_);
+    // Contiguous views of the buffer's `n` tokens, then the (maybe hostile)
+    // token count written in (TensorView::Contiguous multiplies the shape).
     TensorView k = TensorView::Contiguous(k_out.data(), DType::kFloat32,
-                                          {count, h, config_.head_size});
+                                          {n, h, config_.head_size});
     TensorView v =
-        TensorView::Contiguous(v_out.data(), DType::kFloat32, {count, h, hv_});
+        TensorView::Contiguous(v_out.data(), DType::kFloat32, {n, h, hv_});
+    k.shape[0] = v.shape[0] = count;
     if (count > 64) k.data = v.data = nullptr;  // never a buffer too small
     if ((mode & 7) == 1 && mode < 224) v.shape[2] += 8;
     absl::Status s = manager_->Gather(id, layer, begin, count, k, v);

@@ -16,11 +16,37 @@
 #include "allocator/sequence.h"
 
 namespace kvcache {
+namespace internal {
+
+// Token position -> (block, offset) arithmetic. Shifts when the block size is a
+// power of two: a 64-bit division costs tens of cycles on the per-token path.
+class BlockMath {
+ public:
+  explicit BlockMath(int64_t block_size)
+      : size_(block_size),
+        shift_((block_size & (block_size - 1)) == 0
+                   ? __builtin_ctzll(static_cast<uint64_t>(block_size))
+                   : -1) {}
+  int64_t size() const { return size_; }
+  // REQUIRES: x >= 0.
+  int64_t Div(int64_t x) const { return shift_ >= 0 ? x >> shift_ : x / size_; }
+  int64_t Mod(int64_t x) const {
+    return shift_ >= 0 ? x & (size_ - 1) : x % size_;
+  }
+  int64_t CeilDiv(int64_t x) const { return Div(x + size_ - 1); }
+
+ private:
+  int64_t size_;
+  int shift_;
+};
+
+}  // namespace internal
 
 class BlockManager::Impl {
  public:
   explicit Impl(const BlockManagerOptions& options)
       : options_(options),
+        math_(options.block_size),
         pool_(options.num_blocks),
         index_(options.enable_prefix_caching ? options.num_blocks : 0,
                options.block_size) {}
@@ -70,6 +96,7 @@ class BlockManager::Impl {
   absl::Status ValidateIndex() const;
 
   BlockManagerOptions options_;
+  internal::BlockMath math_;
   internal::BlockPool pool_;
   internal::PrefixCacheIndex index_;
   // std::unordered_map: a throwing insert (std::bad_alloc) changes nothing,
@@ -82,6 +109,7 @@ class BlockManager::Impl {
   // epoch.
   mutable std::vector<Sequence*> batch_;
   mutable uint64_t batch_epoch_ = 0;
+  mutable int64_t batch_tokens_ = 0;  // Tokens the checked batch reserves.
 };
 
 }  // namespace kvcache

@@ -46,10 +46,11 @@ absl::Status BlockManager::Impl::ValidateSequence(
   if (s.cow_src >= 0) ++refs[s.cow_src];
   if (options_.enable_prefix_caching) {
     const size_t full = static_cast<size_t>(s.computed / bs);
-    if (s.hashes.size() != full || s.chain_ids.size() != full) {
-      return absl::InternalError(absl::StrCat(name, s.hashes.size(),
-                                              " hashes for ", full,
-                                              " full computed blocks"));
+    if (s.hashes.size() < full || s.chain_ids.size() != full ||
+        s.hashes.size() > s.tokens.size() / bs) {
+      return absl::InternalError(absl::StrCat(
+          name, s.hashes.size(), " hashes and ", s.chain_ids.size(),
+          " chain ids for ", full, " full computed blocks"));
     }
     for (size_t i = 0; i < full; ++i) {
       if (index_.registered(s.blocks[i]) &&
@@ -77,16 +78,18 @@ absl::Status BlockManager::Impl::ValidateIndex() const {
     return absl::InternalError(absl::StrCat(hashed, " hashed blocks but ",
                                             index_.size(), " index entries"));
   }
-  for (const auto& [hash, b] : index_.map()) {
+  absl::Status status;
+  index_.table().ForEach([&](const BlockHash& hash, BlockId b) {
+    if (!status.ok()) return;
     if (b < 0 || b >= pool_.num_blocks() || !pool_.hashed(b) ||
-        index_.hash(b) != hash) {
-      return absl::InternalError(
+        index_.hash(b) != hash || index_.Find(hash) != b) {
+      status = absl::InternalError(
           absl::StrCat("index entry for block ", b, " is stale"));
+    } else if (pool_.state(b) == internal::BlockState::kFree) {
+      status = absl::InternalError(absl::StrCat("index holds free block ", b));
     }
-    if (pool_.state(b) == internal::BlockState::kFree) {
-      return absl::InternalError(absl::StrCat("index holds free block ", b));
-    }
-  }
+  });
+  if (!status.ok()) return status;
   return absl::OkStatus();
 }
 

@@ -1,7 +1,7 @@
 #include "allocator/prefix_cache_index.h"
 
 #include <cstring>
-#include <utility>
+#include <random>
 
 #include "absl/base/macros.h"
 
@@ -10,6 +10,7 @@ namespace internal {
 
 PrefixCacheIndex::PrefixCacheIndex(int32_t num_blocks, int32_t block_size)
     : block_size_(block_size),
+      table_(num_blocks, std::random_device{}()),
       hash_(num_blocks),
       content_id_(num_blocks, 0),
       parent_id_(num_blocks, 0),
@@ -29,17 +30,7 @@ uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
                                   absl::Span<const TokenId> tokens) {
   ABSL_ASSERT(!registered(block));
   ABSL_ASSERT(tokens.size() == static_cast<size_t>(block_size_));
-  bool inserted;
-  if (!spare_.empty()) {
-    Map::node_type node = spare_.extract(spare_.begin());
-    node.key() = hash;
-    node.mapped() = block;
-    inserted = map_.insert(std::move(node)).inserted;
-  } else {
-    inserted = map_.emplace(hash, block).second;
-  }
-  ABSL_ASSERT(inserted);
-  (void)inserted;
+  table_.Insert(hash, block);
   hash_[block] = hash;
   parent_id_[block] = parent_id;
   content_id_[block] = NewId();
@@ -48,16 +39,10 @@ uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
   return content_id_[block];
 }
 
-void PrefixCacheIndex::Reserve(size_t n) {
-  map_.reserve(map_.size() + n);
-  uint64_t key = spare_.size();
-  while (spare_.size() < n) spare_.emplace(BlockHash{++key, 0}, -1);
-}
-
 void PrefixCacheIndex::Erase(BlockId block) {
   ABSL_ASSERT(registered(block));
-  const size_t erased = map_.erase(hash_[block]);
-  ABSL_ASSERT(erased == 1);
+  const bool erased = table_.Erase(hash_[block]);
+  ABSL_ASSERT(erased);
   (void)erased;
   content_id_[block] = 0;
   parent_id_[block] = 0;

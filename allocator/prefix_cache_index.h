@@ -15,13 +15,13 @@
 
 #include <cstdint>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
-#include "absl/hash/hash.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/types/span.h"
 #include "allocator/block_hash.h"
+#include "allocator/block_hash_table.h"
 
 namespace kvcache {
 namespace internal {
@@ -36,10 +36,8 @@ class PrefixCacheIndex {
   PrefixCacheIndex& operator=(const PrefixCacheIndex&) = delete;
 
   // The block registered under `hash`, or -1.
-  BlockId Find(const BlockHash& hash) const {
-    auto it = map_.find(hash);
-    return it == map_.end() ? -1 : it->second;
-  }
+  BlockId Find(const BlockHash& hash) const { return table_.Find(hash); }
+  void Prefetch(const BlockHash& hash) const { table_.Prefetch(hash); }
   // Exact confirmation of a candidate. REQUIRES: block registered.
   bool Matches(BlockId block, uint64_t parent_id,
                absl::Span<const TokenId> tokens) const;
@@ -48,20 +46,14 @@ class PrefixCacheIndex {
   // block_size.
   uint64_t Insert(const BlockHash& hash, BlockId block, uint64_t parent_id,
                   absl::Span<const TokenId> tokens);
-  // Allocates what `n` more Inserts need (map nodes and buckets), so that
-  // they cannot throw. May throw std::bad_alloc (nothing observable changes).
-  // std::unordered_map, not absl::flat_hash_map: its inserts are strongly
-  // exception-safe and its nodes can be made ahead of time.
-  void Reserve(size_t n);
   // Drops a registered block (it was evicted).
   void Erase(BlockId block);
 
   bool registered(BlockId block) const { return content_id_[block] != 0; }
   uint64_t content_id(BlockId block) const { return content_id_[block]; }
   const BlockHash& hash(BlockId block) const { return hash_[block]; }
-  size_t size() const { return map_.size(); }
-  using Map = std::unordered_map<BlockHash, BlockId, absl::Hash<BlockHash>>;
-  const Map& map() const { return map_; }
+  size_t size() const { return table_.size(); }
+  const BlockHashTable& table() const { return table_; }
 
   // A content id no block holds yet (for chains that must never match
   // anything).
@@ -73,11 +65,8 @@ class PrefixCacheIndex {
  private:
   int32_t block_size_;
   uint64_t next_id_ = 1;  // 0 means "not registered".
-  Map map_;
-  Map spare_;  // Nodes made by Reserve for later Inserts.
-  std::unordered_map<std::pair<int64_t, std::string>, uint64_t,
-                     absl::Hash<std::pair<int64_t, std::string>>>
-      roots_;
+  BlockHashTable table_;
+  absl::flat_hash_map<std::pair<int64_t, std::string>, uint64_t> roots_;
   std::vector<BlockHash> hash_;       // Per block.
   std::vector<uint64_t> content_id_;  // Per block; 0 when not registered.
   std::vector<uint64_t> parent_id_;   // Per block.

@@ -24,15 +24,17 @@ absl::Status AddOneOnDevice(std::vector<int>& values) {
   int* device = nullptr;
   absl::Status status = Check(cudaMalloc(&device, bytes), "cudaMalloc");
   if (!status.ok()) return status;
-  status = Check(cudaMemcpy(device, values.data(), bytes, cudaMemcpyHostToDevice),
-                 "cudaMemcpy H2D");
+  status =
+      Check(cudaMemcpy(device, values.data(), bytes, cudaMemcpyHostToDevice),
+            "cudaMemcpy H2D");
   if (status.ok()) {
     AddOneKernel<<<(n + 255) / 256, 256>>>(device, n);
     status = Check(cudaGetLastError(), "AddOneKernel launch");
   }
   if (status.ok()) {
-    status = Check(cudaMemcpy(values.data(), device, bytes, cudaMemcpyDeviceToHost),
-                   "cudaMemcpy D2H");
+    status =
+        Check(cudaMemcpy(values.data(), device, bytes, cudaMemcpyDeviceToHost),
+              "cudaMemcpy D2H");
   }
   cudaFree(device);
   return status;

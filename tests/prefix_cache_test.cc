@@ -154,8 +154,10 @@ TEST(PrefixCacheTest, ForgedCollisionNeverSharesData) {
   EXPECT_EQ(Compute(*m, 1, Tokens(9)), 0);
   EXPECT_EQ(Compute(*m, 2, Tokens(9, 50)),
             0);  // Same hash, other tokens: no hit.
-  for (BlockId b : *m->BlockTable(2)) {
-    for (BlockId a : *m->BlockTable(1)) EXPECT_NE(a, b);
+  const absl::Span<const BlockId> t1 = *m->BlockTable(1);
+  const absl::Span<const BlockId> t2 = *m->BlockTable(2);
+  for (BlockId b : t2) {
+    for (BlockId a : t1) EXPECT_NE(a, b);
   }
   EXPECT_EQ(Compute(*m, 3, Tokens(9)),
             4);  // The registered block still matches exactly.

@@ -1,0 +1,470 @@
+// Google Benchmark of the CUDA cache kernels. First measures the device's copy
+// bandwidth (a 1 GiB device-to-device cudaMemcpy, bytes read + written); then
+// every case reports GB/s (bytes read + written by the kernel, over the median
+// device time per launch) and pct_of_copy, its ratio to that copy bandwidth
+// measured in the same process. Decode-sized writes are timed as CUDA-graph
+// replays of 100 launches (us_per_launch). Inputs rotate over several buffer
+// sets so that the working set is far larger than L2. A summary table is
+// printed at the end.
+//
+//   bazel run -c opt //benchmarks:kernel_benchmark   (on a GPU host; or via
+//   tools/bundle_gpu.sh)
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "benchmark/benchmark.h"
+#include "kernels/cuda_kernels.h"
+#include "kernels/float_convert.h"
+#include "kernels/kernel_params.h"
+#include "kvcache/dtype.h"
+
+#if defined(KVCACHE_HAVE_CUDA_RUNTIME)
+#include <cuda_runtime.h>
+#endif
+
+namespace kvcache {
+namespace {
+
+#if defined(KVCACHE_HAVE_CUDA_RUNTIME)
+
+#define BENCH_CHECK(call)                                              \
+  do {                                                                 \
+    const auto bench_result_ = (call);                                 \
+    if (!IsOk(bench_result_)) {                                        \
+      state.SkipWithError(                                             \
+          (std::string(#call) + " failed: " + Describe(bench_result_)) \
+              .c_str());                                               \
+      return;                                                          \
+    }                                                                  \
+  } while (0)
+
+bool IsOk(cudaError_t e) { return e == cudaSuccess; }
+bool IsOk(const absl::Status& s) { return s.ok(); }
+std::string Describe(cudaError_t e) { return cudaGetErrorString(e); }
+std::string Describe(const absl::Status& s) { return s.ToString(); }
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+std::vector<double>& CopyRuns() {
+  static std::vector<double> runs;
+  return runs;
+}
+
+struct Summary {
+  std::vector<double> gbps, pct, us;
+};
+std::map<std::string, Summary>& Summaries() {
+  static std::map<std::string, Summary> s;
+  return s;
+}
+
+// Device memory owned for the duration of one benchmark run.
+struct DeviceArena {
+  std::vector<void*> ptrs;
+  ~DeviceArena() {
+    for (void* p : ptrs) cudaFree(p);
+  }
+  cudaError_t Alloc(void** p, size_t bytes) {
+    const cudaError_t e = cudaMalloc(p, bytes);
+    if (e == cudaSuccess) ptrs.push_back(*p);
+    return e;
+  }
+};
+
+// Fills `bytes` of device memory with random Gaussian values of dtype (tiling a
+// host pattern).
+cudaError_t FillRandom(void* dst, size_t bytes, DType dtype, uint64_t seed) {
+  static std::vector<uint8_t> pattern;
+  static DType pattern_dtype = DType::kInt8;
+  constexpr size_t kPattern = size_t{8} << 20;
+  if (pattern.empty() || pattern_dtype != dtype) {
+    pattern.resize(kPattern);
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    const size_t e = DTypeSize(dtype);
+    for (size_t i = 0; i + e <= kPattern; i += e) {
+      const float x = normal(rng);
+      if (dtype == DType::kFloat32) {
+        std::memcpy(&pattern[i], &x, 4);
+      } else {
+        const uint16_t h = dtype == DType::kBFloat16
+                               ? internal::PortableFloatToBFloat16(x)
+                               : internal::PortableFloatToFloat16(x);
+        std::memcpy(&pattern[i], &h, 2);
+      }
+    }
+    pattern_dtype = dtype;
+  }
+  for (size_t off = 0; off < bytes; off += kPattern) {
+    const cudaError_t e =
+        cudaMemcpy(static_cast<uint8_t*>(dst) + off, pattern.data(),
+                   std::min(kPattern, bytes - off), cudaMemcpyHostToDevice);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+void Report(benchmark::State& state, const std::string& name,
+            double bytes_per_launch,
+            const std::vector<double>& seconds_per_launch, bool graph) {
+  const double t = Median(seconds_per_launch);
+  const double gbps = bytes_per_launch / t / 1e9;
+  const double copy = Median(CopyRuns());
+  const double pct = copy > 0 ? 100.0 * gbps / copy : 0;
+  state.counters["GB/s"] = gbps;
+  state.counters["pct_of_copy"] = pct;
+  state.counters["us_per_launch"] = t * 1e6;
+  Summary& s = Summaries()[name + (graph ? " [graph]" : "")];
+  s.gbps.push_back(gbps);
+  s.pct.push_back(pct);
+  s.us.push_back(t * 1e6);
+}
+
+void BM_DeviceCopy(benchmark::State& state) {
+  const size_t bytes = size_t{1} << 30;
+  DeviceArena arena;
+  void *src = nullptr, *dst = nullptr;
+  BENCH_CHECK(arena.Alloc(&src, bytes));
+  BENCH_CHECK(arena.Alloc(&dst, bytes));
+  BENCH_CHECK(FillRandom(src, bytes, DType::kBFloat16, 1));
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  BENCH_CHECK(
+      cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));  // Warm-up.
+  std::vector<double> times;
+  for (auto _ : state) {
+    cudaEventRecord(start);
+    cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    state.SetIterationTime(ms / 1e3);
+    times.push_back(ms / 1e3);
+  }
+  BENCH_CHECK(cudaGetLastError());
+  const double gbps = 2.0 * bytes / Median(times) / 1e9;
+  CopyRuns().push_back(gbps);
+  state.counters["GB/s"] = gbps;
+  state.counters["pct_of_copy"] = 100.0;
+  Summary& s = Summaries()["device copy 1 GiB (baseline)"];
+  s.gbps.push_back(gbps);
+  s.pct.push_back(100.0 * gbps / Median(CopyRuns()));
+  s.us.push_back(Median(times) * 1e6);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+}
+
+struct WriteCase {
+  int64_t tokens, heads, head_size;
+  DType input, cache;
+  bool scattered;
+  bool graph;  // Decode sizes: CUDA-graph replay of 100 launches.
+  std::string Name() const {
+    return std::string("write ") + std::string(DTypeName(input)) + "->" +
+           std::string(DTypeName(cache)) + " T=" + std::to_string(tokens) +
+           " H=" + std::to_string(heads) + " D=" + std::to_string(head_size) +
+           (scattered ? " scattered" : " contiguous");
+  }
+};
+
+// Sets of buffers to rotate over so that the total input is >= 1 GiB (2..32
+// sets).
+int NumSets(double bytes_per_set) {
+  return static_cast<int>(
+      std::clamp(std::ceil((1 << 30) / bytes_per_set), 2.0, 32.0));
+}
+
+void BM_QuantizeWrite(benchmark::State& state, WriteCase c) {
+  constexpr int64_t kBlockSize = 16;
+  const int64_t T = c.tokens, H = c.heads, D = c.head_size;
+  const size_t in_elem = DTypeSize(c.input), cache_elem = DTypeSize(c.cache);
+  const size_t in_bytes =
+      static_cast<size_t>(T * H * D) * in_elem;  // Per K or V.
+  const int sets = c.graph ? 8 : NumSets(2.0 * in_bytes);
+  DeviceArena arena;
+  std::mt19937_64 rng(7);
+  // Cache: one random block per token when scattered, else consecutive slots.
+  CacheLayout layout;
+  layout.block_size = kBlockSize;
+  layout.num_heads = H;
+  layout.head_size = D;
+  layout.head_size_v = D;
+  layout.cache_dtype = c.cache;
+  layout.num_blocks = c.scattered ? T * 2 : (T + kBlockSize - 1) / kBlockSize;
+  LayerCache cache;
+  cache.layout = layout;
+  const size_t cache_bytes =
+      static_cast<size_t>(layout.num_blocks * layout.key_block_elems()) *
+      cache_elem;
+  const size_t scale_bytes =
+      static_cast<size_t>(layout.num_slots() * H) * sizeof(float);
+  BENCH_CHECK(arena.Alloc(&cache.key_cache, cache_bytes));
+  BENCH_CHECK(arena.Alloc(&cache.value_cache, cache_bytes));
+  if (IsQuantized(c.cache)) {
+    BENCH_CHECK(
+        arena.Alloc(reinterpret_cast<void**>(&cache.key_scale), scale_bytes));
+    BENCH_CHECK(
+        arena.Alloc(reinterpret_cast<void**>(&cache.value_scale), scale_bytes));
+  }
+  std::vector<QuantizeWriteParams> params(sets);
+  for (int s = 0; s < sets; ++s) {
+    std::vector<int64_t> slots(T);
+    std::vector<int64_t> blocks(layout.num_blocks);
+    std::iota(blocks.begin(), blocks.end(), 0);
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+    for (int64_t t = 0; t < T; ++t) {
+      slots[t] = c.scattered ? blocks[t] * kBlockSize + t % kBlockSize : t;
+    }
+    QuantizeWriteParams& p = params[s];
+    void *k = nullptr, *v = nullptr, *sl = nullptr;
+    BENCH_CHECK(arena.Alloc(&k, in_bytes));
+    BENCH_CHECK(arena.Alloc(&v, in_bytes));
+    BENCH_CHECK(arena.Alloc(&sl, T * sizeof(int64_t)));
+    BENCH_CHECK(FillRandom(k, in_bytes, c.input, 11));
+    BENCH_CHECK(FillRandom(v, in_bytes, c.input, 11));
+    BENCH_CHECK(cudaMemcpy(sl, slots.data(), T * sizeof(int64_t),
+                           cudaMemcpyHostToDevice));
+    p.input = {k, v, c.input, H * D, D, H * D, D};
+    p.num_tokens = T;
+    p.slot_mapping = static_cast<const int64_t*>(sl);
+    p.cache = cache;
+  }
+  const double bytes = 2.0 * T * H * D * (in_elem + cache_elem) + T * 8.0 +
+                       (IsQuantized(c.cache) ? 2.0 * T * H * 4 : 0);
+  cudaStream_t stream;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  for (int s = 0; s < sets; ++s)
+    BENCH_CHECK(QuantizeWriteCuda(params[s], stream));  // Warm-up.
+  BENCH_CHECK(cudaStreamSynchronize(stream));
+
+  constexpr int kGraphLaunches = 100;
+  cudaGraphExec_t exec = nullptr;
+  if (c.graph) {
+    cudaGraph_t graph;
+    BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    for (int i = 0; i < kGraphLaunches; ++i) {
+      BENCH_CHECK(QuantizeWriteCuda(params[i % sets], stream));
+    }
+    BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
+    BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    BENCH_CHECK(cudaGraphDestroy(graph));
+    BENCH_CHECK(cudaGraphLaunch(exec, stream));  // Warm-up.
+    BENCH_CHECK(cudaStreamSynchronize(stream));
+  }
+  std::vector<double> per_launch;
+  for (auto _ : state) {
+    cudaEventRecord(start, stream);
+    int launches = 0;
+    if (c.graph) {
+      cudaGraphLaunch(exec, stream);
+      launches = kGraphLaunches;
+    } else {
+      for (int s = 0; s < sets; ++s) {
+        (void)QuantizeWriteCuda(params[s], stream);
+        ++launches;
+      }
+    }
+    cudaEventRecord(stop, stream);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    state.SetIterationTime(ms / 1e3);
+    per_launch.push_back(ms / 1e3 / launches);
+  }
+  BENCH_CHECK(cudaGetLastError());
+  Report(state, c.Name(), bytes, per_launch, c.graph);
+  if (exec != nullptr) cudaGraphExecDestroy(exec);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+}
+
+struct GatherCase {
+  int64_t tokens, heads, head_size;
+  DType cache, output;
+  std::string Name() const {
+    return std::string("gather ") + std::string(DTypeName(cache)) + "->" +
+           std::string(DTypeName(output)) + " T=" + std::to_string(tokens) +
+           " H=" + std::to_string(heads) + " D=" + std::to_string(head_size) +
+           " block table";
+  }
+};
+
+void BM_Gather(benchmark::State& state, GatherCase c) {
+  constexpr int64_t kBlockSize = 16;
+  const int64_t T = c.tokens, H = c.heads, D = c.head_size;
+  const size_t out_elem = DTypeSize(c.output), cache_elem = DTypeSize(c.cache);
+  const size_t out_bytes = static_cast<size_t>(T * H * D) * out_elem;
+  const int sets = NumSets(2.0 * out_bytes);
+  const int64_t blocks_per_set = (T + kBlockSize - 1) / kBlockSize;
+  DeviceArena arena;
+  CacheLayout layout;
+  layout.block_size = kBlockSize;
+  layout.num_heads = H;
+  layout.head_size = D;
+  layout.head_size_v = D;
+  layout.cache_dtype = c.cache;
+  layout.num_blocks = blocks_per_set * sets;
+  LayerCache cache;
+  cache.layout = layout;
+  const size_t cache_bytes =
+      static_cast<size_t>(layout.num_blocks * layout.key_block_elems()) *
+      cache_elem;
+  const size_t scale_bytes =
+      static_cast<size_t>(layout.num_slots() * H) * sizeof(float);
+  BENCH_CHECK(arena.Alloc(&cache.key_cache, cache_bytes));
+  BENCH_CHECK(arena.Alloc(&cache.value_cache, cache_bytes));
+  BENCH_CHECK(FillRandom(cache.key_cache, cache_bytes, DType::kInt8, 3));
+  BENCH_CHECK(FillRandom(cache.value_cache, cache_bytes, DType::kInt8, 3));
+  if (IsQuantized(c.cache)) {
+    BENCH_CHECK(
+        arena.Alloc(reinterpret_cast<void**>(&cache.key_scale), scale_bytes));
+    BENCH_CHECK(
+        arena.Alloc(reinterpret_cast<void**>(&cache.value_scale), scale_bytes));
+    BENCH_CHECK(FillRandom(cache.key_scale, scale_bytes, DType::kFloat32, 5));
+    BENCH_CHECK(FillRandom(cache.value_scale, scale_bytes, DType::kFloat32, 5));
+  }
+  std::mt19937_64 rng(9);
+  std::vector<int32_t> all(layout.num_blocks);
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng);
+  std::vector<GatherParams> params(sets);
+  for (int s = 0; s < sets; ++s) {
+    void *k = nullptr, *v = nullptr, *table = nullptr;
+    BENCH_CHECK(arena.Alloc(&k, out_bytes));
+    BENCH_CHECK(arena.Alloc(&v, out_bytes));
+    BENCH_CHECK(arena.Alloc(&table, blocks_per_set * sizeof(int32_t)));
+    BENCH_CHECK(cudaMemcpy(table, all.data() + s * blocks_per_set,
+                           blocks_per_set * sizeof(int32_t),
+                           cudaMemcpyHostToDevice));
+    GatherParams& p = params[s];
+    p.cache = cache;
+    p.block_table = static_cast<const int32_t*>(table);
+    p.block_table_len = blocks_per_set;
+    p.num_tokens = T;
+    p.output = {k, v, c.output, H * D, D, H * D, D};
+  }
+  const double bytes = 2.0 * T * H * D * (out_elem + cache_elem) +
+                       blocks_per_set * 4.0 +
+                       (IsQuantized(c.cache) ? 2.0 * T * H * 4 : 0);
+  cudaStream_t stream;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  for (int s = 0; s < sets; ++s) BENCH_CHECK(GatherCuda(params[s], stream));
+  BENCH_CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> per_launch;
+  for (auto _ : state) {
+    cudaEventRecord(start, stream);
+    for (int s = 0; s < sets; ++s) (void)GatherCuda(params[s], stream);
+    cudaEventRecord(stop, stream);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    state.SetIterationTime(ms / 1e3);
+    per_launch.push_back(ms / 1e3 / sets);
+  }
+  BENCH_CHECK(cudaGetLastError());
+  Report(state, c.Name(), bytes, per_launch, false);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+}
+
+void RegisterAll() {
+  benchmark::RegisterBenchmark("device_copy_1GiB", BM_DeviceCopy)
+      ->UseManualTime()
+      ->Unit(benchmark::kMicrosecond)
+      ->MinTime(0.3);
+  std::vector<WriteCase> writes;
+  for (int64_t t : {16384, 65536}) {
+    for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+      for (bool scattered : {true, false}) {
+        writes.push_back(
+            {t, 8, 128, DType::kBFloat16, cache, scattered, false});
+      }
+    }
+  }
+  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+    writes.push_back({16384, 8, 64, DType::kBFloat16, cache, true, false});
+    writes.push_back({16384, 8, 256, DType::kBFloat16, cache, true, false});
+    writes.push_back({16384, 32, 128, DType::kBFloat16, cache, true, false});
+    writes.push_back({16384, 8, 128, DType::kFloat32, cache, true, false});
+  }
+  writes.push_back(
+      {16384, 8, 128, DType::kBFloat16, DType::kBFloat16, true, false});
+  for (int64_t t : {1, 16, 64, 256}) {
+    for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+      writes.push_back({t, 8, 128, DType::kBFloat16, cache, true, true});
+    }
+  }
+  for (const WriteCase& c : writes) {
+    benchmark::RegisterBenchmark((c.Name() + (c.graph ? " graph" : "")).c_str(),
+                                 BM_QuantizeWrite, c)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond)
+        ->MinTime(0.2);
+  }
+  for (int64_t t : {16384, 65536}) {
+    for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+      benchmark::RegisterBenchmark(
+          GatherCase{t, 8, 128, cache, DType::kBFloat16}.Name().c_str(),
+          BM_Gather, GatherCase{t, 8, 128, cache, DType::kBFloat16})
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond)
+          ->MinTime(0.2);
+    }
+  }
+}
+
+void PrintSummary() {
+  std::printf("\n%-62s %10s %8s %12s\n", "case (median over repetitions)",
+              "GB/s", "%copy", "us/launch");
+  for (const auto& [name, s] : Summaries()) {
+    std::printf("%-62s %10.1f %8.1f %12.3f\n", name.c_str(), Median(s.gbps),
+                Median(s.pct), Median(s.us));
+  }
+}
+
+#else  // !KVCACHE_HAVE_CUDA_RUNTIME
+
+void NoCuda(benchmark::State& state) {
+  for (auto _ : state) {
+  }
+  state.SkipWithError("kvcache was built without CUDA support");
+}
+void RegisterAll() { benchmark::RegisterBenchmark("no_cuda", NoCuda); }
+void PrintSummary() {}
+
+#endif
+
+}  // namespace
+}  // namespace kvcache
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  kvcache::RegisterAll();
+  benchmark::RunSpecifiedBenchmarks();
+  kvcache::PrintSummary();
+  return 0;
+}

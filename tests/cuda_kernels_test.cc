@@ -1,0 +1,332 @@
+// CUDA kernels against the CPU kernels, bit for bit, on the same random cases
+// over the whole matrix of tests/cpu_kernels_test.cc (whose CPU results are
+// checked against the scalar reference), plus the exhaustive device conversion
+// sweep, round-trip error bounds and block copy. Skips without a device.
+// CudaKernelsSanitizerTest.* is the small subset run under compute-sanitizer.
+
+#include "kernels/cuda_kernels.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cpu_kernels.h"
+#include "tests/conversion_sweep.h"
+#include "tests/cuda_test_util.h"
+#include "tests/kernel_test_util.h"
+
+#if defined(KVCACHE_HAVE_CUDA_RUNTIME)
+#include <cuda_runtime.h>
+#endif
+
+namespace kvcache::testing {
+namespace {
+
+uint64_t Seed() {
+  static const uint64_t seed = [] {
+    const uint64_t s = TestSeed();
+    std::printf("cuda_kernels_test seed: KVCACHE_TEST_SEED=%llu\n",
+                static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return seed;
+}
+
+#if defined(KVCACHE_HAVE_CUDA_RUNTIME)
+
+// A device copy of a host vector; copies back on request.
+class DeviceBuffer {
+ public:
+  template <class T>
+  explicit DeviceBuffer(const std::vector<T>& host)
+      : bytes_(host.size() * sizeof(T)) {
+    if (bytes_ == 0) return;
+    EXPECT_EQ(cudaMalloc(&ptr_, bytes_), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(ptr_, host.data(), bytes_, cudaMemcpyHostToDevice),
+              cudaSuccess);
+  }
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  template <class T = void>
+  T* get() const {
+    return static_cast<T*>(ptr_);
+  }
+  template <class T>
+  std::vector<T> Download() const {
+    std::vector<T> out(bytes_ / sizeof(T));
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    if (bytes_ > 0) {
+      EXPECT_EQ(cudaMemcpy(out.data(), ptr_, bytes_, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+    }
+    return out;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_;
+};
+
+template <class T>
+int64_t FirstDiff(const std::vector<T>& a, const std::vector<T>& b) {
+  if (a.size() != b.size()) return -2;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::memcmp(&a[i], &b[i], sizeof(T)) != 0)
+      return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+// Write + three gathers of one case on both backends; every output equal byte
+// for byte.
+void CheckCase(const CaseConfig& config, std::mt19937_64& rng) {
+  SCOPED_TRACE(config.Name());
+  HostCase hc = MakeCase(config, rng);
+  const bool quantized = IsQuantized(config.cache_dtype);
+  DeviceBuffer d_input(hc.input), d_slots(hc.slots), d_kc(hc.key_cache),
+      d_vc(hc.value_cache), d_ks(hc.key_scale), d_vs(hc.value_scale);
+  QuantizeWriteParams gpu =
+      hc.Params(d_input.get(), d_slots.get<int64_t>(), d_kc.get(), d_vc.get(),
+                d_ks.get<float>(), d_vs.get<float>());
+  ASSERT_TRUE(QuantizeWriteCuda(gpu, nullptr).ok());
+  QuantizeWriteParams cpu = hc.Params(
+      hc.input.data(), hc.slots.data(), hc.key_cache.data(),
+      hc.value_cache.data(), quantized ? hc.key_scale.data() : nullptr,
+      quantized ? hc.value_scale.data() : nullptr);
+  ASSERT_TRUE(QuantizeWriteCpu(cpu).ok());
+  ASSERT_EQ(FirstDiff(d_kc.Download<uint8_t>(), hc.key_cache), -1);
+  ASSERT_EQ(FirstDiff(d_vc.Download<uint8_t>(), hc.value_cache), -1);
+  ASSERT_EQ(FirstDiff(d_ks.Download<float>(), hc.key_scale), -1);
+  ASSERT_EQ(FirstDiff(d_vs.Download<float>(), hc.value_scale), -1);
+
+  const DType outs[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  for (int variant = 0; variant < 3; ++variant) {
+    const DType out = outs[(variant + rng() % 3) % 3];
+    GatherCase g = MakeGatherCase(hc, out, variant, rng);
+    SCOPED_TRACE(::testing::Message()
+                 << "gather variant " << variant << " out " << DTypeName(out));
+    DeviceBuffer d_out(g.output), d_gslots(g.slots), d_table(g.block_table);
+    ASSERT_TRUE(
+        GatherCuda(g.Params(gpu.cache, d_out.get(), d_gslots.get<int64_t>(),
+                            d_table.get<int32_t>()),
+                   nullptr)
+            .ok());
+    ASSERT_TRUE(GatherCpu(g.Params(cpu.cache, g.output.data(), g.slots.data(),
+                                   g.block_table.data()))
+                    .ok());
+    ASSERT_EQ(FirstDiff(d_out.Download<uint8_t>(), g.output), -1);
+  }
+}
+
+class CudaKernelMatrixTest
+    : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, int64_t>> {};
+
+TEST_P(CudaKernelMatrixTest, WriteAndGatherMatchCpu) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  const auto [d, heads, block_size] = GetParam();
+  std::mt19937_64 rng(Seed() ^ (d * 1000003 + heads * 101 + block_size));
+  const int64_t dv = block_size == 16 ? d : OtherHeadSize(d);
+  int i = 0;
+  for (const DTypePair& pair : WriteDTypePairs()) {
+    for (int64_t budget : {int64_t{3000}, int64_t{400000}}) {
+      CaseConfig c;
+      c.head_size = d;
+      c.head_size_v = dv;
+      c.num_heads = heads;
+      c.block_size = block_size;
+      c.num_tokens = TokensFor(heads, d, dv, budget);
+      c.input_dtype = pair.input;
+      c.cache_dtype = pair.cache;
+      c.layout = static_cast<InputLayout>((i++ + d / 8) % 4);
+      CheckCase(c, rng);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Matrix, CudaKernelMatrixTest,
+    ::testing::Combine(::testing::ValuesIn(MatrixHeadSizes()),
+                       ::testing::Values(1, 8, 32),
+                       ::testing::Values(1, 16, 64)),
+    [](const auto& info) {
+      return "D" + std::to_string(std::get<0>(info.param)) + "_H" +
+             std::to_string(std::get<1>(info.param)) + "_bs" +
+             std::to_string(std::get<2>(info.param));
+    });
+
+TEST(CudaKernelsTest, LargeWriteMatchesCpu) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(Seed() + 1);
+  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+    CaseConfig c;
+    c.num_tokens = 20000;  // Several waves of the grid-stride loop.
+    c.cache_dtype = cache;
+    CheckCase(c, rng);
+  }
+}
+
+TEST(CudaKernelsTest, ConversionsMatchPortableOnEveryFloat) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  absl::StatusOr<ConversionMismatches> m = SweepConversionsOnDevice();
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->fp8_encode, 0u)
+      << "first mismatch at float bits 0x" << std::hex << m->first_fp8_encode;
+  EXPECT_EQ(m->bf16_encode, 0u);
+  EXPECT_EQ(m->fp16_encode, 0u);
+  EXPECT_EQ(m->fp8_decode, 0u);
+  EXPECT_EQ(m->fp16_widen, 0u);
+}
+
+TEST(CudaKernelsTest, RoundTripErrorIsBounded) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(Seed() + 3);
+  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+    CaseConfig c;
+    c.num_tokens = 1024;
+    c.cache_dtype = cache;
+    c.specials = false;
+    c.padding = 0;
+    c.gaussian = true;
+    HostCase hc = MakeCase(c, rng);
+    DeviceBuffer d_input(hc.input), d_slots(hc.slots), d_kc(hc.key_cache),
+        d_vc(hc.value_cache), d_ks(hc.key_scale), d_vs(hc.value_scale);
+    QuantizeWriteParams p =
+        hc.Params(d_input.get(), d_slots.get<int64_t>(), d_kc.get(), d_vc.get(),
+                  d_ks.get<float>(), d_vs.get<float>());
+    ASSERT_TRUE(QuantizeWriteCuda(p, nullptr).ok());
+    GatherCase g = MakeGatherCase(hc, DType::kFloat32, 0, rng);
+    DeviceBuffer d_out(g.output);
+    ASSERT_TRUE(GatherCuda(g.Params(p.cache, d_out.get(),
+                                    d_slots.get<int64_t>(), nullptr),
+                           nullptr)
+                    .ok());
+    const std::vector<float> out = d_out.Download<float>();
+    double err = 0, norm = 0;
+    for (int64_t t = 0; t < c.num_tokens; ++t) {
+      for (int64_t h = 0; h < c.num_heads; ++h) {
+        for (int64_t i = 0; i < c.head_size; ++i) {
+          uint16_t raw;
+          std::memcpy(&raw, hc.Row(true, t, h) + i * 2, 2);
+          const double x = internal::PortableBFloat16ToFloat(raw);
+          const double y = out[(t * c.num_heads + h) * c.head_size + i];
+          err += (x - y) * (x - y);
+          norm += x * x;
+        }
+      }
+    }
+    const double rel = std::sqrt(err / norm);
+    std::printf("GPU round trip %s: relative L2 error %.4g\n",
+                DTypeName(cache).data(), rel);
+    EXPECT_LE(rel, cache == DType::kInt8 ? 7e-3 : 2.7e-2);
+  }
+}
+
+void CheckBlockCopy(DType cache, std::mt19937_64& rng) {
+  CaseConfig c;
+  c.cache_dtype = cache;
+  c.head_size = 80;
+  c.head_size_v = 64;
+  c.num_heads = 3;
+  c.block_size = 5;  // Block bytes not a multiple of 16: narrower accesses.
+  c.num_tokens = 40;
+  HostCase hc = MakeCase(c, rng);
+  const bool quantized = IsQuantized(cache);
+  DeviceBuffer d_kc(hc.key_cache), d_vc(hc.value_cache), d_ks(hc.key_scale),
+      d_vs(hc.value_scale);
+  const std::vector<int64_t> pairs = {0, 3, 2, 1, 4, hc.layout.num_blocks - 1};
+  DeviceBuffer d_pairs(pairs);
+  BlockCopyParams p;
+  p.cache.layout = hc.layout;
+  p.cache.key_cache = d_kc.get();
+  p.cache.value_cache = d_vc.get();
+  p.cache.key_scale = d_ks.get<float>();
+  p.cache.value_scale = d_vs.get<float>();
+  p.pairs = d_pairs.get<int64_t>();
+  p.num_pairs = 3;
+  ASSERT_TRUE(BlockCopyCuda(p, nullptr).ok());
+  p.cache.key_cache = hc.key_cache.data();
+  p.cache.value_cache = hc.value_cache.data();
+  p.cache.key_scale = quantized ? hc.key_scale.data() : nullptr;
+  p.cache.value_scale = quantized ? hc.value_scale.data() : nullptr;
+  p.pairs = pairs.data();
+  ASSERT_TRUE(BlockCopyCpu(p).ok());
+  EXPECT_EQ(FirstDiff(d_kc.Download<uint8_t>(), hc.key_cache), -1);
+  EXPECT_EQ(FirstDiff(d_vc.Download<uint8_t>(), hc.value_cache), -1);
+  EXPECT_EQ(FirstDiff(d_ks.Download<float>(), hc.key_scale), -1);
+  EXPECT_EQ(FirstDiff(d_vs.Download<float>(), hc.value_scale), -1);
+}
+
+TEST(CudaKernelsTest, BlockCopyMatchesCpu) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(Seed() + 4);
+  for (DType cache :
+       {DType::kInt8, DType::kFp8E4M3, DType::kBFloat16, DType::kFloat16}) {
+    CheckBlockCopy(cache, rng);
+  }
+}
+
+TEST(CudaKernelsTest, LaunchersRejectBadArgumentsBeforeLaunching) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  QuantizeWriteParams p;
+  p.num_tokens = 1;
+  EXPECT_EQ(QuantizeWriteCuda(p, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(GatherCuda(GatherParams{}, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(BlockCopyCuda(BlockCopyParams{}, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Small cases for compute-sanitizer memcheck/racecheck: vector and scalar paths
+// of every kernel, decode-sized and odd shapes.
+TEST(CudaKernelsSanitizerTest, SmallCasesMatchCpu) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(Seed() + 5);
+  int i = 0;
+  for (const DTypePair& pair : WriteDTypePairs()) {
+    for (auto [d, dv, heads, bs, tokens] :
+         {std::tuple<int, int, int, int, int>{128, 128, 8, 16, 1},
+          {8, 576, 3, 1, 5},
+          {192, 128, 32, 64, 7},
+          {1024, 1024, 1, 16, 2}}) {
+      CaseConfig c;
+      c.head_size = d;
+      c.head_size_v = dv;
+      c.num_heads = heads;
+      c.block_size = bs;
+      c.num_tokens = tokens;
+      c.input_dtype = pair.input;
+      c.cache_dtype = pair.cache;
+      c.layout = static_cast<InputLayout>(i++ % 4);
+      CheckCase(c, rng);
+      if (HasFatalFailure()) return;
+    }
+  }
+  for (DType cache : {DType::kInt8, DType::kBFloat16})
+    CheckBlockCopy(cache, rng);
+}
+
+#else  // !KVCACHE_HAVE_CUDA_RUNTIME
+
+TEST(CudaKernelsTest, BuiltWithoutCuda) {
+  QuantizeWriteParams p;
+  EXPECT_EQ(QuantizeWriteCuda(p, nullptr).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(GatherCuda(GatherParams{}, nullptr).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(BlockCopyCuda(BlockCopyParams{}, nullptr).code(),
+            absl::StatusCode::kFailedPrecondition);
+  GTEST_SKIP() << "skipped: kvcache was built without CUDA support";
+}
+
+#endif
+
+}  // namespace
+}  // namespace kvcache::testing

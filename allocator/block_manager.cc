@@ -398,6 +398,7 @@ absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
   auto c = std::make_unique<Sequence>(p);
   c->id = child;
   c->batch_mark = 0;
+  c->tail_maybe_shared = true;  // Both now hold the partial last block.
   const Sequence& registered = *c;
   sequences_.emplace(child, std::move(c));
   it->second->tail_maybe_shared = true;

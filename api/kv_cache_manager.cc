@@ -90,6 +90,7 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(
     Impl::PlanState& state = staged[0];
     state.sequences.reserve(batch.size());
     state.appended.assign(m.config_.num_layers, 0);
+    state.copied.assign(m.config_.num_layers, 0);
     m.plans_.reserve(m.plans_.size() + 1);  // The insert below cannot rehash.
     absl::StatusOr<StepPlan> plan = m.blocks_->Reserve(batch);
     if (!plan.ok()) {
@@ -352,6 +353,15 @@ absl::Status KVCacheManager::Gather(SequenceId id, int layer,
       return absl::InvalidArgumentError(absl::StrCat(
           "gather of ", num_tokens, " tokens spans ", count,
           " blocks, more than max_blocks_per_sequence ", m.table_cols_));
+    }
+    // A plan in flight may already point this sequence's table at the
+    // private copy of a shared block: make the copy before reading it.
+    if (const uint64_t pending = m.blocks_->PendingPlan(id); pending != 0) {
+      absl::StatusOr<Impl::PlanState*> plan = m.FindPlan(pending);
+      if (!plan.ok()) return plan.status();
+      if (absl::Status s = m.CopyOnWrite(**plan, layer, stream); !s.ok()) {
+        return s;
+      }
     }
     int32_t* staged = m.gather_staging_.as<int32_t>();
     std::copy_n(table->data() + first, count, staged);

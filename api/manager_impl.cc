@@ -211,6 +211,27 @@ void KVCacheManager::Impl::ReleasePlan(uint64_t plan_id) {
   plans_.erase(it);
 }
 
+absl::Status KVCacheManager::Impl::CopyOnWrite(PlanState& plan, int layer,
+                                               void* stream) {
+  if (plan.num_copies == 0 || plan.copied[layer]) return absl::OkStatus();
+  internal::StepBuffers::Slot& slot = steps_->slot(plan.slot);
+  if (absl::Status s = device_->StreamWaitEvent(stream, slot.uploaded);
+      !s.ok()) {
+    return s;
+  }
+  BlockCopyParams copy;
+  copy.cache = storage_->layer(layer);
+  copy.pairs = steps_->device_pairs(plan.slot);
+  copy.num_pairs = plan.num_copies;
+  if (absl::Status s = kernels_.BlockCopy(copy, stream); !s.ok()) {
+    return internal::Annotate(s,
+                              absl::StrCat("copy-on-write of layer ", layer));
+  }
+  ++counters_.kernel_launches;
+  plan.copied[layer] = 1;
+  return absl::OkStatus();
+}
+
 absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
                                           const TensorView& key,
                                           const TensorView& value,
@@ -245,18 +266,8 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
       !s.ok()) {
     return s;
   }
+  if (absl::Status s = CopyOnWrite(plan, layer, stream); !s.ok()) return s;
   const LayerCache& cache = storage_->layer(layer);
-  if (done == 0 && plan.num_copies > 0) {
-    BlockCopyParams copy;
-    copy.cache = cache;
-    copy.pairs = steps_->device_pairs(plan.slot);
-    copy.num_pairs = plan.num_copies;
-    if (absl::Status s = kernels_.BlockCopy(copy, stream); !s.ok()) {
-      return internal::Annotate(s,
-                                absl::StrCat("copy-on-write of layer ", layer));
-    }
-    ++counters_.kernel_launches;
-  }
   params.num_tokens = num_tokens;
   params.slot_mapping = steps_->device_slots(plan.slot) + done;
   params.cache = cache;

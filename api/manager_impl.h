@@ -69,6 +69,10 @@ class KVCacheManager::Impl {
     std::vector<SequenceId> sequences;
     std::vector<int64_t> appended;  // Per layer.
     int64_t num_copies = 0;
+    // Per layer: the copy-on-write copies have run. They run before the
+    // layer's first Append, or before a Gather of one of the plan's sequences
+    // reads the layer (its block table already names the new blocks).
+    std::vector<char> copied;
   };
 
   Impl(const KVCacheConfig& config, std::unique_ptr<Device> device)
@@ -118,6 +122,9 @@ class KVCacheManager::Impl {
   absl::StatusOr<PlanState*> FindPlan(uint64_t plan_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleasePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs the plan's copy-on-write copies for `layer` unless they already ran.
+  absl::Status CopyOnWrite(PlanState& plan, int layer, void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
                       const TensorView& value, void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -37,6 +37,12 @@ constexpr uint64_t kDataSeed = 7;
 constexpr int kMaxOps = 64;
 constexpr int64_t kHuge = std::numeric_limits<int64_t>::max();
 
+// KVCACHE_FUZZ_TRACE=1 prints every call and its status (for triage).
+bool Tracing() {
+  static const bool on = std::getenv("KVCACHE_FUZZ_TRACE") != nullptr;
+  return on;
+}
+
 [[noreturn]] void Fail(const std::string& what) {
   std::fprintf(stderr, "manager_fuzzer: %s\n", what.c_str());
   std::abort();
@@ -198,6 +204,10 @@ class Harness {
         const bool commit = in_.Byte() & 1;
         const uint64_t plan = PlanId();
         status = commit ? manager_->Commit(plan) : manager_->Abort(plan);
+        if (Tracing()) {
+          std::fprintf(stderr, "  %s plan %llu\n", commit ? "commit" : "abort",
+                       static_cast<unsigned long long>(plan));
+        }
         if (status.ok()) ClosePlan(plan, commit);
         break;
       }
@@ -205,6 +215,11 @@ class Harness {
         call = "Fork";
         const int64_t parent = Id(), child = Id();
         status = manager_->Fork(parent, child);
+        if (Tracing()) {
+          std::fprintf(stderr, "  fork %lld -> %lld\n",
+                       static_cast<long long>(parent),
+                       static_cast<long long>(child));
+        }
         if (status.ok()) {
           if (!seqs_.count(parent) || seqs_.count(child)) Fail("bad fork ok");
           seqs_[child] = seqs_[parent];
@@ -216,6 +231,9 @@ class Harness {
         call = "Free";
         const int64_t id = Id();
         status = manager_->Free(id);
+        if (Tracing()) {
+          std::fprintf(stderr, "  free %lld\n", static_cast<long long>(id));
+        }
         if (status.ok() && seqs_.erase(id) != 1) Fail("Free of unknown ok");
         break;
       }
@@ -227,6 +245,9 @@ class Harness {
         call = "lookup";
         status = Lookup();
         break;
+    }
+    if (Tracing()) {
+      std::fprintf(stderr, "op %s -> %s\n", call, status.ToString().c_str());
     }
     Check(call, status, before);
   }
@@ -241,6 +262,11 @@ class Harness {
     if (seqs_.count(id) || len == 0) Fail("bad AddSequence succeeded");
     if (*computed < 0 || *computed >= len) Fail("bad computed length");
     s.computed = *computed;
+    if (Tracing()) {
+      std::fprintf(stderr, "  add %lld len %d computed %lld\n",
+                   static_cast<long long>(id), len,
+                   static_cast<long long>(s.computed));
+    }
     seqs_[id] = s;
     Verify(id);
     return absl::OkStatus();
@@ -285,6 +311,13 @@ class Harness {
         ref.rows.emplace_back(r.sequence, s.computed + k);
       }
       s.plan = plan->id;
+      if (Tracing()) {
+        std::fprintf(
+            stderr, "  reserve seq %lld tokens %lld new %zu plan %llu\n",
+            static_cast<long long>(r.sequence),
+            static_cast<long long>(r.num_tokens), r.new_token_ids.size(),
+            static_cast<unsigned long long>(plan->id));
+      }
     }
     if (static_cast<int64_t>(ref.rows.size()) != plan->num_tokens) {
       Fail("Reserve: token count");
@@ -366,6 +399,12 @@ class Harness {
                                DType::kBFloat16, {count, h, hv_});
     k.strides[0] = v.strides[0] = stride;
     absl::Status s = manager_->Append(it->first, layer, k, v);
+    if (Tracing()) {
+      std::fprintf(stderr, "  append plan %llu layer %d rows [%lld, +%lld)\n",
+                   static_cast<unsigned long long>(it->first), layer,
+                   static_cast<long long>(plan.appended[layer]),
+                   static_cast<long long>(count));
+    }
     if (s.ok()) plan.appended[layer] += count;
     return s;
   }

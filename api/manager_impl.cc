@@ -30,15 +30,6 @@ absl::Status Annotate(const absl::Status& status, absl::string_view context) {
                       absl::StrCat(context, ": ", status.message()));
 }
 
-absl::Status OutOfHostMemory(absl::string_view call) noexcept {
-  try {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(call, ": out of host memory (std::bad_alloc)"));
-  } catch (const std::bad_alloc&) {
-    return absl::Status(absl::StatusCode::kResourceExhausted, "");
-  }
-}
-
 }  // namespace internal
 namespace {
 

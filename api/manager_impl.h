@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "allocator/block_manager.h"
 #include "api/kv_cache_manager.h"
+#include "api/no_bad_alloc.h"
 #include "api/step_buffers.h"
 #include "kernels/kernel_params.h"
 #include "kvcache/cache_storage.h"
@@ -41,23 +42,6 @@ class Kernels {
 
 // Prefixes a status's message with `context`.
 absl::Status Annotate(const absl::Status& status, absl::string_view context);
-
-// ResourceExhausted for a call that ran out of host memory; never throws (the
-// message is dropped when even it cannot be allocated).
-absl::Status OutOfHostMemory(absl::string_view call) noexcept;
-
-// Runs a public method's body: std::bad_alloc (host memory exhausted inside a
-// standard container) becomes ResourceExhausted instead of crossing the API.
-// The bodies allocate before they change anything, so the manager is left as
-// it was.
-template <typename F>
-auto NoBadAlloc(absl::string_view call, F&& body) -> decltype(body()) {
-  try {
-    return body();
-  } catch (const std::bad_alloc&) {
-    return OutOfHostMemory(call);
-  }
-}
 
 }  // namespace internal
 

@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "api/kv_cache_manager.h"
 #include "api/kv_cache_manager_test_peer.h"
+#include "api/kvcache_c.h"
 #include "gtest/gtest.h"
 #include "kvcache/device.h"
 #include "tests/kv_reference.h"
@@ -482,6 +483,73 @@ TEST_F(OperationTest, EveryHostAllocationDuringOperation) {
   EXPECT_GT(points_["Commit"], 0);
   EXPECT_GT(points_["AddSequence"], 0);
   EXPECT_GT(points_["Fork"], 0);
+}
+
+// ---- The C API: no std::bad_alloc unwinds into C ----
+
+// Runs `call` with each of its host allocations failing in turn: an
+// exception escaping would fail the test; every failure must be
+// KVCACHE_RESOURCE_EXHAUSTED. Returns the number of allocations failed.
+template <typename F>
+int64_t FailEachHostAllocation(F call) {
+  for (int64_t k = 0;; ++k) {
+    ArmHost(k);
+    const kvcache_status s = call();
+    const bool fired = DisarmHost();
+    if (!fired) {
+      EXPECT_EQ(s, KVCACHE_OK);
+      return k;
+    }
+    if (s != KVCACHE_OK) {
+      EXPECT_EQ(s, KVCACHE_RESOURCE_EXHAUSTED) << k;
+    }
+  }
+}
+
+TEST(AllocationFailureTest, CApiReturnsResourceExhausted) {
+  kvcache_config c;
+  kvcache_config_init(&c);
+  c.num_layers = 2;
+  c.num_kv_heads = 2;
+  c.head_size = 16;
+  c.block_size = 4;
+  c.num_blocks = 32;
+  kvcache_manager* m = nullptr;
+  const int64_t create_points = FailEachHostAllocation([&] {
+    kvcache_destroy(m);
+    m = nullptr;
+    return kvcache_create(&c, &m);
+  });
+  ASSERT_NE(m, nullptr);
+  int64_t next_id = 0, added = 0;
+  const int32_t prompt[6] = {1, 2, 3, 4, 5, 6};
+  const int64_t add_points = FailEachHostAllocation([&] {
+    const kvcache_status s =
+        kvcache_add_sequence(m, next_id, prompt, 6, 0, "tenant", nullptr);
+    if (s == KVCACHE_OK) ++added, ++next_id;
+    return s;
+  });
+  EXPECT_EQ(added, 1);
+  kvcache_plan plan;
+  const int32_t extra[1] = {7};
+  kvcache_reserve_request r = {0, 6, extra, 1};
+  int64_t reserved = 0;
+  const int64_t reserve_points = FailEachHostAllocation([&] {
+    const kvcache_status s = kvcache_reserve(m, &r, 1, nullptr, &plan);
+    if (s == KVCACHE_OK) ++reserved;
+    return s;
+  });
+  EXPECT_EQ(reserved, 1);
+  EXPECT_EQ(kvcache_abort(m, plan.id), KVCACHE_OK);
+  EXPECT_EQ(kvcache_validate(m), KVCACHE_OK);
+  kvcache_destroy(m);
+  std::printf(
+      "C API: %lld host allocations of kvcache_create, %lld of "
+      "kvcache_add_sequence, %lld of kvcache_reserve failed in turn\n",
+      static_cast<long long>(create_points), static_cast<long long>(add_points),
+      static_cast<long long>(reserve_points));
+  EXPECT_GT(create_points, 0);
+  EXPECT_GT(reserve_points, 0);
 }
 
 }  // namespace

@@ -25,6 +25,13 @@ void AppendTokens(std::vector<TokenId>& dst, absl::Span<const TokenId> src) {
   }
 }
 
+// Grows `v`'s capacity to at least `n` geometrically, so that per-step
+// reservations stay amortized O(1).
+template <class T>
+void ReserveGeometric(std::vector<T>& v, size_t n) {
+  if (v.capacity() < n) v.reserve(std::max(n, 2 * v.capacity()));
+}
+
 }  // namespace
 
 // ---- Blocks
@@ -64,8 +71,10 @@ void BlockManager::Impl::ReleaseAll(Sequence& s) {
 // ---- Prefix cache
 // ----------------------------------------------------------------------------
 
-// Hashes every full block of the prompt (Commit reuses them), then shares the
-// longest run of cached ones, leaving at least one token to compute.
+// Hashes every full block of the prompt (Commit reuses them) and finds the
+// longest run of cached ones, leaving at least one token to compute; puts them
+// in `s`. The caller acquires them once `s` is registered: this may throw
+// std::bad_alloc and then must change nothing.
 int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
                                         absl::Span<const TokenId> prompt) {
   const int64_t bs = options_.block_size;
@@ -94,7 +103,6 @@ int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
     parent_id = index_.content_id(b);
     s.chain_ids.push_back(parent_id);
   }
-  for (BlockId b : s.blocks) pool_.Acquire(b);
   return static_cast<int64_t>(s.blocks.size()) * bs;
 }
 
@@ -138,18 +146,25 @@ absl::StatusOr<int64_t> BlockManager::Impl::AddSequence(
     return absl::InvalidArgumentError(absl::StrCat(
         "sequence ", id, ": prompt is empty, expected at least 1 token"));
   }
-  auto [it, inserted] = sequences_.try_emplace(id);
-  if (!inserted)
+  if (sequences_.count(id) != 0) {
     return absl::AlreadyExistsError(
         absl::StrCat("sequence ", id, " already exists"));
-  it->second = std::make_unique<Sequence>();
-  Sequence& s = *it->second;
+  }
+  // Everything that allocates (and so may throw std::bad_alloc) happens on a
+  // sequence of our own before it is registered; the pool changes only after.
+  auto seq = std::make_unique<Sequence>();
+  Sequence& s = *seq;
   s.id = id;
   AppendTokens(s.tokens, prompt);
+  if (options_.enable_prefix_caching) {
+    s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
+    s.root_id = index_.RootId(extra.adapter_id, extra.salt);
+    s.computed = MatchPrefix(s, prompt);
+  }
+  sequences_.emplace(id, std::move(seq));
+  // From here on nothing allocates.
+  for (BlockId b : s.blocks) pool_.Acquire(b);
   if (!options_.enable_prefix_caching) return 0;
-  s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
-  s.root_id = index_.RootId(extra.adapter_id, extra.salt);
-  s.computed = MatchPrefix(s, prompt);
   ++stats_.queries;
   stats_.query_tokens += static_cast<int64_t>(prompt.size());
   stats_.hit_tokens += s.computed;
@@ -224,16 +239,28 @@ absl::Status BlockManager::Impl::CheckBatch(
 absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
     absl::Span<const ReserveRequest> batch) {
   if (absl::Status s = CheckBatch(batch); !s.ok()) return s;
-  // From here on nothing can fail.
+  // First allocate everything the plan needs (this may throw std::bad_alloc,
+  // and then nothing observable changed), then change the pool.
   const int64_t bs = options_.block_size;
   StepPlan plan;
-  plan.id = next_plan_id_++;
   plan.sequences.resize(batch.size());
   plan.num_tokens.resize(batch.size());
   plan.slot_mapping.resize(batch_tokens_);
+  plan.copies.reserve(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const ReserveRequest& r = batch[i];
+    Sequence& s = *batch_[i];
+    ReserveGeometric(s.tokens, s.tokens.size() + r.new_token_ids.size());
+    ReserveGeometric(s.blocks, static_cast<size_t>(
+                                   math_.CeilDiv(s.computed + r.num_tokens)));
+  }
+  PlanRecord new_record;
+  new_record.sequences = batch_;
+  plan.id = next_plan_id_;
+  plans_.emplace(plan.id, std::move(new_record));
+  ++next_plan_id_;
+  // From here on nothing can fail or allocate.
   int64_t* slot = plan.slot_mapping.data();
-  PlanRecord& record = plans_[plan.id];
-  record.sequences = batch_;
   for (size_t i = 0; i < batch.size(); ++i) {
     const ReserveRequest& r = batch[i];
     Sequence& s = *batch_[i];
@@ -274,7 +301,20 @@ absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
         absl::StrCat("plan ", plan_id,
                      " not found (unknown, or already committed or aborted)"));
   }
+  // Allocate first (may throw std::bad_alloc with nothing changed): room for
+  // the hashes of every block this commit fills. (The prefix-cache index has a
+  // fixed capacity and never allocates.)
   const std::vector<Sequence*>& seqs = it->second.sequences;
+  if (options_.enable_prefix_caching) {
+    for (Sequence* s : seqs) {
+      if (s == nullptr) continue;
+      const size_t full =
+          static_cast<size_t>(math_.Div(s->computed + s->reserved));
+      ReserveGeometric(s->hashes, full);
+      ReserveGeometric(s->chain_ids, full);
+    }
+  }
+  // From here on nothing allocates.
   for (size_t i = 0; i < seqs.size(); ++i) {
     if (i + 8 < seqs.size() && seqs[i + 8] != nullptr) {
       __builtin_prefetch(seqs[i + 8], /*rw=*/1);
@@ -331,7 +371,7 @@ absl::Status BlockManager::Impl::Free(SequenceId id) {
   if (it == sequences_.end())
     return absl::NotFoundError(absl::StrCat("sequence ", id, " not found"));
   Sequence& s = *it->second;
-  if (s.plan_id != 0) plans_[s.plan_id].sequences[s.plan_index] = nullptr;
+  if (s.plan_id != 0) plans_.at(s.plan_id).sequences[s.plan_index] = nullptr;
   ReleaseAll(s);
   sequences_.erase(it);
   return absl::OkStatus();
@@ -349,16 +389,20 @@ absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
         absl::StrCat("fork: parent sequence ", parent,
                      " has an uncommitted reservation (plan ", p.plan_id, ")"));
   }
-  if (sequences_.contains(child)) {
+  if (sequences_.count(child) != 0) {
     return absl::AlreadyExistsError(
         absl::StrCat("fork: child sequence ", child, " already exists"));
   }
-  it->second->tail_maybe_shared = true;
+  // Copy and register the child first (may throw std::bad_alloc with nothing
+  // changed), then take the references.
   auto c = std::make_unique<Sequence>(p);
   c->id = child;
   c->batch_mark = 0;
-  for (BlockId b : c->blocks) pool_.Acquire(b);
+  c->tail_maybe_shared = true;  // Both now hold the partial last block.
+  const Sequence& registered = *c;
   sequences_.emplace(child, std::move(c));
+  it->second->tail_maybe_shared = true;
+  for (BlockId b : registered.blocks) pool_.Acquire(b);
   return absl::OkStatus();
 }
 

@@ -165,6 +165,9 @@ class BlockManager {
   // limits).
   absl::StatusOr<int64_t> TokensThatFit(SequenceId id) const;
   bool Contains(SequenceId id) const;
+  // The plan holding an uncommitted reservation of `id`, or 0 (none, or an
+  // unknown sequence).
+  uint64_t PendingPlan(SequenceId id) const;
   int64_t num_sequences() const;
 
   PoolUsage Usage() const;

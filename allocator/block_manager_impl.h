@@ -7,9 +7,9 @@
 
 #include <cstdint>
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
 #include "allocator/block_manager.h"
 #include "allocator/block_pool.h"
 #include "allocator/prefix_cache_index.h"
@@ -99,8 +99,10 @@ class BlockManager::Impl {
   internal::BlockMath math_;
   internal::BlockPool pool_;
   internal::PrefixCacheIndex index_;
-  absl::flat_hash_map<SequenceId, std::unique_ptr<Sequence>> sequences_;
-  absl::flat_hash_map<uint64_t, PlanRecord> plans_;
+  // std::unordered_map: a throwing insert (std::bad_alloc) changes nothing,
+  // which absl::flat_hash_map does not promise.
+  std::unordered_map<SequenceId, std::unique_ptr<Sequence>> sequences_;
+  std::unordered_map<uint64_t, PlanRecord> plans_;
   uint64_t next_plan_id_ = 1;
   PrefixCacheStats stats_;
   // Reserve/CheckBatch scratch: the batch's sequences, and the duplicate-check

@@ -34,7 +34,7 @@ absl::StatusOr<BatchBlockTable> BlockManager::Impl::BatchTable(
   out.table.assign(static_cast<size_t>(out.num_sequences) * out.max_blocks, 0);
   for (size_t i = 0; i < seqs.size(); ++i) {
     std::copy(seqs[i]->blocks.begin(), seqs[i]->blocks.end(),
-              &out.table[i * out.max_blocks]);
+              out.table.data() + i * out.max_blocks);
     out.num_blocks.push_back(static_cast<int32_t>(seqs[i]->blocks.size()));
     out.seq_lens.push_back(static_cast<int32_t>(seqs[i]->computed));
   }
@@ -124,6 +124,10 @@ absl::StatusOr<BatchBlockTable> BlockManager::BatchTable(
 }
 absl::StatusOr<int64_t> BlockManager::TokensThatFit(SequenceId id) const {
   return impl_->TokensThatFit(id);
+}
+uint64_t BlockManager::PendingPlan(SequenceId id) const {
+  absl::StatusOr<const Sequence*> s = impl_->Find(id);
+  return s.ok() ? (*s)->plan_id : 0;
 }
 bool BlockManager::Contains(SequenceId id) const {
   return impl_->Find(id).ok();

@@ -15,10 +15,11 @@
 
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
+#include "absl/hash/hash.h"
 #include "absl/types/span.h"
 #include "allocator/block_hash.h"
 #include "allocator/block_hash_table.h"
@@ -66,7 +67,12 @@ class PrefixCacheIndex {
   int32_t block_size_;
   uint64_t next_id_ = 1;  // 0 means "not registered".
   BlockHashTable table_;
-  absl::flat_hash_map<std::pair<int64_t, std::string>, uint64_t> roots_;
+  // std::unordered_map: an insert that throws std::bad_alloc leaves it
+  // unchanged, which Debian's Abseil flat_hash_map (20220623) does not (it
+  // frees an invalid pointer afterwards; seen in the allocation-failure test).
+  std::unordered_map<std::pair<int64_t, std::string>, uint64_t,
+                     absl::Hash<std::pair<int64_t, std::string>>>
+      roots_;
   std::vector<BlockHash> hash_;       // Per block.
   std::vector<uint64_t> content_id_;  // Per block; 0 when not registered.
   std::vector<uint64_t> parent_id_;   // Per block.

@@ -54,8 +54,9 @@ struct StepPlanInfo {
   int64_t num_tokens = 0;  // Tokens reserved over the whole batch.
   const int64_t* slot_mapping = nullptr;   // [num_tokens], batch order.
   std::vector<int64_t> host_slot_mapping;  // The same slots, on the host.
-  int64_t num_block_copies =
-      0;  // Copy-on-write copies run before the first Append.
+  // Copy-on-write copies: they run per layer before its first Append (or a
+  // Gather of one of the plan's sequences in that layer).
+  int64_t num_block_copies = 0;
 };
 
 // A batch's block tables in fixed buffers of the backend's memory (the same

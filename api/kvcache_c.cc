@@ -7,12 +7,15 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "api/kv_cache_manager.h"
+#include "api/no_bad_alloc.h"
 
 struct kvcache_manager {
   std::unique_ptr<kvcache::KVCacheManager> impl;
@@ -50,12 +53,36 @@ kvcache_status ToCode(const absl::Status& status) {
   }
 }
 
-kvcache_status Record(kvcache_manager* m, const absl::Status& status) {
+// Keeps a failed call's message for kvcache_last_error. Never throws: when the
+// message cannot be copied (out of memory), the last error is left empty.
+kvcache_status Record(kvcache_manager* m, const absl::Status& status) noexcept {
   if (!status.ok()) {
     std::lock_guard<std::mutex> lock(m->mu);
-    m->last_error = std::string(status.message());
+    try {
+      m->last_error.assign(status.message().data(), status.message().size());
+    } catch (const std::bad_alloc&) {
+      m->last_error.clear();
+    }
   }
   return ToCode(status);
+}
+
+// Runs an entry point's body under the C++ API's NoBadAlloc: std::bad_alloc
+// (converting arguments, in the manager, or building a message) becomes
+// KVCACHE_RESOURCE_EXHAUSTED and never unwinds into C.
+template <typename F>
+kvcache_status Guarded(kvcache_manager* m, const char* call,
+                       F&& body) noexcept {
+  return Record(m, kvcache::internal::NoBadAlloc(call, std::forward<F>(body)));
+}
+
+// kvcache_create's error, for kvcache_last_create_error; never throws.
+void SetCreateError(const absl::Status& status) noexcept {
+  try {
+    create_error.assign(status.message().data(), status.message().size());
+  } catch (const std::bad_alloc&) {
+    create_error.clear();
+  }
 }
 
 absl::Status Null(const char* what) {
@@ -120,6 +147,39 @@ absl::StatusOr<std::vector<kvcache::ReserveRequest>> ToRequests(
   return requests;
 }
 
+// kvcache_create's body; the handle is made before *out is set.
+absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
+  if (c == nullptr || out == nullptr) {
+    return Null(c == nullptr ? "config" : "out");
+  }
+  *out = nullptr;
+  kvcache::KVCacheConfig config;
+  config.num_layers = c->num_layers;
+  config.num_kv_heads = c->num_kv_heads;
+  config.head_size = c->head_size;
+  config.head_size_v = c->head_size_v;
+  config.block_size = c->block_size;
+  config.cache_dtype = static_cast<kvcache::DType>(c->cache_dtype);
+  config.input_dtype = static_cast<kvcache::DType>(c->input_dtype);
+  config.backend = static_cast<kvcache::Backend>(c->backend);
+  config.device = c->device;
+  config.num_blocks = c->num_blocks;
+  config.memory_budget_bytes = c->memory_budget_bytes;
+  config.memory_fraction = c->memory_fraction;
+  config.enable_prefix_caching = c->enable_prefix_caching != 0;
+  config.max_tokens_per_step = c->max_tokens_per_step;
+  config.max_sequences_per_step = c->max_sequences_per_step;
+  config.max_blocks_per_sequence = c->max_blocks_per_sequence;
+  config.max_inflight_plans = c->max_inflight_plans;
+  absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
+      KVCacheManager::Create(config);
+  if (!manager.ok()) return manager.status();
+  auto handle = std::make_unique<kvcache_manager>();
+  handle->impl = *std::move(manager);
+  *out = handle.release();
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 extern "C" {
@@ -164,41 +224,10 @@ const char* kvcache_status_name(kvcache_status status) {
 }
 
 kvcache_status kvcache_create(const kvcache_config* c, kvcache_manager** out) {
-  absl::Status status;
-  if (c == nullptr || out == nullptr) {
-    status = Null(c == nullptr ? "config" : "out");
-    create_error = std::string(status.message());
-    return ToCode(status);
-  }
-  *out = nullptr;
-  kvcache::KVCacheConfig config;
-  config.num_layers = c->num_layers;
-  config.num_kv_heads = c->num_kv_heads;
-  config.head_size = c->head_size;
-  config.head_size_v = c->head_size_v;
-  config.block_size = c->block_size;
-  config.cache_dtype = static_cast<kvcache::DType>(c->cache_dtype);
-  config.input_dtype = static_cast<kvcache::DType>(c->input_dtype);
-  config.backend = static_cast<kvcache::Backend>(c->backend);
-  config.device = c->device;
-  config.num_blocks = c->num_blocks;
-  config.memory_budget_bytes = c->memory_budget_bytes;
-  config.memory_fraction = c->memory_fraction;
-  config.enable_prefix_caching = c->enable_prefix_caching != 0;
-  config.max_tokens_per_step = c->max_tokens_per_step;
-  config.max_sequences_per_step = c->max_sequences_per_step;
-  config.max_blocks_per_sequence = c->max_blocks_per_sequence;
-  config.max_inflight_plans = c->max_inflight_plans;
-  absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
-      KVCacheManager::Create(config);
-  if (!manager.ok()) {
-    create_error = std::string(manager.status().message());
-    return ToCode(manager.status());
-  }
-  auto handle = std::make_unique<kvcache_manager>();
-  handle->impl = *std::move(manager);
-  *out = handle.release();
-  return KVCACHE_OK;
+  const absl::Status status = kvcache::internal::NoBadAlloc(
+      "kvcache_create", [&]() -> absl::Status { return Create(c, out); });
+  if (!status.ok()) SetCreateError(status);
+  return ToCode(status);
 }
 
 const char* kvcache_last_create_error(void) { return create_error.c_str(); }
@@ -208,7 +237,11 @@ void kvcache_destroy(kvcache_manager* m) { delete m; }
 const char* kvcache_last_error(kvcache_manager* m) {
   if (m == nullptr) return "manager is NULL";
   std::lock_guard<std::mutex> lock(m->mu);
-  error_copy = m->last_error;
+  try {
+    error_copy = m->last_error;
+  } catch (const std::bad_alloc&) {
+    error_copy.clear();
+  }
   return error_copy.c_str();
 }
 
@@ -222,19 +255,21 @@ kvcache_status kvcache_add_sequence(kvcache_manager* m, int64_t sequence,
                                     int64_t adapter_id, const char* salt,
                                     int64_t* computed_tokens) {
   KVCACHE_C_REQUIRE(m);
-  if (prompt == nullptr && prompt_len > 0) return Record(m, Null("prompt"));
-  if (prompt_len < 0) {
-    return Record(m, absl::InvalidArgumentError(absl::StrCat(
-                         "prompt_len ", prompt_len, " is negative")));
-  }
-  kvcache::ExtraKey extra;
-  extra.adapter_id = adapter_id;
-  if (salt != nullptr) extra.salt = salt;
-  absl::StatusOr<int64_t> computed = m->impl->AddSequence(
-      sequence, absl::MakeConstSpan(prompt, prompt_len), extra);
-  if (!computed.ok()) return Record(m, computed.status());
-  if (computed_tokens != nullptr) *computed_tokens = *computed;
-  return KVCACHE_OK;
+  return Guarded(m, "kvcache_add_sequence", [&]() -> absl::Status {
+    if (prompt == nullptr && prompt_len > 0) return Null("prompt");
+    if (prompt_len < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt_len ", prompt_len, " is negative"));
+    }
+    kvcache::ExtraKey extra;
+    extra.adapter_id = adapter_id;
+    if (salt != nullptr) extra.salt = salt;
+    absl::StatusOr<int64_t> computed = m->impl->AddSequence(
+        sequence, absl::MakeConstSpan(prompt, prompt_len), extra);
+    if (!computed.ok()) return computed.status();
+    if (computed_tokens != nullptr) *computed_tokens = *computed;
+    return absl::OkStatus();
+  });
 }
 
 kvcache_status kvcache_reserve(kvcache_manager* m,
@@ -242,98 +277,115 @@ kvcache_status kvcache_reserve(kvcache_manager* m,
                                int64_t batch_size, void* stream,
                                kvcache_plan* plan) {
   KVCACHE_C_REQUIRE(m);
-  if (plan == nullptr) return Record(m, Null("plan"));
-  absl::StatusOr<std::vector<kvcache::ReserveRequest>> requests =
-      ToRequests(batch, batch_size);
-  if (!requests.ok()) return Record(m, requests.status());
-  absl::StatusOr<kvcache::StepPlanInfo> info =
-      m->impl->Reserve(*requests, stream);
-  if (!info.ok()) return Record(m, info.status());
-  plan->id = info->id;
-  plan->num_tokens = info->num_tokens;
-  plan->slot_mapping = info->slot_mapping;
-  plan->num_block_copies = info->num_block_copies;
-  return KVCACHE_OK;
+  return Guarded(m, "kvcache_reserve", [&]() -> absl::Status {
+    if (plan == nullptr) return Null("plan");
+    absl::StatusOr<std::vector<kvcache::ReserveRequest>> requests =
+        ToRequests(batch, batch_size);
+    if (!requests.ok()) return requests.status();
+    absl::StatusOr<kvcache::StepPlanInfo> info =
+        m->impl->Reserve(*requests, stream);
+    if (!info.ok()) return info.status();
+    plan->id = info->id;
+    plan->num_tokens = info->num_tokens;
+    plan->slot_mapping = info->slot_mapping;
+    plan->num_block_copies = info->num_block_copies;
+    return absl::OkStatus();
+  });
 }
 
 kvcache_status kvcache_can_reserve(kvcache_manager* m,
                                    const kvcache_reserve_request* batch,
                                    int64_t batch_size) {
   KVCACHE_C_REQUIRE(m);
-  absl::StatusOr<std::vector<kvcache::ReserveRequest>> requests =
-      ToRequests(batch, batch_size);
-  if (!requests.ok()) return Record(m, requests.status());
-  return Record(m, m->impl->CanReserve(*requests));
+  return Guarded(m, "kvcache_can_reserve", [&]() -> absl::Status {
+    absl::StatusOr<std::vector<kvcache::ReserveRequest>> requests =
+        ToRequests(batch, batch_size);
+    if (!requests.ok()) return requests.status();
+    return m->impl->CanReserve(*requests);
+  });
 }
 
 kvcache_status kvcache_append(kvcache_manager* m, uint64_t plan_id,
                               int32_t layer, const kvcache_tensor* key,
                               const kvcache_tensor* value, void* stream) {
   KVCACHE_C_REQUIRE(m);
-  if (absl::Status s = CheckTensor(key, "key"); !s.ok()) return Record(m, s);
-  if (absl::Status s = CheckTensor(value, "value"); !s.ok()) {
-    return Record(m, s);
-  }
-  return Record(
-      m, m->impl->Append(plan_id, layer, ToView(*key), ToView(*value), stream));
+  return Guarded(m, "kvcache_append", [&]() -> absl::Status {
+    if (absl::Status s = CheckTensor(key, "key"); !s.ok()) return s;
+    if (absl::Status s = CheckTensor(value, "value"); !s.ok()) {
+      return s;
+    }
+    return m->impl->Append(plan_id, layer, ToView(*key), ToView(*value),
+                           stream);
+  });
 }
 
 kvcache_status kvcache_append_dlpack(kvcache_manager* m, uint64_t plan_id,
                                      int32_t layer, const DLTensor* key,
                                      const DLTensor* value, void* stream) {
   KVCACHE_C_REQUIRE(m);
-  if (key == nullptr) return Record(m, Null("key"));
-  if (value == nullptr) return Record(m, Null("value"));
-  return Record(m, m->impl->Append(plan_id, layer, *key, *value, stream));
+  return Guarded(m, "kvcache_append_dlpack", [&]() -> absl::Status {
+    if (key == nullptr) return Null("key");
+    if (value == nullptr) return Null("value");
+    return m->impl->Append(plan_id, layer, *key, *value, stream);
+  });
 }
 
 kvcache_status kvcache_commit(kvcache_manager* m, uint64_t plan_id) {
   KVCACHE_C_REQUIRE(m);
-  return Record(m, m->impl->Commit(plan_id));
+  return Guarded(m, "kvcache_commit",
+                 [&]() -> absl::Status { return m->impl->Commit(plan_id); });
 }
 
 kvcache_status kvcache_abort(kvcache_manager* m, uint64_t plan_id) {
   KVCACHE_C_REQUIRE(m);
-  return Record(m, m->impl->Abort(plan_id));
+  return Guarded(m, "kvcache_abort",
+                 [&]() -> absl::Status { return m->impl->Abort(plan_id); });
 }
 
 kvcache_status kvcache_fork(kvcache_manager* m, int64_t parent, int64_t child) {
   KVCACHE_C_REQUIRE(m);
-  return Record(m, m->impl->Fork(parent, child));
+  return Guarded(m, "kvcache_fork", [&]() -> absl::Status {
+    return m->impl->Fork(parent, child);
+  });
 }
 
 kvcache_status kvcache_free(kvcache_manager* m, int64_t sequence) {
   KVCACHE_C_REQUIRE(m);
-  return Record(m, m->impl->Free(sequence));
+  return Guarded(m, "kvcache_free",
+                 [&]() -> absl::Status { return m->impl->Free(sequence); });
 }
 
 kvcache_status kvcache_block_table(kvcache_manager* m, int64_t sequence,
                                    int32_t* blocks, int64_t capacity,
                                    int64_t* num_blocks) {
   KVCACHE_C_REQUIRE(m);
-  if (num_blocks == nullptr) return Record(m, Null("num_blocks"));
-  absl::StatusOr<std::vector<kvcache::BlockId>> table =
-      m->impl->BlockTable(sequence);
-  if (!table.ok()) return Record(m, table.status());
-  const int64_t n = static_cast<int64_t>(table->size());
-  if (n > capacity || (n > 0 && blocks == nullptr)) {
-    return Record(m, absl::OutOfRangeError(absl::StrCat(
-                         "block table of sequence ", sequence, " has ", n,
-                         " blocks; capacity is ", capacity)));
-  }
-  std::copy(table->begin(), table->end(), blocks);
-  *num_blocks = n;
-  return KVCACHE_OK;
+  return Guarded(m, "kvcache_block_table", [&]() -> absl::Status {
+    if (num_blocks == nullptr) return Null("num_blocks");
+    absl::StatusOr<std::vector<kvcache::BlockId>> table =
+        m->impl->BlockTable(sequence);
+    if (!table.ok()) return table.status();
+    const int64_t n = static_cast<int64_t>(table->size());
+    if (n > capacity || (n > 0 && blocks == nullptr)) {
+      return absl::OutOfRangeError(
+          absl::StrCat("block table of sequence ", sequence, " has ", n,
+                       " blocks; capacity is ", capacity));
+    }
+    std::copy(table->begin(), table->end(), blocks);
+    *num_blocks = n;
+    return absl::OkStatus();
+  });
 }
 
 kvcache_status kvcache_sequence_length(kvcache_manager* m, int64_t sequence,
                                        int64_t* length) {
   KVCACHE_C_REQUIRE(m);
-  if (length == nullptr) return Record(m, Null("length"));
-  absl::StatusOr<int64_t> n = m->impl->SequenceLength(sequence);
-  if (!n.ok()) return Record(m, n.status());
-  *length = *n;
-  return KVCACHE_OK;
+  return Guarded(m, "kvcache_sequence_length", [&]() -> absl::Status {
+    if (length == nullptr) return Null("length");
+    absl::StatusOr<int64_t> n = m->impl->SequenceLength(sequence);
+    if (!n.ok()) return n.status();
+    *length = *n;
+    return absl::OkStatus();
+  });
 }
 
 kvcache_status kvcache_batch_block_table(kvcache_manager* m,
@@ -341,44 +393,48 @@ kvcache_status kvcache_batch_block_table(kvcache_manager* m,
                                          int64_t num_sequences, void* stream,
                                          kvcache_block_table_view* view) {
   KVCACHE_C_REQUIRE(m);
-  if (view == nullptr) return Record(m, Null("view"));
-  if (sequences == nullptr || num_sequences < 0) {
-    return Record(m, Null("sequences"));
-  }
-  absl::StatusOr<kvcache::BlockTableView> table = m->impl->BatchBlockTable(
-      absl::MakeConstSpan(sequences, num_sequences), stream);
-  if (!table.ok()) return Record(m, table.status());
-  view->block_table = table->block_table;
-  view->seq_lens = table->seq_lens;
-  view->num_sequences = table->num_sequences;
-  view->max_blocks = table->max_blocks;
-  view->row_stride = table->row_stride;
-  return KVCACHE_OK;
+  return Guarded(m, "kvcache_batch_block_table", [&]() -> absl::Status {
+    if (view == nullptr) return Null("view");
+    if (sequences == nullptr || num_sequences < 0) {
+      return Null("sequences");
+    }
+    absl::StatusOr<kvcache::BlockTableView> table = m->impl->BatchBlockTable(
+        absl::MakeConstSpan(sequences, num_sequences), stream);
+    if (!table.ok()) return table.status();
+    view->block_table = table->block_table;
+    view->seq_lens = table->seq_lens;
+    view->num_sequences = table->num_sequences;
+    view->max_blocks = table->max_blocks;
+    view->row_stride = table->row_stride;
+    return absl::OkStatus();
+  });
 }
 
 kvcache_status kvcache_get_layer_view(kvcache_manager* m, int32_t layer,
                                       kvcache_layer_view* view) {
   KVCACHE_C_REQUIRE(m);
-  if (view == nullptr) return Record(m, Null("view"));
-  absl::StatusOr<kvcache::LayerView> v = m->impl->GetLayerView(layer);
-  if (!v.ok()) return Record(m, v.status());
-  view->key_cache = v->key_cache;
-  view->value_cache = v->value_cache;
-  view->key_scale = v->key_scale;
-  view->value_scale = v->value_scale;
-  view->cache_dtype = static_cast<int32_t>(v->cache_dtype);
-  view->memory =
-      v->memory == kvcache::MemoryKind::kCuda ? KVCACHE_DEVICE : KVCACHE_HOST;
-  view->device = v->device;
-  view->num_blocks = v->num_blocks;
-  view->block_size = v->block_size;
-  view->num_kv_heads = v->num_kv_heads;
-  view->head_size = v->head_size;
-  view->head_size_v = v->head_size_v;
-  std::copy_n(v->key_strides, 4, view->key_strides);
-  std::copy_n(v->value_strides, 4, view->value_strides);
-  std::copy_n(v->scale_strides, 3, view->scale_strides);
-  return KVCACHE_OK;
+  return Guarded(m, "kvcache_get_layer_view", [&]() -> absl::Status {
+    if (view == nullptr) return Null("view");
+    absl::StatusOr<kvcache::LayerView> v = m->impl->GetLayerView(layer);
+    if (!v.ok()) return v.status();
+    view->key_cache = v->key_cache;
+    view->value_cache = v->value_cache;
+    view->key_scale = v->key_scale;
+    view->value_scale = v->value_scale;
+    view->cache_dtype = static_cast<int32_t>(v->cache_dtype);
+    view->memory =
+        v->memory == kvcache::MemoryKind::kCuda ? KVCACHE_DEVICE : KVCACHE_HOST;
+    view->device = v->device;
+    view->num_blocks = v->num_blocks;
+    view->block_size = v->block_size;
+    view->num_kv_heads = v->num_kv_heads;
+    view->head_size = v->head_size;
+    view->head_size_v = v->head_size_v;
+    std::copy_n(v->key_strides, 4, view->key_strides);
+    std::copy_n(v->value_strides, 4, view->value_strides);
+    std::copy_n(v->scale_strides, 3, view->scale_strides);
+    return absl::OkStatus();
+  });
 }
 
 kvcache_status kvcache_gather(kvcache_manager* m, int64_t sequence,
@@ -386,53 +442,58 @@ kvcache_status kvcache_gather(kvcache_manager* m, int64_t sequence,
                               int64_t num_tokens, const kvcache_tensor* key_out,
                               const kvcache_tensor* value_out, void* stream) {
   KVCACHE_C_REQUIRE(m);
-  if (absl::Status s = CheckTensor(key_out, "key_out"); !s.ok()) {
-    return Record(m, s);
-  }
-  if (absl::Status s = CheckTensor(value_out, "value_out"); !s.ok()) {
-    return Record(m, s);
-  }
-  return Record(m,
-                m->impl->Gather(sequence, layer, token_begin, num_tokens,
-                                ToView(*key_out), ToView(*value_out), stream));
+  return Guarded(m, "kvcache_gather", [&]() -> absl::Status {
+    if (absl::Status s = CheckTensor(key_out, "key_out"); !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CheckTensor(value_out, "value_out"); !s.ok()) {
+      return s;
+    }
+    return m->impl->Gather(sequence, layer, token_begin, num_tokens,
+                           ToView(*key_out), ToView(*value_out), stream);
+  });
 }
 
 kvcache_status kvcache_tokens_that_fit(kvcache_manager* m, int64_t sequence,
                                        int64_t* tokens) {
   KVCACHE_C_REQUIRE(m);
-  if (tokens == nullptr) return Record(m, Null("tokens"));
-  absl::StatusOr<int64_t> n = m->impl->TokensThatFit(sequence);
-  if (!n.ok()) return Record(m, n.status());
-  *tokens = *n;
-  return KVCACHE_OK;
+  return Guarded(m, "kvcache_tokens_that_fit", [&]() -> absl::Status {
+    if (tokens == nullptr) return Null("tokens");
+    absl::StatusOr<int64_t> n = m->impl->TokensThatFit(sequence);
+    if (!n.ok()) return n.status();
+    *tokens = *n;
+    return absl::OkStatus();
+  });
 }
 
 kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
   KVCACHE_C_REQUIRE(m);
-  if (out == nullptr) return Record(m, Null("metrics"));
-  const kvcache::MetricsSnapshot s = m->impl->Metrics();
-  out->blocks_total = s.blocks_total;
-  out->blocks_free = s.blocks_free;
-  out->blocks_cached = s.blocks_cached;
-  out->blocks_in_use = s.blocks_in_use;
-  out->usage = s.usage;
-  out->sequences = s.sequences;
-  out->plans_in_flight = s.plans_in_flight;
-  out->prefix_queries = s.prefix_queries;
-  out->prefix_query_tokens = s.prefix_query_tokens;
-  out->prefix_hit_tokens = s.prefix_hit_tokens;
-  out->evictions = s.evictions;
-  out->tokens_appended = s.tokens_appended;
-  out->tokens_committed = s.tokens_committed;
-  out->kernel_launches = s.kernel_launches;
-  out->reserve_failures = s.reserve_failures;
-  out->block_copies = s.block_copies;
-  return KVCACHE_OK;
+  return Guarded(m, "kvcache_get_metrics", [&]() -> absl::Status {
+    if (out == nullptr) return Null("metrics");
+    const kvcache::MetricsSnapshot s = m->impl->Metrics();
+    out->blocks_total = s.blocks_total;
+    out->blocks_free = s.blocks_free;
+    out->blocks_cached = s.blocks_cached;
+    out->blocks_in_use = s.blocks_in_use;
+    out->usage = s.usage;
+    out->sequences = s.sequences;
+    out->plans_in_flight = s.plans_in_flight;
+    out->prefix_queries = s.prefix_queries;
+    out->prefix_query_tokens = s.prefix_query_tokens;
+    out->prefix_hit_tokens = s.prefix_hit_tokens;
+    out->evictions = s.evictions;
+    out->tokens_appended = s.tokens_appended;
+    out->tokens_committed = s.tokens_committed;
+    out->kernel_launches = s.kernel_launches;
+    out->reserve_failures = s.reserve_failures;
+    out->block_copies = s.block_copies;
+    return absl::OkStatus();
+  });
 }
 
 size_t kvcache_metrics_text(kvcache_manager* m, char* buffer, size_t capacity) {
   if (m == nullptr) return 0;
-  const std::string text = m->impl->MetricsText();
+  const std::string text = m->impl->MetricsText();  // "" when out of memory.
   if (buffer != nullptr && capacity > 0) {
     const size_t n = std::min(capacity - 1, text.size());
     std::memcpy(buffer, text.data(), n);
@@ -443,7 +504,8 @@ size_t kvcache_metrics_text(kvcache_manager* m, char* buffer, size_t capacity) {
 
 kvcache_status kvcache_validate(kvcache_manager* m) {
   KVCACHE_C_REQUIRE(m);
-  return Record(m, m->impl->Validate());
+  return Guarded(m, "kvcache_validate",
+                 [&]() -> absl::Status { return m->impl->Validate(); });
 }
 
 }  // extern "C"

@@ -165,13 +165,16 @@ absl::Status KVCacheManager::Impl::CheckBatch(
   }
   int64_t tokens = 0;
   for (const ReserveRequest& request : batch) {
-    if (auto it = sequence_plan_.find(request.sequence);
-        it != sequence_plan_.end()) {
+    if (const uint64_t plan = blocks_->PendingPlan(request.sequence);
+        plan != 0) {
       return absl::FailedPreconditionError(absl::StrCat(
           "sequence ", request.sequence, " already has a reservation in plan ",
-          it->second, ": commit or abort it first"));
+          plan, ": commit or abort it first"));
     }
-    tokens += std::max<int64_t>(request.num_tokens, 0);
+    // Clamped per request so that hostile counts (INT64_MAX) cannot overflow
+    // the sum (found by //fuzz:manager_fuzzer).
+    tokens += std::clamp<int64_t>(request.num_tokens, 0,
+                                  int64_t{config_.max_tokens_per_step} + 1);
   }
   if (tokens > config_.max_tokens_per_step) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -195,9 +198,29 @@ absl::StatusOr<KVCacheManager::Impl::PlanState*> KVCacheManager::Impl::FindPlan(
 
 void KVCacheManager::Impl::ReleasePlan(uint64_t plan_id) {
   auto it = plans_.find(plan_id);
-  for (SequenceId id : it->second.sequences) sequence_plan_.erase(id);
   steps_->slot(it->second.slot).busy = false;
   plans_.erase(it);
+}
+
+absl::Status KVCacheManager::Impl::CopyOnWrite(PlanState& plan, int layer,
+                                               void* stream) {
+  if (plan.num_copies == 0 || plan.copied[layer]) return absl::OkStatus();
+  internal::StepBuffers::Slot& slot = steps_->slot(plan.slot);
+  if (absl::Status s = device_->StreamWaitEvent(stream, slot.uploaded);
+      !s.ok()) {
+    return s;
+  }
+  BlockCopyParams copy;
+  copy.cache = storage_->layer(layer);
+  copy.pairs = steps_->device_pairs(plan.slot);
+  copy.num_pairs = plan.num_copies;
+  if (absl::Status s = kernels_.BlockCopy(copy, stream); !s.ok()) {
+    return internal::Annotate(s,
+                              absl::StrCat("copy-on-write of layer ", layer));
+  }
+  ++counters_.kernel_launches;
+  plan.copied[layer] = 1;
+  return absl::OkStatus();
 }
 
 absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
@@ -234,18 +257,8 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
       !s.ok()) {
     return s;
   }
+  if (absl::Status s = CopyOnWrite(plan, layer, stream); !s.ok()) return s;
   const LayerCache& cache = storage_->layer(layer);
-  if (done == 0 && plan.num_copies > 0) {
-    BlockCopyParams copy;
-    copy.cache = cache;
-    copy.pairs = steps_->device_pairs(plan.slot);
-    copy.num_pairs = plan.num_copies;
-    if (absl::Status s = kernels_.BlockCopy(copy, stream); !s.ok()) {
-      return internal::Annotate(s,
-                                absl::StrCat("copy-on-write of layer ", layer));
-    }
-    ++counters_.kernel_launches;
-  }
   params.num_tokens = num_tokens;
   params.slot_mapping = steps_->device_slots(plan.slot) + done;
   params.cache = cache;

@@ -10,14 +10,16 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "allocator/block_manager.h"
 #include "api/kv_cache_manager.h"
+#include "api/no_bad_alloc.h"
 #include "api/step_buffers.h"
 #include "kernels/kernel_params.h"
 #include "kvcache/cache_storage.h"
@@ -51,6 +53,10 @@ class KVCacheManager::Impl {
     std::vector<SequenceId> sequences;
     std::vector<int64_t> appended;  // Per layer.
     int64_t num_copies = 0;
+    // Per layer: the copy-on-write copies have run. They run before the
+    // layer's first Append, or before a Gather of one of the plan's sequences
+    // reads the layer (its block table already names the new blocks).
+    std::vector<char> copied;
   };
 
   Impl(const KVCacheConfig& config, std::unique_ptr<Device> device)
@@ -70,8 +76,10 @@ class KVCacheManager::Impl {
   mutable std::mutex mu_;
   std::unique_ptr<BlockManager> blocks_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<internal::StepBuffers> steps_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<uint64_t, PlanState> plans_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<SequenceId, uint64_t> sequence_plan_ ABSL_GUARDED_BY(mu_);
+  // Node-based: Reserve makes the node before the allocator changes and then
+  // inserts it without allocating (see Reserve).
+  using PlanMap = std::unordered_map<uint64_t, PlanState>;
+  PlanMap plans_ ABSL_GUARDED_BY(mu_);
   // Batch block table: int32 [max_sequences, table_cols_] then int32 seq_lens
   // [max_sequences].
   Buffer table_staging_ ABSL_GUARDED_BY(mu_);
@@ -98,6 +106,9 @@ class KVCacheManager::Impl {
   absl::StatusOr<PlanState*> FindPlan(uint64_t plan_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleasePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs the plan's copy-on-write copies for `layer` unless they already ran.
+  absl::Status CopyOnWrite(PlanState& plan, int layer, void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
                       const TensorView& value, void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -15,6 +15,10 @@ PACKAGES=(
   libxxhash-dev
   nlohmann-json3-dev
   libdlpack-dev
+  # Reliability checks in .ci/run: clang/clang++ and libFuzzer (libclang_rt.fuzzer-x86_64.a) for
+  # --config=fuzz; gcc's ASan/UBSan/TSan runtimes come with g++.
+  clang
+  libclang-rt-14-dev
 )
 
 missing=()

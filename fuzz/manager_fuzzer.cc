@@ -1,0 +1,595 @@
+// libFuzzer target: decodes its input into a tiny KVCacheManager (CPU backend)
+// and a sequence of manager calls with valid and hostile arguments. After every
+// call: Validate() holds; a failed call left the manager as it was (metrics
+// except reserve_failures, sequence lengths and block tables); the sequences
+// the call touched read back exactly the reference quantization of what was
+// appended (tests/kv_reference.h). Any violation aborts (a crash for
+// libFuzzer). Built with clang -fsanitize=fuzzer,address,undefined under
+// --config=fuzz, and as a plain library replayed by fuzz/replay_main.cc in the
+// normal build.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "api/kv_cache_manager.h"
+#include "tests/kv_reference.h"
+
+namespace kvcache {
+namespace {
+
+using testing::ExtendPrefixHash;
+using testing::FloatToBf16;
+using testing::QuantizeDequantizeHead;
+using testing::SyntheticRow;
+
+constexpr uint64_t kDataSeed = 7;
+constexpr int kMaxOps = 64;
+constexpr int64_t kHuge = std::numeric_limits<int64_t>::max();
+
+// KVCACHE_FUZZ_TRACE=1 prints every call and its status (for triage).
+bool Tracing() {
+  static const bool on = std::getenv("KVCACHE_FUZZ_TRACE") != nullptr;
+  return on;
+}
+
+[[noreturn]] void Fail(const std::string& what) {
+  std::fprintf(stderr, "manager_fuzzer: %s\n", what.c_str());
+  std::abort();
+}
+
+class Input {
+ public:
+  Input(const uint8_t* data, size_t size) : data_(data), size_(size) {}
+  bool empty() const { return pos_ >= size_; }
+  uint8_t Byte() { return pos_ < size_ ? data_[pos_++] : 0; }
+  int Range(int n) { return Byte() % n; }  // [0, n)
+
+ private:
+  const uint8_t* data_;
+  size_t size_;
+  size_t pos_ = 0;
+};
+
+struct RefSequence {
+  std::vector<int32_t> tokens;
+  std::vector<uint64_t> prefix_hash;
+  int64_t computed = 0;
+  uint64_t plan = 0;
+};
+
+struct RefPlan {
+  std::vector<std::pair<int64_t, int64_t>> rows;  // (sequence, position)
+  std::vector<int64_t> appended;                  // per layer
+  std::map<int64_t, size_t> tokens_before;        // Abort drops new tokens.
+};
+
+struct Snapshot {
+  MetricsSnapshot m;
+  std::map<int64_t, std::pair<int64_t, std::vector<BlockId>>> seqs;
+};
+
+class Harness {
+ public:
+  Harness(Input& in) : in_(in) {}
+
+  bool Init() {
+    const uint8_t a = in_.Byte(), b = in_.Byte();
+    config_.num_layers = 2;
+    config_.num_kv_heads = 1 + (a & 1);
+    config_.head_size = (a & 2) ? 16 : 8;
+    config_.head_size_v = (a & 4) ? 8 : 0;
+    config_.block_size = 1 + ((a >> 3) & 3);
+    config_.num_blocks = 8 + (b % 25);
+    const DType dtypes[] = {DType::kInt8, DType::kFp8E4M3, DType::kBFloat16};
+    config_.cache_dtype = dtypes[(a >> 5) % 3];
+    config_.input_dtype = DType::kBFloat16;
+    config_.enable_prefix_caching = (b & 0x80) == 0;
+    config_.max_tokens_per_step = 48;
+    config_.max_sequences_per_step = 4;
+    config_.max_inflight_plans = 2;
+    config_.logger_name = "manager_fuzzer";
+    hv_ = config_.head_size_v != 0 ? config_.head_size_v : config_.head_size;
+    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
+        KVCacheManager::Create(config_);
+    if (!m.ok()) Fail("Create: " + m.status().ToString());
+    manager_ = *std::move(m);
+    return true;
+  }
+
+  void Run() {
+    for (int op = 0; op < kMaxOps && !in_.empty(); ++op) Step();
+    for (const auto& [id, seq] : seqs_) Verify(id);
+  }
+
+ private:
+  // A sequence id: mostly the small known range, sometimes hostile.
+  int64_t Id() {
+    const uint8_t b = in_.Byte();
+    if (b < 240) return b % 6;
+    const int64_t hostile[] = {-1, kHuge, std::numeric_limits<int64_t>::min(),
+                               1000};
+    return hostile[b % 4];
+  }
+  uint64_t PlanId() {
+    const uint8_t b = in_.Byte();
+    if (b < 200 && !plans_.empty()) {
+      auto it = plans_.begin();
+      std::advance(it, b % plans_.size());
+      return it->first;
+    }
+    return b % 2 == 0 ? last_closed_plan_ : static_cast<uint64_t>(b) << 40;
+  }
+
+  Snapshot Take() const {
+    Snapshot s;
+    s.m = manager_->Metrics();
+    for (int64_t id = 0; id < 6; ++id) {
+      absl::StatusOr<int64_t> len = manager_->SequenceLength(id);
+      absl::StatusOr<std::vector<BlockId>> table = manager_->BlockTable(id);
+      if (len.ok() != table.ok()) Fail("lookups disagree");
+      if (len.ok()) s.seqs[id] = {*len, *table};
+    }
+    return s;
+  }
+  static void Same(const Snapshot& a, const Snapshot& b, const char* call,
+                   const absl::Status& status) {
+    const MetricsSnapshot &x = a.m, &y = b.m;
+    const bool same =
+        x.blocks_free == y.blocks_free && x.blocks_cached == y.blocks_cached &&
+        x.blocks_in_use == y.blocks_in_use && x.sequences == y.sequences &&
+        x.plans_in_flight == y.plans_in_flight &&
+        x.prefix_queries == y.prefix_queries &&
+        x.prefix_query_tokens == y.prefix_query_tokens &&
+        x.prefix_hit_tokens == y.prefix_hit_tokens &&
+        x.evictions == y.evictions && x.tokens_appended == y.tokens_appended &&
+        x.tokens_committed == y.tokens_committed &&
+        x.kernel_launches == y.kernel_launches &&
+        x.block_copies == y.block_copies && a.seqs == b.seqs;
+    if (!same) {
+      Fail(std::string(call) + " failed (" + status.ToString() +
+           ") but changed the manager");
+    }
+  }
+  void Check(const char* call, const absl::Status& status,
+             const Snapshot& before) {
+    if (absl::Status v = manager_->Validate(); !v.ok()) {
+      Fail(std::string("Validate after ") + call + ": " + v.ToString());
+    }
+    if (!status.ok()) Same(before, Take(), call, status);
+  }
+
+  void Push(RefSequence& s, int32_t token) {
+    const uint64_t parent = s.prefix_hash.empty() ? 0 : s.prefix_hash.back();
+    s.tokens.push_back(token);
+    s.prefix_hash.push_back(ExtendPrefixHash(parent, token));
+  }
+
+  void Step() {
+    const int op = in_.Range(11);
+    const Snapshot before = Take();
+    absl::Status status;
+    const char* call = "?";
+    switch (op) {
+      case 0:
+      case 1:
+        call = "AddSequence";
+        status = Add();
+        break;
+      case 2:
+      case 3:
+        call = "Reserve";
+        status = Reserve();
+        break;
+      case 4:
+        call = "Append";
+        status = Append();
+        break;
+      case 5:
+        call = "Append(hostile)";
+        status = HostileAppend();
+        break;
+      case 6: {
+        call = "Commit/Abort";
+        const bool commit = in_.Byte() & 1;
+        const uint64_t plan = PlanId();
+        status = commit ? manager_->Commit(plan) : manager_->Abort(plan);
+        if (Tracing()) {
+          std::fprintf(stderr, "  %s plan %llu\n", commit ? "commit" : "abort",
+                       static_cast<unsigned long long>(plan));
+        }
+        if (status.ok()) ClosePlan(plan, commit);
+        break;
+      }
+      case 7: {
+        call = "Fork";
+        const int64_t parent = Id(), child = Id();
+        status = manager_->Fork(parent, child);
+        if (Tracing()) {
+          std::fprintf(stderr, "  fork %lld -> %lld\n",
+                       static_cast<long long>(parent),
+                       static_cast<long long>(child));
+        }
+        if (status.ok()) {
+          if (!seqs_.count(parent) || seqs_.count(child)) Fail("bad fork ok");
+          seqs_[child] = seqs_[parent];
+          Verify(child);
+        }
+        break;
+      }
+      case 8: {
+        call = "Free";
+        const int64_t id = Id();
+        status = manager_->Free(id);
+        if (Tracing()) {
+          std::fprintf(stderr, "  free %lld\n", static_cast<long long>(id));
+        }
+        if (status.ok() && seqs_.erase(id) != 1) Fail("Free of unknown ok");
+        break;
+      }
+      case 9:
+        call = "Gather";
+        status = Gather();
+        break;
+      default:
+        call = "lookup";
+        status = Lookup();
+        break;
+    }
+    if (Tracing()) {
+      std::fprintf(stderr, "op %s -> %s\n", call, status.ToString().c_str());
+    }
+    Check(call, status, before);
+  }
+
+  absl::Status Add() {
+    const int64_t id = Id();
+    const int len = in_.Range(14);  // 0 = an empty prompt (hostile).
+    RefSequence s;
+    for (int i = 0; i < len; ++i) Push(s, in_.Range(3));
+    absl::StatusOr<int64_t> computed = manager_->AddSequence(id, s.tokens);
+    if (!computed.ok()) return computed.status();
+    if (seqs_.count(id) || len == 0) Fail("bad AddSequence succeeded");
+    if (*computed < 0 || *computed >= len) Fail("bad computed length");
+    s.computed = *computed;
+    if (Tracing()) {
+      std::fprintf(stderr, "  add %lld len %d computed %lld\n",
+                   static_cast<long long>(id), len,
+                   static_cast<long long>(s.computed));
+    }
+    seqs_[id] = s;
+    Verify(id);
+    return absl::OkStatus();
+  }
+
+  absl::Status Reserve() {
+    const int n = 1 + in_.Range(3);
+    std::vector<ReserveRequest> batch(n);
+    for (ReserveRequest& r : batch) {
+      r.sequence = Id();
+      const uint8_t kind = in_.Byte();
+      auto it = seqs_.find(r.sequence);
+      const int64_t pending =
+          it == seqs_.end() ? 1
+                            : static_cast<int64_t>(it->second.tokens.size()) -
+                                  it->second.computed;
+      if (kind < 200) {
+        if (pending > 0) {
+          r.num_tokens = 1 + kind % pending;
+        } else {
+          r.new_token_ids.push_back(in_.Range(3));
+          r.num_tokens = 1;
+        }
+      } else {
+        const int64_t hostile[] = {0,     -1,     pending + 1, kHuge,
+                                   kHuge, -kHuge, 1 << 20,     kHuge / 2};
+        r.num_tokens = hostile[kind % 8];
+        if (kind & 8) r.new_token_ids.push_back(in_.Range(3));
+      }
+    }
+    absl::StatusOr<StepPlanInfo> plan = manager_->Reserve(batch);
+    if (!plan.ok()) return plan.status();
+    RefPlan ref;
+    ref.appended.assign(config_.num_layers, 0);
+    for (const ReserveRequest& r : batch) {
+      auto it = seqs_.find(r.sequence);
+      if (it == seqs_.end() || it->second.plan != 0) Fail("bad Reserve ok");
+      RefSequence& s = it->second;
+      ref.tokens_before[r.sequence] = s.tokens.size();
+      for (int32_t t : r.new_token_ids) Push(s, t);
+      for (int64_t k = 0; k < r.num_tokens; ++k) {
+        ref.rows.emplace_back(r.sequence, s.computed + k);
+      }
+      s.plan = plan->id;
+      if (Tracing()) {
+        std::fprintf(
+            stderr, "  reserve seq %lld tokens %lld new %zu plan %llu\n",
+            static_cast<long long>(r.sequence),
+            static_cast<long long>(r.num_tokens), r.new_token_ids.size(),
+            static_cast<unsigned long long>(plan->id));
+      }
+    }
+    if (static_cast<int64_t>(ref.rows.size()) != plan->num_tokens) {
+      Fail("Reserve: token count");
+    }
+    plans_[plan->id] = std::move(ref);
+    return absl::OkStatus();
+  }
+
+  void ClosePlan(uint64_t id, bool commit) {
+    auto it = plans_.find(id);
+    if (it == plans_.end()) Fail("commit/abort of an unknown plan ok");
+    std::set<int64_t> touched;
+    for (const auto& [seq, pos] : it->second.rows) {
+      auto s = seqs_.find(seq);
+      if (s == seqs_.end()) continue;
+      s->second.plan = 0;
+      if (commit) s->second.computed = std::max(s->second.computed, pos + 1);
+      touched.insert(seq);
+    }
+    if (!commit) {
+      for (const auto& [seq, size] : it->second.tokens_before) {
+        auto q = seqs_.find(seq);
+        if (q == seqs_.end()) continue;
+        q->second.tokens.resize(size);
+        q->second.prefix_hash.resize(size);
+      }
+    }
+    plans_.erase(it);
+    last_closed_plan_ = id;
+    for (int64_t seq : touched) Verify(seq);
+  }
+
+  // Reference K/V rows [begin, begin + count) of a plan in one layer, bf16,
+  // K and V interleaved per token (a fused-QKV-like layout).
+  std::vector<uint16_t> Rows(const RefPlan& plan, int layer, int64_t begin,
+                             int64_t count, int64_t* stride) const {
+    const int h = config_.num_kv_heads;
+    const int64_t kr = int64_t{h} * config_.head_size, vr = int64_t{h} * hv_;
+    *stride = kr + vr;
+    std::vector<uint16_t> out(count * *stride);
+    for (int64_t i = 0; i < count; ++i) {
+      const auto& [seq, pos] = plan.rows[begin + i];
+      const uint64_t hash = seqs_.at(seq).prefix_hash[pos];
+      std::vector<float> k =
+          SyntheticRow(kDataSeed, layer, false, hash, h, config_.head_size);
+      std::vector<float> v = SyntheticRow(kDataSeed, layer, true, hash, h, hv_);
+      for (int64_t j = 0; j < kr; ++j) out[i * *stride + j] = FloatToBf16(k[j]);
+      for (int64_t j = 0; j < vr; ++j) {
+        out[i * *stride + kr + j] = FloatToBf16(v[j]);
+      }
+    }
+    return out;
+  }
+
+  absl::Status Append() {
+    if (plans_.empty()) return HostileAppend();
+    auto it = plans_.begin();
+    std::advance(it, in_.Range(static_cast<int>(plans_.size())));
+    RefPlan& plan = it->second;
+    const int layer = in_.Range(config_.num_layers);
+    const int64_t left =
+        static_cast<int64_t>(plan.rows.size()) - plan.appended[layer];
+    if (left == 0) return HostileAppend();
+    const int64_t count = 1 + in_.Range(static_cast<int>(left));
+    // Skip sequences freed since Reserve: their rows still need data.
+    for (int64_t i = 0; i < count; ++i) {
+      if (!seqs_.count(plan.rows[plan.appended[layer] + i].first)) {
+        return absl::OkStatus();
+      }
+    }
+    int64_t stride = 0;
+    std::vector<uint16_t> data =
+        Rows(plan, layer, plan.appended[layer], count, &stride);
+    const int h = config_.num_kv_heads;
+    TensorView k = TensorView::Contiguous(data.data(), DType::kBFloat16,
+                                          {count, h, config_.head_size});
+    TensorView v =
+        TensorView::Contiguous(data.data() + int64_t{h} * config_.head_size,
+                               DType::kBFloat16, {count, h, hv_});
+    k.strides[0] = v.strides[0] = stride;
+    absl::Status s = manager_->Append(it->first, layer, k, v);
+    if (Tracing()) {
+      std::fprintf(stderr, "  append plan %llu layer %d rows [%lld, +%lld)\n",
+                   static_cast<unsigned long long>(it->first), layer,
+                   static_cast<long long>(plan.appended[layer]),
+                   static_cast<long long>(count));
+    }
+    if (s.ok()) plan.appended[layer] += count;
+    return s;
+  }
+
+  // An Append that must fail: each variant breaks exactly one rule.
+  absl::Status HostileAppend() {
+    const int h = config_.num_kv_heads;
+    std::vector<uint16_t> data(64 * 2 * h * 16, 0);
+    const uint64_t plan = PlanId();
+    int layer = in_.Range(config_.num_layers);
+    int64_t tokens = 1;
+    if (auto it = plans_.find(plan); it != plans_.end()) {
+      tokens = static_cast<int64_t>(it->second.rows.size()) -
+               it->second.appended[layer];
+    }
+    TensorView k = TensorView::Contiguous(data.data(), DType::kBFloat16,
+                                          {1, h, config_.head_size});
+    TensorView v = TensorView::Contiguous(data.data() + 32 * h * 16,
+                                          DType::kBFloat16, {1, h, hv_});
+    const int variant = in_.Range(10);
+    switch (variant) {
+      case 0:
+        layer = in_.Byte() & 1 ? -1 : config_.num_layers;
+        break;
+      case 1:
+        k.data = nullptr;
+        break;
+      case 2:
+        v.ndim = 2;
+        break;
+      case 3:
+        k.dtype = DType::kFloat32;
+        break;
+      case 4:
+        v.shape[1] = h + 1;
+        break;
+      case 5:
+        k.shape[2] = config_.head_size + 8;
+        break;
+      case 6:
+        v.strides[2] = 2;
+        break;
+      case 7:
+        k.strides[1] = -1;
+        break;
+      case 8:
+        k.shape[0] = v.shape[0] = tokens + 1;
+        break;  // too many
+      default:
+        k.memory = MemoryKind::kCuda;
+        break;
+    }
+    if (variant == 8 && tokens + 1 > 32) return absl::OkStatus();
+    absl::Status s = manager_->Append(plan, layer, k, v);
+    if (s.ok())
+      Fail("hostile Append variant " + std::to_string(variant) + " ok");
+    return s;
+  }
+
+  absl::Status Gather() {
+    const int64_t id = Id();
+    const int layer = in_.Byte() < 240 ? in_.Range(config_.num_layers) : 7;
+    const uint8_t mode = in_.Byte();
+    int64_t begin = in_.Range(8), count = 1 + in_.Range(8);
+    if (mode >= 224) {
+      const int64_t hostile[] = {-1, kHuge, -kHuge, 0, kHuge / 2, 1 << 30};
+      begin = hostile[mode % 6];
+      count = hostile[(mode / 6) % 6];
+    }
+    const int h = config_.num_kv_heads;
+    const int64_t n =
+        std::max<int64_t>(1, std::min<int64_t>(count, 64));  // buffer tokens
+    std::vector<float> k_out(n * h * config_.head_size), v_out(n * h * hv_);
+    // Contiguous views of the buffer's `n` tokens, then the (maybe hostile)
+    // token count written in (TensorView::Contiguous multiplies the shape).
+    TensorView k = TensorView::Contiguous(k_out.data(), DType::kFloat32,
+                                          {n, h, config_.head_size});
+    TensorView v =
+        TensorView::Contiguous(v_out.data(), DType::kFloat32, {n, h, hv_});
+    k.shape[0] = v.shape[0] = count;
+    if (count > 64) k.data = v.data = nullptr;  // never a buffer too small
+    if ((mode & 7) == 1 && mode < 224) v.shape[2] += 8;
+    absl::Status s = manager_->Gather(id, layer, begin, count, k, v);
+    auto it = seqs_.find(id);
+    if (s.ok()) {
+      if (it == seqs_.end() || begin < 0 || count < 1 ||
+          begin > it->second.computed || count > it->second.computed - begin ||
+          (mode & 7) == 1) {
+        Fail("bad Gather ok");
+      }
+    }
+    return s;
+  }
+
+  absl::Status Lookup() {
+    const int kind = in_.Range(6);
+    const int64_t id = Id();
+    switch (kind) {
+      case 0: {
+        std::vector<SequenceId> ids;
+        const int n = in_.Range(6);  // 0 and 5 are hostile
+        for (int i = 0; i < n; ++i) ids.push_back(Id());
+        return manager_->BatchBlockTable(ids).status();
+      }
+      case 1:
+        return manager_->TokensThatFit(id).status();
+      case 2: {
+        ReserveRequest r;
+        r.sequence = id;
+        r.num_tokens = in_.Byte() < 128 ? 1 : kHuge;
+        return manager_->CanReserve({r});
+      }
+      case 3:
+        return manager_->GetLayerView(in_.Byte() % 4 - 1).status();
+      case 4:
+        if (manager_->MetricsText().empty()) Fail("empty metrics text");
+        return absl::OkStatus();
+      default: {
+        absl::StatusOr<int64_t> len = manager_->SequenceLength(id);
+        auto it = seqs_.find(id);
+        if (len.ok() != (it != seqs_.end())) Fail("SequenceLength vs model");
+        if (len.ok() && *len != it->second.computed) Fail("length vs model");
+        return len.status();
+      }
+    }
+  }
+
+  // Gathers every computed token of `id` in every layer and compares it with
+  // the reference quantization.
+  void Verify(int64_t id) {
+    const RefSequence& s = seqs_.at(id);
+    absl::StatusOr<int64_t> len = manager_->SequenceLength(id);
+    if (!len.ok() || *len != s.computed) {
+      Fail("sequence " + std::to_string(id) + " length differs from model");
+    }
+    if (s.computed == 0) return;
+    const int h = config_.num_kv_heads;
+    const int64_t t = s.computed;
+    std::vector<float> k_out(t * h * config_.head_size), v_out(t * h * hv_);
+    for (int layer = 0; layer < config_.num_layers; ++layer) {
+      TensorView k = TensorView::Contiguous(k_out.data(), DType::kFloat32,
+                                            {t, h, config_.head_size});
+      TensorView v =
+          TensorView::Contiguous(v_out.data(), DType::kFloat32, {t, h, hv_});
+      if (absl::Status st = manager_->Gather(id, layer, 0, t, k, v); !st.ok()) {
+        Fail("Verify gather: " + st.ToString());
+      }
+      for (int64_t pos = 0; pos < t; ++pos) {
+        for (bool is_value : {false, true}) {
+          const int d = is_value ? hv_ : config_.head_size;
+          std::vector<float> row = SyntheticRow(kDataSeed, layer, is_value,
+                                                s.prefix_hash[pos], h, d);
+          const float* got =
+              (is_value ? v_out.data() : k_out.data()) + pos * h * d;
+          for (int head = 0; head < h; ++head) {
+            std::vector<float> x(row.begin() + head * d,
+                                 row.begin() + (head + 1) * d);
+            std::vector<float> q =
+                QuantizeDequantizeHead(x, config_.cache_dtype);
+            if (std::memcmp(got + head * d, q.data(), d * sizeof(float))) {
+              Fail("sequence " + std::to_string(id) + " layer " +
+                   std::to_string(layer) + " token " + std::to_string(pos) +
+                   (is_value ? " V" : " K") + " differs from the reference");
+            }
+          }
+        }
+      }
+    }
+  }
+
+  Input& in_;
+  KVCacheConfig config_;
+  int hv_ = 0;
+  std::unique_ptr<KVCacheManager> manager_;
+  std::map<int64_t, RefSequence> seqs_;
+  std::map<uint64_t, RefPlan> plans_;
+  uint64_t last_closed_plan_ = 0;
+};
+
+}  // namespace
+}  // namespace kvcache
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  kvcache::Input in(data, size);
+  kvcache::Harness harness(in);
+  if (harness.Init()) harness.Run();
+  return 0;
+}

@@ -101,6 +101,14 @@ class FailingDevice final : public Device {
     if (Fail()) return absl::InternalError("injected: CreateEvent");
     return inner_->CreateEvent();
   }
+  absl::StatusOr<Event> CreateTimingEvent() override {
+    if (Fail()) return absl::InternalError("injected: CreateTimingEvent");
+    return inner_->CreateTimingEvent();
+  }
+  absl::StatusOr<float> ElapsedMs(const Event& start,
+                                  const Event& end) override {
+    return inner_->ElapsedMs(start, end);
+  }
   absl::Status Zero(void* dst, size_t bytes) override {
     return inner_->Zero(dst, bytes);
   }

@@ -8,7 +8,7 @@
 
 #include "absl/status/status.h"
 #include "kernels/block_copy.cuh"
-#include "kernels/cuda_check.h"
+#include "kvcache/cuda_check.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/cuda_util.cuh"
 #include "kernels/kernel_validation.h"

@@ -15,7 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "kernels/cuda_check.h"
+#include "kvcache/cuda_check.h"
 
 namespace kvcache::internal {
 

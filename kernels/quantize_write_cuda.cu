@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "kernels/cuda_check.h"
+#include "kvcache/cuda_check.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/cuda_util.cuh"
 #include "kernels/dtype_dispatch.h"

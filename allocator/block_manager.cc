@@ -85,17 +85,31 @@ int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
   for (int64_t i = 0; i < full; ++i) {
     parent_hash = s.hashes[i] = Hash(parent_hash, prompt.subspan(i * bs, bs));
   }
-  // The lookups are independent until the first miss, so they overlap.
   s.blocks.reserve(max_blocks);
   s.chain_ids.reserve(max_blocks);
+  // The lookups are independent until the first miss, so they overlap. Two
+  // stages ahead of the compare: the table slot kAhead blocks on, and the
+  // found block's tokens and ids kFound blocks on (their Find hits the slot
+  // prefetched earlier), so that the dependent misses overlap too.
   uint64_t parent_id = s.root_id;
-  constexpr int64_t kAhead = 8;
+  constexpr int64_t kAhead = 16;
+  constexpr int64_t kFound = kAhead / 2;
+  BlockId found[kFound];  // Ring: block j's candidate at j % kFound.
   for (int64_t i = 0; i < std::min(kAhead, max_blocks); ++i) {
     index_.Prefetch(s.hashes[i]);
   }
+  for (int64_t i = 0; i < std::min(kFound, max_blocks); ++i) {
+    found[i] = index_.Find(s.hashes[i]);
+    if (found[i] >= 0) index_.PrefetchBlock(found[i]);
+  }
   for (int64_t i = 0; i < max_blocks; ++i) {
     if (i + kAhead < max_blocks) index_.Prefetch(s.hashes[i + kAhead]);
-    const BlockId b = index_.Find(s.hashes[i]);
+    const BlockId b = found[i % kFound];
+    if (i + kFound < max_blocks) {
+      const BlockId next = index_.Find(s.hashes[i + kFound]);
+      if (next >= 0) index_.PrefetchBlock(next);
+      found[i % kFound] = next;
+    }
     if (b < 0 || !index_.Matches(b, parent_id, prompt.subspan(i * bs, bs))) {
       break;
     }
@@ -278,12 +292,21 @@ absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
     while (s.blocks.size() < num_blocks) s.blocks.push_back(AllocateBlock());
     // The tail is now fresh or was never shared (else it was copied).
     s.tail_maybe_shared = false;
-    for (int64_t p = s.computed; p < end;) {
-      const int64_t offset = math_.Mod(p);
-      const int64_t run = std::min(end - p, bs - offset);
-      const int64_t base = static_cast<int64_t>(s.blocks[math_.Div(p)]) * bs;
-      for (int64_t k = 0; k < run; ++k) *slot++ = base + offset + k;
-      p += run;
+    const int64_t first_offset = math_.Mod(s.computed);
+    if (first_offset + r.num_tokens <= bs) {  // One block (a decode step).
+      const int64_t base =
+          static_cast<int64_t>(s.blocks[math_.Div(s.computed)]) * bs +
+          first_offset;
+      for (int64_t k = 0; k < r.num_tokens; ++k) *slot++ = base + k;
+    } else {
+      for (int64_t p = s.computed; p < end;) {
+        const int64_t offset = math_.Mod(p);
+        const int64_t run = std::min(end - p, bs - offset);
+        const int64_t base =
+            static_cast<int64_t>(s.blocks[math_.Div(p)]) * bs;
+        for (int64_t k = 0; k < run; ++k) *slot++ = base + offset + k;
+        p += run;
+      }
     }
     s.plan_id = plan.id;
     s.plan_index = static_cast<int32_t>(i);

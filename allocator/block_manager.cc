@@ -45,13 +45,6 @@ BlockId BlockManager::Impl::AllocateBlock() {
   return b;
 }
 
-// A partial last block shared with another holder must be copied before this
-// sequence writes it.
-bool BlockManager::Impl::NeedsCopy(const Sequence& s) const {
-  return s.tail_maybe_shared && math_.Mod(s.computed) != 0 &&
-         pool_.ref_count(s.blocks.back()) > 1;
-}
-
 int64_t BlockManager::Impl::BlocksNeeded(const Sequence& s,
                                          int64_t num_tokens) const {
   return math_.CeilDiv(s.computed + num_tokens) -
@@ -175,7 +168,9 @@ absl::StatusOr<int64_t> BlockManager::Impl::AddSequence(
     s.root_id = index_.RootId(extra.adapter_id, extra.salt);
     s.computed = MatchPrefix(s, prompt);
   }
+  by_id_.Reserve(sequences_.size() + 1);
   sequences_.emplace(id, std::move(seq));
+  by_id_.Insert(id, &s);
   // From here on nothing allocates.
   for (BlockId b : s.blocks) pool_.Acquire(b);
   if (!options_.enable_prefix_caching) return 0;
@@ -193,8 +188,7 @@ absl::Status BlockManager::Impl::CheckBatch(
   // Pass 1 looks every sequence up and prefetches its hot line, so that the
   // misses of a large batch overlap; pass 2 checks in batch order.
   for (const ReserveRequest& r : batch) {
-    auto it = sequences_.find(r.sequence);
-    Sequence* s = it == sequences_.end() ? nullptr : it->second.get();
+    Sequence* s = by_id_.Find(r.sequence);
     if (s != nullptr) __builtin_prefetch(s, /*rw=*/1);
     batch_.push_back(s);
   }
@@ -396,6 +390,7 @@ absl::Status BlockManager::Impl::Free(SequenceId id) {
   Sequence& s = *it->second;
   if (s.plan_id != 0) plans_.at(s.plan_id).sequences[s.plan_index] = nullptr;
   ReleaseAll(s);
+  by_id_.Erase(id);
   sequences_.erase(it);
   return absl::OkStatus();
 }
@@ -422,8 +417,10 @@ absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
   c->id = child;
   c->batch_mark = 0;
   c->tail_maybe_shared = true;  // Both now hold the partial last block.
-  const Sequence& registered = *c;
+  Sequence& registered = *c;
+  by_id_.Reserve(sequences_.size() + 1);
   sequences_.emplace(child, std::move(c));
+  by_id_.Insert(child, &registered);
   it->second->tail_maybe_shared = true;
   for (BlockId b : registered.blocks) pool_.Acquire(b);
   return absl::OkStatus();

@@ -29,7 +29,29 @@ BlockHash HashExtraKey(int64_t adapter_id, const std::string& salt) {
   return FromXxh(XXH3_128bits_digest(&state));
 }
 
+namespace {
+
+// XXH3_128bits_withSeed of (parent, tokens) for inputs of 17..128 bytes: the
+// very function it dispatches to, called directly and inlined, so that a
+// compile-time `kTokens` folds its length branches (same output).
+template <size_t kTokens>
+BlockHash HashSmall(const BlockHash& parent, const TokenId* tokens) {
+  constexpr size_t kBytes = sizeof(BlockHash) + kTokens * sizeof(TokenId);
+  static_assert(kBytes > 16 && kBytes <= 128, "XXH3 17..128-byte path");
+  unsigned char buffer[kBytes];
+  std::memcpy(buffer, &parent.low, sizeof(uint64_t));
+  std::memcpy(buffer + sizeof(uint64_t), &parent.high, sizeof(uint64_t));
+  std::memcpy(buffer + sizeof(BlockHash), tokens, kTokens * sizeof(TokenId));
+  return FromXxh(XXH3_len_17to128_128b(buffer, kBytes, XXH3_kSecret,
+                                       sizeof(XXH3_kSecret), kBlockSeed));
+}
+
+}  // namespace
+
 BlockHash HashBlock(const BlockHash& parent, absl::Span<const TokenId> tokens) {
+  // The common block sizes take a fixed-length path.
+  if (tokens.size() == 16) return HashSmall<16>(parent, tokens.data());
+  if (tokens.size() == 8) return HashSmall<8>(parent, tokens.data());
   // One contiguous buffer (parent, tokens) hashes faster than the streaming
   // API.
   if (tokens.size() <= kStackTokens) {

@@ -45,13 +45,6 @@ BlockId BlockManager::Impl::AllocateBlock() {
   return b;
 }
 
-// A partial last block shared with another holder must be copied before this
-// sequence writes it.
-bool BlockManager::Impl::NeedsCopy(const Sequence& s) const {
-  return s.tail_maybe_shared && math_.Mod(s.computed) != 0 &&
-         pool_.ref_count(s.blocks.back()) > 1;
-}
-
 int64_t BlockManager::Impl::BlocksNeeded(const Sequence& s,
                                          int64_t num_tokens) const {
   return math_.CeilDiv(s.computed + num_tokens) -
@@ -85,17 +78,31 @@ int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
   for (int64_t i = 0; i < full; ++i) {
     parent_hash = s.hashes[i] = Hash(parent_hash, prompt.subspan(i * bs, bs));
   }
-  // The lookups are independent until the first miss, so they overlap.
   s.blocks.reserve(max_blocks);
   s.chain_ids.reserve(max_blocks);
+  // The lookups are independent until the first miss, so they overlap. Two
+  // stages ahead of the compare: the table slot kAhead blocks on, and the
+  // found block's tokens and ids kFound blocks on (their Find hits the slot
+  // prefetched earlier), so that the dependent misses overlap too.
   uint64_t parent_id = s.root_id;
-  constexpr int64_t kAhead = 8;
+  constexpr int64_t kAhead = 16;
+  constexpr int64_t kFound = kAhead / 2;
+  BlockId found[kFound];  // Ring: block j's candidate at j % kFound.
   for (int64_t i = 0; i < std::min(kAhead, max_blocks); ++i) {
     index_.Prefetch(s.hashes[i]);
   }
+  for (int64_t i = 0; i < std::min(kFound, max_blocks); ++i) {
+    found[i] = index_.Find(s.hashes[i]);
+    if (found[i] >= 0) index_.PrefetchBlock(found[i]);
+  }
   for (int64_t i = 0; i < max_blocks; ++i) {
     if (i + kAhead < max_blocks) index_.Prefetch(s.hashes[i + kAhead]);
-    const BlockId b = index_.Find(s.hashes[i]);
+    const BlockId b = found[i % kFound];
+    if (i + kFound < max_blocks) {
+      const BlockId next = index_.Find(s.hashes[i + kFound]);
+      if (next >= 0) index_.PrefetchBlock(next);
+      found[i % kFound] = next;
+    }
     if (b < 0 || !index_.Matches(b, parent_id, prompt.subspan(i * bs, bs))) {
       break;
     }
@@ -161,7 +168,9 @@ absl::StatusOr<int64_t> BlockManager::Impl::AddSequence(
     s.root_id = index_.RootId(extra.adapter_id, extra.salt);
     s.computed = MatchPrefix(s, prompt);
   }
+  by_id_.Reserve(sequences_.size() + 1);
   sequences_.emplace(id, std::move(seq));
+  by_id_.Insert(id, &s);
   // From here on nothing allocates.
   for (BlockId b : s.blocks) pool_.Acquire(b);
   if (!options_.enable_prefix_caching) return 0;
@@ -179,8 +188,7 @@ absl::Status BlockManager::Impl::CheckBatch(
   // Pass 1 looks every sequence up and prefetches its hot line, so that the
   // misses of a large batch overlap; pass 2 checks in batch order.
   for (const ReserveRequest& r : batch) {
-    auto it = sequences_.find(r.sequence);
-    Sequence* s = it == sequences_.end() ? nullptr : it->second.get();
+    Sequence* s = by_id_.Find(r.sequence);
     if (s != nullptr) __builtin_prefetch(s, /*rw=*/1);
     batch_.push_back(s);
   }
@@ -278,12 +286,21 @@ absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
     while (s.blocks.size() < num_blocks) s.blocks.push_back(AllocateBlock());
     // The tail is now fresh or was never shared (else it was copied).
     s.tail_maybe_shared = false;
-    for (int64_t p = s.computed; p < end;) {
-      const int64_t offset = math_.Mod(p);
-      const int64_t run = std::min(end - p, bs - offset);
-      const int64_t base = static_cast<int64_t>(s.blocks[math_.Div(p)]) * bs;
-      for (int64_t k = 0; k < run; ++k) *slot++ = base + offset + k;
-      p += run;
+    const int64_t first_offset = math_.Mod(s.computed);
+    if (first_offset + r.num_tokens <= bs) {  // One block (a decode step).
+      const int64_t base =
+          static_cast<int64_t>(s.blocks[math_.Div(s.computed)]) * bs +
+          first_offset;
+      for (int64_t k = 0; k < r.num_tokens; ++k) *slot++ = base + k;
+    } else {
+      for (int64_t p = s.computed; p < end;) {
+        const int64_t offset = math_.Mod(p);
+        const int64_t run = std::min(end - p, bs - offset);
+        const int64_t base =
+            static_cast<int64_t>(s.blocks[math_.Div(p)]) * bs;
+        for (int64_t k = 0; k < run; ++k) *slot++ = base + offset + k;
+        p += run;
+      }
     }
     s.plan_id = plan.id;
     s.plan_index = static_cast<int32_t>(i);
@@ -373,6 +390,7 @@ absl::Status BlockManager::Impl::Free(SequenceId id) {
   Sequence& s = *it->second;
   if (s.plan_id != 0) plans_.at(s.plan_id).sequences[s.plan_index] = nullptr;
   ReleaseAll(s);
+  by_id_.Erase(id);
   sequences_.erase(it);
   return absl::OkStatus();
 }
@@ -399,8 +417,10 @@ absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
   c->id = child;
   c->batch_mark = 0;
   c->tail_maybe_shared = true;  // Both now hold the partial last block.
-  const Sequence& registered = *c;
+  Sequence& registered = *c;
+  by_id_.Reserve(sequences_.size() + 1);
   sequences_.emplace(child, std::move(c));
+  by_id_.Insert(child, &registered);
   it->second->tail_maybe_shared = true;
   for (BlockId b : registered.blocks) pool_.Acquire(b);
   return absl::OkStatus();

@@ -14,6 +14,7 @@
 #include "allocator/block_pool.h"
 #include "allocator/prefix_cache_index.h"
 #include "allocator/sequence.h"
+#include "allocator/sequence_index.h"
 
 namespace kvcache {
 namespace internal {
@@ -87,7 +88,12 @@ class BlockManager::Impl {
   }
   BlockId AllocateBlock();
   int64_t BlocksNeeded(const Sequence& s, int64_t num_tokens) const;
-  bool NeedsCopy(const Sequence& s) const;
+  // A partial last block shared with another holder must be copied before
+  // this sequence writes it. Inline: Reserve asks it of every sequence.
+  bool NeedsCopy(const Sequence& s) const {
+    return s.tail_maybe_shared && math_.Mod(s.computed) != 0 &&
+           pool_.ref_count(s.blocks.back()) > 1;
+  }
   void ReleaseAll(Sequence& s);
   void HashNewFullBlocks(Sequence& s);
   int64_t MatchPrefix(Sequence& s, absl::Span<const TokenId> prompt);
@@ -102,6 +108,8 @@ class BlockManager::Impl {
   // std::unordered_map: a throwing insert (std::bad_alloc) changes nothing,
   // which absl::flat_hash_map does not promise.
   std::unordered_map<SequenceId, std::unique_ptr<Sequence>> sequences_;
+  // The same sequences, for fast lookups by id (kept in step with sequences_).
+  internal::SequenceIndex by_id_;
   std::unordered_map<uint64_t, PlanRecord> plans_;
   uint64_t next_plan_id_ = 1;
   PrefixCacheStats stats_;

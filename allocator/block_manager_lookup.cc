@@ -12,10 +12,10 @@ namespace kvcache {
 using internal::Sequence;
 
 absl::StatusOr<const Sequence*> BlockManager::Impl::Find(SequenceId id) const {
-  auto it = sequences_.find(id);
-  if (it == sequences_.end())
+  const Sequence* s = by_id_.Find(id);
+  if (s == nullptr)
     return absl::NotFoundError(absl::StrCat("sequence ", id, " not found"));
-  return it->second.get();
+  return s;
 }
 
 absl::StatusOr<BatchBlockTable> BlockManager::Impl::BatchTable(

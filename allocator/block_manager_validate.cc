@@ -100,7 +100,15 @@ absl::Status BlockManager::Impl::Validate() const {
     if (seq->id != id)
       return absl::InternalError(
           absl::StrCat("sequence ", id, " has id ", seq->id));
+    if (by_id_.Find(id) != seq.get())
+      return absl::InternalError(
+          absl::StrCat("sequence ", id, " is missing from the id index"));
     if (absl::Status s = ValidateSequence(*seq, refs); !s.ok()) return s;
+  }
+  if (by_id_.size() != sequences_.size()) {
+    return absl::InternalError(absl::StrCat("the id index holds ",
+                                            by_id_.size(), " sequences, not ",
+                                            sequences_.size()));
   }
   for (BlockId b = 0; b < pool_.num_blocks(); ++b) {
     if (refs[b] != pool_.ref_count(b)) {

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/dtype_dispatch.h"
 #include "kvcache/cuda_check.h"
 
 namespace kvcache::internal {
@@ -99,6 +100,41 @@ inline absl::StatusOr<int64_t> GridSize(int64_t items, int64_t per_block) {
   const int64_t cap = static_cast<int64_t>(sms) * 64;
   return std::max<int64_t>(1,
                            std::min((items + per_block - 1) / per_block, cap));
+}
+
+// Launches `kernel(params)` over `rows` (token, head) rows, `rows_per_block`
+// rows to a block of kThreadsPerBlock threads, and checks the launch.
+template <class Params>
+absl::Status LaunchOverRows(void (*kernel)(Params), const Params& params,
+                            int64_t rows, int64_t rows_per_block,
+                            cudaStream_t stream) {
+  absl::StatusOr<int64_t> blocks = GridSize(rows, rows_per_block);
+  if (!blocks.ok()) return blocks.status();
+  kernel<<<static_cast<unsigned>(*blocks), kThreadsPerBlock, 0, stream>>>(
+      params);
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+// The launch shared by the row kernels (quantize-write, gather): when
+// `vectorize`, the 16-byte kernel `vec_kernel(group, vecs)` returns for the
+// configuration DispatchRowConfig picks for `vectors_per_row`; otherwise the
+// scalar kernel with one warp per row.
+template <class Params, class VecKernelFor>
+absl::Status LaunchRowKernel(const Params& params, int64_t rows, bool vectorize,
+                             int64_t vectors_per_row, VecKernelFor&& vec_kernel,
+                             void (*scalar_kernel)(Params),
+                             cudaStream_t stream) {
+  if (vectorize) {
+    return DispatchRowConfig(
+        vectors_per_row, [&](auto group, auto vecs) -> absl::Status {
+          constexpr int kGroup = decltype(group)::value;
+          return LaunchOverRows(vec_kernel(group, vecs), params, rows,
+                                kThreadsPerBlock / kGroup, stream);
+        });
+  }
+  return LaunchOverRows(scalar_kernel, params, rows, kThreadsPerBlock / 32,
+                        stream);
 }
 
 // Copies n elements of a device array to the host for a debug-build check.

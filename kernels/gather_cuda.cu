@@ -8,17 +8,16 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "kvcache/cuda_check.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/cuda_util.cuh"
 #include "kernels/dtype_dispatch.h"
 #include "kernels/gather.cuh"
 #include "kernels/kernel_validation.h"
+#include "kvcache/cuda_check.h"
 
 namespace kvcache {
 namespace {
 
-using internal::kThreadsPerBlock;
 
 template <class Out>
 bool CanVectorize(const GatherParams& p) {
@@ -38,31 +37,15 @@ template <class Cache, class Out>
 absl::Status Launch(const GatherParams& p, cudaStream_t stream) {
   const CacheLayout& layout = p.cache.layout;
   const int64_t rows = p.num_tokens * layout.num_heads;
-  if (CanVectorize<Out>(p)) {
-    constexpr int64_t kElems = 16 / sizeof(typename Out::T);
-    const int64_t vectors =
-        std::max(layout.head_size, layout.head_size_v) / kElems;
-    return internal::DispatchRowConfig(
-        vectors, [&](auto group, auto vecs) -> absl::Status {
-          constexpr int kGroup = decltype(group)::value;
-          constexpr int kVecs = decltype(vecs)::value;
-          absl::StatusOr<int64_t> blocks =
-              internal::GridSize(rows, kThreadsPerBlock / kGroup);
-          if (!blocks.ok()) return blocks.status();
-          internal::GatherVecKernel<Cache, Out, kGroup, kVecs>
-              <<<static_cast<unsigned>(*blocks), kThreadsPerBlock, 0, stream>>>(
-                  p);
-          KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-          return absl::OkStatus();
-        });
-  }
-  absl::StatusOr<int64_t> blocks =
-      internal::GridSize(rows, kThreadsPerBlock / 32);
-  if (!blocks.ok()) return blocks.status();
-  internal::GatherScalarKernel<Cache, Out>
-      <<<static_cast<unsigned>(*blocks), kThreadsPerBlock, 0, stream>>>(p);
-  KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return absl::OkStatus();
+  constexpr int64_t kElems = 16 / sizeof(typename Out::T);
+  return internal::LaunchRowKernel(
+      p, rows, CanVectorize<Out>(p),
+      std::max(layout.head_size, layout.head_size_v) / kElems,
+      [](auto group, auto vecs) {
+        return &internal::GatherVecKernel<Cache, Out, decltype(group)::value,
+                                          decltype(vecs)::value>;
+      },
+      &internal::GatherScalarKernel<Cache, Out>, stream);
 }
 
 #ifndef NDEBUG

@@ -8,17 +8,16 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "kvcache/cuda_check.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/cuda_util.cuh"
 #include "kernels/dtype_dispatch.h"
 #include "kernels/kernel_validation.h"
 #include "kernels/quantize_write.cuh"
+#include "kvcache/cuda_check.h"
 
 namespace kvcache {
 namespace {
 
-using internal::kThreadsPerBlock;
 
 template <class In>
 bool CanVectorize(const QuantizeWriteParams& p) {
@@ -38,31 +37,15 @@ template <class In, class Cache>
 absl::Status Launch(const QuantizeWriteParams& p, cudaStream_t stream) {
   const CacheLayout& layout = p.cache.layout;
   const int64_t rows = p.num_tokens * layout.num_heads;
-  if (CanVectorize<In>(p)) {
-    constexpr int64_t kElems = 16 / sizeof(typename In::T);
-    const int64_t vectors =
-        std::max(layout.head_size, layout.head_size_v) / kElems;
-    return internal::DispatchRowConfig(
-        vectors, [&](auto group, auto vecs) -> absl::Status {
-          constexpr int kGroup = decltype(group)::value;
-          constexpr int kVecs = decltype(vecs)::value;
-          absl::StatusOr<int64_t> blocks =
-              internal::GridSize(rows, kThreadsPerBlock / kGroup);
-          if (!blocks.ok()) return blocks.status();
-          internal::QuantizeWriteVecKernel<In, Cache, kGroup, kVecs>
-              <<<static_cast<unsigned>(*blocks), kThreadsPerBlock, 0, stream>>>(
-                  p);
-          KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-          return absl::OkStatus();
-        });
-  }
-  absl::StatusOr<int64_t> blocks =
-      internal::GridSize(rows, kThreadsPerBlock / 32);
-  if (!blocks.ok()) return blocks.status();
-  internal::QuantizeWriteScalarKernel<In, Cache>
-      <<<static_cast<unsigned>(*blocks), kThreadsPerBlock, 0, stream>>>(p);
-  KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return absl::OkStatus();
+  constexpr int64_t kElems = 16 / sizeof(typename In::T);
+  return internal::LaunchRowKernel(
+      p, rows, CanVectorize<In>(p),
+      std::max(layout.head_size, layout.head_size_v) / kElems,
+      [](auto group, auto vecs) {
+        return &internal::QuantizeWriteVecKernel<
+            In, Cache, decltype(group)::value, decltype(vecs)::value>;
+      },
+      &internal::QuantizeWriteScalarKernel<In, Cache>, stream);
 }
 
 }  // namespace

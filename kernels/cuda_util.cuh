@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/dtype_dispatch.h"
+#include "kernels/fast_divmod.h"
 #include "kvcache/cuda_check.h"
 
 namespace kvcache::internal {
@@ -84,57 +85,176 @@ __device__ __forceinline__ void SplitRow(int64_t row, int64_t heads,
   }
 }
 
-// Number of blocks for `items` work items of which one block covers
-// `per_block`, capped at a few waves of the device (kernels loop over the
-// rest).
-inline absl::StatusOr<int64_t> GridSize(int64_t items, int64_t per_block) {
-  static std::atomic<int> sm_counts[64] = {};
+// row = token * heads + head, with the host-built divider when the row fits
+// its range (always, short of 2^31 rows).
+__device__ __forceinline__ void SplitRow(int64_t row, const FastDivmod& heads,
+                                         int64_t heads64, int64_t* token,
+                                         int64_t* head) {
+  if (row < FastDivmod::kDividendLimit) {
+    uint32_t t, h;
+    heads.Divmod(static_cast<uint32_t>(row), &t, &h);
+    *token = t;
+    *head = h;
+  } else {
+    *token = row / heads64;
+    *head = row - *token * heads64;
+  }
+}
+
+// Programmatic dependent launch (sm_90 and newer; no-ops before): a kernel
+// launched with the programmatic-serialization attribute may start while the
+// previous kernel in its stream finishes. WaitForPriorGrids blocks until that
+// kernel has completed and its writes are visible, so every kernel calls it
+// before its first global access; AllowDependentGrids lets the next such
+// kernel be scheduled as this one's blocks retire (it still waits for this
+// kernel's completion in its own WaitForPriorGrids).
+__device__ __forceinline__ void WaitForPriorGrids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void AllowDependentGrids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Dividers of the row kernels, built by the launcher: row -> (token, head) and
+// token position -> (block, offset).
+struct RowDividers {
+  FastDivmod heads;
+  FastDivmod block_size;
+};
+
+// What the launchers need to know of the current device (cached per device).
+struct DeviceLaunchInfo {
+  int sms = 0;
+  bool programmatic_launch = false;  // Compute capability 9.0 or newer.
+};
+
+inline absl::StatusOr<DeviceLaunchInfo> CurrentDeviceLaunchInfo() {
+  static std::atomic<int> cached[64] = {};  // sms * 2 + pdl, 0 = unknown.
   int device = 0;
   KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  int sms = device < 64 ? sm_counts[device].load(std::memory_order_relaxed) : 0;
-  if (sms == 0) {
+  int packed = device < 64 ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (packed == 0) {
+    int sms = 0, major = 0;
     KVCACHE_CUDA_RETURN_IF_ERROR(
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    if (device < 64) sm_counts[device].store(sms, std::memory_order_relaxed);
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
+        &major, cudaDevAttrComputeCapabilityMajor, device));
+    packed = sms * 2 + (major >= 9 ? 1 : 0);
+    if (device < 64) cached[device].store(packed, std::memory_order_relaxed);
   }
-  const int64_t cap = static_cast<int64_t>(sms) * 64;
+  DeviceLaunchInfo info;
+  info.sms = packed / 2;
+  info.programmatic_launch = (packed & 1) != 0;
+  return info;
+}
+
+// Number of blocks for `items` work items of which one block covers
+// `per_block`, capped at `blocks_per_sm` blocks per multiprocessor (kernels
+// loop over the rest).
+inline int64_t GridSize(const DeviceLaunchInfo& info, int64_t items,
+                        int64_t per_block, int64_t blocks_per_sm = 64) {
+  const int64_t cap = static_cast<int64_t>(info.sms) * blocks_per_sm;
   return std::max<int64_t>(1,
                            std::min((items + per_block - 1) / per_block, cap));
 }
 
-// Launches `kernel(params)` over `rows` (token, head) rows, `rows_per_block`
-// rows to a block of kThreadsPerBlock threads, and checks the launch.
-template <class Params>
-absl::Status LaunchOverRows(void (*kernel)(Params), const Params& params,
-                            int64_t rows, int64_t rows_per_block,
-                            cudaStream_t stream) {
-  absl::StatusOr<int64_t> blocks = GridSize(rows, rows_per_block);
-  if (!blocks.ok()) return blocks.status();
-  kernel<<<static_cast<unsigned>(*blocks), kThreadsPerBlock, 0, stream>>>(
-      params);
+// How a row kernel's grid is sized (benchmarks/results/NOTES.md has the
+// measurements behind both).
+enum class RowGrid {
+  // About two rows per lane group: ceil(rows / 2 / groups per block) blocks
+  // plus 1/32 more, so that the last blocks get one row and the tail is short.
+  // Grids that fit in one wave (decode sizes) keep one row per group: there
+  // latency, not bandwidth, is what counts.
+  kTwoRowsPerGroup,
+  // As many blocks as the device holds at once, each looping over rows.
+  kResident,
+};
+
+// Launches kernel<<<blocks, threads, 0, stream>>>(args...), with programmatic
+// dependent launch allowed where the device has it, and checks the launch.
+template <class... Params, class... Args>
+absl::Status LaunchKernel(void (*kernel)(Params...), int64_t blocks,
+                          int threads, bool programmatic_launch,
+                          cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (programmatic_launch) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, args...));
   KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
 
-// The launch shared by the row kernels (quantize-write, gather): when
-// `vectorize`, the 16-byte kernel `vec_kernel(group, vecs)` returns for the
-// configuration DispatchRowConfig picks for `vectors_per_row`; otherwise the
-// scalar kernel with one warp per row.
+// Blocks for a row kernel of `threads` threads covering `rows_per_block` rows
+// at a time.
+inline absl::StatusOr<int64_t> RowGridSize(const void* kernel, int threads,
+                                           int64_t rows_per_block, int64_t rows,
+                                           RowGrid grid,
+                                           const DeviceLaunchInfo& info) {
+  const int64_t exact =
+      std::max<int64_t>(1, (rows + rows_per_block - 1) / rows_per_block);
+  if (grid == RowGrid::kTwoRowsPerGroup) {
+    if (exact <= static_cast<int64_t>(info.sms) * 8) return exact;
+    const int64_t half = (exact + 1) / 2;
+    return std::min<int64_t>(exact, half + half / 32);
+  }
+  int per_sm = 0;
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, kernel, threads, 0));
+  return std::min<int64_t>(
+      exact, std::max<int64_t>(1, static_cast<int64_t>(per_sm) * info.sms));
+}
+
+// The launch shared by the row kernels (quantize-write, gather), which take
+// (params, RowDividers): when `vectorize`, the 16-byte kernel
+// `vec_kernel(group, vecs)` returns for the configuration DispatchRowConfig
+// picks for `vectors_per_row`, kThreadsPerBlock threads to a block and the grid
+// `grid` describes; otherwise the scalar kernel with one warp per row. Both
+// are launched with programmatic dependent launch allowed where the device has
+// it (sm_90 and newer).
 template <class Params, class VecKernelFor>
 absl::Status LaunchRowKernel(const Params& params, int64_t rows, bool vectorize,
                              int64_t vectors_per_row, VecKernelFor&& vec_kernel,
-                             void (*scalar_kernel)(Params),
-                             cudaStream_t stream) {
+                             void (*scalar_kernel)(Params, RowDividers),
+                             RowGrid grid, cudaStream_t stream) {
+  absl::StatusOr<DeviceLaunchInfo> info = CurrentDeviceLaunchInfo();
+  if (!info.ok()) return info.status();
+  // Divisors are at most 2^31 - 1 (validated sizes are far smaller).
+  RowDividers dividers;
+  dividers.heads = FastDivmod::Make(static_cast<uint32_t>(std::min<int64_t>(
+      params.cache.layout.num_heads, FastDivmod::kDividendLimit - 1)));
+  dividers.block_size =
+      FastDivmod::Make(static_cast<uint32_t>(std::min<int64_t>(
+          params.cache.layout.block_size, FastDivmod::kDividendLimit - 1)));
   if (vectorize) {
     return DispatchRowConfig(
         vectors_per_row, [&](auto group, auto vecs) -> absl::Status {
           constexpr int kGroup = decltype(group)::value;
-          return LaunchOverRows(vec_kernel(group, vecs), params, rows,
-                                kThreadsPerBlock / kGroup, stream);
+          auto* kernel = vec_kernel(group, vecs);
+          absl::StatusOr<int64_t> blocks = RowGridSize(
+              reinterpret_cast<const void*>(kernel), kThreadsPerBlock,
+              kThreadsPerBlock / kGroup, rows, grid, *info);
+          if (!blocks.ok()) return blocks.status();
+          return LaunchKernel(kernel, *blocks, kThreadsPerBlock,
+                              info->programmatic_launch, stream, params,
+                              dividers);
         });
   }
-  return LaunchOverRows(scalar_kernel, params, rows, kThreadsPerBlock / 32,
-                        stream);
+  return LaunchKernel(
+      scalar_kernel, GridSize(*info, rows, kThreadsPerBlock / 32),
+      kThreadsPerBlock, info->programmatic_launch, stream, params, dividers);
 }
 
 // Copies n elements of a device array to the host for a debug-build check.

@@ -15,6 +15,7 @@
 
 #include "kernels/cache_layout.h"
 #include "kernels/cuda_util.cuh"
+#include "kernels/fast_divmod.h"
 #include "kernels/kernel_params.h"
 #include "kernels/quantize.h"
 
@@ -22,6 +23,7 @@ namespace kvcache::internal {
 
 // Slot of gathered token t; -1 for padding and for slots outside the cache.
 __device__ __forceinline__ int64_t GatherSlotOf(const GatherParams& p,
+                                                const FastDivmod& block_size,
                                                 int64_t t) {
   const CacheLayout& layout = p.cache.layout;
   int64_t slot;
@@ -29,11 +31,18 @@ __device__ __forceinline__ int64_t GatherSlotOf(const GatherParams& p,
     slot = __ldg(p.slots + t);
   } else {
     const int64_t pos = p.token_begin + t;
-    const int64_t block_index = pos / layout.block_size;
+    int64_t block_index, offset;
+    if (pos < FastDivmod::kDividendLimit) {
+      uint32_t q, r;
+      block_size.Divmod(static_cast<uint32_t>(pos), &q, &r);
+      block_index = q;
+      offset = r;
+    } else {
+      block_index = pos / layout.block_size;
+      offset = pos - block_index * layout.block_size;
+    }
     const int64_t block = __ldg(p.block_table + block_index);
-    slot = block < 0 ? -1
-                     : block * layout.block_size +
-                           (pos - block_index * layout.block_size);
+    slot = block < 0 ? -1 : block * layout.block_size + offset;
   }
   return slot < layout.num_slots() ? slot : -1;
 }
@@ -51,16 +60,79 @@ __device__ __forceinline__ typename Out::T ConvertOut(typename Cache::T q,
   }
 }
 
-template <class Cache, class Out, int kGroup, int kVecs>
-__global__ void __launch_bounds__(kThreadsPerBlock)
-    GatherVecKernel(const GatherParams p) {
+// Two float32 values as two packed output elements (round to nearest even;
+// 16-bit outputs turn any NaN into the canonical 0x7FFF, as FromFloat does).
+template <class Out>
+__device__ __forceinline__ uint32_t PackPair(float a, float b) {
+  if constexpr (std::is_same_v<Out, BFloat16Type>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    static_assert(std::is_same_v<Out, Float16Type>);
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+// The float32 values of two cache codes held in the low 16 bits of `pair`.
+template <class Cache>
+__device__ __forceinline__ float2 DecodePair(uint32_t pair) {
+  if constexpr (std::is_same_v<Cache, Int8Type>) {
+    return make_float2(static_cast<float>(static_cast<int8_t>(pair & 0xFFu)),
+                       static_cast<float>(static_cast<int8_t>(pair >> 8)));
+  } else {
+    static_assert(std::is_same_v<Cache, Fp8E4M3Type>);
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+        static_cast<__nv_fp8x2_storage_t>(pair & 0xFFFFu), __NV_E4M3);
+    return __half22float2(*reinterpret_cast<const __half2*>(&h));
+  }
+}
+
+// One 16-byte output vector from its cache elements `c` (kElems of them);
+// zeros for a padding row. Quantized caches into 16-bit outputs work on code
+// pairs: q * scale in float32 (DESIGN section 3), then one packed conversion
+// per pair. `fast_int8`: int8 codes times a finite scale, where no NaN arises.
+template <class Cache, class Out, class CacheVec, class OutVec>
+__device__ __forceinline__ OutVec ConvertVec(const CacheVec& c, float scale,
+                                             bool valid, bool fast_int8) {
+  constexpr int kElems = sizeof(OutVec) / sizeof(typename Out::T);
+  OutVec o;
+  constexpr bool kPairs = Cache::kQuantized && sizeof(typename Out::T) == 2;
+  if constexpr (kPairs) {
+    if (valid && (fast_int8 || !std::is_same_v<Cache, Int8Type>)) {
+      static_assert(sizeof(CacheVec) == 8);
+      uint32_t codes[2];
+      memcpy(codes, &c, sizeof(codes));
+      uint32_t out[kElems / 2];
+#pragma unroll
+      for (int j = 0; j < kElems / 2; ++j) {
+        const float2 x = DecodePair<Cache>(codes[j / 2] >> (16 * (j % 2)));
+        out[j] = PackPair<Out>(MulRn(x.x, scale), MulRn(x.y, scale));
+      }
+      memcpy(&o, out, sizeof(o));
+      return o;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kElems; ++j) {
+    o.v[j] =
+        valid ? ConvertOut<Cache, Out>(c.v[j], scale) : Out::FromFloat(0.0f);
+  }
+  return o;
+}
+
+template <class Cache, class Out, int kGroup, int kVecs, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    GatherVecKernel(const GatherParams p, const RowDividers dividers) {
   using CacheT = typename Cache::T;
   using OutT = typename Out::T;
   constexpr int kElems = 16 / sizeof(OutT);
   using CacheVec = Vec<CacheT, kElems>;
   using OutVec = Vec<OutT, kElems>;
-  constexpr int kGroupsPerBlock = kThreadsPerBlock / kGroup;
+  constexpr int kGroupsPerBlock = kThreads / kGroup;
 
+  WaitForPriorGrids();
+  AllowDependentGrids();
   const CacheLayout& layout = p.cache.layout;
   const int lane = threadIdx.x % kGroup;
   const int nk = static_cast<int>(layout.head_size / kElems);
@@ -74,68 +146,54 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                      threadIdx.x / kGroup;
        row < rows; row += stride) {
     int64_t t, h;
-    SplitRow(row, layout.num_heads, &t, &h);
-    const int64_t slot = GatherSlotOf(p, t);
+    SplitRow(row, dividers.heads, layout.num_heads, &t, &h);
+    const int64_t slot = GatherSlotOf(p, dividers.block_size, t);
+    // A padding row reads slot 0 (always in the cache) and discards it, so the
+    // loads need no branch.
+    const int64_t read_slot = slot >= 0 ? slot : 0;
+    const CacheVec* ksrc = reinterpret_cast<const CacheVec*>(
+        static_cast<const CacheT*>(p.cache.key_cache) +
+        layout.key_offset(read_slot, h));
+    const CacheVec* vsrc = reinterpret_cast<const CacheVec*>(
+        static_cast<const CacheT*>(p.cache.value_cache) +
+        layout.value_offset(read_slot, h));
+    float kscale = 0.0f;
+    float vscale = 0.0f;
+    if constexpr (Cache::kQuantized) {
+      const int64_t s = layout.scale_offset(read_slot, h);
+      kscale = __ldg(p.cache.key_scale + s);
+      vscale = __ldg(p.cache.value_scale + s);
+    }
+    CacheVec kc[kVecs];
+    CacheVec vc[kVecs];
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int idx = lane + i * kGroup;
+      if (idx < nk) kc[i] = LoadVec(ksrc + idx);
+      if (idx < nv) vc[i] = LoadVec(vsrc + idx);
+    }
     OutVec* kdst = reinterpret_cast<OutVec*>(
         key + t * p.output.key_token_stride + h * p.output.key_head_stride);
     OutVec* vdst =
         reinterpret_cast<OutVec*>(value + t * p.output.value_token_stride +
                                   h * p.output.value_head_stride);
-    CacheVec kc[kVecs] = {};
-    CacheVec vc[kVecs] = {};
-    float kscale = 0.0f;
-    float vscale = 0.0f;
-    if (slot >= 0) {
-      const CacheVec* ksrc = reinterpret_cast<const CacheVec*>(
-          static_cast<const CacheT*>(p.cache.key_cache) +
-          layout.key_offset(slot, h));
-      const CacheVec* vsrc = reinterpret_cast<const CacheVec*>(
-          static_cast<const CacheT*>(p.cache.value_cache) +
-          layout.value_offset(slot, h));
-      if constexpr (Cache::kQuantized) {
-        const int64_t s = layout.scale_offset(slot, h);
-        kscale = __ldg(p.cache.key_scale + s);
-        vscale = __ldg(p.cache.value_scale + s);
-      }
-#pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-        const int idx = lane + i * kGroup;
-        if (idx < nk) kc[i] = LoadVec(ksrc + idx);
-        if (idx < nv) vc[i] = LoadVec(vsrc + idx);
-      }
-    }
+    const bool valid = slot >= 0;
     bool fast = false;
     if constexpr (std::is_same_v<Cache, Int8Type>) {
-      fast = slot >= 0 && (FloatBits(kscale) & 0x7FFFFFFFu) < 0x7F800000u &&
+      fast = valid && (FloatBits(kscale) & 0x7FFFFFFFu) < 0x7F800000u &&
              (FloatBits(vscale) & 0x7FFFFFFFu) < 0x7F800000u;
     }
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
       const int idx = lane + i * kGroup;
-      OutVec ko;
-      OutVec vo;
-      bool done = false;
-      if constexpr (std::is_same_v<Cache, Int8Type>) {
-        if (fast) {  // int8 codes times a finite scale: no NaN to canonicalize.
-#pragma unroll
-          for (int j = 0; j < kElems; ++j) {
-            ko.v[j] = Out::FromFloat(MulRn(Cache::Decode(kc[i].v[j]), kscale));
-            vo.v[j] = Out::FromFloat(MulRn(Cache::Decode(vc[i].v[j]), vscale));
-          }
-          done = true;
-        }
+      if (idx < nk) {
+        kdst[idx] = ConvertVec<Cache, Out, CacheVec, OutVec>(kc[i], kscale,
+                                                             valid, fast);
       }
-      if (!done) {
-#pragma unroll
-        for (int j = 0; j < kElems; ++j) {
-          ko.v[j] = slot >= 0 ? ConvertOut<Cache, Out>(kc[i].v[j], kscale)
-                              : Out::FromFloat(0.0f);
-          vo.v[j] = slot >= 0 ? ConvertOut<Cache, Out>(vc[i].v[j], vscale)
-                              : Out::FromFloat(0.0f);
-        }
+      if (idx < nv) {
+        vdst[idx] = ConvertVec<Cache, Out, CacheVec, OutVec>(vc[i], vscale,
+                                                             valid, fast);
       }
-      if (idx < nk) kdst[idx] = ko;
-      if (idx < nv) vdst[idx] = vo;
     }
   }
 }
@@ -153,10 +211,12 @@ __device__ __forceinline__ void ReadRowScalar(
 
 template <class Cache, class Out>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    GatherScalarKernel(const GatherParams p) {
+    GatherScalarKernel(const GatherParams p, const RowDividers dividers) {
   using CacheT = typename Cache::T;
   using OutT = typename Out::T;
   constexpr int kWarpsPerBlock = kThreadsPerBlock / 32;
+  WaitForPriorGrids();
+  AllowDependentGrids();
   const CacheLayout& layout = p.cache.layout;
   const int lane = threadIdx.x % 32;
   const int64_t rows = p.num_tokens * layout.num_heads;
@@ -165,8 +225,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
            static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
        row < rows; row += stride) {
     int64_t t, h;
-    SplitRow(row, layout.num_heads, &t, &h);
-    const int64_t slot = GatherSlotOf(p, t);
+    SplitRow(row, dividers.heads, layout.num_heads, &t, &h);
+    const int64_t slot = GatherSlotOf(p, dividers.block_size, t);
     const CacheT* ksrc = nullptr;
     const CacheT* vsrc = nullptr;
     float kscale = 0.0f;

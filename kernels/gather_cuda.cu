@@ -18,7 +18,6 @@
 namespace kvcache {
 namespace {
 
-
 template <class Out>
 bool CanVectorize(const GatherParams& p) {
   const int64_t elem = sizeof(typename Out::T);
@@ -43,9 +42,11 @@ absl::Status Launch(const GatherParams& p, cudaStream_t stream) {
       std::max(layout.head_size, layout.head_size_v) / kElems,
       [](auto group, auto vecs) {
         return &internal::GatherVecKernel<Cache, Out, decltype(group)::value,
-                                          decltype(vecs)::value>;
+                                          decltype(vecs)::value,
+                                          internal::kThreadsPerBlock>;
       },
-      &internal::GatherScalarKernel<Cache, Out>, stream);
+      &internal::GatherScalarKernel<Cache, Out>, internal::RowGrid::kResident,
+      stream);
 }
 
 #ifndef NDEBUG

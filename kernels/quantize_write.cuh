@@ -3,10 +3,12 @@
 //
 // One group of kGroup lanes owns one (token, head) row and handles its K and V
 // rows together. Each lane loads up to kVecs 16-byte vectors of K and of V (all
-// loads issued before the slot is used), reduces |x| over the group with
-// shuffles, and stores its quantized elements packed (8 bytes per 16-byte bf16
-// vector); lane 0 stores the two scales. The scalar kernel handles operands
-// whose alignment or strides rule out 16-byte accesses.
+// loads issued before the slot is used) and works on them as 32-bit words:
+// |x| max on packed 16-bit halves, one shuffle reduction carrying the K and V
+// maxima together, then the DESIGN section 3 arithmetic element by element and
+// stores of the packed codes (8 bytes per 16-byte bf16 vector); lanes 0 and 1
+// store the K and V scales. The scalar kernel handles operands whose alignment
+// or strides rule out 16-byte accesses.
 
 #ifndef KVCACHE_KERNELS_QUANTIZE_WRITE_CUH_
 #define KVCACHE_KERNELS_QUANTIZE_WRITE_CUH_
@@ -16,60 +18,128 @@
 
 #include "kernels/cache_layout.h"
 #include "kernels/cuda_util.cuh"
+#include "kernels/fast_divmod.h"
 #include "kernels/kernel_params.h"
 #include "kernels/quantize.h"
 
 namespace kvcache::internal {
 
-// Encodes one vector of finite inputs scaled by `inv` (|x * inv| <= QMAX up to
-// rounding, as for every row whose absmax is finite). Bit-identical to
-// Cache::Encode(MulRn(x, inv)) element by element for such inputs: int8 rounds
-// to nearest even (the clamp cannot bind), fp8 converts two at a time with the
-// same saturating round-to-nearest-even conversion.
-template <class In, class Cache, class InVec, class OutVec>
-__device__ __forceinline__ void EncodeFiniteVec(const InVec& x, float inv,
-                                                OutVec* out) {
-  constexpr int kElems = sizeof(x.v) / sizeof(x.v[0]);
-  static_assert(kElems % 4 == 0, "vectors hold a multiple of 4 elements");
-  uint32_t words[kElems / 4];
-  if constexpr (std::is_same_v<Cache, Int8Type>) {
+template <class In>
+inline constexpr bool kIs16BitInput = sizeof(typename In::T) == 2;
+
+// The elements of one 16-byte input vector as float32 (exact conversions).
+template <class In>
+__device__ __forceinline__ void VecToFloats(
+    const uint4& x, float (&f)[16 / sizeof(typename In::T)]) {
+  const uint32_t w[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-    for (int j = 0; j < kElems; j += 4) {
-      const int q0 = __float2int_rn(MulRn(In::ToFloat(x.v[j]), inv));
-      const int q1 = __float2int_rn(MulRn(In::ToFloat(x.v[j + 1]), inv));
-      const int q2 = __float2int_rn(MulRn(In::ToFloat(x.v[j + 2]), inv));
-      const int q3 = __float2int_rn(MulRn(In::ToFloat(x.v[j + 3]), inv));
-      words[j / 4] = __byte_perm(__byte_perm(q0, q1, 0x0040),
-                                 __byte_perm(q2, q3, 0x0040), 0x5410);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kElems; j += 4) {
-      const uint32_t lo = __nv_cvt_float2_to_fp8x2(
-          make_float2(MulRn(In::ToFloat(x.v[j]), inv),
-                      MulRn(In::ToFloat(x.v[j + 1]), inv)),
-          __NV_SATFINITE, __NV_E4M3);
-      const uint32_t hi = __nv_cvt_float2_to_fp8x2(
-          make_float2(MulRn(In::ToFloat(x.v[j + 2]), inv),
-                      MulRn(In::ToFloat(x.v[j + 3]), inv)),
-          __NV_SATFINITE, __NV_E4M3);
-      words[j / 4] = __byte_perm(lo, hi, 0x5410);
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<In, BFloat16Type>) {
+      f[2 * i] = BitsToFloat(w[i] << 16);
+      f[2 * i + 1] = BitsToFloat(w[i] & 0xFFFF0000u);
+    } else if constexpr (std::is_same_v<In, Float16Type>) {
+      f[2 * i] = Float16ToFloat(static_cast<uint16_t>(w[i]));
+      f[2 * i + 1] = Float16ToFloat(static_cast<uint16_t>(w[i] >> 16));
+    } else {
+      f[i] = BitsToFloat(w[i]);
     }
   }
-  static_assert(sizeof(words) == sizeof(OutVec));
-  memcpy(out, words, sizeof(words));
 }
 
-template <class In, class Cache, int kGroup, int kVecs>
-__global__ void __launch_bounds__(kThreadsPerBlock)
-    QuantizeWriteVecKernel(const QuantizeWriteParams p) {
+// Max of |x| over one vector, as bits. 16-bit inputs: the two 16-bit halves
+// keep separate maxima (unsigned 16-bit order of |h| equals the float order,
+// NaN above inf, for bf16 and fp16 alike); float32: one 32-bit maximum.
+template <class In>
+__device__ __forceinline__ uint32_t VecAbsMax(const uint4& x, uint32_t m) {
+  if constexpr (kIs16BitInput<In>) {
+    m = __vmaxu2(m, x.x & 0x7FFF7FFFu);
+    m = __vmaxu2(m, x.y & 0x7FFF7FFFu);
+    m = __vmaxu2(m, x.z & 0x7FFF7FFFu);
+    return __vmaxu2(m, x.w & 0x7FFF7FFFu);
+  } else {
+    m = max(m, x.x & 0x7FFFFFFFu);
+    m = max(m, x.y & 0x7FFFFFFFu);
+    m = max(m, x.z & 0x7FFFFFFFu);
+    return max(m, x.w & 0x7FFFFFFFu);
+  }
+}
+
+// Float bits of a 16-bit |x| maximum.
+template <class In>
+__device__ __forceinline__ uint32_t HalfMaxToFloatBits(uint32_t h) {
+  if constexpr (std::is_same_v<In, BFloat16Type>) {
+    return h << 16;
+  } else {
+    return FloatBits(Float16ToFloat(static_cast<uint16_t>(h)));
+  }
+}
+
+// Codes of four scaled values packed little-endian in one word. `finite`
+// (a row whose absmax is finite, so |v| <= QMAX up to rounding) takes the short
+// encode: round-to-nearest-even without a NaN test or clamp for int8, two at a
+// time for fp8; both equal Cache::Encode element by element for such values.
+template <class Cache>
+__device__ __forceinline__ uint32_t Encode4(const float* x, float inv,
+                                            bool finite) {
+  float v[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[j] = MulRn(x[j], inv);
+  if (finite) {
+    if constexpr (std::is_same_v<Cache, Int8Type>) {
+      const int q0 = __float2int_rn(v[0]);
+      const int q1 = __float2int_rn(v[1]);
+      const int q2 = __float2int_rn(v[2]);
+      const int q3 = __float2int_rn(v[3]);
+      return __byte_perm(__byte_perm(q0, q1, 0x0040),
+                         __byte_perm(q2, q3, 0x0040), 0x5410);
+    } else {
+      const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[0], v[1]),
+                                                   __NV_SATFINITE, __NV_E4M3);
+      const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v[2], v[3]),
+                                                   __NV_SATFINITE, __NV_E4M3);
+      return __byte_perm(lo, hi, 0x5410);
+    }
+  }
+  uint32_t word = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    word |= static_cast<uint32_t>(static_cast<uint8_t>(Cache::Encode(v[j])))
+            << (8 * j);
+  }
+  return word;
+}
+
+// Encodes one 16-byte input vector into its packed codes (8 bytes for 16-bit
+// inputs, 4 for float32) and stores them at dst.
+template <class In, class Cache>
+__device__ __forceinline__ void EncodeAndStore(const uint4& x, float inv,
+                                               bool finite, void* dst) {
+  constexpr int kElems = 16 / sizeof(typename In::T);
+  float f[kElems];
+  VecToFloats<In>(x, f);
+  if constexpr (kElems == 8) {
+    uint2 out;
+    out.x = Encode4<Cache>(f, inv, finite);
+    out.y = Encode4<Cache>(f + 4, inv, finite);
+    *static_cast<uint2*>(dst) = out;
+  } else {
+    *static_cast<uint32_t*>(dst) = Encode4<Cache>(f, inv, finite);
+  }
+}
+
+template <class In, class Cache, int kGroup, int kVecs, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    QuantizeWriteVecKernel(const QuantizeWriteParams p,
+                           const RowDividers dividers) {
   using InT = typename In::T;
   using CacheT = typename Cache::T;
   constexpr int kElems = 16 / sizeof(InT);
-  using InVec = Vec<InT, kElems>;
-  using OutVec = Vec<CacheT, kElems>;
-  constexpr int kGroupsPerBlock = kThreadsPerBlock / kGroup;
+  // Bytes of cache per 16-byte input vector.
+  constexpr int kOutBytes = kElems * sizeof(CacheT);
+  constexpr int kGroupsPerBlock = kThreads / kGroup;
 
+  WaitForPriorGrids();
+  AllowDependentGrids();
   const CacheLayout& layout = p.cache.layout;
   const int lane = threadIdx.x % kGroup;
   const unsigned mask = GroupMask<kGroup>();
@@ -78,85 +148,96 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t rows = p.num_tokens * layout.num_heads;
   const int64_t num_slots = layout.num_slots();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroupsPerBlock;
-  const InT* __restrict__ key = static_cast<const InT*>(p.input.key);
-  const InT* __restrict__ value = static_cast<const InT*>(p.input.value);
+  const char* __restrict__ key = static_cast<const char*>(p.input.key);
+  const char* __restrict__ value = static_cast<const char*>(p.input.value);
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock +
                      threadIdx.x / kGroup;
        row < rows; row += stride) {
     int64_t t, h;
-    SplitRow(row, layout.num_heads, &t, &h);
+    SplitRow(row, dividers.heads, layout.num_heads, &t, &h);
     const int64_t slot = __ldg(p.slot_mapping + t);
-    const InVec* ksrc = reinterpret_cast<const InVec*>(
-        key + t * p.input.key_token_stride + h * p.input.key_head_stride);
-    const InVec* vsrc = reinterpret_cast<const InVec*>(
-        value + t * p.input.value_token_stride + h * p.input.value_head_stride);
-    InVec kx[kVecs] = {};
-    InVec vx[kVecs] = {};
+    const uint4* ksrc = reinterpret_cast<const uint4*>(
+        key + (t * p.input.key_token_stride + h * p.input.key_head_stride) *
+                  static_cast<int64_t>(sizeof(InT)));
+    const uint4* vsrc = reinterpret_cast<const uint4*>(
+        value +
+        (t * p.input.value_token_stride + h * p.input.value_head_stride) *
+            static_cast<int64_t>(sizeof(InT)));
+    uint4 kx[kVecs];
+    uint4 vx[kVecs];
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
       const int idx = lane + i * kGroup;
-      if (idx < nk) kx[i] = LoadVec(ksrc + idx);
-      if (idx < nv) vx[i] = LoadVec(vsrc + idx);
+      kx[i] = idx < nk ? __ldg(ksrc + idx) : make_uint4(0, 0, 0, 0);
+      vx[i] = idx < nv ? __ldg(vsrc + idx) : make_uint4(0, 0, 0, 0);
     }
     // Padding (negative) slots are skipped; out-of-range ones too (debug builds
     // report them).
     if (slot < 0 || slot >= num_slots) continue;
-    CacheT* kdst =
-        static_cast<CacheT*>(p.cache.key_cache) + layout.key_offset(slot, h);
-    CacheT* vdst = static_cast<CacheT*>(p.cache.value_cache) +
-                   layout.value_offset(slot, h);
+    char* kdst =
+        static_cast<char*>(p.cache.key_cache) +
+        layout.key_offset(slot, h) * static_cast<int64_t>(sizeof(CacheT));
+    char* vdst =
+        static_cast<char*>(p.cache.value_cache) +
+        layout.value_offset(slot, h) * static_cast<int64_t>(sizeof(CacheT));
 
     if constexpr (!Cache::kQuantized) {
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         const int idx = lane + i * kGroup;
-        if (idx < nk) reinterpret_cast<InVec*>(kdst)[idx] = kx[i];
-        if (idx < nv) reinterpret_cast<InVec*>(vdst)[idx] = vx[i];
+        if (idx < nk) reinterpret_cast<uint4*>(kdst)[idx] = kx[i];
+        if (idx < nv) reinterpret_cast<uint4*>(vdst)[idx] = vx[i];
       }
     } else {
-      uint32_t kmax = 0;
-      uint32_t vmax = 0;
+      uint32_t kbits, vbits;
+      if constexpr (kIs16BitInput<In>) {
+        uint32_t km = 0, vm = 0;
 #pragma unroll
-      for (int i = 0; i < kVecs; ++i) {
-#pragma unroll
-        for (int j = 0; j < kElems; ++j) {
-          kmax = MaxBits(kmax, AbsBits(In::ToFloat(kx[i].v[j])));
-          vmax = MaxBits(vmax, AbsBits(In::ToFloat(vx[i].v[j])));
+        for (int i = 0; i < kVecs; ++i) {
+          km = VecAbsMax<In>(kx[i], km);
+          vm = VecAbsMax<In>(vx[i], vm);
         }
+        // (K max, V max) as one pair of 16-bit halves, reduced together.
+        uint32_t m =
+            __vmaxu2(__byte_perm(km, vm, 0x5410), __byte_perm(km, vm, 0x7632));
+#pragma unroll
+        for (int offset = kGroup / 2; offset > 0; offset /= 2) {
+          m = __vmaxu2(m, __shfl_xor_sync(mask, m, offset, kGroup));
+        }
+        kbits = HalfMaxToFloatBits<In>(m & 0xFFFFu);
+        vbits = HalfMaxToFloatBits<In>(m >> 16);
+      } else {
+        uint32_t km = 0, vm = 0;
+#pragma unroll
+        for (int i = 0; i < kVecs; ++i) {
+          km = VecAbsMax<In>(kx[i], km);
+          vm = VecAbsMax<In>(vx[i], vm);
+        }
+        kbits = GroupMax<kGroup>(km, mask);
+        vbits = GroupMax<kGroup>(vm, mask);
       }
-      kmax = GroupMax<kGroup>(kmax, mask);
-      vmax = GroupMax<kGroup>(vmax, mask);
-      const float kscale = ScaleFromAbsMaxBits(kmax, Cache::kQMax);
-      const float vscale = ScaleFromAbsMaxBits(vmax, Cache::kQMax);
+      const float kscale = ScaleFromAbsMaxBits(kbits, Cache::kQMax);
+      const float vscale = ScaleFromAbsMaxBits(vbits, Cache::kQMax);
       const float kinv = InverseScale(kscale);
       const float vinv = InverseScale(vscale);
-      // Rows of finite input (all but pathological ones) take the short encode:
-      // every scaled value is finite with |v| <= QMAX (up to rounding), where
-      // round-to-nearest-even without a NaN check or clamp is exact.
-      const bool finite = kmax < 0x7F800000u && vmax < 0x7F800000u;
+      const bool finite = kbits < 0x7F800000u && vbits < 0x7F800000u;
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         const int idx = lane + i * kGroup;
-        OutVec kq;
-        OutVec vq;
-        if (finite) {
-          EncodeFiniteVec<In, Cache>(kx[i], kinv, &kq);
-          EncodeFiniteVec<In, Cache>(vx[i], vinv, &vq);
-        } else {
-#pragma unroll
-          for (int j = 0; j < kElems; ++j) {
-            kq.v[j] = Cache::Encode(MulRn(In::ToFloat(kx[i].v[j]), kinv));
-            vq.v[j] = Cache::Encode(MulRn(In::ToFloat(vx[i].v[j]), vinv));
-          }
+        if (idx < nk) {
+          EncodeAndStore<In, Cache>(kx[i], kinv, finite,
+                                    kdst + idx * kOutBytes);
         }
-        if (idx < nk) reinterpret_cast<OutVec*>(kdst)[idx] = kq;
-        if (idx < nv) reinterpret_cast<OutVec*>(vdst)[idx] = vq;
+        if (idx < nv) {
+          EncodeAndStore<In, Cache>(vx[i], vinv, finite,
+                                    vdst + idx * kOutBytes);
+        }
       }
-      if (lane == 0) {
+      if (lane < 2) {
         const int64_t s = layout.scale_offset(slot, h);
-        p.cache.key_scale[s] = kscale;
-        p.cache.value_scale[s] = vscale;
+        float* scales = lane == 0 ? p.cache.key_scale : p.cache.value_scale;
+        scales[s] = lane == 0 ? kscale : vscale;
       }
     }
   }
@@ -184,10 +265,13 @@ __device__ __forceinline__ void WriteRowScalar(
 
 template <class In, class Cache>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    QuantizeWriteScalarKernel(const QuantizeWriteParams p) {
+    QuantizeWriteScalarKernel(const QuantizeWriteParams p,
+                              const RowDividers dividers) {
   using InT = typename In::T;
   using CacheT = typename Cache::T;
   constexpr int kWarpsPerBlock = kThreadsPerBlock / 32;
+  WaitForPriorGrids();
+  AllowDependentGrids();
   const CacheLayout& layout = p.cache.layout;
   const int lane = threadIdx.x % 32;
   const int64_t rows = p.num_tokens * layout.num_heads;
@@ -196,7 +280,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
            static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
        row < rows; row += stride) {
     int64_t t, h;
-    SplitRow(row, layout.num_heads, &t, &h);
+    SplitRow(row, dividers.heads, layout.num_heads, &t, &h);
     const int64_t slot = p.slot_mapping[t];
     if (slot < 0 || slot >= layout.num_slots()) continue;
     const int64_t s = layout.scale_offset(slot, h);

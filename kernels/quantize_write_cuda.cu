@@ -18,7 +18,6 @@
 namespace kvcache {
 namespace {
 
-
 template <class In>
 bool CanVectorize(const QuantizeWriteParams& p) {
   const int64_t elem = sizeof(typename In::T);
@@ -43,9 +42,11 @@ absl::Status Launch(const QuantizeWriteParams& p, cudaStream_t stream) {
       std::max(layout.head_size, layout.head_size_v) / kElems,
       [](auto group, auto vecs) {
         return &internal::QuantizeWriteVecKernel<
-            In, Cache, decltype(group)::value, decltype(vecs)::value>;
+            In, Cache, decltype(group)::value, decltype(vecs)::value,
+            internal::kThreadsPerBlock>;
       },
-      &internal::QuantizeWriteScalarKernel<In, Cache>, stream);
+      &internal::QuantizeWriteScalarKernel<In, Cache>,
+      internal::RowGrid::kTwoRowsPerGroup, stream);
 }
 
 }  // namespace

@@ -1,0 +1,62 @@
+// FastDivmod divides 31-bit unsigned values by a divisor fixed on the host with
+// one multiply-high and one shift instead of an integer division (the kernels
+// split a row index into token and head, and a token position into block and
+// offset, this way). Plain value type built on the host and passed by value to
+// kernels; thread-compatible.
+//
+//   FastDivmod heads(8);
+//   uint32_t t, h;
+//   heads.Divmod(row, &t, &h);   // REQUIRES: row < 2^31
+//
+// For a divisor d with 2^(l-1) < d <= 2^l, multiplier = ceil(2^(31+l) / d) fits
+// 32 bits and floor(n * multiplier / 2^(31+l)) == n / d for every n < 2^31.
+
+#ifndef KVCACHE_KERNELS_FAST_DIVMOD_H_
+#define KVCACHE_KERNELS_FAST_DIVMOD_H_
+
+#include <cstdint>
+
+#include "kernels/host_device.h"
+
+namespace kvcache::internal {
+
+struct FastDivmod {
+  uint32_t divisor = 1;
+  uint32_t multiplier = 0;  // 0 when divisor == 1.
+  uint32_t shift = 0;       // l - 1.
+
+  // Largest dividend (exclusive) Divmod handles.
+  static constexpr int64_t kDividendLimit = int64_t{1} << 31;
+
+  // REQUIRES: 1 <= d < 2^31.
+  static FastDivmod Make(uint32_t d) {
+    FastDivmod f;
+    f.divisor = d;
+    if (d == 1) return f;
+    uint32_t l = 0;
+    while ((uint64_t{1} << l) < d) ++l;
+    const uint64_t p = uint64_t{1} << (31 + l);
+    f.multiplier = static_cast<uint32_t>((p + d - 1) / d);
+    f.shift = l - 1;
+    return f;
+  }
+
+  KVCACHE_HOST_DEVICE uint32_t Div(uint32_t n) const {
+    if (multiplier == 0) return n;
+#if defined(__CUDA_ARCH__)
+    return __umulhi(n, multiplier) >> shift;
+#else
+    return static_cast<uint32_t>(
+        (static_cast<uint64_t>(n) * multiplier >> 32) >> shift);
+#endif
+  }
+
+  KVCACHE_HOST_DEVICE void Divmod(uint32_t n, uint32_t* q, uint32_t* r) const {
+    *q = Div(n);
+    *r = n - *q * divisor;
+  }
+};
+
+}  // namespace kvcache::internal
+
+#endif  // KVCACHE_KERNELS_FAST_DIVMOD_H_

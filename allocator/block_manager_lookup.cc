@@ -89,7 +89,7 @@ absl::StatusOr<StepPlan> BlockManager::Reserve(
 }
 absl::Status BlockManager::CanReserve(
     absl::Span<const ReserveRequest> batch) const {
-  return impl_->CheckBatch(batch);
+  return impl_->CanReserve(batch);
 }
 absl::Status BlockManager::Commit(uint64_t plan_id) {
   return impl_->Commit(plan_id);

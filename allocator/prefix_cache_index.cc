@@ -16,26 +16,15 @@ PrefixCacheIndex::PrefixCacheIndex(int32_t num_blocks, int32_t block_size)
       parent_id_(num_blocks, 0),
       tokens_(static_cast<size_t>(num_blocks) * block_size) {}
 
-bool PrefixCacheIndex::Matches(BlockId block, uint64_t parent_id,
-                               absl::Span<const TokenId> tokens) const {
-  ABSL_ASSERT(registered(block));
-  return parent_id_[block] == parent_id &&
-         tokens.size() == static_cast<size_t>(block_size_) &&
-         std::memcmp(&tokens_[static_cast<size_t>(block) * block_size_],
-                     tokens.data(), tokens.size() * sizeof(TokenId)) == 0;
-}
-
 uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
-                                  uint64_t parent_id,
-                                  absl::Span<const TokenId> tokens) {
+                                  uint64_t parent_id, const TokenId* tokens) {
   ABSL_ASSERT(!registered(block));
-  ABSL_ASSERT(tokens.size() == static_cast<size_t>(block_size_));
   table_.Insert(hash, block);
   hash_[block] = hash;
   parent_id_[block] = parent_id;
   content_id_[block] = NewId();
-  std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens.data(),
-              tokens.size() * sizeof(TokenId));
+  std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens,
+              block_size_ * sizeof(TokenId));
   return content_id_[block];
 }
 

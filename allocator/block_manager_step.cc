@@ -1,0 +1,413 @@
+// BlockManager: the steps of a batch - Reserve (all or nothing), CanReserve,
+// Commit and Abort - and their plan records.
+//
+// Reserve makes one pass over the batch (StartBatch). It first allocates what
+// the plan needs (StepPlan vectors, a recycled plan record), then checks each
+// request and, before changing its sequence, grows that sequence's vectors,
+// and then changes only what Rollback can undo: the known tokens, the marks
+// `reserved` and `plan_id`, and for a sequence whose tokens fit in its tail
+// block (a decode step) its slots, computed from `tail_block`, so that the
+// block list is not touched. A sequence that needs new blocks or a copy is
+// left for FinishBatch, which changes the pool only once the whole batch is
+// known to fit. An error or an exception (std::bad_alloc) rolls the pass back,
+// so a failed Reserve changes nothing.
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/base/macros.h"
+#include "absl/base/optimization.h"
+#include "absl/strings/str_cat.h"
+#include "allocator/block_manager.h"
+#include "allocator/block_manager_impl.h"
+
+namespace kvcache {
+
+using internal::ReserveGeometric;
+using internal::Sequence;
+
+namespace {
+
+absl::Status PlanNotFound(uint64_t plan_id) {
+  return absl::NotFoundError(
+      absl::StrCat("plan ", plan_id,
+                   " not found (unknown, or already committed or aborted)"));
+}
+
+// Whether a request passes the checks. `reserved` is 0 for every sequence
+// without a plan until the pass over the batch marks it.
+bool RequestOk(const ReserveRequest& r, const Sequence* s) {
+  return s != nullptr && s->reserved == 0 && r.num_tokens >= 1 &&
+         r.num_tokens <=
+             static_cast<int64_t>(s->tokens.size() + r.new_token_ids.size()) -
+                 s->computed;
+}
+
+// The error of a request that failed RequestOk, where `plan_id` is the plan
+// being made (0 in CanReserve). Cold.
+ABSL_ATTRIBUTE_NOINLINE absl::Status RequestError(const ReserveRequest& r,
+                                                  const Sequence* s,
+                                                  uint64_t plan_id) {
+  if (s == nullptr) {
+    return absl::NotFoundError(
+        absl::StrCat("sequence ", r.sequence, " not found"));
+  }
+  if (s->plan_id != 0 && s->plan_id != plan_id) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", r.sequence,
+        " already has an uncommitted reservation (plan ", s->plan_id, ")"));
+  }
+  if (s->reserved != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence ", r.sequence, " is named twice in one reserve"));
+  }
+  if (r.num_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("reserve of ", r.num_tokens, " tokens for sequence ",
+                     r.sequence, ": num_tokens must be >= 1"));
+  }
+  const int64_t known =
+      static_cast<int64_t>(s->tokens.size() + r.new_token_ids.size());
+  return absl::InvalidArgumentError(
+      absl::StrCat("reserve of ", r.num_tokens, " tokens for sequence ",
+                   r.sequence, ": ", s->computed, " computed + ", r.num_tokens,
+                   " exceeds the ", known, " known tokens"));
+}
+
+absl::Status NoRoom(size_t batch_size, int64_t needed, int64_t available) {
+  return absl::ResourceExhaustedError(
+      absl::StrCat("reserve for ", batch_size, " sequences needs ", needed,
+                   " new blocks, only ", available, " are free or evictable"));
+}
+
+}  // namespace
+
+// ---- Lookups and CanReserve ------------------------------------------------
+
+Sequence* BlockManager::Impl::LookupMiss(size_t i, SequenceId id) const {
+  Sequence* s = by_id_.Find(id);
+  cache_ids_[i] = id;
+  batch_[i] = s;
+  cache_valid_ = std::max(cache_valid_, i + 1);
+  return s;
+}
+
+void BlockManager::Impl::PrepareLookups(size_t n) const {
+  if (cache_gen_ != generation_) {  // A sequence came or went: forget all.
+    cache_gen_ = generation_;
+    cache_valid_ = 0;
+  }
+  if (cache_ids_.size() < n) {
+    cache_ids_.resize(n);
+    batch_.resize(n);
+  }
+}
+
+void BlockManager::Impl::UnmarkBatch(size_t n) const {
+  for (size_t i = 0; i < n; ++i) batch_[i]->reserved = 0;
+}
+
+absl::Status BlockManager::Impl::CanReserve(
+    absl::Span<const ReserveRequest> batch) const {
+  if (batch.empty())
+    return absl::InvalidArgumentError("reserve of an empty batch");
+  PrepareLookups(batch.size());
+  int64_t needed = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const ReserveRequest& r = batch[i];
+    Sequence* s = Lookup(i, r.sequence);
+    if (!RequestOk(r, s)) {
+      absl::Status error = RequestError(r, s, /*plan_id=*/0);
+      UnmarkBatch(i);
+      return error;
+    }
+    needed += BlocksNeeded(*s, r.num_tokens, NeedsCopy(*s));
+    s->reserved = r.num_tokens;  // Marks it, for a second mention.
+  }
+  UnmarkBatch(batch.size());
+  const int64_t available = pool_.num_free() + pool_.num_cached();
+  if (needed > available) return NoRoom(batch.size(), needed, available);
+  return absl::OkStatus();
+}
+
+// ---- Reserve ---------------------------------------------------------------
+
+// A spare record sized for the batch (spare_records_.back()). May throw
+// std::bad_alloc, changing nothing observable.
+BlockManager::Impl::PlanRecord& BlockManager::Impl::SpareRecord(
+    size_t batch_size) {
+  if (spare_records_.empty()) {
+    ReserveGeometric(records_, records_.size() + 1);
+    ReserveGeometric(spare_records_, records_.size() + 1);
+    records_.push_back(std::make_unique<PlanRecord>());
+    spare_records_.push_back(records_.back().get());
+  }
+  PlanRecord& record = *spare_records_.back();
+  record.sequences.resize(batch_size);
+  record.tokens_before.resize(batch_size);
+  record.fillers.clear();
+  record.fillers.reserve(batch_size);
+  return record;
+}
+
+// The pass over the batch (see the top of this file). Returns the first
+// request's error; progress.done sequences are changed either way (also when
+// it throws). Hot: everything it reads often is held in locals, since the
+// compiler must assume that its int64 stores alias the members.
+absl::Status BlockManager::Impl::StartBatch(
+    absl::Span<const ReserveRequest> batch, StepPlan& plan, PlanRecord& record,
+    BatchProgress& p) {
+  const internal::BlockMath math = math_;
+  const int64_t bs = math.size();
+  const bool caching = options_.enable_prefix_caching;
+  const uint64_t plan_id = next_plan_id_;
+  const size_t n = batch.size();
+  const ReserveRequest* requests = batch.data();
+  Sequence* const* cached = batch_.data();
+  const SequenceId* cached_ids = cache_ids_.data();
+  size_t valid = cache_valid_;
+  SequenceId* out_ids = plan.sequences.data();
+  int64_t* out_tokens = plan.num_tokens.data();
+  int64_t* slots = plan.slot_mapping.data();
+  size_t slots_size = plan.slot_mapping.size();
+  size_t* tokens_before = record.tokens_before.data();
+  int64_t slots_used = p.slots;
+  for (size_t i = p.done; i < n; ++i) {
+    if (i + 8 < valid) __builtin_prefetch(cached[i + 8], /*rw=*/1);
+    const ReserveRequest& r = requests[i];
+    Sequence* s;
+    if (ABSL_PREDICT_TRUE(i < valid && cached_ids[i] == r.sequence)) {
+      s = cached[i];
+    } else {
+      s = LookupMiss(i, r.sequence);
+      valid = cache_valid_;
+    }
+    if (ABSL_PREDICT_FALSE(!RequestOk(r, s))) {
+      p.done = i;
+      p.slots = slots_used;
+      return RequestError(r, s, plan_id);
+    }
+    const int64_t num_tokens = r.num_tokens;
+    const int64_t offset = math.Mod(s->computed);
+    const bool copy = s->tail_maybe_shared && offset != 0 &&
+                      pool_.ref_count(s->tail_block) > 1;
+    const bool fits_tail = !copy && offset != 0 && offset + num_tokens <= bs;
+    // Allocate first (until its marks below, the sequence is unchanged).
+    if (ABSL_PREDICT_FALSE(
+            !fits_tail ||
+            s->tokens.size() + r.new_token_ids.size() > s->tokens.capacity() ||
+            static_cast<size_t>(slots_used + num_tokens) > slots_size)) {
+      p.done = i;  // In case it throws.
+      p.slots = slots_used;
+      PrepareSlow(*s, r, copy, fits_tail, plan, p);
+      slots = plan.slot_mapping.data();
+      slots_size = plan.slot_mapping.size();
+    }
+    // Change the sequence (no allocation: the capacities are there).
+    tokens_before[i] = s->tokens.size();
+    if (r.new_token_ids.size() == 1) {
+      s->tokens.push_back(r.new_token_ids[0]);
+    } else {
+      s->tokens.insert(s->tokens.end(), r.new_token_ids.begin(),
+                       r.new_token_ids.end());
+    }
+    s->reserved = num_tokens;
+    s->plan_id = plan_id;
+    if (ABSL_PREDICT_TRUE(fits_tail)) {
+      // The tail block is this sequence's alone (else it would be copied).
+      s->tail_maybe_shared = false;
+      const int64_t base = static_cast<int64_t>(s->tail_block) * bs + offset;
+      slots[slots_used] = base;
+      for (int64_t k = 1; k < num_tokens; ++k) slots[slots_used + k] = base + k;
+    } else {
+      slow_.push_back(  // Has the capacity.
+          SlowPath{i, static_cast<size_t>(slots_used), copy});
+    }
+    slots_used += num_tokens;
+    if (caching && offset + num_tokens >= bs)
+      record.fillers.push_back(static_cast<int32_t>(i));
+    out_ids[i] = r.sequence;
+    out_tokens[i] = num_tokens;
+  }
+  p.done = n;
+  p.slots = slots_used;
+  return absl::OkStatus();
+}
+
+// StartBatch's allocations for a request that needs more capacity, new blocks
+// or a copy (counted in `p`). May throw std::bad_alloc, changing nothing
+// observable.
+void BlockManager::Impl::PrepareSlow(Sequence& s, const ReserveRequest& r,
+                                     bool copy, bool fits_tail, StepPlan& plan,
+                                     BatchProgress& p) {
+  ReserveGeometric(s.tokens, s.tokens.size() + r.new_token_ids.size());
+  const size_t slot_end = static_cast<size_t>(p.slots + r.num_tokens);
+  if (slot_end > plan.slot_mapping.size())
+    plan.slot_mapping.resize(std::max(slot_end, 2 * plan.slot_mapping.size()));
+  if (fits_tail) return;
+  const int64_t end = s.computed + r.num_tokens;
+  ReserveGeometric(s.blocks, static_cast<size_t>(math_.CeilDiv(end)));
+  p.needed += BlocksNeeded(s, r.num_tokens, copy);
+  p.copies += copy;
+}
+
+// Undoes StartBatch's changes to the batch's first n sequences.
+void BlockManager::Impl::Rollback(const PlanRecord& record, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    Sequence& s = *batch_[i];
+    s.tokens.resize(record.tokens_before[i]);
+    s.reserved = 0;
+    s.plan_id = 0;
+  }
+}
+
+// The blocks of a sequence that needs new ones or a copy, and its slots.
+void BlockManager::Impl::ApplySlow(const SlowPath& path,
+                                   absl::Span<const ReserveRequest> batch,
+                                   StepPlan& plan) {
+  const int64_t bs = options_.block_size;
+  Sequence& s = *batch_[path.index];
+  if (path.copy) {
+    const BlockId fresh = AllocateBlock();
+    plan.copies.push_back(BlockCopy{s.blocks.back(), fresh});
+    s.cow_src = s.blocks.back();  // Keeps its reference: the copy reads it.
+    s.blocks.back() = fresh;
+  }
+  const int64_t end = s.computed + batch[path.index].num_tokens;
+  const size_t num_blocks = static_cast<size_t>(math_.CeilDiv(end));
+  while (s.blocks.size() < num_blocks) s.blocks.push_back(AllocateBlock());
+  s.tail_block = s.blocks.back();
+  s.tail_maybe_shared = false;  // Fresh, or copied.
+  int64_t* slot = &plan.slot_mapping[path.slot];
+  for (int64_t p = s.computed; p < end;) {
+    const int64_t offset = math_.Mod(p);
+    const int64_t run = std::min(end - p, bs - offset);
+    const int64_t base = static_cast<int64_t>(s.blocks[math_.Div(p)]) * bs;
+    for (int64_t k = 0; k < run; ++k) *slot++ = base + offset + k;
+    p += run;
+  }
+}
+
+// After the pass: refuses a batch that does not fit, registers the plan, then
+// changes the pool. Only the registration may throw (std::bad_alloc).
+absl::Status BlockManager::Impl::FinishBatch(
+    absl::Span<const ReserveRequest> batch, const BatchProgress& p,
+    StepPlan& plan, PlanRecord& record) {
+  const int64_t available = pool_.num_free() + pool_.num_cached();
+  if (p.needed > available) return NoRoom(batch.size(), p.needed, available);
+  plan.copies.reserve(p.copies);
+  plans_.emplace(next_plan_id_, &record);
+  // From here on nothing can fail or allocate.
+  spare_records_.pop_back();  // `record`.
+  plan.id = next_plan_id_++;
+  for (const SlowPath& path : slow_) ApplySlow(path, batch, plan);
+  std::copy(batch_.begin(), batch_.begin() + batch.size(),
+            record.sequences.begin());
+  plan.slot_mapping.resize(p.slots);  // Shrinks: no allocation.
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
+    absl::Span<const ReserveRequest> batch) {
+  if (batch.empty())
+    return absl::InvalidArgumentError("reserve of an empty batch");
+  // Allocations before any change (may throw std::bad_alloc).
+  const size_t n = batch.size();
+  PrepareLookups(n);
+  slow_.clear();
+  slow_.reserve(n);
+  StepPlan plan;
+  plan.sequences.resize(n);
+  plan.num_tokens.resize(n);
+  plan.slot_mapping.resize(n);  // Grown by the pass when it needs more.
+  PlanRecord& record = SpareRecord(n);
+  BatchProgress progress;
+  absl::Status status;
+  try {
+    status = StartBatch(batch, plan, record, progress);
+    if (status.ok()) status = FinishBatch(batch, progress, plan, record);
+  } catch (...) {
+    Rollback(record, progress.done);
+    throw;
+  }
+  if (!status.ok()) {
+    Rollback(record, progress.done);
+    return status;
+  }
+  return plan;
+}
+
+// ---- Commit and Abort ------------------------------------------------------
+
+void BlockManager::Impl::RecyclePlan(
+    std::unordered_map<uint64_t, PlanRecord*>::iterator it) {
+  PlanRecord* record = it->second;
+  plans_.erase(it);
+  spare_records_.push_back(record);  // Has the capacity: cannot throw.
+}
+
+absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
+  auto it = plans_.find(plan_id);
+  if (it == plans_.end()) return PlanNotFound(plan_id);
+  const PlanRecord& record = *it->second;
+  const std::vector<Sequence*>& seqs = record.sequences;
+  // Allocate first (may throw std::bad_alloc with nothing changed): room for
+  // the hashes of every block this commit fills. (The prefix-cache index has a
+  // fixed capacity and never allocates.)
+  for (int32_t k : record.fillers) {
+    Sequence* s = seqs[k];
+    if (s == nullptr) continue;  // Freed since Reserve.
+    const size_t full =
+        static_cast<size_t>(math_.Div(s->computed + s->reserved));
+    ReserveGeometric(s->hashes, full);
+    ReserveGeometric(s->chain_ids, full);
+  }
+  // From here on nothing allocates.
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (i + 8 < seqs.size()) __builtin_prefetch(seqs[i + 8], /*rw=*/1);
+    Sequence* s = seqs[i];
+    if (s == nullptr) continue;
+    if (s->cow_src >= 0) {
+      pool_.Release(s->cow_src);
+      s->cow_src = -1;
+    }
+    s->computed += s->reserved;
+    s->reserved = 0;
+    s->plan_id = 0;
+  }
+  // The blocks that became full get their chained hash, in batch order.
+  for (int32_t k : record.fillers) {
+    if (seqs[k] != nullptr) HashNewFullBlocks(*seqs[k]);
+  }
+  RecyclePlan(it);
+  return absl::OkStatus();
+}
+
+absl::Status BlockManager::Impl::Abort(uint64_t plan_id) {
+  auto it = plans_.find(plan_id);
+  if (it == plans_.end()) return PlanNotFound(plan_id);
+  const PlanRecord& record = *it->second;
+  for (size_t i = record.sequences.size(); i-- > 0;) {
+    Sequence* s = record.sequences[i];
+    if (s == nullptr) continue;
+    const size_t blocks_before =
+        static_cast<size_t>(math_.CeilDiv(s->computed));
+    for (size_t j = s->blocks.size(); j > blocks_before; --j)
+      pool_.Release(s->blocks[j - 1]);
+    s->blocks.resize(blocks_before);
+    if (s->cow_src >= 0) {
+      pool_.Release(s->blocks.back());
+      s->blocks.back() = s->cow_src;
+      s->cow_src = -1;
+      s->tail_maybe_shared = true;
+    }
+    s->tail_block = s->blocks.empty() ? -1 : s->blocks.back();
+    s->tokens.resize(record.tokens_before[i]);
+    s->reserved = 0;
+    s->plan_id = 0;
+  }
+  RecyclePlan(it);
+  return absl::OkStatus();
+}
+
+}  // namespace kvcache

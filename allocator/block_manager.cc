@@ -55,70 +55,27 @@ void BlockManager::Impl::ReleaseAll(Sequence& s) {
 
 // ---- Prefix cache ----------------------------------------------------------
 
-// Appends the chained hashes of the prompt's full blocks from block `from` on.
-// REQUIRES: s.hashes holds the first `from` and has capacity for them all.
-void BlockManager::Impl::HashPrompt(Sequence& s,
-                                    absl::Span<const TokenId> prompt,
-                                    int64_t from) const {
+// Hashes every full block of the prompt (Commit reuses them) and finds the
+// longest run of cached ones, leaving at least one token to compute: puts
+// them in `s` (their token ids stay out of s.tokens) and returns how many.
+// Changes nothing but `s`. May throw std::bad_alloc.
+int64_t BlockManager::Impl::MatchPrefix(
+    Sequence& s, absl::Span<const TokenId> prompt) const {
   const int64_t bs = options_.block_size;
-  const int64_t full = static_cast<int64_t>(prompt.size()) / bs;
-  BlockHash h = from == 0 ? s.root_hash : s.hashes[from - 1];
-  for (int64_t i = from; i < full; ++i) {
-    h = Hash(h, prompt.subspan(i * bs, bs));
-    s.hashes.push_back(h);
-  }
-}
-
-// Hashes every full block of the prompt (Commit reuses them) and takes the
-// longest run of cached ones, leaving at least one token to compute: acquires
-// them and puts them in `s`. Returns the tokens they hold.
-// REQUIRES: `s` is registered, holds no blocks, and has the capacity for every
-// hash, block and chain id (nothing here allocates).
-int64_t BlockManager::Impl::MatchPrefix(Sequence& s,
-                                        absl::Span<const TokenId> prompt) {
-  const int64_t bs = options_.block_size;
-  const int64_t full = static_cast<int64_t>(prompt.size()) / bs;
-  const int64_t max_blocks = (static_cast<int64_t>(prompt.size()) - 1) / bs;
-  // One pass: the hash chain runs kAhead blocks ahead of the compare (the
-  // rounds of block i + kAhead overlap the lookups of block i), each hash's
-  // table slot is prefetched as it is made, and the slot is read kFound blocks
-  // ahead so that the found block's tokens, ids and pool entry are prefetched
-  // too. The lookups are independent until the first miss.
-  constexpr int64_t kAhead = 16;
-  constexpr int64_t kFound = kAhead / 2;
-  BlockHash h = s.root_hash;
-  int64_t hashed = 0;
-  const auto hash_next = [&] {
-    h = Hash(h, prompt.subspan(hashed * bs, bs));
-    s.hashes.push_back(h);
-    index_.Prefetch(h);
-    ++hashed;
-  };
-  const auto find = [&](int64_t i) {
-    const BlockId b = index_.Find(s.hashes[i]);
-    if (b >= 0) {
-      index_.PrefetchBlock(b);
-      pool_.Prefetch(b);
-    }
-    return b;
-  };
-  while (hashed < std::min(kAhead, full)) hash_next();
-  BlockId found[kFound];  // Ring: block j's candidate at j % kFound.
-  for (int64_t i = 0; i < std::min(kFound, max_blocks); ++i) found[i] = find(i);
-  uint64_t parent_id = s.root_id;
-  for (int64_t i = 0; i < max_blocks; ++i) {
-    if (hashed < full) hash_next();
-    const BlockId b = found[i % kFound];
-    if (i + kFound < max_blocks) found[i % kFound] = find(i + kFound);
-    if (b < 0 || !index_.Matches(b, parent_id, prompt.data() + i * bs)) break;
-    pool_.Acquire(b);
-    s.blocks.push_back(b);
-    parent_id = index_.content_id(b);
-    s.chain_ids.push_back(parent_id);
-  }
-  HashPrompt(s, prompt, hashed);
-  s.tail_block = s.blocks.empty() ? -1 : s.blocks.back();
-  return static_cast<int64_t>(s.blocks.size()) * bs;
+  const size_t max_blocks = (prompt.size() - 1) / bs;
+  s.hashes.reserve(prompt.size() / bs);
+  s.blocks.resize(max_blocks);  // Shrunk to the match below.
+  s.chain_ids.resize(max_blocks);
+  HashChain(s.root_hash, prompt.data(), prompt.size() / bs, s.hashes);
+  const int64_t matched =
+      index_.LongestMatch(s.hashes.data(), prompt.data(), max_blocks, s.root_id,
+                          s.blocks.data(), s.chain_ids.data());
+  s.blocks.resize(matched);
+  s.chain_ids.resize(matched);
+  s.prefix_blocks = static_cast<int32_t>(matched);
+  s.tail_block = matched == 0 ? -1 : s.blocks.back();
+  s.computed = matched * bs;
+  return matched;
 }
 
 // Registers the blocks that the last commit filled. A block whose content is
@@ -130,7 +87,7 @@ void BlockManager::Impl::HashNewFullBlocks(Sequence& s) {
   const size_t full = static_cast<size_t>(math_.Div(s.computed));
   for (size_t i = s.chain_ids.size(); i < full; ++i) {
     const uint64_t parent_id = i == 0 ? s.root_id : s.chain_ids[i - 1];
-    const TokenId* tokens = &s.tokens[i * bs];
+    const TokenId* tokens = s.token(i * bs, bs);
     if (s.hashes.size() == i) {
       s.hashes.push_back(Hash(i == 0 ? s.root_hash : s.hashes[i - 1],
                               absl::Span<const TokenId>(tokens, bs)));
@@ -172,23 +129,20 @@ absl::StatusOr<int64_t> BlockManager::Impl::AddSequence(
   auto seq = std::make_unique<Sequence>();
   Sequence& s = *seq;
   s.id = id;
-  AppendTokens(s.tokens, prompt);
   const bool caching = options_.enable_prefix_caching;
   if (caching) {
-    const int64_t bs = options_.block_size;
     s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
     s.root_id = index_.RootId(extra.adapter_id, extra.salt);
-    s.hashes.reserve(prompt.size() / bs);
-    s.blocks.reserve((prompt.size() - 1) / bs);
-    s.chain_ids.reserve((prompt.size() - 1) / bs);
+    MatchPrefix(s, prompt);
   }
+  AppendTokens(s.tokens, prompt.subspan(s.computed));
   by_id_.Reserve(sequences_.size() + 1);
   sequences_.emplace(id, std::move(seq));
   by_id_.Insert(id, &s);
   ++generation_;
   // From here on nothing allocates.
   if (!caching) return 0;
-  s.computed = MatchPrefix(s, prompt);
+  pool_.AcquireAll(s.blocks.data(), s.blocks.size());
   ++stats_.queries;
   stats_.query_tokens += static_cast<int64_t>(prompt.size());
   stats_.hit_tokens += s.computed;

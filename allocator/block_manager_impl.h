@@ -116,6 +116,19 @@ class BlockManager::Impl {
                ? options_.hash_function_for_testing(parent, tokens)
                : HashBlock(parent, tokens);
   }
+  // HashBlocks, or the test seam's hash.
+  void HashChain(const BlockHash& parent, const TokenId* tokens, size_t count,
+                 std::vector<BlockHash>& out) const {
+    const size_t bs = static_cast<size_t>(options_.block_size);
+    if (options_.hash_function_for_testing == nullptr)
+      return HashBlocks(parent, tokens, bs, count, out);
+    BlockHash h = parent;
+    for (size_t i = 0; i < count; ++i) {
+      h = options_.hash_function_for_testing(
+          h, absl::Span<const TokenId>(tokens + i * bs, bs));
+      out.push_back(h);
+    }
+  }
   BlockId AllocateBlock();
   // A partial last block shared with another holder must be copied before
   // this sequence writes it. Inline: Reserve asks it of every sequence.
@@ -154,9 +167,7 @@ class BlockManager::Impl {
   void RecyclePlan(std::unordered_map<uint64_t, PlanRecord*>::iterator it);
   void ReleaseAll(Sequence& s);
   void HashNewFullBlocks(Sequence& s);
-  void HashPrompt(Sequence& s, absl::Span<const TokenId> prompt,
-                  int64_t from) const;
-  int64_t MatchPrefix(Sequence& s, absl::Span<const TokenId> prompt);
+  int64_t MatchPrefix(Sequence& s, absl::Span<const TokenId> prompt) const;
   absl::Status ValidateSequence(const Sequence& s,
                                 std::vector<int32_t>& refs) const;
   absl::Status ValidatePlans() const;

@@ -36,18 +36,19 @@ absl::Status PlanNotFound(uint64_t plan_id) {
 
 // Whether a request passes the checks. `reserved` is 0 for every sequence
 // without a plan until the pass over the batch marks it.
-bool RequestOk(const ReserveRequest& r, const Sequence* s) {
+bool RequestOk(const ReserveRequest& r, const Sequence* s, int64_t bs) {
   return s != nullptr && s->reserved == 0 && r.num_tokens >= 1 &&
-         r.num_tokens <=
-             static_cast<int64_t>(s->tokens.size() + r.new_token_ids.size()) -
-                 s->computed;
+         r.num_tokens <= s->known(bs) +
+                             static_cast<int64_t>(r.new_token_ids.size()) -
+                             s->computed;
 }
 
 // The error of a request that failed RequestOk, where `plan_id` is the plan
 // being made (0 in CanReserve). Cold.
 ABSL_ATTRIBUTE_NOINLINE absl::Status RequestError(const ReserveRequest& r,
                                                   const Sequence* s,
-                                                  uint64_t plan_id) {
+                                                  uint64_t plan_id,
+                                                  int64_t bs) {
   if (s == nullptr) {
     return absl::NotFoundError(
         absl::StrCat("sequence ", r.sequence, " not found"));
@@ -67,7 +68,7 @@ ABSL_ATTRIBUTE_NOINLINE absl::Status RequestError(const ReserveRequest& r,
                      r.sequence, ": num_tokens must be >= 1"));
   }
   const int64_t known =
-      static_cast<int64_t>(s->tokens.size() + r.new_token_ids.size());
+      s->known(bs) + static_cast<int64_t>(r.new_token_ids.size());
   return absl::InvalidArgumentError(
       absl::StrCat("reserve of ", r.num_tokens, " tokens for sequence ",
                    r.sequence, ": ", s->computed, " computed + ", r.num_tokens,
@@ -112,12 +113,13 @@ absl::Status BlockManager::Impl::CanReserve(
   if (batch.empty())
     return absl::InvalidArgumentError("reserve of an empty batch");
   PrepareLookups(batch.size());
+  const int64_t bs = options_.block_size;
   int64_t needed = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const ReserveRequest& r = batch[i];
     Sequence* s = Lookup(i, r.sequence);
-    if (!RequestOk(r, s)) {
-      absl::Status error = RequestError(r, s, /*plan_id=*/0);
+    if (!RequestOk(r, s, bs)) {
+      absl::Status error = RequestError(r, s, /*plan_id=*/0, bs);
       UnmarkBatch(i);
       return error;
     }
@@ -182,10 +184,10 @@ absl::Status BlockManager::Impl::StartBatch(
       s = LookupMiss(i, r.sequence);
       valid = cache_valid_;
     }
-    if (ABSL_PREDICT_FALSE(!RequestOk(r, s))) {
+    if (ABSL_PREDICT_FALSE(!RequestOk(r, s, bs))) {
       p.done = i;
       p.slots = slots_used;
-      return RequestError(r, s, plan_id);
+      return RequestError(r, s, plan_id, bs);
     }
     const int64_t num_tokens = r.num_tokens;
     const int64_t offset = math.Mod(s->computed);

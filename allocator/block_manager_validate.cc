@@ -14,11 +14,17 @@ absl::Status BlockManager::Impl::ValidateSequence(
   const int64_t bs = options_.block_size;
   const int64_t end = s.computed + s.reserved;
   const std::string name = absl::StrCat("sequence ", s.id, ": ");
-  if (s.computed < 0 || s.reserved < 0 ||
-      end > static_cast<int64_t>(s.tokens.size())) {
+  const int64_t known = s.known(bs);
+  if (s.computed < 0 || s.reserved < 0 || end > known) {
     return absl::InternalError(absl::StrCat(name, s.computed, " computed + ",
-                                            s.reserved, " reserved of ",
-                                            s.tokens.size(), " known tokens"));
+                                            s.reserved, " reserved of ", known,
+                                            " known tokens"));
+  }
+  if (s.prefix_blocks < 0 || s.prefix_blocks > s.computed / bs ||
+      static_cast<size_t>(s.prefix_blocks) > s.chain_ids.size()) {
+    return absl::InternalError(absl::StrCat(
+        name, s.prefix_blocks, " prefix blocks without stored tokens for ",
+        s.computed, " computed tokens and ", s.chain_ids.size(), " chain ids"));
   }
   if (static_cast<int64_t>(s.blocks.size()) != (end + bs - 1) / bs) {
     return absl::InternalError(
@@ -47,7 +53,7 @@ absl::Status BlockManager::Impl::ValidateSequence(
   if (options_.enable_prefix_caching) {
     const size_t full = static_cast<size_t>(s.computed / bs);
     if (s.hashes.size() < full || s.chain_ids.size() != full ||
-        s.hashes.size() > s.tokens.size() / bs) {
+        s.hashes.size() > static_cast<size_t>(known / bs)) {
       return absl::InternalError(absl::StrCat(
           name, s.hashes.size(), " hashes and ", s.chain_ids.size(),
           " chain ids for ", full, " full computed blocks"));

@@ -1,5 +1,6 @@
 #include "allocator/prefix_cache_index.h"
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 
@@ -12,20 +13,72 @@ PrefixCacheIndex::PrefixCacheIndex(int32_t num_blocks, int32_t block_size)
     : block_size_(block_size),
       table_(num_blocks, std::random_device{}()),
       hash_(num_blocks),
-      content_id_(num_blocks, 0),
-      parent_id_(num_blocks, 0),
+      ids_(num_blocks),
       tokens_(static_cast<size_t>(num_blocks) * block_size) {}
+
+namespace {
+
+// LongestMatch's loop; kBlockSize 16 compiles the 64-byte compare inline, 0
+// takes the block size at run time. Everything it reads is in locals (see
+// BlockHashTable::Reader). The lookups are independent until the first miss,
+// so they overlap: each table slot is prefetched kAhead blocks before it is
+// read.
+template <int32_t kBlockSize, typename Ids, typename Equal>
+int64_t Longest(const BlockHashTable::Reader table, const TokenId* stored,
+                const Ids* ids, int32_t block_size, const BlockHash* hashes,
+                const TokenId* tokens, int64_t count, uint64_t parent,
+                BlockId* blocks, uint64_t* chain_ids, Equal equal) {
+  constexpr int64_t kAhead = 16;
+  const size_t bs = kBlockSize != 0 ? kBlockSize : block_size;
+  for (int64_t i = 0; i < std::min(kAhead, count); ++i)
+    table.Prefetch(hashes[i]);
+  int64_t i = 0;
+  for (; i < count; ++i) {
+    if (i + kAhead < count) table.Prefetch(hashes[i + kAhead]);
+    const BlockId b = table.Find(hashes[i]);
+    if (b < 0 || ids[b].parent != parent ||
+        !equal(stored + static_cast<size_t>(b) * bs, tokens + i * bs)) {
+      break;
+    }
+    parent = ids[b].content;
+    blocks[i] = b;
+    chain_ids[i] = parent;
+  }
+  return i;
+}
+
+}  // namespace
+
+int64_t PrefixCacheIndex::LongestMatch(const BlockHash* hashes,
+                                       const TokenId* tokens, int64_t count,
+                                       uint64_t root_id, BlockId* blocks,
+                                       uint64_t* chain_ids) const {
+  const BlockHashTable::Reader table = table_.reader();
+  const int32_t bs = block_size_;
+  if (bs == 16) {
+    return Longest<16>(table, tokens_.data(), ids_.data(), bs, hashes, tokens,
+                       count, root_id, blocks, chain_ids,
+                       [](const TokenId* a, const TokenId* b) {
+                         return TokensEqual(a, b, 16);
+                       });
+  }
+  return Longest<0>(table, tokens_.data(), ids_.data(), bs, hashes, tokens,
+                    count, root_id, blocks, chain_ids,
+                    [bs](const TokenId* a, const TokenId* b) {
+                      return TokensEqual(a, b, bs);
+                    });
+}
 
 uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
                                   uint64_t parent_id, const TokenId* tokens) {
   ABSL_ASSERT(!registered(block));
   table_.Insert(hash, block);
   hash_[block] = hash;
-  parent_id_[block] = parent_id;
-  content_id_[block] = NewId();
+  ids_[block].parent = parent_id;
+  ids_[block].content = NewId();
   std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens,
               block_size_ * sizeof(TokenId));
-  return content_id_[block];
+  return ids_[block].content;
 }
 
 void PrefixCacheIndex::Erase(BlockId block) {
@@ -33,8 +86,7 @@ void PrefixCacheIndex::Erase(BlockId block) {
   const bool erased = table_.Erase(hash_[block]);
   ABSL_ASSERT(erased);
   (void)erased;
-  content_id_[block] = 0;
-  parent_id_[block] = 0;
+  ids_[block] = Ids{};
 }
 
 uint64_t PrefixCacheIndex::RootId(int64_t adapter_id, const std::string& salt) {

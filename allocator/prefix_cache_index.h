@@ -20,6 +20,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
 #include "absl/base/macros.h"
 #include "absl/hash/hash.h"
 #include "absl/types/span.h"
@@ -44,17 +48,24 @@ class PrefixCacheIndex {
   // Prefetches what Matches() and content_id() read of `block`.
   void PrefetchBlock(BlockId block) const {
     __builtin_prefetch(&tokens_[static_cast<size_t>(block) * block_size_]);
-    __builtin_prefetch(&parent_id_[block]);
-    __builtin_prefetch(&content_id_[block]);
+    __builtin_prefetch(&ids_[block]);
   }
   // Exact confirmation of a candidate: its parent is `parent_id` and its
   // block_size tokens equal `tokens`. REQUIRES: block registered.
   bool Matches(BlockId block, uint64_t parent_id, const TokenId* tokens) const {
     ABSL_ASSERT(registered(block));
-    return parent_id_[block] == parent_id &&
+    return ids_[block].parent == parent_id &&
            TokensEqual(&tokens_[static_cast<size_t>(block) * block_size_],
                        tokens);
   }
+  // The length of the longest run of registered blocks that continue a chain
+  // from `root_id` (at most `count`): block i has hash hashes[i], its tokens
+  // equal tokens[i * block_size ...] and its parent is block i - 1 (the root
+  // for i = 0). Writes the blocks and their content ids to blocks[i] and
+  // chain_ids[i] (each with room for `count`).
+  int64_t LongestMatch(const BlockHash* hashes, const TokenId* tokens,
+                       int64_t count, uint64_t root_id, BlockId* blocks,
+                       uint64_t* chain_ids) const;
   // Registers `block` under `hash` and returns its new content id.
   // REQUIRES: hash not registered, block not registered; `tokens` holds
   // block_size tokens.
@@ -63,8 +74,8 @@ class PrefixCacheIndex {
   // Drops a registered block (it was evicted).
   void Erase(BlockId block);
 
-  bool registered(BlockId block) const { return content_id_[block] != 0; }
-  uint64_t content_id(BlockId block) const { return content_id_[block]; }
+  bool registered(BlockId block) const { return ids_[block].content != 0; }
+  uint64_t content_id(BlockId block) const { return ids_[block].content; }
   const BlockHash& hash(BlockId block) const { return hash_[block]; }
   size_t size() const { return table_.size(); }
   const BlockHashTable& table() const { return table_; }
@@ -77,11 +88,32 @@ class PrefixCacheIndex {
   uint64_t RootId(int64_t adapter_id, const std::string& salt);
 
  private:
+  struct Ids {
+    uint64_t parent = 0;   // Content id of the parent.
+    uint64_t content = 0;  // 0 when not registered.
+  };
   // Inline, with a branch-free 64-byte compare for 16-token blocks: a hit
   // compares every block of the prompt.
   bool TokensEqual(const TokenId* a, const TokenId* b) const {
-    if (block_size_ == 16) return std::memcmp(a, b, 16 * sizeof(TokenId)) == 0;
-    return std::memcmp(a, b, block_size_ * sizeof(TokenId)) == 0;
+    return TokensEqual(a, b, block_size_);
+  }
+  static bool TokensEqual(const TokenId* a, const TokenId* b,
+                          int32_t block_size) {
+#ifdef __SSE2__
+    if (block_size == 16) {
+      const __m128i* x = reinterpret_cast<const __m128i*>(a);
+      const __m128i* y = reinterpret_cast<const __m128i*>(b);
+      const __m128i eq = _mm_and_si128(
+          _mm_and_si128(
+              _mm_cmpeq_epi8(_mm_loadu_si128(x), _mm_loadu_si128(y)),
+              _mm_cmpeq_epi8(_mm_loadu_si128(x + 1), _mm_loadu_si128(y + 1))),
+          _mm_and_si128(
+              _mm_cmpeq_epi8(_mm_loadu_si128(x + 2), _mm_loadu_si128(y + 2)),
+              _mm_cmpeq_epi8(_mm_loadu_si128(x + 3), _mm_loadu_si128(y + 3))));
+      return _mm_movemask_epi8(eq) == 0xffff;
+    }
+#endif
+    return std::memcmp(a, b, block_size * sizeof(TokenId)) == 0;
   }
 
   int32_t block_size_;
@@ -93,10 +125,9 @@ class PrefixCacheIndex {
   std::unordered_map<std::pair<int64_t, std::string>, uint64_t,
                      absl::Hash<std::pair<int64_t, std::string>>>
       roots_;
-  std::vector<BlockHash> hash_;       // Per block.
-  std::vector<uint64_t> content_id_;  // Per block; 0 when not registered.
-  std::vector<uint64_t> parent_id_;   // Per block.
-  std::vector<TokenId> tokens_;       // num_blocks * block_size.
+  std::vector<BlockHash> hash_;  // Per block.
+  std::vector<Ids> ids_;         // Per block.
+  std::vector<TokenId> tokens_;  // num_blocks * block_size.
 };
 
 }  // namespace internal

@@ -18,8 +18,10 @@ namespace internal {
 // and the prefix-cache chain (second line on) are touched only when a step
 // needs a new block, copies a shared block or fills one.
 struct alignas(64) Sequence {
-  std::vector<TokenId> tokens;  // Every known token id (prompt + appended).
-  int64_t computed = 0;         // Tokens written in every layer and committed.
+  // The known token ids (prompt + appended) after the first prefix_blocks
+  // blocks.
+  std::vector<TokenId> tokens;
+  int64_t computed = 0;  // Tokens written in every layer and committed.
   // Tokens of the pending reservation. Reserve's checks also set it as the
   // "named in this batch" mark, and undo it when the batch is refused.
   int64_t reserved = 0;
@@ -27,9 +29,22 @@ struct alignas(64) Sequence {
   int32_t tail_block = -1;  // blocks.back(), or -1 without blocks.
   int32_t cow_src = -1;  // Shared partial block replaced by a copy; held until
                          // Commit/Abort.
+  // Leading blocks found in the prefix cache by AddSequence, whose token ids
+  // `tokens` does not hold (nothing reads them again: they are hashed and
+  // registered, and the index holds them).
+  int32_t prefix_blocks = 0;
   // False when the partial last block is known to be this sequence's alone.
   // Only Fork shares a partial block: it sets this; Reserve clears it.
   bool tail_maybe_shared = false;
+
+  // Known tokens: prompt + appended.
+  int64_t known(int64_t block_size) const {
+    return prefix_blocks * block_size + static_cast<int64_t>(tokens.size());
+  }
+  // The token at `position`. REQUIRES: position >= prefix_blocks * block_size.
+  const TokenId* token(int64_t position, int64_t block_size) const {
+    return &tokens[position - prefix_blocks * block_size];
+  }
 
   std::vector<int32_t> blocks;  // ceil((computed + reserved) / block_size).
   int64_t id = 0;

@@ -52,5 +52,23 @@ TEST(BlockHashTest, ChainedSixteenTokenBlocks) {
   }
 }
 
+TEST(BlockHashTest, HashBlocksChainsHashBlock) {
+  std::mt19937_64 rng(9);
+  for (size_t block_size : {1, 5, 8, 16, 32}) {
+    std::vector<TokenId> tokens(block_size * 40);
+    for (TokenId& t : tokens) t = static_cast<TokenId>(rng());
+    const BlockHash root{rng(), rng()};
+    std::vector<BlockHash> chained;
+    HashBlocks(root, tokens.data(), block_size, 40, chained);
+    ASSERT_EQ(chained.size(), 40u);
+    BlockHash h = root;
+    for (size_t i = 0; i < chained.size(); ++i) {
+      h = HashBlock(
+          h, absl::Span<const TokenId>(&tokens[i * block_size], block_size));
+      ASSERT_EQ(chained[i], h) << block_size << " tokens, block " << i;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvcache

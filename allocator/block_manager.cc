@@ -78,6 +78,24 @@ int64_t BlockManager::Impl::MatchPrefix(
   return matched;
 }
 
+// Hashes the blocks that the commit of `s`'s reservation fills and prefetches
+// the index and pool entries that HashNewFullBlocks then reads and writes.
+// REQUIRES: s.hashes has the capacity for them.
+void BlockManager::Impl::PrepareRegistration(Sequence& s) const {
+  const int64_t bs = options_.block_size;
+  const size_t full = static_cast<size_t>(math_.Div(s.computed + s.reserved));
+  for (size_t i = s.hashes.size(); i < full; ++i) {
+    s.hashes.push_back(
+        Hash(i == 0 ? s.root_hash : s.hashes[i - 1],
+             absl::Span<const TokenId>(s.token(i * bs, bs), bs)));
+  }
+  for (size_t i = s.chain_ids.size(); i < full; ++i) {
+    index_.Prefetch(s.hashes[i]);
+    index_.PrefetchBlock(s.blocks[i]);
+    pool_.Prefetch(s.blocks[i]);
+  }
+}
+
 // Registers the blocks that the last commit filled. A block whose content is
 // already registered under another block (or whose hash collides with different
 // content) stays unhashed.

@@ -166,6 +166,7 @@ class BlockManager::Impl {
                  StepPlan& plan);
   void RecyclePlan(std::unordered_map<uint64_t, PlanRecord*>::iterator it);
   void ReleaseAll(Sequence& s);
+  void PrepareRegistration(Sequence& s) const;
   void HashNewFullBlocks(Sequence& s);
   int64_t MatchPrefix(Sequence& s, absl::Span<const TokenId> prompt) const;
   absl::Status ValidateSequence(const Sequence& s,

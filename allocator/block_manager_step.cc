@@ -36,7 +36,9 @@ absl::Status PlanNotFound(uint64_t plan_id) {
 
 // Whether a request passes the checks. `reserved` is 0 for every sequence
 // without a plan until the pass over the batch marks it.
-bool RequestOk(const ReserveRequest& r, const Sequence* s, int64_t bs) {
+ABSL_ATTRIBUTE_ALWAYS_INLINE inline bool RequestOk(const ReserveRequest& r,
+                                                   const Sequence* s,
+                                                   int64_t bs) {
   return s != nullptr && s->reserved == 0 && r.num_tokens >= 1 &&
          r.num_tokens <= s->known(bs) +
                              static_cast<int64_t>(r.new_token_ids.size()) -
@@ -364,9 +366,12 @@ absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
     ReserveGeometric(s->hashes, full);
     ReserveGeometric(s->chain_ids, full);
   }
-  // From here on nothing allocates.
+  // From here on nothing allocates. Hash the filled blocks first and prefetch
+  // what registering them touches, so that those misses overlap.
+  for (int32_t k : record.fillers) {
+    if (seqs[k] != nullptr) PrepareRegistration(*seqs[k]);
+  }
   for (size_t i = 0; i < seqs.size(); ++i) {
-    if (i + 8 < seqs.size()) __builtin_prefetch(seqs[i + 8], /*rw=*/1);
     Sequence* s = seqs[i];
     if (s == nullptr) continue;
     if (s->cow_src >= 0) {

@@ -45,10 +45,11 @@ class PrefixCacheIndex {
   // The block registered under `hash`, or -1.
   BlockId Find(const BlockHash& hash) const { return table_.Find(hash); }
   void Prefetch(const BlockHash& hash) const { table_.Prefetch(hash); }
-  // Prefetches what Matches() and content_id() read of `block`.
+  // Prefetches what Matches(), content_id() and Insert() touch of `block`.
   void PrefetchBlock(BlockId block) const {
-    __builtin_prefetch(&tokens_[static_cast<size_t>(block) * block_size_]);
-    __builtin_prefetch(&ids_[block]);
+    __builtin_prefetch(&tokens_[static_cast<size_t>(block) * block_size_], 1);
+    __builtin_prefetch(&ids_[block], 1);
+    __builtin_prefetch(&hash_[block], 1);
   }
   // Exact confirmation of a candidate: its parent is `parent_id` and its
   // block_size tokens equal `tokens`. REQUIRES: block registered.

@@ -65,13 +65,12 @@ int64_t BlockManager::Impl::MatchPrefix(
   const size_t max_blocks = (prompt.size() - 1) / bs;
   s.hashes.reserve(prompt.size() / bs);
   s.blocks.resize(max_blocks);  // Shrunk to the match below.
-  s.chain_ids.resize(max_blocks);
   HashChain(s.root_hash, prompt.data(), prompt.size() / bs, s.hashes);
   const int64_t matched =
       index_.LongestMatch(s.hashes.data(), prompt.data(), max_blocks, s.root_id,
-                          s.blocks.data(), s.chain_ids.data());
+                          s.blocks.data(), s.last_chain_id);
   s.blocks.resize(matched);
-  s.chain_ids.resize(matched);
+  s.chained_blocks = matched;
   s.prefix_blocks = static_cast<int32_t>(matched);
   s.tail_block = matched == 0 ? -1 : s.blocks.back();
   s.computed = matched * bs;
@@ -89,7 +88,7 @@ void BlockManager::Impl::PrepareRegistration(Sequence& s) const {
         Hash(i == 0 ? s.root_hash : s.hashes[i - 1],
              absl::Span<const TokenId>(s.token(i * bs, bs), bs)));
   }
-  for (size_t i = s.chain_ids.size(); i < full; ++i) {
+  for (size_t i = s.chained_blocks; i < full; ++i) {
     index_.Prefetch(s.hashes[i]);
     index_.PrefetchBlock(s.blocks[i]);
     pool_.Prefetch(s.blocks[i]);
@@ -99,12 +98,12 @@ void BlockManager::Impl::PrepareRegistration(Sequence& s) const {
 // Registers the blocks that the last commit filled. A block whose content is
 // already registered under another block (or whose hash collides with different
 // content) stays unhashed.
-// REQUIRES: s.hashes and s.chain_ids have capacity for every full block.
+// REQUIRES: s.hashes has the capacity for every full block.
 void BlockManager::Impl::HashNewFullBlocks(Sequence& s) {
   const int64_t bs = options_.block_size;
   const size_t full = static_cast<size_t>(math_.Div(s.computed));
-  for (size_t i = s.chain_ids.size(); i < full; ++i) {
-    const uint64_t parent_id = i == 0 ? s.root_id : s.chain_ids[i - 1];
+  for (size_t i = s.chained_blocks; i < full; ++i) {
+    const uint64_t parent_id = s.last_chain_id;
     const TokenId* tokens = s.token(i * bs, bs);
     if (s.hashes.size() == i) {
       s.hashes.push_back(Hash(i == 0 ? s.root_hash : s.hashes[i - 1],
@@ -125,7 +124,8 @@ void BlockManager::Impl::HashNewFullBlocks(Sequence& s) {
       // A collision: this chain can never be matched.
       chain_id = index_.NewId();
     }
-    s.chain_ids.push_back(chain_id);
+    s.last_chain_id = chain_id;
+    s.chained_blocks = i + 1;
   }
 }
 

@@ -38,6 +38,7 @@ class BlockMath {
     return shift_ >= 0 ? x & (size_ - 1) : x % size_;
   }
   int64_t CeilDiv(int64_t x) const { return Div(x + size_ - 1); }
+  bool pow2() const { return shift_ >= 0; }
 
  private:
   int64_t size_;
@@ -156,6 +157,10 @@ class BlockManager::Impl {
   absl::Status StartBatch(absl::Span<const ReserveRequest> batch,
                           StepPlan& plan, PlanRecord& record,
                           BatchProgress& progress);
+  template <bool kPow2>
+  absl::Status StartBatchAs(absl::Span<const ReserveRequest> batch,
+                            StepPlan& plan, PlanRecord& record,
+                            BatchProgress& progress);
   void PrepareSlow(Sequence& s, const ReserveRequest& r, bool copy,
                    bool fits_tail, StepPlan& plan, BatchProgress& progress);
   absl::Status FinishBatch(absl::Span<const ReserveRequest> batch,

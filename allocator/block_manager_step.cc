@@ -156,13 +156,23 @@ BlockManager::Impl::PlanRecord& BlockManager::Impl::SpareRecord(
 
 // The pass over the batch (see the top of this file). Returns the first
 // request's error; progress.done sequences are changed either way (also when
-// it throws). Hot: everything it reads often is held in locals, since the
-// compiler must assume that its int64 stores alias the members.
+// it throws).
 absl::Status BlockManager::Impl::StartBatch(
     absl::Span<const ReserveRequest> batch, StepPlan& plan, PlanRecord& record,
     BatchProgress& p) {
-  const internal::BlockMath math = math_;
-  const int64_t bs = math.size();
+  return math_.pow2() ? StartBatchAs<true>(batch, plan, record, p)
+                      : StartBatchAs<false>(batch, plan, record, p);
+}
+
+// StartBatch for a block size that is (kPow2) or is not a power of two. Hot:
+// everything it reads often is held in locals, since the compiler must assume
+// that its int64 stores alias the members.
+template <bool kPow2>
+absl::Status BlockManager::Impl::StartBatchAs(
+    absl::Span<const ReserveRequest> batch, StepPlan& plan, PlanRecord& record,
+    BatchProgress& p) {
+  const int64_t bs = options_.block_size;
+  const auto mod = [bs](int64_t x) { return kPow2 ? x & (bs - 1) : x % bs; };
   const bool caching = options_.enable_prefix_caching;
   const uint64_t plan_id = next_plan_id_;
   const size_t n = batch.size();
@@ -173,43 +183,50 @@ absl::Status BlockManager::Impl::StartBatch(
   SequenceId* out_ids = plan.sequences.data();
   int64_t* out_tokens = plan.num_tokens.data();
   int64_t* slots = plan.slot_mapping.data();
-  size_t slots_size = plan.slot_mapping.size();
+  int64_t slots_size = static_cast<int64_t>(plan.slot_mapping.size());
   size_t* tokens_before = record.tokens_before.data();
-  int64_t slots_used = p.slots;
-  for (size_t i = p.done; i < n; ++i) {
+  int64_t slots_used = 0;
+  for (size_t i = 0; i < n; ++i) {
     if (i + 8 < valid) __builtin_prefetch(cached[i + 8], /*rw=*/1);
     const ReserveRequest& r = requests[i];
-    Sequence* s;
-    if (ABSL_PREDICT_TRUE(i < valid && cached_ids[i] == r.sequence)) {
-      s = cached[i];
-    } else {
+    Sequence* s = cached[i];
+    if (ABSL_PREDICT_FALSE(i >= valid || cached_ids[i] != r.sequence)) {
       s = LookupMiss(i, r.sequence);
       valid = cache_valid_;
     }
-    if (ABSL_PREDICT_FALSE(!RequestOk(r, s, bs))) {
+    if (ABSL_PREDICT_FALSE(s == nullptr || s->reserved != 0)) {
       p.done = i;
-      p.slots = slots_used;
       return RequestError(r, s, plan_id, bs);
     }
     const int64_t num_tokens = r.num_tokens;
-    const int64_t offset = math.Mod(s->computed);
+    const int64_t computed = s->computed;
+    const size_t num_new = r.new_token_ids.size();
+    const size_t num_known = s->tokens.size();
+    // 1 <= num_tokens <= the known tokens not computed, in one comparison.
+    const int64_t room = s->prefix_blocks * bs +
+                         static_cast<int64_t>(num_known + num_new) - computed;
+    if (ABSL_PREDICT_FALSE(static_cast<uint64_t>(num_tokens - 1) >=
+                           static_cast<uint64_t>(room))) {
+      p.done = i;
+      return RequestError(r, s, plan_id, bs);
+    }
+    const int64_t offset = mod(computed);
     const bool copy = s->tail_maybe_shared && offset != 0 &&
                       pool_.ref_count(s->tail_block) > 1;
     const bool fits_tail = !copy && offset != 0 && offset + num_tokens <= bs;
     // Allocate first (until its marks below, the sequence is unchanged).
-    if (ABSL_PREDICT_FALSE(
-            !fits_tail ||
-            s->tokens.size() + r.new_token_ids.size() > s->tokens.capacity() ||
-            static_cast<size_t>(slots_used + num_tokens) > slots_size)) {
+    if (ABSL_PREDICT_FALSE(!fits_tail ||
+                           num_known + num_new > s->tokens.capacity() ||
+                           slots_used + num_tokens > slots_size)) {
       p.done = i;  // In case it throws.
       p.slots = slots_used;
       PrepareSlow(*s, r, copy, fits_tail, plan, p);
       slots = plan.slot_mapping.data();
-      slots_size = plan.slot_mapping.size();
+      slots_size = static_cast<int64_t>(plan.slot_mapping.size());
     }
     // Change the sequence (no allocation: the capacities are there).
-    tokens_before[i] = s->tokens.size();
-    if (r.new_token_ids.size() == 1) {
+    tokens_before[i] = num_known;
+    if (num_new == 1) {
       s->tokens.push_back(r.new_token_ids[0]);
     } else {
       s->tokens.insert(s->tokens.end(), r.new_token_ids.begin(),
@@ -364,7 +381,6 @@ absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
     const size_t full =
         static_cast<size_t>(math_.Div(s->computed + s->reserved));
     ReserveGeometric(s->hashes, full);
-    ReserveGeometric(s->chain_ids, full);
   }
   // From here on nothing allocates. Hash the filled blocks first and prefetch
   // what registering them touches, so that those misses overlap.
@@ -372,6 +388,7 @@ absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
     if (seqs[k] != nullptr) PrepareRegistration(*seqs[k]);
   }
   for (size_t i = 0; i < seqs.size(); ++i) {
+    if (i + 16 < seqs.size()) __builtin_prefetch(seqs[i + 16], /*rw=*/1);
     Sequence* s = seqs[i];
     if (s == nullptr) continue;
     if (s->cow_src >= 0) {

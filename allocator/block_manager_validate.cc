@@ -21,10 +21,11 @@ absl::Status BlockManager::Impl::ValidateSequence(
                                             " known tokens"));
   }
   if (s.prefix_blocks < 0 || s.prefix_blocks > s.computed / bs ||
-      static_cast<size_t>(s.prefix_blocks) > s.chain_ids.size()) {
+      s.prefix_blocks > s.chained_blocks) {
     return absl::InternalError(absl::StrCat(
         name, s.prefix_blocks, " prefix blocks without stored tokens for ",
-        s.computed, " computed tokens and ", s.chain_ids.size(), " chain ids"));
+        s.computed, " computed tokens and ", s.chained_blocks,
+        " chained blocks"));
   }
   if (static_cast<int64_t>(s.blocks.size()) != (end + bs - 1) / bs) {
     return absl::InternalError(
@@ -52,11 +53,12 @@ absl::Status BlockManager::Impl::ValidateSequence(
   if (s.cow_src >= 0) ++refs[s.cow_src];
   if (options_.enable_prefix_caching) {
     const size_t full = static_cast<size_t>(s.computed / bs);
-    if (s.hashes.size() < full || s.chain_ids.size() != full ||
+    if (s.hashes.size() < full ||
+        s.chained_blocks != static_cast<int64_t>(full) ||
         s.hashes.size() > static_cast<size_t>(known / bs)) {
-      return absl::InternalError(absl::StrCat(
-          name, s.hashes.size(), " hashes and ", s.chain_ids.size(),
-          " chain ids for ", full, " full computed blocks"));
+      return absl::InternalError(
+          absl::StrCat(name, s.hashes.size(), " hashes and ", s.chained_blocks,
+                       " chained blocks for ", full, " full computed blocks"));
     }
     for (size_t i = 0; i < full; ++i) {
       if (index_.registered(s.blocks[i]) &&

@@ -12,7 +12,6 @@ namespace internal {
 PrefixCacheIndex::PrefixCacheIndex(int32_t num_blocks, int32_t block_size)
     : block_size_(block_size),
       table_(num_blocks, std::random_device{}()),
-      hash_(num_blocks),
       ids_(num_blocks),
       tokens_(static_cast<size_t>(num_blocks) * block_size) {}
 
@@ -27,7 +26,7 @@ template <int32_t kBlockSize, typename Ids, typename Equal>
 int64_t Longest(const BlockHashTable::Reader table, const TokenId* stored,
                 const Ids* ids, int32_t block_size, const BlockHash* hashes,
                 const TokenId* tokens, int64_t count, uint64_t parent,
-                BlockId* blocks, uint64_t* chain_ids, Equal equal) {
+                BlockId* blocks, uint64_t& last_id, Equal equal) {
   constexpr int64_t kAhead = 16;
   const size_t bs = kBlockSize != 0 ? kBlockSize : block_size;
   for (int64_t i = 0; i < std::min(kAhead, count); ++i)
@@ -42,8 +41,8 @@ int64_t Longest(const BlockHashTable::Reader table, const TokenId* stored,
     }
     parent = ids[b].content;
     blocks[i] = b;
-    chain_ids[i] = parent;
   }
+  last_id = parent;
   return i;
 }
 
@@ -52,18 +51,18 @@ int64_t Longest(const BlockHashTable::Reader table, const TokenId* stored,
 int64_t PrefixCacheIndex::LongestMatch(const BlockHash* hashes,
                                        const TokenId* tokens, int64_t count,
                                        uint64_t root_id, BlockId* blocks,
-                                       uint64_t* chain_ids) const {
+                                       uint64_t& last_id) const {
   const BlockHashTable::Reader table = table_.reader();
   const int32_t bs = block_size_;
   if (bs == 16) {
     return Longest<16>(table, tokens_.data(), ids_.data(), bs, hashes, tokens,
-                       count, root_id, blocks, chain_ids,
+                       count, root_id, blocks, last_id,
                        [](const TokenId* a, const TokenId* b) {
                          return TokensEqual(a, b, 16);
                        });
   }
   return Longest<0>(table, tokens_.data(), ids_.data(), bs, hashes, tokens,
-                    count, root_id, blocks, chain_ids,
+                    count, root_id, blocks, last_id,
                     [bs](const TokenId* a, const TokenId* b) {
                       return TokensEqual(a, b, bs);
                     });
@@ -73,7 +72,7 @@ uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
                                   uint64_t parent_id, const TokenId* tokens) {
   ABSL_ASSERT(!registered(block));
   table_.Insert(hash, block);
-  hash_[block] = hash;
+  ids_[block].hash = hash;
   ids_[block].parent = parent_id;
   ids_[block].content = NewId();
   std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens,
@@ -83,7 +82,7 @@ uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
 
 void PrefixCacheIndex::Erase(BlockId block) {
   ABSL_ASSERT(registered(block));
-  const bool erased = table_.Erase(hash_[block]);
+  const bool erased = table_.Erase(ids_[block].hash);
   ABSL_ASSERT(erased);
   (void)erased;
   ids_[block] = Ids{};

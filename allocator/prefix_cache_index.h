@@ -49,7 +49,6 @@ class PrefixCacheIndex {
   void PrefetchBlock(BlockId block) const {
     __builtin_prefetch(&tokens_[static_cast<size_t>(block) * block_size_], 1);
     __builtin_prefetch(&ids_[block], 1);
-    __builtin_prefetch(&hash_[block], 1);
   }
   // Exact confirmation of a candidate: its parent is `parent_id` and its
   // block_size tokens equal `tokens`. REQUIRES: block registered.
@@ -62,11 +61,11 @@ class PrefixCacheIndex {
   // The length of the longest run of registered blocks that continue a chain
   // from `root_id` (at most `count`): block i has hash hashes[i], its tokens
   // equal tokens[i * block_size ...] and its parent is block i - 1 (the root
-  // for i = 0). Writes the blocks and their content ids to blocks[i] and
-  // chain_ids[i] (each with room for `count`).
+  // for i = 0). Writes the blocks to blocks[i] (room for `count`) and the last
+  // one's content id (root_id if none) to `last_id`.
   int64_t LongestMatch(const BlockHash* hashes, const TokenId* tokens,
                        int64_t count, uint64_t root_id, BlockId* blocks,
-                       uint64_t* chain_ids) const;
+                       uint64_t& last_id) const;
   // Registers `block` under `hash` and returns its new content id.
   // REQUIRES: hash not registered, block not registered; `tokens` holds
   // block_size tokens.
@@ -77,7 +76,7 @@ class PrefixCacheIndex {
 
   bool registered(BlockId block) const { return ids_[block].content != 0; }
   uint64_t content_id(BlockId block) const { return ids_[block].content; }
-  const BlockHash& hash(BlockId block) const { return hash_[block]; }
+  const BlockHash& hash(BlockId block) const { return ids_[block].hash; }
   size_t size() const { return table_.size(); }
   const BlockHashTable& table() const { return table_; }
 
@@ -89,7 +88,8 @@ class PrefixCacheIndex {
   uint64_t RootId(int64_t adapter_id, const std::string& salt);
 
  private:
-  struct Ids {
+  struct Ids {             // One per block: 32 bytes, two to a cache line.
+    BlockHash hash;        // Registered under (Erase finds its slot by it).
     uint64_t parent = 0;   // Content id of the parent.
     uint64_t content = 0;  // 0 when not registered.
   };
@@ -126,7 +126,6 @@ class PrefixCacheIndex {
   std::unordered_map<std::pair<int64_t, std::string>, uint64_t,
                      absl::Hash<std::pair<int64_t, std::string>>>
       roots_;
-  std::vector<BlockHash> hash_;  // Per block.
   std::vector<Ids> ids_;         // Per block.
   std::vector<TokenId> tokens_;  // num_blocks * block_size.
 };

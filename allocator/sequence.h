@@ -46,19 +46,23 @@ struct alignas(64) Sequence {
     return &tokens[position - prefix_blocks * block_size];
   }
 
+  // The rest of the first block's line after the hot one: what Commit reads
+  // and writes to register a block this step filled.
   std::vector<int32_t> blocks;  // ceil((computed + reserved) / block_size).
-  int64_t id = 0;
+  // Chained hash of full blocks of known tokens: at least every full computed
+  // block (AddSequence hashes every full block of the prompt up front).
+  std::vector<BlockHash> hashes;
+  // The full computed blocks are chained (prefix caching): each has the
+  // content id a following block names as its parent; the last one's, or the
+  // root's when there is none, is `last_chain_id`.
+  int64_t chained_blocks = 0;
+  uint64_t last_chain_id = 0;
 
+  int64_t id = 0;
   // Prefix-cache chain (kept only with prefix caching on).
   BlockHash root_hash;   // Hash of the extra key: the first block's parent.
   uint64_t root_id = 0;  // Content id of the extra key: the first block's
                          // parent.
-  // Chained hash of full blocks of known tokens: at least every full computed
-  // block (AddSequence hashes every full block of the prompt up front).
-  std::vector<BlockHash> hashes;
-  // Per full computed block: the content id a following block names as its
-  // parent.
-  std::vector<uint64_t> chain_ids;
 };
 
 }  // namespace internal

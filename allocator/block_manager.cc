@@ -65,10 +65,17 @@ int64_t BlockManager::Impl::MatchPrefix(
   const size_t max_blocks = (prompt.size() - 1) / bs;
   s.hashes.reserve(prompt.size() / bs);
   s.blocks.resize(max_blocks);  // Shrunk to the match below.
-  HashChain(s.root_hash, prompt.data(), prompt.size() / bs, s.hashes);
-  const int64_t matched =
-      index_.LongestMatch(s.hashes.data(), prompt.data(), max_blocks, s.root_id,
-                          s.blocks.data(), s.last_chain_id);
+  const int64_t full = static_cast<int64_t>(prompt.size()) / bs;
+  int64_t matched;
+  if (bs == 16 && options_.hash_function_for_testing == nullptr) {
+    matched = index_.HashAndMatch16(s.root_hash, prompt.data(), full,
+                                    max_blocks, s.root_id, s.hashes,
+                                    s.blocks.data(), s.last_chain_id);
+  } else {
+    HashChain(s.root_hash, prompt.data(), full, s.hashes);
+    matched = index_.LongestMatch(s.hashes.data(), prompt.data(), max_blocks,
+                                  s.root_id, s.blocks.data(), s.last_chain_id);
+  }
   s.blocks.resize(matched);
   s.chained_blocks = matched;
   s.prefix_blocks = static_cast<int32_t>(matched);

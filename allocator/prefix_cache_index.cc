@@ -4,7 +4,9 @@
 #include <cstring>
 #include <random>
 
+#include "absl/base/attributes.h"
 #include "absl/base/macros.h"
+#include "allocator/block_hash_fixed.h"
 
 namespace kvcache {
 namespace internal {
@@ -66,6 +68,45 @@ int64_t PrefixCacheIndex::LongestMatch(const BlockHash* hashes,
                     [bs](const TokenId* a, const TokenId* b) {
                       return TokensEqual(a, b, bs);
                     });
+}
+
+int64_t PrefixCacheIndex::HashAndMatch16(const BlockHash& root_hash,
+                                         const TokenId* tokens, int64_t full,
+                                         int64_t count, uint64_t root_id,
+                                         std::vector<BlockHash>& hashes,
+                                         BlockId* blocks,
+                                         uint64_t& last_id) const {
+  ABSL_ASSERT(block_size_ == 16 && count <= full);
+  constexpr int64_t kAhead = 8;
+  const BlockHashTable::Reader table = table_.reader();
+  const TokenId* stored = tokens_.data();
+  const Ids* ids = ids_.data();
+  const size_t base = hashes.size();
+  BlockHash h = root_hash;
+  int64_t hashed = 0;
+  const auto hash_next = [&]() ABSL_ATTRIBUTE_ALWAYS_INLINE {
+    h = HashFixed<16>(h, tokens + hashed * 16);
+    hashes.push_back(h);
+    table.Prefetch(h);
+    ++hashed;
+  };
+  while (hashed < std::min(kAhead, full)) hash_next();
+  uint64_t parent = root_id;
+  int64_t i = 0;
+  for (; i < count; ++i) {
+    if (hashed < full) hash_next();
+    const BlockId b = table.Find(hashes[base + i]);
+    if (b < 0 || ids[b].parent != parent ||
+        !TokensEqual(stored + static_cast<size_t>(b) * 16, tokens + i * 16,
+                     16)) {
+      break;
+    }
+    parent = ids[b].content;
+    blocks[i] = b;
+  }
+  last_id = parent;
+  while (hashed < full) hash_next();
+  return i;
 }
 
 uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,

@@ -66,6 +66,15 @@ class PrefixCacheIndex {
   int64_t LongestMatch(const BlockHash* hashes, const TokenId* tokens,
                        int64_t count, uint64_t root_id, BlockId* blocks,
                        uint64_t& last_id) const;
+  // LongestMatch for 16-token blocks and the XXH3 block hash, with the hash
+  // chain made in the same loop, a few blocks ahead of the compare (its
+  // latency then overlaps the lookups): appends the hashes of the `full`
+  // blocks of `tokens` to `hashes` (which needs the capacity) and matches up
+  // to `count` <= full of them. REQUIRES: block_size 16.
+  int64_t HashAndMatch16(const BlockHash& root_hash, const TokenId* tokens,
+                         int64_t full, int64_t count, uint64_t root_id,
+                         std::vector<BlockHash>& hashes, BlockId* blocks,
+                         uint64_t& last_id) const;
   // Registers `block` under `hash` and returns its new content id.
   // REQUIRES: hash not registered, block not registered; `tokens` holds
   // block_size tokens.

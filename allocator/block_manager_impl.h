@@ -148,6 +148,13 @@ class BlockManager::Impl {
       return batch_[i];
     return LookupMiss(i, id);
   }
+  // Lookup with the count of valid cache entries in the caller's `valid`.
+  Sequence* LookupAt(size_t i, SequenceId id, size_t& valid) const {
+    if (ABSL_PREDICT_TRUE(i < valid && cache_ids_[i] == id)) return batch_[i];
+    Sequence* s = LookupMiss(i, id);
+    valid = cache_valid_;
+    return s;
+  }
   Sequence* LookupMiss(size_t i, SequenceId id) const;
   // Sizes the lookup cache for a batch of n. May throw std::bad_alloc.
   void PrepareLookups(size_t n) const;
@@ -176,6 +183,7 @@ class BlockManager::Impl {
   int64_t MatchPrefix(Sequence& s, absl::Span<const TokenId> prompt) const;
   absl::Status ValidateSequence(const Sequence& s,
                                 std::vector<int32_t>& refs) const;
+  absl::Status ValidateChain(const Sequence& s, const std::string& name) const;
   absl::Status ValidatePlans() const;
   absl::Status ValidateIndex() const;
 

@@ -1,5 +1,6 @@
-// BlockManager: the steps of a batch - Reserve (all or nothing), CanReserve,
-// Commit and Abort - and their plan records.
+// BlockManager: reserving room for a batch - Reserve (all or nothing) and
+// CanReserve - and the plan records. Commit and Abort are in
+// block_manager_commit.cc.
 //
 // Reserve makes one pass over the batch (StartBatch). It first allocates what
 // the plan needs (StepPlan vectors, a recycled plan record), then checks each
@@ -28,24 +29,35 @@ using internal::Sequence;
 
 namespace {
 
-absl::Status PlanNotFound(uint64_t plan_id) {
-  return absl::NotFoundError(
-      absl::StrCat("plan ", plan_id,
-                   " not found (unknown, or already committed or aborted)"));
+// Whether a request passes the checks: its sequence exists, is not marked
+// (`reserved` is 0 for every sequence without a plan until the pass over the
+// batch marks it), and 1 <= num_tokens <= its known tokens not computed (in
+// one comparison).
+ABSL_ATTRIBUTE_ALWAYS_INLINE inline bool Admissible(const ReserveRequest& r,
+                                                    const Sequence* s,
+                                                    int64_t bs) {
+  if (s == nullptr || s->reserved != 0) return false;
+  const int64_t room =
+      s->known(bs) + static_cast<int64_t>(r.new_token_ids.size()) - s->computed;
+  return static_cast<uint64_t>(r.num_tokens - 1) < static_cast<uint64_t>(room);
 }
 
-// Whether a request passes the checks. `reserved` is 0 for every sequence
-// without a plan until the pass over the batch marks it.
-ABSL_ATTRIBUTE_ALWAYS_INLINE inline bool RequestOk(const ReserveRequest& r,
-                                                   const Sequence* s,
-                                                   int64_t bs) {
-  return s != nullptr && s->reserved == 0 && r.num_tokens >= 1 &&
-         r.num_tokens <= s->known(bs) +
-                             static_cast<int64_t>(r.new_token_ids.size()) -
-                             s->computed;
+// Appends the request's new tokens (REQUIRES: the capacity) and marks the
+// sequence as reserved for the plan (Rollback undoes both).
+ABSL_ATTRIBUTE_ALWAYS_INLINE inline void AppendAndMark(Sequence& s,
+                                                       const ReserveRequest& r,
+                                                       uint64_t plan_id) {
+  if (r.new_token_ids.size() == 1) {
+    s.tokens.push_back(r.new_token_ids[0]);
+  } else {
+    s.tokens.insert(s.tokens.end(), r.new_token_ids.begin(),
+                    r.new_token_ids.end());
+  }
+  s.reserved = r.num_tokens;
+  s.plan_id = plan_id;
 }
 
-// The error of a request that failed RequestOk, where `plan_id` is the plan
+// The error of a request that failed Admissible, where `plan_id` is the plan
 // being made (0 in CanReserve). Cold.
 ABSL_ATTRIBUTE_NOINLINE absl::Status RequestError(const ReserveRequest& r,
                                                   const Sequence* s,
@@ -100,7 +112,10 @@ void BlockManager::Impl::PrepareLookups(size_t n) const {
     cache_gen_ = generation_;
     cache_valid_ = 0;
   }
-  if (cache_ids_.size() < n) {
+  if (cache_ids_.size() < n || batch_.size() < n) {
+    // Both capacities first (may throw), then the sizes (cannot).
+    cache_ids_.reserve(n);
+    batch_.reserve(n);
     cache_ids_.resize(n);
     batch_.resize(n);
   }
@@ -120,7 +135,7 @@ absl::Status BlockManager::Impl::CanReserve(
   for (size_t i = 0; i < batch.size(); ++i) {
     const ReserveRequest& r = batch[i];
     Sequence* s = Lookup(i, r.sequence);
-    if (!RequestOk(r, s, bs)) {
+    if (!Admissible(r, s, bs)) {
       absl::Status error = RequestError(r, s, /*plan_id=*/0, bs);
       UnmarkBatch(i);
       return error;
@@ -172,51 +187,33 @@ absl::Status BlockManager::Impl::StartBatchAs(
     absl::Span<const ReserveRequest> batch, StepPlan& plan, PlanRecord& record,
     BatchProgress& p) {
   const int64_t bs = options_.block_size;
-  const auto mod = [bs](int64_t x) { return kPow2 ? x & (bs - 1) : x % bs; };
   const bool caching = options_.enable_prefix_caching;
   const uint64_t plan_id = next_plan_id_;
   const size_t n = batch.size();
-  const ReserveRequest* requests = batch.data();
-  Sequence* const* cached = batch_.data();
-  const SequenceId* cached_ids = cache_ids_.data();
   size_t valid = cache_valid_;
   SequenceId* out_ids = plan.sequences.data();
   int64_t* out_tokens = plan.num_tokens.data();
+  size_t* tokens_before = record.tokens_before.data();
   int64_t* slots = plan.slot_mapping.data();
   int64_t slots_size = static_cast<int64_t>(plan.slot_mapping.size());
-  size_t* tokens_before = record.tokens_before.data();
   int64_t slots_used = 0;
   for (size_t i = 0; i < n; ++i) {
-    if (i + 8 < valid) __builtin_prefetch(cached[i + 8], /*rw=*/1);
-    const ReserveRequest& r = requests[i];
-    Sequence* s = cached[i];
-    if (ABSL_PREDICT_FALSE(i >= valid || cached_ids[i] != r.sequence)) {
-      s = LookupMiss(i, r.sequence);
-      valid = cache_valid_;
-    }
-    if (ABSL_PREDICT_FALSE(s == nullptr || s->reserved != 0)) {
+    if (i + 8 < valid) __builtin_prefetch(batch_[i + 8], /*rw=*/1);
+    const ReserveRequest& r = batch[i];
+    Sequence* s = LookupAt(i, r.sequence, valid);
+    if (ABSL_PREDICT_FALSE(!Admissible(r, s, bs))) {
       p.done = i;
       return RequestError(r, s, plan_id, bs);
     }
     const int64_t num_tokens = r.num_tokens;
-    const int64_t computed = s->computed;
-    const size_t num_new = r.new_token_ids.size();
-    const size_t num_known = s->tokens.size();
-    // 1 <= num_tokens <= the known tokens not computed, in one comparison.
-    const int64_t room = s->prefix_blocks * bs +
-                         static_cast<int64_t>(num_known + num_new) - computed;
-    if (ABSL_PREDICT_FALSE(static_cast<uint64_t>(num_tokens - 1) >=
-                           static_cast<uint64_t>(room))) {
-      p.done = i;
-      return RequestError(r, s, plan_id, bs);
-    }
-    const int64_t offset = mod(computed);
+    const int64_t offset = kPow2 ? s->computed & (bs - 1) : s->computed % bs;
     const bool copy = s->tail_maybe_shared && offset != 0 &&
                       pool_.ref_count(s->tail_block) > 1;
     const bool fits_tail = !copy && offset != 0 && offset + num_tokens <= bs;
     // Allocate first (until its marks below, the sequence is unchanged).
     if (ABSL_PREDICT_FALSE(!fits_tail ||
-                           num_known + num_new > s->tokens.capacity() ||
+                           s->tokens.size() + r.new_token_ids.size() >
+                               s->tokens.capacity() ||
                            slots_used + num_tokens > slots_size)) {
       p.done = i;  // In case it throws.
       p.slots = slots_used;
@@ -225,15 +222,8 @@ absl::Status BlockManager::Impl::StartBatchAs(
       slots_size = static_cast<int64_t>(plan.slot_mapping.size());
     }
     // Change the sequence (no allocation: the capacities are there).
-    tokens_before[i] = num_known;
-    if (num_new == 1) {
-      s->tokens.push_back(r.new_token_ids[0]);
-    } else {
-      s->tokens.insert(s->tokens.end(), r.new_token_ids.begin(),
-                       r.new_token_ids.end());
-    }
-    s->reserved = num_tokens;
-    s->plan_id = plan_id;
+    tokens_before[i] = s->tokens.size();
+    AppendAndMark(*s, r, plan_id);
     if (ABSL_PREDICT_TRUE(fits_tail)) {
       // The tail block is this sequence's alone (else it would be copied).
       s->tail_maybe_shared = false;
@@ -356,82 +346,6 @@ absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
     return status;
   }
   return plan;
-}
-
-// ---- Commit and Abort ------------------------------------------------------
-
-void BlockManager::Impl::RecyclePlan(
-    std::unordered_map<uint64_t, PlanRecord*>::iterator it) {
-  PlanRecord* record = it->second;
-  plans_.erase(it);
-  spare_records_.push_back(record);  // Has the capacity: cannot throw.
-}
-
-absl::Status BlockManager::Impl::Commit(uint64_t plan_id) {
-  auto it = plans_.find(plan_id);
-  if (it == plans_.end()) return PlanNotFound(plan_id);
-  const PlanRecord& record = *it->second;
-  const std::vector<Sequence*>& seqs = record.sequences;
-  // Allocate first (may throw std::bad_alloc with nothing changed): room for
-  // the hashes of every block this commit fills. (The prefix-cache index has a
-  // fixed capacity and never allocates.)
-  for (int32_t k : record.fillers) {
-    Sequence* s = seqs[k];
-    if (s == nullptr) continue;  // Freed since Reserve.
-    const size_t full =
-        static_cast<size_t>(math_.Div(s->computed + s->reserved));
-    ReserveGeometric(s->hashes, full);
-  }
-  // From here on nothing allocates. Hash the filled blocks first and prefetch
-  // what registering them touches, so that those misses overlap.
-  for (int32_t k : record.fillers) {
-    if (seqs[k] != nullptr) PrepareRegistration(*seqs[k]);
-  }
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    if (i + 16 < seqs.size()) __builtin_prefetch(seqs[i + 16], /*rw=*/1);
-    Sequence* s = seqs[i];
-    if (s == nullptr) continue;
-    if (s->cow_src >= 0) {
-      pool_.Release(s->cow_src);
-      s->cow_src = -1;
-    }
-    s->computed += s->reserved;
-    s->reserved = 0;
-    s->plan_id = 0;
-  }
-  // The blocks that became full get their chained hash, in batch order.
-  for (int32_t k : record.fillers) {
-    if (seqs[k] != nullptr) HashNewFullBlocks(*seqs[k]);
-  }
-  RecyclePlan(it);
-  return absl::OkStatus();
-}
-
-absl::Status BlockManager::Impl::Abort(uint64_t plan_id) {
-  auto it = plans_.find(plan_id);
-  if (it == plans_.end()) return PlanNotFound(plan_id);
-  const PlanRecord& record = *it->second;
-  for (size_t i = record.sequences.size(); i-- > 0;) {
-    Sequence* s = record.sequences[i];
-    if (s == nullptr) continue;
-    const size_t blocks_before =
-        static_cast<size_t>(math_.CeilDiv(s->computed));
-    for (size_t j = s->blocks.size(); j > blocks_before; --j)
-      pool_.Release(s->blocks[j - 1]);
-    s->blocks.resize(blocks_before);
-    if (s->cow_src >= 0) {
-      pool_.Release(s->blocks.back());
-      s->blocks.back() = s->cow_src;
-      s->cow_src = -1;
-      s->tail_maybe_shared = true;
-    }
-    s->tail_block = s->blocks.empty() ? -1 : s->blocks.back();
-    s->tokens.resize(record.tokens_before[i]);
-    s->reserved = 0;
-    s->plan_id = 0;
-  }
-  RecyclePlan(it);
-  return absl::OkStatus();
 }
 
 }  // namespace kvcache

@@ -9,6 +9,38 @@
 
 namespace kvcache {
 
+// The prefix-cache chain of `s`: hashes for at least every full computed
+// block and at most every full known one, every full computed block chained,
+// and each registered one registered under the sequence's hash for it.
+absl::Status BlockManager::Impl::ValidateChain(const Sequence& s,
+                                               const std::string& name) const {
+  const int64_t bs = options_.block_size;
+  const int64_t known = s.known(bs);
+  if (s.prefix_blocks < 0 || s.prefix_blocks > s.computed / bs ||
+      s.prefix_blocks > s.chained_blocks) {
+    return absl::InternalError(absl::StrCat(
+        name, s.prefix_blocks, " prefix blocks without stored tokens for ",
+        s.computed, " computed tokens and ", s.chained_blocks,
+        " chained blocks"));
+  }
+  const size_t full = static_cast<size_t>(s.computed / bs);
+  if (s.hashes.size() < full ||
+      s.chained_blocks != static_cast<int64_t>(full) ||
+      s.hashes.size() > static_cast<size_t>(known / bs)) {
+    return absl::InternalError(
+        absl::StrCat(name, s.hashes.size(), " hashes and ", s.chained_blocks,
+                     " chained blocks for ", full, " full computed blocks"));
+  }
+  for (size_t i = 0; i < full; ++i) {
+    if (index_.registered(s.blocks[i]) &&
+        index_.hash(s.blocks[i]) != s.hashes[i]) {
+      return absl::InternalError(absl::StrCat(
+          name, "block ", s.blocks[i], " is registered under another hash"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status BlockManager::Impl::ValidateSequence(
     const Sequence& s, std::vector<int32_t>& refs) const {
   const int64_t bs = options_.block_size;
@@ -19,13 +51,6 @@ absl::Status BlockManager::Impl::ValidateSequence(
     return absl::InternalError(absl::StrCat(name, s.computed, " computed + ",
                                             s.reserved, " reserved of ", known,
                                             " known tokens"));
-  }
-  if (s.prefix_blocks < 0 || s.prefix_blocks > s.computed / bs ||
-      s.prefix_blocks > s.chained_blocks) {
-    return absl::InternalError(absl::StrCat(
-        name, s.prefix_blocks, " prefix blocks without stored tokens for ",
-        s.computed, " computed tokens and ", s.chained_blocks,
-        " chained blocks"));
   }
   if (static_cast<int64_t>(s.blocks.size()) != (end + bs - 1) / bs) {
     return absl::InternalError(
@@ -51,23 +76,7 @@ absl::Status BlockManager::Impl::ValidateSequence(
     ++refs[b];
   }
   if (s.cow_src >= 0) ++refs[s.cow_src];
-  if (options_.enable_prefix_caching) {
-    const size_t full = static_cast<size_t>(s.computed / bs);
-    if (s.hashes.size() < full ||
-        s.chained_blocks != static_cast<int64_t>(full) ||
-        s.hashes.size() > static_cast<size_t>(known / bs)) {
-      return absl::InternalError(
-          absl::StrCat(name, s.hashes.size(), " hashes and ", s.chained_blocks,
-                       " chained blocks for ", full, " full computed blocks"));
-    }
-    for (size_t i = 0; i < full; ++i) {
-      if (index_.registered(s.blocks[i]) &&
-          index_.hash(s.blocks[i]) != s.hashes[i]) {
-        return absl::InternalError(absl::StrCat(
-            name, "block ", s.blocks[i], " is registered under another hash"));
-      }
-    }
-  }
+  if (options_.enable_prefix_caching) return ValidateChain(s, name);
   return absl::OkStatus();
 }
 

@@ -70,15 +70,16 @@ class BlockHashTable {
     uint64_t key_;
   };
   Reader reader() const { return Reader(slots_.data(), mask_, shift_, key_); }
-  // REQUIRES: hash absent, size() < max_entries.
-  void Insert(const BlockHash& hash, int32_t block) {
+  // The block under `hash` if there is one; else inserts `block` under it
+  // and returns -1 (one probe for both). REQUIRES: size() < max_entries.
+  int32_t FindOrInsert(const BlockHash& hash, int32_t block) {
     size_t i = Home(hash);
-    while (slots_[i].block >= 0) {
-      ABSL_ASSERT(slots_[i].hash != hash);
-      i = (i + 1) & mask_;
+    for (; slots_[i].block >= 0; i = (i + 1) & mask_) {
+      if (slots_[i].hash == hash) return slots_[i].block;
     }
     slots_[i] = Slot{hash, block};
     ++size_;
+    return -1;
   }
   // Returns whether the hash was present.
   bool Erase(const BlockHash& hash) {

@@ -119,11 +119,11 @@ void BlockManager::Impl::HashNewFullBlocks(Sequence& s) {
     const BlockHash& h = s.hashes[i];
     const BlockId b = s.blocks[i];
     ABSL_ASSERT(!pool_.hashed(b) && pool_.ref_count(b) == 1);
-    const BlockId existing = index_.Find(h);
     uint64_t chain_id;
+    const BlockId existing =
+        index_.FindOrInsert(h, b, parent_id, tokens, chain_id);
     if (existing < 0) {
-      chain_id = index_.Insert(h, b, parent_id, tokens);
-      pool_.MarkHashed(b);
+      pool_.MarkHashed(b);  // Registered: chain_id is its content id.
     } else if (index_.Matches(existing, parent_id, tokens)) {
       // Same content: children may chain to it.
       chain_id = index_.content_id(existing);

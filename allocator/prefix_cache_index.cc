@@ -109,15 +109,29 @@ int64_t PrefixCacheIndex::HashAndMatch16(const BlockHash& root_hash,
   return i;
 }
 
-uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
-                                  uint64_t parent_id, const TokenId* tokens) {
+BlockId PrefixCacheIndex::FindOrInsert(const BlockHash& hash, BlockId block,
+                                       uint64_t parent_id,
+                                       const TokenId* tokens,
+                                       uint64_t& content_id) {
   ABSL_ASSERT(!registered(block));
-  table_.Insert(hash, block);
+  const BlockId existing = table_.FindOrInsert(hash, block);
+  if (existing >= 0) return existing;
+  content_id = Register(hash, block, parent_id, tokens);
+  return -1;
+}
+
+// The block's record and tokens, once the table holds it.
+uint64_t PrefixCacheIndex::Register(const BlockHash& hash, BlockId block,
+                                    uint64_t parent_id, const TokenId* tokens) {
   ids_[block].hash = hash;
   ids_[block].parent = parent_id;
   ids_[block].content = NewId();
-  std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens,
-              block_size_ * sizeof(TokenId));
+  TokenId* stored = &tokens_[static_cast<size_t>(block) * block_size_];
+  if (block_size_ == 16) {  // A fixed-size copy: no call.
+    std::memcpy(stored, tokens, 16 * sizeof(TokenId));
+  } else {
+    std::memcpy(stored, tokens, block_size_ * sizeof(TokenId));
+  }
   return ids_[block].content;
 }
 

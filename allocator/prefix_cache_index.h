@@ -45,7 +45,8 @@ class PrefixCacheIndex {
   // The block registered under `hash`, or -1.
   BlockId Find(const BlockHash& hash) const { return table_.Find(hash); }
   void Prefetch(const BlockHash& hash) const { table_.Prefetch(hash); }
-  // Prefetches what Matches(), content_id() and Insert() touch of `block`.
+  // Prefetches what Matches(), content_id() and FindOrInsert() touch of
+  // `block`.
   void PrefetchBlock(BlockId block) const {
     __builtin_prefetch(&tokens_[static_cast<size_t>(block) * block_size_], 1);
     __builtin_prefetch(&ids_[block], 1);
@@ -75,11 +76,12 @@ class PrefixCacheIndex {
                          int64_t full, int64_t count, uint64_t root_id,
                          std::vector<BlockHash>& hashes, BlockId* blocks,
                          uint64_t& last_id) const;
-  // Registers `block` under `hash` and returns its new content id.
-  // REQUIRES: hash not registered, block not registered; `tokens` holds
-  // block_size tokens.
-  uint64_t Insert(const BlockHash& hash, BlockId block, uint64_t parent_id,
-                  const TokenId* tokens);
+  // Registers `block` under `hash` (its new content id in `content_id`) and
+  // returns -1, unless a block is registered under `hash` already: returns
+  // that one and changes nothing. REQUIRES: `block` not registered; `tokens`
+  // holds block_size tokens.
+  BlockId FindOrInsert(const BlockHash& hash, BlockId block, uint64_t parent_id,
+                       const TokenId* tokens, uint64_t& content_id);
   // Drops a registered block (it was evicted).
   void Erase(BlockId block);
 
@@ -125,6 +127,9 @@ class PrefixCacheIndex {
 #endif
     return std::memcmp(a, b, block_size * sizeof(TokenId)) == 0;
   }
+
+  uint64_t Register(const BlockHash& hash, BlockId block, uint64_t parent_id,
+                    const TokenId* tokens);
 
   int32_t block_size_;
   uint64_t next_id_ = 1;  // 0 means "not registered".

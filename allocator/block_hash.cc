@@ -1,18 +1,17 @@
 #include "allocator/block_hash.h"
 
 #include <cstring>
-// Inlined: the chained hash is a serial dependency, and a call into the shared
-// library costs a third of it. Same algorithm and output as libxxhash.
-#define XXH_INLINE_ALL
-#include "xxhash.h"
+
+#include "absl/base/attributes.h"
+#include "allocator/block_hash_fixed.h"  // Also xxhash.h, inlined.
 
 namespace kvcache {
 namespace {
 
-// Seeds separating the two uses of XXH3 so a block can never hash like an extra
-// key.
+// Separates the two uses of XXH3 (with internal::kBlockSeed) so a block can
+// never hash like an extra key.
 constexpr uint64_t kExtraKeySeed = 0x6b76636163686531ULL;  // "kvcache1"
-constexpr uint64_t kBlockSeed = 0x6b76636163686532ULL;     // "kvcache2"
+constexpr uint64_t kBlockSeed = internal::kBlockSeed;
 constexpr size_t kStackTokens = 256;
 
 BlockHash FromXxh(XXH128_hash_t h) { return BlockHash{h.low64, h.high64}; }
@@ -31,27 +30,10 @@ BlockHash HashExtraKey(int64_t adapter_id, const std::string& salt) {
 
 namespace {
 
-// XXH3_128bits_withSeed of (parent, tokens) for inputs of 17..128 bytes: the
-// very function it dispatches to, called directly and inlined, so that a
-// compile-time `kTokens` folds its length branches (same output).
-template <size_t kTokens>
-BlockHash HashSmall(const BlockHash& parent, const TokenId* tokens) {
-  constexpr size_t kBytes = sizeof(BlockHash) + kTokens * sizeof(TokenId);
-  static_assert(kBytes > 16 && kBytes <= 128, "XXH3 17..128-byte path");
-  unsigned char buffer[kBytes];
-  std::memcpy(buffer, &parent.low, sizeof(uint64_t));
-  std::memcpy(buffer + sizeof(uint64_t), &parent.high, sizeof(uint64_t));
-  std::memcpy(buffer + sizeof(BlockHash), tokens, kTokens * sizeof(TokenId));
-  return FromXxh(XXH3_len_17to128_128b(buffer, kBytes, XXH3_kSecret,
-                                       sizeof(XXH3_kSecret), kBlockSeed));
-}
-
-}  // namespace
-
-BlockHash HashBlock(const BlockHash& parent, absl::Span<const TokenId> tokens) {
-  // The common block sizes take a fixed-length path.
-  if (tokens.size() == 16) return HashSmall<16>(parent, tokens.data());
-  if (tokens.size() == 8) return HashSmall<8>(parent, tokens.data());
+// Any other length. Out of line: its stack buffer and streaming state would
+// otherwise give every call the large, realigned frame they need.
+ABSL_ATTRIBUTE_NOINLINE BlockHash
+HashAnyLength(const BlockHash& parent, absl::Span<const TokenId> tokens) {
   // One contiguous buffer (parent, tokens) hashes faster than the streaming
   // API.
   if (tokens.size() <= kStackTokens) {
@@ -70,6 +52,46 @@ BlockHash HashBlock(const BlockHash& parent, absl::Span<const TokenId> tokens) {
   XXH3_128bits_update(&state, &parent.high, sizeof(uint64_t));
   XXH3_128bits_update(&state, tokens.data(), tokens.size() * sizeof(TokenId));
   return FromXxh(XXH3_128bits_digest(&state));
+}
+
+template <size_t kTokens>
+void Chain(BlockHash h, const TokenId* tokens, size_t count,
+           std::vector<BlockHash>& out) {
+  for (size_t i = 0; i < count; ++i) {
+    h = internal::HashFixed<kTokens>(h, tokens + i * kTokens);
+    out.push_back(h);
+  }
+}
+
+}  // namespace
+
+BlockHash HashBlock(const BlockHash& parent, absl::Span<const TokenId> tokens) {
+  // The common block sizes take a fixed-length path.
+  if (tokens.size() == 16)
+    return internal::HashFixed<16>(parent, tokens.data());
+  if (tokens.size() == 8) return internal::HashFixed<8>(parent, tokens.data());
+  if (tokens.size() == 4) return internal::HashFixed<4>(parent, tokens.data());
+  if (tokens.size() == 24)
+    return internal::HashFixed<24>(parent, tokens.data());
+  return HashAnyLength(parent, tokens);
+}
+
+void HashBlocks(const BlockHash& parent, const TokenId* tokens,
+                size_t block_size, size_t count, std::vector<BlockHash>& out) {
+  switch (block_size) {
+    case 16:
+      return Chain<16>(parent, tokens, count, out);
+    case 8:
+      return Chain<8>(parent, tokens, count, out);
+    default: {
+      BlockHash h = parent;
+      for (size_t i = 0; i < count; ++i) {
+        h = HashBlock(
+            h, absl::Span<const TokenId>(tokens + i * block_size, block_size));
+        out.push_back(h);
+      }
+    }
+  }
 }
 
 }  // namespace kvcache

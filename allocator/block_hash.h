@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/types/span.h"
 
@@ -43,6 +44,14 @@ BlockHash HashExtraKey(int64_t adapter_id, const std::string& salt);
 
 // XXH3-128 of the parent hash followed by the token ids' bytes.
 BlockHash HashBlock(const BlockHash& parent, absl::Span<const TokenId> tokens);
+
+// Appends to `out` the chained hashes of `count` consecutive blocks of
+// `block_size` tokens: HashBlock(parent, block 0), then each block's hash with
+// the previous one as its parent. For a whole prompt at once: the common block
+// sizes run without a call per block. Allocates only if `out` lacks the
+// capacity.
+void HashBlocks(const BlockHash& parent, const TokenId* tokens,
+                size_t block_size, size_t count, std::vector<BlockHash>& out);
 
 }  // namespace kvcache
 

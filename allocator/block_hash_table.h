@@ -30,25 +30,56 @@ class BlockHashTable {
   }
 
   // The block under `hash`, or -1.
-  int32_t Find(const BlockHash& hash) const {
-    for (size_t i = Home(hash);; i = (i + 1) & mask_) {
-      const Slot& s = slots_[i];
-      if (s.block < 0) return -1;
-      if (s.hash == hash) return s.block;
+  int32_t Find(const BlockHash& hash) const { return reader().Find(hash); }
+  void Prefetch(const BlockHash& hash) const { reader().Prefetch(hash); }
+
+ private:
+  struct Slot {
+    BlockHash hash;
+    int32_t block = -1;
+  };
+
+ public:
+  // Find and Prefetch over a copy of the table's geometry, for loops of
+  // lookups: held in locals, it is not reloaded after every store the
+  // compiler cannot tell apart from the table's members. Valid while the
+  // table is not changed.
+  class Reader {
+   public:
+    int32_t Find(const BlockHash& hash) const {
+      for (size_t i = Home(hash);; i = (i + 1) & mask_) {
+        const Slot& s = slots_[i];
+        if (s.block < 0) return -1;
+        if (s.hash == hash) return s.block;
+      }
     }
-  }
-  void Prefetch(const BlockHash& hash) const {
-    __builtin_prefetch(&slots_[Home(hash)]);
-  }
-  // REQUIRES: hash absent, size() < max_entries.
-  void Insert(const BlockHash& hash, int32_t block) {
+    void Prefetch(const BlockHash& hash) const {
+      __builtin_prefetch(&slots_[Home(hash)]);
+    }
+
+   private:
+    friend class BlockHashTable;
+    Reader(const Slot* slots, size_t mask, int shift, uint64_t key)
+        : slots_(slots), mask_(mask), shift_(shift), key_(key) {}
+    size_t Home(const BlockHash& h) const {
+      return static_cast<size_t>(((h.low ^ h.high) * key_) >> shift_) & mask_;
+    }
+    const Slot* slots_;
+    size_t mask_;
+    int shift_;
+    uint64_t key_;
+  };
+  Reader reader() const { return Reader(slots_.data(), mask_, shift_, key_); }
+  // The block under `hash` if there is one; else inserts `block` under it
+  // and returns -1 (one probe for both). REQUIRES: size() < max_entries.
+  int32_t FindOrInsert(const BlockHash& hash, int32_t block) {
     size_t i = Home(hash);
-    while (slots_[i].block >= 0) {
-      ABSL_ASSERT(slots_[i].hash != hash);
-      i = (i + 1) & mask_;
+    for (; slots_[i].block >= 0; i = (i + 1) & mask_) {
+      if (slots_[i].hash == hash) return slots_[i].block;
     }
     slots_[i] = Slot{hash, block};
     ++size_;
+    return -1;
   }
   // Returns whether the hash was present.
   bool Erase(const BlockHash& hash) {
@@ -83,13 +114,7 @@ class BlockHashTable {
   }
 
  private:
-  struct Slot {
-    BlockHash hash;
-    int32_t block = -1;
-  };
-  size_t Home(const BlockHash& h) const {
-    return static_cast<size_t>(((h.low ^ h.high) * key_) >> shift_) & mask_;
-  }
+  size_t Home(const BlockHash& h) const { return reader().Home(h); }
 
   uint64_t key_;
   size_t mask_ = 0;

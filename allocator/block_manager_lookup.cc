@@ -89,7 +89,7 @@ absl::StatusOr<StepPlan> BlockManager::Reserve(
 }
 absl::Status BlockManager::CanReserve(
     absl::Span<const ReserveRequest> batch) const {
-  return impl_->CheckBatch(batch);
+  return impl_->CanReserve(batch);
 }
 absl::Status BlockManager::Commit(uint64_t plan_id) {
   return impl_->Commit(plan_id);
@@ -116,7 +116,7 @@ absl::StatusOr<int64_t> BlockManager::ComputedLength(SequenceId id) const {
 absl::StatusOr<int64_t> BlockManager::KnownLength(SequenceId id) const {
   absl::StatusOr<const Sequence*> s = impl_->Find(id);
   if (!s.ok()) return s.status();
-  return static_cast<int64_t>((*s)->tokens.size());
+  return (*s)->known(impl_->options().block_size);
 }
 absl::StatusOr<BatchBlockTable> BlockManager::BatchTable(
     absl::Span<const SequenceId> ids) const {

@@ -1,6 +1,7 @@
 // BlockManager::Validate: the invariants of DESIGN.md section 4, checked from
 // scratch.
 
+#include <algorithm>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -8,16 +9,48 @@
 
 namespace kvcache {
 
+// The prefix-cache chain of `s`: hashes for at least every full computed
+// block and at most every full known one, every full computed block chained,
+// and each registered one registered under the sequence's hash for it.
+absl::Status BlockManager::Impl::ValidateChain(const Sequence& s,
+                                               const std::string& name) const {
+  const int64_t bs = options_.block_size;
+  const int64_t known = s.known(bs);
+  if (s.prefix_blocks < 0 || s.prefix_blocks > s.computed / bs ||
+      s.prefix_blocks > s.chained_blocks) {
+    return absl::InternalError(absl::StrCat(
+        name, s.prefix_blocks, " prefix blocks without stored tokens for ",
+        s.computed, " computed tokens and ", s.chained_blocks,
+        " chained blocks"));
+  }
+  const size_t full = static_cast<size_t>(s.computed / bs);
+  if (s.hashes.size() < full ||
+      s.chained_blocks != static_cast<int64_t>(full) ||
+      s.hashes.size() > static_cast<size_t>(known / bs)) {
+    return absl::InternalError(
+        absl::StrCat(name, s.hashes.size(), " hashes and ", s.chained_blocks,
+                     " chained blocks for ", full, " full computed blocks"));
+  }
+  for (size_t i = 0; i < full; ++i) {
+    if (index_.registered(s.blocks[i]) &&
+        index_.hash(s.blocks[i]) != s.hashes[i]) {
+      return absl::InternalError(absl::StrCat(
+          name, "block ", s.blocks[i], " is registered under another hash"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status BlockManager::Impl::ValidateSequence(
     const Sequence& s, std::vector<int32_t>& refs) const {
   const int64_t bs = options_.block_size;
   const int64_t end = s.computed + s.reserved;
   const std::string name = absl::StrCat("sequence ", s.id, ": ");
-  if (s.computed < 0 || s.reserved < 0 ||
-      end > static_cast<int64_t>(s.tokens.size())) {
+  const int64_t known = s.known(bs);
+  if (s.computed < 0 || s.reserved < 0 || end > known) {
     return absl::InternalError(absl::StrCat(name, s.computed, " computed + ",
-                                            s.reserved, " reserved of ",
-                                            s.tokens.size(), " known tokens"));
+                                            s.reserved, " reserved of ", known,
+                                            " known tokens"));
   }
   if (static_cast<int64_t>(s.blocks.size()) != (end + bs - 1) / bs) {
     return absl::InternalError(
@@ -29,14 +62,13 @@ absl::Status BlockManager::Impl::ValidateSequence(
         absl::StrCat(name, "plan ", s.plan_id, " with ", s.reserved,
                      " reserved tokens, copy source ", s.cow_src));
   }
-  if (s.plan_id != 0) {
-    auto it = plans_.find(s.plan_id);
-    if (it == plans_.end() ||
-        it->second.sequences.size() <= static_cast<size_t>(s.plan_index) ||
-        it->second.sequences[s.plan_index] != &s) {
-      return absl::InternalError(
-          absl::StrCat(name, "plan ", s.plan_id, " does not list it"));
-    }
+  if (s.plan_id != 0 && plans_.count(s.plan_id) == 0) {
+    return absl::InternalError(
+        absl::StrCat(name, "plan ", s.plan_id, " does not exist"));
+  }
+  if (s.tail_block != (s.blocks.empty() ? -1 : s.blocks.back())) {
+    return absl::InternalError(absl::StrCat(name, "tail block ", s.tail_block,
+                                            " is not its last block"));
   }
   for (BlockId b : s.blocks) {
     if (b < 0 || b >= pool_.num_blocks())
@@ -44,22 +76,7 @@ absl::Status BlockManager::Impl::ValidateSequence(
     ++refs[b];
   }
   if (s.cow_src >= 0) ++refs[s.cow_src];
-  if (options_.enable_prefix_caching) {
-    const size_t full = static_cast<size_t>(s.computed / bs);
-    if (s.hashes.size() < full || s.chain_ids.size() != full ||
-        s.hashes.size() > s.tokens.size() / bs) {
-      return absl::InternalError(absl::StrCat(
-          name, s.hashes.size(), " hashes and ", s.chain_ids.size(),
-          " chain ids for ", full, " full computed blocks"));
-    }
-    for (size_t i = 0; i < full; ++i) {
-      if (index_.registered(s.blocks[i]) &&
-          index_.hash(s.blocks[i]) != s.hashes[i]) {
-        return absl::InternalError(absl::StrCat(
-            name, "block ", s.blocks[i], " is registered under another hash"));
-      }
-    }
-  }
+  if (options_.enable_prefix_caching) return ValidateChain(s, name);
   return absl::OkStatus();
 }
 
@@ -93,6 +110,43 @@ absl::Status BlockManager::Impl::ValidateIndex() const {
   return absl::OkStatus();
 }
 
+// Every plan lists each of its sequences exactly once (and every sequence with
+// a plan is listed by it, given ValidateSequence's check that its plan exists).
+absl::Status BlockManager::Impl::ValidatePlans() const {
+  std::vector<const Sequence*> all;
+  for (const auto& [plan_id, record] : plans_) {
+    for (const Sequence* s : record->sequences) {
+      if (s == nullptr) continue;
+      if (s->plan_id != plan_id) {
+        return absl::InternalError(absl::StrCat("plan ", plan_id,
+                                                " lists sequence ", s->id,
+                                                " whose plan is ", s->plan_id));
+      }
+      all.push_back(s);
+    }
+  }
+  std::sort(all.begin(), all.end());
+  if (auto twice = std::adjacent_find(all.begin(), all.end());
+      twice != all.end()) {
+    return absl::InternalError(
+        absl::StrCat("sequence ", (*twice)->id, " is listed twice by plans"));
+  }
+  size_t pending = 0;
+  for (const auto& [id, seq] : sequences_) pending += seq->plan_id != 0;
+  if (pending != all.size()) {
+    return absl::InternalError(absl::StrCat(pending,
+                                            " sequences have a plan but plans "
+                                            "list ",
+                                            all.size()));
+  }
+  if (plans_.size() + spare_records_.size() != records_.size()) {
+    return absl::InternalError(
+        absl::StrCat(plans_.size(), " plans and ", spare_records_.size(),
+                     " spare records, but ", records_.size(), " records"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status BlockManager::Impl::Validate() const {
   if (absl::Status s = pool_.Validate(); !s.ok()) return s;
   std::vector<int32_t> refs(pool_.num_blocks(), 0);
@@ -117,15 +171,7 @@ absl::Status BlockManager::Impl::Validate() const {
                                               refs[b], " holders"));
     }
   }
-  for (const auto& [plan_id, record] : plans_) {
-    for (const Sequence* s : record.sequences) {
-      if (s != nullptr && s->plan_id != plan_id) {
-        return absl::InternalError(absl::StrCat("plan ", plan_id,
-                                                " lists sequence ", s->id,
-                                                " whose plan is ", s->plan_id));
-      }
-    }
-  }
+  if (absl::Status s = ValidatePlans(); !s.ok()) return s;
   return ValidateIndex();
 }
 

@@ -16,6 +16,9 @@
 //   use -> free     Release        (ref reaches 0, unhashed) in use: unhashed
 //   -> hashed   MarkHashed (its step was committed and it is full)
 
+// The transitions are inline in block_pool.h: they run once per block of every
+// prefix hit, allocation and release.
+
 #include "allocator/block_pool.h"
 
 #include "absl/base/macros.h"
@@ -32,90 +35,6 @@ BlockPool::BlockPool(int32_t num_blocks)
   }
   for (BlockId b = 0; b < num_blocks_; ++b) PushBack(FreeHead(), b);
   num_free_ = num_blocks_;
-}
-
-void BlockPool::PushBack(int32_t head, int32_t node) {
-  const int32_t last = meta_[head].prev;
-  meta_[node].prev = last;
-  meta_[node].next = head;
-  meta_[last].next = node;
-  meta_[head].prev = node;
-}
-
-void BlockPool::Unlink(int32_t node) {
-  Meta& m = meta_[node];
-  meta_[m.prev].next = m.next;
-  meta_[m.next].prev = m.prev;
-  m.prev = -1;
-  m.next = -1;
-}
-
-int32_t BlockPool::PopFront(int32_t head) {
-  const int32_t node = meta_[head].next;
-  ABSL_ASSERT(node != head);
-  Unlink(node);
-  return node;
-}
-
-BlockId BlockPool::AllocateFree() {
-  ABSL_ASSERT(num_free_ > 0);
-  const BlockId b = PopFront(FreeHead());
-  Meta& m = meta_[b];
-  ABSL_ASSERT(m.state == BlockState::kFree && m.ref_count == 0 && !m.hashed);
-  m.state = BlockState::kInUse;
-  m.ref_count = 1;
-  --num_free_;
-  return b;
-}
-
-BlockId BlockPool::EvictOldest() {
-  ABSL_ASSERT(num_cached_ > 0);
-  const BlockId b = PopFront(LruHead());
-  Meta& m = meta_[b];
-  ABSL_ASSERT(m.state == BlockState::kCached && m.ref_count == 0 && m.hashed);
-  m.state = BlockState::kInUse;
-  m.ref_count = 1;
-  m.hashed = false;
-  --num_cached_;
-  return b;
-}
-
-void BlockPool::Acquire(BlockId b) {
-  Meta& m = meta_[b];
-  if (m.state == BlockState::kCached) {
-    ABSL_ASSERT(m.ref_count == 0);
-    Unlink(b);
-    m.state = BlockState::kInUse;
-    --num_cached_;
-  }
-  ABSL_ASSERT(m.state == BlockState::kInUse);
-  ++m.ref_count;
-}
-
-void BlockPool::Release(BlockId b) {
-  Meta& m = meta_[b];
-  ABSL_ASSERT(m.state == BlockState::kInUse && m.ref_count > 0);
-  if (--m.ref_count > 0) return;
-  if (m.hashed) {
-    m.state = BlockState::kCached;
-    PushBack(LruHead(), b);
-    ++num_cached_;
-  } else {
-    m.state = BlockState::kFree;
-    // Most recently freed first: its memory is likeliest to be warm.
-    const int32_t head = FreeHead();
-    const int32_t first = meta_[head].next;
-    m.prev = head;
-    m.next = first;
-    meta_[first].prev = b;
-    meta_[head].next = b;
-    ++num_free_;
-  }
-}
-
-void BlockPool::MarkHashed(BlockId b) {
-  ABSL_ASSERT(meta_[b].state == BlockState::kInUse && !meta_[b].hashed);
-  meta_[b].hashed = true;
 }
 
 absl::Status BlockPool::ValidateList(int32_t head, BlockState state,

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/base/macros.h"
 #include "absl/status/status.h"
 
 namespace kvcache {
@@ -34,12 +35,19 @@ class BlockPool {
   // Cached -> in use (ref 1), or in use -> ref + 1. REQUIRES: block is cached
   // or in use.
   void Acquire(BlockId block);
+  // Acquire of each of n blocks, in order.
+  void AcquireAll(const BlockId* blocks, size_t n);
   // In use -> ref - 1; at ref 0 a hashed block becomes cached (newest in the
   // LRU list), an unhashed one free. REQUIRES: block in use.
   void Release(BlockId block);
   // Marks an in-use block as carrying a hash (it will be cached, not freed, at
   // ref 0).
   void MarkHashed(BlockId block);
+
+  // Prefetches a block's entry (for a transition soon).
+  void Prefetch(BlockId block) const {
+    __builtin_prefetch(&meta_[block], /*rw=*/1);
+  }
 
   int32_t num_blocks() const { return num_blocks_; }
   int32_t num_free() const { return num_free_; }
@@ -65,6 +73,7 @@ class BlockPool {
   // num_blocks_ + 1 (LRU).
   int32_t FreeHead() const { return num_blocks_; }
   int32_t LruHead() const { return num_blocks_ + 1; }
+  static void AcquireIn(Meta* meta, int32_t& num_cached, BlockId b);
   void PushBack(int32_t head, int32_t node);
   void Unlink(int32_t node);
   int32_t PopFront(int32_t head);
@@ -76,6 +85,109 @@ class BlockPool {
   int32_t num_cached_ = 0;
   std::vector<Meta> meta_;  // num_blocks_ blocks + 2 sentinels.
 };
+
+// ---- Transitions (the life cycle is written out in block_pool.cc) ---------
+
+inline void BlockPool::PushBack(int32_t head, int32_t node) {
+  const int32_t last = meta_[head].prev;
+  meta_[node].prev = last;
+  meta_[node].next = head;
+  meta_[last].next = node;
+  meta_[head].prev = node;
+}
+
+inline void BlockPool::Unlink(int32_t node) {
+  Meta& m = meta_[node];
+  meta_[m.prev].next = m.next;
+  meta_[m.next].prev = m.prev;
+  m.prev = -1;
+  m.next = -1;
+}
+
+inline int32_t BlockPool::PopFront(int32_t head) {
+  const int32_t node = meta_[head].next;
+  ABSL_ASSERT(node != head);
+  Unlink(node);
+  return node;
+}
+
+inline BlockId BlockPool::AllocateFree() {
+  ABSL_ASSERT(num_free_ > 0);
+  const BlockId b = PopFront(FreeHead());
+  Meta& m = meta_[b];
+  ABSL_ASSERT(m.state == BlockState::kFree && m.ref_count == 0 && !m.hashed);
+  m.state = BlockState::kInUse;
+  m.ref_count = 1;
+  --num_free_;
+  return b;
+}
+
+inline BlockId BlockPool::EvictOldest() {
+  ABSL_ASSERT(num_cached_ > 0);
+  const BlockId b = PopFront(LruHead());
+  Meta& m = meta_[b];
+  ABSL_ASSERT(m.state == BlockState::kCached && m.ref_count == 0 && m.hashed);
+  m.state = BlockState::kInUse;
+  m.ref_count = 1;
+  m.hashed = false;
+  --num_cached_;
+  return b;
+}
+
+// The transition itself, over entries and a counter the caller may hold in
+// locals (AcquireAll: a loop's stores to them would otherwise make the
+// compiler reload both each time).
+inline void BlockPool::AcquireIn(Meta* meta, int32_t& num_cached, BlockId b) {
+  Meta& m = meta[b];
+  if (m.state == BlockState::kCached) {
+    ABSL_ASSERT(m.ref_count == 0);
+    meta[m.prev].next = m.next;  // Unlink from the LRU list.
+    meta[m.next].prev = m.prev;
+    m.prev = -1;
+    m.next = -1;
+    m.state = BlockState::kInUse;
+    --num_cached;
+  }
+  ABSL_ASSERT(m.state == BlockState::kInUse);
+  ++m.ref_count;
+}
+
+inline void BlockPool::Acquire(BlockId b) {
+  AcquireIn(meta_.data(), num_cached_, b);
+}
+
+inline void BlockPool::AcquireAll(const BlockId* blocks, size_t n) {
+  Meta* meta = meta_.data();
+  int32_t num_cached = num_cached_;
+  for (size_t i = 0; i < n; ++i) AcquireIn(meta, num_cached, blocks[i]);
+  num_cached_ = num_cached;
+}
+
+inline void BlockPool::Release(BlockId b) {
+  Meta& m = meta_[b];
+  ABSL_ASSERT(m.state == BlockState::kInUse && m.ref_count > 0);
+  if (--m.ref_count > 0) return;
+  if (m.hashed) {
+    m.state = BlockState::kCached;
+    PushBack(LruHead(), b);
+    ++num_cached_;
+  } else {
+    m.state = BlockState::kFree;
+    // Most recently freed first: its memory is likeliest to be warm.
+    const int32_t head = FreeHead();
+    const int32_t first = meta_[head].next;
+    m.prev = head;
+    m.next = first;
+    meta_[first].prev = b;
+    meta_[head].next = b;
+    ++num_free_;
+  }
+}
+
+inline void BlockPool::MarkHashed(BlockId b) {
+  ABSL_ASSERT(meta_[b].state == BlockState::kInUse && !meta_[b].hashed);
+  meta_[b].hashed = true;
+}
 
 }  // namespace internal
 }  // namespace kvcache

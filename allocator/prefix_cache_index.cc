@@ -1,9 +1,12 @@
 #include "allocator/prefix_cache_index.h"
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 
+#include "absl/base/attributes.h"
 #include "absl/base/macros.h"
+#include "allocator/block_hash_fixed.h"
 
 namespace kvcache {
 namespace internal {
@@ -11,41 +14,133 @@ namespace internal {
 PrefixCacheIndex::PrefixCacheIndex(int32_t num_blocks, int32_t block_size)
     : block_size_(block_size),
       table_(num_blocks, std::random_device{}()),
-      hash_(num_blocks),
-      content_id_(num_blocks, 0),
-      parent_id_(num_blocks, 0),
+      ids_(num_blocks),
       tokens_(static_cast<size_t>(num_blocks) * block_size) {}
 
-bool PrefixCacheIndex::Matches(BlockId block, uint64_t parent_id,
-                               absl::Span<const TokenId> tokens) const {
-  ABSL_ASSERT(registered(block));
-  return parent_id_[block] == parent_id &&
-         tokens.size() == static_cast<size_t>(block_size_) &&
-         std::memcmp(&tokens_[static_cast<size_t>(block) * block_size_],
-                     tokens.data(), tokens.size() * sizeof(TokenId)) == 0;
+namespace {
+
+// LongestMatch's loop; kBlockSize 16 compiles the 64-byte compare inline, 0
+// takes the block size at run time. Everything it reads is in locals (see
+// BlockHashTable::Reader). The lookups are independent until the first miss,
+// so they overlap: each table slot is prefetched kAhead blocks before it is
+// read.
+template <int32_t kBlockSize, typename Ids, typename Equal>
+int64_t Longest(const BlockHashTable::Reader table, const TokenId* stored,
+                const Ids* ids, int32_t block_size, const BlockHash* hashes,
+                const TokenId* tokens, int64_t count, uint64_t parent,
+                BlockId* blocks, uint64_t& last_id, Equal equal) {
+  constexpr int64_t kAhead = 16;
+  const size_t bs = kBlockSize != 0 ? kBlockSize : block_size;
+  for (int64_t i = 0; i < std::min(kAhead, count); ++i)
+    table.Prefetch(hashes[i]);
+  int64_t i = 0;
+  for (; i < count; ++i) {
+    if (i + kAhead < count) table.Prefetch(hashes[i + kAhead]);
+    const BlockId b = table.Find(hashes[i]);
+    if (b < 0 || ids[b].parent != parent ||
+        !equal(stored + static_cast<size_t>(b) * bs, tokens + i * bs)) {
+      break;
+    }
+    parent = ids[b].content;
+    blocks[i] = b;
+  }
+  last_id = parent;
+  return i;
 }
 
-uint64_t PrefixCacheIndex::Insert(const BlockHash& hash, BlockId block,
-                                  uint64_t parent_id,
-                                  absl::Span<const TokenId> tokens) {
+}  // namespace
+
+int64_t PrefixCacheIndex::LongestMatch(const BlockHash* hashes,
+                                       const TokenId* tokens, int64_t count,
+                                       uint64_t root_id, BlockId* blocks,
+                                       uint64_t& last_id) const {
+  const BlockHashTable::Reader table = table_.reader();
+  const int32_t bs = block_size_;
+  if (bs == 16) {
+    return Longest<16>(table, tokens_.data(), ids_.data(), bs, hashes, tokens,
+                       count, root_id, blocks, last_id,
+                       [](const TokenId* a, const TokenId* b) {
+                         return TokensEqual(a, b, 16);
+                       });
+  }
+  return Longest<0>(table, tokens_.data(), ids_.data(), bs, hashes, tokens,
+                    count, root_id, blocks, last_id,
+                    [bs](const TokenId* a, const TokenId* b) {
+                      return TokensEqual(a, b, bs);
+                    });
+}
+
+int64_t PrefixCacheIndex::HashAndMatch16(const BlockHash& root_hash,
+                                         const TokenId* tokens, int64_t full,
+                                         int64_t count, uint64_t root_id,
+                                         std::vector<BlockHash>& hashes,
+                                         BlockId* blocks,
+                                         uint64_t& last_id) const {
+  ABSL_ASSERT(block_size_ == 16 && count <= full);
+  constexpr int64_t kAhead = 8;
+  const BlockHashTable::Reader table = table_.reader();
+  const TokenId* stored = tokens_.data();
+  const Ids* ids = ids_.data();
+  const size_t base = hashes.size();
+  BlockHash h = root_hash;
+  int64_t hashed = 0;
+  const auto hash_next = [&]() ABSL_ATTRIBUTE_ALWAYS_INLINE {
+    h = HashFixed<16>(h, tokens + hashed * 16);
+    hashes.push_back(h);
+    table.Prefetch(h);
+    ++hashed;
+  };
+  while (hashed < std::min(kAhead, full)) hash_next();
+  uint64_t parent = root_id;
+  int64_t i = 0;
+  for (; i < count; ++i) {
+    if (hashed < full) hash_next();
+    const BlockId b = table.Find(hashes[base + i]);
+    if (b < 0 || ids[b].parent != parent ||
+        !TokensEqual(stored + static_cast<size_t>(b) * 16, tokens + i * 16,
+                     16)) {
+      break;
+    }
+    parent = ids[b].content;
+    blocks[i] = b;
+  }
+  last_id = parent;
+  while (hashed < full) hash_next();
+  return i;
+}
+
+BlockId PrefixCacheIndex::FindOrInsert(const BlockHash& hash, BlockId block,
+                                       uint64_t parent_id,
+                                       const TokenId* tokens,
+                                       uint64_t& content_id) {
   ABSL_ASSERT(!registered(block));
-  ABSL_ASSERT(tokens.size() == static_cast<size_t>(block_size_));
-  table_.Insert(hash, block);
-  hash_[block] = hash;
-  parent_id_[block] = parent_id;
-  content_id_[block] = NewId();
-  std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens.data(),
-              tokens.size() * sizeof(TokenId));
-  return content_id_[block];
+  const BlockId existing = table_.FindOrInsert(hash, block);
+  if (existing >= 0) return existing;
+  content_id = Register(hash, block, parent_id, tokens);
+  return -1;
+}
+
+// The block's record and tokens, once the table holds it.
+uint64_t PrefixCacheIndex::Register(const BlockHash& hash, BlockId block,
+                                    uint64_t parent_id, const TokenId* tokens) {
+  ids_[block].hash = hash;
+  ids_[block].parent = parent_id;
+  ids_[block].content = NewId();
+  TokenId* stored = &tokens_[static_cast<size_t>(block) * block_size_];
+  if (block_size_ == 16) {  // A fixed-size copy: no call.
+    std::memcpy(stored, tokens, 16 * sizeof(TokenId));
+  } else {
+    std::memcpy(stored, tokens, block_size_ * sizeof(TokenId));
+  }
+  return ids_[block].content;
 }
 
 void PrefixCacheIndex::Erase(BlockId block) {
   ABSL_ASSERT(registered(block));
-  const bool erased = table_.Erase(hash_[block]);
+  const bool erased = table_.Erase(ids_[block].hash);
   ABSL_ASSERT(erased);
   (void)erased;
-  content_id_[block] = 0;
-  parent_id_[block] = 0;
+  ids_[block] = Ids{};
 }
 
 uint64_t PrefixCacheIndex::RootId(int64_t adapter_id, const std::string& salt) {

@@ -14,11 +14,17 @@
 #define KVCACHE_ALLOCATOR_PREFIX_CACHE_INDEX_H_
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+#include "absl/base/macros.h"
 #include "absl/hash/hash.h"
 #include "absl/types/span.h"
 #include "allocator/block_hash.h"
@@ -39,26 +45,49 @@ class PrefixCacheIndex {
   // The block registered under `hash`, or -1.
   BlockId Find(const BlockHash& hash) const { return table_.Find(hash); }
   void Prefetch(const BlockHash& hash) const { table_.Prefetch(hash); }
-  // Prefetches what Matches() and content_id() read of `block`.
+  // Prefetches what Matches(), content_id() and FindOrInsert() touch of
+  // `block`.
   void PrefetchBlock(BlockId block) const {
-    __builtin_prefetch(&tokens_[static_cast<size_t>(block) * block_size_]);
-    __builtin_prefetch(&parent_id_[block]);
-    __builtin_prefetch(&content_id_[block]);
+    __builtin_prefetch(&tokens_[static_cast<size_t>(block) * block_size_], 1);
+    __builtin_prefetch(&ids_[block], 1);
   }
-  // Exact confirmation of a candidate. REQUIRES: block registered.
-  bool Matches(BlockId block, uint64_t parent_id,
-               absl::Span<const TokenId> tokens) const;
-  // Registers `block` under `hash` and returns its new content id.
-  // REQUIRES: hash not registered, block not registered, tokens.size() ==
-  // block_size.
-  uint64_t Insert(const BlockHash& hash, BlockId block, uint64_t parent_id,
-                  absl::Span<const TokenId> tokens);
+  // Exact confirmation of a candidate: its parent is `parent_id` and its
+  // block_size tokens equal `tokens`. REQUIRES: block registered.
+  bool Matches(BlockId block, uint64_t parent_id, const TokenId* tokens) const {
+    ABSL_ASSERT(registered(block));
+    return ids_[block].parent == parent_id &&
+           TokensEqual(&tokens_[static_cast<size_t>(block) * block_size_],
+                       tokens);
+  }
+  // The length of the longest run of registered blocks that continue a chain
+  // from `root_id` (at most `count`): block i has hash hashes[i], its tokens
+  // equal tokens[i * block_size ...] and its parent is block i - 1 (the root
+  // for i = 0). Writes the blocks to blocks[i] (room for `count`) and the last
+  // one's content id (root_id if none) to `last_id`.
+  int64_t LongestMatch(const BlockHash* hashes, const TokenId* tokens,
+                       int64_t count, uint64_t root_id, BlockId* blocks,
+                       uint64_t& last_id) const;
+  // LongestMatch for 16-token blocks and the XXH3 block hash, with the hash
+  // chain made in the same loop, a few blocks ahead of the compare (its
+  // latency then overlaps the lookups): appends the hashes of the `full`
+  // blocks of `tokens` to `hashes` (which needs the capacity) and matches up
+  // to `count` <= full of them. REQUIRES: block_size 16.
+  int64_t HashAndMatch16(const BlockHash& root_hash, const TokenId* tokens,
+                         int64_t full, int64_t count, uint64_t root_id,
+                         std::vector<BlockHash>& hashes, BlockId* blocks,
+                         uint64_t& last_id) const;
+  // Registers `block` under `hash` (its new content id in `content_id`) and
+  // returns -1, unless a block is registered under `hash` already: returns
+  // that one and changes nothing. REQUIRES: `block` not registered; `tokens`
+  // holds block_size tokens.
+  BlockId FindOrInsert(const BlockHash& hash, BlockId block, uint64_t parent_id,
+                       const TokenId* tokens, uint64_t& content_id);
   // Drops a registered block (it was evicted).
   void Erase(BlockId block);
 
-  bool registered(BlockId block) const { return content_id_[block] != 0; }
-  uint64_t content_id(BlockId block) const { return content_id_[block]; }
-  const BlockHash& hash(BlockId block) const { return hash_[block]; }
+  bool registered(BlockId block) const { return ids_[block].content != 0; }
+  uint64_t content_id(BlockId block) const { return ids_[block].content; }
+  const BlockHash& hash(BlockId block) const { return ids_[block].hash; }
   size_t size() const { return table_.size(); }
   const BlockHashTable& table() const { return table_; }
 
@@ -70,6 +99,38 @@ class PrefixCacheIndex {
   uint64_t RootId(int64_t adapter_id, const std::string& salt);
 
  private:
+  struct Ids {             // One per block: 32 bytes, two to a cache line.
+    BlockHash hash;        // Registered under (Erase finds its slot by it).
+    uint64_t parent = 0;   // Content id of the parent.
+    uint64_t content = 0;  // 0 when not registered.
+  };
+  // Inline, with a branch-free 64-byte compare for 16-token blocks: a hit
+  // compares every block of the prompt.
+  bool TokensEqual(const TokenId* a, const TokenId* b) const {
+    return TokensEqual(a, b, block_size_);
+  }
+  static bool TokensEqual(const TokenId* a, const TokenId* b,
+                          int32_t block_size) {
+#ifdef __SSE2__
+    if (block_size == 16) {
+      const __m128i* x = reinterpret_cast<const __m128i*>(a);
+      const __m128i* y = reinterpret_cast<const __m128i*>(b);
+      const __m128i eq = _mm_and_si128(
+          _mm_and_si128(
+              _mm_cmpeq_epi8(_mm_loadu_si128(x), _mm_loadu_si128(y)),
+              _mm_cmpeq_epi8(_mm_loadu_si128(x + 1), _mm_loadu_si128(y + 1))),
+          _mm_and_si128(
+              _mm_cmpeq_epi8(_mm_loadu_si128(x + 2), _mm_loadu_si128(y + 2)),
+              _mm_cmpeq_epi8(_mm_loadu_si128(x + 3), _mm_loadu_si128(y + 3))));
+      return _mm_movemask_epi8(eq) == 0xffff;
+    }
+#endif
+    return std::memcmp(a, b, block_size * sizeof(TokenId)) == 0;
+  }
+
+  uint64_t Register(const BlockHash& hash, BlockId block, uint64_t parent_id,
+                    const TokenId* tokens);
+
   int32_t block_size_;
   uint64_t next_id_ = 1;  // 0 means "not registered".
   BlockHashTable table_;
@@ -79,10 +140,8 @@ class PrefixCacheIndex {
   std::unordered_map<std::pair<int64_t, std::string>, uint64_t,
                      absl::Hash<std::pair<int64_t, std::string>>>
       roots_;
-  std::vector<BlockHash> hash_;       // Per block.
-  std::vector<uint64_t> content_id_;  // Per block; 0 when not registered.
-  std::vector<uint64_t> parent_id_;   // Per block.
-  std::vector<TokenId> tokens_;       // num_blocks * block_size.
+  std::vector<Ids> ids_;         // Per block.
+  std::vector<TokenId> tokens_;  // num_blocks * block_size.
 };
 
 }  // namespace internal

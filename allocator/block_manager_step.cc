@@ -1,0 +1,351 @@
+// BlockManager: reserving room for a batch - Reserve (all or nothing) and
+// CanReserve - and the plan records. Commit and Abort are in
+// block_manager_commit.cc.
+//
+// Reserve makes one pass over the batch (StartBatch). It first allocates what
+// the plan needs (StepPlan vectors, a recycled plan record), then checks each
+// request and, before changing its sequence, grows that sequence's vectors,
+// and then changes only what Rollback can undo: the known tokens, the marks
+// `reserved` and `plan_id`, and for a sequence whose tokens fit in its tail
+// block (a decode step) its slots, computed from `tail_block`, so that the
+// block list is not touched. A sequence that needs new blocks or a copy is
+// left for FinishBatch, which changes the pool only once the whole batch is
+// known to fit. An error or an exception (std::bad_alloc) rolls the pass back,
+// so a failed Reserve changes nothing.
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/base/macros.h"
+#include "absl/base/optimization.h"
+#include "absl/strings/str_cat.h"
+#include "allocator/block_manager.h"
+#include "allocator/block_manager_impl.h"
+
+namespace kvcache {
+
+using internal::ReserveGeometric;
+using internal::Sequence;
+
+namespace {
+
+// Whether a request passes the checks: its sequence exists, is not marked
+// (`reserved` is 0 for every sequence without a plan until the pass over the
+// batch marks it), and 1 <= num_tokens <= its known tokens not computed (in
+// one comparison).
+ABSL_ATTRIBUTE_ALWAYS_INLINE inline bool Admissible(const ReserveRequest& r,
+                                                    const Sequence* s,
+                                                    int64_t bs) {
+  if (s == nullptr || s->reserved != 0) return false;
+  const int64_t room =
+      s->known(bs) + static_cast<int64_t>(r.new_token_ids.size()) - s->computed;
+  return static_cast<uint64_t>(r.num_tokens - 1) < static_cast<uint64_t>(room);
+}
+
+// Appends the request's new tokens (REQUIRES: the capacity) and marks the
+// sequence as reserved for the plan (Rollback undoes both).
+ABSL_ATTRIBUTE_ALWAYS_INLINE inline void AppendAndMark(Sequence& s,
+                                                       const ReserveRequest& r,
+                                                       uint64_t plan_id) {
+  if (r.new_token_ids.size() == 1) {
+    s.tokens.push_back(r.new_token_ids[0]);
+  } else {
+    s.tokens.insert(s.tokens.end(), r.new_token_ids.begin(),
+                    r.new_token_ids.end());
+  }
+  s.reserved = r.num_tokens;
+  s.plan_id = plan_id;
+}
+
+// The error of a request that failed Admissible, where `plan_id` is the plan
+// being made (0 in CanReserve). Cold.
+ABSL_ATTRIBUTE_NOINLINE absl::Status RequestError(const ReserveRequest& r,
+                                                  const Sequence* s,
+                                                  uint64_t plan_id,
+                                                  int64_t bs) {
+  if (s == nullptr) {
+    return absl::NotFoundError(
+        absl::StrCat("sequence ", r.sequence, " not found"));
+  }
+  if (s->plan_id != 0 && s->plan_id != plan_id) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", r.sequence,
+        " already has an uncommitted reservation (plan ", s->plan_id, ")"));
+  }
+  if (s->reserved != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence ", r.sequence, " is named twice in one reserve"));
+  }
+  if (r.num_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("reserve of ", r.num_tokens, " tokens for sequence ",
+                     r.sequence, ": num_tokens must be >= 1"));
+  }
+  const int64_t known =
+      s->known(bs) + static_cast<int64_t>(r.new_token_ids.size());
+  return absl::InvalidArgumentError(
+      absl::StrCat("reserve of ", r.num_tokens, " tokens for sequence ",
+                   r.sequence, ": ", s->computed, " computed + ", r.num_tokens,
+                   " exceeds the ", known, " known tokens"));
+}
+
+absl::Status NoRoom(size_t batch_size, int64_t needed, int64_t available) {
+  return absl::ResourceExhaustedError(
+      absl::StrCat("reserve for ", batch_size, " sequences needs ", needed,
+                   " new blocks, only ", available, " are free or evictable"));
+}
+
+}  // namespace
+
+// ---- Lookups and CanReserve ------------------------------------------------
+
+Sequence* BlockManager::Impl::LookupMiss(size_t i, SequenceId id) const {
+  Sequence* s = by_id_.Find(id);
+  cache_ids_[i] = id;
+  batch_[i] = s;
+  cache_valid_ = std::max(cache_valid_, i + 1);
+  return s;
+}
+
+void BlockManager::Impl::PrepareLookups(size_t n) const {
+  if (cache_gen_ != generation_) {  // A sequence came or went: forget all.
+    cache_gen_ = generation_;
+    cache_valid_ = 0;
+  }
+  if (cache_ids_.size() < n || batch_.size() < n) {
+    // Both capacities first (may throw), then the sizes (cannot).
+    cache_ids_.reserve(n);
+    batch_.reserve(n);
+    cache_ids_.resize(n);
+    batch_.resize(n);
+  }
+}
+
+void BlockManager::Impl::UnmarkBatch(size_t n) const {
+  for (size_t i = 0; i < n; ++i) batch_[i]->reserved = 0;
+}
+
+absl::Status BlockManager::Impl::CanReserve(
+    absl::Span<const ReserveRequest> batch) const {
+  if (batch.empty())
+    return absl::InvalidArgumentError("reserve of an empty batch");
+  PrepareLookups(batch.size());
+  const int64_t bs = options_.block_size;
+  int64_t needed = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const ReserveRequest& r = batch[i];
+    Sequence* s = Lookup(i, r.sequence);
+    if (!Admissible(r, s, bs)) {
+      absl::Status error = RequestError(r, s, /*plan_id=*/0, bs);
+      UnmarkBatch(i);
+      return error;
+    }
+    needed += BlocksNeeded(*s, r.num_tokens, NeedsCopy(*s));
+    s->reserved = r.num_tokens;  // Marks it, for a second mention.
+  }
+  UnmarkBatch(batch.size());
+  const int64_t available = pool_.num_free() + pool_.num_cached();
+  if (needed > available) return NoRoom(batch.size(), needed, available);
+  return absl::OkStatus();
+}
+
+// ---- Reserve ---------------------------------------------------------------
+
+// A spare record sized for the batch (spare_records_.back()). May throw
+// std::bad_alloc, changing nothing observable.
+BlockManager::Impl::PlanRecord& BlockManager::Impl::SpareRecord(
+    size_t batch_size) {
+  if (spare_records_.empty()) {
+    ReserveGeometric(records_, records_.size() + 1);
+    ReserveGeometric(spare_records_, records_.size() + 1);
+    records_.push_back(std::make_unique<PlanRecord>());
+    spare_records_.push_back(records_.back().get());
+  }
+  PlanRecord& record = *spare_records_.back();
+  record.sequences.resize(batch_size);
+  record.tokens_before.resize(batch_size);
+  record.fillers.clear();
+  record.fillers.reserve(batch_size);
+  return record;
+}
+
+// The pass over the batch (see the top of this file). Returns the first
+// request's error; progress.done sequences are changed either way (also when
+// it throws).
+absl::Status BlockManager::Impl::StartBatch(
+    absl::Span<const ReserveRequest> batch, StepPlan& plan, PlanRecord& record,
+    BatchProgress& p) {
+  return math_.pow2() ? StartBatchAs<true>(batch, plan, record, p)
+                      : StartBatchAs<false>(batch, plan, record, p);
+}
+
+// StartBatch for a block size that is (kPow2) or is not a power of two. Hot:
+// everything it reads often is held in locals, since the compiler must assume
+// that its int64 stores alias the members.
+template <bool kPow2>
+absl::Status BlockManager::Impl::StartBatchAs(
+    absl::Span<const ReserveRequest> batch, StepPlan& plan, PlanRecord& record,
+    BatchProgress& p) {
+  const int64_t bs = options_.block_size;
+  const bool caching = options_.enable_prefix_caching;
+  const uint64_t plan_id = next_plan_id_;
+  const size_t n = batch.size();
+  size_t valid = cache_valid_;
+  SequenceId* out_ids = plan.sequences.data();
+  int64_t* out_tokens = plan.num_tokens.data();
+  size_t* tokens_before = record.tokens_before.data();
+  int64_t* slots = plan.slot_mapping.data();
+  int64_t slots_size = static_cast<int64_t>(plan.slot_mapping.size());
+  int64_t slots_used = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (i + 8 < valid) __builtin_prefetch(batch_[i + 8], /*rw=*/1);
+    const ReserveRequest& r = batch[i];
+    Sequence* s = LookupAt(i, r.sequence, valid);
+    if (ABSL_PREDICT_FALSE(!Admissible(r, s, bs))) {
+      p.done = i;
+      return RequestError(r, s, plan_id, bs);
+    }
+    const int64_t num_tokens = r.num_tokens;
+    const int64_t offset = kPow2 ? s->computed & (bs - 1) : s->computed % bs;
+    const bool copy = s->tail_maybe_shared && offset != 0 &&
+                      pool_.ref_count(s->tail_block) > 1;
+    const bool fits_tail = !copy && offset != 0 && offset + num_tokens <= bs;
+    // Allocate first (until its marks below, the sequence is unchanged).
+    if (ABSL_PREDICT_FALSE(!fits_tail ||
+                           s->tokens.size() + r.new_token_ids.size() >
+                               s->tokens.capacity() ||
+                           slots_used + num_tokens > slots_size)) {
+      p.done = i;  // In case it throws.
+      p.slots = slots_used;
+      PrepareSlow(*s, r, copy, fits_tail, plan, p);
+      slots = plan.slot_mapping.data();
+      slots_size = static_cast<int64_t>(plan.slot_mapping.size());
+    }
+    // Change the sequence (no allocation: the capacities are there).
+    tokens_before[i] = s->tokens.size();
+    AppendAndMark(*s, r, plan_id);
+    if (ABSL_PREDICT_TRUE(fits_tail)) {
+      // The tail block is this sequence's alone (else it would be copied).
+      s->tail_maybe_shared = false;
+      const int64_t base = static_cast<int64_t>(s->tail_block) * bs + offset;
+      slots[slots_used] = base;
+      for (int64_t k = 1; k < num_tokens; ++k) slots[slots_used + k] = base + k;
+    } else {
+      slow_.push_back(  // Has the capacity.
+          SlowPath{i, static_cast<size_t>(slots_used), copy});
+    }
+    slots_used += num_tokens;
+    if (caching && offset + num_tokens >= bs)
+      record.fillers.push_back(static_cast<int32_t>(i));
+    out_ids[i] = r.sequence;
+    out_tokens[i] = num_tokens;
+  }
+  p.done = n;
+  p.slots = slots_used;
+  return absl::OkStatus();
+}
+
+// StartBatch's allocations for a request that needs more capacity, new blocks
+// or a copy (counted in `p`). May throw std::bad_alloc, changing nothing
+// observable.
+void BlockManager::Impl::PrepareSlow(Sequence& s, const ReserveRequest& r,
+                                     bool copy, bool fits_tail, StepPlan& plan,
+                                     BatchProgress& p) {
+  ReserveGeometric(s.tokens, s.tokens.size() + r.new_token_ids.size());
+  const size_t slot_end = static_cast<size_t>(p.slots + r.num_tokens);
+  if (slot_end > plan.slot_mapping.size())
+    plan.slot_mapping.resize(std::max(slot_end, 2 * plan.slot_mapping.size()));
+  if (fits_tail) return;
+  const int64_t end = s.computed + r.num_tokens;
+  ReserveGeometric(s.blocks, static_cast<size_t>(math_.CeilDiv(end)));
+  p.needed += BlocksNeeded(s, r.num_tokens, copy);
+  p.copies += copy;
+}
+
+// Undoes StartBatch's changes to the batch's first n sequences.
+void BlockManager::Impl::Rollback(const PlanRecord& record, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    Sequence& s = *batch_[i];
+    s.tokens.resize(record.tokens_before[i]);
+    s.reserved = 0;
+    s.plan_id = 0;
+  }
+}
+
+// The blocks of a sequence that needs new ones or a copy, and its slots.
+void BlockManager::Impl::ApplySlow(const SlowPath& path,
+                                   absl::Span<const ReserveRequest> batch,
+                                   StepPlan& plan) {
+  const int64_t bs = options_.block_size;
+  Sequence& s = *batch_[path.index];
+  if (path.copy) {
+    const BlockId fresh = AllocateBlock();
+    plan.copies.push_back(BlockCopy{s.blocks.back(), fresh});
+    s.cow_src = s.blocks.back();  // Keeps its reference: the copy reads it.
+    s.blocks.back() = fresh;
+  }
+  const int64_t end = s.computed + batch[path.index].num_tokens;
+  const size_t num_blocks = static_cast<size_t>(math_.CeilDiv(end));
+  while (s.blocks.size() < num_blocks) s.blocks.push_back(AllocateBlock());
+  s.tail_block = s.blocks.back();
+  s.tail_maybe_shared = false;  // Fresh, or copied.
+  int64_t* slot = &plan.slot_mapping[path.slot];
+  for (int64_t p = s.computed; p < end;) {
+    const int64_t offset = math_.Mod(p);
+    const int64_t run = std::min(end - p, bs - offset);
+    const int64_t base = static_cast<int64_t>(s.blocks[math_.Div(p)]) * bs;
+    for (int64_t k = 0; k < run; ++k) *slot++ = base + offset + k;
+    p += run;
+  }
+}
+
+// After the pass: refuses a batch that does not fit, registers the plan, then
+// changes the pool. Only the registration may throw (std::bad_alloc).
+absl::Status BlockManager::Impl::FinishBatch(
+    absl::Span<const ReserveRequest> batch, const BatchProgress& p,
+    StepPlan& plan, PlanRecord& record) {
+  const int64_t available = pool_.num_free() + pool_.num_cached();
+  if (p.needed > available) return NoRoom(batch.size(), p.needed, available);
+  plan.copies.reserve(p.copies);
+  plans_.emplace(next_plan_id_, &record);
+  // From here on nothing can fail or allocate.
+  spare_records_.pop_back();  // `record`.
+  plan.id = next_plan_id_++;
+  for (const SlowPath& path : slow_) ApplySlow(path, batch, plan);
+  std::copy(batch_.begin(), batch_.begin() + batch.size(),
+            record.sequences.begin());
+  plan.slot_mapping.resize(p.slots);  // Shrinks: no allocation.
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
+    absl::Span<const ReserveRequest> batch) {
+  if (batch.empty())
+    return absl::InvalidArgumentError("reserve of an empty batch");
+  // Allocations before any change (may throw std::bad_alloc).
+  const size_t n = batch.size();
+  PrepareLookups(n);
+  slow_.clear();
+  slow_.reserve(n);
+  StepPlan plan;
+  plan.sequences.resize(n);
+  plan.num_tokens.resize(n);
+  plan.slot_mapping.resize(n);  // Grown by the pass when it needs more.
+  PlanRecord& record = SpareRecord(n);
+  BatchProgress progress;
+  absl::Status status;
+  try {
+    status = StartBatch(batch, plan, record, progress);
+    if (status.ok()) status = FinishBatch(batch, progress, plan, record);
+  } catch (...) {
+    Rollback(record, progress.done);
+    throw;
+  }
+  if (!status.ok()) {
+    Rollback(record, progress.done);
+    return status;
+  }
+  return plan;
+}
+
+}  // namespace kvcache

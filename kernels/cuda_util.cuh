@@ -70,37 +70,6 @@ __device__ __forceinline__ uint32_t GroupMax(uint32_t m, unsigned mask) {
   return m;
 }
 
-// row = token * heads + head; 32-bit division when the numbers allow it.
-__device__ __forceinline__ void SplitRow(int64_t row, int64_t heads,
-                                         int64_t* token, int64_t* head) {
-  if (row <= 0xFFFFFFFFll && heads <= 0xFFFFFFFFll) {
-    const uint32_t r = static_cast<uint32_t>(row);
-    const uint32_t h = static_cast<uint32_t>(heads);
-    const uint32_t t = r / h;
-    *token = t;
-    *head = r - t * h;
-  } else {
-    *token = row / heads;
-    *head = row - *token * heads;
-  }
-}
-
-// row = token * heads + head, with the host-built divider when the row fits
-// its range (always, short of 2^31 rows).
-__device__ __forceinline__ void SplitRow(int64_t row, const FastDivmod& heads,
-                                         int64_t heads64, int64_t* token,
-                                         int64_t* head) {
-  if (row < FastDivmod::kDividendLimit) {
-    uint32_t t, h;
-    heads.Divmod(static_cast<uint32_t>(row), &t, &h);
-    *token = t;
-    *head = h;
-  } else {
-    *token = row / heads64;
-    *head = row - *token * heads64;
-  }
-}
-
 // Programmatic dependent launch (sm_90 and newer; no-ops before): a kernel
 // launched with the programmatic-serialization attribute may start while the
 // previous kernel in its stream finishes. WaitForPriorGrids blocks until that

@@ -4,9 +4,11 @@
 // offset, this way). Plain value type built on the host and passed by value to
 // kernels; thread-compatible.
 //
-//   FastDivmod heads(8);
+//   FastDivmod heads = FastDivmod::Make(8);
 //   uint32_t t, h;
 //   heads.Divmod(row, &t, &h);   // REQUIRES: row < 2^31
+//   int64_t t64, h64;
+//   heads.Divmod(row64, &t64, &h64);   // any row64 >= 0
 //
 // For a divisor d with 2^(l-1) < d <= 2^l, multiplier = ceil(2^(31+l) / d) fits
 // 32 bits and floor(n * multiplier / 2^(31+l)) == n / d for every n < 2^31.
@@ -54,6 +56,20 @@ struct FastDivmod {
   KVCACHE_HOST_DEVICE void Divmod(uint32_t n, uint32_t* q, uint32_t* r) const {
     *q = Div(n);
     *r = n - *q * divisor;
+  }
+
+  // Any non-negative 64-bit dividend: the fast path below kDividendLimit, an
+  // integer division above it.
+  KVCACHE_HOST_DEVICE void Divmod(int64_t n, int64_t* q, int64_t* r) const {
+    if (n < kDividendLimit) {
+      uint32_t q32, r32;
+      Divmod(static_cast<uint32_t>(n), &q32, &r32);
+      *q = q32;
+      *r = r32;
+    } else {
+      *q = n / divisor;
+      *r = n - *q * divisor;
+    }
   }
 };
 

@@ -30,17 +30,8 @@ __device__ __forceinline__ int64_t GatherSlotOf(const GatherParams& p,
   if (p.slots != nullptr) {
     slot = __ldg(p.slots + t);
   } else {
-    const int64_t pos = p.token_begin + t;
     int64_t block_index, offset;
-    if (pos < FastDivmod::kDividendLimit) {
-      uint32_t q, r;
-      block_size.Divmod(static_cast<uint32_t>(pos), &q, &r);
-      block_index = q;
-      offset = r;
-    } else {
-      block_index = pos / layout.block_size;
-      offset = pos - block_index * layout.block_size;
-    }
+    block_size.Divmod(p.token_begin + t, &block_index, &offset);
     const int64_t block = __ldg(p.block_table + block_index);
     slot = block < 0 ? -1 : block * layout.block_size + offset;
   }
@@ -146,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
                      threadIdx.x / kGroup;
        row < rows; row += stride) {
     int64_t t, h;
-    SplitRow(row, dividers.heads, layout.num_heads, &t, &h);
+    dividers.heads.Divmod(row, &t, &h);
     const int64_t slot = GatherSlotOf(p, dividers.block_size, t);
     // A padding row reads slot 0 (always in the cache) and discards it, so the
     // loads need no branch.
@@ -180,8 +171,8 @@ __global__ void __launch_bounds__(kThreads)
     const bool valid = slot >= 0;
     bool fast = false;
     if constexpr (std::is_same_v<Cache, Int8Type>) {
-      fast = valid && (FloatBits(kscale) & 0x7FFFFFFFu) < 0x7F800000u &&
-             (FloatBits(vscale) & 0x7FFFFFFFu) < 0x7F800000u;
+      fast = valid && AbsBits(kscale) < 0x7F800000u &&
+             AbsBits(vscale) < 0x7F800000u;
     }
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
@@ -225,7 +216,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
            static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
        row < rows; row += stride) {
     int64_t t, h;
-    SplitRow(row, dividers.heads, layout.num_heads, &t, &h);
+    dividers.heads.Divmod(row, &t, &h);
     const int64_t slot = GatherSlotOf(p, dividers.block_size, t);
     const CacheT* ksrc = nullptr;
     const CacheT* vsrc = nullptr;

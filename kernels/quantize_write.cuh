@@ -34,12 +34,9 @@ __device__ __forceinline__ void VecToFloats(
   const uint32_t w[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    if constexpr (std::is_same_v<In, BFloat16Type>) {
-      f[2 * i] = BitsToFloat(w[i] << 16);
-      f[2 * i + 1] = BitsToFloat(w[i] & 0xFFFF0000u);
-    } else if constexpr (std::is_same_v<In, Float16Type>) {
-      f[2 * i] = Float16ToFloat(static_cast<uint16_t>(w[i]));
-      f[2 * i + 1] = Float16ToFloat(static_cast<uint16_t>(w[i] >> 16));
+    if constexpr (kIs16BitInput<In>) {
+      f[2 * i] = In::ToFloat(static_cast<uint16_t>(w[i]));
+      f[2 * i + 1] = In::ToFloat(static_cast<uint16_t>(w[i] >> 16));
     } else {
       f[i] = BitsToFloat(w[i]);
     }
@@ -67,11 +64,7 @@ __device__ __forceinline__ uint32_t VecAbsMax(const uint4& x, uint32_t m) {
 // Float bits of a 16-bit |x| maximum.
 template <class In>
 __device__ __forceinline__ uint32_t HalfMaxToFloatBits(uint32_t h) {
-  if constexpr (std::is_same_v<In, BFloat16Type>) {
-    return h << 16;
-  } else {
-    return FloatBits(Float16ToFloat(static_cast<uint16_t>(h)));
-  }
+  return FloatBits(In::ToFloat(static_cast<uint16_t>(h)));
 }
 
 // Codes of four scaled values packed little-endian in one word. `finite`
@@ -155,7 +148,7 @@ __global__ void __launch_bounds__(kThreads)
                      threadIdx.x / kGroup;
        row < rows; row += stride) {
     int64_t t, h;
-    SplitRow(row, dividers.heads, layout.num_heads, &t, &h);
+    dividers.heads.Divmod(row, &t, &h);
     const int64_t slot = __ldg(p.slot_mapping + t);
     const uint4* ksrc = reinterpret_cast<const uint4*>(
         key + (t * p.input.key_token_stride + h * p.input.key_head_stride) *
@@ -190,14 +183,14 @@ __global__ void __launch_bounds__(kThreads)
         if (idx < nv) reinterpret_cast<uint4*>(vdst)[idx] = vx[i];
       }
     } else {
+      uint32_t km = 0, vm = 0;
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        km = VecAbsMax<In>(kx[i], km);
+        vm = VecAbsMax<In>(vx[i], vm);
+      }
       uint32_t kbits, vbits;
       if constexpr (kIs16BitInput<In>) {
-        uint32_t km = 0, vm = 0;
-#pragma unroll
-        for (int i = 0; i < kVecs; ++i) {
-          km = VecAbsMax<In>(kx[i], km);
-          vm = VecAbsMax<In>(vx[i], vm);
-        }
         // (K max, V max) as one pair of 16-bit halves, reduced together.
         uint32_t m =
             __vmaxu2(__byte_perm(km, vm, 0x5410), __byte_perm(km, vm, 0x7632));
@@ -208,12 +201,6 @@ __global__ void __launch_bounds__(kThreads)
         kbits = HalfMaxToFloatBits<In>(m & 0xFFFFu);
         vbits = HalfMaxToFloatBits<In>(m >> 16);
       } else {
-        uint32_t km = 0, vm = 0;
-#pragma unroll
-        for (int i = 0; i < kVecs; ++i) {
-          km = VecAbsMax<In>(kx[i], km);
-          vm = VecAbsMax<In>(vx[i], vm);
-        }
         kbits = GroupMax<kGroup>(km, mask);
         vbits = GroupMax<kGroup>(vm, mask);
       }
@@ -280,7 +267,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
            static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
        row < rows; row += stride) {
     int64_t t, h;
-    SplitRow(row, dividers.heads, layout.num_heads, &t, &h);
+    dividers.heads.Divmod(row, &t, &h);
     const int64_t slot = p.slot_mapping[t];
     if (slot < 0 || slot >= layout.num_slots()) continue;
     const int64_t s = layout.scale_offset(slot, h);

@@ -55,6 +55,23 @@ TEST(FastDivmodTest, MatchesDivisionOnRandomValues) {
   }
 }
 
+TEST(FastDivmodTest, SixtyFourBitDividendsMatchDivision) {
+  std::mt19937_64 rng(std::random_device{}());
+  for (uint32_t d : Divisors()) {
+    const FastDivmod f = FastDivmod::Make(d);
+    for (int i = 0; i < 2000; ++i) {
+      // Both sides of the 2^31 boundary, and far above it.
+      const int64_t n =
+          i % 3 == 0 ? FastDivmod::kDividendLimit - 1000 + i
+                     : static_cast<int64_t>(rng() >> (i % 3 == 1 ? 1 : 30));
+      int64_t q = 0, r = 0;
+      f.Divmod(n, &q, &r);
+      ASSERT_EQ(q, n / d) << n << " / " << d;
+      ASSERT_EQ(r, n % d) << n << " % " << d;
+    }
+  }
+}
+
 TEST(FastDivmodTest, EveryDividendForSmallDivisors) {
   // The divisors the kernels see most (head counts and block sizes), over a
   // dense prefix and a strided sweep of the whole 31-bit range.

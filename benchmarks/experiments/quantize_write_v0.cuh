@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "benchmarks/experiments/split_row_v0.cuh"
 #include "kernels/cache_layout.h"
 #include "kernels/cuda_util.cuh"
 #include "kernels/kernel_params.h"

@@ -449,6 +449,7 @@ void RegisterAll() {
   }
   for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
     writes.push_back({16384, 8, 64, DType::kBFloat16, cache, true, false});
+    writes.push_back({16384, 8, 64, DType::kBFloat16, cache, false, false});
     writes.push_back({16384, 8, 256, DType::kBFloat16, cache, true, false});
     writes.push_back({16384, 32, 128, DType::kBFloat16, cache, true, false});
     writes.push_back({16384, 8, 128, DType::kFloat32, cache, true, false});

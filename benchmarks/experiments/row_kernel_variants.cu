@@ -13,6 +13,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "benchmarks/experiments/gather_v0.cuh"
@@ -51,12 +52,18 @@ void* Alloc(size_t bytes) {
   return p;
 }
 
+// Fills with Gaussian bf16 values: an 8 MiB random pattern (per seed), tiled.
 void FillRandomBf16(void* dst, size_t bytes, uint64_t seed) {
-  std::vector<uint16_t> h(bytes / 2);
+  constexpr size_t kPattern = size_t{8} << 20;
+  std::vector<uint16_t> h(kPattern / 2);
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> n(0, 1);
   for (auto& x : h) x = internal::PortableFloatToBFloat16(n(rng));
-  X_CHECK(cudaMemcpy(dst, h.data(), bytes, cudaMemcpyHostToDevice));
+  for (size_t off = 0; off < bytes; off += kPattern) {
+    X_CHECK(cudaMemcpy(static_cast<char*>(dst) + off, h.data(),
+                       std::min(kPattern, bytes - off),
+                       cudaMemcpyHostToDevice));
+  }
 }
 
 // Median microseconds per launch of `launch(set)` over `sets` launches a rep.
@@ -116,6 +123,14 @@ void Launch(void (*k)(P...), int64_t blocks, int threads, bool pdl,
   }
 }
 
+// Blocks of `kernel` the device holds at once.
+int64_t Resident(const void* kernel, int threads) {
+  int occ = 0;
+  X_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, 0));
+  return int64_t{occ} * g_sms;
+}
+
 // Reads each row like the write kernel and writes 8 bytes per vector and the
 // scales, without the arithmetic: the access pattern's own speed.
 __global__ void __launch_bounds__(128)
@@ -162,8 +177,11 @@ struct WriteSetup {
   double bytes;
 };
 
+// Scattered: one random block per token out of region * T blocks (in
+// ascending block order when `sorted`); otherwise consecutive slots.
 WriteSetup MakeWrite(int64_t T, int64_t H, int64_t D, bool scattered,
-                     DType cache_dtype, int max_sets) {
+                     DType cache_dtype, int max_sets, int region = 2,
+                     bool sorted = false) {
   WriteSetup w{T, H, D, scattered, 0, {}, 0};
   const size_t in_bytes = T * H * D * 2;
   w.sets = static_cast<int>(
@@ -174,7 +192,7 @@ WriteSetup MakeWrite(int64_t T, int64_t H, int64_t D, bool scattered,
   layout.head_size = D;
   layout.head_size_v = D;
   layout.cache_dtype = cache_dtype;
-  layout.num_blocks = scattered ? T * 2 : (T + 15) / 16;
+  layout.num_blocks = scattered ? T * region : (T + 15) / 16;
   LayerCache cache;
   cache.layout = layout;
   cache.key_cache = Alloc(layout.num_blocks * layout.key_block_elems());
@@ -188,6 +206,7 @@ WriteSetup MakeWrite(int64_t T, int64_t H, int64_t D, bool scattered,
     std::vector<int64_t> slots(T), blocks(layout.num_blocks);
     std::iota(blocks.begin(), blocks.end(), 0);
     std::shuffle(blocks.begin(), blocks.end(), rng);
+    if (sorted) std::sort(blocks.begin(), blocks.begin() + T);
     for (int64_t t = 0; t < T; ++t)
       slots[t] = scattered ? blocks[t] * 16 + t % 16 : t;
     QuantizeWriteParams p;
@@ -234,67 +253,50 @@ void Clear(const QuantizeWriteParams& p) {
   X_CHECK(cudaDeviceSynchronize());
 }
 
-template <class Cache, int kGroup, int kThreads>
-void WriteVariants(WriteSetup& w, const std::string& tag, bool decode,
-                   bool all_grids, cudaStream_t s) {
+// The write kernel, checked byte for byte against v0's output `ref`, on the
+// production grid (two rows per group plus 1/32; one row per group when that
+// fits one wave) and on one row per group.
+template <class Cache, int kGroup>
+void WriteProduction(WriteSetup& w, const std::string& tag, bool decode,
+                     const std::vector<uint8_t>& ref, cudaStream_t s) {
   internal::RowDividers d;
   d.heads = internal::FastDivmod::Make(w.H);
   d.block_size = internal::FastDivmod::Make(16);
-  const int64_t rows = w.T * w.H;
-  auto v0 = &v0::QuantizeWriteVecKernel<BFloat16Type, Cache, kGroup, 1>;
-  auto v1 = &internal::QuantizeWriteVecKernel<BFloat16Type, Cache, kGroup, 1,
-                                              kThreads>;
-  const int per_block = kThreads / kGroup;
-  const int64_t exact = (rows + per_block - 1) / per_block;
-  const int64_t cap64 = std::min<int64_t>(exact, int64_t{g_sms} * 64);
-  const int64_t v0_blocks = std::min<int64_t>(
-      (rows + 128 / kGroup - 1) / (128 / kGroup), int64_t{g_sms} * 64);
-  auto time = [&](const std::function<void(int)>& f) {
+  auto k =
+      &internal::QuantizeWriteVecKernel<BFloat16Type, Cache, kGroup, 1, 128>;
+  const int64_t per_block = 128 / kGroup;
+  const int64_t exact = (w.T * w.H + per_block - 1) / per_block;
+  const int64_t r2 = (exact + 1) / 2;
+  const int64_t production = exact <= int64_t{g_sms} * 8 ? exact : r2 + r2 / 32;
+  Clear(w.params[0]);
+  Launch(k, production, 128, true, s, w.params[0], d);
+  const std::string name = tag + " v3";
+  std::printf(
+      "%s: %s v0\n", name.c_str(),
+      Snapshot(w.params[0]) == ref ? "bit-identical to" : "DIFFERS FROM");
+  auto time = [&](int64_t blocks) {
+    auto f = [&](int i) { Launch(k, blocks, 128, true, s, w.params[i], d); };
     return decode ? TimeGraph(f, w.sets, 30, s)
                   : TimeLaunches(f, w.sets, 30, s);
   };
-  const std::string name = tag + " v1 t" + std::to_string(kThreads);
-  {
-    Clear(w.params[0]);
-    v0<<<v0_blocks, 128, 0, s>>>(w.params[0]);
-    const auto ref = Snapshot(w.params[0]);
-    for (int rep = 0; rep < 2; ++rep) {
-      Clear(w.params[0]);
-      Launch(v1, rep == 0 ? cap64 : exact, kThreads, true, s, w.params[0], d);
-      const auto got = Snapshot(w.params[0]);
-      std::printf("%s: v1 %s v0\n", tag.c_str(),
-                  ref == got ? "bit-identical to" : "DIFFERS FROM");
-    }
-    Row(tag + " v0", w.bytes,
-        time([&](int i) { v0<<<v0_blocks, 128, 0, s>>>(w.params[i]); }));
-    Row(name + " cap64 no-pdl", w.bytes, time([&](int i) {
-          Launch(v1, cap64, kThreads, false, s, w.params[i], d);
-        }));
-  }
-  struct G {
-    const char* name;
-    int64_t blocks;
-  };
-  std::vector<G> grids = {{"cap64", cap64}};
-  if (all_grids) {
-    const int64_t r2 = (exact + 1) / 2;
-    grids.push_back({"exact", exact});
-    grids.push_back({"r2", r2});
-    grids.push_back({"r2+3%", r2 + r2 / 32});
-    grids.push_back({"r2+6%", r2 + r2 / 16});
-    grids.push_back({"r2+12%", r2 + r2 / 8});
-  }
-  for (const G& g : grids) {
-    Row(name + " " + g.name + " pdl", w.bytes, time([&](int i) {
-          Launch(v1, g.blocks, kThreads, true, s, w.params[i], d);
-        }));
-  }
+  Row(name + " production pdl", w.bytes, time(production));
+  if (!decode) Row(name + " exact pdl", w.bytes, time(exact));
 }
 
 template <class Cache, int kGroup>
 void WriteAll(WriteSetup& w, const std::string& tag, bool decode,
               cudaStream_t s) {
-  WriteVariants<Cache, kGroup, 128>(w, tag, decode, !decode, s);
+  const int64_t rows = w.T * w.H;
+  auto v0 = &v0::QuantizeWriteVecKernel<BFloat16Type, Cache, kGroup, 1>;
+  const int64_t v0_blocks = std::min<int64_t>(
+      (rows + 128 / kGroup - 1) / (128 / kGroup), int64_t{g_sms} * 64);
+  Clear(w.params[0]);
+  v0<<<v0_blocks, 128, 0, s>>>(w.params[0]);
+  const auto ref = Snapshot(w.params[0]);
+  auto f = [&](int i) { v0<<<v0_blocks, 128, 0, s>>>(w.params[i]); };
+  Row(tag + " v0", w.bytes,
+      decode ? TimeGraph(f, w.sets, 30, s) : TimeLaunches(f, w.sets, 30, s));
+  WriteProduction<Cache, kGroup>(w, tag, decode, ref, s);
 }
 
 void PatternAndMemcpy(WriteSetup& w, const std::string& tag, cudaStream_t s) {
@@ -317,8 +319,16 @@ void PatternAndMemcpy(WriteSetup& w, const std::string& tag, cudaStream_t s) {
           8, 30, s));
 }
 
-template <class Cache, int kThreads>
-void GatherVariants(int64_t T, const std::string& tag, cudaStream_t s) {
+struct GatherSetup {
+  int sets;
+  std::vector<GatherParams> ps;
+  double bytes;
+  size_t out_bytes;
+};
+
+// Gather of T tokens (H = 8, D = 128, block size 16) through block tables of
+// random blocks, one table per rotating set.
+GatherSetup MakeGather(int64_t T, DType cache_dtype) {
   const int64_t H = 8, D = 128, bs = 16;
   const size_t out_bytes = T * H * D * 2;
   const int sets = static_cast<int>(
@@ -329,7 +339,7 @@ void GatherVariants(int64_t T, const std::string& tag, cudaStream_t s) {
   layout.num_heads = H;
   layout.head_size = D;
   layout.head_size_v = D;
-  layout.cache_dtype = Cache::kDType;
+  layout.cache_dtype = cache_dtype;
   layout.num_blocks = per_set * sets;
   LayerCache cache;
   cache.layout = layout;
@@ -371,61 +381,348 @@ void GatherVariants(int64_t T, const std::string& tag, cudaStream_t s) {
                     D};
   }
   const double bytes = 2.0 * T * H * D * 3 + per_set * 4.0 + 2.0 * T * H * 4;
+  return GatherSetup{sets, ps, bytes, out_bytes};
+}
+
+// The gather kernel on grids of resident blocks (production), one row per group
+// and two rows per group, checked byte for byte against v0.
+template <class Cache>
+void GatherProduction(GatherSetup& g, int64_t T, const std::string& tag,
+                      const std::vector<uint8_t>& ref, cudaStream_t s) {
   internal::RowDividers d;
-  d.heads = internal::FastDivmod::Make(H);
-  d.block_size = internal::FastDivmod::Make(bs);
-  const int64_t rows = T * H;
-  auto v0 = &v0::GatherVecKernel<Cache, BFloat16Type, 16, 1>;
-  auto v1 = &internal::GatherVecKernel<Cache, BFloat16Type, 16, 1, kThreads>;
-  const int per_block = kThreads / 16;
-  int occ = 0;
-  X_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, v1, kThreads, 0));
-  const int64_t exact = (rows + per_block - 1) / per_block;
-  const int64_t cap64 = std::min<int64_t>(exact, int64_t{g_sms} * 64);
-  const int64_t persistent = std::min<int64_t>(exact, int64_t{g_sms} * occ);
-  const int64_t v0_blocks =
-      std::min<int64_t>((rows + 7) / 8, int64_t{g_sms} * 64);
-  {
-    std::vector<uint8_t> a(out_bytes), b(out_bytes);
-    X_CHECK(cudaMemset(ps[0].output.key, 0xAB, out_bytes));
-    X_CHECK(cudaDeviceSynchronize());
-    v0<<<v0_blocks, 128, 0, s>>>(ps[0]);
-    X_CHECK(cudaDeviceSynchronize());
-    X_CHECK(cudaMemcpy(a.data(), ps[0].output.key, out_bytes,
-                       cudaMemcpyDeviceToHost));
-    X_CHECK(cudaMemset(ps[0].output.key, 0xAB, out_bytes));
-    X_CHECK(cudaDeviceSynchronize());
-    Launch(v1, cap64, kThreads, true, s, ps[0], d);
-    X_CHECK(cudaDeviceSynchronize());
-    X_CHECK(cudaMemcpy(b.data(), ps[0].output.key, out_bytes,
-                       cudaMemcpyDeviceToHost));
-    std::printf("%s: v1 %s v0\n", tag.c_str(),
-                a == b ? "bit-identical to" : "DIFFERS FROM");
-    {
-      Row(tag + " v0", bytes,
-          TimeLaunches([&](int i) { v0<<<v0_blocks, 128, 0, s>>>(ps[i]); },
-                       sets, 30, s));
-    }
-  }
+  d.heads = internal::FastDivmod::Make(8);
+  d.block_size = internal::FastDivmod::Make(16);
+  auto k = &internal::GatherVecKernel<Cache, BFloat16Type, 16, 1, 128>;
+  const int64_t exact = (T * 8 + 7) / 8;
+  const int64_t resident =
+      std::min<int64_t>(exact, Resident(reinterpret_cast<const void*>(k), 128));
+  std::vector<uint8_t> got(g.out_bytes);
+  X_CHECK(cudaMemset(g.ps[0].output.key, 0xAB, g.out_bytes));
+  X_CHECK(cudaDeviceSynchronize());
+  Launch(k, resident, 128, true, s, g.ps[0], d);
+  X_CHECK(cudaDeviceSynchronize());
+  X_CHECK(cudaMemcpy(got.data(), g.ps[0].output.key, g.out_bytes,
+                     cudaMemcpyDeviceToHost));
+  const std::string name = tag + " v3";
+  std::printf("%s: %s v0\n", name.c_str(),
+              got == ref ? "bit-identical to" : "DIFFERS FROM");
   struct G {
     const char* name;
     int64_t blocks;
-  } grids[] = {{"cap64", cap64},
-               {"persistent", persistent},
-               {"r2", (exact + 1) / 2},
-               {"r4", (exact + 3) / 4}};
-  for (const G& g : grids) {
-    for (bool pdl : {false, true}) {
-      if (!pdl && g.blocks != persistent) continue;
-      Row(tag + " v3 " + g.name + (pdl ? " pdl" : ""), bytes,
-          TimeLaunches(
-              [&](int i) { Launch(v1, g.blocks, kThreads, pdl, s, ps[i], d); },
-              sets, 30, s));
+  } grids[] = {
+      {"resident", resident}, {"exact", exact}, {"r2", (exact + 1) / 2}};
+  for (const G& grid : grids) {
+    Row(name + " " + grid.name + " pdl", g.bytes,
+        TimeLaunches(
+            [&](int i) { Launch(k, grid.blocks, 128, true, s, g.ps[i], d); },
+            g.sets, 30, s));
+  }
+}
+
+template <class Cache>
+void GatherVariants(int64_t T, const std::string& tag, cudaStream_t s) {
+  GatherSetup g = MakeGather(T, Cache::kDType);
+  const int64_t rows = T * 8;
+  auto v0 = &v0::GatherVecKernel<Cache, BFloat16Type, 16, 1>;
+  const int64_t v0_blocks =
+      std::min<int64_t>((rows + 7) / 8, int64_t{g_sms} * 64);
+  std::vector<uint8_t> ref(g.out_bytes);
+  X_CHECK(cudaMemset(g.ps[0].output.key, 0xAB, g.out_bytes));
+  X_CHECK(cudaDeviceSynchronize());
+  v0<<<v0_blocks, 128, 0, s>>>(g.ps[0]);
+  X_CHECK(cudaDeviceSynchronize());
+  X_CHECK(cudaMemcpy(ref.data(), g.ps[0].output.key, g.out_bytes,
+                     cudaMemcpyDeviceToHost));
+  Row(tag + " v0", g.bytes,
+      TimeLaunches([&](int i) { v0<<<v0_blocks, 128, 0, s>>>(g.ps[i]); },
+                   g.sets, 30, s));
+  GatherProduction<Cache>(g, T, tag, ref, s);
+}
+
+// ---- Floors: what the memory system gives each access pattern. ----
+
+// Copies n 16-byte vectors; each thread loads kUnroll vectors before storing.
+template <int kUnroll>
+__global__ void __launch_bounds__(128)
+    CopyKernel(const uint4* __restrict__ src, uint4* __restrict__ dst,
+               int64_t n) {
+  internal::WaitForPriorGrids();
+  internal::AllowDependentGrids();
+  const int64_t stride = int64_t{gridDim.x} * 128 * kUnroll;
+  for (int64_t base = int64_t{blockIdx.x} * 128 * kUnroll + threadIdx.x;
+       base < n; base += stride) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * 128 < n) v[u] = __ldg(src + base + u * 128);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * 128 < n) dst[base + u * 128] = v[u];
     }
   }
 }
 
-void Run() {
+// The write kernel's loads and stores (group of kGroup lanes per row of
+// D = 8 * kGroup bf16 elements, 8 code bytes per lane, scales by lanes 0/1)
+// with no arithmetic. A block takes tiles of kRows * (128 / kGroup) rows and a
+// group loads its kRows rows of the tile before storing any.
+template <int kGroup, int kRows, bool kScales = true>
+__global__ void __launch_bounds__(128)
+    WritePatternKernel(const QuantizeWriteParams p) {
+  internal::WaitForPriorGrids();
+  internal::AllowDependentGrids();
+  const CacheLayout& layout = p.cache.layout;
+  const int64_t H = layout.num_heads, D = layout.head_size;
+  const int64_t rows = p.num_tokens * H;
+  const int lane = threadIdx.x % kGroup;
+  constexpr int kPerBlock = 128 / kGroup;
+  constexpr int64_t kTile = int64_t{kPerBlock} * kRows;
+  for (int64_t tile = blockIdx.x; tile * kTile < rows; tile += gridDim.x) {
+    uint4 k[kRows], v[kRows];
+    int64_t slot[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row =
+          min(tile * kTile + r * kPerBlock + threadIdx.x / kGroup, rows - 1);
+      const int64_t t = row / H, h = row % H;
+      slot[r] = __ldg(p.slot_mapping + t);
+      k[r] = __ldg(reinterpret_cast<const uint4*>(
+                       static_cast<const uint16_t*>(p.input.key) +
+                       t * p.input.key_token_stride + h * D) +
+                   lane);
+      v[r] = __ldg(reinterpret_cast<const uint4*>(
+                       static_cast<const uint16_t*>(p.input.value) +
+                       t * p.input.value_token_stride + h * D) +
+                   lane);
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row = tile * kTile + r * kPerBlock + threadIdx.x / kGroup;
+      if (row >= rows) break;
+      const int64_t h = row % H;
+      reinterpret_cast<uint2*>(static_cast<int8_t*>(p.cache.key_cache) +
+                               layout.key_offset(slot[r], h))[lane] =
+          make_uint2(k[r].x ^ k[r].y, k[r].z ^ k[r].w);
+      reinterpret_cast<uint2*>(static_cast<int8_t*>(p.cache.value_cache) +
+                               layout.value_offset(slot[r], h))[lane] =
+          make_uint2(v[r].x ^ v[r].y, v[r].z ^ v[r].w);
+      if (kScales && lane < 2) {
+        (lane == 0 ? p.cache.key_scale
+                   : p.cache.value_scale)[layout.scale_offset(slot[r], h)] =
+            __uint_as_float(k[r].x);
+      }
+    }
+  }
+}
+
+// The gather kernel's loads and stores (H = 8, D = 128, block size 16: 8 code
+// bytes in, 16 bytes out per lane, one scale per row) with no arithmetic,
+// kRows rows per group loaded before any is stored (tiles as above).
+template <int kRows>
+__global__ void __launch_bounds__(128)
+    GatherPatternKernel(const GatherParams p) {
+  internal::WaitForPriorGrids();
+  internal::AllowDependentGrids();
+  const CacheLayout& layout = p.cache.layout;
+  const int64_t rows = p.num_tokens * 8;
+  const int lane = threadIdx.x % 16;
+  uint16_t* key = static_cast<uint16_t*>(p.output.key);
+  uint16_t* value = static_cast<uint16_t*>(p.output.value);
+  constexpr int64_t kTile = int64_t{8} * kRows;
+  for (int64_t tile = blockIdx.x; tile * kTile < rows; tile += gridDim.x) {
+    uint2 k[kRows], v[kRows];
+    uint32_t ks[kRows], vs[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row =
+          min(tile * kTile + r * 8 + threadIdx.x / 16, rows - 1);
+      const int64_t t = row / 8, h = row % 8;
+      const int64_t slot = int64_t{__ldg(p.block_table + t / 16)} * 16 + t % 16;
+      k[r] = __ldg(reinterpret_cast<const uint2*>(
+                       static_cast<const int8_t*>(p.cache.key_cache) +
+                       layout.key_offset(slot, h)) +
+                   lane);
+      v[r] = __ldg(reinterpret_cast<const uint2*>(
+                       static_cast<const int8_t*>(p.cache.value_cache) +
+                       layout.value_offset(slot, h)) +
+                   lane);
+      ks[r] = __float_as_uint(
+          __ldg(p.cache.key_scale + layout.scale_offset(slot, h)));
+      vs[r] = __float_as_uint(
+          __ldg(p.cache.value_scale + layout.scale_offset(slot, h)));
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row = tile * kTile + r * 8 + threadIdx.x / 16;
+      if (row >= rows) break;
+      const int64_t t = row / 8, h = row % 8;
+      reinterpret_cast<uint4*>(key + t * 1024 + h * 128)[lane] =
+          make_uint4(k[r].x, k[r].y ^ ks[r], k[r].x ^ k[r].y, ks[r]);
+      reinterpret_cast<uint4*>(value + t * 1024 + h * 128)[lane] =
+          make_uint4(v[r].x, v[r].y ^ vs[r], v[r].x ^ v[r].y, vs[r]);
+    }
+  }
+}
+
+// Copy kernels over `sets` rotating buffer pairs of `bytes` (read + written
+// counted), with a resident and a one-vector-per-thread grid.
+void CopyFloor(double bytes, const std::string& tag, cudaStream_t s) {
+  const size_t half = static_cast<size_t>(bytes / 2) / 16 * 16;
+  const int sets = static_cast<int>(
+      std::clamp<double>(std::ceil((1 << 30) / double(half)), 2, 32));
+  std::vector<void*> src(sets), dst(sets);
+  for (int i = 0; i < sets; ++i) {
+    src[i] = Alloc(half);
+    dst[i] = Alloc(half);
+    X_CHECK(cudaMemset(src[i], 1, half));
+  }
+  const int64_t n = half / 16;
+  auto k4 = &CopyKernel<4>;
+  auto k1 = &CopyKernel<1>;
+  const int64_t r4 = std::min<int64_t>(
+      Resident(reinterpret_cast<const void*>(k4), 128), (n + 511) / 512);
+  const int64_t e1 = (n + 127) / 128;
+  const int64_t e4 = (n + 511) / 512;
+  auto run = [&](auto k, int64_t blocks, bool pdl, const char* name) {
+    Row(tag + " copy kernel " + name, 2.0 * half,
+        TimeLaunches(
+            [&](int i) {
+              Launch(k, blocks, 128, pdl, s, static_cast<const uint4*>(src[i]),
+                     static_cast<uint4*>(dst[i]), n);
+            },
+            sets, 30, s));
+  };
+  auto k8 = &CopyKernel<8>;
+  run(k8, (n + 1023) / 1024, true, "x8 exact pdl");
+  run(k4, r4, true, "x4 resident pdl");
+  run(k4, e4, true, "x4 exact pdl");
+  run(k1, e1, true, "x1 exact pdl");
+  run(k1, e1, false, "x1 exact");
+  Row(tag + " cudaMemcpy", 2.0 * half,
+      TimeLaunches(
+          [&](int i) {
+            X_CHECK(cudaMemcpyAsync(dst[i], src[i], half,
+                                    cudaMemcpyDeviceToDevice, s));
+          },
+          sets, 30, s));
+  for (int i = 0; i < sets; ++i) {
+    cudaFree(src[i]);
+    cudaFree(dst[i]);
+  }
+}
+
+// The production write launch (two rows per group + 1/32, PDL) against its
+// access pattern alone.
+template <int kGroup>
+void WriteFloor(WriteSetup& w, const std::string& tag, cudaStream_t s) {
+  internal::RowDividers d;
+  d.heads = internal::FastDivmod::Make(w.H);
+  d.block_size = internal::FastDivmod::Make(16);
+  const int64_t rows = w.T * w.H;
+  const int per_block = 128 / kGroup;
+  const int64_t exact = (rows + per_block - 1) / per_block;
+  const int64_t r2 = (exact + 1) / 2;
+  auto k =
+      &internal::QuantizeWriteVecKernel<BFloat16Type, Int8Type, kGroup, 1, 128>;
+  Row(tag + " kernel", w.bytes,
+      TimeLaunches(
+          [&](int i) { Launch(k, r2 + r2 / 32, 128, true, s, w.params[i], d); },
+          w.sets, 30, s));
+  auto pattern = [&](auto rows_per_group) {
+    constexpr int kRows = decltype(rows_per_group)::value;
+    auto pk = &WritePatternKernel<kGroup, kRows>;
+    const int64_t tiles = (rows + per_block * kRows - 1) / (per_block * kRows);
+    Row(tag + " pattern rows" + std::to_string(kRows) + " exact pdl", w.bytes,
+        TimeLaunches(
+            [&](int i) { Launch(pk, tiles, 128, true, s, w.params[i]); },
+            w.sets, 30, s));
+  };
+  pattern(std::integral_constant<int, 1>{});
+  pattern(std::integral_constant<int, 2>{});
+  pattern(std::integral_constant<int, 4>{});
+  // Without the scale stores (bytes counted as with them): what the 32-byte
+  // scale sectors cost.
+  auto ns = &WritePatternKernel<kGroup, 1, false>;
+  Row(tag + " pattern rows1 no scales", w.bytes,
+      TimeLaunches([&](int i) { Launch(ns, exact, 128, true, s, w.params[i]); },
+                   w.sets, 30, s));
+}
+
+// The production gather launch (resident grid, PDL) against its access pattern
+// alone and a copy of the same bytes.
+void GatherFloor(int64_t T, const std::string& tag, cudaStream_t s) {
+  GatherSetup g = MakeGather(T, DType::kInt8);
+  internal::RowDividers d;
+  d.heads = internal::FastDivmod::Make(8);
+  d.block_size = internal::FastDivmod::Make(16);
+  const int64_t rows = T * 8;
+  auto k = &internal::GatherVecKernel<Int8Type, BFloat16Type, 16, 1, 128>;
+  const int64_t resident = std::min<int64_t>(
+      Resident(reinterpret_cast<const void*>(k), 128), (rows + 7) / 8);
+  Row(tag + " kernel", g.bytes,
+      TimeLaunches(
+          [&](int i) { Launch(k, resident, 128, true, s, g.ps[i], d); }, g.sets,
+          30, s));
+  auto pattern = [&](auto rows_per_group) {
+    constexpr int kRows = decltype(rows_per_group)::value;
+    auto pk = &GatherPatternKernel<kRows>;
+    const int64_t tiles = (rows + 8 * kRows - 1) / (8 * kRows);
+    const int64_t res = std::min<int64_t>(
+        Resident(reinterpret_cast<const void*>(pk), 128), tiles);
+    Row(tag + " pattern rows" + std::to_string(kRows) + " exact pdl", g.bytes,
+        TimeLaunches([&](int i) { Launch(pk, tiles, 128, true, s, g.ps[i]); },
+                     g.sets, 30, s));
+    Row(tag + " pattern rows" + std::to_string(kRows) + " resident pdl",
+        g.bytes,
+        TimeLaunches([&](int i) { Launch(pk, res, 128, true, s, g.ps[i]); },
+                     g.sets, 30, s));
+  };
+  pattern(std::integral_constant<int, 1>{});
+  pattern(std::integral_constant<int, 2>{});
+  pattern(std::integral_constant<int, 4>{});
+  CopyFloor(g.bytes, tag, s);
+}
+
+// Each case's access pattern alone (no arithmetic, 1 to 4 rows per lane group
+// in flight) against the production kernel and copies of the same bytes; with
+// `all`, also scattered slots in ascending block order and over a cache of 8T
+// blocks instead of 2T (both measured within 0.3 points of plain scattered).
+void Floors(cudaStream_t s, bool all) {
+  CopyFloor(double{1 << 30} * 2, "1 GiB", s);
+  struct W {
+    const char* tag;
+    int64_t T, D;
+    bool scattered;
+    int region;
+    bool sorted;
+    bool copy;
+  } writes[] = {
+      {"write T=16384 scat", 16384, 128, true, 2, false, true},
+      {"write T=16384 scat sorted", 16384, 128, true, 2, true, false},
+      {"write T=16384 scat region8", 16384, 128, true, 8, false, false},
+      {"write T=16384 contig", 16384, 128, false, 2, false, false},
+      {"write T=65536 scat", 65536, 128, true, 2, false, all},
+      {"write T=65536 contig", 65536, 128, false, 2, false, all},
+      {"write D=64 T=16384 scat", 16384, 64, true, 2, false, true},
+      {"write D=64 T=16384 contig", 16384, 64, false, 2, false, false},
+  };
+  for (const W& c : writes) {
+    if (!all && (c.sorted || c.region != 2)) continue;
+    WriteSetup w = MakeWrite(c.T, 8, c.D, c.scattered, DType::kInt8, 32,
+                             c.region, c.sorted);
+    if (c.D == 128) {
+      WriteFloor<16>(w, c.tag, s);
+    } else {
+      WriteFloor<8>(w, c.tag, s);
+    }
+    if (c.copy) CopyFloor(w.bytes, c.tag, s);
+  }
+  GatherFloor(16384, "gather T=16384", s);
+  GatherFloor(65536, "gather T=65536", s);
+}
+
+void Run(const std::string& mode) {
   int dev = 0;
   cudaDeviceProp prop;
   X_CHECK(cudaGetDeviceProperties(&prop, dev));
@@ -447,6 +744,18 @@ void Run() {
     std::printf("copy 1 GiB: %.1f GB/s\n", g_copy_gbps);
     cudaFree(a);
     cudaFree(b);
+  }
+  if (mode == "floors" || mode == "floors-all") {
+    Floors(s, mode == "floors-all");
+    return;
+  }
+  if (mode == "gather") {
+    GatherVariants<Int8Type>(16384, "gather int8 T=16384", s);
+    GatherVariants<Fp8E4M3Type>(16384, "gather fp8 T=16384", s);
+    GatherVariants<Int8Type>(65536, "gather int8 T=65536", s);
+    GatherVariants<Fp8E4M3Type>(65536, "gather fp8 T=65536", s);
+    GatherFloor(16384, "gather T=16384", s);
+    return;
   }
   for (bool pdl : {false, true}) {
     Row(std::string("empty kernel graph") + (pdl ? " pdl" : ""), 0,
@@ -473,19 +782,28 @@ void Run() {
     WriteSetup w = MakeWrite(16384, 8, 64, true, DType::kInt8, 32);
     WriteAll<Int8Type, 8>(w, "int8 D=64 T=16384 scat", false, s);
   }
+  {
+    WriteSetup w = MakeWrite(16384, 8, 64, false, DType::kInt8, 32);
+    WriteAll<Int8Type, 8>(w, "int8 D=64 T=16384 contig", false, s);
+  }
+  {
+    WriteSetup w = MakeWrite(16384, 8, 128, true, DType::kFp8E4M3, 32);
+    WriteAll<Fp8E4M3Type, 16>(w, "fp8 T=16384 scat", false, s);
+  }
   for (int64_t T : {1, 64, 256}) {
     WriteSetup w = MakeWrite(T, 8, 128, true, DType::kInt8, 8);
     WriteAll<Int8Type, 16>(w, "decode int8 T=" + std::to_string(T), true, s);
   }
-  GatherVariants<Int8Type, 128>(16384, "gather int8 T=16384", s);
-  GatherVariants<Fp8E4M3Type, 128>(16384, "gather fp8 T=16384", s);
-  GatherVariants<Int8Type, 128>(65536, "gather int8 T=65536", s);
+  GatherVariants<Int8Type>(16384, "gather int8 T=16384", s);
+  GatherVariants<Fp8E4M3Type>(16384, "gather fp8 T=16384", s);
+  GatherVariants<Int8Type>(65536, "gather int8 T=65536", s);
+  GatherVariants<Fp8E4M3Type>(65536, "gather fp8 T=65536", s);
 }
 
 }  // namespace
 }  // namespace kvcache::experiments
 
-int RunRowKernelVariants() {
-  kvcache::experiments::Run();
+int RunRowKernelVariants(const char* mode) {
+  kvcache::experiments::Run(mode);
   return 0;
 }

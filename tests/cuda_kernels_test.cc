@@ -6,6 +6,7 @@
 
 #include "kernels/cuda_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -160,6 +161,59 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(std::get<1>(info.param)) + "_bs" +
              std::to_string(std::get<2>(info.param));
     });
+
+// Gathers of caches holding every code (all 256 byte values, random order) with
+// random finite scales, into every output dtype: covers codes quantization
+// never writes (int8 -128, fp8 NaN) on the paired decode paths.
+TEST(CudaKernelsTest, GatherOfEveryCodeMatchesCpu) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(Seed() + 6);
+  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+    CaseConfig c;
+    c.cache_dtype = cache;
+    c.num_tokens = 64;
+    HostCase hc = MakeCase(c, rng);
+    for (std::vector<uint8_t>* codes : {&hc.key_cache, &hc.value_cache}) {
+      for (size_t i = 0; i < codes->size(); ++i) (*codes)[i] = i % 256;
+      std::shuffle(codes->begin(), codes->end(), rng);
+    }
+    std::uniform_real_distribution<float> log_scale(-20.0f, 20.0f);
+    for (std::vector<float>* scales : {&hc.key_scale, &hc.value_scale}) {
+      for (float& x : *scales) x = std::exp2(log_scale(rng));
+    }
+    DeviceBuffer d_kc(hc.key_cache), d_vc(hc.value_cache), d_ks(hc.key_scale),
+        d_vs(hc.value_scale);
+    LayerCache gpu_cache;
+    gpu_cache.layout = hc.layout;
+    gpu_cache.key_cache = d_kc.get();
+    gpu_cache.value_cache = d_vc.get();
+    gpu_cache.key_scale = d_ks.get<float>();
+    gpu_cache.value_scale = d_vs.get<float>();
+    LayerCache cpu_cache = gpu_cache;
+    cpu_cache.key_cache = hc.key_cache.data();
+    cpu_cache.value_cache = hc.value_cache.data();
+    cpu_cache.key_scale = hc.key_scale.data();
+    cpu_cache.value_scale = hc.value_scale.data();
+    for (DType out : {DType::kBFloat16, DType::kFloat16, DType::kFloat32}) {
+      for (int variant = 0; variant < 3; ++variant) {
+        SCOPED_TRACE(::testing::Message()
+                     << DTypeName(cache) << " -> " << DTypeName(out)
+                     << " variant " << variant);
+        GatherCase g = MakeGatherCase(hc, out, variant, rng);
+        DeviceBuffer d_out(g.output), d_slots(g.slots), d_table(g.block_table);
+        ASSERT_TRUE(
+            GatherCuda(g.Params(gpu_cache, d_out.get(), d_slots.get<int64_t>(),
+                                d_table.get<int32_t>()),
+                       nullptr)
+                .ok());
+        ASSERT_TRUE(GatherCpu(g.Params(cpu_cache, g.output.data(),
+                                       g.slots.data(), g.block_table.data()))
+                        .ok());
+        ASSERT_EQ(FirstDiff(d_out.Download<uint8_t>(), g.output), -1);
+      }
+    }
+  }
+}
 
 TEST(CudaKernelsTest, LargeWriteMatchesCpu) {
   KVCACHE_SKIP_WITHOUT_GPU();

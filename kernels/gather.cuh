@@ -189,6 +189,68 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The block-table gather of the common shapes, with the index math cut to
+// shifts and masks (it bounds the generic kernel: benchmarks/results/NOTES.md):
+// power-of-two num_heads and block_size (log2 in the arguments), head_size ==
+// head_size_v == kGroup 16-byte output vectors, dense outputs, and fewer than
+// 2^31 rows, cache elements and output elements. One row per group of kGroup
+// lanes, one lane per vector, a grid that covers every row once.
+struct DenseBlockShifts {
+  uint32_t log2_heads = 0;
+  uint32_t log2_block_size = 0;
+};
+
+template <class Cache, class Out, int kGroup, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    GatherDenseBlockKernel(const GatherParams p,
+                           const DenseBlockShifts shifts) {
+  using CacheT = typename Cache::T;
+  using OutT = typename Out::T;
+  constexpr int kElems = 16 / sizeof(OutT);
+  using CacheVec = Vec<CacheT, kElems>;
+  using OutVec = Vec<OutT, kElems>;
+  constexpr uint32_t kGroupsPerBlock = kThreads / kGroup;
+
+  WaitForPriorGrids();
+  AllowDependentGrids();
+  const uint32_t rows = static_cast<uint32_t>(p.num_tokens)
+                        << shifts.log2_heads;
+  const uint32_t row = blockIdx.x * kGroupsPerBlock + threadIdx.x / kGroup;
+  if (row >= rows) return;
+  const uint32_t lane = threadIdx.x % kGroup;
+  const uint32_t t = row >> shifts.log2_heads;
+  const uint32_t h = row & ((1u << shifts.log2_heads) - 1);
+  const uint32_t pos = static_cast<uint32_t>(p.token_begin) + t;
+  const int32_t block = __ldg(p.block_table + (pos >> shifts.log2_block_size));
+  // A padding entry (negative) or one outside the cache reads block 0 and
+  // stores zeros.
+  const bool valid =
+      block >= 0 && block < static_cast<int32_t>(p.cache.layout.num_blocks);
+  const uint32_t slot =
+      (static_cast<uint32_t>(valid ? block : 0) << shifts.log2_block_size) |
+      (pos & ((1u << shifts.log2_block_size) - 1));
+  const uint32_t cache_row = (slot << shifts.log2_heads) | h;
+  const CacheVec k = LoadVec(static_cast<const CacheVec*>(p.cache.key_cache) +
+                             cache_row * kGroup + lane);
+  const CacheVec v = LoadVec(static_cast<const CacheVec*>(p.cache.value_cache) +
+                             cache_row * kGroup + lane);
+  float kscale = 0.0f;
+  float vscale = 0.0f;
+  if constexpr (Cache::kQuantized) {
+    kscale = __ldg(p.cache.key_scale + cache_row);
+    vscale = __ldg(p.cache.value_scale + cache_row);
+  }
+  bool fast = false;
+  if constexpr (std::is_same_v<Cache, Int8Type>) {
+    fast =
+        valid && AbsBits(kscale) < 0x7F800000u && AbsBits(vscale) < 0x7F800000u;
+  }
+  static_cast<OutVec*>(p.output.key)[row * kGroup + lane] =
+      ConvertVec<Cache, Out, CacheVec, OutVec>(k, kscale, valid, fast);
+  static_cast<OutVec*>(p.output.value)[row * kGroup + lane] =
+      ConvertVec<Cache, Out, CacheVec, OutVec>(v, vscale, valid, fast);
+}
+
 // One row of n elements by the 32 lanes of a warp; zeros when src is null.
 template <class Cache, class Out>
 __device__ __forceinline__ void ReadRowScalar(

@@ -68,7 +68,7 @@ void CheckCase(const CaseConfig& config, std::mt19937_64& rng) {
             -1);
 
   const DType outs[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
-  for (int variant = 0; variant < 3; ++variant) {
+  for (int variant = 0; variant < kGatherVariants; ++variant) {
     const DType out = outs[(variant + rng() % 3) % 3];
     GatherCase g = MakeGatherCase(hc, out, variant, rng);
     SCOPED_TRACE(::testing::Message()

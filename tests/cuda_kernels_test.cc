@@ -107,7 +107,7 @@ void CheckCase(const CaseConfig& config, std::mt19937_64& rng) {
   ASSERT_EQ(FirstDiff(d_vs.Download<float>(), hc.value_scale), -1);
 
   const DType outs[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
-  for (int variant = 0; variant < 3; ++variant) {
+  for (int variant = 0; variant < kGatherVariants; ++variant) {
     const DType out = outs[(variant + rng() % 3) % 3];
     GatherCase g = MakeGatherCase(hc, out, variant, rng);
     SCOPED_TRACE(::testing::Message()
@@ -195,7 +195,7 @@ TEST(CudaKernelsTest, GatherOfEveryCodeMatchesCpu) {
     cpu_cache.key_scale = hc.key_scale.data();
     cpu_cache.value_scale = hc.value_scale.data();
     for (DType out : {DType::kBFloat16, DType::kFloat16, DType::kFloat32}) {
-      for (int variant = 0; variant < 3; ++variant) {
+      for (int variant = 0; variant < kGatherVariants; ++variant) {
         SCOPED_TRACE(::testing::Message()
                      << DTypeName(cache) << " -> " << DTypeName(out)
                      << " variant " << variant);

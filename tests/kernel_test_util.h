@@ -288,9 +288,12 @@ struct GatherCase {
   }
 };
 
-// variant 0: slot list (the case's slots, padding included), dense output; 1:
-// block table over random blocks (some -1), padded output; 2: block table,
-// unaligned output.
+// Gather variants of a case (MakeGatherCase): 0: slot list (the case's slots,
+// padding included), dense output; 1: block table over random blocks (some
+// -1), padded output; 2: block table, unaligned output; 3: block table, dense
+// output.
+inline constexpr int kGatherVariants = 4;
+
 inline GatherCase MakeGatherCase(const HostCase& hc, DType out, int variant,
                                  std::mt19937_64& rng) {
   GatherCase g;
@@ -314,7 +317,7 @@ inline GatherCase MakeGatherCase(const HostCase& hc, DType out, int variant,
         std::min<int64_t>(hc.config.num_tokens + 5, capacity - g.token_begin);
   }
   const int64_t T = g.num_tokens;
-  if (variant == 0) {
+  if (variant == 0 || variant == 3) {
     g.key = {0, H * D, D};
     g.value = {T * H * D, H * Dv, Dv};
   } else if (variant == 1) {

@@ -384,6 +384,104 @@ GatherSetup MakeGather(int64_t T, DType cache_dtype) {
   return GatherSetup{sets, ps, bytes, out_bytes};
 }
 
+// The gather kernel's arithmetic with the index math of the pattern kernel:
+// H = 8, D = 128, block size 16, dense outputs and a block table, all fixed at
+// compile time (32-bit row math). Shows what the generic index math costs.
+template <class Cache>
+__global__ void __launch_bounds__(128) GatherFixedKernel(const GatherParams p) {
+  using CacheVec = internal::Vec<typename Cache::T, 8>;
+  using OutVec = internal::Vec<uint16_t, 8>;
+  internal::WaitForPriorGrids();
+  internal::AllowDependentGrids();
+  const uint32_t rows = static_cast<uint32_t>(p.num_tokens) * 8;
+  const int lane = threadIdx.x % 16;
+  OutVec* key = static_cast<OutVec*>(p.output.key);
+  OutVec* value = static_cast<OutVec*>(p.output.value);
+  const CacheVec* kc = static_cast<const CacheVec*>(p.cache.key_cache);
+  const CacheVec* vc = static_cast<const CacheVec*>(p.cache.value_cache);
+  for (uint32_t row = blockIdx.x * 8 + threadIdx.x / 16; row < rows;
+       row += gridDim.x * 8) {
+    const uint32_t t = row / 8, h = row % 8;
+    const int32_t block = __ldg(p.block_table + t / 16);
+    const bool valid = block >= 0;
+    const uint32_t slot = (valid ? block : 0) * 16u + t % 16;
+    const uint32_t srow = slot * 8 + h;  // Scale index; codes at srow * 128.
+    const CacheVec k = internal::LoadVec(kc + srow * 16 + lane);
+    const CacheVec v = internal::LoadVec(vc + srow * 16 + lane);
+    const float ks = __ldg(p.cache.key_scale + srow);
+    const float vs = __ldg(p.cache.value_scale + srow);
+    bool fast = false;
+    if constexpr (std::is_same_v<Cache, Int8Type>) {
+      fast = valid && internal::AbsBits(ks) < 0x7F800000u &&
+             internal::AbsBits(vs) < 0x7F800000u;
+    }
+    key[row * 16 + lane] =
+        internal::ConvertVec<Cache, BFloat16Type, CacheVec, OutVec>(
+            k, ks, valid, fast);
+    value[row * 16 + lane] =
+        internal::ConvertVec<Cache, BFloat16Type, CacheVec, OutVec>(
+            v, vs, valid, fast);
+  }
+}
+
+// The production gather kernel (one row per group of 16 lanes, block table,
+// runtime layout and strides) with every index in 32 bits: valid when the
+// cache, the outputs and the rows each have fewer than 2^31 elements.
+template <class Cache>
+__global__ void __launch_bounds__(128)
+    GatherIndex32Kernel(const GatherParams p, const internal::RowDividers d) {
+  using CacheVec = internal::Vec<typename Cache::T, 8>;
+  using OutVec = internal::Vec<uint16_t, 8>;
+  internal::WaitForPriorGrids();
+  internal::AllowDependentGrids();
+  const CacheLayout& layout = p.cache.layout;
+  const uint32_t H = static_cast<uint32_t>(layout.num_heads);
+  const uint32_t kvecs = static_cast<uint32_t>(layout.head_size / 8);
+  const uint32_t vvecs = static_cast<uint32_t>(layout.head_size_v / 8);
+  const uint32_t bs = static_cast<uint32_t>(layout.block_size);
+  const int32_t num_blocks = static_cast<int32_t>(layout.num_blocks);
+  const uint32_t rows = static_cast<uint32_t>(p.num_tokens) * H;
+  const uint32_t begin = static_cast<uint32_t>(p.token_begin);
+  const uint32_t kts = static_cast<uint32_t>(p.output.key_token_stride / 8);
+  const uint32_t khs = static_cast<uint32_t>(p.output.key_head_stride / 8);
+  const uint32_t vts = static_cast<uint32_t>(p.output.value_token_stride / 8);
+  const uint32_t vhs = static_cast<uint32_t>(p.output.value_head_stride / 8);
+  const uint32_t lane = threadIdx.x % 16;
+  OutVec* key = static_cast<OutVec*>(p.output.key);
+  OutVec* value = static_cast<OutVec*>(p.output.value);
+  const CacheVec* kc = static_cast<const CacheVec*>(p.cache.key_cache);
+  const CacheVec* vc = static_cast<const CacheVec*>(p.cache.value_cache);
+  for (uint32_t row = blockIdx.x * 8 + threadIdx.x / 16; row < rows;
+       row += gridDim.x * 8) {
+    uint32_t t, h, bi, off;
+    d.heads.Divmod(row, &t, &h);
+    d.block_size.Divmod(begin + t, &bi, &off);
+    const int32_t block = __ldg(p.block_table + bi);
+    const bool valid = block >= 0 && block < num_blocks;
+    const uint32_t srow = ((valid ? block : 0) * bs + off) * H + h;
+    CacheVec k, v;
+    if (lane < kvecs) k = internal::LoadVec(kc + srow * kvecs + lane);
+    if (lane < vvecs) v = internal::LoadVec(vc + srow * vvecs + lane);
+    const float ks = __ldg(p.cache.key_scale + srow);
+    const float vs = __ldg(p.cache.value_scale + srow);
+    bool fast = false;
+    if constexpr (std::is_same_v<Cache, Int8Type>) {
+      fast = valid && internal::AbsBits(ks) < 0x7F800000u &&
+             internal::AbsBits(vs) < 0x7F800000u;
+    }
+    if (lane < kvecs) {
+      key[t * kts + h * khs + lane] =
+          internal::ConvertVec<Cache, BFloat16Type, CacheVec, OutVec>(
+              k, ks, valid, fast);
+    }
+    if (lane < vvecs) {
+      value[t * vts + h * vhs + lane] =
+          internal::ConvertVec<Cache, BFloat16Type, CacheVec, OutVec>(
+              v, vs, valid, fast);
+    }
+  }
+}
+
 // The gather kernel on grids of resident blocks (production), one row per group
 // and two rows per group, checked byte for byte against v0.
 template <class Cache>
@@ -416,6 +514,42 @@ void GatherProduction(GatherSetup& g, int64_t T, const std::string& tag,
         TimeLaunches(
             [&](int i) { Launch(k, grid.blocks, 128, true, s, g.ps[i], d); },
             g.sets, 30, s));
+  }
+  auto fk = &GatherFixedKernel<Cache>;
+  const int64_t fixed_resident = std::min<int64_t>(
+      exact, Resident(reinterpret_cast<const void*>(fk), 128));
+  X_CHECK(cudaMemset(g.ps[0].output.key, 0xAB, g.out_bytes));
+  X_CHECK(cudaDeviceSynchronize());
+  Launch(fk, fixed_resident, 128, true, s, g.ps[0]);
+  X_CHECK(cudaDeviceSynchronize());
+  X_CHECK(cudaMemcpy(got.data(), g.ps[0].output.key, g.out_bytes,
+                     cudaMemcpyDeviceToHost));
+  std::printf("%s fixed: %s v0\n", tag.c_str(),
+              got == ref ? "bit-identical to" : "DIFFERS FROM");
+  auto ik = &GatherIndex32Kernel<Cache>;
+  const int64_t i32_resident = std::min<int64_t>(
+      exact, Resident(reinterpret_cast<const void*>(ik), 128));
+  X_CHECK(cudaMemset(g.ps[0].output.key, 0xAB, g.out_bytes));
+  X_CHECK(cudaDeviceSynchronize());
+  Launch(ik, i32_resident, 128, true, s, g.ps[0], d);
+  X_CHECK(cudaDeviceSynchronize());
+  X_CHECK(cudaMemcpy(got.data(), g.ps[0].output.key, g.out_bytes,
+                     cudaMemcpyDeviceToHost));
+  std::printf("%s index32: %s v0\n", tag.c_str(),
+              got == ref ? "bit-identical to" : "DIFFERS FROM");
+  for (int64_t blocks : {i32_resident, exact}) {
+    Row(tag + " index32 " + (blocks == exact ? "exact" : "resident") + " pdl",
+        g.bytes,
+        TimeLaunches(
+            [&](int i) { Launch(ik, blocks, 128, true, s, g.ps[i], d); },
+            g.sets, 30, s));
+  }
+  for (int64_t blocks : {fixed_resident, exact}) {
+    Row(tag + " fixed index math " + (blocks == exact ? "exact" : "resident") +
+            " pdl",
+        g.bytes,
+        TimeLaunches([&](int i) { Launch(fk, blocks, 128, true, s, g.ps[i]); },
+                     g.sets, 30, s));
   }
 }
 

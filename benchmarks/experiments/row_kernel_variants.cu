@@ -482,6 +482,19 @@ __global__ void __launch_bounds__(128)
   }
 }
 
+// The K output of set 0 after `launch()` (into a poisoned buffer).
+std::vector<uint8_t> GatherKeyOutput(const GatherSetup& g,
+                                     const std::function<void()>& launch) {
+  std::vector<uint8_t> out(g.out_bytes);
+  X_CHECK(cudaMemset(g.ps[0].output.key, 0xAB, g.out_bytes));
+  X_CHECK(cudaDeviceSynchronize());
+  launch();
+  X_CHECK(cudaDeviceSynchronize());
+  X_CHECK(cudaMemcpy(out.data(), g.ps[0].output.key, g.out_bytes,
+                     cudaMemcpyDeviceToHost));
+  return out;
+}
+
 // The gather kernel on grids of resident blocks (production), one row per group
 // and two rows per group, checked byte for byte against v0.
 template <class Cache>
@@ -494,16 +507,14 @@ void GatherProduction(GatherSetup& g, int64_t T, const std::string& tag,
   const int64_t exact = (T * 8 + 7) / 8;
   const int64_t resident =
       std::min<int64_t>(exact, Resident(reinterpret_cast<const void*>(k), 128));
-  std::vector<uint8_t> got(g.out_bytes);
-  X_CHECK(cudaMemset(g.ps[0].output.key, 0xAB, g.out_bytes));
-  X_CHECK(cudaDeviceSynchronize());
-  Launch(k, resident, 128, true, s, g.ps[0], d);
-  X_CHECK(cudaDeviceSynchronize());
-  X_CHECK(cudaMemcpy(got.data(), g.ps[0].output.key, g.out_bytes,
-                     cudaMemcpyDeviceToHost));
+  auto report = [&](const std::string& name,
+                    const std::function<void()>& launch) {
+    std::printf("%s: %s v0\n", name.c_str(),
+                GatherKeyOutput(g, launch) == ref ? "bit-identical to"
+                                                  : "DIFFERS FROM");
+  };
   const std::string name = tag + " v3";
-  std::printf("%s: %s v0\n", name.c_str(),
-              got == ref ? "bit-identical to" : "DIFFERS FROM");
+  report(name, [&] { Launch(k, resident, 128, true, s, g.ps[0], d); });
   struct G {
     const char* name;
     int64_t blocks;
@@ -518,25 +529,13 @@ void GatherProduction(GatherSetup& g, int64_t T, const std::string& tag,
   auto fk = &GatherFixedKernel<Cache>;
   const int64_t fixed_resident = std::min<int64_t>(
       exact, Resident(reinterpret_cast<const void*>(fk), 128));
-  X_CHECK(cudaMemset(g.ps[0].output.key, 0xAB, g.out_bytes));
-  X_CHECK(cudaDeviceSynchronize());
-  Launch(fk, fixed_resident, 128, true, s, g.ps[0]);
-  X_CHECK(cudaDeviceSynchronize());
-  X_CHECK(cudaMemcpy(got.data(), g.ps[0].output.key, g.out_bytes,
-                     cudaMemcpyDeviceToHost));
-  std::printf("%s fixed: %s v0\n", tag.c_str(),
-              got == ref ? "bit-identical to" : "DIFFERS FROM");
+  report(tag + " fixed",
+         [&] { Launch(fk, fixed_resident, 128, true, s, g.ps[0]); });
   auto ik = &GatherIndex32Kernel<Cache>;
   const int64_t i32_resident = std::min<int64_t>(
       exact, Resident(reinterpret_cast<const void*>(ik), 128));
-  X_CHECK(cudaMemset(g.ps[0].output.key, 0xAB, g.out_bytes));
-  X_CHECK(cudaDeviceSynchronize());
-  Launch(ik, i32_resident, 128, true, s, g.ps[0], d);
-  X_CHECK(cudaDeviceSynchronize());
-  X_CHECK(cudaMemcpy(got.data(), g.ps[0].output.key, g.out_bytes,
-                     cudaMemcpyDeviceToHost));
-  std::printf("%s index32: %s v0\n", tag.c_str(),
-              got == ref ? "bit-identical to" : "DIFFERS FROM");
+  report(tag + " index32",
+         [&] { Launch(ik, i32_resident, 128, true, s, g.ps[0], d); });
   for (int64_t blocks : {i32_resident, exact}) {
     Row(tag + " index32 " + (blocks == exact ? "exact" : "resident") + " pdl",
         g.bytes,
@@ -560,13 +559,8 @@ void GatherVariants(int64_t T, const std::string& tag, cudaStream_t s) {
   auto v0 = &v0::GatherVecKernel<Cache, BFloat16Type, 16, 1>;
   const int64_t v0_blocks =
       std::min<int64_t>((rows + 7) / 8, int64_t{g_sms} * 64);
-  std::vector<uint8_t> ref(g.out_bytes);
-  X_CHECK(cudaMemset(g.ps[0].output.key, 0xAB, g.out_bytes));
-  X_CHECK(cudaDeviceSynchronize());
-  v0<<<v0_blocks, 128, 0, s>>>(g.ps[0]);
-  X_CHECK(cudaDeviceSynchronize());
-  X_CHECK(cudaMemcpy(ref.data(), g.ps[0].output.key, g.out_bytes,
-                     cudaMemcpyDeviceToHost));
+  const std::vector<uint8_t> ref =
+      GatherKeyOutput(g, [&] { v0<<<v0_blocks, 128, 0, s>>>(g.ps[0]); });
   Row(tag + " v0", g.bytes,
       TimeLaunches([&](int i) { v0<<<v0_blocks, 128, 0, s>>>(g.ps[i]); },
                    g.sets, 30, s));
@@ -856,6 +850,13 @@ void Floors(cudaStream_t s, bool all) {
   GatherFloor(65536, "gather T=65536", s);
 }
 
+void AllGatherVariants(cudaStream_t s) {
+  GatherVariants<Int8Type>(16384, "gather int8 T=16384", s);
+  GatherVariants<Fp8E4M3Type>(16384, "gather fp8 T=16384", s);
+  GatherVariants<Int8Type>(65536, "gather int8 T=65536", s);
+  GatherVariants<Fp8E4M3Type>(65536, "gather fp8 T=65536", s);
+}
+
 void Run(const std::string& mode) {
   int dev = 0;
   cudaDeviceProp prop;
@@ -884,10 +885,7 @@ void Run(const std::string& mode) {
     return;
   }
   if (mode == "gather") {
-    GatherVariants<Int8Type>(16384, "gather int8 T=16384", s);
-    GatherVariants<Fp8E4M3Type>(16384, "gather fp8 T=16384", s);
-    GatherVariants<Int8Type>(65536, "gather int8 T=65536", s);
-    GatherVariants<Fp8E4M3Type>(65536, "gather fp8 T=65536", s);
+    AllGatherVariants(s);
     GatherFloor(16384, "gather T=16384", s);
     return;
   }
@@ -928,10 +926,7 @@ void Run(const std::string& mode) {
     WriteSetup w = MakeWrite(T, 8, 128, true, DType::kInt8, 8);
     WriteAll<Int8Type, 16>(w, "decode int8 T=" + std::to_string(T), true, s);
   }
-  GatherVariants<Int8Type>(16384, "gather int8 T=16384", s);
-  GatherVariants<Fp8E4M3Type>(16384, "gather fp8 T=16384", s);
-  GatherVariants<Int8Type>(65536, "gather int8 T=65536", s);
-  GatherVariants<Fp8E4M3Type>(65536, "gather fp8 T=65536", s);
+  AllGatherVariants(s);
 }
 
 }  // namespace

@@ -23,19 +23,11 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "allocator/block_hash.h"
+#include "core/extra_key.h"
+#include "core/ids.h"
+#include "core/reserve_request.h"
 
 namespace kvcache {
-
-using SequenceId = int64_t;
-using BlockId = int32_t;
-using TokenId = int32_t;
-
-// Part of every block's identity besides its tokens: blocks of different extra
-// keys never share.
-struct ExtraKey {
-  int64_t adapter_id = 0;  // e.g. a LoRA adapter; 0 = none.
-  std::string salt;        // per-tenant salt; empty = none.
-};
 
 struct BlockManagerOptions {
   int32_t num_blocks = 0;   // >= 1
@@ -44,19 +36,6 @@ struct BlockManagerOptions {
   // Test seam: replaces the block hash (e.g. to force collisions). nullptr =
   // XXH3-128 (HashBlock).
   BlockHashFunction hash_function_for_testing = nullptr;
-};
-
-// One sequence's part of a Reserve call.
-struct ReserveRequest {
-  SequenceId sequence = 0;
-  // Token ids appended to the sequence's known tokens before reserving (e.g.
-  // the token sampled in the last step). May be empty when the tokens to
-  // compute are already known (prompt chunks).
-  std::vector<TokenId> new_token_ids;
-  // Tokens to reserve room for, starting at the sequence's computed length. >=
-  // 1, and computed + num_tokens <= known tokens (after appending
-  // new_token_ids).
-  int64_t num_tokens = 0;
 };
 
 struct BlockCopy {
@@ -92,7 +71,7 @@ struct PrefixCacheStats {
 
 // A batch's block tables as a padded row-major int32 [num_sequences,
 // max_blocks] array (unused entries 0) plus each sequence's length in tokens.
-struct BatchBlockTable {
+struct HostBatchTable {
   int32_t num_sequences = 0;
   int32_t max_blocks = 0;
   std::vector<int32_t>
@@ -159,7 +138,7 @@ class BlockManager {
       SequenceId id) const;  // Tokens written and committed.
   absl::StatusOr<int64_t> KnownLength(
       SequenceId id) const;  // Token ids known (prompt + new).
-  absl::StatusOr<BatchBlockTable> BatchTable(
+  absl::StatusOr<HostBatchTable> BatchTable(
       absl::Span<const SequenceId> ids) const;
   // Largest n such that Reserve({id, n}) would fit now (ignoring known-token
   // limits).

@@ -73,7 +73,7 @@ class BlockManager::Impl {
   absl::Status Free(SequenceId id);
   absl::Status Fork(SequenceId parent, SequenceId child);
   absl::StatusOr<const internal::Sequence*> Find(SequenceId id) const;
-  absl::StatusOr<BatchBlockTable> BatchTable(
+  absl::StatusOr<HostBatchTable> BatchTable(
       absl::Span<const SequenceId> ids) const;
   absl::StatusOr<int64_t> TokensThatFit(SequenceId id) const;
   absl::Status Validate() const;

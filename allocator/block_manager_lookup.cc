@@ -18,9 +18,9 @@ absl::StatusOr<const Sequence*> BlockManager::Impl::Find(SequenceId id) const {
   return s;
 }
 
-absl::StatusOr<BatchBlockTable> BlockManager::Impl::BatchTable(
+absl::StatusOr<HostBatchTable> BlockManager::Impl::BatchTable(
     absl::Span<const SequenceId> ids) const {
-  BatchBlockTable out;
+  HostBatchTable out;
   std::vector<const Sequence*> seqs;
   seqs.reserve(ids.size());
   for (SequenceId id : ids) {
@@ -118,7 +118,7 @@ absl::StatusOr<int64_t> BlockManager::KnownLength(SequenceId id) const {
   if (!s.ok()) return s.status();
   return (*s)->known(impl_->options().block_size);
 }
-absl::StatusOr<BatchBlockTable> BlockManager::BatchTable(
+absl::StatusOr<HostBatchTable> BlockManager::BatchTable(
     absl::Span<const SequenceId> ids) const {
   return impl_->BatchTable(ids);
 }

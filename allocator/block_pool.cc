@@ -2,19 +2,22 @@
 //
 //   free    on the free list, ref 0, no hash: holds nothing worth keeping.
 //   cached  on the LRU list (oldest first), ref 0, hashed: holds a committed
-//   full block that a
-//           later sequence may share through the prefix cache.
+//           full block that a later sequence may share through the prefix cache.
 //   in use  on no list, ref >= 1: held by that many sequences (and pending
-//   copy-on-write sources).
+//           copy-on-write sources).
 //
 // Transitions, each in exactly one function:
-//   free   -> in use   AllocateFree   (allocate)
-//   cached -> in use   EvictOldest    (allocate when the free list is empty;
-//   loses its hash) cached -> in use   Acquire        (a prefix-cache hit on an
-//   unreferenced block) in use -> in use   Acquire / Release while ref stays >=
-//   1 (sharing) in use -> cached   Release        (ref reaches 0, hashed) in
-//   use -> free     Release        (ref reaches 0, unhashed) in use: unhashed
-//   -> hashed   MarkHashed (its step was committed and it is full)
+//
+//   free   -> in use    AllocateFree   allocate
+//   cached -> in use    EvictOldest    allocate when the free list is empty;
+//                                      the block loses its hash
+//   cached -> in use    Acquire        a prefix-cache hit on an unreferenced block
+//   in use -> in use    Acquire /      sharing: ref changes and stays >= 1
+//                       Release
+//   in use -> cached    Release        ref reaches 0, hashed
+//   in use -> free      Release        ref reaches 0, unhashed
+//   in use: unhashed -> hashed
+//                       MarkHashed     its step was committed and it is full
 
 // The transitions are inline in block_pool.h: they run once per block of every
 // prefix hit, allocation and release.

@@ -8,7 +8,7 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "kvcache/dtype.h"
+#include "core/dtype.h"
 
 namespace kvcache {
 
@@ -36,21 +36,23 @@ struct KVCacheConfig {
 
   // Capacity: exactly one of these is set (> 0).
   int64_t num_blocks = 0;
-  int64_t memory_budget_bytes = 0;  // All layers' caches and scales together.
-  double memory_fraction =
-      0.0;  // Of the device's free memory (host RAM on the CPU).
+  // All layers' caches and scales together.
+  int64_t memory_budget_bytes = 0;
+  // Of the device's free memory (host RAM on the CPU).
+  double memory_fraction = 0.0;
 
   bool enable_prefix_caching = true;
 
   // Fixed-capacity step and lookup buffers (allocated once, so steps allocate
-  // nothing and block tables can be captured in a CUDA graph).
-  int32_t max_tokens_per_step = 8192;  // Tokens in one Reserve.
-  int32_t max_sequences_per_step =
-      1024;  // Sequences in one Reserve or BatchBlockTable.
-  int32_t max_blocks_per_sequence =
-      0;  // Block-table columns; 0 means enough for all blocks.
-  int32_t max_inflight_plans =
-      4;  // Reserved but not yet committed/aborted plans.
+  // nothing and block tables can be captured in a CUDA graph):
+  //   max_tokens_per_step      tokens in one Reserve
+  //   max_sequences_per_step   sequences in one Reserve or BatchBlockTable
+  //   max_blocks_per_sequence  block-table columns; 0 = enough for all blocks
+  //   max_inflight_plans       reserved, not yet committed or aborted plans
+  int32_t max_tokens_per_step = 8192;
+  int32_t max_sequences_per_step = 1024;
+  int32_t max_blocks_per_sequence = 0;
+  int32_t max_inflight_plans = 4;
 
   // Logger name for spdlog ("" = spdlog's default logger). The library installs
   // no sinks.

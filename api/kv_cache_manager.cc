@@ -16,9 +16,9 @@
 #include "dlpack/dlpack.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/cuda_kernels.h"
-#include "kvcache/cache_storage.h"
-#include "kvcache/device.h"
 #include "spdlog/spdlog.h"
+#include "storage/cache_storage.h"
+#include "storage/device.h"
 
 namespace kvcache {
 
@@ -237,7 +237,7 @@ absl::StatusOr<BlockTableView> KVCacheManager::BatchBlockTable(
                            " sequences: expected 1 to max_sequences_per_step ",
                            m.config_.max_sequences_per_step));
         }
-        absl::StatusOr<kvcache::BatchBlockTable> batch =
+        absl::StatusOr<kvcache::HostBatchTable> batch =
             m.blocks_->BatchTable(ids);
         if (!batch.ok()) return batch.status();
         if (batch->max_blocks > m.table_cols_) {

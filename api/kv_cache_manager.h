@@ -4,9 +4,12 @@
 // that quantize K/V into the cache and read it back.
 //
 // A step, for a batch of sequences:
-//   plan = Reserve({{seq, new tokens}, ...}, stream)       room for the tokens,
-//   all or nothing for layer in layers: Append(plan.id, layer, k, v, stream)
-//   quantize and write one layer Commit(plan.id) tokens count as computed
+//
+//   plan = Reserve({{seq, new tokens}, ...}, stream)   room for the tokens, all or nothing
+//   for layer in layers:
+//     Append(plan.id, layer, k, v, stream)             quantize and write one layer
+//   Commit(plan.id)                                    the tokens count as computed
+//
 // Reserve fails with ResourceExhausted (changing nothing) when the batch does
 // not fit: preempt (Free) a sequence and retry. Abort(plan.id) gives a plan's
 // room back without committing.
@@ -36,11 +39,13 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-#include "allocator/block_manager.h"
 #include "api/kv_cache_config.h"
 #include "api/metrics.h"
 #include "api/tensor_view.h"
-#include "kvcache/dtype.h"
+#include "core/dtype.h"
+#include "core/extra_key.h"
+#include "core/ids.h"
+#include "core/reserve_request.h"
 
 namespace kvcache {
 
@@ -64,8 +69,8 @@ struct StepPlanInfo {
 // sequence i's block ids, then zeros.
 struct BlockTableView {
   const int32_t* block_table = nullptr;  // [num_sequences, row_stride]
-  const int32_t* seq_lens =
-      nullptr;  // [num_sequences] computed tokens per sequence.
+  // [num_sequences]: computed tokens per sequence.
+  const int32_t* seq_lens = nullptr;
   int32_t num_sequences = 0;
   int32_t max_blocks = 0;  // Longest table in this batch.
   int32_t row_stride = 0;  // Columns of the buffer (max_blocks_per_sequence).
@@ -74,12 +79,13 @@ struct BlockTableView {
 // Everything an engine's own attention kernel needs to read one layer's cache
 // (DESIGN.md section 2). Strides are in elements.
 struct LayerView {
-  void* key_cache =
-      nullptr;  // [num_blocks, block_size, num_kv_heads, head_size]
-  void* value_cache =
-      nullptr;  // [num_blocks, block_size, num_kv_heads, head_size_v]
-  float* key_scale =
-      nullptr;  // [num_blocks, block_size, num_kv_heads]; null for bf16/fp16.
+  //   key_cache    [num_blocks, block_size, num_kv_heads, head_size]
+  //   value_cache  [num_blocks, block_size, num_kv_heads, head_size_v]
+  //   key_scale    [num_blocks, block_size, num_kv_heads]  null for bf16/fp16
+  //   value_scale  [num_blocks, block_size, num_kv_heads]  null for bf16/fp16
+  void* key_cache = nullptr;
+  void* value_cache = nullptr;
+  float* key_scale = nullptr;
   float* value_scale = nullptr;
   DType cache_dtype = DType::kInt8;
   MemoryKind memory = MemoryKind::kHost;
@@ -133,8 +139,8 @@ class KVCacheManager {
 
   // Lookups.
   absl::StatusOr<std::vector<BlockId>> BlockTable(SequenceId id) const;
-  absl::StatusOr<int64_t> SequenceLength(
-      SequenceId id) const;  // Computed tokens.
+  // Computed tokens.
+  absl::StatusOr<int64_t> SequenceLength(SequenceId id) const;
   absl::StatusOr<BlockTableView> BatchBlockTable(
       absl::Span<const SequenceId> ids, void* stream = nullptr);
   absl::StatusOr<LayerView> GetLayerView(int layer) const;

@@ -11,7 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "api/kv_cache_manager.h"
-#include "kvcache/device.h"
+#include "storage/device.h"
 
 namespace kvcache {
 

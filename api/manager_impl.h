@@ -22,8 +22,8 @@
 #include "api/no_bad_alloc.h"
 #include "api/step_buffers.h"
 #include "kernels/kernel_params.h"
-#include "kvcache/cache_storage.h"
-#include "kvcache/device.h"
+#include "storage/cache_storage.h"
+#include "storage/device.h"
 
 namespace kvcache {
 namespace internal {

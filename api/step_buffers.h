@@ -17,8 +17,8 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "allocator/block_manager.h"
-#include "kvcache/buffer.h"
-#include "kvcache/device.h"
+#include "storage/buffer.h"
+#include "storage/device.h"
 
 namespace kvcache::internal {
 

@@ -15,8 +15,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "core/dtype.h"
 #include "dlpack/dlpack.h"
-#include "kvcache/dtype.h"
 
 namespace kvcache {
 

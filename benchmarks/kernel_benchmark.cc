@@ -23,10 +23,10 @@
 
 #include "benchmark/benchmark.h"
 #include "benchmarks/empty_kernel.h"
+#include "core/dtype.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/float_convert.h"
 #include "kernels/kernel_params.h"
-#include "kvcache/dtype.h"
 
 #if defined(KVCACHE_HAVE_CUDA_RUNTIME)
 #include <cuda_runtime.h>

@@ -25,7 +25,7 @@
 #include "api/kv_cache_manager.h"
 #include "spdlog/sinks/null_sink.h"
 #include "spdlog/spdlog.h"
-#include "tests/kv_reference.h"
+#include "testing/kv_reference.h"
 
 namespace kvcache {
 namespace {

@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "core/cuda_check.h"
 #include "kernels/block_copy.cuh"
-#include "kvcache/cuda_check.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/cuda_util.cuh"
 #include "kernels/kernel_validation.h"

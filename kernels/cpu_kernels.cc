@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "kernels/cache_layout.h"
+#include "core/cache_layout.h"
 #include "kernels/dtype_dispatch.h"
 #include "kernels/kernel_params.h"
 #include "kernels/kernel_validation.h"

@@ -15,9 +15,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/cuda_check.h"
 #include "kernels/dtype_dispatch.h"
 #include "kernels/fast_divmod.h"
-#include "kvcache/cuda_check.h"
 
 namespace kvcache::internal {
 

@@ -19,9 +19,9 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "core/dtype.h"
 #include "kernels/float_convert.h"
 #include "kernels/quantize.h"
-#include "kvcache/dtype.h"
 
 namespace kvcache::internal {
 

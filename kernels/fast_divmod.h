@@ -18,7 +18,7 @@
 
 #include <cstdint>
 
-#include "kernels/host_device.h"
+#include "core/host_device.h"
 
 namespace kvcache::internal {
 

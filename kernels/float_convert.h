@@ -16,8 +16,8 @@
 #include <cstdint>
 #include <cstring>
 
-#include "kernels/host_device.h"
-#include "kvcache/dtype.h"
+#include "core/dtype.h"
+#include "core/host_device.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>

@@ -17,8 +17,8 @@
 
 #include <cstdint>
 
+#include "core/host_device.h"
 #include "kernels/float_convert.h"
-#include "kernels/host_device.h"
 
 #if defined(__CUDACC__) || defined(KVCACHE_HAVE_CUDA_HEADERS)
 #include <cuda_fp8.h>

@@ -8,12 +8,12 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "core/cuda_check.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/cuda_util.cuh"
 #include "kernels/dtype_dispatch.h"
 #include "kernels/gather.cuh"
 #include "kernels/kernel_validation.h"
-#include "kvcache/cuda_check.h"
 
 namespace kvcache {
 namespace {

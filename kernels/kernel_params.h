@@ -10,20 +10,10 @@
 
 #include <cstdint>
 
-#include "kernels/cache_layout.h"
-#include "kvcache/dtype.h"
+#include "core/cache_layout.h"
+#include "core/dtype.h"
 
 namespace kvcache {
-
-// The caches of one layer. Scale pointers are null exactly when
-// layout.cache_dtype is bf16/fp16.
-struct LayerCache {
-  CacheLayout layout;
-  void* key_cache = nullptr;
-  void* value_cache = nullptr;
-  float* key_scale = nullptr;
-  float* value_scale = nullptr;
-};
 
 // Dense K [num_tokens, num_heads, head_size] / V [.., head_size_v] with unit
 // stride in the last dimension and arbitrary token and head strides (e.g.

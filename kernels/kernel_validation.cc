@@ -7,7 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "kvcache/dtype.h"
+#include "core/dtype.h"
 
 namespace kvcache::internal {
 namespace {

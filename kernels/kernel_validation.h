@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
-#include "kernels/cache_layout.h"
+#include "core/cache_layout.h"
 #include "kernels/kernel_params.h"
 
 // Returns the status of `expr` from the enclosing function when it is not OK.

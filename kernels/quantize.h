@@ -2,20 +2,21 @@
 // and CUDA kernels so that both execute the same float32 operations in the same
 // order:
 //
-//   absmax = max |x_i|                       (exact in any order: a max of
-//   magnitudes) scale  = max(absmax / QMAX, 1e-6)        (IEEE division) inv =
-//   1 / scale                       (IEEE division) q_i    = encode(x_i * inv)
-//   (IEEE multiplication, never contracted) x_i'   = q_i * scale (dequantized)
+//   absmax = max |x_i|                  exact in any order: a max of magnitudes
+//   scale  = max(absmax / QMAX, 1e-6)   IEEE division
+//   inv    = 1 / scale                  IEEE division
+//   q_i    = encode(x_i * inv)          IEEE multiplication, never contracted
+//   x_i'   = q_i * scale                the dequantized value
 //
 // Non-finite input, defined identically on both sides:
 //   - a head holding a NaN gets scale = NaN (canonical 0x7FFFFFFF); all its
-//   codes are NaN codes;
+//     codes are NaN codes;
 //   - a head holding an infinity (and no NaN) gets scale = +inf, inv = 0, so
-//   its finite elements
-//     encode as zero and its infinities (inf * 0 = NaN) as NaN codes;
+//     its finite elements encode as zero and its infinities (inf * 0 = NaN) as
+//     NaN codes;
 //   - the NaN code is 0 for int8 and 0x7F for fp8; the dequantized value of a
-//   NaN scale or of a NaN
-//     code is the canonical NaN. Other heads are never affected.
+//     NaN scale or of a NaN code is the canonical NaN.
+// Other heads are never affected.
 // The magnitude max runs on the float bits (|x| as uint32 orders like the
 // float, NaN above +inf), so it is exact, order-independent and lets a NaN win.
 
@@ -25,10 +26,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/dtype.h"
+#include "core/host_device.h"
 #include "kernels/float_convert.h"
 #include "kernels/fp8.h"
-#include "kernels/host_device.h"
-#include "kvcache/dtype.h"
 
 namespace kvcache::internal {
 

@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "kernels/cache_layout.h"
+#include "core/cache_layout.h"
 #include "kernels/cuda_util.cuh"
 #include "kernels/fast_divmod.h"
 #include "kernels/kernel_params.h"

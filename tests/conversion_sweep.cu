@@ -1,6 +1,6 @@
 #include <cuda_runtime.h>
 
-#include "kvcache/cuda_check.h"
+#include "core/cuda_check.h"
 #include "kernels/float_convert.h"
 #include "kernels/fp8.h"
 #include "tests/conversion_sweep.h"

@@ -16,8 +16,8 @@
 
 #include "gtest/gtest.h"
 #include "kernels/cpu_kernels.h"
+#include "testing/cuda_test_util.h"
 #include "tests/conversion_sweep.h"
-#include "tests/cuda_test_util.h"
 #include "tests/kernel_test_util.h"
 
 #if defined(KVCACHE_HAVE_CUDA_RUNTIME)

@@ -3,8 +3,8 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "testing/cuda_test_util.h"
 #include "tests/cuda_smoke_kernel.h"
-#include "tests/cuda_test_util.h"
 
 namespace kvcache {
 namespace {

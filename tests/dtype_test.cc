@@ -1,4 +1,4 @@
-#include "kvcache/dtype.h"
+#include "core/dtype.h"
 
 #include "absl/status/status.h"
 #include "gtest/gtest.h"

@@ -17,10 +17,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/cache_layout.h"
+#include "core/cache_layout.h"
+#include "core/dtype.h"
 #include "kernels/float_convert.h"
 #include "kernels/kernel_params.h"
-#include "kvcache/dtype.h"
 
 namespace kvcache::testing {
 

@@ -7,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
-#include "tests/cuda_test_util.h"
+#include "testing/cuda_test_util.h"
 #include "tests/manager_driver.h"
 
 namespace kvcache {

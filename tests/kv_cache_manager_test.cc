@@ -12,7 +12,7 @@
 #include "dlpack/dlpack.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/kv_reference.h"
+#include "testing/kv_reference.h"
 
 namespace kvcache {
 namespace {

@@ -6,7 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "tests/kv_reference.h"
+#include "testing/kv_reference.h"
 
 namespace kvcache::testing {
 namespace {

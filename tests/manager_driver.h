@@ -15,7 +15,7 @@
 
 #include "absl/status/status.h"
 #include "api/kv_cache_manager.h"
-#include "kvcache/device.h"
+#include "storage/device.h"
 
 namespace kvcache::testing {
 

@@ -21,8 +21,8 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "allocator/block_manager.h"
-#include "benchmarks/trace.h"
 #include "gtest/gtest.h"
+#include "testing/trace.h"
 
 namespace kvcache {
 namespace {

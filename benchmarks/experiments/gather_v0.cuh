@@ -14,7 +14,7 @@
 #include <type_traits>
 
 #include "benchmarks/experiments/split_row_v0.cuh"
-#include "kernels/cache_layout.h"
+#include "core/cache_layout.h"
 #include "kernels/cuda_util.cuh"
 #include "kernels/kernel_params.h"
 #include "kernels/quantize.h"

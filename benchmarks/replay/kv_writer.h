@@ -19,7 +19,7 @@
 #include "api/kv_cache_manager.h"
 #include "benchmarks/replay/synthetic_kv.h"
 #include "benchmarks/replay/synthetic_kv_cuda.h"
-#include "kvcache/device.h"
+#include "storage/device.h"
 
 namespace kvcache::replay {
 

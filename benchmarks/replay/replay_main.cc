@@ -26,10 +26,10 @@
 #include "benchmarks/replay/progress.h"
 #include "benchmarks/replay/replay_report.h"
 #include "benchmarks/replay/replay_scheduler.h"
-#include "benchmarks/trace.h"
-#include "kvcache/device.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
+#include "storage/device.h"
+#include "testing/trace.h"
 
 ABSL_FLAG(std::string, trace, "data/mooncake_conversation_trace.jsonl",
           "Mooncake trace (JSONL). A relative path is tried against "

@@ -30,7 +30,7 @@
 #include "absl/status/status.h"
 #include "api/kv_cache_manager.h"
 #include "benchmarks/replay/kv_writer.h"
-#include "benchmarks/trace.h"
+#include "testing/trace.h"
 
 namespace kvcache::replay {
 

@@ -7,10 +7,10 @@
 #include "api/kv_cache_manager.h"
 #include "benchmarks/replay/kv_writer.h"
 #include "benchmarks/replay/replay_report.h"
-#include "benchmarks/trace.h"
 #include "gtest/gtest.h"
-#include "kvcache/device.h"
 #include "nlohmann/json.hpp"
+#include "storage/device.h"
+#include "testing/trace.h"
 
 namespace kvcache::replay {
 namespace {

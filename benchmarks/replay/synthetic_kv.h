@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "absl/types/span.h"
-#include "kvcache/dtype.h"
+#include "core/dtype.h"
 
 namespace kvcache::replay {
 

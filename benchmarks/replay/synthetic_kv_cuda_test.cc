@@ -1,14 +1,15 @@
 // The device generator of synthetic K/V must write exactly what the host one writes.
 
+#include "benchmarks/replay/synthetic_kv_cuda.h"
+
 #include <random>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "benchmarks/replay/synthetic_kv.h"
-#include "benchmarks/replay/synthetic_kv_cuda.h"
 #include "gtest/gtest.h"
-#include "kvcache/device.h"
-#include "tests/cuda_test_util.h"
+#include "storage/device.h"
+#include "testing/cuda_test_util.h"
 
 namespace kvcache::replay {
 namespace {
@@ -38,7 +39,8 @@ TEST(SyntheticKvCudaTest, DeviceFillEqualsHostFill) {
   ASSERT_TRUE(device.ok()) << device.status();
   auto upload = [&](const void* src, size_t bytes) {
     Buffer b = *(*device)->Allocate(bytes);
-    EXPECT_TRUE((*device)->CopyToDeviceAsync(b.data(), src, bytes, nullptr).ok());
+    EXPECT_TRUE(
+        (*device)->CopyToDeviceAsync(b.data(), src, bytes, nullptr).ok());
     return b;
   };
   Buffer table = upload(host.table().data(), host.table().size() * 2);
@@ -59,7 +61,8 @@ TEST(SyntheticKvCudaTest, DeviceFillEqualsHostFill) {
   p.token_stride = stride;
   p.value_offset = heads * d;
   ASSERT_TRUE(FillSyntheticCuda(p, nullptr).ok());
-  ASSERT_TRUE((*device)->CopyToHost(got.data(), out.data(), got.size() * 2).ok());
+  ASSERT_TRUE(
+      (*device)->CopyToHost(got.data(), out.data(), got.size() * 2).ok());
   EXPECT_EQ(got, expected);
 }
 

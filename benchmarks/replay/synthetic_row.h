@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "kernels/host_device.h"
+#include "core/host_device.h"
 
 namespace kvcache::replay {
 

@@ -26,8 +26,8 @@
 #include "api/kv_cache_manager_test_peer.h"
 #include "api/kvcache_c.h"
 #include "gtest/gtest.h"
-#include "kvcache/device.h"
-#include "tests/kv_reference.h"
+#include "storage/device.h"
+#include "testing/kv_reference.h"
 
 // ---- Host allocation failure: a replacement global operator new ----
 

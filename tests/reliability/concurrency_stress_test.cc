@@ -21,7 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "api/kv_cache_manager.h"
 #include "gtest/gtest.h"
-#include "tests/kv_reference.h"
+#include "testing/kv_reference.h"
 
 namespace kvcache {
 namespace {

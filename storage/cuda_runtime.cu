@@ -2,7 +2,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "kvcache/cuda_runtime.h"
+#include "storage/cuda_runtime.h"
 
 namespace kvcache {
 
@@ -17,8 +17,8 @@ absl::StatusOr<int> CudaDeviceCount() {
   }
   if (err != cudaSuccess) {
     cudaGetLastError();
-    return absl::InternalError(absl::StrCat(
-        "cudaGetDeviceCount failed: ", cudaGetErrorString(err)));
+    return absl::InternalError(
+        absl::StrCat("cudaGetDeviceCount failed: ", cudaGetErrorString(err)));
   }
   return count;
 }

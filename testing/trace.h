@@ -7,8 +7,8 @@
 // equal leading tokens and a token-level prefix cache finds exactly the reuse
 // the trace describes. Thread-compatible; no state.
 
-#ifndef KVCACHE_BENCHMARKS_TRACE_H_
-#define KVCACHE_BENCHMARKS_TRACE_H_
+#ifndef KVCACHE_TESTING_TRACE_H_
+#define KVCACHE_TESTING_TRACE_H_
 
 #include <cstdint>
 #include <string>
@@ -44,4 +44,4 @@ std::vector<TokenId> TracePrompt(const TraceRequest& request);
 
 }  // namespace kvcache
 
-#endif  // KVCACHE_BENCHMARKS_TRACE_H_
+#endif  // KVCACHE_TESTING_TRACE_H_

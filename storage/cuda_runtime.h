@@ -4,8 +4,8 @@
 // Thread-safe. In a build without a CUDA toolkit every function reports "built
 // without CUDA support" as FailedPrecondition.
 
-#ifndef KVCACHE_KVCACHE_CUDA_RUNTIME_H_
-#define KVCACHE_KVCACHE_CUDA_RUNTIME_H_
+#ifndef KVCACHE_STORAGE_CUDA_RUNTIME_H_
+#define KVCACHE_STORAGE_CUDA_RUNTIME_H_
 
 #include "absl/status/statusor.h"
 
@@ -20,4 +20,4 @@ absl::StatusOr<int> CudaDeviceCount();
 
 }  // namespace kvcache
 
-#endif  // KVCACHE_KVCACHE_CUDA_RUNTIME_H_
+#endif  // KVCACHE_STORAGE_CUDA_RUNTIME_H_

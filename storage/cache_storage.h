@@ -6,17 +6,17 @@
 // and value scales at 256-byte aligned offsets. Thread-compatible: the pointers
 // never change after Create.
 
-#ifndef KVCACHE_KVCACHE_CACHE_STORAGE_H_
-#define KVCACHE_KVCACHE_CACHE_STORAGE_H_
+#ifndef KVCACHE_STORAGE_CACHE_STORAGE_H_
+#define KVCACHE_STORAGE_CACHE_STORAGE_H_
 
 #include <cstdint>
 #include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "kernels/kernel_params.h"
-#include "kvcache/buffer.h"
-#include "kvcache/device.h"
+#include "core/cache_layout.h"
+#include "storage/buffer.h"
+#include "storage/device.h"
 
 namespace kvcache {
 
@@ -51,4 +51,4 @@ class CacheStorage {
 
 }  // namespace kvcache
 
-#endif  // KVCACHE_KVCACHE_CACHE_STORAGE_H_
+#endif  // KVCACHE_STORAGE_CACHE_STORAGE_H_

@@ -8,8 +8,8 @@
 // where every operation is synchronous). Every allocation goes through Allocate
 // or AllocateStaging, so a test can make any of them fail.
 
-#ifndef KVCACHE_KVCACHE_DEVICE_H_
-#define KVCACHE_KVCACHE_DEVICE_H_
+#ifndef KVCACHE_STORAGE_DEVICE_H_
+#define KVCACHE_STORAGE_DEVICE_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -17,7 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "kvcache/buffer.h"
+#include "storage/buffer.h"
 
 namespace kvcache {
 
@@ -108,4 +108,4 @@ absl::StatusOr<std::unique_ptr<Device>> CreateCudaDevice(int ordinal);
 
 }  // namespace kvcache
 
-#endif  // KVCACHE_KVCACHE_DEVICE_H_
+#endif  // KVCACHE_STORAGE_DEVICE_H_

@@ -1,4 +1,4 @@
-#include "tests/kv_reference.h"
+#include "testing/kv_reference.h"
 
 #include <algorithm>
 #include <cmath>

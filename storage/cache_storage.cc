@@ -1,4 +1,4 @@
-#include "kvcache/cache_storage.h"
+#include "storage/cache_storage.h"
 
 #include <utility>
 

@@ -1,5 +1,5 @@
 #include "absl/status/status.h"
-#include "kvcache/device.h"
+#include "storage/device.h"
 
 namespace kvcache {
 

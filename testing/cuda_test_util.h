@@ -1,12 +1,12 @@
 // Test helper: skips the current test with a clear message when no CUDA device
 // can run it.
 
-#ifndef KVCACHE_TESTS_CUDA_TEST_UTIL_H_
-#define KVCACHE_TESTS_CUDA_TEST_UTIL_H_
+#ifndef KVCACHE_TESTING_CUDA_TEST_UTIL_H_
+#define KVCACHE_TESTING_CUDA_TEST_UTIL_H_
 
 #include "absl/status/statusor.h"
 #include "gtest/gtest.h"
-#include "kvcache/cuda_runtime.h"
+#include "storage/cuda_runtime.h"
 
 // Use at the top of a TEST body.
 #define KVCACHE_SKIP_WITHOUT_GPU()                                       \
@@ -21,4 +21,4 @@
     }                                                                    \
   } while (0)
 
-#endif  // KVCACHE_TESTS_CUDA_TEST_UTIL_H_
+#endif  // KVCACHE_TESTING_CUDA_TEST_UTIL_H_

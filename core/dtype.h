@@ -4,8 +4,8 @@
 // Plain constexpr data and functions: thread-safe, no state, no CUDA. Kernels
 // use the same values.
 
-#ifndef KVCACHE_KVCACHE_DTYPE_H_
-#define KVCACHE_KVCACHE_DTYPE_H_
+#ifndef KVCACHE_CORE_DTYPE_H_
+#define KVCACHE_CORE_DTYPE_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -85,4 +85,4 @@ bool IsValidDType(DType dtype);
 
 }  // namespace kvcache
 
-#endif  // KVCACHE_KVCACHE_DTYPE_H_
+#endif  // KVCACHE_CORE_DTYPE_H_

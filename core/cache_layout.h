@@ -1,22 +1,23 @@
 // CacheLayout describes one layer's paged K/V cache (DESIGN.md section 2) and
-// computes every offset into it. The CPU and CUDA kernels both use these
-// helpers, so the layout lives in this header alone.
+// computes every offset into it; LayerCache is that layout plus the four
+// pointers of one layer. The CPU and CUDA kernels and the storage that
+// allocates the caches all use these helpers, so the layout lives here alone.
 //
 //   key_cache    [num_blocks, block_size, num_heads, head_size]
 //   value_cache  [num_blocks, block_size, num_heads, head_size_v]
-//   key_scale    [num_blocks, block_size, num_heads]   float32 (quantized
-//   caches only) value_scale  [num_blocks, block_size, num_heads]
+//   key_scale    [num_blocks, block_size, num_heads]   float32 (quantized caches only)
+//   value_scale  [num_blocks, block_size, num_heads]   float32 (quantized caches only)
 //
-// A slot is block_id * block_size + offset. Plain value type;
+// A slot is block_id * block_size + offset. Plain value types;
 // thread-compatible.
 
-#ifndef KVCACHE_KERNELS_CACHE_LAYOUT_H_
-#define KVCACHE_KERNELS_CACHE_LAYOUT_H_
+#ifndef KVCACHE_CORE_CACHE_LAYOUT_H_
+#define KVCACHE_CORE_CACHE_LAYOUT_H_
 
 #include <cstdint>
 
-#include "kernels/host_device.h"
-#include "kvcache/dtype.h"
+#include "core/dtype.h"
+#include "core/host_device.h"
 
 namespace kvcache {
 
@@ -61,6 +62,16 @@ struct CacheLayout {
   }
 };
 
+// The caches of one layer. Scale pointers are null exactly when
+// layout.cache_dtype is bf16/fp16.
+struct LayerCache {
+  CacheLayout layout;
+  void* key_cache = nullptr;
+  void* value_cache = nullptr;
+  float* key_scale = nullptr;
+  float* value_scale = nullptr;
+};
+
 // Total bytes of one layer's K cache, V cache and (for quantized dtypes) both
 // scale caches.
 inline int64_t LayerBytes(const CacheLayout& layout) {
@@ -77,4 +88,4 @@ inline int64_t LayerBytes(const CacheLayout& layout) {
 
 }  // namespace kvcache
 
-#endif  // KVCACHE_KERNELS_CACHE_LAYOUT_H_
+#endif  // KVCACHE_CORE_CACHE_LAYOUT_H_

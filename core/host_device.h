@@ -2,8 +2,8 @@
 // share: inline host functions in a host compiler, __host__ __device__
 // functions under nvcc.
 
-#ifndef KVCACHE_KERNELS_HOST_DEVICE_H_
-#define KVCACHE_KERNELS_HOST_DEVICE_H_
+#ifndef KVCACHE_CORE_HOST_DEVICE_H_
+#define KVCACHE_CORE_HOST_DEVICE_H_
 
 #if defined(__CUDACC__)
 #define KVCACHE_HOST_DEVICE __host__ __device__ __forceinline__
@@ -11,4 +11,4 @@
 #define KVCACHE_HOST_DEVICE inline
 #endif
 
-#endif  // KVCACHE_KERNELS_HOST_DEVICE_H_
+#endif  // KVCACHE_CORE_HOST_DEVICE_H_

@@ -1,5 +1,5 @@
 #include "absl/status/status.h"
-#include "kvcache/cuda_runtime.h"
+#include "storage/cuda_runtime.h"
 
 namespace kvcache {
 

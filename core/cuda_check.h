@@ -2,8 +2,8 @@
 // call. On failure it returns absl::InternalError naming the call, the CUDA
 // error and file:line, and clears CUDA's sticky last error.
 
-#ifndef KVCACHE_KVCACHE_CUDA_CHECK_H_
-#define KVCACHE_KVCACHE_CUDA_CHECK_H_
+#ifndef KVCACHE_CORE_CUDA_CHECK_H_
+#define KVCACHE_CORE_CUDA_CHECK_H_
 
 #include <cuda_runtime_api.h>
 
@@ -31,4 +31,4 @@ inline absl::Status CudaErrorToStatus(cudaError_t err, const char* call,
     }                                                                        \
   } while (0)
 
-#endif  // KVCACHE_KVCACHE_CUDA_CHECK_H_
+#endif  // KVCACHE_CORE_CUDA_CHECK_H_

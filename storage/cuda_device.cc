@@ -8,9 +8,9 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "kvcache/cuda_check.h"
-#include "kvcache/cuda_runtime.h"
-#include "kvcache/device.h"
+#include "core/cuda_check.h"
+#include "storage/cuda_runtime.h"
+#include "storage/device.h"
 
 namespace kvcache {
 namespace {

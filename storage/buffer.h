@@ -5,8 +5,8 @@
 // memory is released by the deleter the allocating Device supplied, so a Buffer
 // may outlive nothing but its Device's process.
 
-#ifndef KVCACHE_KVCACHE_BUFFER_H_
-#define KVCACHE_KVCACHE_BUFFER_H_
+#ifndef KVCACHE_STORAGE_BUFFER_H_
+#define KVCACHE_STORAGE_BUFFER_H_
 
 #include <cstddef>
 #include <utility>
@@ -60,4 +60,4 @@ class Buffer {
 
 }  // namespace kvcache
 
-#endif  // KVCACHE_KVCACHE_BUFFER_H_
+#endif  // KVCACHE_STORAGE_BUFFER_H_

@@ -1,4 +1,4 @@
-#include "benchmarks/trace.h"
+#include "testing/trace.h"
 
 #include <fstream>
 

@@ -3,13 +3,13 @@
 // quantize/dequantize of DESIGN.md section 3 written without the library's
 // kernels (fp8 by nearest search over the 256 decoded codes).
 
-#ifndef KVCACHE_TESTS_KV_REFERENCE_H_
-#define KVCACHE_TESTS_KV_REFERENCE_H_
+#ifndef KVCACHE_TESTING_KV_REFERENCE_H_
+#define KVCACHE_TESTING_KV_REFERENCE_H_
 
 #include <cstdint>
 #include <vector>
 
-#include "kvcache/dtype.h"
+#include "core/dtype.h"
 
 namespace kvcache::testing {
 
@@ -42,4 +42,4 @@ inline uint64_t ExtendPrefixHash(uint64_t hash, int32_t token) {
 
 }  // namespace kvcache::testing
 
-#endif  // KVCACHE_TESTS_KV_REFERENCE_H_
+#endif  // KVCACHE_TESTING_KV_REFERENCE_H_

@@ -10,7 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "kvcache/device.h"
+#include "storage/device.h"
 
 namespace kvcache {
 namespace {

@@ -8,6 +8,7 @@
 #include "api/tensor_checks.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/cuda_kernels.h"
+#include "kernels/kernel_validation.h"
 #include "spdlog/spdlog.h"
 
 namespace kvcache {
@@ -49,6 +50,33 @@ std::shared_ptr<spdlog::logger> Logger(const std::string& name) {
 
 }  // namespace
 
+absl::StatusOr<int64_t> KVCacheManager::Impl::NumBlocks(
+    int64_t block_bytes) const {
+  if (config_.num_blocks != 0) return config_.num_blocks;
+  int64_t budget = config_.memory_budget_bytes;
+  if (budget == 0) {
+    size_t free_bytes = 0, total_bytes = 0;
+    if (absl::Status s = device_->MemoryInfo(&free_bytes, &total_bytes);
+        !s.ok()) {
+      return s;
+    }
+    const double bytes =
+        static_cast<double>(free_bytes) * config_.memory_fraction;
+    budget = bytes >= static_cast<double>(kMaxCacheBytes)
+                 ? kMaxCacheBytes
+                 : static_cast<int64_t>(bytes);
+  }
+  budget = std::min(budget, kMaxCacheBytes);
+  const int64_t num_blocks =
+      (budget - kLayerPadding * config_.num_layers) / block_bytes;
+  if (num_blocks < 1) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a capacity of ", budget, " bytes holds no block: one block of all ",
+        config_.num_layers, " layers takes ", block_bytes, " bytes"));
+  }
+  return std::min<int64_t>(num_blocks, INT32_MAX);
+}
+
 absl::Status KVCacheManager::Impl::Init() {
   layout_.block_size = config_.block_size;
   layout_.num_heads = config_.num_kv_heads;
@@ -57,36 +85,18 @@ absl::Status KVCacheManager::Impl::Init() {
       config_.head_size_v != 0 ? config_.head_size_v : config_.head_size;
   layout_.cache_dtype = config_.cache_dtype;
 
-  // Capacity.
-  CacheLayout one_block = layout_;
-  one_block.num_blocks = 1;
-  const int64_t block_bytes = LayerBytes(one_block) * config_.num_layers;
-  int64_t num_blocks = config_.num_blocks;
-  if (num_blocks == 0) {
-    int64_t budget = config_.memory_budget_bytes;
-    if (budget == 0) {
-      size_t free_bytes = 0, total_bytes = 0;
-      if (absl::Status s = device_->MemoryInfo(&free_bytes, &total_bytes);
-          !s.ok()) {
-        return s;
-      }
-      budget = static_cast<int64_t>(static_cast<double>(free_bytes) *
-                                    config_.memory_fraction);
-    }
-    num_blocks = (budget - kLayerPadding * config_.num_layers) / block_bytes;
-    if (num_blocks < 1) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "a capacity of ", budget, " bytes holds no block: one block of all ",
-          config_.num_layers, " layers takes ", block_bytes, " bytes"));
-    }
-    num_blocks = std::min<int64_t>(num_blocks, INT32_MAX);
-  }
-  layout_.num_blocks = num_blocks;
+  // Capacity, in checked arithmetic (ValidateConfig bounds every factor).
+  absl::StatusOr<int64_t> block_bytes = BlockBytesAllLayers(config_);
+  if (!block_bytes.ok()) return block_bytes.status();
+  absl::StatusOr<int64_t> num_blocks = NumBlocks(*block_bytes);
+  if (!num_blocks.ok()) return num_blocks.status();
+  layout_.num_blocks = *num_blocks;
+  if (absl::Status s = internal::ValidateLayout(layout_); !s.ok()) return s;
   table_cols_ = config_.max_blocks_per_sequence;
   if (table_cols_ == 0) {
     table_cols_ = std::min<int64_t>(
-        num_blocks, (kDefaultMaxTokensPerSequence + config_.block_size - 1) /
-                        config_.block_size);
+        *num_blocks, (kDefaultMaxTokensPerSequence + config_.block_size - 1) /
+                         config_.block_size);
   }
 
   absl::StatusOr<std::unique_ptr<CacheStorage>> storage =
@@ -95,7 +105,7 @@ absl::Status KVCacheManager::Impl::Init() {
   storage_ = *std::move(storage);
 
   BlockManagerOptions options;
-  options.num_blocks = static_cast<int32_t>(num_blocks);
+  options.num_blocks = static_cast<int32_t>(*num_blocks);
   options.block_size = config_.block_size;
   options.enable_prefix_caching = config_.enable_prefix_caching;
   absl::StatusOr<std::unique_ptr<BlockManager>> blocks =

@@ -65,6 +65,9 @@ class KVCacheManager::Impl {
         kernels_(device_->kind()) {}
 
   absl::Status Init();
+  // The pool size: config_.num_blocks, or what the memory budget (or fraction
+  // of free memory) holds of blocks of `block_bytes` (all layers).
+  absl::StatusOr<int64_t> NumBlocks(int64_t block_bytes) const;
 
   KVCacheConfig config_;
   std::unique_ptr<Device> device_;

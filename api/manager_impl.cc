@@ -181,10 +181,16 @@ absl::Status KVCacheManager::Impl::CheckBatch(
           "sequence ", request.sequence, " already has a reservation in plan ",
           plan, ": commit or abort it first"));
     }
-    // Clamped per request so that hostile counts (INT64_MAX) cannot overflow
-    // the sum (found by //fuzz:manager_fuzzer).
-    tokens += std::clamp<int64_t>(request.num_tokens, 0,
-                                  int64_t{config_.max_tokens_per_step} + 1);
+    if (request.num_tokens > config_.max_tokens_per_step) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "reserve of ", request.num_tokens, " tokens for sequence ",
+          request.sequence, " exceeds max_tokens_per_step ",
+          config_.max_tokens_per_step));
+    }
+    // Each term is at most max_tokens_per_step and a batch at most
+    // max_sequences_per_step long: the sum cannot overflow. Counts below 1 are
+    // the allocator's to refuse, by name.
+    tokens += std::max<int64_t>(request.num_tokens, 0);
   }
   if (tokens > config_.max_tokens_per_step) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -212,25 +218,35 @@ void KVCacheManager::Impl::ReleasePlan(uint64_t plan_id) {
   plans_.erase(it);
 }
 
-absl::Status KVCacheManager::Impl::CopyOnWrite(PlanState& plan, int layer,
+absl::Status KVCacheManager::Impl::CopyOnWrite(int slot, int64_t num_copies,
                                                void* stream) {
-  if (plan.num_copies == 0 || plan.copied[layer]) return absl::OkStatus();
-  internal::StepBuffers::Slot& slot = steps_->slot(plan.slot);
-  if (absl::Status s = device_->StreamWaitEvent(stream, slot.uploaded);
+  if (num_copies == 0) return absl::OkStatus();
+  internal::StepBuffers::Slot& buffers = steps_->slot(slot);
+  BlockCopyParams copy;
+  copy.pairs = steps_->device_pairs(slot);
+  copy.num_pairs = num_copies;
+  // Every layer's arguments first: a copy that cannot run is refused before
+  // any runs.
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    copy.cache = storage_->layer(layer);
+    if (absl::Status s = internal::ValidateBlockCopy(copy); !s.ok()) {
+      return internal::Annotate(s,
+                                absl::StrCat("copy-on-write of layer ", layer));
+    }
+  }
+  if (absl::Status s = device_->StreamWaitEvent(stream, buffers.uploaded);
       !s.ok()) {
     return s;
   }
-  BlockCopyParams copy;
-  copy.cache = storage_->layer(layer);
-  copy.pairs = steps_->device_pairs(plan.slot);
-  copy.num_pairs = plan.num_copies;
-  if (absl::Status s = kernels_.BlockCopy(copy, stream); !s.ok()) {
-    return internal::Annotate(s,
-                              absl::StrCat("copy-on-write of layer ", layer));
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    copy.cache = storage_->layer(layer);
+    if (absl::Status s = kernels_.BlockCopy(copy, stream); !s.ok()) {
+      return internal::Annotate(s,
+                                absl::StrCat("copy-on-write of layer ", layer));
+    }
   }
-  ++counters_.kernel_launches;
-  plan.copied[layer] = 1;
-  return absl::OkStatus();
+  // The next upload into this slot must wait for the copies' reads.
+  return device_->RecordEvent(buffers.last_use, stream);
 }
 
 absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
@@ -255,23 +271,27 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
       !s.ok()) {
     return s;
   }
+  // Against what is left, never done + num_tokens: a hostile count must not
+  // overflow past the check (issue #12 item 4).
   const int64_t done = plan.appended[layer];
-  if (done + num_tokens > plan.num_tokens) {
+  if (num_tokens > plan.num_tokens - done) {
     return absl::InvalidArgumentError(
         absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
                      " of plan ", plan_id, " exceeds its reservation: ", done,
                      " of ", plan.num_tokens, " tokens already appended"));
+  }
+  params.num_tokens = num_tokens;
+  params.slot_mapping = steps_->device_slots(plan.slot) + done;
+  params.cache = storage_->layer(layer);
+  // Everything the kernel would refuse is refused before anything runs.
+  if (absl::Status s = internal::ValidateQuantizeWrite(params); !s.ok()) {
+    return internal::Annotate(s, absl::StrCat("append to layer ", layer));
   }
   internal::StepBuffers::Slot& slot = steps_->slot(plan.slot);
   if (absl::Status s = device_->StreamWaitEvent(stream, slot.uploaded);
       !s.ok()) {
     return s;
   }
-  if (absl::Status s = CopyOnWrite(plan, layer, stream); !s.ok()) return s;
-  const LayerCache& cache = storage_->layer(layer);
-  params.num_tokens = num_tokens;
-  params.slot_mapping = steps_->device_slots(plan.slot) + done;
-  params.cache = cache;
   if (absl::Status s = kernels_.QuantizeWrite(params, stream); !s.ok()) {
     return internal::Annotate(s, absl::StrCat("append to layer ", layer));
   }

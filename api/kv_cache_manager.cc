@@ -66,6 +66,12 @@ KVCacheManagerTestPeer::CreateWithDevice(const KVCacheConfig& config,
 absl::StatusOr<int64_t> KVCacheManager::AddSequence(
     SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
   return internal::NoBadAlloc("AddSequence", [&]() -> absl::StatusOr<int64_t> {
+    // Lengths reach the engine as int32 (BatchBlockTable's seq_lens).
+    if (prompt.size() > static_cast<size_t>(INT32_MAX)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt of ", prompt.size(), " tokens exceeds ",
+                       INT32_MAX, " tokens"));
+    }
     std::lock_guard<std::mutex> lock(impl_->mu_);
     return impl_->blocks_->AddSequence(id, prompt, extra);
   });
@@ -101,11 +107,17 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(
     // Copy-on-write runs here, in every layer, so that no block table names
     // a copy before it holds the sequence's data (issue #12 item 5); if it
     // cannot, the plan is undone.
-    absl::Status uploaded =
-        m.steps_->Upload(slot, plan->slot_mapping, plan->copies, stream);
-    if (uploaded.ok()) {
-      uploaded = m.CopyOnWrite(slot, static_cast<int64_t>(plan->copies.size()),
-                               stream);
+    absl::Status uploaded;
+    try {  // The CPU kernels may allocate (std::bad_alloc).
+      uploaded =
+          m.steps_->Upload(slot, plan->slot_mapping, plan->copies, stream);
+      if (uploaded.ok()) {
+        uploaded = m.CopyOnWrite(
+            slot, static_cast<int64_t>(plan->copies.size()), stream);
+      }
+    } catch (...) {
+      m.blocks_->Abort(plan->id).IgnoreError();
+      throw;
     }
     if (!uploaded.ok()) {
       m.blocks_->Abort(plan->id).IgnoreError();
@@ -460,7 +472,8 @@ const KVCacheConfig& KVCacheManager::config() const { return impl_->config_; }
 absl::Status KVCacheManager::Validate() const {
   return internal::NoBadAlloc("Validate", [&]() -> absl::Status {
     std::lock_guard<std::mutex> lock(impl_->mu_);
-    return impl_->blocks_->Validate();
+    if (absl::Status s = impl_->blocks_->Validate(); !s.ok()) return s;
+    return impl_->ValidatePlans();
   });
 }
 

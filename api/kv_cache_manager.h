@@ -157,8 +157,10 @@ class KVCacheManager {
   std::string MetricsText() const;  // Prometheus exposition format.
 
   const KVCacheConfig& config() const;
-  // Checks the allocator's invariants (DESIGN.md section 4). For tests and
-  // debug builds.
+  // Checks the allocator's invariants (DESIGN.md section 4: accounting,
+  // reference counts, the tail-sharing flag, the prefix index's tokens,
+  // parents and roots) and the plans in flight (step slots, tokens appended
+  // per layer, their sequences). For tests and debug builds.
   absl::Status Validate() const;
 
  private:

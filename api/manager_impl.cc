@@ -218,6 +218,48 @@ void KVCacheManager::Impl::ReleasePlan(uint64_t plan_id) {
   plans_.erase(it);
 }
 
+absl::Status KVCacheManager::Impl::ValidatePlans() const {
+  std::vector<char> slot_taken(config_.max_inflight_plans, 0);
+  for (const auto& [id, plan] : plans_) {
+    const std::string name = absl::StrCat("plan ", id, ": ");
+    if (plan.slot < 0 || plan.slot >= config_.max_inflight_plans ||
+        slot_taken[plan.slot] || !steps_->slot(plan.slot).busy) {
+      return absl::InternalError(absl::StrCat(name, "step slot ", plan.slot,
+                                              " is not its own busy slot"));
+    }
+    slot_taken[plan.slot] = 1;
+    if (plan.num_tokens < 1 || plan.num_tokens > config_.max_tokens_per_step ||
+        plan.num_copies < 0 ||
+        plan.num_copies > static_cast<int64_t>(plan.sequences.size()) ||
+        static_cast<int>(plan.appended.size()) != config_.num_layers) {
+      return absl::InternalError(
+          absl::StrCat(name, plan.num_tokens, " tokens, ", plan.num_copies,
+                       " copies for ", plan.sequences.size(), " sequences, ",
+                       plan.appended.size(), " layers"));
+    }
+    for (int layer = 0; layer < config_.num_layers; ++layer) {
+      if (plan.appended[layer] < 0 || plan.appended[layer] > plan.num_tokens) {
+        return absl::InternalError(
+            absl::StrCat(name, "layer ", layer, " holds ", plan.appended[layer],
+                         " of its ", plan.num_tokens, " tokens"));
+      }
+    }
+    for (SequenceId seq : plan.sequences) {
+      // A sequence freed since Reserve is gone; any other is still pending.
+      if (blocks_->Contains(seq) && blocks_->PendingPlan(seq) != id) {
+        return absl::InternalError(absl::StrCat(name, "sequence ", seq,
+                                                " is pending in plan ",
+                                                blocks_->PendingPlan(seq)));
+      }
+    }
+  }
+  if (steps_->num_busy() != static_cast<int>(plans_.size())) {
+    return absl::InternalError(absl::StrCat(
+        steps_->num_busy(), " busy step slots for ", plans_.size(), " plans"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status KVCacheManager::Impl::CopyOnWrite(int slot, int64_t num_copies,
                                                void* stream) {
   if (num_copies == 0) return absl::OkStatus();

@@ -101,6 +101,10 @@ class KVCacheManager::Impl {
     }
     return absl::OkStatus();
   }
+  // The api's plan state against the allocator's (see KVCacheManager::
+  // Validate): each plan owns one busy step slot, holds at most its tokens in
+  // every layer, and its live sequences are pending in it.
+  absl::Status ValidatePlans() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<PlanState*> FindPlan(uint64_t plan_id)

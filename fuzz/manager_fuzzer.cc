@@ -565,7 +565,7 @@ class Harness {
                                           DType::kBFloat16, {1, h, hv_});
     const int64_t done = it->second.appended[layer];
     const int64_t counts[] = {
-        kHuge, kHuge - done, kHuge - done + 1,
+        kHuge, kHuge - done, kHuge - 1,
         static_cast<int64_t>(it->second.rows.size()) - done + 1};
     k.shape[0] = v.shape[0] = counts[in_.Range(4)];
     k.strides[0] = v.strides[0] = 0;

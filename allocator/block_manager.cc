@@ -157,12 +157,18 @@ absl::StatusOr<int64_t> BlockManager::Impl::AddSequence(
   const bool caching = options_.enable_prefix_caching;
   if (caching) {
     s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
-    s.root_id = index_.RootId(extra.adapter_id, extra.salt);
-    MatchPrefix(s, prompt);
+    s.root_id = index_.AcquireRoot(extra.adapter_id, extra.salt);
   }
-  AppendTokens(s.tokens, prompt.subspan(s.computed));
-  by_id_.Reserve(sequences_.size() + 1);
-  sequences_.emplace(id, std::move(seq));
+  const uint64_t root_id = s.root_id;  // `s` may be gone if emplace throws.
+  try {
+    if (caching) MatchPrefix(s, prompt);
+    AppendTokens(s.tokens, prompt.subspan(s.computed));
+    by_id_.Reserve(sequences_.size() + 1);
+    sequences_.emplace(id, std::move(seq));
+  } catch (...) {  // std::bad_alloc: give the root reference back.
+    if (caching) index_.ReleaseRoot(root_id);
+    throw;
+  }
   by_id_.Insert(id, &s);
   ++generation_;
   // From here on nothing allocates.
@@ -188,6 +194,7 @@ absl::Status BlockManager::Impl::Free(SequenceId id) {
     *pos = nullptr;
   }
   ReleaseAll(s);
+  if (s.root_id != 0) index_.ReleaseRoot(s.root_id);
   by_id_.Erase(id);
   sequences_.erase(it);
   ++generation_;
@@ -221,6 +228,7 @@ absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
   ++generation_;
   p->tail_maybe_shared = true;
   for (BlockId b : registered.blocks) pool_.Acquire(b);
+  if (registered.root_id != 0) index_.AcquireRoot(registered.root_id);
   return absl::OkStatus();
 }
 

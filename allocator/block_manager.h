@@ -148,6 +148,9 @@ class BlockManager {
   // unknown sequence).
   uint64_t PendingPlan(SequenceId id) const;
   int64_t num_sequences() const;
+  // Extra keys (adapter id, salt) the prefix cache holds a root for: at most
+  // one per live sequence or cached block, never one per key ever seen.
+  size_t num_prefix_roots() const;
 
   PoolUsage Usage() const;
   PrefixCacheStats PrefixStats() const;
@@ -155,8 +158,10 @@ class BlockManager {
 
   // Checks every invariant of DESIGN.md section 4 (each block in exactly one
   // state; free + cached + used = total; ref counts = holders; the hash index =
-  // hashed cached and used blocks). Internal with a description of the first
-  // violation.
+  // hashed cached and used blocks; a partial tail marked unshared has one
+  // holder; the index's stored tokens and parents are the sequences' own;
+  // prefix roots are referenced exactly by their holders). Internal with a
+  // description of the first violation.
   absl::Status Validate() const;
 
  private:

@@ -84,6 +84,7 @@ class BlockManager::Impl {
   int64_t num_sequences() const {
     return static_cast<int64_t>(sequences_.size());
   }
+  size_t num_prefix_roots() const { return index_.num_roots(); }
 
  private:
   using Sequence = internal::Sequence;
@@ -184,8 +185,10 @@ class BlockManager::Impl {
   absl::Status ValidateSequence(const Sequence& s,
                                 std::vector<int32_t>& refs) const;
   absl::Status ValidateChain(const Sequence& s, const std::string& name) const;
+  absl::Status ValidateTail(const Sequence& s, const std::string& name) const;
   absl::Status ValidatePlans() const;
   absl::Status ValidateIndex() const;
+  absl::Status ValidateRoots() const;
 
   BlockManagerOptions options_;
   internal::BlockMath math_;

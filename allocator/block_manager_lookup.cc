@@ -133,6 +133,9 @@ bool BlockManager::Contains(SequenceId id) const {
   return impl_->Find(id).ok();
 }
 int64_t BlockManager::num_sequences() const { return impl_->num_sequences(); }
+size_t BlockManager::num_prefix_roots() const {
+  return impl_->num_prefix_roots();
+}
 
 PoolUsage BlockManager::Usage() const {
   const internal::BlockPool& pool = impl_->pool();

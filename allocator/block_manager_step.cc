@@ -39,7 +39,8 @@ ABSL_ATTRIBUTE_ALWAYS_INLINE inline bool Admissible(const ReserveRequest& r,
   if (s == nullptr || s->reserved != 0) return false;
   const int64_t room =
       s->known(bs) + static_cast<int64_t>(r.new_token_ids.size()) - s->computed;
-  return static_cast<uint64_t>(r.num_tokens - 1) < static_cast<uint64_t>(room);
+  // Unsigned, so that num_tokens = INT64_MIN cannot overflow (issue #12).
+  return static_cast<uint64_t>(r.num_tokens) - 1 < static_cast<uint64_t>(room);
 }
 
 // Appends the request's new tokens (REQUIRES: the capacity) and marks the

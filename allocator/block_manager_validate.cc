@@ -2,6 +2,8 @@
 // scratch.
 
 #include <algorithm>
+#include <cstring>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -32,10 +34,76 @@ absl::Status BlockManager::Impl::ValidateChain(const Sequence& s,
                      " chained blocks for ", full, " full computed blocks"));
   }
   for (size_t i = 0; i < full; ++i) {
-    if (index_.registered(s.blocks[i]) &&
-        index_.hash(s.blocks[i]) != s.hashes[i]) {
+    const BlockId b = s.blocks[i];
+    if (!index_.registered(b)) continue;
+    if (index_.hash(b) != s.hashes[i]) {
+      return absl::InternalError(
+          absl::StrCat(name, "block ", b, " is registered under another hash"));
+    }
+    // What the index stored for the block is this sequence's own: its tokens
+    // (where the sequence still holds them), and its chain (issue #12).
+    if (static_cast<int64_t>(i) >= s.prefix_blocks &&
+        std::memcmp(index_.stored_tokens(b), s.token(i * bs, bs),
+                    bs * sizeof(TokenId)) != 0) {
       return absl::InternalError(absl::StrCat(
-          name, "block ", s.blocks[i], " is registered under another hash"));
+          name, "block ", b, " is registered with other tokens than its own"));
+    }
+    const uint64_t parent = i == 0 ? s.root_id
+                                   : (index_.registered(s.blocks[i - 1])
+                                          ? index_.content_id(s.blocks[i - 1])
+                                          : index_.parent_id(b));
+    if (index_.parent_id(b) != parent) {
+      return absl::InternalError(
+          absl::StrCat(name, "block ", b, " is registered under parent ",
+                       index_.parent_id(b), ", not ", parent, " of its chain"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The partial last block of a sequence that says it is its alone
+// (tail_maybe_shared false) has no other holder.
+absl::Status BlockManager::Impl::ValidateTail(const Sequence& s,
+                                              const std::string& name) const {
+  const int64_t end = s.computed + s.reserved;
+  if (s.tail_maybe_shared || s.tail_block < 0 || math_.Mod(end) == 0) {
+    return absl::OkStatus();
+  }
+  if (pool_.ref_count(s.tail_block) != 1) {
+    return absl::InternalError(absl::StrCat(
+        name, "partial tail block ", s.tail_block, " has ",
+        pool_.ref_count(s.tail_block),
+        " holders but is marked as not shared: a write would reach them"));
+  }
+  return absl::OkStatus();
+}
+
+// Every root of the prefix index is held exactly by the sequences and the
+// registered first blocks that name it, and by at least one.
+absl::Status BlockManager::Impl::ValidateRoots() const {
+  std::unordered_map<uint64_t, int64_t> holders;
+  for (const auto& [id, seq] : sequences_) {
+    if (!internal::PrefixCacheIndex::IsRoot(seq->root_id)) {
+      return absl::InternalError(absl::StrCat(
+          "sequence ", id, ": root ", seq->root_id, " is not a root id"));
+    }
+    ++holders[seq->root_id];
+  }
+  for (BlockId b = 0; b < pool_.num_blocks(); ++b) {
+    if (index_.registered(b) &&
+        internal::PrefixCacheIndex::IsRoot(index_.parent_id(b))) {
+      ++holders[index_.parent_id(b)];
+    }
+  }
+  if (holders.size() != index_.num_roots()) {
+    return absl::InternalError(absl::StrCat(
+        index_.num_roots(), " prefix roots but ", holders.size(), " are held"));
+  }
+  for (const auto& [root, count] : holders) {
+    if (index_.root_refs(root) != count) {
+      return absl::InternalError(
+          absl::StrCat("prefix root ", root, " has ", index_.root_refs(root),
+                       " references but ", count, " holders"));
     }
   }
   return absl::OkStatus();
@@ -76,6 +144,7 @@ absl::Status BlockManager::Impl::ValidateSequence(
     ++refs[b];
   }
   if (s.cow_src >= 0) ++refs[s.cow_src];
+  if (absl::Status status = ValidateTail(s, name); !status.ok()) return status;
   if (options_.enable_prefix_caching) return ValidateChain(s, name);
   return absl::OkStatus();
 }
@@ -172,7 +241,8 @@ absl::Status BlockManager::Impl::Validate() const {
     }
   }
   if (absl::Status s = ValidatePlans(); !s.ok()) return s;
-  return ValidateIndex();
+  if (absl::Status s = ValidateIndex(); !s.ok()) return s;
+  return options_.enable_prefix_caching ? ValidateRoots() : absl::OkStatus();
 }
 
 }  // namespace kvcache

@@ -123,6 +123,7 @@ BlockId PrefixCacheIndex::FindOrInsert(const BlockHash& hash, BlockId block,
 // The block's record and tokens, once the table holds it.
 uint64_t PrefixCacheIndex::Register(const BlockHash& hash, BlockId block,
                                     uint64_t parent_id, const TokenId* tokens) {
+  if (IsRoot(parent_id)) AcquireRoot(parent_id);  // Cannot allocate.
   ids_[block].hash = hash;
   ids_[block].parent = parent_id;
   ids_[block].content = NewId();
@@ -140,13 +141,43 @@ void PrefixCacheIndex::Erase(BlockId block) {
   const bool erased = table_.Erase(ids_[block].hash);
   ABSL_ASSERT(erased);
   (void)erased;
+  if (IsRoot(ids_[block].parent)) ReleaseRoot(ids_[block].parent);
   ids_[block] = Ids{};
 }
 
-uint64_t PrefixCacheIndex::RootId(int64_t adapter_id, const std::string& salt) {
-  auto [it, inserted] = roots_.try_emplace(std::make_pair(adapter_id, salt), 0);
-  if (inserted) it->second = NewId();
-  return it->second;
+uint64_t PrefixCacheIndex::AcquireRoot(int64_t adapter_id,
+                                       const std::string& salt) {
+  auto [it, inserted] = roots_.try_emplace(RootKey(adapter_id, salt));
+  if (inserted) {
+    try {
+      root_by_id_.emplace(next_root_, &*it);
+    } catch (...) {
+      roots_.erase(it);
+      throw;
+    }
+    it->second.id = next_root_++;
+  }
+  ++it->second.refs;
+  return it->second.id;
+}
+
+void PrefixCacheIndex::AcquireRoot(uint64_t root_id) {
+  auto it = root_by_id_.find(root_id);
+  ABSL_ASSERT(it != root_by_id_.end());
+  ++it->second->second.refs;
+}
+
+void PrefixCacheIndex::ReleaseRoot(uint64_t root_id) {
+  auto it = root_by_id_.find(root_id);
+  ABSL_ASSERT(it != root_by_id_.end() && it->second->second.refs > 0);
+  if (--it->second->second.refs > 0) return;
+  roots_.erase(it->second->first);
+  root_by_id_.erase(it);
+}
+
+int64_t PrefixCacheIndex::root_refs(uint64_t root_id) const {
+  auto it = root_by_id_.find(root_id);
+  return it == root_by_id_.end() ? 0 : it->second->second.refs;
 }
 
 }  // namespace internal

@@ -94,9 +94,36 @@ class PrefixCacheIndex {
   // A content id no block holds yet (for chains that must never match
   // anything).
   uint64_t NewId() { return next_id_++; }
-  // The root id of an extra key: equal keys get equal ids, different keys
-  // different ids.
-  uint64_t RootId(int64_t adapter_id, const std::string& salt);
+
+  // Roots. The root id of an extra key is what a chain's first block names as
+  // its parent: equal keys (adapter id and salt bytes, compared exactly) get
+  // equal ids, different keys different ones, never a content id. A root is
+  // reference counted by the sequences that hold it and by the registered
+  // blocks that name it as parent, and forgotten at zero (issue #12: one
+  // root per distinct salt was kept forever), so the index holds at most
+  // one root per live sequence or cached block.
+  //
+  // A reference on the root of (adapter_id, salt), made if new. May throw
+  // std::bad_alloc, changing nothing.
+  uint64_t AcquireRoot(int64_t adapter_id, const std::string& salt);
+  // Another reference on a held root (Fork). REQUIRES: IsRoot(root_id), held.
+  void AcquireRoot(uint64_t root_id);
+  // Drops a reference; the root goes with the last. REQUIRES: held.
+  void ReleaseRoot(uint64_t root_id);
+  static bool IsRoot(uint64_t id) { return (id & kRootBit) != 0; }
+  size_t num_roots() const { return roots_.size(); }
+  // References of a held root (0 if unknown).
+  int64_t root_refs(uint64_t root_id) const;
+  // Calls f(root_id, refs) for every root.
+  template <typename F>
+  void ForEachRoot(F f) const {
+    for (const auto& [key, root] : roots_) f(root.id, root.refs);
+  }
+  // The parent content id of a registered block, and its stored tokens.
+  uint64_t parent_id(BlockId block) const { return ids_[block].parent; }
+  const TokenId* stored_tokens(BlockId block) const {
+    return &tokens_[static_cast<size_t>(block) * block_size_];
+  }
 
  private:
   struct Ids {             // One per block: 32 bytes, two to a cache line.
@@ -131,15 +158,24 @@ class PrefixCacheIndex {
   uint64_t Register(const BlockHash& hash, BlockId block, uint64_t parent_id,
                     const TokenId* tokens);
 
+  static constexpr uint64_t kRootBit = uint64_t{1} << 63;
+  using RootKey = std::pair<int64_t, std::string>;
+  struct Root {
+    uint64_t id = 0;
+    int64_t refs = 0;
+  };
+  using RootMap = std::unordered_map<RootKey, Root, absl::Hash<RootKey>>;
+
   int32_t block_size_;
   uint64_t next_id_ = 1;  // 0 means "not registered".
+  uint64_t next_root_ = kRootBit | 1;
   BlockHashTable table_;
   // std::unordered_map: an insert that throws std::bad_alloc leaves it
   // unchanged, which Debian's Abseil flat_hash_map (20220623) does not (it
   // frees an invalid pointer afterwards; seen in the allocation-failure test).
-  std::unordered_map<std::pair<int64_t, std::string>, uint64_t,
-                     absl::Hash<std::pair<int64_t, std::string>>>
-      roots_;
+  RootMap roots_;
+  // Root id -> its entry in roots_ (whose nodes never move).
+  std::unordered_map<uint64_t, RootMap::value_type*> root_by_id_;
   std::vector<Ids> ids_;         // Per block.
   std::vector<TokenId> tokens_;  // num_blocks * block_size.
 };

@@ -12,27 +12,67 @@ absl::Status Bad(absl::string_view field, int64_t value,
 }
 
 absl::Status CheckHeadSize(absl::string_view field, int32_t value) {
-  if (value < 8 || value > 1024)
-    return Bad(field, value, "is not in [8, 1024]");
+  if (value < 8 || value > kMaxHeadSize) {
+    return Bad(field, value, absl::StrCat("is not in [8, ", kMaxHeadSize, "]"));
+  }
   if (value % 8 != 0) return Bad(field, value, "is not a multiple of 8");
+  return absl::OkStatus();
+}
+
+// `value` in [min, max], else InvalidArgument naming the field and the limit.
+absl::Status CheckRange(absl::string_view field, int64_t value, int64_t min,
+                        int64_t max) {
+  if (value < min) return Bad(field, value, absl::StrCat("must be >= ", min));
+  if (value > max) return Bad(field, value, absl::StrCat("exceeds ", max));
+  return absl::OkStatus();
+}
+
+absl::Status CheckShape(const KVCacheConfig& c) {
+  if (absl::Status s = CheckRange("num_layers", c.num_layers, 1, kMaxNumLayers);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s =
+          CheckRange("num_kv_heads", c.num_kv_heads, 1, kMaxNumKvHeads);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = CheckHeadSize("head_size", c.head_size); !s.ok()) {
+    return s;
+  }
+  if (c.head_size_v != 0) {
+    if (absl::Status s = CheckHeadSize("head_size_v", c.head_size_v); !s.ok()) {
+      return s;
+    }
+  }
+  return CheckRange("block_size", c.block_size, 1, kMaxBlockSize);
+}
+
+absl::Status CheckStepLimits(const KVCacheConfig& c) {
+  for (absl::Status s :
+       {CheckRange("max_tokens_per_step", c.max_tokens_per_step, 1,
+                   kMaxTokensPerStep),
+        CheckRange("max_sequences_per_step", c.max_sequences_per_step, 1,
+                   kMaxSequencesPerStep),
+        CheckRange("max_blocks_per_sequence", c.max_blocks_per_sequence, 0,
+                   kMaxBlocksPerSequence),
+        CheckRange("max_inflight_plans", c.max_inflight_plans, 1,
+                   kMaxInflightPlans)}) {
+    if (!s.ok()) return s;
+  }
+  // Sequence lengths reach the engine as int32 (BatchBlockTable's seq_lens).
+  if (int64_t{c.max_blocks_per_sequence} * c.block_size > INT32_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_blocks_per_sequence ", c.max_blocks_per_sequence, " x block_size ",
+        c.block_size, " exceeds ", INT32_MAX, " tokens"));
+  }
   return absl::OkStatus();
 }
 
 }  // namespace
 
 absl::Status ValidateConfig(const KVCacheConfig& c) {
-  if (c.num_layers < 1) return Bad("num_layers", c.num_layers, "must be >= 1");
-  if (c.num_kv_heads < 1) {
-    return Bad("num_kv_heads", c.num_kv_heads, "must be >= 1");
-  }
-  if (absl::Status s = CheckHeadSize("head_size", c.head_size); !s.ok())
-    return s;
-  if (c.head_size_v != 0) {
-    if (absl::Status s = CheckHeadSize("head_size_v", c.head_size_v); !s.ok()) {
-      return s;
-    }
-  }
-  if (c.block_size < 1) return Bad("block_size", c.block_size, "must be >= 1");
+  if (absl::Status s = CheckShape(c); !s.ok()) return s;
   if (!IsValidDType(c.cache_dtype) || c.cache_dtype == DType::kFloat32) {
     return Bad("cache_dtype", static_cast<int32_t>(c.cache_dtype),
                "is not int8, fp8_e4m3, bfloat16 or float16");
@@ -71,21 +111,38 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
     return absl::InvalidArgumentError(absl::StrCat(
         "memory_fraction ", c.memory_fraction, " is not in (0, 1]"));
   }
-  if (c.max_tokens_per_step < 1) {
-    return Bad("max_tokens_per_step", c.max_tokens_per_step, "must be >= 1");
-  }
-  if (c.max_sequences_per_step < 1) {
-    return Bad("max_sequences_per_step", c.max_sequences_per_step,
-               "must be >= 1");
-  }
-  if (c.max_blocks_per_sequence < 0) {
-    return Bad("max_blocks_per_sequence", c.max_blocks_per_sequence,
-               "must be >= 0");
-  }
-  if (c.max_inflight_plans < 1) {
-    return Bad("max_inflight_plans", c.max_inflight_plans, "must be >= 1");
+  if (absl::Status s = CheckStepLimits(c); !s.ok()) return s;
+  if (absl::StatusOr<int64_t> block = BlockBytesAllLayers(c); !block.ok()) {
+    return block.status();
+  } else if (c.num_blocks > 0 && *block > kMaxCacheBytes / c.num_blocks) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_blocks ", c.num_blocks, " x ", *block,
+                     " bytes per block (all layers) exceeds kMaxCacheBytes ",
+                     kMaxCacheBytes));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> BlockBytesAllLayers(const KVCacheConfig& c) {
+  // Checked products: the limits above keep them far from overflow, but a
+  // wrapped size must never reach the allocator (issue #12).
+  const int64_t head_size_v = c.head_size_v != 0 ? c.head_size_v : c.head_size;
+  int64_t row = c.head_size + head_size_v;  // K and V elements per head.
+  int64_t scale = IsQuantized(c.cache_dtype) ? 2 * int64_t{sizeof(float)} : 0;
+  int64_t per_head = 0, per_block = 0, total = 0;
+  if (__builtin_mul_overflow(
+          row, static_cast<int64_t>(DTypeSize(c.cache_dtype)), &per_head) ||
+      __builtin_add_overflow(per_head, scale, &per_head) ||
+      __builtin_mul_overflow(per_head, int64_t{c.num_kv_heads}, &per_block) ||
+      __builtin_mul_overflow(per_block, int64_t{c.block_size}, &per_block) ||
+      __builtin_mul_overflow(per_block, int64_t{c.num_layers}, &total) ||
+      total > kMaxCacheBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "one block of ", c.block_size, " tokens x ", c.num_kv_heads,
+        " heads x (", c.head_size, " + ", head_size_v, ") elements x ",
+        c.num_layers, " layers exceeds kMaxCacheBytes ", kMaxCacheBytes));
+  }
+  return total;
 }
 
 }  // namespace kvcache

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "core/dtype.h"
 
 namespace kvcache {
@@ -16,6 +17,19 @@ enum class Backend : int32_t {
   kCpu = 0,   // Host memory and CPU kernels; always available.
   kCuda = 1,  // One CUDA device (`device`); needs a CUDA build and a GPU.
 };
+
+// Limits on the config (ValidateConfig enforces them, so that no size the
+// manager computes can overflow). README "Config limits" lists them.
+inline constexpr int32_t kMaxNumLayers = 1024;
+inline constexpr int32_t kMaxNumKvHeads = 1024;
+inline constexpr int32_t kMaxHeadSize = 1024;  // head_size and head_size_v.
+inline constexpr int32_t kMaxBlockSize = 2048;
+inline constexpr int32_t kMaxTokensPerStep = 1 << 20;
+inline constexpr int32_t kMaxSequencesPerStep = 1 << 16;
+inline constexpr int32_t kMaxBlocksPerSequence = 1 << 20;
+inline constexpr int32_t kMaxInflightPlans = 64;
+// All layers' caches and scales together (before alignment padding).
+inline constexpr int64_t kMaxCacheBytes = int64_t{1} << 56;
 
 struct KVCacheConfig {
   // Model shape.
@@ -59,9 +73,14 @@ struct KVCacheConfig {
   std::string logger_name;
 };
 
-// InvalidArgument naming the first bad field (e.g. "head_size 100 is not a
-// multiple of 8").
+// InvalidArgument naming the first bad field and its limit (e.g. "head_size
+// 100 is not a multiple of 8", "block_size 4096 exceeds 2048").
 absl::Status ValidateConfig(const KVCacheConfig& config);
+
+// Bytes of one block in all layers (K, V and scales), computed without
+// overflow: InvalidArgument when it exceeds kMaxCacheBytes. REQUIRES: the
+// shape fields passed ValidateConfig.
+absl::StatusOr<int64_t> BlockBytesAllLayers(const KVCacheConfig& config);
 
 }  // namespace kvcache
 

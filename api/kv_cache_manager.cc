@@ -16,6 +16,7 @@
 #include "dlpack/dlpack.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/cuda_kernels.h"
+#include "kernels/kernel_validation.h"
 #include "spdlog/spdlog.h"
 #include "storage/cache_storage.h"
 #include "storage/device.h"
@@ -65,6 +66,12 @@ KVCacheManagerTestPeer::CreateWithDevice(const KVCacheConfig& config,
 absl::StatusOr<int64_t> KVCacheManager::AddSequence(
     SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
   return internal::NoBadAlloc("AddSequence", [&]() -> absl::StatusOr<int64_t> {
+    // Lengths reach the engine as int32 (BatchBlockTable's seq_lens).
+    if (prompt.size() > static_cast<size_t>(INT32_MAX)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt of ", prompt.size(), " tokens exceeds ",
+                       INT32_MAX, " tokens"));
+    }
     std::lock_guard<std::mutex> lock(impl_->mu_);
     return impl_->blocks_->AddSequence(id, prompt, extra);
   });
@@ -90,7 +97,6 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(
     Impl::PlanState& state = staged[0];
     state.sequences.reserve(batch.size());
     state.appended.assign(m.config_.num_layers, 0);
-    state.copied.assign(m.config_.num_layers, 0);
     m.plans_.reserve(m.plans_.size() + 1);  // The insert below cannot rehash.
     absl::StatusOr<StepPlan> plan = m.blocks_->Reserve(batch);
     if (!plan.ok()) {
@@ -98,11 +104,24 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(
         ++m.counters_.reserve_failures;
       return plan.status();
     }
-    if (absl::Status s =
-            m.steps_->Upload(slot, plan->slot_mapping, plan->copies, stream);
-        !s.ok()) {
+    // Copy-on-write runs here, in every layer, so that no block table names
+    // a copy before it holds the sequence's data (issue #12 item 5); if it
+    // cannot, the plan is undone.
+    absl::Status uploaded;
+    try {  // The CPU kernels may allocate (std::bad_alloc).
+      uploaded =
+          m.steps_->Upload(slot, plan->slot_mapping, plan->copies, stream);
+      if (uploaded.ok()) {
+        uploaded = m.CopyOnWrite(
+            slot, static_cast<int64_t>(plan->copies.size()), stream);
+      }
+    } catch (...) {
       m.blocks_->Abort(plan->id).IgnoreError();
-      return s;
+      throw;
+    }
+    if (!uploaded.ok()) {
+      m.blocks_->Abort(plan->id).IgnoreError();
+      return uploaded;
     }
     // From here on nothing allocates.
     state.slot = slot;
@@ -111,6 +130,8 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(
     state.num_copies = static_cast<int64_t>(plan->copies.size());
     m.steps_->slot(slot).busy = true;
     m.counters_.block_copies += state.num_copies;
+    if (state.num_copies > 0)
+      m.counters_.kernel_launches += m.config_.num_layers;
     StepPlanInfo info;
     info.id = plan->id;
     info.num_tokens = state.num_tokens;
@@ -354,14 +375,20 @@ absl::Status KVCacheManager::Gather(SequenceId id, int layer,
           "gather of ", num_tokens, " tokens spans ", count,
           " blocks, more than max_blocks_per_sequence ", m.table_cols_));
     }
-    // A plan in flight may already point this sequence's table at the
-    // private copy of a shared block: make the copy before reading it.
-    if (const uint64_t pending = m.blocks_->PendingPlan(id); pending != 0) {
-      absl::StatusOr<Impl::PlanState*> plan = m.FindPlan(pending);
-      if (!plan.ok()) return plan.status();
-      if (absl::Status s = m.CopyOnWrite(**plan, layer, stream); !s.ok()) {
-        return s;
-      }
+    params.cache = m.storage_->layer(layer);
+    params.block_table = m.gather_device_.as<int32_t>();
+    params.block_table_len = count;
+    params.token_begin = token_begin - first * m.layout_.block_size;
+    params.num_tokens = num_tokens;
+    // Everything the kernel would refuse, and outputs that overlap each other
+    // or the cache, are refused before anything runs (issue #12 items 8, 10).
+    if (absl::Status s = internal::ValidateGather(params); !s.ok()) {
+      return Annotate(s, absl::StrCat("gather of layer ", layer));
+    }
+    if (absl::Status s = internal::CheckGatherOutputs(params.output, num_tokens,
+                                                      m.layout_, *m.storage_);
+        !s.ok()) {
+      return s;
     }
     int32_t* staged = m.gather_staging_.as<int32_t>();
     std::copy_n(table->data() + first, count, staged);
@@ -370,11 +397,6 @@ absl::Status KVCacheManager::Gather(SequenceId id, int layer,
         !s.ok()) {
       return s;
     }
-    params.cache = m.storage_->layer(layer);
-    params.block_table = m.gather_device_.as<int32_t>();
-    params.block_table_len = count;
-    params.token_begin = token_begin - first * m.layout_.block_size;
-    params.num_tokens = num_tokens;
     if (absl::Status s = m.kernels_.Gather(params, stream); !s.ok()) {
       return Annotate(s, absl::StrCat("gather of layer ", layer));
     }
@@ -450,7 +472,8 @@ const KVCacheConfig& KVCacheManager::config() const { return impl_->config_; }
 absl::Status KVCacheManager::Validate() const {
   return internal::NoBadAlloc("Validate", [&]() -> absl::Status {
     std::lock_guard<std::mutex> lock(impl_->mu_);
-    return impl_->blocks_->Validate();
+    if (absl::Status s = impl_->blocks_->Validate(); !s.ok()) return s;
+    return impl_->ValidatePlans();
   });
 }
 

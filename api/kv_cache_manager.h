@@ -59,8 +59,8 @@ struct StepPlanInfo {
   int64_t num_tokens = 0;  // Tokens reserved over the whole batch.
   const int64_t* slot_mapping = nullptr;   // [num_tokens], batch order.
   std::vector<int64_t> host_slot_mapping;  // The same slots, on the host.
-  // Copy-on-write copies: they run per layer before its first Append (or a
-  // Gather of one of the plan's sequences in that layer).
+  // Copy-on-write copies (shared partial blocks after Fork), which Reserve
+  // ran in every layer, data and scales, on its stream before it returned.
   int64_t num_block_copies = 0;
 };
 
@@ -163,8 +163,10 @@ class KVCacheManager {
   std::string MetricsText() const;  // Prometheus exposition format.
 
   const KVCacheConfig& config() const;
-  // Checks the allocator's invariants (DESIGN.md section 4). For tests and
-  // debug builds.
+  // Checks the allocator's invariants (DESIGN.md section 4: accounting,
+  // reference counts, the tail-sharing flag, the prefix index's tokens,
+  // parents and roots) and the plans in flight (step slots, tokens appended
+  // per layer, their sequences). For tests and debug builds.
   absl::Status Validate() const;
 
  private:

@@ -1,12 +1,12 @@
-// The C API: each function converts its arguments, calls the KVCacheManager and
-// maps the status to a kvcache_status, recording the message in the handle.
+// The C API: each function checks and converts its arguments, calls the
+// KVCacheManager and maps the status to a kvcache_status, recording the
+// message as the calling thread's last error.
 
 #include "api/kvcache_c.h"
 
 #include <algorithm>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <new>
 #include <string>
 #include <utility>
@@ -19,16 +19,15 @@
 
 struct kvcache_manager {
   std::unique_ptr<kvcache::KVCacheManager> impl;
-  std::mutex mu;
-  std::string last_error;  // Guarded by mu.
 };
 
 namespace {
 
 using kvcache::KVCacheManager;
 
-thread_local std::string create_error;
-thread_local std::string error_copy;
+// The calling thread's last error (issue #12: a per-handle message was read
+// by other threads).
+thread_local std::string last_error;
 
 kvcache_status ToCode(const absl::Status& status) {
   switch (status.code()) {
@@ -53,36 +52,45 @@ kvcache_status ToCode(const absl::Status& status) {
   }
 }
 
-// Keeps a failed call's message for kvcache_last_error. Never throws: when the
-// message cannot be copied (out of memory), the last error is left empty.
-kvcache_status Record(kvcache_manager* m, const absl::Status& status) noexcept {
+// Keeps a failed call's message as the thread's last error. Never throws: when
+// the message cannot be copied (out of memory), the last error is left empty.
+kvcache_status Record(const absl::Status& status) noexcept {
   if (!status.ok()) {
-    std::lock_guard<std::mutex> lock(m->mu);
     try {
-      m->last_error.assign(status.message().data(), status.message().size());
-    } catch (const std::bad_alloc&) {
-      m->last_error.clear();
+      last_error.assign(status.message().data(), status.message().size());
+    } catch (...) {
+      last_error.clear();
     }
   }
   return ToCode(status);
 }
 
-// Runs an entry point's body under the C++ API's NoBadAlloc: std::bad_alloc
-// (converting arguments, in the manager, or building a message) becomes
-// KVCACHE_RESOURCE_EXHAUSTED and never unwinds into C.
+// Runs an entry point's body under the C++ API's NoBadAlloc: no exception
+// (std::bad_alloc converting arguments, in the manager, or building a message;
+// or any other, as a last resort) unwinds into C.
 template <typename F>
-kvcache_status Guarded(kvcache_manager* m, const char* call,
-                       F&& body) noexcept {
-  return Record(m, kvcache::internal::NoBadAlloc(call, std::forward<F>(body)));
+kvcache_status Guarded(const char* call, F&& body) noexcept {
+  return Record(kvcache::internal::NoBadAlloc(call, std::forward<F>(body)));
 }
 
-// kvcache_create's error, for kvcache_last_create_error; never throws.
-void SetCreateError(const absl::Status& status) noexcept {
-  try {
-    create_error.assign(status.message().data(), status.message().size());
-  } catch (const std::bad_alloc&) {
-    create_error.clear();
+// The error of a call on a NULL handle.
+kvcache_status NullHandle(const char* call) noexcept {
+  return Record(kvcache::internal::NoBadAlloc(call, [&]() -> absl::Status {
+    return absl::InvalidArgumentError(absl::StrCat(call, ": manager is NULL"));
+  }));
+}
+
+// `count` (argument `name`) in [0, max], before anything it counts is read.
+absl::Status CheckCount(const char* name, int64_t count, int64_t max) {
+  if (count < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " ", count, " is negative"));
   }
+  if (count > max) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " ", count, " exceeds ", max));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Null(const char* what) {
@@ -121,22 +129,32 @@ absl::Status CheckTensor(const kvcache_tensor* t, const char* name) {
   return absl::OkStatus();
 }
 
+// Checks every count of the batch, then copies it (issue #12: a hostile count
+// threw std::length_error from the copy, or wrapped the pointer).
 absl::StatusOr<std::vector<kvcache::ReserveRequest>> ToRequests(
     const kvcache_reserve_request* batch, int64_t n) {
-  if (n < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("batch_size ", n, " is negative"));
+  if (absl::Status s = CheckCount("batch_size", n, KVCACHE_MAX_BATCH);
+      !s.ok()) {
+    return s;
   }
   if (batch == nullptr && n > 0) return Null("batch");
+  for (int64_t i = 0; i < n; ++i) {
+    const kvcache_reserve_request& r = batch[i];
+    if (absl::Status s = CheckCount("num_new_token_ids", r.num_new_token_ids,
+                                    KVCACHE_MAX_TOKENS);
+        !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch[", i, "]: ", s.message()));
+    }
+    if (r.num_new_token_ids > 0 && r.new_token_ids == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "batch[", i, "]: new_token_ids is NULL but num_new_token_ids is ",
+          r.num_new_token_ids));
+    }
+  }
   std::vector<kvcache::ReserveRequest> requests(n);
   for (int64_t i = 0; i < n; ++i) {
     const kvcache_reserve_request& r = batch[i];
-    if (r.num_new_token_ids < 0 ||
-        (r.num_new_token_ids > 0 && r.new_token_ids == nullptr)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "batch[", i, "]: new_token_ids is NULL or num_new_token_ids ",
-          r.num_new_token_ids, " is negative"));
-    }
     requests[i].sequence = r.sequence;
     requests[i].num_tokens = r.num_tokens;
     if (r.num_new_token_ids > 0) {
@@ -224,46 +242,48 @@ const char* kvcache_status_name(kvcache_status status) {
 }
 
 kvcache_status kvcache_create(const kvcache_config* c, kvcache_manager** out) {
-  const absl::Status status = kvcache::internal::NoBadAlloc(
-      "kvcache_create", [&]() -> absl::Status { return Create(c, out); });
-  if (!status.ok()) SetCreateError(status);
-  return ToCode(status);
+  return Guarded("kvcache_create",
+                 [&]() -> absl::Status { return Create(c, out); });
 }
 
-const char* kvcache_last_create_error(void) { return create_error.c_str(); }
+const char* kvcache_last_create_error(void) { return last_error.c_str(); }
 
 void kvcache_destroy(kvcache_manager* m) { delete m; }
 
-const char* kvcache_last_error(kvcache_manager* m) {
-  if (m == nullptr) return "manager is NULL";
-  std::lock_guard<std::mutex> lock(m->mu);
-  try {
-    error_copy = m->last_error;
-  } catch (const std::bad_alloc&) {
-    error_copy.clear();
-  }
-  return error_copy.c_str();
+const char* kvcache_last_error(kvcache_manager* /*manager*/) {
+  return last_error.c_str();
 }
 
-#define KVCACHE_C_REQUIRE(m)                             \
-  do {                                                   \
-    if ((m) == nullptr) return KVCACHE_INVALID_ARGUMENT; \
+// A NULL handle fails with a message (kvcache_last_error(NULL)).
+#define KVCACHE_C_REQUIRE(m)                         \
+  do {                                               \
+    if ((m) == nullptr) return NullHandle(__func__); \
   } while (0)
 
 kvcache_status kvcache_add_sequence(kvcache_manager* m, int64_t sequence,
                                     const int32_t* prompt, int64_t prompt_len,
-                                    int64_t adapter_id, const char* salt,
-                                    int64_t* computed_tokens) {
+                                    int64_t adapter_id, const uint8_t* salt,
+                                    size_t salt_len, int64_t* computed_tokens) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_add_sequence", [&]() -> absl::Status {
-    if (prompt == nullptr && prompt_len > 0) return Null("prompt");
-    if (prompt_len < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("prompt_len ", prompt_len, " is negative"));
+  return Guarded("kvcache_add_sequence", [&]() -> absl::Status {
+    if (absl::Status s =
+            CheckCount("prompt_len", prompt_len, KVCACHE_MAX_TOKENS);
+        !s.ok()) {
+      return s;
     }
+    if (prompt == nullptr && prompt_len > 0) return Null("prompt");
+    if (salt_len > KVCACHE_MAX_SALT_BYTES) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "salt_len ", salt_len, " exceeds ", KVCACHE_MAX_SALT_BYTES));
+    }
+    if (salt == nullptr && salt_len > 0) return Null("salt");
     kvcache::ExtraKey extra;
     extra.adapter_id = adapter_id;
-    if (salt != nullptr) extra.salt = salt;
+    // Bytes with a length (issue #12: NUL-terminated salts made "\0Alice"
+    // and "\0Bob" one tenant).
+    if (salt_len > 0) {
+      extra.salt.assign(reinterpret_cast<const char*>(salt), salt_len);
+    }
     absl::StatusOr<int64_t> computed = m->impl->AddSequence(
         sequence, absl::MakeConstSpan(prompt, prompt_len), extra);
     if (!computed.ok()) return computed.status();
@@ -277,7 +297,7 @@ kvcache_status kvcache_reserve(kvcache_manager* m,
                                int64_t batch_size, void* stream,
                                kvcache_plan* plan) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_reserve", [&]() -> absl::Status {
+  return Guarded("kvcache_reserve", [&]() -> absl::Status {
     if (plan == nullptr) return Null("plan");
     absl::StatusOr<std::vector<kvcache::ReserveRequest>> requests =
         ToRequests(batch, batch_size);
@@ -297,7 +317,7 @@ kvcache_status kvcache_can_reserve(kvcache_manager* m,
                                    const kvcache_reserve_request* batch,
                                    int64_t batch_size) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_can_reserve", [&]() -> absl::Status {
+  return Guarded("kvcache_can_reserve", [&]() -> absl::Status {
     absl::StatusOr<std::vector<kvcache::ReserveRequest>> requests =
         ToRequests(batch, batch_size);
     if (!requests.ok()) return requests.status();
@@ -309,7 +329,7 @@ kvcache_status kvcache_append(kvcache_manager* m, uint64_t plan_id,
                               int32_t layer, const kvcache_tensor* key,
                               const kvcache_tensor* value, void* stream) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_append", [&]() -> absl::Status {
+  return Guarded("kvcache_append", [&]() -> absl::Status {
     if (absl::Status s = CheckTensor(key, "key"); !s.ok()) return s;
     if (absl::Status s = CheckTensor(value, "value"); !s.ok()) {
       return s;
@@ -323,7 +343,7 @@ kvcache_status kvcache_append_dlpack(kvcache_manager* m, uint64_t plan_id,
                                      int32_t layer, const DLTensor* key,
                                      const DLTensor* value, void* stream) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_append_dlpack", [&]() -> absl::Status {
+  return Guarded("kvcache_append_dlpack", [&]() -> absl::Status {
     if (key == nullptr) return Null("key");
     if (value == nullptr) return Null("value");
     return m->impl->Append(plan_id, layer, *key, *value, stream);
@@ -332,26 +352,26 @@ kvcache_status kvcache_append_dlpack(kvcache_manager* m, uint64_t plan_id,
 
 kvcache_status kvcache_commit(kvcache_manager* m, uint64_t plan_id) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_commit",
+  return Guarded("kvcache_commit",
                  [&]() -> absl::Status { return m->impl->Commit(plan_id); });
 }
 
 kvcache_status kvcache_abort(kvcache_manager* m, uint64_t plan_id) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_abort",
+  return Guarded("kvcache_abort",
                  [&]() -> absl::Status { return m->impl->Abort(plan_id); });
 }
 
 kvcache_status kvcache_fork(kvcache_manager* m, int64_t parent, int64_t child) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_fork", [&]() -> absl::Status {
+  return Guarded("kvcache_fork", [&]() -> absl::Status {
     return m->impl->Fork(parent, child);
   });
 }
 
 kvcache_status kvcache_free(kvcache_manager* m, int64_t sequence) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_free",
+  return Guarded("kvcache_free",
                  [&]() -> absl::Status { return m->impl->Free(sequence); });
 }
 
@@ -359,7 +379,7 @@ kvcache_status kvcache_block_table(kvcache_manager* m, int64_t sequence,
                                    int32_t* blocks, int64_t capacity,
                                    int64_t* num_blocks) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_block_table", [&]() -> absl::Status {
+  return Guarded("kvcache_block_table", [&]() -> absl::Status {
     if (num_blocks == nullptr) return Null("num_blocks");
     absl::StatusOr<std::vector<kvcache::BlockId>> table =
         m->impl->BlockTable(sequence);
@@ -379,7 +399,7 @@ kvcache_status kvcache_block_table(kvcache_manager* m, int64_t sequence,
 kvcache_status kvcache_sequence_length(kvcache_manager* m, int64_t sequence,
                                        int64_t* length) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_sequence_length", [&]() -> absl::Status {
+  return Guarded("kvcache_sequence_length", [&]() -> absl::Status {
     if (length == nullptr) return Null("length");
     absl::StatusOr<int64_t> n = m->impl->SequenceLength(sequence);
     if (!n.ok()) return n.status();
@@ -393,11 +413,14 @@ kvcache_status kvcache_batch_block_table(kvcache_manager* m,
                                          int64_t num_sequences, void* stream,
                                          kvcache_block_table_view* view) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_batch_block_table", [&]() -> absl::Status {
+  return Guarded("kvcache_batch_block_table", [&]() -> absl::Status {
     if (view == nullptr) return Null("view");
-    if (sequences == nullptr || num_sequences < 0) {
-      return Null("sequences");
+    if (absl::Status s =
+            CheckCount("num_sequences", num_sequences, KVCACHE_MAX_BATCH);
+        !s.ok()) {
+      return s;
     }
+    if (sequences == nullptr && num_sequences > 0) return Null("sequences");
     absl::StatusOr<kvcache::BlockTableView> table = m->impl->BatchBlockTable(
         absl::MakeConstSpan(sequences, num_sequences), stream);
     if (!table.ok()) return table.status();
@@ -413,7 +436,7 @@ kvcache_status kvcache_batch_block_table(kvcache_manager* m,
 kvcache_status kvcache_get_layer_view(kvcache_manager* m, int32_t layer,
                                       kvcache_layer_view* view) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_get_layer_view", [&]() -> absl::Status {
+  return Guarded("kvcache_get_layer_view", [&]() -> absl::Status {
     if (view == nullptr) return Null("view");
     absl::StatusOr<kvcache::LayerView> v = m->impl->GetLayerView(layer);
     if (!v.ok()) return v.status();
@@ -442,7 +465,7 @@ kvcache_status kvcache_gather(kvcache_manager* m, int64_t sequence,
                               int64_t num_tokens, const kvcache_tensor* key_out,
                               const kvcache_tensor* value_out, void* stream) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_gather", [&]() -> absl::Status {
+  return Guarded("kvcache_gather", [&]() -> absl::Status {
     if (absl::Status s = CheckTensor(key_out, "key_out"); !s.ok()) {
       return s;
     }
@@ -457,7 +480,7 @@ kvcache_status kvcache_gather(kvcache_manager* m, int64_t sequence,
 kvcache_status kvcache_tokens_that_fit(kvcache_manager* m, int64_t sequence,
                                        int64_t* tokens) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_tokens_that_fit", [&]() -> absl::Status {
+  return Guarded("kvcache_tokens_that_fit", [&]() -> absl::Status {
     if (tokens == nullptr) return Null("tokens");
     absl::StatusOr<int64_t> n = m->impl->TokensThatFit(sequence);
     if (!n.ok()) return n.status();
@@ -468,7 +491,7 @@ kvcache_status kvcache_tokens_that_fit(kvcache_manager* m, int64_t sequence,
 
 kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_get_metrics", [&]() -> absl::Status {
+  return Guarded("kvcache_get_metrics", [&]() -> absl::Status {
     if (out == nullptr) return Null("metrics");
     const kvcache::MetricsSnapshot s = m->impl->Metrics();
     out->blocks_total = s.blocks_total;
@@ -492,7 +515,10 @@ kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
 }
 
 size_t kvcache_metrics_text(kvcache_manager* m, char* buffer, size_t capacity) {
-  if (m == nullptr) return 0;
+  if (m == nullptr) {
+    NullHandle(__func__);
+    return 0;
+  }
   const std::string text = m->impl->MetricsText();  // "" when out of memory.
   if (buffer != nullptr && capacity > 0) {
     const size_t n = std::min(capacity - 1, text.size());
@@ -504,7 +530,7 @@ size_t kvcache_metrics_text(kvcache_manager* m, char* buffer, size_t capacity) {
 
 kvcache_status kvcache_validate(kvcache_manager* m) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded(m, "kvcache_validate",
+  return Guarded("kvcache_validate",
                  [&]() -> absl::Status { return m->impl->Validate(); });
 }
 

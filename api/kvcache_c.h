@@ -3,10 +3,17 @@
  * of the same method in kv_cache_manager.h.
  *
  * Every fallible call returns a kvcache_status; on failure
- * kvcache_last_error(handle) returns the message of that handle's last failure
- * (creation failures: kvcache_last_create_error()). A failed call changes
+ * kvcache_last_error() returns its message. The last error is per thread: it
+ * is the message of the calling thread's last failed call of any handle
+ * (kvcache_create and calls on a NULL handle included), never another
+ * thread's, and a successful call leaves it as it was. A failed call changes
  * nothing. Thread-safe like the C++ manager; the returned message pointer is
- * valid until the calling thread's next kvcache_last_error call.
+ * valid until the calling thread's next failed call.
+ *
+ * Counts are checked before anything is read or copied: batch_size at most
+ * KVCACHE_MAX_BATCH, prompt_len and num_new_token_ids at most
+ * KVCACHE_MAX_TOKENS, salt_len at most KVCACHE_MAX_SALT_BYTES; larger or
+ * negative counts are KVCACHE_INVALID_ARGUMENT naming the argument.
  *
  * Ownership: kvcache_create returns a handle the caller destroys with
  * kvcache_destroy. Pointers returned in views and plans are owned by the
@@ -26,6 +33,11 @@ extern "C" {
 #endif
 
 typedef struct kvcache_manager kvcache_manager;
+
+/* Limits on counts passed to the C API (see above). */
+#define KVCACHE_MAX_BATCH 65536
+#define KVCACHE_MAX_TOKENS 2147483647LL
+#define KVCACHE_MAX_SALT_BYTES 65536
 
 typedef enum kvcache_status {
   KVCACHE_OK = 0,
@@ -154,16 +166,24 @@ const char* kvcache_status_name(kvcache_status status);
 
 kvcache_status kvcache_create(const kvcache_config* config,
                               kvcache_manager** out);
-/* The message of the calling thread's last failed kvcache_create. */
+/* The calling thread's last error ("" if none); the same as
+ * kvcache_last_error(NULL). Kept for callers of earlier versions. */
 const char* kvcache_last_create_error(void);
 void kvcache_destroy(kvcache_manager* manager);
-/* The message of the handle's last failed call ("" if none). */
+/* The message of the calling thread's last failed call ("" if none), whatever
+ * the handle (which is not read and may be NULL). */
 const char* kvcache_last_error(kvcache_manager* manager);
 
+/* Registers a sequence with its prompt. The extra key (adapter_id, salt)
+ * separates tenants in the prefix cache: the salt is salt_len bytes, any
+ * values (NUL included); salt NULL with salt_len 0 means no salt. Sequences
+ * share cached blocks only when their adapter ids are equal and their salts
+ * are equal byte for byte (so "\0Alice" and "\0Bob" never share, and a salt
+ * of one zero byte never shares with no salt). */
 kvcache_status kvcache_add_sequence(kvcache_manager* manager, int64_t sequence,
                                     const int32_t* prompt, int64_t prompt_len,
-                                    int64_t adapter_id, const char* salt,
-                                    int64_t* computed_tokens);
+                                    int64_t adapter_id, const uint8_t* salt,
+                                    size_t salt_len, int64_t* computed_tokens);
 kvcache_status kvcache_reserve(kvcache_manager* manager,
                                const kvcache_reserve_request* batch,
                                int64_t batch_size, void* stream,

@@ -8,6 +8,7 @@
 #include "api/tensor_checks.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/cuda_kernels.h"
+#include "kernels/kernel_validation.h"
 #include "spdlog/spdlog.h"
 
 namespace kvcache {
@@ -49,6 +50,33 @@ std::shared_ptr<spdlog::logger> Logger(const std::string& name) {
 
 }  // namespace
 
+absl::StatusOr<int64_t> KVCacheManager::Impl::NumBlocks(
+    int64_t block_bytes) const {
+  if (config_.num_blocks != 0) return config_.num_blocks;
+  int64_t budget = config_.memory_budget_bytes;
+  if (budget == 0) {
+    size_t free_bytes = 0, total_bytes = 0;
+    if (absl::Status s = device_->MemoryInfo(&free_bytes, &total_bytes);
+        !s.ok()) {
+      return s;
+    }
+    const double bytes =
+        static_cast<double>(free_bytes) * config_.memory_fraction;
+    budget = bytes >= static_cast<double>(kMaxCacheBytes)
+                 ? kMaxCacheBytes
+                 : static_cast<int64_t>(bytes);
+  }
+  budget = std::min(budget, kMaxCacheBytes);
+  const int64_t num_blocks =
+      (budget - kLayerPadding * config_.num_layers) / block_bytes;
+  if (num_blocks < 1) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a capacity of ", budget, " bytes holds no block: one block of all ",
+        config_.num_layers, " layers takes ", block_bytes, " bytes"));
+  }
+  return std::min<int64_t>(num_blocks, INT32_MAX);
+}
+
 absl::Status KVCacheManager::Impl::Init() {
   layout_.block_size = config_.block_size;
   layout_.num_heads = config_.num_kv_heads;
@@ -57,36 +85,18 @@ absl::Status KVCacheManager::Impl::Init() {
       config_.head_size_v != 0 ? config_.head_size_v : config_.head_size;
   layout_.cache_dtype = config_.cache_dtype;
 
-  // Capacity.
-  CacheLayout one_block = layout_;
-  one_block.num_blocks = 1;
-  const int64_t block_bytes = LayerBytes(one_block) * config_.num_layers;
-  int64_t num_blocks = config_.num_blocks;
-  if (num_blocks == 0) {
-    int64_t budget = config_.memory_budget_bytes;
-    if (budget == 0) {
-      size_t free_bytes = 0, total_bytes = 0;
-      if (absl::Status s = device_->MemoryInfo(&free_bytes, &total_bytes);
-          !s.ok()) {
-        return s;
-      }
-      budget = static_cast<int64_t>(static_cast<double>(free_bytes) *
-                                    config_.memory_fraction);
-    }
-    num_blocks = (budget - kLayerPadding * config_.num_layers) / block_bytes;
-    if (num_blocks < 1) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "a capacity of ", budget, " bytes holds no block: one block of all ",
-          config_.num_layers, " layers takes ", block_bytes, " bytes"));
-    }
-    num_blocks = std::min<int64_t>(num_blocks, INT32_MAX);
-  }
-  layout_.num_blocks = num_blocks;
+  // Capacity, in checked arithmetic (ValidateConfig bounds every factor).
+  absl::StatusOr<int64_t> block_bytes = BlockBytesAllLayers(config_);
+  if (!block_bytes.ok()) return block_bytes.status();
+  absl::StatusOr<int64_t> num_blocks = NumBlocks(*block_bytes);
+  if (!num_blocks.ok()) return num_blocks.status();
+  layout_.num_blocks = *num_blocks;
+  if (absl::Status s = internal::ValidateLayout(layout_); !s.ok()) return s;
   table_cols_ = config_.max_blocks_per_sequence;
   if (table_cols_ == 0) {
     table_cols_ = std::min<int64_t>(
-        num_blocks, (kDefaultMaxTokensPerSequence + config_.block_size - 1) /
-                        config_.block_size);
+        *num_blocks, (kDefaultMaxTokensPerSequence + config_.block_size - 1) /
+                         config_.block_size);
   }
 
   absl::StatusOr<std::unique_ptr<CacheStorage>> storage =
@@ -95,7 +105,7 @@ absl::Status KVCacheManager::Impl::Init() {
   storage_ = *std::move(storage);
 
   BlockManagerOptions options;
-  options.num_blocks = static_cast<int32_t>(num_blocks);
+  options.num_blocks = static_cast<int32_t>(*num_blocks);
   options.block_size = config_.block_size;
   options.enable_prefix_caching = config_.enable_prefix_caching;
   absl::StatusOr<std::unique_ptr<BlockManager>> blocks =
@@ -171,10 +181,16 @@ absl::Status KVCacheManager::Impl::CheckBatch(
           "sequence ", request.sequence, " already has a reservation in plan ",
           plan, ": commit or abort it first"));
     }
-    // Clamped per request so that hostile counts (INT64_MAX) cannot overflow
-    // the sum (found by //fuzz:manager_fuzzer).
-    tokens += std::clamp<int64_t>(request.num_tokens, 0,
-                                  int64_t{config_.max_tokens_per_step} + 1);
+    if (request.num_tokens > config_.max_tokens_per_step) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "reserve of ", request.num_tokens, " tokens for sequence ",
+          request.sequence, " exceeds max_tokens_per_step ",
+          config_.max_tokens_per_step));
+    }
+    // Each term is at most max_tokens_per_step and a batch at most
+    // max_sequences_per_step long: the sum cannot overflow. Counts below 1 are
+    // the allocator's to refuse, by name.
+    tokens += std::max<int64_t>(request.num_tokens, 0);
   }
   if (tokens > config_.max_tokens_per_step) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -202,25 +218,77 @@ void KVCacheManager::Impl::ReleasePlan(uint64_t plan_id) {
   plans_.erase(it);
 }
 
-absl::Status KVCacheManager::Impl::CopyOnWrite(PlanState& plan, int layer,
+absl::Status KVCacheManager::Impl::ValidatePlans() const {
+  std::vector<char> slot_taken(config_.max_inflight_plans, 0);
+  for (const auto& [id, plan] : plans_) {
+    const std::string name = absl::StrCat("plan ", id, ": ");
+    if (plan.slot < 0 || plan.slot >= config_.max_inflight_plans ||
+        slot_taken[plan.slot] || !steps_->slot(plan.slot).busy) {
+      return absl::InternalError(absl::StrCat(name, "step slot ", plan.slot,
+                                              " is not its own busy slot"));
+    }
+    slot_taken[plan.slot] = 1;
+    if (plan.num_tokens < 1 || plan.num_tokens > config_.max_tokens_per_step ||
+        plan.num_copies < 0 ||
+        plan.num_copies > static_cast<int64_t>(plan.sequences.size()) ||
+        static_cast<int>(plan.appended.size()) != config_.num_layers) {
+      return absl::InternalError(
+          absl::StrCat(name, plan.num_tokens, " tokens, ", plan.num_copies,
+                       " copies for ", plan.sequences.size(), " sequences, ",
+                       plan.appended.size(), " layers"));
+    }
+    for (int layer = 0; layer < config_.num_layers; ++layer) {
+      if (plan.appended[layer] < 0 || plan.appended[layer] > plan.num_tokens) {
+        return absl::InternalError(
+            absl::StrCat(name, "layer ", layer, " holds ", plan.appended[layer],
+                         " of its ", plan.num_tokens, " tokens"));
+      }
+    }
+    for (SequenceId seq : plan.sequences) {
+      // A sequence freed since Reserve is gone; any other is still pending.
+      if (blocks_->Contains(seq) && blocks_->PendingPlan(seq) != id) {
+        return absl::InternalError(absl::StrCat(name, "sequence ", seq,
+                                                " is pending in plan ",
+                                                blocks_->PendingPlan(seq)));
+      }
+    }
+  }
+  if (steps_->num_busy() != static_cast<int>(plans_.size())) {
+    return absl::InternalError(absl::StrCat(
+        steps_->num_busy(), " busy step slots for ", plans_.size(), " plans"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KVCacheManager::Impl::CopyOnWrite(int slot, int64_t num_copies,
                                                void* stream) {
-  if (plan.num_copies == 0 || plan.copied[layer]) return absl::OkStatus();
-  internal::StepBuffers::Slot& slot = steps_->slot(plan.slot);
-  if (absl::Status s = device_->StreamWaitEvent(stream, slot.uploaded);
+  if (num_copies == 0) return absl::OkStatus();
+  internal::StepBuffers::Slot& buffers = steps_->slot(slot);
+  BlockCopyParams copy;
+  copy.pairs = steps_->device_pairs(slot);
+  copy.num_pairs = num_copies;
+  // Every layer's arguments first: a copy that cannot run is refused before
+  // any runs.
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    copy.cache = storage_->layer(layer);
+    if (absl::Status s = internal::ValidateBlockCopy(copy); !s.ok()) {
+      return internal::Annotate(s,
+                                absl::StrCat("copy-on-write of layer ", layer));
+    }
+  }
+  if (absl::Status s = device_->StreamWaitEvent(stream, buffers.uploaded);
       !s.ok()) {
     return s;
   }
-  BlockCopyParams copy;
-  copy.cache = storage_->layer(layer);
-  copy.pairs = steps_->device_pairs(plan.slot);
-  copy.num_pairs = plan.num_copies;
-  if (absl::Status s = kernels_.BlockCopy(copy, stream); !s.ok()) {
-    return internal::Annotate(s,
-                              absl::StrCat("copy-on-write of layer ", layer));
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    copy.cache = storage_->layer(layer);
+    if (absl::Status s = kernels_.BlockCopy(copy, stream); !s.ok()) {
+      return internal::Annotate(s,
+                                absl::StrCat("copy-on-write of layer ", layer));
+    }
   }
-  ++counters_.kernel_launches;
-  plan.copied[layer] = 1;
-  return absl::OkStatus();
+  // The next upload into this slot must wait for the copies' reads.
+  return device_->RecordEvent(buffers.last_use, stream);
 }
 
 absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
@@ -245,23 +313,27 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
       !s.ok()) {
     return s;
   }
+  // Against what is left, never done + num_tokens: a hostile count must not
+  // overflow past the check (issue #12 item 4).
   const int64_t done = plan.appended[layer];
-  if (done + num_tokens > plan.num_tokens) {
+  if (num_tokens > plan.num_tokens - done) {
     return absl::InvalidArgumentError(
         absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
                      " of plan ", plan_id, " exceeds its reservation: ", done,
                      " of ", plan.num_tokens, " tokens already appended"));
+  }
+  params.num_tokens = num_tokens;
+  params.slot_mapping = steps_->device_slots(plan.slot) + done;
+  params.cache = storage_->layer(layer);
+  // Everything the kernel would refuse is refused before anything runs.
+  if (absl::Status s = internal::ValidateQuantizeWrite(params); !s.ok()) {
+    return internal::Annotate(s, absl::StrCat("append to layer ", layer));
   }
   internal::StepBuffers::Slot& slot = steps_->slot(plan.slot);
   if (absl::Status s = device_->StreamWaitEvent(stream, slot.uploaded);
       !s.ok()) {
     return s;
   }
-  if (absl::Status s = CopyOnWrite(plan, layer, stream); !s.ok()) return s;
-  const LayerCache& cache = storage_->layer(layer);
-  params.num_tokens = num_tokens;
-  params.slot_mapping = steps_->device_slots(plan.slot) + done;
-  params.cache = cache;
   if (absl::Status s = kernels_.QuantizeWrite(params, stream); !s.ok()) {
     return internal::Annotate(s, absl::StrCat("append to layer ", layer));
   }

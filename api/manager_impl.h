@@ -52,11 +52,8 @@ class KVCacheManager::Impl {
     int64_t num_tokens = 0;
     std::vector<SequenceId> sequences;
     std::vector<int64_t> appended;  // Per layer.
+    // Copy-on-write copies Reserve ran (in every layer) before it returned.
     int64_t num_copies = 0;
-    // Per layer: the copy-on-write copies have run. They run before the
-    // layer's first Append, or before a Gather of one of the plan's sequences
-    // reads the layer (its block table already names the new blocks).
-    std::vector<char> copied;
   };
 
   Impl(const KVCacheConfig& config, std::unique_ptr<Device> device)
@@ -65,6 +62,9 @@ class KVCacheManager::Impl {
         kernels_(device_->kind()) {}
 
   absl::Status Init();
+  // The pool size: config_.num_blocks, or what the memory budget (or fraction
+  // of free memory) holds of blocks of `block_bytes` (all layers).
+  absl::StatusOr<int64_t> NumBlocks(int64_t block_bytes) const;
 
   KVCacheConfig config_;
   std::unique_ptr<Device> device_;
@@ -101,13 +101,19 @@ class KVCacheManager::Impl {
     }
     return absl::OkStatus();
   }
+  // The api's plan state against the allocator's (see KVCacheManager::
+  // Validate): each plan owns one busy step slot, holds at most its tokens in
+  // every layer, and its live sequences are pending in it.
+  absl::Status ValidatePlans() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<PlanState*> FindPlan(uint64_t plan_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleasePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Runs the plan's copy-on-write copies for `layer` unless they already ran.
-  absl::Status CopyOnWrite(PlanState& plan, int layer, void* stream)
+  // Runs the copy-on-write copies uploaded into step slot `slot` in every
+  // layer (data and scales) on `stream`, after validating all of them. Called
+  // by Reserve, so that no block table ever names a block before its copy.
+  absl::Status CopyOnWrite(int slot, int64_t num_copies, void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
                       const TensorView& value, void* stream)

@@ -1,5 +1,9 @@
 #include "api/tensor_checks.h"
 
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
 #include "absl/strings/str_cat.h"
 
 namespace kvcache::internal {
@@ -9,12 +13,82 @@ absl::string_view MemoryName(MemoryKind kind) {
   return kind == MemoryKind::kHost ? "host" : "CUDA device";
 }
 
+// One strided output in bytes: outer x inner rows of row_len bytes, with
+// inner_stride <= outer_stride. ValidateGather guarantees its rows do not
+// overlap, so in (outer, inner) order they are sorted and disjoint. Unsigned
+// arithmetic: a hostile extent wraps (and is refused), never overflows.
+struct Rows {
+  uintptr_t base = 0;
+  uint64_t outer_n = 1, outer_stride = 0, inner_n = 1, inner_stride = 0;
+  uint64_t row_len = 0;
+
+  // [base, end) holds every row.
+  uintptr_t end() const {
+    return base + (outer_n - 1) * outer_stride + (inner_n - 1) * inner_stride +
+           row_len;
+  }
+  // The end offset of the last row that starts at or before offset x.
+  uint64_t LastRowEnd(uint64_t x) const {
+    const uint64_t o =
+        outer_n > 1 ? std::min(x / outer_stride, outer_n - 1) : 0;
+    const uint64_t y = x - o * outer_stride;
+    const uint64_t i =
+        inner_n > 1 ? std::min(y / inner_stride, inner_n - 1) : 0;
+    return o * outer_stride + i * inner_stride + row_len;
+  }
+  // Whether any row shares a byte with [begin, stop).
+  bool Touches(uintptr_t begin, uintptr_t stop) const {
+    if (stop <= base || begin >= end()) return false;
+    return base + LastRowEnd(stop - 1 - base) > begin;
+  }
+};
+
+// REQUIRES: the operand passed ValidateGather (sizes >= 1, strides >= 0, and
+// a stride of at least the row below it wherever the size exceeds 1).
+Rows OutputRows(void* data, int64_t elem, int64_t num_tokens,
+                int64_t token_stride, int64_t num_heads, int64_t head_stride,
+                int64_t head_size) {
+  uint64_t outer_n = num_tokens, outer_s = token_stride * elem;
+  uint64_t inner_n = num_heads, inner_s = head_stride * elem;
+  if (inner_n > 1 && outer_n > 1 && inner_s > outer_s) {
+    std::swap(inner_n, outer_n);
+    std::swap(inner_s, outer_s);
+  }
+  Rows r;
+  r.base = reinterpret_cast<uintptr_t>(data);
+  r.row_len = static_cast<uint64_t>(head_size * elem);
+  r.outer_n = outer_n;
+  r.outer_stride = outer_n > 1 ? outer_s : 0;
+  r.inner_n = inner_n;
+  r.inner_stride = inner_n > 1 ? inner_s : 0;
+  return r;
+}
+
+// Whether two outputs share a byte: their extents first (O(1)), then, only
+// when those meet (interleaved outputs, or the same tensor twice), row by row.
+bool Overlap(const Rows& a, const Rows& b) {
+  if (b.end() <= a.base || a.end() <= b.base) return false;
+  for (uint64_t o = 0; o < b.outer_n; ++o) {
+    for (uint64_t i = 0; i < b.inner_n; ++i) {
+      const uintptr_t start = b.base + o * b.outer_stride + i * b.inner_stride;
+      if (a.Touches(start, start + b.row_len)) return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 absl::Status CheckKVTensor(absl::string_view name, const TensorView& t,
                            const ExpectedKV& e) {
   if (t.data == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(name, " data is null"));
+  }
+  if (t.ndim < 1 || t.ndim > TensorView::kMaxDims) {
+    // Not even a view: its shape and strides are not worth printing.
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " has ", t.ndim,
+                     " dimensions; expected 3: [tokens, heads, head_size]"));
   }
   if (t.ndim != 3) {
     return absl::InvalidArgumentError(
@@ -89,6 +163,39 @@ absl::Status CheckKVPair(const TensorView& key, const TensorView& value,
   out->value_token_stride = value.strides[0];
   out->value_head_stride = value.strides[1];
   *num_tokens = key.shape[0];
+  return absl::OkStatus();
+}
+
+absl::Status CheckGatherOutputs(const DenseKV& out, int64_t num_tokens,
+                                const CacheLayout& layout,
+                                const CacheStorage& storage) {
+  const int64_t elem = static_cast<int64_t>(DTypeSize(out.dtype));
+  const Rows key =
+      OutputRows(out.key, elem, num_tokens, out.key_token_stride,
+                 layout.num_heads, out.key_head_stride, layout.head_size);
+  const Rows value =
+      OutputRows(out.value, elem, num_tokens, out.value_token_stride,
+                 layout.num_heads, out.value_head_stride, layout.head_size_v);
+  if (Overlap(key, value)) {
+    return absl::InvalidArgumentError(
+        out.key == out.value
+            ? "key_out and value_out are the same tensor"
+            : "key_out and value_out overlap: they would overwrite each other");
+  }
+  const int64_t layer_bytes = CacheStorage::LayerAllocationBytes(layout);
+  for (int layer = 0; layer < storage.num_layers(); ++layer) {
+    const uintptr_t begin =
+        reinterpret_cast<uintptr_t>(storage.layer(layer).key_cache);
+    const uintptr_t end = begin + layer_bytes;
+    for (const Rows* rows : {&key, &value}) {
+      if (rows->Touches(begin, end)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(rows == &key ? "key_out" : "value_out",
+                         " overlaps the cache of layer ", layer,
+                         ": outputs must be the caller's own memory"));
+      }
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -11,6 +11,7 @@
 #include "absl/strings/string_view.h"
 #include "api/tensor_view.h"
 #include "kernels/kernel_params.h"
+#include "storage/cache_storage.h"
 
 namespace kvcache::internal {
 
@@ -33,6 +34,14 @@ absl::Status CheckKVTensor(absl::string_view name, const TensorView& tensor,
 absl::Status CheckKVPair(const TensorView& key, const TensorView& value,
                          const ExpectedKV& expected_key, int64_t head_size_v,
                          DenseKV* out, int64_t* num_tokens);
+
+// Gather's outputs key [T, H, D] / value [T, H, Dv] (`out`, already checked by
+// ValidateGather: aligned, non-negative strides, rows that do not overlap
+// within each tensor) must not share a byte with each other or with any
+// layer's cache. InvalidArgument naming the overlap otherwise.
+absl::Status CheckGatherOutputs(const DenseKV& out, int64_t num_tokens,
+                                const CacheLayout& layout,
+                                const CacheStorage& storage);
 
 }  // namespace kvcache::internal
 

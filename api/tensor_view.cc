@@ -23,27 +23,42 @@ TensorView TensorView::Contiguous(void* data, DType dtype,
     if (i == kMaxDims) break;
     view.shape[i++] = dim;
   }
-  int64_t stride = 1;
+  // Unsigned: a hostile shape gives a wrong stride (rejected where the view
+  // is checked), never undefined behaviour.
+  uint64_t stride = 1;
   for (int d = view.ndim - 1; d >= 0; --d) {
-    view.strides[d] = stride;
-    stride *= view.shape[d];
+    view.strides[d] = static_cast<int64_t>(stride);
+    stride *= static_cast<uint64_t>(view.shape[d]);
   }
   return view;
 }
 
+namespace {
+
+// The dimensions a view's arrays really hold: ndim is the caller's and is not
+// trusted (issue #12: ndim = 2^30 read far past the arrays).
+int ValidDims(int32_t ndim) {
+  return ndim < 0                      ? 0
+         : ndim > TensorView::kMaxDims ? TensorView::kMaxDims
+                                       : ndim;
+}
+
+}  // namespace
+
 int64_t TensorView::numel() const {
   int64_t n = 1;
-  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  for (int d = 0; d < ValidDims(ndim); ++d) {
+    if (__builtin_mul_overflow(n, shape[d], &n)) return -1;
+  }
   return n;
 }
 
 std::string TensorView::DebugString() const {
+  const int dims = ValidDims(ndim);
   return absl::StrCat(
       DTypeName(dtype), "[",
-      absl::StrJoin(absl::MakeConstSpan(shape, ndim < 0 ? 0 : ndim), ", "),
-      "] strides [",
-      absl::StrJoin(absl::MakeConstSpan(strides, ndim < 0 ? 0 : ndim), ", "),
-      "] on ",
+      absl::StrJoin(absl::MakeConstSpan(shape, dims), ", "), "] strides [",
+      absl::StrJoin(absl::MakeConstSpan(strides, dims), ", "), "] on ",
       memory == MemoryKind::kHost ? "host" : absl::StrCat("cuda:", device));
 }
 
@@ -92,13 +107,35 @@ absl::StatusOr<TensorView> FromDLPack(const DLTensor& tensor) {
         absl::StrCat("DLTensor byte_offset ", tensor.byte_offset,
                      " is not a multiple of the element size ", elem));
   }
+  if (tensor.shape == nullptr) {
+    return absl::InvalidArgumentError("DLTensor shape is null");
+  }
+  const uintptr_t base = reinterpret_cast<uintptr_t>(tensor.data);
+  if (tensor.byte_offset > UINTPTR_MAX - base) {
+    return absl::InvalidArgumentError(absl::StrCat("DLTensor byte_offset ",
+                                                   tensor.byte_offset,
+                                                   " wraps the address space"));
+  }
   view.ndim = tensor.ndim;
   view.data = static_cast<char*>(tensor.data) + tensor.byte_offset;
+  // Null strides mean row-major: each stride is the product of the later
+  // extents, computed without overflow.
   int64_t stride = 1;
   for (int d = tensor.ndim - 1; d >= 0; --d) {
-    view.shape[d] = tensor.shape[d];
+    const int64_t extent = tensor.shape[d];
+    if (extent < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("DLTensor shape[", d, "] = ", extent, " is negative"));
+    }
+    view.shape[d] = extent;
     view.strides[d] = tensor.strides != nullptr ? tensor.strides[d] : stride;
-    stride *= tensor.shape[d];
+    if (tensor.strides == nullptr && d > 0 &&
+        __builtin_mul_overflow(stride, extent, &stride)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DLTensor row-major strides of shape [",
+          absl::StrJoin(absl::MakeConstSpan(tensor.shape, tensor.ndim), ", "),
+          "] overflow int64"));
+    }
   }
   return view;
 }

@@ -42,15 +42,18 @@ struct TensorView {
                                MemoryKind memory = MemoryKind::kHost,
                                int32_t device = 0);
 
+  // The product of the shape (-1 if it overflows). Only the first
+  // min(ndim, kMaxDims) dimensions are read.
   int64_t numel() const;
   // "bfloat16[16, 8, 128] strides [1024, 128, 1] on host" for messages.
   std::string DebugString() const;
 };
 
 // Converts a DLTensor: float32/float16/bfloat16 (lanes 1) on kDLCPU,
-// kDLCUDAHost or kDLCUDA, up to kMaxDims dimensions; byte_offset is applied;
-// null strides mean row-major. InvalidArgument naming the unsupported field
-// otherwise.
+// kDLCUDAHost or kDLCUDA, 1 to kMaxDims dimensions (checked before shape and
+// strides are read); byte_offset is applied; null strides mean row-major
+// (computed with overflow checks). InvalidArgument naming the unsupported
+// field otherwise (also for a null shape or a negative extent).
 absl::StatusOr<TensorView> FromDLPack(const DLTensor& tensor);
 
 }  // namespace kvcache

@@ -3,7 +3,7 @@
 // call: Validate() holds; a failed call left the manager as it was (metrics
 // except reserve_failures, sequence lengths and block tables); the sequences
 // the call touched read back exactly the reference quantization of what was
-// appended (tests/kv_reference.h). Any violation aborts (a crash for
+// appended (testing/kv_reference.h). Any violation aborts (a crash for
 // libFuzzer). Built with clang -fsanitize=fuzzer,address,undefined under
 // --config=fuzz, and as a plain library replayed by fuzz/replay_main.cc in the
 // normal build.
@@ -23,6 +23,7 @@
 
 #include "absl/status/status.h"
 #include "api/kv_cache_manager.h"
+#include "dlpack/dlpack.h"
 #include "spdlog/sinks/null_sink.h"
 #include "spdlog/spdlog.h"
 #include "testing/kv_reference.h"
@@ -38,6 +39,7 @@ using testing::SyntheticRow;
 constexpr uint64_t kDataSeed = 7;
 constexpr int kMaxOps = 64;
 constexpr int64_t kHuge = std::numeric_limits<int64_t>::max();
+constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
 
 // KVCACHE_FUZZ_TRACE=1 prints every call and its status (for triage).
 bool Tracing() {
@@ -63,7 +65,18 @@ class Input {
   size_t pos_ = 0;
 };
 
+// The tenants' salts: none, one zero byte, and salts that differ only after a
+// zero byte (a C string would make them equal).
+const std::string& Salt(int i) {
+  static const std::string salts[] = {
+      "", std::string(1, '\0'), std::string("\0A", 2), std::string("\0B", 2),
+      std::string("\0A\0", 3)};
+  return salts[i];
+}
+constexpr int kNumSalts = 5;
+
 struct RefSequence {
+  int salt = 0;  // Index into Salt(): the reference data depends on it.
   std::vector<int32_t> tokens;
   std::vector<uint64_t> prefix_hash;
   int64_t computed = 0;
@@ -177,13 +190,18 @@ class Harness {
   }
 
   void Push(RefSequence& s, int32_t token) {
-    const uint64_t parent = s.prefix_hash.empty() ? 0 : s.prefix_hash.back();
+    // Each salt starts its own chain, so tokens of different tenants carry
+    // different data: a block shared across salts reads back wrong.
+    const uint64_t parent =
+        s.prefix_hash.empty()
+            ? (s.salt == 0 ? 0 : testing::Mix(0x5a17 + s.salt))
+            : s.prefix_hash.back();
     s.tokens.push_back(token);
     s.prefix_hash.push_back(ExtendPrefixHash(parent, token));
   }
 
   void Step() {
-    const int op = in_.Range(11);
+    const int op = in_.Range(14);
     const Snapshot before = Take();
     absl::Status status;
     const char* call = "?";
@@ -248,6 +266,18 @@ class Harness {
         call = "Gather";
         status = Gather();
         break;
+      case 10:
+        call = "BatchBlockTable(read)";
+        status = TableRead();
+        break;
+      case 11:
+        call = "Append(DLPack)";
+        status = DLPackAppend();
+        break;
+      case 12:
+        call = "Append(overflow)";
+        status = OverflowAppend();
+        break;
       default:
         call = "lookup";
         status = Lookup();
@@ -263,8 +293,12 @@ class Harness {
     const int64_t id = Id();
     const int len = in_.Range(14);  // 0 = an empty prompt (hostile).
     RefSequence s;
+    s.salt = in_.Range(kNumSalts);
     for (int i = 0; i < len; ++i) Push(s, in_.Range(3));
-    absl::StatusOr<int64_t> computed = manager_->AddSequence(id, s.tokens);
+    ExtraKey extra;
+    extra.salt = Salt(s.salt);
+    absl::StatusOr<int64_t> computed =
+        manager_->AddSequence(id, s.tokens, extra);
     if (!computed.ok()) return computed.status();
     if (seqs_.count(id) || len == 0) Fail("bad AddSequence succeeded");
     if (*computed < 0 || *computed >= len) Fail("bad computed length");
@@ -298,7 +332,7 @@ class Harness {
           r.num_tokens = 1;
         }
       } else {
-        const int64_t hostile[] = {0,     -1,     pending + 1, kHuge,
+        const int64_t hostile[] = {0,     kMin,   pending + 1, kHuge,
                                    kHuge, -kHuge, 1 << 20,     kHuge / 2};
         r.num_tokens = hostile[kind % 8];
         if (kind & 8) r.new_token_ids.push_back(in_.Range(3));
@@ -431,7 +465,7 @@ class Harness {
                                           {1, h, config_.head_size});
     TensorView v = TensorView::Contiguous(data.data() + 32 * h * 16,
                                           DType::kBFloat16, {1, h, hv_});
-    const int variant = in_.Range(10);
+    const int variant = in_.Range(12);
     switch (variant) {
       case 0:
         layer = in_.Byte() & 1 ? -1 : config_.num_layers;
@@ -459,7 +493,15 @@ class Harness {
         break;
       case 8:
         k.shape[0] = v.shape[0] = tokens + 1;
-        break;  // too many
+        break;   // too many
+      case 9: {  // An untrusted ndim: never read past the arrays.
+        const int32_t ndims[] = {1 << 30, 12, -1, INT32_MIN};
+        (in_.Byte() & 1 ? k : v).ndim = ndims[in_.Range(4)];
+        break;
+      }
+      case 10:  // Misaligned bf16 data.
+        k.data = reinterpret_cast<char*>(data.data()) + 1;
+        break;
       default:
         k.memory = MemoryKind::kCuda;
         break;
@@ -477,7 +519,7 @@ class Harness {
     const uint8_t mode = in_.Byte();
     int64_t begin = in_.Range(8), count = 1 + in_.Range(8);
     if (mode >= 224) {
-      const int64_t hostile[] = {-1, kHuge, -kHuge, 0, kHuge / 2, 1 << 30};
+      const int64_t hostile[] = {-1, kHuge, kMin, 0, kHuge / 2, 1 << 30};
       begin = hostile[mode % 6];
       count = hostile[(mode / 6) % 6];
     }
@@ -494,16 +536,190 @@ class Harness {
     k.shape[0] = v.shape[0] = count;
     if (count > 64) k.data = v.data = nullptr;  // never a buffer too small
     if ((mode & 7) == 1 && mode < 224) v.shape[2] += 8;
+    // key_out and value_out over the same memory (hostile).
+    if ((mode & 7) == 2 && mode < 224) v.data = k.data;
     absl::Status s = manager_->Gather(id, layer, begin, count, k, v);
     auto it = seqs_.find(id);
     if (s.ok()) {
       if (it == seqs_.end() || begin < 0 || count < 1 ||
           begin > it->second.computed || count > it->second.computed - begin ||
-          (mode & 7) == 1) {
+          (mode & 7) == 1 || ((mode & 7) == 2 && mode < 224)) {
         Fail("bad Gather ok");
       }
     }
     return s;
+  }
+
+  // A plan's next tokens of one layer written as a partial append, then an
+  // Append whose count overflows done + count (stride 0, never read).
+  absl::Status OverflowAppend() {
+    if (plans_.empty()) return HostileAppend();
+    auto it = plans_.begin();
+    std::advance(it, in_.Range(static_cast<int>(plans_.size())));
+    const int layer = in_.Range(config_.num_layers);
+    const int h = config_.num_kv_heads;
+    std::vector<uint16_t> data(2 * h * 16, 0);
+    TensorView k = TensorView::Contiguous(data.data(), DType::kBFloat16,
+                                          {1, h, config_.head_size});
+    TensorView v = TensorView::Contiguous(data.data() + h * 16,
+                                          DType::kBFloat16, {1, h, hv_});
+    const int64_t done = it->second.appended[layer];
+    const int64_t counts[] = {
+        kHuge, kHuge - done, kHuge - 1,
+        static_cast<int64_t>(it->second.rows.size()) - done + 1};
+    k.shape[0] = v.shape[0] = counts[in_.Range(4)];
+    k.strides[0] = v.strides[0] = 0;
+    if (k.shape[0] <= 0) return absl::OkStatus();
+    absl::Status s = manager_->Append(it->first, layer, k, v);
+    if (s.ok()) Fail("overflowing Append ok");
+    return s;
+  }
+
+  // An Append through DLPack: the plan's next rows (row-major, null strides),
+  // or a hostile DLTensor (null shape, huge ndim, overflowing extents).
+  absl::Status DLPackAppend() {
+    const uint8_t kind = in_.Byte();
+    const int h = config_.num_kv_heads;
+    int64_t k_shape[3] = {1, h, config_.head_size}, v_shape[3] = {1, h, hv_};
+    std::vector<uint16_t> k_data(64 * h * 16), v_data(64 * h * 16);
+    uint64_t plan_id = PlanId();
+    int layer = in_.Range(config_.num_layers);
+    RefPlan* plan = nullptr;
+    int64_t count = 1;
+    if (auto it = plans_.find(plan_id); it != plans_.end() && kind < 128) {
+      plan = &it->second;
+      const int64_t left =
+          static_cast<int64_t>(plan->rows.size()) - plan->appended[layer];
+      if (left == 0) return absl::OkStatus();
+      count = 1 + in_.Range(static_cast<int>(std::min<int64_t>(left, 32)));
+      for (int64_t i = 0; i < count; ++i) {
+        if (!seqs_.count(plan->rows[plan->appended[layer] + i].first)) {
+          return absl::OkStatus();
+        }
+      }
+      int64_t stride = 0;
+      std::vector<uint16_t> rows =
+          Rows(*plan, layer, plan->appended[layer], count, &stride);
+      const int64_t kr = int64_t{h} * config_.head_size;
+      for (int64_t i = 0; i < count; ++i) {
+        std::copy_n(&rows[i * stride], kr, &k_data[i * kr]);
+        std::copy_n(&rows[i * stride + kr], stride - kr,
+                    &v_data[i * (stride - kr)]);
+      }
+      k_shape[0] = v_shape[0] = count;
+    }
+    DLTensor k{};
+    k.data = k_data.data();
+    k.device = {kDLCPU, 0};
+    k.ndim = 3;
+    k.dtype = {kDLBfloat, 16, 1};
+    k.shape = k_shape;
+    DLTensor v = k;
+    v.data = v_data.data();
+    v.shape = v_shape;
+    int64_t huge[3] = {1, int64_t{1} << 40, int64_t{1} << 40};
+    if (plan == nullptr) {
+      DLTensor& bad = kind & 1 ? k : v;
+      switch (in_.Range(4)) {
+        case 0:
+          bad.shape = nullptr;
+          break;
+        case 1:
+          bad.ndim = kind & 2 ? 1 << 30 : -1;
+          break;
+        case 2:
+          bad.shape = huge;  // Row-major strides overflow.
+          break;
+        default:
+          bad.byte_offset = UINT64_MAX - (kind & 15);
+          break;
+      }
+    }
+    absl::Status s = manager_->Append(plan_id, layer, k, v);
+    if (Tracing()) {
+      std::fprintf(stderr, "  dlpack append plan %llu layer %d %s\n",
+                   static_cast<unsigned long long>(plan_id), layer,
+                   plan != nullptr ? "valid" : "hostile");
+    }
+    if (plan == nullptr && s.ok()) Fail("hostile DLPack Append ok");
+    if (plan != nullptr && !s.ok()) Fail("DLPack Append: " + s.ToString());
+    if (plan != nullptr) plan->appended[layer] += count;
+    return s;
+  }
+
+  // What an engine's attention kernel reads: every committed token of a batch
+  // of sequences through BatchBlockTable and GetLayerView (including right
+  // after a Reserve that copied a forked block), against the reference.
+  absl::Status TableRead() {
+    std::vector<SequenceId> ids;
+    const int n = 1 + in_.Range(3);
+    for (int i = 0; i < n; ++i) ids.push_back(Id());
+    absl::StatusOr<BlockTableView> table = manager_->BatchBlockTable(ids);
+    if (!table.ok()) return table.status();
+    for (int i = 0; i < n; ++i) {
+      auto it = seqs_.find(ids[i]);
+      if (it == seqs_.end()) Fail("BatchBlockTable of an unknown sequence ok");
+      if (table->seq_lens[i] != it->second.computed) Fail("seq_lens vs model");
+      for (int layer = 0; layer < config_.num_layers; ++layer) {
+        absl::StatusOr<LayerView> view = manager_->GetLayerView(layer);
+        if (!view.ok()) Fail("GetLayerView: " + view.status().ToString());
+        for (int64_t pos = 0; pos < it->second.computed; ++pos) {
+          const int64_t block = table->block_table[i * table->row_stride +
+                                                   pos / config_.block_size];
+          CheckRow(*view, block, pos % config_.block_size, it->second, layer,
+                   pos);
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // One token's K and V read from the cache as stored, against the reference.
+  void CheckRow(const LayerView& view, int64_t block, int64_t offset,
+                const RefSequence& s, int layer, int64_t pos) const {
+    const int h = config_.num_kv_heads;
+    for (bool is_value : {false, true}) {
+      const int d = is_value ? hv_ : config_.head_size;
+      const int64_t* strides = is_value ? view.value_strides : view.key_strides;
+      const char* base = static_cast<const char*>(is_value ? view.value_cache
+                                                           : view.key_cache);
+      const float* scales = is_value ? view.value_scale : view.key_scale;
+      const std::vector<float> row =
+          SyntheticRow(kDataSeed, layer, is_value, s.prefix_hash[pos], h, d);
+      for (int head = 0; head < h; ++head) {
+        const std::vector<float> q = QuantizeDequantizeHead(
+            std::vector<float>(row.begin() + head * d,
+                               row.begin() + (head + 1) * d),
+            config_.cache_dtype);
+        const int64_t at =
+            block * strides[0] + offset * strides[1] + head * strides[2];
+        const float scale = scales == nullptr
+                                ? 1.0f
+                                : scales[block * view.scale_strides[0] +
+                                         offset * view.scale_strides[1] + head];
+        for (int e = 0; e < d; ++e) {
+          float got;
+          if (config_.cache_dtype == DType::kBFloat16) {
+            got = testing::Bf16ToFloat(
+                reinterpret_cast<const uint16_t*>(base)[at + e]);
+          } else if (config_.cache_dtype == DType::kInt8) {
+            got = static_cast<float>(
+                      reinterpret_cast<const int8_t*>(base)[at + e]) *
+                  scale;
+          } else {
+            got = testing::Fp8E4M3Value(
+                      reinterpret_cast<const uint8_t*>(base)[at + e]) *
+                  scale;
+          }
+          if (std::memcmp(&got, &q[e], sizeof(float)) != 0) {
+            Fail("block table read: layer " + std::to_string(layer) +
+                 " token " + std::to_string(pos) + " block " +
+                 std::to_string(block) + (is_value ? " V" : " K") +
+                 " is not the sequence's own data");
+          }
+        }
+      }
+    }
   }
 
   absl::Status Lookup() {
@@ -521,7 +737,8 @@ class Harness {
       case 2: {
         ReserveRequest r;
         r.sequence = id;
-        r.num_tokens = in_.Byte() < 128 ? 1 : kHuge;
+        const uint8_t b = in_.Byte();
+        r.num_tokens = b < 128 ? 1 : b < 192 ? kHuge : kMin;
         return manager_->CanReserve({r});
       }
       case 3:

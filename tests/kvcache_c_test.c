@@ -71,9 +71,10 @@ int main(void) {
 
   int32_t prompt[T] = {11, 12, 13, 14, 15};
   int64_t computed = -1;
-  CHECK_OK(m, kvcache_add_sequence(m, 7, prompt, T, 0, "tenant-a", &computed));
+  CHECK_OK(m, kvcache_add_sequence(m, 7, prompt, T, 0,
+                                   (const uint8_t*)"tenant-a", 8, &computed));
   CHECK(computed == 0);
-  CHECK(kvcache_add_sequence(m, 7, prompt, T, 0, NULL, &computed) ==
+  CHECK(kvcache_add_sequence(m, 7, prompt, T, 0, NULL, 0, &computed) ==
         KVCACHE_ALREADY_EXISTS);
   CHECK(strstr(kvcache_last_error(m), "7") != NULL);
 

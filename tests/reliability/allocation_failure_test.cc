@@ -532,8 +532,9 @@ TEST(AllocationFailureTest, CApiReturnsResourceExhausted) {
   int64_t next_id = 0, added = 0;
   const int32_t prompt[6] = {1, 2, 3, 4, 5, 6};
   const int64_t add_points = FailEachHostAllocation([&] {
-    const kvcache_status s =
-        kvcache_add_sequence(m, next_id, prompt, 6, 0, "tenant", nullptr);
+    const kvcache_status s = kvcache_add_sequence(
+        m, next_id, prompt, 6, 0, reinterpret_cast<const uint8_t*>("tenant"), 6,
+        nullptr);
     if (s == KVCACHE_OK) ++added, ++next_id;
     return s;
   });

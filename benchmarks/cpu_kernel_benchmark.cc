@@ -12,7 +12,10 @@
 //   us_per_call     wall time per call
 // Shape: H=8 KV heads, D=Dv=128, bf16 input (write) and bf16 output (gather),
 // int8 or fp8 cache. Large cases (T=16384) use sequential slots and a
-// shuffled block table; decode cases (T=1, 4, 16, 64) one slot per block.
+// shuffled block table, on a pool of 1 or 2 threads, with the AVX2 rows (where
+// the CPU has them) or the scalar rows (last argument 1); decode cases (T=1,
+// 4, 16, 64) one slot per block, on a pool of 2 (they run on the caller's
+// thread alone).
 //
 //   bazel run -c opt //benchmarks:cpu_kernel_benchmark --
 //       --benchmark_repetitions=9 --benchmark_report_aggregates_only=true
@@ -24,13 +27,13 @@
 #include <numeric>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "benchmark/benchmark.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/float_convert.h"
 #include "kernels/kernel_params.h"
+#include "kernels/thread_pool.h"
 #include "kvcache/dtype.h"
 
 namespace kvcache {
@@ -64,13 +67,10 @@ double MemcpyGbps(int64_t moved) {
   return 2.0 * static_cast<double>(n) / runs[runs.size() / 2] / 1e9;
 }
 
-// Threads the kernels use for a call of `items` rows of `per_item` elements
-// (the kernels' own rule; see kernels/cpu_kernels.cc).
-int64_t ThreadsUsed(int64_t items, int64_t per_item) {
-  const int64_t work = items * per_item;
-  if (work < (int64_t{1} << 20)) return 1;
-  const int64_t hw = std::max<int64_t>(std::thread::hardware_concurrency(), 1);
-  return std::min({hw, work / (int64_t{1} << 18), items});
+// Threads of a call of `items` rows of `per_item` elements on a pool of
+// `threads` (the kernels' rule: below 2^18 elements, the caller's alone).
+int64_t ThreadsUsed(int64_t threads, int64_t items, int64_t per_item) {
+  return items * per_item < (int64_t{1} << 18) ? 1 : threads;
 }
 
 // One layer's caches and a K/V input of T tokens.
@@ -178,33 +178,43 @@ void Report(benchmark::State& state, int64_t bytes, double seconds,
   state.counters["us_per_call"] = seconds / calls * 1e6;
 }
 
-// Args: tokens, cache dtype (0 int8, 1 fp8).
+// Args: tokens, cache dtype (0 int8, 1 fp8), pool threads, path (0 AVX2
+// where available, 1 scalar).
 void BM_Write(benchmark::State& state) {
   Setup s(state.range(0), CacheDType(state.range(1)));
   const QuantizeWriteParams p = s.Write();
+  internal::ThreadPool pool(static_cast<int>(state.range(2)));
+  internal::ForceScalarCpuRowsForTesting(state.range(3) == 1);
   const Clock::time_point start = Clock::now();
   for (auto _ : state) {
-    if (!QuantizeWriteCpu(p).ok()) state.SkipWithError("QuantizeWriteCpu");
+    if (!QuantizeWriteCpu(p, &pool).ok())
+      state.SkipWithError("QuantizeWriteCpu");
   }
   const double seconds = Seconds(Clock::now() - start);
   const int64_t bytes = s.Elems() * 3 + s.tokens * 8 + s.ScaleBytes();
+  internal::ForceScalarCpuRowsForTesting(false);
   Report(state, bytes, seconds,
-         ThreadsUsed(s.tokens * kHeads, s.Elems() / s.tokens / kHeads));
+         ThreadsUsed(pool.num_threads(), s.tokens * kHeads,
+                     s.Elems() / s.tokens / kHeads));
 }
 
 void BM_Gather(benchmark::State& state) {
   Setup s(state.range(0), CacheDType(state.range(1)));
   const GatherParams p = s.Gather();
+  internal::ThreadPool pool(static_cast<int>(state.range(2)));
+  internal::ForceScalarCpuRowsForTesting(state.range(3) == 1);
   const Clock::time_point start = Clock::now();
   for (auto _ : state) {
-    if (!GatherCpu(p).ok()) state.SkipWithError("GatherCpu");
+    if (!GatherCpu(p, &pool).ok()) state.SkipWithError("GatherCpu");
   }
   const double seconds = Seconds(Clock::now() - start);
   const int64_t index_bytes =
       p.slots != nullptr ? s.tokens * 8 : s.tokens / kBlockSize * 4;
   const int64_t bytes = s.Elems() * 3 + index_bytes + s.ScaleBytes();
+  internal::ForceScalarCpuRowsForTesting(false);
   Report(state, bytes, seconds,
-         ThreadsUsed(s.tokens * kHeads, s.Elems() / s.tokens / kHeads));
+         ThreadsUsed(pool.num_threads(), s.tokens * kHeads,
+                     s.Elems() / s.tokens / kHeads));
 }
 
 // Copy-on-write: block copies of `pairs` int8 blocks (data and scales).
@@ -220,23 +230,28 @@ void BM_BlockCopy(benchmark::State& state) {
   p.cache = s.Cache();
   p.pairs = list.data();
   p.num_pairs = pairs;
+  internal::ThreadPool pool(static_cast<int>(state.range(1)));
   const Clock::time_point start = Clock::now();
   for (auto _ : state) {
-    if (!BlockCopyCpu(p).ok()) state.SkipWithError("BlockCopyCpu");
+    if (!BlockCopyCpu(p, &pool).ok()) state.SkipWithError("BlockCopyCpu");
   }
   const double seconds = Seconds(Clock::now() - start);
   const int64_t block_bytes = 2 * kBlockSize * kHeads * (kHeadSize + 4);
   const int64_t bytes = 2 * pairs * block_bytes + pairs * 16;
   Report(state, bytes, seconds,
-         ThreadsUsed(pairs, 2 * kBlockSize * kHeads * kHeadSize));
+         ThreadsUsed(pool.num_threads(), pairs,
+                     2 * kBlockSize * kHeads * kHeadSize));
 }
 
 void LargeArgs(benchmark::internal::Benchmark* b) {
-  for (int64_t dtype : {0, 1}) b->Args({16384, dtype});
+  for (int64_t threads : {1, 2}) {
+    for (int64_t dtype : {0, 1}) b->Args({16384, dtype, threads, 0});
+  }
+  for (int64_t dtype : {0, 1}) b->Args({16384, dtype, 1, 1});
 }
 void DecodeArgs(benchmark::internal::Benchmark* b) {
   for (int64_t dtype : {0, 1}) {
-    for (int64_t t : {1, 4, 16, 64}) b->Args({t, dtype});
+    for (int64_t t : {1, 4, 16, 64}) b->Args({t, dtype, 2, 0});
   }
 }
 
@@ -244,7 +259,11 @@ BENCHMARK(BM_Write)->Apply(LargeArgs)->UseRealTime()->Unit(
     benchmark::kMillisecond);
 BENCHMARK(BM_Gather)->Apply(LargeArgs)->UseRealTime()->Unit(
     benchmark::kMillisecond);
-BENCHMARK(BM_BlockCopy)->Arg(512)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_BlockCopy)
+    ->Args({512, 1})
+    ->Args({512, 2})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Write)
     ->Apply(DecodeArgs)
     ->UseRealTime()

@@ -8,10 +8,11 @@
 //
 // Element conversions, per 8 lanes of float bits x:
 //   int8   NaN -> 0, else cvtps_epi32(clamp(x, -128, 127))
-//   fp8    cuda_fp8.h's __NV_SATFINITE e4m3 (fp8.h): NaN -> 0x7F,
-//          |x| > 464 -> sign|0x7E, |x| <= 2^-10 -> sign, otherwise the
-//          significand rounded to nearest even at bit 20 (normals) or at bit
-//          21..24 (subnormals), with integer adds and variable shifts
+//   fp8    cuda_fp8.h's __NV_SATFINITE e4m3 (fp8.h): NaN -> 0x7F, else the
+//          sign with: for |x| >= 2^-6 the bits 20..30 rounded to nearest even
+//          by integer adds, rebiased and capped at 0x7E (448; |x| > 464 and
+//          infinities saturate), for smaller |x| the nearest-even multiple of
+//          2^-9 from the float add |x| + 2^14
 //   bf16   NaN -> 0x7FFF, else (x + 0x7FFF + ((x >> 16) & 1)) >> 16
 //   fp16   F16C vcvtps2ph with explicit nearest-even rounding; NaN -> 0x7FFF
 // Decoding fp8: the code's magnitude bits placed at float bit 20, times 2^120
@@ -74,41 +75,34 @@ KVCACHE_AVX2 inline __m256i EncodeInt8(__m256 v) {
   return _mm256_andnot_si256(_mm256_castps_si256(nan), _mm256_cvtps_epi32(c));
 }
 
-// Round-to-nearest-even of m >> s (s in 1..31, per lane), for m < 2^31 - 2^s.
-KVCACHE_AVX2 inline __m256i ShiftRne(__m256i m, __m256i s) {
-  const __m256i one = _mm256_set1_epi32(1);
-  const __m256i lsb = _mm256_and_si256(_mm256_srlv_epi32(m, s), one);
-  const __m256i half_minus_one =
-      _mm256_sub_epi32(_mm256_sllv_epi32(one, _mm256_sub_epi32(s, one)), one);
-  return _mm256_srlv_epi32(
-      _mm256_add_epi32(_mm256_add_epi32(m, half_minus_one), lsb), s);
-}
-
 KVCACHE_AVX2 inline __m256i EncodeFp8(__m256 v) {
   const __m256i x = _mm256_castps_si256(v);
   const __m256i a = _mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF));
-  const __m256i sign =
-      _mm256_and_si256(_mm256_srli_epi32(x, 24), _mm256_set1_epi32(0x80));
-  // Normal: the exponent and 3 mantissa bits are bits 20..30 of a; rebias.
-  const __m256i normal = _mm256_sub_epi32(ShiftRne(a, _mm256_set1_epi32(20)),
-                                          _mm256_set1_epi32((127 - 7) << 3));
-  // Subnormal (2^-10 < |x| < 2^-6): the 24-bit significand shifted by
-  // 20 + (1 - exponent), exponent = (a >> 23) - 120 in -3..0.
-  const __m256i m =
-      _mm256_or_si256(_mm256_and_si256(a, _mm256_set1_epi32(0x7FFFFF)),
-                      _mm256_set1_epi32(0x800000));
-  const __m256i s = _mm256_sub_epi32(_mm256_set1_epi32(20 + 1 + 120),
-                                     _mm256_srli_epi32(a, 23));
-  const __m256i sub = ShiftRne(m, s);
+  // Normal (|x| >= 2^-6): exponent and 3 mantissa bits are bits 20..30 of a,
+  // rounded to nearest even at bit 20, rebiased (127 -> 7), capped at 0x7E:
+  // everything above 464 (infinity too) saturates.
+  const __m256i lsb =
+      _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(0x7FFFF)), lsb),
+      20);
+  const __m256i normal =
+      _mm256_min_epu32(_mm256_sub_epi32(rounded, _mm256_set1_epi32(120 << 3)),
+                       _mm256_set1_epi32(kFp8E4M3MaxNorm));
+  // Subnormal and zero (|x| < 2^-6): codes count multiples of 2^-9, which
+  // |x| + 2^14 rounds to nearest even in the float add (default MXCSR mode,
+  // as the int8 conversion); 8 is the smallest normal, 2^-6.
+  const __m256 magic = _mm256_set1_ps(0x1p14f);
+  const __m256i sub = _mm256_sub_epi32(
+      _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), magic)),
+      _mm256_castps_si256(magic));
   // Signed compares are exact here: a < 2^31.
   const __m256i is_normal =
       _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x3C800000 - 1));
-  __m256i r = _mm256_blendv_epi8(sub, normal, is_normal);
-  const __m256i is_zero = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3A800001), a);
-  r = _mm256_andnot_si256(is_zero, r);
-  const __m256i is_sat = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x43E80000));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(kFp8E4M3MaxNorm), is_sat);
-  r = _mm256_or_si256(r, sign);
+  const __m256i sign =
+      _mm256_srli_epi32(_mm256_xor_si256(x, a), 24);  // 0x80 or 0.
+  const __m256i r =
+      _mm256_or_si256(_mm256_blendv_epi8(sub, normal, is_normal), sign);
   const __m256i is_nan = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7F800000));
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(kFp8E4M3Nan), is_nan);
 }

@@ -17,6 +17,8 @@ enum class Backend : int32_t {
   kCuda = 1,  // One CUDA device (`device`); needs a CUDA build and a GPU.
 };
 
+inline constexpr int32_t kMaxCpuThreads = 1024;
+
 struct KVCacheConfig {
   // Model shape.
   int32_t num_layers = 0;
@@ -33,6 +35,12 @@ struct KVCacheConfig {
 
   Backend backend = Backend::kCpu;
   int32_t device = 0;  // CUDA device ordinal.
+  // CPU backend: threads that large kernel calls are split over, counting the
+  // calling thread (0 = the machine's hardware concurrency, 1 = no worker
+  // threads; at most kMaxCpuThreads). Workers are started once, by Create;
+  // those the system refuses to start are done without (never an error).
+  // Decode-sized calls always run on the calling thread.
+  int32_t cpu_threads = 0;
 
   // Capacity: exactly one of these is set (> 0).
   int64_t num_blocks = 0;

@@ -21,6 +21,7 @@
 
 #include "kernels/cpu_kernels_avx2.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -326,9 +327,14 @@ KVCACHE_AVX2 void Float16ToFloatArray(const uint16_t* h, int64_t n,
 }  // namespace
 
 bool CpuHasAvx2() {
+  // __builtin_cpu_supports("avx2") also checks that the OS saves the YMM
+  // registers; F16C comes from CPUID leaf 1 (clang's builtin does not know
+  // "f16c").
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __builtin_cpu_supports("avx2") &&
+           __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
   }();
   return has;
 }

@@ -91,6 +91,11 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
                "is not CPU or CUDA");
   }
   if (c.device < 0) return Bad("device", c.device, "must be >= 0");
+  if (c.cpu_threads < 0 || c.cpu_threads > kMaxCpuThreads) {
+    return Bad("cpu_threads", c.cpu_threads,
+               absl::StrCat("is not in [0, ", kMaxCpuThreads,
+                            "] (0 = hardware concurrency)"));
+  }
   const int capacity_fields = (c.num_blocks != 0) +
                               (c.memory_budget_bytes != 0) +
                               (c.memory_fraction != 0.0);

@@ -30,6 +30,7 @@ inline constexpr int32_t kMaxBlocksPerSequence = 1 << 20;
 inline constexpr int32_t kMaxInflightPlans = 64;
 // All layers' caches and scales together (before alignment padding).
 inline constexpr int64_t kMaxCacheBytes = int64_t{1} << 56;
+inline constexpr int32_t kMaxCpuThreads = 1024;
 
 struct KVCacheConfig {
   // Model shape.
@@ -47,6 +48,12 @@ struct KVCacheConfig {
 
   Backend backend = Backend::kCpu;
   int32_t device = 0;  // CUDA device ordinal.
+  // CPU backend: threads that large kernel calls are split over, counting the
+  // calling thread (0 = the machine's hardware concurrency, 1 = no worker
+  // threads; at most kMaxCpuThreads). Workers are started once, by Create;
+  // those the system refuses to start are done without (never an error).
+  // Decode-sized calls always run on the calling thread.
+  int32_t cpu_threads = 0;
 
   // Capacity: exactly one of these is set (> 0).
   int64_t num_blocks = 0;

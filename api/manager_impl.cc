@@ -14,15 +14,24 @@
 namespace kvcache {
 namespace internal {
 
+Kernels::Kernels(DeviceKind kind, int cpu_threads)
+    : cuda_(kind == DeviceKind::kCuda) {
+  if (!cuda_) {
+    pool_ =
+        std::make_unique<ThreadPool>(ThreadPool::ResolveThreads(cpu_threads));
+  }
+}
+
 absl::Status Kernels::QuantizeWrite(const QuantizeWriteParams& p,
                                     void* stream) const {
-  return cuda_ ? QuantizeWriteCuda(p, stream) : QuantizeWriteCpu(p);
+  return cuda_ ? QuantizeWriteCuda(p, stream)
+               : QuantizeWriteCpu(p, pool_.get());
 }
 absl::Status Kernels::Gather(const GatherParams& p, void* stream) const {
-  return cuda_ ? GatherCuda(p, stream) : GatherCpu(p);
+  return cuda_ ? GatherCuda(p, stream) : GatherCpu(p, pool_.get());
 }
 absl::Status Kernels::BlockCopy(const BlockCopyParams& p, void* stream) const {
-  return cuda_ ? BlockCopyCuda(p, stream) : BlockCopyCpu(p);
+  return cuda_ ? BlockCopyCuda(p, stream) : BlockCopyCpu(p, pool_.get());
 }
 
 absl::Status Annotate(const absl::Status& status, absl::string_view context) {

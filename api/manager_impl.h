@@ -22,22 +22,27 @@
 #include "api/no_bad_alloc.h"
 #include "api/step_buffers.h"
 #include "kernels/kernel_params.h"
+#include "kernels/thread_pool.h"
 #include "storage/cache_storage.h"
 #include "storage/device.h"
 
 namespace kvcache {
 namespace internal {
 
-// Chooses the CPU or CUDA implementation of each kernel.
+// Chooses the CPU or CUDA implementation of each kernel. The CPU backend owns
+// the thread pool its kernels split large calls over (cpu_threads threads, 0 =
+// the machine's hardware concurrency; workers that cannot be started are
+// dropped, see kernels/thread_pool.h).
 class Kernels {
  public:
-  explicit Kernels(DeviceKind kind) : cuda_(kind == DeviceKind::kCuda) {}
+  Kernels(DeviceKind kind, int cpu_threads);
   absl::Status QuantizeWrite(const QuantizeWriteParams& p, void* stream) const;
   absl::Status Gather(const GatherParams& p, void* stream) const;
   absl::Status BlockCopy(const BlockCopyParams& p, void* stream) const;
 
  private:
   bool cuda_;
+  std::unique_ptr<ThreadPool> pool_;  // CPU backend only.
 };
 
 // Prefixes a status's message with `context`.
@@ -59,7 +64,7 @@ class KVCacheManager::Impl {
   Impl(const KVCacheConfig& config, std::unique_ptr<Device> device)
       : config_(config),
         device_(std::move(device)),
-        kernels_(device_->kind()) {}
+        kernels_(device_->kind(), config.cpu_threads) {}
 
   absl::Status Init();
   // The pool size: config_.num_blocks, or what the memory budget (or fraction

@@ -36,7 +36,7 @@ ABSL_FLAG(std::string, trace, "data/mooncake_conversation_trace.jsonl",
           "$BUILD_WORKSPACE_DIRECTORY (bazel run), then the working "
           "directory; $KVCACHE_DATA_DIR/mooncake_conversation_trace.jsonl "
           "is tried last.");
-ABSL_FLAG(int64_t, max_requests, 8,
+ABSL_FLAG(int64_t, max_requests, 200,
           "Replay the first N requests of the trace; 0 = all (12,031).");
 ABSL_FLAG(bool, back_to_back, false,
           "Ignore timestamps: every request arrives at time 0.");

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/cache_layout.h"
 #include "core/dtype.h"
 
 namespace kvcache {
@@ -22,7 +23,7 @@ enum class Backend : int32_t {
 // manager computes can overflow). README "Config limits" lists them.
 inline constexpr int32_t kMaxNumLayers = 1024;
 inline constexpr int32_t kMaxNumKvHeads = 1024;
-inline constexpr int32_t kMaxHeadSize = 1024;  // head_size and head_size_v.
+// kMaxHeadSize (head_size and head_size_v): core/cache_layout.h.
 inline constexpr int32_t kMaxBlockSize = 2048;
 inline constexpr int32_t kMaxTokensPerStep = 1 << 20;
 inline constexpr int32_t kMaxSequencesPerStep = 1 << 16;

@@ -39,7 +39,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "api/block_table_view.h"
 #include "api/kv_cache_config.h"
+#include "api/layer_view.h"
 #include "api/metrics.h"
 #include "api/tensor_view.h"
 #include "core/dtype.h"
@@ -62,42 +64,6 @@ struct StepPlanInfo {
   // Copy-on-write copies (shared partial blocks after Fork), which Reserve
   // ran in every layer, data and scales, on its stream before it returned.
   int64_t num_block_copies = 0;
-};
-
-// A batch's block tables in fixed buffers of the backend's memory (the same
-// pointers on every call, so they can be captured in a CUDA graph): row i holds
-// sequence i's block ids, then zeros.
-struct BlockTableView {
-  const int32_t* block_table = nullptr;  // [num_sequences, row_stride]
-  // [num_sequences]: computed tokens per sequence.
-  const int32_t* seq_lens = nullptr;
-  int32_t num_sequences = 0;
-  int32_t max_blocks = 0;  // Longest table in this batch.
-  int32_t row_stride = 0;  // Columns of the buffer (max_blocks_per_sequence).
-};
-
-// Everything an engine's own attention kernel needs to read one layer's cache
-// (DESIGN.md section 2). Strides are in elements.
-struct LayerView {
-  //   key_cache    [num_blocks, block_size, num_kv_heads, head_size]
-  //   value_cache  [num_blocks, block_size, num_kv_heads, head_size_v]
-  //   key_scale    [num_blocks, block_size, num_kv_heads]  null for bf16/fp16
-  //   value_scale  [num_blocks, block_size, num_kv_heads]  null for bf16/fp16
-  void* key_cache = nullptr;
-  void* value_cache = nullptr;
-  float* key_scale = nullptr;
-  float* value_scale = nullptr;
-  DType cache_dtype = DType::kInt8;
-  MemoryKind memory = MemoryKind::kHost;
-  int32_t device = 0;
-  int64_t num_blocks = 0;
-  int64_t block_size = 0;
-  int64_t num_kv_heads = 0;
-  int64_t head_size = 0;
-  int64_t head_size_v = 0;
-  int64_t key_strides[4] = {0, 0, 0, 0};    // block, token, head, element
-  int64_t value_strides[4] = {0, 0, 0, 0};  // block, token, head, element
-  int64_t scale_strides[3] = {0, 0, 0};     // block, token, head
 };
 
 class KVCacheManager {
@@ -172,6 +138,10 @@ class KVCacheManager {
  private:
   class Impl;
   explicit KVCacheManager(std::unique_ptr<Impl> impl);
+  // Create, on `device` (the backend's, or a test's). REQUIRES:
+  // ValidateConfig(config) is OK.
+  static absl::StatusOr<std::unique_ptr<KVCacheManager>> CreateOn(
+      const KVCacheConfig& config, std::unique_ptr<Device> device);
   std::unique_ptr<Impl> impl_;
 
   friend class KVCacheManagerTestPeer;

@@ -1,3 +1,6 @@
+// The step (Reserve, Append, Commit, Abort) and the sequence life cycle of
+// KVCacheManager::Impl; lookups are in manager_lookups.cc.
+
 #include "api/manager_impl.h"
 
 #include <algorithm>
@@ -6,47 +9,18 @@
 
 #include "absl/strings/str_cat.h"
 #include "api/tensor_checks.h"
-#include "kernels/cpu_kernels.h"
-#include "kernels/cuda_kernels.h"
+#include "core/status_macros.h"
 #include "kernels/kernel_validation.h"
 #include "spdlog/spdlog.h"
 
 namespace kvcache {
-namespace internal {
 
-Kernels::Kernels(DeviceKind kind, int cpu_threads)
-    : cuda_(kind == DeviceKind::kCuda) {
-  if (!cuda_) {
-    pool_ =
-        std::make_unique<ThreadPool>(ThreadPool::ResolveThreads(cpu_threads));
-  }
-}
+using internal::Annotate;
 
-absl::Status Kernels::QuantizeWrite(const QuantizeWriteParams& p,
-                                    void* stream) const {
-  return cuda_ ? QuantizeWriteCuda(p, stream)
-               : QuantizeWriteCpu(p, pool_.get());
-}
-absl::Status Kernels::Gather(const GatherParams& p, void* stream) const {
-  return cuda_ ? GatherCuda(p, stream) : GatherCpu(p, pool_.get());
-}
-absl::Status Kernels::BlockCopy(const BlockCopyParams& p, void* stream) const {
-  return cuda_ ? BlockCopyCuda(p, stream) : BlockCopyCpu(p, pool_.get());
-}
-
-absl::Status Annotate(const absl::Status& status, absl::string_view context) {
-  if (status.ok()) return status;
-  return absl::Status(status.code(),
-                      absl::StrCat(context, ": ", status.message()));
-}
-
-}  // namespace internal
 namespace {
 
 // Default block-table width: enough blocks for this many tokens.
 constexpr int64_t kDefaultMaxTokensPerSequence = 131072;
-// Per-layer alignment padding CacheStorage may add (four 256-byte carves).
-constexpr int64_t kLayerPadding = 1024;
 
 std::shared_ptr<spdlog::logger> Logger(const std::string& name) {
   if (!name.empty()) {
@@ -59,116 +33,54 @@ std::shared_ptr<spdlog::logger> Logger(const std::string& name) {
 
 }  // namespace
 
-absl::StatusOr<int64_t> KVCacheManager::Impl::NumBlocks(
-    int64_t block_bytes) const {
-  if (config_.num_blocks != 0) return config_.num_blocks;
-  int64_t budget = config_.memory_budget_bytes;
-  if (budget == 0) {
-    size_t free_bytes = 0, total_bytes = 0;
-    if (absl::Status s = device_->MemoryInfo(&free_bytes, &total_bytes);
-        !s.ok()) {
-      return s;
-    }
-    const double bytes =
-        static_cast<double>(free_bytes) * config_.memory_fraction;
-    budget = bytes >= static_cast<double>(kMaxCacheBytes)
-                 ? kMaxCacheBytes
-                 : static_cast<int64_t>(bytes);
+absl::StatusOr<std::unique_ptr<KVCacheManager::Impl>>
+KVCacheManager::Impl::Create(const KVCacheConfig& config,
+                             std::unique_ptr<Device> device) {
+  std::unique_ptr<Impl> m(new Impl(config));
+  Device* const dev = device.get();
+  KVCACHE_ASSIGN_OR_RETURN(
+      m->backend_, internal::CacheBackend::Create(config, std::move(device)));
+  const int64_t num_blocks = m->backend_->layout().num_blocks;
+  int64_t cols = config.max_blocks_per_sequence;
+  if (cols == 0) {
+    cols = std::min<int64_t>(
+        num_blocks, (kDefaultMaxTokensPerSequence + config.block_size - 1) /
+                        config.block_size);
   }
-  budget = std::min(budget, kMaxCacheBytes);
-  const int64_t num_blocks =
-      (budget - kLayerPadding * config_.num_layers) / block_bytes;
-  if (num_blocks < 1) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "a capacity of ", budget, " bytes holds no block: one block of all ",
-        config_.num_layers, " layers takes ", block_bytes, " bytes"));
-  }
-  return std::min<int64_t>(num_blocks, INT32_MAX);
+  BlockManagerOptions options;
+  options.num_blocks = static_cast<int32_t>(num_blocks);
+  options.block_size = config.block_size;
+  options.enable_prefix_caching = config.enable_prefix_caching;
+
+  std::lock_guard<std::mutex> lock(m->mu_);
+  KVCACHE_ASSIGN_OR_RETURN(m->blocks_, BlockManager::Create(options));
+  KVCACHE_ASSIGN_OR_RETURN(
+      m->plans_, internal::PlanTable::Create(dev, config.num_layers,
+                                             config.max_inflight_plans,
+                                             config.max_tokens_per_step,
+                                             config.max_sequences_per_step));
+  KVCACHE_ASSIGN_OR_RETURN(m->lookups_,
+                           internal::LookupBuffers::Create(
+                               dev, config.max_sequences_per_step, cols));
+  Logger(config.logger_name)->info(m->backend_->Describe(config));
+  return m;
 }
 
-absl::Status KVCacheManager::Impl::Init() {
-  layout_.block_size = config_.block_size;
-  layout_.num_heads = config_.num_kv_heads;
-  layout_.head_size = config_.head_size;
-  layout_.head_size_v =
-      config_.head_size_v != 0 ? config_.head_size_v : config_.head_size;
-  layout_.cache_dtype = config_.cache_dtype;
-
-  // Capacity, in checked arithmetic (ValidateConfig bounds every factor).
-  absl::StatusOr<int64_t> block_bytes = BlockBytesAllLayers(config_);
-  if (!block_bytes.ok()) return block_bytes.status();
-  absl::StatusOr<int64_t> num_blocks = NumBlocks(*block_bytes);
-  if (!num_blocks.ok()) return num_blocks.status();
-  layout_.num_blocks = *num_blocks;
-  if (absl::Status s = internal::ValidateLayout(layout_); !s.ok()) return s;
-  table_cols_ = config_.max_blocks_per_sequence;
-  if (table_cols_ == 0) {
-    table_cols_ = std::min<int64_t>(
-        *num_blocks, (kDefaultMaxTokensPerSequence + config_.block_size - 1) /
-                         config_.block_size);
+absl::Status KVCacheManager::Impl::CheckLayer(int layer) const {
+  if (layer < 0 || layer >= config_.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer ", layer, " out of range [0, ", config_.num_layers, ")"));
   }
+  return absl::OkStatus();
+}
 
-  absl::StatusOr<std::unique_ptr<CacheStorage>> storage =
-      CacheStorage::Create(device_.get(), layout_, config_.num_layers);
-  if (!storage.ok()) return storage.status();
-  storage_ = *std::move(storage);
-
-  BlockManagerOptions options;
-  options.num_blocks = static_cast<int32_t>(*num_blocks);
-  options.block_size = config_.block_size;
-  options.enable_prefix_caching = config_.enable_prefix_caching;
-  absl::StatusOr<std::unique_ptr<BlockManager>> blocks =
-      BlockManager::Create(options);
-  if (!blocks.ok()) return blocks.status();
-
-  std::lock_guard<std::mutex> lock(mu_);
-  blocks_ = *std::move(blocks);
-  absl::StatusOr<std::unique_ptr<internal::StepBuffers>> steps =
-      internal::StepBuffers::Create(device_.get(), config_.max_inflight_plans,
-                                    config_.max_tokens_per_step,
-                                    config_.max_sequences_per_step);
-  if (!steps.ok()) return steps.status();
-  steps_ = *std::move(steps);
-
-  const size_t table_bytes =
-      static_cast<size_t>(config_.max_sequences_per_step) * (table_cols_ + 1) *
-      sizeof(int32_t);
-  absl::StatusOr<Buffer> buffer = device_->AllocateStaging(table_bytes);
-  if (!buffer.ok()) return buffer.status();
-  table_staging_ = *std::move(buffer);
-  buffer = device_->Allocate(table_bytes);
-  if (!buffer.ok()) return buffer.status();
-  table_device_ = *std::move(buffer);
-  if (absl::Status s = device_->Zero(table_device_.data(), table_bytes);
-      !s.ok()) {
-    return s;
+absl::Status KVCacheManager::Impl::CheckNotPending(SequenceId id,
+                                                   const char* what) const {
+  if (const uint64_t plan = blocks_->PendingPlan(id); plan != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, " of sequence ", id, " while plan ", plan,
+                     " is in flight: commit or abort it first"));
   }
-  absl::StatusOr<Event> event = device_->CreateEvent();
-  if (!event.ok()) return event.status();
-  table_uploaded_ = *std::move(event);
-  buffer = device_->AllocateStaging(table_cols_ * sizeof(int32_t));
-  if (!buffer.ok()) return buffer.status();
-  gather_staging_ = *std::move(buffer);
-  buffer = device_->Allocate(table_cols_ * sizeof(int32_t));
-  if (!buffer.ok()) return buffer.status();
-  gather_device_ = *std::move(buffer);
-
-  Logger(config_.logger_name)
-      ->info(
-          "kvcache: {} backend{}, {} layers x [{} blocks, {} tokens, {} heads, "
-          "K {} / V {}] {} (input {}), {:.1f} MiB of cache, {} tokens of "
-          "capacity, prefix caching {}",
-          device_->kind() == DeviceKind::kCuda ? "CUDA" : "CPU",
-          device_->kind() == DeviceKind::kCuda
-              ? absl::StrCat(" (device ", device_->ordinal(), ")")
-              : std::string(),
-          config_.num_layers, layout_.num_blocks, layout_.block_size,
-          layout_.num_heads, layout_.head_size, layout_.head_size_v,
-          std::string(DTypeName(layout_.cache_dtype)),
-          std::string(DTypeName(config_.input_dtype)),
-          static_cast<double>(storage_->total_bytes()) / (1 << 20),
-          layout_.num_blocks * layout_.block_size,
-          config_.enable_prefix_caching ? "on" : "off");
   return absl::OkStatus();
 }
 
@@ -184,12 +96,7 @@ absl::Status KVCacheManager::Impl::CheckBatch(
   }
   int64_t tokens = 0;
   for (const ReserveRequest& request : batch) {
-    if (const uint64_t plan = blocks_->PendingPlan(request.sequence);
-        plan != 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "sequence ", request.sequence, " already has a reservation in plan ",
-          plan, ": commit or abort it first"));
-    }
+    KVCACHE_RETURN_IF_ERROR(CheckNotPending(request.sequence, "reserve"));
     if (request.num_tokens > config_.max_tokens_per_step) {
       return absl::InvalidArgumentError(absl::StrCat(
           "reserve of ", request.num_tokens, " tokens for sequence ",
@@ -209,150 +116,149 @@ absl::Status KVCacheManager::Impl::CheckBatch(
   return absl::OkStatus();
 }
 
-absl::StatusOr<KVCacheManager::Impl::PlanState*> KVCacheManager::Impl::FindPlan(
-    uint64_t plan_id) {
-  auto it = plans_.find(plan_id);
-  if (it == plans_.end()) {
-    return absl::NotFoundError(
-        absl::StrCat("plan ", plan_id,
-                     " not found (never reserved, or already committed or "
-                     "aborted)"));
+absl::StatusOr<int64_t> KVCacheManager::Impl::AddSequence(
+    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
+  // Lengths reach the engine as int32 (BatchBlockTable's seq_lens).
+  if (prompt.size() > static_cast<size_t>(INT32_MAX)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", prompt.size(), " tokens exceeds ", INT32_MAX, " tokens"));
   }
-  return &it->second;
+  return blocks_->AddSequence(id, prompt, extra);
 }
 
-void KVCacheManager::Impl::ReleasePlan(uint64_t plan_id) {
-  auto it = plans_.find(plan_id);
-  steps_->slot(it->second.slot).busy = false;
-  plans_.erase(it);
-}
-
-absl::Status KVCacheManager::Impl::ValidatePlans() const {
-  std::vector<char> slot_taken(config_.max_inflight_plans, 0);
-  for (const auto& [id, plan] : plans_) {
-    const std::string name = absl::StrCat("plan ", id, ": ");
-    if (plan.slot < 0 || plan.slot >= config_.max_inflight_plans ||
-        slot_taken[plan.slot] || !steps_->slot(plan.slot).busy) {
-      return absl::InternalError(absl::StrCat(name, "step slot ", plan.slot,
-                                              " is not its own busy slot"));
-    }
-    slot_taken[plan.slot] = 1;
-    if (plan.num_tokens < 1 || plan.num_tokens > config_.max_tokens_per_step ||
-        plan.num_copies < 0 ||
-        plan.num_copies > static_cast<int64_t>(plan.sequences.size()) ||
-        static_cast<int>(plan.appended.size()) != config_.num_layers) {
-      return absl::InternalError(
-          absl::StrCat(name, plan.num_tokens, " tokens, ", plan.num_copies,
-                       " copies for ", plan.sequences.size(), " sequences, ",
-                       plan.appended.size(), " layers"));
-    }
-    for (int layer = 0; layer < config_.num_layers; ++layer) {
-      if (plan.appended[layer] < 0 || plan.appended[layer] > plan.num_tokens) {
-        return absl::InternalError(
-            absl::StrCat(name, "layer ", layer, " holds ", plan.appended[layer],
-                         " of its ", plan.num_tokens, " tokens"));
+absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
+    absl::Span<const ReserveRequest> batch, void* stream) {
+  KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
+  // The plan's record is made before the allocator changes, so that running
+  // out of memory (std::bad_alloc) cannot leave a half-made plan behind.
+  KVCACHE_ASSIGN_OR_RETURN(internal::PlanTable::Pending pending,
+                           plans_->Begin());
+  absl::StatusOr<StepPlan> plan = blocks_->Reserve(batch);
+  if (!plan.ok()) {
+    if (absl::IsResourceExhausted(plan.status())) ++counters_.reserve_failures;
+    return plan.status();
+  }
+  // Copy-on-write runs here, in every layer, so that no block table names a
+  // copy before it holds the sequence's data; if it cannot, the plan is
+  // undone.
+  const int64_t num_copies = static_cast<int64_t>(plan->copies.size());
+  absl::Status uploaded;
+  try {  // The CPU kernels may allocate (std::bad_alloc).
+    uploaded =
+        plans_->Upload(pending, plan->slot_mapping, plan->copies, stream);
+    if (uploaded.ok() && num_copies > 0) {
+      uploaded = backend_->CopyBlocks(plans_->device_pairs(pending.slot),
+                                      num_copies, stream);
+      // The next upload into this slot must wait for the copies' reads.
+      if (uploaded.ok()) {
+        uploaded = backend_->device().RecordEvent(
+            plans_->buffers().slot(pending.slot).last_use, stream);
       }
     }
-    for (SequenceId seq : plan.sequences) {
-      // A sequence freed since Reserve is gone; any other is still pending.
-      if (blocks_->Contains(seq) && blocks_->PendingPlan(seq) != id) {
-        return absl::InternalError(absl::StrCat(name, "sequence ", seq,
-                                                " is pending in plan ",
-                                                blocks_->PendingPlan(seq)));
-      }
-    }
+  } catch (...) {
+    blocks_->Abort(plan->id).IgnoreError();
+    throw;
   }
-  if (steps_->num_busy() != static_cast<int>(plans_.size())) {
-    return absl::InternalError(absl::StrCat(
-        steps_->num_busy(), " busy step slots for ", plans_.size(), " plans"));
+  if (!uploaded.ok()) {
+    blocks_->Abort(plan->id).IgnoreError();
+    return uploaded;
   }
-  return absl::OkStatus();
+  // From here on nothing allocates.
+  StepPlanInfo info;
+  info.id = plan->id;
+  info.num_tokens = static_cast<int64_t>(plan->slot_mapping.size());
+  info.slot_mapping = plans_->buffers().device_slots(pending.slot);
+  info.host_slot_mapping = std::move(plan->slot_mapping);
+  info.num_block_copies = num_copies;
+  plans_->Add(std::move(pending), info.id, info.num_tokens);
+  counters_.block_copies += num_copies;
+  if (num_copies > 0) counters_.kernel_launches += config_.num_layers;
+  return info;
 }
 
-absl::Status KVCacheManager::Impl::CopyOnWrite(int slot, int64_t num_copies,
-                                               void* stream) {
-  if (num_copies == 0) return absl::OkStatus();
-  internal::StepBuffers::Slot& buffers = steps_->slot(slot);
-  BlockCopyParams copy;
-  copy.pairs = steps_->device_pairs(slot);
-  copy.num_pairs = num_copies;
-  // Every layer's arguments first: a copy that cannot run is refused before
-  // any runs.
-  for (int layer = 0; layer < config_.num_layers; ++layer) {
-    copy.cache = storage_->layer(layer);
-    if (absl::Status s = internal::ValidateBlockCopy(copy); !s.ok()) {
-      return internal::Annotate(s,
-                                absl::StrCat("copy-on-write of layer ", layer));
-    }
-  }
-  if (absl::Status s = device_->StreamWaitEvent(stream, buffers.uploaded);
-      !s.ok()) {
-    return s;
-  }
-  for (int layer = 0; layer < config_.num_layers; ++layer) {
-    copy.cache = storage_->layer(layer);
-    if (absl::Status s = kernels_.BlockCopy(copy, stream); !s.ok()) {
-      return internal::Annotate(s,
-                                absl::StrCat("copy-on-write of layer ", layer));
-    }
-  }
-  // The next upload into this slot must wait for the copies' reads.
-  return device_->RecordEvent(buffers.last_use, stream);
+absl::Status KVCacheManager::Impl::CanReserve(
+    absl::Span<const ReserveRequest> batch) const {
+  KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
+  return blocks_->CanReserve(batch);
 }
 
 absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
                                           const TensorView& key,
                                           const TensorView& value,
                                           void* stream) {
-  absl::StatusOr<PlanState*> found = FindPlan(plan_id);
-  if (!found.ok()) return found.status();
-  PlanState& plan = **found;
-  if (absl::Status s = CheckLayer(layer); !s.ok()) return s;
+  KVCACHE_ASSIGN_OR_RETURN(internal::PlanTable::Plan * plan,
+                           plans_->Find(plan_id));
+  KVCACHE_RETURN_IF_ERROR(CheckLayer(layer));
+  const CacheLayout& layout = backend_->layout();
   internal::ExpectedKV expected;
-  expected.num_heads = layout_.num_heads;
-  expected.head_size = layout_.head_size;
+  expected.num_heads = layout.num_heads;
+  expected.head_size = layout.head_size;
   expected.dtype = config_.input_dtype;
-  expected.memory = memory_kind();
-  expected.device = device_->ordinal();
+  expected.memory = backend_->memory_kind();
+  expected.device = backend_->ordinal();
   QuantizeWriteParams params;
   int64_t num_tokens = 0;
-  if (absl::Status s =
-          internal::CheckKVPair(key, value, expected, layout_.head_size_v,
-                                &params.input, &num_tokens);
-      !s.ok()) {
-    return s;
-  }
+  KVCACHE_RETURN_IF_ERROR(internal::CheckKVPair(
+      key, value, expected, layout.head_size_v, &params.input, &num_tokens));
   // Against what is left, never done + num_tokens: a hostile count must not
-  // overflow past the check (issue #12 item 4).
-  const int64_t done = plan.appended[layer];
-  if (num_tokens > plan.num_tokens - done) {
+  // overflow past the check.
+  const int64_t done = plan->appended[layer];
+  if (num_tokens > plan->num_tokens - done) {
     return absl::InvalidArgumentError(
         absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
                      " of plan ", plan_id, " exceeds its reservation: ", done,
-                     " of ", plan.num_tokens, " tokens already appended"));
+                     " of ", plan->num_tokens, " tokens already appended"));
   }
   params.num_tokens = num_tokens;
-  params.slot_mapping = steps_->device_slots(plan.slot) + done;
-  params.cache = storage_->layer(layer);
+  params.slot_mapping = plans_->device_slots(*plan) + done;
+  params.cache = backend_->layer(layer);
+  const std::string context = absl::StrCat("append to layer ", layer);
   // Everything the kernel would refuse is refused before anything runs.
-  if (absl::Status s = internal::ValidateQuantizeWrite(params); !s.ok()) {
-    return internal::Annotate(s, absl::StrCat("append to layer ", layer));
-  }
-  internal::StepBuffers::Slot& slot = steps_->slot(plan.slot);
-  if (absl::Status s = device_->StreamWaitEvent(stream, slot.uploaded);
-      !s.ok()) {
-    return s;
-  }
-  if (absl::Status s = kernels_.QuantizeWrite(params, stream); !s.ok()) {
-    return internal::Annotate(s, absl::StrCat("append to layer ", layer));
-  }
+  KVCACHE_RETURN_IF_ERROR(
+      Annotate(internal::ValidateQuantizeWrite(params), context));
+  const internal::StepBuffers::Slot& slot = plans_->buffers().slot(plan->slot);
+  Device& device = backend_->device();
+  KVCACHE_RETURN_IF_ERROR(device.StreamWaitEvent(stream, slot.uploaded));
+  KVCACHE_RETURN_IF_ERROR(
+      Annotate(backend_->QuantizeWrite(params, stream), context));
   ++counters_.kernel_launches;
-  if (absl::Status s = device_->RecordEvent(slot.last_use, stream); !s.ok()) {
-    return s;
-  }
-  plan.appended[layer] += num_tokens;
+  KVCACHE_RETURN_IF_ERROR(device.RecordEvent(slot.last_use, stream));
+  plan->appended[layer] += num_tokens;
   counters_.tokens_appended += num_tokens;
   return absl::OkStatus();
+}
+
+absl::Status KVCacheManager::Impl::Commit(uint64_t plan_id) {
+  KVCACHE_ASSIGN_OR_RETURN(const internal::PlanTable::Plan* plan,
+                           plans_->Find(plan_id));
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    if (plan->appended[layer] != plan->num_tokens) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "commit of plan ", plan_id, ": layer ", layer, " holds ",
+          plan->appended[layer], " of its ", plan->num_tokens, " tokens"));
+    }
+  }
+  KVCACHE_RETURN_IF_ERROR(blocks_->Commit(plan_id));
+  counters_.tokens_committed += plan->num_tokens;
+  plans_->Remove(plan_id);
+  return absl::OkStatus();
+}
+
+absl::Status KVCacheManager::Impl::Abort(uint64_t plan_id) {
+  KVCACHE_RETURN_IF_ERROR(plans_->Find(plan_id).status());
+  KVCACHE_RETURN_IF_ERROR(blocks_->Abort(plan_id));
+  plans_->Remove(plan_id);
+  return absl::OkStatus();
+}
+
+absl::Status KVCacheManager::Impl::Fork(SequenceId parent, SequenceId child) {
+  KVCACHE_RETURN_IF_ERROR(CheckNotPending(parent, "fork"));
+  return blocks_->Fork(parent, child);
+}
+
+absl::Status KVCacheManager::Impl::Free(SequenceId id) {
+  KVCACHE_RETURN_IF_ERROR(CheckNotPending(id, "free"));
+  return blocks_->Free(id);
 }
 
 }  // namespace kvcache

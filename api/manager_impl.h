@@ -1,8 +1,14 @@
-// KVCacheManager::Impl: the state behind a KVCacheManager (device, cache
-// storage, block manager, step buffers, plans in flight, counters) and the
-// operations that touch more than one of them. Internal to api/. Guarded by
-// mu_: every member function here REQUIRES the caller to hold it, except Init,
-// which runs before the manager is shared.
+// KVCacheManager::Impl: the parts behind a KVCacheManager and the operations
+// that span more than one of them. Each part owns one concern:
+//
+//   backend_   CacheBackend   device, cache storage, pool size, kernels
+//   blocks_    BlockManager   sequences, blocks, plans' slots, prefix cache
+//   plans_     PlanTable      plans in flight: step buffers, appended counts
+//   lookups_   LookupBuffers  block tables handed to kernels
+//   counters_                 the metrics the parts do not keep themselves
+//
+// Thread safety: KVCacheManager locks mu_ around every call; every method
+// here REQUIRES it. Internal to api/.
 
 #ifndef KVCACHE_API_MANAGER_IMPL_H_
 #define KVCACHE_API_MANAGER_IMPL_H_
@@ -10,119 +16,87 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
-#include <new>
-#include <unordered_map>
-#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "allocator/block_manager.h"
+#include "api/cache_backend.h"
 #include "api/kv_cache_manager.h"
-#include "api/no_bad_alloc.h"
-#include "api/step_buffers.h"
-#include "kernels/kernel_params.h"
-#include "kernels/thread_pool.h"
-#include "storage/cache_storage.h"
+#include "api/lookup_buffers.h"
+#include "api/plan_table.h"
 #include "storage/device.h"
 
 namespace kvcache {
-namespace internal {
-
-// Chooses the CPU or CUDA implementation of each kernel. The CPU backend owns
-// the thread pool its kernels split large calls over (cpu_threads threads, 0 =
-// the machine's hardware concurrency; workers that cannot be started are
-// dropped, see kernels/thread_pool.h).
-class Kernels {
- public:
-  Kernels(DeviceKind kind, int cpu_threads);
-  absl::Status QuantizeWrite(const QuantizeWriteParams& p, void* stream) const;
-  absl::Status Gather(const GatherParams& p, void* stream) const;
-  absl::Status BlockCopy(const BlockCopyParams& p, void* stream) const;
-
- private:
-  bool cuda_;
-  std::unique_ptr<ThreadPool> pool_;  // CPU backend only.
-};
-
-// Prefixes a status's message with `context`.
-absl::Status Annotate(const absl::Status& status, absl::string_view context);
-
-}  // namespace internal
 
 class KVCacheManager::Impl {
  public:
-  struct PlanState {
-    int slot = 0;
-    int64_t num_tokens = 0;
-    std::vector<SequenceId> sequences;
-    std::vector<int64_t> appended;  // Per layer.
-    // Copy-on-write copies Reserve ran (in every layer) before it returned.
-    int64_t num_copies = 0;
-  };
+  // REQUIRES: ValidateConfig(config) is OK and `device` matches
+  // config.backend's memory kind.
+  static absl::StatusOr<std::unique_ptr<Impl>> Create(
+      const KVCacheConfig& config, std::unique_ptr<Device> device);
 
-  Impl(const KVCacheConfig& config, std::unique_ptr<Device> device)
-      : config_(config),
-        device_(std::move(device)),
-        kernels_(device_->kind(), config.cpu_threads) {}
+  const KVCacheConfig& config() const { return config_; }
+  const internal::CacheBackend& backend() const { return *backend_; }
+  std::mutex& mu() const ABSL_LOCK_RETURNED(mu_) { return mu_; }
 
-  absl::Status Init();
-  // The pool size: config_.num_blocks, or what the memory budget (or fraction
-  // of free memory) holds of blocks of `block_bytes` (all layers).
-  absl::StatusOr<int64_t> NumBlocks(int64_t block_bytes) const;
-
-  KVCacheConfig config_;
-  std::unique_ptr<Device> device_;
-  internal::Kernels kernels_;
-  CacheLayout layout_;
-  int64_t table_cols_ = 0;
-  std::unique_ptr<CacheStorage> storage_;
-
-  mutable std::mutex mu_;
-  std::unique_ptr<BlockManager> blocks_ ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<internal::StepBuffers> steps_ ABSL_GUARDED_BY(mu_);
-  // Node-based: Reserve makes the node before the allocator changes and then
-  // inserts it without allocating (see Reserve).
-  using PlanMap = std::unordered_map<uint64_t, PlanState>;
-  PlanMap plans_ ABSL_GUARDED_BY(mu_);
-  // Batch block table: int32 [max_sequences, table_cols_] then int32 seq_lens
-  // [max_sequences].
-  Buffer table_staging_ ABSL_GUARDED_BY(mu_);
-  Buffer table_device_ ABSL_GUARDED_BY(mu_);
-  Event table_uploaded_ ABSL_GUARDED_BY(mu_);
-  // One sequence's block table for Gather.
-  Buffer gather_staging_ ABSL_GUARDED_BY(mu_);
-  Buffer gather_device_ ABSL_GUARDED_BY(mu_);
-  MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);
-
-  MemoryKind memory_kind() const {
-    return device_->kind() == DeviceKind::kCuda ? MemoryKind::kCuda
-                                                : MemoryKind::kHost;
-  }
-  absl::Status CheckLayer(int layer) const {
-    if (layer < 0 || layer >= config_.num_layers) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "layer ", layer, " out of range [0, ", config_.num_layers, ")"));
-    }
-    return absl::OkStatus();
-  }
-  // The api's plan state against the allocator's (see KVCacheManager::
-  // Validate): each plan owns one busy step slot, holds at most its tokens in
-  // every layer, and its live sequences are pending in it.
-  absl::Status ValidatePlans() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
+  // The operations of KVCacheManager, with the same contracts.
+  absl::StatusOr<int64_t> AddSequence(SequenceId id,
+                                      absl::Span<const TokenId> prompt,
+                                      const ExtraKey& extra)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<PlanState*> FindPlan(uint64_t plan_id)
+  absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
+                                       void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void ReleasePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Runs the copy-on-write copies uploaded into step slot `slot` in every
-  // layer (data and scales) on `stream`, after validating all of them. Called
-  // by Reserve, so that no block table ever names a block before its copy.
-  absl::Status CopyOnWrite(int slot, int64_t num_copies, void* stream)
+  absl::Status CanReserve(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
                       const TensorView& value, void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Commit(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Abort(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Fork(SequenceId parent, SequenceId child)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Free(SequenceId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  BlockManager& blocks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return *blocks_; }
+  const BlockManager& blocks() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return *blocks_;
+  }
+  absl::StatusOr<BlockTableView> BatchBlockTable(
+      absl::Span<const SequenceId> ids, void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Gather(SequenceId id, int layer, int64_t token_begin,
+                      int64_t num_tokens, const TensorView& key_out,
+                      const TensorView& value_out, void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  MetricsSnapshot Metrics() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The allocator's invariants, then the plans' against the step buffers.
+  absl::Status Validate() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  absl::Status CheckLayer(int layer) const;
+
+ private:
+  explicit Impl(const KVCacheConfig& config) : config_(config) {}
+
+  // The one check that `id` is not part of a plan in flight (Reserve, Fork
+  // and Free refuse it): FailedPrecondition naming `what`.
+  absl::Status CheckNotPending(SequenceId id, const char* what) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Batch size and token limits of the step buffers, and no sequence pending.
+  absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const KVCacheConfig config_;
+  std::unique_ptr<internal::CacheBackend> backend_;
+
+  mutable std::mutex mu_;
+  std::unique_ptr<BlockManager> blocks_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<internal::PlanTable> plans_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<internal::LookupBuffers> lookups_ ABSL_GUARDED_BY(mu_);
+  MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace kvcache

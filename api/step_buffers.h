@@ -25,8 +25,8 @@ namespace kvcache::internal {
 class StepBuffers {
  public:
   struct Slot {
-    Buffer staging;     // int64 slots [max_tokens], then int64 pairs [2 *
-                        // max_copies].
+    // int64 slots [max_tokens], then int64 pairs [2 * max_copies].
+    Buffer staging;
     Buffer device;      // The same layout on the device.
     Event uploaded;     // After the last upload from `staging`.
     Event last_use;     // After the last kernel that read `device`.
@@ -52,6 +52,7 @@ class StepBuffers {
     return slots_[index].device.as<int64_t>() + max_tokens_;
   }
   int num_busy() const;
+  int num_slots() const { return static_cast<int>(slots_.size()); }
 
  private:
   StepBuffers(Device* device, int64_t max_tokens, int64_t max_copies)

@@ -21,6 +21,9 @@
 
 namespace kvcache {
 
+// Largest head_size and head_size_v (elements of one (token, head) row).
+inline constexpr int64_t kMaxHeadSize = 1024;
+
 struct CacheLayout {
   int64_t num_blocks = 0;
   int64_t block_size = 0;

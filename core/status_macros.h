@@ -9,7 +9,8 @@
 //                                         (which may be a declaration).
 //
 // Prefixed with KVCACHE_ so that they never clash with an engine's own
-// RETURN_IF_ERROR.
+// RETURN_IF_ERROR. Annotate(status, context) prefixes a failed status's
+// message with where it happened.
 
 #ifndef KVCACHE_CORE_STATUS_MACROS_H_
 #define KVCACHE_CORE_STATUS_MACROS_H_
@@ -18,6 +19,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 #define KVCACHE_RETURN_IF_ERROR(expr)                  \
   do {                                                 \
@@ -36,5 +39,17 @@
   auto statusor = (expr);                                   \
   if (!statusor.ok()) return std::move(statusor).status();  \
   lhs = std::move(statusor).value()
+
+namespace kvcache::internal {
+
+// `status` with its message prefixed by "context: "; OK stays OK.
+inline absl::Status Annotate(const absl::Status& status,
+                             absl::string_view context) {
+  if (status.ok()) return status;
+  return absl::Status(status.code(),
+                      absl::StrCat(context, ": ", status.message()));
+}
+
+}  // namespace kvcache::internal
 
 #endif  // KVCACHE_CORE_STATUS_MACROS_H_

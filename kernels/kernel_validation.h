@@ -12,18 +12,11 @@
 
 #include "absl/status/status.h"
 #include "core/cache_layout.h"
+#include "core/status_macros.h"
 #include "kernels/kernel_params.h"
-
-// Returns the status of `expr` from the enclosing function when it is not OK.
-#define KVCACHE_RETURN_IF_ERROR(expr)                  \
-  do {                                                 \
-    const absl::Status kvcache_status_ = (expr);       \
-    if (!kvcache_status_.ok()) return kvcache_status_; \
-  } while (0)
 
 namespace kvcache::internal {
 
-inline constexpr int64_t kMaxHeadSize = 1024;
 inline constexpr int64_t kHeadSizeMultiple = 8;
 
 absl::Status ValidateLayout(const CacheLayout& layout);

@@ -292,7 +292,7 @@ TEST_F(ManagerTest, PlanLifeCycleErrors) {
               "in flight", before);
   ExpectError(manager_->Reserve({{1, {}, 1}}).status(),
               absl::StatusCode::kFailedPrecondition,
-              "already has a reservation", before);
+              "is in flight", before);
   ASSERT_TRUE(manager_->Append(plan->id, 1, kv.key, kv.value).ok());
   ASSERT_TRUE(manager_->Commit(plan->id).ok());
   before = Snapshot();

@@ -1,0 +1,158 @@
+#include "api/cache_backend.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "kernels/cpu_kernels.h"
+#include "kernels/cuda_kernels.h"
+#include "kernels/kernel_validation.h"
+
+namespace kvcache::internal {
+namespace {
+
+// Per-layer alignment padding CacheStorage may add (four 256-byte carves).
+constexpr int64_t kLayerPadding = 1024;
+
+// The pool size: config.num_blocks, or what the memory budget (or fraction of
+// the device's free memory) holds of blocks of `block_bytes` (all layers).
+absl::StatusOr<int64_t> NumBlocks(const KVCacheConfig& config, Device& device,
+                                  int64_t block_bytes) {
+  if (config.num_blocks != 0) return config.num_blocks;
+  int64_t budget = config.memory_budget_bytes;
+  if (budget == 0) {
+    size_t free_bytes = 0, total_bytes = 0;
+    KVCACHE_RETURN_IF_ERROR(device.MemoryInfo(&free_bytes, &total_bytes));
+    const double bytes =
+        static_cast<double>(free_bytes) * config.memory_fraction;
+    budget = bytes >= static_cast<double>(kMaxCacheBytes)
+                 ? kMaxCacheBytes
+                 : static_cast<int64_t>(bytes);
+  }
+  budget = std::min(budget, kMaxCacheBytes);
+  const int64_t num_blocks =
+      (budget - kLayerPadding * config.num_layers) / block_bytes;
+  if (num_blocks < 1) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a capacity of ", budget, " bytes holds no block: one block of all ",
+        config.num_layers, " layers takes ", block_bytes, " bytes"));
+  }
+  return std::min<int64_t>(num_blocks, INT32_MAX);
+}
+
+}  // namespace
+
+CacheBackend::CacheBackend(std::unique_ptr<Device> device)
+    : device_(std::move(device)),
+      memory_kind_(device_->kind() == DeviceKind::kCuda ? MemoryKind::kCuda
+                                                        : MemoryKind::kHost) {}
+
+absl::StatusOr<std::unique_ptr<CacheBackend>> CacheBackend::Create(
+    const KVCacheConfig& config, std::unique_ptr<Device> device) {
+  std::unique_ptr<CacheBackend> backend(new CacheBackend(std::move(device)));
+  if (backend->memory_kind_ == MemoryKind::kHost) {
+    backend->pool_ = std::make_unique<ThreadPool>(
+        ThreadPool::ResolveThreads(config.cpu_threads));
+  }
+  CacheLayout& layout = backend->layout_;
+  layout.block_size = config.block_size;
+  layout.num_heads = config.num_kv_heads;
+  layout.head_size = config.head_size;
+  layout.head_size_v =
+      config.head_size_v != 0 ? config.head_size_v : config.head_size;
+  layout.cache_dtype = config.cache_dtype;
+  // Capacity, in checked arithmetic (ValidateConfig bounds every factor).
+  KVCACHE_ASSIGN_OR_RETURN(const int64_t block_bytes,
+                           BlockBytesAllLayers(config));
+  KVCACHE_ASSIGN_OR_RETURN(layout.num_blocks,
+                           NumBlocks(config, *backend->device_, block_bytes));
+  KVCACHE_RETURN_IF_ERROR(ValidateLayout(layout));
+  KVCACHE_ASSIGN_OR_RETURN(
+      backend->storage_,
+      CacheStorage::Create(backend->device_.get(), layout, config.num_layers));
+  return backend;
+}
+
+absl::Status CacheBackend::QuantizeWrite(const QuantizeWriteParams& params,
+                                         void* stream) const {
+  return memory_kind_ == MemoryKind::kCuda
+             ? QuantizeWriteCuda(params, stream)
+             : QuantizeWriteCpu(params, pool_.get());
+}
+
+absl::Status CacheBackend::Gather(const GatherParams& params,
+                                  void* stream) const {
+  return memory_kind_ == MemoryKind::kCuda ? GatherCuda(params, stream)
+                                           : GatherCpu(params, pool_.get());
+}
+
+absl::Status CacheBackend::CopyBlocks(const int64_t* pairs, int64_t num_pairs,
+                                      void* stream) const {
+  BlockCopyParams copy;
+  copy.pairs = pairs;
+  copy.num_pairs = num_pairs;
+  for (int layer = 0; layer < num_layers(); ++layer) {
+    copy.cache = storage_->layer(layer);
+    if (absl::Status s = ValidateBlockCopy(copy); !s.ok()) {
+      return Annotate(s, absl::StrCat("block copy in layer ", layer));
+    }
+  }
+  for (int layer = 0; layer < num_layers(); ++layer) {
+    copy.cache = storage_->layer(layer);
+    absl::Status s = memory_kind_ == MemoryKind::kCuda
+                         ? BlockCopyCuda(copy, stream)
+                         : BlockCopyCpu(copy, pool_.get());
+    if (!s.ok())
+      return Annotate(s, absl::StrCat("block copy in layer ", layer));
+  }
+  return absl::OkStatus();
+}
+
+LayerView CacheBackend::View(int layer) const {
+  const LayerCache& cache = storage_->layer(layer);
+  const CacheLayout& l = layout_;
+  LayerView view;
+  view.key_cache = cache.key_cache;
+  view.value_cache = cache.value_cache;
+  view.key_scale = cache.key_scale;
+  view.value_scale = cache.value_scale;
+  view.cache_dtype = l.cache_dtype;
+  view.memory = memory_kind_;
+  view.device = device_->ordinal();
+  view.num_blocks = l.num_blocks;
+  view.block_size = l.block_size;
+  view.num_kv_heads = l.num_heads;
+  view.head_size = l.head_size;
+  view.head_size_v = l.head_size_v;
+  const int64_t k[4] = {l.key_block_elems(), l.key_slot_elems(), l.head_size,
+                        1};
+  const int64_t v[4] = {l.value_block_elems(), l.value_slot_elems(),
+                        l.head_size_v, 1};
+  std::copy_n(k, 4, view.key_strides);
+  std::copy_n(v, 4, view.value_strides);
+  view.scale_strides[0] = l.scale_block_elems();
+  view.scale_strides[1] = l.num_heads;
+  view.scale_strides[2] = 1;
+  return view;
+}
+
+std::string CacheBackend::Describe(const KVCacheConfig& config) const {
+  // absl::StrCat only: Debian's absl::StrFormat cannot pass std::bad_alloc on.
+  const bool cuda = memory_kind_ == MemoryKind::kCuda;
+  const int64_t tenths_of_mib =
+      (storage_->total_bytes() * 10 + (1 << 19)) / (1 << 20);
+  return absl::StrCat(
+      "kvcache: ", cuda ? "CUDA" : "CPU", " backend",
+      cuda ? absl::StrCat(" (device ", device_->ordinal(), ")") : "", ", ",
+      config.num_layers, " layers x [", layout_.num_blocks, " blocks, ",
+      layout_.block_size, " tokens, ", layout_.num_heads, " heads, K ",
+      layout_.head_size, " / V ", layout_.head_size_v, "] ",
+      DTypeName(layout_.cache_dtype), " (input ", DTypeName(config.input_dtype),
+      "), ", tenths_of_mib / 10, ".", tenths_of_mib % 10, " MiB of cache, ",
+      layout_.num_blocks * layout_.block_size,
+      " tokens of capacity, prefix caching ",
+      config.enable_prefix_caching ? "on" : "off");
+}
+
+}  // namespace kvcache::internal

@@ -1,0 +1,85 @@
+// CacheBackend is where a KVCacheManager's K/V lives and how it is touched:
+// the Device (host or one CUDA GPU), every layer's cache and scale storage,
+// the pool size chosen from the config's capacity, and the CPU or CUDA
+// implementation of each kernel (with the CPU backend's thread pool). The
+// manager's other parts (allocator, plans, lookups) see only this class, so
+// a second memory tier can be added beside it.
+//
+// Thread safety: the layout, storage and pointers never change after Create
+// and may be read from any thread; the kernel calls may run concurrently
+// with each other on different streams (the manager serializes them anyway).
+// Ownership: owns the device, the storage and the thread pool. Internal to
+// api/.
+
+#ifndef KVCACHE_API_CACHE_BACKEND_H_
+#define KVCACHE_API_CACHE_BACKEND_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "api/kv_cache_config.h"
+#include "api/layer_view.h"
+#include "api/tensor_view.h"
+#include "core/cache_layout.h"
+#include "kernels/kernel_params.h"
+#include "kernels/thread_pool.h"
+#include "storage/cache_storage.h"
+#include "storage/device.h"
+
+namespace kvcache::internal {
+
+class CacheBackend {
+ public:
+  // Sizes the pool (config.num_blocks, or as many blocks of all layers as the
+  // memory budget or fraction of free memory holds), then allocates and
+  // zeroes every layer. REQUIRES: ValidateConfig(config) is OK.
+  // ResourceExhausted when not even one block fits or the memory cannot be
+  // allocated.
+  static absl::StatusOr<std::unique_ptr<CacheBackend>> Create(
+      const KVCacheConfig& config, std::unique_ptr<Device> device);
+
+  CacheBackend(const CacheBackend&) = delete;
+  CacheBackend& operator=(const CacheBackend&) = delete;
+
+  Device& device() const { return *device_; }
+  const CacheLayout& layout() const { return layout_; }
+  int num_layers() const { return storage_->num_layers(); }
+  // REQUIRES: 0 <= layer < num_layers().
+  const LayerCache& layer(int layer) const { return storage_->layer(layer); }
+  const CacheStorage& storage() const { return *storage_; }
+  MemoryKind memory_kind() const { return memory_kind_; }
+  int32_t ordinal() const { return device_->ordinal(); }
+
+  // The kernels, on this backend's implementation. `stream` is ignored on the
+  // CPU. The callers validate the params first (kernels/kernel_validation.h).
+  absl::Status QuantizeWrite(const QuantizeWriteParams& params,
+                             void* stream) const;
+  absl::Status Gather(const GatherParams& params, void* stream) const;
+  // Copies `num_pairs` (src, dst) block pairs (int64, in this backend's
+  // memory) in every layer, K, V and scales. Every layer's arguments are
+  // checked before any copy runs.
+  absl::Status CopyBlocks(const int64_t* pairs, int64_t num_pairs,
+                          void* stream) const;
+
+  // The pointers, shape and strides an engine's kernel needs for `layer`.
+  // REQUIRES: 0 <= layer < num_layers().
+  LayerView View(int layer) const;
+  // One line for the log: backend, layout, bytes, capacity.
+  std::string Describe(const KVCacheConfig& config) const;
+
+ private:
+  explicit CacheBackend(std::unique_ptr<Device> device);
+
+  std::unique_ptr<Device> device_;
+  MemoryKind memory_kind_;
+  std::unique_ptr<ThreadPool> pool_;  // CPU backend only.
+  CacheLayout layout_;
+  std::unique_ptr<CacheStorage> storage_;
+};
+
+}  // namespace kvcache::internal
+
+#endif  // KVCACHE_API_CACHE_BACKEND_H_

@@ -1,0 +1,64 @@
+#include "api/lookup_buffers.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "core/status_macros.h"
+
+namespace kvcache::internal {
+
+absl::StatusOr<std::unique_ptr<LookupBuffers>> LookupBuffers::Create(
+    Device* device, int64_t max_sequences, int64_t cols) {
+  std::unique_ptr<LookupBuffers> b(
+      new LookupBuffers(device, max_sequences, cols));
+  const size_t table_bytes =
+      static_cast<size_t>(max_sequences) * (cols + 1) * sizeof(int32_t);
+  KVCACHE_ASSIGN_OR_RETURN(b->table_staging_,
+                           device->AllocateStaging(table_bytes));
+  KVCACHE_ASSIGN_OR_RETURN(b->table_device_, device->Allocate(table_bytes));
+  KVCACHE_RETURN_IF_ERROR(device->Zero(b->table_device_.data(), table_bytes));
+  KVCACHE_ASSIGN_OR_RETURN(b->table_uploaded_, device->CreateEvent());
+  const size_t range_bytes = static_cast<size_t>(cols) * sizeof(int32_t);
+  KVCACHE_ASSIGN_OR_RETURN(b->gather_staging_,
+                           device->AllocateStaging(range_bytes));
+  KVCACHE_ASSIGN_OR_RETURN(b->gather_device_, device->Allocate(range_bytes));
+  return b;
+}
+
+absl::StatusOr<BlockTableView> LookupBuffers::UploadBatchTable(
+    const HostBatchTable& batch, void* stream) {
+  KVCACHE_RETURN_IF_ERROR(device_->SynchronizeEvent(table_uploaded_));
+  const int64_t rows = batch.num_sequences;
+  int32_t* staged = table_staging_.as<int32_t>();
+  std::fill(staged, staged + rows * cols_, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy_n(batch.table.data() + r * batch.max_blocks, batch.num_blocks[r],
+                staged + r * cols_);
+  }
+  int32_t* lens = staged + max_sequences_ * cols_;
+  std::copy_n(batch.seq_lens.data(), rows, lens);
+  int32_t* device_table = table_device_.as<int32_t>();
+  int32_t* device_lens = device_table + max_sequences_ * cols_;
+  KVCACHE_RETURN_IF_ERROR(device_->CopyToDeviceAsync(
+      device_table, staged, rows * cols_ * sizeof(int32_t), stream));
+  KVCACHE_RETURN_IF_ERROR(device_->CopyToDeviceAsync(
+      device_lens, lens, rows * sizeof(int32_t), stream));
+  KVCACHE_RETURN_IF_ERROR(device_->RecordEvent(table_uploaded_, stream));
+  BlockTableView view;
+  view.block_table = device_table;
+  view.seq_lens = device_lens;
+  view.num_sequences = static_cast<int32_t>(rows);
+  view.max_blocks = batch.max_blocks;
+  view.row_stride = static_cast<int32_t>(cols_);
+  return view;
+}
+
+absl::Status LookupBuffers::UploadGatherRange(absl::Span<const BlockId> blocks,
+                                              void* stream) {
+  int32_t* staged = gather_staging_.as<int32_t>();
+  std::copy(blocks.begin(), blocks.end(), staged);
+  return device_->CopyToDeviceAsync(gather_device_.data(), staged,
+                                    blocks.size() * sizeof(int32_t), stream);
+}
+
+}  // namespace kvcache::internal

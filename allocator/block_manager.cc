@@ -1,6 +1,7 @@
-// BlockManager: sequences (AddSequence, Free, Fork) and the prefix cache
-// (matching a prompt, registering filled blocks). Reserve, Commit and Abort
-// are in block_manager_step.cc.
+// BlockManager: the coordinator of its parts (see block_manager.h). Sequences
+// come and go (AddSequence, Fork, Free), steps end (Commit, Abort), and the
+// invariants that span several parts are checked here (Validate); Reserve is
+// BatchReserver's.
 
 #include "allocator/block_manager.h"
 
@@ -9,10 +10,10 @@
 
 #include "absl/base/macros.h"
 #include "absl/strings/str_cat.h"
-#include "allocator/block_manager_impl.h"
 
 namespace kvcache {
 
+using internal::PlanRecord;
 using internal::ReserveGeometric;
 using internal::Sequence;
 
@@ -30,21 +31,87 @@ void AppendTokens(std::vector<TokenId>& dst, absl::Span<const TokenId> src) {
   }
 }
 
-}  // namespace
-
-// ---- Blocks ----------------------------------------------------------------
-
-BlockId BlockManager::Impl::AllocateBlock() {
-  if (pool_.num_free() > 0) return pool_.AllocateFree();
-  const BlockId b = pool_.EvictOldest();
-  index_.Erase(b);
-  ++stats_.evictions;
-  return b;
+absl::Status SequenceNotFound(SequenceId id) {
+  return absl::NotFoundError(absl::StrCat("sequence ", id, " not found"));
 }
 
-// Releases the tail first so that, once cached, a chain's last blocks are
-// evicted before its first.
-void BlockManager::Impl::ReleaseAll(Sequence& s) {
+absl::Status PlanNotFound(uint64_t plan_id) {
+  return absl::NotFoundError(
+      absl::StrCat("plan ", plan_id,
+                   " not found (unknown, or already committed or aborted)"));
+}
+
+internal::PrefixCache::Options PrefixOptions(const BlockManagerOptions& o) {
+  internal::PrefixCache::Options p;
+  p.num_blocks = o.num_blocks;
+  p.block_size = o.block_size;
+  p.enabled = o.enable_prefix_caching;
+  p.hash_function = o.hash_function_for_testing;
+  p.observer = o.observer;
+  return p;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<BlockManager>> BlockManager::Create(
+    const BlockManagerOptions& options) {
+  if (options.num_blocks < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_blocks ", options.num_blocks, " must be >= 1"));
+  }
+  if (options.block_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block_size ", options.block_size, " must be >= 1"));
+  }
+  return std::unique_ptr<BlockManager>(new BlockManager(options));
+}
+
+BlockManager::BlockManager(const BlockManagerOptions& options)
+    : options_(options),
+      math_(options.block_size),
+      pool_(options.num_blocks),
+      prefix_(PrefixOptions(options)),
+      reserver_(options.block_size, sequences_, pool_, prefix_, plans_) {}
+
+BlockManager::~BlockManager() = default;
+
+// ---- Sequences -------------------------------------------------------------
+
+absl::StatusOr<int64_t> BlockManager::AddSequence(
+    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
+  if (prompt.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence ", id, ": prompt is empty, expected at least 1 token"));
+  }
+  if (sequences_.Find(id) != nullptr) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("sequence ", id, " already exists"));
+  }
+  // Everything that allocates (and so may throw std::bad_alloc) happens first,
+  // on a sequence of our own, up to its registration; the pool changes only
+  // after.
+  auto seq = std::make_unique<Sequence>();
+  Sequence* s = seq.get();
+  s->id = id;
+  const bool caching = prefix_.enabled();
+  if (caching) prefix_.AcquireRoot(extra, *s);
+  const uint64_t root_id = s->root_id;  // `s` is gone if Insert throws.
+  try {
+    if (caching) prefix_.Match(*s, prompt);
+    AppendTokens(s->tokens, prompt.subspan(s->computed));
+    sequences_.Insert(std::move(seq));
+  } catch (...) {  // std::bad_alloc: give the root reference back.
+    if (caching) prefix_.ReleaseRoot(root_id);
+    throw;
+  }
+  // From here on nothing allocates.
+  if (!caching) return 0;
+  pool_.AcquireAll(s->blocks.data(), s->blocks.size());
+  prefix_.CountQuery(static_cast<int64_t>(prompt.size()), s->computed);
+  return s->computed;
+}
+
+void BlockManager::ReleaseAll(Sequence& s) {
   if (s.cow_src >= 0) pool_.Release(s.cow_src);
   s.cow_src = -1;
   for (auto it = s.blocks.rbegin(); it != s.blocks.rend(); ++it)
@@ -53,156 +120,25 @@ void BlockManager::Impl::ReleaseAll(Sequence& s) {
   s.tail_block = -1;
 }
 
-// ---- Prefix cache ----------------------------------------------------------
-
-// Hashes every full block of the prompt (Commit reuses them) and finds the
-// longest run of cached ones, leaving at least one token to compute: puts
-// them in `s` (their token ids stay out of s.tokens) and returns how many.
-// Changes nothing but `s`. May throw std::bad_alloc.
-int64_t BlockManager::Impl::MatchPrefix(
-    Sequence& s, absl::Span<const TokenId> prompt) const {
-  const int64_t bs = options_.block_size;
-  const size_t max_blocks = (prompt.size() - 1) / bs;
-  s.hashes.reserve(prompt.size() / bs);
-  s.blocks.resize(max_blocks);  // Shrunk to the match below.
-  const int64_t full = static_cast<int64_t>(prompt.size()) / bs;
-  int64_t matched;
-  if (bs == 16 && options_.hash_function_for_testing == nullptr) {
-    matched = index_.HashAndMatch16(s.root_hash, prompt.data(), full,
-                                    max_blocks, s.root_id, s.hashes,
-                                    s.blocks.data(), s.last_chain_id);
-  } else {
-    HashChain(s.root_hash, prompt.data(), full, s.hashes);
-    matched = index_.LongestMatch(s.hashes.data(), prompt.data(), max_blocks,
-                                  s.root_id, s.blocks.data(), s.last_chain_id);
-  }
-  s.blocks.resize(matched);
-  s.chained_blocks = matched;
-  s.prefix_blocks = static_cast<int32_t>(matched);
-  s.tail_block = matched == 0 ? -1 : s.blocks.back();
-  s.computed = matched * bs;
-  return matched;
-}
-
-// Hashes the blocks that the commit of `s`'s reservation fills and prefetches
-// the index and pool entries that HashNewFullBlocks then reads and writes.
-// REQUIRES: s.hashes has the capacity for them.
-void BlockManager::Impl::PrepareRegistration(Sequence& s) const {
-  const int64_t bs = options_.block_size;
-  const size_t full = static_cast<size_t>(math_.Div(s.computed + s.reserved));
-  for (size_t i = s.hashes.size(); i < full; ++i) {
-    s.hashes.push_back(
-        Hash(i == 0 ? s.root_hash : s.hashes[i - 1],
-             absl::Span<const TokenId>(s.token(i * bs, bs), bs)));
-  }
-  for (size_t i = s.chained_blocks; i < full; ++i) {
-    index_.Prefetch(s.hashes[i]);
-    index_.PrefetchBlock(s.blocks[i]);
-    pool_.Prefetch(s.blocks[i]);
-  }
-}
-
-// Registers the blocks that the last commit filled. A block whose content is
-// already registered under another block (or whose hash collides with different
-// content) stays unhashed.
-// REQUIRES: s.hashes has the capacity for every full block.
-void BlockManager::Impl::HashNewFullBlocks(Sequence& s) {
-  const int64_t bs = options_.block_size;
-  const size_t full = static_cast<size_t>(math_.Div(s.computed));
-  for (size_t i = s.chained_blocks; i < full; ++i) {
-    const uint64_t parent_id = s.last_chain_id;
-    const TokenId* tokens = s.token(i * bs, bs);
-    if (s.hashes.size() == i) {
-      s.hashes.push_back(Hash(i == 0 ? s.root_hash : s.hashes[i - 1],
-                              absl::Span<const TokenId>(tokens, bs)));
-    }
-    const BlockHash& h = s.hashes[i];
-    const BlockId b = s.blocks[i];
-    ABSL_ASSERT(!pool_.hashed(b) && pool_.ref_count(b) == 1);
-    uint64_t chain_id;
-    const BlockId existing =
-        index_.FindOrInsert(h, b, parent_id, tokens, chain_id);
-    if (existing < 0) {
-      pool_.MarkHashed(b);  // Registered: chain_id is its content id.
-    } else if (index_.Matches(existing, parent_id, tokens)) {
-      // Same content: children may chain to it.
-      chain_id = index_.content_id(existing);
-    } else {
-      // A collision: this chain can never be matched.
-      chain_id = index_.NewId();
-    }
-    s.last_chain_id = chain_id;
-    s.chained_blocks = i + 1;
-  }
-}
-
-// ---- Sequences -------------------------------------------------------------
-
-absl::StatusOr<int64_t> BlockManager::Impl::AddSequence(
-    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
-  if (prompt.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "sequence ", id, ": prompt is empty, expected at least 1 token"));
-  }
-  if (by_id_.Find(id) != nullptr) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("sequence ", id, " already exists"));
-  }
-  // Everything that allocates (and so may throw std::bad_alloc) happens first,
-  // on a sequence of our own, up to its registration; the pool changes only
-  // after.
-  auto seq = std::make_unique<Sequence>();
-  Sequence& s = *seq;
-  s.id = id;
-  const bool caching = options_.enable_prefix_caching;
-  if (caching) {
-    s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
-    s.root_id = index_.AcquireRoot(extra.adapter_id, extra.salt);
-  }
-  const uint64_t root_id = s.root_id;  // `s` may be gone if emplace throws.
-  try {
-    if (caching) MatchPrefix(s, prompt);
-    AppendTokens(s.tokens, prompt.subspan(s.computed));
-    by_id_.Reserve(sequences_.size() + 1);
-    sequences_.emplace(id, std::move(seq));
-  } catch (...) {  // std::bad_alloc: give the root reference back.
-    if (caching) index_.ReleaseRoot(root_id);
-    throw;
-  }
-  by_id_.Insert(id, &s);
-  ++generation_;
-  // From here on nothing allocates.
-  if (!caching) return 0;
-  pool_.AcquireAll(s.blocks.data(), s.blocks.size());
-  ++stats_.queries;
-  stats_.query_tokens += static_cast<int64_t>(prompt.size());
-  stats_.hit_tokens += s.computed;
-  return s.computed;
-}
-
-absl::Status BlockManager::Impl::Free(SequenceId id) {
-  auto it = sequences_.find(id);
-  if (it == sequences_.end())
-    return absl::NotFoundError(absl::StrCat("sequence ", id, " not found"));
-  Sequence& s = *it->second;
-  if (s.plan_id != 0) {  // Cancel its part of the plan.
-    auto plan = plans_.find(s.plan_id);
-    ABSL_ASSERT(plan != plans_.end());
-    std::vector<Sequence*>& listed = plan->second->sequences;
-    auto pos = std::find(listed.begin(), listed.end(), &s);
+absl::Status BlockManager::Free(SequenceId id) {
+  Sequence* s = sequences_.Find(id);
+  if (s == nullptr) return SequenceNotFound(id);
+  if (s->plan_id != 0) {  // Cancel its part of the plan.
+    PlanRecord* plan = plans_.FindRecord(s->plan_id);
+    ABSL_ASSERT(plan != nullptr);
+    std::vector<Sequence*>& listed = plan->sequences;
+    auto pos = std::find(listed.begin(), listed.end(), s);
     ABSL_ASSERT(pos != listed.end());
     *pos = nullptr;
   }
-  ReleaseAll(s);
-  if (s.root_id != 0) index_.ReleaseRoot(s.root_id);
-  by_id_.Erase(id);
-  sequences_.erase(it);
-  ++generation_;
+  ReleaseAll(*s);
+  if (s->root_id != 0) prefix_.ReleaseRoot(s->root_id);
+  sequences_.Erase(id);
   return absl::OkStatus();
 }
 
-absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
-  Sequence* p = by_id_.Find(parent);
+absl::Status BlockManager::Fork(SequenceId parent, SequenceId child) {
+  Sequence* p = sequences_.Find(parent);
   if (p == nullptr) {
     return absl::NotFoundError(
         absl::StrCat("fork: parent sequence ", parent, " not found"));
@@ -212,7 +148,7 @@ absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
         "fork: parent sequence ", parent,
         " has an uncommitted reservation (plan ", p->plan_id, ")"));
   }
-  if (by_id_.Find(child) != nullptr) {
+  if (sequences_.Find(child) != nullptr) {
     return absl::AlreadyExistsError(
         absl::StrCat("fork: child sequence ", child, " already exists"));
   }
@@ -221,15 +157,276 @@ absl::Status BlockManager::Impl::Fork(SequenceId parent, SequenceId child) {
   auto c = std::make_unique<Sequence>(*p);
   c->id = child;
   c->tail_maybe_shared = true;  // Both now hold the partial last block.
-  Sequence& registered = *c;
-  by_id_.Reserve(sequences_.size() + 1);
-  sequences_.emplace(child, std::move(c));
-  by_id_.Insert(child, &registered);
-  ++generation_;
+  Sequence& registered = sequences_.Insert(std::move(c));
   p->tail_maybe_shared = true;
   for (BlockId b : registered.blocks) pool_.Acquire(b);
-  if (registered.root_id != 0) index_.AcquireRoot(registered.root_id);
+  if (registered.root_id != 0) prefix_.AcquireRoot(registered.root_id);
   return absl::OkStatus();
+}
+
+// ---- The end of a step -----------------------------------------------------
+
+absl::StatusOr<StepPlan> BlockManager::Reserve(
+    absl::Span<const ReserveRequest> batch) {
+  absl::StatusOr<StepPlan> plan = reserver_.Reserve(batch);
+  prefix_.Flush();  // The blocks it evicted.
+  return plan;
+}
+
+absl::Status BlockManager::CanReserve(
+    absl::Span<const ReserveRequest> batch) const {
+  return reserver_.CanReserve(batch);
+}
+
+absl::Status BlockManager::Commit(uint64_t plan_id) {
+  const internal::PlanRecords::InFlight plan = plans_.Find(plan_id);
+  if (plan.record == nullptr) return PlanNotFound(plan_id);
+  const PlanRecord* record = plan.record;
+  const std::vector<Sequence*>& seqs = record->sequences;
+  // Allocate first (may throw std::bad_alloc with nothing changed): room for
+  // the hashes of every block this commit fills. (The prefix-cache index has a
+  // fixed capacity and never allocates.)
+  for (int32_t k : record->fillers) {
+    Sequence* s = seqs[k];
+    if (s == nullptr) continue;  // Freed since Reserve.
+    const size_t full =
+        static_cast<size_t>(math_.Div(s->computed + s->reserved));
+    ReserveGeometric(s->hashes, full);
+  }
+  // From here on nothing allocates. Hash the filled blocks first and prefetch
+  // what registering them touches, so that those misses overlap.
+  for (int32_t k : record->fillers) {
+    if (seqs[k] != nullptr) prefix_.PrepareRegistration(*seqs[k], pool_);
+  }
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (i + 16 < seqs.size()) __builtin_prefetch(seqs[i + 16], /*rw=*/1);
+    Sequence* s = seqs[i];
+    if (s == nullptr) continue;
+    if (s->cow_src >= 0) {
+      pool_.Release(s->cow_src);
+      s->cow_src = -1;
+    }
+    s->computed += s->reserved;
+    s->reserved = 0;
+    s->plan_id = 0;
+  }
+  // The blocks that became full get their chained hash, in batch order.
+  for (int32_t k : record->fillers) {
+    if (seqs[k] != nullptr) prefix_.RegisterFilled(*seqs[k], pool_);
+  }
+  plans_.Retire(plan);
+  prefix_.Flush();  // The blocks it registered.
+  return absl::OkStatus();
+}
+
+absl::Status BlockManager::Abort(uint64_t plan_id) {
+  const internal::PlanRecords::InFlight plan = plans_.Find(plan_id);
+  if (plan.record == nullptr) return PlanNotFound(plan_id);
+  const PlanRecord* record = plan.record;
+  for (size_t i = record->sequences.size(); i-- > 0;) {
+    Sequence* s = record->sequences[i];
+    if (s == nullptr) continue;
+    const size_t blocks_before =
+        static_cast<size_t>(math_.CeilDiv(s->computed));
+    for (size_t j = s->blocks.size(); j > blocks_before; --j)
+      pool_.Release(s->blocks[j - 1]);
+    s->blocks.resize(blocks_before);
+    if (s->cow_src >= 0) {
+      pool_.Release(s->blocks.back());
+      s->blocks.back() = s->cow_src;
+      s->cow_src = -1;
+      s->tail_maybe_shared = true;
+    }
+    s->tail_block = s->blocks.empty() ? -1 : s->blocks.back();
+    s->tokens.resize(record->tokens_before[i]);
+    s->reserved = 0;
+    s->plan_id = 0;
+  }
+  plans_.Retire(plan);
+  return absl::OkStatus();
+}
+
+absl::Status BlockManager::ResetPrefixCache() {
+  if (plans_.num_in_flight() != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("reset of the prefix cache while ", plans_.num_in_flight(),
+                     " plans are in flight: commit or abort them first"));
+  }
+  if (prefix_.enabled()) prefix_.Clear(pool_, sequences_);
+  return absl::OkStatus();
+}
+
+// ---- Lookups ---------------------------------------------------------------
+
+absl::StatusOr<absl::Span<const BlockId>> BlockManager::BlockTable(
+    SequenceId id) const {
+  const Sequence* s = Find(id);
+  if (s == nullptr) return SequenceNotFound(id);
+  return absl::Span<const BlockId>(s->blocks);
+}
+
+absl::StatusOr<int64_t> BlockManager::ComputedLength(SequenceId id) const {
+  const Sequence* s = Find(id);
+  if (s == nullptr) return SequenceNotFound(id);
+  return s->computed;
+}
+
+absl::StatusOr<int64_t> BlockManager::KnownLength(SequenceId id) const {
+  const Sequence* s = Find(id);
+  if (s == nullptr) return SequenceNotFound(id);
+  return s->known(options_.block_size);
+}
+
+absl::StatusOr<HostBatchTable> BlockManager::BatchTable(
+    absl::Span<const SequenceId> ids) const {
+  HostBatchTable out;
+  std::vector<const Sequence*> seqs;
+  seqs.reserve(ids.size());
+  for (SequenceId id : ids) {
+    const Sequence* s = Find(id);
+    if (s == nullptr) return SequenceNotFound(id);
+    seqs.push_back(s);
+    out.max_blocks =
+        std::max(out.max_blocks, static_cast<int32_t>(s->blocks.size()));
+  }
+  out.num_sequences = static_cast<int32_t>(ids.size());
+  out.table.assign(static_cast<size_t>(out.num_sequences) * out.max_blocks, 0);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    std::copy(seqs[i]->blocks.begin(), seqs[i]->blocks.end(),
+              out.table.data() + i * out.max_blocks);
+    out.num_blocks.push_back(static_cast<int32_t>(seqs[i]->blocks.size()));
+    out.seq_lens.push_back(static_cast<int32_t>(seqs[i]->computed));
+  }
+  return out;
+}
+
+absl::StatusOr<int64_t> BlockManager::TokensThatFit(SequenceId id) const {
+  const Sequence* s = Find(id);
+  if (s == nullptr) return SequenceNotFound(id);
+  if (s->plan_id != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence ", id, " already has an uncommitted reservation (plan ",
+        s->plan_id, ")"));
+  }
+  const int64_t bs = options_.block_size;
+  int64_t available = pool_.num_free() + pool_.num_cached();
+  if (reserver_.NeedsCopy(*s) && --available < 0) return 0;
+  const int64_t room_in_last =
+      static_cast<int64_t>(s->blocks.size()) * bs - s->computed;
+  return room_in_last + available * bs;
+}
+
+bool BlockManager::Contains(SequenceId id) const { return Find(id) != nullptr; }
+
+uint64_t BlockManager::PendingPlan(SequenceId id) const {
+  const Sequence* s = Find(id);
+  return s != nullptr ? s->plan_id : 0;
+}
+
+int64_t BlockManager::num_sequences() const {
+  return static_cast<int64_t>(sequences_.size());
+}
+
+size_t BlockManager::num_prefix_roots() const { return prefix_.num_roots(); }
+
+PoolUsage BlockManager::Usage() const {
+  return PoolUsage{pool_.num_blocks(), pool_.num_free(), pool_.num_cached(),
+                   pool_.num_used()};
+}
+
+PrefixCacheStats BlockManager::PrefixStats() const { return prefix_.stats(); }
+
+const BlockManagerOptions& BlockManager::options() const { return options_; }
+
+std::vector<BlockHash> BlockManager::RegisteredHashesForTesting() const {
+  return prefix_.RegisteredHashes();
+}
+
+// ---- Validate: what spans several parts ------------------------------------
+
+// The blocks a sequence holds (counted in `refs`), its plan, its tail's
+// sharing and its prefix-cache chain.
+absl::Status BlockManager::ValidateSequence(const Sequence& s,
+                                            std::vector<int32_t>& refs) const {
+  const std::string name = absl::StrCat("sequence ", s.id, ": ");
+  if (s.plan_id != 0 && plans_.FindRecord(s.plan_id) == nullptr) {
+    return absl::InternalError(
+        absl::StrCat(name, "plan ", s.plan_id, " does not exist"));
+  }
+  for (BlockId b : s.blocks) {
+    if (b < 0 || b >= pool_.num_blocks())
+      return absl::InternalError(absl::StrCat(name, "block ", b));
+    ++refs[b];
+  }
+  if (s.cow_src >= 0) ++refs[s.cow_src];
+  // A partial last block that says it is this sequence's alone
+  // (tail_maybe_shared false) has no other holder.
+  if (!s.tail_maybe_shared && s.tail_block >= 0 &&
+      math_.Mod(s.computed + s.reserved) != 0 &&
+      pool_.ref_count(s.tail_block) != 1) {
+    return absl::InternalError(absl::StrCat(
+        name, "partial tail block ", s.tail_block, " has ",
+        pool_.ref_count(s.tail_block),
+        " holders but is marked as not shared: a write would reach them"));
+  }
+  if (prefix_.enabled()) return prefix_.ValidateChain(s, name);
+  return absl::OkStatus();
+}
+
+// Every plan lists each of its sequences exactly once (and every sequence with
+// a plan is listed by it, given ValidateSequence's check that its plan exists).
+absl::Status BlockManager::ValidatePlans() const {
+  if (absl::Status status = plans_.Validate(); !status.ok()) return status;
+  std::vector<const Sequence*> all;
+  absl::Status status;
+  plans_.ForEach([&](uint64_t plan_id, const PlanRecord& record) {
+    for (const Sequence* s : record.sequences) {
+      if (s == nullptr) continue;
+      if (s->plan_id != plan_id && status.ok()) {
+        status = absl::InternalError(
+            absl::StrCat("plan ", plan_id, " lists sequence ", s->id,
+                         " whose plan is ", s->plan_id));
+      }
+      all.push_back(s);
+    }
+  });
+  if (!status.ok()) return status;
+  std::sort(all.begin(), all.end());
+  if (auto twice = std::adjacent_find(all.begin(), all.end());
+      twice != all.end()) {
+    return absl::InternalError(
+        absl::StrCat("sequence ", (*twice)->id, " is listed twice by plans"));
+  }
+  size_t pending = 0;
+  sequences_.ForEach([&](const Sequence& s) { pending += s.plan_id != 0; });
+  if (pending != all.size()) {
+    return absl::InternalError(absl::StrCat(
+        pending, " sequences have a plan but plans list ", all.size()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BlockManager::Validate() const {
+  if (absl::Status s = pool_.Validate(); !s.ok()) return s;
+  if (absl::Status s = sequences_.Validate(options_.block_size); !s.ok())
+    return s;
+  std::vector<int32_t> refs(pool_.num_blocks(), 0);
+  absl::Status status;
+  sequences_.ForEach([&](const Sequence& s) {
+    if (status.ok()) status = ValidateSequence(s, refs);
+  });
+  if (!status.ok()) return status;
+  for (BlockId b = 0; b < pool_.num_blocks(); ++b) {
+    if (refs[b] != pool_.ref_count(b)) {
+      return absl::InternalError(absl::StrCat("block ", b, " has ref count ",
+                                              pool_.ref_count(b), " but ",
+                                              refs[b], " holders"));
+    }
+  }
+  if (absl::Status s = ValidatePlans(); !s.ok()) return s;
+  if (absl::Status s = prefix_.ValidateIndex(pool_); !s.ok()) return s;
+  return prefix_.enabled() ? prefix_.ValidateRoots(sequences_)
+                           : absl::OkStatus();
 }
 
 }  // namespace kvcache

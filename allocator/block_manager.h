@@ -1,12 +1,25 @@
-// BlockManager owns the block pool, the sequences and the prefix-cache index of
-// one KV cache (DESIGN.md section 4). It is pure host bookkeeping: it hands out
+// BlockManager owns the block pool, the sequences and the prefix cache of one
+// KV cache (DESIGN.md section 4). It is pure host bookkeeping: it hands out
 // block ids and slots and reports which blocks must be copied, but never
 // touches K/V memory.
 //
-// Life of a step:  AddSequence -> Reserve (a StepPlan: slots + copy-on-write
-// pairs)
-//                  -> the caller writes every layer -> Commit(plan)   (or
-//                  Abort(plan))
+// Life of a step:
+//
+//   AddSequence -> Reserve (a StepPlan: slots + copy-on-write pairs)
+//               -> the caller writes every layer
+//               -> Commit(plan)   (or Abort(plan))
+//
+// It coordinates its parts, each a concept of its own:
+//
+//   BlockPool       block_pool.h       block states, free and LRU lists
+//   SequenceTable   sequence_table.h   sequences by id, the batch lookups
+//   PlanRecords     plan_records.h     uncommitted plans, plan ids
+//   PrefixCache     prefix_cache.h     hashing, matching, registration,
+//                                      eviction, roots of extra keys
+//   BatchReserver   batch_reserver.h   Reserve's all-or-nothing pass
+//
+// Every change of a block's registration in the prefix cache is published to
+// the optional BlockObserver (block_observer.h).
 //
 // Not thread-safe: the caller (KVCacheManager) serializes calls. Every call
 // that returns a non-OK status leaves the manager exactly as it was.
@@ -22,7 +35,15 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "allocator/batch_reserver.h"
 #include "allocator/block_hash.h"
+#include "allocator/block_math.h"
+#include "allocator/block_observer.h"
+#include "allocator/block_pool.h"
+#include "allocator/plan_records.h"
+#include "allocator/prefix_cache.h"
+#include "allocator/sequence_table.h"
+#include "allocator/step_plan.h"
 #include "core/extra_key.h"
 #include "core/ids.h"
 #include "core/reserve_request.h"
@@ -36,23 +57,10 @@ struct BlockManagerOptions {
   // Test seam: replaces the block hash (e.g. to force collisions). nullptr =
   // XXH3-128 (HashBlock).
   BlockHashFunction hash_function_for_testing = nullptr;
-};
-
-struct BlockCopy {
-  BlockId src = 0;
-  BlockId dst = 0;
-};
-
-// The result of Reserve: where each reserved token goes. Valid until Commit or
-// Abort.
-struct StepPlan {
-  uint64_t id = 0;                    // Unique per BlockManager; never reused.
-  std::vector<SequenceId> sequences;  // In request order.
-  std::vector<int64_t> num_tokens;    // Per sequence, in request order.
-  std::vector<int64_t>
-      slot_mapping;  // One slot per reserved token, in request order.
-  std::vector<BlockCopy>
-      copies;  // Copy-on-write: run before any write of the step.
+  // Told of every block stored in, removed from or cleared from the prefix
+  // cache (block_observer.h). Not owned; must outlive the manager. nullptr =
+  // none.
+  BlockObserver* observer = nullptr;
 };
 
 struct PoolUsage {
@@ -62,23 +70,16 @@ struct PoolUsage {
   int32_t used_blocks = 0;    // Referenced by at least one sequence.
 };
 
-struct PrefixCacheStats {
-  int64_t queries = 0;       // AddSequence calls with prefix caching on.
-  int64_t query_tokens = 0;  // Prompt tokens looked up.
-  int64_t hit_tokens = 0;    // Prompt tokens found computed.
-  int64_t evictions = 0;     // Cached blocks evicted for reuse.
-};
-
 // A batch's block tables as a padded row-major int32 [num_sequences,
 // max_blocks] array (unused entries 0) plus each sequence's length in tokens.
 struct HostBatchTable {
   int32_t num_sequences = 0;
   int32_t max_blocks = 0;
-  std::vector<int32_t>
-      table;  // num_sequences * max_blocks entries; unused entries are 0.
+  // num_sequences * max_blocks entries; unused entries are 0.
+  std::vector<int32_t> table;
   std::vector<int32_t> num_blocks;  // Per sequence.
-  std::vector<int32_t>
-      seq_lens;  // Per sequence: tokens written so far (computed length).
+  // Per sequence: tokens written so far (computed length).
+  std::vector<int32_t> seq_lens;
 };
 
 class BlockManager {
@@ -126,6 +127,15 @@ class BlockManager {
   // NotFound if unknown.
   absl::Status Free(SequenceId id);
 
+  // Drops every registration of the prefix cache: cached blocks return to the
+  // free list, and no later AddSequence hits a block committed before. Hashed
+  // blocks in use by live sequences stay theirs but are unregistered too, and
+  // a sequence alive now registers none of its later blocks (their chain's
+  // parents are gone, so no query could reach them). The observer gets one
+  // OnAllBlocksCleared, which subsumes the removals. FailedPrecondition while
+  // any plan is in flight (commit or abort it first).
+  absl::Status ResetPrefixCache();
+
   // Creates `child` sharing all of `parent`'s blocks and tokens (a shared
   // partial last block is copied on the first write of either). NotFound /
   // AlreadyExists; FailedPrecondition while the parent has an uncommitted
@@ -134,10 +144,10 @@ class BlockManager {
 
   // Lookups. NotFound for an unknown sequence.
   absl::StatusOr<absl::Span<const BlockId>> BlockTable(SequenceId id) const;
-  absl::StatusOr<int64_t> ComputedLength(
-      SequenceId id) const;  // Tokens written and committed.
-  absl::StatusOr<int64_t> KnownLength(
-      SequenceId id) const;  // Token ids known (prompt + new).
+  // Tokens written and committed.
+  absl::StatusOr<int64_t> ComputedLength(SequenceId id) const;
+  // Token ids known (prompt + new).
+  absl::StatusOr<int64_t> KnownLength(SequenceId id) const;
   absl::StatusOr<HostBatchTable> BatchTable(
       absl::Span<const SequenceId> ids) const;
   // Largest n such that Reserve({id, n}) would fit now (ignoring known-token
@@ -164,10 +174,30 @@ class BlockManager {
   // description of the first violation.
   absl::Status Validate() const;
 
+  // Every hash registered in the prefix cache, in no particular order (tests
+  // compare it with what a BlockObserver was told).
+  std::vector<BlockHash> RegisteredHashesForTesting() const;
+
  private:
-  class Impl;
-  explicit BlockManager(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
+  explicit BlockManager(const BlockManagerOptions& options);
+
+  const internal::Sequence* Find(SequenceId id) const {
+    return sequences_.Find(id);
+  }
+  // Releases the sequence's blocks, the tail first so that, once cached, a
+  // chain's last blocks are evicted before its first.
+  void ReleaseAll(internal::Sequence& s);
+  absl::Status ValidateSequence(const internal::Sequence& s,
+                                std::vector<int32_t>& refs) const;
+  absl::Status ValidatePlans() const;
+
+  BlockManagerOptions options_;
+  internal::BlockMath math_;
+  internal::BlockPool pool_;
+  internal::PrefixCache prefix_;
+  internal::SequenceTable sequences_;
+  internal::PlanRecords plans_;
+  internal::BatchReserver reserver_;
 };
 
 }  // namespace kvcache

@@ -4,7 +4,7 @@
 //   cached  on the LRU list (oldest first), ref 0, hashed: holds a committed
 //           full block that a later sequence may share through the prefix cache.
 //   in use  on no list, ref >= 1: held by that many sequences (and pending
-//           copy-on-write sources).
+//           copy-on-write sources); hashed or not.
 //
 // Transitions, each in exactly one function:
 //
@@ -18,9 +18,17 @@
 //   in use -> free      Release        ref reaches 0, unhashed
 //   in use: unhashed -> hashed
 //                       MarkHashed     its step was committed and it is full
+//   cached -> free      ClearHashes    the prefix cache is reset; at the same
+//   in use: hashed -> unhashed         time every hashed block in use loses
+//                                      its hash
+//
+// A hash is gained or lost only through the prefix cache (prefix_cache.h),
+// whose functions for it (RegisterFilled -> MarkHashed, Evict -> EvictOldest,
+// Clear -> ClearHashes) also update its index and tell the BlockObserver
+// (block_observer.h): "stored", "removed", "all cleared".
 
 // The transitions are inline in block_pool.h: they run once per block of every
-// prefix hit, allocation and release.
+// prefix hit, allocation and release. ClearHashes, which is rare, is here.
 
 #include "allocator/block_pool.h"
 
@@ -38,6 +46,20 @@ BlockPool::BlockPool(int32_t num_blocks)
   }
   for (BlockId b = 0; b < num_blocks_; ++b) PushBack(FreeHead(), b);
   num_free_ = num_blocks_;
+}
+
+void BlockPool::ClearHashes() {
+  while (num_cached_ > 0) {
+    const BlockId b = PopFront(LruHead());
+    Meta& m = meta_[b];
+    ABSL_ASSERT(m.state == BlockState::kCached && m.ref_count == 0 && m.hashed);
+    m.state = BlockState::kFree;
+    m.hashed = false;
+    PushBack(FreeHead(), b);
+    --num_cached_;
+    ++num_free_;
+  }
+  for (BlockId b = 0; b < num_blocks_; ++b) meta_[b].hashed = false;
 }
 
 absl::Status BlockPool::ValidateList(int32_t head, BlockState state,

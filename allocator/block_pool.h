@@ -43,6 +43,9 @@ class BlockPool {
   // Marks an in-use block as carrying a hash (it will be cached, not freed, at
   // ref 0).
   void MarkHashed(BlockId block);
+  // Drops every hash: cached blocks become free (oldest first, at the back of
+  // the free list), hashed blocks in use stay in use, unhashed. O(blocks).
+  void ClearHashes();
 
   // Prefetches a block's entry (for a transition soon).
   void Prefetch(BlockId block) const {

@@ -89,6 +89,7 @@ class PrefixCacheIndex {
   uint64_t content_id(BlockId block) const { return ids_[block].content; }
   const BlockHash& hash(BlockId block) const { return ids_[block].hash; }
   size_t size() const { return table_.size(); }
+  int32_t num_blocks() const { return static_cast<int32_t>(ids_.size()); }
   const BlockHashTable& table() const { return table_; }
 
   // A content id no block holds yet (for chains that must never match

@@ -1,5 +1,6 @@
-// Sequence: one sequence's bookkeeping inside BlockManager (a plain struct; the
-// manager keeps its invariants, which BlockManager::Validate checks).
+// Sequence: one sequence's bookkeeping inside BlockManager (a plain struct;
+// SequenceTable owns them, the manager keeps their invariants, which
+// BlockManager::Validate checks).
 
 #ifndef KVCACHE_ALLOCATOR_SEQUENCE_H_
 #define KVCACHE_ALLOCATOR_SEQUENCE_H_
@@ -27,8 +28,8 @@ struct alignas(64) Sequence {
   int64_t reserved = 0;
   uint64_t plan_id = 0;     // The pending reservation, if not 0.
   int32_t tail_block = -1;  // blocks.back(), or -1 without blocks.
-  int32_t cow_src = -1;  // Shared partial block replaced by a copy; held until
-                         // Commit/Abort.
+  // Shared partial block replaced by a copy; held until Commit/Abort.
+  int32_t cow_src = -1;
   // Leading blocks found in the prefix cache by AddSequence, whose token ids
   // `tokens` does not hold (nothing reads them again: they are hashed and
   // registered, and the index holds them).
@@ -60,9 +61,10 @@ struct alignas(64) Sequence {
 
   int64_t id = 0;
   // Prefix-cache chain (kept only with prefix caching on).
-  BlockHash root_hash;   // Hash of the extra key: the first block's parent.
-  uint64_t root_id = 0;  // Content id of the extra key: the first block's
-                         // parent.
+  BlockHash root_hash;  // Hash of the extra key: the first block's parent.
+  // Content id of the extra key: the first block's parent.
+  uint64_t root_id = 0;
+  int64_t adapter_id = 0;  // The extra key's adapter (for BlockObserver).
 };
 
 }  // namespace internal

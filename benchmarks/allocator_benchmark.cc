@@ -1,18 +1,19 @@
 // CPU benchmarks of the allocator (bazel run -c opt
 // //benchmarks:allocator_benchmark).
 //
-//   BM_DecodeStep/256          one decode step of 256 running sequences:
-//   Reserve 1 token each
-//                              (1 in 16 needing a new block) + Commit (hashing
-//                              filled blocks).
-//   BM_CreateFullHit32k        AddSequence of a 32k-token prompt whose 2048
-//   full blocks are all
-//                              cached (hash chain, lookups, exact compares,
-//                              taking them off LRU).
-//   BM_CreateFullHit32kAndFree the same plus Free (the blocks go back to the
-//   LRU list). BM_AllocateFree            BlockPool: allocate one block and
-//   free it. BM_HashBlock               XXH3-128 of one 16-token block with its
-//   parent hash.
+//   BM_DecodeStep/256           one decode step of 256 running sequences:
+//                               Reserve 1 token each (1 in 16 needing a new
+//                               block) + Commit (hashing filled blocks).
+//   BM_DecodeStepEvicting/256   the same with a pool full of cached blocks,
+//                               so that every new block evicts one.
+//   BM_CreateFullHit32k         AddSequence of a 32k-token prompt whose 2048
+//                               full blocks are all cached (hash chain,
+//                               lookups, exact compares, taking them off LRU).
+//   BM_CreateFullHit32kAndFree  the same plus Free (the blocks go back to the
+//                               LRU list).
+//   BM_AllocateFree             BlockPool: allocate one block and free it.
+//   BM_HashBlock                XXH3-128 of one 16-token block with its
+//                               parent hash.
 
 #include <memory>
 #include <random>

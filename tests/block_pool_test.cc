@@ -74,5 +74,27 @@ TEST(BlockPoolTest, HashedBlocksAreCachedAndEvictedOldestFirst) {
   EXPECT_TRUE(pool.Validate().ok());
 }
 
+TEST(BlockPoolTest, ClearHashesFreesCachedAndUnhashesInUse) {
+  BlockPool pool(4);
+  const BlockId a = pool.AllocateFree();
+  const BlockId b = pool.AllocateFree();
+  const BlockId c = pool.AllocateFree();
+  for (BlockId x : {a, b, c}) pool.MarkHashed(x);
+  pool.Release(a);
+  pool.Release(b);  // a, b cached; c in use, hashed.
+  ASSERT_EQ(pool.num_cached(), 2);
+  pool.ClearHashes();
+  EXPECT_EQ(pool.num_cached(), 0);
+  EXPECT_EQ(pool.num_free(), 3);
+  EXPECT_EQ(pool.state(a), BlockState::kFree);
+  EXPECT_EQ(pool.state(c), BlockState::kInUse);
+  EXPECT_FALSE(pool.hashed(c));
+  ASSERT_TRUE(pool.Validate().ok()) << pool.Validate();
+  pool.Release(c);  // Unhashed now: straight to the free list.
+  EXPECT_EQ(pool.state(c), BlockState::kFree);
+  EXPECT_EQ(pool.num_free(), 4);
+  EXPECT_TRUE(pool.Validate().ok());
+}
+
 }  // namespace
 }  // namespace kvcache::internal

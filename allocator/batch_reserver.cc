@@ -1,17 +1,6 @@
-// BlockManager: reserving room for a batch - Reserve (all or nothing) and
-// CanReserve - and the plan records. Commit and Abort are in
-// block_manager_commit.cc.
-//
-// Reserve makes one pass over the batch (StartBatch). It first allocates what
-// the plan needs (StepPlan vectors, a recycled plan record), then checks each
-// request and, before changing its sequence, grows that sequence's vectors,
-// and then changes only what Rollback can undo: the known tokens, the marks
-// `reserved` and `plan_id`, and for a sequence whose tokens fit in its tail
-// block (a decode step) its slots, computed from `tail_block`, so that the
-// block list is not touched. A sequence that needs new blocks or a copy is
-// left for FinishBatch, which changes the pool only once the whole batch is
-// known to fit. An error or an exception (std::bad_alloc) rolls the pass back,
-// so a failed Reserve changes nothing.
+// BatchReserver: the pass over a batch (see batch_reserver.h).
+
+#include "allocator/batch_reserver.h"
 
 #include <algorithm>
 #include <utility>
@@ -19,14 +8,10 @@
 #include "absl/base/macros.h"
 #include "absl/base/optimization.h"
 #include "absl/strings/str_cat.h"
-#include "allocator/block_manager.h"
-#include "allocator/block_manager_impl.h"
 
 namespace kvcache {
 
-using internal::ReserveGeometric;
-using internal::Sequence;
-
+namespace internal {
 namespace {
 
 // Whether a request passes the checks: its sequence exists, is not marked
@@ -98,53 +83,25 @@ absl::Status NoRoom(size_t batch_size, int64_t needed, int64_t available) {
 
 }  // namespace
 
-// ---- Lookups and CanReserve ------------------------------------------------
-
-Sequence* BlockManager::Impl::LookupMiss(size_t i, SequenceId id) const {
-  Sequence* s = by_id_.Find(id);
-  cache_ids_[i] = id;
-  batch_[i] = s;
-  cache_valid_ = std::max(cache_valid_, i + 1);
-  return s;
-}
-
-void BlockManager::Impl::PrepareLookups(size_t n) const {
-  if (cache_gen_ != generation_) {  // A sequence came or went: forget all.
-    cache_gen_ = generation_;
-    cache_valid_ = 0;
-  }
-  if (cache_ids_.size() < n || batch_.size() < n) {
-    // Both capacities first (may throw), then the sizes (cannot).
-    cache_ids_.reserve(n);
-    batch_.reserve(n);
-    cache_ids_.resize(n);
-    batch_.resize(n);
-  }
-}
-
-void BlockManager::Impl::UnmarkBatch(size_t n) const {
-  for (size_t i = 0; i < n; ++i) batch_[i]->reserved = 0;
-}
-
-absl::Status BlockManager::Impl::CanReserve(
+absl::Status BatchReserver::CanReserve(
     absl::Span<const ReserveRequest> batch) const {
   if (batch.empty())
     return absl::InvalidArgumentError("reserve of an empty batch");
-  PrepareLookups(batch.size());
-  const int64_t bs = options_.block_size;
+  sequences_.PrepareLookups(batch.size());
+  const int64_t bs = math_.size();
   int64_t needed = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const ReserveRequest& r = batch[i];
-    Sequence* s = Lookup(i, r.sequence);
+    Sequence* s = sequences_.Lookup(i, r.sequence);
     if (!Admissible(r, s, bs)) {
       absl::Status error = RequestError(r, s, /*plan_id=*/0, bs);
-      UnmarkBatch(i);
+      sequences_.UnmarkBatch(i);
       return error;
     }
     needed += BlocksNeeded(*s, r.num_tokens, NeedsCopy(*s));
     s->reserved = r.num_tokens;  // Marks it, for a second mention.
   }
-  UnmarkBatch(batch.size());
+  sequences_.UnmarkBatch(batch.size());
   const int64_t available = pool_.num_free() + pool_.num_cached();
   if (needed > available) return NoRoom(batch.size(), needed, available);
   return absl::OkStatus();
@@ -152,30 +109,12 @@ absl::Status BlockManager::Impl::CanReserve(
 
 // ---- Reserve ---------------------------------------------------------------
 
-// A spare record sized for the batch (spare_records_.back()). May throw
-// std::bad_alloc, changing nothing observable.
-BlockManager::Impl::PlanRecord& BlockManager::Impl::SpareRecord(
-    size_t batch_size) {
-  if (spare_records_.empty()) {
-    ReserveGeometric(records_, records_.size() + 1);
-    ReserveGeometric(spare_records_, records_.size() + 1);
-    records_.push_back(std::make_unique<PlanRecord>());
-    spare_records_.push_back(records_.back().get());
-  }
-  PlanRecord& record = *spare_records_.back();
-  record.sequences.resize(batch_size);
-  record.tokens_before.resize(batch_size);
-  record.fillers.clear();
-  record.fillers.reserve(batch_size);
-  return record;
-}
-
 // The pass over the batch (see the top of this file). Returns the first
 // request's error; progress.done sequences are changed either way (also when
 // it throws).
-absl::Status BlockManager::Impl::StartBatch(
-    absl::Span<const ReserveRequest> batch, StepPlan& plan, PlanRecord& record,
-    BatchProgress& p) {
+absl::Status BatchReserver::StartBatch(absl::Span<const ReserveRequest> batch,
+                                       StepPlan& plan, PlanRecord& record,
+                                       BatchProgress& p) {
   return math_.pow2() ? StartBatchAs<true>(batch, plan, record, p)
                       : StartBatchAs<false>(batch, plan, record, p);
 }
@@ -184,14 +123,15 @@ absl::Status BlockManager::Impl::StartBatch(
 // everything it reads often is held in locals, since the compiler must assume
 // that its int64 stores alias the members.
 template <bool kPow2>
-absl::Status BlockManager::Impl::StartBatchAs(
-    absl::Span<const ReserveRequest> batch, StepPlan& plan, PlanRecord& record,
-    BatchProgress& p) {
-  const int64_t bs = options_.block_size;
-  const bool caching = options_.enable_prefix_caching;
-  const uint64_t plan_id = next_plan_id_;
+absl::Status BatchReserver::StartBatchAs(absl::Span<const ReserveRequest> batch,
+                                         StepPlan& plan, PlanRecord& record,
+                                         BatchProgress& p) {
+  const int64_t bs = math_.size();
+  const bool caching = prefix_.enabled();
+  const uint64_t plan_id = plans_.next_id();
+  Sequence* const* cached = sequences_.batch();
   const size_t n = batch.size();
-  size_t valid = cache_valid_;
+  size_t valid = sequences_.cache_valid();
   SequenceId* out_ids = plan.sequences.data();
   int64_t* out_tokens = plan.num_tokens.data();
   size_t* tokens_before = record.tokens_before.data();
@@ -199,9 +139,9 @@ absl::Status BlockManager::Impl::StartBatchAs(
   int64_t slots_size = static_cast<int64_t>(plan.slot_mapping.size());
   int64_t slots_used = 0;
   for (size_t i = 0; i < n; ++i) {
-    if (i + 8 < valid) __builtin_prefetch(batch_[i + 8], /*rw=*/1);
+    if (i + 8 < valid) __builtin_prefetch(cached[i + 8], /*rw=*/1);
     const ReserveRequest& r = batch[i];
-    Sequence* s = LookupAt(i, r.sequence, valid);
+    Sequence* s = sequences_.LookupAt(i, r.sequence, valid);
     if (ABSL_PREDICT_FALSE(!Admissible(r, s, bs))) {
       p.done = i;
       return RequestError(r, s, plan_id, bs);
@@ -249,9 +189,9 @@ absl::Status BlockManager::Impl::StartBatchAs(
 // StartBatch's allocations for a request that needs more capacity, new blocks
 // or a copy (counted in `p`). May throw std::bad_alloc, changing nothing
 // observable.
-void BlockManager::Impl::PrepareSlow(Sequence& s, const ReserveRequest& r,
-                                     bool copy, bool fits_tail, StepPlan& plan,
-                                     BatchProgress& p) {
+void BatchReserver::PrepareSlow(Sequence& s, const ReserveRequest& r, bool copy,
+                                bool fits_tail, StepPlan& plan,
+                                BatchProgress& p) {
   ReserveGeometric(s.tokens, s.tokens.size() + r.new_token_ids.size());
   const size_t slot_end = static_cast<size_t>(p.slots + r.num_tokens);
   if (slot_end > plan.slot_mapping.size())
@@ -264,9 +204,9 @@ void BlockManager::Impl::PrepareSlow(Sequence& s, const ReserveRequest& r,
 }
 
 // Undoes StartBatch's changes to the batch's first n sequences.
-void BlockManager::Impl::Rollback(const PlanRecord& record, size_t n) {
+void BatchReserver::Rollback(const PlanRecord& record, size_t n) {
   for (size_t i = 0; i < n; ++i) {
-    Sequence& s = *batch_[i];
+    Sequence& s = *sequences_.batch()[i];
     s.tokens.resize(record.tokens_before[i]);
     s.reserved = 0;
     s.plan_id = 0;
@@ -274,11 +214,11 @@ void BlockManager::Impl::Rollback(const PlanRecord& record, size_t n) {
 }
 
 // The blocks of a sequence that needs new ones or a copy, and its slots.
-void BlockManager::Impl::ApplySlow(const SlowPath& path,
-                                   absl::Span<const ReserveRequest> batch,
-                                   StepPlan& plan) {
-  const int64_t bs = options_.block_size;
-  Sequence& s = *batch_[path.index];
+void BatchReserver::ApplySlow(const SlowPath& path,
+                              absl::Span<const ReserveRequest> batch,
+                              StepPlan& plan) {
+  const int64_t bs = math_.size();
+  Sequence& s = *sequences_.batch()[path.index];
   if (path.copy) {
     const BlockId fresh = AllocateBlock();
     plan.copies.push_back(BlockCopy{s.blocks.back(), fresh});
@@ -302,37 +242,35 @@ void BlockManager::Impl::ApplySlow(const SlowPath& path,
 
 // After the pass: refuses a batch that does not fit, registers the plan, then
 // changes the pool. Only the registration may throw (std::bad_alloc).
-absl::Status BlockManager::Impl::FinishBatch(
-    absl::Span<const ReserveRequest> batch, const BatchProgress& p,
-    StepPlan& plan, PlanRecord& record) {
+absl::Status BatchReserver::FinishBatch(absl::Span<const ReserveRequest> batch,
+                                        const BatchProgress& p, StepPlan& plan,
+                                        PlanRecord& record) {
   const int64_t available = pool_.num_free() + pool_.num_cached();
   if (p.needed > available) return NoRoom(batch.size(), p.needed, available);
   plan.copies.reserve(p.copies);
-  plans_.emplace(next_plan_id_, &record);
+  plan.id = plans_.Admit(record);
   // From here on nothing can fail or allocate.
-  spare_records_.pop_back();  // `record`.
-  plan.id = next_plan_id_++;
   for (const SlowPath& path : slow_) ApplySlow(path, batch, plan);
-  std::copy(batch_.begin(), batch_.begin() + batch.size(),
+  std::copy(sequences_.batch(), sequences_.batch() + batch.size(),
             record.sequences.begin());
   plan.slot_mapping.resize(p.slots);  // Shrinks: no allocation.
   return absl::OkStatus();
 }
 
-absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
+absl::StatusOr<StepPlan> BatchReserver::Reserve(
     absl::Span<const ReserveRequest> batch) {
   if (batch.empty())
     return absl::InvalidArgumentError("reserve of an empty batch");
   // Allocations before any change (may throw std::bad_alloc).
   const size_t n = batch.size();
-  PrepareLookups(n);
+  sequences_.PrepareLookups(n);
   slow_.clear();
   slow_.reserve(n);
   StepPlan plan;
   plan.sequences.resize(n);
   plan.num_tokens.resize(n);
   plan.slot_mapping.resize(n);  // Grown by the pass when it needs more.
-  PlanRecord& record = SpareRecord(n);
+  PlanRecord& record = plans_.Spare(n);
   BatchProgress progress;
   absl::Status status;
   try {
@@ -349,4 +287,5 @@ absl::StatusOr<StepPlan> BlockManager::Impl::Reserve(
   return plan;
 }
 
+}  // namespace internal
 }  // namespace kvcache

@@ -1,0 +1,269 @@
+#include "allocator/prefix_cache.h"
+
+#include <cstring>
+#include <unordered_map>
+
+#include "absl/base/macros.h"
+#include "absl/strings/str_cat.h"
+
+namespace kvcache {
+namespace internal {
+
+PrefixCache::PrefixCache(const Options& options)
+    : math_(options.block_size),
+      enabled_(options.enabled),
+      hash_function_(options.hash_function),
+      observer_(options.observer),
+      index_(options.enabled ? options.num_blocks : 0, options.block_size) {
+  if (observer_ != nullptr && enabled_) {
+    // A call stores or evicts each block at most once.
+    stored_.reserve(options.num_blocks);
+    removed_.reserve(options.num_blocks);
+  }
+}
+
+void PrefixCache::HashChain(const BlockHash& parent, const TokenId* tokens,
+                            size_t count, std::vector<BlockHash>& out) const {
+  const size_t bs = static_cast<size_t>(math_.size());
+  if (hash_function_ == nullptr)
+    return HashBlocks(parent, tokens, bs, count, out);
+  BlockHash h = parent;
+  for (size_t i = 0; i < count; ++i) {
+    h = hash_function_(h, absl::Span<const TokenId>(tokens + i * bs, bs));
+    out.push_back(h);
+  }
+}
+
+void PrefixCache::AcquireRoot(const ExtraKey& extra, Sequence& s) {
+  s.root_id = index_.AcquireRoot(extra.adapter_id, extra.salt);
+  s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
+  s.adapter_id = extra.adapter_id;
+  s.last_chain_id = s.root_id;
+}
+
+int64_t PrefixCache::Match(Sequence& s,
+                           absl::Span<const TokenId> prompt) const {
+  const int64_t bs = math_.size();
+  const size_t max_blocks = (prompt.size() - 1) / bs;
+  s.hashes.reserve(prompt.size() / bs);
+  s.blocks.resize(max_blocks);  // Shrunk to the match below.
+  const int64_t full = static_cast<int64_t>(prompt.size()) / bs;
+  int64_t matched;
+  if (bs == 16 && hash_function_ == nullptr) {
+    matched = index_.HashAndMatch16(s.root_hash, prompt.data(), full,
+                                    max_blocks, s.root_id, s.hashes,
+                                    s.blocks.data(), s.last_chain_id);
+  } else {
+    HashChain(s.root_hash, prompt.data(), full, s.hashes);
+    matched = index_.LongestMatch(s.hashes.data(), prompt.data(), max_blocks,
+                                  s.root_id, s.blocks.data(), s.last_chain_id);
+  }
+  s.blocks.resize(matched);
+  s.chained_blocks = matched;
+  s.prefix_blocks = static_cast<int32_t>(matched);
+  s.tail_block = matched == 0 ? -1 : s.blocks.back();
+  s.computed = matched * bs;
+  return matched;
+}
+
+void PrefixCache::PrepareRegistration(Sequence& s,
+                                      const BlockPool& pool) const {
+  const int64_t bs = math_.size();
+  const size_t full = static_cast<size_t>(math_.Div(s.computed + s.reserved));
+  for (size_t i = s.hashes.size(); i < full; ++i) {
+    s.hashes.push_back(
+        Hash(i == 0 ? s.root_hash : s.hashes[i - 1],
+             absl::Span<const TokenId>(s.token(i * bs, bs), bs)));
+  }
+  for (size_t i = s.chained_blocks; i < full; ++i) {
+    index_.Prefetch(s.hashes[i]);
+    index_.PrefetchBlock(s.blocks[i]);
+    pool.Prefetch(s.blocks[i]);
+  }
+}
+
+void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
+  const int64_t bs = math_.size();
+  const size_t full = static_cast<size_t>(math_.Div(s.computed));
+  for (size_t i = s.chained_blocks; i < full; ++i) {
+    const uint64_t parent_id = s.last_chain_id;
+    const TokenId* tokens = s.token(i * bs, bs);
+    if (s.hashes.size() == i) {
+      s.hashes.push_back(Hash(i == 0 ? s.root_hash : s.hashes[i - 1],
+                              absl::Span<const TokenId>(tokens, bs)));
+    }
+    s.chained_blocks = i + 1;
+    if (parent_id == kCutChain) continue;
+    const BlockHash& h = s.hashes[i];
+    const BlockId b = s.blocks[i];
+    ABSL_ASSERT(!pool.hashed(b) && pool.ref_count(b) == 1);
+    uint64_t chain_id;
+    const BlockId existing =
+        index_.FindOrInsert(h, b, parent_id, tokens, chain_id);
+    if (existing < 0) {
+      pool.MarkHashed(b);  // Registered: chain_id is its content id.
+      if (observer_ != nullptr) {
+        stored_.push_back(StoredBlock{
+            b, h, i == 0 ? BlockHash{} : s.hashes[i - 1], i == 0,
+            BlockMedium::kDevice, s.adapter_id,
+            absl::Span<const TokenId>(index_.stored_tokens(b), bs)});
+      }
+    } else if (index_.Matches(existing, parent_id, tokens)) {
+      // Same content: children may chain to it.
+      chain_id = index_.content_id(existing);
+    } else {
+      // A collision: this chain can never be matched.
+      chain_id = index_.NewId();
+    }
+    s.last_chain_id = chain_id;
+  }
+}
+
+BlockId PrefixCache::Evict(BlockPool& pool) {
+  const BlockId b = pool.EvictOldest();
+  if (observer_ != nullptr) removed_.push_back(index_.hash(b));
+  index_.Erase(b);
+  ++stats_.evictions;
+  return b;
+}
+
+void PrefixCache::Clear(BlockPool& pool, SequenceTable& sequences) {
+  for (BlockId b = 0; b < pool.num_blocks(); ++b) {
+    if (index_.registered(b)) index_.Erase(b);
+  }
+  pool.ClearHashes();
+  sequences.ForEach([](Sequence& s) { s.last_chain_id = kCutChain; });
+  ABSL_ASSERT(stored_.empty() && removed_.empty());
+  if (observer_ != nullptr) observer_->OnAllBlocksCleared();
+}
+
+void PrefixCache::FlushToObserver() {
+  // One manager call either stores or evicts, never both: the order of the
+  // two calls cannot matter.
+  ABSL_ASSERT(stored_.empty() || removed_.empty());
+  if (!removed_.empty()) {
+    observer_->OnBlocksRemoved(removed_);
+    removed_.clear();
+  }
+  if (!stored_.empty()) {
+    observer_->OnBlocksStored(stored_);
+    stored_.clear();
+  }
+}
+
+std::vector<BlockHash> PrefixCache::RegisteredHashes() const {
+  std::vector<BlockHash> out;
+  out.reserve(index_.size());
+  index_.table().ForEach(
+      [&](const BlockHash& hash, BlockId) { out.push_back(hash); });
+  return out;
+}
+
+// ---- Validation --------------------------------------------------------
+
+absl::Status PrefixCache::ValidateChain(const Sequence& s,
+                                        const std::string& name) const {
+  const int64_t bs = math_.size();
+  const int64_t known = s.known(bs);
+  if (s.prefix_blocks < 0 || s.prefix_blocks > s.computed / bs ||
+      s.prefix_blocks > s.chained_blocks) {
+    return absl::InternalError(absl::StrCat(
+        name, s.prefix_blocks, " prefix blocks without stored tokens for ",
+        s.computed, " computed tokens and ", s.chained_blocks,
+        " chained blocks"));
+  }
+  const size_t full = static_cast<size_t>(s.computed / bs);
+  if (s.hashes.size() < full ||
+      s.chained_blocks != static_cast<int64_t>(full) ||
+      s.hashes.size() > static_cast<size_t>(known / bs)) {
+    return absl::InternalError(
+        absl::StrCat(name, s.hashes.size(), " hashes and ", s.chained_blocks,
+                     " chained blocks for ", full, " full computed blocks"));
+  }
+  for (size_t i = 0; i < full; ++i) {
+    const BlockId b = s.blocks[i];
+    if (!index_.registered(b)) continue;
+    if (index_.hash(b) != s.hashes[i]) {
+      return absl::InternalError(
+          absl::StrCat(name, "block ", b, " is registered under another hash"));
+    }
+    // What the index stored for the block is this sequence's own: its tokens
+    // (where the sequence still holds them), and its chain (issue #12).
+    if (static_cast<int64_t>(i) >= s.prefix_blocks &&
+        std::memcmp(index_.stored_tokens(b), s.token(i * bs, bs),
+                    bs * sizeof(TokenId)) != 0) {
+      return absl::InternalError(absl::StrCat(
+          name, "block ", b, " is registered with other tokens than its own"));
+    }
+    const uint64_t parent = i == 0 ? s.root_id
+                                   : (index_.registered(s.blocks[i - 1])
+                                          ? index_.content_id(s.blocks[i - 1])
+                                          : index_.parent_id(b));
+    if (index_.parent_id(b) != parent) {
+      return absl::InternalError(
+          absl::StrCat(name, "block ", b, " is registered under parent ",
+                       index_.parent_id(b), ", not ", parent, " of its chain"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PrefixCache::ValidateIndex(const BlockPool& pool) const {
+  int32_t hashed = 0;
+  for (BlockId b = 0; b < pool.num_blocks(); ++b) {
+    if (pool.hashed(b)) ++hashed;
+    if (enabled_ && pool.hashed(b) != index_.registered(b)) {
+      return absl::InternalError(
+          absl::StrCat("block ", b, ": hashed ", pool.hashed(b),
+                       " but registered ", index_.registered(b)));
+    }
+  }
+  if (static_cast<size_t>(hashed) != index_.size()) {
+    return absl::InternalError(absl::StrCat(hashed, " hashed blocks but ",
+                                            index_.size(), " index entries"));
+  }
+  absl::Status status;
+  index_.table().ForEach([&](const BlockHash& hash, BlockId b) {
+    if (!status.ok()) return;
+    if (b < 0 || b >= pool.num_blocks() || !pool.hashed(b) ||
+        index_.hash(b) != hash || index_.Find(hash) != b) {
+      status = absl::InternalError(
+          absl::StrCat("index entry for block ", b, " is stale"));
+    } else if (pool.state(b) == BlockState::kFree) {
+      status = absl::InternalError(absl::StrCat("index holds free block ", b));
+    }
+  });
+  return status;
+}
+
+absl::Status PrefixCache::ValidateRoots(const SequenceTable& sequences) const {
+  std::unordered_map<uint64_t, int64_t> holders;
+  absl::Status status;
+  sequences.ForEach([&](const Sequence& s) {
+    if (!PrefixCacheIndex::IsRoot(s.root_id) && status.ok()) {
+      status = absl::InternalError(absl::StrCat(
+          "sequence ", s.id, ": root ", s.root_id, " is not a root id"));
+    }
+    ++holders[s.root_id];
+  });
+  if (!status.ok()) return status;
+  for (BlockId b = 0; b < index_.num_blocks(); ++b) {
+    if (index_.registered(b) && PrefixCacheIndex::IsRoot(index_.parent_id(b)))
+      ++holders[index_.parent_id(b)];
+  }
+  if (holders.size() != index_.num_roots()) {
+    return absl::InternalError(absl::StrCat(
+        index_.num_roots(), " prefix roots but ", holders.size(), " are held"));
+  }
+  for (const auto& [root, count] : holders) {
+    if (index_.root_refs(root) != count) {
+      return absl::InternalError(
+          absl::StrCat("prefix root ", root, " has ", index_.root_refs(root),
+                       " references but ", count, " holders"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace internal
+}  // namespace kvcache

@@ -1,0 +1,171 @@
+// PrefixCache: the prefix cache of one BlockManager (DESIGN.md section 4).
+// It owns the index (chained hash -> block, exact confirmation, roots of the
+// extra keys) and does everything the manager asks of it:
+//
+//   AddSequence  AcquireRoot, Match       hash the prompt's full blocks, share
+//                                         the longest cached run
+//   Commit       PrepareRegistration,     hash the blocks a commit filled and
+//                RegisterFilled           register them (-> OnBlocksStored)
+//   Reserve      Evict                    evict the oldest cached block for
+//                                         reuse (-> OnBlocksRemoved)
+//   Reset        Clear                    drop every registration
+//                                         (-> OnAllBlocksCleared)
+//
+// Each of the three transitions of a registration (registered, evicted, all
+// cleared) lives in exactly one function (RegisterFilled, Evict, Clear), the
+// pool's part of it in BlockPool (MarkHashed, EvictOldest, ClearHashes). The
+// observer's calls are gathered per manager call and made by Flush, at most one
+// per call (block_observer.h); without an observer all this costs a pointer
+// test per block and per call, and nothing allocates after construction.
+// Not thread-safe.
+
+#ifndef KVCACHE_ALLOCATOR_PREFIX_CACHE_H_
+#define KVCACHE_ALLOCATOR_PREFIX_CACHE_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "allocator/block_hash.h"
+#include "allocator/block_math.h"
+#include "allocator/block_observer.h"
+#include "allocator/block_pool.h"
+#include "allocator/prefix_cache_index.h"
+#include "allocator/sequence.h"
+#include "allocator/sequence_table.h"
+#include "core/extra_key.h"
+
+namespace kvcache {
+
+struct PrefixCacheStats {
+  int64_t queries = 0;       // AddSequence calls with prefix caching on.
+  int64_t query_tokens = 0;  // Prompt tokens looked up.
+  int64_t hit_tokens = 0;    // Prompt tokens found computed.
+  int64_t evictions = 0;     // Cached blocks evicted for reuse.
+};
+
+namespace internal {
+
+class PrefixCache {
+ public:
+  struct Options {
+    int32_t num_blocks = 0;
+    int32_t block_size = 16;
+    bool enabled = true;
+    BlockHashFunction hash_function = nullptr;  // nullptr: HashBlock.
+    BlockObserver* observer = nullptr;          // Not owned; may be nullptr.
+  };
+  // May throw std::bad_alloc.
+  explicit PrefixCache(const Options& options);
+
+  PrefixCache(const PrefixCache&) = delete;
+  PrefixCache& operator=(const PrefixCache&) = delete;
+
+  bool enabled() const { return enabled_; }
+
+  // ---- Roots: a sequence's extra key ----
+  //
+  // Gives `s` its chain's root (hash and id) for `extra`, a reference on it.
+  // May throw std::bad_alloc, changing nothing.
+  void AcquireRoot(const ExtraKey& extra, Sequence& s);
+  // Another reference on a held root (Fork), and drops one (Free).
+  void AcquireRoot(uint64_t root_id) { index_.AcquireRoot(root_id); }
+  void ReleaseRoot(uint64_t root_id) { index_.ReleaseRoot(root_id); }
+  size_t num_roots() const { return index_.num_roots(); }
+
+  // ---- AddSequence ----
+  //
+  // Hashes every full block of the prompt (Commit reuses them) and finds the
+  // longest run of cached ones, leaving at least one token to compute: puts
+  // them in `s` (their token ids stay out of s.tokens) and returns how many.
+  // Changes nothing but `s`; the caller takes the references. May throw
+  // std::bad_alloc. REQUIRES: `s` has its root, no blocks; prompt not empty.
+  int64_t Match(Sequence& s, absl::Span<const TokenId> prompt) const;
+  // Counts a query of `prompt_tokens` of which `hit_tokens` were found.
+  void CountQuery(int64_t prompt_tokens, int64_t hit_tokens) {
+    ++stats_.queries;
+    stats_.query_tokens += prompt_tokens;
+    stats_.hit_tokens += hit_tokens;
+  }
+
+  // ---- Commit ----
+  //
+  // Hashes the blocks that the commit of `s`'s reservation fills and
+  // prefetches the index and pool entries that RegisterFilled then reads and
+  // writes. REQUIRES: s.hashes has the capacity for them.
+  void PrepareRegistration(Sequence& s, const BlockPool& pool) const;
+  // Transition "became cached": registers the full computed blocks of `s`
+  // not yet chained. A block whose content is already registered under
+  // another block (or whose hash collides with different content, or whose
+  // chain was cut by Clear) stays unhashed. REQUIRES: s.hashes has the
+  // capacity for every full block.
+  void RegisterFilled(Sequence& s, BlockPool& pool);
+
+  // ---- Reserve ----
+  //
+  // Transition "evicted": the oldest cached block, now in use (ref 1) and
+  // unregistered. REQUIRES: pool.num_cached() > 0.
+  BlockId Evict(BlockPool& pool);
+
+  // ---- ResetPrefixCache ----
+  //
+  // Transition "all cleared": drops every registration. Cached blocks become
+  // free; hashed blocks in use stay with their holders, unhashed; the chains
+  // of the live sequences are cut, so they register no more blocks (their
+  // parents are gone: no query could reach them). Calls OnAllBlocksCleared at
+  // once. REQUIRES: no plan in flight (no copy-on-write source held).
+  void Clear(BlockPool& pool, SequenceTable& sequences);
+
+  // Makes the observer calls gathered since the last Flush (one per kind).
+  void Flush() {
+    if (observer_ != nullptr) FlushToObserver();
+  }
+
+  const PrefixCacheStats& stats() const { return stats_; }
+  // Every registered hash, in no particular order (tests, debugging).
+  std::vector<BlockHash> RegisteredHashes() const;
+
+  // ---- Validation (BlockManager::Validate) ----
+  //
+  // The chain of `s`: hashes for at least every full computed block and at
+  // most every full known one, every full computed block chained, and each
+  // registered one registered under the sequence's hash, tokens and parent.
+  absl::Status ValidateChain(const Sequence& s, const std::string& name) const;
+  // The index holds exactly the pool's hashed blocks, none free.
+  absl::Status ValidateIndex(const BlockPool& pool) const;
+  // Every root is held exactly by the sequences and the registered first
+  // blocks that name it, and by at least one.
+  absl::Status ValidateRoots(const SequenceTable& sequences) const;
+
+ private:
+  // A chain id no block's parent is: a sequence whose chain was cut.
+  static constexpr uint64_t kCutChain = 0;
+
+  BlockHash Hash(const BlockHash& parent,
+                 absl::Span<const TokenId> tokens) const {
+    return hash_function_ != nullptr ? hash_function_(parent, tokens)
+                                     : HashBlock(parent, tokens);
+  }
+  // HashBlocks, or the test seam's hash.
+  void HashChain(const BlockHash& parent, const TokenId* tokens, size_t count,
+                 std::vector<BlockHash>& out) const;
+  void FlushToObserver();
+
+  BlockMath math_;
+  bool enabled_;
+  BlockHashFunction hash_function_;
+  BlockObserver* observer_;
+  PrefixCacheIndex index_;
+  PrefixCacheStats stats_;
+  // The observer's calls gathered since the last Flush (capacity for every
+  // block, reserved only with an observer: gathering never allocates).
+  std::vector<StoredBlock> stored_;
+  std::vector<BlockHash> removed_;
+};
+
+}  // namespace internal
+}  // namespace kvcache
+
+#endif  // KVCACHE_ALLOCATOR_PREFIX_CACHE_H_

@@ -1,13 +1,17 @@
 #include "api/metrics.h"
 
+#include <charconv>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 
 namespace kvcache {
 namespace {
 
+// Integers are printed exactly (absl::StrCat of a double keeps six significant
+// digits: 1234567 would read back as 1234570).
 void Add(std::string* out, absl::string_view name, absl::string_view type,
-         absl::string_view help, double value) {
+         absl::string_view help, const absl::AlphaNum& value) {
   absl::StrAppend(out, "# HELP kvcache_", name, " ", help, "\n# TYPE kvcache_",
                   name, " ", type, "\nkvcache_", name, " ", value, "\n");
 }
@@ -22,37 +26,35 @@ std::string ToPrometheusText(const MetricsSnapshot& m) {
                   "kvcache_blocks{state=\"free\"} ", m.blocks_free, "\n",
                   "kvcache_blocks{state=\"cached\"} ", m.blocks_cached, "\n",
                   "kvcache_blocks{state=\"in_use\"} ", m.blocks_in_use, "\n");
-  Add(&out, "blocks_total", "gauge", "Blocks in the pool.",
-      static_cast<double>(m.blocks_total));
+  Add(&out, "blocks_total", "gauge", "Blocks in the pool.", m.blocks_total);
+  // The shortest text that reads back as exactly m.usage.
+  char usage[32];
+  const std::to_chars_result usage_end =
+      std::to_chars(usage, usage + sizeof(usage), m.usage);
   Add(&out, "usage_ratio", "gauge", "Blocks in use over total blocks.",
-      m.usage);
-  Add(&out, "sequences", "gauge", "Live sequences.",
-      static_cast<double>(m.sequences));
+      absl::string_view(usage, usage_end.ptr - usage));
+  Add(&out, "sequences", "gauge", "Live sequences.", m.sequences);
   Add(&out, "plans_in_flight", "gauge", "Reserved, uncommitted step plans.",
-      static_cast<double>(m.plans_in_flight));
+      m.plans_in_flight);
   Add(&out, "prefix_queries_total", "counter",
-      "Prompts looked up in the prefix cache.",
-      static_cast<double>(m.prefix_queries));
+      "Prompts looked up in the prefix cache.", m.prefix_queries);
   Add(&out, "prefix_query_tokens_total", "counter",
-      "Prompt tokens looked up in the prefix cache.",
-      static_cast<double>(m.prefix_query_tokens));
+      "Prompt tokens looked up in the prefix cache.", m.prefix_query_tokens);
   Add(&out, "prefix_hit_tokens_total", "counter",
-      "Prompt tokens found already computed.",
-      static_cast<double>(m.prefix_hit_tokens));
+      "Prompt tokens found already computed.", m.prefix_hit_tokens);
   Add(&out, "evictions_total", "counter", "Cached blocks evicted for reuse.",
-      static_cast<double>(m.evictions));
+      m.evictions);
   Add(&out, "tokens_appended_total", "counter",
       "Tokens quantized into the cache, summed over layers.",
-      static_cast<double>(m.tokens_appended));
+      m.tokens_appended);
   Add(&out, "tokens_committed_total", "counter", "Tokens committed.",
-      static_cast<double>(m.tokens_committed));
+      m.tokens_committed);
   Add(&out, "kernel_launches_total", "counter", "Cache kernels launched.",
-      static_cast<double>(m.kernel_launches));
+      m.kernel_launches);
   Add(&out, "reserve_failures_total", "counter",
-      "Reserve calls refused for lack of room.",
-      static_cast<double>(m.reserve_failures));
+      "Reserve calls refused for lack of room.", m.reserve_failures);
   Add(&out, "block_copies_total", "counter", "Copy-on-write block copies.",
-      static_cast<double>(m.block_copies));
+      m.block_copies);
   return out;
 }
 

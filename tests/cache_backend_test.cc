@@ -1,0 +1,508 @@
+// CacheBackend (api/cache_backend.h) on the CPU device, with random shapes:
+// the pool is config.num_blocks, or (budget - 1024 * num_layers) / bytes of
+// one block of all layers, and the storage stays within the budget; a budget
+// too small for one block is ResourceExhausted naming the bytes; View(layer)
+// has the pointers of the layer's storage and the strides of
+// core/cache_layout.h (scale pointers null for bf16/fp16); QuantizeWrite
+// through the backend writes the same bytes as the CPU kernel called directly
+// and touches no other layer; CopyBlocks copies K, V and scales of the given
+// pairs in every layer, and an out-of-range or chained pair is refused with
+// no layer changed. KVCACHE_TEST_SEED=<n> reruns one seed.
+
+#include "api/cache_backend.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "api/kv_cache_config.h"
+#include "api/layer_view.h"
+#include "core/cache_layout.h"
+#include "core/dtype.h"
+#include "gtest/gtest.h"
+#include "kernels/cpu_kernels.h"
+#include "kernels/kernel_params.h"
+#include "storage/cache_storage.h"
+#include "storage/device.h"
+
+namespace kvcache::internal {
+namespace {
+
+constexpr DType kCacheDTypes[] = {DType::kInt8, DType::kFp8E4M3,
+                                  DType::kBFloat16, DType::kFloat16};
+constexpr DType kInputDTypes[] = {DType::kFloat32, DType::kFloat16,
+                                  DType::kBFloat16};
+
+uint64_t Seed() {
+  const char* env = std::getenv("KVCACHE_TEST_SEED");
+  return env != nullptr ? std::strtoull(env, nullptr, 10)
+                        : std::random_device{}();
+}
+
+bool Contains(absl::string_view haystack, absl::string_view needle) {
+  return haystack.find(needle) != absl::string_view::npos;
+}
+
+// Bytes of one layer's K, V and scales, as separate regions.
+struct Regions {
+  int64_t key = 0, value = 0, scale = 0;
+};
+
+Regions RegionBytes(const CacheLayout& l) {
+  const int64_t elem = static_cast<int64_t>(DTypeSize(l.cache_dtype));
+  Regions r;
+  r.key = l.num_blocks * l.block_size * l.num_heads * l.head_size * elem;
+  r.value = l.num_blocks * l.block_size * l.num_heads * l.head_size_v * elem;
+  r.scale = IsQuantized(l.cache_dtype)
+                ? l.num_blocks * l.block_size * l.num_heads * 4
+                : 0;
+  return r;
+}
+
+// A layer's K, V, key scales and value scales, copied out.
+struct LayerBytes {
+  std::vector<uint8_t> key, value, key_scale, value_scale;
+  bool operator==(const LayerBytes& o) const {
+    return key == o.key && value == o.value && key_scale == o.key_scale &&
+           value_scale == o.value_scale;
+  }
+};
+
+LayerBytes Read(const LayerCache& cache) {
+  const Regions r = RegionBytes(cache.layout);
+  auto bytes = [](const void* p, int64_t n) {
+    const uint8_t* b = static_cast<const uint8_t*>(p);
+    return n == 0 ? std::vector<uint8_t>() : std::vector<uint8_t>(b, b + n);
+  };
+  LayerBytes out;
+  out.key = bytes(cache.key_cache, r.key);
+  out.value = bytes(cache.value_cache, r.value);
+  out.key_scale = bytes(cache.key_scale, r.scale);
+  out.value_scale = bytes(cache.value_scale, r.scale);
+  return out;
+}
+
+class CacheBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const uint64_t seed = Seed();
+    rng_.seed(seed);
+    seed_trace_ = std::make_unique<::testing::ScopedTrace>(
+        __FILE__, __LINE__,
+        absl::StrCat("seed ", seed, " (rerun with KVCACHE_TEST_SEED=", seed,
+                     ")"));
+  }
+
+  int64_t Rand(int64_t lo, int64_t hi) {  // [lo, hi]
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng_);
+  }
+
+  // A small random shape; capacity left unset.
+  KVCacheConfig RandomShape(DType cache_dtype) {
+    KVCacheConfig c;
+    c.num_layers = static_cast<int32_t>(Rand(1, 4));
+    c.num_kv_heads = static_cast<int32_t>(Rand(1, 4));
+    c.head_size = static_cast<int32_t>(8 * Rand(1, 8));
+    c.head_size_v = Rand(0, 1) ? 0 : static_cast<int32_t>(8 * Rand(1, 8));
+    c.block_size = static_cast<int32_t>(Rand(1, 16));
+    c.cache_dtype = cache_dtype;
+    c.input_dtype = IsQuantized(cache_dtype)
+                        ? kInputDTypes[Rand(0, 2)]
+                        : cache_dtype;  // Unquantized: input == cache.
+    c.cpu_threads = static_cast<int32_t>(Rand(1, 2));
+    return c;
+  }
+
+  // Bytes of one block of all layers, computed here from the shape.
+  static int64_t BlockBytes(const KVCacheConfig& c) {
+    const int64_t dv = c.head_size_v != 0 ? c.head_size_v : c.head_size;
+    const int64_t elem = static_cast<int64_t>(DTypeSize(c.cache_dtype));
+    const int64_t scales = IsQuantized(c.cache_dtype) ? 2 * 4 : 0;
+    return int64_t{c.num_layers} * c.block_size * c.num_kv_heads *
+           ((c.head_size + dv) * elem + scales);
+  }
+
+  std::unique_ptr<CacheBackend> Make(const KVCacheConfig& config) {
+    EXPECT_TRUE(ValidateConfig(config).ok()) << ValidateConfig(config);
+    absl::StatusOr<std::unique_ptr<CacheBackend>> b =
+        CacheBackend::Create(config, CreateCpuDevice());
+    EXPECT_TRUE(b.ok()) << b.status();
+    return b.ok() ? *std::move(b) : nullptr;
+  }
+
+  void FillRandom(void* p, int64_t n) {
+    uint8_t* b = static_cast<uint8_t*>(p);
+    for (int64_t i = 0; i < n; ++i) b[i] = static_cast<uint8_t>(rng_());
+  }
+
+  // Random bytes in every layer's K, V and scales, written through View.
+  void FillThroughViews(const CacheBackend& backend) {
+    for (int l = 0; l < backend.num_layers(); ++l) {
+      const LayerView v = backend.View(l);
+      const Regions r = RegionBytes(backend.layout());
+      FillRandom(v.key_cache, r.key);
+      FillRandom(v.value_cache, r.value);
+      if (v.key_scale != nullptr) FillRandom(v.key_scale, r.scale);
+      if (v.value_scale != nullptr) FillRandom(v.value_scale, r.scale);
+    }
+  }
+
+  std::mt19937_64 rng_;
+  std::unique_ptr<::testing::ScopedTrace> seed_trace_;
+};
+
+TEST_F(CacheBackendTest, NumBlocksIsTakenAsIs) {
+  for (DType dtype : kCacheDTypes) {
+    SCOPED_TRACE(DTypeName(dtype));
+    KVCacheConfig c = RandomShape(dtype);
+    c.num_blocks = Rand(1, 40);
+    std::unique_ptr<CacheBackend> backend = Make(c);
+    ASSERT_NE(backend, nullptr);
+    EXPECT_EQ(backend->layout().num_blocks, c.num_blocks);
+    EXPECT_EQ(backend->num_layers(), c.num_layers);
+    EXPECT_EQ(backend->memory_kind(), MemoryKind::kHost);
+    EXPECT_EQ(backend->ordinal(), 0);
+    EXPECT_EQ(
+        backend->storage().total_bytes(),
+        c.num_layers * CacheStorage::LayerAllocationBytes(backend->layout()));
+  }
+}
+
+TEST_F(CacheBackendTest, MemoryBudgetHoldsWholeBlocksOfAllLayers) {
+  for (int round = 0; round < 24; ++round) {
+    const KVCacheConfig shape = RandomShape(kCacheDTypes[round % 4]);
+    SCOPED_TRACE(absl::StrCat("round ", round, " ",
+                              DTypeName(shape.cache_dtype), " layers ",
+                              shape.num_layers));
+    const int64_t block_bytes = BlockBytes(shape);
+    ASSERT_EQ(*BlockBytesAllLayers(shape), block_bytes);
+    const int64_t padding = 1024 * int64_t{shape.num_layers};
+    const int64_t blocks = Rand(1, 40);
+    KVCacheConfig c = shape;
+    c.memory_budget_bytes = padding + blocks * block_bytes +
+                            Rand(0, block_bytes - 1);  // A partial block.
+    std::unique_ptr<CacheBackend> backend = Make(c);
+    ASSERT_NE(backend, nullptr);
+    EXPECT_EQ(backend->layout().num_blocks,
+              (c.memory_budget_bytes - padding) / block_bytes);
+    EXPECT_EQ(backend->layout().num_blocks, blocks);
+    // Caches, scales and alignment padding together fit in the budget.
+    EXPECT_LE(backend->storage().total_bytes(), c.memory_budget_bytes);
+  }
+}
+
+TEST_F(CacheBackendTest, BudgetTooSmallForOneBlockIsResourceExhausted) {
+  for (DType dtype : kCacheDTypes) {
+    SCOPED_TRACE(DTypeName(dtype));
+    KVCacheConfig c = RandomShape(dtype);
+    const int64_t block_bytes = BlockBytes(c);
+    const int64_t padding = 1024 * int64_t{c.num_layers};
+    for (int64_t budget :
+         {padding + block_bytes - 1, padding + Rand(0, block_bytes - 1),
+          Rand(1, padding)}) {
+      c.memory_budget_bytes = budget;
+      absl::StatusOr<std::unique_ptr<CacheBackend>> b =
+          CacheBackend::Create(c, CreateCpuDevice());
+      ASSERT_EQ(b.status().code(), absl::StatusCode::kResourceExhausted)
+          << "budget " << budget << ": " << b.status();
+      const std::string msg(b.status().message());
+      EXPECT_TRUE(Contains(msg, absl::StrCat(budget, " bytes"))) << msg;
+      EXPECT_TRUE(Contains(msg, absl::StrCat(block_bytes, " bytes"))) << msg;
+      EXPECT_TRUE(Contains(msg, absl::StrCat(c.num_layers, " layers"))) << msg;
+    }
+    // One block more than that fits.
+    c.memory_budget_bytes = padding + block_bytes;
+    std::unique_ptr<CacheBackend> one = Make(c);
+    ASSERT_NE(one, nullptr);
+    EXPECT_EQ(one->layout().num_blocks, 1);
+  }
+}
+
+TEST_F(CacheBackendTest, ViewMatchesTheLayoutAndTheStorage) {
+  for (DType dtype : kCacheDTypes) {
+    SCOPED_TRACE(DTypeName(dtype));
+    KVCacheConfig c = RandomShape(dtype);
+    c.num_blocks = Rand(1, 20);
+    std::unique_ptr<CacheBackend> backend = Make(c);
+    ASSERT_NE(backend, nullptr);
+    const CacheLayout& l = backend->layout();
+    EXPECT_EQ(l.num_blocks, c.num_blocks);
+    EXPECT_EQ(l.block_size, c.block_size);
+    EXPECT_EQ(l.num_heads, c.num_kv_heads);
+    EXPECT_EQ(l.head_size, c.head_size);
+    EXPECT_EQ(l.head_size_v, c.head_size_v != 0 ? c.head_size_v : c.head_size);
+    EXPECT_EQ(l.cache_dtype, dtype);
+    const bool quantized = IsQuantized(dtype);
+    std::set<const void*> seen;
+    for (int layer = 0; layer < backend->num_layers(); ++layer) {
+      SCOPED_TRACE(absl::StrCat("layer ", layer));
+      const LayerView v = backend->View(layer);
+      const LayerCache& cache = backend->layer(layer);
+      EXPECT_EQ(v.key_cache, cache.key_cache);
+      EXPECT_EQ(v.value_cache, cache.value_cache);
+      EXPECT_EQ(v.key_scale, cache.key_scale);
+      EXPECT_EQ(v.value_scale, cache.value_scale);
+      EXPECT_NE(v.key_cache, nullptr);
+      EXPECT_NE(v.value_cache, nullptr);
+      EXPECT_TRUE(seen.insert(v.key_cache).second) << "layers share a cache";
+      if (quantized) {
+        EXPECT_NE(v.key_scale, nullptr);
+        EXPECT_NE(v.value_scale, nullptr);
+      } else {
+        EXPECT_EQ(v.key_scale, nullptr);
+        EXPECT_EQ(v.value_scale, nullptr);
+      }
+      EXPECT_EQ(v.cache_dtype, dtype);
+      EXPECT_EQ(v.memory, MemoryKind::kHost);
+      EXPECT_EQ(v.device, 0);
+      EXPECT_EQ(v.num_blocks, l.num_blocks);
+      EXPECT_EQ(v.block_size, l.block_size);
+      EXPECT_EQ(v.num_kv_heads, l.num_heads);
+      EXPECT_EQ(v.head_size, l.head_size);
+      EXPECT_EQ(v.head_size_v, l.head_size_v);
+      // Strides from the layout's offset functions: one block is block_size
+      // slots, one token one slot.
+      const int64_t bs = l.block_size;
+      EXPECT_EQ(v.key_strides[0], l.key_offset(bs, 0) - l.key_offset(0, 0));
+      EXPECT_EQ(v.key_strides[1], l.key_offset(1, 0) - l.key_offset(0, 0));
+      EXPECT_EQ(v.key_strides[2], l.key_offset(0, 1) - l.key_offset(0, 0));
+      EXPECT_EQ(v.key_strides[3], 1);
+      EXPECT_EQ(v.value_strides[0],
+                l.value_offset(bs, 0) - l.value_offset(0, 0));
+      EXPECT_EQ(v.value_strides[1],
+                l.value_offset(1, 0) - l.value_offset(0, 0));
+      EXPECT_EQ(v.value_strides[2],
+                l.value_offset(0, 1) - l.value_offset(0, 0));
+      EXPECT_EQ(v.value_strides[3], 1);
+      EXPECT_EQ(v.scale_strides[0],
+                l.scale_offset(bs, 0) - l.scale_offset(0, 0));
+      EXPECT_EQ(v.scale_strides[1],
+                l.scale_offset(1, 0) - l.scale_offset(0, 0));
+      EXPECT_EQ(v.scale_strides[2],
+                l.scale_offset(0, 1) - l.scale_offset(0, 0));
+      // The last element the strides reach lies inside the layer's region.
+      const int64_t last_key = (v.num_blocks - 1) * v.key_strides[0] +
+                               (bs - 1) * v.key_strides[1] +
+                               (v.num_kv_heads - 1) * v.key_strides[2] +
+                               (v.head_size - 1) * v.key_strides[3];
+      EXPECT_EQ(last_key + 1, l.num_slots() * l.key_slot_elems());
+      const int64_t last_value = (v.num_blocks - 1) * v.value_strides[0] +
+                                 (bs - 1) * v.value_strides[1] +
+                                 (v.num_kv_heads - 1) * v.value_strides[2] +
+                                 (v.head_size_v - 1) * v.value_strides[3];
+      EXPECT_EQ(last_value + 1, l.num_slots() * l.value_slot_elems());
+    }
+  }
+}
+
+TEST_F(CacheBackendTest, QuantizeWriteEqualsTheCpuKernelCalledDirectly) {
+  for (int round = 0; round < 8; ++round) {
+    const DType dtype = kCacheDTypes[round % 4];
+    KVCacheConfig c = RandomShape(dtype);
+    c.num_blocks = Rand(1, 12);
+    SCOPED_TRACE(absl::StrCat("round ", round, " cache ", DTypeName(dtype),
+                              " input ", DTypeName(c.input_dtype)));
+    std::unique_ptr<CacheBackend> backend = Make(c);
+    ASSERT_NE(backend, nullptr);
+    const CacheLayout& l = backend->layout();
+    FillThroughViews(*backend);
+
+    // The reference: the same layout in storage of its own, with the same
+    // starting bytes as the backend's target layer.
+    const int target = static_cast<int>(Rand(0, backend->num_layers() - 1));
+    std::unique_ptr<Device> ref_device = CreateCpuDevice();
+    absl::StatusOr<std::unique_ptr<CacheStorage>> ref =
+        CacheStorage::Create(ref_device.get(), l, 1);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    const LayerCache& ref_cache = (*ref)->layer(0);
+    const Regions r = RegionBytes(l);
+    const LayerCache& target_cache = backend->layer(target);
+    std::memcpy(ref_cache.key_cache, target_cache.key_cache, r.key);
+    std::memcpy(ref_cache.value_cache, target_cache.value_cache, r.value);
+    if (r.scale > 0) {
+      std::memcpy(ref_cache.key_scale, target_cache.key_scale, r.scale);
+      std::memcpy(ref_cache.value_scale, target_cache.value_scale, r.scale);
+    }
+    std::vector<LayerBytes> before;
+    for (int i = 0; i < backend->num_layers(); ++i) {
+      before.push_back(Read(backend->layer(i)));
+    }
+
+    // Random K/V (finite values) for distinct random slots, some padding.
+    const int64_t tokens = Rand(1, std::min<int64_t>(l.num_slots(), 40));
+    std::vector<int64_t> all_slots(l.num_slots());
+    for (int64_t s = 0; s < l.num_slots(); ++s) all_slots[s] = s;
+    std::shuffle(all_slots.begin(), all_slots.end(), rng_);
+    std::vector<int64_t> slots(all_slots.begin(), all_slots.begin() + tokens);
+    for (size_t t = 1; t < slots.size(); ++t) {  // Token 0 is written.
+      if (Rand(0, 9) == 0) slots[t] = -1;
+    }
+    const int64_t elem = static_cast<int64_t>(DTypeSize(c.input_dtype));
+    const int64_t row = l.num_heads * (l.head_size + l.head_size_v);
+    std::vector<uint8_t> input(static_cast<size_t>(tokens * row * elem));
+    if (c.input_dtype == DType::kFloat32) {
+      std::uniform_real_distribution<float> value(-50.0f, 50.0f);
+      for (size_t i = 0; i < input.size(); i += 4) {
+        const float f = value(rng_);
+        std::memcpy(&input[i], &f, 4);
+      }
+    } else {
+      // Random 16-bit floats with a finite exponent.
+      const uint16_t exp_mask =
+          c.input_dtype == DType::kFloat16 ? 0x7C00 : 0x7F80;
+      for (size_t i = 0; i < input.size(); i += 2) {
+        uint16_t h = static_cast<uint16_t>(rng_());
+        if ((h & exp_mask) == exp_mask) h &= ~(exp_mask & (exp_mask >> 1));
+        std::memcpy(&input[i], &h, 2);
+      }
+    }
+    // Fused rows: [K heads | V heads] per token.
+    QuantizeWriteParams params;
+    params.input.key = input.data();
+    params.input.value =
+        input.data() + l.num_heads * l.head_size * elem;  // After K.
+    params.input.dtype = c.input_dtype;
+    params.input.key_token_stride = row;
+    params.input.key_head_stride = l.head_size;
+    params.input.value_token_stride = row;
+    params.input.value_head_stride = l.head_size_v;
+    params.num_tokens = tokens;
+    params.slot_mapping = slots.data();
+
+    params.cache = target_cache;
+    const absl::Status through_backend =
+        backend->QuantizeWrite(params, /*stream=*/nullptr);
+    ASSERT_TRUE(through_backend.ok()) << through_backend;
+    params.cache = ref_cache;
+    ASSERT_TRUE(QuantizeWriteCpu(params).ok());
+
+    for (int i = 0; i < backend->num_layers(); ++i) {
+      const LayerBytes now = Read(backend->layer(i));
+      if (i == target) {
+        EXPECT_TRUE(now == Read(ref_cache)) << "layer " << i;
+        EXPECT_FALSE(now == before[i]) << "nothing written";
+      } else {
+        EXPECT_TRUE(now == before[i]) << "layer " << i << " changed";
+      }
+    }
+
+    // A slot past the cache is refused through the backend too, writing
+    // nothing.
+    slots[Rand(0, tokens - 1)] = l.num_slots() + Rand(0, 5);
+    params.cache = target_cache;
+    const LayerBytes kept = Read(target_cache);
+    EXPECT_EQ(backend->QuantizeWrite(params, nullptr).code(),
+              absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(Read(target_cache) == kept);
+  }
+}
+
+TEST_F(CacheBackendTest, CopyBlocksCopiesEveryLayersKVAndScales) {
+  for (int round = 0; round < 8; ++round) {
+    const DType dtype = kCacheDTypes[round % 4];
+    KVCacheConfig c = RandomShape(dtype);
+    c.num_blocks = Rand(2, 24);
+    SCOPED_TRACE(absl::StrCat("round ", round, " ", DTypeName(dtype)));
+    std::unique_ptr<CacheBackend> backend = Make(c);
+    ASSERT_NE(backend, nullptr);
+    const CacheLayout& l = backend->layout();
+    FillThroughViews(*backend);
+
+    // Random pairs: distinct destinations, no source is a destination.
+    std::vector<int64_t> blocks(l.num_blocks);
+    for (int64_t b = 0; b < l.num_blocks; ++b) blocks[b] = b;
+    std::shuffle(blocks.begin(), blocks.end(), rng_);
+    const int64_t num_dsts = Rand(1, l.num_blocks / 2 + (l.num_blocks % 2));
+    const int64_t num_pairs = std::min<int64_t>(num_dsts, l.num_blocks - 1);
+    std::vector<int64_t> pairs;
+    for (int64_t i = 0; i < num_pairs; ++i) {
+      const int64_t dst = blocks[i];
+      const int64_t src = blocks[Rand(num_pairs, l.num_blocks - 1)];
+      pairs.push_back(src);
+      pairs.push_back(dst);
+    }
+
+    // The expected bytes: each layer's blocks copied here.
+    const Regions r = RegionBytes(l);
+    std::vector<LayerBytes> expected;
+    for (int i = 0; i < backend->num_layers(); ++i) {
+      LayerBytes e = Read(backend->layer(i));
+      auto copy = [&](std::vector<uint8_t>& v, int64_t total) {
+        if (total == 0) return;
+        const int64_t block = total / l.num_blocks;
+        const std::vector<uint8_t> src_bytes = v;
+        for (int64_t p = 0; p < num_pairs; ++p) {
+          std::memcpy(&v[pairs[2 * p + 1] * block],
+                      &src_bytes[pairs[2 * p] * block], block);
+        }
+      };
+      copy(e.key, r.key);
+      copy(e.value, r.value);
+      copy(e.key_scale, r.scale);
+      copy(e.value_scale, r.scale);
+      expected.push_back(std::move(e));
+    }
+    const absl::Status s =
+        backend->CopyBlocks(pairs.data(), num_pairs, /*stream=*/nullptr);
+    ASSERT_TRUE(s.ok()) << s;
+    for (int i = 0; i < backend->num_layers(); ++i) {
+      EXPECT_TRUE(Read(backend->layer(i)) == expected[i]) << "layer " << i;
+    }
+    EXPECT_TRUE(backend->CopyBlocks(nullptr, 0, nullptr).ok());
+  }
+}
+
+TEST_F(CacheBackendTest, CopyBlocksRefusesBadPairsBeforeCopyingAnything) {
+  for (int round = 0; round < 8; ++round) {
+    const DType dtype = kCacheDTypes[round % 4];
+    KVCacheConfig c = RandomShape(dtype);
+    c.num_layers = static_cast<int32_t>(Rand(2, 4));
+    c.num_blocks = Rand(4, 24);
+    SCOPED_TRACE(absl::StrCat("round ", round, " ", DTypeName(dtype)));
+    std::unique_ptr<CacheBackend> backend = Make(c);
+    ASSERT_NE(backend, nullptr);
+    const int64_t n = backend->layout().num_blocks;
+    FillThroughViews(*backend);
+    std::vector<LayerBytes> before;
+    for (int i = 0; i < backend->num_layers(); ++i) {
+      before.push_back(Read(backend->layer(i)));
+    }
+    // Valid pairs (i -> n/2 + i), then one bad id, at a random position.
+    const int64_t num_pairs = Rand(1, n / 2);
+    std::vector<int64_t> pairs;
+    for (int64_t i = 0; i < num_pairs; ++i) {
+      pairs.push_back(i);
+      pairs.push_back(n / 2 + i);
+    }
+    const int64_t bad_index = Rand(0, 2 * num_pairs - 1);
+    const int64_t bad_id = Rand(0, 1) ? n + Rand(0, 1000) : -Rand(1, 1000);
+    pairs[bad_index] = bad_id;
+    absl::Status s = backend->CopyBlocks(pairs.data(), num_pairs, nullptr);
+    ASSERT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_TRUE(Contains(s.message(), absl::StrCat(" = ", bad_id))) << s;
+    for (int i = 0; i < backend->num_layers(); ++i) {
+      EXPECT_TRUE(Read(backend->layer(i)) == before[i])
+          << "layer " << i << " changed";
+    }
+
+    // A chained pair (a source that is also a destination) too.
+    pairs[bad_index] = bad_index % 2 == 0 ? n / 2 : 0;
+    s = backend->CopyBlocks(pairs.data(), num_pairs, nullptr);
+    ASSERT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    for (int i = 0; i < backend->num_layers(); ++i) {
+      EXPECT_TRUE(Read(backend->layer(i)) == before[i])
+          << "layer " << i << " changed";
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvcache::internal

@@ -1,0 +1,261 @@
+// StepBuffers (api/step_buffers.h) on the CPU device: FindFree, num_busy and
+// num_slots follow the slots' busy flags; Upload writes exactly a random slot
+// mapping and random (src, dst) pairs into the slot's device buffer and nothing
+// else (neither the rest of that slot nor any other slot); a step larger than
+// the buffers is InvalidArgument naming the sizes and changes nothing.
+// KVCACHE_TEST_SEED=<n> reruns one seed.
+
+#include "api/step_buffers.h"
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "allocator/block_manager.h"
+#include "gtest/gtest.h"
+#include "storage/device.h"
+
+namespace kvcache::internal {
+namespace {
+
+constexpr int64_t kSentinel = 0x5A5A5A5A5A5A5A5A;
+
+uint64_t Seed() {
+  const char* env = std::getenv("KVCACHE_TEST_SEED");
+  return env != nullptr ? std::strtoull(env, nullptr, 10)
+                        : std::random_device{}();
+}
+
+class StepBuffersTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const uint64_t seed = Seed();
+    rng_.seed(seed);
+    RecordProperty("seed", std::to_string(seed));
+    seed_trace_ = std::make_unique<::testing::ScopedTrace>(
+        __FILE__, __LINE__,
+        absl::StrCat("seed ", seed, " (rerun with KVCACHE_TEST_SEED=", seed,
+                     ")"));
+  }
+
+  void Make(int num_slots, int64_t max_tokens, int64_t max_copies) {
+    max_tokens_ = max_tokens;
+    max_copies_ = max_copies;
+    absl::StatusOr<std::unique_ptr<StepBuffers>> b =
+        StepBuffers::Create(device_.get(), num_slots, max_tokens, max_copies);
+    ASSERT_TRUE(b.ok()) << b.status();
+    buffers_ = *std::move(b);
+    // Every word of every device buffer starts as the sentinel, so a write
+    // outside what Upload was given shows.
+    for (int i = 0; i < buffers_->num_slots(); ++i) {
+      int64_t* words = buffers_->slot(i).device.as<int64_t>();
+      ASSERT_NE(words, nullptr);
+      ASSERT_EQ(
+          buffers_->slot(i).device.size(),
+          static_cast<size_t>(max_tokens + 2 * max_copies) * sizeof(int64_t));
+      std::fill(words, words + max_tokens + 2 * max_copies, kSentinel);
+    }
+  }
+
+  int64_t Rand(int64_t lo, int64_t hi) {  // [lo, hi]
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng_);
+  }
+
+  // A slot's whole device buffer, read back through the device.
+  std::vector<int64_t> ReadBack(int index) {
+    std::vector<int64_t> words(max_tokens_ + 2 * max_copies_);
+    EXPECT_TRUE(device_
+                    ->CopyToHost(words.data(), buffers_->device_slots(index),
+                                 words.size() * sizeof(int64_t))
+                    .ok());
+    return words;
+  }
+
+  std::mt19937_64 rng_;
+  std::unique_ptr<::testing::ScopedTrace> seed_trace_;
+  std::unique_ptr<Device> device_ = CreateCpuDevice();
+  std::unique_ptr<StepBuffers> buffers_;
+  int64_t max_tokens_ = 0;
+  int64_t max_copies_ = 0;
+};
+
+TEST_F(StepBuffersTest, FindFreeAndCountsFollowBusyFlags) {
+  const int n = static_cast<int>(Rand(1, 12));
+  Make(n, 4, 2);
+  ASSERT_EQ(buffers_->num_slots(), n);
+  EXPECT_EQ(buffers_->num_busy(), 0);
+  EXPECT_EQ(buffers_->FindFree(), 0);
+
+  // A model of the busy flags, changed at random; FindFree is the lowest free
+  // slot (or -1), num_busy the count.
+  std::vector<bool> busy(n, false);
+  for (int step = 0; step < 200; ++step) {
+    const int i = static_cast<int>(Rand(0, n - 1));
+    busy[i] = !busy[i];
+    buffers_->slot(i).busy = busy[i];
+    int expected_free = -1, expected_busy = 0;
+    for (int j = n - 1; j >= 0; --j) {
+      if (busy[j]) {
+        ++expected_busy;
+      } else {
+        expected_free = j;
+      }
+    }
+    ASSERT_EQ(buffers_->num_busy(), expected_busy) << "step " << step;
+    ASSERT_EQ(buffers_->FindFree(), expected_free) << "step " << step;
+    ASSERT_EQ(buffers_->num_slots(), n);
+  }
+
+  // All busy: -1; freeing one slot makes it the answer.
+  for (int i = 0; i < n; ++i) buffers_->slot(i).busy = true;
+  EXPECT_EQ(buffers_->FindFree(), -1);
+  EXPECT_EQ(buffers_->num_busy(), n);
+  const int freed = static_cast<int>(Rand(0, n - 1));
+  buffers_->slot(freed).busy = false;
+  EXPECT_EQ(buffers_->FindFree(), freed);
+  EXPECT_EQ(buffers_->num_busy(), n - 1);
+}
+
+TEST_F(StepBuffersTest, UploadWritesExactlyTheSlotsAndPairs) {
+  const int n = static_cast<int>(Rand(2, 6));
+  Make(n, Rand(1, 64), Rand(1, 16));
+  // Each slot's expected device contents.
+  std::vector<std::vector<int64_t>> expected(
+      n, std::vector<int64_t>(max_tokens_ + 2 * max_copies_, kSentinel));
+  for (int round = 0; round < 40; ++round) {
+    SCOPED_TRACE(absl::StrCat("round ", round));
+    const int index = static_cast<int>(Rand(0, n - 1));
+    std::vector<int64_t> slots(Rand(0, max_tokens_));
+    for (int64_t& s : slots) s = Rand(-1, int64_t{1} << 40);
+    std::vector<BlockCopy> copies(Rand(0, max_copies_));
+    for (BlockCopy& c : copies) {
+      c.src = static_cast<BlockId>(Rand(0, INT32_MAX));
+      c.dst = static_cast<BlockId>(Rand(0, INT32_MAX));
+    }
+    ASSERT_TRUE(
+        buffers_->Upload(index, slots, copies, /*stream=*/nullptr).ok());
+    EXPECT_FALSE(buffers_->slot(index).busy) << "Upload does not take a slot";
+    std::copy(slots.begin(), slots.end(), expected[index].begin());
+    for (size_t i = 0; i < copies.size(); ++i) {
+      expected[index][max_tokens_ + 2 * i] = copies[i].src;
+      expected[index][max_tokens_ + 2 * i + 1] = copies[i].dst;
+    }
+    for (int i = 0; i < n; ++i) {
+      ASSERT_EQ(ReadBack(i), expected[i]) << "slot " << i;
+    }
+    // The accessors point at the two parts of the slot's device buffer.
+    EXPECT_EQ(buffers_->device_slots(index),
+              buffers_->slot(index).device.as<int64_t>());
+    EXPECT_EQ(buffers_->device_pairs(index),
+              buffers_->slot(index).device.as<int64_t>() + max_tokens_);
+    // Read the uploaded data back through the accessors too.
+    std::vector<int64_t> got_slots(slots.size());
+    std::vector<int64_t> got_pairs(2 * copies.size());
+    ASSERT_TRUE(device_
+                    ->CopyToHost(got_slots.data(),
+                                 buffers_->device_slots(index),
+                                 got_slots.size() * sizeof(int64_t))
+                    .ok());
+    ASSERT_TRUE(device_
+                    ->CopyToHost(got_pairs.data(),
+                                 buffers_->device_pairs(index),
+                                 got_pairs.size() * sizeof(int64_t))
+                    .ok());
+    EXPECT_EQ(got_slots, slots);
+    for (size_t i = 0; i < copies.size(); ++i) {
+      EXPECT_EQ(got_pairs[2 * i], copies[i].src) << "pair " << i;
+      EXPECT_EQ(got_pairs[2 * i + 1], copies[i].dst) << "pair " << i;
+    }
+  }
+}
+
+TEST_F(StepBuffersTest, UploadAtCapacityFillsTheWholeSlot) {
+  Make(1, Rand(1, 32), Rand(1, 8));
+  std::vector<int64_t> slots(max_tokens_);
+  for (int64_t& s : slots) s = Rand(INT64_MIN, INT64_MAX);
+  std::vector<BlockCopy> copies(max_copies_);
+  for (BlockCopy& c : copies) {
+    c.src = static_cast<BlockId>(Rand(INT32_MIN, INT32_MAX));
+    c.dst = static_cast<BlockId>(Rand(INT32_MIN, INT32_MAX));
+  }
+  ASSERT_TRUE(buffers_->Upload(0, slots, copies, nullptr).ok());
+  std::vector<int64_t> expected = slots;
+  for (const BlockCopy& c : copies) {
+    expected.push_back(c.src);
+    expected.push_back(c.dst);
+  }
+  EXPECT_EQ(ReadBack(0), expected);
+}
+
+TEST_F(StepBuffersTest, UploadRefusesMoreThanTheCapacityAndChangesNothing) {
+  const int n = static_cast<int>(Rand(1, 4));
+  Make(n, Rand(1, 32), Rand(1, 8));
+  const int index = static_cast<int>(Rand(0, n - 1));
+  // A valid upload first, so the slot holds data of its own.
+  std::vector<int64_t> slots(max_tokens_);
+  for (int64_t& s : slots) s = Rand(0, 1 << 20);
+  std::vector<BlockCopy> copies(max_copies_);
+  for (BlockCopy& c : copies) {
+    c.src = static_cast<BlockId>(Rand(0, 1 << 20));
+    c.dst = static_cast<BlockId>(Rand(0, 1 << 20));
+  }
+  ASSERT_TRUE(buffers_->Upload(index, slots, copies, nullptr).ok());
+  std::vector<std::vector<int64_t>> before;
+  std::vector<std::vector<int64_t>> staging_before;
+  for (int i = 0; i < n; ++i) {
+    before.push_back(ReadBack(i));
+    const int64_t* staged = buffers_->slot(i).staging.as<int64_t>();
+    staging_before.emplace_back(staged, staged + max_tokens_ + 2 * max_copies_);
+  }
+
+  struct Case {
+    int64_t tokens, copies;
+  };
+  const int64_t extra_tokens = Rand(1, 8), extra_copies = Rand(1, 8);
+  for (const Case& c :
+       {Case{max_tokens_ + extra_tokens, 0},
+        Case{0, max_copies_ + extra_copies},
+        Case{max_tokens_ + extra_tokens, max_copies_},
+        Case{max_tokens_, max_copies_ + extra_copies},
+        Case{max_tokens_ + extra_tokens, max_copies_ + extra_copies}}) {
+    SCOPED_TRACE(absl::StrCat(c.tokens, " tokens, ", c.copies, " copies"));
+    std::vector<int64_t> big_slots(c.tokens);
+    for (int64_t& s : big_slots) s = Rand(0, 1 << 20);
+    std::vector<BlockCopy> big_copies(c.copies);
+    for (BlockCopy& p : big_copies) {
+      p.src = static_cast<BlockId>(Rand(0, 1 << 20));
+      p.dst = static_cast<BlockId>(Rand(0, 1 << 20));
+    }
+    const absl::Status s =
+        buffers_->Upload(index, big_slots, big_copies, nullptr);
+    ASSERT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    const std::string msg(s.message());
+    EXPECT_NE(msg.find(absl::StrCat(c.tokens, " tokens")), std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find(absl::StrCat(c.copies, " block copies")),
+              std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find(absl::StrCat("(", max_tokens_, " tokens, ", max_copies_,
+                                    " copies)")),
+              std::string::npos)
+        << msg;
+    EXPECT_FALSE(buffers_->slot(index).busy);
+    for (int i = 0; i < n; ++i) {
+      EXPECT_EQ(ReadBack(i), before[i]) << "device buffer of slot " << i;
+      const int64_t* staged = buffers_->slot(i).staging.as<int64_t>();
+      EXPECT_EQ(
+          std::vector<int64_t>(staged, staged + max_tokens_ + 2 * max_copies_),
+          staging_before[i])
+          << "staging buffer of slot " << i;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvcache::internal

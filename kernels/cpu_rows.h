@@ -1,6 +1,8 @@
 // The row walks of the CPU kernels, shared by the scalar and the AVX2 paths.
-// A row is one (token, head) of K and of V; row r = t * num_heads + h. Each
-// walk runs rows [begin, end) of validated params through a row policy:
+// A row is one (token, head) of K and of V; row r = t * num_heads + h, taken
+// apart, with its slot and offsets, by kernels/row_ref.h as in the CUDA
+// kernels. Each walk runs rows [begin, end) of validated params through a row
+// policy:
 //
 //   struct Row {
 //     template <class In, class Cache>   // Quantizes or copies one row.
@@ -23,8 +25,10 @@
 #include <type_traits>
 
 #include "core/cache_layout.h"
+#include "kernels/fast_divmod.h"
 #include "kernels/kernel_params.h"
 #include "kernels/quantize.h"
+#include "kernels/row_ref.h"
 
 namespace kvcache::internal {
 
@@ -70,14 +74,24 @@ struct ScalarRow {
   }
 };
 
-// Calls row(t, h) for rows [begin, end) in order, token by token.
-template <class F>
-void ForEachRow(int64_t begin, int64_t end, int64_t heads, F&& row) {
-  for (int64_t t = begin / heads; t * heads < end; ++t) {
-    const int64_t h_end = std::min(heads, end - t * heads);
-    for (int64_t h = std::max<int64_t>(begin - t * heads, 0); h < h_end; ++h) {
-      row(t, h);
-    }
+// The dividers of the CPU walks: plain integer division.
+inline RowDividersOf<IntDivider> CpuRowDividers(const CacheLayout& layout) {
+  RowDividersOf<IntDivider> dividers;
+  dividers.heads.divisor = layout.num_heads;
+  dividers.block_size.divisor = layout.block_size;
+  return dividers;
+}
+
+// Calls body(row) for the rows [begin, end) in order. row_at(r) (WriteRowAt or
+// GatherRowAt) gives the first row of each token in the range; the token's
+// other rows share its slot.
+template <class RowAt, class F>
+void ForEachRow(int64_t begin, int64_t end, int64_t heads, RowAt&& row_at,
+                F&& body) {
+  for (int64_t r = begin; r < end;) {
+    RowRef row = row_at(r);
+    const int64_t token_end = std::min(end, r + heads - row.head);
+    for (; r < token_end; ++r, ++row.head) body(row);
   }
 }
 
@@ -90,28 +104,23 @@ void WriteRows(const QuantizeWriteParams& p, int64_t begin, int64_t end) {
   const auto* value = static_cast<const InT*>(p.input.value);
   auto* key_cache = static_cast<CacheT*>(p.cache.key_cache);
   auto* value_cache = static_cast<CacheT*>(p.cache.value_cache);
-  ForEachRow(begin, end, layout.num_heads, [&](int64_t t, int64_t h) {
-    const int64_t slot = p.slot_mapping[t];
-    if (slot < 0) return;
-    const int64_t s = layout.scale_offset(slot, h);
-    Row::template Write<In, Cache>(
-        key + t * p.input.key_token_stride + h * p.input.key_head_stride,
-        layout.head_size, key_cache + layout.key_offset(slot, h),
-        Cache::kQuantized ? p.cache.key_scale + s : nullptr);
-    Row::template Write<In, Cache>(
-        value + t * p.input.value_token_stride + h * p.input.value_head_stride,
-        layout.head_size_v, value_cache + layout.value_offset(slot, h),
-        Cache::kQuantized ? p.cache.value_scale + s : nullptr);
-  });
-}
-
-// Slot of gathered token t, or -1 for padding.
-inline int64_t GatherSlot(const GatherParams& p, int64_t t) {
-  if (p.slots != nullptr) return p.slots[t];
-  const int64_t bs = p.cache.layout.block_size;
-  const int64_t pos = p.token_begin + t;
-  const int64_t block = p.block_table[pos / bs];
-  return block < 0 ? -1 : block * bs + pos % bs;
+  const RowDividersOf<IntDivider> dividers = CpuRowDividers(layout);
+  const int64_t num_slots = layout.num_slots();
+  ForEachRow(
+      begin, end, layout.num_heads,
+      [&](int64_t r) { return WriteRowAt(p, dividers, r); },
+      [&](const RowRef& row) {
+        if (!row.in_cache(num_slots)) return;
+        const int64_t s = row.scale_offset(layout);
+        Row::template Write<In, Cache>(
+            key + row.key_offset(p.input), layout.head_size,
+            key_cache + row.key_offset(layout),
+            Cache::kQuantized ? p.cache.key_scale + s : nullptr);
+        Row::template Write<In, Cache>(
+            value + row.value_offset(p.input), layout.head_size_v,
+            value_cache + row.value_offset(layout),
+            Cache::kQuantized ? p.cache.value_scale + s : nullptr);
+      });
 }
 
 template <class Cache, class Out, class Row>
@@ -123,25 +132,22 @@ void GatherRows(const GatherParams& p, int64_t begin, int64_t end) {
   const auto* value_cache = static_cast<const CacheT*>(p.cache.value_cache);
   auto* key = static_cast<OutT*>(p.output.key);
   auto* value = static_cast<OutT*>(p.output.value);
-  int64_t slot_t = -1, slot = -1;
-  ForEachRow(begin, end, layout.num_heads, [&](int64_t t, int64_t h) {
-    if (t != slot_t) {
-      slot_t = t;
-      slot = GatherSlot(p, t);
-    }
-    const bool pad = slot < 0;
-    const int64_t s = pad ? 0 : layout.scale_offset(slot, h);
-    Row::template Read<Cache, Out>(
-        pad ? nullptr : key_cache + layout.key_offset(slot, h),
-        Cache::kQuantized ? p.cache.key_scale + s : nullptr, layout.head_size,
-        key + t * p.output.key_token_stride + h * p.output.key_head_stride);
-    Row::template Read<Cache, Out>(
-        pad ? nullptr : value_cache + layout.value_offset(slot, h),
-        Cache::kQuantized ? p.cache.value_scale + s : nullptr,
-        layout.head_size_v,
-        value + t * p.output.value_token_stride +
-            h * p.output.value_head_stride);
-  });
+  const RowDividersOf<IntDivider> dividers = CpuRowDividers(layout);
+  ForEachRow(
+      begin, end, layout.num_heads,
+      [&](int64_t r) { return GatherRowAt(p, dividers, r); },
+      [&](const RowRef& row) {
+        const bool pad = row.slot < 0;
+        const int64_t s = pad ? 0 : row.scale_offset(layout);
+        Row::template Read<Cache, Out>(
+            pad ? nullptr : key_cache + row.key_offset(layout),
+            Cache::kQuantized ? p.cache.key_scale + s : nullptr,
+            layout.head_size, key + row.key_offset(p.output));
+        Row::template Read<Cache, Out>(
+            pad ? nullptr : value_cache + row.value_offset(layout),
+            Cache::kQuantized ? p.cache.value_scale + s : nullptr,
+            layout.head_size_v, value + row.value_offset(p.output));
+      });
 }
 
 }  // namespace kvcache::internal

@@ -18,6 +18,8 @@
 #include "core/cuda_check.h"
 #include "kernels/dtype_dispatch.h"
 #include "kernels/fast_divmod.h"
+#include "kernels/kernel_params.h"
+#include "kernels/row_ref.h"
 
 namespace kvcache::internal {
 
@@ -88,13 +90,6 @@ __device__ __forceinline__ void AllowDependentGrids() {
   asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
-
-// Dividers of the row kernels, built by the launcher: row -> (token, head) and
-// token position -> (block, offset).
-struct RowDividers {
-  FastDivmod heads;
-  FastDivmod block_size;
-};
 
 // What the launchers need to know of the current device (cached per device).
 struct DeviceLaunchInfo {
@@ -256,6 +251,21 @@ inline bool RowsAligned16(const void* base, int64_t elem, int64_t tokens,
   return IsAligned16(base) &&
          (tokens <= 1 || (token_stride * elem) % 16 == 0) &&
          (heads <= 1 || (head_stride * elem) % 16 == 0);
+}
+
+// True when a row kernel may use 16-byte vectors on the dense operand `dense`
+// (elements of type T) and the caches: every dense row 16-byte aligned, and
+// aligned caches (whose rows are whole vectors: validated head sizes).
+template <class T>
+bool CanVectorizeRows(const DenseKV& dense, int64_t num_tokens,
+                      const LayerCache& cache) {
+  const int64_t elem = sizeof(T);
+  const int64_t heads = cache.layout.num_heads;
+  return RowsAligned16(dense.key, elem, num_tokens, heads,
+                       dense.key_token_stride, dense.key_head_stride) &&
+         RowsAligned16(dense.value, elem, num_tokens, heads,
+                       dense.value_token_stride, dense.value_head_stride) &&
+         IsAligned16(cache.key_cache) && IsAligned16(cache.value_cache);
 }
 
 }  // namespace kvcache::internal

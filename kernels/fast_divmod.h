@@ -1,8 +1,13 @@
-// FastDivmod divides 31-bit unsigned values by a divisor fixed on the host with
-// one multiply-high and one shift instead of an integer division (the kernels
-// split a row index into token and head, and a token position into block and
-// offset, this way). Plain value type built on the host and passed by value to
-// kernels; thread-compatible.
+// Dividers fixed on the host, by which the row kernels split a row index into
+// token and head and a token position into block and offset
+// (kernels/row_ref.h). Each has Divmod(n, &q, &r); plain value types built on
+// the host and passed by value to kernels; thread-compatible.
+//
+//   FastDivmod   any divisor: one multiply-high and one shift (CUDA kernels)
+//   IntDivider   any divisor: an integer division (CPU kernels)
+//   Pow2Divider  2^log2: a shift and a mask (the lean block-table gather)
+//
+// FastDivmod divides 31-bit unsigned values:
 //
 //   FastDivmod heads = FastDivmod::Make(8);
 //   uint32_t t, h;
@@ -18,6 +23,7 @@
 
 #include <cstdint>
 
+#include "absl/numeric/bits.h"
 #include "core/host_device.h"
 
 namespace kvcache::internal {
@@ -35,8 +41,8 @@ struct FastDivmod {
     FastDivmod f;
     f.divisor = d;
     if (d == 1) return f;
-    uint32_t l = 0;
-    while ((uint64_t{1} << l) < d) ++l;
+    // l = ceil(log2(d)).
+    const uint32_t l = static_cast<uint32_t>(absl::bit_width(d - 1));
     const uint64_t p = uint64_t{1} << (31 + l);
     f.multiplier = static_cast<uint32_t>((p + d - 1) / d);
     f.shift = l - 1;
@@ -70,6 +76,26 @@ struct FastDivmod {
       *q = n / divisor;
       *r = n - *q * divisor;
     }
+  }
+};
+
+// Plain integer division.
+struct IntDivider {
+  int64_t divisor = 1;
+
+  KVCACHE_HOST_DEVICE void Divmod(int64_t n, int64_t* q, int64_t* r) const {
+    *q = n / divisor;
+    *r = n - *q * divisor;
+  }
+};
+
+// Division by 2^log2 of 32-bit dividends.
+struct Pow2Divider {
+  uint32_t log2 = 0;
+
+  KVCACHE_HOST_DEVICE void Divmod(uint32_t n, uint32_t* q, uint32_t* r) const {
+    *q = n >> log2;
+    *r = n & ((1u << log2) - 1);
   }
 };
 

@@ -15,28 +15,11 @@
 
 #include "core/cache_layout.h"
 #include "kernels/cuda_util.cuh"
-#include "kernels/fast_divmod.h"
 #include "kernels/kernel_params.h"
 #include "kernels/quantize.h"
+#include "kernels/row_ref.h"
 
 namespace kvcache::internal {
-
-// Slot of gathered token t; -1 for padding and for slots outside the cache.
-__device__ __forceinline__ int64_t GatherSlotOf(const GatherParams& p,
-                                                const FastDivmod& block_size,
-                                                int64_t t) {
-  const CacheLayout& layout = p.cache.layout;
-  int64_t slot;
-  if (p.slots != nullptr) {
-    slot = __ldg(p.slots + t);
-  } else {
-    int64_t block_index, offset;
-    block_size.Divmod(p.token_begin + t, &block_index, &offset);
-    const int64_t block = __ldg(p.block_table + block_index);
-    slot = block < 0 ? -1 : block * layout.block_size + offset;
-  }
-  return slot < layout.num_slots() ? slot : -1;
-}
 
 // Cache element -> output element.
 template <class Cache, class Out>
@@ -79,11 +62,32 @@ __device__ __forceinline__ float2 DecodePair(uint32_t pair) {
   }
 }
 
-// One 16-byte output vector from its cache elements `c` (kElems of them);
-// zeros for a padding row. Quantized caches into 16-bit outputs work on code
-// pairs: q * scale in float32 (DESIGN section 3), then one packed conversion
-// per pair. `fast_int8`: int8 codes times a finite scale, where no NaN arises.
-template <class Cache, class Out, class CacheVec, class OutVec>
+// The vectors of the 16-byte gather kernels: an output vector of kElems
+// elements and the kElems cache codes it comes from.
+template <class Cache, class Out>
+struct GatherVecs {
+  using CacheT = typename Cache::T;
+  using OutT = typename Out::T;
+  static constexpr int kElems = 16 / sizeof(OutT);
+  using CacheVec = Vec<CacheT, kElems>;
+  using OutVec = Vec<OutT, kElems>;
+};
+
+// ConvertVec's `fast_int8` for a row is valid && FastInt8Scale(kscale) &&
+// FastInt8Scale(vscale): int8 codes times finite scales, where q * scale gives
+// no NaN. Always false for other caches.
+template <class Cache>
+__device__ __forceinline__ bool FastInt8Scale(float scale) {
+  return std::is_same_v<Cache, Int8Type> && AbsBits(scale) < 0x7F800000u;
+}
+
+// One output vector from its cache elements `c` (kElems of them); zeros for a
+// padding row. Quantized caches into 16-bit outputs work on code pairs:
+// q * scale in float32 (DESIGN section 3), then one packed conversion per
+// pair. `fast_int8`: see FastInt8Scale.
+template <class Cache, class Out,
+          class CacheVec = typename GatherVecs<Cache, Out>::CacheVec,
+          class OutVec = typename GatherVecs<Cache, Out>::OutVec>
 __device__ __forceinline__ OutVec ConvertVec(const CacheVec& c, float scale,
                                              bool valid, bool fast_int8) {
   constexpr int kElems = sizeof(OutVec) / sizeof(typename Out::T);
@@ -115,75 +119,66 @@ __device__ __forceinline__ OutVec ConvertVec(const CacheVec& c, float scale,
 template <class Cache, class Out, int kGroup, int kVecs, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     GatherVecKernel(const GatherParams p, const RowDividers dividers) {
-  using CacheT = typename Cache::T;
-  using OutT = typename Out::T;
-  constexpr int kElems = 16 / sizeof(OutT);
-  using CacheVec = Vec<CacheT, kElems>;
-  using OutVec = Vec<OutT, kElems>;
+  using V = GatherVecs<Cache, Out>;
   constexpr int kGroupsPerBlock = kThreads / kGroup;
 
   WaitForPriorGrids();
   AllowDependentGrids();
   const CacheLayout& layout = p.cache.layout;
   const int lane = threadIdx.x % kGroup;
-  const int nk = static_cast<int>(layout.head_size / kElems);
-  const int nv = static_cast<int>(layout.head_size_v / kElems);
+  const int nk = static_cast<int>(layout.head_size / V::kElems);
+  const int nv = static_cast<int>(layout.head_size_v / V::kElems);
   const int64_t rows = p.num_tokens * layout.num_heads;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroupsPerBlock;
-  OutT* __restrict__ key = static_cast<OutT*>(p.output.key);
-  OutT* __restrict__ value = static_cast<OutT*>(p.output.value);
+  typename V::OutT* __restrict__ key =
+      static_cast<typename V::OutT*>(p.output.key);
+  typename V::OutT* __restrict__ value =
+      static_cast<typename V::OutT*>(p.output.value);
 
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock +
-                     threadIdx.x / kGroup;
-       row < rows; row += stride) {
-    int64_t t, h;
-    dividers.heads.Divmod(row, &t, &h);
-    const int64_t slot = GatherSlotOf(p, dividers.block_size, t);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock +
+                   threadIdx.x / kGroup;
+       r < rows; r += stride) {
+    const RowRef row = GatherRowAt(p, dividers, r);
     // A padding row reads slot 0 (always in the cache) and discards it, so the
     // loads need no branch.
-    const int64_t read_slot = slot >= 0 ? slot : 0;
-    const CacheVec* ksrc = reinterpret_cast<const CacheVec*>(
-        static_cast<const CacheT*>(p.cache.key_cache) +
-        layout.key_offset(read_slot, h));
-    const CacheVec* vsrc = reinterpret_cast<const CacheVec*>(
-        static_cast<const CacheT*>(p.cache.value_cache) +
-        layout.value_offset(read_slot, h));
+    RowRef read = row;
+    read.slot = row.slot >= 0 ? row.slot : 0;
+    const auto* ksrc = reinterpret_cast<const typename V::CacheVec*>(
+        static_cast<const typename V::CacheT*>(p.cache.key_cache) +
+        read.key_offset(layout));
+    const auto* vsrc = reinterpret_cast<const typename V::CacheVec*>(
+        static_cast<const typename V::CacheT*>(p.cache.value_cache) +
+        read.value_offset(layout));
     float kscale = 0.0f;
     float vscale = 0.0f;
     if constexpr (Cache::kQuantized) {
-      const int64_t s = layout.scale_offset(read_slot, h);
+      const int64_t s = read.scale_offset(layout);
       kscale = __ldg(p.cache.key_scale + s);
       vscale = __ldg(p.cache.value_scale + s);
     }
-    CacheVec kc[kVecs];
-    CacheVec vc[kVecs];
+    typename V::CacheVec kc[kVecs];
+    typename V::CacheVec vc[kVecs];
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
       const int idx = lane + i * kGroup;
       if (idx < nk) kc[i] = LoadVec(ksrc + idx);
       if (idx < nv) vc[i] = LoadVec(vsrc + idx);
     }
-    OutVec* kdst = reinterpret_cast<OutVec*>(
-        key + t * p.output.key_token_stride + h * p.output.key_head_stride);
-    OutVec* vdst =
-        reinterpret_cast<OutVec*>(value + t * p.output.value_token_stride +
-                                  h * p.output.value_head_stride);
-    const bool valid = slot >= 0;
-    bool fast = false;
-    if constexpr (std::is_same_v<Cache, Int8Type>) {
-      fast = valid && AbsBits(kscale) < 0x7F800000u &&
-             AbsBits(vscale) < 0x7F800000u;
-    }
+    auto* kdst =
+        reinterpret_cast<typename V::OutVec*>(key + row.key_offset(p.output));
+    auto* vdst = reinterpret_cast<typename V::OutVec*>(
+        value + row.value_offset(p.output));
+    const bool valid = row.slot >= 0;
+    const bool fast =
+        valid && FastInt8Scale<Cache>(kscale) && FastInt8Scale<Cache>(vscale);
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
       const int idx = lane + i * kGroup;
       if (idx < nk) {
-        kdst[idx] = ConvertVec<Cache, Out, CacheVec, OutVec>(kc[i], kscale,
-                                                             valid, fast);
+        kdst[idx] = ConvertVec<Cache, Out>(kc[i], kscale, valid, fast);
       }
       if (idx < nv) {
-        vdst[idx] = ConvertVec<Cache, Out, CacheVec, OutVec>(vc[i], vscale,
-                                                             valid, fast);
+        vdst[idx] = ConvertVec<Cache, Out>(vc[i], vscale, valid, fast);
       }
     }
   }
@@ -191,64 +186,58 @@ __global__ void __launch_bounds__(kThreads)
 
 // The block-table gather of the common shapes, with the index math cut to
 // shifts and masks (it bounds the generic kernel: benchmarks/results/NOTES.md):
-// power-of-two num_heads and block_size (log2 in the arguments), head_size ==
+// power-of-two num_heads and block_size (Pow2Divider), head_size ==
 // head_size_v == kGroup 16-byte output vectors, dense outputs, and fewer than
 // 2^31 rows, cache elements and output elements. One row per group of kGroup
-// lanes, one lane per vector, a grid that covers every row once.
-struct DenseBlockShifts {
-  uint32_t log2_heads = 0;
-  uint32_t log2_block_size = 0;
-};
-
+// lanes, one lane per vector, a grid that covers every row once. In 32 bits:
+//
+//   cache row (slot * num_heads + head)   (slot << log2 heads) | head
+//   dense output row (r * head_size)      r * kGroup vectors
 template <class Cache, class Out, int kGroup, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     GatherDenseBlockKernel(const GatherParams p,
-                           const DenseBlockShifts shifts) {
-  using CacheT = typename Cache::T;
-  using OutT = typename Out::T;
-  constexpr int kElems = 16 / sizeof(OutT);
-  using CacheVec = Vec<CacheT, kElems>;
-  using OutVec = Vec<OutT, kElems>;
+                           const RowDividersOf<Pow2Divider> dividers) {
+  using V = GatherVecs<Cache, Out>;
   constexpr uint32_t kGroupsPerBlock = kThreads / kGroup;
 
   WaitForPriorGrids();
   AllowDependentGrids();
   const uint32_t rows = static_cast<uint32_t>(p.num_tokens)
-                        << shifts.log2_heads;
-  const uint32_t row = blockIdx.x * kGroupsPerBlock + threadIdx.x / kGroup;
-  if (row >= rows) return;
+                        << dividers.heads.log2;
+  const uint32_t r = blockIdx.x * kGroupsPerBlock + threadIdx.x / kGroup;
+  if (r >= rows) return;
   const uint32_t lane = threadIdx.x % kGroup;
-  const uint32_t t = row >> shifts.log2_heads;
-  const uint32_t h = row & ((1u << shifts.log2_heads) - 1);
-  const uint32_t pos = static_cast<uint32_t>(p.token_begin) + t;
-  const int32_t block = __ldg(p.block_table + (pos >> shifts.log2_block_size));
+  uint32_t t, h, block_index, offset;
+  dividers.heads.Divmod(r, &t, &h);
+  dividers.block_size.Divmod(static_cast<uint32_t>(p.token_begin) + t,
+                             &block_index, &offset);
+  const int32_t block = LoadIndex(p.block_table + block_index);
   // A padding entry (negative) or one outside the cache reads block 0 and
   // stores zeros.
   const bool valid =
       block >= 0 && block < static_cast<int32_t>(p.cache.layout.num_blocks);
   const uint32_t slot =
-      (static_cast<uint32_t>(valid ? block : 0) << shifts.log2_block_size) |
-      (pos & ((1u << shifts.log2_block_size) - 1));
-  const uint32_t cache_row = (slot << shifts.log2_heads) | h;
-  const CacheVec k = LoadVec(static_cast<const CacheVec*>(p.cache.key_cache) +
-                             cache_row * kGroup + lane);
-  const CacheVec v = LoadVec(static_cast<const CacheVec*>(p.cache.value_cache) +
-                             cache_row * kGroup + lane);
+      (static_cast<uint32_t>(valid ? block : 0) << dividers.block_size.log2) |
+      offset;
+  const uint32_t cache_row = (slot << dividers.heads.log2) | h;
+  const auto k =
+      LoadVec(static_cast<const typename V::CacheVec*>(p.cache.key_cache) +
+              cache_row * kGroup + lane);
+  const auto v =
+      LoadVec(static_cast<const typename V::CacheVec*>(p.cache.value_cache) +
+              cache_row * kGroup + lane);
   float kscale = 0.0f;
   float vscale = 0.0f;
   if constexpr (Cache::kQuantized) {
     kscale = __ldg(p.cache.key_scale + cache_row);
     vscale = __ldg(p.cache.value_scale + cache_row);
   }
-  bool fast = false;
-  if constexpr (std::is_same_v<Cache, Int8Type>) {
-    fast =
-        valid && AbsBits(kscale) < 0x7F800000u && AbsBits(vscale) < 0x7F800000u;
-  }
-  static_cast<OutVec*>(p.output.key)[row * kGroup + lane] =
-      ConvertVec<Cache, Out, CacheVec, OutVec>(k, kscale, valid, fast);
-  static_cast<OutVec*>(p.output.value)[row * kGroup + lane] =
-      ConvertVec<Cache, Out, CacheVec, OutVec>(v, vscale, valid, fast);
+  const bool fast =
+      valid && FastInt8Scale<Cache>(kscale) && FastInt8Scale<Cache>(vscale);
+  static_cast<typename V::OutVec*>(p.output.key)[r * kGroup + lane] =
+      ConvertVec<Cache, Out>(k, kscale, valid, fast);
+  static_cast<typename V::OutVec*>(p.output.value)[r * kGroup + lane] =
+      ConvertVec<Cache, Out>(v, vscale, valid, fast);
 }
 
 // One row of n elements by the 32 lanes of a warp; zeros when src is null.
@@ -274,36 +263,30 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int lane = threadIdx.x % 32;
   const int64_t rows = p.num_tokens * layout.num_heads;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t row =
+  for (int64_t r =
            static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-       row < rows; row += stride) {
-    int64_t t, h;
-    dividers.heads.Divmod(row, &t, &h);
-    const int64_t slot = GatherSlotOf(p, dividers.block_size, t);
+       r < rows; r += stride) {
+    const RowRef row = GatherRowAt(p, dividers, r);
     const CacheT* ksrc = nullptr;
     const CacheT* vsrc = nullptr;
     float kscale = 0.0f;
     float vscale = 0.0f;
-    if (slot >= 0) {
+    if (row.slot >= 0) {
       ksrc = static_cast<const CacheT*>(p.cache.key_cache) +
-             layout.key_offset(slot, h);
+             row.key_offset(layout);
       vsrc = static_cast<const CacheT*>(p.cache.value_cache) +
-             layout.value_offset(slot, h);
+             row.value_offset(layout);
       if constexpr (Cache::kQuantized) {
-        kscale = p.cache.key_scale[layout.scale_offset(slot, h)];
-        vscale = p.cache.value_scale[layout.scale_offset(slot, h)];
+        kscale = p.cache.key_scale[row.scale_offset(layout)];
+        vscale = p.cache.value_scale[row.scale_offset(layout)];
       }
     }
-    ReadRowScalar<Cache, Out>(ksrc, kscale, layout.head_size,
-                              static_cast<OutT*>(p.output.key) +
-                                  t * p.output.key_token_stride +
-                                  h * p.output.key_head_stride,
-                              lane);
-    ReadRowScalar<Cache, Out>(vsrc, vscale, layout.head_size_v,
-                              static_cast<OutT*>(p.output.value) +
-                                  t * p.output.value_token_stride +
-                                  h * p.output.value_head_stride,
-                              lane);
+    ReadRowScalar<Cache, Out>(
+        ksrc, kscale, layout.head_size,
+        static_cast<OutT*>(p.output.key) + row.key_offset(p.output), lane);
+    ReadRowScalar<Cache, Out>(
+        vsrc, vscale, layout.head_size_v,
+        static_cast<OutT*>(p.output.value) + row.value_offset(p.output), lane);
   }
 }
 

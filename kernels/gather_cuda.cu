@@ -5,9 +5,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "absl/numeric/bits.h"
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "core/cuda_check.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/cuda_util.cuh"
@@ -18,90 +21,81 @@
 namespace kvcache {
 namespace {
 
+// Lanes per row of GatherDenseBlockKernel for a gather with 16-byte vectors
+// (CanVectorizeRows), one per output vector (8, 16 or 32), or 0 when the kernel
+// does not cover it (its conditions are at the kernel).
 template <class Out>
-bool CanVectorize(const GatherParams& p) {
-  const int64_t elem = sizeof(typename Out::T);
-  const CacheLayout& layout = p.cache.layout;
-  return internal::RowsAligned16(p.output.key, elem, p.num_tokens,
-                                 layout.num_heads, p.output.key_token_stride,
-                                 p.output.key_head_stride) &&
-         internal::RowsAligned16(p.output.value, elem, p.num_tokens,
-                                 layout.num_heads, p.output.value_token_stride,
-                                 p.output.value_head_stride) &&
-         internal::IsAligned16(p.cache.key_cache) &&
-         internal::IsAligned16(p.cache.value_cache);
-}
-
-bool IsPowerOfTwo(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }
-
-uint32_t Log2(int64_t n) {
-  uint32_t l = 0;
-  while ((int64_t{1} << l) < n) ++l;
-  return l;
-}
-
-// Whether GatherDenseBlockKernel covers this gather (its conditions are at the
-// kernel), given 16-byte vectors.
-template <class Out>
-bool CanUseDenseBlockKernel(const GatherParams& p) {
+int DenseBlockGroup(const GatherParams& p) {
   const CacheLayout& layout = p.cache.layout;
   const int64_t H = layout.num_heads, D = layout.head_size;
   const int64_t vectors =
       D * static_cast<int64_t>(sizeof(typename Out::T)) / 16;
   constexpr int64_t kLimit = int64_t{1} << 31;
-  return p.block_table != nullptr && IsPowerOfTwo(H) &&
-         IsPowerOfTwo(layout.block_size) && layout.head_size_v == D &&
-         (vectors == 8 || vectors == 16 || vectors == 32) &&
-         p.output.key_token_stride == H * D && p.output.key_head_stride == D &&
-         p.output.value_token_stride == H * D &&
-         p.output.value_head_stride == D &&
-         p.token_begin + p.num_tokens < kLimit &&
-         p.num_tokens * H * D < kLimit &&
-         layout.num_blocks * layout.block_size * H * D < kLimit &&
-         layout.num_blocks < kLimit;
+  auto pow2 = [](int64_t n) {
+    return n > 0 && absl::has_single_bit(static_cast<uint64_t>(n));
+  };
+  const bool covered =
+      p.block_table != nullptr && pow2(H) && pow2(layout.block_size) &&
+      layout.head_size_v == D &&
+      (vectors == 8 || vectors == 16 || vectors == 32) &&
+      p.output.key_token_stride == H * D && p.output.key_head_stride == D &&
+      p.output.value_token_stride == H * D && p.output.value_head_stride == D &&
+      p.token_begin + p.num_tokens < kLimit && p.num_tokens * H * D < kLimit &&
+      layout.num_blocks * layout.block_size * H * D < kLimit &&
+      layout.num_blocks < kLimit;
+  return covered ? static_cast<int>(vectors) : 0;
 }
 
+// REQUIRES: group == DenseBlockGroup<Out>(p) != 0.
 template <class Cache, class Out>
-absl::Status LaunchDenseBlock(const GatherParams& p, cudaStream_t stream) {
+absl::Status LaunchDenseBlock(const GatherParams& p, int group,
+                              cudaStream_t stream) {
   absl::StatusOr<internal::DeviceLaunchInfo> info =
       internal::CurrentDeviceLaunchInfo();
   if (!info.ok()) return info.status();
   const CacheLayout& layout = p.cache.layout;
-  internal::DenseBlockShifts shifts;
-  shifts.log2_heads = Log2(layout.num_heads);
-  shifts.log2_block_size = Log2(layout.block_size);
-  const int64_t vectors =
-      layout.head_size * static_cast<int64_t>(sizeof(typename Out::T)) / 16;
+  // Powers of two: log2 is the count of trailing zeros.
+  internal::RowDividersOf<internal::Pow2Divider> dividers;
+  dividers.heads.log2 = static_cast<uint32_t>(
+      absl::countr_zero(static_cast<uint64_t>(layout.num_heads)));
+  dividers.block_size.log2 = static_cast<uint32_t>(
+      absl::countr_zero(static_cast<uint64_t>(layout.block_size)));
   const int64_t rows = p.num_tokens * layout.num_heads;
-  auto launch = [&](auto* kernel, int64_t group) {
-    const int64_t per_block = internal::kThreadsPerBlock / group;
-    return internal::LaunchKernel(kernel, (rows + per_block - 1) / per_block,
-                                  internal::kThreadsPerBlock,
-                                  info->programmatic_launch, stream, p, shifts);
+  auto launch = [&](auto lanes) {
+    constexpr int kGroup = decltype(lanes)::value;
+    constexpr int kThreads = internal::kThreadsPerBlock;
+    constexpr int64_t kRowsPerBlock = kThreads / kGroup;
+    return internal::LaunchKernel(
+        &internal::GatherDenseBlockKernel<Cache, Out, kGroup, kThreads>,
+        (rows + kRowsPerBlock - 1) / kRowsPerBlock, kThreads,
+        info->programmatic_launch, stream, p, dividers);
   };
-  constexpr int kThreads = internal::kThreadsPerBlock;
-  if (vectors == 8) {
-    return launch(&internal::GatherDenseBlockKernel<Cache, Out, 8, kThreads>,
-                  8);
+  switch (group) {
+    case 8:
+      return launch(std::integral_constant<int, 8>{});
+    case 16:
+      return launch(std::integral_constant<int, 16>{});
+    case 32:
+      return launch(std::integral_constant<int, 32>{});
+    default:
+      return absl::InternalError(
+          absl::StrCat("dense block gather with ", group, " lanes per row"));
   }
-  if (vectors == 16) {
-    return launch(&internal::GatherDenseBlockKernel<Cache, Out, 16, kThreads>,
-                  16);
-  }
-  return launch(&internal::GatherDenseBlockKernel<Cache, Out, 32, kThreads>,
-                32);
 }
 
 template <class Cache, class Out>
 absl::Status Launch(const GatherParams& p, cudaStream_t stream) {
-  if (CanVectorize<Out>(p) && CanUseDenseBlockKernel<Out>(p)) {
-    return LaunchDenseBlock<Cache, Out>(p, stream);
+  const bool vectorize = internal::CanVectorizeRows<typename Out::T>(
+      p.output, p.num_tokens, p.cache);
+  const int dense_group = vectorize ? DenseBlockGroup<Out>(p) : 0;
+  if (dense_group != 0) {
+    return LaunchDenseBlock<Cache, Out>(p, dense_group, stream);
   }
   const CacheLayout& layout = p.cache.layout;
   const int64_t rows = p.num_tokens * layout.num_heads;
   constexpr int64_t kElems = 16 / sizeof(typename Out::T);
   return internal::LaunchRowKernel(
-      p, rows, CanVectorize<Out>(p),
+      p, rows, vectorize,
       std::max(layout.head_size, layout.head_size_v) / kElems,
       [](auto group, auto vecs) {
         return &internal::GatherVecKernel<Cache, Out, decltype(group)::value,

@@ -12,12 +12,14 @@
 
 #include "core/cache_layout.h"
 #include "core/dtype.h"
+#include "core/host_device.h"
 
 namespace kvcache {
 
 // Dense K [num_tokens, num_heads, head_size] / V [.., head_size_v] with unit
 // stride in the last dimension and arbitrary token and head strides (e.g.
-// slices of a fused QKV output).
+// slices of a fused QKV output). The CPU and CUDA kernels address it through
+// key_offset / value_offset alone.
 struct DenseKV {
   void* key = nullptr;  // const for inputs; written by gather.
   void* value = nullptr;
@@ -26,6 +28,14 @@ struct DenseKV {
   int64_t key_head_stride = 0;
   int64_t value_token_stride = 0;
   int64_t value_head_stride = 0;
+
+  // Element offset of (token, head, 0) in K (V).
+  KVCACHE_HOST_DEVICE int64_t key_offset(int64_t token, int64_t head) const {
+    return token * key_token_stride + head * key_head_stride;
+  }
+  KVCACHE_HOST_DEVICE int64_t value_offset(int64_t token, int64_t head) const {
+    return token * value_token_stride + head * value_head_stride;
+  }
 };
 
 // Quantize-and-write: for each token t with slot_mapping[t] >= 0, write K/V[t]

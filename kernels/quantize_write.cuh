@@ -18,9 +18,9 @@
 
 #include "core/cache_layout.h"
 #include "kernels/cuda_util.cuh"
-#include "kernels/fast_divmod.h"
 #include "kernels/kernel_params.h"
 #include "kernels/quantize.h"
+#include "kernels/row_ref.h"
 
 namespace kvcache::internal {
 
@@ -144,19 +144,14 @@ __global__ void __launch_bounds__(kThreads)
   const char* __restrict__ key = static_cast<const char*>(p.input.key);
   const char* __restrict__ value = static_cast<const char*>(p.input.value);
 
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock +
-                     threadIdx.x / kGroup;
-       row < rows; row += stride) {
-    int64_t t, h;
-    dividers.heads.Divmod(row, &t, &h);
-    const int64_t slot = __ldg(p.slot_mapping + t);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock +
+                   threadIdx.x / kGroup;
+       r < rows; r += stride) {
+    const RowRef row = WriteRowAt(p, dividers, r);
     const uint4* ksrc = reinterpret_cast<const uint4*>(
-        key + (t * p.input.key_token_stride + h * p.input.key_head_stride) *
-                  static_cast<int64_t>(sizeof(InT)));
+        key + row.key_offset(p.input) * static_cast<int64_t>(sizeof(InT)));
     const uint4* vsrc = reinterpret_cast<const uint4*>(
-        value +
-        (t * p.input.value_token_stride + h * p.input.value_head_stride) *
-            static_cast<int64_t>(sizeof(InT)));
+        value + row.value_offset(p.input) * static_cast<int64_t>(sizeof(InT)));
     uint4 kx[kVecs];
     uint4 vx[kVecs];
 #pragma unroll
@@ -167,13 +162,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     // Padding (negative) slots are skipped; out-of-range ones too (debug builds
     // report them).
-    if (slot < 0 || slot >= num_slots) continue;
-    char* kdst =
-        static_cast<char*>(p.cache.key_cache) +
-        layout.key_offset(slot, h) * static_cast<int64_t>(sizeof(CacheT));
+    if (!row.in_cache(num_slots)) continue;
+    char* kdst = static_cast<char*>(p.cache.key_cache) +
+                 row.key_offset(layout) * static_cast<int64_t>(sizeof(CacheT));
     char* vdst =
         static_cast<char*>(p.cache.value_cache) +
-        layout.value_offset(slot, h) * static_cast<int64_t>(sizeof(CacheT));
+        row.value_offset(layout) * static_cast<int64_t>(sizeof(CacheT));
 
     if constexpr (!Cache::kQuantized) {
 #pragma unroll
@@ -222,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       if (lane < 2) {
-        const int64_t s = layout.scale_offset(slot, h);
+        const int64_t s = row.scale_offset(layout);
         float* scales = lane == 0 ? p.cache.key_scale : p.cache.value_scale;
         scales[s] = lane == 0 ? kscale : vscale;
       }
@@ -263,26 +257,21 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int lane = threadIdx.x % 32;
   const int64_t rows = p.num_tokens * layout.num_heads;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t row =
+  for (int64_t r =
            static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-       row < rows; row += stride) {
-    int64_t t, h;
-    dividers.heads.Divmod(row, &t, &h);
-    const int64_t slot = p.slot_mapping[t];
-    if (slot < 0 || slot >= layout.num_slots()) continue;
-    const int64_t s = layout.scale_offset(slot, h);
+       r < rows; r += stride) {
+    const RowRef row = WriteRowAt(p, dividers, r);
+    if (!row.in_cache(layout.num_slots())) continue;
+    const int64_t s = row.scale_offset(layout);
     WriteRowScalar<In, Cache>(
-        static_cast<const InT*>(p.input.key) + t * p.input.key_token_stride +
-            h * p.input.key_head_stride,
+        static_cast<const InT*>(p.input.key) + row.key_offset(p.input),
         layout.head_size,
-        static_cast<CacheT*>(p.cache.key_cache) + layout.key_offset(slot, h),
+        static_cast<CacheT*>(p.cache.key_cache) + row.key_offset(layout),
         Cache::kQuantized ? p.cache.key_scale + s : nullptr, lane);
     WriteRowScalar<In, Cache>(
-        static_cast<const InT*>(p.input.value) +
-            t * p.input.value_token_stride + h * p.input.value_head_stride,
+        static_cast<const InT*>(p.input.value) + row.value_offset(p.input),
         layout.head_size_v,
-        static_cast<CacheT*>(p.cache.value_cache) +
-            layout.value_offset(slot, h),
+        static_cast<CacheT*>(p.cache.value_cache) + row.value_offset(layout),
         Cache::kQuantized ? p.cache.value_scale + s : nullptr, lane);
   }
 }

@@ -18,27 +18,15 @@
 namespace kvcache {
 namespace {
 
-template <class In>
-bool CanVectorize(const QuantizeWriteParams& p) {
-  const int64_t elem = sizeof(typename In::T);
-  const CacheLayout& layout = p.cache.layout;
-  return internal::RowsAligned16(p.input.key, elem, p.num_tokens,
-                                 layout.num_heads, p.input.key_token_stride,
-                                 p.input.key_head_stride) &&
-         internal::RowsAligned16(p.input.value, elem, p.num_tokens,
-                                 layout.num_heads, p.input.value_token_stride,
-                                 p.input.value_head_stride) &&
-         internal::IsAligned16(p.cache.key_cache) &&
-         internal::IsAligned16(p.cache.value_cache);
-}
-
 template <class In, class Cache>
 absl::Status Launch(const QuantizeWriteParams& p, cudaStream_t stream) {
   const CacheLayout& layout = p.cache.layout;
   const int64_t rows = p.num_tokens * layout.num_heads;
   constexpr int64_t kElems = 16 / sizeof(typename In::T);
   return internal::LaunchRowKernel(
-      p, rows, CanVectorize<In>(p),
+      p, rows,
+      internal::CanVectorizeRows<typename In::T>(p.input, p.num_tokens,
+                                                 p.cache),
       std::max(layout.head_size, layout.head_size_v) / kElems,
       [](auto group, auto vecs) {
         return &internal::QuantizeWriteVecKernel<

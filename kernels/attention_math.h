@@ -13,9 +13,9 @@ namespace kvcache::internal {
 
 // One sequence of the batch as the kernels see it.
 struct AttentionSeq {
-  int32_t len = 0;      // Keys (clamped; <= 0 for a padding entry).
-  int32_t q_begin = 0;  // First row of q.
-  int32_t num_q = 0;    // Query rows (0..max_query_tokens).
+  int32_t len = 0;        // Keys (clamped; <= 0 for a padding entry).
+  int32_t q_begin = 0;    // First row of q.
+  int32_t num_q = 0;      // Query rows (0..max_query_tokens).
   int32_t key_begin = 0;  // First key any of its rows attends.
 };
 
@@ -37,17 +37,16 @@ KVCACHE_HOST_DEVICE AttentionSeq LoadAttentionSeq(const AttentionParams& p,
   const int32_t end = ClampI32(q_end, s.q_begin, p.num_q_tokens);
   s.num_q = ClampI32(end - s.q_begin, 0, p.max_query_tokens);
   const int64_t first_pos = static_cast<int64_t>(s.len) - s.num_q;
-  s.key_begin =
-      p.window > 0 ? ClampI32(first_pos - p.window + 1, 0, s.len) : 0;
+  s.key_begin = p.window > 0 ? ClampI32(first_pos - p.window + 1, 0, s.len) : 0;
   (void)i;
   return s;
 }
 
 // Keys [*begin, *end) that query row j of `s` attends (empty when its
 // position is negative).
-KVCACHE_HOST_DEVICE void AttentionRowKeys(const AttentionSeq& s,
-                                          int32_t window, int32_t j,
-                                          int32_t* begin, int32_t* end) {
+KVCACHE_HOST_DEVICE void AttentionRowKeys(const AttentionSeq& s, int32_t window,
+                                          int32_t j, int32_t* begin,
+                                          int32_t* end) {
   const int64_t pos = static_cast<int64_t>(s.len) - s.num_q + j;
   const int64_t lo = window > 0 ? pos - window + 1 : 0;
   *begin = ClampI32(lo, 0, s.len);

@@ -32,13 +32,12 @@ absl::Status CheckOperand(const char* what, const void* data, int64_t tokens,
   }
   constexpr int64_t kLimit = int64_t{1} << 40;
   if (token_stride > kLimit || head_stride > kLimit) {
-    return InvalidArgumentError(
-        StrCat(what, " strides (", token_stride, ", ", head_stride,
-               ") exceed 2^40 elements"));
+    return InvalidArgumentError(StrCat(what, " strides (", token_stride, ", ",
+                                       head_stride, ") exceed 2^40 elements"));
   }
   if (!output) return absl::OkStatus();
-  const bool heads_inner = heads <= 1 || tokens <= 1 ||
-                           head_stride <= token_stride;
+  const bool heads_inner =
+      heads <= 1 || tokens <= 1 || head_stride <= token_stride;
   const int64_t inner_stride = heads_inner ? head_stride : token_stride;
   const int64_t inner_count = heads_inner ? heads : tokens;
   const int64_t outer_stride = heads_inner ? token_stride : head_stride;
@@ -67,16 +66,15 @@ absl::Status ValidateAttention(const AttentionParams& p) {
                                        " is not bfloat16 or float16"));
   }
   if (p.num_q_heads < 1 || p.num_q_heads % layout.num_heads != 0) {
-    return InvalidArgumentError(
-        StrCat("num_q_heads ", p.num_q_heads,
-               " is not a positive multiple of num_kv_heads ",
-               layout.num_heads));
+    return InvalidArgumentError(StrCat(
+        "num_q_heads ", p.num_q_heads,
+        " is not a positive multiple of num_kv_heads ", layout.num_heads));
   }
   const int64_t group = p.num_q_heads / layout.num_heads;
   if (group > kMaxAttentionGroupSize) {
-    return InvalidArgumentError(
-        StrCat("GQA group of ", group, " query heads per KV head exceeds ",
-               kMaxAttentionGroupSize));
+    return InvalidArgumentError(StrCat("GQA group of ", group,
+                                       " query heads per KV head exceeds ",
+                                       kMaxAttentionGroupSize));
   }
   if (p.num_q_tokens < 0 || p.num_seqs < 0) {
     return InvalidArgumentError(StrCat("num_q_tokens ", p.num_q_tokens,
@@ -126,9 +124,8 @@ absl::Status ValidateAttention(const AttentionParams& p) {
         "block_table, seq_lens and q_start must be 4-byte aligned");
   }
   if (p.block_table_stride < 1 || p.block_table_stride > (int64_t{1} << 31)) {
-    return InvalidArgumentError(StrCat("block_table_stride ",
-                                       p.block_table_stride,
-                                       " is not in [1, 2^31]"));
+    return InvalidArgumentError(StrCat(
+        "block_table_stride ", p.block_table_stride, " is not in [1, 2^31]"));
   }
   return absl::OkStatus();
 }

@@ -49,12 +49,12 @@ void AttendOne(const AttentionParams& p, int32_t seq, int32_t kv_head,
       p, seq, p.seq_lens[seq], p.q_start[seq], p.q_start[seq + 1]);
   const int32_t rows = s.num_q * G;
   scratch.assign(static_cast<size_t>(rows) * (D + Dv + 2) + D + Dv, 0.0f);
-  float* q = scratch.data();           // [rows, D], times softmax_scale.
-  float* o = q + rows * D;             // [rows, Dv]
-  float* m = o + rows * Dv;            // [rows]
-  float* l = m + rows;                 // [rows]
-  float* krow = l + rows;              // [D]
-  float* vrow = krow + D;              // [Dv]
+  float* q = scratch.data();  // [rows, D], times softmax_scale.
+  float* o = q + rows * D;    // [rows, Dv]
+  float* m = o + rows * Dv;   // [rows]
+  float* l = m + rows;        // [rows]
+  float* krow = l + rows;     // [D]
+  float* vrow = krow + D;     // [Dv]
   std::vector<int32_t> begin(rows), end(rows);
   const QT* qbase = static_cast<const QT*>(p.q);
   for (int32_t r = 0; r < rows; ++r) {
@@ -69,8 +69,8 @@ void AttendOne(const AttentionParams& p, int32_t seq, int32_t kv_head,
   const CacheT* kc = static_cast<const CacheT*>(p.cache.key_cache);
   const CacheT* vc = static_cast<const CacheT*>(p.cache.value_cache);
   for (int32_t k = s.key_begin; k < s.len; ++k) {
-    const int64_t slot = internal::AttentionSlot(table, layout.block_size,
-                                                 layout.num_blocks, k);
+    const int64_t slot =
+        internal::AttentionSlot(table, layout.block_size, layout.num_blocks, k);
     if (slot < 0) continue;
     const int64_t so = layout.scale_offset(slot, kv_head);
     LoadRow<Cache>(kc + layout.key_offset(slot, kv_head),
@@ -152,10 +152,9 @@ absl::Status AttentionCpu(const AttentionParams& params,
                     work < kMinParallelWork || items == 1) {
                   run(0, items);
                 } else {
-                  pool->ParallelFor(items,
-                                    std::min<int64_t>(items,
-                                                      4 * pool->num_threads()),
-                                    run);
+                  pool->ParallelFor(
+                      items, std::min<int64_t>(items, 4 * pool->num_threads()),
+                      run);
                 }
                 return absl::OkStatus();
               }

@@ -31,8 +31,8 @@ inline double CacheValue(const void* cache, DType dtype, int64_t i,
       return static_cast<double>(internal::Dequantize(code, scale));
     }
     case DType::kFp8E4M3: {
-      const float code = internal::Fp8E4M3ToFloat(
-          static_cast<const uint8_t*>(cache)[i]);
+      const float code =
+          internal::Fp8E4M3ToFloat(static_cast<const uint8_t*>(cache)[i]);
       return static_cast<double>(internal::Dequantize(code, scale));
     }
     case DType::kBFloat16:
@@ -76,16 +76,17 @@ inline std::vector<double> ReferenceAttention(const RefBatch& b) {
     if (len <= 0) continue;
     for (int64_t j = 0; j < T; ++j) {
       const int64_t pos = len - T + j;
-      const int64_t lo = b.window > 0 ? std::max<int64_t>(0, pos - b.window + 1)
-                                      : 0;
+      const int64_t lo =
+          b.window > 0 ? std::max<int64_t>(0, pos - b.window + 1) : 0;
       for (int64_t h = 0; h < Hq; ++h) {
         const int64_t kvh = h / G;
         const uint16_t* q = b.q + ((b.q_start[i] + j) * Hq + h) * D;
         std::vector<double> scores;
         std::vector<int64_t> slots;
         for (int64_t k = lo; k <= pos; ++k) {
-          const int64_t slot = int64_t{b.tables[i][k / L.block_size]} *
-                                   L.block_size + k % L.block_size;
+          const int64_t slot =
+              int64_t{b.tables[i][k / L.block_size]} * L.block_size +
+              k % L.block_size;
           const float ks = quant ? b.cache.key_scale[slot * Hkv + kvh] : 0.f;
           double dot = 0;
           for (int64_t d = 0; d < D; ++d) {

@@ -166,7 +166,8 @@ inline AttnCase MakeAttnCase(const AttnCaseConfig& c, std::mt19937_64& rng) {
     for (int64_t k = 0; k < b; ++k) {
       // Shared: the first half of the blocks is sequence 0's; odd sequences
       // fork from the one before (all blocks but the last shared).
-      if (c.share_prefix && i > 0 && k < static_cast<int64_t>(a.tables[0].size()) / 2) {
+      if (c.share_prefix && i > 0 &&
+          k < static_cast<int64_t>(a.tables[0].size()) / 2) {
         a.tables[i].push_back(a.tables[0][k]);
       } else if (c.share_prefix && i % 2 == 1 && k + 1 < b &&
                  k < static_cast<int64_t>(a.tables[i - 1].size())) {

@@ -25,15 +25,15 @@ constexpr double kTolerance = 2e-3;
 
 std::vector<uint16_t> RunCpu(const AttnCase& a, internal::ThreadPool* pool,
                              absl::Status* status) {
-  std::vector<uint16_t> o(a.q.size() / a.layout.head_size *
-                              a.layout.head_size_v,
-                          0x7FC1);  // Poison: a NaN in both 16-bit types.
-  AttentionParams p = a.Params(
-      const_cast<uint8_t*>(a.key_cache.data()),
-      const_cast<uint8_t*>(a.value_cache.data()),
-      const_cast<float*>(a.key_scale.data()),
-      const_cast<float*>(a.value_scale.data()), a.q.data(), o.data(),
-      a.flat_table.data(), a.seq_lens.data(), a.q_start.data());
+  std::vector<uint16_t> o(
+      a.q.size() / a.layout.head_size * a.layout.head_size_v,
+      0x7FC1);  // Poison: a NaN in both 16-bit types.
+  AttentionParams p =
+      a.Params(const_cast<uint8_t*>(a.key_cache.data()),
+               const_cast<uint8_t*>(a.value_cache.data()),
+               const_cast<float*>(a.key_scale.data()),
+               const_cast<float*>(a.value_scale.data()), a.q.data(), o.data(),
+               a.flat_table.data(), a.seq_lens.data(), a.q_start.data());
   *status = AttentionCpu(p, pool);
   return o;
 }

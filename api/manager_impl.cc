@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "api/tensor_checks.h"
+#include "kernels/cpu_attention.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/kernel_validation.h"
@@ -32,6 +33,9 @@ absl::Status Kernels::Gather(const GatherParams& p, void* stream) const {
 }
 absl::Status Kernels::BlockCopy(const BlockCopyParams& p, void* stream) const {
   return cuda_ ? BlockCopyCuda(p, stream) : BlockCopyCpu(p, pool_.get());
+}
+absl::Status Kernels::Attention(const AttentionParams& p, void* stream) const {
+  return cuda_ ? AttentionCuda(p, stream) : AttentionCpu(p, pool_.get());
 }
 
 absl::Status Annotate(const absl::Status& status, absl::string_view context) {
@@ -152,6 +156,9 @@ absl::Status KVCacheManager::Impl::Init() {
   buffer = device_->Allocate(table_cols_ * sizeof(int32_t));
   if (!buffer.ok()) return buffer.status();
   gather_device_ = *std::move(buffer);
+  if (config_.num_q_heads > 0) {  // Attention (issue #20).
+    if (absl::Status s = InitAttention(); !s.ok()) return s;
+  }
 
   Logger(config_.logger_name)
       ->info(

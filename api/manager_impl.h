@@ -21,6 +21,7 @@
 #include "api/kv_cache_manager.h"
 #include "api/no_bad_alloc.h"
 #include "api/step_buffers.h"
+#include "kernels/attention_params.h"
 #include "kernels/kernel_params.h"
 #include "kernels/thread_pool.h"
 #include "storage/cache_storage.h"
@@ -39,10 +40,18 @@ class Kernels {
   absl::Status QuantizeWrite(const QuantizeWriteParams& p, void* stream) const;
   absl::Status Gather(const GatherParams& p, void* stream) const;
   absl::Status BlockCopy(const BlockCopyParams& p, void* stream) const;
+  absl::Status Attention(const AttentionParams& p, void* stream) const;
 
  private:
   bool cuda_;
   std::unique_ptr<ThreadPool> pool_;  // CPU backend only.
+};
+
+// KVCacheManager::Attention's buffers (api/attention.cc), made by Init only
+// when config.num_q_heads > 0.
+struct AttentionState;
+struct AttentionStateDeleter {
+  void operator()(AttentionState* state) const;
 };
 
 // Prefixes a status's message with `context`.
@@ -67,6 +76,8 @@ class KVCacheManager::Impl {
         kernels_(device_->kind(), config.cpu_threads) {}
 
   absl::Status Init();
+  // Makes attention_ (api/attention.cc). REQUIRES: mu_ held, blocks_ made.
+  absl::Status InitAttention() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The pool size: config_.num_blocks, or what the memory budget (or fraction
   // of free memory) holds of blocks of `block_bytes` (all layers).
   absl::StatusOr<int64_t> NumBlocks(int64_t block_bytes) const;
@@ -94,6 +105,9 @@ class KVCacheManager::Impl {
   Buffer gather_staging_ ABSL_GUARDED_BY(mu_);
   Buffer gather_device_ ABSL_GUARDED_BY(mu_);
   MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);
+  // Attention (api/attention.cc): block tables, lengths and split-KV scratch.
+  std::unique_ptr<internal::AttentionState, internal::AttentionStateDeleter>
+      attention_ ABSL_GUARDED_BY(mu_);
 
   MemoryKind memory_kind() const {
     return device_->kind() == DeviceKind::kCuda ? MemoryKind::kCuda

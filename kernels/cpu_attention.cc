@@ -85,9 +85,15 @@ void AttendOne(const AttentionParams& p, int32_t seq, int32_t kv_head,
                        Dv, vrow);
         loaded_v = true;
       }
-      float x = 0.0f;
+      // Eight partial sums (D is a multiple of 8), so the compiler can keep
+      // them in one vector register: float32 throughout, as specified.
       const float* qr = q + r * D;
-      for (int64_t d = 0; d < D; ++d) x += qr[d] * krow[d];
+      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t d = 0; d < D; d += 8) {
+        for (int i = 0; i < 8; ++i) part[i] += qr[d + i] * krow[d + i];
+      }
+      float x = ((part[0] + part[4]) + (part[1] + part[5])) +
+                ((part[2] + part[6]) + (part[3] + part[7]));
       x *= p.softmax_scale;
       if (p.soft_cap > 0.0f) x = p.soft_cap * std::tanh(x / p.soft_cap);
       float* orow = o + r * Dv;

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "kernels/cpu_attention.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/kernel_validation.h"
@@ -85,6 +86,12 @@ absl::Status CacheBackend::Gather(const GatherParams& params,
                                   void* stream) const {
   return memory_kind_ == MemoryKind::kCuda ? GatherCuda(params, stream)
                                            : GatherCpu(params, pool_.get());
+}
+
+absl::Status CacheBackend::Attention(const AttentionParams& params,
+                                     void* stream) const {
+  return memory_kind_ == MemoryKind::kCuda ? AttentionCuda(params, stream)
+                                           : AttentionCpu(params, pool_.get());
 }
 
 absl::Status CacheBackend::CopyBlocks(const int64_t* pairs, int64_t num_pairs,

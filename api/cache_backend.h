@@ -24,6 +24,7 @@
 #include "api/layer_view.h"
 #include "api/tensor_view.h"
 #include "core/cache_layout.h"
+#include "kernels/attention_params.h"
 #include "kernels/kernel_params.h"
 #include "kernels/thread_pool.h"
 #include "storage/cache_storage.h"
@@ -58,6 +59,7 @@ class CacheBackend {
   absl::Status QuantizeWrite(const QuantizeWriteParams& params,
                              void* stream) const;
   absl::Status Gather(const GatherParams& params, void* stream) const;
+  absl::Status Attention(const AttentionParams& params, void* stream) const;
   // Copies `num_pairs` (src, dst) block pairs (int64, in this backend's
   // memory) in every layer, K, V and scales. Every layer's arguments are
   // checked before any copy runs.

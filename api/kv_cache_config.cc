@@ -45,6 +45,15 @@ absl::Status CheckShape(const KVCacheConfig& c) {
       return s;
     }
   }
+  // Attention (issue #20): 0 = off, else a multiple of num_kv_heads with at
+  // most 16 query heads per KV head.
+  if (c.num_q_heads != 0 &&
+      (c.num_q_heads < 0 || c.num_q_heads % c.num_kv_heads != 0 ||
+       c.num_q_heads / c.num_kv_heads > 16)) {
+    return Bad("num_q_heads", c.num_q_heads,
+               absl::StrCat("is not 0 or a multiple of num_kv_heads ",
+                            c.num_kv_heads, " with at most 16 per KV head"));
+  }
   return CheckRange("block_size", c.block_size, 1, kMaxBlockSize);
 }
 

@@ -40,6 +40,9 @@ struct KVCacheConfig {
   int32_t head_size = 0;    // Multiple of 8, at most 1024.
   int32_t head_size_v = 0;  // 0 means head_size.
   int32_t block_size = 16;  // Tokens per block.
+  // Query heads, for KVCacheManager::Attention (a multiple of num_kv_heads,
+  // at most 16 per KV head); 0 = no attention (its buffers are not made).
+  int32_t num_q_heads = 0;
 
   // int8 or fp8_e4m3 (quantized, with float32 scales), or bfloat16/float16
   // (stored as is, then input_dtype must equal cache_dtype).

@@ -39,6 +39,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "api/attention_options.h"
 #include "api/block_table_view.h"
 #include "api/kv_cache_config.h"
 #include "api/layer_view.h"
@@ -117,6 +118,25 @@ class KVCacheManager {
   absl::Status Gather(SequenceId id, int layer, int64_t token_begin,
                       int64_t num_tokens, const TensorView& key_out,
                       const TensorView& value_out, void* stream = nullptr);
+
+  // Paged decode attention over `layer`'s cache (int8/fp8 with per-(token,
+  // head) scales, or bf16/fp16), so the engine never handles scales. For each
+  // sequence i, its queries are its last n = options.num_query_tokens_per_
+  // sequence committed tokens (their K/V appended and committed: call after
+  // Commit): q rows [i * n, (i + 1) * n) of q [num_sequences * n,
+  // num_q_heads, head_size] (bfloat16 or float16, any token/head strides,
+  // unit last stride) attend the sequence's committed keys, causally among
+  // themselves, with GQA (config.num_q_heads, which must be set), optional
+  // soft-cap and sliding window; out [num_sequences * n, num_q_heads,
+  // head_size_v] in q's dtype. A sequence shorter than n gets zeros for the
+  // rows before its first token. Memory of the backend; on CUDA the call
+  // enqueues the block-table upload and the kernels on `stream` and returns
+  // (split-KV scratch was allocated by Create); on the CPU it runs on the
+  // manager's threads.
+  absl::Status Attention(absl::Span<const SequenceId> sequences, int layer,
+                         const TensorView& q, const TensorView& out,
+                         const AttentionOptions& options,
+                         void* stream = nullptr);
 
   // Capacity, for the engine's scheduler.
   int64_t FreeBlocks() const;       // Free-list blocks.

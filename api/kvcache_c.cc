@@ -189,6 +189,7 @@ absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   config.max_sequences_per_step = c->max_sequences_per_step;
   config.max_blocks_per_sequence = c->max_blocks_per_sequence;
   config.max_inflight_plans = c->max_inflight_plans;
+  config.num_q_heads = c->num_q_heads;
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
       KVCacheManager::Create(config);
   if (!manager.ok()) return manager.status();
@@ -216,6 +217,7 @@ void kvcache_config_init(kvcache_config* c) {
   c->max_sequences_per_step = d.max_sequences_per_step;
   c->max_blocks_per_sequence = d.max_blocks_per_sequence;
   c->max_inflight_plans = d.max_inflight_plans;
+  c->num_q_heads = d.num_q_heads;
 }
 
 const char* kvcache_status_name(kvcache_status status) {
@@ -474,6 +476,33 @@ kvcache_status kvcache_gather(kvcache_manager* m, int64_t sequence,
     }
     return m->impl->Gather(sequence, layer, token_begin, num_tokens,
                            ToView(*key_out), ToView(*value_out), stream);
+  });
+}
+
+kvcache_status kvcache_attention(kvcache_manager* m, const int64_t* sequences,
+                                 int64_t num_sequences, int32_t layer,
+                                 const kvcache_tensor* q,
+                                 const kvcache_tensor* out,
+                                 const kvcache_attention_options* options,
+                                 void* stream) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_attention", [&]() -> absl::Status {
+    if (options == nullptr) return Null("options");
+    if (absl::Status s =
+            CheckCount("num_sequences", num_sequences, KVCACHE_MAX_BATCH);
+        !s.ok()) {
+      return s;
+    }
+    if (sequences == nullptr && num_sequences > 0) return Null("sequences");
+    if (absl::Status s = CheckTensor(q, "q"); !s.ok()) return s;
+    if (absl::Status s = CheckTensor(out, "out"); !s.ok()) return s;
+    kvcache::AttentionOptions o;
+    o.softmax_scale = options->softmax_scale;
+    o.soft_cap = options->soft_cap;
+    o.window = options->window;
+    o.num_query_tokens_per_sequence = options->num_query_tokens_per_sequence;
+    return m->impl->Attention(absl::MakeConstSpan(sequences, num_sequences),
+                              layer, ToView(*q), ToView(*out), o, stream);
   });
 }
 

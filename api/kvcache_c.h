@@ -87,6 +87,8 @@ typedef struct kvcache_config {
   int32_t max_sequences_per_step;
   int32_t max_blocks_per_sequence;
   int32_t max_inflight_plans;
+  /* Query heads for kvcache_attention (0 = attention off). Appended last. */
+  int32_t num_q_heads;
 } kvcache_config;
 
 /* A caller tensor: strides in elements; [tokens, heads, head_size] for K/V. */
@@ -220,6 +222,22 @@ kvcache_status kvcache_gather(kvcache_manager* manager, int64_t sequence,
                               int32_t layer, int64_t token_begin,
                               int64_t num_tokens, const kvcache_tensor* key_out,
                               const kvcache_tensor* value_out, void* stream);
+/* Options of kvcache_attention (KVCacheManager::Attention's AttentionOptions):
+ * softmax_scale > 0, soft_cap 0 = off, window 0 = off, and 1 to 8 query
+ * tokens per sequence (its last committed tokens). */
+typedef struct kvcache_attention_options {
+  float softmax_scale;
+  float soft_cap;
+  int32_t window;
+  int32_t num_query_tokens_per_sequence;
+} kvcache_attention_options;
+/* Decode attention over `layer`'s cache for `num_sequences` sequences:
+ * q [num_sequences * n, num_q_heads, head_size] (bf16/fp16) -> out [same rows,
+ * num_q_heads, head_size_v] in q's dtype. Needs config.num_q_heads > 0. */
+kvcache_status kvcache_attention(
+    kvcache_manager* manager, const int64_t* sequences, int64_t num_sequences,
+    int32_t layer, const kvcache_tensor* q, const kvcache_tensor* out,
+    const kvcache_attention_options* options, void* stream);
 kvcache_status kvcache_tokens_that_fit(kvcache_manager* manager,
                                        int64_t sequence, int64_t* tokens);
 kvcache_status kvcache_get_metrics(kvcache_manager* manager,

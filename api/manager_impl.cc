@@ -62,6 +62,13 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
   KVCACHE_ASSIGN_OR_RETURN(m->lookups_,
                            internal::LookupBuffers::Create(
                                dev, config.max_sequences_per_step, cols));
+  if (config.num_q_heads > 0) {
+    KVCACHE_ASSIGN_OR_RETURN(
+        m->attention_,
+        internal::AttentionBuffers::Create(dev, config.max_sequences_per_step,
+                                           cols, config.num_q_heads,
+                                           m->backend_->layout().head_size_v));
+  }
   Logger(config.logger_name)->info(m->backend_->Describe(config));
   return m;
 }

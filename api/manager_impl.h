@@ -5,6 +5,7 @@
 //   blocks_    BlockManager   sequences, blocks, plans' slots, prefix cache
 //   plans_     PlanTable      plans in flight: step buffers, appended counts
 //   lookups_   LookupBuffers  block tables handed to kernels
+//   attention_ AttentionBuffers  Attention's tables and split-KV scratch
 //   counters_                 the metrics the parts do not keep themselves
 //
 // Thread safety: KVCacheManager locks mu_ around every call; every method
@@ -22,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "allocator/block_manager.h"
+#include "api/attention_buffers.h"
 #include "api/cache_backend.h"
 #include "api/kv_cache_manager.h"
 #include "api/lookup_buffers.h"
@@ -72,6 +74,12 @@ class KVCacheManager::Impl {
                       const TensorView& value_out, void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  // Decode attention (api/attention.cc).
+  absl::Status Attention(absl::Span<const SequenceId> sequences, int layer,
+                         const TensorView& q, const TensorView& out,
+                         const AttentionOptions& options, void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   MetricsSnapshot Metrics() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The allocator's invariants, then the plans' against the step buffers.
   absl::Status Validate() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -85,6 +93,8 @@ class KVCacheManager::Impl {
   // and Free refuse it): FailedPrecondition naming `what`.
   absl::Status CheckNotPending(SequenceId id, const char* what) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckAttentionOptions(const AttentionOptions& options) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Batch size and token limits of the step buffers, and no sequence pending.
   absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -96,6 +106,8 @@ class KVCacheManager::Impl {
   std::unique_ptr<BlockManager> blocks_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<internal::PlanTable> plans_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<internal::LookupBuffers> lookups_ ABSL_GUARDED_BY(mu_);
+  // Made at Create when config.num_q_heads > 0.
+  std::unique_ptr<internal::AttentionBuffers> attention_ ABSL_GUARDED_BY(mu_);
   MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);
 };
 

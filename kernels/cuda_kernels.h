@@ -12,6 +12,7 @@
 #define KVCACHE_KERNELS_CUDA_KERNELS_H_
 
 #include "absl/status/status.h"
+#include "kernels/attention_params.h"
 #include "kernels/kernel_params.h"
 
 namespace kvcache {
@@ -19,6 +20,11 @@ namespace kvcache {
 absl::Status QuantizeWriteCuda(const QuantizeWriteParams& params, void* stream);
 absl::Status GatherCuda(const GatherParams& params, void* stream);
 absl::Status BlockCopyCuda(const BlockCopyParams& params, void* stream);
+// Paged decode attention (kernels/attention_params.h, kernels/attention.cuh):
+// head_size == head_size_v in {64, 128, 256}; split-KV through the params'
+// workspace when it has room. Capturable in a CUDA graph (release builds;
+// debug builds also check the batch arrays on the host, skipped in capture).
+absl::Status AttentionCuda(const AttentionParams& params, void* stream);
 
 }  // namespace kvcache
 

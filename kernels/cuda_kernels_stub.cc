@@ -24,5 +24,8 @@ absl::Status GatherCuda(const GatherParams&, void*) {
 absl::Status BlockCopyCuda(const BlockCopyParams&, void*) {
   return NoCuda("BlockCopyCuda");
 }
+absl::Status AttentionCuda(const AttentionParams&, void*) {
+  return NoCuda("AttentionCuda");
+}
 
 }  // namespace kvcache

@@ -201,6 +201,64 @@ absl::StatusOr<AppendTiming> KvWriter::AppendStep(
   return timing;
 }
 
+absl::StatusOr<double> KvWriter::AttentionStep(
+    absl::Span<const SequenceId> ids) {
+  const bool cuda = device_->kind() == DeviceKind::kCuda;
+  const MemoryKind memory = cuda ? MemoryKind::kCuda : MemoryKind::kHost;
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t hq = config_.num_q_heads;
+  const int64_t d_v = v_row_ / config_.num_kv_heads;
+  const size_t q_elems = static_cast<size_t>(config_.max_sequences_per_step) *
+                         hq * std::max<int64_t>(config_.head_size, d_v);
+  if (attention_q_.data() == nullptr) {  // Queries: a fixed non-zero pattern.
+    absl::StatusOr<Buffer> q = device_->Allocate(q_elems * 2);
+    if (!q.ok()) return q.status();
+    absl::StatusOr<Buffer> o = device_->Allocate(q_elems * 2);
+    if (!o.ok()) return o.status();
+    attention_q_ = *std::move(q);
+    attention_out_ = *std::move(o);
+    std::vector<uint16_t> pattern(q_elems);
+    for (size_t i = 0; i < q_elems; ++i) {
+      pattern[i] = static_cast<uint16_t>(0x3C00 + (i * 2654435761u) % 0x300);
+    }
+    if (absl::Status s = device_->CopyToDeviceAsync(
+            attention_q_.data(), pattern.data(), q_elems * 2, nullptr);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = device_->SynchronizeStream(nullptr); !s.ok()) return s;
+  }
+  const DType dtype = DType::kBFloat16;
+  const TensorView q = TensorView::Contiguous(attention_q_.data(), dtype,
+                                              {n, hq, config_.head_size},
+                                              memory, config_.device);
+  const TensorView out = TensorView::Contiguous(
+      attention_out_.data(), dtype, {n, hq, d_v}, memory, config_.device);
+  AttentionOptions options;
+  options.softmax_scale =
+      1.0f / std::sqrt(static_cast<float>(config_.head_size));
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    if (absl::Status s = device_->RecordEvent(starts_[layer], nullptr);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = manager_->Attention(ids, layer, q, out, options);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = device_->RecordEvent(ends_[layer], nullptr); !s.ok()) {
+      return s;
+    }
+  }
+  double total = 0.0;
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    absl::StatusOr<float> ms = device_->ElapsedMs(starts_[layer], ends_[layer]);
+    if (!ms.ok()) return ms.status();
+    total += *ms;
+  }
+  return total;
+}
+
 absl::Status KvWriter::SampleError(SequenceId id, int layer, int64_t begin,
                                    absl::Span<const TokenAt> tokens) {
   const int64_t t = static_cast<int64_t>(tokens.size());

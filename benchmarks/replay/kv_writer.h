@@ -51,6 +51,11 @@ class KvWriter {
   absl::Status SampleError(SequenceId id, int layer, int64_t begin,
                            absl::Span<const TokenAt> tokens);
 
+  // --attention: KVCacheManager::Attention over every layer for `ids`, one
+  // query token each (its last committed token), timed like the appends;
+  // returns the summed kernel time in ms.
+  absl::StatusOr<double> AttentionStep(absl::Span<const SequenceId> ids);
+
   const ErrorTotals& error() const { return error_; }
   // Bytes one token moves over all layers: K/V read plus cache and scales
   // written.
@@ -85,6 +90,7 @@ class KvWriter {
   std::vector<Event> starts_;
   std::vector<Event> ends_;
   Buffer gather_out_;
+  Buffer attention_q_, attention_out_;  // Made by the first AttentionStep.
   ErrorTotals error_;
 };
 

@@ -62,6 +62,11 @@ ABSL_FLAG(int, max_running, 64, "Most requests running at once.");
 ABSL_FLAG(int64_t, token_budget, 2048, "Tokens per step (prefill + decode).");
 ABSL_FLAG(int, error_samples, 64,
           "Committed blocks gathered back to measure the quantization error.");
+ABSL_FLAG(bool, attention, false,
+          "After each step's Commit, run KVCacheManager::Attention over every "
+          "layer for the step's sequences (one query token each, GQA "
+          "--attention_group) and report its time per step.");
+ABSL_FLAG(int, attention_group, 4, "Query heads per KV head for --attention.");
 ABSL_FLAG(std::string, json, "", "Also write the report as JSON to this path.");
 ABSL_FLAG(double, progress_interval_s, 10.0,
           "Seconds between progress lines when stderr is not a terminal.");
@@ -113,6 +118,10 @@ absl::StatusOr<KVCacheConfig> MakeConfig() {
       static_cast<int32_t>(absl::GetFlag(FLAGS_token_budget));
   config.max_sequences_per_step = std::max(1, absl::GetFlag(FLAGS_max_running));
   config.logger_name = "replay";
+  if (absl::GetFlag(FLAGS_attention)) {
+    config.num_q_heads =
+        config.num_kv_heads * absl::GetFlag(FLAGS_attention_group);
+  }
   return config;
 }
 
@@ -152,6 +161,7 @@ absl::Status Run() {
   options.back_to_back = absl::GetFlag(FLAGS_back_to_back);
   options.step_ms = absl::GetFlag(FLAGS_step_ms);
   options.error_samples = absl::GetFlag(FLAGS_error_samples);
+  options.attention = absl::GetFlag(FLAGS_attention);
   spdlog::get("replay")->info("replaying {} requests of {}", trace->size(),
                               path);
   Scheduler scheduler(manager->get(), writer->get(), *std::move(trace),

@@ -45,6 +45,13 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.host_ms_median = Percentile(stats.step_host_ms, 50.0);
   r.host_ms_p99 = Percentile(stats.step_host_ms, 99.0);
   r.kernel_s = stats.kernel_ms / 1e3;
+  r.attention_steps = static_cast<int64_t>(stats.attention_ms.size());
+  if (r.attention_steps > 0) {
+    r.attention_ms_median = Percentile(stats.attention_ms, 50.0);
+    double sum = 0.0;
+    for (double ms : stats.attention_ms) sum += ms;
+    r.attention_ms_mean = sum / r.attention_steps;
+  }
   r.append_gb_per_s = r.kernel_s > 0.0
                           ? static_cast<double>(r.tokens_appended) *
                                 static_cast<double>(bytes_per_token) /
@@ -86,6 +93,12 @@ std::string ReportText(const ReplayReport& r) {
                         "  host time per step    median %.3f ms, p99 %.3f ms\n",
                         r.host_ms_median, r.host_ms_p99);
   absl::StrAppendFormat(&out, "  kernel time           %.3f s\n", r.kernel_s);
+  if (r.attention_steps > 0) {
+    absl::StrAppendFormat(
+        &out,
+        "  attention per step    median %.3f ms, mean %.3f ms (%d steps)\n",
+        r.attention_ms_median, r.attention_ms_mean, r.attention_steps);
+  }
   absl::StrAppendFormat(&out, "  append bandwidth      %.2f GB/s\n",
                         r.append_gb_per_s);
   absl::StrAppendFormat(&out,
@@ -120,6 +133,9 @@ std::string ReportJson(const ReplayReport& r) {
       {"total_blocks", r.total_blocks},
       {"host_ms_per_step_median", r.host_ms_median},
       {"host_ms_per_step_p99", r.host_ms_p99},
+      {"attention_steps", r.attention_steps},
+      {"attention_ms_per_step_median", r.attention_ms_median},
+      {"attention_ms_per_step_mean", r.attention_ms_mean},
       {"kernel_s", r.kernel_s},
       {"append_gb_per_s", r.append_gb_per_s},
       {"quant_rel_l2_error", r.quant_rel_l2},

@@ -33,6 +33,10 @@ struct ReplayReport {
   double host_ms_median = 0.0;  // Per step.
   double host_ms_p99 = 0.0;
   double kernel_s = 0.0;
+  // --attention: attention over all layers per step (0 steps when off).
+  int64_t attention_steps = 0;
+  double attention_ms_median = 0.0;
+  double attention_ms_mean = 0.0;
   double append_gb_per_s = 0.0;  // (K/V read + cache/scales written) / kernel.
   double quant_rel_l2 = 0.0;
   int64_t error_samples = 0;

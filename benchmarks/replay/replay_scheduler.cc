@@ -234,6 +234,13 @@ absl::Status Scheduler::Step() {
   host_ms += timing->host_ms + MillisSince(commit_start);
   stats_.kernel_ms += timing->kernel_ms;
   ++stats_.steps;
+  if (options_.attention) {  // One query token per sequence of the step.
+    std::vector<SequenceId> ids;
+    for (const Entry& e : entries) ids.push_back(e.request->sequence);
+    absl::StatusOr<double> ms = writer_->AttentionStep(ids);
+    if (!ms.ok()) return ms.status();
+    stats_.attention_ms.push_back(*ms);
+  }
 
   for (const Entry& e : entries) {
     Request* r = e.request;

@@ -40,6 +40,7 @@ struct SchedulerOptions {
   bool back_to_back = false;    // Ignore timestamps: all arrive at time 0.
   double step_ms = 50.0;        // Simulated time per step.
   int error_samples = 64;       // Blocks gathered for the error figure.
+  bool attention = false;       // Attention over every layer after each Commit.
 };
 
 struct ReplayStats {
@@ -57,6 +58,7 @@ struct ReplayStats {
   double simulated_ms = 0.0;
   double kernel_ms = 0.0;            // Summed over steps.
   std::vector<double> step_host_ms;  // Manager calls per step (host wall time).
+  std::vector<double> attention_ms;  // --attention: all layers, per step.
   ErrorTotals error;
 
   int64_t tokens_appended() const { return prefill_tokens + decode_tokens; }

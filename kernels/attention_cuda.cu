@@ -1,0 +1,211 @@
+// Host launcher of paged decode attention: validate, dispatch, size the grid
+// (row tiles and the split-KV count), launch, check. The split count is chosen
+// on the host from host-known bounds only (num_seqs, max_seq_len, window), so
+// a launch reads no device memory on the host and can be captured in a CUDA
+// graph; the workspace is the caller's (allocated once).
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/cuda_check.h"
+#include "kernels/attention.cuh"
+#include "kernels/attention_validation.h"
+#include "kernels/cuda_kernels.h"
+#include "kernels/cuda_util.cuh"
+#include "kernels/dtype_dispatch.h"
+#include "kernels/kernel_validation.h"
+
+namespace kvcache {
+namespace {
+
+using internal::AttentionGrid;
+
+// Fewest keys worth a split of their own: below this the merge costs more
+// than the parallelism gains.
+constexpr int64_t kMinKeysPerSplit = 256;
+
+absl::Status ValidateForCuda(const AttentionParams& p) {
+  const CacheLayout& layout = p.cache.layout;
+  const int64_t d = layout.head_size;
+  if ((d != 64 && d != 128 && d != 256) || layout.head_size_v != d) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CUDA attention supports head_size 64, 128 or 256 with head_size_v "
+        "equal to it; got ",
+        d, " / ", layout.head_size_v));
+  }
+  if (p.num_seqs > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_seqs ", p.num_seqs, " exceeds 65535"));
+  }
+  if (!internal::IsAligned16(p.cache.key_cache) ||
+      !internal::IsAligned16(p.cache.value_cache)) {
+    return absl::InvalidArgumentError("cache pointers are not 16-byte aligned");
+  }
+  if ((p.workspace.partial_o != nullptr &&
+       !internal::IsAligned16(p.workspace.partial_o)) ||
+      (p.workspace.partial_lse != nullptr &&
+       reinterpret_cast<uintptr_t>(p.workspace.partial_lse) % 4 != 0)) {
+    return absl::InvalidArgumentError("workspace pointers are misaligned");
+  }
+  return absl::OkStatus();
+}
+
+// Rows per thread block: the smallest tile that holds every row of a
+// sequence (query tokens x group), at most 4 for 1-byte caches and 8 for
+// 2-byte ones (registers: rows x 16 bytes of codes as floats, twice).
+int RowsPerTile(const AttentionParams& p, int group) {
+  const int rows = p.max_query_tokens * group;
+  const int cap = DTypeSize(p.cache.layout.cache_dtype) == 1 ? 4 : 8;
+  int r = 1;
+  while (r < rows && r < cap) r *= 2;
+  return r;
+}
+
+absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p, int rows,
+                                         const void* kernel) {
+  absl::StatusOr<internal::DeviceLaunchInfo> info =
+      internal::CurrentDeviceLaunchInfo();
+  if (!info.ok()) return info.status();
+  const CacheLayout& layout = p.cache.layout;
+  AttentionGrid g;
+  g.group = p.num_q_heads / static_cast<int32_t>(layout.num_heads);
+  g.tiles = (p.max_query_tokens * g.group + rows - 1) / rows;
+  g.block_size =
+      internal::FastDivmod::Make(static_cast<uint32_t>(layout.block_size));
+  g.vector_out = internal::RowsAligned16(p.o, 2, p.num_q_tokens, p.num_q_heads,
+                                         p.o_token_stride, p.o_head_stride);
+  // Keys one sequence's rows attend at most.
+  int64_t span = p.max_seq_len;
+  if (p.window > 0) {
+    span = std::min<int64_t>(span, int64_t{p.window} + p.max_query_tokens - 1);
+  }
+  span = std::max<int64_t>(span, 1);
+  int per_sm = 0;
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, kernel, internal::kAttnThreads, 0));
+  const int64_t blocks =
+      int64_t{p.num_seqs} * layout.num_heads * g.tiles;  // Per split.
+  const int64_t target = 2 * int64_t{info->sms} * std::max(per_sm, 1);
+  int64_t splits = (target + blocks - 1) / blocks;
+  splits = std::min(splits, (span + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+  if (p.num_splits > 0) splits = p.num_splits;
+  splits = std::clamp<int64_t>(splits, 1, kMaxAttentionSplits);
+  // What the workspace holds.
+  const int64_t out_rows = int64_t{p.num_q_tokens} * p.num_q_heads;
+  if (splits > 1) {
+    const int64_t fit = std::min(
+        p.workspace.partial_o == nullptr
+            ? 0
+            : p.workspace.partial_o_floats / (out_rows * layout.head_size_v),
+        p.workspace.partial_lse == nullptr
+            ? 0
+            : p.workspace.partial_lse_floats / out_rows);
+    splits = std::max<int64_t>(1, std::min(splits, fit));
+  }
+  g.splits = static_cast<int32_t>(splits);
+  g.chunk = static_cast<int32_t>((span + splits - 1) / splits);
+  return g;
+}
+
+template <class Cache, int kHeadDim, int kRows>
+absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
+  auto* kernel = &internal::AttentionKernel<Cache, kHeadDim, kRows>;
+  absl::StatusOr<AttentionGrid> grid =
+      ChooseGrid(p, kRows, reinterpret_cast<const void*>(kernel));
+  if (!grid.ok()) return grid.status();
+  absl::StatusOr<internal::DeviceLaunchInfo> info =
+      internal::CurrentDeviceLaunchInfo();
+  if (!info.ok()) return info.status();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(
+      static_cast<unsigned>(p.cache.layout.num_heads * grid->tiles),
+      static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(grid->splits));
+  config.blockDim = dim3(internal::kAttnThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (info->programmatic_launch) {
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, p, *grid));
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (grid->splits == 1) return absl::OkStatus();
+  const int64_t rows = int64_t{p.num_seqs} * p.max_query_tokens * p.num_q_heads;
+  return internal::LaunchKernel(
+      &internal::AttentionReduceKernel<kHeadDim>,
+      (rows + internal::kAttnWarps - 1) / internal::kAttnWarps,
+      internal::kAttnThreads, info->programmatic_launch, stream, p, *grid);
+}
+
+template <class Cache, int kHeadDim>
+absl::Status DispatchRows(const AttentionParams& p, int rows,
+                          cudaStream_t stream) {
+  switch (rows) {
+    case 1:
+      return Launch<Cache, kHeadDim, 1>(p, stream);
+    case 2:
+      return Launch<Cache, kHeadDim, 2>(p, stream);
+    case 4:
+      return Launch<Cache, kHeadDim, 4>(p, stream);
+    default:
+      if constexpr (sizeof(typename Cache::T) == 2) {
+        return Launch<Cache, kHeadDim, 8>(p, stream);
+      } else {
+        return absl::InternalError(
+            absl::StrCat("no kernel for ", rows, " rows"));
+      }
+  }
+}
+
+#ifndef NDEBUG
+absl::Status DebugCheckBatch(const AttentionParams& p, cudaStream_t s) {
+  std::vector<int32_t> table, lens, starts;
+  KVCACHE_RETURN_IF_ERROR(internal::CopyForDebugCheck(
+      p.block_table, p.num_seqs * p.block_table_stride, s, &table));
+  if (table.empty()) return absl::OkStatus();  // Being captured.
+  KVCACHE_RETURN_IF_ERROR(
+      internal::CopyForDebugCheck(p.seq_lens, p.num_seqs, s, &lens));
+  KVCACHE_RETURN_IF_ERROR(
+      internal::CopyForDebugCheck(p.q_start, p.num_seqs + 1, s, &starts));
+  return internal::CheckAttentionBatch(p, table.data(), lens.data(),
+                                       starts.data());
+}
+#endif
+
+}  // namespace
+
+absl::Status AttentionCuda(const AttentionParams& params, void* stream) {
+  KVCACHE_RETURN_IF_ERROR(internal::ValidateAttention(params));
+  KVCACHE_RETURN_IF_ERROR(ValidateForCuda(params));
+  if (params.num_seqs == 0 || params.num_q_tokens == 0) {
+    return absl::OkStatus();
+  }
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+#ifndef NDEBUG
+  KVCACHE_RETURN_IF_ERROR(DebugCheckBatch(params, s));
+#endif
+  const int group =
+      params.num_q_heads / static_cast<int>(params.cache.layout.num_heads);
+  const int rows = RowsPerTile(params, group);
+  return internal::DispatchCacheType(
+      params.cache.layout.cache_dtype, [&](auto cache) -> absl::Status {
+        using Cache = decltype(cache);
+        switch (params.cache.layout.head_size) {
+          case 64:
+            return DispatchRows<Cache, 64>(params, rows, s);
+          case 128:
+            return DispatchRows<Cache, 128>(params, rows, s);
+          default:
+            return DispatchRows<Cache, 256>(params, rows, s);
+        }
+      });
+}
+
+}  // namespace kvcache

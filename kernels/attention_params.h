@@ -1,0 +1,93 @@
+// Parameters of paged decode attention over the cache (kernels/attention.cuh,
+// kernels/cpu_attention.h): a batch of sequences, each with 1 to
+// kMaxAttentionQueryTokens new query tokens whose K/V are already in the cache,
+// attends its cached keys through its block table. Plain struct, passed by
+// value to the CPU and the CUDA implementation; all strides count elements.
+//
+// For sequence i with L = seq_lens[i] keys and T query rows
+// q[q_start[i], q_start[i+1]) (T <= max_query_tokens), query row j is the token
+// at position p = L - T + j and attends the keys k with
+//
+//     k <= p                       (causal among the new tokens)
+//     k > p - window               (when window > 0: a sliding window)
+//
+// o[row, h] = softmax_k(x_k) . V_k   with   x_k = scale * (q[row, h] . K_k),
+// and, with soft_cap > 0, x_k = soft_cap * tanh(x_k / soft_cap). Query head h
+// reads KV head h / (num_q_heads / num_kv_heads) (grouped-query attention).
+// K_k and V_k are the dequantized cache rows (code * scale, DESIGN.md section
+// 3) of the slot block_table[i][k / block_size] * block_size + k % block_size.
+//
+// Padding and out-of-range entries never read outside the buffers:
+//   - a sequence with L <= 0 (a padding entry) writes zeros to its query rows;
+//   - a query row that attends no key (p < 0) is written as zeros;
+//   - keys whose block-table entry is negative or >= num_blocks are skipped,
+//     and L is clamped to the table row's capacity (row_stride * block_size);
+//   - q_start values are clamped to [0, num_q_tokens]; rows of q covered by
+//     no sequence are not written.
+
+#ifndef KVCACHE_KERNELS_ATTENTION_PARAMS_H_
+#define KVCACHE_KERNELS_ATTENTION_PARAMS_H_
+
+#include <cstdint>
+
+#include "core/cache_layout.h"
+#include "core/dtype.h"
+
+namespace kvcache {
+
+inline constexpr int32_t kMaxAttentionQueryTokens = 8;
+inline constexpr int32_t kMaxAttentionGroupSize = 16;
+// Split-KV: at most this many thread blocks share one sequence's keys.
+inline constexpr int32_t kMaxAttentionSplits = 64;
+
+// Split-KV scratch, allocated once by the caller (so a launch allocates
+// nothing and can be captured in a CUDA graph). A launch with S splits over
+// R = num_q_tokens * num_q_heads output rows needs R * S * head_size_v floats
+// of partial_o and R * S floats of partial_lse; the launcher lowers S to what
+// fits (S = 1 needs no workspace at all).
+struct AttentionWorkspace {
+  float* partial_o = nullptr;
+  float* partial_lse = nullptr;
+  int64_t partial_o_floats = 0;    // Capacity of partial_o.
+  int64_t partial_lse_floats = 0;  // Capacity of partial_lse.
+};
+
+struct AttentionParams {
+  LayerCache cache;  // Read only.
+
+  // q [num_q_tokens, num_q_heads, head_size], bfloat16 or float16.
+  const void* q = nullptr;
+  DType q_dtype = DType::kBFloat16;
+  int64_t q_token_stride = 0;
+  int64_t q_head_stride = 0;
+  // o [num_q_tokens, num_q_heads, head_size_v], the dtype of q.
+  void* o = nullptr;
+  int64_t o_token_stride = 0;
+  int64_t o_head_stride = 0;
+  int32_t num_q_tokens = 0;
+  int32_t num_q_heads = 0;
+
+  // Batch (device memory on CUDA).
+  int32_t num_seqs = 0;
+  const int32_t* block_table = nullptr;  // [num_seqs, block_table_stride]
+  int64_t block_table_stride = 0;        // Entries per row.
+  const int32_t* seq_lens = nullptr;     // [num_seqs] keys, incl. the queries
+  const int32_t* q_start = nullptr;      // [num_seqs + 1] rows of q
+  // Host-known bounds: every T_i <= max_query_tokens (1..8), every seq_len <=
+  // max_seq_len (sizes the split; longer sequences are clamped to it).
+  int32_t max_query_tokens = 1;
+  int32_t max_seq_len = 0;
+
+  float softmax_scale = 1.0f;
+  float soft_cap = 0.0f;  // 0 = off.
+  int32_t window = 0;     // 0 = off.
+
+  AttentionWorkspace workspace;  // CUDA only; the CPU ignores it.
+  // CUDA only: splits per sequence, 0 = chosen by the launcher (the tests
+  // force values); lowered to what the workspace holds.
+  int32_t num_splits = 0;
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_KERNELS_ATTENTION_PARAMS_H_

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/base/attributes.h"
+
 namespace kvcache {
 namespace internal {
 
@@ -40,7 +42,8 @@ class BlockMath {
 // Grows `v`'s capacity to at least `n` geometrically, so that per-step
 // reservations stay amortized O(1). May throw std::bad_alloc, changing nothing.
 template <class T>
-void ReserveGeometric(std::vector<T>& v, size_t n) {
+ABSL_ATTRIBUTE_ALWAYS_INLINE inline void ReserveGeometric(std::vector<T>& v,
+                                                          size_t n) {
   if (v.capacity() < n) v.reserve(std::max(n, 2 * v.capacity()));
 }
 

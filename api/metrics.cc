@@ -46,6 +46,9 @@ std::string ToPrometheusText(const MetricsSnapshot& m) {
       static_cast<double>(m.tokens_appended));
   Add(&out, "tokens_committed_total", "counter", "Tokens committed.",
       static_cast<double>(m.tokens_committed));
+  Add(&out, "tokens_rejected_total", "counter",
+      "Reserved tokens rolled back at commit (rejected draft tokens).",
+      static_cast<double>(m.tokens_rejected));
   Add(&out, "kernel_launches_total", "counter", "Cache kernels launched.",
       static_cast<double>(m.kernel_launches));
   Add(&out, "reserve_failures_total", "counter",

@@ -8,6 +8,7 @@
 #include "absl/base/macros.h"
 #include "absl/base/optimization.h"
 #include "absl/strings/str_cat.h"
+#include "core/shortfall.h"
 
 namespace kvcache {
 
@@ -75,13 +76,45 @@ ABSL_ATTRIBUTE_NOINLINE absl::Status RequestError(const ReserveRequest& r,
                    " exceeds the ", known, " known tokens"));
 }
 
-absl::Status NoRoom(size_t batch_size, int64_t needed, int64_t available) {
-  return absl::ResourceExhaustedError(
+}  // namespace
+
+absl::Status BatchReserver::NoRoom(size_t batch_size, int64_t needed) const {
+  const int64_t available = pool_.num_free() + pool_.num_cached();
+  absl::Status status = absl::ResourceExhaustedError(
       absl::StrCat("reserve for ", batch_size, " sequences needs ", needed,
                    " new blocks, only ", available, " are free or evictable"));
+  SetShortfall(status, Shortfall{needed, pool_.num_free(), pool_.num_cached(),
+                                 pool_.num_blocks(), /*never_fits=*/false});
+  return status;
 }
 
-}  // namespace
+absl::Status BatchReserver::CheckNeverFits(int64_t blocks,
+                                           const std::string& what) const {
+  if (blocks <= pool_.num_blocks()) return absl::OkStatus();
+  absl::Status status = absl::OutOfRangeError(
+      absl::StrCat(what, " can never fit: it needs ", blocks,
+                   " blocks, the pool has ", pool_.num_blocks()));
+  SetShortfall(status, Shortfall{blocks, pool_.num_free(), pool_.num_cached(),
+                                 pool_.num_blocks(), /*never_fits=*/true});
+  return status;
+}
+
+absl::Status BatchReserver::CheckSize(const Sequence& s,
+                                      const ReserveRequest& r) const {
+  const int64_t blocks = math_.CeilDiv(s.computed + r.num_tokens);
+  if (blocks <= pool_.num_blocks() &&
+      (max_blocks_ == 0 || blocks <= max_blocks_))
+    return absl::OkStatus();
+  const std::string what = absl::StrCat("reserve of ", r.num_tokens,
+                                        " tokens for sequence ", r.sequence);
+  if (absl::Status never = CheckNeverFits(blocks, what); !never.ok())
+    return never;
+  if (max_blocks_ == 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(what, " would hold ", blocks, " blocks (", s.computed, " + ",
+                   r.num_tokens, " tokens), more than max_blocks_per_sequence ",
+                   max_blocks_));
+}
 
 absl::Status BatchReserver::CanReserve(
     absl::Span<const ReserveRequest> batch) const {
@@ -98,12 +131,16 @@ absl::Status BatchReserver::CanReserve(
       sequences_.UnmarkBatch(i);
       return error;
     }
+    if (absl::Status size = CheckSize(*s, r); !size.ok()) {
+      sequences_.UnmarkBatch(i);
+      return size;
+    }
     needed += BlocksNeeded(*s, r.num_tokens, NeedsCopy(*s));
     s->reserved = r.num_tokens;  // Marks it, for a second mention.
   }
   sequences_.UnmarkBatch(batch.size());
   const int64_t available = pool_.num_free() + pool_.num_cached();
-  if (needed > available) return NoRoom(batch.size(), needed, available);
+  if (needed > available) return NoRoom(batch.size(), needed);
   return absl::OkStatus();
 }
 
@@ -134,6 +171,7 @@ absl::Status BatchReserver::StartBatchAs(absl::Span<const ReserveRequest> batch,
   size_t valid = sequences_.cache_valid();
   SequenceId* out_ids = plan.sequences.data();
   int64_t* out_tokens = plan.num_tokens.data();
+  int64_t* out_first = plan.first_positions.data();
   size_t* tokens_before = record.tokens_before.data();
   int64_t* slots = plan.slot_mapping.data();
   int64_t slots_size = static_cast<int64_t>(plan.slot_mapping.size());
@@ -148,8 +186,9 @@ absl::Status BatchReserver::StartBatchAs(absl::Span<const ReserveRequest> batch,
     }
     const int64_t num_tokens = r.num_tokens;
     const int64_t offset = kPow2 ? s->computed & (bs - 1) : s->computed % bs;
-    const bool copy = s->tail_maybe_shared && offset != 0 &&
-                      pool_.ref_count(s->tail_block) > 1;
+    const bool copy =
+        s->tail_maybe_shared && offset != 0 &&
+        (pool_.ref_count(s->tail_block) > 1 || pool_.hashed(s->tail_block));
     const bool fits_tail = !copy && offset != 0 && offset + num_tokens <= bs;
     // Allocate first (until its marks below, the sequence is unchanged).
     if (ABSL_PREDICT_FALSE(!fits_tail ||
@@ -158,6 +197,9 @@ absl::Status BatchReserver::StartBatchAs(absl::Span<const ReserveRequest> batch,
                            slots_used + num_tokens > slots_size)) {
       p.done = i;  // In case it throws.
       p.slots = slots_used;
+      if (!fits_tail) {
+        if (absl::Status size = CheckSize(*s, r); !size.ok()) return size;
+      }
       PrepareSlow(*s, r, copy, fits_tail, plan, p);
       slots = plan.slot_mapping.data();
       slots_size = static_cast<int64_t>(plan.slot_mapping.size());
@@ -180,6 +222,7 @@ absl::Status BatchReserver::StartBatchAs(absl::Span<const ReserveRequest> batch,
       record.fillers.push_back(static_cast<int32_t>(i));
     out_ids[i] = r.sequence;
     out_tokens[i] = num_tokens;
+    out_first[i] = s->computed;
   }
   p.done = n;
   p.slots = slots_used;
@@ -246,7 +289,7 @@ absl::Status BatchReserver::FinishBatch(absl::Span<const ReserveRequest> batch,
                                         const BatchProgress& p, StepPlan& plan,
                                         PlanRecord& record) {
   const int64_t available = pool_.num_free() + pool_.num_cached();
-  if (p.needed > available) return NoRoom(batch.size(), p.needed, available);
+  if (p.needed > available) return NoRoom(batch.size(), p.needed);
   plan.copies.reserve(p.copies);
   plan.id = plans_.Admit(record);
   // From here on nothing can fail or allocate.
@@ -269,6 +312,7 @@ absl::StatusOr<StepPlan> BatchReserver::Reserve(
   StepPlan plan;
   plan.sequences.resize(n);
   plan.num_tokens.resize(n);
+  plan.first_positions.resize(n);
   plan.slot_mapping.resize(n);  // Grown by the pass when it needs more.
   PlanRecord& record = plans_.Spare(n);
   BatchProgress progress;

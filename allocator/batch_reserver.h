@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -39,9 +40,12 @@ namespace internal {
 
 class BatchReserver {
  public:
-  BatchReserver(int32_t block_size, SequenceTable& sequences, BlockPool& pool,
-                PrefixCache& prefix, PlanRecords& plans)
+  // max_blocks: the most blocks one sequence may hold (0: no limit).
+  BatchReserver(int32_t block_size, int32_t max_blocks,
+                SequenceTable& sequences, BlockPool& pool, PrefixCache& prefix,
+                PlanRecords& plans)
       : math_(block_size),
+        max_blocks_(max_blocks),
         sequences_(sequences),
         pool_(pool),
         prefix_(prefix),
@@ -54,12 +58,18 @@ class BatchReserver {
   absl::StatusOr<StepPlan> Reserve(absl::Span<const ReserveRequest> batch);
   absl::Status CanReserve(absl::Span<const ReserveRequest> batch) const;
 
-  // A partial last block shared with another holder must be copied before
-  // this sequence writes it. Inline: Reserve asks it of every sequence.
+  // A partial last block shared with another holder, or registered in the
+  // prefix cache (a full block that Truncate made partial again), must be
+  // copied before this sequence writes it. Inline: Reserve asks it of every
+  // sequence.
   bool NeedsCopy(const Sequence& s) const {
     return s.tail_maybe_shared && math_.Mod(s.computed) != 0 &&
-           pool_.ref_count(s.tail_block) > 1;
+           (pool_.ref_count(s.tail_block) > 1 || pool_.hashed(s.tail_block));
   }
+
+  // OutOfRange with a never-fits Shortfall (core/shortfall.h) when `blocks`
+  // exceed the whole pool; `what` names the request.
+  absl::Status CheckNeverFits(int64_t blocks, const std::string& what) const;
 
  private:
   // A sequence of the batch being reserved that needs new blocks or a copy of
@@ -98,10 +108,16 @@ class BatchReserver {
                            const BatchProgress& progress, StepPlan& plan,
                            PlanRecord& record);
   void Rollback(const PlanRecord& record, size_t n);
+  // A request that makes its sequence hold more blocks than the pool
+  // (OutOfRange) or than max_blocks_ (InvalidArgument). Cold.
+  absl::Status CheckSize(const Sequence& s, const ReserveRequest& r) const;
+  // ResourceExhausted with a Shortfall.
+  absl::Status NoRoom(size_t batch_size, int64_t needed) const;
   void ApplySlow(const SlowPath& path, absl::Span<const ReserveRequest> batch,
                  StepPlan& plan);
 
   BlockMath math_;
+  int32_t max_blocks_;
   SequenceTable& sequences_;
   BlockPool& pool_;
   PrefixCache& prefix_;

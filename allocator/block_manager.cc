@@ -71,7 +71,8 @@ BlockManager::BlockManager(const BlockManagerOptions& options)
       math_(options.block_size),
       pool_(options.num_blocks),
       prefix_(PrefixOptions(options)),
-      reserver_(options.block_size, sequences_, pool_, prefix_, plans_) {}
+      reserver_(options.block_size, options.max_blocks_per_sequence, sequences_,
+                pool_, prefix_, plans_) {}
 
 BlockManager::~BlockManager() = default;
 
@@ -86,6 +87,12 @@ absl::StatusOr<int64_t> BlockManager::AddSequence(
   if (sequences_.Find(id) != nullptr) {
     return absl::AlreadyExistsError(
         absl::StrCat("sequence ", id, " already exists"));
+  }
+  if (const int64_t blocks = math_.CeilDiv(static_cast<int64_t>(prompt.size()));
+      blocks > pool_.num_blocks()) {
+    return reserver_.CheckNeverFits(
+        blocks, absl::StrCat("sequence ", id, " (a prompt of ", prompt.size(),
+                             " tokens)"));
   }
   // Everything that allocates (and so may throw std::bad_alloc) happens first,
   // on a sequence of our own, up to its registration; the pool changes only
@@ -181,21 +188,30 @@ absl::Status BlockManager::CanReserve(
 absl::Status BlockManager::Commit(uint64_t plan_id) {
   const internal::PlanRecords::InFlight plan = plans_.Find(plan_id);
   if (plan.record == nullptr) return PlanNotFound(plan_id);
-  const PlanRecord* record = plan.record;
-  const std::vector<Sequence*>& seqs = record->sequences;
+  PrepareCommit(*plan.record);
+  FinishCommit(plan);
+  return absl::OkStatus();
+}
+
+void BlockManager::PrepareCommit(const PlanRecord& record) {
   // Allocate first (may throw std::bad_alloc with nothing changed): room for
   // the hashes of every block this commit fills. (The prefix-cache index has a
   // fixed capacity and never allocates.)
-  for (int32_t k : record->fillers) {
-    Sequence* s = seqs[k];
+  for (int32_t k : record.fillers) {
+    Sequence* s = record.sequences[k];
     if (s == nullptr) continue;  // Freed since Reserve.
     const size_t full =
         static_cast<size_t>(math_.Div(s->computed + s->reserved));
     ReserveGeometric(s->hashes, full);
   }
-  // From here on nothing allocates. Hash the filled blocks first and prefetch
-  // what registering them touches, so that those misses overlap.
-  for (int32_t k : record->fillers) {
+}
+
+void BlockManager::FinishCommit(internal::PlanRecords::InFlight plan) {
+  const std::vector<Sequence*>& seqs = plan.record->sequences;
+  const std::vector<int32_t>& fillers = plan.record->fillers;
+  // Nothing allocates. Hash the filled blocks first and prefetch what
+  // registering them touches, so that those misses overlap.
+  for (int32_t k : fillers) {
     if (seqs[k] != nullptr) prefix_.PrepareRegistration(*seqs[k], pool_);
   }
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -211,12 +227,28 @@ absl::Status BlockManager::Commit(uint64_t plan_id) {
     s->plan_id = 0;
   }
   // The blocks that became full get their chained hash, in batch order.
-  for (int32_t k : record->fillers) {
+  for (int32_t k : fillers) {
     if (seqs[k] != nullptr) prefix_.RegisterFilled(*seqs[k], pool_);
   }
   plans_.Retire(plan);
   prefix_.Flush();  // The blocks it registered.
-  return absl::OkStatus();
+}
+
+void BlockManager::Unreserve(Sequence& s, size_t tokens_before) {
+  const size_t blocks_before = static_cast<size_t>(math_.CeilDiv(s.computed));
+  for (size_t j = s.blocks.size(); j > blocks_before; --j)
+    pool_.Release(s.blocks[j - 1]);
+  s.blocks.resize(blocks_before);
+  if (s.cow_src >= 0) {
+    pool_.Release(s.blocks.back());
+    s.blocks.back() = s.cow_src;
+    s.cow_src = -1;
+    s.tail_maybe_shared = true;
+  }
+  s.tail_block = s.blocks.empty() ? -1 : s.blocks.back();
+  s.tokens.resize(tokens_before);
+  s.reserved = 0;
+  s.plan_id = 0;
 }
 
 absl::Status BlockManager::Abort(uint64_t plan_id) {
@@ -225,22 +257,7 @@ absl::Status BlockManager::Abort(uint64_t plan_id) {
   const PlanRecord* record = plan.record;
   for (size_t i = record->sequences.size(); i-- > 0;) {
     Sequence* s = record->sequences[i];
-    if (s == nullptr) continue;
-    const size_t blocks_before =
-        static_cast<size_t>(math_.CeilDiv(s->computed));
-    for (size_t j = s->blocks.size(); j > blocks_before; --j)
-      pool_.Release(s->blocks[j - 1]);
-    s->blocks.resize(blocks_before);
-    if (s->cow_src >= 0) {
-      pool_.Release(s->blocks.back());
-      s->blocks.back() = s->cow_src;
-      s->cow_src = -1;
-      s->tail_maybe_shared = true;
-    }
-    s->tail_block = s->blocks.empty() ? -1 : s->blocks.back();
-    s->tokens.resize(record->tokens_before[i]);
-    s->reserved = 0;
-    s->plan_id = 0;
+    if (s != nullptr) Unreserve(*s, record->tokens_before[i]);
   }
   plans_.Retire(plan);
   return absl::OkStatus();
@@ -342,6 +359,10 @@ std::vector<BlockHash> BlockManager::RegisteredHashesForTesting() const {
   return prefix_.RegisteredHashes();
 }
 
+bool BlockManager::BlockHashedForTesting(BlockId block) const {
+  return block >= 0 && block < pool_.num_blocks() && pool_.hashed(block);
+}
+
 // ---- Validate: what spans several parts ------------------------------------
 
 // The blocks a sequence holds (counted in `refs`), its plan, its tail's
@@ -363,11 +384,12 @@ absl::Status BlockManager::ValidateSequence(const Sequence& s,
   // (tail_maybe_shared false) has no other holder.
   if (!s.tail_maybe_shared && s.tail_block >= 0 &&
       math_.Mod(s.computed + s.reserved) != 0 &&
-      pool_.ref_count(s.tail_block) != 1) {
+      (pool_.ref_count(s.tail_block) != 1 || pool_.hashed(s.tail_block))) {
     return absl::InternalError(absl::StrCat(
         name, "partial tail block ", s.tail_block, " has ",
-        pool_.ref_count(s.tail_block),
-        " holders but is marked as not shared: a write would reach them"));
+        pool_.ref_count(s.tail_block), " holders (hashed ",
+        pool_.hashed(s.tail_block),
+        ") but is marked as not shared: a write would reach others"));
   }
   if (prefix_.enabled()) return prefix_.ValidateChain(s, name);
   return absl::OkStatus();

@@ -7,7 +7,16 @@
 //
 //   AddSequence -> Reserve (a StepPlan: slots + copy-on-write pairs)
 //               -> the caller writes every layer
-//               -> Commit(plan)   (or Abort(plan))
+//               -> Commit(plan)   (or Commit(plan, accepted), Abort(plan),
+//                                  RemoveFromPlan(plan, sequence))
+//
+// Speculative decoding (DESIGN.md section 4): a reservation may hold draft
+// tokens; Commit(plan, accepted) keeps each sequence's first accepted[i]
+// tokens and rolls the rest back (slots freed, blocks only they needed
+// released, never hashed), and Truncate rewinds committed tokens. A sequence
+// whose partial last block is shared, or registered in the prefix cache,
+// copies it before writing it (copy-on-write), so no write ever reaches
+// bytes another sequence or the prefix cache can see.
 //
 // It coordinates its parts, each a concept of its own:
 //
@@ -61,6 +70,9 @@ struct BlockManagerOptions {
   // cache (block_observer.h). Not owned; must outlive the manager. nullptr =
   // none.
   BlockObserver* observer = nullptr;
+  // The most blocks one sequence may hold (the engine's block-table width);
+  // Reserve refuses more with InvalidArgument. 0 = no limit but the pool.
+  int32_t max_blocks_per_sequence = 0;
 };
 
 struct PoolUsage {
@@ -97,16 +109,22 @@ class BlockManager {
   // compute) and returns how many tokens are already computed. AlreadyExists
   // for a duplicate id, InvalidArgument for an empty prompt, ResourceExhausted
   // if the pool cannot hold even the shared prefix (it never can fail for that
-  // reason since shared blocks are already resident; kept for symmetry).
+  // reason since shared blocks are already resident; kept for symmetry), and
+  // OutOfRange with a never-fits Shortfall (core/shortfall.h) for a prompt
+  // needing more blocks than the whole pool.
   absl::StatusOr<int64_t> AddSequence(SequenceId id,
                                       absl::Span<const TokenId> prompt,
                                       const ExtraKey& extra = {});
 
   // Reserves room for a batch, all or nothing. ResourceExhausted (and no
-  // change) when the pool cannot hold the whole batch; NotFound for an unknown
+  // change) when the pool cannot hold the whole batch now, with a Shortfall
+  // (core/shortfall.h: blocks needed, free, evictable); NotFound for an unknown
   // sequence; InvalidArgument for num_tokens < 1, tokens beyond the known ones,
   // or a sequence named twice; FailedPrecondition for a sequence that already
-  // has an uncommitted reservation.
+  // has an uncommitted reservation. Checked per request, in batch order, after
+  // those: OutOfRange (never fits, with a Shortfall whose never_fits is set)
+  // when the sequence would hold more blocks than the whole pool, then
+  // InvalidArgument when more than max_blocks_per_sequence.
   absl::StatusOr<StepPlan> Reserve(absl::Span<const ReserveRequest> batch);
 
   // Would Reserve(batch) succeed now? Same validation, no change.
@@ -117,6 +135,43 @@ class BlockManager {
   // become reusable. NotFound for an unknown or already committed/aborted plan.
   // Sequences freed since Reserve are skipped.
   absl::Status Commit(uint64_t plan_id);
+
+  // Commit for speculative decoding: accepted[i] (batch order, 0 <=
+  // accepted[i] <= the tokens reserved for sequence i) of sequence i's
+  // reserved tokens are kept, as by Commit; the rest are rolled back: their
+  // slots freed, the blocks only they needed released (copy-on-write copies
+  // stay: they are the sequence's own), and the sequence's known tokens end at
+  // its new computed length (any known token past it, a rejected draft or a
+  // prompt token not reserved yet, is dropped). Only blocks full of accepted
+  // tokens are hashed. Entries of sequences freed or removed from the plan are
+  // ignored. NotFound for an unknown plan; InvalidArgument (no change) for a
+  // wrong size or an entry out of range.
+  absl::Status Commit(uint64_t plan_id, absl::Span<const int64_t> accepted);
+
+  // Takes one sequence out of a plan in flight, as if that plan had never
+  // named it (as Abort does for all: its known tokens, blocks and shared tail
+  // are as before Reserve); the plan's other sequences are untouched.
+  // NotFound for an unknown plan or sequence; InvalidArgument when the
+  // sequence is not in that plan.
+  absl::Status RemoveFromPlan(uint64_t plan_id, SequenceId id);
+
+  // Rewinds a sequence to its first new_length committed tokens (0 <=
+  // new_length <= computed, else InvalidArgument; FailedPrecondition while it
+  // is in a plan). Its known tokens end at new_length; blocks wholly past it
+  // are released (a block shared with a fork or a prefix hit just loses this
+  // holder; a registered one stays cached). The block holding token
+  // new_length - 1, if now partial, stays in the table, but when it is shared
+  // or registered in the prefix cache the next Reserve writes into a copy of
+  // it (copy-on-write), so others keep its full content. The prefix-cache
+  // chain goes on from the last kept full block when that block is registered
+  // as itself; otherwise the sequence registers no later block.
+  absl::Status Truncate(SequenceId id, int64_t new_length);
+
+  // Tokens of `prompt` that AddSequence(prompt, extra) would find computed
+  // now, with no reference, no metric and no LRU change. InvalidArgument for
+  // an empty prompt.
+  absl::StatusOr<int64_t> PeekPrefix(absl::Span<const TokenId> prompt,
+                                     const ExtraKey& extra = {}) const;
 
   // Releases a plan's reservations without committing (blocks allocated for it
   // are returned and copy-on-write replacements undone). NotFound as for
@@ -177,6 +232,8 @@ class BlockManager {
   // Every hash registered in the prefix cache, in no particular order (tests
   // compare it with what a BlockObserver was told).
   std::vector<BlockHash> RegisteredHashesForTesting() const;
+  // Whether a block carries a hash (registered, cached or in use).
+  bool BlockHashedForTesting(BlockId block) const;
 
  private:
   explicit BlockManager(const BlockManagerOptions& options);
@@ -187,6 +244,15 @@ class BlockManager {
   // Releases the sequence's blocks, the tail first so that, once cached, a
   // chain's last blocks are evicted before its first.
   void ReleaseAll(internal::Sequence& s);
+  // Commit's allocations (room for the hashes of the blocks the plan's
+  // reservations fill), then its changes.
+  void PrepareCommit(const internal::PlanRecord& record);
+  void FinishCommit(internal::PlanRecords::InFlight plan);
+  // Rolls a sequence's reservation back to its first `accepted` tokens.
+  void RollBack(internal::Sequence& s, int64_t accepted);
+  // Abort of one sequence of a plan (REQUIRES: `tokens_before` its known
+  // tokens before Reserve).
+  void Unreserve(internal::Sequence& s, size_t tokens_before);
   absl::Status ValidateSequence(const internal::Sequence& s,
                                 std::vector<int32_t>& refs) const;
   absl::Status ValidatePlans() const;

@@ -12,8 +12,10 @@
 //   Reserve              OnBlocksRemoved        the cached blocks it evicted
 //   ResetPrefixCache     OnAllBlocksCleared     all (no list: it subsumes them)
 //
-// AddSequence, Fork, Free and Abort change no registration (a freed hashed
-// block stays registered, cached), so they call nothing. A block whose
+// AddSequence, Fork, Free, Abort, RemoveFromPlan, Truncate and PeekPrefix
+// change no registration (a released hashed block stays registered, cached),
+// so they call nothing. Commit(plan, accepted) stores only blocks full of
+// accepted tokens: rolled-back tokens never produce OnBlocksStored. A block whose
 // content is already registered under another block, or whose chain was cut
 // (a collision, or a sequence alive across ResetPrefixCache), is never
 // stored. So replaying the calls in order rebuilds exactly the set of hashes

@@ -66,6 +66,34 @@ int64_t PrefixCache::Match(Sequence& s,
   return matched;
 }
 
+int64_t PrefixCache::Peek(absl::Span<const TokenId> prompt,
+                          const ExtraKey& extra) const {
+  if (!enabled_ || prompt.empty()) return 0;
+  const uint64_t root = index_.FindRoot(extra.adapter_id, extra.salt);
+  if (root == 0) return 0;  // No live sequence or cached block has this key.
+  Sequence s;
+  s.root_id = root;
+  s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
+  s.last_chain_id = root;
+  return Match(s, prompt) * math_.size();
+}
+
+void PrefixCache::Rewind(Sequence& s, int64_t full) const {
+  ABSL_ASSERT(full <= s.chained_blocks);
+  if (static_cast<int64_t>(s.hashes.size()) > full) s.hashes.resize(full);
+  if (s.chained_blocks == full) return;
+  s.chained_blocks = full;
+  if (s.last_chain_id == kCutChain) return;
+  if (full == 0) {
+    s.last_chain_id = s.root_id;
+    return;
+  }
+  const BlockId b = s.blocks[full - 1];
+  s.last_chain_id = index_.registered(b) && index_.hash(b) == s.hashes[full - 1]
+                        ? index_.content_id(b)
+                        : kCutChain;
+}
+
 void PrefixCache::PrepareRegistration(Sequence& s,
                                       const BlockPool& pool) const {
   const int64_t bs = math_.size();

@@ -103,6 +103,27 @@ class PrefixCache {
   // capacity for every full block.
   void RegisterFilled(Sequence& s, BlockPool& pool);
 
+  // ---- PeekPrefix, Truncate, rejected drafts ----
+  //
+  // The tokens of `prompt` that AddSequence(prompt, extra) would find
+  // computed now (full blocks, at least one token left), changing nothing:
+  // no reference, no root, no statistic, no LRU position.
+  int64_t Peek(absl::Span<const TokenId> prompt, const ExtraKey& extra) const;
+  // Rewinds the chain of `s` to its first `full` blocks: hashes past them are
+  // dropped, and the chain goes on from block full - 1 where that block is
+  // registered as itself; elsewhere (its content registered under another
+  // block, a collision, a cut chain) it is cut, so the sequence registers none
+  // of its later blocks (they stay private). REQUIRES: full <= the full
+  // computed blocks of `s`.
+  void Rewind(Sequence& s, int64_t full) const;
+  // The token ids a block was last registered with. They stay after the
+  // block is evicted or cleared, until it is registered again, which takes a
+  // block its registering sequence filled itself: never a prefix-hit block
+  // that a live sequence holds (Truncate reads them for those).
+  const TokenId* StoredTokens(BlockId block) const {
+    return index_.stored_tokens(block);
+  }
+
   // ---- Reserve ----
   //
   // Transition "evicted": the oldest cached block, now in use (ref 1) and

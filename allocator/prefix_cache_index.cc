@@ -161,6 +161,12 @@ uint64_t PrefixCacheIndex::AcquireRoot(int64_t adapter_id,
   return it->second.id;
 }
 
+uint64_t PrefixCacheIndex::FindRoot(int64_t adapter_id,
+                                    const std::string& salt) const {
+  auto it = roots_.find(RootKey(adapter_id, salt));
+  return it == roots_.end() ? 0 : it->second.id;
+}
+
 void PrefixCacheIndex::AcquireRoot(uint64_t root_id) {
   auto it = root_by_id_.find(root_id);
   ABSL_ASSERT(it != root_by_id_.end());

@@ -107,6 +107,8 @@ class PrefixCacheIndex {
   // A reference on the root of (adapter_id, salt), made if new. May throw
   // std::bad_alloc, changing nothing.
   uint64_t AcquireRoot(int64_t adapter_id, const std::string& salt);
+  // The root id of (adapter_id, salt), or 0 when no one holds it. No change.
+  uint64_t FindRoot(int64_t adapter_id, const std::string& salt) const;
   // Another reference on a held root (Fork). REQUIRES: IsRoot(root_id), held.
   void AcquireRoot(uint64_t root_id);
   // Drops a reference; the root goes with the last. REQUIRES: held.

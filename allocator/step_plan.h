@@ -23,6 +23,9 @@ struct StepPlan {
   uint64_t id = 0;                    // Unique per BlockManager; never reused.
   std::vector<SequenceId> sequences;  // In request order.
   std::vector<int64_t> num_tokens;    // Per sequence, in request order.
+  // Per sequence: the position of its first reserved token (its computed
+  // length at Reserve).
+  std::vector<int64_t> first_positions;
   // One slot per reserved token, in request order.
   std::vector<int64_t> slot_mapping;
   // Copy-on-write: run before any write of the step.

@@ -104,6 +104,46 @@ absl::Status KVCacheManager::Commit(uint64_t plan_id) {
   });
 }
 
+absl::Status KVCacheManager::Commit(uint64_t plan_id,
+                                    absl::Span<const int64_t> accepted) {
+  return NoBadAlloc("Commit", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->Commit(plan_id, accepted);
+  });
+}
+
+absl::Status KVCacheManager::RemoveFromPlan(uint64_t plan_id,
+                                            SequenceId sequence, void* stream) {
+  return NoBadAlloc("RemoveFromPlan", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->RemoveFromPlan(plan_id, sequence, stream);
+  });
+}
+
+absl::Status KVCacheManager::Truncate(SequenceId sequence, int64_t new_length) {
+  return NoBadAlloc("Truncate", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->blocks().Truncate(sequence, new_length);
+  });
+}
+
+absl::StatusOr<int64_t> KVCacheManager::PeekPrefix(
+    absl::Span<const TokenId> prompt, const ExtraKey& extra) const {
+  return NoBadAlloc("PeekPrefix", [&]() -> absl::StatusOr<int64_t> {
+    Lock lock(impl_->mu());
+    return impl_->blocks().PeekPrefix(prompt, extra);
+  });
+}
+
+absl::StatusOr<std::vector<PlanSequence>> KVCacheManager::PlanLayout(
+    uint64_t plan_id) const {
+  return NoBadAlloc("PlanLayout",
+                    [&]() -> absl::StatusOr<std::vector<PlanSequence>> {
+                      Lock lock(impl_->mu());
+                      return impl_->PlanLayout(plan_id);
+                    });
+}
+
 absl::Status KVCacheManager::Abort(uint64_t plan_id) {
   return NoBadAlloc("Abort", [&]() -> absl::Status {
     Lock lock(impl_->mu());

@@ -11,8 +11,16 @@
 //   Commit(plan.id)                                    the tokens count as computed
 //
 // Reserve fails with ResourceExhausted (changing nothing) when the batch does
-// not fit: preempt (Free) a sequence and retry. Abort(plan.id) gives a plan's
-// room back without committing.
+// not fit now: preempt (Free) a sequence and retry. A request that can never
+// fit (its sequence would need more blocks than the whole pool) fails with
+// OutOfRange instead; both carry a Shortfall (GetShortfall, core/shortfall.h).
+// Abort(plan.id) gives a plan's room back without committing.
+//
+// Speculative decoding: reserve the sampled token plus k draft tokens, append
+// all of them, then Commit(plan.id, accepted) keeps each sequence's first
+// accepted[i] tokens and rolls the rest back (never hashed, shared or visible
+// to another sequence). Truncate rewinds committed tokens; RemoveFromPlan
+// takes one sequence out of a plan in flight (preemption).
 //
 // Thread safety: every method may be called from any thread; one mutex
 // serializes them. On the CUDA backend kernels and copies are enqueued on the
@@ -48,7 +56,9 @@
 #include "core/dtype.h"
 #include "core/extra_key.h"
 #include "core/ids.h"
+#include "core/plan_sequence.h"
 #include "core/reserve_request.h"
+#include "core/shortfall.h"
 
 namespace kvcache {
 
@@ -65,6 +75,8 @@ struct StepPlanInfo {
   // Copy-on-write copies (shared partial blocks after Fork), which Reserve
   // ran in every layer, data and scales, on its stream before it returned.
   int64_t num_block_copies = 0;
+  // Per sequence, in batch order: where its tokens sit and their positions.
+  std::vector<PlanSequence> sequences;
 };
 
 class KVCacheManager {
@@ -99,7 +111,42 @@ class KVCacheManager {
   // Every layer must hold all the plan's tokens. FailedPrecondition naming the
   // first short layer.
   absl::Status Commit(uint64_t plan_id);
+  // Commit for speculative decoding: accepted[i] (batch order; 0 <=
+  // accepted[i] <= sequence i's reserved tokens) of each sequence's tokens
+  // become computed, the rest are rolled back: their slots freed, blocks only
+  // they needed released, and the sequence's known tokens end at its new
+  // length (pass the next step's tokens as new_token_ids again). Only blocks
+  // full of accepted tokens are hashed or shared. Entries of sequences removed
+  // from the plan are ignored. Every layer must hold all the plan's tokens
+  // (as for Commit). InvalidArgument for a wrong size or an entry out of
+  // range, changing nothing.
+  absl::Status Commit(uint64_t plan_id, absl::Span<const int64_t> accepted);
   absl::Status Abort(uint64_t plan_id);
+  // Takes `sequence` out of a plan in flight (preemption), as if the plan had
+  // never named it; the plan's other sequences are untouched. Its rows of the
+  // device slot mapping become -1 (padding) on `stream`, so Appends of the
+  // full batch's K/V still work and skip them; the plan's token count is
+  // unchanged. The host_slot_mapping a caller kept is not updated. NotFound
+  // for an unknown plan or sequence, InvalidArgument when the sequence is not
+  // in the plan (or was removed already).
+  absl::Status RemoveFromPlan(uint64_t plan_id, SequenceId sequence,
+                              void* stream = nullptr);
+  // Rewinds a sequence to its first new_length committed tokens (rejected
+  // path, beam pruning): 0 <= new_length <= SequenceLength (InvalidArgument
+  // otherwise), FailedPrecondition while it is in a plan in flight. Blocks
+  // past new_length are released (a block shared with a fork or a prefix hit
+  // only loses this holder). A now-partial last block that is shared or
+  // registered in the prefix cache keeps its content for the others: the next
+  // Reserve writes into a copy of it (copy-on-write).
+  absl::Status Truncate(SequenceId sequence, int64_t new_length);
+  // Tokens of `prompt` that AddSequence(prompt, extra) would find already
+  // computed now (full blocks, at least one token left), with no pin, no
+  // metric and no LRU change: for admission control.
+  absl::StatusOr<int64_t> PeekPrefix(absl::Span<const TokenId> prompt,
+                                     const ExtraKey& extra = {}) const;
+  // The layout of a plan in flight (StepPlanInfo::sequences, as updated by
+  // RemoveFromPlan). NotFound for a plan not in flight.
+  absl::StatusOr<std::vector<PlanSequence>> PlanLayout(uint64_t plan_id) const;
   absl::Status Fork(SequenceId parent, SequenceId child);
   // FailedPrecondition while the sequence is part of an uncommitted plan.
   absl::Status Free(SequenceId id);

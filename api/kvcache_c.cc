@@ -15,11 +15,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "api/kv_cache_manager.h"
+#include "api/kvcache_c_internal.h"
 #include "api/no_bad_alloc.h"
-
-struct kvcache_manager {
-  std::unique_ptr<kvcache::KVCacheManager> impl;
-};
 
 namespace {
 
@@ -56,6 +53,7 @@ kvcache_status ToCode(const absl::Status& status) {
 // the message cannot be copied (out of memory), the last error is left empty.
 kvcache_status Record(const absl::Status& status) noexcept {
   if (!status.ok()) {
+    kvcache::c_api::NoteShortfall(status);
     try {
       last_error.assign(status.message().data(), status.message().size());
     } catch (...) {
@@ -200,6 +198,11 @@ absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
 }
 
 }  // namespace
+
+kvcache_status kvcache::c_api::RecordStatus(
+    const absl::Status& status) noexcept {
+  return Record(status);
+}
 
 extern "C" {
 

@@ -51,6 +51,9 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
   options.num_blocks = static_cast<int32_t>(num_blocks);
   options.block_size = config.block_size;
   options.enable_prefix_caching = config.enable_prefix_caching;
+  // The block table's width: Reserve refuses a sequence past it (issue #15:
+  // BatchBlockTable found it only after the K/V was written).
+  options.max_blocks_per_sequence = static_cast<int32_t>(cols);
 
   std::lock_guard<std::mutex> lock(m->mu_);
   KVCACHE_ASSIGN_OR_RETURN(m->blocks_, BlockManager::Create(options));
@@ -139,7 +142,9 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
   // The plan's record is made before the allocator changes, so that running
   // out of memory (std::bad_alloc) cannot leave a half-made plan behind.
   KVCACHE_ASSIGN_OR_RETURN(internal::PlanTable::Pending pending,
-                           plans_->Begin());
+                           plans_->Begin(batch.size()));
+  StepPlanInfo info;
+  info.sequences.reserve(batch.size());
   absl::StatusOr<StepPlan> plan = blocks_->Reserve(batch);
   if (!plan.ok()) {
     if (absl::IsResourceExhausted(plan.status())) ++counters_.reserve_failures;
@@ -171,13 +176,14 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
     return uploaded;
   }
   // From here on nothing allocates.
-  StepPlanInfo info;
   info.id = plan->id;
   info.num_tokens = static_cast<int64_t>(plan->slot_mapping.size());
   info.slot_mapping = plans_->buffers().device_slots(pending.slot);
-  info.host_slot_mapping = std::move(plan->slot_mapping);
   info.num_block_copies = num_copies;
-  plans_->Add(std::move(pending), info.id, info.num_tokens);
+  plans_->Add(std::move(pending), info.id, *plan);
+  info.host_slot_mapping = std::move(plan->slot_mapping);
+  const internal::PlanTable::Plan& added = **plans_->Find(info.id);
+  info.sequences.assign(added.sequences.begin(), added.sequences.end());
   counters_.block_copies += num_copies;
   if (num_copies > 0) counters_.kernel_launches += config_.num_layers;
   return info;
@@ -235,20 +241,70 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
   return absl::OkStatus();
 }
 
+absl::Status KVCacheManager::Impl::CheckAppended(
+    uint64_t plan_id, const internal::PlanTable::Plan& plan) const {
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    if (plan.appended[layer] != plan.num_tokens) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "commit of plan ", plan_id, ": layer ", layer, " holds ",
+          plan.appended[layer], " of its ", plan.num_tokens, " tokens"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status KVCacheManager::Impl::Commit(uint64_t plan_id) {
   KVCACHE_ASSIGN_OR_RETURN(const internal::PlanTable::Plan* plan,
                            plans_->Find(plan_id));
-  for (int layer = 0; layer < config_.num_layers; ++layer) {
-    if (plan->appended[layer] != plan->num_tokens) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "commit of plan ", plan_id, ": layer ", layer, " holds ",
-          plan->appended[layer], " of its ", plan->num_tokens, " tokens"));
-    }
-  }
+  KVCACHE_RETURN_IF_ERROR(CheckAppended(plan_id, *plan));
   KVCACHE_RETURN_IF_ERROR(blocks_->Commit(plan_id));
-  counters_.tokens_committed += plan->num_tokens;
+  for (const PlanSequence& s : plan->sequences)
+    counters_.tokens_committed += s.num_tokens;  // 0 once removed.
   plans_->Remove(plan_id);
   return absl::OkStatus();
+}
+
+absl::Status KVCacheManager::Impl::Commit(uint64_t plan_id,
+                                          absl::Span<const int64_t> accepted) {
+  KVCACHE_ASSIGN_OR_RETURN(const internal::PlanTable::Plan* plan,
+                           plans_->Find(plan_id));
+  KVCACHE_RETURN_IF_ERROR(CheckAppended(plan_id, *plan));
+  KVCACHE_RETURN_IF_ERROR(blocks_->Commit(plan_id, accepted));
+  // The allocator checked the sizes and every entry of a sequence in the plan.
+  for (size_t i = 0; i < plan->sequences.size(); ++i) {
+    const int64_t reserved = plan->sequences[i].num_tokens;
+    if (reserved == 0) continue;  // Removed: its entry is ignored.
+    counters_.tokens_committed += accepted[i];
+    counters_.tokens_rejected += reserved - accepted[i];
+  }
+  plans_->Remove(plan_id);
+  return absl::OkStatus();
+}
+
+absl::Status KVCacheManager::Impl::RemoveFromPlan(uint64_t plan_id,
+                                                  SequenceId sequence,
+                                                  void* stream) {
+  KVCACHE_ASSIGN_OR_RETURN(internal::PlanTable::Plan * plan,
+                           plans_->Find(plan_id));
+  PlanSequence* row = nullptr;
+  for (PlanSequence& s : plan->sequences) {
+    if (s.sequence == sequence && s.num_tokens > 0) row = &s;
+  }
+  // Not in the plan: the allocator names the cause (and changes nothing).
+  if (row == nullptr) return blocks_->RemoveFromPlan(plan_id, sequence);
+  // Its rows become padding first: if that fails, nothing changed.
+  KVCACHE_RETURN_IF_ERROR(
+      plans_->Pad(*plan, row->slot_offset, row->num_tokens, stream));
+  KVCACHE_RETURN_IF_ERROR(blocks_->RemoveFromPlan(plan_id, sequence));
+  row->num_tokens = 0;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<PlanSequence>> KVCacheManager::Impl::PlanLayout(
+    uint64_t plan_id) {
+  KVCACHE_ASSIGN_OR_RETURN(const internal::PlanTable::Plan* plan,
+                           plans_->Find(plan_id));
+  return plan->sequences;
 }
 
 absl::Status KVCacheManager::Impl::Abort(uint64_t plan_id) {

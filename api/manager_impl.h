@@ -57,6 +57,12 @@ class KVCacheManager::Impl {
                       const TensorView& value, void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Commit(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Commit(uint64_t plan_id, absl::Span<const int64_t> accepted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status RemoveFromPlan(uint64_t plan_id, SequenceId sequence,
+                              void* stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::vector<PlanSequence>> PlanLayout(uint64_t plan_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Abort(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Fork(SequenceId parent, SequenceId child)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -89,6 +95,9 @@ class KVCacheManager::Impl {
  private:
   explicit Impl(const KVCacheConfig& config) : config_(config) {}
 
+  // Every layer holds all of the plan's tokens (Commit's precondition).
+  absl::Status CheckAppended(uint64_t plan_id,
+                             const internal::PlanTable::Plan& plan) const;
   // The one check that `id` is not part of a plan in flight (Reserve, Fork
   // and Free refuse it): FailedPrecondition naming `what`.
   absl::Status CheckNotPending(SequenceId id, const char* what) const

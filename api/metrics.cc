@@ -49,6 +49,9 @@ std::string ToPrometheusText(const MetricsSnapshot& m) {
       m.tokens_appended);
   Add(&out, "tokens_committed_total", "counter", "Tokens committed.",
       m.tokens_committed);
+  Add(&out, "tokens_rejected_total", "counter",
+      "Reserved tokens rolled back at commit (rejected draft tokens).",
+      m.tokens_rejected);
   Add(&out, "kernel_launches_total", "counter", "Cache kernels launched.",
       m.kernel_launches);
   Add(&out, "reserve_failures_total", "counter",

@@ -27,6 +27,8 @@ struct MetricsSnapshot {
   int64_t tokens_committed =
       0;  // Tokens committed (once per token, not per layer).
   int64_t kernel_launches = 0;
+  // Reserved tokens rolled back by Commit(plan, accepted) (rejected drafts).
+  int64_t tokens_rejected = 0;
   int64_t reserve_failures = 0;  // Reserve calls refused for lack of room.
   int64_t block_copies =
       0;  // Copy-on-write block copies (per block, all layers).

@@ -17,7 +17,7 @@ absl::StatusOr<std::unique_ptr<PlanTable>> PlanTable::Create(
       new PlanTable(num_layers, *std::move(buffers)));
 }
 
-absl::StatusOr<PlanTable::Pending> PlanTable::Begin() {
+absl::StatusOr<PlanTable::Pending> PlanTable::Begin(size_t batch_size) {
   Pending pending;
   pending.slot = buffers_->FindFree();
   if (pending.slot < 0) {
@@ -28,16 +28,24 @@ absl::StatusOr<PlanTable::Pending> PlanTable::Begin() {
   }
   Map staged;
   staged[0].appended.assign(num_layers_, 0);
+  staged[0].sequences.reserve(batch_size);
   pending.node = staged.extract(staged.begin());
   plans_.reserve(plans_.size() + 1);  // Add's insert cannot rehash.
   return pending;
 }
 
-void PlanTable::Add(Pending pending, uint64_t id, int64_t num_tokens) {
+void PlanTable::Add(Pending pending, uint64_t id, const StepPlan& step) {
   pending.node.key() = id;
   Plan& plan = pending.node.mapped();
   plan.slot = pending.slot;
-  plan.num_tokens = num_tokens;
+  plan.num_tokens = static_cast<int64_t>(step.slot_mapping.size());
+  int64_t offset = 0;
+  for (size_t i = 0; i < step.sequences.size(); ++i) {  // Has the capacity.
+    plan.sequences.push_back(PlanSequence{step.sequences[i], offset,
+                                          step.num_tokens[i],
+                                          step.first_positions[i]});
+    offset += step.num_tokens[i];
+  }
   buffers_->slot(pending.slot).busy = true;
   plans_.insert(std::move(pending.node));
 }

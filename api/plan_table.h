@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "api/step_buffers.h"
+#include "core/plan_sequence.h"
 #include "storage/device.h"
 
 namespace kvcache::internal {
@@ -29,6 +30,8 @@ class PlanTable {
     int slot = 0;                   // Its step-buffer slot.
     int64_t num_tokens = 0;         // Reserved over the whole batch.
     std::vector<int64_t> appended;  // Per layer: tokens written so far.
+    // Per sequence, batch order (num_tokens 0 once removed from the plan).
+    std::vector<PlanSequence> sequences;
   };
 
  private:
@@ -50,17 +53,26 @@ class PlanTable {
                                                            int64_t max_tokens,
                                                            int64_t max_copies);
 
-  // Takes a free step slot and makes the plan's record, so that nothing
-  // allocates once the allocator has changed. FailedPrecondition when every
-  // slot is taken. May throw std::bad_alloc, changing nothing.
-  absl::StatusOr<Pending> Begin();
+  // Takes a free step slot and makes the plan's record (room for a batch of
+  // `batch_size`), so that nothing allocates once the allocator has changed.
+  // FailedPrecondition when every slot is taken. May throw std::bad_alloc,
+  // changing nothing.
+  absl::StatusOr<Pending> Begin(size_t batch_size);
   // Uploads a pending plan's slot mapping and copy pairs on `stream`.
   absl::Status Upload(const Pending& pending, absl::Span<const int64_t> slots,
                       absl::Span<const BlockCopy> copies, void* stream) {
     return buffers_->Upload(pending.slot, slots, copies, stream);
   }
-  // Adds a pending plan under `id`, its slot now busy. Never allocates.
-  void Add(Pending pending, uint64_t id, int64_t num_tokens);
+  // Adds a pending plan under `id`, its slot now busy, with its sequences'
+  // layout (`plan`'s sequences, token counts and first positions). Never
+  // allocates.
+  void Add(Pending pending, uint64_t id, const StepPlan& plan);
+  // Rewrites slots [offset, offset + count) of a plan's device slot mapping
+  // to -1 (padding) on `stream`.
+  absl::Status Pad(const Plan& plan, int64_t offset, int64_t count,
+                   void* stream) {
+    return buffers_->Pad(plan.slot, offset, count, stream);
+  }
   // NotFound naming the plan when it is not in flight.
   absl::StatusOr<Plan*> Find(uint64_t id);
   // REQUIRES: `id` is in flight. Frees its slot.

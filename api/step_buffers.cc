@@ -1,5 +1,6 @@
 #include "api/step_buffers.h"
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -87,6 +88,29 @@ absl::Status StepBuffers::Upload(int index, absl::Span<const int64_t> slots,
         !s.ok()) {
       return s;
     }
+  }
+  return device_->RecordEvent(slot.uploaded, stream);
+}
+
+absl::Status StepBuffers::Pad(int index, int64_t offset, int64_t count,
+                              void* stream) {
+  Slot& slot = slots_[index];
+  if (count <= 0) return absl::OkStatus();
+  // The staging memory may still be read by the last upload.
+  if (absl::Status s = device_->SynchronizeEvent(slot.uploaded); !s.ok()) {
+    return s;
+  }
+  int64_t* staged = slot.staging.as<int64_t>() + offset;
+  std::fill(staged, staged + count, int64_t{-1});
+  if (absl::Status s = device_->StreamWaitEvent(stream, slot.last_use);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = device_->CopyToDeviceAsync(
+          slot.device.as<int64_t>() + offset, staged,
+          static_cast<size_t>(count) * sizeof(int64_t), stream);
+      !s.ok()) {
+    return s;
   }
   return device_->RecordEvent(slot.uploaded, stream);
 }

@@ -44,6 +44,10 @@ class StepBuffers {
   absl::Status Upload(int index, absl::Span<const int64_t> slots,
                       absl::Span<const BlockCopy> copies, void* stream);
 
+  // Rewrites slots [offset, offset + count) of slot `index` to -1 (padding),
+  // staging and device, on `stream`. REQUIRES: within the last upload.
+  absl::Status Pad(int index, int64_t offset, int64_t count, void* stream);
+
   Slot& slot(int index) { return slots_[index]; }
   const int64_t* device_slots(int index) const {
     return slots_[index].device.as<int64_t>();

@@ -83,10 +83,18 @@ struct RefSequence {
   uint64_t plan = 0;
 };
 
+// The sequence of a plan's row whose sequence was removed from the plan: the
+// row is padding (zeros are appended for it).
+constexpr int64_t kRemovedRow = std::numeric_limits<int64_t>::min() + 1;
+
 struct RefPlan {
   std::vector<std::pair<int64_t, int64_t>> rows;  // (sequence, position)
-  std::vector<int64_t> appended;                  // per layer
-  std::map<int64_t, size_t> tokens_before;        // Abort drops new tokens.
+  // Per request, in batch order: sequence, tokens reserved, first position,
+  // and whether it was removed from the plan.
+  std::vector<int64_t> batch, reserved, first;
+  std::vector<bool> removed;
+  std::vector<int64_t> appended;            // per layer
+  std::map<int64_t, size_t> tokens_before;  // Abort drops new tokens.
 };
 
 struct Snapshot {
@@ -278,9 +286,29 @@ class Harness {
         call = "Append(overflow)";
         status = OverflowAppend();
         break;
-      default:
-        call = "lookup";
-        status = Lookup();
+      default:  // One byte picks a lookup or a call of speculative decoding.
+        switch (in_.Range(5)) {
+          case 0:
+            call = "lookup";
+            status = Lookup();
+            break;
+          case 1:
+            call = "Commit(accepted)";
+            status = CommitAccepted();
+            break;
+          case 2:
+            call = "RemoveFromPlan";
+            status = RemoveFromPlan();
+            break;
+          case 3:
+            call = "Truncate";
+            status = Truncate();
+            break;
+          default:
+            call = "PeekPrefix";
+            status = PeekPrefix(before);
+            break;
+        }
         break;
     }
     if (Tracing()) {
@@ -347,6 +375,10 @@ class Harness {
       if (it == seqs_.end() || it->second.plan != 0) Fail("bad Reserve ok");
       RefSequence& s = it->second;
       ref.tokens_before[r.sequence] = s.tokens.size();
+      ref.batch.push_back(r.sequence);
+      ref.reserved.push_back(r.num_tokens);
+      ref.first.push_back(s.computed);
+      ref.removed.push_back(false);
       for (int32_t t : r.new_token_ids) Push(s, t);
       for (int64_t k = 0; k < r.num_tokens; ++k) {
         ref.rows.emplace_back(r.sequence, s.computed + k);
@@ -391,6 +423,141 @@ class Harness {
     for (int64_t seq : touched) Verify(seq);
   }
 
+  // Commit with accepted counts: mostly valid (all, none, some), at times
+  // hostile (more than reserved, negative, huge, a wrong count of entries).
+  absl::Status CommitAccepted() {
+    const uint64_t id = PlanId();
+    auto it = plans_.find(id);
+    std::vector<int64_t> accepted;
+    bool valid = it != plans_.end();
+    if (it != plans_.end()) {
+      const RefPlan& plan = it->second;
+      for (size_t i = 0; i < plan.batch.size(); ++i) {
+        const uint8_t b = in_.Byte();
+        int64_t a = b < 200 ? b % (plan.reserved[i] + 1) : plan.reserved[i];
+        if (b >= 240) {
+          const int64_t hostile[] = {-1, plan.reserved[i] + 1, kHuge, kMin};
+          a = hostile[b % 4];
+          if (!plan.removed[i]) valid = false;  // Removed: ignored.
+        }
+        accepted.push_back(a);
+      }
+      for (int64_t done : plan.appended) {
+        if (done != static_cast<int64_t>(plan.rows.size())) valid = false;
+      }
+    }
+    if (const uint8_t b = in_.Byte(); b >= 240) {  // A wrong count.
+      if (b & 1 || accepted.empty()) {
+        accepted.push_back(0);
+      } else {
+        accepted.pop_back();
+      }
+      valid = false;
+    }
+    const absl::Status status = manager_->Commit(id, accepted);
+    if (Tracing()) {
+      std::fprintf(stderr, "  commit plan %llu with %zu accepted counts\n",
+                   static_cast<unsigned long long>(id), accepted.size());
+    }
+    if (status.ok() != valid) Fail("Commit(accepted): " + status.ToString());
+    if (!status.ok()) return status;
+    const RefPlan& plan = it->second;
+    std::vector<int64_t> touched;
+    for (size_t i = 0; i < plan.batch.size(); ++i) {
+      if (plan.removed[i]) continue;
+      RefSequence& s = seqs_.at(plan.batch[i]);
+      s.plan = 0;
+      s.computed = plan.first[i] + accepted[i];
+      if (accepted[i] < plan.reserved[i]) {  // Known tokens end there.
+        s.tokens.resize(s.computed);
+        s.prefix_hash.resize(s.computed);
+      }
+      touched.push_back(plan.batch[i]);
+    }
+    plans_.erase(it);
+    last_closed_plan_ = id;
+    for (int64_t seq : touched) Verify(seq);
+    return status;
+  }
+
+  absl::Status RemoveFromPlan() {
+    const uint64_t id = PlanId();
+    auto it = plans_.find(id);
+    int64_t seq = Id();
+    if (it != plans_.end() && in_.Byte() < 200) {
+      seq = it->second
+                .batch[in_.Range(static_cast<int>(it->second.batch.size()))];
+    }
+    const absl::Status status = manager_->RemoveFromPlan(id, seq);
+    if (Tracing()) {
+      std::fprintf(stderr, "  remove seq %lld from plan %llu\n",
+                   static_cast<long long>(seq),
+                   static_cast<unsigned long long>(id));
+    }
+    if (!status.ok()) return status;
+    if (it == plans_.end()) Fail("RemoveFromPlan of an unknown plan ok");
+    RefPlan& plan = it->second;
+    auto pos = std::find(plan.batch.begin(), plan.batch.end(), seq);
+    if (pos == plan.batch.end() || plan.removed[pos - plan.batch.begin()]) {
+      Fail("RemoveFromPlan of a sequence not in the plan ok");
+    }
+    plan.removed[pos - plan.batch.begin()] = true;
+    for (auto& row : plan.rows) {
+      if (row.first == seq) row.first = kRemovedRow;
+    }
+    RefSequence& s = seqs_.at(seq);
+    s.plan = 0;
+    s.tokens.resize(plan.tokens_before.at(seq));
+    s.prefix_hash.resize(plan.tokens_before.at(seq));
+    plan.tokens_before.erase(seq);  // Abort of the plan no longer touches it.
+    Verify(seq);
+    return status;
+  }
+
+  absl::Status Truncate() {
+    const int64_t id = Id();
+    auto it = seqs_.find(id);
+    const int64_t computed = it == seqs_.end() ? 0 : it->second.computed;
+    const uint8_t b = in_.Byte();
+    int64_t n = computed - b % 6;
+    if (b >= 230) {
+      const int64_t hostile[] = {-1, computed + 1, kHuge, kMin, computed};
+      n = hostile[b % 5];
+    }
+    const absl::Status status = manager_->Truncate(id, n);
+    if (Tracing()) {
+      std::fprintf(stderr, "  truncate %lld to %lld\n",
+                   static_cast<long long>(id), static_cast<long long>(n));
+    }
+    const bool valid =
+        it != seqs_.end() && it->second.plan == 0 && n >= 0 && n <= computed;
+    if (status.ok() != valid) Fail("Truncate: " + status.ToString());
+    if (!status.ok()) return status;
+    RefSequence& s = it->second;
+    s.computed = n;
+    s.tokens.resize(n);
+    s.prefix_hash.resize(n);
+    Verify(id);
+    return status;
+  }
+
+  // PeekPrefix changes nothing, succeeded or not.
+  absl::Status PeekPrefix(const Snapshot& before) {
+    RefSequence s;
+    s.salt = in_.Range(kNumSalts);
+    const int len = in_.Range(14);
+    for (int i = 0; i < len; ++i) Push(s, in_.Range(3));
+    ExtraKey extra;
+    extra.salt = Salt(s.salt);
+    absl::StatusOr<int64_t> cached = manager_->PeekPrefix(s.tokens, extra);
+    if (cached.ok() != (len > 0))
+      Fail("PeekPrefix: " + cached.status().ToString());
+    if (cached.ok() && (*cached < 0 || *cached >= len))
+      Fail("PeekPrefix: bad count");
+    Same(before, Take(), "PeekPrefix", cached.status());
+    return cached.status();
+  }
+
   // Reference K/V rows [begin, begin + count) of a plan in one layer, bf16,
   // K and V interleaved per token (a fused-QKV-like layout).
   std::vector<uint16_t> Rows(const RefPlan& plan, int layer, int64_t begin,
@@ -401,6 +568,7 @@ class Harness {
     std::vector<uint16_t> out(count * *stride);
     for (int64_t i = 0; i < count; ++i) {
       const auto& [seq, pos] = plan.rows[begin + i];
+      if (seq == kRemovedRow) continue;  // Padding: zeros.
       const uint64_t hash = seqs_.at(seq).prefix_hash[pos];
       std::vector<float> k =
           SyntheticRow(kDataSeed, layer, false, hash, h, config_.head_size);
@@ -425,9 +593,8 @@ class Harness {
     const int64_t count = 1 + in_.Range(static_cast<int>(left));
     // Skip sequences freed since Reserve: their rows still need data.
     for (int64_t i = 0; i < count; ++i) {
-      if (!seqs_.count(plan.rows[plan.appended[layer] + i].first)) {
-        return absl::OkStatus();
-      }
+      const int64_t seq = plan.rows[plan.appended[layer] + i].first;
+      if (seq != kRemovedRow && !seqs_.count(seq)) return absl::OkStatus();
     }
     int64_t stride = 0;
     std::vector<uint16_t> data =
@@ -593,9 +760,8 @@ class Harness {
       if (left == 0) return absl::OkStatus();
       count = 1 + in_.Range(static_cast<int>(std::min<int64_t>(left, 32)));
       for (int64_t i = 0; i < count; ++i) {
-        if (!seqs_.count(plan->rows[plan->appended[layer] + i].first)) {
-          return absl::OkStatus();
-        }
+        const int64_t seq = plan->rows[plan->appended[layer] + i].first;
+        if (seq != kRemovedRow && !seqs_.count(seq)) return absl::OkStatus();
       }
       int64_t stride = 0;
       std::vector<uint16_t> rows =

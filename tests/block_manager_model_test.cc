@@ -12,124 +12,21 @@
 // every live sequence must read back its own fingerprint. So a prefix hit, a
 // copy or an eviction that hands a sequence anyone else's data fails the test.
 
+#include "tests/block_manager_model.h"
+
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <random>
 #include <set>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "allocator/block_hash.h"
-#include "allocator/block_manager.h"
-#include "gtest/gtest.h"
+#include "core/shortfall.h"
 
 namespace kvcache {
-namespace {
-
-uint64_t Mix(uint64_t x) {  // splitmix64 finalizer: the model's own
-                            // fingerprint, not XXH3.
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-
-struct ModelSeq {
-  std::vector<TokenId> tokens;
-  std::vector<uint64_t> fp;  // Fingerprint of each known token's whole prefix.
-  uint64_t root = 0;
-  int64_t computed = 0;
-  std::vector<BlockId> table;
-  uint64_t plan = 0;  // Pending reservation.
-  int64_t reserved = 0;
-  std::vector<BlockId> table_before;
-  size_t tokens_before = 0;
-  BlockId cow_src = -1;
-
-  void Append(TokenId t) {
-    tokens.push_back(t);
-    fp.push_back(
-        Mix((fp.empty() ? root : fp.back()) ^ (static_cast<uint64_t>(t) << 1)));
-  }
-};
-
-// A weak hash for the collision variant: only the first token counts.
-BlockHash WeakHash(const BlockHash&, absl::Span<const TokenId> tokens) {
-  return BlockHash{static_cast<uint64_t>(tokens[0] % 2), 0};
-}
-
-struct Variant {
-  bool prefix;
-  BlockHashFunction hash;
-  int ops;
-};
-
-class ModelTest : public ::testing::TestWithParam<Variant> {
- protected:
-  static constexpr int32_t kBlocks = 24;
-  static constexpr int32_t kBs = 4;
-  static constexpr int kIds = 14;
-
-  void Init(uint64_t seed) {
-    rng_.seed(seed);
-    BlockManagerOptions o;
-    o.num_blocks = kBlocks;
-    o.block_size = kBs;
-    o.enable_prefix_caching = GetParam().prefix;
-    o.hash_function_for_testing = GetParam().hash;
-    m_ = std::move(*BlockManager::Create(o));
-    kv_.assign(kBlocks * kBs, 0);
-    std::uniform_int_distribution<int> tok(1, 3);
-    for (auto& base : bases_) {
-      base.clear();
-      for (int i = 0; i < 28; ++i) base.push_back(tok(rng_));
-    }
-  }
-
-  int Rand(int lo, int hi) {
-    return std::uniform_int_distribution<int>(lo, hi)(rng_);
-  }
-  SequenceId RandomId() { return Rand(0, kIds - 1); }
-
-  std::multiset<BlockId> Holders() const {
-    std::multiset<BlockId> h;
-    for (const auto& [id, s] : seqs_) {
-      h.insert(s.table.begin(), s.table.end());
-      if (s.cow_src >= 0) h.insert(s.cow_src);
-    }
-    return h;
-  }
-  int64_t Available() const {
-    const std::multiset<BlockId> h = Holders();
-    return kBlocks -
-           static_cast<int64_t>(std::set<BlockId>(h.begin(), h.end()).size());
-  }
-  bool NeedsCopy(const ModelSeq& s) const {
-    return s.computed % kBs != 0 && Holders().count(s.table.back()) > 1;
-  }
-  std::vector<BlockId> Table(SequenceId id) const {
-    auto t = m_->BlockTable(id);
-    return t.ok() ? std::vector<BlockId>(t->begin(), t->end())
-                  : std::vector<BlockId>{};
-  }
-
-  void AddSequence();
-  void Reserve(bool dry_run);
-  void CommitOrAbort(bool commit);
-  void Free();
-  void Fork();
-  void TokensThatFit();
-  void CheckAll();
-
-  std::mt19937_64 rng_;
-  std::unique_ptr<BlockManager> m_;
-  std::map<SequenceId, ModelSeq> seqs_;
-  std::set<uint64_t> open_plans_;
-  std::vector<uint64_t> closed_plans_;
-  std::vector<uint64_t> kv_;  // Simulated K/V memory: a fingerprint per slot.
-  std::vector<TokenId> bases_[5];
-};
+namespace model_test {
 
 void ModelTest::AddSequence() {
   const SequenceId id = RandomId();
@@ -143,6 +40,15 @@ void ModelTest::AddSequence() {
   ExtraKey extra;
   extra.salt = Rand(0, 3) == 0 ? "tenant" : "";
   extra.adapter_id = Rand(0, 7) == 0 ? 1 : 0;
+  // PeekPrefix predicts the hit and changes nothing.
+  const PrefixCacheStats stats_before = m_->PrefixStats();
+  const PoolUsage usage_before = m_->Usage();
+  auto peek = m_->PeekPrefix(prompt, extra);
+  ASSERT_EQ(peek.ok(), !prompt.empty()) << peek.status();
+  ASSERT_EQ(m_->PrefixStats().queries, stats_before.queries);
+  ASSERT_EQ(m_->PrefixStats().hit_tokens, stats_before.hit_tokens);
+  ASSERT_EQ(m_->Usage().cached_blocks, usage_before.cached_blocks);
+  ASSERT_EQ(m_->Usage().used_blocks, usage_before.used_blocks);
   auto hit = m_->AddSequence(id, prompt, extra);
   const absl::StatusCode want =
       prompt.empty()        ? absl::StatusCode::kInvalidArgument
@@ -151,6 +57,7 @@ void ModelTest::AddSequence() {
   ASSERT_EQ(hit.status().code(), want) << hit.status();
   if (!hit.ok()) return;
   const int64_t n = static_cast<int64_t>(prompt.size());
+  ASSERT_EQ(*hit, *peek);
   ASSERT_EQ(*hit % kBs, 0);
   ASSERT_LE(*hit, (n - 1) / kBs * kBs);
   if (!GetParam().prefix) {
@@ -180,7 +87,8 @@ void ModelTest::Reserve(bool dry_run) {
     if (left > 0 && Rand(0, 3) > 0) {
       r.num_tokens = Rand(1, static_cast<int>(left));
     } else {
-      for (int i = Rand(1, 2); i > 0; --i)
+      // A sampled token and up to 3 drafts.
+      for (int i = Rand(1, Rand(0, 1) == 0 ? 1 : 4); i > 0; --i)
         r.new_token_ids.push_back(Rand(1, 3));
       r.num_tokens = left + static_cast<int64_t>(r.new_token_ids.size());
     }
@@ -212,6 +120,14 @@ void ModelTest::Reserve(bool dry_run) {
       want = absl::StatusCode::kInvalidArgument;
       break;
     }
+    if ((s.computed + r.num_tokens + kBs - 1) / kBs > kBlocks) {
+      want = absl::StatusCode::kOutOfRange;  // Never fits.
+      break;
+    }
+    if ((s.computed + r.num_tokens + kBs - 1) / kBs > GetParam().max_blocks) {
+      want = absl::StatusCode::kInvalidArgument;
+      break;
+    }
     needed += (s.computed + r.num_tokens + kBs - 1) / kBs -
               static_cast<int64_t>(s.table.size()) + (NeedsCopy(s) ? 1 : 0);
   }
@@ -223,10 +139,29 @@ void ModelTest::Reserve(bool dry_run) {
     return;
   }
   const std::multiset<BlockId> held_before = Holders();
+  const PoolUsage usage = m_->Usage();
   auto plan = m_->Reserve(batch);
   ASSERT_EQ(plan.status().code(), want) << plan.status();
+  const std::optional<Shortfall> shortfall = GetShortfall(plan.status());
+  if (want == absl::StatusCode::kResourceExhausted ||
+      want == absl::StatusCode::kOutOfRange) {
+    ASSERT_TRUE(shortfall.has_value()) << plan.status();
+    ASSERT_EQ(shortfall->never_fits, want == absl::StatusCode::kOutOfRange);
+    ASSERT_EQ(shortfall->blocks_free, usage.free_blocks);
+    ASSERT_EQ(shortfall->blocks_evictable, usage.cached_blocks);
+    ASSERT_EQ(shortfall->blocks_total, kBlocks);
+    if (want == absl::StatusCode::kResourceExhausted) {
+      ASSERT_EQ(shortfall->blocks_needed, needed);
+    } else {
+      ASSERT_GT(shortfall->blocks_needed, kBlocks);
+    }
+  } else {
+    ASSERT_FALSE(shortfall.has_value());
+  }
   if (!plan.ok()) return;
   open_plans_.insert(plan->id);
+  std::vector<SequenceId>& order = plan_batches_[plan->id];
+  for (const ReserveRequest& r : batch) order.push_back(r.sequence);
   size_t slot = 0, copies = 0;
   std::set<BlockId> fresh;
   for (size_t i = 0; i < batch.size(); ++i) {
@@ -263,6 +198,7 @@ void ModelTest::Reserve(bool dry_run) {
       kv_[plan->slot_mapping[slot]] =
           s.fp[p];  // The engine writes the step's K/V.
     }
+    ASSERT_EQ(plan->first_positions[i], s.computed);
     s.plan = plan->id;
     s.reserved = batch[i].num_tokens;
   }
@@ -290,18 +226,14 @@ void ModelTest::CommitOrAbort(bool commit) {
   }
   open_plans_.erase(id);
   closed_plans_.push_back(id);
+  plan_batches_.erase(id);
   for (auto& [sid, s] : seqs_) {
     if (s.plan != id) continue;
     if (commit) {
-      s.computed += s.reserved;
+      CloseCommitted(s, s.reserved);
     } else {
-      s.table = s.table_before;
-      s.tokens.resize(s.tokens_before);
-      s.fp.resize(s.tokens_before);
+      CloseAborted(s);
     }
-    s.plan = 0;
-    s.reserved = 0;
-    s.cow_src = -1;
   }
 }
 
@@ -373,20 +305,26 @@ TEST_P(ModelTest, RandomOperationsAgreeWithTheModel) {
   for (int op = 0; op < GetParam().ops; ++op) {
     SCOPED_TRACE(absl::StrCat("operation ", op));
     const int r = Rand(0, 99);
-    if (r < 14)
+    if (r < 12)
       AddSequence();
-    else if (r < 44)
+    else if (r < 40)
       Reserve(/*dry_run=*/false);
-    else if (r < 49)
+    else if (r < 44)
       Reserve(/*dry_run=*/true);
-    else if (r < 69)
+    else if (r < 54)
       CommitOrAbort(/*commit=*/true);
-    else if (r < 74)
+    else if (r < 64)
+      CommitAccepted();
+    else if (r < 68)
       CommitOrAbort(/*commit=*/false);
-    else if (r < 88)
+    else if (r < 72)
+      RemoveFromPlan();
+    else if (r < 82)
       Free();
-    else if (r < 95)
+    else if (r < 88)
       Fork();
+    else if (r < 96)
+      Truncate();
     else
       TokensThatFit();
     if (HasFatalFailure()) return;
@@ -409,9 +347,9 @@ TEST_P(ModelTest, RandomOperationsAgreeWithTheModel) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Variants, ModelTest,
-                         ::testing::Values(Variant{true, nullptr, 100000},
-                                           Variant{true, &WeakHash, 30000},
-                                           Variant{false, nullptr, 30000}));
+                         ::testing::Values(Variant{true, nullptr, 100000, 20},
+                                           Variant{true, &WeakHash, 30000, 30},
+                                           Variant{false, nullptr, 30000, 30}));
 
-}  // namespace
+}  // namespace model_test
 }  // namespace kvcache

@@ -211,18 +211,24 @@ TEST_F(ManagerTest, DuplicateIdsAndEmptyInputsAreRejected) {
 
 TEST_F(ManagerTest, ReserveBeyondCapacityChangesNothing) {
   AddAndPrefill(1, 6);
-  std::vector<TokenId> prompt(200, 5);
+  // 200 tokens can never fit in 16 blocks of 4 (issue #15: that is not a
+  // shortage to preempt for): OutOfRange, nothing changed.
+  std::vector<TokenId> huge(200, 5);
+  EXPECT_EQ(manager_->AddSequence(2, huge).status().code(),
+            absl::StatusCode::kOutOfRange);
+  // 60 tokens (15 blocks) fit the pool, not the 14 blocks left now.
+  std::vector<TokenId> prompt(60, 5);
   ASSERT_TRUE(manager_->AddSequence(2, prompt).ok());
   const std::string before = Snapshot();
-  ExpectError(manager_->Reserve({{1, {3}, 1}, {2, {}, 200}}).status(),
+  ExpectError(manager_->Reserve({{1, {3}, 1}, {2, {}, 60}}).status(),
               absl::StatusCode::kResourceExhausted, "", before);
-  EXPECT_EQ(manager_->CanReserve({{2, {}, 200}}).code(),
+  EXPECT_EQ(manager_->CanReserve({{2, {}, 60}}).code(),
             absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(manager_->CanReserve({{2, {}, 20}}).ok());
   absl::StatusOr<int64_t> fit = manager_->TokensThatFit(2);
   ASSERT_TRUE(fit.ok());
   EXPECT_GT(*fit, 0);
-  EXPECT_LT(*fit, 200);
+  EXPECT_LT(*fit, 60);
   EXPECT_EQ(manager_->Metrics().reserve_failures, 1);
 }
 

@@ -66,6 +66,8 @@ const std::vector<Expected>& IntegerSamples() {
        "counter", &MetricsSnapshot::tokens_appended},
       {"kvcache_tokens_committed_total", "kvcache_tokens_committed_total",
        "counter", &MetricsSnapshot::tokens_committed},
+      {"kvcache_tokens_rejected_total", "kvcache_tokens_rejected_total",
+       "counter", &MetricsSnapshot::tokens_rejected},
       {"kvcache_kernel_launches_total", "kvcache_kernel_launches_total",
        "counter", &MetricsSnapshot::kernel_launches},
       {"kvcache_reserve_failures_total", "kvcache_reserve_failures_total",
@@ -231,10 +233,10 @@ TEST_F(MetricsTest, EveryMetricHasItsExactValue) {
         << "usage_ratio " << usage->second << " does not read back as "
         << absl::StrCat(m.usage);
     EXPECT_EQ(p.types.at(std::string(kUsage)), "gauge");
-    // Nothing else: 15 integer samples and the ratio, in 14 families.
+    // Nothing else: 16 integer samples and the ratio, in 15 families.
     EXPECT_EQ(p.values.size(), IntegerSamples().size() + 1);
-    EXPECT_EQ(p.types.size(), 14u);
-    EXPECT_EQ(p.helps.size(), 14u);
+    EXPECT_EQ(p.types.size(), 15u);
+    EXPECT_EQ(p.helps.size(), 15u);
   }
 }
 

@@ -20,11 +20,22 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "allocator/step_plan.h"
 #include "gtest/gtest.h"
 #include "storage/device.h"
 
 namespace kvcache::internal {
 namespace {
+
+// An allocator plan of one sequence holding `num_tokens` slots.
+StepPlan OneSequencePlan(int64_t num_tokens) {
+  StepPlan plan;
+  plan.sequences = {1};
+  plan.num_tokens = {num_tokens};
+  plan.first_positions = {0};
+  plan.slot_mapping.assign(num_tokens, 0);
+  return plan;
+}
 
 constexpr int64_t kMaxTokens = 64;
 
@@ -69,10 +80,10 @@ class PlanTableTest : public ::testing::Test {
     do {
       id = rng_();
     } while (ids_.count(id) != 0);
-    absl::StatusOr<PlanTable::Pending> pending = table_->Begin();
+    absl::StatusOr<PlanTable::Pending> pending = table_->Begin(1);
     EXPECT_TRUE(pending.ok()) << pending.status();
     if (!pending.ok()) return 0;
-    table_->Add(*std::move(pending), id, num_tokens);
+    table_->Add(*std::move(pending), id, OneSequencePlan(num_tokens));
     ids_.insert(id);
     return id;
   }
@@ -96,7 +107,7 @@ TEST_F(PlanTableTest, BeginHandsOutDistinctFreeSlotsUntilMaxPlans) {
   EXPECT_EQ(table_->buffers().num_slots(), max_plans_);
   std::set<int> slots;
   for (int i = 0; i < max_plans_; ++i) {
-    absl::StatusOr<PlanTable::Pending> pending = table_->Begin();
+    absl::StatusOr<PlanTable::Pending> pending = table_->Begin(1);
     ASSERT_TRUE(pending.ok()) << pending.status();
     const int slot = pending->slot;
     ASSERT_GE(slot, 0);
@@ -105,13 +116,14 @@ TEST_F(PlanTableTest, BeginHandsOutDistinctFreeSlotsUntilMaxPlans) {
     EXPECT_TRUE(slots.insert(slot).second) << "slot " << slot << " twice";
     // Begin alone takes nothing: the slot is busy only once the plan is added.
     EXPECT_EQ(table_->size(), i);
-    table_->Add(*std::move(pending), /*id=*/1000 + i, Rand(1, kMaxTokens));
+    table_->Add(*std::move(pending), /*id=*/1000 + i,
+                OneSequencePlan(Rand(1, kMaxTokens)));
     EXPECT_TRUE(table_->buffers().slot(slot).busy);
     EXPECT_EQ(table_->size(), i + 1);
     EXPECT_EQ(table_->buffers().num_busy(), i + 1);
     ASSERT_TRUE(table_->Validate(kMaxTokens).ok());
   }
-  const absl::StatusOr<PlanTable::Pending> full = table_->Begin();
+  const absl::StatusOr<PlanTable::Pending> full = table_->Begin(1);
   ASSERT_EQ(full.status().code(), absl::StatusCode::kFailedPrecondition)
       << full.status();
   EXPECT_TRUE(Contains(full.status().message(),
@@ -129,7 +141,7 @@ TEST_F(PlanTableTest, BeginHandsOutDistinctFreeSlotsUntilMaxPlans) {
   const int freed = plan->slot;
   table_->Remove(1000 + victim);
   EXPECT_FALSE(table_->buffers().slot(freed).busy);
-  absl::StatusOr<PlanTable::Pending> again = table_->Begin();
+  absl::StatusOr<PlanTable::Pending> again = table_->Begin(1);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->slot, freed);
 }

@@ -67,6 +67,10 @@ ABSL_FLAG(bool, attention, false,
           "layer for the step's sequences (one query token each, GQA "
           "--attention_group) and report its time per step.");
 ABSL_FLAG(int, attention_group, 4, "Query heads per KV head for --attention.");
+ABSL_FLAG(int, spec_tokens, 0,
+          "Speculative decoding: draft tokens reserved per decode step; "
+          "accepted = 1 + (request + step) % (k + 1) of the 1 + k tokens "
+          "(see replay_scheduler.h).");
 ABSL_FLAG(std::string, json, "", "Also write the report as JSON to this path.");
 ABSL_FLAG(double, progress_interval_s, 10.0,
           "Seconds between progress lines when stderr is not a terminal.");
@@ -162,6 +166,11 @@ absl::Status Run() {
   options.step_ms = absl::GetFlag(FLAGS_step_ms);
   options.error_samples = absl::GetFlag(FLAGS_error_samples);
   options.attention = absl::GetFlag(FLAGS_attention);
+  options.spec_tokens = absl::GetFlag(FLAGS_spec_tokens);
+  if (options.spec_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--spec_tokens ", options.spec_tokens, " must be >= 0"));
+  }
   spdlog::get("replay")->info("replaying {} requests of {}", trace->size(),
                               path);
   Scheduler scheduler(manager->get(), writer->get(), *std::move(trace),
@@ -188,6 +197,7 @@ absl::Status Run() {
   report.backend = absl::GetFlag(FLAGS_backend);
   report.cache_dtype = std::string(DTypeName(config->cache_dtype));
   report.num_layers = config->num_layers;
+  report.spec_tokens = options.spec_tokens;
   std::fputs(ReportText(report).c_str(), stdout);
   const std::string json_path = absl::GetFlag(FLAGS_json);
   if (!json_path.empty()) {

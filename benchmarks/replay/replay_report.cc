@@ -40,6 +40,8 @@ ReplayReport MakeReport(const ReplayStats& stats,
                           : 0.0;
   r.evictions = metrics.evictions;
   r.preemptions = stats.preemptions;
+  r.draft_tokens_accepted = stats.draft_tokens_accepted;
+  r.draft_tokens_rejected = stats.draft_tokens_rejected;
   r.peak_blocks_in_use = stats.peak_blocks_in_use;
   r.total_blocks = metrics.blocks_total;
   r.host_ms_median = Percentile(stats.step_host_ms, 50.0);
@@ -87,6 +89,12 @@ std::string ReportText(const ReplayReport& r) {
   absl::StrAppendFormat(&out, "  evictions             %d blocks\n",
                         r.evictions);
   absl::StrAppendFormat(&out, "  preemptions           %d\n", r.preemptions);
+  if (r.spec_tokens > 0) {
+    absl::StrAppendFormat(
+        &out,
+        "  speculation           %d drafts/step: %d accepted, %d rejected\n",
+        r.spec_tokens, r.draft_tokens_accepted, r.draft_tokens_rejected);
+  }
   absl::StrAppendFormat(&out, "  peak blocks in use    %d of %d\n",
                         r.peak_blocks_in_use, r.total_blocks);
   absl::StrAppendFormat(&out,
@@ -129,6 +137,9 @@ std::string ReportJson(const ReplayReport& r) {
       {"prefix_hit_rate", r.prefix_hit_rate},
       {"evictions", r.evictions},
       {"preemptions", r.preemptions},
+      {"spec_tokens", r.spec_tokens},
+      {"draft_tokens_accepted", r.draft_tokens_accepted},
+      {"draft_tokens_rejected", r.draft_tokens_rejected},
       {"peak_blocks_in_use", r.peak_blocks_in_use},
       {"total_blocks", r.total_blocks},
       {"host_ms_per_step_median", r.host_ms_median},

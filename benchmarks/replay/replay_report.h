@@ -28,6 +28,9 @@ struct ReplayReport {
   double prefix_hit_rate = 0.0;  // Prompt tokens found cached.
   int64_t evictions = 0;
   int64_t preemptions = 0;
+  int spec_tokens = 0;  // Draft tokens per decode step (--spec_tokens).
+  int64_t draft_tokens_accepted = 0;
+  int64_t draft_tokens_rejected = 0;
   int64_t peak_blocks_in_use = 0;
   int64_t total_blocks = 0;
   double host_ms_median = 0.0;  // Per step.

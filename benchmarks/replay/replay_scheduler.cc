@@ -88,11 +88,23 @@ void Scheduler::BuildRunningEntries(std::vector<Entry>* entries,
         static_cast<int64_t>(r->tokens.size()) - r->computed;
     if (pending > 0) {
       const int64_t n = std::min(pending, *budget);
-      entries->push_back({r.get(), n, /*decode=*/false});
+      entries->push_back({r.get(), n, /*decode=*/false, 0, n});
       *budget -= n;
     } else {
-      entries->push_back({r.get(), 1, /*decode=*/true});
-      *budget -= 1;
+      // The sampled token, and drafts up to the output's end and the budget.
+      const int64_t drafts = std::max<int64_t>(
+          0, std::min<int64_t>({options_.spec_tokens,
+                                r->trace->output_length - r->generated - 1,
+                                *budget - 1}));
+      const int64_t accepted =
+          options_.spec_tokens == 0
+              ? 1
+              : std::min<int64_t>(
+                    1 + drafts,
+                    1 + (r->index + stats_.steps) % (options_.spec_tokens + 1));
+      entries->push_back(
+          {r.get(), 1 + drafts, /*decode=*/true, drafts, accepted});
+      *budget -= 1 + drafts;
     }
   }
 }
@@ -108,7 +120,7 @@ absl::Status Scheduler::AdmitWaiting(std::vector<Entry>* entries,
     if (!hit.ok()) return hit.status();
     const int64_t n =
         std::min(static_cast<int64_t>(r->tokens.size()) - *hit, *budget);
-    entries->push_back({r, n, /*decode=*/false});
+    entries->push_back({r, n, /*decode=*/false, 0, n});
     r->sequence = id;
     r->computed = *hit;
     const absl::Status fits = manager_->CanReserve(ToReserve(*entries));
@@ -176,8 +188,13 @@ absl::Status Scheduler::Finish(Request* r) {
   return manager_->Free(r->sequence);
 }
 
+TokenId Scheduler::StepToken(const Entry& e, int64_t i) {
+  const TokenId t = DecodeToken(e.request->index, e.request->generated + i);
+  return i < e.accepted ? t : (t ^ 0x40000000);  // A rejected draft differs.
+}
+
 std::vector<ReserveRequest> Scheduler::ToReserve(
-    const std::vector<Entry>& entries) {
+    const std::vector<Entry>& entries) const {
   std::vector<ReserveRequest> batch;
   batch.reserve(entries.size());
   for (const Entry& e : entries) {
@@ -185,8 +202,8 @@ std::vector<ReserveRequest> Scheduler::ToReserve(
     request.sequence = e.request->sequence;
     request.num_tokens = e.num_tokens;
     if (e.decode) {
-      request.new_token_ids = {
-          DecodeToken(e.request->index, e.request->generated)};
+      for (int64_t i = 0; i < e.num_tokens; ++i)
+        request.new_token_ids.push_back(StepToken(e, i));
     }
     batch.push_back(std::move(request));
   }
@@ -222,15 +239,24 @@ absl::Status Scheduler::Step() {
   std::vector<TokenAt> tokens;
   for (const Entry& e : entries) {
     Request* r = e.request;
-    if (e.decode) r->tokens.push_back(DecodeToken(r->index, r->generated));
     for (int64_t k = 0; k < e.num_tokens; ++k) {
-      tokens.push_back({r->tokens[r->computed + k], r->computed + k});
+      const TokenId t = e.decode ? StepToken(e, k) : r->tokens[r->computed + k];
+      tokens.push_back({t, r->computed + k});
     }
   }
   absl::StatusOr<AppendTiming> timing = writer_->AppendStep(plan->id, tokens);
   if (!timing.ok()) return timing.status();
   const Clock::time_point commit_start = Clock::now();
-  if (absl::Status s = manager_->Commit(plan->id); !s.ok()) return s;
+  if (options_.spec_tokens == 0) {
+    if (absl::Status s = manager_->Commit(plan->id); !s.ok()) return s;
+  } else {
+    std::vector<int64_t> accepted;
+    accepted.reserve(entries.size());
+    for (const Entry& e : entries) accepted.push_back(e.accepted);
+    if (absl::Status s = manager_->Commit(plan->id, accepted); !s.ok()) {
+      return s;
+    }
+  }
   host_ms += timing->host_ms + MillisSince(commit_start);
   stats_.kernel_ms += timing->kernel_ms;
   ++stats_.steps;
@@ -245,14 +271,19 @@ absl::Status Scheduler::Step() {
   for (const Entry& e : entries) {
     Request* r = e.request;
     if (e.decode) {
-      ++r->generated;
-      ++stats_.decode_tokens;
-    } else {
-      stats_.prefill_tokens += e.num_tokens;
-      stats_.recompute_tokens += std::max<int64_t>(
-          0,
-          std::min(r->max_computed, r->computed + e.num_tokens) - r->computed);
+      for (int64_t i = 0; i < e.accepted; ++i)
+        r->tokens.push_back(DecodeToken(r->index, r->generated + i));
+      r->generated += e.accepted;
+      stats_.decode_tokens += e.accepted;
+      stats_.draft_tokens_accepted += e.accepted - 1;
+      stats_.draft_tokens_rejected += e.num_tokens - e.accepted;
+      r->computed += e.accepted;
+      r->max_computed = std::max(r->max_computed, r->computed);
+      continue;
     }
+    stats_.prefill_tokens += e.num_tokens;
+    stats_.recompute_tokens += std::max<int64_t>(
+        0, std::min(r->max_computed, r->computed + e.num_tokens) - r->computed);
     r->computed += e.num_tokens;
     r->max_computed = std::max(r->max_computed, r->computed);
   }

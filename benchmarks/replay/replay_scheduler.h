@@ -16,7 +16,19 @@
 //      output_length tokens is freed (after an optional quantization-error
 //      sample of one committed block).
 // A request that cannot fit in the whole pool (prompt + output) is rejected
-// and counted. Decode steps pass a deterministic token id per (request, output
+// and counted.
+//
+// Speculative decoding (spec_tokens = k > 0): a decode step reserves the
+// sampled token plus up to k draft tokens (fewer near the end of the output
+// or of the budget), appends all of them and commits with
+// Commit(plan, accepted), where the deterministic acceptance pattern is
+//
+//   accepted = 1 + (trace index + step) % (k + 1)     (capped at 1 + drafts)
+//
+// so the sampled token is always kept and 0..k drafts are accepted, each
+// count as often over a run. Accepted drafts carry the request's true next
+// output ids (DecodeToken); rejected ones a different id, and are rolled back
+// (never hashed or shared). Decode steps pass a deterministic token id per (request, output
 // index) as new_token_ids. Not thread-safe.
 
 #ifndef KVCACHE_BENCHMARKS_REPLAY_REPLAY_SCHEDULER_H_
@@ -41,6 +53,7 @@ struct SchedulerOptions {
   double step_ms = 50.0;        // Simulated time per step.
   int error_samples = 64;       // Blocks gathered for the error figure.
   bool attention = false;       // Attention over every layer after each Commit.
+  int spec_tokens = 0;          // Draft tokens per decode step (0: none).
 };
 
 struct ReplayStats {
@@ -54,6 +67,8 @@ struct ReplayStats {
   int64_t recompute_tokens = 0;   // Of those, recomputed after preemption.
   int64_t decode_tokens = 0;      // Output tokens appended.
   int64_t preemptions = 0;
+  int64_t draft_tokens_accepted = 0;  // Speculative drafts kept.
+  int64_t draft_tokens_rejected = 0;  // Appended, then rolled back.
   int64_t peak_blocks_in_use = 0;
   double simulated_ms = 0.0;
   double kernel_ms = 0.0;            // Summed over steps.
@@ -61,7 +76,9 @@ struct ReplayStats {
   std::vector<double> attention_ms;  // --attention: all layers, per step.
   ErrorTotals error;
 
-  int64_t tokens_appended() const { return prefill_tokens + decode_tokens; }
+  int64_t tokens_appended() const {
+    return prefill_tokens + decode_tokens + draft_tokens_rejected;
+  }
 };
 
 // The id decode step `index` of request `request` appends.
@@ -84,6 +101,8 @@ class Scheduler {
     Request* request;
     int64_t num_tokens;
     bool decode;
+    int64_t drafts = 0;    // Of num_tokens (decode with speculation).
+    int64_t accepted = 0;  // Tokens Commit keeps.
   };
 
   void Arrive();
@@ -91,8 +110,10 @@ class Scheduler {
   absl::Status AdmitWaiting(std::vector<Entry>* entries, int64_t* budget);
   absl::Status Preempt(std::vector<Entry>* entries);
   absl::Status Finish(Request* request);
-  static std::vector<ReserveRequest> ToReserve(
-      const std::vector<Entry>& entries);
+  std::vector<ReserveRequest> ToReserve(
+      const std::vector<Entry>& entries) const;
+  // The i-th token a decode entry reserves: the sampled one, then drafts.
+  static TokenId StepToken(const Entry& e, int64_t i);
 
   KVCacheManager* manager_;
   KvWriter* writer_;

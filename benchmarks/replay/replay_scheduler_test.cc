@@ -57,7 +57,8 @@ struct Harness {
 
   void RunToEnd() {
     for (int i = 0; i < 100000 && !scheduler->Done(); ++i) {
-      ASSERT_TRUE(scheduler->Step().ok());
+      const absl::Status status = scheduler->Step();
+      ASSERT_TRUE(status.ok()) << status;
     }
     ASSERT_TRUE(scheduler->Done());
     ASSERT_TRUE(manager->Validate().ok());
@@ -114,6 +115,27 @@ TEST(ReplaySchedulerTest, TinyPoolPreemptsAndStillFinishesEverything) {
   EXPECT_EQ(m.tokens_appended, kLayers * s.tokens_appended());
   EXPECT_GT(m.reserve_failures, 0);
   EXPECT_EQ(m.blocks_in_use, 0);
+}
+
+TEST(ReplaySchedulerTest, SpeculationKeepsTheAcceptedDraftsOnly) {
+  for (int64_t blocks : {512, 24}) {  // Roomy, and preempting.
+    SchedulerOptions options = Options();
+    options.spec_tokens = 3;
+    Harness h(blocks, options);
+    h.RunToEnd();
+    const ReplayStats& s = h.scheduler->stats();
+    int64_t output = 0;
+    for (const TraceRequest& r : TinyTrace()) output += r.output_length;
+    EXPECT_EQ(s.requests_finished, 12);
+    EXPECT_EQ(s.decode_tokens, output);
+    EXPECT_GT(s.draft_tokens_accepted, 0);
+    EXPECT_GT(s.draft_tokens_rejected, 0);
+    const MetricsSnapshot m = h.manager->Metrics();
+    EXPECT_EQ(m.tokens_rejected, s.draft_tokens_rejected);
+    EXPECT_EQ(m.tokens_appended, kLayers * s.tokens_appended());
+    EXPECT_EQ(m.blocks_in_use, 0);
+    EXPECT_GT(s.error.samples, 0);
+  }
 }
 
 TEST(ReplaySchedulerTest, RequestLargerThanThePoolIsRejected) {

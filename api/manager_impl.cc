@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "api/logging.h"
 #include "api/tensor_checks.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/cuda_kernels.h"
@@ -39,15 +40,6 @@ constexpr int64_t kDefaultMaxTokensPerSequence = 131072;
 // Per-layer alignment padding CacheStorage may add (four 256-byte carves).
 constexpr int64_t kLayerPadding = 1024;
 
-std::shared_ptr<spdlog::logger> Logger(const std::string& name) {
-  if (!name.empty()) {
-    if (std::shared_ptr<spdlog::logger> logger = spdlog::get(name)) {
-      return logger;
-    }
-  }
-  return spdlog::default_logger();
-}
-
 }  // namespace
 
 absl::StatusOr<int64_t> KVCacheManager::Impl::NumBlocks(
@@ -78,6 +70,9 @@ absl::StatusOr<int64_t> KVCacheManager::Impl::NumBlocks(
 }
 
 absl::Status KVCacheManager::Impl::Init() {
+  absl::StatusOr<std::shared_ptr<spdlog::logger>> logger =
+      internal::MakeLogger(config_);
+  if (!logger.ok()) return logger.status();
   layout_.block_size = config_.block_size;
   layout_.num_heads = config_.num_kv_heads;
   layout_.head_size = config_.head_size;
@@ -144,22 +139,21 @@ absl::Status KVCacheManager::Impl::Init() {
   if (!buffer.ok()) return buffer.status();
   gather_device_ = *std::move(buffer);
 
-  Logger(config_.logger_name)
-      ->info(
-          "kvcache: {} backend{}, {} layers x [{} blocks, {} tokens, {} heads, "
-          "K {} / V {}] {} (input {}), {:.1f} MiB of cache, {} tokens of "
-          "capacity, prefix caching {}",
-          device_->kind() == DeviceKind::kCuda ? "CUDA" : "CPU",
-          device_->kind() == DeviceKind::kCuda
-              ? absl::StrCat(" (device ", device_->ordinal(), ")")
-              : std::string(),
-          config_.num_layers, layout_.num_blocks, layout_.block_size,
-          layout_.num_heads, layout_.head_size, layout_.head_size_v,
-          std::string(DTypeName(layout_.cache_dtype)),
-          std::string(DTypeName(config_.input_dtype)),
-          static_cast<double>(storage_->total_bytes()) / (1 << 20),
-          layout_.num_blocks * layout_.block_size,
-          config_.enable_prefix_caching ? "on" : "off");
+  (*logger)->info(
+      "kvcache: {} backend{}, {} layers x [{} blocks, {} tokens, {} heads, "
+      "K {} / V {}] {} (input {}), {:.1f} MiB of cache, {} tokens of "
+      "capacity, prefix caching {}",
+      device_->kind() == DeviceKind::kCuda ? "CUDA" : "CPU",
+      device_->kind() == DeviceKind::kCuda
+          ? absl::StrCat(" (device ", device_->ordinal(), ")")
+          : std::string(),
+      config_.num_layers, layout_.num_blocks, layout_.block_size,
+      layout_.num_heads, layout_.head_size, layout_.head_size_v,
+      std::string(DTypeName(layout_.cache_dtype)),
+      std::string(DTypeName(config_.input_dtype)),
+      static_cast<double>(storage_->total_bytes()) / (1 << 20),
+      layout_.num_blocks * layout_.block_size,
+      config_.enable_prefix_caching ? "on" : "off");
   return absl::OkStatus();
 }
 

@@ -278,6 +278,8 @@ KVCACHE_EXPORT kvcache_status kvcache_append(kvcache_manager* manager,
                                              const kvcache_tensor* key,
                                              const kvcache_tensor* value,
                                              void* stream);
+/* A DLPack tensor (version 0.6 as in dlpack/dlpack.h; from a 1.x producer's
+ * DLManagedTensorVersioned pass &managed->dl_tensor: DLTensor is unchanged). */
 KVCACHE_EXPORT kvcache_status
 kvcache_append_dlpack(kvcache_manager* manager, uint64_t plan_id, int32_t layer,
                       const DLTensor* key, const DLTensor* value, void* stream);

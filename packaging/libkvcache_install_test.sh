@@ -26,6 +26,10 @@ readelf -d "$out" | grep -q "NEEDED.*\[$soname_link\]" || {
   echo "FAIL: the program does not need $soname_link"
   exit 1
 }
+# Under --config=asan_ubsan the library needs ASan's runtime, which must be loaded first.
+if readelf -d "$prefix/lib/libkvcache.so" | grep -q "NEEDED.*libasan"; then
+  export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
+fi
 output=$("$out")
 echo "$output"
 grep -q "^engine: kvcache $version" <<<"$output" || { echo "FAIL: version line"; exit 1; }

@@ -31,7 +31,8 @@ if [[ "$soname" != "libkvcache.so.$major" ]]; then
   exit 1
 fi
 
-allowed='^(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|ld-linux-x86-64)\.so'
+# (and a sanitizer's runtime, in a --config=asan/ubsan/tsan build)
+allowed='^(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|ld-linux-x86-64|libasan|libubsan|libtsan)\.so'
 bad=$(readelf -d "$so" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | grep -Ev "$allowed" || true)
 if [[ -n "$bad" ]]; then
   echo "FAIL: libkvcache.so needs shared libraries it should carry: $bad"

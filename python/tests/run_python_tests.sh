@@ -19,6 +19,12 @@ if [[ -n "${TEST_SRCDIR:-}" ]]; then
   package_dir="$root/python"
   tests_dir="$root/python/tests"
   python="${PYTHON:-/usr/bin/python3}"
+  # Under --config=asan_ubsan the library needs ASan's runtime, loaded before Python (whose own
+  # allocations are not the library's: no leak check).
+  if readelf -d "$KVCACHE_LIBRARY" | grep -q "NEEDED.*libasan"; then
+    export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
+    export ASAN_OPTIONS="detect_leaks=0"
+  fi
 else
   # The GPU bundle's python/ folder: kvcache/ (with libkvcache.so inside), tests/,
   # include/ (kvcache_c.h, dlpack/dlpack.h), reference_dump.

@@ -126,6 +126,15 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
         "memory_fraction ", c.memory_fraction, " is not in (0, 1]"));
   }
   if (absl::Status s = CheckStepLimits(c); !s.ok()) return s;
+  if (c.log_level < LogLevel::kTrace || c.log_level > LogLevel::kOff) {
+    return Bad("log_level", static_cast<int32_t>(c.log_level),
+               "is not in [1 (trace), 6 (off)]");
+  }
+  if (c.log_sink && !c.logger_name.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("log_sink and logger_name \"", c.logger_name,
+                     "\" are both set; set at most one"));
+  }
   if (absl::StatusOr<int64_t> block = BlockBytesAllLayers(c); !block.ok()) {
     return block.status();
   } else if (c.num_blocks > 0 && *block > kMaxCacheBytes / c.num_blocks) {

@@ -5,10 +5,12 @@
 #define KVCACHE_API_KV_CACHE_CONFIG_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "core/cache_layout.h"
 #include "core/dtype.h"
 
@@ -18,6 +20,20 @@ enum class Backend : int32_t {
   kCpu = 0,   // Host memory and CPU kernels; always available.
   kCuda = 1,  // One CUDA device (`device`); needs a CUDA build and a GPU.
 };
+
+// Severity of the library's log messages (the C API's kvcache_log_level).
+enum class LogLevel : int32_t {
+  kTrace = 1,
+  kDebug = 2,
+  kInfo = 3,  // Create's layout and capacity line.
+  kWarning = 4,
+  kError = 5,
+  kOff = 6,
+};
+
+// Receives each message at or above KVCacheConfig::log_level, one call at a
+// time per manager, on the thread that logs. Must not call into the manager.
+using LogSink = std::function<void(LogLevel level, absl::string_view message)>;
 
 // Limits on the config (ValidateConfig enforces them, so that no size the
 // manager computes can overflow). README "Config limits" lists them.
@@ -79,8 +95,17 @@ struct KVCacheConfig {
   int32_t max_blocks_per_sequence = 0;
   int32_t max_inflight_plans = 4;
 
-  // Logger name for spdlog ("" = spdlog's default logger). The library installs
-  // no sinks.
+  // Logging. The library never touches spdlog's default logger, registry or
+  // global level; it logs through one of (at most one may be set):
+  //   log_sink     a logger of its own that forwards each message to the sink;
+  //   logger_name  the spdlog logger the engine registered under this name
+  //                (its level and sinks are the engine's; an unknown name is
+  //                InvalidArgument);
+  //   neither      a logger of its own that writes to stderr.
+  // log_level filters the library's own loggers (default: warnings and errors
+  // only, so Create's info-level layout line is not shown).
+  LogLevel log_level = LogLevel::kWarning;
+  LogSink log_sink;
   std::string logger_name;
 };
 

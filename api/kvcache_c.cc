@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <utility>
@@ -17,6 +19,7 @@
 #include "api/kv_cache_manager.h"
 #include "api/kvcache_c_internal.h"
 #include "api/no_bad_alloc.h"
+#include "api/tensor_view.h"
 
 namespace {
 
@@ -71,6 +74,12 @@ kvcache_status Guarded(const char* call, F&& body) noexcept {
   return Record(kvcache::internal::NoBadAlloc(call, std::forward<F>(body)));
 }
 
+// Drops a finished plan's host slot mapping (never allocates).
+void ForgetPlan(kvcache_manager* m, uint64_t plan_id) {
+  std::lock_guard<std::mutex> lock(m->mu);
+  m->host_slots.erase(plan_id);
+}
+
 // The error of a call on a NULL handle.
 kvcache_status NullHandle(const char* call) noexcept {
   return Record(kvcache::internal::NoBadAlloc(call, [&]() -> absl::Status {
@@ -95,6 +104,23 @@ absl::Status Null(const char* what) {
   return absl::InvalidArgumentError(absl::StrCat(what, " is NULL"));
 }
 
+// The ABI check of a struct passed by pointer: its struct_size must be this
+// library's sizeof (the caller was compiled against another kvcache_c.h).
+template <typename T>
+absl::Status CheckSize(const T* p, const char* type, const char* name) {
+  if (p == nullptr) return Null(name);
+  if (p->struct_size != sizeof(T)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ": ", type, ".struct_size is ", p->struct_size,
+        " but this library's sizeof(", type, ") is ", sizeof(T),
+        " (set it with KVCACHE_STRUCT_INIT or rebuild against this "
+        "kvcache_c.h, version ",
+        KVCACHE_VERSION_MAJOR, ".", KVCACHE_VERSION_MINOR, ".",
+        KVCACHE_VERSION_PATCH, ")"));
+  }
+  return absl::OkStatus();
+}
+
 kvcache::TensorView ToView(const kvcache_tensor& t) {
   kvcache::TensorView v;
   v.data = t.data;
@@ -111,7 +137,9 @@ kvcache::TensorView ToView(const kvcache_tensor& t) {
 }
 
 absl::Status CheckTensor(const kvcache_tensor* t, const char* name) {
-  if (t == nullptr) return Null(name);
+  if (absl::Status s = CheckSize(t, "kvcache_tensor", name); !s.ok()) {
+    return s;
+  }
   if (!kvcache::IsValidDType(static_cast<kvcache::DType>(t->dtype))) {
     return absl::InvalidArgumentError(
         absl::StrCat(name, " dtype ", t->dtype, " is not a kvcache_dtype"));
@@ -138,6 +166,13 @@ absl::StatusOr<std::vector<kvcache::ReserveRequest>> ToRequests(
   if (batch == nullptr && n > 0) return Null("batch");
   for (int64_t i = 0; i < n; ++i) {
     const kvcache_reserve_request& r = batch[i];
+    // Element 0 first: only a matching size makes batch[1...] addressable.
+    if (absl::Status s = CheckSize(&r, "kvcache_reserve_request",
+                                   i == 0 ? "batch[0]" : "batch[i]");
+        !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch[", i, "]: ", s.message()));
+    }
     if (absl::Status s = CheckCount("num_new_token_ids", r.num_new_token_ids,
                                     KVCACHE_MAX_TOKENS);
         !s.ok()) {
@@ -164,9 +199,27 @@ absl::StatusOr<std::vector<kvcache::ReserveRequest>> ToRequests(
 }
 
 // kvcache_create's body; the handle is made before *out is set.
+// The C config's log fields: 0 means the default level, and a sink becomes a
+// LogSink calling it with the user data.
+void SetLogging(const kvcache_config& c, kvcache::KVCacheConfig& config) {
+  if (c.log_level != KVCACHE_LOG_DEFAULT) {
+    config.log_level = static_cast<kvcache::LogLevel>(c.log_level);
+  }
+  if (c.log_sink != nullptr) {
+    kvcache_log_sink sink = c.log_sink;
+    void* user_data = c.log_sink_user_data;
+    config.log_sink = [sink, user_data](kvcache::LogLevel level,
+                                        absl::string_view message) {
+      const std::string text(message);  // NUL-terminated for C.
+      sink(static_cast<int32_t>(level), text.c_str(), user_data);
+    };
+  }
+}
+
 absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
-  if (c == nullptr || out == nullptr) {
-    return Null(c == nullptr ? "config" : "out");
+  if (out == nullptr) return Null("out");
+  if (absl::Status s = CheckSize(c, "kvcache_config", "config"); !s.ok()) {
+    return s;
   }
   *out = nullptr;
   kvcache::KVCacheConfig config;
@@ -188,6 +241,7 @@ absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   config.max_blocks_per_sequence = c->max_blocks_per_sequence;
   config.max_inflight_plans = c->max_inflight_plans;
   config.num_q_heads = c->num_q_heads;
+  SetLogging(*c, config);
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
       KVCacheManager::Create(config);
   if (!manager.ok()) return manager.status();
@@ -206,10 +260,21 @@ kvcache_status kvcache::c_api::RecordStatus(
 
 extern "C" {
 
+const char* kvcache_version(void) {
+#define KVCACHE_STR2(x) #x
+#define KVCACHE_STR(x) KVCACHE_STR2(x)
+  return KVCACHE_STR(KVCACHE_VERSION_MAJOR) "." KVCACHE_STR(
+      KVCACHE_VERSION_MINOR) "." KVCACHE_STR(KVCACHE_VERSION_PATCH);
+#undef KVCACHE_STR
+#undef KVCACHE_STR2
+}
+
 void kvcache_config_init(kvcache_config* c) {
   if (c == nullptr) return;
   const kvcache::KVCacheConfig d;
   std::memset(c, 0, sizeof(*c));
+  c->struct_size = sizeof(*c);
+  c->log_level = static_cast<int32_t>(d.log_level);
   c->head_size_v = d.head_size_v;
   c->block_size = d.block_size;
   c->cache_dtype = static_cast<int32_t>(d.cache_dtype);
@@ -303,16 +368,29 @@ kvcache_status kvcache_reserve(kvcache_manager* m,
                                kvcache_plan* plan) {
   KVCACHE_C_REQUIRE(m);
   return Guarded("kvcache_reserve", [&]() -> absl::Status {
-    if (plan == nullptr) return Null("plan");
+    if (absl::Status s = CheckSize(plan, "kvcache_plan", "plan"); !s.ok()) {
+      return s;
+    }
     absl::StatusOr<std::vector<kvcache::ReserveRequest>> requests =
         ToRequests(batch, batch_size);
     if (!requests.ok()) return requests.status();
+    // The map node for the host slots, made before anything changes.
+    std::map<uint64_t, std::vector<int64_t>> scratch;
+    auto node = scratch.extract(scratch.try_emplace(0).first);
     absl::StatusOr<kvcache::StepPlanInfo> info =
         m->impl->Reserve(*requests, stream);
     if (!info.ok()) return info.status();
+    node.key() = info->id;
+    node.mapped() = std::move(info->host_slot_mapping);
+    const int64_t* host = node.mapped().data();
+    {
+      std::lock_guard<std::mutex> lock(m->mu);
+      m->host_slots.insert(std::move(node));
+    }
     plan->id = info->id;
     plan->num_tokens = info->num_tokens;
     plan->slot_mapping = info->slot_mapping;
+    plan->host_slot_mapping = host;
     plan->num_block_copies = info->num_block_copies;
     return absl::OkStatus();
   });
@@ -357,14 +435,20 @@ kvcache_status kvcache_append_dlpack(kvcache_manager* m, uint64_t plan_id,
 
 kvcache_status kvcache_commit(kvcache_manager* m, uint64_t plan_id) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded("kvcache_commit",
-                 [&]() -> absl::Status { return m->impl->Commit(plan_id); });
+  return Guarded("kvcache_commit", [&]() -> absl::Status {
+    absl::Status s = m->impl->Commit(plan_id);
+    if (s.ok()) ForgetPlan(m, plan_id);
+    return s;
+  });
 }
 
 kvcache_status kvcache_abort(kvcache_manager* m, uint64_t plan_id) {
   KVCACHE_C_REQUIRE(m);
-  return Guarded("kvcache_abort",
-                 [&]() -> absl::Status { return m->impl->Abort(plan_id); });
+  return Guarded("kvcache_abort", [&]() -> absl::Status {
+    absl::Status s = m->impl->Abort(plan_id);
+    if (s.ok()) ForgetPlan(m, plan_id);
+    return s;
+  });
 }
 
 kvcache_status kvcache_fork(kvcache_manager* m, int64_t parent, int64_t child) {
@@ -390,13 +474,15 @@ kvcache_status kvcache_block_table(kvcache_manager* m, int64_t sequence,
         m->impl->BlockTable(sequence);
     if (!table.ok()) return table.status();
     const int64_t n = static_cast<int64_t>(table->size());
-    if (n > capacity || (n > 0 && blocks == nullptr)) {
+    *num_blocks = n;  // The size needed, whatever the capacity.
+    if (blocks == nullptr && capacity == 0) return absl::OkStatus();
+    if (blocks == nullptr) return Null("blocks");
+    if (n > capacity) {
       return absl::OutOfRangeError(
           absl::StrCat("block table of sequence ", sequence, " has ", n,
                        " blocks; capacity is ", capacity));
     }
     std::copy(table->begin(), table->end(), blocks);
-    *num_blocks = n;
     return absl::OkStatus();
   });
 }
@@ -419,7 +505,10 @@ kvcache_status kvcache_batch_block_table(kvcache_manager* m,
                                          kvcache_block_table_view* view) {
   KVCACHE_C_REQUIRE(m);
   return Guarded("kvcache_batch_block_table", [&]() -> absl::Status {
-    if (view == nullptr) return Null("view");
+    if (absl::Status s = CheckSize(view, "kvcache_block_table_view", "view");
+        !s.ok()) {
+      return s;
+    }
     if (absl::Status s =
             CheckCount("num_sequences", num_sequences, KVCACHE_MAX_BATCH);
         !s.ok()) {
@@ -442,7 +531,10 @@ kvcache_status kvcache_get_layer_view(kvcache_manager* m, int32_t layer,
                                       kvcache_layer_view* view) {
   KVCACHE_C_REQUIRE(m);
   return Guarded("kvcache_get_layer_view", [&]() -> absl::Status {
-    if (view == nullptr) return Null("view");
+    if (absl::Status s = CheckSize(view, "kvcache_layer_view", "view");
+        !s.ok()) {
+      return s;
+    }
     absl::StatusOr<kvcache::LayerView> v = m->impl->GetLayerView(layer);
     if (!v.ok()) return v.status();
     view->key_cache = v->key_cache;
@@ -482,6 +574,31 @@ kvcache_status kvcache_gather(kvcache_manager* m, int64_t sequence,
   });
 }
 
+kvcache_status kvcache_gather_dlpack(kvcache_manager* m, int64_t sequence,
+                                     int32_t layer, int64_t token_begin,
+                                     int64_t num_tokens,
+                                     const DLTensor* key_out,
+                                     const DLTensor* value_out, void* stream) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_gather_dlpack", [&]() -> absl::Status {
+    if (key_out == nullptr) return Null("key_out");
+    if (value_out == nullptr) return Null("value_out");
+    absl::StatusOr<kvcache::TensorView> key = kvcache::FromDLPack(*key_out);
+    if (!key.ok()) {
+      return absl::Status(key.status().code(),
+                          absl::StrCat("key_out: ", key.status().message()));
+    }
+    absl::StatusOr<kvcache::TensorView> value = kvcache::FromDLPack(*value_out);
+    if (!value.ok()) {
+      return absl::Status(
+          value.status().code(),
+          absl::StrCat("value_out: ", value.status().message()));
+    }
+    return m->impl->Gather(sequence, layer, token_begin, num_tokens, *key,
+                           *value, stream);
+  });
+}
+
 kvcache_status kvcache_attention(kvcache_manager* m, const int64_t* sequences,
                                  int64_t num_sequences, int32_t layer,
                                  const kvcache_tensor* q,
@@ -490,7 +607,11 @@ kvcache_status kvcache_attention(kvcache_manager* m, const int64_t* sequences,
                                  void* stream) {
   KVCACHE_C_REQUIRE(m);
   return Guarded("kvcache_attention", [&]() -> absl::Status {
-    if (options == nullptr) return Null("options");
+    if (absl::Status s =
+            CheckSize(options, "kvcache_attention_options", "options");
+        !s.ok()) {
+      return s;
+    }
     if (absl::Status s =
             CheckCount("num_sequences", num_sequences, KVCACHE_MAX_BATCH);
         !s.ok()) {
@@ -524,7 +645,10 @@ kvcache_status kvcache_tokens_that_fit(kvcache_manager* m, int64_t sequence,
 kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
   KVCACHE_C_REQUIRE(m);
   return Guarded("kvcache_get_metrics", [&]() -> absl::Status {
-    if (out == nullptr) return Null("metrics");
+    if (absl::Status s = CheckSize(out, "kvcache_metrics", "metrics");
+        !s.ok()) {
+      return s;
+    }
     const kvcache::MetricsSnapshot s = m->impl->Metrics();
     out->blocks_total = s.blocks_total;
     out->blocks_free = s.blocks_free;

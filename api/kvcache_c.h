@@ -18,7 +18,28 @@
  * Ownership: kvcache_create returns a handle the caller destroys with
  * kvcache_destroy. Pointers returned in views and plans are owned by the
  * handle. Streams are cudaStream_t passed as void* (NULL = default stream);
- * they are ignored on the CPU backend. */
+ * they are ignored on the CPU backend.
+ *
+ * ABI: every struct passed by pointer begins with `size_t struct_size`, which
+ * the caller sets to sizeof(the struct) as it was compiled
+ * (kvcache_config_init does it for the config; KVCACHE_STRUCT_INIT(type) for
+ * the others, e.g. `kvcache_plan plan = KVCACHE_STRUCT_INIT(kvcache_plan);`).
+ * A call given a struct of another size fails with KVCACHE_INVALID_ARGUMENT
+ * naming the struct and both sizes, before anything is read or written:
+ * rebuild against this header. In an array (kvcache_reserve_request) every
+ * element carries it. kvcache_version() and the KVCACHE_VERSION_* macros give
+ * the version; the shared library's soname changes with the major version.
+ *
+ * Size queries: a call that fills a caller's buffer of `capacity` elements
+ * (kvcache_block_table, kvcache_metrics_text) always reports the size needed,
+ * also when the capacity is too small, and a NULL buffer with capacity 0 asks
+ * for the size only.
+ *
+ * Logging: the library logs through a logger of its own (never spdlog's
+ * default logger or global state): warnings and errors only by default, to
+ * stderr, or to config.log_sink when one is set; config.log_level chooses
+ * the level (KVCACHE_LOG_INFO shows the layout and capacity line of
+ * kvcache_create). */
 
 #ifndef KVCACHE_API_KVCACHE_C_H_
 #define KVCACHE_API_KVCACHE_C_H_
@@ -31,6 +52,27 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+#define KVCACHE_VERSION_MAJOR 1
+#define KVCACHE_VERSION_MINOR 0
+#define KVCACHE_VERSION_PATCH 0
+
+/* The functions of this header are the only symbols libkvcache.so exports. */
+#if defined(__GNUC__)
+#define KVCACHE_EXPORT __attribute__((visibility("default")))
+#else
+#define KVCACHE_EXPORT
+#endif
+
+/* `type var = KVCACHE_STRUCT_INIT(type);`: zeroes and sets struct_size. */
+/* clang-format off */
+#ifdef __cplusplus
+#define KVCACHE_STRUCT_INIT(type) \
+  ([] { type s_{}; s_.struct_size = sizeof(type); return s_; }())
+#else
+#define KVCACHE_STRUCT_INIT(type) {.struct_size = sizeof(type)}
+#endif
+/* clang-format on */
 
 typedef struct kvcache_manager kvcache_manager;
 
@@ -69,7 +111,26 @@ typedef enum kvcache_memory {
   KVCACHE_DEVICE = 1
 } kvcache_memory;
 
+/* Log levels (values of kvcache::LogLevel); 0 means the default, WARNING. */
+typedef enum kvcache_log_level {
+  KVCACHE_LOG_DEFAULT = 0,
+  KVCACHE_LOG_TRACE = 1,
+  KVCACHE_LOG_DEBUG = 2,
+  KVCACHE_LOG_INFO = 3,
+  KVCACHE_LOG_WARNING = 4,
+  KVCACHE_LOG_ERROR = 5,
+  KVCACHE_LOG_OFF = 6
+} kvcache_log_level;
+
+/* Receives each message at or above the config's log level (a kvcache_log_level
+ * and the text, without a newline; valid for the call only). Called from the
+ * thread that made the call that logs, one call at a time per manager; it
+ * must not call back into the manager. */
+typedef void (*kvcache_log_sink)(int32_t level, const char* message,
+                                 void* user_data);
+
 typedef struct kvcache_config {
+  size_t struct_size; /* sizeof(kvcache_config); kvcache_config_init sets it */
   int32_t num_layers;
   int32_t num_kv_heads;
   int32_t head_size;
@@ -87,12 +148,16 @@ typedef struct kvcache_config {
   int32_t max_sequences_per_step;
   int32_t max_blocks_per_sequence;
   int32_t max_inflight_plans;
-  /* Query heads for kvcache_attention (0 = attention off). Appended last. */
+  int32_t log_level;         /* kvcache_log_level; 0 = WARNING */
+  kvcache_log_sink log_sink; /* NULL = stderr */
+  void* log_sink_user_data;  /* passed to log_sink */
+  /* Query heads for kvcache_attention (0 = attention off). */
   int32_t num_q_heads;
 } kvcache_config;
 
 /* A caller tensor: strides in elements; [tokens, heads, head_size] for K/V. */
 typedef struct kvcache_tensor {
+  size_t struct_size; /* sizeof(kvcache_tensor) */
   void* data;
   int32_t dtype; /* kvcache_dtype */
   int32_t ndim;  /* <= 4 */
@@ -103,20 +168,32 @@ typedef struct kvcache_tensor {
 } kvcache_tensor;
 
 typedef struct kvcache_reserve_request {
+  size_t struct_size; /* sizeof(kvcache_reserve_request), in every element */
   int64_t sequence;
   int64_t num_tokens;
   const int32_t* new_token_ids; /* May be NULL when num_new_token_ids is 0. */
   int64_t num_new_token_ids;
 } kvcache_reserve_request;
 
+/* What kvcache_reserve hands back (kvcache::StepPlanInfo). */
 typedef struct kvcache_plan {
+  size_t struct_size; /* sizeof(kvcache_plan), set by the caller */
   uint64_t id;
-  int64_t num_tokens;
-  const int64_t* slot_mapping; /* Backend memory, valid until commit/abort. */
+  int64_t num_tokens; /* Tokens reserved over the whole batch. */
+  /* [num_tokens] slots in batch order, in backend memory (device memory on
+   * CUDA, written asynchronously on the reserve stream). Valid until the
+   * plan's commit or abort. */
+  const int64_t* slot_mapping;
+  /* The same slots in host memory, valid until the plan's commit or abort
+   * (or kvcache_destroy). */
+  const int64_t* host_slot_mapping;
+  /* Copy-on-write block copies reserve ran (in every layer) before it
+   * returned. */
   int64_t num_block_copies;
 } kvcache_plan;
 
 typedef struct kvcache_block_table_view {
+  size_t struct_size;         /* sizeof(kvcache_block_table_view) */
   const int32_t* block_table; /* [num_sequences, row_stride], backend memory */
   const int32_t* seq_lens;
   int32_t num_sequences;
@@ -125,6 +202,7 @@ typedef struct kvcache_block_table_view {
 } kvcache_block_table_view;
 
 typedef struct kvcache_layer_view {
+  size_t struct_size; /* sizeof(kvcache_layer_view) */
   void* key_cache;
   void* value_cache;
   float* key_scale; /* NULL for bf16/fp16 caches */
@@ -143,6 +221,7 @@ typedef struct kvcache_layer_view {
 } kvcache_layer_view;
 
 typedef struct kvcache_metrics {
+  size_t struct_size; /* sizeof(kvcache_metrics) */
   int64_t blocks_total;
   int64_t blocks_free;
   int64_t blocks_cached;
@@ -161,20 +240,24 @@ typedef struct kvcache_metrics {
   int64_t block_copies;
 } kvcache_metrics;
 
-/* Fills `config` with the C++ defaults (block_size 16, int8 cache, bf16 input,
- * CPU, ...). */
-void kvcache_config_init(kvcache_config* config);
-const char* kvcache_status_name(kvcache_status status);
+/* "1.0.0": the library's version (KVCACHE_VERSION_* of the header it was
+ * built from). */
+KVCACHE_EXPORT const char* kvcache_version(void);
 
-kvcache_status kvcache_create(const kvcache_config* config,
-                              kvcache_manager** out);
+/* Fills `config` with the C++ defaults (block_size 16, int8 cache, bf16 input,
+ * CPU, log level WARNING, no sink, ...) and sets struct_size. */
+KVCACHE_EXPORT void kvcache_config_init(kvcache_config* config);
+KVCACHE_EXPORT const char* kvcache_status_name(kvcache_status status);
+
+KVCACHE_EXPORT kvcache_status kvcache_create(const kvcache_config* config,
+                                             kvcache_manager** out);
 /* The calling thread's last error ("" if none); the same as
  * kvcache_last_error(NULL). Kept for callers of earlier versions. */
-const char* kvcache_last_create_error(void);
-void kvcache_destroy(kvcache_manager* manager);
+KVCACHE_EXPORT const char* kvcache_last_create_error(void);
+KVCACHE_EXPORT void kvcache_destroy(kvcache_manager* manager);
 /* The message of the calling thread's last failed call ("" if none), whatever
  * the handle (which is not read and may be NULL). */
-const char* kvcache_last_error(kvcache_manager* manager);
+KVCACHE_EXPORT const char* kvcache_last_error(kvcache_manager* manager);
 
 /* Registers a sequence with its prompt. The extra key (adapter_id, salt)
  * separates tenants in the prefix cache: the salt is salt_len bytes, any
@@ -182,50 +265,74 @@ const char* kvcache_last_error(kvcache_manager* manager);
  * share cached blocks only when their adapter ids are equal and their salts
  * are equal byte for byte (so "\0Alice" and "\0Bob" never share, and a salt
  * of one zero byte never shares with no salt). */
-kvcache_status kvcache_add_sequence(kvcache_manager* manager, int64_t sequence,
-                                    const int32_t* prompt, int64_t prompt_len,
-                                    int64_t adapter_id, const uint8_t* salt,
-                                    size_t salt_len, int64_t* computed_tokens);
-kvcache_status kvcache_reserve(kvcache_manager* manager,
-                               const kvcache_reserve_request* batch,
-                               int64_t batch_size, void* stream,
-                               kvcache_plan* plan);
-kvcache_status kvcache_can_reserve(kvcache_manager* manager,
-                                   const kvcache_reserve_request* batch,
-                                   int64_t batch_size);
-kvcache_status kvcache_append(kvcache_manager* manager, uint64_t plan_id,
-                              int32_t layer, const kvcache_tensor* key,
-                              const kvcache_tensor* value, void* stream);
-kvcache_status kvcache_append_dlpack(kvcache_manager* manager, uint64_t plan_id,
-                                     int32_t layer, const DLTensor* key,
-                                     const DLTensor* value, void* stream);
-kvcache_status kvcache_commit(kvcache_manager* manager, uint64_t plan_id);
-kvcache_status kvcache_abort(kvcache_manager* manager, uint64_t plan_id);
-kvcache_status kvcache_fork(kvcache_manager* manager, int64_t parent,
-                            int64_t child);
-kvcache_status kvcache_free(kvcache_manager* manager, int64_t sequence);
+KVCACHE_EXPORT kvcache_status kvcache_add_sequence(
+    kvcache_manager* manager, int64_t sequence, const int32_t* prompt,
+    int64_t prompt_len, int64_t adapter_id, const uint8_t* salt,
+    size_t salt_len, int64_t* computed_tokens);
+KVCACHE_EXPORT kvcache_status
+kvcache_reserve(kvcache_manager* manager, const kvcache_reserve_request* batch,
+                int64_t batch_size, void* stream, kvcache_plan* plan);
+KVCACHE_EXPORT kvcache_status
+kvcache_can_reserve(kvcache_manager* manager,
+                    const kvcache_reserve_request* batch, int64_t batch_size);
+KVCACHE_EXPORT kvcache_status kvcache_append(kvcache_manager* manager,
+                                             uint64_t plan_id, int32_t layer,
+                                             const kvcache_tensor* key,
+                                             const kvcache_tensor* value,
+                                             void* stream);
+/* A DLPack tensor (version 0.6 as in dlpack/dlpack.h; from a 1.x producer's
+ * DLManagedTensorVersioned pass &managed->dl_tensor: DLTensor is unchanged). */
+KVCACHE_EXPORT kvcache_status
+kvcache_append_dlpack(kvcache_manager* manager, uint64_t plan_id, int32_t layer,
+                      const DLTensor* key, const DLTensor* value, void* stream);
+KVCACHE_EXPORT kvcache_status kvcache_commit(kvcache_manager* manager,
+                                             uint64_t plan_id);
+KVCACHE_EXPORT kvcache_status kvcache_abort(kvcache_manager* manager,
+                                            uint64_t plan_id);
+KVCACHE_EXPORT kvcache_status kvcache_fork(kvcache_manager* manager,
+                                           int64_t parent, int64_t child);
+KVCACHE_EXPORT kvcache_status kvcache_free(kvcache_manager* manager,
+                                           int64_t sequence);
 
-/* Copies up to `capacity` block ids into `blocks`; *num_blocks gets the table's
- * length. KVCACHE_OUT_OF_RANGE (nothing copied) when capacity is too small. */
-kvcache_status kvcache_block_table(kvcache_manager* manager, int64_t sequence,
-                                   int32_t* blocks, int64_t capacity,
-                                   int64_t* num_blocks);
-kvcache_status kvcache_sequence_length(kvcache_manager* manager,
-                                       int64_t sequence, int64_t* length);
-kvcache_status kvcache_batch_block_table(kvcache_manager* manager,
-                                         const int64_t* sequences,
-                                         int64_t num_sequences, void* stream,
-                                         kvcache_block_table_view* view);
-kvcache_status kvcache_get_layer_view(kvcache_manager* manager, int32_t layer,
-                                      kvcache_layer_view* view);
-kvcache_status kvcache_gather(kvcache_manager* manager, int64_t sequence,
-                              int32_t layer, int64_t token_begin,
-                              int64_t num_tokens, const kvcache_tensor* key_out,
-                              const kvcache_tensor* value_out, void* stream);
+/* Copies the sequence's block ids into `blocks` (capacity elements);
+ * *num_blocks gets the table's length, also when the capacity is too small,
+ * which is KVCACHE_OUT_OF_RANGE (nothing copied). blocks NULL with capacity 0
+ * is a size query: KVCACHE_OK with *num_blocks set. */
+KVCACHE_EXPORT kvcache_status kvcache_block_table(kvcache_manager* manager,
+                                                  int64_t sequence,
+                                                  int32_t* blocks,
+                                                  int64_t capacity,
+                                                  int64_t* num_blocks);
+KVCACHE_EXPORT kvcache_status kvcache_sequence_length(kvcache_manager* manager,
+                                                      int64_t sequence,
+                                                      int64_t* length);
+KVCACHE_EXPORT kvcache_status kvcache_batch_block_table(
+    kvcache_manager* manager, const int64_t* sequences, int64_t num_sequences,
+    void* stream, kvcache_block_table_view* view);
+KVCACHE_EXPORT kvcache_status kvcache_get_layer_view(kvcache_manager* manager,
+                                                     int32_t layer,
+                                                     kvcache_layer_view* view);
+KVCACHE_EXPORT kvcache_status kvcache_gather(
+    kvcache_manager* manager, int64_t sequence, int32_t layer,
+    int64_t token_begin, int64_t num_tokens, const kvcache_tensor* key_out,
+    const kvcache_tensor* value_out, void* stream);
+/* kvcache_gather into DLPack tensors (float32/float16/bfloat16, [T, H, D],
+ * unit last stride, in the backend's memory; byte_offset applied). */
+KVCACHE_EXPORT kvcache_status kvcache_gather_dlpack(
+    kvcache_manager* manager, int64_t sequence, int32_t layer,
+    int64_t token_begin, int64_t num_tokens, const DLTensor* key_out,
+    const DLTensor* value_out, void* stream);
+KVCACHE_EXPORT kvcache_status kvcache_tokens_that_fit(kvcache_manager* manager,
+                                                      int64_t sequence,
+                                                      int64_t* tokens);
+KVCACHE_EXPORT kvcache_status kvcache_get_metrics(kvcache_manager* manager,
+                                                  kvcache_metrics* metrics);
 /* Options of kvcache_attention (KVCacheManager::Attention's AttentionOptions):
  * softmax_scale > 0, soft_cap 0 = off, window 0 = off, and 1 to 8 query
- * tokens per sequence (its last committed tokens). */
+ * tokens per sequence (its last committed tokens). Set struct_size with
+ * KVCACHE_STRUCT_INIT. */
 typedef struct kvcache_attention_options {
+  size_t struct_size;
   float softmax_scale;
   float soft_cap;
   int32_t window;
@@ -234,19 +341,78 @@ typedef struct kvcache_attention_options {
 /* Decode attention over `layer`'s cache for `num_sequences` sequences:
  * q [num_sequences * n, num_q_heads, head_size] (bf16/fp16) -> out [same rows,
  * num_q_heads, head_size_v] in q's dtype. Needs config.num_q_heads > 0. */
-kvcache_status kvcache_attention(
+KVCACHE_EXPORT kvcache_status kvcache_attention(
     kvcache_manager* manager, const int64_t* sequences, int64_t num_sequences,
     int32_t layer, const kvcache_tensor* q, const kvcache_tensor* out,
     const kvcache_attention_options* options, void* stream);
-kvcache_status kvcache_tokens_that_fit(kvcache_manager* manager,
-                                       int64_t sequence, int64_t* tokens);
-kvcache_status kvcache_get_metrics(kvcache_manager* manager,
-                                   kvcache_metrics* metrics);
 /* Writes the Prometheus text (NUL-terminated, truncated to capacity) and
- * returns its full length without the NUL. */
-size_t kvcache_metrics_text(kvcache_manager* manager, char* buffer,
-                            size_t capacity);
-kvcache_status kvcache_validate(kvcache_manager* manager);
+ * returns its full length without the NUL (so a buffer of the returned
+ * length + 1 holds it); buffer NULL with capacity 0 returns the length only.
+ * Returns 0 on a NULL handle. */
+KVCACHE_EXPORT size_t kvcache_metrics_text(kvcache_manager* manager,
+                                           char* buffer, size_t capacity);
+KVCACHE_EXPORT kvcache_status kvcache_validate(kvcache_manager* manager);
+
+/* ---- Speculative decoding and scheduling ----
+ *
+ * A speculative step:
+ *
+ *   kvcache_reserve(m, {seq, 1 + k, {sampled, draft_1..draft_k}}, ...)
+ *   kvcache_append(...) for every layer, all 1 + k tokens
+ *   kvcache_commit_accepted(m, plan.id, accepted, batch_size)
+ *
+ * Never fits vs not now: kvcache_reserve and kvcache_add_sequence return
+ * KVCACHE_RESOURCE_EXHAUSTED when the pool cannot hold the request now
+ * (preempt and retry) and KVCACHE_OUT_OF_RANGE when it never can (the
+ * sequence needs more blocks than the whole pool); kvcache_last_shortfall
+ * then gives the numbers. */
+
+/* kvcache::Shortfall (core/shortfall.h). */
+typedef struct kvcache_shortfall {
+  int64_t blocks_needed; /* new blocks (not now), or the sequence's (never) */
+  int64_t blocks_free;
+  int64_t blocks_evictable;
+  int64_t blocks_total;
+  int32_t never_fits; /* 1 for KVCACHE_OUT_OF_RANGE, 0 otherwise */
+} kvcache_shortfall;
+
+/* The shortfall of the calling thread's last failed call: 1 and *shortfall
+ * filled when that call failed for lack of room, 0 (and *shortfall left as
+ * it was) when it failed otherwise or no call failed yet. Per thread, like
+ * kvcache_last_error. */
+KVCACHE_EXPORT int32_t kvcache_last_shortfall(kvcache_shortfall* shortfall);
+
+/* Commit keeping accepted[i] of sequence i's reserved tokens (batch order,
+ * num_accepted = the plan's batch size); the rest are rolled back. */
+KVCACHE_EXPORT kvcache_status kvcache_commit_accepted(kvcache_manager* manager,
+                                                      uint64_t plan_id,
+                                                      const int64_t* accepted,
+                                                      int64_t num_accepted);
+/* Takes one sequence out of a plan in flight; its rows of the plan's slot
+ * mapping become -1 (padding), rewritten on `stream`. */
+KVCACHE_EXPORT kvcache_status kvcache_remove_from_plan(kvcache_manager* manager,
+                                                       uint64_t plan_id,
+                                                       int64_t sequence,
+                                                       void* stream);
+/* Rewinds a sequence to its first new_length committed tokens. */
+KVCACHE_EXPORT kvcache_status kvcache_truncate(kvcache_manager* manager,
+                                               int64_t sequence,
+                                               int64_t new_length);
+/* The prompt tokens kvcache_add_sequence would find computed now, with no
+ * pin and no metric change. The extra key as for kvcache_add_sequence. */
+KVCACHE_EXPORT kvcache_status
+kvcache_peek_prefix(kvcache_manager* manager, const int32_t* prompt,
+                    int64_t prompt_len, int64_t adapter_id, const uint8_t* salt,
+                    size_t salt_len, int64_t* cached_tokens);
+/* The layout of a plan in flight, per sequence in batch order: its id, its
+ * first row in the slot mapping, its token count (0 once removed) and the
+ * position of its first token. Fills up to `capacity` entries of each
+ * non-NULL array; *num_sequences gets the plan's batch size.
+ * KVCACHE_OUT_OF_RANGE (nothing written) when capacity is too small. */
+KVCACHE_EXPORT kvcache_status kvcache_plan_layout(
+    kvcache_manager* manager, uint64_t plan_id, int64_t capacity,
+    int64_t* sequences, int64_t* slot_offsets, int64_t* num_tokens,
+    int64_t* first_positions, int64_t* num_sequences);
 
 #ifdef __cplusplus
 } /* extern "C" */

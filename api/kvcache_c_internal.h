@@ -5,7 +5,11 @@
 #ifndef KVCACHE_API_KVCACHE_C_INTERNAL_H_
 #define KVCACHE_API_KVCACHE_C_INTERNAL_H_
 
+#include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "api/kv_cache_manager.h"
@@ -13,6 +17,11 @@
 
 struct kvcache_manager {
   std::unique_ptr<kvcache::KVCacheManager> impl;
+  // Host copies of the slot mappings of the plans in flight
+  // (kvcache_plan::host_slot_mapping), until their commit or abort. A map:
+  // its node is made before Reserve and inserted after it without allocating.
+  std::mutex mu;
+  std::map<uint64_t, std::vector<int64_t>> host_slots;
 };
 
 namespace kvcache::c_api {

@@ -1,8 +1,7 @@
-// The C API's speculative-decoding and scheduling calls (kvcache_c_spec.h):
+// The C API's speculative-decoding and scheduling calls (kvcache_c.h):
 // each checks and converts its arguments, calls the KVCacheManager and
 // records a failure (kvcache_c_internal.h).
 
-#include "api/kvcache_c_spec.h"
 
 #include <string>
 #include <vector>
@@ -10,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "api/kv_cache_manager.h"
+#include "api/kvcache_c.h"
 #include "api/kvcache_c_internal.h"
 #include "api/no_bad_alloc.h"
 #include "core/shortfall.h"

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "api/logging.h"
 #include "api/tensor_checks.h"
 #include "core/status_macros.h"
 #include "kernels/kernel_validation.h"
@@ -22,20 +23,13 @@ namespace {
 // Default block-table width: enough blocks for this many tokens.
 constexpr int64_t kDefaultMaxTokensPerSequence = 131072;
 
-std::shared_ptr<spdlog::logger> Logger(const std::string& name) {
-  if (!name.empty()) {
-    if (std::shared_ptr<spdlog::logger> logger = spdlog::get(name)) {
-      return logger;
-    }
-  }
-  return spdlog::default_logger();
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KVCacheManager::Impl>>
 KVCacheManager::Impl::Create(const KVCacheConfig& config,
                              std::unique_ptr<Device> device) {
+  KVCACHE_ASSIGN_OR_RETURN(const std::shared_ptr<spdlog::logger> logger,
+                           internal::MakeLogger(config));
   std::unique_ptr<Impl> m(new Impl(config));
   Device* const dev = device.get();
   KVCACHE_ASSIGN_OR_RETURN(
@@ -72,7 +66,7 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
                                            cols, config.num_q_heads,
                                            m->backend_->layout().head_size_v));
   }
-  Logger(config.logger_name)->info(m->backend_->Describe(config));
+  logger->info(m->backend_->Describe(config));
   return m;
 }
 

@@ -57,6 +57,7 @@ static kvcache_manager* Make(int prefix_caching) {
 static kvcache_tensor Tensor(float* data, int64_t t) {
   kvcache_tensor x;
   memset(&x, 0, sizeof(x));
+  x.struct_size = sizeof(x);
   x.data = data;
   x.dtype = KVCACHE_FLOAT32;
   x.ndim = 3;
@@ -79,8 +80,9 @@ static int64_t AddAndPrefill(kvcache_manager* m, int64_t id, const void* salt,
   int64_t computed = -1;
   CHECK(kvcache_add_sequence(m, id, prompt, 8, 0, (const uint8_t*)salt,
                              salt_len, &computed) == KVCACHE_OK);
-  kvcache_reserve_request request = {id, 8 - computed, NULL, 0};
-  kvcache_plan plan;
+  kvcache_reserve_request request = {sizeof(kvcache_reserve_request), id,
+                                     8 - computed, NULL, 0};
+  kvcache_plan plan = KVCACHE_STRUCT_INIT(kvcache_plan);
   CHECK(kvcache_reserve(m, &request, 1, NULL, &plan) == KVCACHE_OK);
   float k[8 * H * D];
   for (int i = 0; i < 8 * H * D; ++i) k[i] = fill + 0.001f * (float)i;
@@ -104,8 +106,9 @@ static void HostileCounts(void) {
               KVCACHE_INVALID_ARGUMENT, "prompt_len -1 is negative");
   CHECK(kvcache_add_sequence(m, 1, prompt, 4, 0, NULL, 0, &computed) ==
         KVCACHE_OK);
-  kvcache_reserve_request request = {1, 1, NULL, 0};
-  kvcache_plan plan;
+  kvcache_reserve_request request = {sizeof(kvcache_reserve_request), 1, 1,
+                                     NULL, 0};
+  kvcache_plan plan = KVCACHE_STRUCT_INIT(kvcache_plan);
   CHECK_ERROR(kvcache_reserve(m, &request, 1LL << 60, NULL, &plan),
               KVCACHE_INVALID_ARGUMENT, "batch_size 1152921504606846976");
   CHECK_ERROR(kvcache_can_reserve(m, &request, 1LL << 60),
@@ -113,17 +116,19 @@ static void HostileCounts(void) {
   CHECK_ERROR(kvcache_can_reserve(m, &request, -3), KVCACHE_INVALID_ARGUMENT,
               "batch_size -3 is negative");
   int32_t token = 5;
-  kvcache_reserve_request wrapping = {1, 1, &token, 1LL << 62};
+  kvcache_reserve_request wrapping = {sizeof(kvcache_reserve_request), 1, 1,
+                                      &token, 1LL << 62};
   CHECK_ERROR(kvcache_reserve(m, &wrapping, 1, NULL, &plan),
               KVCACHE_INVALID_ARGUMENT,
               "num_new_token_ids 4611686018427387904");
-  kvcache_reserve_request minimum = {1, INT64_MIN, NULL, 0};
+  kvcache_reserve_request minimum = {sizeof(kvcache_reserve_request), 1,
+                                     INT64_MIN, NULL, 0};
   CHECK_ERROR(kvcache_reserve(m, &minimum, 1, NULL, &plan),
               KVCACHE_INVALID_ARGUMENT, "-9223372036854775808");
   CHECK_ERROR(kvcache_can_reserve(m, &minimum, 1), KVCACHE_INVALID_ARGUMENT,
               "-9223372036854775808");
   CHECK(kvcache_validate(m) == KVCACHE_OK);
-  kvcache_metrics metrics;
+  kvcache_metrics metrics = KVCACHE_STRUCT_INIT(kvcache_metrics);
   CHECK(kvcache_get_metrics(m, &metrics) == KVCACHE_OK);
   CHECK(metrics.plans_in_flight == 0 && metrics.blocks_in_use == 0);
   kvcache_destroy(m);
@@ -161,7 +166,8 @@ static void Messages(void) {
   kvcache_manager* m = Make(/*prefix_caching=*/1);
   CHECK(AddAndPrefill(m, 1, NULL, 0, 1.0f) == 0);
   int64_t ids[1] = {1};
-  kvcache_block_table_view table;
+  kvcache_block_table_view table =
+      KVCACHE_STRUCT_INIT(kvcache_block_table_view);
   CHECK_ERROR(kvcache_batch_block_table(m, ids, -1, NULL, &table),
               KVCACHE_INVALID_ARGUMENT, "num_sequences -1 is negative");
   CHECK_ERROR(kvcache_batch_block_table(m, NULL, 1, NULL, &table),

@@ -1,14 +1,14 @@
-/* The C API's speculative-decoding and scheduling calls (api/kvcache_c_spec.h),
+/* The C API's speculative-decoding and scheduling calls (api/kvcache_c.h),
  * from C: a draft step committed with accepted counts, the plan layout,
  * removal from a plan, truncation, a side-effect-free prefix peek, never fits
  * vs not now with kvcache_last_shortfall, and hostile arguments. Exits non-zero
  * on the first failure. */
 
-#include "api/kvcache_c_spec.h"
-
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+
+#include "api/kvcache_c.h"
 
 static int failures = 0;
 
@@ -36,8 +36,7 @@ enum { H = 1, D = 8, BS = 4 };
 /* Appends t rows of zeros to layer 0. */
 static void append_rows(kvcache_manager* m, uint64_t plan, int64_t t) {
   static uint16_t data[64 * H * D];
-  kvcache_tensor x;
-  memset(&x, 0, sizeof(x));
+  kvcache_tensor x = KVCACHE_STRUCT_INIT(kvcache_tensor);
   x.data = data;
   x.dtype = KVCACHE_BFLOAT16;
   x.ndim = 3;
@@ -70,15 +69,15 @@ int main(void) {
   int64_t computed = -1;
   CHECK_IS(KVCACHE_OK,
            kvcache_add_sequence(m, 1, prompt, 6, 0, NULL, 0, &computed));
-  kvcache_reserve_request r = {1, 6, NULL, 0};
-  kvcache_plan plan;
+  kvcache_reserve_request r = {sizeof(kvcache_reserve_request), 1, 6, NULL, 0};
+  kvcache_plan plan = KVCACHE_STRUCT_INIT(kvcache_plan);
   CHECK_IS(KVCACHE_OK, kvcache_reserve(m, &r, 1, NULL, &plan));
   append_rows(m, plan.id, 6);
   CHECK_IS(KVCACHE_OK, kvcache_commit(m, plan.id));
 
   /* A speculative step: the sampled token and 3 drafts, 1 accepted. */
   const int32_t step[4] = {7, 8, 9, 10};
-  kvcache_reserve_request d = {1, 4, step, 4};
+  kvcache_reserve_request d = {sizeof(kvcache_reserve_request), 1, 4, step, 4};
   CHECK_IS(KVCACHE_OK, kvcache_reserve(m, &d, 1, NULL, &plan));
   int64_t seqs[2], offsets[2], counts[2], firsts[2], n = 0;
   CHECK_IS(KVCACHE_OK, kvcache_plan_layout(m, plan.id, 2, seqs, offsets, counts,
@@ -105,7 +104,8 @@ int main(void) {
 
   /* The drafts are not in the prefix cache; the peek changes no metric. */
   const int32_t other[11] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
-  kvcache_metrics before, after;
+  kvcache_metrics before = KVCACHE_STRUCT_INIT(kvcache_metrics);
+  kvcache_metrics after = KVCACHE_STRUCT_INIT(kvcache_metrics);
   CHECK_IS(KVCACHE_OK, kvcache_get_metrics(m, &before));
   int64_t cached = -1;
   CHECK_IS(KVCACHE_OK, kvcache_peek_prefix(m, other, 11, 0, NULL, 0, &cached));
@@ -125,7 +125,9 @@ int main(void) {
   CHECK(length == 5);
   CHECK_IS(KVCACHE_OK,
            kvcache_add_sequence(m, 2, prompt, 3, 0, NULL, 0, &computed));
-  kvcache_reserve_request both[2] = {{1, 1, step, 1}, {2, 3, NULL, 0}};
+  kvcache_reserve_request both[2] = {
+      {sizeof(kvcache_reserve_request), 1, 1, step, 1},
+      {sizeof(kvcache_reserve_request), 2, 3, NULL, 0}};
   CHECK_IS(KVCACHE_OK, kvcache_reserve(m, both, 2, NULL, &plan));
   CHECK_IS(KVCACHE_NOT_FOUND, kvcache_remove_from_plan(m, plan.id, 9, NULL));
   CHECK_IS(KVCACHE_OK, kvcache_remove_from_plan(m, plan.id, 1, NULL));
@@ -151,7 +153,8 @@ int main(void) {
   CHECK(s.never_fits == 1 && s.blocks_needed == 9 && s.blocks_total == 8);
   CHECK_IS(KVCACHE_OK,
            kvcache_add_sequence(m, 3, huge, 32, 0, NULL, 0, &computed));
-  kvcache_reserve_request big = {3, 32, NULL, 0};
+  kvcache_reserve_request big = {sizeof(kvcache_reserve_request), 3, 32, NULL,
+                                 0};
   CHECK_IS(KVCACHE_RESOURCE_EXHAUSTED,
            kvcache_reserve(m, &big, 1, NULL, &plan));
   CHECK(kvcache_last_shortfall(&s) == 1);

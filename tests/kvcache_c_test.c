@@ -30,10 +30,22 @@ static int failures = 0;
     }                                                                     \
   } while (0)
 
+/* Collects what the log sink receives. */
+static int log_messages = 0;
+static int log_saw_layout = 0;
+static void CollectLog(int32_t level, const char* message, void* user_data) {
+  CHECK(user_data == &log_messages);
+  ++log_messages;
+  if (level == KVCACHE_LOG_INFO && strstr(message, "kvcache: CPU backend")) {
+    log_saw_layout = 1;
+  }
+}
+
 static kvcache_tensor tensor3(void* data, int32_t dtype, int64_t t, int64_t h,
                               int64_t d) {
   kvcache_tensor x;
   memset(&x, 0, sizeof(x));
+  x.struct_size = sizeof(x);
   x.data = data;
   x.dtype = dtype;
   x.ndim = 3;
@@ -64,7 +76,34 @@ int main(void) {
   CHECK(m == NULL);
   CHECK(strstr(kvcache_last_create_error(), "head_size 12") != NULL);
 
+  /* ABI: a struct of another size is refused, naming it and both sizes. */
+  CHECK(strcmp(kvcache_version(), "1.0.0") == 0);
   config.head_size = D;
+  config.struct_size = sizeof(config) - 8;
+  CHECK(kvcache_create(&config, &m) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(NULL), "kvcache_config.struct_size") != NULL);
+  config.struct_size = sizeof(config);
+
+  /* Logging: quiet by default; a sink at INFO gets the layout line. */
+  config.log_level = KVCACHE_LOG_INFO;
+  config.log_sink = CollectLog;
+  config.log_sink_user_data = &log_messages;
+  CHECK_OK(m, kvcache_create(&config, &m));
+  CHECK(log_saw_layout == 1);
+  kvcache_destroy(m);
+  m = NULL;
+  log_messages = 0;
+  config.log_level = KVCACHE_LOG_DEFAULT;
+  CHECK_OK(m, kvcache_create(&config, &m));
+  CHECK(log_messages == 0);
+  kvcache_destroy(m);
+  m = NULL;
+  config.log_level = 42;
+  CHECK(kvcache_create(&config, &m) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(NULL), "log_level 42") != NULL);
+  config.log_level = KVCACHE_LOG_DEFAULT;
+  config.log_sink = NULL;
+
   CHECK_OK(m, kvcache_create(&config, &m));
   CHECK(m != NULL);
   if (m == NULL) return 1;
@@ -78,10 +117,26 @@ int main(void) {
         KVCACHE_ALREADY_EXISTS);
   CHECK(strstr(kvcache_last_error(m), "7") != NULL);
 
-  kvcache_reserve_request request = {7, T, NULL, 0};
-  kvcache_plan plan;
+  kvcache_reserve_request request = {sizeof(kvcache_reserve_request), 7, T,
+                                     NULL, 0};
+  kvcache_plan plan = KVCACHE_STRUCT_INIT(kvcache_plan);
+  kvcache_plan small_plan = {.struct_size = sizeof(kvcache_plan) - 8};
+  CHECK(kvcache_reserve(m, &request, 1, NULL, &small_plan) ==
+        KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(m), "kvcache_plan.struct_size") != NULL);
+  request.struct_size = 8;
+  CHECK(kvcache_reserve(m, &request, 1, NULL, &plan) ==
+        KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(m), "batch[0]") != NULL);
+  request.struct_size = sizeof(request);
   CHECK_OK(m, kvcache_reserve(m, &request, 1, NULL, &plan));
   CHECK(plan.num_tokens == T);
+  /* The host copy of the slot mapping (on the CPU backend both are host). */
+  CHECK(plan.host_slot_mapping != NULL);
+  for (int i = 0; i < T && plan.host_slot_mapping != NULL; ++i) {
+    CHECK(plan.host_slot_mapping[i] == plan.slot_mapping[i]);
+    CHECK(plan.host_slot_mapping[i] >= 0);
+  }
 
   float k[T * H * D], v[T * H * D];
   for (int i = 0; i < T * H * D; ++i) {
@@ -121,21 +176,29 @@ int main(void) {
   CHECK(length == T);
   CHECK_OK(m, kvcache_block_table(m, 7, blocks, 8, &num_blocks));
   CHECK(num_blocks == 2);
+  num_blocks = 0;
   CHECK(kvcache_block_table(m, 7, blocks, 1, &num_blocks) ==
         KVCACHE_OUT_OF_RANGE);
+  CHECK(num_blocks == 2); /* The size needed. */
+  num_blocks = 0;
+  CHECK_OK(m, kvcache_block_table(m, 7, NULL, 0, &num_blocks));
+  CHECK(num_blocks == 2);
+  CHECK(kvcache_block_table(m, 7, NULL, 4, &num_blocks) ==
+        KVCACHE_INVALID_ARGUMENT);
   CHECK(kvcache_sequence_length(m, 8, &length) == KVCACHE_NOT_FOUND);
   CHECK(strstr(kvcache_last_error(m), "8") != NULL);
 
   CHECK_OK(m, kvcache_fork(m, 7, 8));
   int64_t ids[2] = {7, 8};
-  kvcache_block_table_view table;
+  kvcache_block_table_view table =
+      KVCACHE_STRUCT_INIT(kvcache_block_table_view);
   CHECK_OK(m, kvcache_batch_block_table(m, ids, 2, NULL, &table));
   CHECK(table.num_sequences == 2);
   CHECK(table.block_table[0] == blocks[0]);
   CHECK(table.block_table[table.row_stride + 1] == blocks[1]);
   CHECK(table.seq_lens[1] == T);
 
-  kvcache_layer_view layer;
+  kvcache_layer_view layer = KVCACHE_STRUCT_INIT(kvcache_layer_view);
   CHECK_OK(m, kvcache_get_layer_view(m, 0, &layer));
   CHECK(layer.num_blocks == 8 && layer.block_size == 4 &&
         layer.key_scale != NULL);
@@ -144,10 +207,11 @@ int main(void) {
   int64_t fit = 0;
   CHECK_OK(m, kvcache_tokens_that_fit(m, 8, &fit));
   CHECK(fit > 0);
-  kvcache_reserve_request too_many = {8, 1000, NULL, 0};
+  kvcache_reserve_request too_many = {sizeof(kvcache_reserve_request), 8, 1000,
+                                      NULL, 0};
   CHECK(kvcache_can_reserve(m, &too_many, 1) != KVCACHE_OK);
 
-  kvcache_metrics metrics;
+  kvcache_metrics metrics = KVCACHE_STRUCT_INIT(kvcache_metrics);
   CHECK_OK(m, kvcache_get_metrics(m, &metrics));
   CHECK(metrics.blocks_total == 8);
   CHECK(metrics.sequences == 2);
@@ -157,6 +221,9 @@ int main(void) {
   char text[4096];
   size_t n = kvcache_metrics_text(m, text, sizeof(text));
   CHECK(n > 0 && n < sizeof(text));
+  CHECK(kvcache_metrics_text(m, NULL, 0) == n);
+  kvcache_metrics small_metrics = {.struct_size = sizeof(kvcache_metrics) + 8};
+  CHECK(kvcache_get_metrics(m, &small_metrics) == KVCACHE_INVALID_ARGUMENT);
   CHECK(strstr(text, "kvcache_sequences 2") != NULL);
 
   CHECK_OK(m, kvcache_free(m, 8));

@@ -23,8 +23,10 @@ if [[ -z "$tests" ]]; then
   echo "bundle_gpu: no test target is tagged gpu" >&2
   exit 1
 fi
+# The Python package's GPU run (issue #19): libkvcache.so and the C++ reference run.
+python_targets="//api:libkvcache.so //python:reference_dump"
 # shellcheck disable=SC2086
-bazel build "${flags[@]}" $tests $benches $gpu_tools
+bazel build "${flags[@]}" $tests $benches $gpu_tools $python_targets
 
 rm -rf "$out"
 mkdir -p "$out/tests" "$out/benchmarks" "$out/tools" "$out/lib" "$out/data"
@@ -49,6 +51,16 @@ for exe in "$out"/tests/* "$out"/benchmarks/* "$out"/tools/*; do
     fi
   done
 done
+# python/: the package with libkvcache.so inside it (found next to the package), its tests, the
+# headers the struct-layout test compiles against, and the C++ reference run.
+mkdir -p "$out/python/kvcache" "$out/python/tests" "$out/python/include/dlpack"
+install -m 644 python/kvcache/*.py "$out/python/kvcache/"
+install -m 755 "$bin_dir/api/libkvcache.so" "$out/python/kvcache/libkvcache.so"
+install -m 644 python/tests/test_kvcache.py "$out/python/tests/"
+install -m 755 python/tests/run_python_tests.sh "$out/python/"
+install -m 755 "$bin_dir/python/reference_dump" "$out/python/"
+install -m 644 api/kvcache_c.h "$out/python/include/"
+install -m 644 /usr/include/dlpack/dlpack.h "$out/python/include/dlpack/"
 if [[ -d ../shared/data ]]; then
   cp ../shared/data/*.jsonl "$out/data/" 2>/dev/null || true
 fi
@@ -100,6 +112,10 @@ if [[ $tests -eq 1 ]]; then
         --error-exitcode 1 "$t" --gtest_filter="${KVCACHE_SANITIZER_FILTER:-*}"
     fi
   done
+fi
+if [[ $tests -eq 1 && -x "$here/python/run_python_tests.sh" ]]; then
+  # The Python package on CUDA tensors (torch; PYTHON names an interpreter that has it).
+  run "python package (cuda)" "$logs/python_package.log" "$here/python/run_python_tests.sh" cuda
 fi
 if [[ $bench -eq 1 ]]; then
   for b in "$here"/benchmarks/*; do

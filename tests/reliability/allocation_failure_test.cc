@@ -155,7 +155,6 @@ KVCacheConfig SmallConfig() {
   c.max_tokens_per_step = 64;
   c.max_sequences_per_step = 4;
   c.max_inflight_plans = 3;
-  c.logger_name = "allocation_failure_test";
   return c;
 }
 
@@ -539,9 +538,9 @@ TEST(AllocationFailureTest, CApiReturnsResourceExhausted) {
     return s;
   });
   EXPECT_EQ(added, 1);
-  kvcache_plan plan;
+  kvcache_plan plan = KVCACHE_STRUCT_INIT(kvcache_plan);
   const int32_t extra[1] = {7};
-  kvcache_reserve_request r = {0, 6, extra, 1};
+  kvcache_reserve_request r = {sizeof(kvcache_reserve_request), 0, 6, extra, 1};
   int64_t reserved = 0;
   const int64_t reserve_points = FailEachHostAllocation([&] {
     const kvcache_status s = kvcache_reserve(m, &r, 1, nullptr, &plan);

@@ -48,7 +48,6 @@ KVCacheConfig StressConfig() {
   c.max_inflight_plans = kThreads;
   c.max_tokens_per_step = 64;
   c.max_sequences_per_step = 4;
-  c.logger_name = "concurrency_stress_test";
   return c;
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "api/lookup_buffers.h"
 #include "core/status_macros.h"
 
 namespace kvcache::internal {
@@ -52,14 +53,8 @@ absl::Status AttentionBuffers::Upload(const HostBatchTable& batch, int32_t n,
   KVCACHE_RETURN_IF_ERROR(device_->SynchronizeEvent(set.done));
   const int64_t num = batch.num_sequences;
   int32_t* staged = set.staging.as<int32_t>();
-  std::fill(staged, staged + num * cols_, 0);
-  for (int64_t r = 0; r < num; ++r) {
-    std::copy_n(batch.table.data() + r * batch.max_blocks, batch.num_blocks[r],
-                staged + r * cols_);
-  }
-  int32_t* lens = staged + max_sequences_ * cols_;
+  int32_t* lens = StageBatchTable(batch, max_sequences_, cols_, staged);
   int32_t* starts = lens + max_sequences_;
-  std::copy_n(batch.seq_lens.data(), num, lens);
   for (int64_t i = 0; i <= num; ++i) starts[i] = static_cast<int32_t>(i * n);
   KVCACHE_RETURN_IF_ERROR(device_->CopyToDeviceAsync(
       set.device.data(), staged, num * cols_ * sizeof(int32_t), stream));

@@ -7,6 +7,19 @@
 
 namespace kvcache::internal {
 
+int32_t* StageBatchTable(const HostBatchTable& batch, int64_t max_sequences,
+                         int64_t cols, int32_t* staged) {
+  const int64_t rows = batch.num_sequences;
+  std::fill(staged, staged + rows * cols, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy_n(batch.table.data() + r * batch.max_blocks, batch.num_blocks[r],
+                staged + r * cols);
+  }
+  int32_t* lens = staged + max_sequences * cols;
+  std::copy_n(batch.seq_lens.data(), rows, lens);
+  return lens;
+}
+
 absl::StatusOr<std::unique_ptr<LookupBuffers>> LookupBuffers::Create(
     Device* device, int64_t max_sequences, int64_t cols) {
   std::unique_ptr<LookupBuffers> b(
@@ -30,13 +43,7 @@ absl::StatusOr<BlockTableView> LookupBuffers::UploadBatchTable(
   KVCACHE_RETURN_IF_ERROR(device_->SynchronizeEvent(table_uploaded_));
   const int64_t rows = batch.num_sequences;
   int32_t* staged = table_staging_.as<int32_t>();
-  std::fill(staged, staged + rows * cols_, 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    std::copy_n(batch.table.data() + r * batch.max_blocks, batch.num_blocks[r],
-                staged + r * cols_);
-  }
-  int32_t* lens = staged + max_sequences_ * cols_;
-  std::copy_n(batch.seq_lens.data(), rows, lens);
+  const int32_t* lens = StageBatchTable(batch, max_sequences_, cols_, staged);
   int32_t* device_table = table_device_.as<int32_t>();
   int32_t* device_lens = device_table + max_sequences_ * cols_;
   KVCACHE_RETURN_IF_ERROR(device_->CopyToDeviceAsync(

@@ -23,6 +23,14 @@
 
 namespace kvcache::internal {
 
+// Writes `batch` into host memory laid out as int32 [max_sequences, cols]
+// block ids (each row zero-padded after its blocks), then int32 seq_lens
+// [max_sequences]; only the batch's rows are written. Returns the seq_lens
+// part. REQUIRES: batch.num_sequences <= max_sequences, batch.max_blocks <=
+// cols. Shared by the batch block table and Attention's tables.
+int32_t* StageBatchTable(const HostBatchTable& batch, int64_t max_sequences,
+                         int64_t cols, int32_t* staged);
+
 class LookupBuffers {
  public:
   // REQUIRES: `device` outlives the buffers; max_sequences, cols >= 1.

@@ -83,13 +83,7 @@ absl::Status KVCacheManager::Impl::Attention(
   KVCACHE_RETURN_IF_ERROR(internal::CheckKVTensor("q", q, expected));
   expected.head_size = layout.head_size_v;
   KVCACHE_RETURN_IF_ERROR(internal::CheckKVTensor("out", out, expected));
-  KVCACHE_ASSIGN_OR_RETURN(const HostBatchTable batch,
-                           blocks_->BatchTable(sequences));
-  if (batch.max_blocks > attention_->cols()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "a sequence of this batch holds ", batch.max_blocks,
-        " blocks, more than max_blocks_per_sequence ", attention_->cols()));
-  }
+  KVCACHE_ASSIGN_OR_RETURN(const HostBatchTable batch, BatchTable(sequences));
   AttentionParams p;
   p.cache = backend_->layer(layer);
   p.q = q.data;

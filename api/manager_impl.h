@@ -104,6 +104,10 @@ class KVCacheManager::Impl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckAttentionOptions(const AttentionOptions& options) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The allocator's tables of `ids`, refused when a sequence holds more blocks
+  // than a block-table row has columns (max_blocks_per_sequence).
+  absl::StatusOr<HostBatchTable> BatchTable(absl::Span<const SequenceId> ids)
+      const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Batch size and token limits of the step buffers, and no sequence pending.
   absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

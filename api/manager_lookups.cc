@@ -22,14 +22,19 @@ absl::StatusOr<BlockTableView> KVCacheManager::Impl::BatchBlockTable(
                      " sequences: expected 1 to max_sequences_per_step ",
                      config_.max_sequences_per_step));
   }
-  KVCACHE_ASSIGN_OR_RETURN(const HostBatchTable batch,
-                           blocks_->BatchTable(ids));
+  KVCACHE_ASSIGN_OR_RETURN(const HostBatchTable batch, BatchTable(ids));
+  return lookups_->UploadBatchTable(batch, stream);
+}
+
+absl::StatusOr<HostBatchTable> KVCacheManager::Impl::BatchTable(
+    absl::Span<const SequenceId> ids) const {
+  KVCACHE_ASSIGN_OR_RETURN(HostBatchTable batch, blocks_->BatchTable(ids));
   if (batch.max_blocks > lookups_->cols()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "a sequence of this batch holds ", batch.max_blocks,
         " blocks, more than max_blocks_per_sequence ", lookups_->cols()));
   }
-  return lookups_->UploadBatchTable(batch, stream);
+  return batch;
 }
 
 absl::Status KVCacheManager::Impl::Gather(

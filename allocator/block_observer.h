@@ -27,10 +27,12 @@
 // outlive the manager. Views (StoredBlock::tokens) are valid only during the
 // call.
 //
-// Extension point, tiers: every StoredBlock says which medium now holds it
-// (only the device cache today). A host tier will add a transition "moved
-// between tiers" as a new virtual (OnBlocksMoved(hashes, from, to), with a
-// default that does nothing), published through this same seam.
+// Tiers: every StoredBlock and every removal names the medium that holds (or
+// held) the block. A block copied from the device cache to a host tier is
+// OnBlocksStored(medium kHost) in that tier; its eviction from the device is
+// OnBlocksRemoved(kDevice), and from the host tier OnBlocksRemoved(kHost); a
+// block brought back to the device is OnBlocksStored(kDevice) again. So the
+// calls rebuild the set of hashes per medium.
 
 #ifndef KVCACHE_ALLOCATOR_BLOCK_OBSERVER_H_
 #define KVCACHE_ALLOCATOR_BLOCK_OBSERVER_H_
@@ -46,7 +48,7 @@ namespace kvcache {
 // Where a block's K/V lives.
 enum class BlockMedium : uint8_t {
   kDevice = 0,  // The cache's own pool (CPU or CUDA backend).
-  // kHost: the host-memory tier, later (DESIGN.md section 11).
+  kHost = 1,    // The host-memory tier behind it (DESIGN.md section 11).
 };
 
 // A full committed block that became reusable through the prefix cache.
@@ -73,8 +75,9 @@ class BlockObserver {
   // Blocks registered in the prefix cache (became cached/hashed), in the
   // order they were registered.
   virtual void OnBlocksStored(absl::Span<const StoredBlock> blocks) = 0;
-  // Blocks dropped from the prefix cache (evicted for reuse), oldest first.
-  virtual void OnBlocksRemoved(absl::Span<const BlockHash> hashes) = 0;
+  // Blocks dropped from `medium` (evicted for reuse), oldest first.
+  virtual void OnBlocksRemoved(absl::Span<const BlockHash> hashes,
+                               BlockMedium medium) = 0;
   // Every registration dropped (ResetPrefixCache).
   virtual void OnAllBlocksCleared() = 0;
 };

@@ -170,7 +170,7 @@ void PrefixCache::FlushToObserver() {
   // two calls cannot matter.
   ABSL_ASSERT(stored_.empty() || removed_.empty());
   if (!removed_.empty()) {
-    observer_->OnBlocksRemoved(removed_);
+    observer_->OnBlocksRemoved(removed_, BlockMedium::kDevice);
     removed_.clear();
   }
   if (!stored_.empty()) {

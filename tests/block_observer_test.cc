@@ -46,7 +46,9 @@ class RecordingObserver : public BlockObserver {
       stored_blocks.back().tokens = {};  // Valid only during the call.
     }
   }
-  void OnBlocksRemoved(absl::Span<const BlockHash> removed) override {
+  void OnBlocksRemoved(absl::Span<const BlockHash> removed,
+                       BlockMedium medium) override {
+    EXPECT_EQ(medium, BlockMedium::kDevice);
     ++removed_calls;
     EXPECT_FALSE(removed.empty());
     for (const BlockHash& h : removed)

@@ -20,7 +20,8 @@ struct Counter : BlockObserver {
   void OnBlocksStored(absl::Span<const StoredBlock> b) override {
     stored += b.size();
   }
-  void OnBlocksRemoved(absl::Span<const BlockHash> h) override {
+  void OnBlocksRemoved(absl::Span<const BlockHash> h,
+                       BlockMedium /*medium*/) override {
     removed += h.size();
   }
   void OnAllBlocksCleared() override { ++cleared; }

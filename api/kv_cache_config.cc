@@ -1,5 +1,9 @@
 #include "api/kv_cache_config.h"
 
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "absl/strings/str_cat.h"
 
 namespace kvcache {
@@ -27,11 +31,111 @@ absl::Status CheckRange(absl::string_view field, int64_t value, int64_t min,
   return absl::OkStatus();
 }
 
+// One group's spec; `name` is "layer_groups[i]".
+absl::Status CheckGroupSpec(const std::string& name, const LayerGroup& g,
+                            DType input_dtype) {
+  if (g.kind == AttentionKind::kFull) {
+    if (g.sliding_window != 0) {
+      return Bad(name + ".sliding_window", g.sliding_window,
+                 "must be 0 for a full-attention group");
+    }
+  } else if (g.kind == AttentionKind::kSlidingWindow) {
+    if (absl::Status s = CheckRange(name + ".sliding_window", g.sliding_window,
+                                    1, kMaxSlidingWindow);
+        !s.ok()) {
+      return s;
+    }
+  } else {
+    return Bad(name + ".kind", static_cast<int32_t>(g.kind),
+               "is not 0 (full) or 1 (sliding window)");
+  }
+  if (absl::Status s =
+          CheckRange(name + ".num_kv_heads", g.num_kv_heads, 1, kMaxNumKvHeads);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = CheckHeadSize(name + ".head_size", g.head_size);
+      !s.ok()) {
+    return s;
+  }
+  if (g.head_size_v != 0) {  // 0 = a K-only (latent) cache.
+    if (absl::Status s = CheckHeadSize(name + ".head_size_v", g.head_size_v);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (!IsValidDType(g.cache_dtype) || g.cache_dtype == DType::kFloat32) {
+    return Bad(name + ".cache_dtype", static_cast<int32_t>(g.cache_dtype),
+               "is not int8, fp8_e4m3, bfloat16 or float16");
+  }
+  if (!IsQuantized(g.cache_dtype) && IsValidDType(input_dtype) &&
+      input_dtype != g.cache_dtype) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("input_dtype ", DTypeName(input_dtype), " must equal ",
+                     name, ".cache_dtype ", DTypeName(g.cache_dtype),
+                     " for an unquantized cache"));
+  }
+  return absl::OkStatus();
+}
+
+// Layer groups: each spec valid, every layer in exactly one group, the
+// per-layer shape fields unset.
+absl::Status CheckGroups(const KVCacheConfig& c) {
+  for (auto [field, value] :
+       {std::pair<const char*, int32_t>{"num_kv_heads", c.num_kv_heads},
+        {"head_size", c.head_size},
+        {"head_size_v", c.head_size_v},
+        {"num_q_heads", c.num_q_heads}}) {
+    if (value != 0) {
+      return Bad(field, value,
+                 "must be 0 with layer_groups (each group has its own shape; "
+                 "Attention is not offered with groups)");
+    }
+  }
+  if (c.layer_groups.size() > static_cast<size_t>(c.num_layers)) {
+    return Bad("layer_groups.size()",
+               static_cast<int64_t>(c.layer_groups.size()),
+               absl::StrCat("exceeds num_layers ", c.num_layers));
+  }
+  std::vector<int32_t> owner(c.num_layers, -1);
+  for (size_t i = 0; i < c.layer_groups.size(); ++i) {
+    const LayerGroup& g = c.layer_groups[i];
+    const std::string name = absl::StrCat("layer_groups[", i, "]");
+    if (absl::Status s = CheckGroupSpec(name, g, c.input_dtype); !s.ok()) {
+      return s;
+    }
+    if (g.layers.empty()) {
+      return absl::InvalidArgumentError(name + ".layers is empty");
+    }
+    for (int32_t layer : g.layers) {
+      if (layer < 0 || layer >= c.num_layers) {
+        return Bad(
+            name + ".layers entry", layer,
+            absl::StrCat("is not in [0, num_layers ", c.num_layers, ")"));
+      }
+      if (owner[layer] != -1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("layer ", layer, " is in layer_groups[", owner[layer],
+                         "] and ", name));
+      }
+      owner[layer] = static_cast<int32_t>(i);
+    }
+  }
+  for (int32_t layer = 0; layer < c.num_layers; ++layer) {
+    if (owner[layer] == -1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", layer, " is in no layer group"));
+    }
+  }
+  return CheckRange("block_size", c.block_size, 1, kMaxBlockSize);
+}
+
 absl::Status CheckShape(const KVCacheConfig& c) {
   if (absl::Status s = CheckRange("num_layers", c.num_layers, 1, kMaxNumLayers);
       !s.ok()) {
     return s;
   }
+  if (!c.layer_groups.empty()) return CheckGroups(c);
   if (absl::Status s =
           CheckRange("num_kv_heads", c.num_kv_heads, 1, kMaxNumKvHeads);
       !s.ok()) {
@@ -82,7 +186,8 @@ absl::Status CheckStepLimits(const KVCacheConfig& c) {
 
 absl::Status ValidateConfig(const KVCacheConfig& c) {
   if (absl::Status s = CheckShape(c); !s.ok()) return s;
-  if (!IsValidDType(c.cache_dtype) || c.cache_dtype == DType::kFloat32) {
+  if (c.layer_groups.empty() &&
+      (!IsValidDType(c.cache_dtype) || c.cache_dtype == DType::kFloat32)) {
     return Bad("cache_dtype", static_cast<int32_t>(c.cache_dtype),
                "is not int8, fp8_e4m3, bfloat16 or float16");
   }
@@ -90,7 +195,8 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
     return Bad("input_dtype", static_cast<int32_t>(c.input_dtype),
                "is not float32, float16 or bfloat16");
   }
-  if (!IsQuantized(c.cache_dtype) && c.input_dtype != c.cache_dtype) {
+  if (c.layer_groups.empty() && !IsQuantized(c.cache_dtype) &&
+      c.input_dtype != c.cache_dtype) {
     return absl::InvalidArgumentError(absl::StrCat(
         "input_dtype ", DTypeName(c.input_dtype), " must equal cache_dtype ",
         DTypeName(c.cache_dtype), " for an unquantized cache"));
@@ -146,7 +252,22 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
   return absl::OkStatus();
 }
 
+GroupPaging ConfigPaging(const KVCacheConfig& c) {
+  return PlanGroupPaging(c.layer_groups, c.num_layers, c.block_size);
+}
+
 absl::StatusOr<int64_t> BlockBytesAllLayers(const KVCacheConfig& c) {
+  if (!c.layer_groups.empty()) {
+    // Each group's one-layer block is below 2^33 bytes (block_size, heads and
+    // head sizes are bounded), and at most kMaxNumLayers slots: no overflow.
+    const GroupPaging paging = ConfigPaging(c);
+    if (paging.page_bytes() > kMaxCacheBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "one page of ", paging.layers_per_page, " slots x ",
+          paging.slot_bytes, " bytes exceeds kMaxCacheBytes ", kMaxCacheBytes));
+    }
+    return paging.page_bytes();
+  }
   // Checked products: the limits above keep them far from overflow, but a
   // wrapped size must never reach the allocator (issue #12).
   const int64_t head_size_v = c.head_size_v != 0 ? c.head_size_v : c.head_size;

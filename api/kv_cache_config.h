@@ -7,12 +7,14 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "core/cache_layout.h"
 #include "core/dtype.h"
+#include "core/layer_group.h"
 
 namespace kvcache {
 
@@ -48,6 +50,7 @@ inline constexpr int32_t kMaxInflightPlans = 64;
 // All layers' caches and scales together (before alignment padding).
 inline constexpr int64_t kMaxCacheBytes = int64_t{1} << 56;
 inline constexpr int32_t kMaxCpuThreads = 1024;
+inline constexpr int32_t kMaxSlidingWindow = 1 << 24;
 
 struct KVCacheConfig {
   // Model shape.
@@ -56,6 +59,14 @@ struct KVCacheConfig {
   int32_t head_size = 0;    // Multiple of 8, at most 1024.
   int32_t head_size_v = 0;  // 0 means head_size.
   int32_t block_size = 16;  // Tokens per block.
+  // Layer groups (core/layer_group.h, DESIGN.md "Layer groups"): empty = one
+  // uniform group made of the shape fields above (exactly as before groups
+  // existed). When set, the groups together list every layer in [0,
+  // num_layers) exactly once and carry each layer's shape: num_kv_heads,
+  // head_size, head_size_v and num_q_heads must then be 0 (cache_dtype is
+  // not read), and input_dtype must equal the cache_dtype of every
+  // unquantized group.
+  std::vector<LayerGroup> layer_groups;
   // Query heads, for KVCacheManager::Attention (a multiple of num_kv_heads,
   // at most 16 per KV head); 0 = no attention (its buffers are not made).
   int32_t num_q_heads = 0;
@@ -113,8 +124,12 @@ struct KVCacheConfig {
 // 100 is not a multiple of 8", "block_size 4096 exceeds 2048").
 absl::Status ValidateConfig(const KVCacheConfig& config);
 
-// Bytes of one block in all layers (K, V and scales), computed without
-// overflow: InvalidArgument when it exceeds kMaxCacheBytes. REQUIRES: the
+// The paging of config.layer_groups (core/layer_group.h). REQUIRES: the
+// config passed ValidateConfig and has layer groups.
+GroupPaging ConfigPaging(const KVCacheConfig& config);
+
+// Bytes of one block in all layers (K, V and scales; with layer groups, one
+// page: layers_per_page slots of slot_bytes), computed without overflow: InvalidArgument when it exceeds kMaxCacheBytes. REQUIRES: the
 // shape fields passed ValidateConfig.
 absl::StatusOr<int64_t> BlockBytesAllLayers(const KVCacheConfig& config);
 

@@ -1,0 +1,198 @@
+// GroupBlockManager: the block bookkeeping of a model whose layers come in
+// groups (core/layer_group.h; DESIGN.md "Layer groups"): sliding-window and
+// full-attention tables drawing pages from one BlockPool. Like BlockManager
+// it is pure host bookkeeping: it hands out block ids and slots, never
+// touches K/V memory.
+//
+// Each sequence has one block table per table of the paging (GroupTable).
+// Entry i of a table is the page holding tokens [i * block_size, (i + 1) *
+// block_size) for that table's layers. In a sliding-window table of window W,
+// once a step's Commit leaves `computed` tokens, the next token (position
+// computed) reads positions >= computed - W + 1, so every block whose last
+// position is below that is released (to the prefix cache when hashed, else
+// to the free list) and its entry becomes kNullBlock.
+//
+// Reserve is all or nothing across tables and sequences: it counts the new
+// pages of every table of every sequence against free + evictable pages.
+//
+// A prefix hit of L full blocks must be servable by every table: a full
+// table needs all L blocks cached, a sliding table of window W only blocks
+// floor(max(0, L * block_size - W + 1) / block_size) .. L - 1. The hit is
+// the largest such L below the prompt's length (at least one token is left
+// to compute). Released blocks join the LRU list in the order they fall out
+// of the window, so eviction takes out-of-window blocks, which only a
+// shorter prefix could use, before the full tables' later blocks.
+//
+// Not supported (InvalidArgument-free by construction: the methods do not
+// exist): Fork, Truncate, speculative Commit. Not thread-safe: the caller
+// serializes calls. A call that fails leaves the manager as it was.
+
+#ifndef KVCACHE_ALLOCATOR_GROUP_BLOCK_MANAGER_H_
+#define KVCACHE_ALLOCATOR_GROUP_BLOCK_MANAGER_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "allocator/block_hash.h"
+#include "allocator/block_manager.h"
+#include "allocator/block_pool.h"
+#include "allocator/group_prefix_index.h"
+#include "core/extra_key.h"
+#include "core/ids.h"
+#include "core/reserve_request.h"
+
+namespace kvcache {
+
+// The block-table entry of a block released from a sliding window (and of
+// the blocks before a sliding table's part of a prefix hit). Kernels never
+// read it: it lies outside every window.
+inline constexpr BlockId kNullBlock = -1;
+
+struct GroupBlockManagerOptions {
+  int32_t num_blocks = 0;   // Pages, >= 1.
+  int32_t block_size = 16;  // Tokens per block, >= 1.
+  bool enable_prefix_caching = true;
+  // Per table: 0 = full attention, else the sliding window in tokens. At
+  // least one table.
+  std::vector<int32_t> windows;
+};
+
+// What Reserve hands out: one slot mapping per table.
+struct GroupStepPlan {
+  uint64_t id = 0;
+  std::vector<SequenceId> sequences;
+  std::vector<int64_t> num_tokens;
+  std::vector<int64_t> first_positions;
+  // slot_mappings[t]: one slot per reserved token (request order) in table t.
+  std::vector<std::vector<int64_t>> slot_mappings;
+};
+
+struct GroupPrefixStats {
+  int64_t queries = 0;
+  int64_t query_tokens = 0;
+  int64_t hit_tokens = 0;
+  int64_t evictions = 0;
+};
+
+class GroupBlockManager {
+ public:
+  // InvalidArgument for num_blocks < 1, block_size < 1, no table or a
+  // negative window.
+  static absl::StatusOr<std::unique_ptr<GroupBlockManager>> Create(
+      const GroupBlockManagerOptions& options);
+
+  GroupBlockManager(const GroupBlockManager&) = delete;
+  GroupBlockManager& operator=(const GroupBlockManager&) = delete;
+  ~GroupBlockManager();
+
+  // As BlockManager::AddSequence, with the hybrid hit above.
+  absl::StatusOr<int64_t> AddSequence(SequenceId id,
+                                      absl::Span<const TokenId> prompt,
+                                      const ExtraKey& extra = {});
+  // Tokens AddSequence would find computed now; no change.
+  absl::StatusOr<int64_t> PeekPrefix(absl::Span<const TokenId> prompt,
+                                     const ExtraKey& extra = {}) const;
+  // All or nothing: ResourceExhausted (no change) when every table's new
+  // pages do not fit in free + evictable pages; NotFound, InvalidArgument and
+  // FailedPrecondition as BlockManager::Reserve.
+  absl::StatusOr<GroupStepPlan> Reserve(absl::Span<const ReserveRequest> batch);
+  absl::Status CanReserve(absl::Span<const ReserveRequest> batch) const;
+  // The plan's tokens are written in every layer: they count as computed,
+  // newly full blocks are registered, and sliding tables release the blocks
+  // that left their window. NotFound for an unknown plan.
+  absl::Status Commit(uint64_t plan_id);
+  // Returns the plan's new pages; the sequences are as before Reserve.
+  absl::Status Abort(uint64_t plan_id);
+  // Releases every block of the sequence (and its part of a plan).
+  absl::Status Free(SequenceId id);
+
+  int32_t num_tables() const {
+    return static_cast<int32_t>(options_.windows.size());
+  }
+  // A sequence's table (kNullBlock for released entries). NotFound for an
+  // unknown sequence, InvalidArgument for a table out of range.
+  absl::StatusOr<absl::Span<const BlockId>> BlockTable(SequenceId id,
+                                                       int32_t table) const;
+  // A batch's tables of one table (HostBatchTable: padded, unused entries 0;
+  // released entries kNullBlock).
+  absl::StatusOr<HostBatchTable> BatchTable(absl::Span<const SequenceId> ids,
+                                            int32_t table) const;
+  absl::StatusOr<int64_t> ComputedLength(SequenceId id) const;
+  // Pages held by live sequences in `table` (each sequence's entries that
+  // are not kNullBlock).
+  int64_t HeldBlocks(int32_t table) const;
+  int64_t num_sequences() const {
+    return static_cast<int64_t>(sequences_.size());
+  }
+  PoolUsage Usage() const;
+  const GroupPrefixStats& PrefixStats() const { return stats_; }
+  const GroupBlockManagerOptions& options() const { return options_; }
+
+  // Pool states, reference counts = holders, the prefix index's nodes and
+  // registrations, plans. Internal with the first violation.
+  absl::Status Validate() const;
+
+  // The block registered in `table` for the chain of full blocks `prefix`
+  // (a whole number of blocks) under `extra`, or -1: tests compute hybrid
+  // hits independently from it.
+  BlockId RegisteredForTesting(int32_t table, absl::Span<const TokenId> prefix,
+                               const ExtraKey& extra = {}) const;
+
+ private:
+  struct Sequence {
+    std::vector<TokenId> tokens;    // Known tokens.
+    std::vector<BlockHash> hashes;  // Chain of full known blocks.
+    std::vector<std::vector<BlockId>> tables;
+    std::vector<int64_t> released;  // Per table: leading null entries.
+    BlockHash root;
+    int64_t computed = 0;
+    int64_t reserved = 0;
+    uint64_t plan_id = 0;
+    int64_t registered = 0;  // Full blocks whose chain node exists.
+    bool has_tip = false;    // Holds a reference on node hashes[registered-1].
+    bool chain_broken = false;  // A colliding node: register nothing more.
+  };
+  struct Plan {
+    std::vector<SequenceId> sequences;
+    std::vector<size_t> tokens_before;
+    // Per sequence, per table: entries before Reserve.
+    std::vector<std::vector<size_t>> sizes_before;
+  };
+
+  explicit GroupBlockManager(const GroupBlockManagerOptions& options);
+
+  // Validation and page count of a batch; fills `need`.
+  absl::Status CheckBatch(absl::Span<const ReserveRequest> batch,
+                          int64_t& need) const;
+  int64_t NewPages(const Sequence& s, int64_t tokens) const;
+  BlockId TakePage();
+  // The largest servable hit (in blocks) of a prompt; `hashes` its full
+  // blocks' chain.
+  int64_t HitBlocks(const BlockHash& root, absl::Span<const BlockHash> hashes,
+                    absl::Span<const TokenId> prompt) const;
+  // First block a table needs for a prefix of `blocks` full blocks.
+  int64_t FirstNeeded(int32_t table, int64_t blocks) const;
+  void HashKnown(Sequence& s) const;
+  void RegisterFull(Sequence& s);
+  void ReleaseOutOfWindow(Sequence& s);
+  void ReleaseAll(Sequence& s);
+  void Unreserve(Sequence& s, size_t tokens_before,
+                 const std::vector<size_t>& sizes_before);
+
+  GroupBlockManagerOptions options_;
+  internal::BlockPool pool_;
+  internal::GroupPrefixIndex index_;
+  absl::flat_hash_map<SequenceId, Sequence> sequences_;
+  absl::flat_hash_map<uint64_t, Plan> plans_;
+  uint64_t next_plan_id_ = 1;
+  GroupPrefixStats stats_;
+};
+
+}  // namespace kvcache
+
+#endif  // KVCACHE_ALLOCATOR_GROUP_BLOCK_MANAGER_H_

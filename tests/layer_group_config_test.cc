@@ -1,0 +1,117 @@
+// Layer groups in KVCacheConfig: ValidateConfig's checks (each naming the bad
+// field), the paging of core/layer_group.h, and the page bytes.
+
+#include <string>
+
+#include "api/kv_cache_config.h"
+#include "api/kv_cache_manager.h"
+#include "core/layer_group.h"
+#include "gtest/gtest.h"
+
+namespace kvcache {
+namespace {
+
+LayerGroup Group(std::vector<int32_t> layers, int32_t window, int32_t heads,
+                 int32_t k, int32_t v, DType dtype = DType::kInt8) {
+  LayerGroup g;
+  g.layers = std::move(layers);
+  g.kind = window > 0 ? AttentionKind::kSlidingWindow : AttentionKind::kFull;
+  g.sliding_window = window;
+  g.num_kv_heads = heads;
+  g.head_size = k;
+  g.head_size_v = v;
+  g.cache_dtype = dtype;
+  return g;
+}
+
+KVCacheConfig Hybrid() {
+  KVCacheConfig c;
+  c.num_layers = 6;
+  c.block_size = 16;
+  c.num_blocks = 8;
+  c.layer_groups = {Group({0, 1, 3, 4}, 64, 4, 64, 64),
+                    Group({2, 5}, 0, 2, 128, 128)};
+  return c;
+}
+
+void ExpectBad(const KVCacheConfig& c, const std::string& needle) {
+  absl::Status s = ValidateConfig(c);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find(needle), std::string::npos) << s;
+}
+
+TEST(LayerGroupConfigTest, AcceptsHybridAndLatentGroups) {
+  EXPECT_TRUE(ValidateConfig(Hybrid()).ok()) << ValidateConfig(Hybrid());
+  KVCacheConfig mla;
+  mla.num_layers = 3;
+  mla.num_blocks = 4;
+  mla.layer_groups = {Group({0, 1, 2}, 0, 1, 576, 0, DType::kFp8E4M3)};
+  EXPECT_TRUE(ValidateConfig(mla).ok()) << ValidateConfig(mla);
+}
+
+TEST(LayerGroupConfigTest, RejectsBadGroupsNamingTheField) {
+  KVCacheConfig c = Hybrid();
+  c.layer_groups[1].layers = {2, 3};
+  ExpectBad(c, "layer 3 is in layer_groups[0] and layer_groups[1]");
+  c = Hybrid();
+  c.layer_groups[1].layers = {2};
+  ExpectBad(c, "layer 5 is in no layer group");
+  c = Hybrid();
+  c.layer_groups[1].layers = {2, 6};
+  ExpectBad(c, "layer_groups[1].layers entry 6 is not in [0, num_layers 6)");
+  c = Hybrid();
+  c.layer_groups[0].sliding_window = 0;
+  ExpectBad(c, "layer_groups[0].sliding_window 0 must be >= 1");
+  c = Hybrid();
+  c.layer_groups[1].sliding_window = 5;
+  ExpectBad(c, "layer_groups[1].sliding_window 5 must be 0");
+  c = Hybrid();
+  c.layer_groups[0].head_size_v = 12;
+  ExpectBad(c, "layer_groups[0].head_size_v 12 is not a multiple of 8");
+  c = Hybrid();
+  c.layer_groups[1].num_kv_heads = 0;
+  ExpectBad(c, "layer_groups[1].num_kv_heads 0 must be >= 1");
+  c = Hybrid();
+  c.layer_groups[1].kind = static_cast<AttentionKind>(7);
+  ExpectBad(c, "layer_groups[1].kind 7");
+  c = Hybrid();
+  c.layer_groups[0].cache_dtype = DType::kFloat16;
+  ExpectBad(c, "must equal layer_groups[0].cache_dtype");
+  c = Hybrid();
+  c.head_size = 64;
+  ExpectBad(c, "head_size 64 must be 0 with layer_groups");
+  c = Hybrid();
+  c.layer_groups[0].layers.clear();
+  ExpectBad(c, "layer_groups[0].layers is empty");
+}
+
+TEST(LayerGroupConfigTest, PagingSharesSlotsAcrossGroups) {
+  const KVCacheConfig c = Hybrid();
+  const GroupPaging p = ConfigPaging(c);
+  EXPECT_EQ(p.layers_per_page, 2);  // gcd(4, 2).
+  ASSERT_EQ(p.tables.size(), 3u);   // Two sliding tables, one full.
+  EXPECT_EQ(p.tables[0].sliding_window, 64);
+  EXPECT_EQ(p.tables[1].sliding_window, 64);
+  EXPECT_EQ(p.tables[2].sliding_window, 0);
+  // Layer 3 is the third of group 0: table 1, slot 0.
+  EXPECT_EQ(p.layer_table[3], 1);
+  EXPECT_EQ(p.layer_slot[3], 0);
+  EXPECT_EQ(p.layer_table[5], 2);
+  EXPECT_EQ(p.layer_slot[5], 1);
+  // Sliding: 16 x 4 x (64 + 64 + 8) = 8704; full: 16 x 2 x (256 + 8) = 8448.
+  EXPECT_EQ(GroupLayerBlockBytes(c.layer_groups[0], 16), 8704);
+  EXPECT_EQ(GroupLayerBlockBytes(c.layer_groups[1], 16), 8448);
+  EXPECT_EQ(p.slot_bytes, 8704);
+  EXPECT_EQ(*BlockBytesAllLayers(c), 2 * 8704);
+  // K-only: one scale per (token, head).
+  EXPECT_EQ(GroupLayerBlockBytes(Group({0}, 0, 1, 576, 0), 64), 64 * (576 + 4));
+}
+
+TEST(LayerGroupConfigTest, CreateSaysGroupsAreNotServedYet) {
+  auto m = KVCacheManager::Create(Hybrid());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(m.status().message().find("layer_groups"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace kvcache

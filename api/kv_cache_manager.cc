@@ -47,7 +47,7 @@ absl::StatusOr<std::unique_ptr<KVCacheManager>> KVCacheManager::CreateOn(
   if (!config.layer_groups.empty()) {
     // The allocator side of layer groups is GroupBlockManager; the cache
     // storage and kernels of per-group layouts are not wired in yet.
-    return absl::UnimplementedError(absl::StrCat(
+    return absl::InvalidArgumentError(absl::StrCat(
         "layer_groups (", config.layer_groups.size(),
         " groups): KVCacheManager does not serve layer groups yet; "
         "ValidateConfig and BlockBytesAllLayers accept them"));

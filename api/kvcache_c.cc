@@ -216,12 +216,56 @@ void SetLogging(const kvcache_config& c, kvcache::KVCacheConfig& config) {
   }
 }
 
-absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
-  if (out == nullptr) return Null("out");
+// The C config's layer groups, each count and pointer checked before it is
+// read.
+absl::Status ToGroups(const kvcache_config& c, kvcache::KVCacheConfig& config) {
+  if (absl::Status s = CheckCount("num_layer_groups", c.num_layer_groups,
+                                  kvcache::kMaxNumLayers);
+      !s.ok()) {
+    return s;
+  }
+  if (c.num_layer_groups > 0 && c.layer_groups == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer_groups is NULL but num_layer_groups is ", c.num_layer_groups));
+  }
+  for (int32_t i = 0; i < c.num_layer_groups; ++i) {
+    const kvcache_layer_group& g = c.layer_groups[i];
+    // Element 0 first: only a matching size makes the rest addressable.
+    if (absl::Status s =
+            CheckSize(&g, "kvcache_layer_group",
+                      i == 0 ? "layer_groups[0]" : "layer_groups[i]");
+        !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer_groups[", i, "]: ", s.message()));
+    }
+    if (absl::Status s =
+            CheckCount("num_layers", g.num_layers, kvcache::kMaxNumLayers);
+        !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer_groups[", i, "]: ", s.message()));
+    }
+    if (g.num_layers > 0 && g.layers == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer_groups[", i,
+                       "]: layers is NULL but num_layers is ", g.num_layers));
+    }
+    kvcache::LayerGroup& out = config.layer_groups.emplace_back();
+    if (g.num_layers > 0) out.layers.assign(g.layers, g.layers + g.num_layers);
+    out.kind = static_cast<kvcache::AttentionKind>(g.kind);
+    out.sliding_window = g.sliding_window;
+    out.num_kv_heads = g.num_kv_heads;
+    out.head_size = g.head_size;
+    out.head_size_v = g.head_size_v;
+    out.cache_dtype = static_cast<kvcache::DType>(g.cache_dtype);
+  }
+  return absl::OkStatus();
+}
+
+// The C++ config of a C one (everything but the log sink).
+absl::StatusOr<kvcache::KVCacheConfig> ToConfig(const kvcache_config* c) {
   if (absl::Status s = CheckSize(c, "kvcache_config", "config"); !s.ok()) {
     return s;
   }
-  *out = nullptr;
   kvcache::KVCacheConfig config;
   config.num_layers = c->num_layers;
   config.num_kv_heads = c->num_kv_heads;
@@ -241,9 +285,21 @@ absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   config.max_blocks_per_sequence = c->max_blocks_per_sequence;
   config.max_inflight_plans = c->max_inflight_plans;
   config.num_q_heads = c->num_q_heads;
-  SetLogging(*c, config);
+  if (absl::Status s = ToGroups(*c, config); !s.ok()) return s;
+  return config;
+}
+
+absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
+  if (out == nullptr) return Null("out");
+  if (absl::Status s = CheckSize(c, "kvcache_config", "config"); !s.ok()) {
+    return s;
+  }
+  *out = nullptr;
+  absl::StatusOr<kvcache::KVCacheConfig> config = ToConfig(c);
+  if (!config.ok()) return config.status();
+  SetLogging(*c, *config);
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
-      KVCacheManager::Create(config);
+      KVCacheManager::Create(*config);
   if (!manager.ok()) return manager.status();
   auto handle = std::make_unique<kvcache_manager>();
   handle->impl = *std::move(manager);
@@ -309,6 +365,20 @@ const char* kvcache_status_name(kvcache_status status) {
     default:
       return "UNKNOWN";
   }
+}
+
+kvcache_status kvcache_config_block_bytes(const kvcache_config* c,
+                                          int64_t* bytes) {
+  return Guarded("kvcache_config_block_bytes", [&]() -> absl::Status {
+    if (bytes == nullptr) return Null("bytes");
+    absl::StatusOr<kvcache::KVCacheConfig> config = ToConfig(c);
+    if (!config.ok()) return config.status();
+    if (absl::Status s = kvcache::ValidateConfig(*config); !s.ok()) return s;
+    absl::StatusOr<int64_t> block = kvcache::BlockBytesAllLayers(*config);
+    if (!block.ok()) return block.status();
+    *bytes = *block;
+    return absl::OkStatus();
+  });
 }
 
 kvcache_status kvcache_create(const kvcache_config* c, kvcache_manager** out) {

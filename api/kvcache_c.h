@@ -129,6 +129,27 @@ typedef enum kvcache_log_level {
 typedef void (*kvcache_log_sink)(int32_t level, const char* message,
                                  void* user_data);
 
+/* Attention kind of a layer group (kvcache::AttentionKind). */
+typedef enum kvcache_attention_kind {
+  KVCACHE_ATTENTION_FULL = 0,
+  KVCACHE_ATTENTION_SLIDING_WINDOW = 1
+} kvcache_attention_kind;
+
+/* One layer group (kvcache::LayerGroup, README "Layer groups"): the layers
+ * that share an attention kind and a cache shape. head_size_v 0 = a K-only
+ * (latent, MLA) cache. */
+typedef struct kvcache_layer_group {
+  size_t struct_size;    /* sizeof(kvcache_layer_group), in every element */
+  const int32_t* layers; /* [num_layers] layer indices; read during the call */
+  int32_t num_layers;
+  int32_t kind;           /* kvcache_attention_kind */
+  int32_t sliding_window; /* tokens; 0 for full attention */
+  int32_t num_kv_heads;
+  int32_t head_size;
+  int32_t head_size_v; /* 0 = K-only */
+  int32_t cache_dtype; /* kvcache_dtype */
+} kvcache_layer_group;
+
 typedef struct kvcache_config {
   size_t struct_size; /* sizeof(kvcache_config); kvcache_config_init sets it */
   int32_t num_layers;
@@ -153,6 +174,11 @@ typedef struct kvcache_config {
   void* log_sink_user_data;  /* passed to log_sink */
   /* Query heads for kvcache_attention (0 = attention off). */
   int32_t num_q_heads;
+  /* Layer groups ([num_layer_groups], read during the call; NULL with 0 = one
+   * uniform group made of the shape fields above). With groups, num_kv_heads,
+   * head_size, head_size_v and num_q_heads must be 0. */
+  int32_t num_layer_groups;
+  const kvcache_layer_group* layer_groups;
 } kvcache_config;
 
 /* A caller tensor: strides in elements; [tokens, heads, head_size] for K/V. */
@@ -248,6 +274,11 @@ KVCACHE_EXPORT const char* kvcache_version(void);
  * CPU, log level WARNING, no sink, ...) and sets struct_size. */
 KVCACHE_EXPORT void kvcache_config_init(kvcache_config* config);
 KVCACHE_EXPORT const char* kvcache_status_name(kvcache_status status);
+/* Validates `config` (as kvcache_create does, layer groups included) and sets
+ * *bytes to the bytes of one block in all layers (with layer groups, one
+ * page: README "Layer groups"). Needs no manager. */
+KVCACHE_EXPORT kvcache_status
+kvcache_config_block_bytes(const kvcache_config* config, int64_t* bytes);
 
 KVCACHE_EXPORT kvcache_status kvcache_create(const kvcache_config* config,
                                              kvcache_manager** out);

@@ -109,7 +109,7 @@ TEST(LayerGroupConfigTest, PagingSharesSlotsAcrossGroups) {
 
 TEST(LayerGroupConfigTest, CreateSaysGroupsAreNotServedYet) {
   auto m = KVCacheManager::Create(Hybrid());
-  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(m.status().message().find("layer_groups"), std::string::npos);
 }
 

@@ -92,6 +92,10 @@ class Config(Structure):
         ("log_sink", LOG_SINK),
         ("log_sink_user_data", c_void_p),
         ("num_q_heads", c_int32),
+        # Layer groups (kvcache_layer_group); the Python package leaves them
+        # unset: one uniform group.
+        ("num_layer_groups", c_int32),
+        ("layer_groups", c_void_p),
     ]
 
 

@@ -6,7 +6,8 @@
 // appended (testing/kv_reference.h). Any violation aborts (a crash for
 // libFuzzer). Built with clang -fsanitize=fuzzer,address,undefined under
 // --config=fuzz, and as a plain library replayed by fuzz/replay_main.cc in the
-// normal build.
+// normal build. An input whose first byte is kGroupInputTag drives layer
+// groups instead (fuzz/group_harness.h).
 
 #include <algorithm>
 #include <cstdint>
@@ -24,6 +25,7 @@
 #include "absl/status/status.h"
 #include "api/kv_cache_manager.h"
 #include "dlpack/dlpack.h"
+#include "fuzz/group_harness.h"
 #include "spdlog/sinks/null_sink.h"
 #include "spdlog/spdlog.h"
 #include "testing/kv_reference.h"
@@ -978,6 +980,10 @@ class Harness {
 }  // namespace kvcache
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size > 0 && data[0] == kvcache::kGroupInputTag) {
+    kvcache::FuzzLayerGroups(data + 1, size - 1);
+    return 0;
+  }
   kvcache::Input in(data, size);
   kvcache::Harness harness(in);
   if (harness.Init()) harness.Run();

@@ -36,8 +36,8 @@ absl::StatusOr<std::unique_ptr<GroupBlockManager>> GroupBlockManager::Create(
 GroupBlockManager::GroupBlockManager(const GroupBlockManagerOptions& options)
     : options_(options),
       pool_(options.num_blocks),
-      index_(static_cast<int32_t>(options.windows.size()), options.num_blocks) {
-}
+      index_(static_cast<int32_t>(options.windows.size()), options.num_blocks),
+      held_(options.windows.size(), 0) {}
 
 GroupBlockManager::~GroupBlockManager() = default;
 
@@ -128,6 +128,7 @@ absl::StatusOr<int64_t> GroupBlockManager::AddSequence(
       pool_.Acquire(block);
       s.tables[t][b] = block;
     }
+    held_[t] += hit - first;
   }
   s.computed = hit * bs;
   s.registered = hit;
@@ -243,6 +244,7 @@ absl::StatusOr<GroupStepPlan> GroupBlockManager::Reserve(
       sizes.push_back(table.size());
       while (static_cast<int64_t>(table.size()) * bs < end) {
         table.push_back(TakePage());
+        ++held_[t];
       }
       for (int64_t p = s.computed; p < end; ++p) {
         out.slot_mappings[t].push_back(int64_t{table[p / bs]} * bs + p % bs);
@@ -289,6 +291,7 @@ void GroupBlockManager::ReleaseOutOfWindow(Sequence& s) {
       if (s.tables[t][b] != kNullBlock) {
         pool_.Release(s.tables[t][b]);
         s.tables[t][b] = kNullBlock;
+        --held_[t];
       }
     }
     s.released[t] = std::max(s.released[t], first);
@@ -321,6 +324,7 @@ void GroupBlockManager::Unreserve(Sequence& s, size_t tokens_before,
     while (table.size() > sizes_before[t]) {
       pool_.Release(table.back());  // Unhashed: straight to the free list.
       table.pop_back();
+      --held_[t];
     }
   }
   s.tokens.resize(tokens_before);
@@ -348,9 +352,12 @@ absl::Status GroupBlockManager::Abort(uint64_t plan_id) {
 void GroupBlockManager::ReleaseAll(Sequence& s) {
   // The tail first, so that a chain's last blocks are evicted before its
   // first.
-  for (std::vector<BlockId>& table : s.tables) {
+  for (int32_t t = 0; t < num_tables(); ++t) {
+    std::vector<BlockId>& table = s.tables[t];
     for (auto b = table.rbegin(); b != table.rend(); ++b) {
-      if (*b != kNullBlock) pool_.Release(*b);
+      if (*b == kNullBlock) continue;
+      pool_.Release(*b);
+      --held_[t];
     }
     table.clear();
   }
@@ -422,14 +429,6 @@ absl::StatusOr<int64_t> GroupBlockManager::ComputedLength(SequenceId id) const {
   return it->second.computed;
 }
 
-int64_t GroupBlockManager::HeldBlocks(int32_t table) const {
-  int64_t held = 0;
-  for (const auto& [id, s] : sequences_) {
-    for (BlockId b : s.tables[table]) held += b != kNullBlock;
-  }
-  return held;
-}
-
 PoolUsage GroupBlockManager::Usage() const {
   return {pool_.num_blocks(), pool_.num_free(), pool_.num_cached(),
           pool_.num_used()};
@@ -438,6 +437,7 @@ PoolUsage GroupBlockManager::Usage() const {
 absl::Status GroupBlockManager::Validate() const {
   if (absl::Status st = pool_.Validate(); !st.ok()) return st;
   std::vector<int32_t> refs(pool_.num_blocks(), 0);
+  std::vector<int64_t> held(num_tables(), 0);
   std::vector<BlockHash> tips;
   for (const auto& [id, s] : sequences_) {
     for (int32_t t = 0; t < num_tables(); ++t) {
@@ -449,7 +449,9 @@ absl::Status GroupBlockManager::Validate() const {
               "sequence ", id, " table ", t, " entry ", b, " is ", table[b],
               " but ", s.released[t], " leading entries are released"));
         }
-        if (table[b] != kNullBlock) ++refs[table[b]];
+        if (table[b] == kNullBlock) continue;
+        ++refs[table[b]];
+        ++held[t];
       }
     }
     if (s.has_tip) tips.push_back(s.hashes[s.registered - 1]);
@@ -458,6 +460,9 @@ absl::Status GroupBlockManager::Validate() const {
       return absl::InternalError(
           absl::StrCat("sequence ", id, " has a broken reservation"));
     }
+  }
+  if (held != held_) {
+    return absl::InternalError("the per-table held counts are off");
   }
   for (BlockId b = 0; b < pool_.num_blocks(); ++b) {
     if (pool_.ref_count(b) != refs[b]) {

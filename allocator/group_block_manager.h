@@ -124,8 +124,8 @@ class GroupBlockManager {
                                             int32_t table) const;
   absl::StatusOr<int64_t> ComputedLength(SequenceId id) const;
   // Pages held by live sequences in `table` (each sequence's entries that
-  // are not kNullBlock).
-  int64_t HeldBlocks(int32_t table) const;
+  // are not kNullBlock; a page two sequences share counts twice). O(1).
+  int64_t HeldBlocks(int32_t table) const { return held_[table]; }
   int64_t num_sequences() const {
     return static_cast<int64_t>(sequences_.size());
   }
@@ -191,6 +191,7 @@ class GroupBlockManager {
   absl::flat_hash_map<uint64_t, Plan> plans_;
   uint64_t next_plan_id_ = 1;
   GroupPrefixStats stats_;
+  std::vector<int64_t> held_;  // Per table: non-null entries of all tables.
 };
 
 }  // namespace kvcache

@@ -22,7 +22,9 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "api/kv_cache_manager.h"
+#include "benchmarks/replay/group_replay.h"
 #include "benchmarks/replay/kv_writer.h"
+#include "benchmarks/replay/model_presets.h"
 #include "benchmarks/replay/progress.h"
 #include "benchmarks/replay/replay_report.h"
 #include "benchmarks/replay/replay_scheduler.h"
@@ -71,6 +73,16 @@ ABSL_FLAG(int, spec_tokens, 0,
           "Speculative decoding: draft tokens reserved per decode step; "
           "accepted = 1 + (request + step) % (k + 1) of the 1 + k tokens "
           "(see replay_scheduler.h).");
+ABSL_FLAG(std::string, model, "",
+          "A model preset with layer groups (llama3-8b, gemma3-27b, "
+          "gpt-oss-120b, deepseek-v3): replays the trace through the layer "
+          "groups' allocator (no K/V data) and reports KV bytes per token, "
+          "peak pages per group, the hit rate and memory per 1k tokens of "
+          "context against every layer full (README \"Layer groups\").");
+ABSL_FLAG(double, model_kv_gib, 16.0,
+          "--model: the pool's size in GiB of pages.");
+ABSL_FLAG(int64_t, context_tokens, 32768,
+          "--model: the context length of the per-1k-tokens figure.");
 ABSL_FLAG(std::string, json, "", "Also write the report as JSON to this path.");
 ABSL_FLAG(double, progress_interval_s, 10.0,
           "Seconds between progress lines when stderr is not a terminal.");
@@ -129,6 +141,42 @@ absl::StatusOr<KVCacheConfig> MakeConfig() {
   return config;
 }
 
+// --model: the trace through the layer groups' allocator.
+absl::Status RunModel(const std::vector<TraceRequest>& trace) {
+  const std::string model = absl::GetFlag(FLAGS_model);
+  absl::StatusOr<DType> dtype = ParseDType(absl::GetFlag(FLAGS_cache_dtype));
+  if (!dtype.ok()) return dtype.status();
+  absl::StatusOr<std::vector<LayerGroup>> groups = ModelPreset(model, *dtype);
+  if (!groups.ok()) return groups.status();
+  KVCacheConfig config;
+  config.num_layers = 0;
+  for (const LayerGroup& g : *groups) {
+    config.num_layers += static_cast<int32_t>(g.layers.size());
+  }
+  config.layer_groups = *groups;
+  config.block_size = absl::GetFlag(FLAGS_block_size);
+  config.cache_dtype = *dtype;
+  config.input_dtype =
+      *dtype == DType::kFloat16 ? DType::kFloat16 : DType::kBFloat16;
+  config.num_blocks = 1;
+  if (absl::Status s = ValidateConfig(config); !s.ok()) return s;
+  GroupReplayOptions options;
+  options.token_budget = absl::GetFlag(FLAGS_token_budget);
+  options.max_running = absl::GetFlag(FLAGS_max_running);
+  options.kv_bytes =
+      static_cast<int64_t>(absl::GetFlag(FLAGS_model_kv_gib) * (1 << 30));
+  options.context_tokens = absl::GetFlag(FLAGS_context_tokens);
+  if (options.token_budget < 1 || options.context_tokens < 1) {
+    return absl::InvalidArgumentError(
+        "--token_budget and --context_tokens must be >= 1");
+  }
+  absl::StatusOr<GroupReplayReport> report =
+      RunGroupReplay(model, config, trace, options);
+  if (!report.ok()) return report.status();
+  std::fputs(FormatGroupReport(*report).c_str(), stdout);
+  return absl::OkStatus();
+}
+
 absl::Status Run() {
   const std::string path = ResolveTrace(absl::GetFlag(FLAGS_trace));
   absl::StatusOr<std::vector<TraceRequest>> trace = LoadTrace(path);
@@ -141,6 +189,7 @@ absl::Status Run() {
                    [](const TraceRequest& a, const TraceRequest& b) {
                      return a.timestamp_ms < b.timestamp_ms;
                    });
+  if (!absl::GetFlag(FLAGS_model).empty()) return RunModel(*trace);
   absl::StatusOr<KVCacheConfig> config = MakeConfig();
   if (!config.ok()) return config.status();
   std::unique_ptr<Device> device;

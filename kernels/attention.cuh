@@ -68,6 +68,8 @@ struct AttentionGrid {
   int32_t chunk = 1;        // Keys per split.
   int32_t tiles = 1;        // Row tiles per (sequence, KV head).
   int32_t group = 1;        // Query heads per KV head.
+  int32_t heads = 1;        // KV heads per block: 1, 2 or 4.
+  bool wide = false;        // Some row tile has rows 8..15.
   bool vector_out = false;  // o rows allow 16-byte stores.
   FastDivmod block_size;
 };
@@ -95,21 +97,36 @@ struct AttnShape {
   static constexpr int kKStage = 2 * kKChunks * 32 * 16;
   static constexpr int kVStage = 4 * kVUnits * 32 * kVUnit;
   static constexpr int kStageBytes = kKStage + kVStage + (kQuant ? 128 : 0);
-  static constexpr int kStagesFit = 73728 / (kAttnWarps * kStageBytes);
+  // q fragments: per KV head of the block, k step and lane, 8 bytes for
+  // rows 0..7, 8 more for rows 8..15 when the tile is wide, the whole again
+  // for the low bf16 part when q is split.
+  static constexpr int kQFragHeadBytes = kKSteps * 32 * 8;
+  // Stages: a block of 4 narrow heads' q fragments and the ring fit 72 KB
+  // (three blocks per multiprocessor).
+  static constexpr int kStagesFit =
+      (73728 - kAttnWarps * kQFragHeadBytes) / (kAttnWarps * kStageBytes);
   static constexpr int kStages =
       kStagesFit < 2 ? 2 : (kStagesFit > 4 ? 4 : kStagesFit);
   static constexpr int kPipeBytes = kAttnWarps * kStages * kStageBytes;
   static constexpr int kMergeBytes = kAttnWarps * kAttnRows * kHeadDim * 4;
   static constexpr int kRingBytes =
       kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
-  // q fragments [k step][lane] (a second copy: the low bf16 part).
-  static constexpr int kQFragBytes = kKSteps * 32 * 16 * (kBf16 ? 2 : 1);
-  static constexpr int kQFragOffset = kRingBytes;
-  static constexpr int kValidOffset = kQFragOffset + kQFragBytes;
-  static constexpr int kRowOffset = kValidOffset + kAttnWarps * kStages * 4;
-  // Row multipliers, then per warp and row: m, m', l.
-  static constexpr int kSmemBytes =
-      kRowOffset + kAttnRows * 4 + 3 * kAttnWarps * kAttnRows * 4;
+  // The layout after the ring: q fragments (q_parts x heads x
+  // kQFragHeadBytes), validity masks [warp][stage], row multipliers
+  // [head][row], then per warp and row: m, m', l.
+  struct Layout {
+    int q_parts, valid, rowmult, state, total;
+  };
+  __host__ __device__ static Layout MakeLayout(bool wide, bool q_split,
+                                               int heads) {
+    Layout l;
+    l.q_parts = (wide ? 2 : 1) * (q_split ? 2 : 1);
+    l.valid = kRingBytes + l.q_parts * heads * kQFragHeadBytes;
+    l.rowmult = l.valid + kAttnWarps * kStages * 4;
+    l.state = l.rowmult + kAttnWarps * kAttnRows * 4;
+    l.total = l.state + 3 * kAttnWarps * kAttnRows * 4;
+    return l;
+  }
   static_assert(kKChunks >= 1 && kVUnits >= 1 && kVUnit >= 8);
 
   // Head dimension of a lane's local K element l (lane c = lane % 4).
@@ -258,18 +275,23 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
   constexpr bool kQuant = Shape::kQuant;
   constexpr bool kBf16 = Shape::kBf16;
   constexpr int kStages = Shape::kStages;
+  constexpr int kKSteps = Shape::kKSteps;
   extern __shared__ __align__(16) unsigned char smem[];
-  uint4* s_q = reinterpret_cast<uint4*>(smem + Shape::kQFragOffset);
-  uint32_t* s_valid = reinterpret_cast<uint32_t*>(smem + Shape::kValidOffset);
-  float* s_rowmult = reinterpret_cast<float*>(smem + Shape::kRowOffset);
-  float* s_m = s_rowmult + kAttnRows;          // [warp][row]
-  float* s_m2 = s_m + kAttnWarps * kAttnRows;  // [warp][row]
-  float* s_l = s_m2 + kAttnWarps * kAttnRows;  // [warp][row]
 
   WaitForPriorGrids();
   AllowDependentGrids();
   const CacheLayout& layout = p.cache.layout;
-  const int32_t kv_head = blockIdx.x / grid.tiles;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int g = lane / 4;
+  const int c = lane % 4;
+  // Warp -> (KV head of the block, its share of the head's tiles).
+  const int heads = grid.heads;
+  const int wph = kAttnWarps / heads;  // Warps per head.
+  const int hb = warp / wph;
+  const int kw = warp % wph;
+  const int32_t head0 = (blockIdx.x / grid.tiles) * heads;
+  const int32_t kv_head = head0 + hb;
   const int32_t tile = blockIdx.x % grid.tiles;
   const int32_t seq = blockIdx.y;
   const int32_t split = blockIdx.z;
@@ -284,19 +306,102 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
   const int32_t ke = static_cast<int32_t>(
       kb64 + grid.chunk < s.len ? kb64 + grid.chunk : s.len);
 
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int g = lane / 4;
-  const int c = lane % 4;
   const bool bf16_q = p.q_dtype == DType::kBFloat16;
+  const bool q_split = kBf16 && !bf16_q;  // The low bf16 part is nonzero.
+  const bool wide = grid.wide;
+  const typename Shape::Layout lay = Shape::MakeLayout(wide, q_split, heads);
+  uint2* s_q = reinterpret_cast<uint2*>(smem + Shape::kRingBytes);
+  uint32_t* s_valid = reinterpret_cast<uint32_t*>(smem + lay.valid);
+  float* s_rowmult = reinterpret_cast<float*>(smem + lay.rowmult);
+  float* s_m = reinterpret_cast<float*>(smem + lay.state);  // [warp][row]
+  float* s_m2 = s_m + kAttnWarps * kAttnRows;               // [warp][row]
+  float* s_l = s_m2 + kAttnWarps * kAttnRows;               // [warp][row]
+  // q fragment part (row half, low part) of head hb2, k step kk.
+  auto q_frag = [&](int part, int hb2, int kk) -> uint2* {
+    return s_q + ((part * heads + hb2) * kKSteps + kk) * 32;
+  };
+
+  // ---- The warp's tiles: block-table look-ups and the cp.async ring. ----
+  const int32_t* table = p.block_table + seq * p.block_table_stride;
+  const CacheT* kc = static_cast<const CacheT*>(p.cache.key_cache);
+  const CacheT* vc = static_cast<const CacheT*>(p.cache.value_cache);
+  const int32_t ntiles = (ke - kb + kAttnKeys - 1) / kAttnKeys;
+  const int32_t my_tiles = ntiles > kw ? (ntiles - kw + wph - 1) / wph : 0;
+  unsigned char* ring = smem + warp * kStages * Shape::kStageBytes;
+
+  // Offsets of this lane's key (lane % 16) of the warp's i-th tile; key = -1
+  // when the key is past the split or its block-table entry is out of range.
+  struct KeyOffsets {
+    int64_t key, value, scale;
+  };
+  auto offsets_of = [&](int32_t i) -> KeyOffsets {
+    KeyOffsets o{-1, 0, 0};
+    const int32_t key = kb + (kw + wph * i) * kAttnKeys + (lane & 15);
+    if (i >= my_tiles || key >= ke) return o;
+    uint32_t block_index, offset;
+    grid.block_size.Divmod(static_cast<uint32_t>(key), &block_index, &offset);
+    const int32_t block = __ldg(table + block_index);
+    if (block < 0 || block >= layout.num_blocks) return o;
+    const int64_t slot =
+        static_cast<int64_t>(block) * layout.block_size + offset;
+    o.key = layout.key_offset(slot, kv_head);
+    o.value = layout.value_offset(slot, kv_head);
+    o.scale = layout.scale_offset(slot, kv_head);
+    return o;
+  };
+  auto issue = [&](int stage, const KeyOffsets& ko) {
+    unsigned char* st = ring + stage * Shape::kStageBytes;
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
+      const int64_t ok = __shfl_sync(0xFFFFFFFFu, ko.key, 8 * nb + g);
+      const CacheT* src = kc + (ok < 0 ? 0 : ok);
+#pragma unroll
+      for (int i = 0; i < Shape::kKChunks; ++i) {
+        CpAsync<16>(
+            SmemAddr(st + ((nb * Shape::kKChunks + i) * 32 + lane) * 16),
+            src + (i * 4 + c) * Shape::kKChunkElems, ok >= 0);
+      }
+    }
+#pragma unroll
+    for (int vk = 0; vk < 4; ++vk) {
+      const int key = 8 * (vk >> 1) + 2 * c + (vk & 1);
+      const bool ok = __shfl_sync(0xFFFFFFFFu, ko.key, key) >= 0;
+      const int64_t ov = __shfl_sync(0xFFFFFFFFu, ko.value, key);
+      const CacheT* src = vc + (ok ? ov : 0);
+#pragma unroll
+      for (int u = 0; u < Shape::kVUnits; ++u) {
+        CpAsync<Shape::kVUnit>(
+            SmemAddr(st + Shape::kKStage +
+                     ((vk * Shape::kVUnits + u) * 32 + lane) * Shape::kVUnit),
+            src + (u * 8 + g) * Shape::kVUnitElems, ok);
+      }
+    }
+    if constexpr (kQuant) {
+      const float* src = (lane < 16 ? p.cache.key_scale : p.cache.value_scale) +
+                         (ko.key >= 0 ? ko.scale : 0);
+      CpAsync<4>(SmemAddr(st + Shape::kKStage + Shape::kVStage + lane * 4), src,
+                 ko.key >= 0);
+    }
+    const uint32_t valid = __ballot_sync(0xFFFFFFFFu, ko.key >= 0) & 0xFFFFu;
+    if (lane == 0) s_valid[warp * kStages + stage] = valid;
+  };
+
+  // The first stages' copies go out before q is set up.
+  KeyOffsets next = offsets_of(0);
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < my_tiles) issue(i, next);
+    CpAsyncCommit();
+    next = offsets_of(i + 1);
+  }
+
   const bool capped = p.soft_cap > 0.0f;
   const float base_mult = capped ? p.softmax_scale : p.softmax_scale * kLog2e;
-
   // ---- q: per-row scale, then the A fragments in shared memory. ----
-  for (int r = warp; r < kAttnRows; r += kAttnWarps) {
-    const int32_t row = first_row + r;
+  for (int r = warp; r < heads * kAttnRows; r += kAttnWarps) {
+    const int32_t row = first_row + r % kAttnRows;
     const int32_t j = row / grid.group;
-    const int32_t h = kv_head * grid.group + row % grid.group;
+    const int32_t h = (head0 + r / kAttnRows) * grid.group + row % grid.group;
     const int64_t base =
         (static_cast<int64_t>(s.q_begin) + j) * p.q_token_stride +
         static_cast<int64_t>(h) * p.q_head_stride;
@@ -318,47 +423,58 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < Shape::kKSteps * 32; idx += kAttnThreads) {
-    const int kk = idx / 32, ln = idx % 32;
+  for (int idx = threadIdx.x; idx < heads * kKSteps * 32; idx += kAttnThreads) {
+    const int hb2 = idx / (kKSteps * 32);
+    const int kk = idx / 32 % kKSteps, ln = idx % 32;
     const int fg = ln / 4, fc = ln % 4;
-    uint32_t hi[4], lo[4];
 #pragma unroll
-    for (int reg = 0; reg < 4; ++reg) {
-      const int r = fg + 8 * (reg & 1);
-      const int l = 4 * kk + 2 * (reg >> 1);
+    for (int half = 0; half < 2; ++half) {  // Rows fg, fg + 8.
+      if (half == 1 && !wide) break;
+      const int r = fg + 8 * half;
       const int32_t row = first_row + r;
       const int32_t j = row / grid.group;
-      const int32_t h = kv_head * grid.group + row % grid.group;
+      const int32_t h = (head0 + hb2) * grid.group + row % grid.group;
       const int64_t base =
           (static_cast<int64_t>(s.q_begin) + j) * p.q_token_stride +
           static_cast<int64_t>(h) * p.q_head_stride;
-      float v[2] = {0.0f, 0.0f};
-      if (row < rows) {
+      uint32_t hi[2], lo[2];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          v[e] = HalfToFloat(p.q, base + Shape::KDim(l + e, fc), bf16_q);
+      for (int pair = 0; pair < 2; ++pair) {
+        const int l = 4 * kk + 2 * pair;
+        float v[2] = {0.0f, 0.0f};
+        if (row < rows) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            v[e] = HalfToFloat(p.q, base + Shape::KDim(l + e, fc), bf16_q);
+          }
+        }
+        if constexpr (kBf16) {
+          const __nv_bfloat162 h2 = __floats2bfloat162_rn(v[0], v[1]);
+          const float2 back = __bfloat1622float2(h2);
+          memcpy(&hi[pair], &h2, 4);
+          lo[pair] = PackPair<true>(v[0] - back.x, v[1] - back.y);
+        } else {
+          // Undo the row multiplier's power of two: q' = q * 2^(8 - E).
+          const float f = base_mult / s_rowmult[hb2 * kAttnRows + r];
+          hi[pair] = PackPair<false>(v[0] * f, v[1] * f);
+          lo[pair] = 0;
         }
       }
-      if constexpr (kBf16) {
-        const __nv_bfloat162 h2 = __floats2bfloat162_rn(v[0], v[1]);
-        const float2 back = __bfloat1622float2(h2);
-        memcpy(&hi[reg], &h2, 4);
-        lo[reg] = PackPair<true>(v[0] - back.x, v[1] - back.y);
-      } else {
-        // Undo the row multiplier's power of two: q' = q * 2^(8 - E).
-        const float f = base_mult / s_rowmult[r];
-        hi[reg] = PackPair<false>(v[0] * f, v[1] * f);
-        lo[reg] = 0;
+      q_frag(half, hb2, kk)[ln] = make_uint2(hi[0], hi[1]);
+      if (q_split) {
+        q_frag(half + (wide ? 2 : 1), hb2, kk)[ln] = make_uint2(lo[0], lo[1]);
       }
-    }
-    s_q[kk * 32 + ln] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-    if constexpr (kBf16) {
-      s_q[(Shape::kKSteps + kk) * 32 + ln] =
-          make_uint4(lo[0], lo[1], lo[2], lo[3]);
     }
   }
   __syncthreads();
-  const bool q_split = kBf16 && !bf16_q;  // The low part is nonzero.
+  // A fragment {a0, a1, a2, a3} of k step kk: rows g (x, z), g + 8 (y, w).
+  auto load_q = [&](int lo_part, int kk) -> uint4 {
+    const int base_part = lo_part ? (wide ? 2 : 1) : 0;
+    const uint2 a = q_frag(base_part, hb, kk)[lane];
+    uint2 b = make_uint2(0, 0);
+    if (wide) b = q_frag(base_part + 1, hb, kk)[lane];
+    return make_uint4(a.x, b.x, a.y, b.y);
+  };
 
   // Per-lane row state: rows g and g + 8.
   float rowmult[2];
@@ -367,7 +483,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int32_t row = first_row + g + 8 * r;
-    rowmult[r] = s_rowmult[g + 8 * r];
+    rowmult[r] = s_rowmult[hb * kAttnRows + g + 8 * r];
     if (row < rows) {
       AttentionRowKeys(s, p.window, row / grid.group, &rb[r], &re[r]);
     } else {
@@ -383,84 +499,20 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
     for (int e = 0; e < 4; ++e) acc[nd][e] = 0.0f;
   }
 
-  // ---- The warp's tiles through its cp.async ring. ----
-  const int32_t* table = p.block_table + seq * p.block_table_stride;
-  const CacheT* kc = static_cast<const CacheT*>(p.cache.key_cache);
-  const CacheT* vc = static_cast<const CacheT*>(p.cache.value_cache);
-  const int32_t ntiles = (ke - kb + kAttnKeys - 1) / kAttnKeys;
-  const int32_t my_tiles =
-      ntiles > warp ? (ntiles - warp + kAttnWarps - 1) / kAttnWarps : 0;
-  unsigned char* ring = smem + warp * kStages * Shape::kStageBytes;
-
-  // Slot of this lane's key (lane % 16) of the warp's i-th tile; -1 when the
-  // key is past the split or its block-table entry is out of range.
-  auto slot_of = [&](int32_t i) -> int64_t {
-    const int32_t key = kb + (warp + kAttnWarps * i) * kAttnKeys + (lane & 15);
-    if (i >= my_tiles || key >= ke) return -1;
-    uint32_t block_index, offset;
-    grid.block_size.Divmod(static_cast<uint32_t>(key), &block_index, &offset);
-    const int32_t block = __ldg(table + block_index);
-    if (block < 0 || block >= layout.num_blocks) return -1;
-    return static_cast<int64_t>(block) * layout.block_size + offset;
-  };
-  auto issue = [&](int stage, int64_t slot) {
-    unsigned char* st = ring + stage * Shape::kStageBytes;
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb) {
-      const int64_t sk = __shfl_sync(0xFFFFFFFFu, slot, 8 * nb + g);
-      const CacheT* src = kc + layout.key_offset(sk < 0 ? 0 : sk, kv_head);
-#pragma unroll
-      for (int i = 0; i < Shape::kKChunks; ++i) {
-        CpAsync<16>(
-            SmemAddr(st + ((nb * Shape::kKChunks + i) * 32 + lane) * 16),
-            src + (i * 4 + c) * Shape::kKChunkElems, sk >= 0);
-      }
-    }
-#pragma unroll
-    for (int vk = 0; vk < 4; ++vk) {
-      const int key = 8 * (vk >> 1) + 2 * c + (vk & 1);
-      const int64_t sv = __shfl_sync(0xFFFFFFFFu, slot, key);
-      const CacheT* src = vc + layout.value_offset(sv < 0 ? 0 : sv, kv_head);
-#pragma unroll
-      for (int u = 0; u < Shape::kVUnits; ++u) {
-        CpAsync<Shape::kVUnit>(
-            SmemAddr(st + Shape::kKStage +
-                     ((vk * Shape::kVUnits + u) * 32 + lane) * Shape::kVUnit),
-            src + (u * 8 + g) * Shape::kVUnitElems, sv >= 0);
-      }
-    }
-    if constexpr (kQuant) {
-      const int64_t so = layout.scale_offset(slot < 0 ? 0 : slot, kv_head);
-      const float* src =
-          (lane < 16 ? p.cache.key_scale : p.cache.value_scale) + so;
-      CpAsync<4>(SmemAddr(st + Shape::kKStage + Shape::kVStage + lane * 4), src,
-                 slot >= 0);
-    }
-    const uint32_t valid = __ballot_sync(0xFFFFFFFFu, slot >= 0) & 0xFFFFu;
-    if (lane == 0) s_valid[warp * kStages + stage] = valid;
-  };
-
-  int64_t next_slot = slot_of(0);
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (i < my_tiles) issue(i, next_slot);
-    CpAsyncCommit();
-    next_slot = slot_of(i + 1);
-  }
   int stage = 0;
   for (int32_t i = 0; i < my_tiles; ++i) {
     {
       const int32_t ahead = i + kStages - 1;
       int ahead_stage = stage + kStages - 1;
       if (ahead_stage >= kStages) ahead_stage -= kStages;
-      if (ahead < my_tiles) issue(ahead_stage, next_slot);
+      if (ahead < my_tiles) issue(ahead_stage, next);
       CpAsyncCommit();
-      next_slot = slot_of(ahead + 1);
+      next = offsets_of(ahead + 1);
     }
     CpAsyncWait<kStages - 1>();
     __syncwarp();
     const unsigned char* st = ring + stage * Shape::kStageBytes;
-    const int32_t key0 = kb + (warp + kAttnWarps * i) * kAttnKeys;
+    const int32_t key0 = kb + (kw + wph * i) * kAttnKeys;
     const uint32_t valid = s_valid[warp * kStages + stage];
 
     // S = q K^T for the tile's two blocks of 8 keys.
@@ -482,7 +534,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
 #pragma unroll
       for (int s2 = 0; s2 < kStepsPerChunk; ++s2) {
         const int kk = i2 * kStepsPerChunk + s2;
-        const uint4 qa = s_q[kk * 32 + lane];
+        const uint4 qa = load_q(0, kk);
 #pragma unroll
         for (int nb = 0; nb < 2; ++nb) {
           uint32_t b0, b1;
@@ -490,7 +542,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
           Mma<kBf16>(sc[nb], qa, b0, b1);
         }
         if (q_split) {
-          const uint4 ql = s_q[(Shape::kKSteps + kk) * 32 + lane];
+          const uint4 ql = load_q(1, kk);
 #pragma unroll
           for (int nb = 0; nb < 2; ++nb) {
             uint32_t b0, b1;
@@ -576,12 +628,15 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
         }
       }
     }
+    // Rescale only when some row's max moved (rare after the first tiles).
+    if (__any_sync(0xFFFFFFFFu, alpha2[0] != 1.0f || alpha2[1] != 1.0f)) {
 #pragma unroll
-    for (int nd = 0; nd < Shape::kNBlocks; ++nd) {
-      acc[nd][0] *= alpha2[0];
-      acc[nd][1] *= alpha2[0];
-      acc[nd][2] *= alpha2[1];
-      acc[nd][3] *= alpha2[1];
+      for (int nd = 0; nd < Shape::kNBlocks; ++nd) {
+        acc[nd][0] *= alpha2[0];
+        acc[nd][1] *= alpha2[0];
+        acc[nd][2] *= alpha2[1];
+        acc[nd][3] *= alpha2[1];
+      }
     }
     uint4 pa, pl = make_uint4(0, 0, 0, 0);
     pa.x = PackPair<kBf16>(pw[0][0], pw[0][1]);
@@ -689,24 +744,25 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
   }
   __syncthreads();
 
-  // One thread per (row, 8 elements).
+  // One thread per (head of the block, row, 8 elements): merges the warps of
+  // that head.
   const bool bf16_out = bf16_q;
   constexpr int kChunks = kHeadDim / 8;
-  for (int item = threadIdx.x; item < kAttnRows * kChunks;
+  for (int item = threadIdx.x; item < heads * kAttnRows * kChunks;
        item += kAttnThreads) {
-    const int r = item / kChunks;
+    const int hb2 = item / (kAttnRows * kChunks);
+    const int r = item / kChunks % kAttnRows;
     const int d0 = (item % kChunks) * 8;
     const int32_t row = first_row + r;
     if (row >= rows) continue;
+    const int w0 = hb2 * wph;
     float mx = -INFINITY, mx2 = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) {
+    for (int w = w0; w < w0 + wph; ++w) {
       mx = fmaxf(mx, s_m[w * kAttnRows + r]);
       mx2 = fmaxf(mx2, s_m2[w * kAttnRows + r]);
     }
     float sum = 0.0f, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) {
+    for (int w = w0; w < w0 + wph; ++w) {
       sum += s_l[w * kAttnRows + r] * Exp2Diff(s_m[w * kAttnRows + r], mx);
       const float a = Exp2Diff(s_m2[w * kAttnRows + r], mx2);
 #pragma unroll
@@ -720,7 +776,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[e] *= f;
     const int32_t j = row / grid.group;
-    const int32_t h = kv_head * grid.group + row % grid.group;
+    const int32_t h = (head0 + hb2) * grid.group + row % grid.group;
     const int64_t qrow = static_cast<int64_t>(s.q_begin) + j;
     if (grid.splits == 1) {
       StoreHalf8(p.o, qrow * p.o_token_stride + h * p.o_head_stride + d0, o,

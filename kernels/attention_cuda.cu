@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -78,16 +80,36 @@ int64_t ChooseSplits(int64_t blocks, int64_t slots, int64_t max_splits) {
   return best;
 }
 
+// Dynamic shared memory of a launch with grid g (AttnShape::MakeLayout).
+template <class Cache, int kHeadDim>
+int SmemBytes(const AttentionParams& p, const AttentionGrid& g) {
+  const bool q_split = std::is_same_v<Cache, internal::BFloat16Type> &&
+                       p.q_dtype != DType::kBFloat16;
+  return internal::AttnShape<Cache, kHeadDim>::MakeLayout(g.wide, q_split,
+                                                          g.heads)
+      .total;
+}
+
+// The grid of a launch; *smem_bytes receives its dynamic shared memory.
+template <class Cache, int kHeadDim>
 absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
-                                         const void* kernel, int smem_bytes) {
+                                         const void* kernel, int* smem_bytes) {
   absl::StatusOr<internal::DeviceLaunchInfo> info =
       internal::CurrentDeviceLaunchInfo();
   if (!info.ok()) return info.status();
   const CacheLayout& layout = p.cache.layout;
   AttentionGrid g;
   g.group = p.num_q_heads / static_cast<int32_t>(layout.num_heads);
-  g.tiles = (p.max_query_tokens * g.group + internal::kAttnRows - 1) /
-            internal::kAttnRows;
+  const int32_t rows = p.max_query_tokens * g.group;
+  g.tiles = (rows + internal::kAttnRows - 1) / internal::kAttnRows;
+  g.wide = rows > internal::kAttnRows / 2;
+  // KV heads per block: neighbouring heads' rows of the same tokens are read
+  // side by side (one warp per head when 4 divide the heads).
+  const int64_t kv_heads = layout.num_heads;
+  g.heads = kv_heads % 4 == 0 ? 4 : (kv_heads % 2 == 0 ? 2 : 1);
+  if (const char* e = std::getenv("KVCACHE_ATTN_HEADS1_TMP"); e && *e == '1') {
+    g.heads = 1;  // TEMPORARY experiment knob, removed before merge.
+  }
   g.block_size =
       internal::FastDivmod::Make(static_cast<uint32_t>(layout.block_size));
   g.vector_out = internal::RowsAligned16(p.o, 2, p.num_q_tokens, p.num_q_heads,
@@ -98,11 +120,17 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
     span = std::min<int64_t>(span, int64_t{p.window} + p.max_query_tokens - 1);
   }
   span = std::max<int64_t>(span, 1);
+  *smem_bytes = SmemBytes<Cache, kHeadDim>(p, g);
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem_bytes));
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+      cudaSharedmemCarveoutMaxShared));
   int per_sm = 0;
   KVCACHE_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, kernel, internal::kAttnThreads, smem_bytes));
+      &per_sm, kernel, internal::kAttnThreads, *smem_bytes));
   const int64_t blocks =
-      int64_t{p.num_seqs} * layout.num_heads * g.tiles;  // Per split.
+      int64_t{p.num_seqs} * (kv_heads / g.heads) * g.tiles;  // Per split.
   const int64_t slots = int64_t{info->sms} * std::max(per_sm, 1);
   const int64_t max_splits = std::clamp<int64_t>(
       (span + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, kMaxAttentionSplits);
@@ -129,21 +157,20 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
 template <class Cache, int kHeadDim>
 absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
   auto* kernel = &internal::AttentionKernel<Cache, kHeadDim>;
-  constexpr int kSmem = internal::AttnShape<Cache, kHeadDim>::kSmemBytes;
-  KVCACHE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-  absl::StatusOr<AttentionGrid> grid =
-      ChooseGrid(p, reinterpret_cast<const void*>(kernel), kSmem);
+  int smem = 0;
+  absl::StatusOr<AttentionGrid> grid = ChooseGrid<Cache, kHeadDim>(
+      p, reinterpret_cast<const void*>(kernel), &smem);
   if (!grid.ok()) return grid.status();
   absl::StatusOr<internal::DeviceLaunchInfo> info =
       internal::CurrentDeviceLaunchInfo();
   if (!info.ok()) return info.status();
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(
-      static_cast<unsigned>(p.cache.layout.num_heads * grid->tiles),
-      static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(grid->splits));
+  config.gridDim = dim3(static_cast<unsigned>(p.cache.layout.num_heads /
+                                              grid->heads * grid->tiles),
+                        static_cast<unsigned>(p.num_seqs),
+                        static_cast<unsigned>(grid->splits));
   config.blockDim = dim3(internal::kAttnThreads);
-  config.dynamicSmemBytes = kSmem;
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
   config.stream = stream;
   cudaLaunchAttribute attribute = {};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;

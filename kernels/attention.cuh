@@ -396,6 +396,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
   }
 
   const bool capped = p.soft_cap > 0.0f;
+  const float inv_cap = capped ? 1.0f / p.soft_cap : 0.0f;
   const float base_mult = capped ? p.softmax_scale : p.softmax_scale * kLog2e;
   // ---- q: per-row scale, then the A fragments in shared memory. ----
   for (int r = warp; r < heads * kAttnRows; r += kAttnWarps) {
@@ -554,79 +555,116 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
     }
 
     // Scales, soft-cap and masks; element (nb, e) is row g + 8 (e >> 1),
-    // key 8 nb + 2c + (e & 1) of the tile.
-    float x[2][4], x2[2][4], vsign[2][2];
-    const float* scales =
-        reinterpret_cast<const float*>(st + Shape::kKStage + Shape::kVStage);
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb) {
-      float ks[2] = {1.0f, 1.0f}, lvs[2] = {0.0f, 0.0f};
-      if constexpr (kQuant) {
-        const float2 k2 =
-            *reinterpret_cast<const float2*>(scales + 8 * nb + 2 * c);
-        const float2 v2 =
-            *reinterpret_cast<const float2*>(scales + 16 + 8 * nb + 2 * c);
-        ks[0] = k2.x;
-        ks[1] = k2.y;
-        lvs[0] = __log2f(fabsf(v2.x));
-        lvs[1] = __log2f(fabsf(v2.y));
-        vsign[nb][0] = v2.x < 0.0f ? -1.0f : 1.0f;
-        vsign[nb][1] = v2.y < 0.0f ? -1.0f : 1.0f;
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int kt = 8 * nb + 2 * c + (e & 1);
-        const int r = e >> 1;
-        float v = sc[nb][e] * ks[e & 1] * rowmult[r];
-        if (capped) v = p.soft_cap * tanhf(v / p.soft_cap) * kLog2e;
-        const int32_t key = key0 + kt;
-        const bool ok = ((valid >> kt) & 1u) && key >= rb[r] && key < re[r];
-        x[nb][e] = ok ? v : -INFINITY;
-        x2[nb][e] = x[nb][e] + lvs[e & 1];
-      }
-    }
-
-    // Online softmax per row (the quad of lanes holds a row's 16 keys).
-    float alpha2[2], mu[2], mu2[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mt = fmaxf(fmaxf(x[0][2 * r], x[0][2 * r + 1]),
-                       fmaxf(x[1][2 * r], x[1][2 * r + 1]));
-      mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 1));
-      mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 2));
-      const float mn = fmaxf(m[r], mt);
-      mu[r] = SafeMax(mn);
-      const float alpha = exp2f(m[r] - mu[r]);
-      l[r] *= alpha;
-      m[r] = mn;
-      if constexpr (kQuant) {
-        float mt2 = fmaxf(fmaxf(x2[0][2 * r], x2[0][2 * r + 1]),
-                          fmaxf(x2[1][2 * r], x2[1][2 * r + 1]));
-        mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 1));
-        mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 2));
-        const float mn2 = fmaxf(m2[r], mt2);
-        mu2[r] = SafeMax(mn2);
-        alpha2[r] = exp2f(m2[r] - mu2[r]);
-        m2[r] = mn2;
-      } else {
-        mu2[r] = mu[r];
-        alpha2[r] = alpha;
-      }
-    }
+    // key 8 nb + 2c + (e & 1) of the tile. A narrow tile (rows 8..15 are all
+    // padding) skips the second row: its weights stay 0.
     float pw[2][4];
+    float alpha2[2] = {1.0f, 1.0f};
+    auto softmax = [&](auto wide_tag) {
+      constexpr bool kWide = decltype(wide_tag)::value;
+      constexpr int kRowsPerLane = kWide ? 2 : 1;
+      float x[2][4], x2[2][4], lvs[2][2];
+      [[maybe_unused]] float vsign[2][2] = {};
+      [[maybe_unused]] const float* scales =
+          reinterpret_cast<const float*>(st + Shape::kKStage + Shape::kVStage);
+      // Keys of the tile each row attends, as a bit mask.
+      uint32_t row_mask[2];
 #pragma unroll
-    for (int nb = 0; nb < 2; ++nb) {
+      for (int r = 0; r < kRowsPerLane; ++r) {
+        const int32_t a = min(max(rb[r] - key0, 0), kAttnKeys);
+        const int32_t b = min(max(re[r] - key0, 0), kAttnKeys);
+        row_mask[r] = valid & ((1u << b) - 1u) & ~((1u << a) - 1u);
+      }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const float pr = exp2f(x[nb][e] - mu[r]);
-        l[r] += pr;
+      for (int nb = 0; nb < 2; ++nb) {
+        float ks[2] = {1.0f, 1.0f};
+        lvs[nb][0] = lvs[nb][1] = 0.0f;
         if constexpr (kQuant) {
-          pw[nb][e] = exp2f(x2[nb][e] - mu2[r]) * vsign[nb][e & 1];
-        } else {
-          pw[nb][e] = pr;
+          const float2 k2 =
+              *reinterpret_cast<const float2*>(scales + 8 * nb + 2 * c);
+          const float2 v2 =
+              *reinterpret_cast<const float2*>(scales + 16 + 8 * nb + 2 * c);
+          ks[0] = k2.x;
+          ks[1] = k2.y;
+          lvs[nb][0] = __log2f(fabsf(v2.x));
+          lvs[nb][1] = __log2f(fabsf(v2.y));
+          vsign[nb][0] = v2.x < 0.0f ? -1.0f : 1.0f;
+          vsign[nb][1] = v2.y < 0.0f ? -1.0f : 1.0f;
+        }
+#pragma unroll
+        for (int e = 0; e < 2 * kRowsPerLane; ++e) {
+          x[nb][e] = sc[nb][e] * ks[e & 1] * rowmult[e >> 1];
         }
       }
+      if (capped) {
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 2 * kRowsPerLane; ++e) {
+            x[nb][e] = p.soft_cap * tanhf(x[nb][e] * inv_cap) * kLog2e;
+          }
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2 * kRowsPerLane; ++e) {
+          const int kt = 8 * nb + 2 * c + (e & 1);
+          const bool ok = (row_mask[e >> 1] >> kt) & 1u;
+          x[nb][e] = ok ? x[nb][e] : -INFINITY;
+          x2[nb][e] = x[nb][e] + lvs[nb][e & 1];
+        }
+      }
+
+      // Online softmax per row (the quad of lanes holds a row's 16 keys).
+      float mu[2], mu2[2];
+#pragma unroll
+      for (int r = 0; r < kRowsPerLane; ++r) {
+        float mt = fmaxf(fmaxf(x[0][2 * r], x[0][2 * r + 1]),
+                         fmaxf(x[1][2 * r], x[1][2 * r + 1]));
+        mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 1));
+        mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 2));
+        const float mn = fmaxf(m[r], mt);
+        mu[r] = SafeMax(mn);
+        const float alpha = exp2f(m[r] - mu[r]);
+        l[r] *= alpha;
+        m[r] = mn;
+        if constexpr (kQuant) {
+          float mt2 = fmaxf(fmaxf(x2[0][2 * r], x2[0][2 * r + 1]),
+                            fmaxf(x2[1][2 * r], x2[1][2 * r + 1]));
+          mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 1));
+          mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 2));
+          const float mn2 = fmaxf(m2[r], mt2);
+          mu2[r] = SafeMax(mn2);
+          alpha2[r] = exp2f(m2[r] - mu2[r]);
+          m2[r] = mn2;
+        } else {
+          mu2[r] = mu[r];
+          alpha2[r] = alpha;
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          if (r >= kRowsPerLane) {
+            pw[nb][e] = 0.0f;
+            continue;
+          }
+          const float pr = exp2f(x[nb][e] - mu[r]);
+          l[r] += pr;
+          if constexpr (kQuant) {
+            pw[nb][e] = exp2f(x2[nb][e] - mu2[r]) * vsign[nb][e & 1];
+          } else {
+            pw[nb][e] = pr;
+          }
+        }
+      }
+    };
+    if (wide) {
+      softmax(std::true_type{});
+    } else {
+      softmax(std::false_type{});
     }
     // Rescale only when some row's max moved (rare after the first tiles).
     if (__any_sync(0xFFFFFFFFu, alpha2[0] != 1.0f || alpha2[1] != 1.0f)) {

@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -107,9 +106,6 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
   // side by side (one warp per head when 4 divide the heads).
   const int64_t kv_heads = layout.num_heads;
   g.heads = kv_heads % 4 == 0 ? 4 : (kv_heads % 2 == 0 ? 2 : 1);
-  if (const char* e = std::getenv("KVCACHE_ATTN_HEADS1_TMP"); e && *e == '1') {
-    g.heads = 1;  // TEMPORARY experiment knob, removed before merge.
-  }
   g.block_size =
       internal::FastDivmod::Make(static_cast<uint32_t>(layout.block_size));
   g.vector_out = internal::RowsAligned16(p.o, 2, p.num_q_tokens, p.num_q_heads,

@@ -1,16 +1,19 @@
 // Device kernels of paged decode attention (semantics: attention_params.h).
 //
 // Algorithm (split-KV flash decoding on the tensor cores):
-//   grid  x = KV head x row tile, y = sequence, z = split of the keys.
-//   A thread block (4 warps) owns one KV head of one sequence, a tile of 16
-//   query rows (row = query token j x GQA head g, j-major; padded rows are
-//   zero) and one split: a contiguous range of `chunk` keys starting at the
-//   first key the sequence's rows attend (key_begin: 0, or the window's
-//   start). So each K/V byte of the split is read once for all the rows.
-//   The split is cut into tiles of 16 keys; warp w takes tiles w, w + 4, ...
-//   and streams them through its own ring of kStages shared-memory stages
-//   with cp.async (16-byte copies of codes, 4-byte copies of scales), the
-//   block table read one tile ahead of the copies.
+//   grid  x = group of KV heads x row tile, y = sequence, z = split.
+//   A thread block (4 warps) owns `heads` neighbouring KV heads (4, 2 or 1,
+//   whichever divides the KV heads) of one sequence, a tile of 16 query rows
+//   per head (row = query token j x GQA head g, j-major; padded rows are zero)
+//   and one split: a contiguous range of `chunk` keys starting at the first
+//   key the sequence's rows attend (key_begin: 0, or the window's start). So
+//   each K/V byte of the split is read once for all the rows, and the warps
+//   read neighbouring heads' rows of the same tokens side by side.
+//   The split is cut into tiles of 16 keys; the 4 / heads warps of a head
+//   take its tiles in turn and stream them through their own rings of
+//   kStages shared-memory stages with cp.async (16-byte copies of codes,
+//   4-byte copies of scales), the block table read one tile ahead of the
+//   copies and the first copies issued before q is set up.
 //   Lane (g = lane / 4, c = lane % 4) copies exactly the bytes it later reads
 //   as mma operands, so a stage needs no barrier but the warp's own (the
 //   scales and the validity mask are shared across the warp):
@@ -31,12 +34,14 @@
 //   denominator sums 2^(x - m) in fp32. A bf16 cache runs the bf16 mma with
 //   q and P split into a bf16 high and low part (two mmas), so neither loses
 //   bits to bf16 (the low part of a bf16 q is zero and skipped).
-//   End of the split: the warps merge their states through shared memory;
-//   with one split the block writes o = acc / sum, otherwise (acc / sum,
-//   max + log2 sum) to the workspace, and AttentionReduceKernel merges a row's
-//   splits (one warp per row). Splits past a sequence's last key exit at once
-//   and the reduction ignores them, so short sequences in a long batch cost
-//   nothing.
+//   A narrow tile (at most 8 rows: rows 8..15 padding) skips the second
+//   row's softmax; the accumulators are rescaled only when a row's max moved.
+//   End of the split: the warps of a head merge their states through shared
+//   memory; with one split the block writes o = acc / sum, otherwise
+//   (acc / sum, max + log2 sum) to the workspace, and AttentionReduceKernel
+//   merges a row's splits (one warp per row). Splits past a sequence's last
+//   key exit at once and the reduction ignores them, so short sequences in a
+//   long batch cost nothing.
 
 #ifndef KVCACHE_KERNELS_ATTENTION_CUH_
 #define KVCACHE_KERNELS_ATTENTION_CUH_

@@ -107,8 +107,9 @@ void KVEventSink::Lose() {
 }
 
 std::vector<KVEventBatch> KVEventSink::Take() {
-  std::vector<KVEventBatch> out(std::make_move_iterator(queue_.begin()),
-                                std::make_move_iterator(queue_.end()));
+  std::vector<KVEventBatch> out;
+  out.reserve(queue_.size());  // If this throws, the queue is kept whole.
+  for (KVEventBatch& batch : queue_) out.push_back(std::move(batch));
   queue_.clear();
   return out;
 }

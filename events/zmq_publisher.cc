@@ -1,6 +1,8 @@
 #include "events/zmq_publisher.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <new>
 
 #include "absl/status/status.h"
@@ -12,6 +14,15 @@ namespace internal {
 namespace {
 
 constexpr int kPubLingerMs = 500;
+// Messages the PUB socket queues per subscriber before it drops (libzmq's
+// default is 1000; a burst of small batches must not be lost to a subscriber
+// that is a little behind).
+constexpr int kPubHighWaterMark = 100000;
+// The ROUTER socket's per-client queue: one whole replay and its end marker
+// (past it ZeroMQ drops replies; the client then asks again).
+int RouterHighWaterMark(int64_t replay_batches) {
+  return static_cast<int>(std::min<int64_t>(replay_batches + 16, INT32_MAX));
+}
 constexpr auto kIdle = std::chrono::milliseconds(10);
 // A replay request has three frames; longer messages are read and dropped.
 constexpr int kMaxRequestFrames = 8;
@@ -45,6 +56,8 @@ absl::StatusOr<std::unique_ptr<ZmqPublisher>> ZmqPublisher::Create(
   }
   const int linger = kPubLingerMs;
   z.setsockopt(p->pub_, ZMQ_LINGER, &linger, sizeof(linger));
+  const int hwm = kPubHighWaterMark;
+  z.setsockopt(p->pub_, ZMQ_SNDHWM, &hwm, sizeof(hwm));
   absl::Status s = p->Bind(p->pub_, p->options_.endpoint, "kv_events_endpoint");
   if (!s.ok()) return s;
   if (!p->options_.replay_endpoint.empty()) {
@@ -55,6 +68,8 @@ absl::StatusOr<std::unique_ptr<ZmqPublisher>> ZmqPublisher::Create(
     }
     const int no_linger = 0;
     z.setsockopt(p->router_, ZMQ_LINGER, &no_linger, sizeof(no_linger));
+    const int router_hwm = RouterHighWaterMark(p->options_.replay_batches);
+    z.setsockopt(p->router_, ZMQ_SNDHWM, &router_hwm, sizeof(router_hwm));
     s = p->Bind(p->router_, p->options_.replay_endpoint,
                 "kv_events_replay_endpoint");
     if (!s.ok()) return s;

@@ -92,7 +92,12 @@ absl::Status TakeEvents(kvcache::KVCacheManager& manager, kvcache_events* out) {
     for (const kvcache::KVEvent& e : b.events) owner->events.push_back(ToC(e));
     owner->c_batches.push_back(c);
   }
-  out->batches = owner->c_batches.empty() ? nullptr : owner->c_batches.data();
+  if (owner->c_batches.empty()) {  // Nothing to own.
+    out->batches = nullptr;
+    out->num_batches = 0;
+    return absl::OkStatus();
+  }
+  out->batches = owner->c_batches.data();
   out->num_batches = static_cast<int64_t>(owner->c_batches.size());
   out->owner = owner.release();
   return absl::OkStatus();

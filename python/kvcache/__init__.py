@@ -137,8 +137,10 @@ class Manager:
         for key, value in config.items():
             if key not in names:
                 raise TypeError(f"unknown config field {key!r}")
-            if key == "enable_prefix_caching":
+            if key in ("enable_prefix_caching", "enable_kv_events"):
                 value = int(bool(value))
+            if isinstance(value, str):  # kv_events_endpoint and the like.
+                value = value.encode()
             setattr(c, key, value)
         self._sink = None
         if log_sink is not None:

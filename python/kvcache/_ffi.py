@@ -92,6 +92,13 @@ class Config(Structure):
         ("log_sink", LOG_SINK),
         ("log_sink_user_data", c_void_p),
         ("num_q_heads", c_int32),
+        ("enable_kv_events", c_int32),
+        ("kv_events_queue_capacity", c_int32),
+        ("kv_events_endpoint", c_char_p),
+        ("kv_events_replay_endpoint", c_char_p),
+        ("kv_events_topic", c_char_p),
+        ("kv_events_replay_batches", c_int32),
+        ("kv_events_data_parallel_rank", c_int32),
     ]
 
 
@@ -180,6 +187,9 @@ class Metrics(Structure):
         ("kernel_launches", c_int64),
         ("reserve_failures", c_int64),
         ("block_copies", c_int64),
+        ("kv_event_batches", c_int64),
+        ("kv_event_batches_dropped", c_int64),
+        ("kv_event_batches_unpublished", c_int64),
     ]
 
 

@@ -6,6 +6,7 @@
 //   plans_     PlanTable      plans in flight: step buffers, appended counts
 //   lookups_   LookupBuffers  block tables handed to kernels
 //   attention_ AttentionBuffers  Attention's tables and split-KV scratch
+//   events_    KVEventSink    KV events (null when off), the blocks' observer
 //   counters_                 the metrics the parts do not keep themselves
 //
 // Thread safety: KVCacheManager locks mu_ around every call; every method

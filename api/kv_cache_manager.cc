@@ -14,6 +14,7 @@
 #include "api/no_bad_alloc.h"
 #include "core/status_macros.h"
 #include "dlpack/dlpack.h"
+#include "events/external_hash.h"
 #include "storage/device.h"
 
 namespace kvcache {
@@ -57,6 +58,19 @@ KVCacheManagerTestPeer::CreateWithDevice(const KVCacheConfig& config,
                       return KVCacheManager::CreateOn(config,
                                                       std::move(device));
                     });
+}
+
+std::vector<uint64_t> KVCacheManagerTestPeer::CachedHashesForTesting(
+    const KVCacheManager& manager, KVEventMedium medium) {
+  Lock lock(manager.impl_->mu());
+  std::vector<uint64_t> out;
+  if (medium == KVEventMedium::kDevice) {
+    for (const BlockHash& h :
+         manager.impl_->blocks().RegisteredHashesForTesting()) {
+      out.push_back(ExternalBlockHash(h));
+    }
+  }
+  return out;
 }
 
 absl::StatusOr<int64_t> KVCacheManager::AddSequence(
@@ -249,6 +263,21 @@ std::string KVCacheManager::MetricsText() const {
   } catch (const std::bad_alloc&) {
     return std::string();
   }
+}
+
+absl::StatusOr<std::vector<KVEventBatch>> KVCacheManager::TakeEvents() {
+  return NoBadAlloc("TakeEvents",
+                    [&]() -> absl::StatusOr<std::vector<KVEventBatch>> {
+                      Lock lock(impl_->mu());
+                      return impl_->TakeEvents();
+                    });
+}
+
+absl::Status KVCacheManager::ResetPrefixCache() {
+  return NoBadAlloc("ResetPrefixCache", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->blocks().ResetPrefixCache();
+  });
 }
 
 const KVCacheConfig& KVCacheManager::config() const { return impl_->config(); }

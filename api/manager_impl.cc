@@ -50,6 +50,8 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
   options.max_blocks_per_sequence = static_cast<int32_t>(cols);
 
   std::lock_guard<std::mutex> lock(m->mu_);
+  KVCACHE_ASSIGN_OR_RETURN(m->events_, CreateEvents(config));
+  options.observer = m->events_.get();
   KVCACHE_ASSIGN_OR_RETURN(m->blocks_, BlockManager::Create(options));
   KVCACHE_ASSIGN_OR_RETURN(
       m->plans_, internal::PlanTable::Create(dev, config.num_layers,

@@ -241,6 +241,8 @@ absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   config.max_blocks_per_sequence = c->max_blocks_per_sequence;
   config.max_inflight_plans = c->max_inflight_plans;
   config.num_q_heads = c->num_q_heads;
+  config.scale_placement =
+      static_cast<kvcache::ScalePlacement>(c->scale_placement);
   SetLogging(*c, config);
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
       KVCacheManager::Create(config);
@@ -286,6 +288,7 @@ void kvcache_config_init(kvcache_config* c) {
   c->max_blocks_per_sequence = d.max_blocks_per_sequence;
   c->max_inflight_plans = d.max_inflight_plans;
   c->num_q_heads = d.num_q_heads;
+  c->scale_placement = static_cast<int32_t>(d.scale_placement);
 }
 
 const char* kvcache_status_name(kvcache_status status) {
@@ -553,6 +556,10 @@ kvcache_status kvcache_get_layer_view(kvcache_manager* m, int32_t layer,
     std::copy_n(v->key_strides, 4, view->key_strides);
     std::copy_n(v->value_strides, 4, view->value_strides);
     std::copy_n(v->scale_strides, 3, view->scale_strides);
+    view->scale_placement = static_cast<int32_t>(v->scale_placement);
+    view->key_row_pitch_bytes = v->key_row_pitch_bytes;
+    view->value_row_pitch_bytes = v->value_row_pitch_bytes;
+    view->scale_byte_offset = v->scale_byte_offset;
     return absl::OkStatus();
   });
 }

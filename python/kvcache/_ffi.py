@@ -92,6 +92,7 @@ class Config(Structure):
         ("log_sink", LOG_SINK),
         ("log_sink_user_data", c_void_p),
         ("num_q_heads", c_int32),
+        ("scale_placement", c_int32),
     ]
 
 
@@ -158,6 +159,10 @@ class LayerView(Structure):
         ("key_strides", c_int64 * 4),
         ("value_strides", c_int64 * 4),
         ("scale_strides", c_int64 * 3),
+        ("scale_placement", c_int32),
+        ("key_row_pitch_bytes", c_int64),
+        ("value_row_pitch_bytes", c_int64),
+        ("scale_byte_offset", c_int64),
     ]
 
 

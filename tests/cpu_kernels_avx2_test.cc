@@ -129,7 +129,7 @@ TEST_F(Avx2Test, RowsMatchScalarOnEveryPath) {
         c.cache_dtype = pair.cache;
         c.layout = static_cast<InputLayout>(i % 4);
         // Inline scales on every other quantized case.
-        if (IsQuantized(pair.cache) && i % 2 == 1) {
+        if (IsQuantized(pair.cache) && (i / 4 + i) % 2 == 1) {
           c.placement = ScalePlacement::kInline;
         }
         ++i;

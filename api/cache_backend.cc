@@ -144,11 +144,9 @@ LayerView CacheBackend::View(int layer) const {
                         l.value_row_pitch(), 1};
   std::copy_n(k, 4, view.key_strides);
   std::copy_n(v, 4, view.value_strides);
-  if (IsQuantized(l.cache_dtype)) {
-    view.scale_strides[0] = l.scale_block_elems();
-    view.scale_strides[1] = l.num_heads * l.scale_stride();
-    view.scale_strides[2] = l.scale_stride();
-  }
+  view.scale_strides[0] = l.scale_block_elems();
+  view.scale_strides[1] = l.num_heads * l.scale_stride();
+  view.scale_strides[2] = l.scale_stride();
   return view;
 }
 

@@ -15,7 +15,8 @@
 //
 //   byte 0                   head_size (head_size_v) codes
 //   byte scale_byte_offset   the row's float32 scale
-//   up to row_pitch          zeros
+//   up to row_pitch          zeros (written with the scale, so that a write
+//                            covers whole sectors)
 //
 //   scale_byte_offset = max(head_size, head_size_v)          (a multiple of 8)
 //   row_pitch         = scale_byte_offset + 4 rounded up to 16  (128 -> 144)
@@ -73,6 +74,12 @@ struct CacheLayout {
   KVCACHE_HOST_DEVICE int64_t scale_byte_offset() const {
     if (!inline_scales()) return 0;
     return head_size > head_size_v ? head_size : head_size_v;
+  }
+  // Inline: zero bytes a write stores after the scale, up to the row pitch
+  // (4 or 12: the scale and its padding are one 8- or 16-byte aligned
+  // store); 0 for side scales.
+  KVCACHE_HOST_DEVICE int64_t scale_pad_bytes() const {
+    return inline_scales() ? InlineRowPitch() - scale_byte_offset() - 4 : 0;
   }
   // Elements from one (token, head) row of K (V) to the next: head_size
   // (head_size_v) for side scales, row_pitch for inline ones (1-byte codes).

@@ -7,7 +7,7 @@
 // |x| max on packed 16-bit halves, one shuffle reduction carrying the K and V
 // maxima together, then the DESIGN section 3 arithmetic element by element and
 // stores of the packed codes (8 bytes per 16-byte bf16 vector); lanes 0 and 1
-// store the K and V scales. The scalar kernel handles operands whose alignment
+// store the K and V scales (inline: with the row's padding, StoreScale). The scalar kernel handles operands whose alignment
 // or strides rule out 16-byte accesses.
 
 #ifndef KVCACHE_KERNELS_QUANTIZE_WRITE_CUH_
@@ -120,6 +120,21 @@ __device__ __forceinline__ void EncodeAndStore(const uint4& x, float inv,
   }
 }
 
+// Stores a row's scale; inline scales (pad 4 or 12) with the zeros after it
+// up to the row's end, in one 8- or 16-byte store (the scale's address is
+// aligned to it when the cache is 16-byte aligned), so that the row's
+// sectors are written whole.
+__device__ __forceinline__ void StoreScale(float* scale, float value,
+                                           int64_t pad) {
+  if (pad == 12) {
+    *reinterpret_cast<uint4*>(scale) = make_uint4(FloatBits(value), 0, 0, 0);
+  } else if (pad == 4) {
+    *reinterpret_cast<uint2*>(scale) = make_uint2(FloatBits(value), 0);
+  } else {
+    *scale = value;
+  }
+}
+
 template <class In, class Cache, int kGroup, int kVecs, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     QuantizeWriteVecKernel(const QuantizeWriteParams p,
@@ -217,18 +232,23 @@ __global__ void __launch_bounds__(kThreads)
       }
       if (lane < 2) {
         const int64_t s = row.scale_offset(layout);
-        float* scales = lane == 0 ? p.cache.key_scale : p.cache.value_scale;
-        scales[s] = lane == 0 ? kscale : vscale;
+        float* scale =
+            (lane == 0 ? p.cache.key_scale : p.cache.value_scale) + s;
+        const float value = lane == 0 ? kscale : vscale;
+        StoreScale(scale, value, layout.scale_pad_bytes());
       }
     }
   }
 }
 
-// One row of n elements by the 32 lanes of a warp, element by element.
+// One row of n elements by the 32 lanes of a warp, element by element; `pad`
+// zero bytes after an inline scale (byte stores: the scalar kernel makes no
+// alignment assumption beyond the scale's own).
 template <class In, class Cache>
 __device__ __forceinline__ void WriteRowScalar(
     const typename In::T* __restrict__ src, int64_t n,
-    typename Cache::T* __restrict__ dst, float* __restrict__ scale, int lane) {
+    typename Cache::T* __restrict__ dst, float* __restrict__ scale, int64_t pad,
+    int lane) {
   if constexpr (!Cache::kQuantized) {
     for (int64_t i = lane; i < n; i += 32) dst[i] = src[i];
   } else {
@@ -241,6 +261,9 @@ __device__ __forceinline__ void WriteRowScalar(
     for (int64_t i = lane; i < n; i += 32)
       dst[i] = Cache::Encode(MulRn(In::ToFloat(src[i]), inv));
     if (lane == 0) *scale = s;
+    for (int64_t i = lane; i < pad; i += 32) {
+      reinterpret_cast<char*>(scale + 1)[i] = 0;
+    }
   }
 }
 
@@ -267,12 +290,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         static_cast<const InT*>(p.input.key) + row.key_offset(p.input),
         layout.head_size,
         static_cast<CacheT*>(p.cache.key_cache) + row.key_offset(layout),
-        Cache::kQuantized ? p.cache.key_scale + s : nullptr, lane);
+        Cache::kQuantized ? p.cache.key_scale + s : nullptr,
+        layout.scale_pad_bytes(), lane);
     WriteRowScalar<In, Cache>(
         static_cast<const InT*>(p.input.value) + row.value_offset(p.input),
         layout.head_size_v,
         static_cast<CacheT*>(p.cache.value_cache) + row.value_offset(layout),
-        Cache::kQuantized ? p.cache.value_scale + s : nullptr, lane);
+        Cache::kQuantized ? p.cache.value_scale + s : nullptr,
+        layout.scale_pad_bytes(), lane);
   }
 }
 

@@ -166,7 +166,7 @@ struct Caches {
 // placements of DESIGN.md section 2 (not CacheLayout's). Side: rows of
 // D (Dv) elements, scales in [slot, head] arrays. Inline: rows of `pitch`
 // bytes, codes at 0, the float32 scale at max(D, Dv), padding to a multiple
-// of 16.
+// of 16 (a write stores the zeros after the scale).
 struct Placement {
   bool inline_scales = false;
   int64_t key_row_bytes = 0, value_row_bytes = 0;
@@ -206,9 +206,11 @@ struct Placement {
       (key ? c.key_scale : c.value_scale)[slot * heads + h] = s;
       return;
     }
-    std::memcpy((key ? c.key_cache : c.value_cache).data() +
-                    Row(key, slot, h, heads) + scale_at,
-                &s, 4);
+    uint8_t* at = (key ? c.key_cache : c.value_cache).data() +
+                  Row(key, slot, h, heads) + scale_at;
+    std::memcpy(at, &s, 4);
+    // Zeros from the scale to the row's end.
+    std::memset(at + 4, 0, key_row_bytes - scale_at - 4);
   }
 };
 

@@ -659,9 +659,11 @@ __global__ void __launch_bounds__(128)
                                layout.value_offset(slot[r], h))[lane] =
           make_uint2(v[r].x ^ v[r].y, v[r].z ^ v[r].w);
       if (kScales && lane < 2) {
-        (lane == 0 ? p.cache.key_scale
-                   : p.cache.value_scale)[layout.scale_offset(slot[r], h)] =
-            __uint_as_float(k[r].x);
+        // Inline scales with the row's padding, as the write kernel does.
+        internal::StoreScale(
+            (lane == 0 ? p.cache.key_scale : p.cache.value_scale) +
+                layout.scale_offset(slot[r], h),
+            __uint_as_float(k[r].x), layout.scale_pad_bytes());
       }
     }
   }

@@ -112,6 +112,25 @@ struct CacheLayout {
   KVCACHE_HOST_DEVICE int64_t scale_offset(int64_t slot, int64_t head) const {
     return (slot * num_heads + head) * scale_stride();
   }
+  // The same offsets with the placement fixed at compile time, for kernels
+  // that specialize on it (the side instantiation then computes exactly what
+  // a cache without the inline option would). REQUIRES: kInline ==
+  // inline_scales().
+  template <bool kInline>
+  KVCACHE_HOST_DEVICE int64_t key_offset_as(int64_t slot, int64_t head) const {
+    return (slot * num_heads + head) * (kInline ? InlineRowPitch() : head_size);
+  }
+  template <bool kInline>
+  KVCACHE_HOST_DEVICE int64_t value_offset_as(int64_t slot,
+                                              int64_t head) const {
+    return (slot * num_heads + head) *
+           (kInline ? InlineRowPitch() : head_size_v);
+  }
+  template <bool kInline>
+  KVCACHE_HOST_DEVICE int64_t scale_offset_as(int64_t slot,
+                                              int64_t head) const {
+    return (slot * num_heads + head) * (kInline ? InlineRowPitch() / 4 : 1);
+  }
   // Elements of one whole block in the K (V) cache; floats from one block's
   // scales to the next.
   KVCACHE_HOST_DEVICE int64_t key_block_elems() const {

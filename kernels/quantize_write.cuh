@@ -7,8 +7,9 @@
 // |x| max on packed 16-bit halves, one shuffle reduction carrying the K and V
 // maxima together, then the DESIGN section 3 arithmetic element by element and
 // stores of the packed codes (8 bytes per 16-byte bf16 vector); lanes 0 and 1
-// store the K and V scales (inline: with the row's padding, StoreScale). The scalar kernel handles operands whose alignment
-// or strides rule out 16-byte accesses.
+// store the K and V scales (inline: with the row's padding,
+// StoreInlineScale). The scalar kernel handles operands whose alignment or
+// strides rule out 16-byte accesses.
 
 #ifndef KVCACHE_KERNELS_QUANTIZE_WRITE_CUH_
 #define KVCACHE_KERNELS_QUANTIZE_WRITE_CUH_
@@ -120,25 +121,27 @@ __device__ __forceinline__ void EncodeAndStore(const uint4& x, float inv,
   }
 }
 
-// Stores a row's scale; inline scales (pad 4 or 12) with the zeros after it
-// up to the row's end, in one 8- or 16-byte store (the scale's address is
-// aligned to it when the cache is 16-byte aligned), so that the row's
-// sectors are written whole.
-__device__ __forceinline__ void StoreScale(float* scale, float value,
-                                           int64_t pad) {
+// Stores an inline scale with the zeros after it up to the row's end (pad 4
+// or 12 bytes: CacheLayout::scale_pad_bytes) in one 8- or 16-byte store, so
+// that the row's sectors are written whole. The address is aligned to the
+// store when the cache is 16-byte aligned.
+__device__ __forceinline__ void StoreInlineScale(char* at, float value,
+                                                 int64_t pad) {
   if (pad == 12) {
-    *reinterpret_cast<uint4*>(scale) = make_uint4(FloatBits(value), 0, 0, 0);
-  } else if (pad == 4) {
-    *reinterpret_cast<uint2*>(scale) = make_uint2(FloatBits(value), 0);
+    *reinterpret_cast<uint4*>(at) = make_uint4(FloatBits(value), 0, 0, 0);
   } else {
-    *scale = value;
+    *reinterpret_cast<uint2*>(at) = make_uint2(FloatBits(value), 0);
   }
 }
 
-template <class In, class Cache, int kGroup, int kVecs, int kThreads>
-__global__ void __launch_bounds__(kThreads)
-    QuantizeWriteVecKernel(const QuantizeWriteParams p,
-                           const RowDividers dividers) {
+// The body of the vector kernels. kInline: the cache's scale placement
+// (CacheLayout::inline_scales()), fixed at compile time so that each
+// placement's index math stays lean: a runtime placement cost the side kernel
+// 5 registers (36 > 32) and a quarter of its occupancy on an H200.
+template <class In, class Cache, int kGroup, int kVecs, int kThreads,
+          bool kInline>
+__device__ __forceinline__ void QuantizeWriteVecRows(
+    const QuantizeWriteParams& p, const RowDividers& dividers) {
   using InT = typename In::T;
   using CacheT = typename Cache::T;
   constexpr int kElems = 16 / sizeof(InT);
@@ -179,10 +182,11 @@ __global__ void __launch_bounds__(kThreads)
     // report them).
     if (!row.in_cache(num_slots)) continue;
     char* kdst = static_cast<char*>(p.cache.key_cache) +
-                 row.key_offset(layout) * static_cast<int64_t>(sizeof(CacheT));
-    char* vdst =
-        static_cast<char*>(p.cache.value_cache) +
-        row.value_offset(layout) * static_cast<int64_t>(sizeof(CacheT));
+                 row.template key_offset_as<kInline>(layout) *
+                     static_cast<int64_t>(sizeof(CacheT));
+    char* vdst = static_cast<char*>(p.cache.value_cache) +
+                 row.template value_offset_as<kInline>(layout) *
+                     static_cast<int64_t>(sizeof(CacheT));
 
     if constexpr (!Cache::kQuantized) {
 #pragma unroll
@@ -231,14 +235,37 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       if (lane < 2) {
-        const int64_t s = row.scale_offset(layout);
-        float* scale =
-            (lane == 0 ? p.cache.key_scale : p.cache.value_scale) + s;
-        const float value = lane == 0 ? kscale : vscale;
-        StoreScale(scale, value, layout.scale_pad_bytes());
+        if constexpr (kInline) {
+          // Byte scale_byte_offset of the row: where the scale pointer's
+          // scale_offset lands.
+          StoreInlineScale(
+              (lane == 0 ? kdst : vdst) + layout.scale_byte_offset(),
+              lane == 0 ? kscale : vscale, layout.scale_pad_bytes());
+        } else {
+          const int64_t s = row.template scale_offset_as<false>(layout);
+          float* scales = lane == 0 ? p.cache.key_scale : p.cache.value_scale;
+          scales[s] = lane == 0 ? kscale : vscale;
+        }
       }
     }
   }
+}
+
+// Side scales (and bf16/fp16 caches).
+template <class In, class Cache, int kGroup, int kVecs, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    QuantizeWriteVecKernel(const QuantizeWriteParams p,
+                           const RowDividers dividers) {
+  QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, false>(p, dividers);
+}
+
+// Inline scales. One vector per lane fits in 32 registers when asked to (35
+// otherwise): full occupancy, as the side kernel has.
+template <class In, class Cache, int kGroup, int kVecs, int kThreads>
+__global__ void __launch_bounds__(kThreads, kVecs == 1 ? 2048 / kThreads : 1)
+    QuantizeWriteInlineVecKernel(const QuantizeWriteParams p,
+                                 const RowDividers dividers) {
+  QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, true>(p, dividers);
 }
 
 // One row of n elements by the 32 lanes of a warp, element by element; `pad`

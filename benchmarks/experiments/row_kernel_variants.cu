@@ -659,11 +659,16 @@ __global__ void __launch_bounds__(128)
                                layout.value_offset(slot[r], h))[lane] =
           make_uint2(v[r].x ^ v[r].y, v[r].z ^ v[r].w);
       if (kScales && lane < 2) {
-        // Inline scales with the row's padding, as the write kernel does.
-        internal::StoreScale(
-            (lane == 0 ? p.cache.key_scale : p.cache.value_scale) +
-                layout.scale_offset(slot[r], h),
-            __uint_as_float(k[r].x), layout.scale_pad_bytes());
+        float* scale = (lane == 0 ? p.cache.key_scale : p.cache.value_scale) +
+                       layout.scale_offset(slot[r], h);
+        const float x = __uint_as_float(k[r].x);
+        if (layout.inline_scales()) {
+          // With the row's padding, as the write kernel stores it.
+          internal::StoreInlineScale(reinterpret_cast<char*>(scale), x,
+                                     layout.scale_pad_bytes());
+        } else {
+          *scale = x;
+        }
       }
     }
   }
@@ -776,8 +781,11 @@ void WriteFloor(WriteSetup& w, const std::string& tag, cudaStream_t s) {
   const int per_block = 128 / kGroup;
   const int64_t exact = (rows + per_block - 1) / per_block;
   const int64_t r2 = (exact + 1) / 2;
-  auto k =
-      &internal::QuantizeWriteVecKernel<BFloat16Type, Int8Type, kGroup, 1, 128>;
+  auto k = w.params[0].cache.layout.inline_scales()
+               ? &internal::QuantizeWriteInlineVecKernel<BFloat16Type, Int8Type,
+                                                         kGroup, 1, 128>
+               : &internal::QuantizeWriteVecKernel<BFloat16Type, Int8Type,
+                                                   kGroup, 1, 128>;
   Row(tag + " kernel", w.bytes,
       TimeLaunches(
           [&](int i) { Launch(k, r2 + r2 / 32, 128, true, s, w.params[i], d); },

@@ -259,10 +259,21 @@ __global__ void __launch_bounds__(kThreads)
   QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, false>(p, dividers);
 }
 
+// Threads one SM of the compile target holds (sm_86 and sm_89: 1536; 2048 on
+// sm_80 and sm_90, and in the host pass, where the value is not used).
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 890)
+inline constexpr int kMaxThreadsPerSm = 1536;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+inline constexpr int kMaxThreadsPerSm = 1024;
+#else
+inline constexpr int kMaxThreadsPerSm = 2048;
+#endif
+
 // Inline scales. One vector per lane fits in 32 registers when asked to (35
-// otherwise): full occupancy, as the side kernel has.
+// otherwise): full occupancy on sm_90, as the side kernel has.
 template <class In, class Cache, int kGroup, int kVecs, int kThreads>
-__global__ void __launch_bounds__(kThreads, kVecs == 1 ? 2048 / kThreads : 1)
+__global__ void __launch_bounds__(kThreads,
+                                  kVecs == 1 ? kMaxThreadsPerSm / kThreads : 1)
     QuantizeWriteInlineVecKernel(const QuantizeWriteParams p,
                                  const RowDividers dividers) {
   QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, true>(p, dividers);

@@ -109,6 +109,17 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
     return Bad("cache_dtype", static_cast<int32_t>(c.cache_dtype),
                "is not int8, fp8_e4m3, bfloat16 or float16");
   }
+  if (!IsValidScalePlacement(c.scale_placement)) {
+    return Bad("scale_placement", static_cast<int32_t>(c.scale_placement),
+               "is not side (0) or inline (1)");
+  }
+  if (c.scale_placement == ScalePlacement::kInline &&
+      !IsQuantized(c.cache_dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scale_placement inline needs an int8 or fp8_e4m3 "
+                     "cache; cache_dtype is ",
+                     DTypeName(c.cache_dtype)));
+  }
   if (!IsValidDType(c.input_dtype) || !IsFloatingInput(c.input_dtype)) {
     return Bad("input_dtype", static_cast<int32_t>(c.input_dtype),
                "is not float32, float16 or bfloat16");
@@ -174,8 +185,15 @@ absl::StatusOr<int64_t> BlockBytesAllLayers(const KVCacheConfig& c) {
   // Checked products: the limits above keep them far from overflow, but a
   // wrapped size must never reach the allocator (issue #12).
   const int64_t head_size_v = c.head_size_v != 0 ? c.head_size_v : c.head_size;
-  int64_t row = c.head_size + head_size_v;  // K and V elements per head.
-  int64_t scale = IsQuantized(c.cache_dtype) ? 2 * int64_t{sizeof(float)} : 0;
+  // K and V elements per head, and their side scales' bytes (inline rows
+  // hold their scales: core/cache_layout.h).
+  CacheLayout shape;
+  shape.head_size = c.head_size;
+  shape.head_size_v = head_size_v;
+  shape.cache_dtype = c.cache_dtype;
+  shape.scale_placement = c.scale_placement;
+  int64_t row = shape.key_row_pitch() + shape.value_row_pitch();
+  int64_t scale = shape.side_scales() ? 2 * int64_t{sizeof(float)} : 0;
   int64_t per_head = 0, per_block = 0, total = 0;
   if (__builtin_mul_overflow(
           row, static_cast<int64_t>(DTypeSize(c.cache_dtype)), &per_head) ||

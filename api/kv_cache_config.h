@@ -13,6 +13,7 @@
 #include "absl/strings/string_view.h"
 #include "core/cache_layout.h"
 #include "core/dtype.h"
+#include "core/scale_placement.h"
 
 namespace kvcache {
 
@@ -65,6 +66,11 @@ struct KVCacheConfig {
   // int8 or fp8_e4m3 (quantized, with float32 scales), or bfloat16/float16
   // (stored as is, then input_dtype must equal cache_dtype).
   DType cache_dtype = DType::kInt8;
+  // Where an int8/fp8 cache keeps its per-(token, head) scales (README "Scale
+  // placement"): kSide, their own tensors, or kInline, each row's scale right
+  // after its codes, the row padded to a multiple of 16 bytes. kInline with a
+  // bf16/fp16 cache is InvalidArgument.
+  ScalePlacement scale_placement = ScalePlacement::kSide;
   // K/V handed to Append: float32, float16 or bfloat16.
   DType input_dtype = DType::kBFloat16;
 

@@ -275,6 +275,8 @@ absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   config.max_blocks_per_sequence = c->max_blocks_per_sequence;
   config.max_inflight_plans = c->max_inflight_plans;
   config.num_q_heads = c->num_q_heads;
+  config.scale_placement =
+      static_cast<kvcache::ScalePlacement>(c->scale_placement);
   SetLogging(*c, config);
   if (absl::Status s = SetKvEvents(*c, config); !s.ok()) return s;
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
@@ -325,6 +327,7 @@ void kvcache_config_init(kvcache_config* c) {
   c->kv_events_queue_capacity = d.kv_events_queue_capacity;
   c->kv_events_replay_batches = d.kv_events_replay_batches;
   c->kv_events_data_parallel_rank = d.kv_events_data_parallel_rank;
+  c->scale_placement = static_cast<int32_t>(d.scale_placement);
 }
 
 const char* kvcache_status_name(kvcache_status status) {
@@ -592,6 +595,10 @@ kvcache_status kvcache_get_layer_view(kvcache_manager* m, int32_t layer,
     std::copy_n(v->key_strides, 4, view->key_strides);
     std::copy_n(v->value_strides, 4, view->value_strides);
     std::copy_n(v->scale_strides, 3, view->scale_strides);
+    view->scale_placement = static_cast<int32_t>(v->scale_placement);
+    view->key_row_pitch_bytes = v->key_row_pitch_bytes;
+    view->value_row_pitch_bytes = v->value_row_pitch_bytes;
+    view->scale_byte_offset = v->scale_byte_offset;
     return absl::OkStatus();
   });
 }

@@ -111,6 +111,13 @@ typedef enum kvcache_memory {
   KVCACHE_DEVICE = 1
 } kvcache_memory;
 
+/* Where an int8/fp8 cache keeps its per-(token, head) scales (values of
+ * kvcache::ScalePlacement; README "Scale placement"). */
+typedef enum kvcache_scale_placement {
+  KVCACHE_SCALES_SIDE = 0,  /* their own tensors (default) */
+  KVCACHE_SCALES_INLINE = 1 /* after each row's codes, rows padded to 16 B */
+} kvcache_scale_placement;
+
 /* Log levels (values of kvcache::LogLevel); 0 means the default, WARNING. */
 typedef enum kvcache_log_level {
   KVCACHE_LOG_DEFAULT = 0,
@@ -164,6 +171,7 @@ typedef struct kvcache_config {
   const char* kv_events_topic;
   int32_t kv_events_replay_batches;
   int32_t kv_events_data_parallel_rank;
+  int32_t scale_placement; /* kvcache_scale_placement; 0 = side */
 } kvcache_config;
 
 /* The longest string a kvcache_config field may hold (without its NUL). */
@@ -231,7 +239,14 @@ typedef struct kvcache_layer_view {
   int64_t head_size_v;
   int64_t key_strides[4];
   int64_t value_strides[4];
-  int64_t scale_strides[3];
+  int64_t scale_strides[3]; /* in floats */
+  /* kvcache_scale_placement. Inline: each (token, head) row of K (V) takes
+   * key_row_pitch_bytes (value_row_pitch_bytes), its float32 scale at byte
+   * scale_byte_offset, and key_scale == key_cache + scale_byte_offset. */
+  int32_t scale_placement;
+  int64_t key_row_pitch_bytes;
+  int64_t value_row_pitch_bytes;
+  int64_t scale_byte_offset; /* 0 for side scales */
 } kvcache_layer_view;
 
 typedef struct kvcache_metrics {

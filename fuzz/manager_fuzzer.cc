@@ -122,6 +122,11 @@ class Harness {
     const DType dtypes[] = {DType::kInt8, DType::kFp8E4M3, DType::kBFloat16};
     config_.cache_dtype = dtypes[(a >> 5) % 3];
     config_.input_dtype = DType::kBFloat16;
+    // Inline scales for int8/fp8 when a >> 5 is 3, 4, 6 or 7; side otherwise.
+    const bool quantized = IsQuantized(config_.cache_dtype);
+    config_.scale_placement = quantized && (a >> 5) >= 3
+                                  ? ScalePlacement::kInline
+                                  : ScalePlacement::kSide;
     config_.enable_prefix_caching = (b & 0x80) == 0;
     config_.max_tokens_per_step = 48;
     config_.max_sequences_per_step = 4;
@@ -137,11 +142,33 @@ class Harness {
       spdlog::null_logger_mt(config_.logger_name);
     }
     hv_ = config_.head_size_v != 0 ? config_.head_size_v : config_.head_size;
+    if (b & 0x40) CheckHostilePlacement(b);
     absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
         KVCacheManager::Create(config_);
     if (!m.ok()) Fail("Create: " + m.status().ToString());
     manager_ = *std::move(m);
     return true;
+  }
+
+  // A placement out of range, or inline with a bf16 cache, is refused by
+  // name (and creates nothing).
+  void CheckHostilePlacement(uint8_t b) const {
+    KVCacheConfig bad = config_;
+    if (IsQuantized(bad.cache_dtype)) {
+      bad.scale_placement = static_cast<ScalePlacement>(
+          (b & 1) ? 2 + (b & 0x3F) : -1 - (b & 0x3F));
+    } else {
+      bad.scale_placement = ScalePlacement::kInline;
+    }
+    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
+        KVCacheManager::Create(bad);
+    if (m.ok() || !absl::IsInvalidArgument(m.status()) ||
+        m.status().message().find("scale_placement") ==
+            absl::string_view::npos) {
+      Fail("Create with scale_placement " +
+           std::to_string(static_cast<int32_t>(bad.scale_placement)) + ": " +
+           m.status().ToString());
+    }
   }
 
   void Run() {
@@ -876,7 +903,8 @@ class Harness {
         const float scale = scales == nullptr
                                 ? 1.0f
                                 : scales[block * view.scale_strides[0] +
-                                         offset * view.scale_strides[1] + head];
+                                         offset * view.scale_strides[1] +
+                                         head * view.scale_strides[2]];
         for (int e = 0; e < d; ++e) {
           float got;
           if (config_.cache_dtype == DType::kBFloat16) {

@@ -230,6 +230,33 @@ int main(void) {
   CHECK(kvcache_free(m, 8) == KVCACHE_NOT_FOUND);
   CHECK_OK(m, kvcache_validate(m));
   kvcache_destroy(m);
+  m = NULL;
+
+  /* Inline scales: int8/fp8 only; the view gives the row pitch and the
+   * scale's byte offset (D = 8: 8 codes, the scale, 4 bytes of padding). */
+  CHECK(config.scale_placement == KVCACHE_SCALES_SIDE);
+  config.scale_placement = 7;
+  CHECK(kvcache_create(&config, &m) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(NULL), "scale_placement 7") != NULL);
+  config.scale_placement = KVCACHE_SCALES_INLINE;
+  config.cache_dtype = KVCACHE_BFLOAT16;
+  config.input_dtype = KVCACHE_BFLOAT16;
+  CHECK(kvcache_create(&config, &m) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(NULL), "bfloat16") != NULL);
+  config.cache_dtype = KVCACHE_INT8;
+  CHECK_OK(m, kvcache_create(&config, &m));
+  if (m == NULL) return 1;
+  kvcache_layer_view inline_view = KVCACHE_STRUCT_INIT(kvcache_layer_view);
+  CHECK_OK(m, kvcache_get_layer_view(m, 1, &inline_view));
+  CHECK(inline_view.scale_placement == KVCACHE_SCALES_INLINE);
+  CHECK(inline_view.key_row_pitch_bytes == 16);
+  CHECK(inline_view.value_row_pitch_bytes == 16);
+  CHECK(inline_view.scale_byte_offset == 8);
+  CHECK((char*)inline_view.key_scale == (char*)inline_view.key_cache + 8);
+  CHECK((char*)inline_view.value_scale == (char*)inline_view.value_cache + 8);
+  CHECK(inline_view.key_strides[2] == 16 && inline_view.key_strides[1] == 32);
+  CHECK(inline_view.scale_strides[2] == 4 && inline_view.scale_strides[1] == 8);
+  kvcache_destroy(m);
 
   if (failures == 0) printf("kvcache_c_test: all checks passed\n");
   return failures == 0 ? 0 : 1;

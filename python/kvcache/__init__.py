@@ -26,10 +26,12 @@ from . import _dlpack, _ffi
 __all__ = [
     "Manager", "KVCacheError", "Status", "LogLevel", "Plan", "library", "version",
     "FLOAT32", "FLOAT16", "BFLOAT16", "INT8", "FP8_E4M3", "CPU", "CUDA",
+    "SCALES_SIDE", "SCALES_INLINE",
 ]
 
 FLOAT32, FLOAT16, BFLOAT16, INT8, FP8_E4M3 = 0, 1, 2, 3, 4
 CPU, CUDA = 0, 1
+SCALES_SIDE, SCALES_INLINE = 0, 1  # config scale_placement
 
 
 class Status(enum.IntEnum):
@@ -125,7 +127,8 @@ class Manager:
     (num_layers, num_kv_heads, head_size, head_size_v, block_size, cache_dtype, input_dtype,
     backend, device, num_blocks | memory_budget_bytes | memory_fraction, enable_prefix_caching,
     max_tokens_per_step, max_sequences_per_step, max_blocks_per_sequence, max_inflight_plans,
-    log_level), plus log_sink: a callable(level: LogLevel, message: str).
+    log_level, num_q_heads, scale_placement), plus log_sink: a callable(level: LogLevel,
+    message: str).
     Thread-safe like the C API; use as a context manager or call close()."""
 
     def __init__(self, log_sink=None, **config):
@@ -299,7 +302,9 @@ class Manager:
         """`layer`'s caches as DLPack tensors over the manager's memory (no copy): key_cache
         [num_blocks, block_size, H, D], value_cache [..., Dv] (int8; fp8 e4m3 as uint8 bytes,
         DLPack 0.6 has no fp8; bf16/fp16 as such) and, for quantized caches, key_scale /
-        value_scale [num_blocks, block_size, H] float32."""
+        value_scale [num_blocks, block_size, H] float32. With scale_placement=SCALES_INLINE
+        the code and scale tensors are strided views of the same rows (row pitch
+        key_row_pitch_bytes)."""
         v = self.layer_view(layer)
         code_bits = {INT8: (_ffi.DL_INT, 8), FP8_E4M3: (_ffi.DL_UINT, 8),
                      BFLOAT16: (_ffi.DL_BFLOAT, 16), FLOAT16: (_ffi.DL_FLOAT, 16)}[v.cache_dtype]

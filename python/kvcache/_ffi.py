@@ -99,6 +99,7 @@ class Config(Structure):
         ("kv_events_topic", c_char_p),
         ("kv_events_replay_batches", c_int32),
         ("kv_events_data_parallel_rank", c_int32),
+        ("scale_placement", c_int32),
     ]
 
 
@@ -165,6 +166,10 @@ class LayerView(Structure):
         ("key_strides", c_int64 * 4),
         ("value_strides", c_int64 * 4),
         ("scale_strides", c_int64 * 3),
+        ("scale_placement", c_int32),
+        ("key_row_pitch_bytes", c_int64),
+        ("value_row_pitch_bytes", c_int64),
+        ("scale_byte_offset", c_int64),
     ]
 
 

@@ -310,6 +310,37 @@ class ManagerTest(unittest.TestCase):
             scale = B.numpy(t["key_scale"])
             np.testing.assert_allclose(scale[block], 2.0 / 127, rtol=1e-6)
 
+    @needs_backend
+    def test_inline_scales_hold_the_codes_and_scales_of_side_scales(self):
+        rng = np.random.default_rng()
+        k = rng.normal(size=(6, 2, 16)).astype(np.float32)
+        v = rng.normal(size=(6, 2, 16)).astype(np.float32)
+        got = {}
+        for placement in (kvcache.SCALES_SIDE, kvcache.SCALES_INLINE):
+            with make(scale_placement=placement) as m:
+                m.add_sequence(1, range(6))
+                plan = m.reserve([(1, 6)])
+                for layer in range(2):
+                    m.append(plan, layer, B.tensor(k), B.tensor(v))
+                m.commit(plan)
+                view = m.layer_view(0)
+                t = m.layer_tensors(0)
+                blocks = m.block_table(1)
+                got[placement] = [np.ascontiguousarray(B.numpy(t[name])[blocks])
+                                  for name in ("key_cache", "value_cache", "key_scale",
+                                               "value_scale")]
+                if placement == kvcache.SCALES_INLINE:
+                    # 16 codes, the float32 scale at byte 16, padding to 32 bytes.
+                    self.assertEqual(view.key_row_pitch_bytes, 32)
+                    self.assertEqual(view.scale_byte_offset, 16)
+                    self.assertEqual(tuple(view.key_strides), (4 * 2 * 32, 2 * 32, 32, 1))
+                    self.assertEqual(tuple(view.scale_strides), (4 * 2 * 8, 2 * 8, 8))
+        for side, inline in zip(got[kvcache.SCALES_SIDE], got[kvcache.SCALES_INLINE]):
+            self.assertEqual(side.tobytes(), inline.tobytes())
+        with self.assertRaises(kvcache.KVCacheError):
+            make(scale_placement=kvcache.SCALES_INLINE, cache_dtype=kvcache.BFLOAT16,
+                 input_dtype=kvcache.BFLOAT16)
+
 
 class CacheBytesEqualTheCppRun(unittest.TestCase):
     """The cache after the same steps through this binding (numpy on the CPU, torch on CUDA)

@@ -59,6 +59,11 @@ KVCacheManagerTestPeer::CreateWithDevice(const KVCacheConfig& config,
                     });
 }
 
+void KVCacheManagerTestPeer::DisableCacheWrites(KVCacheManager& manager) {
+  Lock lock(manager.impl_->mu());
+  manager.impl_->mutable_backend().DisableWritesForTest();
+}
+
 absl::StatusOr<int64_t> KVCacheManager::AddSequence(
     SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
   return NoBadAlloc("AddSequence", [&]() -> absl::StatusOr<int64_t> {

@@ -2,7 +2,8 @@
 //
 // CreateWithDevice builds a manager on a caller-supplied Device (e.g. one that
 // fails chosen allocations), so tests can reach every allocation point at
-// Create and during operation.
+// Create and during operation. DisableCacheWrites turns Append's kernel into a
+// no-op (a no-op device for the write path).
 
 #ifndef KVCACHE_API_KV_CACHE_MANAGER_TEST_PEER_H_
 #define KVCACHE_API_KV_CACHE_MANAGER_TEST_PEER_H_
@@ -21,6 +22,9 @@ class KVCacheManagerTestPeer {
   // (whose memory kind must still match `device`'s kind).
   static absl::StatusOr<std::unique_ptr<KVCacheManager>> CreateWithDevice(
       const KVCacheConfig& config, std::unique_ptr<Device> device);
+  // Makes every later Append's kernel a no-op (nothing written), so that a
+  // benchmark times Append's own host work: checks, bookkeeping, dispatch.
+  static void DisableCacheWrites(KVCacheManager& manager);
 };
 
 }  // namespace kvcache

@@ -41,6 +41,7 @@ class KVCacheManager::Impl {
 
   const KVCacheConfig& config() const { return config_; }
   const internal::CacheBackend& backend() const { return *backend_; }
+  internal::CacheBackend& mutable_backend() { return *backend_; }
   std::mutex& mu() const ABSL_LOCK_RETURNED(mu_) { return mu_; }
 
   // The operations of KVCacheManager, with the same contracts.

@@ -91,8 +91,8 @@ absl::Status GraphStepBuffers::Write(absl::Span<const int64_t> slots,
   st.tokens = n;
   st.rows = rows;
   const size_t bytes = table_offset() + upload_rows * cols_ * sizeof(int32_t);
-  KVCACHE_RETURN_IF_ERROR(device_->CopyToDeviceAsync(device_buffer_.data(),
-                                                     base, bytes, stream));
+  KVCACHE_RETURN_IF_ERROR(
+      device_->CopyToDeviceAsync(device_buffer_.data(), base, bytes, stream));
   KVCACHE_RETURN_IF_ERROR(device_->RecordEvent(st.uploaded, stream));
   last_ = next_;
   next_ ^= 1;

@@ -100,8 +100,8 @@ class GraphStepBuffers {
   const int64_t cols_;
   Buffer device_buffer_;
   Staging staging_[2];
-  int next_ = 0;  // The staging copy the next Write uses.
-  int last_ = -1;  // The staging copy of the last Write.
+  int next_ = 0;                // The staging copy the next Write uses.
+  int last_ = -1;               // The staging copy of the last Write.
   std::vector<char> captured_;  // [max_tokens + 1]
 };
 

@@ -234,13 +234,10 @@ absl::Status KVCacheManager::Gather(SequenceId id, int layer,
   });
 }
 
-absl::Status KVCacheManager::GatherAsync(SequenceId id, int layer,
-                                         int64_t token_begin,
-                                         int64_t num_tokens,
-                                         const TensorView& key_out,
-                                         const TensorView& value_out,
-                                         const GatherOptions& options,
-                                         void* stream) {
+absl::Status KVCacheManager::GatherAsync(
+    SequenceId id, int layer, int64_t token_begin, int64_t num_tokens,
+    const TensorView& key_out, const TensorView& value_out,
+    const GatherOptions& options, void* stream) {
   return NoBadAlloc("GatherAsync", [&]() -> absl::Status {
     const GatherRequest request{id, token_begin, num_tokens};
     Lock lock(impl_->mu());

@@ -159,10 +159,9 @@ absl::Status KVCacheManager::Impl::CheckGraphStep(
         "graph step of a manager created with graph_max_tokens 0");
   }
   if (graph_tokens < 1 || graph_tokens > graph_->max_tokens()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("graph step padded to ", graph_tokens,
-                     " tokens: expected 1 to graph_max_tokens ",
-                     graph_->max_tokens()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "graph step padded to ", graph_tokens,
+        " tokens: expected 1 to graph_max_tokens ", graph_->max_tokens()));
   }
   if (graph_plan_ != 0) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -171,18 +170,18 @@ absl::Status KVCacheManager::Impl::CheckGraphStep(
         "abort it first"));
   }
   if (static_cast<int64_t>(batch.size()) > graph_->max_sequences()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "graph step of ", batch.size(), " sequences exceeds its ",
-        graph_->max_sequences(), " block-table rows"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("graph step of ", batch.size(), " sequences exceeds its ",
+                     graph_->max_sequences(), " block-table rows"));
   }
   int64_t tokens = 0;
   for (const ReserveRequest& request : batch) {
     tokens += std::max<int64_t>(request.num_tokens, 0);
   }
   if (tokens > graph_tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("graph step of ", tokens, " tokens padded to only ",
-                     graph_tokens, " tokens"));
+    return absl::InvalidArgumentError(absl::StrCat("graph step of ", tokens,
+                                                   " tokens padded to only ",
+                                                   graph_tokens, " tokens"));
   }
   return absl::OkStatus();
 }
@@ -271,8 +270,8 @@ absl::Status KVCacheManager::Impl::WriteGraphStep(const StepPlan& plan,
   layout.reserve(plan.sequences.size());
   int64_t offset = 0;
   for (size_t i = 0; i < plan.sequences.size(); ++i) {
-    layout.push_back(PlanSequence{plan.sequences[i], offset,
-                                  plan.num_tokens[i], plan.first_positions[i]});
+    layout.push_back(PlanSequence{plan.sequences[i], offset, plan.num_tokens[i],
+                                  plan.first_positions[i]});
     offset += plan.num_tokens[i];
   }
   KVCACHE_ASSIGN_OR_RETURN(const HostBatchTable table,
@@ -313,10 +312,10 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
     // graph step's slot mapping, so running it again (warm-up, then capture)
     // rewrites the same slots.
     if (num_tokens != plan->graph_tokens) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "append of ", num_tokens, " tokens to layer ", layer,
-          " of graph step plan ", plan_id, ": expected its padded count ",
-          plan->graph_tokens));
+      return absl::InvalidArgumentError(
+          absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
+                       " of graph step plan ", plan_id,
+                       ": expected its padded count ", plan->graph_tokens));
     }
     params.slot_mapping = graph_->inputs().slot_mapping;
   } else {
@@ -325,9 +324,8 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
     if (num_tokens > plan->num_tokens - done) {
       return absl::InvalidArgumentError(
           absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
-                       " of plan ", plan_id, " exceeds its reservation: ",
-                       done, " of ", plan->num_tokens,
-                       " tokens already appended"));
+                       " of plan ", plan_id, " exceeds its reservation: ", done,
+                       " of ", plan->num_tokens, " tokens already appended"));
     }
     params.slot_mapping = plans_->device_slots(*plan) + done;
   }
@@ -382,9 +380,9 @@ absl::Status KVCacheManager::Impl::CheckAppended(
   }
   for (int layer = 0; layer < config_.num_layers; ++layer) {
     if (plan.appended[layer] != expected) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "commit of plan ", plan_id, ": layer ", layer, " holds ",
-          plan.appended[layer], " of its ", expected, " tokens"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("commit of plan ", plan_id, ": layer ", layer, " holds ",
+                       plan.appended[layer], " of its ", expected, " tokens"));
     }
   }
   return absl::OkStatus();

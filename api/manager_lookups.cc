@@ -41,8 +41,7 @@ absl::StatusOr<HostBatchTable> KVCacheManager::Impl::BatchTable(
 
 absl::StatusOr<int64_t> KVCacheManager::Impl::GatherableLength(
     SequenceId id, int layer, bool include_in_flight) const {
-  KVCACHE_ASSIGN_OR_RETURN(const int64_t computed,
-                           blocks_->ComputedLength(id));
+  KVCACHE_ASSIGN_OR_RETURN(const int64_t computed, blocks_->ComputedLength(id));
   const uint64_t plan_id = blocks_->PendingPlan(id);
   if (!include_in_flight || plan_id == 0) return computed;
   KVCACHE_ASSIGN_OR_RETURN(const internal::PlanTable::Plan* plan,
@@ -57,8 +56,8 @@ absl::StatusOr<int64_t> KVCacheManager::Impl::GatherableLength(
           ": its Appends of layer ", layer,
           " did not run on the host (a replayed graph); commit it first"));
     }
-    return computed + std::clamp<int64_t>(appended - row.slot_offset, 0,
-                                          row.num_tokens);
+    return computed +
+           std::clamp<int64_t>(appended - row.slot_offset, 0, row.num_tokens);
   }
   return computed;
 }
@@ -80,10 +79,10 @@ absl::Status KVCacheManager::Impl::GatherBatch(
     const GatherOptions& options, void* stream) {
   KVCACHE_RETURN_IF_ERROR(CheckLayer(layer));
   if (static_cast<int64_t>(requests.size()) > config_.max_sequences_per_step) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gather of ", requests.size(),
-        " sequences exceeds max_sequences_per_step ",
-        config_.max_sequences_per_step));
+    return absl::InvalidArgumentError(
+        absl::StrCat("gather of ", requests.size(),
+                     " sequences exceeds max_sequences_per_step ",
+                     config_.max_sequences_per_step));
   }
   const CacheLayout& layout = backend_->layout();
   // Each request's range, then its blocks, concatenated.
@@ -115,8 +114,8 @@ absl::Status KVCacheManager::Impl::GatherBatch(
       return absl::InvalidArgumentError(absl::StrCat(
           "gather spans more than ", lookups_->gather_capacity(),
           " blocks (8 x max_blocks_per_sequence, or max_sequences_per_step x "
-          "it when smaller) at request ", i, " (sequence ", r.sequence,
-          "): split it"));
+          "it when smaller) at request ",
+          i, " (sequence ", r.sequence, "): split it"));
     }
     ranges.insert(ranges.end(), table.begin() + first,
                   table.begin() + last + 1);
@@ -136,8 +135,8 @@ absl::Status KVCacheManager::Impl::GatherBatch(
                                                 &checked_tokens));
   // Outputs that overlap each other or the cache are refused before anything
   // runs.
-  KVCACHE_RETURN_IF_ERROR(internal::CheckGatherOutputs(output, total, layout,
-                                                       backend_->storage()));
+  KVCACHE_RETURN_IF_ERROR(
+      internal::CheckGatherOutputs(output, total, layout, backend_->storage()));
   KVCACHE_ASSIGN_OR_RETURN(const int32_t* device_ranges,
                            lookups_->UploadGatherRange(ranges, stream));
   const size_t elem = DTypeSize(output.dtype);
@@ -158,8 +157,8 @@ absl::Status KVCacheManager::Impl::GatherBatch(
     params.token_begin = r.token_begin - first * layout.block_size;
     params.num_tokens = r.num_tokens;
     params.output = output;
-    params.output.key = static_cast<char*>(output.key) +
-                        row * output.key_token_stride * elem;
+    params.output.key =
+        static_cast<char*>(output.key) + row * output.key_token_stride * elem;
     params.output.value = static_cast<char*>(output.value) +
                           row * output.value_token_stride * elem;
     row += r.num_tokens;

@@ -27,8 +27,8 @@ namespace kvcache::internal {
 class PlanTable {
  public:
   struct Plan {
-    int slot = 0;                   // Its step-buffer slot.
-    int64_t num_tokens = 0;         // Reserved over the whole batch.
+    int slot = 0;            // Its step-buffer slot.
+    int64_t num_tokens = 0;  // Reserved over the whole batch.
     // A graph step (ReserveGraphStep): the padded token count every Append
     // writes (its slot mapping is the graph step's); 0 for other plans.
     int64_t graph_tokens = 0;

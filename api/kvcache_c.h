@@ -466,15 +466,14 @@ typedef struct kvcache_graph_step_inputs {
   int32_t row_stride;
 } kvcache_graph_step_inputs;
 /* KVCACHE_FAILED_PRECONDITION when config.graph_max_tokens is 0. */
-KVCACHE_EXPORT kvcache_status kvcache_graph_step(
-    kvcache_manager* manager, kvcache_graph_step_inputs* inputs);
+KVCACHE_EXPORT kvcache_status
+kvcache_graph_step(kvcache_manager* manager, kvcache_graph_step_inputs* inputs);
 /* kvcache_reserve for a graph step padded to graph_tokens tokens
  * (KVCacheManager::ReserveGraphStep): every append of the plan takes K/V of
  * exactly graph_tokens tokens. One graph step is in flight at a time. */
 KVCACHE_EXPORT kvcache_status kvcache_reserve_graph_step(
     kvcache_manager* manager, const kvcache_reserve_request* batch,
-    int64_t batch_size, int64_t graph_tokens, void* stream,
-    kvcache_plan* plan);
+    int64_t batch_size, int64_t graph_tokens, void* stream, kvcache_plan* plan);
 /* Known tokens of a sequence (committed + reserved + pending token ids). */
 KVCACHE_EXPORT kvcache_status kvcache_known_length(kvcache_manager* manager,
                                                    int64_t sequence,

@@ -215,11 +215,13 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
   absl::Status uploaded;
   try {  // The CPU kernels may allocate (std::bad_alloc).
     // A graph step's Appends read the graph step's slot mapping, not the
-    // plan's own.
-    uploaded = plans_->Upload(
-        pending,
-        graph_tokens > 0 ? absl::Span<const int64_t>() : plan->slot_mapping,
-        plan->copies, stream);
+    // plan's own (a graph step without copies leaves its step slot alone).
+    if (graph_tokens == 0 || num_copies > 0) {
+      uploaded = plans_->Upload(
+          pending,
+          graph_tokens > 0 ? absl::Span<const int64_t>() : plan->slot_mapping,
+          plan->copies, stream);
+    }
     if (uploaded.ok() && num_copies > 0) {
       uploaded = backend_->CopyBlocks(plans_->device_pairs(pending.slot),
                                       num_copies, stream);
@@ -343,9 +345,17 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
       return Annotate(s, absl::StrCat("append to layer ", layer));
     }
     plan->appended[layer] = num_tokens;
+  } else if (internal::StepBuffers& buffers = plans_->buffers();
+             buffers.SameStreamAsWrite(plan->slot, stream)) {
+    // On the stream that uploaded the slot mapping (Reserve's): stream order
+    // alone, no event (api/step_buffers.h).
+    if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
+      return Annotate(s, absl::StrCat("append to layer ", layer));
+    }
+    buffers.NoteReader(plan->slot, stream);
+    plan->appended[layer] += num_tokens;
   } else {
-    const internal::StepBuffers::Slot& slot =
-        plans_->buffers().slot(plan->slot);
+    const internal::StepBuffers::Slot& slot = buffers.slot(plan->slot);
     Device& device = backend_->device();
     KVCACHE_RETURN_IF_ERROR(device.StreamWaitEvent(stream, slot.uploaded));
     if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {

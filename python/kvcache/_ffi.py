@@ -92,6 +92,7 @@ class Config(Structure):
         ("log_sink", LOG_SINK),
         ("log_sink_user_data", c_void_p),
         ("num_q_heads", c_int32),
+        ("graph_max_tokens", c_int32),
     ]
 
 
@@ -126,6 +127,7 @@ class Plan(Structure):
         ("slot_mapping", POINTER(c_int64)),
         ("host_slot_mapping", POINTER(c_int64)),
         ("num_block_copies", c_int64),
+        ("graph_tokens", c_int64),
     ]
 
 
@@ -204,7 +206,31 @@ class Shortfall(Structure):
     ]
 
 
+class GraphStepInputs(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("slot_mapping", POINTER(c_int64)),
+        ("positions", POINTER(c_int64)),
+        ("seq_lens", POINTER(c_int32)),
+        ("block_table", POINTER(c_int32)),
+        ("max_tokens", c_int64),
+        ("max_sequences", c_int32),
+        ("row_stride", c_int32),
+    ]
+
+
+class GatherRequest(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("sequence", c_int64),
+        ("token_begin", c_int64),
+        ("num_tokens", c_int64),
+    ]
+
+
 C_STRUCTS = {
+    "kvcache_graph_step_inputs": GraphStepInputs,
+    "kvcache_gather_request": GatherRequest,
     "kvcache_attention_options": AttentionOptions,
     "kvcache_shortfall": Shortfall,
     "kvcache_config": Config,

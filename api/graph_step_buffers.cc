@@ -43,10 +43,10 @@ GraphStepInputs GraphStepBuffers::inputs() const {
   return in;
 }
 
-absl::Status GraphStepBuffers::Write(absl::Span<const int64_t> slots,
-                                     absl::Span<const PlanSequence> layout,
-                                     const HostBatchTable& table,
-                                     int64_t graph_tokens, void* stream) {
+absl::Status GraphStepBuffers::Write(
+    absl::Span<const int64_t> slots, absl::Span<const PlanSequence> layout,
+    absl::Span<const absl::Span<const BlockId>> tables, int64_t graph_tokens,
+    void* stream) {
   (void)graph_tokens;  // Slots past the step's are -1 up to max_tokens.
   Staging& st = staging_[next_];
   // Step N-1's upload from this copy must have finished.
@@ -73,8 +73,8 @@ absl::Status GraphStepBuffers::Write(absl::Span<const int64_t> slots,
     lens[r] =
         static_cast<int32_t>(layout[r].first_position + layout[r].num_tokens);
     int32_t* row = rows_out + r * cols_;
-    const int32_t blocks = table.num_blocks[r];
-    std::copy_n(table.table.data() + r * table.max_blocks, blocks, row);
+    const int32_t blocks = static_cast<int32_t>(tables[r].size());
+    std::copy(tables[r].begin(), tables[r].end(), row);
     if (st.row_blocks[r] > blocks) {
       std::fill(row + blocks, row + st.row_blocks[r], 0);
     }

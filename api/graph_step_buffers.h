@@ -49,15 +49,15 @@ class GraphStepBuffers {
   int64_t max_sequences() const { return max_sequences_; }
 
   // Writes a step's inputs: `slots` (the plan's slot mapping, batch order),
-  // `layout` (its sequences), `table` (their block tables, including this
+  // `layout` (its sequences), `tables` (their block tables, including this
   // step's blocks) and padding up to `graph_tokens`, then uploads them on
   // `stream`. REQUIRES: slots.size() <= graph_tokens <= max_tokens,
-  // layout.size() == table.num_sequences <= max_sequences, table.max_blocks
-  // <= cols. On error nothing was uploaded.
+  // layout.size() == tables.size() <= max_sequences, every table at most
+  // cols blocks. On error nothing was uploaded.
   absl::Status Write(absl::Span<const int64_t> slots,
                      absl::Span<const PlanSequence> layout,
-                     const HostBatchTable& table, int64_t graph_tokens,
-                     void* stream);
+                     absl::Span<const absl::Span<const BlockId>> tables,
+                     int64_t graph_tokens, void* stream);
   // Rewrites slots [offset, offset + count) of the last written step to -1
   // (RemoveFromPlan) on `stream`. REQUIRES: within the last Write's tokens.
   absl::Status Pad(int64_t offset, int64_t count, void* stream);

@@ -276,9 +276,20 @@ absl::Status KVCacheManager::Impl::WriteGraphStep(const StepPlan& plan,
                                   plan.first_positions[i]});
     offset += plan.num_tokens[i];
   }
-  KVCACHE_ASSIGN_OR_RETURN(const HostBatchTable table,
-                           BatchTable(plan.sequences));
-  return graph_->Write(plan.slot_mapping, layout, table, graph_tokens, stream);
+  std::vector<absl::Span<const BlockId>> tables;
+  tables.reserve(plan.sequences.size());
+  for (SequenceId id : plan.sequences) {
+    KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> table,
+                             blocks_->BlockTable(id));
+    // Reserve keeps every sequence within max_blocks_per_sequence columns.
+    if (static_cast<int64_t>(table.size()) > lookups_->cols()) {
+      return absl::InternalError(
+          absl::StrCat("sequence ", id, " holds ", table.size(),
+                       " blocks, more than ", lookups_->cols(), " columns"));
+    }
+    tables.push_back(table);
+  }
+  return graph_->Write(plan.slot_mapping, layout, tables, graph_tokens, stream);
 }
 
 absl::StatusOr<GraphStepInputs> KVCacheManager::Impl::GraphStep() const {

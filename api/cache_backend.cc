@@ -47,7 +47,19 @@ absl::StatusOr<int64_t> NumBlocks(const KVCacheConfig& config, Device& device,
 CacheBackend::CacheBackend(std::unique_ptr<Device> device)
     : device_(std::move(device)),
       memory_kind_(device_->kind() == DeviceKind::kCuda ? MemoryKind::kCuda
-                                                        : MemoryKind::kHost) {}
+                                                        : MemoryKind::kHost) {
+  if (memory_kind_ == MemoryKind::kCuda) {
+    quantize_write_ = [](const QuantizeWriteParams& params, void* stream,
+                         ThreadPool*) {
+      return QuantizeWriteCuda(params, stream);
+    };
+  } else {
+    quantize_write_ = [](const QuantizeWriteParams& params, void*,
+                         ThreadPool* pool) {
+      return QuantizeWriteCpu(params, pool);
+    };
+  }
+}
 
 absl::StatusOr<std::unique_ptr<CacheBackend>> CacheBackend::Create(
     const KVCacheConfig& config, std::unique_ptr<Device> device) {
@@ -76,11 +88,10 @@ absl::StatusOr<std::unique_ptr<CacheBackend>> CacheBackend::Create(
   return backend;
 }
 
-absl::Status CacheBackend::QuantizeWrite(const QuantizeWriteParams& params,
-                                         void* stream) const {
-  return memory_kind_ == MemoryKind::kCuda
-             ? QuantizeWriteCuda(params, stream)
-             : QuantizeWriteCpu(params, pool_.get());
+void CacheBackend::DisableWritesForTest() {
+  quantize_write_ = [](const QuantizeWriteParams&, void*, ThreadPool*) {
+    return absl::OkStatus();
+  };
 }
 
 absl::Status CacheBackend::Gather(const GatherParams& params,

@@ -69,6 +69,11 @@ absl::Status CheckStepLimits(const KVCacheConfig& c) {
                    kMaxInflightPlans)}) {
     if (!s.ok()) return s;
   }
+  if (absl::Status s = CheckRange("graph_max_tokens", c.graph_max_tokens, 0,
+                                  c.max_tokens_per_step);
+      !s.ok()) {
+    return s;
+  }
   // Sequence lengths reach the engine as int32 (BatchBlockTable's seq_lens).
   if (int64_t{c.max_blocks_per_sequence} * c.block_size > INT32_MAX) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -102,6 +102,10 @@ struct KVCacheConfig {
   int32_t max_sequences_per_step = 1024;
   int32_t max_blocks_per_sequence = 0;
   int32_t max_inflight_plans = 4;
+  // Graph-capturable step (KVCacheManager::ReserveGraphStep, GraphStep):
+  // the most tokens one captured step may be padded to, at most
+  // max_tokens_per_step; 0 = no graph step (its buffers are not made).
+  int32_t graph_max_tokens = 0;
 
   // Logging. The library never touches spdlog's default logger, registry or
   // global level; it logs through one of (at most one may be set):

@@ -2,7 +2,8 @@
 //
 // CreateWithDevice builds a manager on a caller-supplied Device (e.g. one that
 // fails chosen allocations), so tests can reach every allocation point at
-// Create and during operation.
+// Create and during operation. DisableCacheWrites turns Append's kernel into a
+// no-op (a no-op device for the write path).
 
 #ifndef KVCACHE_API_KV_CACHE_MANAGER_TEST_PEER_H_
 #define KVCACHE_API_KV_CACHE_MANAGER_TEST_PEER_H_
@@ -31,6 +32,9 @@ class KVCacheManagerTestPeer {
   // exists; none before.)
   static std::vector<uint64_t> CachedHashesForTesting(
       const KVCacheManager& manager, KVEventMedium medium);
+  // Makes every later Append's kernel a no-op (nothing written), so that a
+  // benchmark times Append's own host work: checks, bookkeeping, dispatch.
+  static void DisableCacheWrites(KVCacheManager& manager);
 };
 
 }  // namespace kvcache

@@ -277,6 +277,7 @@ absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   config.num_q_heads = c->num_q_heads;
   config.scale_placement =
       static_cast<kvcache::ScalePlacement>(c->scale_placement);
+  config.graph_max_tokens = c->graph_max_tokens;
   SetLogging(*c, config);
   if (absl::Status s = SetKvEvents(*c, config); !s.ok()) return s;
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
@@ -328,6 +329,7 @@ void kvcache_config_init(kvcache_config* c) {
   c->kv_events_replay_batches = d.kv_events_replay_batches;
   c->kv_events_data_parallel_rank = d.kv_events_data_parallel_rank;
   c->scale_placement = static_cast<int32_t>(d.scale_placement);
+  c->graph_max_tokens = d.graph_max_tokens;
 }
 
 const char* kvcache_status_name(kvcache_status status) {
@@ -404,12 +406,14 @@ kvcache_status kvcache_add_sequence(kvcache_manager* m, int64_t sequence,
   });
 }
 
-kvcache_status kvcache_reserve(kvcache_manager* m,
-                               const kvcache_reserve_request* batch,
-                               int64_t batch_size, void* stream,
-                               kvcache_plan* plan) {
-  KVCACHE_C_REQUIRE(m);
-  return Guarded("kvcache_reserve", [&]() -> absl::Status {
+namespace {
+
+// kvcache_reserve and kvcache_reserve_graph_step (graph_tokens > 0).
+kvcache_status ReserveC(kvcache_manager* m, const char* name,
+                        const kvcache_reserve_request* batch,
+                        int64_t batch_size, int64_t graph_tokens, void* stream,
+                        kvcache_plan* plan) {
+  return Guarded(name, [&]() -> absl::Status {
     if (absl::Status s = CheckSize(plan, "kvcache_plan", "plan"); !s.ok()) {
       return s;
     }
@@ -420,7 +424,9 @@ kvcache_status kvcache_reserve(kvcache_manager* m,
     std::map<uint64_t, std::vector<int64_t>> scratch;
     auto node = scratch.extract(scratch.try_emplace(0).first);
     absl::StatusOr<kvcache::StepPlanInfo> info =
-        m->impl->Reserve(*requests, stream);
+        graph_tokens > 0
+            ? m->impl->ReserveGraphStep(*requests, graph_tokens, stream)
+            : m->impl->Reserve(*requests, stream);
     if (!info.ok()) return info.status();
     node.key() = info->id;
     node.mapped() = std::move(info->host_slot_mapping);
@@ -434,7 +440,125 @@ kvcache_status kvcache_reserve(kvcache_manager* m,
     plan->slot_mapping = info->slot_mapping;
     plan->host_slot_mapping = host;
     plan->num_block_copies = info->num_block_copies;
+    plan->graph_tokens = info->graph_tokens;
     return absl::OkStatus();
+  });
+}
+
+}  // namespace
+
+kvcache_status kvcache_reserve(kvcache_manager* m,
+                               const kvcache_reserve_request* batch,
+                               int64_t batch_size, void* stream,
+                               kvcache_plan* plan) {
+  KVCACHE_C_REQUIRE(m);
+  return ReserveC(m, "kvcache_reserve", batch, batch_size, 0, stream, plan);
+}
+
+kvcache_status kvcache_reserve_graph_step(kvcache_manager* m,
+                                          const kvcache_reserve_request* batch,
+                                          int64_t batch_size,
+                                          int64_t graph_tokens, void* stream,
+                                          kvcache_plan* plan) {
+  KVCACHE_C_REQUIRE(m);
+  if (graph_tokens <= 0) {
+    return Guarded("kvcache_reserve_graph_step", [&]() -> absl::Status {
+      return absl::InvalidArgumentError(
+          absl::StrCat("graph_tokens ", graph_tokens, " must be >= 1"));
+    });
+  }
+  return ReserveC(m, "kvcache_reserve_graph_step", batch, batch_size,
+                  graph_tokens, stream, plan);
+}
+
+kvcache_status kvcache_graph_step(kvcache_manager* m,
+                                  kvcache_graph_step_inputs* inputs) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_graph_step", [&]() -> absl::Status {
+    if (absl::Status s =
+            CheckSize(inputs, "kvcache_graph_step_inputs", "inputs");
+        !s.ok()) {
+      return s;
+    }
+    absl::StatusOr<kvcache::GraphStepInputs> in = m->impl->GraphStep();
+    if (!in.ok()) return in.status();
+    inputs->slot_mapping = in->slot_mapping;
+    inputs->positions = in->positions;
+    inputs->seq_lens = in->seq_lens;
+    inputs->block_table = in->block_table;
+    inputs->max_tokens = in->max_tokens;
+    inputs->max_sequences = in->max_sequences;
+    inputs->row_stride = in->row_stride;
+    return absl::OkStatus();
+  });
+}
+
+kvcache_status kvcache_known_length(kvcache_manager* m, int64_t sequence,
+                                    int64_t* length) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_known_length", [&]() -> absl::Status {
+    if (length == nullptr) return Null("length");
+    absl::StatusOr<int64_t> n = m->impl->KnownLength(sequence);
+    if (!n.ok()) return n.status();
+    *length = *n;
+    return absl::OkStatus();
+  });
+}
+
+kvcache_status kvcache_gather_async(kvcache_manager* m, int64_t sequence,
+                                    int32_t layer, int64_t token_begin,
+                                    int64_t num_tokens,
+                                    const kvcache_tensor* key_out,
+                                    const kvcache_tensor* value_out,
+                                    int32_t include_in_flight, void* stream) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_gather_async", [&]() -> absl::Status {
+    if (absl::Status s = CheckTensor(key_out, "key_out"); !s.ok()) return s;
+    if (absl::Status s = CheckTensor(value_out, "value_out"); !s.ok()) {
+      return s;
+    }
+    kvcache::GatherOptions options;
+    options.include_in_flight = include_in_flight != 0;
+    return m->impl->GatherAsync(sequence, layer, token_begin, num_tokens,
+                                ToView(*key_out), ToView(*value_out), options,
+                                stream);
+  });
+}
+
+kvcache_status kvcache_gather_batch(kvcache_manager* m,
+                                    const kvcache_gather_request* requests,
+                                    int64_t num_requests, int32_t layer,
+                                    const kvcache_tensor* key_out,
+                                    const kvcache_tensor* value_out,
+                                    int32_t include_in_flight, void* stream) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_gather_batch", [&]() -> absl::Status {
+    if (absl::Status s =
+            CheckCount("num_requests", num_requests, KVCACHE_MAX_BATCH);
+        !s.ok()) {
+      return s;
+    }
+    if (requests == nullptr && num_requests > 0) return Null("requests");
+    if (absl::Status s = CheckTensor(key_out, "key_out"); !s.ok()) return s;
+    if (absl::Status s = CheckTensor(value_out, "value_out"); !s.ok()) {
+      return s;
+    }
+    std::vector<kvcache::GatherRequest> batch(num_requests);
+    for (int64_t i = 0; i < num_requests; ++i) {
+      if (requests[i].struct_size != sizeof(kvcache_gather_request)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "requests[", i, "].struct_size is ", requests[i].struct_size,
+            " but this library's sizeof(kvcache_gather_request) is ",
+            sizeof(kvcache_gather_request)));
+      }
+      batch[i] =
+          kvcache::GatherRequest{requests[i].sequence, requests[i].token_begin,
+                                 requests[i].num_tokens};
+    }
+    kvcache::GatherOptions options;
+    options.include_in_flight = include_in_flight != 0;
+    return m->impl->GatherBatch(batch, layer, ToView(*key_out),
+                                ToView(*value_out), options, stream);
   });
 }
 

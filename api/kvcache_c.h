@@ -172,6 +172,9 @@ typedef struct kvcache_config {
   int32_t kv_events_replay_batches;
   int32_t kv_events_data_parallel_rank;
   int32_t scale_placement; /* kvcache_scale_placement; 0 = side */
+  /* Graph step (kvcache_reserve_graph_step): the most tokens a captured step
+   * is padded to, at most max_tokens_per_step; 0 = off. */
+  int32_t graph_max_tokens;
 } kvcache_config;
 
 /* The longest string a kvcache_config field may hold (without its NUL). */
@@ -212,6 +215,9 @@ typedef struct kvcache_plan {
   /* Copy-on-write block copies reserve ran (in every layer) before it
    * returned. */
   int64_t num_block_copies;
+  /* kvcache_reserve_graph_step: the padded token count every append of the
+   * step writes (slot_mapping is then the graph step's); 0 otherwise. */
+  int64_t graph_tokens;
 } kvcache_plan;
 
 typedef struct kvcache_block_table_view {
@@ -523,6 +529,86 @@ KVCACHE_EXPORT void kvcache_events_free(kvcache_events* events);
  * flight. */
 KVCACHE_EXPORT kvcache_status
 kvcache_reset_prefix_cache(kvcache_manager* manager);
+/* ---- The decode step in a CUDA graph, and lookups of a step ----
+ *
+ * Lengths of a sequence (kvcache_sequence_length, kvcache_known_length):
+ *
+ *   computed  tokens written in every layer and committed
+ *   reserved  tokens of its plan in flight (0 when none)
+ *   known     tokens whose ids the manager holds: committed + reserved +
+ *             token ids given but not yet reserved
+ *
+ *   computed + reserved <= known tokens, always.
+ *
+ * Which lengths a kernel gets: kvcache_batch_block_table's seq_lens and
+ * kvcache_attention use the computed (committed) length; the graph step's
+ * seq_lens include the step's own tokens (computed + reserved), for attention
+ * inside the captured forward after that layer's append.
+ *
+ * A graph step, once per padded size P (kvcache_graph_step tells the sizes
+ * allowed before any capture):
+ *
+ *   kvcache_reserve_graph_step(m, batch, n, P, stream, &plan)
+ *   capture on `stream`: kvcache_append(m, plan.id, layer, K[P], V[P], stream)
+ *     for every layer (inputs at fixed addresses), then launch the graph once
+ *   kvcache_commit(m, plan.id)
+ *
+ * and each later step of at most P tokens: kvcache_reserve_graph_step(...,
+ * P, ...), write the step's K/V inputs, launch the graph on `stream`,
+ * kvcache_commit. Copy-on-write copies run in kvcache_reserve_graph_step, on
+ * `stream`, before the replay. See README "Decode in a CUDA graph". */
+
+/* The graph step's fixed-address inputs (kvcache::GraphStepInputs), in the
+ * backend's memory, rewritten by each kvcache_reserve_graph_step:
+ * slot_mapping int64 [max_tokens] (the step's slots, then -1), positions
+ * int64 [max_tokens] (then 0), seq_lens int32 [max_sequences] (computed +
+ * this step's tokens, then 0), block_table int32 [max_sequences, row_stride]
+ * (each row's blocks, then zeros). */
+typedef struct kvcache_graph_step_inputs {
+  size_t struct_size; /* sizeof(kvcache_graph_step_inputs) */
+  const int64_t* slot_mapping;
+  const int64_t* positions;
+  const int32_t* seq_lens;
+  const int32_t* block_table;
+  int64_t max_tokens; /* Padded sizes 1..max_tokens may be captured. */
+  int32_t max_sequences;
+  int32_t row_stride;
+} kvcache_graph_step_inputs;
+/* KVCACHE_FAILED_PRECONDITION when config.graph_max_tokens is 0. */
+KVCACHE_EXPORT kvcache_status
+kvcache_graph_step(kvcache_manager* manager, kvcache_graph_step_inputs* inputs);
+/* kvcache_reserve for a graph step padded to graph_tokens tokens
+ * (KVCacheManager::ReserveGraphStep): every append of the plan takes K/V of
+ * exactly graph_tokens tokens. One graph step is in flight at a time. */
+KVCACHE_EXPORT kvcache_status kvcache_reserve_graph_step(
+    kvcache_manager* manager, const kvcache_reserve_request* batch,
+    int64_t batch_size, int64_t graph_tokens, void* stream, kvcache_plan* plan);
+/* Known tokens of a sequence (committed + reserved + pending token ids). */
+KVCACHE_EXPORT kvcache_status kvcache_known_length(kvcache_manager* manager,
+                                                   int64_t sequence,
+                                                   int64_t* length);
+
+/* One sequence's range of a batched gather. */
+typedef struct kvcache_gather_request {
+  size_t struct_size; /* sizeof(kvcache_gather_request), in every element */
+  int64_t sequence;
+  int64_t token_begin;
+  int64_t num_tokens; /* 0: nothing */
+} kvcache_gather_request;
+/* kvcache_gather without waiting for the work on `stream`;
+ * include_in_flight != 0 lets the range reach into the tokens this layer
+ * already holds of the sequence's plan in flight. num_tokens 0 is an empty
+ * success. */
+KVCACHE_EXPORT kvcache_status kvcache_gather_async(
+    kvcache_manager* manager, int64_t sequence, int32_t layer,
+    int64_t token_begin, int64_t num_tokens, const kvcache_tensor* key_out,
+    const kvcache_tensor* value_out, int32_t include_in_flight, void* stream);
+/* Batched kvcache_gather_async: request i's tokens go to the next num_tokens
+ * rows of key_out / value_out, in order; the outputs hold the sum. */
+KVCACHE_EXPORT kvcache_status kvcache_gather_batch(
+    kvcache_manager* manager, const kvcache_gather_request* requests,
+    int64_t num_requests, int32_t layer, const kvcache_tensor* key_out,
+    const kvcache_tensor* value_out, int32_t include_in_flight, void* stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -135,6 +135,7 @@ class Harness {
     // batches drained every third call, so that it overflows.
     config_.enable_kv_events = true;
     config_.kv_events_queue_capacity = 1 + static_cast<int32_t>(b % 3);
+    config_.graph_max_tokens = (b & 0x40) ? 8 : 0;
     // A logger that drops everything: Create's layout line on every input
     // would otherwise cost more than the input itself.
     config_.logger_name = "manager_fuzzer";
@@ -328,7 +329,19 @@ class Harness {
         status = OverflowAppend();
         break;
       default:  // One byte picks a lookup or a call of speculative decoding.
-        switch (in_.Range(5)) {
+        switch (in_.Range(8)) {
+          case 5:
+            call = "GraphStep";
+            status = GraphStep();
+            break;
+          case 6:
+            call = "GatherBatch";
+            status = GatherBatch();
+            break;
+          case 7:
+            call = "KnownLength";
+            status = KnownLength();
+            break;
           case 0:
             call = "lookup";
             status = Lookup();
@@ -749,9 +762,10 @@ class Harness {
     absl::Status s = manager_->Gather(id, layer, begin, count, k, v);
     auto it = seqs_.find(id);
     if (s.ok()) {
-      if (it == seqs_.end() || begin < 0 || count < 1 ||
+      // A count of 0 is an empty success (outputs unchecked).
+      if (it == seqs_.end() || begin < 0 || count < 0 ||
           begin > it->second.computed || count > it->second.computed - begin ||
-          (mode & 7) == 1 || ((mode & 7) == 2 && mode < 224)) {
+          (count > 0 && ((mode & 7) == 1 || ((mode & 7) == 2 && mode < 224)))) {
         Fail("bad Gather ok");
       }
     }
@@ -928,6 +942,83 @@ class Harness {
         }
       }
     }
+  }
+
+  // ReserveGraphStep with a hostile padded count; a step that succeeds is
+  // checked (padding, Commit refused: never captured) and aborted.
+  absl::Status GraphStep() {
+    const int64_t hostile[] = {-1, 0, 1, 2, 8, 9, kHuge, kMin};
+    const int64_t graph_tokens = hostile[in_.Range(8)];
+    std::vector<ReserveRequest> batch;
+    for (int i = in_.Range(3); i >= 0; --i) {
+      batch.push_back(ReserveRequest{Id(), {}, 1 + in_.Range(2)});
+    }
+    absl::StatusOr<StepPlanInfo> plan =
+        manager_->ReserveGraphStep(batch, graph_tokens);
+    if (!plan.ok()) return plan.status();
+    if (config_.graph_max_tokens == 0 || graph_tokens < plan->num_tokens ||
+        graph_tokens > config_.graph_max_tokens) {
+      Fail("bad ReserveGraphStep ok");
+    }
+    const absl::StatusOr<GraphStepInputs> in = manager_->GraphStep();
+    if (!in.ok() || in->slot_mapping != plan->slot_mapping) {
+      Fail("graph step inputs");
+    }
+    for (int64_t i = plan->num_tokens; i < in->max_tokens; ++i) {
+      if (in->slot_mapping[i] != -1) Fail("graph step padding");
+    }
+    // Never captured, no Append: Commit must refuse it.
+    if (manager_->Commit(plan->id).ok()) Fail("graph Commit without capture");
+    if (!manager_->Abort(plan->id).ok()) Fail("graph step Abort");
+    return absl::OkStatus();
+  }
+
+  // GatherBatch / GatherAsync with hostile ranges and counts.
+  absl::Status GatherBatch() {
+    const int layer = in_.Range(config_.num_layers + 1);  // may be bad
+    std::vector<GatherRequest> requests;
+    const int64_t hostile[] = {0, 1, 2, -1, kHuge, kMin};
+    for (int i = in_.Range(4); i > 0; --i) {
+      const uint8_t mode = in_.Byte();
+      requests.push_back(
+          GatherRequest{Id(), mode < 200 ? in_.Range(6) : hostile[mode % 6],
+                        mode < 200 ? in_.Range(4) : hostile[(mode / 6) % 6]});
+    }
+    GatherOptions options;
+    options.include_in_flight = in_.Byte() & 1;
+    const int h = config_.num_kv_heads;
+    constexpr int64_t kRows = 16;
+    std::vector<float> k_out(kRows * h * config_.head_size),
+        v_out(kRows * h * hv_);
+    int64_t total = 0;
+    for (const GatherRequest& r : requests) {
+      if (r.num_tokens > 0 && r.num_tokens < kRows) total += r.num_tokens;
+    }
+    const int64_t rows = std::max<int64_t>(1, std::min(total, kRows));
+    TensorView k = TensorView::Contiguous(k_out.data(), DType::kFloat32,
+                                          {rows, h, config_.head_size});
+    TensorView v =
+        TensorView::Contiguous(v_out.data(), DType::kFloat32, {rows, h, hv_});
+    if (requests.size() == 1 && in_.Byte() & 1) {
+      const GatherRequest& r = requests[0];
+      return manager_->GatherAsync(r.sequence, layer, r.token_begin,
+                                   r.num_tokens, k, v, options);
+    }
+    return manager_->GatherBatch(requests, layer, k, v, options);
+  }
+
+  absl::Status KnownLength() {
+    const int64_t id = Id();
+    absl::StatusOr<int64_t> known = manager_->KnownLength(id);
+    auto it = seqs_.find(id);
+    if (known.ok() != (it != seqs_.end())) Fail("KnownLength vs model");
+    if (!known.ok()) return known.status();
+    const int64_t computed = *manager_->SequenceLength(id);
+    if (*known != static_cast<int64_t>(it->second.tokens.size()) ||
+        computed > *known) {
+      Fail("known length vs model");
+    }
+    return absl::OkStatus();
   }
 
   absl::Status Lookup() {

@@ -100,6 +100,7 @@ class Config(Structure):
         ("kv_events_replay_batches", c_int32),
         ("kv_events_data_parallel_rank", c_int32),
         ("scale_placement", c_int32),
+        ("graph_max_tokens", c_int32),
     ]
 
 
@@ -134,6 +135,7 @@ class Plan(Structure):
         ("slot_mapping", POINTER(c_int64)),
         ("host_slot_mapping", POINTER(c_int64)),
         ("num_block_copies", c_int64),
+        ("graph_tokens", c_int64),
     ]
 
 
@@ -249,6 +251,25 @@ class Events(Structure):
         ("batches", POINTER(EventBatch)),
         ("num_batches", c_int64),
         ("owner", c_void_p),
+class GraphStepInputs(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("slot_mapping", POINTER(c_int64)),
+        ("positions", POINTER(c_int64)),
+        ("seq_lens", POINTER(c_int32)),
+        ("block_table", POINTER(c_int32)),
+        ("max_tokens", c_int64),
+        ("max_sequences", c_int32),
+        ("row_stride", c_int32),
+    ]
+
+
+class GatherRequest(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("sequence", c_int64),
+        ("token_begin", c_int64),
+        ("num_tokens", c_int64),
     ]
 
 
@@ -256,6 +277,8 @@ C_STRUCTS = {
     "kvcache_event": Event,
     "kvcache_event_batch": EventBatch,
     "kvcache_events": Events,
+    "kvcache_graph_step_inputs": GraphStepInputs,
+    "kvcache_gather_request": GatherRequest,
     "kvcache_attention_options": AttentionOptions,
     "kvcache_shortfall": Shortfall,
     "kvcache_config": Config,

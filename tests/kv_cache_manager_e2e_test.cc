@@ -1,7 +1,7 @@
 // End to end on the CPU backend: random sequences with shared prefixes, chunked
 // prefill, decode, forks (copy-on-write) and frees, every layer appended;
 // Gather must equal the reference quantization of exactly what was appended,
-// token by token, in every layer.
+// token by token, in every layer; with side and with inline scales.
 
 #include <random>
 
@@ -17,6 +17,7 @@ struct Case {
   int head_size;
   int head_size_v;
   int block_size;
+  ScalePlacement placement = ScalePlacement::kSide;
 };
 
 class ManagerEndToEndTest : public ::testing::TestWithParam<Case> {};
@@ -32,6 +33,7 @@ TEST_P(ManagerEndToEndTest, GatherEqualsReferenceOfWhatWasAppended) {
   config.head_size_v = c.head_size_v;
   config.block_size = c.block_size;
   config.cache_dtype = c.cache_dtype;
+  config.scale_placement = c.placement;
   config.input_dtype = DType::kBFloat16;
   config.num_blocks = 48;
   absl::StatusOr<std::unique_ptr<testing::ManagerDriver>> driver =
@@ -62,19 +64,23 @@ TEST_P(ManagerEndToEndTest, GatherEqualsReferenceOfWhatWasAppended) {
   EXPECT_EQ(m.blocks_free + m.blocks_cached + m.blocks_in_use, m.blocks_total);
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, ManagerEndToEndTest,
-                         ::testing::Values(Case{DType::kInt8, 16, 16, 4},
-                                           Case{DType::kFp8E4M3, 16, 16, 4},
-                                           Case{DType::kInt8, 24, 8, 3},
-                                           Case{DType::kBFloat16, 8, 16, 5},
-                                           Case{DType::kFp8E4M3, 64, 32, 1}),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return absl::StrCat(
-                               DTypeName(info.param.cache_dtype), "_D",
-                               info.param.head_size, "_Dv",
-                               info.param.head_size_v, "_bs",
-                               info.param.block_size);
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, ManagerEndToEndTest,
+    ::testing::Values(
+        Case{DType::kInt8, 16, 16, 4}, Case{DType::kFp8E4M3, 16, 16, 4},
+        Case{DType::kInt8, 24, 8, 3}, Case{DType::kBFloat16, 8, 16, 5},
+        Case{DType::kFp8E4M3, 64, 32, 1},
+        // Inline scales.
+        Case{DType::kInt8, 16, 16, 4, ScalePlacement::kInline},
+        Case{DType::kFp8E4M3, 16, 16, 4, ScalePlacement::kInline},
+        Case{DType::kInt8, 24, 8, 3, ScalePlacement::kInline},
+        Case{DType::kFp8E4M3, 64, 32, 1, ScalePlacement::kInline}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      return absl::StrCat(DTypeName(info.param.cache_dtype), "_D",
+                          info.param.head_size, "_Dv", info.param.head_size_v,
+                          "_bs", info.param.block_size, "_",
+                          ScalePlacementName(info.param.placement));
+    });
 
 }  // namespace
 }  // namespace kvcache

@@ -83,6 +83,17 @@ TEST(LayerGroupConfigTest, RejectsBadGroupsNamingTheField) {
   c = Hybrid();
   c.layer_groups[0].layers.clear();
   ExpectBad(c, "layer_groups[0].layers is empty");
+  // Features of main not offered with groups yet: refused by name.
+  c = Hybrid();
+  c.scale_placement = ScalePlacement::kInline;
+  ExpectBad(c, "scale_placement inline is not offered with layer_groups");
+  c = Hybrid();
+  c.max_tokens_per_step = 64;
+  c.graph_max_tokens = 16;
+  ExpectBad(c, "graph_max_tokens 16 must be 0 with layer_groups");
+  c = Hybrid();
+  c.enable_kv_events = true;
+  ExpectBad(c, "enable_kv_events is not offered with layer_groups");
 }
 
 TEST(LayerGroupConfigTest, PagingSharesSlotsAcrossGroups) {

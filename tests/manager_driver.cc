@@ -153,6 +153,18 @@ absl::Status ManagerDriver::Step() {
     ++counts_.preemptions;
     return Free(sequences_.rbegin()->first);
   }
+  if (absl::IsOutOfRange(plan.status())) {
+    // A sequence grew past the whole pool (it can never fit): drop the
+    // longest one of the batch, as an engine would finish it.
+    int64_t longest = ids[0];
+    for (int64_t id : ids) {
+      if (sequences_[id].tokens.size() > sequences_[longest].tokens.size()) {
+        longest = id;
+      }
+    }
+    ++counts_.preemptions;
+    return Free(longest);
+  }
   if (!plan.ok()) return plan.status();
   for (size_t i = 0; i < batch.size(); ++i) {
     Sequence& seq = sequences_[ids[i]];

@@ -71,6 +71,8 @@ std::vector<uint64_t> KVCacheManagerTestPeer::CachedHashesForTesting(
     }
   }
   return out;
+}
+
 void KVCacheManagerTestPeer::DisableCacheWrites(KVCacheManager& manager) {
   Lock lock(manager.impl_->mu());
   manager.impl_->mutable_backend().DisableWritesForTest();

@@ -83,6 +83,29 @@ absl::Status CheckStepLimits(const KVCacheConfig& c) {
   return absl::OkStatus();
 }
 
+absl::Status CheckKvEvents(const KVCacheConfig& c) {
+  for (absl::Status s :
+       {CheckRange("kv_events_queue_capacity", c.kv_events_queue_capacity, 1,
+                   kMaxKvEventBatches),
+        CheckRange("kv_events_replay_batches", c.kv_events_replay_batches, 0,
+                   kMaxKvEventBatches),
+        CheckRange("kv_events_data_parallel_rank",
+                   c.kv_events_data_parallel_rank, 0, INT32_MAX)}) {
+    if (!s.ok()) return s;
+  }
+  if (!c.kv_events_endpoint.empty() && !c.enable_kv_events) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_events_endpoint \"", c.kv_events_endpoint,
+                     "\" is set but enable_kv_events is false"));
+  }
+  if (!c.kv_events_replay_endpoint.empty() && c.kv_events_endpoint.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv_events_replay_endpoint \"", c.kv_events_replay_endpoint,
+        "\" is set without kv_events_endpoint"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status ValidateConfig(const KVCacheConfig& c) {
@@ -140,6 +163,7 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
         absl::StrCat("log_sink and logger_name \"", c.logger_name,
                      "\" are both set; set at most one"));
   }
+  if (absl::Status s = CheckKvEvents(c); !s.ok()) return s;
   if (absl::StatusOr<int64_t> block = BlockBytesAllLayers(c); !block.ok()) {
     return block.status();
   } else if (c.num_blocks > 0 && *block > kMaxCacheBytes / c.num_blocks) {

@@ -48,6 +48,8 @@ inline constexpr int32_t kMaxInflightPlans = 64;
 // All layers' caches and scales together (before alignment padding).
 inline constexpr int64_t kMaxCacheBytes = int64_t{1} << 56;
 inline constexpr int32_t kMaxCpuThreads = 1024;
+// KV events: batches held for TakeEvents, and kept for replay.
+inline constexpr int32_t kMaxKvEventBatches = 1 << 20;
 
 struct KVCacheConfig {
   // Model shape.
@@ -111,6 +113,28 @@ struct KVCacheConfig {
   LogLevel log_level = LogLevel::kWarning;
   LogSink log_sink;
   std::string logger_name;
+
+  // KV events (README "KV events"): the prefix cache's BlockStored,
+  // BlockRemoved and AllBlocksCleared, in numbered batches, drained by
+  // TakeEvents and optionally published over ZeroMQ. Off by default.
+  bool enable_kv_events = false;
+  // Batches TakeEvents can hold, in [1, kMaxKvEventBatches]; when full the
+  // oldest is dropped (MetricsSnapshot::kv_event_batches_dropped counts it,
+  // and its sequence number is missing from what TakeEvents returns). Also
+  // bounds the publisher's send queue.
+  int32_t kv_events_queue_capacity = 4096;
+  // ZeroMQ PUB endpoint the manager binds (e.g. "tcp://*:5557"); "" = no
+  // publishing. Needs enable_kv_events and libzmq.so.5 at run time.
+  std::string kv_events_endpoint;
+  // ZeroMQ ROUTER endpoint serving recent batches to late subscribers; "" =
+  // none. Needs kv_events_endpoint.
+  std::string kv_events_replay_endpoint;
+  // The first frame of every published message (subscribers filter on it).
+  std::string kv_events_topic = "kv-events";
+  // Batches kept for replay, in [0, kMaxKvEventBatches].
+  int32_t kv_events_replay_batches = 4096;
+  // Sent in every batch (data_parallel_rank), >= 0.
+  int32_t kv_events_data_parallel_rank = 0;
 };
 
 // InvalidArgument naming the first bad field and its limit (e.g. "head_size

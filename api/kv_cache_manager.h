@@ -58,6 +58,7 @@
 #include "core/dtype.h"
 #include "core/extra_key.h"
 #include "core/ids.h"
+#include "core/kv_event.h"
 #include "core/plan_sequence.h"
 #include "core/reserve_request.h"
 #include "core/shortfall.h"
@@ -264,6 +265,21 @@ class KVCacheManager {
 
   MetricsSnapshot Metrics() const;
   std::string MetricsText() const;  // Prometheus exposition format.
+
+  // KV events (config.enable_kv_events; README "KV events"): the batches made
+  // since the last call, oldest first, and the queue is then empty. Sequence
+  // numbers run on without a gap unless batches were dropped (the queue held
+  // config.kv_events_queue_capacity batches; Metrics counts the drops). Empty
+  // when events are off. ResourceExhausted (the queue kept) when the result
+  // cannot be allocated.
+  absl::StatusOr<std::vector<KVEventBatch>> TakeEvents();
+  // Drops every registration of the prefix cache (every medium): cached
+  // blocks return to the free list, no later AddSequence hits a block
+  // committed before, and sequences alive now register none of their later
+  // blocks. Emits one AllBlocksCleared. FailedPrecondition (changing nothing)
+  // while any plan is in flight: commit or abort it first. Does nothing when
+  // prefix caching is off.
+  absl::Status ResetPrefixCache();
 
   const KVCacheConfig& config() const;
   // Checks the allocator's invariants (DESIGN.md section 4: accounting,

@@ -8,10 +8,13 @@
 #ifndef KVCACHE_API_KV_CACHE_MANAGER_TEST_PEER_H_
 #define KVCACHE_API_KV_CACHE_MANAGER_TEST_PEER_H_
 
+#include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "api/kv_cache_manager.h"
+#include "core/kv_event.h"
 #include "storage/device.h"
 
 namespace kvcache {
@@ -25,6 +28,13 @@ class KVCacheManagerTestPeer {
   // Makes every later Append's kernel a no-op (nothing written), so that a
   // benchmark times Append's own host work: checks, bookkeeping, dispatch.
   static void DisableCacheWrites(KVCacheManager& manager);
+
+  // The external (64-bit, events/external_hash.h) hashes of every block the
+  // manager holds registered in `medium`, in no particular order: what a KV
+  // events subscriber should have rebuilt. (kHost: the host tier's, once it
+  // exists; none before.)
+  static std::vector<uint64_t> CachedHashesForTesting(
+      const KVCacheManager& manager, KVEventMedium medium);
 };
 
 }  // namespace kvcache

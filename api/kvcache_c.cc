@@ -216,6 +216,40 @@ void SetLogging(const kvcache_config& c, kvcache::KVCacheConfig& config) {
   }
 }
 
+// A config string: NULL keeps `out` as it is; longer than
+// KVCACHE_MAX_CONFIG_STRING (or unterminated within it) is refused.
+absl::Status CopyConfigString(const char* s, const char* field,
+                              std::string& out) {
+  if (s == nullptr) return absl::OkStatus();
+  const size_t n = strnlen(s, KVCACHE_MAX_CONFIG_STRING + 1);
+  if (n > KVCACHE_MAX_CONFIG_STRING) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " is longer than ", KVCACHE_MAX_CONFIG_STRING,
+                     " bytes (or not NUL-terminated)"));
+  }
+  out.assign(s, n);
+  return absl::OkStatus();
+}
+
+absl::Status SetKvEvents(const kvcache_config& c,
+                         kvcache::KVCacheConfig& config) {
+  config.enable_kv_events = c.enable_kv_events != 0;
+  config.kv_events_queue_capacity = c.kv_events_queue_capacity;
+  config.kv_events_replay_batches = c.kv_events_replay_batches;
+  config.kv_events_data_parallel_rank = c.kv_events_data_parallel_rank;
+  for (absl::Status s :
+       {CopyConfigString(c.kv_events_endpoint, "kv_events_endpoint",
+                         config.kv_events_endpoint),
+        CopyConfigString(c.kv_events_replay_endpoint,
+                         "kv_events_replay_endpoint",
+                         config.kv_events_replay_endpoint),
+        CopyConfigString(c.kv_events_topic, "kv_events_topic",
+                         config.kv_events_topic)}) {
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   if (out == nullptr) return Null("out");
   if (absl::Status s = CheckSize(c, "kvcache_config", "config"); !s.ok()) {
@@ -243,6 +277,7 @@ absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   config.num_q_heads = c->num_q_heads;
   config.graph_max_tokens = c->graph_max_tokens;
   SetLogging(*c, config);
+  if (absl::Status s = SetKvEvents(*c, config); !s.ok()) return s;
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
       KVCacheManager::Create(config);
   if (!manager.ok()) return manager.status();
@@ -288,6 +323,10 @@ void kvcache_config_init(kvcache_config* c) {
   c->max_inflight_plans = d.max_inflight_plans;
   c->num_q_heads = d.num_q_heads;
   c->graph_max_tokens = d.graph_max_tokens;
+  c->enable_kv_events = d.enable_kv_events ? 1 : 0;
+  c->kv_events_queue_capacity = d.kv_events_queue_capacity;
+  c->kv_events_replay_batches = d.kv_events_replay_batches;
+  c->kv_events_data_parallel_rank = d.kv_events_data_parallel_rank;
 }
 
 const char* kvcache_status_name(kvcache_status status) {
@@ -790,6 +829,9 @@ kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
     out->kernel_launches = s.kernel_launches;
     out->reserve_failures = s.reserve_failures;
     out->block_copies = s.block_copies;
+    out->kv_event_batches = s.kv_event_batches;
+    out->kv_event_batches_dropped = s.kv_event_batches_dropped;
+    out->kv_event_batches_unpublished = s.kv_event_batches_unpublished;
     return absl::OkStatus();
   });
 }

@@ -156,7 +156,21 @@ typedef struct kvcache_config {
   /* Graph step (kvcache_reserve_graph_step): the most tokens a captured step
    * is padded to, at most max_tokens_per_step; 0 = off. */
   int32_t graph_max_tokens;
+  /* KV events (KVCacheConfig's kv_events_* fields; README "KV events").
+   * Strings are NUL-terminated, at most KVCACHE_MAX_CONFIG_STRING bytes, and
+   * copied by kvcache_create; NULL or "" endpoints mean none, a NULL topic
+   * the default "kv-events". kvcache_config_init sets the C++ defaults. */
+  int32_t enable_kv_events; /* 0 = off (the default) */
+  int32_t kv_events_queue_capacity;
+  const char* kv_events_endpoint;
+  const char* kv_events_replay_endpoint;
+  const char* kv_events_topic;
+  int32_t kv_events_replay_batches;
+  int32_t kv_events_data_parallel_rank;
 } kvcache_config;
+
+/* The longest string a kvcache_config field may hold (without its NUL). */
+#define KVCACHE_MAX_CONFIG_STRING 4096
 
 /* A caller tensor: strides in elements; [tokens, heads, head_size] for K/V. */
 typedef struct kvcache_tensor {
@@ -244,6 +258,9 @@ typedef struct kvcache_metrics {
   int64_t kernel_launches;
   int64_t reserve_failures;
   int64_t block_copies;
+  int64_t kv_event_batches;
+  int64_t kv_event_batches_dropped;
+  int64_t kv_event_batches_unpublished;
 } kvcache_metrics;
 
 /* "1.0.0": the library's version (KVCACHE_VERSION_* of the header it was
@@ -500,6 +517,83 @@ KVCACHE_EXPORT kvcache_status kvcache_gather_batch(
     kvcache_manager* manager, const kvcache_gather_request* requests,
     int64_t num_requests, int32_t layer, const kvcache_tensor* key_out,
     const kvcache_tensor* value_out, int32_t include_in_flight, void* stream);
+/* ---- KV events (README "KV events"; kv_cache_manager.h TakeEvents) ----
+ *
+ * kvcache_take_events hands the caller the batches made since the last call
+ * (oldest first) as one owned, flat result that the caller releases with
+ * kvcache_events_free; every pointer in it stays valid until then, and no
+ * other call (not even kvcache_destroy) invalidates it:
+ *
+ *   kvcache_events ev = KVCACHE_STRUCT_INIT(kvcache_events);
+ *   if (kvcache_take_events(m, &ev) == KVCACHE_OK) {
+ *     for (int64_t b = 0; b < ev.num_batches; ++b) ... ev.batches[b] ...
+ *     kvcache_events_free(&ev);
+ *   }
+ *
+ * ABI: kvcache_event and kvcache_event_batch are only written by the library
+ * and only ever change together with kvcache_events, so its struct_size check
+ * covers all three. */
+
+typedef enum kvcache_event_type {
+  KVCACHE_EVENT_BLOCK_STORED = 0,
+  KVCACHE_EVENT_BLOCK_REMOVED = 1,
+  KVCACHE_EVENT_ALL_BLOCKS_CLEARED = 2
+} kvcache_event_type;
+
+typedef enum kvcache_event_medium {
+  KVCACHE_MEDIUM_DEVICE = 0, /* the cache's own pool */
+  KVCACHE_MEDIUM_HOST = 1    /* the host-memory tier */
+} kvcache_event_medium;
+
+/* One event (kvcache::KVEvent). Hashes are the 64-bit external form. */
+typedef struct kvcache_event {
+  int32_t type;   /* kvcache_event_type */
+  int32_t medium; /* kvcache_event_medium (stored and removed) */
+  /* Stored: a chain, each block the parent of the next; removed: the blocks
+   * removed. NULL when num_block_hashes is 0. */
+  const uint64_t* block_hashes;
+  int64_t num_block_hashes;
+  int32_t has_parent;         /* stored: 1 when parent_block_hash is set */
+  uint64_t parent_block_hash; /* stored: the first block's parent */
+  const int32_t* token_ids;   /* stored: block_size per block */
+  int64_t num_token_ids;
+  int32_t block_size;
+  int64_t adapter_id; /* stored: 0 = none */
+} kvcache_event;
+
+typedef struct kvcache_event_batch {
+  uint64_t sequence; /* from 0 per manager; a gap means dropped batches */
+  double timestamp;  /* seconds since the Unix epoch */
+  const kvcache_event* events;
+  int64_t num_events;
+} kvcache_event_batch;
+
+typedef struct kvcache_events {
+  size_t struct_size; /* sizeof(kvcache_events) */
+  const kvcache_event_batch* batches;
+  int64_t num_batches;
+  /* The library's allocation behind the arrays; NULL when there is none.
+   * Must be NULL when passed to kvcache_take_events (a result not yet freed
+   * is refused, so it cannot leak). */
+  void* owner;
+} kvcache_events;
+
+/* Drains the manager's event queue into *events (empty, KVCACHE_OK, when
+ * events are off). KVCACHE_INVALID_ARGUMENT for a NULL or mis-sized struct
+ * or a non-NULL owner. KVCACHE_RESOURCE_EXHAUSTED when the result cannot be
+ * allocated: the queue is kept when the C++ copy fails, lost (its sequence
+ * numbers show the gap) when the flat C copy fails. */
+KVCACHE_EXPORT kvcache_status kvcache_take_events(kvcache_manager* manager,
+                                                  kvcache_events* events);
+/* Releases what kvcache_take_events handed out and zeroes the arrays and the
+ * owner (a second call does nothing). NULL, or a struct of another
+ * struct_size, is ignored. */
+KVCACHE_EXPORT void kvcache_events_free(kvcache_events* events);
+/* KVCacheManager::ResetPrefixCache: drops every prefix-cache registration and
+ * emits AllBlocksCleared; KVCACHE_FAILED_PRECONDITION while any plan is in
+ * flight. */
+KVCACHE_EXPORT kvcache_status
+kvcache_reset_prefix_cache(kvcache_manager* manager);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -58,6 +58,8 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
   expected.device = m->backend_->ordinal();
 
   std::lock_guard<std::mutex> lock(m->mu_);
+  KVCACHE_ASSIGN_OR_RETURN(m->events_, CreateEvents(config));
+  options.observer = m->events_.get();
   KVCACHE_ASSIGN_OR_RETURN(m->blocks_, BlockManager::Create(options));
   KVCACHE_ASSIGN_OR_RETURN(
       m->plans_, internal::PlanTable::Create(dev, config.num_layers,

@@ -6,6 +6,7 @@
 //   plans_     PlanTable      plans in flight: step buffers, appended counts
 //   lookups_   LookupBuffers  block tables handed to kernels
 //   attention_ AttentionBuffers  Attention's tables and split-KV scratch
+//   events_    KVEventSink    KV events (null when off), the blocks' observer
 //   counters_                 the metrics the parts do not keep themselves
 //
 // Thread safety: KVCacheManager locks mu_ around every call; every method
@@ -30,6 +31,7 @@
 #include "api/lookup_buffers.h"
 #include "api/plan_table.h"
 #include "api/tensor_checks.h"
+#include "events/kv_event_sink.h"
 #include "storage/device.h"
 
 namespace kvcache {
@@ -100,6 +102,13 @@ class KVCacheManager::Impl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   MetricsSnapshot Metrics() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // KV events (api/manager_events.cc).
+  std::vector<KVEventBatch> TakeEvents() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The observer that makes them, for every medium (null when events are
+  // off): a host tier reports its own stores and removals here.
+  BlockObserver* event_observer() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return events_.get();
+  }
   // The allocator's invariants, then the plans' against the step buffers.
   absl::Status Validate() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -146,12 +155,18 @@ class KVCacheManager::Impl {
   // Batch size and token limits of the step buffers, and no sequence pending.
   absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The event sink (and its publisher) config asks for, or null when events
+  // are off (api/manager_events.cc).
+  static absl::StatusOr<std::unique_ptr<internal::KVEventSink>> CreateEvents(
+      const KVCacheConfig& config);
 
   const KVCacheConfig config_;
   std::unique_ptr<internal::CacheBackend> backend_;
   internal::ExpectedKV expected_kv_;  // Append's K/V, set by Create.
 
   mutable std::mutex mu_;
+  // Before blocks_, which holds a pointer to it: destroyed after it.
+  std::unique_ptr<internal::KVEventSink> events_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<BlockManager> blocks_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<internal::PlanTable> plans_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<internal::LookupBuffers> lookups_ ABSL_GUARDED_BY(mu_);

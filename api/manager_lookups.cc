@@ -191,6 +191,12 @@ MetricsSnapshot KVCacheManager::Impl::Metrics() const {
   s.prefix_query_tokens = prefix.query_tokens;
   s.prefix_hit_tokens = prefix.hit_tokens;
   s.evictions = prefix.evictions;
+  if (events_ != nullptr) {
+    s.kv_event_batches = static_cast<int64_t>(events_->batches());
+    s.kv_event_batches_dropped = static_cast<int64_t>(events_->dropped());
+    s.kv_event_batches_unpublished =
+        static_cast<int64_t>(events_->unpublished());
+  }
   return s;
 }
 

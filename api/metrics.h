@@ -32,6 +32,12 @@ struct MetricsSnapshot {
   int64_t reserve_failures = 0;  // Reserve calls refused for lack of room.
   int64_t block_copies =
       0;  // Copy-on-write block copies (per block, all layers).
+  // KV events (zero unless enable_kv_events): batches made, batches dropped
+  // before TakeEvents read them (queue full), batches the ZeroMQ publisher
+  // could not send (its queue full, or a failed send).
+  int64_t kv_event_batches = 0;
+  int64_t kv_event_batches_dropped = 0;
+  int64_t kv_event_batches_unpublished = 0;
 };
 
 // "# HELP ...\n# TYPE ...\nkvcache_blocks{state=\"free\"} 12\n..." with names

@@ -3,7 +3,11 @@
 // call: Validate() holds; a failed call left the manager as it was (metrics
 // except reserve_failures, sequence lengths and block tables); the sequences
 // the call touched read back exactly the reference quantization of what was
-// appended (testing/kv_reference.h). Any violation aborts (a crash for
+// appended (testing/kv_reference.h); the KV events, drained every few calls
+// from a queue small enough to overflow, have contiguous sequence numbers
+// except where the drop counter says batches were dropped, and (while no
+// batch is missing since the last AllBlocksCleared) rebuild exactly the
+// manager's cached hashes. Any violation aborts (a crash for
 // libFuzzer). Built with clang -fsanitize=fuzzer,address,undefined under
 // --config=fuzz, and as a plain library replayed by fuzz/replay_main.cc in the
 // normal build.
@@ -23,6 +27,7 @@
 
 #include "absl/status/status.h"
 #include "api/kv_cache_manager.h"
+#include "api/kv_cache_manager_test_peer.h"
 #include "dlpack/dlpack.h"
 #include "spdlog/sinks/null_sink.h"
 #include "spdlog/spdlog.h"
@@ -122,6 +127,10 @@ class Harness {
     config_.max_sequences_per_step = 4;
     config_.max_inflight_plans = 2;
     config_.graph_max_tokens = (b & 0x40) ? 8 : 0;
+    // KV events always (they change nothing else), in a queue of 1 to 3
+    // batches drained every third call, so that it overflows.
+    config_.enable_kv_events = true;
+    config_.kv_events_queue_capacity = 1 + static_cast<int32_t>(b % 3);
     // A logger that drops everything: Create's layout line on every input
     // would otherwise cost more than the input itself.
     config_.logger_name = "manager_fuzzer";
@@ -137,7 +146,11 @@ class Harness {
   }
 
   void Run() {
-    for (int op = 0; op < kMaxOps && !in_.empty(); ++op) Step();
+    for (int op = 0; op < kMaxOps && !in_.empty(); ++op) {
+      Step();
+      if (op % 3 == 2) DrainEvents();
+    }
+    DrainEvents();
     for (const auto& [id, seq] : seqs_) Verify(id);
   }
 
@@ -184,7 +197,8 @@ class Harness {
         x.evictions == y.evictions && x.tokens_appended == y.tokens_appended &&
         x.tokens_committed == y.tokens_committed &&
         x.kernel_launches == y.kernel_launches &&
-        x.block_copies == y.block_copies && a.seqs == b.seqs;
+        x.block_copies == y.block_copies &&
+        x.kv_event_batches == y.kv_event_batches && a.seqs == b.seqs;
     if (!same) {
       Fail(std::string(call) + " failed (" + status.ToString() +
            ") but changed the manager");
@@ -980,7 +994,7 @@ class Harness {
   }
 
   absl::Status Lookup() {
-    const int kind = in_.Range(6);
+    const int kind = in_.Range(7);
     const int64_t id = Id();
     switch (kind) {
       case 0: {
@@ -1003,6 +1017,16 @@ class Harness {
       case 4:
         if (manager_->MetricsText().empty()) Fail("empty metrics text");
         return absl::OkStatus();
+      case 6: {
+        // Refused while a plan is in flight (and then changes nothing).
+        const absl::Status s = manager_->ResetPrefixCache();
+        if (s.ok() != plans_.empty()) Fail("ResetPrefixCache vs plans");
+        if (s.ok() && config_.enable_prefix_caching &&
+            manager_->EvictableBlocks() != 0) {
+          Fail("ResetPrefixCache left cached blocks");
+        }
+        return s;
+      }
       default: {
         absl::StatusOr<int64_t> len = manager_->SequenceLength(id);
         auto it = seqs_.find(id);
@@ -1056,6 +1080,64 @@ class Harness {
     }
   }
 
+  // Takes the queued KV events and checks them (see the top of the file).
+  void DrainEvents() {
+    absl::StatusOr<std::vector<KVEventBatch>> batches = manager_->TakeEvents();
+    if (!batches.ok()) Fail("TakeEvents: " + batches.status().ToString());
+    const int64_t dropped = manager_->Metrics().kv_event_batches_dropped;
+    int64_t missing = 0;
+    for (const KVEventBatch& b : *batches) {
+      if (b.sequence < next_event_) Fail("event batches out of order");
+      if (b.sequence > next_event_) events_in_sync_ = false;
+      missing += static_cast<int64_t>(b.sequence - next_event_);
+      next_event_ = b.sequence + 1;
+      if (b.events.empty()) Fail("an empty event batch");
+      for (const KVEvent& e : b.events) ApplyEvent(e);
+    }
+    // Drops at the end of the queue show up only in the counter.
+    const int64_t batches_made = manager_->Metrics().kv_event_batches;
+    missing += batches_made - static_cast<int64_t>(next_event_);
+    if (batches_made != static_cast<int64_t>(next_event_)) {
+      events_in_sync_ = false;
+      next_event_ = static_cast<uint64_t>(batches_made);
+    }
+    if (missing != dropped - dropped_seen_) Fail("event gaps vs drop counter");
+    dropped_seen_ = dropped;
+    if (!events_in_sync_) return;
+    const std::vector<uint64_t> cached =
+        KVCacheManagerTestPeer::CachedHashesForTesting(*manager_,
+                                                       KVEventMedium::kDevice);
+    if (std::set<uint64_t>(cached.begin(), cached.end()) != rebuilt_) {
+      Fail("events do not rebuild the cached hashes");
+    }
+  }
+  void ApplyEvent(const KVEvent& e) {
+    switch (e.type) {
+      case KVEventType::kAllBlocksCleared:
+        rebuilt_.clear();
+        events_in_sync_ = true;  // Nothing missed before it matters now.
+        return;
+      case KVEventType::kBlockStored:
+        if (e.token_ids.size() !=
+            e.block_hashes.size() * static_cast<size_t>(config_.block_size)) {
+          Fail("a stored event's tokens");
+        }
+        for (const uint64_t h : e.block_hashes) {
+          if (!rebuilt_.insert(h).second && events_in_sync_) {
+            Fail("a hash stored twice");
+          }
+        }
+        return;
+      case KVEventType::kBlockRemoved:
+        for (const uint64_t h : e.block_hashes) {
+          if (rebuilt_.erase(h) != 1 && events_in_sync_) {
+            Fail("a hash removed but not held");
+          }
+        }
+        return;
+    }
+  }
+
   Input& in_;
   KVCacheConfig config_;
   int hv_ = 0;
@@ -1063,6 +1145,12 @@ class Harness {
   std::map<int64_t, RefSequence> seqs_;
   std::map<uint64_t, RefPlan> plans_;
   uint64_t last_closed_plan_ = 0;
+  // KV events: the next batch expected, the hashes they say are cached, and
+  // whether no batch was missed since the last AllBlocksCleared.
+  uint64_t next_event_ = 0;
+  std::set<uint64_t> rebuilt_;
+  bool events_in_sync_ = true;
+  int64_t dropped_seen_ = 0;
 };
 
 }  // namespace

@@ -137,8 +137,10 @@ class Manager:
         for key, value in config.items():
             if key not in names:
                 raise TypeError(f"unknown config field {key!r}")
-            if key == "enable_prefix_caching":
+            if key in ("enable_prefix_caching", "enable_kv_events"):
                 value = int(bool(value))
+            if isinstance(value, str):  # kv_events_endpoint and the like.
+                value = value.encode()
             setattr(c, key, value)
         self._sink = None
         if log_sink is not None:
@@ -341,3 +343,38 @@ class Manager:
 
     def validate(self):
         _check(library().kvcache_validate(self._m))
+
+    # -- KV events (README "KV events") --
+    _EVENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+    _MEDIA = ("device", "host")
+
+    def take_events(self):
+        """The batches made since the last call (enable_kv_events=True), oldest first: a list of
+        dicts {sequence, timestamp, events: [{type, medium, block_hashes, parent_block_hash,
+        token_ids, block_size, adapter_id}]}; parent_block_hash is None for a chain's first block."""
+        ev = _ffi.Events(struct_size=ctypes.sizeof(_ffi.Events))
+        _check(library().kvcache_take_events(self._m, ctypes.byref(ev)))
+        try:
+            out = []
+            for b in range(ev.num_batches):
+                cb = ev.batches[b]
+                events = []
+                for i in range(cb.num_events):
+                    e = cb.events[i]
+                    events.append({
+                        "type": self._EVENT_TYPES[e.type],
+                        "medium": self._MEDIA[e.medium],
+                        "block_hashes": [e.block_hashes[j] for j in range(e.num_block_hashes)],
+                        "parent_block_hash": e.parent_block_hash if e.has_parent else None,
+                        "token_ids": [e.token_ids[j] for j in range(e.num_token_ids)],
+                        "block_size": e.block_size,
+                        "adapter_id": e.adapter_id,
+                    })
+                out.append({"sequence": cb.sequence, "timestamp": cb.timestamp,
+                            "events": events})
+            return out
+        finally:
+            library().kvcache_events_free(ctypes.byref(ev))
+
+    def reset_prefix_cache(self):
+        _check(library().kvcache_reset_prefix_cache(self._m))

@@ -93,6 +93,13 @@ class Config(Structure):
         ("log_sink_user_data", c_void_p),
         ("num_q_heads", c_int32),
         ("graph_max_tokens", c_int32),
+        ("enable_kv_events", c_int32),
+        ("kv_events_queue_capacity", c_int32),
+        ("kv_events_endpoint", c_char_p),
+        ("kv_events_replay_endpoint", c_char_p),
+        ("kv_events_topic", c_char_p),
+        ("kv_events_replay_batches", c_int32),
+        ("kv_events_data_parallel_rank", c_int32),
     ]
 
 
@@ -182,6 +189,9 @@ class Metrics(Structure):
         ("kernel_launches", c_int64),
         ("reserve_failures", c_int64),
         ("block_copies", c_int64),
+        ("kv_event_batches", c_int64),
+        ("kv_event_batches_dropped", c_int64),
+        ("kv_event_batches_unpublished", c_int64),
     ]
 
 
@@ -225,12 +235,45 @@ class GatherRequest(Structure):
         ("sequence", c_int64),
         ("token_begin", c_int64),
         ("num_tokens", c_int64),
+class Event(Structure):
+    _fields_ = [
+        ("type", c_int32),
+        ("medium", c_int32),
+        ("block_hashes", POINTER(c_uint64)),
+        ("num_block_hashes", c_int64),
+        ("has_parent", c_int32),
+        ("parent_block_hash", c_uint64),
+        ("token_ids", POINTER(c_int32)),
+        ("num_token_ids", c_int64),
+        ("block_size", c_int32),
+        ("adapter_id", c_int64),
+    ]
+
+
+class EventBatch(Structure):
+    _fields_ = [
+        ("sequence", c_uint64),
+        ("timestamp", c_double),
+        ("events", POINTER(Event)),
+        ("num_events", c_int64),
+    ]
+
+
+class Events(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("batches", POINTER(EventBatch)),
+        ("num_batches", c_int64),
+        ("owner", c_void_p),
     ]
 
 
 C_STRUCTS = {
     "kvcache_graph_step_inputs": GraphStepInputs,
     "kvcache_gather_request": GatherRequest,
+    "kvcache_event": Event,
+    "kvcache_event_batch": EventBatch,
+    "kvcache_events": Events,
     "kvcache_attention_options": AttentionOptions,
     "kvcache_shortfall": Shortfall,
     "kvcache_config": Config,
@@ -278,6 +321,9 @@ _FUNCTIONS = {
     "kvcache_get_metrics": (_S, [_M, POINTER(Metrics)]),
     "kvcache_metrics_text": (c_size_t, [_M, c_char_p, c_size_t]),
     "kvcache_validate": (_S, [_M]),
+    "kvcache_take_events": (_S, [_M, POINTER(Events)]),
+    "kvcache_events_free": (None, [POINTER(Events)]),
+    "kvcache_reset_prefix_cache": (_S, [_M]),
 }
 
 

@@ -180,6 +180,32 @@ class ManagerTest(unittest.TestCase):
             m.validate()
 
     @needs_backend
+    def test_kv_events(self):
+        rng = np.random.default_rng()
+        prompt = [int(t) for t in rng.integers(0, 50000, 9)]
+        with make(enable_kv_events=True) as m:
+            m.add_sequence(1, prompt)
+            plan = m.reserve([(1, 9)])
+            for layer in range(2):
+                zeros = B.tensor(np.zeros((9, 2, 16), np.float32))
+                m.append(plan, layer, zeros, zeros)
+            m.commit(plan)
+            batches = m.take_events()
+            self.assertEqual([b["sequence"] for b in batches], [0])
+            (stored,) = batches[0]["events"]
+            self.assertEqual(stored["type"], "BlockStored")
+            self.assertEqual(stored["medium"], "device")
+            self.assertEqual(len(stored["block_hashes"]), 2)
+            self.assertIsNone(stored["parent_block_hash"])
+            self.assertEqual(stored["token_ids"], prompt[:8])
+            self.assertEqual(m.take_events(), [])
+            m.reset_prefix_cache()
+            (cleared,) = m.take_events()
+            self.assertEqual(cleared["sequence"], 1)
+            self.assertEqual(cleared["events"][0]["type"], "AllBlocksCleared")
+            self.assertEqual(m.metrics()["kv_event_batches"], 2)
+
+    @needs_backend
     def test_errors_carry_code_and_message(self):
         with make() as m:
             with self.assertRaises(kvcache.KVCacheError) as e:

@@ -63,281 +63,279 @@ KVCacheManagerTestPeer::CreateWithDevice(const KVCacheConfig& config,
 void KVCacheManagerTestPeer::DisableCacheWrites(KVCacheManager& manager) {
   Lock lock(manager.impl_->mu());
   manager.impl_->mutable_backend().DisableWritesForTest();
-  std::vector<uint64_t> KVCacheManagerTestPeer::CachedHashesForTesting(
-      const KVCacheManager& manager, KVEventMedium medium) {
-    Lock lock(manager.impl_->mu());
-    std::vector<uint64_t> out;
-    if (medium == KVEventMedium::kDevice) {
-      for (const BlockHash& h :
-           manager.impl_->blocks().RegisteredHashesForTesting()) {
-        out.push_back(ExternalBlockHash(h));
-      }
-    }
-    return out;
-  }
+}
 
-  absl::StatusOr<int64_t> KVCacheManager::AddSequence(
-      SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
-    return NoBadAlloc("AddSequence", [&]() -> absl::StatusOr<int64_t> {
-      Lock lock(impl_->mu());
-      return impl_->AddSequence(id, prompt, extra);
-    });
-  }
-
-  absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(
-      absl::Span<const ReserveRequest> batch, void* stream) {
-    return NoBadAlloc("Reserve", [&]() -> absl::StatusOr<StepPlanInfo> {
-      Lock lock(impl_->mu());
-      return impl_->Reserve(batch, stream);
-    });
-  }
-
-  absl::StatusOr<StepPlanInfo> KVCacheManager::ReserveGraphStep(
-      absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
-      void* stream) {
-    return NoBadAlloc(
-        "ReserveGraphStep", [&]() -> absl::StatusOr<StepPlanInfo> {
-          Lock lock(impl_->mu());
-          return impl_->ReserveGraphStep(batch, graph_tokens, stream);
-        });
-  }
-
-  absl::StatusOr<GraphStepInputs> KVCacheManager::GraphStep() const {
-    Lock lock(impl_->mu());
-    return impl_->GraphStep();
-  }
-
-  absl::Status KVCacheManager::Append(uint64_t plan_id, int layer,
-                                      const TensorView& key,
-                                      const TensorView& value, void* stream) {
-    return NoBadAlloc("Append", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->Append(plan_id, layer, key, value, stream);
-    });
-  }
-
-  absl::Status KVCacheManager::Append(uint64_t plan_id, int layer,
-                                      const DLTensor& key,
-                                      const DLTensor& value, void* stream) {
-    return NoBadAlloc("Append", [&]() -> absl::Status {
-      absl::StatusOr<TensorView> k = FromDLPack(key);
-      if (!k.ok()) return Annotate(k.status(), "key");
-      absl::StatusOr<TensorView> v = FromDLPack(value);
-      if (!v.ok()) return Annotate(v.status(), "value");
-      Lock lock(impl_->mu());
-      return impl_->Append(plan_id, layer, *k, *v, stream);
-    });
-  }
-
-  absl::Status KVCacheManager::Commit(uint64_t plan_id) {
-    return NoBadAlloc("Commit", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->Commit(plan_id);
-    });
-  }
-
-  absl::Status KVCacheManager::Commit(uint64_t plan_id,
-                                      absl::Span<const int64_t> accepted) {
-    return NoBadAlloc("Commit", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->Commit(plan_id, accepted);
-    });
-  }
-
-  absl::Status KVCacheManager::RemoveFromPlan(
-      uint64_t plan_id, SequenceId sequence, void* stream) {
-    return NoBadAlloc("RemoveFromPlan", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->RemoveFromPlan(plan_id, sequence, stream);
-    });
-  }
-
-  absl::Status KVCacheManager::Truncate(SequenceId sequence,
-                                        int64_t new_length) {
-    return NoBadAlloc("Truncate", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->blocks().Truncate(sequence, new_length);
-    });
-  }
-
-  absl::StatusOr<int64_t> KVCacheManager::PeekPrefix(
-      absl::Span<const TokenId> prompt, const ExtraKey& extra) const {
-    return NoBadAlloc("PeekPrefix", [&]() -> absl::StatusOr<int64_t> {
-      Lock lock(impl_->mu());
-      return impl_->blocks().PeekPrefix(prompt, extra);
-    });
-  }
-
-  absl::StatusOr<std::vector<PlanSequence>> KVCacheManager::PlanLayout(
-      uint64_t plan_id) const {
-    return NoBadAlloc("PlanLayout",
-                      [&]() -> absl::StatusOr<std::vector<PlanSequence>> {
-                        Lock lock(impl_->mu());
-                        return impl_->PlanLayout(plan_id);
-                      });
-  }
-
-  absl::Status KVCacheManager::Abort(uint64_t plan_id) {
-    return NoBadAlloc("Abort", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->Abort(plan_id);
-    });
-  }
-
-  absl::Status KVCacheManager::Fork(SequenceId parent, SequenceId child) {
-    return NoBadAlloc("Fork", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->Fork(parent, child);
-    });
-  }
-
-  absl::Status KVCacheManager::Free(SequenceId id) {
-    return NoBadAlloc("Free", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->Free(id);
-    });
-  }
-
-  absl::StatusOr<std::vector<BlockId>> KVCacheManager::BlockTable(SequenceId id)
-      const {
-    return NoBadAlloc(
-        "BlockTable", [&]() -> absl::StatusOr<std::vector<BlockId>> {
-          Lock lock(impl_->mu());
-          KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> table,
-                                   impl_->blocks().BlockTable(id));
-          return std::vector<BlockId>(table.begin(), table.end());
-        });
-  }
-
-  absl::StatusOr<int64_t> KVCacheManager::SequenceLength(SequenceId id) const {
-    return NoBadAlloc("SequenceLength", [&]() -> absl::StatusOr<int64_t> {
-      Lock lock(impl_->mu());
-      return impl_->blocks().ComputedLength(id);
-    });
-  }
-
-  absl::StatusOr<int64_t> KVCacheManager::KnownLength(SequenceId id) const {
-    return NoBadAlloc("KnownLength", [&]() -> absl::StatusOr<int64_t> {
-      Lock lock(impl_->mu());
-      return impl_->blocks().KnownLength(id);
-    });
-  }
-
-  absl::StatusOr<BlockTableView> KVCacheManager::BatchBlockTable(
-      absl::Span<const SequenceId> ids, void* stream) {
-    return NoBadAlloc("BatchBlockTable",
-                      [&]() -> absl::StatusOr<BlockTableView> {
-                        Lock lock(impl_->mu());
-                        return impl_->BatchBlockTable(ids, stream);
-                      });
-  }
-
-  absl::StatusOr<LayerView> KVCacheManager::GetLayerView(int layer) const {
-    // The layout never changes after Create: no lock.
-    KVCACHE_RETURN_IF_ERROR(impl_->CheckLayer(layer));
-    return impl_->backend().View(layer);
-  }
-
-  absl::Status KVCacheManager::Gather(
-      SequenceId id, int layer, int64_t token_begin, int64_t num_tokens,
-      const TensorView& key_out, const TensorView& value_out, void* stream) {
-    return NoBadAlloc("Gather", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->Gather(id, layer, token_begin, num_tokens, key_out,
-                           value_out, stream);
-    });
-  }
-
-  absl::Status KVCacheManager::GatherAsync(
-      SequenceId id, int layer, int64_t token_begin, int64_t num_tokens,
-      const TensorView& key_out, const TensorView& value_out,
-      const GatherOptions& options, void* stream) {
-    return NoBadAlloc("GatherAsync", [&]() -> absl::Status {
-      const GatherRequest request{id, token_begin, num_tokens};
-      Lock lock(impl_->mu());
-      return impl_->GatherBatch(absl::MakeConstSpan(&request, 1), layer,
-                                key_out, value_out, options, stream);
-    });
-  }
-
-  absl::Status KVCacheManager::GatherBatch(
-      absl::Span<const GatherRequest> requests, int layer,
-      const TensorView& key_out, const TensorView& value_out,
-      const GatherOptions& options, void* stream) {
-    return NoBadAlloc("GatherBatch", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->GatherBatch(requests, layer, key_out, value_out, options,
-                                stream);
-    });
-  }
-
-  int64_t KVCacheManager::FreeBlocks() const {
-    Lock lock(impl_->mu());
-    return impl_->blocks().Usage().free_blocks;
-  }
-
-  int64_t KVCacheManager::EvictableBlocks() const {
-    Lock lock(impl_->mu());
-    return impl_->blocks().Usage().cached_blocks;
-  }
-
-  int64_t KVCacheManager::TotalBlocks() const {
-    return impl_->backend().layout().num_blocks;
-  }
-
-  absl::Status KVCacheManager::CanReserve(
-      absl::Span<const ReserveRequest> batch) const {
-    return NoBadAlloc("CanReserve", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->CanReserve(batch);
-    });
-  }
-
-  absl::StatusOr<int64_t> KVCacheManager::TokensThatFit(SequenceId id) const {
-    return NoBadAlloc("TokensThatFit", [&]() -> absl::StatusOr<int64_t> {
-      Lock lock(impl_->mu());
-      return impl_->blocks().TokensThatFit(id);
-    });
-  }
-
-  MetricsSnapshot KVCacheManager::Metrics() const {
-    Lock lock(impl_->mu());
-    return impl_->Metrics();
-  }
-
-  std::string KVCacheManager::MetricsText() const {
-    // The text needs memory; when there is none the answer is empty.
-    try {
-      return ToPrometheusText(Metrics());
-    } catch (const std::bad_alloc&) {
-      return std::string();
+std::vector<uint64_t> KVCacheManagerTestPeer::CachedHashesForTesting(
+    const KVCacheManager& manager, KVEventMedium medium) {
+  Lock lock(manager.impl_->mu());
+  std::vector<uint64_t> out;
+  if (medium == KVEventMedium::kDevice) {
+    for (const BlockHash& h :
+         manager.impl_->blocks().RegisteredHashesForTesting()) {
+      out.push_back(ExternalBlockHash(h));
     }
   }
+  return out;
+}
 
-  absl::StatusOr<std::vector<KVEventBatch>> KVCacheManager::TakeEvents() {
-    return NoBadAlloc("TakeEvents",
-                      [&]() -> absl::StatusOr<std::vector<KVEventBatch>> {
-                        Lock lock(impl_->mu());
-                        return impl_->TakeEvents();
-                      });
-  }
+absl::StatusOr<int64_t> KVCacheManager::AddSequence(
+    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
+  return NoBadAlloc("AddSequence", [&]() -> absl::StatusOr<int64_t> {
+    Lock lock(impl_->mu());
+    return impl_->AddSequence(id, prompt, extra);
+  });
+}
 
-  absl::Status KVCacheManager::ResetPrefixCache() {
-    return NoBadAlloc("ResetPrefixCache", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->blocks().ResetPrefixCache();
-    });
-  }
+absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(
+    absl::Span<const ReserveRequest> batch, void* stream) {
+  return NoBadAlloc("Reserve", [&]() -> absl::StatusOr<StepPlanInfo> {
+    Lock lock(impl_->mu());
+    return impl_->Reserve(batch, stream);
+  });
+}
 
-  const KVCacheConfig& KVCacheManager::config() const {
-    return impl_->config();
-  }
+absl::StatusOr<StepPlanInfo> KVCacheManager::ReserveGraphStep(
+    absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+    void* stream) {
+  return NoBadAlloc("ReserveGraphStep", [&]() -> absl::StatusOr<StepPlanInfo> {
+    Lock lock(impl_->mu());
+    return impl_->ReserveGraphStep(batch, graph_tokens, stream);
+  });
+}
 
-  absl::Status KVCacheManager::Validate() const {
-    return NoBadAlloc("Validate", [&]() -> absl::Status {
-      Lock lock(impl_->mu());
-      return impl_->Validate();
-    });
+absl::StatusOr<GraphStepInputs> KVCacheManager::GraphStep() const {
+  Lock lock(impl_->mu());
+  return impl_->GraphStep();
+}
+
+absl::Status KVCacheManager::Append(uint64_t plan_id, int layer,
+                                    const TensorView& key,
+                                    const TensorView& value, void* stream) {
+  return NoBadAlloc("Append", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->Append(plan_id, layer, key, value, stream);
+  });
+}
+
+absl::Status KVCacheManager::Append(uint64_t plan_id, int layer,
+                                    const DLTensor& key, const DLTensor& value,
+                                    void* stream) {
+  return NoBadAlloc("Append", [&]() -> absl::Status {
+    absl::StatusOr<TensorView> k = FromDLPack(key);
+    if (!k.ok()) return Annotate(k.status(), "key");
+    absl::StatusOr<TensorView> v = FromDLPack(value);
+    if (!v.ok()) return Annotate(v.status(), "value");
+    Lock lock(impl_->mu());
+    return impl_->Append(plan_id, layer, *k, *v, stream);
+  });
+}
+
+absl::Status KVCacheManager::Commit(uint64_t plan_id) {
+  return NoBadAlloc("Commit", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->Commit(plan_id);
+  });
+}
+
+absl::Status KVCacheManager::Commit(uint64_t plan_id,
+                                    absl::Span<const int64_t> accepted) {
+  return NoBadAlloc("Commit", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->Commit(plan_id, accepted);
+  });
+}
+
+absl::Status KVCacheManager::RemoveFromPlan(uint64_t plan_id,
+                                            SequenceId sequence, void* stream) {
+  return NoBadAlloc("RemoveFromPlan", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->RemoveFromPlan(plan_id, sequence, stream);
+  });
+}
+
+absl::Status KVCacheManager::Truncate(SequenceId sequence, int64_t new_length) {
+  return NoBadAlloc("Truncate", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->blocks().Truncate(sequence, new_length);
+  });
+}
+
+absl::StatusOr<int64_t> KVCacheManager::PeekPrefix(
+    absl::Span<const TokenId> prompt, const ExtraKey& extra) const {
+  return NoBadAlloc("PeekPrefix", [&]() -> absl::StatusOr<int64_t> {
+    Lock lock(impl_->mu());
+    return impl_->blocks().PeekPrefix(prompt, extra);
+  });
+}
+
+absl::StatusOr<std::vector<PlanSequence>> KVCacheManager::PlanLayout(
+    uint64_t plan_id) const {
+  return NoBadAlloc("PlanLayout",
+                    [&]() -> absl::StatusOr<std::vector<PlanSequence>> {
+                      Lock lock(impl_->mu());
+                      return impl_->PlanLayout(plan_id);
+                    });
+}
+
+absl::Status KVCacheManager::Abort(uint64_t plan_id) {
+  return NoBadAlloc("Abort", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->Abort(plan_id);
+  });
+}
+
+absl::Status KVCacheManager::Fork(SequenceId parent, SequenceId child) {
+  return NoBadAlloc("Fork", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->Fork(parent, child);
+  });
+}
+
+absl::Status KVCacheManager::Free(SequenceId id) {
+  return NoBadAlloc("Free", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->Free(id);
+  });
+}
+
+absl::StatusOr<std::vector<BlockId>> KVCacheManager::BlockTable(
+    SequenceId id) const {
+  return NoBadAlloc(
+      "BlockTable", [&]() -> absl::StatusOr<std::vector<BlockId>> {
+        Lock lock(impl_->mu());
+        KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> table,
+                                 impl_->blocks().BlockTable(id));
+        return std::vector<BlockId>(table.begin(), table.end());
+      });
+}
+
+absl::StatusOr<int64_t> KVCacheManager::SequenceLength(SequenceId id) const {
+  return NoBadAlloc("SequenceLength", [&]() -> absl::StatusOr<int64_t> {
+    Lock lock(impl_->mu());
+    return impl_->blocks().ComputedLength(id);
+  });
+}
+
+absl::StatusOr<int64_t> KVCacheManager::KnownLength(SequenceId id) const {
+  return NoBadAlloc("KnownLength", [&]() -> absl::StatusOr<int64_t> {
+    Lock lock(impl_->mu());
+    return impl_->blocks().KnownLength(id);
+  });
+}
+
+absl::StatusOr<BlockTableView> KVCacheManager::BatchBlockTable(
+    absl::Span<const SequenceId> ids, void* stream) {
+  return NoBadAlloc("BatchBlockTable", [&]() -> absl::StatusOr<BlockTableView> {
+    Lock lock(impl_->mu());
+    return impl_->BatchBlockTable(ids, stream);
+  });
+}
+
+absl::StatusOr<LayerView> KVCacheManager::GetLayerView(int layer) const {
+  // The layout never changes after Create: no lock.
+  KVCACHE_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  return impl_->backend().View(layer);
+}
+
+absl::Status KVCacheManager::Gather(SequenceId id, int layer,
+                                    int64_t token_begin, int64_t num_tokens,
+                                    const TensorView& key_out,
+                                    const TensorView& value_out, void* stream) {
+  return NoBadAlloc("Gather", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->Gather(id, layer, token_begin, num_tokens, key_out, value_out,
+                         stream);
+  });
+}
+
+absl::Status KVCacheManager::GatherAsync(
+    SequenceId id, int layer, int64_t token_begin, int64_t num_tokens,
+    const TensorView& key_out, const TensorView& value_out,
+    const GatherOptions& options, void* stream) {
+  return NoBadAlloc("GatherAsync", [&]() -> absl::Status {
+    const GatherRequest request{id, token_begin, num_tokens};
+    Lock lock(impl_->mu());
+    return impl_->GatherBatch(absl::MakeConstSpan(&request, 1), layer, key_out,
+                              value_out, options, stream);
+  });
+}
+
+absl::Status KVCacheManager::GatherBatch(
+    absl::Span<const GatherRequest> requests, int layer,
+    const TensorView& key_out, const TensorView& value_out,
+    const GatherOptions& options, void* stream) {
+  return NoBadAlloc("GatherBatch", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->GatherBatch(requests, layer, key_out, value_out, options,
+                              stream);
+  });
+}
+
+int64_t KVCacheManager::FreeBlocks() const {
+  Lock lock(impl_->mu());
+  return impl_->blocks().Usage().free_blocks;
+}
+
+int64_t KVCacheManager::EvictableBlocks() const {
+  Lock lock(impl_->mu());
+  return impl_->blocks().Usage().cached_blocks;
+}
+
+int64_t KVCacheManager::TotalBlocks() const {
+  return impl_->backend().layout().num_blocks;
+}
+
+absl::Status KVCacheManager::CanReserve(
+    absl::Span<const ReserveRequest> batch) const {
+  return NoBadAlloc("CanReserve", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->CanReserve(batch);
+  });
+}
+
+absl::StatusOr<int64_t> KVCacheManager::TokensThatFit(SequenceId id) const {
+  return NoBadAlloc("TokensThatFit", [&]() -> absl::StatusOr<int64_t> {
+    Lock lock(impl_->mu());
+    return impl_->blocks().TokensThatFit(id);
+  });
+}
+
+MetricsSnapshot KVCacheManager::Metrics() const {
+  Lock lock(impl_->mu());
+  return impl_->Metrics();
+}
+
+std::string KVCacheManager::MetricsText() const {
+  // The text needs memory; when there is none the answer is empty.
+  try {
+    return ToPrometheusText(Metrics());
+  } catch (const std::bad_alloc&) {
+    return std::string();
   }
+}
+
+absl::StatusOr<std::vector<KVEventBatch>> KVCacheManager::TakeEvents() {
+  return NoBadAlloc("TakeEvents",
+                    [&]() -> absl::StatusOr<std::vector<KVEventBatch>> {
+                      Lock lock(impl_->mu());
+                      return impl_->TakeEvents();
+                    });
+}
+
+absl::Status KVCacheManager::ResetPrefixCache() {
+  return NoBadAlloc("ResetPrefixCache", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->blocks().ResetPrefixCache();
+  });
+}
+
+const KVCacheConfig& KVCacheManager::config() const { return impl_->config(); }
+
+absl::Status KVCacheManager::Validate() const {
+  return NoBadAlloc("Validate", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->Validate();
+  });
+}
 
 }  // namespace kvcache

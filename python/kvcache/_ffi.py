@@ -235,6 +235,9 @@ class GatherRequest(Structure):
         ("sequence", c_int64),
         ("token_begin", c_int64),
         ("num_tokens", c_int64),
+    ]
+
+
 class Event(Structure):
     _fields_ = [
         ("type", c_int32),

@@ -30,8 +30,8 @@
 #include "api/kv_cache_manager.h"
 #include "api/lookup_buffers.h"
 #include "api/plan_table.h"
-#include "events/kv_event_sink.h"
 #include "api/tensor_checks.h"
+#include "events/kv_event_sink.h"
 #include "storage/device.h"
 
 namespace kvcache {

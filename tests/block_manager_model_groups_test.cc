@@ -292,13 +292,13 @@ TEST_P(GroupModelTest, RandomOperationsAgreeWithTheModel) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Variants, GroupModelTest,
-    ::testing::Values(GroupVariant{{0, 8}, true, 30000},
-                      GroupVariant{{8, 12, 0}, true, 30000},
-                      GroupVariant{{4, 5}, true, 20000},
-                      GroupVariant{{0}, true, 10000},
-                      GroupVariant{{0, 6}, false, 10000}));
+INSTANTIATE_TEST_SUITE_P(Variants, GroupModelTest,
+                         ::testing::Values(GroupVariant{{0, 8}, true, 30000},
+                                           GroupVariant{
+                                               {8, 12, 0}, true, 30000},
+                                           GroupVariant{{4, 5}, true, 20000},
+                                           GroupVariant{{0}, true, 10000},
+                                           GroupVariant{{0, 6}, false, 10000}));
 
 }  // namespace
 }  // namespace model_test

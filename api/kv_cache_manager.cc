@@ -67,6 +67,21 @@ absl::StatusOr<int64_t> KVCacheManager::AddSequence(
   });
 }
 
+absl::StatusOr<int64_t> KVCacheManager::AddSequence(
+    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra,
+    PrefixHits* hits) {
+  return NoBadAlloc("AddSequence", [&]() -> absl::StatusOr<int64_t> {
+    Lock lock(impl_->mu());
+    return impl_->AddSequence(id, prompt, extra, hits);
+  });
+}
+
+TierCopier* KVCacheManagerTestPeer::HostTierCopier(KVCacheManager& manager) {
+  Lock lock(manager.impl_->mu());
+  internal::TierMover* tier = manager.impl_->tier();
+  return tier != nullptr ? &tier->copier() : nullptr;
+}
+
 absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(
     absl::Span<const ReserveRequest> batch, void* stream) {
   return NoBadAlloc("Reserve", [&]() -> absl::StatusOr<StepPlanInfo> {

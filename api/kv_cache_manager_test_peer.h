@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "api/kv_cache_manager.h"
 #include "storage/device.h"
+#include "storage/tier_copier.h"
 
 namespace kvcache {
 
@@ -21,6 +22,9 @@ class KVCacheManagerTestPeer {
   // (whose memory kind must still match `device`'s kind).
   static absl::StatusOr<std::unique_ptr<KVCacheManager>> CreateWithDevice(
       const KVCacheConfig& config, std::unique_ptr<Device> device);
+  // The host tier's copy queue (delay and failure seams), or null without a
+  // tier. Valid while the manager lives.
+  static TierCopier* HostTierCopier(KVCacheManager& manager);
 };
 
 }  // namespace kvcache

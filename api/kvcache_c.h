@@ -153,6 +153,9 @@ typedef struct kvcache_config {
   void* log_sink_user_data;  /* passed to log_sink */
   /* Query heads for kvcache_attention (0 = attention off). */
   int32_t num_q_heads;
+  /* Host tier: bytes of (pinned) host memory behind the cache; 0 = off
+   * (KVCacheConfig::host_tier_bytes; README "Host tier"). */
+  int64_t host_tier_bytes;
 } kvcache_config;
 
 /* A caller tensor: strides in elements; [tokens, heads, head_size] for K/V. */
@@ -238,7 +241,25 @@ typedef struct kvcache_metrics {
   int64_t kernel_launches;
   int64_t reserve_failures;
   int64_t block_copies;
+  /* Host tier (all zero without one); MetricsSnapshot's fields. */
+  int64_t host_tier_blocks_total;
+  int64_t host_tier_blocks_stored;
+  int64_t prefix_hit_tokens_device;
+  int64_t prefix_hit_tokens_host;
+  int64_t host_tier_evictions;
+  int64_t tier_offloads;
+  int64_t tier_onboards;
+  int64_t tier_offload_bytes;
+  int64_t tier_onboard_bytes;
+  int64_t tier_copy_failures;
 } kvcache_metrics;
+
+/* Where kvcache_add_sequence_hits's computed tokens came from. */
+typedef struct kvcache_prefix_hits {
+  size_t struct_size; /* sizeof(kvcache_prefix_hits), set by the caller */
+  int64_t device_tokens; /* shared blocks of the cache */
+  int64_t host_tokens;   /* blocks onboarded from the host tier */
+} kvcache_prefix_hits;
 
 /* "1.0.0": the library's version (KVCACHE_VERSION_* of the header it was
  * built from). */
@@ -269,6 +290,14 @@ KVCACHE_EXPORT kvcache_status kvcache_add_sequence(
     kvcache_manager* manager, int64_t sequence, const int32_t* prompt,
     int64_t prompt_len, int64_t adapter_id, const uint8_t* salt,
     size_t salt_len, int64_t* computed_tokens);
+/* kvcache_add_sequence that also fills `hits` (if not NULL; its struct_size
+ * set) with how many computed tokens came from each tier. With a host tier,
+ * a failed onboarding copy fails the call: the sequence is not added and
+ * those tier blocks are dropped. */
+KVCACHE_EXPORT kvcache_status kvcache_add_sequence_hits(
+    kvcache_manager* manager, int64_t sequence, const int32_t* prompt,
+    int64_t prompt_len, int64_t adapter_id, const uint8_t* salt,
+    size_t salt_len, int64_t* computed_tokens, kvcache_prefix_hits* hits);
 KVCACHE_EXPORT kvcache_status
 kvcache_reserve(kvcache_manager* manager, const kvcache_reserve_request* batch,
                 int64_t batch_size, void* stream, kvcache_plan* plan);

@@ -42,6 +42,12 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
                         config.block_size);
   }
   BlockManagerOptions options;
+  std::unique_ptr<internal::TierMover> tier;
+  if (config.host_tier_bytes > 0) {
+    KVCACHE_ASSIGN_OR_RETURN(tier, internal::TierMover::Create(
+                                       *m->backend_, config.host_tier_bytes));
+    options.host_tier_blocks = tier->num_slots();
+  }
   options.num_blocks = static_cast<int32_t>(num_blocks);
   options.block_size = config.block_size;
   options.enable_prefix_caching = config.enable_prefix_caching;
@@ -51,6 +57,7 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
 
   std::lock_guard<std::mutex> lock(m->mu_);
   KVCACHE_ASSIGN_OR_RETURN(m->blocks_, BlockManager::Create(options));
+  m->tier_ = std::move(tier);
   KVCACHE_ASSIGN_OR_RETURN(
       m->plans_, internal::PlanTable::Create(dev, config.num_layers,
                                              config.max_inflight_plans,
@@ -121,13 +128,22 @@ absl::Status KVCacheManager::Impl::CheckBatch(
 }
 
 absl::StatusOr<int64_t> KVCacheManager::Impl::AddSequence(
-    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
+    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra,
+    PrefixHits* hits) {
   // Lengths reach the engine as int32 (BatchBlockTable's seq_lens).
   if (prompt.size() > static_cast<size_t>(INT32_MAX)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt of ", prompt.size(), " tokens exceeds ", INT32_MAX, " tokens"));
   }
-  return blocks_->AddSequence(id, prompt, extra);
+  PrefixHitSplit split;
+  KVCACHE_ASSIGN_OR_RETURN(const int64_t computed,
+                           blocks_->AddSequence(id, prompt, extra, &split));
+  if (tier_ != nullptr) {
+    KVCACHE_RETURN_IF_ERROR(
+        RunTierCopies(last_stream_, id, /*onboarding=*/split.host_tokens > 0));
+  }
+  if (hits != nullptr) *hits = PrefixHits{split.device_tokens, split.host_tokens};
+  return computed;
 }
 
 absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
@@ -143,6 +159,20 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
   if (!plan.ok()) {
     if (absl::IsResourceExhausted(plan.status())) ++counters_.reserve_failures;
     return plan.status();
+  }
+  if (tier_ != nullptr) {
+    // The evicted blocks' offloads read them before anything writes them:
+    // the stream waits for the copies (on the CPU, Append and copy-on-write
+    // wait).
+    last_stream_ = stream;
+    RunTierCopies(stream, 0, /*onboarding=*/false).IgnoreError();
+    if (backend_->memory_kind() == MemoryKind::kCuda ||
+        !plan->copies.empty()) {
+      if (absl::Status s = OrderAfterTierCopies(stream); !s.ok()) {
+        blocks_->Abort(plan->id).IgnoreError();
+        return s;
+      }
+    }
   }
   // Copy-on-write runs here, in every layer, so that no block table names a
   // copy before it holds the sequence's data; if it cannot, the plan is
@@ -226,6 +256,7 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
   const internal::StepBuffers::Slot& slot = plans_->buffers().slot(plan->slot);
   Device& device = backend_->device();
   KVCACHE_RETURN_IF_ERROR(device.StreamWaitEvent(stream, slot.uploaded));
+  KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
   KVCACHE_RETURN_IF_ERROR(
       Annotate(backend_->QuantizeWrite(params, stream), context));
   ++counters_.kernel_launches;

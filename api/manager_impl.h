@@ -28,6 +28,7 @@
 #include "api/kv_cache_manager.h"
 #include "api/lookup_buffers.h"
 #include "api/plan_table.h"
+#include "api/tier_mover.h"
 #include "storage/device.h"
 
 namespace kvcache {
@@ -46,7 +47,8 @@ class KVCacheManager::Impl {
   // The operations of KVCacheManager, with the same contracts.
   absl::StatusOr<int64_t> AddSequence(SequenceId id,
                                       absl::Span<const TokenId> prompt,
-                                      const ExtraKey& extra)
+                                      const ExtraKey& extra,
+                                      PrefixHits* hits = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
                                        void* stream)
@@ -92,6 +94,11 @@ class KVCacheManager::Impl {
 
   absl::Status CheckLayer(int layer) const;
 
+  // The host tier (null without one); for tests.
+  internal::TierMover* tier() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return tier_.get();
+  }
+
  private:
   explicit Impl(const KVCacheConfig& config) : config_(config) {}
 
@@ -111,6 +118,16 @@ class KVCacheManager::Impl {
   // Batch size and token limits of the step buffers, and no sequence pending.
   absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Host tier (api/manager_tier.cc). Runs the tier copies the allocator's
+  // last call asked for, after `stream`'s earlier work; when they cannot
+  // run, the blocks they would have filled are dropped (and `sequence`, if
+  // it was onboarding, is freed: the error is returned).
+  absl::Status RunTierCopies(void* stream, SequenceId sequence,
+                             bool onboarding) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Later work on `stream` that reads or writes blocks comes after every
+  // tier copy so far (on the CPU: waits for them). No-op without a tier.
+  absl::Status OrderAfterTierCopies(void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const KVCacheConfig config_;
   std::unique_ptr<internal::CacheBackend> backend_;
@@ -122,6 +139,10 @@ class KVCacheManager::Impl {
   // Made at Create when config.num_q_heads > 0.
   std::unique_ptr<internal::AttentionBuffers> attention_ ABSL_GUARDED_BY(mu_);
   MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);
+  // Host tier: its data path, and the stream of the last call that took
+  // one (AddSequence's copies, which has none, come after its work).
+  std::unique_ptr<internal::TierMover> tier_ ABSL_GUARDED_BY(mu_);
+  void* last_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 
 }  // namespace kvcache

@@ -84,6 +84,7 @@ absl::Status KVCacheManager::Impl::Gather(
       params.output, num_tokens, layout, backend_->storage()));
   KVCACHE_RETURN_IF_ERROR(
       lookups_->UploadGatherRange(table.subspan(first, count), stream));
+  KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
   KVCACHE_RETURN_IF_ERROR(Annotate(backend_->Gather(params, stream), context));
   ++counters_.kernel_launches;
   return backend_->device().SynchronizeStream(stream);
@@ -106,6 +107,19 @@ MetricsSnapshot KVCacheManager::Impl::Metrics() const {
   s.prefix_query_tokens = prefix.query_tokens;
   s.prefix_hit_tokens = prefix.hit_tokens;
   s.evictions = prefix.evictions;
+  if (tier_ != nullptr) {
+    const TierUsage tier = blocks_->HostTierUsage();
+    s.host_tier_blocks_total = tier.total_blocks;
+    s.host_tier_blocks_stored = tier.stored_blocks;
+    s.prefix_hit_tokens_host = prefix.host_hit_tokens;
+    s.host_tier_evictions = prefix.host_evictions;
+    s.tier_offloads = prefix.offloads;
+    s.tier_onboards = prefix.onboards;
+    s.tier_offload_bytes = tier_->offload_bytes();
+    s.tier_onboard_bytes = tier_->onboard_bytes();
+    s.tier_copy_failures = prefix.host_drops;
+  }
+  s.prefix_hit_tokens_device = prefix.hit_tokens - prefix.host_hit_tokens;
   return s;
 }
 

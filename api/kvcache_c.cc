@@ -390,10 +390,12 @@ kvcache_status kvcache_add_sequence(kvcache_manager* m, int64_t sequence,
                       adapter_id, salt, salt_len, computed_tokens, nullptr);
 }
 
-kvcache_status kvcache_add_sequence_hits(
-    kvcache_manager* m, int64_t sequence, const int32_t* prompt,
-    int64_t prompt_len, int64_t adapter_id, const uint8_t* salt,
-    size_t salt_len, int64_t* computed_tokens, kvcache_prefix_hits* hits) {
+kvcache_status kvcache_add_sequence_hits(kvcache_manager* m, int64_t sequence,
+                                         const int32_t* prompt,
+                                         int64_t prompt_len, int64_t adapter_id,
+                                         const uint8_t* salt, size_t salt_len,
+                                         int64_t* computed_tokens,
+                                         kvcache_prefix_hits* hits) {
   KVCACHE_C_REQUIRE(m);
   return AddSequenceC("kvcache_add_sequence_hits", m, sequence, prompt,
                       prompt_len, adapter_id, salt, salt_len, computed_tokens,

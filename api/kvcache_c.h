@@ -256,7 +256,7 @@ typedef struct kvcache_metrics {
 
 /* Where kvcache_add_sequence_hits's computed tokens came from. */
 typedef struct kvcache_prefix_hits {
-  size_t struct_size; /* sizeof(kvcache_prefix_hits), set by the caller */
+  size_t struct_size;    /* sizeof(kvcache_prefix_hits), set by the caller */
   int64_t device_tokens; /* shared blocks of the cache */
   int64_t host_tokens;   /* blocks onboarded from the host tier */
 } kvcache_prefix_hits;

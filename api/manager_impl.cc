@@ -142,7 +142,8 @@ absl::StatusOr<int64_t> KVCacheManager::Impl::AddSequence(
     KVCACHE_RETURN_IF_ERROR(
         RunTierCopies(last_stream_, id, /*onboarding=*/split.host_tokens > 0));
   }
-  if (hits != nullptr) *hits = PrefixHits{split.device_tokens, split.host_tokens};
+  if (hits != nullptr)
+    *hits = PrefixHits{split.device_tokens, split.host_tokens};
   return computed;
 }
 
@@ -166,8 +167,7 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
     // wait).
     last_stream_ = stream;
     RunTierCopies(stream, 0, /*onboarding=*/false).IgnoreError();
-    if (backend_->memory_kind() == MemoryKind::kCuda ||
-        !plan->copies.empty()) {
+    if (backend_->memory_kind() == MemoryKind::kCuda || !plan->copies.empty()) {
       if (absl::Status s = OrderAfterTierCopies(stream); !s.ok()) {
         blocks_->Abort(plan->id).IgnoreError();
         return s;

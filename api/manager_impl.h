@@ -122,8 +122,8 @@ class KVCacheManager::Impl {
   // last call asked for, after `stream`'s earlier work; when they cannot
   // run, the blocks they would have filled are dropped (and `sequence`, if
   // it was onboarding, is freed: the error is returned).
-  absl::Status RunTierCopies(void* stream, SequenceId sequence,
-                             bool onboarding) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status RunTierCopies(void* stream, SequenceId sequence, bool onboarding)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Later work on `stream` that reads or writes blocks comes after every
   // tier copy so far (on the CPU: waits for them). No-op without a tier.
   absl::Status OrderAfterTierCopies(void* stream)

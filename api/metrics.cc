@@ -50,14 +50,13 @@ void AppendTierText(std::string* out, const MetricsSnapshot& m) {
       m.tier_offload_bytes, "\n",
       "kvcache_tier_bytes_moved_total{direction=\"onboard\"} ",
       m.tier_onboard_bytes, "\n");
-  absl::StrAppend(
-      out,
-      "# HELP kvcache_host_tier_blocks Host-tier blocks by state.\n"
-      "# TYPE kvcache_host_tier_blocks gauge\n",
-      "kvcache_host_tier_blocks{state=\"stored\"} ",
-      m.host_tier_blocks_stored, "\n",
-      "kvcache_host_tier_blocks{state=\"total\"} ", m.host_tier_blocks_total,
-      "\n");
+  absl::StrAppend(out,
+                  "# HELP kvcache_host_tier_blocks Host-tier blocks by state.\n"
+                  "# TYPE kvcache_host_tier_blocks gauge\n",
+                  "kvcache_host_tier_blocks{state=\"stored\"} ",
+                  m.host_tier_blocks_stored, "\n",
+                  "kvcache_host_tier_blocks{state=\"total\"} ",
+                  m.host_tier_blocks_total, "\n");
   Add(out, "tier_copy_failures_total", "counter",
       "Blocks dropped because their tier copy failed.", m.tier_copy_failures);
 }

@@ -43,8 +43,9 @@ absl::Status TierMover::Run(absl::Span<const TierCopy> copies,
         ByteRun block[kMaxBlockRuns];
         const int n = BlockRuns(backend_.layer(layer), c.device_block, block);
         for (int i = 0; i < n; ++i) {
-          runs_.push_back(c.onboard ? CopyRun{block[i].data, slot, block[i].bytes}
-                                    : CopyRun{slot, block[i].data, block[i].bytes});
+          runs_.push_back(c.onboard
+                              ? CopyRun{block[i].data, slot, block[i].bytes}
+                              : CopyRun{slot, block[i].data, block[i].bytes});
           slot += SlotRunBytes(block[i].bytes);
         }
       }

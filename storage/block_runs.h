@@ -32,7 +32,8 @@ inline int BlockRuns(const LayerCache& cache, int64_t block,
   out[n++] = ByteRun{static_cast<char*>(cache.key_cache) + block * k, k};
   out[n++] = ByteRun{static_cast<char*>(cache.value_cache) + block * v, v};
   if (cache.key_scale != nullptr) {
-    const int64_t s = l.scale_block_elems() * static_cast<int64_t>(sizeof(float));
+    const int64_t s =
+        l.scale_block_elems() * static_cast<int64_t>(sizeof(float));
     out[n++] = ByteRun{reinterpret_cast<char*>(cache.key_scale) + block * s, s};
     out[n++] =
         ByteRun{reinterpret_cast<char*>(cache.value_scale) + block * s, s};

@@ -104,9 +104,8 @@ absl::StatusOr<std::unique_ptr<TierCopier>> CreateCpuTierCopier(
   absl::StatusOr<Buffer> pool =
       device.AllocateStaging(static_cast<size_t>(pool_bytes));
   if (!pool.ok()) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("host tier of ", pool_bytes,
-                     " bytes: ", pool.status().message()));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "host tier of ", pool_bytes, " bytes: ", pool.status().message()));
   }
   try {
     return std::unique_ptr<TierCopier>(new CpuTierCopier(*std::move(pool)));

@@ -118,6 +118,11 @@ class Harness {
     config_.cache_dtype = dtypes[(a >> 5) % 3];
     config_.input_dtype = DType::kBFloat16;
     config_.enable_prefix_caching = (b & 0x80) == 0;
+    // A host tier of 1-7 blocks behind the cache (with prefix caching).
+    if ((b & 0xc0) == 0x40) {
+      CheckHostileTier(a);
+      config_.host_tier_bytes = (1 + b % 7) * *BlockBytesAllLayers(config_);
+    }
     config_.max_tokens_per_step = 48;
     config_.max_sequences_per_step = 4;
     config_.max_inflight_plans = 2;
@@ -133,6 +138,19 @@ class Harness {
     if (!m.ok()) Fail("Create: " + m.status().ToString());
     manager_ = *std::move(m);
     return true;
+  }
+
+  // Hostile host_tier_bytes are refused by name, never a crash.
+  void CheckHostileTier(uint8_t a) {
+    KVCacheConfig bad = config_;
+    const int64_t hostile[] = {-1, 1, kMin, kHuge};
+    bad.host_tier_bytes = hostile[a % 4];
+    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
+        KVCacheManager::Create(bad);
+    if (m.ok() || !absl::IsInvalidArgument(m.status()) ||
+        m.status().message().find("host_tier_bytes") == std::string::npos) {
+      Fail("hostile host_tier_bytes: " + m.status().ToString());
+    }
   }
 
   void Run() {
@@ -325,9 +343,16 @@ class Harness {
     for (int i = 0; i < len; ++i) Push(s, in_.Range(3));
     ExtraKey extra;
     extra.salt = Salt(s.salt);
+    // Odd lengths also ask where the hit came from (host tier or device).
+    PrefixHits hits;
     absl::StatusOr<int64_t> computed =
-        manager_->AddSequence(id, s.tokens, extra);
+        len % 2 == 1 ? manager_->AddSequence(id, s.tokens, extra, &hits)
+                     : manager_->AddSequence(id, s.tokens, extra);
     if (!computed.ok()) return computed.status();
+    if (len % 2 == 1 && (hits.device_tokens + hits.host_tokens != *computed ||
+                         (config_.host_tier_bytes == 0 && hits.host_tokens))) {
+      Fail("PrefixHits do not add up to the computed length");
+    }
     if (seqs_.count(id) || len == 0) Fail("bad AddSequence succeeded");
     if (*computed < 0 || *computed >= len) Fail("bad computed length");
     s.computed = *computed;

@@ -236,6 +236,10 @@ class BlockManager {
   absl::Status DropFailedOnboards(SequenceId id,
                                   absl::Span<const TierCopy> copies);
   TierUsage HostTierUsage() const;
+  // Whether evictions offload to the tier (default on). The manager turns it
+  // off while its copy queue is busy, so that offloading never stalls a
+  // step: evicted blocks are then dropped as without a tier.
+  void SetTierOffload(bool on) { prefix_.set_offload(on); }
 
   // Lookups. NotFound for an unknown sequence.
   absl::StatusOr<absl::Span<const BlockId>> BlockTable(SequenceId id) const;

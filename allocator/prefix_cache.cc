@@ -180,7 +180,13 @@ void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
 BlockId PrefixCache::Evict(BlockPool& pool) {
   const BlockId b = pool.EvictOldest();
   if (observer_ != nullptr) RecordRemoved(index_.hash(b), BlockMedium::kDevice);
-  if (tier_ != nullptr) Offload(b);  // Before Erase: it reads the ids.
+  if (tier_ != nullptr) {  // Before Erase: it reads the ids.
+    if (offload_) {
+      Offload(b);
+    } else {
+      ++stats_.offloads_skipped;
+    }
+  }
   index_.Erase(b);
   ++stats_.evictions;
   return b;

@@ -59,6 +59,8 @@ struct PrefixCacheStats {
   int64_t onboards = 0;         // Blocks copied back (hits and promotions).
   int64_t host_evictions = 0;   // Tier blocks dropped for room (LRU).
   int64_t host_drops = 0;       // Tier blocks dropped after a failed copy.
+  // Evicted blocks not offloaded because the manager's copy queue was busy.
+  int64_t offloads_skipped = 0;
 };
 
 // A byte copy of one whole block between the device pool and a host-tier
@@ -134,6 +136,9 @@ class PrefixCache {
   absl::Span<const TierCopy> copies() const { return copies_; }
   void ClearCopies() { copies_.clear(); }
   bool has_tier() const { return tier_ != nullptr; }
+  // Whether Evict offloads (the manager turns it off while its copy queue
+  // is busy: a block is then evicted as without a tier).
+  void set_offload(bool on) { offload_ = on; }
   const HostTier* tier() const { return tier_.get(); }
   // Counts a query of `prompt_tokens` of which `hit_tokens` were found.
   void CountQuery(int64_t prompt_tokens, int64_t hit_tokens) {
@@ -267,6 +272,7 @@ class PrefixCache {
 
   // Host tier (null without one).
   std::unique_ptr<HostTier> tier_;
+  bool offload_ = true;
   // Per device block, what an event of its registration names besides the
   // index's ids (kept with a tier only).
   struct EventMeta {

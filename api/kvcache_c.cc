@@ -716,6 +716,7 @@ kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
     out->tier_offload_bytes = s.tier_offload_bytes;
     out->tier_onboard_bytes = s.tier_onboard_bytes;
     out->tier_copy_failures = s.tier_copy_failures;
+    out->tier_offloads_skipped = s.tier_offloads_skipped;
     return absl::OkStatus();
   });
 }

@@ -252,6 +252,7 @@ typedef struct kvcache_metrics {
   int64_t tier_offload_bytes;
   int64_t tier_onboard_bytes;
   int64_t tier_copy_failures;
+  int64_t tier_offloads_skipped;
 } kvcache_metrics;
 
 /* Where kvcache_add_sequence_hits's computed tokens came from. */

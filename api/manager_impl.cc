@@ -136,6 +136,7 @@ absl::StatusOr<int64_t> KVCacheManager::Impl::AddSequence(
         "prompt of ", prompt.size(), " tokens exceeds ", INT32_MAX, " tokens"));
   }
   PrefixHitSplit split;
+  AllowOffloadIfQueueIsFree();
   KVCACHE_ASSIGN_OR_RETURN(const int64_t computed,
                            blocks_->AddSequence(id, prompt, extra, &split));
   if (tier_ != nullptr) {
@@ -156,6 +157,7 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
                            plans_->Begin(batch.size()));
   StepPlanInfo info;
   info.sequences.reserve(batch.size());
+  AllowOffloadIfQueueIsFree();
   absl::StatusOr<StepPlan> plan = blocks_->Reserve(batch);
   if (!plan.ok()) {
     if (absl::IsResourceExhausted(plan.status())) ++counters_.reserve_failures;

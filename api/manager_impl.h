@@ -128,6 +128,9 @@ class KVCacheManager::Impl {
   // tier copy so far (on the CPU: waits for them). No-op without a tier.
   absl::Status OrderAfterTierCopies(void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Lets the allocator's next evictions offload unless the copy queue is
+  // still busy with earlier batches (backpressure).
+  void AllowOffloadIfQueueIsFree() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const KVCacheConfig config_;
   std::unique_ptr<internal::CacheBackend> backend_;

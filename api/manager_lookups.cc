@@ -118,6 +118,7 @@ MetricsSnapshot KVCacheManager::Impl::Metrics() const {
     s.tier_offload_bytes = tier_->offload_bytes();
     s.tier_onboard_bytes = tier_->onboard_bytes();
     s.tier_copy_failures = prefix.host_drops;
+    s.tier_offloads_skipped = prefix.offloads_skipped;
   }
   s.prefix_hit_tokens_device = prefix.hit_tokens - prefix.host_hit_tokens;
   return s;

@@ -41,6 +41,15 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
                    ran.message()));
 }
 
+void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
+  // Offloading is best effort: with more than one earlier batch still being
+  // copied, an eviction drops its block rather than queue more copies
+  // behind them (the step would wait for them). Onboarding never skips.
+  constexpr int64_t kMaxBatchesInFlight = 1;
+  if (tier_ == nullptr) return;
+  blocks_->SetTierOffload(tier_->copier().in_flight() <= kMaxBatchesInFlight);
+}
+
 absl::Status KVCacheManager::Impl::OrderAfterTierCopies(void* stream) {
   if (tier_ == nullptr) return absl::OkStatus();
   last_stream_ = stream;

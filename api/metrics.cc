@@ -59,6 +59,9 @@ void AppendTierText(std::string* out, const MetricsSnapshot& m) {
                   m.host_tier_blocks_total, "\n");
   Add(out, "tier_copy_failures_total", "counter",
       "Blocks dropped because their tier copy failed.", m.tier_copy_failures);
+  Add(out, "tier_offloads_skipped_total", "counter",
+      "Evicted blocks not offloaded because the copy queue was busy.",
+      m.tier_offloads_skipped);
 }
 
 }  // namespace

@@ -48,6 +48,8 @@ struct MetricsSnapshot {
   int64_t tier_onboard_bytes = 0;
   // Blocks dropped because their tier copy failed (never half-copied).
   int64_t tier_copy_failures = 0;
+  // Evicted blocks not offloaded because the copy queue was busy.
+  int64_t tier_offloads_skipped = 0;
 };
 
 // "# HELP ...\n# TYPE ...\nkvcache_blocks{state=\"free\"} 12\n..." with names

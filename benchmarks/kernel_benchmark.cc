@@ -216,8 +216,9 @@ void BM_HostCopy(benchmark::State& state, bool to_device) {
   const double gbps = bytes / Median(times) / 1e9;
   HostCopyRuns(to_device).push_back(gbps);
   state.counters["GB/s"] = gbps;
-  Summary& s = Summaries()[to_device ? "host->device copy 1 GiB (tier baseline)"
-                                     : "device->host copy 1 GiB (tier baseline)"];
+  Summary& s =
+      Summaries()[to_device ? "host->device copy 1 GiB (tier baseline)"
+                            : "device->host copy 1 GiB (tier baseline)"];
   s.gbps.push_back(gbps);
   s.pct.push_back(100.0);
   s.us.push_back(Median(times) * 1e6);

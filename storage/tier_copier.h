@@ -58,7 +58,8 @@ class TierCopier {
   // the top of this file). Cheap when nothing was enqueued since the last
   // WaitOn on the same stream.
   virtual absl::Status WaitOn(void* stream) = 0;
-  // Batches enqueued and not yet complete (for tests and metrics).
+  // Batches enqueued and not yet complete (CUDA: of the last four; for
+  // backpressure and tests).
   virtual int64_t in_flight() = 0;
 
   // Test seams. Each batch waits `delay` before it runs (CPU only; the

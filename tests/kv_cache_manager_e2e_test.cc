@@ -35,12 +35,12 @@ TEST_P(ManagerEndToEndTest, GatherEqualsReferenceOfWhatWasAppended) {
   config.cache_dtype = c.cache_dtype;
   config.input_dtype = DType::kBFloat16;
   config.num_blocks = 48;
-  config.host_tier_bytes =
-      c.host_tier_blocks * *BlockBytesAllLayers(config);
+  config.host_tier_bytes = c.host_tier_blocks * *BlockBytesAllLayers(config);
   absl::StatusOr<std::unique_ptr<testing::ManagerDriver>> driver =
       testing::ManagerDriver::Create(config, seed, seed + 1);
   ASSERT_TRUE(driver.ok()) << driver.status();
-  for (int op = 0; op < 400; ++op) {
+  const int ops = c.host_tier_blocks > 0 ? 1200 : 400;
+  for (int op = 0; op < ops; ++op) {
     absl::Status s = (*driver)->RandomOp();
     ASSERT_TRUE(s.ok()) << "op " << op << ": " << s;
     if (op % 50 == 49) {
@@ -69,27 +69,22 @@ TEST_P(ManagerEndToEndTest, GatherEqualsReferenceOfWhatWasAppended) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, ManagerEndToEndTest,
-                         ::testing::Values(Case{DType::kInt8, 16, 16, 4},
-                                           Case{DType::kFp8E4M3, 16, 16, 4},
-                                           Case{DType::kInt8, 24, 8, 3},
-                                           Case{DType::kBFloat16, 8, 16, 5},
-                                           Case{DType::kFp8E4M3, 64, 32, 1},
-                                           Case{DType::kInt8, 16, 16, 4, 24},
-                                           Case{DType::kBFloat16, 8, 16, 5, 8},
-                                           Case{DType::kFp8E4M3, 64, 32, 1,
-                                                64}),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           return absl::StrCat(
-                               DTypeName(info.param.cache_dtype), "_D",
-                               info.param.head_size, "_Dv",
-                               info.param.head_size_v, "_bs",
-                               info.param.block_size,
-                               info.param.host_tier_blocks > 0
-                                   ? absl::StrCat("_tier",
-                                                  info.param.host_tier_blocks)
-                                   : "");
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, ManagerEndToEndTest,
+    ::testing::Values(
+        Case{DType::kInt8, 16, 16, 4}, Case{DType::kFp8E4M3, 16, 16, 4},
+        Case{DType::kInt8, 24, 8, 3}, Case{DType::kBFloat16, 8, 16, 5},
+        Case{DType::kFp8E4M3, 64, 32, 1}, Case{DType::kInt8, 16, 16, 4, 24},
+        Case{DType::kBFloat16, 8, 16, 5, 8},
+        Case{DType::kFp8E4M3, 64, 32, 1, 64}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      return absl::StrCat(
+          DTypeName(info.param.cache_dtype), "_D", info.param.head_size, "_Dv",
+          info.param.head_size_v, "_bs", info.param.block_size,
+          info.param.host_tier_blocks > 0
+              ? absl::StrCat("_tier", info.param.host_tier_blocks)
+              : "");
+    });
 
 }  // namespace
 }  // namespace kvcache

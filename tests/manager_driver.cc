@@ -153,6 +153,17 @@ absl::Status ManagerDriver::Step() {
     ++counts_.preemptions;
     return Free(sequences_.rbegin()->first);
   }
+  if (absl::IsOutOfRange(plan.status())) {
+    // A sequence outgrew the whole pool (long runs): end the longest one, as
+    // an engine would stop a request at its length limit.
+    int64_t longest = ids.front();
+    for (int64_t id : ids) {
+      if (sequences_[id].tokens.size() > sequences_[longest].tokens.size())
+        longest = id;
+    }
+    ++counts_.preemptions;
+    return Free(longest);
+  }
   if (!plan.ok()) return plan.status();
   for (size_t i = 0; i < batch.size(); ++i) {
     Sequence& seq = sequences_[ids[i]];

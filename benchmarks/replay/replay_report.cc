@@ -96,7 +96,8 @@ std::string ReportText(const ReplayReport& r) {
   absl::StrAppendFormat(&out, "  steps                 %d\n", r.steps);
   if (r.host_tier_blocks > 0) {
     absl::StrAppendFormat(
-        &out, "  prefix hit rate       %.1f%% (device %.1f%%, host tier %.1f%%)\n",
+        &out,
+        "  prefix hit rate       %.1f%% (device %.1f%%, host tier %.1f%%)\n",
         100.0 * r.prefix_hit_rate,
         100.0 * (r.prefix_hit_rate - r.prefix_hit_rate_host),
         100.0 * r.prefix_hit_rate_host);

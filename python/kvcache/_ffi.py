@@ -191,6 +191,7 @@ class Metrics(Structure):
         ("tier_offload_bytes", c_int64),
         ("tier_onboard_bytes", c_int64),
         ("tier_copy_failures", c_int64),
+        ("tier_offloads_skipped", c_int64),
     ]
 
 

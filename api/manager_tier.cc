@@ -42,11 +42,15 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
 }
 
 void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
-  // Offloading is best effort: with more than one earlier batch still being
-  // copied, an eviction drops its block rather than queue more copies
-  // behind them (the step would wait for them). Onboarding never skips.
-  constexpr int64_t kMaxBatchesInFlight = 1;
-  if (tier_ == nullptr) return;
+  // On CUDA offloading is best effort: with more than two earlier batches
+  // still being copied (the host ran ahead of the device), an eviction drops
+  // its block rather than queue more copies behind them, which the caller's
+  // stream would wait for. On the CPU the caller waits for every copy before
+  // it writes anyway, and a skipped block cuts the chains through it (the
+  // blocks after it in the tier can no longer be reached), so it always
+  // offloads. Onboarding never skips.
+  constexpr int64_t kMaxBatchesInFlight = 2;
+  if (tier_ == nullptr || backend_->memory_kind() != MemoryKind::kCuda) return;
   blocks_->SetTierOffload(tier_->copier().in_flight() <= kMaxBatchesInFlight);
 }
 

@@ -9,8 +9,6 @@
 //                a block before its old content is out
 //   Append, Gather, Attention, copy-on-write: wait for every copy so far
 
-#include <vector>
-
 #include "absl/strings/str_cat.h"
 #include "api/manager_impl.h"
 #include "core/status_macros.h"
@@ -27,12 +25,12 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
     blocks_->ClearTierCopies();
     return absl::OkStatus();
   }
-  // Nothing of the batch moved: drop what it would have filled.
-  const std::vector<TierCopy> failed(copies.begin(), copies.end());
+  // Nothing of the batch moved: drop what it would have filled (the list
+  // stays the allocator's until ClearTierCopies; dropping allocates nothing).
+  blocks_->DropFailedOffloads(copies);
+  if (onboarding) blocks_->DropFailedOnboards(sequence, copies).IgnoreError();
   blocks_->ClearTierCopies();
-  blocks_->DropFailedOffloads(failed);
   if (!onboarding) return ran;
-  blocks_->DropFailedOnboards(sequence, failed).IgnoreError();
   return absl::Status(
       ran.code(),
       absl::StrCat("sequence ", sequence,

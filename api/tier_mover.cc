@@ -51,14 +51,15 @@ absl::Status TierMover::Run(absl::Span<const TierCopy> copies,
       }
       (c.onboard ? onboarded : offloaded) += slot_bytes_;
     }
+    // Inside the try: the CPU queue allocates too.
+    if (absl::Status s = copier_->Enqueue(runs_, after_stream); !s.ok()) {
+      ++failed_batches_;
+      return s;
+    }
   } catch (const std::bad_alloc&) {
     ++failed_batches_;
     return absl::ResourceExhaustedError(absl::StrCat(
-        "out of host memory describing ", copies.size(), " tier copies"));
-  }
-  if (absl::Status s = copier_->Enqueue(runs_, after_stream); !s.ok()) {
-    ++failed_batches_;
-    return s;
+        "out of host memory queueing ", copies.size(), " tier copies"));
   }
   offload_bytes_ += offloaded;
   onboard_bytes_ += onboarded;

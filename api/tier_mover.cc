@@ -14,7 +14,7 @@ absl::StatusOr<std::unique_ptr<TierMover>> TierMover::Create(
   for (int layer = 0; layer < backend.num_layers(); ++layer) {
     ByteRun runs[kMaxBlockRuns];
     const int n = BlockRuns(backend.layer(layer), 0, runs);
-    for (int i = 0; i < n; ++i) slot_bytes += SlotRunBytes(runs[i].bytes);
+    for (int i = 0; i < n; ++i) slot_bytes += runs[i].bytes;
   }
   const int64_t slots =
       std::min<int64_t>(host_tier_bytes / slot_bytes, INT32_MAX);
@@ -46,7 +46,7 @@ absl::Status TierMover::Run(absl::Span<const TierCopy> copies,
           runs_.push_back(c.onboard
                               ? CopyRun{block[i].data, slot, block[i].bytes}
                               : CopyRun{slot, block[i].data, block[i].bytes});
-          slot += SlotRunBytes(block[i].bytes);
+          slot += block[i].bytes;
         }
       }
       (c.onboard ? onboarded : offloaded) += slot_bytes_;

@@ -2,7 +2,8 @@
 // tier's memory and copy queue (storage/tier_copier.h) and turns the
 // allocator's TierCopy list (allocator/prefix_cache.h: block d <-> slot s)
 // into byte copies of whole blocks, every layer's runs (storage/block_runs.h),
-// slot s being slot_bytes() bytes at s * slot_bytes() in the pool.
+// slot s being slot_bytes() bytes (a block of all layers: the runs back to
+// back) at s * slot_bytes() in the pool.
 //
 // Thread safety: the manager's lock serializes every call. Ownership: owns
 // the copier; reads the backend's layer pointers, which outlive it.

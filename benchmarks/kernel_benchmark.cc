@@ -266,7 +266,7 @@ void BM_TierCopy(benchmark::State& state, TierCase c) {
   for (const LayerCache& l : layers) {
     ByteRun runs[kMaxBlockRuns];
     const int n = BlockRuns(l, 0, runs);
-    for (int i = 0; i < n; ++i) slot_bytes += SlotRunBytes(runs[i].bytes);
+    for (int i = 0; i < n; ++i) slot_bytes += runs[i].bytes;
   }
   absl::StatusOr<std::unique_ptr<Device>> device = CreateCudaDevice(0);
   BENCH_CHECK(device.status());
@@ -286,7 +286,7 @@ void BM_TierCopy(benchmark::State& state, TierCase c) {
           batches[set].push_back(
               c.onboard ? CopyRun{runs[r].data, slot, runs[r].bytes}
                         : CopyRun{slot, runs[r].data, runs[r].bytes});
-          slot += SlotRunBytes(runs[r].bytes);
+          slot += runs[r].bytes;
         }
       }
     }

@@ -41,10 +41,6 @@ inline int BlockRuns(const LayerCache& cache, int64_t block,
   return n;
 }
 
-// A run's room in a host-tier slot: its bytes rounded up to 16, so every run
-// of a slot starts 16-byte aligned.
-inline int64_t SlotRunBytes(int64_t bytes) { return (bytes + 15) / 16 * 16; }
-
 }  // namespace kvcache
 
 #endif  // KVCACHE_STORAGE_BLOCK_RUNS_H_

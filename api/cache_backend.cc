@@ -47,7 +47,19 @@ absl::StatusOr<int64_t> NumBlocks(const KVCacheConfig& config, Device& device,
 CacheBackend::CacheBackend(std::unique_ptr<Device> device)
     : device_(std::move(device)),
       memory_kind_(device_->kind() == DeviceKind::kCuda ? MemoryKind::kCuda
-                                                        : MemoryKind::kHost) {}
+                                                        : MemoryKind::kHost) {
+  if (memory_kind_ == MemoryKind::kCuda) {
+    quantize_write_ = [](const QuantizeWriteParams& params, void* stream,
+                         ThreadPool*) {
+      return QuantizeWriteCuda(params, stream);
+    };
+  } else {
+    quantize_write_ = [](const QuantizeWriteParams& params, void*,
+                         ThreadPool* pool) {
+      return QuantizeWriteCpu(params, pool);
+    };
+  }
+}
 
 absl::StatusOr<std::unique_ptr<CacheBackend>> CacheBackend::Create(
     const KVCacheConfig& config, std::unique_ptr<Device> device) {
@@ -63,6 +75,7 @@ absl::StatusOr<std::unique_ptr<CacheBackend>> CacheBackend::Create(
   layout.head_size_v =
       config.head_size_v != 0 ? config.head_size_v : config.head_size;
   layout.cache_dtype = config.cache_dtype;
+  layout.scale_placement = config.scale_placement;
   // Capacity, in checked arithmetic (ValidateConfig bounds every factor).
   KVCACHE_ASSIGN_OR_RETURN(const int64_t block_bytes,
                            BlockBytesAllLayers(config));
@@ -75,11 +88,10 @@ absl::StatusOr<std::unique_ptr<CacheBackend>> CacheBackend::Create(
   return backend;
 }
 
-absl::Status CacheBackend::QuantizeWrite(const QuantizeWriteParams& params,
-                                         void* stream) const {
-  return memory_kind_ == MemoryKind::kCuda
-             ? QuantizeWriteCuda(params, stream)
-             : QuantizeWriteCpu(params, pool_.get());
+void CacheBackend::DisableWritesForTest() {
+  quantize_write_ = [](const QuantizeWriteParams&, void*, ThreadPool*) {
+    return absl::OkStatus();
+  };
 }
 
 absl::Status CacheBackend::Gather(const GatherParams& params,
@@ -132,15 +144,20 @@ LayerView CacheBackend::View(int layer) const {
   view.num_kv_heads = l.num_heads;
   view.head_size = l.head_size;
   view.head_size_v = l.head_size_v;
-  const int64_t k[4] = {l.key_block_elems(), l.key_slot_elems(), l.head_size,
-                        1};
+  view.scale_placement = l.scale_placement;
+  const int64_t elem = static_cast<int64_t>(DTypeSize(l.cache_dtype));
+  view.key_row_pitch_bytes = l.key_row_pitch() * elem;
+  view.value_row_pitch_bytes = l.value_row_pitch() * elem;
+  view.scale_byte_offset = l.scale_byte_offset();
+  const int64_t k[4] = {l.key_block_elems(), l.key_slot_elems(),
+                        l.key_row_pitch(), 1};
   const int64_t v[4] = {l.value_block_elems(), l.value_slot_elems(),
-                        l.head_size_v, 1};
+                        l.value_row_pitch(), 1};
   std::copy_n(k, 4, view.key_strides);
   std::copy_n(v, 4, view.value_strides);
   view.scale_strides[0] = l.scale_block_elems();
-  view.scale_strides[1] = l.num_heads;
-  view.scale_strides[2] = 1;
+  view.scale_strides[1] = l.num_heads * l.scale_stride();
+  view.scale_strides[2] = l.scale_stride();
   return view;
 }
 
@@ -155,8 +172,10 @@ std::string CacheBackend::Describe(const KVCacheConfig& config) const {
       config.num_layers, " layers x [", layout_.num_blocks, " blocks, ",
       layout_.block_size, " tokens, ", layout_.num_heads, " heads, K ",
       layout_.head_size, " / V ", layout_.head_size_v, "] ",
-      DTypeName(layout_.cache_dtype), " (input ", DTypeName(config.input_dtype),
-      "), ", tenths_of_mib / 10, ".", tenths_of_mib % 10, " MiB of cache, ",
+      DTypeName(layout_.cache_dtype),
+      layout_.inline_scales() ? " with inline scales" : "", " (input ",
+      DTypeName(config.input_dtype), "), ", tenths_of_mib / 10, ".",
+      tenths_of_mib % 10, " MiB of cache, ",
       layout_.num_blocks * layout_.block_size,
       " tokens of capacity, prefix caching ",
       config.enable_prefix_caching ? "on" : "off");

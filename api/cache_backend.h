@@ -57,7 +57,9 @@ class CacheBackend {
   // The kernels, on this backend's implementation. `stream` is ignored on the
   // CPU. The callers validate the params first (kernels/kernel_validation.h).
   absl::Status QuantizeWrite(const QuantizeWriteParams& params,
-                             void* stream) const;
+                             void* stream) const {
+    return quantize_write_(params, stream, pool_.get());
+  }
   absl::Status Gather(const GatherParams& params, void* stream) const;
   absl::Status Attention(const AttentionParams& params, void* stream) const;
   // Copies `num_pairs` (src, dst) block pairs (int64, in this backend's
@@ -65,6 +67,10 @@ class CacheBackend {
   // checked before any copy runs.
   absl::Status CopyBlocks(const int64_t* pairs, int64_t num_pairs,
                           void* stream) const;
+
+  // Test seam: every later QuantizeWrite succeeds without touching memory
+  // (a no-op device), so a benchmark sees Append's own host work alone.
+  void DisableWritesForTest();
 
   // The pointers, shape and strides an engine's kernel needs for `layer`.
   // REQUIRES: 0 <= layer < num_layers().
@@ -75,11 +81,16 @@ class CacheBackend {
  private:
   explicit CacheBackend(std::unique_ptr<Device> device);
 
+  // The quantize-write implementation, chosen once at Create (CPU or CUDA).
+  using QuantizeWriteFn = absl::Status (*)(const QuantizeWriteParams& params,
+                                           void* stream, ThreadPool* pool);
+
   std::unique_ptr<Device> device_;
   MemoryKind memory_kind_;
   std::unique_ptr<ThreadPool> pool_;  // CPU backend only.
   CacheLayout layout_;
   std::unique_ptr<CacheStorage> storage_;
+  QuantizeWriteFn quantize_write_ = nullptr;
 };
 
 }  // namespace kvcache::internal

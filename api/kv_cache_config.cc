@@ -69,6 +69,11 @@ absl::Status CheckStepLimits(const KVCacheConfig& c) {
                    kMaxInflightPlans)}) {
     if (!s.ok()) return s;
   }
+  if (absl::Status s = CheckRange("graph_max_tokens", c.graph_max_tokens, 0,
+                                  c.max_tokens_per_step);
+      !s.ok()) {
+    return s;
+  }
   // Sequence lengths reach the engine as int32 (BatchBlockTable's seq_lens).
   if (int64_t{c.max_blocks_per_sequence} * c.block_size > INT32_MAX) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -99,6 +104,29 @@ absl::Status CheckHostTier(const KVCacheConfig& c) {
   return absl::OkStatus();
 }
 
+absl::Status CheckKvEvents(const KVCacheConfig& c) {
+  for (absl::Status s :
+       {CheckRange("kv_events_queue_capacity", c.kv_events_queue_capacity, 1,
+                   kMaxKvEventBatches),
+        CheckRange("kv_events_replay_batches", c.kv_events_replay_batches, 0,
+                   kMaxKvEventBatches),
+        CheckRange("kv_events_data_parallel_rank",
+                   c.kv_events_data_parallel_rank, 0, INT32_MAX)}) {
+    if (!s.ok()) return s;
+  }
+  if (!c.kv_events_endpoint.empty() && !c.enable_kv_events) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_events_endpoint \"", c.kv_events_endpoint,
+                     "\" is set but enable_kv_events is false"));
+  }
+  if (!c.kv_events_replay_endpoint.empty() && c.kv_events_endpoint.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv_events_replay_endpoint \"", c.kv_events_replay_endpoint,
+        "\" is set without kv_events_endpoint"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status ValidateConfig(const KVCacheConfig& c) {
@@ -106,6 +134,17 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
   if (!IsValidDType(c.cache_dtype) || c.cache_dtype == DType::kFloat32) {
     return Bad("cache_dtype", static_cast<int32_t>(c.cache_dtype),
                "is not int8, fp8_e4m3, bfloat16 or float16");
+  }
+  if (!IsValidScalePlacement(c.scale_placement)) {
+    return Bad("scale_placement", static_cast<int32_t>(c.scale_placement),
+               "is not side (0) or inline (1)");
+  }
+  if (c.scale_placement == ScalePlacement::kInline &&
+      !IsQuantized(c.cache_dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scale_placement inline needs an int8 or fp8_e4m3 "
+                     "cache; cache_dtype is ",
+                     DTypeName(c.cache_dtype)));
   }
   if (!IsValidDType(c.input_dtype) || !IsFloatingInput(c.input_dtype)) {
     return Bad("input_dtype", static_cast<int32_t>(c.input_dtype),
@@ -156,6 +195,7 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
         absl::StrCat("log_sink and logger_name \"", c.logger_name,
                      "\" are both set; set at most one"));
   }
+  if (absl::Status s = CheckKvEvents(c); !s.ok()) return s;
   if (absl::StatusOr<int64_t> block = BlockBytesAllLayers(c); !block.ok()) {
     return block.status();
   } else if (c.num_blocks > 0 && *block > kMaxCacheBytes / c.num_blocks) {
@@ -171,8 +211,15 @@ absl::StatusOr<int64_t> BlockBytesAllLayers(const KVCacheConfig& c) {
   // Checked products: the limits above keep them far from overflow, but a
   // wrapped size must never reach the allocator (issue #12).
   const int64_t head_size_v = c.head_size_v != 0 ? c.head_size_v : c.head_size;
-  int64_t row = c.head_size + head_size_v;  // K and V elements per head.
-  int64_t scale = IsQuantized(c.cache_dtype) ? 2 * int64_t{sizeof(float)} : 0;
+  // K and V elements per head, and their side scales' bytes (inline rows
+  // hold their scales: core/cache_layout.h).
+  CacheLayout shape;
+  shape.head_size = c.head_size;
+  shape.head_size_v = head_size_v;
+  shape.cache_dtype = c.cache_dtype;
+  shape.scale_placement = c.scale_placement;
+  int64_t row = shape.key_row_pitch() + shape.value_row_pitch();
+  int64_t scale = shape.side_scales() ? 2 * int64_t{sizeof(float)} : 0;
   int64_t per_head = 0, per_block = 0, total = 0;
   if (__builtin_mul_overflow(
           row, static_cast<int64_t>(DTypeSize(c.cache_dtype)), &per_head) ||

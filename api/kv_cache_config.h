@@ -13,6 +13,7 @@
 #include "absl/strings/string_view.h"
 #include "core/cache_layout.h"
 #include "core/dtype.h"
+#include "core/scale_placement.h"
 
 namespace kvcache {
 
@@ -48,6 +49,8 @@ inline constexpr int32_t kMaxInflightPlans = 64;
 // All layers' caches and scales together (before alignment padding).
 inline constexpr int64_t kMaxCacheBytes = int64_t{1} << 56;
 inline constexpr int32_t kMaxCpuThreads = 1024;
+// KV events: batches held for TakeEvents, and kept for replay.
+inline constexpr int32_t kMaxKvEventBatches = 1 << 20;
 
 struct KVCacheConfig {
   // Model shape.
@@ -63,6 +66,11 @@ struct KVCacheConfig {
   // int8 or fp8_e4m3 (quantized, with float32 scales), or bfloat16/float16
   // (stored as is, then input_dtype must equal cache_dtype).
   DType cache_dtype = DType::kInt8;
+  // Where an int8/fp8 cache keeps its per-(token, head) scales (README "Scale
+  // placement"): kSide, their own tensors, or kInline, each row's scale right
+  // after its codes, the row padded to a multiple of 16 bytes. kInline with a
+  // bf16/fp16 cache is InvalidArgument.
+  ScalePlacement scale_placement = ScalePlacement::kSide;
   // K/V handed to Append: float32, float16 or bfloat16.
   DType input_dtype = DType::kBFloat16;
 
@@ -101,6 +109,10 @@ struct KVCacheConfig {
   int32_t max_sequences_per_step = 1024;
   int32_t max_blocks_per_sequence = 0;
   int32_t max_inflight_plans = 4;
+  // Graph-capturable step (KVCacheManager::ReserveGraphStep, GraphStep):
+  // the most tokens one captured step may be padded to, at most
+  // max_tokens_per_step; 0 = no graph step (its buffers are not made).
+  int32_t graph_max_tokens = 0;
 
   // Logging. The library never touches spdlog's default logger, registry or
   // global level; it logs through one of (at most one may be set):
@@ -114,6 +126,28 @@ struct KVCacheConfig {
   LogLevel log_level = LogLevel::kWarning;
   LogSink log_sink;
   std::string logger_name;
+
+  // KV events (README "KV events"): the prefix cache's BlockStored,
+  // BlockRemoved and AllBlocksCleared, in numbered batches, drained by
+  // TakeEvents and optionally published over ZeroMQ. Off by default.
+  bool enable_kv_events = false;
+  // Batches TakeEvents can hold, in [1, kMaxKvEventBatches]; when full the
+  // oldest is dropped (MetricsSnapshot::kv_event_batches_dropped counts it,
+  // and its sequence number is missing from what TakeEvents returns). Also
+  // bounds the publisher's send queue.
+  int32_t kv_events_queue_capacity = 4096;
+  // ZeroMQ PUB endpoint the manager binds (e.g. "tcp://*:5557"); "" = no
+  // publishing. Needs enable_kv_events and libzmq.so.5 at run time.
+  std::string kv_events_endpoint;
+  // ZeroMQ ROUTER endpoint serving recent batches to late subscribers; "" =
+  // none. Needs kv_events_endpoint.
+  std::string kv_events_replay_endpoint;
+  // The first frame of every published message (subscribers filter on it).
+  std::string kv_events_topic = "kv-events";
+  // Batches kept for replay, in [0, kMaxKvEventBatches].
+  int32_t kv_events_replay_batches = 4096;
+  // Sent in every batch (data_parallel_rank), >= 0.
+  int32_t kv_events_data_parallel_rank = 0;
 };
 
 // InvalidArgument naming the first bad field and its limit (e.g. "head_size

@@ -14,6 +14,7 @@
 #include "api/no_bad_alloc.h"
 #include "core/status_macros.h"
 #include "dlpack/dlpack.h"
+#include "events/external_hash.h"
 #include "storage/device.h"
 
 namespace kvcache {
@@ -59,6 +60,24 @@ KVCacheManagerTestPeer::CreateWithDevice(const KVCacheConfig& config,
                     });
 }
 
+std::vector<uint64_t> KVCacheManagerTestPeer::CachedHashesForTesting(
+    const KVCacheManager& manager, KVEventMedium medium) {
+  Lock lock(manager.impl_->mu());
+  std::vector<uint64_t> out;
+  if (medium == KVEventMedium::kDevice) {
+    for (const BlockHash& h :
+         manager.impl_->blocks().RegisteredHashesForTesting()) {
+      out.push_back(ExternalBlockHash(h));
+    }
+  }
+  return out;
+}
+
+void KVCacheManagerTestPeer::DisableCacheWrites(KVCacheManager& manager) {
+  Lock lock(manager.impl_->mu());
+  manager.impl_->mutable_backend().DisableWritesForTest();
+}
+
 absl::StatusOr<int64_t> KVCacheManager::AddSequence(
     SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
   return NoBadAlloc("AddSequence", [&]() -> absl::StatusOr<int64_t> {
@@ -88,6 +107,20 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(
     Lock lock(impl_->mu());
     return impl_->Reserve(batch, stream);
   });
+}
+
+absl::StatusOr<StepPlanInfo> KVCacheManager::ReserveGraphStep(
+    absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+    void* stream) {
+  return NoBadAlloc("ReserveGraphStep", [&]() -> absl::StatusOr<StepPlanInfo> {
+    Lock lock(impl_->mu());
+    return impl_->ReserveGraphStep(batch, graph_tokens, stream);
+  });
+}
+
+absl::StatusOr<GraphStepInputs> KVCacheManager::GraphStep() const {
+  Lock lock(impl_->mu());
+  return impl_->GraphStep();
 }
 
 absl::Status KVCacheManager::Append(uint64_t plan_id, int layer,
@@ -198,6 +231,13 @@ absl::StatusOr<int64_t> KVCacheManager::SequenceLength(SequenceId id) const {
   });
 }
 
+absl::StatusOr<int64_t> KVCacheManager::KnownLength(SequenceId id) const {
+  return NoBadAlloc("KnownLength", [&]() -> absl::StatusOr<int64_t> {
+    Lock lock(impl_->mu());
+    return impl_->blocks().KnownLength(id);
+  });
+}
+
 absl::StatusOr<BlockTableView> KVCacheManager::BatchBlockTable(
     absl::Span<const SequenceId> ids, void* stream) {
   return NoBadAlloc("BatchBlockTable", [&]() -> absl::StatusOr<BlockTableView> {
@@ -220,6 +260,29 @@ absl::Status KVCacheManager::Gather(SequenceId id, int layer,
     Lock lock(impl_->mu());
     return impl_->Gather(id, layer, token_begin, num_tokens, key_out, value_out,
                          stream);
+  });
+}
+
+absl::Status KVCacheManager::GatherAsync(
+    SequenceId id, int layer, int64_t token_begin, int64_t num_tokens,
+    const TensorView& key_out, const TensorView& value_out,
+    const GatherOptions& options, void* stream) {
+  return NoBadAlloc("GatherAsync", [&]() -> absl::Status {
+    const GatherRequest request{id, token_begin, num_tokens};
+    Lock lock(impl_->mu());
+    return impl_->GatherBatch(absl::MakeConstSpan(&request, 1), layer, key_out,
+                              value_out, options, stream);
+  });
+}
+
+absl::Status KVCacheManager::GatherBatch(
+    absl::Span<const GatherRequest> requests, int layer,
+    const TensorView& key_out, const TensorView& value_out,
+    const GatherOptions& options, void* stream) {
+  return NoBadAlloc("GatherBatch", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->GatherBatch(requests, layer, key_out, value_out, options,
+                              stream);
   });
 }
 
@@ -264,6 +327,21 @@ std::string KVCacheManager::MetricsText() const {
   } catch (const std::bad_alloc&) {
     return std::string();
   }
+}
+
+absl::StatusOr<std::vector<KVEventBatch>> KVCacheManager::TakeEvents() {
+  return NoBadAlloc("TakeEvents",
+                    [&]() -> absl::StatusOr<std::vector<KVEventBatch>> {
+                      Lock lock(impl_->mu());
+                      return impl_->TakeEvents();
+                    });
+}
+
+absl::Status KVCacheManager::ResetPrefixCache() {
+  return NoBadAlloc("ResetPrefixCache", [&]() -> absl::Status {
+    Lock lock(impl_->mu());
+    return impl_->blocks().ResetPrefixCache();
+  });
 }
 
 const KVCacheConfig& KVCacheManager::config() const { return impl_->config(); }

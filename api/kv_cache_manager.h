@@ -26,12 +26,13 @@
 // serializes them. On the CUDA backend kernels and copies are enqueued on the
 // caller's stream (a cudaStream_t passed as void*; nullptr = the legacy default
 // stream) while the mutex is held, and return without waiting for them, except
-// Gather, which waits for its own work. On the CPU backend everything runs
+// Gather, which waits for its own work (GatherAsync and GatherBatch do not). On the CPU backend everything runs
 // before the call returns.
 //
 // Ownership: the manager owns all cache memory; the views it returns stay valid
-// while it lives (BatchBlockTable's buffers until the next BatchBlockTable
-// call). Callers own their tensors.
+// while it lives (BatchBlockTable's contents until the next BatchBlockTable
+// call, the graph step's until the next ReserveGraphStep). Callers own their
+// tensors.
 //
 // Errors: every call that fails returns a status whose message names the bad
 // value and leaves the manager exactly as it was.
@@ -49,6 +50,7 @@
 #include "absl/types/span.h"
 #include "api/attention_options.h"
 #include "api/block_table_view.h"
+#include "api/graph_step_inputs.h"
 #include "api/kv_cache_config.h"
 #include "api/layer_view.h"
 #include "api/metrics.h"
@@ -56,6 +58,7 @@
 #include "core/dtype.h"
 #include "core/extra_key.h"
 #include "core/ids.h"
+#include "core/kv_event.h"
 #include "core/plan_sequence.h"
 #include "core/reserve_request.h"
 #include "core/shortfall.h"
@@ -79,11 +82,30 @@ struct StepPlanInfo {
   int64_t num_tokens = 0;  // Tokens reserved over the whole batch.
   const int64_t* slot_mapping = nullptr;   // [num_tokens], batch order.
   std::vector<int64_t> host_slot_mapping;  // The same slots, on the host.
+  // ReserveGraphStep: the padded token count every Append of the step writes
+  // (slot_mapping is then GraphStepInputs::slot_mapping); 0 for Reserve.
+  int64_t graph_tokens = 0;
   // Copy-on-write copies (shared partial blocks after Fork), which Reserve
   // ran in every layer, data and scales, on its stream before it returned.
   int64_t num_block_copies = 0;
   // Per sequence, in batch order: where its tokens sit and their positions.
   std::vector<PlanSequence> sequences;
+};
+
+// One sequence's part of a batched Gather: tokens [token_begin, token_begin +
+// num_tokens) of its cache (num_tokens 0: nothing).
+struct GatherRequest {
+  SequenceId sequence = 0;
+  int64_t token_begin = 0;
+  int64_t num_tokens = 0;
+};
+
+struct GatherOptions {
+  // Also allow the tokens of the sequence's plan in flight that this layer
+  // already holds (Appended, not yet committed): a layer-by-layer engine
+  // attends over them before Commit. Not for a graph step whose Appends ran
+  // only in a replayed graph (FailedPrecondition: the host never saw them).
+  bool include_in_flight = false;
 };
 
 class KVCacheManager {
@@ -116,6 +138,32 @@ class KVCacheManager {
                                       const ExtraKey& extra, PrefixHits* hits);
   absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
                                        void* stream = nullptr);
+
+  // The graph-capturable step (config.graph_max_tokens > 0; README "Decode
+  // in a CUDA graph"). Reserve, then rewrite the fixed-address step inputs
+  // (GraphStep()) on `stream` for this batch, padded to graph_tokens tokens
+  // (the count a graph was, or will be, captured for). Copy-on-write copies
+  // run here, on `stream`, before any replay, as in Reserve. Each Append of
+  // the step must be given K/V of exactly graph_tokens tokens (padding rows
+  // are skipped) and writes from GraphStep().slot_mapping; it records no
+  // event and keeps no per-call state, so it can be captured in a CUDA graph
+  // on `stream` and replayed with no host work. One graph step is in flight
+  // at a time. Commit knows the step is complete because either every layer's
+  // Append ran on the host for it (a capture, a warm-up, or no graph: checked
+  // like any plan, naming a missing layer), or none did and a graph of
+  // graph_tokens was captured and committed complete before (a replay).
+  // Capturing records the kernels without running them: launch the graph
+  // once before committing the capture's step. InvalidArgument for
+  // graph_tokens outside [batch tokens, graph_max_tokens] or more sequences
+  // than GraphStep().max_sequences; FailedPrecondition without graph buffers
+  // or while another graph step is in flight; then Reserve's errors.
+  absl::StatusOr<StepPlanInfo> ReserveGraphStep(
+      absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+      void* stream = nullptr);
+  // The graph step's buffers and limits (api/graph_step_inputs.h), fixed for
+  // the manager's life: ask before capture which padded sizes may be used.
+  // FailedPrecondition when config.graph_max_tokens is 0.
+  absl::StatusOr<GraphStepInputs> GraphStep() const;
   // Writes the plan's next key.shape[0] tokens of `layer` (key [T, H, D], value
   // [T, H, Dv], any token/head strides, unit last stride, input_dtype, in the
   // backend's memory). A plan's tokens may be appended in several calls per
@@ -169,8 +217,11 @@ class KVCacheManager {
 
   // Lookups.
   absl::StatusOr<std::vector<BlockId>> BlockTable(SequenceId id) const;
-  // Computed tokens.
+  // Computed tokens (written in every layer and committed).
   absl::StatusOr<int64_t> SequenceLength(SequenceId id) const;
+  // Known tokens: committed + reserved (in flight) + token ids given but not
+  // yet reserved. Always SequenceLength + reserved <= KnownLength.
+  absl::StatusOr<int64_t> KnownLength(SequenceId id) const;
   absl::StatusOr<BlockTableView> BatchBlockTable(
       absl::Span<const SequenceId> ids, void* stream = nullptr);
   absl::StatusOr<LayerView> GetLayerView(int layer) const;
@@ -178,9 +229,29 @@ class KVCacheManager {
   // committed tokens in `layer` into key_out [T, H, D] / value_out [T, H, Dv]
   // (float32, float16 or bfloat16, in the backend's memory). Waits for its own
   // work on CUDA.
+  // num_tokens 0 is an empty success.
   absl::Status Gather(SequenceId id, int layer, int64_t token_begin,
                       int64_t num_tokens, const TensorView& key_out,
                       const TensorView& value_out, void* stream = nullptr);
+  // Gather without waiting: the work is enqueued on `stream` (the outputs are
+  // ready when it has run; on the CPU, at return). With
+  // options.include_in_flight, the range may reach into the tokens this
+  // layer already holds of the sequence's plan in flight.
+  absl::Status GatherAsync(SequenceId id, int layer, int64_t token_begin,
+                           int64_t num_tokens, const TensorView& key_out,
+                           const TensorView& value_out,
+                           const GatherOptions& options = {},
+                           void* stream = nullptr);
+  // Batched GatherAsync: request i's tokens go to rows [o_i, o_i + n_i) of
+  // key_out / value_out, o_i the sum of the earlier requests' num_tokens;
+  // the outputs hold exactly that many rows. At most max_sequences_per_step
+  // requests, and their ranges together at most 8 x max_blocks_per_sequence
+  // blocks (InvalidArgument naming both otherwise). All zero: empty success.
+  absl::Status GatherBatch(absl::Span<const GatherRequest> requests, int layer,
+                           const TensorView& key_out,
+                           const TensorView& value_out,
+                           const GatherOptions& options = {},
+                           void* stream = nullptr);
 
   // Paged decode attention over `layer`'s cache (int8/fp8 with per-(token,
   // head) scales, or bf16/fp16), so the engine never handles scales. For each
@@ -210,6 +281,21 @@ class KVCacheManager {
 
   MetricsSnapshot Metrics() const;
   std::string MetricsText() const;  // Prometheus exposition format.
+
+  // KV events (config.enable_kv_events; README "KV events"): the batches made
+  // since the last call, oldest first, and the queue is then empty. Sequence
+  // numbers run on without a gap unless batches were dropped (the queue held
+  // config.kv_events_queue_capacity batches; Metrics counts the drops). Empty
+  // when events are off. ResourceExhausted (the queue kept) when the result
+  // cannot be allocated.
+  absl::StatusOr<std::vector<KVEventBatch>> TakeEvents();
+  // Drops every registration of the prefix cache (every medium): cached
+  // blocks return to the free list, no later AddSequence hits a block
+  // committed before, and sequences alive now register none of their later
+  // blocks. Emits one AllBlocksCleared. FailedPrecondition (changing nothing)
+  // while any plan is in flight: commit or abort it first. Does nothing when
+  // prefix caching is off.
+  absl::Status ResetPrefixCache();
 
   const KVCacheConfig& config() const;
   // Checks the allocator's invariants (DESIGN.md section 4: accounting,

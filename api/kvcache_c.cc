@@ -216,6 +216,40 @@ void SetLogging(const kvcache_config& c, kvcache::KVCacheConfig& config) {
   }
 }
 
+// A config string: NULL keeps `out` as it is; longer than
+// KVCACHE_MAX_CONFIG_STRING (or unterminated within it) is refused.
+absl::Status CopyConfigString(const char* s, const char* field,
+                              std::string& out) {
+  if (s == nullptr) return absl::OkStatus();
+  const size_t n = strnlen(s, KVCACHE_MAX_CONFIG_STRING + 1);
+  if (n > KVCACHE_MAX_CONFIG_STRING) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " is longer than ", KVCACHE_MAX_CONFIG_STRING,
+                     " bytes (or not NUL-terminated)"));
+  }
+  out.assign(s, n);
+  return absl::OkStatus();
+}
+
+absl::Status SetKvEvents(const kvcache_config& c,
+                         kvcache::KVCacheConfig& config) {
+  config.enable_kv_events = c.enable_kv_events != 0;
+  config.kv_events_queue_capacity = c.kv_events_queue_capacity;
+  config.kv_events_replay_batches = c.kv_events_replay_batches;
+  config.kv_events_data_parallel_rank = c.kv_events_data_parallel_rank;
+  for (absl::Status s :
+       {CopyConfigString(c.kv_events_endpoint, "kv_events_endpoint",
+                         config.kv_events_endpoint),
+        CopyConfigString(c.kv_events_replay_endpoint,
+                         "kv_events_replay_endpoint",
+                         config.kv_events_replay_endpoint),
+        CopyConfigString(c.kv_events_topic, "kv_events_topic",
+                         config.kv_events_topic)}) {
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   if (out == nullptr) return Null("out");
   if (absl::Status s = CheckSize(c, "kvcache_config", "config"); !s.ok()) {
@@ -241,8 +275,12 @@ absl::Status Create(const kvcache_config* c, kvcache_manager** out) {
   config.max_blocks_per_sequence = c->max_blocks_per_sequence;
   config.max_inflight_plans = c->max_inflight_plans;
   config.num_q_heads = c->num_q_heads;
+  config.scale_placement =
+      static_cast<kvcache::ScalePlacement>(c->scale_placement);
+  config.graph_max_tokens = c->graph_max_tokens;
   config.host_tier_bytes = c->host_tier_bytes;
   SetLogging(*c, config);
+  if (absl::Status s = SetKvEvents(*c, config); !s.ok()) return s;
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
       KVCacheManager::Create(config);
   if (!manager.ok()) return manager.status();
@@ -287,6 +325,12 @@ void kvcache_config_init(kvcache_config* c) {
   c->max_blocks_per_sequence = d.max_blocks_per_sequence;
   c->max_inflight_plans = d.max_inflight_plans;
   c->num_q_heads = d.num_q_heads;
+  c->enable_kv_events = d.enable_kv_events ? 1 : 0;
+  c->kv_events_queue_capacity = d.kv_events_queue_capacity;
+  c->kv_events_replay_batches = d.kv_events_replay_batches;
+  c->kv_events_data_parallel_rank = d.kv_events_data_parallel_rank;
+  c->scale_placement = static_cast<int32_t>(d.scale_placement);
+  c->graph_max_tokens = d.graph_max_tokens;
   c->host_tier_bytes = d.host_tier_bytes;
 }
 
@@ -402,12 +446,14 @@ kvcache_status kvcache_add_sequence_hits(kvcache_manager* m, int64_t sequence,
                       hits);
 }
 
-kvcache_status kvcache_reserve(kvcache_manager* m,
-                               const kvcache_reserve_request* batch,
-                               int64_t batch_size, void* stream,
-                               kvcache_plan* plan) {
-  KVCACHE_C_REQUIRE(m);
-  return Guarded("kvcache_reserve", [&]() -> absl::Status {
+namespace {
+
+// kvcache_reserve and kvcache_reserve_graph_step (graph_tokens > 0).
+kvcache_status ReserveC(kvcache_manager* m, const char* name,
+                        const kvcache_reserve_request* batch,
+                        int64_t batch_size, int64_t graph_tokens, void* stream,
+                        kvcache_plan* plan) {
+  return Guarded(name, [&]() -> absl::Status {
     if (absl::Status s = CheckSize(plan, "kvcache_plan", "plan"); !s.ok()) {
       return s;
     }
@@ -418,7 +464,9 @@ kvcache_status kvcache_reserve(kvcache_manager* m,
     std::map<uint64_t, std::vector<int64_t>> scratch;
     auto node = scratch.extract(scratch.try_emplace(0).first);
     absl::StatusOr<kvcache::StepPlanInfo> info =
-        m->impl->Reserve(*requests, stream);
+        graph_tokens > 0
+            ? m->impl->ReserveGraphStep(*requests, graph_tokens, stream)
+            : m->impl->Reserve(*requests, stream);
     if (!info.ok()) return info.status();
     node.key() = info->id;
     node.mapped() = std::move(info->host_slot_mapping);
@@ -432,7 +480,125 @@ kvcache_status kvcache_reserve(kvcache_manager* m,
     plan->slot_mapping = info->slot_mapping;
     plan->host_slot_mapping = host;
     plan->num_block_copies = info->num_block_copies;
+    plan->graph_tokens = info->graph_tokens;
     return absl::OkStatus();
+  });
+}
+
+}  // namespace
+
+kvcache_status kvcache_reserve(kvcache_manager* m,
+                               const kvcache_reserve_request* batch,
+                               int64_t batch_size, void* stream,
+                               kvcache_plan* plan) {
+  KVCACHE_C_REQUIRE(m);
+  return ReserveC(m, "kvcache_reserve", batch, batch_size, 0, stream, plan);
+}
+
+kvcache_status kvcache_reserve_graph_step(kvcache_manager* m,
+                                          const kvcache_reserve_request* batch,
+                                          int64_t batch_size,
+                                          int64_t graph_tokens, void* stream,
+                                          kvcache_plan* plan) {
+  KVCACHE_C_REQUIRE(m);
+  if (graph_tokens <= 0) {
+    return Guarded("kvcache_reserve_graph_step", [&]() -> absl::Status {
+      return absl::InvalidArgumentError(
+          absl::StrCat("graph_tokens ", graph_tokens, " must be >= 1"));
+    });
+  }
+  return ReserveC(m, "kvcache_reserve_graph_step", batch, batch_size,
+                  graph_tokens, stream, plan);
+}
+
+kvcache_status kvcache_graph_step(kvcache_manager* m,
+                                  kvcache_graph_step_inputs* inputs) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_graph_step", [&]() -> absl::Status {
+    if (absl::Status s =
+            CheckSize(inputs, "kvcache_graph_step_inputs", "inputs");
+        !s.ok()) {
+      return s;
+    }
+    absl::StatusOr<kvcache::GraphStepInputs> in = m->impl->GraphStep();
+    if (!in.ok()) return in.status();
+    inputs->slot_mapping = in->slot_mapping;
+    inputs->positions = in->positions;
+    inputs->seq_lens = in->seq_lens;
+    inputs->block_table = in->block_table;
+    inputs->max_tokens = in->max_tokens;
+    inputs->max_sequences = in->max_sequences;
+    inputs->row_stride = in->row_stride;
+    return absl::OkStatus();
+  });
+}
+
+kvcache_status kvcache_known_length(kvcache_manager* m, int64_t sequence,
+                                    int64_t* length) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_known_length", [&]() -> absl::Status {
+    if (length == nullptr) return Null("length");
+    absl::StatusOr<int64_t> n = m->impl->KnownLength(sequence);
+    if (!n.ok()) return n.status();
+    *length = *n;
+    return absl::OkStatus();
+  });
+}
+
+kvcache_status kvcache_gather_async(kvcache_manager* m, int64_t sequence,
+                                    int32_t layer, int64_t token_begin,
+                                    int64_t num_tokens,
+                                    const kvcache_tensor* key_out,
+                                    const kvcache_tensor* value_out,
+                                    int32_t include_in_flight, void* stream) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_gather_async", [&]() -> absl::Status {
+    if (absl::Status s = CheckTensor(key_out, "key_out"); !s.ok()) return s;
+    if (absl::Status s = CheckTensor(value_out, "value_out"); !s.ok()) {
+      return s;
+    }
+    kvcache::GatherOptions options;
+    options.include_in_flight = include_in_flight != 0;
+    return m->impl->GatherAsync(sequence, layer, token_begin, num_tokens,
+                                ToView(*key_out), ToView(*value_out), options,
+                                stream);
+  });
+}
+
+kvcache_status kvcache_gather_batch(kvcache_manager* m,
+                                    const kvcache_gather_request* requests,
+                                    int64_t num_requests, int32_t layer,
+                                    const kvcache_tensor* key_out,
+                                    const kvcache_tensor* value_out,
+                                    int32_t include_in_flight, void* stream) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_gather_batch", [&]() -> absl::Status {
+    if (absl::Status s =
+            CheckCount("num_requests", num_requests, KVCACHE_MAX_BATCH);
+        !s.ok()) {
+      return s;
+    }
+    if (requests == nullptr && num_requests > 0) return Null("requests");
+    if (absl::Status s = CheckTensor(key_out, "key_out"); !s.ok()) return s;
+    if (absl::Status s = CheckTensor(value_out, "value_out"); !s.ok()) {
+      return s;
+    }
+    std::vector<kvcache::GatherRequest> batch(num_requests);
+    for (int64_t i = 0; i < num_requests; ++i) {
+      if (requests[i].struct_size != sizeof(kvcache_gather_request)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "requests[", i, "].struct_size is ", requests[i].struct_size,
+            " but this library's sizeof(kvcache_gather_request) is ",
+            sizeof(kvcache_gather_request)));
+      }
+      batch[i] =
+          kvcache::GatherRequest{requests[i].sequence, requests[i].token_begin,
+                                 requests[i].num_tokens};
+    }
+    kvcache::GatherOptions options;
+    options.include_in_flight = include_in_flight != 0;
+    return m->impl->GatherBatch(batch, layer, ToView(*key_out),
+                                ToView(*value_out), options, stream);
   });
 }
 
@@ -593,6 +759,10 @@ kvcache_status kvcache_get_layer_view(kvcache_manager* m, int32_t layer,
     std::copy_n(v->key_strides, 4, view->key_strides);
     std::copy_n(v->value_strides, 4, view->value_strides);
     std::copy_n(v->scale_strides, 3, view->scale_strides);
+    view->scale_placement = static_cast<int32_t>(v->scale_placement);
+    view->key_row_pitch_bytes = v->key_row_pitch_bytes;
+    view->value_row_pitch_bytes = v->value_row_pitch_bytes;
+    view->scale_byte_offset = v->scale_byte_offset;
     return absl::OkStatus();
   });
 }
@@ -706,6 +876,9 @@ kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
     out->kernel_launches = s.kernel_launches;
     out->reserve_failures = s.reserve_failures;
     out->block_copies = s.block_copies;
+    out->kv_event_batches = s.kv_event_batches;
+    out->kv_event_batches_dropped = s.kv_event_batches_dropped;
+    out->kv_event_batches_unpublished = s.kv_event_batches_unpublished;
     out->host_tier_blocks_total = s.host_tier_blocks_total;
     out->host_tier_blocks_stored = s.host_tier_blocks_stored;
     out->prefix_hit_tokens_device = s.prefix_hit_tokens_device;

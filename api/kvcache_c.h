@@ -111,6 +111,13 @@ typedef enum kvcache_memory {
   KVCACHE_DEVICE = 1
 } kvcache_memory;
 
+/* Where an int8/fp8 cache keeps its per-(token, head) scales (values of
+ * kvcache::ScalePlacement; README "Scale placement"). */
+typedef enum kvcache_scale_placement {
+  KVCACHE_SCALES_SIDE = 0,  /* their own tensors (default) */
+  KVCACHE_SCALES_INLINE = 1 /* after each row's codes, rows padded to 16 B */
+} kvcache_scale_placement;
+
 /* Log levels (values of kvcache::LogLevel); 0 means the default, WARNING. */
 typedef enum kvcache_log_level {
   KVCACHE_LOG_DEFAULT = 0,
@@ -153,10 +160,28 @@ typedef struct kvcache_config {
   void* log_sink_user_data;  /* passed to log_sink */
   /* Query heads for kvcache_attention (0 = attention off). */
   int32_t num_q_heads;
+  /* KV events (KVCacheConfig's kv_events_* fields; README "KV events").
+   * Strings are NUL-terminated, at most KVCACHE_MAX_CONFIG_STRING bytes, and
+   * copied by kvcache_create; NULL or "" endpoints mean none, a NULL topic
+   * the default "kv-events". kvcache_config_init sets the C++ defaults. */
+  int32_t enable_kv_events; /* 0 = off (the default) */
+  int32_t kv_events_queue_capacity;
+  const char* kv_events_endpoint;
+  const char* kv_events_replay_endpoint;
+  const char* kv_events_topic;
+  int32_t kv_events_replay_batches;
+  int32_t kv_events_data_parallel_rank;
+  int32_t scale_placement; /* kvcache_scale_placement; 0 = side */
+  /* Graph step (kvcache_reserve_graph_step): the most tokens a captured step
+   * is padded to, at most max_tokens_per_step; 0 = off. */
+  int32_t graph_max_tokens;
   /* Host tier: bytes of (pinned) host memory behind the cache; 0 = off
    * (KVCacheConfig::host_tier_bytes; README "Host tier"). */
   int64_t host_tier_bytes;
 } kvcache_config;
+
+/* The longest string a kvcache_config field may hold (without its NUL). */
+#define KVCACHE_MAX_CONFIG_STRING 4096
 
 /* A caller tensor: strides in elements; [tokens, heads, head_size] for K/V. */
 typedef struct kvcache_tensor {
@@ -193,6 +218,9 @@ typedef struct kvcache_plan {
   /* Copy-on-write block copies reserve ran (in every layer) before it
    * returned. */
   int64_t num_block_copies;
+  /* kvcache_reserve_graph_step: the padded token count every append of the
+   * step writes (slot_mapping is then the graph step's); 0 otherwise. */
+  int64_t graph_tokens;
 } kvcache_plan;
 
 typedef struct kvcache_block_table_view {
@@ -220,7 +248,14 @@ typedef struct kvcache_layer_view {
   int64_t head_size_v;
   int64_t key_strides[4];
   int64_t value_strides[4];
-  int64_t scale_strides[3];
+  int64_t scale_strides[3]; /* in floats */
+  /* kvcache_scale_placement. Inline: each (token, head) row of K (V) takes
+   * key_row_pitch_bytes (value_row_pitch_bytes), its float32 scale at byte
+   * scale_byte_offset, and key_scale == key_cache + scale_byte_offset. */
+  int32_t scale_placement;
+  int64_t key_row_pitch_bytes;
+  int64_t value_row_pitch_bytes;
+  int64_t scale_byte_offset; /* 0 for side scales */
 } kvcache_layer_view;
 
 typedef struct kvcache_metrics {
@@ -241,6 +276,9 @@ typedef struct kvcache_metrics {
   int64_t kernel_launches;
   int64_t reserve_failures;
   int64_t block_copies;
+  int64_t kv_event_batches;
+  int64_t kv_event_batches_dropped;
+  int64_t kv_event_batches_unpublished;
   /* Host tier (all zero without one); MetricsSnapshot's fields. */
   int64_t host_tier_blocks_total;
   int64_t host_tier_blocks_stored;
@@ -443,6 +481,164 @@ KVCACHE_EXPORT kvcache_status kvcache_plan_layout(
     kvcache_manager* manager, uint64_t plan_id, int64_t capacity,
     int64_t* sequences, int64_t* slot_offsets, int64_t* num_tokens,
     int64_t* first_positions, int64_t* num_sequences);
+
+/* ---- KV events (README "KV events"; kv_cache_manager.h TakeEvents) ----
+ *
+ * kvcache_take_events hands the caller the batches made since the last call
+ * (oldest first) as one owned, flat result that the caller releases with
+ * kvcache_events_free; every pointer in it stays valid until then, and no
+ * other call (not even kvcache_destroy) invalidates it:
+ *
+ *   kvcache_events ev = KVCACHE_STRUCT_INIT(kvcache_events);
+ *   if (kvcache_take_events(m, &ev) == KVCACHE_OK) {
+ *     for (int64_t b = 0; b < ev.num_batches; ++b) ... ev.batches[b] ...
+ *     kvcache_events_free(&ev);
+ *   }
+ *
+ * ABI: kvcache_event and kvcache_event_batch are only written by the library
+ * and only ever change together with kvcache_events, so its struct_size check
+ * covers all three. */
+
+typedef enum kvcache_event_type {
+  KVCACHE_EVENT_BLOCK_STORED = 0,
+  KVCACHE_EVENT_BLOCK_REMOVED = 1,
+  KVCACHE_EVENT_ALL_BLOCKS_CLEARED = 2
+} kvcache_event_type;
+
+typedef enum kvcache_event_medium {
+  KVCACHE_MEDIUM_DEVICE = 0, /* the cache's own pool */
+  KVCACHE_MEDIUM_HOST = 1    /* the host-memory tier */
+} kvcache_event_medium;
+
+/* One event (kvcache::KVEvent). Hashes are the 64-bit external form. */
+typedef struct kvcache_event {
+  int32_t type;   /* kvcache_event_type */
+  int32_t medium; /* kvcache_event_medium (stored and removed) */
+  /* Stored: a chain, each block the parent of the next; removed: the blocks
+   * removed. NULL when num_block_hashes is 0. */
+  const uint64_t* block_hashes;
+  int64_t num_block_hashes;
+  int32_t has_parent;         /* stored: 1 when parent_block_hash is set */
+  uint64_t parent_block_hash; /* stored: the first block's parent */
+  const int32_t* token_ids;   /* stored: block_size per block */
+  int64_t num_token_ids;
+  int32_t block_size;
+  int64_t adapter_id; /* stored: 0 = none */
+} kvcache_event;
+
+typedef struct kvcache_event_batch {
+  uint64_t sequence; /* from 0 per manager; a gap means dropped batches */
+  double timestamp;  /* seconds since the Unix epoch */
+  const kvcache_event* events;
+  int64_t num_events;
+} kvcache_event_batch;
+
+typedef struct kvcache_events {
+  size_t struct_size; /* sizeof(kvcache_events) */
+  const kvcache_event_batch* batches;
+  int64_t num_batches;
+  /* The library's allocation behind the arrays; NULL when there is none.
+   * Must be NULL when passed to kvcache_take_events (a result not yet freed
+   * is refused, so it cannot leak). */
+  void* owner;
+} kvcache_events;
+
+/* Drains the manager's event queue into *events (empty, KVCACHE_OK, when
+ * events are off). KVCACHE_INVALID_ARGUMENT for a NULL or mis-sized struct
+ * or a non-NULL owner. KVCACHE_RESOURCE_EXHAUSTED when the result cannot be
+ * allocated: the queue is kept when the C++ copy fails, lost (its sequence
+ * numbers show the gap) when the flat C copy fails. */
+KVCACHE_EXPORT kvcache_status kvcache_take_events(kvcache_manager* manager,
+                                                  kvcache_events* events);
+/* Releases what kvcache_take_events handed out and zeroes the arrays and the
+ * owner (a second call does nothing). NULL, or a struct of another
+ * struct_size, is ignored. */
+KVCACHE_EXPORT void kvcache_events_free(kvcache_events* events);
+/* KVCacheManager::ResetPrefixCache: drops every prefix-cache registration and
+ * emits AllBlocksCleared; KVCACHE_FAILED_PRECONDITION while any plan is in
+ * flight. */
+KVCACHE_EXPORT kvcache_status
+kvcache_reset_prefix_cache(kvcache_manager* manager);
+/* ---- The decode step in a CUDA graph, and lookups of a step ----
+ *
+ * Lengths of a sequence (kvcache_sequence_length, kvcache_known_length):
+ *
+ *   computed  tokens written in every layer and committed
+ *   reserved  tokens of its plan in flight (0 when none)
+ *   known     tokens whose ids the manager holds: committed + reserved +
+ *             token ids given but not yet reserved
+ *
+ *   computed + reserved <= known tokens, always.
+ *
+ * Which lengths a kernel gets: kvcache_batch_block_table's seq_lens and
+ * kvcache_attention use the computed (committed) length; the graph step's
+ * seq_lens include the step's own tokens (computed + reserved), for attention
+ * inside the captured forward after that layer's append.
+ *
+ * A graph step, once per padded size P (kvcache_graph_step tells the sizes
+ * allowed before any capture):
+ *
+ *   kvcache_reserve_graph_step(m, batch, n, P, stream, &plan)
+ *   capture on `stream`: kvcache_append(m, plan.id, layer, K[P], V[P], stream)
+ *     for every layer (inputs at fixed addresses), then launch the graph once
+ *   kvcache_commit(m, plan.id)
+ *
+ * and each later step of at most P tokens: kvcache_reserve_graph_step(...,
+ * P, ...), write the step's K/V inputs, launch the graph on `stream`,
+ * kvcache_commit. Copy-on-write copies run in kvcache_reserve_graph_step, on
+ * `stream`, before the replay. See README "Decode in a CUDA graph". */
+
+/* The graph step's fixed-address inputs (kvcache::GraphStepInputs), in the
+ * backend's memory, rewritten by each kvcache_reserve_graph_step:
+ * slot_mapping int64 [max_tokens] (the step's slots, then -1), positions
+ * int64 [max_tokens] (then 0), seq_lens int32 [max_sequences] (computed +
+ * this step's tokens, then 0), block_table int32 [max_sequences, row_stride]
+ * (each row's blocks, then zeros). */
+typedef struct kvcache_graph_step_inputs {
+  size_t struct_size; /* sizeof(kvcache_graph_step_inputs) */
+  const int64_t* slot_mapping;
+  const int64_t* positions;
+  const int32_t* seq_lens;
+  const int32_t* block_table;
+  int64_t max_tokens; /* Padded sizes 1..max_tokens may be captured. */
+  int32_t max_sequences;
+  int32_t row_stride;
+} kvcache_graph_step_inputs;
+/* KVCACHE_FAILED_PRECONDITION when config.graph_max_tokens is 0. */
+KVCACHE_EXPORT kvcache_status
+kvcache_graph_step(kvcache_manager* manager, kvcache_graph_step_inputs* inputs);
+/* kvcache_reserve for a graph step padded to graph_tokens tokens
+ * (KVCacheManager::ReserveGraphStep): every append of the plan takes K/V of
+ * exactly graph_tokens tokens. One graph step is in flight at a time. */
+KVCACHE_EXPORT kvcache_status kvcache_reserve_graph_step(
+    kvcache_manager* manager, const kvcache_reserve_request* batch,
+    int64_t batch_size, int64_t graph_tokens, void* stream, kvcache_plan* plan);
+/* Known tokens of a sequence (committed + reserved + pending token ids). */
+KVCACHE_EXPORT kvcache_status kvcache_known_length(kvcache_manager* manager,
+                                                   int64_t sequence,
+                                                   int64_t* length);
+
+/* One sequence's range of a batched gather. */
+typedef struct kvcache_gather_request {
+  size_t struct_size; /* sizeof(kvcache_gather_request), in every element */
+  int64_t sequence;
+  int64_t token_begin;
+  int64_t num_tokens; /* 0: nothing */
+} kvcache_gather_request;
+/* kvcache_gather without waiting for the work on `stream`;
+ * include_in_flight != 0 lets the range reach into the tokens this layer
+ * already holds of the sequence's plan in flight. num_tokens 0 is an empty
+ * success. */
+KVCACHE_EXPORT kvcache_status kvcache_gather_async(
+    kvcache_manager* manager, int64_t sequence, int32_t layer,
+    int64_t token_begin, int64_t num_tokens, const kvcache_tensor* key_out,
+    const kvcache_tensor* value_out, int32_t include_in_flight, void* stream);
+/* Batched kvcache_gather_async: request i's tokens go to the next num_tokens
+ * rows of key_out / value_out, in order; the outputs hold the sum. */
+KVCACHE_EXPORT kvcache_status kvcache_gather_batch(
+    kvcache_manager* manager, const kvcache_gather_request* requests,
+    int64_t num_requests, int32_t layer, const kvcache_tensor* key_out,
+    const kvcache_tensor* value_out, int32_t include_in_flight, void* stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

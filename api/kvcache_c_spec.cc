@@ -2,7 +2,6 @@
 // each checks and converts its arguments, calls the KVCacheManager and
 // records a failure (kvcache_c_internal.h).
 
-
 #include <string>
 #include <vector>
 

@@ -9,16 +9,25 @@
 
 #include "api/tensor_view.h"
 #include "core/dtype.h"
+#include "core/scale_placement.h"
 
 namespace kvcache {
 
 // Everything an engine's own attention kernel needs to read one layer's cache
-// (DESIGN.md section 2). Strides are in elements.
+// (DESIGN.md section 2). Strides are in elements of the tensor they index:
+// cache elements for the caches, floats for the scales.
+//
+//   key_cache    [num_blocks, block_size, num_kv_heads, head_size]    key_strides
+//   value_cache  [num_blocks, block_size, num_kv_heads, head_size_v]  value_strides
+//   key_scale    [num_blocks, block_size, num_kv_heads]  scale_strides; null for bf16/fp16
+//   value_scale  [num_blocks, block_size, num_kv_heads]  scale_strides
+//
+// Side scales: dense tensors (key_strides[2] == head_size, scale_strides[2]
+// == 1). Inline scales (int8/fp8 only): one row of *_row_pitch_bytes per
+// (token, head), its codes at byte 0 and its float32 scale at byte
+// scale_byte_offset; key_scale == key_cache + scale_byte_offset bytes, and
+// scale_strides[2] == row pitch / 4. The same strides index both placements.
 struct LayerView {
-  //   key_cache    [num_blocks, block_size, num_kv_heads, head_size]
-  //   value_cache  [num_blocks, block_size, num_kv_heads, head_size_v]
-  //   key_scale    [num_blocks, block_size, num_kv_heads]  null for bf16/fp16
-  //   value_scale  [num_blocks, block_size, num_kv_heads]  null for bf16/fp16
   void* key_cache = nullptr;
   void* value_cache = nullptr;
   float* key_scale = nullptr;
@@ -34,6 +43,13 @@ struct LayerView {
   int64_t key_strides[4] = {0, 0, 0, 0};    // block, token, head, element
   int64_t value_strides[4] = {0, 0, 0, 0};  // block, token, head, element
   int64_t scale_strides[3] = {0, 0, 0};     // block, token, head
+  ScalePlacement scale_placement = ScalePlacement::kSide;
+  // Bytes from one (token, head) row to the next (head_size * element size
+  // for side scales; inline: codes, scale and padding, e.g. 144 for 128).
+  int64_t key_row_pitch_bytes = 0;
+  int64_t value_row_pitch_bytes = 0;
+  // Inline: byte offset of the scale in each K and V row; 0 for side scales.
+  int64_t scale_byte_offset = 0;
 };
 
 }  // namespace kvcache

@@ -26,23 +26,31 @@ absl::StatusOr<std::unique_ptr<LookupBuffers>> LookupBuffers::Create(
       new LookupBuffers(device, max_sequences, cols));
   const size_t table_bytes =
       static_cast<size_t>(max_sequences) * (cols + 1) * sizeof(int32_t);
-  KVCACHE_ASSIGN_OR_RETURN(b->table_staging_,
-                           device->AllocateStaging(table_bytes));
+  for (Staged& staged : b->table_staging_) {
+    KVCACHE_ASSIGN_OR_RETURN(staged.host, device->AllocateStaging(table_bytes));
+    KVCACHE_ASSIGN_OR_RETURN(staged.uploaded, device->CreateEvent());
+  }
   KVCACHE_ASSIGN_OR_RETURN(b->table_device_, device->Allocate(table_bytes));
   KVCACHE_RETURN_IF_ERROR(device->Zero(b->table_device_.data(), table_bytes));
-  KVCACHE_ASSIGN_OR_RETURN(b->table_uploaded_, device->CreateEvent());
-  const size_t range_bytes = static_cast<size_t>(cols) * sizeof(int32_t);
-  KVCACHE_ASSIGN_OR_RETURN(b->gather_staging_,
-                           device->AllocateStaging(range_bytes));
-  KVCACHE_ASSIGN_OR_RETURN(b->gather_device_, device->Allocate(range_bytes));
+  const size_t range_bytes =
+      static_cast<size_t>(b->gather_capacity_) * sizeof(int32_t);
+  for (GatherRange& range : b->gather_) {
+    KVCACHE_ASSIGN_OR_RETURN(range.staged.host,
+                             device->AllocateStaging(range_bytes));
+    KVCACHE_ASSIGN_OR_RETURN(range.staged.uploaded, device->CreateEvent());
+    KVCACHE_ASSIGN_OR_RETURN(range.device, device->Allocate(range_bytes));
+    KVCACHE_ASSIGN_OR_RETURN(range.last_use, device->CreateEvent());
+  }
   return b;
 }
 
 absl::StatusOr<BlockTableView> LookupBuffers::UploadBatchTable(
     const HostBatchTable& batch, void* stream) {
-  KVCACHE_RETURN_IF_ERROR(device_->SynchronizeEvent(table_uploaded_));
+  Staged& staging = table_staging_[next_table_];
+  // The upload before last read this copy; the last one used the other.
+  KVCACHE_RETURN_IF_ERROR(device_->SynchronizeEvent(staging.uploaded));
   const int64_t rows = batch.num_sequences;
-  int32_t* staged = table_staging_.as<int32_t>();
+  int32_t* staged = staging.host.as<int32_t>();
   const int32_t* lens = StageBatchTable(batch, max_sequences_, cols_, staged);
   int32_t* device_table = table_device_.as<int32_t>();
   int32_t* device_lens = device_table + max_sequences_ * cols_;
@@ -50,7 +58,8 @@ absl::StatusOr<BlockTableView> LookupBuffers::UploadBatchTable(
       device_table, staged, rows * cols_ * sizeof(int32_t), stream));
   KVCACHE_RETURN_IF_ERROR(device_->CopyToDeviceAsync(
       device_lens, lens, rows * sizeof(int32_t), stream));
-  KVCACHE_RETURN_IF_ERROR(device_->RecordEvent(table_uploaded_, stream));
+  KVCACHE_RETURN_IF_ERROR(device_->RecordEvent(staging.uploaded, stream));
+  next_table_ ^= 1;
   BlockTableView view;
   view.block_table = device_table;
   view.seq_lens = device_lens;
@@ -60,12 +69,24 @@ absl::StatusOr<BlockTableView> LookupBuffers::UploadBatchTable(
   return view;
 }
 
-absl::Status LookupBuffers::UploadGatherRange(absl::Span<const BlockId> blocks,
-                                              void* stream) {
-  int32_t* staged = gather_staging_.as<int32_t>();
-  std::copy(blocks.begin(), blocks.end(), staged);
-  return device_->CopyToDeviceAsync(gather_device_.data(), staged,
-                                    blocks.size() * sizeof(int32_t), stream);
+absl::StatusOr<const int32_t*> LookupBuffers::UploadGatherRange(
+    absl::Span<const BlockId> ranges, void* stream) {
+  GatherRange& range = gather_[next_gather_];
+  KVCACHE_RETURN_IF_ERROR(device_->SynchronizeEvent(range.staged.uploaded));
+  int32_t* staged = range.staged.host.as<int32_t>();
+  std::copy(ranges.begin(), ranges.end(), staged);
+  // Kernels of the gather before last may still read this device copy.
+  KVCACHE_RETURN_IF_ERROR(device_->StreamWaitEvent(stream, range.last_use));
+  KVCACHE_RETURN_IF_ERROR(device_->CopyToDeviceAsync(
+      range.device.data(), staged, ranges.size() * sizeof(int32_t), stream));
+  KVCACHE_RETURN_IF_ERROR(device_->RecordEvent(range.staged.uploaded, stream));
+  return range.device.as<int32_t>();
+}
+
+absl::Status LookupBuffers::GatherDone(void* stream) {
+  GatherRange& range = gather_[next_gather_];
+  next_gather_ ^= 1;
+  return device_->RecordEvent(range.last_use, stream);
 }
 
 }  // namespace kvcache::internal

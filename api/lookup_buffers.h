@@ -4,13 +4,21 @@
 //   batch table   int32 [max_sequences, cols], then int32 seq_lens
 //                 [max_sequences]: BatchBlockTable's view (same pointers on
 //                 every call, so an engine may capture them in a CUDA graph)
-//   gather range  int32 [cols]: the blocks one Gather reads
+//   gather range  int32 [gather_capacity]: the blocks one Gather (or one
+//                 batched Gather, all its sequences' ranges in turn) reads
+//
+// Both are staged in two pinned copies used in turn, so preparing the next
+// table (or gather) waits at most for the upload before last, never for the
+// last one. The gather range has two device copies as well (each with an
+// event after its last reader), so an asynchronous Gather never overwrites a
+// range a kernel still reads.
 //
 // Thread-compatible: the manager's mutex guards it. Internal to api/.
 
 #ifndef KVCACHE_API_LOOKUP_BUFFERS_H_
 #define KVCACHE_API_LOOKUP_BUFFERS_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 
@@ -45,24 +53,42 @@ class LookupBuffers {
   // upload from the staging memory first.
   absl::StatusOr<BlockTableView> UploadBatchTable(const HostBatchTable& batch,
                                                   void* stream);
-  // The gather range in the backend's memory (a fixed address).
-  const int32_t* gather_range() const { return gather_device_.as<int32_t>(); }
-  // Uploads `blocks` (at most cols()) into the gather range on `stream`.
-  absl::Status UploadGatherRange(absl::Span<const BlockId> blocks,
-                                 void* stream);
+  // Block ids one gather call may read in total (all its sequences).
+  int64_t gather_capacity() const { return gather_capacity_; }
+  // Uploads `ranges` (concatenated, at most gather_capacity() ids) into the
+  // next gather range on `stream`, after the kernels that read that range
+  // last; returns its device address. Call GatherDone(stream) after the
+  // kernels that read it are enqueued.
+  absl::StatusOr<const int32_t*> UploadGatherRange(
+      absl::Span<const BlockId> ranges, void* stream);
+  absl::Status GatherDone(void* stream);
 
  private:
   LookupBuffers(Device* device, int64_t max_sequences, int64_t cols)
-      : device_(device), max_sequences_(max_sequences), cols_(cols) {}
+      : device_(device),
+        max_sequences_(max_sequences),
+        cols_(cols),
+        gather_capacity_(cols * std::min<int64_t>(max_sequences, 8)) {}
+
+  struct Staged {
+    Buffer host;
+    Event uploaded;  // After the last upload from `host`.
+  };
+  struct GatherRange {
+    Staged staged;
+    Buffer device;
+    Event last_use;  // After the last kernel that read `device`.
+  };
 
   Device* const device_;
   const int64_t max_sequences_;
   const int64_t cols_;
-  Buffer table_staging_;
+  const int64_t gather_capacity_;
+  Staged table_staging_[2];
+  int next_table_ = 0;
   Buffer table_device_;
-  Event table_uploaded_;
-  Buffer gather_staging_;
-  Buffer gather_device_;
+  GatherRange gather_[2];
+  int next_gather_ = 0;
 };
 
 }  // namespace kvcache::internal

@@ -55,7 +55,17 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
   // BatchBlockTable found it only after the K/V was written).
   options.max_blocks_per_sequence = static_cast<int32_t>(cols);
 
+  // What every Append's K/V must be, fixed for the manager's life.
+  internal::ExpectedKV& expected = m->expected_kv_;
+  expected.num_heads = m->backend_->layout().num_heads;
+  expected.head_size = m->backend_->layout().head_size;
+  expected.dtype = config.input_dtype;
+  expected.memory = m->backend_->memory_kind();
+  expected.device = m->backend_->ordinal();
+
   std::lock_guard<std::mutex> lock(m->mu_);
+  KVCACHE_ASSIGN_OR_RETURN(m->events_, CreateEvents(config));
+  options.observer = m->events_.get();
   KVCACHE_ASSIGN_OR_RETURN(m->blocks_, BlockManager::Create(options));
   m->tier_ = std::move(tier);
   KVCACHE_ASSIGN_OR_RETURN(
@@ -66,6 +76,14 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
   KVCACHE_ASSIGN_OR_RETURN(m->lookups_,
                            internal::LookupBuffers::Create(
                                dev, config.max_sequences_per_step, cols));
+  if (config.graph_max_tokens > 0) {
+    KVCACHE_ASSIGN_OR_RETURN(
+        m->graph_,
+        internal::GraphStepBuffers::Create(
+            dev, config.graph_max_tokens,
+            std::min(config.graph_max_tokens, config.max_sequences_per_step),
+            cols));
+  }
   if (config.num_q_heads > 0) {
     KVCACHE_ASSIGN_OR_RETURN(
         m->attention_,
@@ -151,6 +169,54 @@ absl::StatusOr<int64_t> KVCacheManager::Impl::AddSequence(
 absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
     absl::Span<const ReserveRequest> batch, void* stream) {
   KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
+  return ReservePlan(batch, 0, stream);
+}
+
+absl::Status KVCacheManager::Impl::CheckGraphStep(
+    absl::Span<const ReserveRequest> batch, int64_t graph_tokens) const {
+  if (graph_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "graph step of a manager created with graph_max_tokens 0");
+  }
+  if (graph_tokens < 1 || graph_tokens > graph_->max_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "graph step padded to ", graph_tokens,
+        " tokens: expected 1 to graph_max_tokens ", graph_->max_tokens()));
+  }
+  if (graph_plan_ != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "graph step while graph step plan ", graph_plan_,
+        " is in flight (its inputs share one set of buffers): commit or "
+        "abort it first"));
+  }
+  if (static_cast<int64_t>(batch.size()) > graph_->max_sequences()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("graph step of ", batch.size(), " sequences exceeds its ",
+                     graph_->max_sequences(), " block-table rows"));
+  }
+  int64_t tokens = 0;
+  for (const ReserveRequest& request : batch) {
+    tokens += std::max<int64_t>(request.num_tokens, 0);
+  }
+  if (tokens > graph_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("graph step of ", tokens,
+                                                   " tokens padded to only ",
+                                                   graph_tokens, " tokens"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReserveGraphStep(
+    absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+    void* stream) {
+  KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
+  KVCACHE_RETURN_IF_ERROR(CheckGraphStep(batch, graph_tokens));
+  return ReservePlan(batch, graph_tokens, stream);
+}
+
+absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
+    absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+    void* stream) {
   // The plan's record is made before the allocator changes, so that running
   // out of memory (std::bad_alloc) cannot leave a half-made plan behind.
   KVCACHE_ASSIGN_OR_RETURN(internal::PlanTable::Pending pending,
@@ -166,10 +232,14 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
   if (tier_ != nullptr) {
     // The evicted blocks' offloads read them before anything writes them:
     // the stream waits for the copies (on the CPU, Append and copy-on-write
-    // wait).
+    // wait). A graph step's Appends wait on nothing (they may run inside a
+    // stream capture, which may not wait on an event recorded outside it),
+    // so its ordering after every tier copy so far happens here, on the
+    // stream the step runs on, before the replay.
     last_stream_ = stream;
     RunTierCopies(stream, 0, /*onboarding=*/false).IgnoreError();
-    if (backend_->memory_kind() == MemoryKind::kCuda || !plan->copies.empty()) {
+    if (backend_->memory_kind() == MemoryKind::kCuda || graph_tokens > 0 ||
+        !plan->copies.empty()) {
       if (absl::Status s = OrderAfterTierCopies(stream); !s.ok()) {
         blocks_->Abort(plan->id).IgnoreError();
         return s;
@@ -182,8 +252,14 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
   const int64_t num_copies = static_cast<int64_t>(plan->copies.size());
   absl::Status uploaded;
   try {  // The CPU kernels may allocate (std::bad_alloc).
-    uploaded =
-        plans_->Upload(pending, plan->slot_mapping, plan->copies, stream);
+    // A graph step's Appends read the graph step's slot mapping, not the
+    // plan's own (a graph step without copies leaves its step slot alone).
+    if (graph_tokens == 0 || num_copies > 0) {
+      uploaded = plans_->Upload(
+          pending,
+          graph_tokens > 0 ? absl::Span<const int64_t>() : plan->slot_mapping,
+          plan->copies, stream);
+    }
     if (uploaded.ok() && num_copies > 0) {
       uploaded = backend_->CopyBlocks(plans_->device_pairs(pending.slot),
                                       num_copies, stream);
@@ -192,6 +268,9 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
         uploaded = backend_->device().RecordEvent(
             plans_->buffers().slot(pending.slot).last_use, stream);
       }
+    }
+    if (uploaded.ok() && graph_tokens > 0) {
+      uploaded = WriteGraphStep(*plan, graph_tokens, stream);
     }
   } catch (...) {
     blocks_->Abort(plan->id).IgnoreError();
@@ -204,15 +283,59 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
   // From here on nothing allocates.
   info.id = plan->id;
   info.num_tokens = static_cast<int64_t>(plan->slot_mapping.size());
-  info.slot_mapping = plans_->buffers().device_slots(pending.slot);
+  info.graph_tokens = graph_tokens;
+  info.slot_mapping = graph_tokens > 0
+                          ? graph_->inputs().slot_mapping
+                          : plans_->buffers().device_slots(pending.slot);
   info.num_block_copies = num_copies;
   plans_->Add(std::move(pending), info.id, *plan);
+  if (graph_tokens > 0) {
+    (*plans_->Find(info.id))->graph_tokens = graph_tokens;
+    graph_plan_ = info.id;
+  }
   info.host_slot_mapping = std::move(plan->slot_mapping);
   const internal::PlanTable::Plan& added = **plans_->Find(info.id);
   info.sequences.assign(added.sequences.begin(), added.sequences.end());
   counters_.block_copies += num_copies;
   if (num_copies > 0) counters_.kernel_launches += config_.num_layers;
   return info;
+}
+
+absl::Status KVCacheManager::Impl::WriteGraphStep(const StepPlan& plan,
+                                                  int64_t graph_tokens,
+                                                  void* stream) {
+  // The layout PlanTable::Add will record, and the batch's tables (which
+  // include the blocks just reserved).
+  std::vector<PlanSequence> layout;
+  layout.reserve(plan.sequences.size());
+  int64_t offset = 0;
+  for (size_t i = 0; i < plan.sequences.size(); ++i) {
+    layout.push_back(PlanSequence{plan.sequences[i], offset, plan.num_tokens[i],
+                                  plan.first_positions[i]});
+    offset += plan.num_tokens[i];
+  }
+  std::vector<absl::Span<const BlockId>> tables;
+  tables.reserve(plan.sequences.size());
+  for (SequenceId id : plan.sequences) {
+    KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> table,
+                             blocks_->BlockTable(id));
+    // Reserve keeps every sequence within max_blocks_per_sequence columns.
+    if (static_cast<int64_t>(table.size()) > lookups_->cols()) {
+      return absl::InternalError(
+          absl::StrCat("sequence ", id, " holds ", table.size(),
+                       " blocks, more than ", lookups_->cols(), " columns"));
+    }
+    tables.push_back(table);
+  }
+  return graph_->Write(plan.slot_mapping, layout, tables, graph_tokens, stream);
+}
+
+absl::StatusOr<GraphStepInputs> KVCacheManager::Impl::GraphStep() const {
+  if (graph_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "no graph step: the manager was created with graph_max_tokens 0");
+  }
+  return graph_->inputs();
 }
 
 absl::Status KVCacheManager::Impl::CanReserve(
@@ -229,55 +352,108 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
                            plans_->Find(plan_id));
   KVCACHE_RETURN_IF_ERROR(CheckLayer(layer));
   const CacheLayout& layout = backend_->layout();
-  internal::ExpectedKV expected;
-  expected.num_heads = layout.num_heads;
-  expected.head_size = layout.head_size;
-  expected.dtype = config_.input_dtype;
-  expected.memory = backend_->memory_kind();
-  expected.device = backend_->ordinal();
   QuantizeWriteParams params;
   int64_t num_tokens = 0;
-  KVCACHE_RETURN_IF_ERROR(internal::CheckKVPair(
-      key, value, expected, layout.head_size_v, &params.input, &num_tokens));
-  // Against what is left, never done + num_tokens: a hostile count must not
-  // overflow past the check.
+  KVCACHE_RETURN_IF_ERROR(internal::CheckKVPair(key, value, expected_kv_,
+                                                layout.head_size_v,
+                                                &params.input, &num_tokens));
   const int64_t done = plan->appended[layer];
-  if (num_tokens > plan->num_tokens - done) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
-                     " of plan ", plan_id, " exceeds its reservation: ", done,
-                     " of ", plan->num_tokens, " tokens already appended"));
+  if (plan->graph_tokens > 0) {
+    // A graph step: every Append writes the whole padded batch from the
+    // graph step's slot mapping, so running it again (warm-up, then capture)
+    // rewrites the same slots.
+    if (num_tokens != plan->graph_tokens) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
+                       " of graph step plan ", plan_id,
+                       ": expected its padded count ", plan->graph_tokens));
+    }
+    params.slot_mapping = graph_->inputs().slot_mapping;
+  } else {
+    // Against what is left, never done + num_tokens: a hostile count must
+    // not overflow past the check.
+    if (num_tokens > plan->num_tokens - done) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
+                       " of plan ", plan_id, " exceeds its reservation: ", done,
+                       " of ", plan->num_tokens, " tokens already appended"));
+    }
+    params.slot_mapping = plans_->device_slots(*plan) + done;
   }
   params.num_tokens = num_tokens;
-  params.slot_mapping = plans_->device_slots(*plan) + done;
   params.cache = backend_->layer(layer);
-  const std::string context = absl::StrCat("append to layer ", layer);
   // Everything the kernel would refuse is refused before anything runs.
-  KVCACHE_RETURN_IF_ERROR(
-      Annotate(internal::ValidateQuantizeWrite(params), context));
-  const internal::StepBuffers::Slot& slot = plans_->buffers().slot(plan->slot);
-  Device& device = backend_->device();
-  KVCACHE_RETURN_IF_ERROR(device.StreamWaitEvent(stream, slot.uploaded));
-  KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
-  KVCACHE_RETURN_IF_ERROR(
-      Annotate(backend_->QuantizeWrite(params, stream), context));
+  if (absl::Status s = internal::ValidateQuantizeWrite(params); !s.ok()) {
+    return Annotate(s, absl::StrCat("append to layer ", layer));
+  }
+  if (plan->graph_tokens > 0) {
+    // No events: a stream being captured may not wait on or record one made
+    // outside the capture. The graph step's inputs were uploaded on the
+    // stream the step runs on (ReserveGraphStep's), which also waited there
+    // for every host tier copy so far, so the order holds.
+    if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
+      return Annotate(s, absl::StrCat("append to layer ", layer));
+    }
+    plan->appended[layer] = num_tokens;
+  } else if (internal::StepBuffers& buffers = plans_->buffers();
+             buffers.SameStreamAsWrite(plan->slot, stream)) {
+    // On the stream that uploaded the slot mapping (Reserve's): stream order
+    // alone, no event (api/step_buffers.h). Tier copies enqueued since (an
+    // AddSequence's onboards) are still waited for; a no-op when none were.
+    KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
+    if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
+      return Annotate(s, absl::StrCat("append to layer ", layer));
+    }
+    buffers.NoteReader(plan->slot, stream);
+    plan->appended[layer] += num_tokens;
+  } else {
+    const internal::StepBuffers::Slot& slot = buffers.slot(plan->slot);
+    Device& device = backend_->device();
+    KVCACHE_RETURN_IF_ERROR(device.StreamWaitEvent(stream, slot.uploaded));
+    KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
+    if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
+      return Annotate(s, absl::StrCat("append to layer ", layer));
+    }
+    KVCACHE_RETURN_IF_ERROR(device.RecordEvent(slot.last_use, stream));
+    plan->appended[layer] += num_tokens;
+  }
   ++counters_.kernel_launches;
-  KVCACHE_RETURN_IF_ERROR(device.RecordEvent(slot.last_use, stream));
-  plan->appended[layer] += num_tokens;
   counters_.tokens_appended += num_tokens;
   return absl::OkStatus();
 }
 
 absl::Status KVCacheManager::Impl::CheckAppended(
     uint64_t plan_id, const internal::PlanTable::Plan& plan) const {
-  for (int layer = 0; layer < config_.num_layers; ++layer) {
-    if (plan.appended[layer] != plan.num_tokens) {
+  int64_t expected = plan.num_tokens;
+  if (plan.graph_tokens > 0) {
+    expected = plan.graph_tokens;
+    // A graph step whose Appends the host never saw ran them in a replayed
+    // graph: complete when a graph of that size was captured with every
+    // layer (a capture's own step is checked below, like any plan).
+    bool any = false;
+    for (int64_t n : plan.appended) any = any || n > 0;
+    if (!any) {
+      if (graph_->IsCaptured(plan.graph_tokens)) return absl::OkStatus();
       return absl::FailedPreconditionError(absl::StrCat(
-          "commit of plan ", plan_id, ": layer ", layer, " holds ",
-          plan.appended[layer], " of its ", plan.num_tokens, " tokens"));
+          "commit of graph step plan ", plan_id, " of ", plan.graph_tokens,
+          " padded tokens: no Append ran on the host and no step of that size "
+          "was ever committed with every layer appended (capture the graph "
+          "with an Append for every layer first)"));
+    }
+  }
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    if (plan.appended[layer] != expected) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("commit of plan ", plan_id, ": layer ", layer, " holds ",
+                       plan.appended[layer], " of its ", expected, " tokens"));
     }
   }
   return absl::OkStatus();
+}
+
+void KVCacheManager::Impl::RemovePlan(uint64_t plan_id) {
+  if (plan_id == graph_plan_) graph_plan_ = 0;
+  plans_->Remove(plan_id);
 }
 
 absl::Status KVCacheManager::Impl::Commit(uint64_t plan_id) {
@@ -287,7 +463,10 @@ absl::Status KVCacheManager::Impl::Commit(uint64_t plan_id) {
   KVCACHE_RETURN_IF_ERROR(blocks_->Commit(plan_id));
   for (const PlanSequence& s : plan->sequences)
     counters_.tokens_committed += s.num_tokens;  // 0 once removed.
-  plans_->Remove(plan_id);
+  if (plan->graph_tokens > 0 && plan->appended[0] > 0) {
+    graph_->MarkCaptured(plan->graph_tokens);
+  }
+  RemovePlan(plan_id);
   return absl::OkStatus();
 }
 
@@ -304,7 +483,10 @@ absl::Status KVCacheManager::Impl::Commit(uint64_t plan_id,
     counters_.tokens_committed += accepted[i];
     counters_.tokens_rejected += reserved - accepted[i];
   }
-  plans_->Remove(plan_id);
+  if (plan->graph_tokens > 0 && plan->appended[0] > 0) {
+    graph_->MarkCaptured(plan->graph_tokens);
+  }
+  RemovePlan(plan_id);
   return absl::OkStatus();
 }
 
@@ -321,7 +503,9 @@ absl::Status KVCacheManager::Impl::RemoveFromPlan(uint64_t plan_id,
   if (row == nullptr) return blocks_->RemoveFromPlan(plan_id, sequence);
   // Its rows become padding first: if that fails, nothing changed.
   KVCACHE_RETURN_IF_ERROR(
-      plans_->Pad(*plan, row->slot_offset, row->num_tokens, stream));
+      plan->graph_tokens > 0
+          ? graph_->Pad(row->slot_offset, row->num_tokens, stream)
+          : plans_->Pad(*plan, row->slot_offset, row->num_tokens, stream));
   KVCACHE_RETURN_IF_ERROR(blocks_->RemoveFromPlan(plan_id, sequence));
   row->num_tokens = 0;
   return absl::OkStatus();
@@ -337,7 +521,7 @@ absl::StatusOr<std::vector<PlanSequence>> KVCacheManager::Impl::PlanLayout(
 absl::Status KVCacheManager::Impl::Abort(uint64_t plan_id) {
   KVCACHE_RETURN_IF_ERROR(plans_->Find(plan_id).status());
   KVCACHE_RETURN_IF_ERROR(blocks_->Abort(plan_id));
-  plans_->Remove(plan_id);
+  RemovePlan(plan_id);
   return absl::OkStatus();
 }
 

@@ -6,6 +6,7 @@
 //   plans_     PlanTable      plans in flight: step buffers, appended counts
 //   lookups_   LookupBuffers  block tables handed to kernels
 //   attention_ AttentionBuffers  Attention's tables and split-KV scratch
+//   events_    KVEventSink    KV events (null when off), the blocks' observer
 //   counters_                 the metrics the parts do not keep themselves
 //
 // Thread safety: KVCacheManager locks mu_ around every call; every method
@@ -25,10 +26,13 @@
 #include "allocator/block_manager.h"
 #include "api/attention_buffers.h"
 #include "api/cache_backend.h"
+#include "api/graph_step_buffers.h"
 #include "api/kv_cache_manager.h"
 #include "api/lookup_buffers.h"
 #include "api/plan_table.h"
 #include "api/tier_mover.h"
+#include "api/tensor_checks.h"
+#include "events/kv_event_sink.h"
 #include "storage/device.h"
 
 namespace kvcache {
@@ -42,6 +46,7 @@ class KVCacheManager::Impl {
 
   const KVCacheConfig& config() const { return config_; }
   const internal::CacheBackend& backend() const { return *backend_; }
+  internal::CacheBackend& mutable_backend() { return *backend_; }
   std::mutex& mu() const ABSL_LOCK_RETURNED(mu_) { return mu_; }
 
   // The operations of KVCacheManager, with the same contracts.
@@ -52,6 +57,11 @@ class KVCacheManager::Impl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
                                        void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<StepPlanInfo> ReserveGraphStep(
+      absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+      void* stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<GraphStepInputs> GraphStep() const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CanReserve(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -81,6 +91,11 @@ class KVCacheManager::Impl {
                       int64_t num_tokens, const TensorView& key_out,
                       const TensorView& value_out, void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status GatherBatch(absl::Span<const GatherRequest> requests, int layer,
+                           const TensorView& key_out,
+                           const TensorView& value_out,
+                           const GatherOptions& options, void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Decode attention (api/attention.cc).
   absl::Status Attention(absl::Span<const SequenceId> sequences, int layer,
@@ -89,6 +104,13 @@ class KVCacheManager::Impl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   MetricsSnapshot Metrics() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // KV events (api/manager_events.cc).
+  std::vector<KVEventBatch> TakeEvents() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The observer that makes them, for every medium (null when events are
+  // off): a host tier reports its own stores and removals here.
+  BlockObserver* event_observer() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return events_.get();
+  }
   // The allocator's invariants, then the plans' against the step buffers.
   absl::Status Validate() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -101,6 +123,23 @@ class KVCacheManager::Impl {
 
  private:
   explicit Impl(const KVCacheConfig& config) : config_(config) {}
+
+  // Reserve and ReserveGraphStep after their checks (graph_tokens 0: not a
+  // graph step).
+  absl::StatusOr<StepPlanInfo> ReservePlan(
+      absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+      void* stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The graph step's limits: buffers made, padded count in range, no other
+  // graph step in flight, the batch within its rows and padded count.
+  absl::Status CheckGraphStep(absl::Span<const ReserveRequest> batch,
+                              int64_t graph_tokens) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes and uploads the graph step's inputs for a just-reserved plan.
+  absl::Status WriteGraphStep(const StepPlan& plan, int64_t graph_tokens,
+                              void* stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes a plan out of the table (Commit, Abort), freeing the graph step's
+  // buffers when it held them.
+  void RemovePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Every layer holds all of the plan's tokens (Commit's precondition).
   absl::Status CheckAppended(uint64_t plan_id,
@@ -115,6 +154,11 @@ class KVCacheManager::Impl {
   // than a block-table row has columns (max_blocks_per_sequence).
   absl::StatusOr<HostBatchTable> BatchTable(absl::Span<const SequenceId> ids)
       const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Tokens of `id` a gather of `layer` may read: committed, plus with
+  // include_in_flight those of its plan in flight this layer holds.
+  absl::StatusOr<int64_t> GatherableLength(SequenceId id, int layer,
+                                           bool include_in_flight) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Batch size and token limits of the step buffers, and no sequence pending.
   absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -131,14 +175,24 @@ class KVCacheManager::Impl {
   // Lets the allocator's next evictions offload unless the copy queue is
   // still busy with earlier batches (backpressure).
   void AllowOffloadIfQueueIsFree() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The event sink (and its publisher) config asks for, or null when events
+  // are off (api/manager_events.cc).
+  static absl::StatusOr<std::unique_ptr<internal::KVEventSink>> CreateEvents(
+      const KVCacheConfig& config);
 
   const KVCacheConfig config_;
   std::unique_ptr<internal::CacheBackend> backend_;
+  internal::ExpectedKV expected_kv_;  // Append's K/V, set by Create.
 
   mutable std::mutex mu_;
+  // Before blocks_, which holds a pointer to it: destroyed after it.
+  std::unique_ptr<internal::KVEventSink> events_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<BlockManager> blocks_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<internal::PlanTable> plans_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<internal::LookupBuffers> lookups_ ABSL_GUARDED_BY(mu_);
+  // Made at Create when config.graph_max_tokens > 0.
+  std::unique_ptr<internal::GraphStepBuffers> graph_ ABSL_GUARDED_BY(mu_);
+  uint64_t graph_plan_ ABSL_GUARDED_BY(mu_) = 0;  // Holding graph_, if not 0.
   // Made at Create when config.num_q_heads > 0.
   std::unique_ptr<internal::AttentionBuffers> attention_ ABSL_GUARDED_BY(mu_);
   MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);

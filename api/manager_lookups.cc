@@ -1,7 +1,9 @@
 // The lookups of KVCacheManager::Impl: block tables, Gather, metrics and
 // Validate. The step is in manager_impl.cc.
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "api/manager_impl.h"
@@ -37,57 +39,140 @@ absl::StatusOr<HostBatchTable> KVCacheManager::Impl::BatchTable(
   return batch;
 }
 
+absl::StatusOr<int64_t> KVCacheManager::Impl::GatherableLength(
+    SequenceId id, int layer, bool include_in_flight) const {
+  KVCACHE_ASSIGN_OR_RETURN(const int64_t computed, blocks_->ComputedLength(id));
+  const uint64_t plan_id = blocks_->PendingPlan(id);
+  if (!include_in_flight || plan_id == 0) return computed;
+  KVCACHE_ASSIGN_OR_RETURN(const internal::PlanTable::Plan* plan,
+                           plans_->Find(plan_id));
+  for (const PlanSequence& row : plan->sequences) {
+    if (row.sequence != id || row.num_tokens == 0) continue;
+    const int64_t appended = plan->appended[layer];
+    if (plan->graph_tokens > 0) {
+      if (appended == plan->graph_tokens) return computed + row.num_tokens;
+      return absl::FailedPreconditionError(absl::StrCat(
+          "gather of sequence ", id, " including graph step plan ", plan_id,
+          ": its Appends of layer ", layer,
+          " did not run on the host (a replayed graph); commit it first"));
+    }
+    return computed +
+           std::clamp<int64_t>(appended - row.slot_offset, 0, row.num_tokens);
+  }
+  return computed;
+}
+
 absl::Status KVCacheManager::Impl::Gather(
     SequenceId id, int layer, int64_t token_begin, int64_t num_tokens,
     const TensorView& key_out, const TensorView& value_out, void* stream) {
+  const GatherRequest request{id, token_begin, num_tokens};
+  KVCACHE_RETURN_IF_ERROR(GatherBatch(absl::MakeConstSpan(&request, 1), layer,
+                                      key_out, value_out, GatherOptions(),
+                                      stream));
+  if (num_tokens == 0) return absl::OkStatus();
+  return backend_->device().SynchronizeStream(stream);
+}
+
+absl::Status KVCacheManager::Impl::GatherBatch(
+    absl::Span<const GatherRequest> requests, int layer,
+    const TensorView& key_out, const TensorView& value_out,
+    const GatherOptions& options, void* stream) {
   KVCACHE_RETURN_IF_ERROR(CheckLayer(layer));
-  KVCACHE_ASSIGN_OR_RETURN(const int64_t length, blocks_->ComputedLength(id));
-  if (token_begin < 0 || num_tokens < 1 || token_begin > length ||
-      num_tokens > length - token_begin) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gather of ", num_tokens, " tokens from token ", token_begin,
-        " of sequence ", id, ": it has ", length, " computed tokens"));
+  if (static_cast<int64_t>(requests.size()) > config_.max_sequences_per_step) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gather of ", requests.size(),
+                     " sequences exceeds max_sequences_per_step ",
+                     config_.max_sequences_per_step));
   }
   const CacheLayout& layout = backend_->layout();
+  // Each request's range, then its blocks, concatenated.
+  std::vector<BlockId> ranges;
+  std::vector<int64_t> range_begin(requests.size(), 0);
+  int64_t total = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const GatherRequest& r = requests[i];
+    KVCACHE_ASSIGN_OR_RETURN(
+        const int64_t length,
+        GatherableLength(r.sequence, layer, options.include_in_flight));
+    if (r.token_begin < 0 || r.num_tokens < 0 || r.token_begin > length ||
+        r.num_tokens > length - r.token_begin) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "gather of ", r.num_tokens, " tokens from token ", r.token_begin,
+          " of sequence ", r.sequence, ": it has ", length,
+          options.include_in_flight ? " readable" : " computed", " tokens"));
+    }
+    range_begin[i] = static_cast<int64_t>(ranges.size());
+    total += r.num_tokens;  // Each at most INT32_MAX: no overflow.
+    if (r.num_tokens == 0) continue;
+    KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> table,
+                             blocks_->BlockTable(r.sequence));
+    const int64_t first = r.token_begin / layout.block_size;
+    const int64_t last = (r.token_begin + r.num_tokens - 1) / layout.block_size;
+    const int64_t count = last - first + 1;
+    if (static_cast<int64_t>(ranges.size()) + count >
+        lookups_->gather_capacity()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "gather spans more than ", lookups_->gather_capacity(),
+          " blocks (8 x max_blocks_per_sequence, or max_sequences_per_step x "
+          "it when smaller) at request ",
+          i, " (sequence ", r.sequence, "): split it"));
+    }
+    ranges.insert(ranges.end(), table.begin() + first,
+                  table.begin() + last + 1);
+  }
+  if (total == 0) return absl::OkStatus();
   internal::ExpectedKV expected;
-  expected.num_tokens = num_tokens;
+  expected.num_tokens = total;
   expected.num_heads = layout.num_heads;
   expected.head_size = layout.head_size;
   expected.any_float_dtype = true;
   expected.memory = backend_->memory_kind();
   expected.device = backend_->ordinal();
-  GatherParams params;
+  DenseKV output;
   int64_t checked_tokens = 0;
+  KVCACHE_RETURN_IF_ERROR(internal::CheckKVPair(key_out, value_out, expected,
+                                                layout.head_size_v, &output,
+                                                &checked_tokens));
+  // Outputs that overlap each other or the cache are refused before anything
+  // runs.
   KVCACHE_RETURN_IF_ERROR(
-      internal::CheckKVPair(key_out, value_out, expected, layout.head_size_v,
-                            &params.output, &checked_tokens));
-  KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> table,
-                           blocks_->BlockTable(id));
-  const int64_t first = token_begin / layout.block_size;
-  const int64_t last = (token_begin + num_tokens - 1) / layout.block_size;
-  const int64_t count = last - first + 1;
-  if (count > lookups_->cols()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "gather of ", num_tokens, " tokens spans ", count,
-        " blocks, more than max_blocks_per_sequence ", lookups_->cols()));
-  }
-  params.cache = backend_->layer(layer);
-  params.block_table_len = count;
-  params.token_begin = token_begin - first * layout.block_size;
-  params.num_tokens = num_tokens;
+      internal::CheckGatherOutputs(output, total, layout, backend_->storage()));
+  KVCACHE_ASSIGN_OR_RETURN(const int32_t* device_ranges,
+                           lookups_->UploadGatherRange(ranges, stream));
+  const size_t elem = DTypeSize(output.dtype);
   const std::string context = absl::StrCat("gather of layer ", layer);
-  params.block_table = lookups_->gather_range();
-  // Everything the kernel would refuse, and outputs that overlap each other
-  // or the cache, are refused before anything runs.
-  KVCACHE_RETURN_IF_ERROR(Annotate(internal::ValidateGather(params), context));
-  KVCACHE_RETURN_IF_ERROR(internal::CheckGatherOutputs(
-      params.output, num_tokens, layout, backend_->storage()));
-  KVCACHE_RETURN_IF_ERROR(
-      lookups_->UploadGatherRange(table.subspan(first, count), stream));
-  KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
-  KVCACHE_RETURN_IF_ERROR(Annotate(backend_->Gather(params, stream), context));
-  ++counters_.kernel_launches;
-  return backend_->device().SynchronizeStream(stream);
+  std::vector<GatherParams> launches;
+  launches.reserve(requests.size());
+  absl::Status status;
+  int64_t row = 0;
+  for (size_t i = 0; i < requests.size() && status.ok(); ++i) {
+    const GatherRequest& r = requests[i];
+    if (r.num_tokens == 0) continue;
+    const int64_t first = r.token_begin / layout.block_size;
+    GatherParams& params = launches.emplace_back();
+    params.cache = backend_->layer(layer);
+    params.block_table = device_ranges + range_begin[i];
+    params.block_table_len =
+        (r.token_begin + r.num_tokens - 1) / layout.block_size - first + 1;
+    params.token_begin = r.token_begin - first * layout.block_size;
+    params.num_tokens = r.num_tokens;
+    params.output = output;
+    params.output.key =
+        static_cast<char*>(output.key) + row * output.key_token_stride * elem;
+    params.output.value = static_cast<char*>(output.value) +
+                          row * output.value_token_stride * elem;
+    row += r.num_tokens;
+    // Everything a kernel would refuse is refused before any runs.
+    status = Annotate(internal::ValidateGather(params), context);
+  }
+  if (status.ok() && !launches.empty()) status = OrderAfterTierCopies(stream);
+  for (size_t i = 0; i < launches.size() && status.ok(); ++i) {
+    status = Annotate(backend_->Gather(launches[i], stream), context);
+    if (status.ok()) ++counters_.kernel_launches;
+  }
+  // The range's readers are enqueued (or none ran): mark it, either way.
+  absl::Status done = lookups_->GatherDone(stream);
+  return status.ok() ? done : status;
 }
 
 MetricsSnapshot KVCacheManager::Impl::Metrics() const {
@@ -121,6 +206,12 @@ MetricsSnapshot KVCacheManager::Impl::Metrics() const {
     s.tier_offloads_skipped = prefix.offloads_skipped;
   }
   s.prefix_hit_tokens_device = prefix.hit_tokens - prefix.host_hit_tokens;
+  if (events_ != nullptr) {
+    s.kv_event_batches = static_cast<int64_t>(events_->batches());
+    s.kv_event_batches_dropped = static_cast<int64_t>(events_->dropped());
+    s.kv_event_batches_unpublished =
+        static_cast<int64_t>(events_->unpublished());
+  }
   return s;
 }
 

@@ -106,6 +106,14 @@ std::string ToPrometheusText(const MetricsSnapshot& m) {
       "Reserve calls refused for lack of room.", m.reserve_failures);
   Add(&out, "block_copies_total", "counter", "Copy-on-write block copies.",
       m.block_copies);
+  Add(&out, "kv_event_batches_total", "counter", "KV event batches made.",
+      m.kv_event_batches);
+  Add(&out, "kv_event_batches_dropped_total", "counter",
+      "KV event batches dropped unread (TakeEvents queue full).",
+      m.kv_event_batches_dropped);
+  Add(&out, "kv_event_batches_unpublished_total", "counter",
+      "KV event batches the ZeroMQ publisher did not send.",
+      m.kv_event_batches_unpublished);
   if (m.host_tier_blocks_total > 0) AppendTierText(&out, m);
   return out;
 }

@@ -50,6 +50,12 @@ struct MetricsSnapshot {
   int64_t tier_copy_failures = 0;
   // Evicted blocks not offloaded because the copy queue was busy.
   int64_t tier_offloads_skipped = 0;
+  // KV events (zero unless enable_kv_events): batches made, batches dropped
+  // before TakeEvents read them (queue full), batches the ZeroMQ publisher
+  // could not send (its queue full, or a failed send).
+  int64_t kv_event_batches = 0;
+  int64_t kv_event_batches_dropped = 0;
+  int64_t kv_event_batches_unpublished = 0;
 };
 
 // "# HELP ...\n# TYPE ...\nkvcache_blocks{state=\"free\"} 12\n..." with names

@@ -1,5 +1,6 @@
 #include "api/plan_table.h"
 
+#include <algorithm>
 #include <string>
 #include <utility>
 
@@ -77,13 +78,15 @@ absl::Status PlanTable::Validate(int64_t max_tokens) const {
                                               " is not its own busy slot"));
     }
     slot_taken[plan.slot] = 1;
+    const int64_t written = std::max(plan.num_tokens, plan.graph_tokens);
     if (plan.num_tokens < 1 || plan.num_tokens > max_tokens ||
+        plan.graph_tokens < 0 || plan.graph_tokens > max_tokens ||
         static_cast<int>(plan.appended.size()) != num_layers_) {
       return absl::InternalError(absl::StrCat(
           name, plan.num_tokens, " tokens, ", plan.appended.size(), " layers"));
     }
     for (int layer = 0; layer < num_layers_; ++layer) {
-      if (plan.appended[layer] < 0 || plan.appended[layer] > plan.num_tokens) {
+      if (plan.appended[layer] < 0 || plan.appended[layer] > written) {
         return absl::InternalError(
             absl::StrCat(name, "layer ", layer, " holds ", plan.appended[layer],
                          " of its ", plan.num_tokens, " tokens"));

@@ -27,9 +27,15 @@ namespace kvcache::internal {
 class PlanTable {
  public:
   struct Plan {
-    int slot = 0;                   // Its step-buffer slot.
-    int64_t num_tokens = 0;         // Reserved over the whole batch.
-    std::vector<int64_t> appended;  // Per layer: tokens written so far.
+    int slot = 0;            // Its step-buffer slot.
+    int64_t num_tokens = 0;  // Reserved over the whole batch.
+    // A graph step (ReserveGraphStep): the padded token count every Append
+    // writes (its slot mapping is the graph step's); 0 for other plans.
+    int64_t graph_tokens = 0;
+    // Per layer: tokens written so far. A graph step's Appends set it to
+    // graph_tokens, when they run on the host (capture, or no graph at all);
+    // replays leave it 0.
+    std::vector<int64_t> appended;
     // Per sequence, batch order (num_tokens 0 once removed from the plan).
     std::vector<PlanSequence> sequences;
   };

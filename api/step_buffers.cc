@@ -25,6 +25,9 @@ absl::StatusOr<std::unique_ptr<StepBuffers>> StepBuffers::Create(
     if (!uploaded.ok()) return uploaded.status();
     absl::StatusOr<Event> last_use = device->CreateEvent();
     if (!last_use.ok()) return last_use.status();
+    absl::StatusOr<Event> readers_done = device->CreateEvent();
+    if (!readers_done.ok()) return readers_done.status();
+    slot.readers_done = *std::move(readers_done);
     slot.staging = *std::move(staging);
     slot.device = *std::move(on_device);
     slot.uploaded = *std::move(uploaded);
@@ -72,14 +75,13 @@ absl::Status StepBuffers::Upload(int index, absl::Span<const int64_t> slots,
     pairs[2 * i + 1] = copies[i].dst;
   }
   // Kernels of this slot's previous plan may still read its device memory.
-  if (absl::Status s = device_->StreamWaitEvent(stream, slot.last_use);
-      !s.ok()) {
-    return s;
-  }
-  if (absl::Status s = device_->CopyToDeviceAsync(
-          slot.device.data(), staged, slots.size() * sizeof(int64_t), stream);
-      !s.ok()) {
-    return s;
+  if (absl::Status s = WaitForReaders(slot, stream); !s.ok()) return s;
+  if (!slots.empty()) {
+    if (absl::Status s = device_->CopyToDeviceAsync(
+            slot.device.data(), staged, slots.size() * sizeof(int64_t), stream);
+        !s.ok()) {
+      return s;
+    }
   }
   if (!copies.empty()) {
     if (absl::Status s = device_->CopyToDeviceAsync(
@@ -89,7 +91,32 @@ absl::Status StepBuffers::Upload(int index, absl::Span<const int64_t> slots,
       return s;
     }
   }
-  return device_->RecordEvent(slot.uploaded, stream);
+  if (absl::Status s = device_->RecordEvent(slot.uploaded, stream); !s.ok()) {
+    return s;
+  }
+  slot.upload_stream = stream;
+  return absl::OkStatus();
+}
+
+absl::Status StepBuffers::WaitForReaders(Slot& slot, void* stream) {
+  if (absl::Status s = device_->StreamWaitEvent(stream, slot.last_use);
+      !s.ok()) {
+    return s;
+  }
+  if (slot.unrecorded_readers && slot.readers_stream != stream) {
+    if (absl::Status s =
+            device_->RecordEvent(slot.readers_done, slot.readers_stream);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = device_->StreamWaitEvent(stream, slot.readers_done);
+        !s.ok()) {
+      return s;
+    }
+  }
+  // Every reader so far is ordered before `stream`'s next work.
+  slot.unrecorded_readers = false;
+  return absl::OkStatus();
 }
 
 absl::Status StepBuffers::Pad(int index, int64_t offset, int64_t count,
@@ -102,7 +129,9 @@ absl::Status StepBuffers::Pad(int index, int64_t offset, int64_t count,
   }
   int64_t* staged = slot.staging.as<int64_t>() + offset;
   std::fill(staged, staged + count, int64_t{-1});
-  if (absl::Status s = device_->StreamWaitEvent(stream, slot.last_use);
+  // After the kernels reading the slot and after its last write.
+  if (absl::Status s = WaitForReaders(slot, stream); !s.ok()) return s;
+  if (absl::Status s = device_->StreamWaitEvent(stream, slot.uploaded);
       !s.ok()) {
     return s;
   }
@@ -112,7 +141,11 @@ absl::Status StepBuffers::Pad(int index, int64_t offset, int64_t count,
       !s.ok()) {
     return s;
   }
-  return device_->RecordEvent(slot.uploaded, stream);
+  if (absl::Status s = device_->RecordEvent(slot.uploaded, stream); !s.ok()) {
+    return s;
+  }
+  slot.upload_stream = stream;
+  return absl::OkStatus();
 }
 
 }  // namespace kvcache::internal

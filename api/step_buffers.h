@@ -5,6 +5,14 @@
 // A slot's staging memory is rewritten only after its last upload finished, and
 // its device memory only after the kernels that read it (the upload waits on
 // the slot's last-use event), so no step allocates and no step stalls the host.
+//
+// Readers on the upload's own stream (the common case: Reserve and every
+// Append on one stream) need no event at all: stream order puts them after
+// the upload, and the slot notes that it has unrecorded readers on that
+// stream (NoteReader). Only when the slot is next written from another stream
+// does WaitForReaders record an event on the readers' stream and make the
+// writer wait for it. Readers on other streams wait for `uploaded` and record
+// `last_use` themselves.
 // Thread-compatible: the manager's mutex guards it.
 
 #ifndef KVCACHE_API_STEP_BUFFERS_H_
@@ -31,6 +39,13 @@ class StepBuffers {
     Event uploaded;     // After the last upload from `staging`.
     Event last_use;     // After the last kernel that read `device`.
     bool busy = false;  // Owned by a plan in flight.
+    // The stream of the last write of `device` (Upload or Pad).
+    void* upload_stream = nullptr;
+    // Kernels on `readers_stream` read `device` after the last write without
+    // recording `last_use`.
+    bool unrecorded_readers = false;
+    void* readers_stream = nullptr;
+    Event readers_done;  // Recorded on readers_stream by WaitForReaders.
   };
 
   // REQUIRES: `device` outlives the buffers.
@@ -48,6 +63,19 @@ class StepBuffers {
   // staging and device, on `stream`. REQUIRES: within the last upload.
   absl::Status Pad(int index, int64_t offset, int64_t count, void* stream);
 
+  // True when a kernel reading slot `index` on `stream` is ordered after its
+  // last write by stream order alone (then call NoteReader after enqueueing
+  // it; otherwise wait for `uploaded` and record `last_use` around it).
+  bool SameStreamAsWrite(int index, void* stream) const {
+    const Slot& slot = slots_[index];
+    return stream == slot.upload_stream &&
+           (!slot.unrecorded_readers || slot.readers_stream == stream);
+  }
+  void NoteReader(int index, void* stream) {
+    slots_[index].unrecorded_readers = true;
+    slots_[index].readers_stream = stream;
+  }
+
   Slot& slot(int index) { return slots_[index]; }
   const int64_t* device_slots(int index) const {
     return slots_[index].device.as<int64_t>();
@@ -59,6 +87,10 @@ class StepBuffers {
   int num_slots() const { return static_cast<int>(slots_.size()); }
 
  private:
+  // Makes later work on `stream` wait for every kernel that read slot
+  // `index`'s device memory.
+  absl::Status WaitForReaders(Slot& slot, void* stream);
+
   StepBuffers(Device* device, int64_t max_tokens, int64_t max_copies)
       : device_(device), max_tokens_(max_tokens), max_copies_(max_copies) {}
 

@@ -5,7 +5,10 @@
 // measured in the same process. Decode-sized writes are timed as CUDA-graph
 // replays of 100 launches (us_per_launch). Inputs rotate over several buffer
 // sets so that the working set is far larger than L2. A summary table is
-// printed at the end.
+// printed at the end, and a table of each int8/fp8 case with side scales
+// beside the same case with inline scales (DESIGN.md section 2). Both
+// placements count the same bytes (codes, 4 bytes of scale per row, inputs or
+// outputs; not the inline rows' padding), so their %copy compare directly.
 //
 // The host tier (README "Host tier"): pinned host <-> device copy bandwidth
 // (1 GiB cudaMemcpyAsync each way) is measured first, then offload (device
@@ -29,7 +32,9 @@
 
 #include "benchmark/benchmark.h"
 #include "benchmarks/empty_kernel.h"
+#include "core/cache_layout.h"
 #include "core/dtype.h"
+#include "core/scale_placement.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/float_convert.h"
 #include "kernels/kernel_params.h"
@@ -125,6 +130,61 @@ cudaError_t FillRandom(void* dst, size_t bytes, DType dtype, uint64_t seed) {
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+// Fills an inline-scale cache of `rows` rows of `pitch` bytes: random codes
+// (and padding) from FillRandom's pattern, then a finite Gaussian scale at
+// byte `at` of every row.
+cudaError_t FillInlineRows(void* dst, int64_t rows, int64_t pitch, int64_t at,
+                           uint64_t seed) {
+  std::vector<uint8_t> host(static_cast<size_t>(rows * pitch));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> code(-100, 100);
+  std::vector<uint8_t> pattern(size_t{1} << 20);
+  for (uint8_t& b : pattern) b = static_cast<uint8_t>(code(rng));
+  for (size_t off = 0; off < host.size(); off += pattern.size()) {
+    std::memcpy(host.data() + off, pattern.data(),
+                std::min(pattern.size(), host.size() - off));
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float scale = normal(rng);
+    std::memcpy(&host[r * pitch + at], &scale, 4);
+  }
+  return cudaMemcpy(dst, host.data(), host.size(), cudaMemcpyHostToDevice);
+}
+
+// " side" or " inline" for quantized caches (the placement's name in the
+// case's name), nothing for bf16/fp16.
+std::string PlacementSuffix(DType cache, ScalePlacement placement) {
+  if (!IsQuantized(cache)) return "";
+  return std::string(" ") + ScalePlacementName(placement);
+}
+
+// Sets the layer's cache pointers: K and V caches of the layout's size, and
+// side scale tensors or the inline scale pointers.
+cudaError_t AllocCache(DeviceArena& arena, LayerCache& cache) {
+  const CacheLayout& layout = cache.layout;
+  const size_t elem = DTypeSize(layout.cache_dtype);
+  const size_t cache_bytes =
+      static_cast<size_t>(layout.num_blocks * layout.key_block_elems()) * elem;
+  cudaError_t e = arena.Alloc(&cache.key_cache, cache_bytes);
+  if (e == cudaSuccess) e = arena.Alloc(&cache.value_cache, cache_bytes);
+  if (e != cudaSuccess) return e;
+  if (layout.inline_scales()) {
+    cache.key_scale = InlineScale(layout, cache.key_cache);
+    cache.value_scale = InlineScale(layout, cache.value_cache);
+  } else if (layout.side_scales()) {
+    const size_t scale_bytes =
+        static_cast<size_t>(layout.num_slots() * layout.num_heads) *
+        sizeof(float);
+    e = arena.Alloc(reinterpret_cast<void**>(&cache.key_scale), scale_bytes);
+    if (e == cudaSuccess) {
+      e = arena.Alloc(reinterpret_cast<void**>(&cache.value_scale),
+                      scale_bytes);
+    }
+  }
+  return e;
 }
 
 void Report(benchmark::State& state, const std::string& name,
@@ -342,11 +402,13 @@ struct WriteCase {
   DType input, cache;
   bool scattered;
   bool graph;  // Decode sizes: CUDA-graph replay of 100 launches.
+  ScalePlacement placement = ScalePlacement::kSide;
   std::string Name() const {
     return std::string("write ") + std::string(DTypeName(input)) + "->" +
            std::string(DTypeName(cache)) + " T=" + std::to_string(tokens) +
            " H=" + std::to_string(heads) + " D=" + std::to_string(head_size) +
-           (scattered ? " scattered" : " contiguous");
+           (scattered ? " scattered" : " contiguous") +
+           PlacementSuffix(cache, placement);
   }
 };
 
@@ -373,22 +435,11 @@ void BM_QuantizeWrite(benchmark::State& state, WriteCase c) {
   layout.head_size = D;
   layout.head_size_v = D;
   layout.cache_dtype = c.cache;
+  layout.scale_placement = c.placement;
   layout.num_blocks = c.scattered ? T * 2 : (T + kBlockSize - 1) / kBlockSize;
   LayerCache cache;
   cache.layout = layout;
-  const size_t cache_bytes =
-      static_cast<size_t>(layout.num_blocks * layout.key_block_elems()) *
-      cache_elem;
-  const size_t scale_bytes =
-      static_cast<size_t>(layout.num_slots() * H) * sizeof(float);
-  BENCH_CHECK(arena.Alloc(&cache.key_cache, cache_bytes));
-  BENCH_CHECK(arena.Alloc(&cache.value_cache, cache_bytes));
-  if (IsQuantized(c.cache)) {
-    BENCH_CHECK(
-        arena.Alloc(reinterpret_cast<void**>(&cache.key_scale), scale_bytes));
-    BENCH_CHECK(
-        arena.Alloc(reinterpret_cast<void**>(&cache.value_scale), scale_bytes));
-  }
+  BENCH_CHECK(AllocCache(arena, cache));
   std::vector<QuantizeWriteParams> params(sets);
   for (int s = 0; s < sets; ++s) {
     std::vector<int64_t> slots(T);
@@ -510,11 +561,12 @@ void BM_EmptyLaunchGraph(benchmark::State& state) {
 struct GatherCase {
   int64_t tokens, heads, head_size;
   DType cache, output;
+  ScalePlacement placement = ScalePlacement::kSide;
   std::string Name() const {
     return std::string("gather ") + std::string(DTypeName(cache)) + "->" +
            std::string(DTypeName(output)) + " T=" + std::to_string(tokens) +
            " H=" + std::to_string(heads) + " D=" + std::to_string(head_size) +
-           " block table";
+           " block table" + PlacementSuffix(cache, placement);
   }
 };
 
@@ -532,25 +584,30 @@ void BM_Gather(benchmark::State& state, GatherCase c) {
   layout.head_size = D;
   layout.head_size_v = D;
   layout.cache_dtype = c.cache;
+  layout.scale_placement = c.placement;
   layout.num_blocks = blocks_per_set * sets;
   LayerCache cache;
   cache.layout = layout;
+  BENCH_CHECK(AllocCache(arena, cache));
   const size_t cache_bytes =
       static_cast<size_t>(layout.num_blocks * layout.key_block_elems()) *
       cache_elem;
   const size_t scale_bytes =
       static_cast<size_t>(layout.num_slots() * H) * sizeof(float);
-  BENCH_CHECK(arena.Alloc(&cache.key_cache, cache_bytes));
-  BENCH_CHECK(arena.Alloc(&cache.value_cache, cache_bytes));
-  BENCH_CHECK(FillRandom(cache.key_cache, cache_bytes, DType::kInt8, 3));
-  BENCH_CHECK(FillRandom(cache.value_cache, cache_bytes, DType::kInt8, 3));
-  if (IsQuantized(c.cache)) {
-    BENCH_CHECK(
-        arena.Alloc(reinterpret_cast<void**>(&cache.key_scale), scale_bytes));
-    BENCH_CHECK(
-        arena.Alloc(reinterpret_cast<void**>(&cache.value_scale), scale_bytes));
-    BENCH_CHECK(FillRandom(cache.key_scale, scale_bytes, DType::kFloat32, 5));
-    BENCH_CHECK(FillRandom(cache.value_scale, scale_bytes, DType::kFloat32, 5));
+  if (layout.inline_scales()) {
+    const int64_t rows = layout.num_slots() * H;
+    const int64_t pitch = layout.key_row_pitch();
+    const int64_t at = layout.scale_byte_offset();
+    BENCH_CHECK(FillInlineRows(cache.key_cache, rows, pitch, at, 3));
+    BENCH_CHECK(FillInlineRows(cache.value_cache, rows, pitch, at, 4));
+  } else {
+    BENCH_CHECK(FillRandom(cache.key_cache, cache_bytes, DType::kInt8, 3));
+    BENCH_CHECK(FillRandom(cache.value_cache, cache_bytes, DType::kInt8, 3));
+    if (IsQuantized(c.cache)) {
+      BENCH_CHECK(FillRandom(cache.key_scale, scale_bytes, DType::kFloat32, 5));
+      BENCH_CHECK(
+          FillRandom(cache.value_scale, scale_bytes, DType::kFloat32, 5));
+    }
   }
   std::mt19937_64 rng(9);
   std::vector<int32_t> all(layout.num_blocks);
@@ -632,9 +689,10 @@ void RegisterAll() {
     }
   }
   for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
-    writes.push_back({16384, 8, 64, DType::kBFloat16, cache, true, false});
-    writes.push_back({16384, 8, 64, DType::kBFloat16, cache, false, false});
-    writes.push_back({16384, 8, 256, DType::kBFloat16, cache, true, false});
+    for (int64_t d : {64, 256}) {
+      writes.push_back({16384, 8, d, DType::kBFloat16, cache, true, false});
+      writes.push_back({16384, 8, d, DType::kBFloat16, cache, false, false});
+    }
     writes.push_back({16384, 32, 128, DType::kBFloat16, cache, true, false});
     writes.push_back({16384, 8, 128, DType::kFloat32, cache, true, false});
   }
@@ -649,7 +707,17 @@ void RegisterAll() {
       writes.push_back({t, 8, 128, DType::kBFloat16, cache, true, true});
     }
   }
+  // Every int8/fp8 case again with inline scales, registered right after it.
+  std::vector<WriteCase> both;
   for (const WriteCase& c : writes) {
+    both.push_back(c);
+    if (IsQuantized(c.cache)) {
+      WriteCase inline_case = c;
+      inline_case.placement = ScalePlacement::kInline;
+      both.push_back(inline_case);
+    }
+  }
+  for (const WriteCase& c : both) {
     benchmark::RegisterBenchmark((c.Name() + (c.graph ? " graph" : "")).c_str(),
                                  BM_QuantizeWrite, c)
         ->UseManualTime()
@@ -658,12 +726,14 @@ void RegisterAll() {
   }
   for (int64_t t : {16384, 65536}) {
     for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
-      benchmark::RegisterBenchmark(
-          GatherCase{t, 8, 128, cache, DType::kBFloat16}.Name().c_str(),
-          BM_Gather, GatherCase{t, 8, 128, cache, DType::kBFloat16})
-          ->UseManualTime()
-          ->Unit(benchmark::kMicrosecond)
-          ->MinTime(0.2);
+      for (ScalePlacement placement :
+           {ScalePlacement::kSide, ScalePlacement::kInline}) {
+        const GatherCase g{t, 8, 128, cache, DType::kBFloat16, placement};
+        benchmark::RegisterBenchmark(g.Name().c_str(), BM_Gather, g)
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond)
+            ->MinTime(0.2);
+      }
     }
   }
 }
@@ -674,6 +744,25 @@ void PrintSummary() {
   for (const auto& [name, s] : Summaries()) {
     std::printf("%-62s %10.1f %8.1f %12.3f\n", name.c_str(), Median(s.gbps),
                 Median(s.pct), Median(s.us));
+  }
+  // Side and inline scales of the same case, side by side.
+  std::printf("\n%-62s %9s %9s %9s %9s %8s\n",
+              "case: side vs inline scales (medians)", "side %", "inline %",
+              "side us", "inline us", "t ratio");
+  const std::string side = " side", inl = " inline";
+  for (const auto& [name, s] : Summaries()) {
+    const size_t at = name.find(side);
+    if (at == std::string::npos) continue;
+    std::string other = name;
+    other.replace(at, side.size(), inl);
+    const auto it = Summaries().find(other);
+    if (it == Summaries().end()) continue;
+    std::string base = name;
+    base.erase(at, side.size());
+    const double ts = Median(s.us), ti = Median(it->second.us);
+    std::printf("%-62s %9.1f %9.1f %9.3f %9.3f %8.3f\n", base.c_str(),
+                Median(s.pct), Median(it->second.pct), ts, ti,
+                ts > 0 ? ti / ts : 0.0);
   }
 }
 

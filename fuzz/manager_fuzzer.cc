@@ -3,7 +3,11 @@
 // call: Validate() holds; a failed call left the manager as it was (metrics
 // except reserve_failures, sequence lengths and block tables); the sequences
 // the call touched read back exactly the reference quantization of what was
-// appended (testing/kv_reference.h). Any violation aborts (a crash for
+// appended (testing/kv_reference.h); the KV events, drained every few calls
+// from a queue small enough to overflow, have contiguous sequence numbers
+// except where the drop counter says batches were dropped, and (while no
+// batch is missing since the last AllBlocksCleared) rebuild exactly the
+// manager's cached hashes. Any violation aborts (a crash for
 // libFuzzer). Built with clang -fsanitize=fuzzer,address,undefined under
 // --config=fuzz, and as a plain library replayed by fuzz/replay_main.cc in the
 // normal build.
@@ -23,6 +27,7 @@
 
 #include "absl/status/status.h"
 #include "api/kv_cache_manager.h"
+#include "api/kv_cache_manager_test_peer.h"
 #include "dlpack/dlpack.h"
 #include "spdlog/sinks/null_sink.h"
 #include "spdlog/spdlog.h"
@@ -117,6 +122,11 @@ class Harness {
     const DType dtypes[] = {DType::kInt8, DType::kFp8E4M3, DType::kBFloat16};
     config_.cache_dtype = dtypes[(a >> 5) % 3];
     config_.input_dtype = DType::kBFloat16;
+    // Inline scales for int8/fp8 when a >> 5 is 3, 4, 6 or 7; side otherwise.
+    const bool quantized = IsQuantized(config_.cache_dtype);
+    config_.scale_placement = quantized && (a >> 5) >= 3
+                                  ? ScalePlacement::kInline
+                                  : ScalePlacement::kSide;
     config_.enable_prefix_caching = (b & 0x80) == 0;
     // A host tier of 1-7 blocks behind the cache (with prefix caching).
     if ((b & 0xc0) == 0x40) {
@@ -126,6 +136,11 @@ class Harness {
     config_.max_tokens_per_step = 48;
     config_.max_sequences_per_step = 4;
     config_.max_inflight_plans = 2;
+    // KV events always (they change nothing else), in a queue of 1 to 3
+    // batches drained every third call, so that it overflows.
+    config_.enable_kv_events = true;
+    config_.kv_events_queue_capacity = 1 + static_cast<int32_t>(b % 3);
+    config_.graph_max_tokens = (b & 0x40) ? 8 : 0;
     // A logger that drops everything: Create's layout line on every input
     // would otherwise cost more than the input itself.
     config_.logger_name = "manager_fuzzer";
@@ -133,6 +148,7 @@ class Harness {
       spdlog::null_logger_mt(config_.logger_name);
     }
     hv_ = config_.head_size_v != 0 ? config_.head_size_v : config_.head_size;
+    if (b & 0x40) CheckHostilePlacement(b);
     absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
         KVCacheManager::Create(config_);
     if (!m.ok()) Fail("Create: " + m.status().ToString());
@@ -153,8 +169,33 @@ class Harness {
     }
   }
 
+  // A placement out of range, or inline with a bf16 cache, is refused by
+  // name (and creates nothing).
+  void CheckHostilePlacement(uint8_t b) const {
+    KVCacheConfig bad = config_;
+    if (IsQuantized(bad.cache_dtype)) {
+      bad.scale_placement = static_cast<ScalePlacement>(
+          (b & 1) ? 2 + (b & 0x3F) : -1 - (b & 0x3F));
+    } else {
+      bad.scale_placement = ScalePlacement::kInline;
+    }
+    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
+        KVCacheManager::Create(bad);
+    if (m.ok() || !absl::IsInvalidArgument(m.status()) ||
+        m.status().message().find("scale_placement") ==
+            absl::string_view::npos) {
+      Fail("Create with scale_placement " +
+           std::to_string(static_cast<int32_t>(bad.scale_placement)) + ": " +
+           m.status().ToString());
+    }
+  }
+
   void Run() {
-    for (int op = 0; op < kMaxOps && !in_.empty(); ++op) Step();
+    for (int op = 0; op < kMaxOps && !in_.empty(); ++op) {
+      Step();
+      if (op % 3 == 2) DrainEvents();
+    }
+    DrainEvents();
     for (const auto& [id, seq] : seqs_) Verify(id);
   }
 
@@ -201,7 +242,8 @@ class Harness {
         x.evictions == y.evictions && x.tokens_appended == y.tokens_appended &&
         x.tokens_committed == y.tokens_committed &&
         x.kernel_launches == y.kernel_launches &&
-        x.block_copies == y.block_copies && a.seqs == b.seqs;
+        x.block_copies == y.block_copies &&
+        x.kv_event_batches == y.kv_event_batches && a.seqs == b.seqs;
     if (!same) {
       Fail(std::string(call) + " failed (" + status.ToString() +
            ") but changed the manager");
@@ -305,7 +347,19 @@ class Harness {
         status = OverflowAppend();
         break;
       default:  // One byte picks a lookup or a call of speculative decoding.
-        switch (in_.Range(5)) {
+        switch (in_.Range(8)) {
+          case 5:
+            call = "GraphStep";
+            status = GraphStep();
+            break;
+          case 6:
+            call = "GatherBatch";
+            status = GatherBatch();
+            break;
+          case 7:
+            call = "KnownLength";
+            status = KnownLength();
+            break;
           case 0:
             call = "lookup";
             status = Lookup();
@@ -733,9 +787,10 @@ class Harness {
     absl::Status s = manager_->Gather(id, layer, begin, count, k, v);
     auto it = seqs_.find(id);
     if (s.ok()) {
-      if (it == seqs_.end() || begin < 0 || count < 1 ||
+      // A count of 0 is an empty success (outputs unchecked).
+      if (it == seqs_.end() || begin < 0 || count < 0 ||
           begin > it->second.computed || count > it->second.computed - begin ||
-          (mode & 7) == 1 || ((mode & 7) == 2 && mode < 224)) {
+          (count > 0 && ((mode & 7) == 1 || ((mode & 7) == 2 && mode < 224)))) {
         Fail("bad Gather ok");
       }
     }
@@ -887,7 +942,8 @@ class Harness {
         const float scale = scales == nullptr
                                 ? 1.0f
                                 : scales[block * view.scale_strides[0] +
-                                         offset * view.scale_strides[1] + head];
+                                         offset * view.scale_strides[1] +
+                                         head * view.scale_strides[2]];
         for (int e = 0; e < d; ++e) {
           float got;
           if (config_.cache_dtype == DType::kBFloat16) {
@@ -913,8 +969,85 @@ class Harness {
     }
   }
 
+  // ReserveGraphStep with a hostile padded count; a step that succeeds is
+  // checked (padding, Commit refused: never captured) and aborted.
+  absl::Status GraphStep() {
+    const int64_t hostile[] = {-1, 0, 1, 2, 8, 9, kHuge, kMin};
+    const int64_t graph_tokens = hostile[in_.Range(8)];
+    std::vector<ReserveRequest> batch;
+    for (int i = in_.Range(3); i >= 0; --i) {
+      batch.push_back(ReserveRequest{Id(), {}, 1 + in_.Range(2)});
+    }
+    absl::StatusOr<StepPlanInfo> plan =
+        manager_->ReserveGraphStep(batch, graph_tokens);
+    if (!plan.ok()) return plan.status();
+    if (config_.graph_max_tokens == 0 || graph_tokens < plan->num_tokens ||
+        graph_tokens > config_.graph_max_tokens) {
+      Fail("bad ReserveGraphStep ok");
+    }
+    const absl::StatusOr<GraphStepInputs> in = manager_->GraphStep();
+    if (!in.ok() || in->slot_mapping != plan->slot_mapping) {
+      Fail("graph step inputs");
+    }
+    for (int64_t i = plan->num_tokens; i < in->max_tokens; ++i) {
+      if (in->slot_mapping[i] != -1) Fail("graph step padding");
+    }
+    // Never captured, no Append: Commit must refuse it.
+    if (manager_->Commit(plan->id).ok()) Fail("graph Commit without capture");
+    if (!manager_->Abort(plan->id).ok()) Fail("graph step Abort");
+    return absl::OkStatus();
+  }
+
+  // GatherBatch / GatherAsync with hostile ranges and counts.
+  absl::Status GatherBatch() {
+    const int layer = in_.Range(config_.num_layers + 1);  // may be bad
+    std::vector<GatherRequest> requests;
+    const int64_t hostile[] = {0, 1, 2, -1, kHuge, kMin};
+    for (int i = in_.Range(4); i > 0; --i) {
+      const uint8_t mode = in_.Byte();
+      requests.push_back(
+          GatherRequest{Id(), mode < 200 ? in_.Range(6) : hostile[mode % 6],
+                        mode < 200 ? in_.Range(4) : hostile[(mode / 6) % 6]});
+    }
+    GatherOptions options;
+    options.include_in_flight = in_.Byte() & 1;
+    const int h = config_.num_kv_heads;
+    constexpr int64_t kRows = 16;
+    std::vector<float> k_out(kRows * h * config_.head_size),
+        v_out(kRows * h * hv_);
+    int64_t total = 0;
+    for (const GatherRequest& r : requests) {
+      if (r.num_tokens > 0 && r.num_tokens < kRows) total += r.num_tokens;
+    }
+    const int64_t rows = std::max<int64_t>(1, std::min(total, kRows));
+    TensorView k = TensorView::Contiguous(k_out.data(), DType::kFloat32,
+                                          {rows, h, config_.head_size});
+    TensorView v =
+        TensorView::Contiguous(v_out.data(), DType::kFloat32, {rows, h, hv_});
+    if (requests.size() == 1 && in_.Byte() & 1) {
+      const GatherRequest& r = requests[0];
+      return manager_->GatherAsync(r.sequence, layer, r.token_begin,
+                                   r.num_tokens, k, v, options);
+    }
+    return manager_->GatherBatch(requests, layer, k, v, options);
+  }
+
+  absl::Status KnownLength() {
+    const int64_t id = Id();
+    absl::StatusOr<int64_t> known = manager_->KnownLength(id);
+    auto it = seqs_.find(id);
+    if (known.ok() != (it != seqs_.end())) Fail("KnownLength vs model");
+    if (!known.ok()) return known.status();
+    const int64_t computed = *manager_->SequenceLength(id);
+    if (*known != static_cast<int64_t>(it->second.tokens.size()) ||
+        computed > *known) {
+      Fail("known length vs model");
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status Lookup() {
-    const int kind = in_.Range(6);
+    const int kind = in_.Range(7);
     const int64_t id = Id();
     switch (kind) {
       case 0: {
@@ -937,6 +1070,16 @@ class Harness {
       case 4:
         if (manager_->MetricsText().empty()) Fail("empty metrics text");
         return absl::OkStatus();
+      case 6: {
+        // Refused while a plan is in flight (and then changes nothing).
+        const absl::Status s = manager_->ResetPrefixCache();
+        if (s.ok() != plans_.empty()) Fail("ResetPrefixCache vs plans");
+        if (s.ok() && config_.enable_prefix_caching &&
+            manager_->EvictableBlocks() != 0) {
+          Fail("ResetPrefixCache left cached blocks");
+        }
+        return s;
+      }
       default: {
         absl::StatusOr<int64_t> len = manager_->SequenceLength(id);
         auto it = seqs_.find(id);
@@ -990,6 +1133,64 @@ class Harness {
     }
   }
 
+  // Takes the queued KV events and checks them (see the top of the file).
+  void DrainEvents() {
+    absl::StatusOr<std::vector<KVEventBatch>> batches = manager_->TakeEvents();
+    if (!batches.ok()) Fail("TakeEvents: " + batches.status().ToString());
+    const int64_t dropped = manager_->Metrics().kv_event_batches_dropped;
+    int64_t missing = 0;
+    for (const KVEventBatch& b : *batches) {
+      if (b.sequence < next_event_) Fail("event batches out of order");
+      if (b.sequence > next_event_) events_in_sync_ = false;
+      missing += static_cast<int64_t>(b.sequence - next_event_);
+      next_event_ = b.sequence + 1;
+      if (b.events.empty()) Fail("an empty event batch");
+      for (const KVEvent& e : b.events) ApplyEvent(e);
+    }
+    // Drops at the end of the queue show up only in the counter.
+    const int64_t batches_made = manager_->Metrics().kv_event_batches;
+    missing += batches_made - static_cast<int64_t>(next_event_);
+    if (batches_made != static_cast<int64_t>(next_event_)) {
+      events_in_sync_ = false;
+      next_event_ = static_cast<uint64_t>(batches_made);
+    }
+    if (missing != dropped - dropped_seen_) Fail("event gaps vs drop counter");
+    dropped_seen_ = dropped;
+    if (!events_in_sync_) return;
+    const std::vector<uint64_t> cached =
+        KVCacheManagerTestPeer::CachedHashesForTesting(*manager_,
+                                                       KVEventMedium::kDevice);
+    if (std::set<uint64_t>(cached.begin(), cached.end()) != rebuilt_) {
+      Fail("events do not rebuild the cached hashes");
+    }
+  }
+  void ApplyEvent(const KVEvent& e) {
+    switch (e.type) {
+      case KVEventType::kAllBlocksCleared:
+        rebuilt_.clear();
+        events_in_sync_ = true;  // Nothing missed before it matters now.
+        return;
+      case KVEventType::kBlockStored:
+        if (e.token_ids.size() !=
+            e.block_hashes.size() * static_cast<size_t>(config_.block_size)) {
+          Fail("a stored event's tokens");
+        }
+        for (const uint64_t h : e.block_hashes) {
+          if (!rebuilt_.insert(h).second && events_in_sync_) {
+            Fail("a hash stored twice");
+          }
+        }
+        return;
+      case KVEventType::kBlockRemoved:
+        for (const uint64_t h : e.block_hashes) {
+          if (rebuilt_.erase(h) != 1 && events_in_sync_) {
+            Fail("a hash removed but not held");
+          }
+        }
+        return;
+    }
+  }
+
   Input& in_;
   KVCacheConfig config_;
   int hv_ = 0;
@@ -997,6 +1198,12 @@ class Harness {
   std::map<int64_t, RefSequence> seqs_;
   std::map<uint64_t, RefPlan> plans_;
   uint64_t last_closed_plan_ = 0;
+  // KV events: the next batch expected, the hashes they say are cached, and
+  // whether no batch was missed since the last AllBlocksCleared.
+  uint64_t next_event_ = 0;
+  std::set<uint64_t> rebuilt_;
+  bool events_in_sync_ = true;
+  int64_t dropped_seen_ = 0;
 };
 
 }  // namespace

@@ -1,29 +1,47 @@
 // Device kernels of paged decode attention (semantics: attention_params.h).
 //
-// Algorithm (split-KV flash decoding, CUDA cores, float32 arithmetic):
-//   grid  x = KV head x row tile, y = sequence, z = split of the keys.
-//   A thread block (4 warps) owns one KV head of one sequence and a tile of
-//   kRows query rows (row = query token j x GQA head g, j-major), so each K/V
-//   row is read from memory once per split and decoded once for all of them.
-//   Its split is a contiguous range of `chunk` keys, starting at the first key
-//   the sequence's rows attend (key_begin: 0, or the window's start).
-//   Lanes: a key row (head_size codes) is spread over kLanes lanes with one
-//   16-byte vector each (kElems codes); a warp reads 32 / kLanes keys per
-//   step, the 4 warps interleave, and each lane prefetches its next key's K/V
-//   vectors and scales before it computes the current one.
-//   Per key: codes -> float in registers (int8 by the 2^23 magic-number trick,
-//   fp8 by the paired hardware conversion, bf16/fp16 by widening), the dot
-//   with each row's query slice (q pre-scaled by softmax_scale and log2 e),
-//   a butterfly sum over the kLanes lanes, times the key's scale; soft-cap,
-//   causal and window masks; then an online softmax in base 2 per row, each
-//   lane group keeping its own (max, sum, o slice) and adding p * v_scale *
-//   code to it (the V scale folds into the weight: no dequantized copy).
-//   End of the split: lane groups merge their states by shuffles, warps
-//   through shared memory; with one split the block writes o = acc / sum,
-//   otherwise (acc / sum, max + log2 sum) to the workspace, and
-//   AttentionReduceKernel merges a row's splits (one warp per row).
-//   Splits past a sequence's last key exit at once and the reduction ignores
-//   them, so short sequences in a long batch cost nothing.
+// Algorithm (split-KV flash decoding on the tensor cores):
+//   grid  x = group of KV heads x row tile, y = sequence, z = split.
+//   A thread block (4 warps) owns `heads` neighbouring KV heads (4, 2 or 1,
+//   whichever divides the KV heads) of one sequence, a tile of 16 query rows
+//   per head (row = query token j x GQA head g, j-major; padded rows are zero)
+//   and one split: a contiguous range of `chunk` keys starting at the first
+//   key the sequence's rows attend (key_begin: 0, or the window's start). So
+//   each K/V byte of the split is read once for all the rows, and the warps
+//   read neighbouring heads' rows of the same tokens side by side.
+//   The split is cut into tiles of 16 keys; the 4 / heads warps of a head
+//   take its tiles in turn and stream them through their own rings of
+//   kStages shared-memory stages with cp.async (16-byte copies of codes,
+//   4-byte copies of scales), the block table read one tile ahead of the
+//   copies and the first copies issued before q is set up.
+//   Lane (g = lane / 4, c = lane % 4) copies exactly the bytes it later reads
+//   as mma operands, so a stage needs no barrier but the warp's own (the
+//   scales and the validity mask are shared across the warp):
+//     K: of keys g and 8 + g, the 16-byte chunks c, c + 4, ... of the row;
+//        the head dimension is permuted consistently in q and K, so these are
+//        the B fragments of mma.m16n8k16 (S = q K^T, fp32 accumulation).
+//     V: of keys 2c, 2c + 1, 8 + 2c, 9 + 2c (the keys of the lane's S
+//        columns), the units g, g + 8, ... of the row: B fragments of
+//        O += P V with the output dimension permuted the same way.
+//   Codes become mma operands exactly: int8 and fp8-e4m3 codes are exact in
+//   fp16 (int8 by the 1024 + u magic number, fp8 by the paired hardware
+//   conversion); q is scaled per row by a power of two into fp16's range
+//   (exact for bf16 and fp16 inputs) and the factor undone on S in fp32.
+//   S is scaled by each key's K scale in fp32; soft-cap, causal and window
+//   masks; online softmax in base 2 per row. The V scale folds into the
+//   weight in the exponent: P' = 2^(x + log2 |v_scale| - m') with its own
+//   running max m', so P' stays in [0, 1] as an fp16 operand, while the
+//   denominator sums 2^(x - m) in fp32. A bf16 cache runs the bf16 mma with
+//   q and P split into a bf16 high and low part (two mmas), so neither loses
+//   bits to bf16 (the low part of a bf16 q is zero and skipped).
+//   A narrow tile (at most 8 rows: rows 8..15 padding) skips the second
+//   row's softmax; the accumulators are rescaled only when a row's max moved.
+//   End of the split: the warps of a head merge their states through shared
+//   memory; with one split the block writes o = acc / sum, otherwise
+//   (acc / sum, max + log2 sum) to the workspace, and AttentionReduceKernel
+//   merges a row's splits (one warp per row). Splits past a sequence's last
+//   key exit at once and the reduction ignores them, so short sequences in a
+//   long batch cost nothing.
 
 #ifndef KVCACHE_KERNELS_ATTENTION_CUH_
 #define KVCACHE_KERNELS_ATTENTION_CUH_
@@ -45,6 +63,8 @@ namespace kvcache::internal {
 
 inline constexpr int kAttnWarps = 4;
 inline constexpr int kAttnThreads = 32 * kAttnWarps;
+inline constexpr int kAttnRows = 16;  // Query rows per block (the mma's M).
+inline constexpr int kAttnKeys = 16;  // Keys per warp tile.
 inline constexpr float kLog2e = 1.4426950408889634f;
 
 // What the launcher decided for one launch.
@@ -53,54 +73,165 @@ struct AttentionGrid {
   int32_t chunk = 1;        // Keys per split.
   int32_t tiles = 1;        // Row tiles per (sequence, KV head).
   int32_t group = 1;        // Query heads per KV head.
+  int32_t heads = 1;        // KV heads per block: 1, 2 or 4.
+  bool wide = false;        // Some row tile has rows 8..15.
   bool vector_out = false;  // o rows allow 16-byte stores.
   FastDivmod block_size;
 };
 
-// 16 bytes of cache codes as floats: raw codes for quantized caches (the
-// scale is applied after the dot product), values for bf16/fp16.
+// Compile-time shape of one kernel instantiation: per-lane byte counts, the
+// shared-memory layout and the pipeline depth.
+template <class Cache, int kHeadDim>
+struct AttnShape {
+  using T = typename Cache::T;
+  static constexpr int kESize = sizeof(T);
+  static constexpr bool kQuant = Cache::kQuantized;
+  static constexpr bool kBf16 = std::is_same_v<Cache, BFloat16Type>;
+  // K: a lane reads a quarter of a row as 16-byte chunks c, c + 4, ...
+  static constexpr int kKChunks = kHeadDim * kESize / 4 / 16;
+  static constexpr int kKChunkElems = 16 / kESize;
+  // V: a lane reads an eighth of a row as units g, g + 8, ...
+  static constexpr int kVBytes = kHeadDim * kESize / 8;
+  static constexpr int kVUnit = kVBytes < 16 ? kVBytes : 16;
+  static constexpr int kVUnits = kVBytes / kVUnit;
+  static constexpr int kVUnitElems = kVUnit / kESize;
+  static constexpr int kKSteps = kHeadDim / 16;
+  static constexpr int kNBlocks = kHeadDim / 8;
+  // One warp's stage: K [2 keys][chunk][lane], V [4 keys][unit][lane],
+  // scales [K 16 | V 16].
+  static constexpr int kKStage = 2 * kKChunks * 32 * 16;
+  static constexpr int kVStage = 4 * kVUnits * 32 * kVUnit;
+  static constexpr int kStageBytes = kKStage + kVStage + (kQuant ? 128 : 0);
+  // q fragments: per KV head of the block, k step and lane, 8 bytes for
+  // rows 0..7, 8 more for rows 8..15 when the tile is wide, the whole again
+  // for the low bf16 part when q is split.
+  static constexpr int kQFragHeadBytes = kKSteps * 32 * 8;
+  // Stages: a block of 4 narrow heads' q fragments and the ring fit 72 KB
+  // (three blocks per multiprocessor).
+  static constexpr int kStagesFit =
+      (73728 - kAttnWarps * kQFragHeadBytes) / (kAttnWarps * kStageBytes);
+  static constexpr int kStages =
+      kStagesFit < 2 ? 2 : (kStagesFit > 4 ? 4 : kStagesFit);
+  static constexpr int kPipeBytes = kAttnWarps * kStages * kStageBytes;
+  static constexpr int kMergeBytes = kAttnWarps * kAttnRows * kHeadDim * 4;
+  static constexpr int kRingBytes =
+      kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
+  // The layout after the ring: q fragments (q_parts x heads x
+  // kQFragHeadBytes), validity masks [warp][stage], row multipliers
+  // [head][row], then per warp and row: m, m', l.
+  struct Layout {
+    int q_parts, valid, rowmult, state, total;
+  };
+  __host__ __device__ static Layout MakeLayout(bool wide, bool q_split,
+                                               int heads) {
+    Layout l;
+    l.q_parts = (wide ? 2 : 1) * (q_split ? 2 : 1);
+    l.valid = kRingBytes + l.q_parts * heads * kQFragHeadBytes;
+    l.rowmult = l.valid + kAttnWarps * kStages * 4;
+    l.state = l.rowmult + kAttnWarps * kAttnRows * 4;
+    l.total = l.state + 3 * kAttnWarps * kAttnRows * 4;
+    return l;
+  }
+  static_assert(kKChunks >= 1 && kVUnits >= 1 && kVUnit >= 8);
+
+  // Head dimension of a lane's local K element l (lane c = lane % 4).
+  __device__ static int KDim(int l, int c) {
+    return ((l / kKChunkElems) * 4 + c) * kKChunkElems + l % kKChunkElems;
+  }
+  // Head dimension of a lane's local V element l (lane g = lane / 4).
+  __device__ static int VDim(int l, int g) {
+    return ((l / kVUnitElems) * 8 + g) * kVUnitElems + l % kVUnitElems;
+  }
+};
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies 16 (8, 4) bytes global -> shared; zero-fills when !pred.
+template <int kBytes>
+__device__ __forceinline__ void CpAsync(uint32_t dst, const void* src,
+                                        bool pred) {
+  const int n = pred ? kBytes : 0;
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
+                 "l"(src), "r"(n));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst),
+                 "l"(src), "n"(kBytes), "r"(n));
+  }
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// d += a b (m16n8k16, fp32 accumulators).
+template <bool kBf16>
+__device__ __forceinline__ void Mma(float (&d)[4], const uint4& a, uint32_t b0,
+                                    uint32_t b1) {
+  if constexpr (kBf16) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+  }
+}
+
+// Two biased int8 codes (bytes 0 and 1 of w after `sel`) -> fp16x2, exactly:
+// fp16 bits 0x64uu = 1024 + u, minus 1152 = code.
+__device__ __forceinline__ uint32_t BiasedBytesToHalf2(uint32_t w,
+                                                       uint32_t sel) {
+  const uint32_t h = __byte_perm(w, 0x64646464u, sel);
+  uint32_t d;
+  asm("sub.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(h), "r"(0x64806480u));
+  return d;
+}
+// Two fp8-e4m3 codes (the low 16 bits of w) -> fp16x2, exactly.
+__device__ __forceinline__ uint32_t Fp8x2ToHalf2(uint32_t w) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+      static_cast<__nv_fp8x2_storage_t>(w & 0xFFFFu), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
+// The K B fragment of k step `s` within one 16-byte chunk of codes.
 template <class Cache>
-__device__ __forceinline__ void DecodeVec(
-    const uint4& raw, float (&f)[16 / sizeof(typename Cache::T)]) {
+__device__ __forceinline__ void KFragment(const uint4& raw, int s, uint32_t* b0,
+                                          uint32_t* b1) {
   const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
   if constexpr (std::is_same_v<Cache, Int8Type>) {
-    // Biased byte u = code + 128 under exponent 2^23: float(2^23 + u) -
-    // (2^23 + 128) = code, exactly.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t b = w[i] ^ 0x80808080u;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        f[4 * i + k] =
-            __uint_as_float(__byte_perm(b, 0x4B000000u, 0x7440u | k)) -
-            8388736.0f;
-      }
-    }
+    const uint32_t x = w[s] ^ 0x80808080u;
+    *b0 = BiasedBytesToHalf2(x, 0x4140u);
+    *b1 = BiasedBytesToHalf2(x, 0x4342u);
   } else if constexpr (std::is_same_v<Cache, Fp8E4M3Type>) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
-          static_cast<__nv_fp8x2_storage_t>(w[i / 2] >> (16 * (i % 2))),
-          __NV_E4M3);
-      const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&h));
-      f[2 * i] = x.x;
-      f[2 * i + 1] = x.y;
-    }
-  } else if constexpr (std::is_same_v<Cache, BFloat16Type>) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      f[2 * i] = __uint_as_float(w[i] << 16);
-      f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-    }
+    *b0 = Fp8x2ToHalf2(w[s]);
+    *b1 = Fp8x2ToHalf2(w[s] >> 16);
   } else {
-    static_assert(std::is_same_v<Cache, Float16Type>);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-      f[2 * i] = x.x;
-      f[2 * i + 1] = x.y;
-    }
+    *b0 = w[2 * s];
+    *b1 = w[2 * s + 1];
   }
+}
+
+// Packs two floats (lo, hi) as the mma's 16-bit pair.
+template <bool kBf16>
+__device__ __forceinline__ uint32_t PackPair(float lo, float hi) {
+  uint32_t r;
+  if constexpr (kBf16) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    memcpy(&r, &h, 4);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    memcpy(&r, &h, 4);
+  }
+  return r;
 }
 
 __device__ __forceinline__ float HalfToFloat(const void* base, int64_t i,
@@ -136,36 +267,43 @@ __device__ __forceinline__ float Exp2Diff(float x, float m) {
   return x == -INFINITY ? 0.0f : exp2f(x - m);
 }
 
-// One key's loaded vectors.
-struct KeyRegs {
-  uint4 k, v;
-  float ks, vs;
-  bool valid;
-};
+// A running max as the exponent's reference: 0 while it is -inf.
+__device__ __forceinline__ float SafeMax(float m) {
+  return m == -INFINITY ? 0.0f : m;
+}
 
-template <class Cache, int kHeadDim, int kRows>
-__global__ void __launch_bounds__(kAttnThreads)
+template <class Cache, int kHeadDim>
+__global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
     AttentionKernel(const AttentionParams p, const AttentionGrid grid) {
+  using Shape = AttnShape<Cache, kHeadDim>;
   using CacheT = typename Cache::T;
-  constexpr int kElems = 16 / sizeof(CacheT);
-  constexpr int kLanes = kHeadDim / kElems;
-  constexpr int kKeysPerWarp = 32 / kLanes;
-  static_assert(kLanes >= 1 && kLanes <= 32 && 32 % kLanes == 0);
-  __shared__ float s_acc[kAttnWarps][kRows][kHeadDim];
-  __shared__ float s_m[kAttnWarps][kRows];
-  __shared__ float s_l[kAttnWarps][kRows];
+  constexpr bool kQuant = Shape::kQuant;
+  constexpr bool kBf16 = Shape::kBf16;
+  constexpr int kStages = Shape::kStages;
+  constexpr int kKSteps = Shape::kKSteps;
+  extern __shared__ __align__(16) unsigned char smem[];
 
   WaitForPriorGrids();
   AllowDependentGrids();
   const CacheLayout& layout = p.cache.layout;
-  const int32_t kv_head = blockIdx.x / grid.tiles;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int g = lane / 4;
+  const int c = lane % 4;
+  // Warp -> (KV head of the block, its share of the head's tiles).
+  const int heads = grid.heads;
+  const int wph = kAttnWarps / heads;  // Warps per head.
+  const int hb = warp / wph;
+  const int kw = warp % wph;
+  const int32_t head0 = (blockIdx.x / grid.tiles) * heads;
+  const int32_t kv_head = head0 + hb;
   const int32_t tile = blockIdx.x % grid.tiles;
   const int32_t seq = blockIdx.y;
   const int32_t split = blockIdx.z;
   const AttentionSeq s = LoadAttentionSeq(p, seq, p.seq_lens[seq],
                                           p.q_start[seq], p.q_start[seq + 1]);
   const int32_t rows = s.num_q * grid.group;
-  const int32_t first_row = tile * kRows;
+  const int32_t first_row = tile * kAttnRows;
   const int64_t kb64 = static_cast<int64_t>(s.key_begin) +
                        static_cast<int64_t>(split) * grid.chunk;
   if (first_row >= rows || (split > 0 && kb64 >= s.len)) return;
@@ -173,180 +311,519 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int32_t ke = static_cast<int32_t>(
       kb64 + grid.chunk < s.len ? kb64 + grid.chunk : s.len);
 
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int sub = lane % kLanes;  // Which 16-byte vector of the row.
-  const int kgroup = lane / kLanes;
-  const bool bf16 = p.q_dtype == DType::kBFloat16;
-  const bool capped = p.soft_cap > 0.0f;
-  const float q_scale = capped ? p.softmax_scale : p.softmax_scale * kLog2e;
+  const bool bf16_q = p.q_dtype == DType::kBFloat16;
+  const bool q_split = kBf16 && !bf16_q;  // The low bf16 part is nonzero.
+  const bool wide = grid.wide;
+  const typename Shape::Layout lay = Shape::MakeLayout(wide, q_split, heads);
+  uint2* s_q = reinterpret_cast<uint2*>(smem + Shape::kRingBytes);
+  uint32_t* s_valid = reinterpret_cast<uint32_t*>(smem + lay.valid);
+  float* s_rowmult = reinterpret_cast<float*>(smem + lay.rowmult);
+  float* s_m = reinterpret_cast<float*>(smem + lay.state);  // [warp][row]
+  float* s_m2 = s_m + kAttnWarps * kAttnRows;               // [warp][row]
+  float* s_l = s_m2 + kAttnWarps * kAttnRows;               // [warp][row]
+  // q fragment part (row half, low part) of head hb2, k step kk.
+  auto q_frag = [&](int part, int hb2, int kk) -> uint2* {
+    return s_q + ((part * heads + hb2) * kKSteps + kk) * 32;
+  };
 
-  float q[kRows][kElems];
-  float acc[kRows][kElems];
-  float m[kRows], l[kRows];
-  int32_t rb[kRows], re[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int32_t row = first_row + r;
-    const int32_t j = row / grid.group;
-    const int32_t h = kv_head * grid.group + row % grid.group;
-    const bool real = row < rows;
-    if (real) {
-      AttentionRowKeys(s, p.window, j, &rb[r], &re[r]);
-    } else {
-      rb[r] = re[r] = 0;
-    }
-    const int64_t base =
-        (static_cast<int64_t>(s.q_begin) + j) * p.q_token_stride +
-        static_cast<int64_t>(h) * p.q_head_stride + sub * kElems;
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-      q[r][e] = real ? HalfToFloat(p.q, base + e, bf16) * q_scale : 0.0f;
-      acc[r][e] = 0.0f;
-    }
-    m[r] = -INFINITY;
-    l[r] = 0.0f;
-  }
-
+  // ---- The warp's tiles: block-table look-ups and the cp.async ring. ----
   const int32_t* table = p.block_table + seq * p.block_table_stride;
   const CacheT* kc = static_cast<const CacheT*>(p.cache.key_cache);
   const CacheT* vc = static_cast<const CacheT*>(p.cache.value_cache);
-  auto load = [&](int32_t t) {
-    KeyRegs k;
-    k.valid = false;
-    k.k = k.v = make_uint4(0, 0, 0, 0);
-    k.ks = k.vs = 0.0f;
-    if (t < ke) {
-      uint32_t block_index, offset;
-      grid.block_size.Divmod(static_cast<uint32_t>(t), &block_index, &offset);
-      const int32_t block = __ldg(table + block_index);
-      if (block >= 0 && block < layout.num_blocks) {
-        const int64_t slot =
-            static_cast<int64_t>(block) * layout.block_size + offset;
-        k.k = __ldg(reinterpret_cast<const uint4*>(
-                        kc + layout.key_offset(slot, kv_head)) +
-                    sub);
-        k.v = __ldg(reinterpret_cast<const uint4*>(
-                        vc + layout.value_offset(slot, kv_head)) +
-                    sub);
-        if constexpr (Cache::kQuantized) {
-          const int64_t so = layout.scale_offset(slot, kv_head);
-          k.ks = __ldg(p.cache.key_scale + so);
-          k.vs = __ldg(p.cache.value_scale + so);
-        }
-        k.valid = true;
+  const int32_t ntiles = (ke - kb + kAttnKeys - 1) / kAttnKeys;
+  const int32_t my_tiles = ntiles > kw ? (ntiles - kw + wph - 1) / wph : 0;
+  unsigned char* ring = smem + warp * kStages * Shape::kStageBytes;
+
+  // Offsets of this lane's key (lane % 16) of the warp's i-th tile; key = -1
+  // when the key is past the split or its block-table entry is out of range.
+  struct KeyOffsets {
+    int64_t key, value, scale;
+  };
+  auto offsets_of = [&](int32_t i) -> KeyOffsets {
+    KeyOffsets o{-1, 0, 0};
+    const int32_t key = kb + (kw + wph * i) * kAttnKeys + (lane & 15);
+    if (i >= my_tiles || key >= ke) return o;
+    uint32_t block_index, offset;
+    grid.block_size.Divmod(static_cast<uint32_t>(key), &block_index, &offset);
+    const int32_t block = __ldg(table + block_index);
+    if (block < 0 || block >= layout.num_blocks) return o;
+    const int64_t slot =
+        static_cast<int64_t>(block) * layout.block_size + offset;
+    o.key = layout.key_offset(slot, kv_head);
+    o.value = layout.value_offset(slot, kv_head);
+    o.scale = layout.scale_offset(slot, kv_head);
+    return o;
+  };
+  auto issue = [&](int stage, const KeyOffsets& ko) {
+    unsigned char* st = ring + stage * Shape::kStageBytes;
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
+      const int64_t ok = __shfl_sync(0xFFFFFFFFu, ko.key, 8 * nb + g);
+      const CacheT* src = kc + (ok < 0 ? 0 : ok);
+#pragma unroll
+      for (int i = 0; i < Shape::kKChunks; ++i) {
+        CpAsync<16>(
+            SmemAddr(st + ((nb * Shape::kKChunks + i) * 32 + lane) * 16),
+            src + (i * 4 + c) * Shape::kKChunkElems, ok >= 0);
       }
     }
-    return k;
+#pragma unroll
+    for (int vk = 0; vk < 4; ++vk) {
+      const int key = 8 * (vk >> 1) + 2 * c + (vk & 1);
+      const bool ok = __shfl_sync(0xFFFFFFFFu, ko.key, key) >= 0;
+      const int64_t ov = __shfl_sync(0xFFFFFFFFu, ko.value, key);
+      const CacheT* src = vc + (ok ? ov : 0);
+#pragma unroll
+      for (int u = 0; u < Shape::kVUnits; ++u) {
+        CpAsync<Shape::kVUnit>(
+            SmemAddr(st + Shape::kKStage +
+                     ((vk * Shape::kVUnits + u) * 32 + lane) * Shape::kVUnit),
+            src + (u * 8 + g) * Shape::kVUnitElems, ok);
+      }
+    }
+    if constexpr (kQuant) {
+      const float* src = (lane < 16 ? p.cache.key_scale : p.cache.value_scale) +
+                         (ko.key >= 0 ? ko.scale : 0);
+      CpAsync<4>(SmemAddr(st + Shape::kKStage + Shape::kVStage + lane * 4), src,
+                 ko.key >= 0);
+    }
+    const uint32_t valid = __ballot_sync(0xFFFFFFFFu, ko.key >= 0) & 0xFFFFu;
+    if (lane == 0) s_valid[warp * kStages + stage] = valid;
   };
 
-  constexpr int32_t kStep = kAttnWarps * kKeysPerWarp;
-  int32_t base = kb + warp * kKeysPerWarp;
-  KeyRegs cur = load(base + kgroup);
-  for (; base < ke; base += kStep) {
-    const int32_t t = base + kgroup;
-    const KeyRegs next = load(t + kStep);
-    float kf[kElems];
-    DecodeVec<Cache>(cur.k, kf);
-    float score[kRows];
+  // The first stages' copies go out before q is set up.
+  KeyOffsets next = offsets_of(0);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float d = 0.0f;
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) d = fmaf(q[r][e], kf[e], d);
-      score[r] = d;
-    }
-#pragma unroll
-    for (int off = kLanes / 2; off > 0; off /= 2) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        score[r] += __shfl_xor_sync(0xFFFFFFFFu, score[r], off);
-      }
-    }
-    float vf[kElems];
-    DecodeVec<Cache>(cur.v, vf);
-    const float vscale = Cache::kQuantized ? cur.vs : 1.0f;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float x = Cache::kQuantized ? score[r] * cur.ks : score[r];
-      if (capped) x = p.soft_cap * tanhf(x / p.soft_cap) * kLog2e;
-      const bool ok = cur.valid && t >= rb[r] && t < re[r];
-      x = ok ? x : -INFINITY;
-      if (x > m[r]) {
-        const float a = Exp2Diff(m[r], x);
-        l[r] *= a;
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) acc[r][e] *= a;
-        m[r] = x;
-      }
-      const float pr = Exp2Diff(x, m[r]);
-      l[r] += pr;
-      const float pv = pr * vscale;
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) acc[r][e] = fmaf(pv, vf[e], acc[r][e]);
-    }
-    cur = next;
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < my_tiles) issue(i, next);
+    CpAsyncCommit();
+    next = offsets_of(i + 1);
   }
 
-  // Merge the lane groups of the warp (lanes with the same `sub`).
-#pragma unroll
-  for (int off = kLanes; off < 32; off *= 2) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const float mo = __shfl_xor_sync(0xFFFFFFFFu, m[r], off);
-      const float lo = __shfl_xor_sync(0xFFFFFFFFu, l[r], off);
-      const float mx = fmaxf(m[r], mo);
-      const float a = Exp2Diff(m[r], mx), b = Exp2Diff(mo, mx);
-      l[r] = l[r] * a + lo * b;
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        const float ao = __shfl_xor_sync(0xFFFFFFFFu, acc[r][e], off);
-        acc[r][e] = acc[r][e] * a + ao * b;
+  const bool capped = p.soft_cap > 0.0f;
+  const float inv_cap = capped ? 1.0f / p.soft_cap : 0.0f;
+  const float base_mult = capped ? p.softmax_scale : p.softmax_scale * kLog2e;
+  // ---- q: per-row scale, then the A fragments in shared memory. ----
+  for (int r = warp; r < heads * kAttnRows; r += kAttnWarps) {
+    const int32_t row = first_row + r % kAttnRows;
+    const int32_t j = row / grid.group;
+    const int32_t h = (head0 + r / kAttnRows) * grid.group + row % grid.group;
+    const int64_t base =
+        (static_cast<int64_t>(s.q_begin) + j) * p.q_token_stride +
+        static_cast<int64_t>(h) * p.q_head_stride;
+    float mx = 0.0f;
+    if (row < rows) {
+      for (int d = lane; d < kHeadDim; d += 32) {
+        mx = fmaxf(mx, fabsf(HalfToFloat(p.q, base + d, bf16_q)));
       }
-      m[r] = mx;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, off));
+    }
+    if (lane == 0) {
+      // fp16 operands: q * 2^(8 - E) with max |q| < 2^E, so |q'| < 256.
+      int e = 0;
+      if (!kBf16 && mx > 0.0f && isfinite(mx)) frexpf(mx, &e);
+      s_rowmult[r] = ldexpf(base_mult, e - 8 * !kBf16);
     }
   }
-  if (kgroup == 0) {
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < heads * kKSteps * 32; idx += kAttnThreads) {
+    const int hb2 = idx / (kKSteps * 32);
+    const int kk = idx / 32 % kKSteps, ln = idx % 32;
+    const int fg = ln / 4, fc = ln % 4;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    for (int half = 0; half < 2; ++half) {  // Rows fg, fg + 8.
+      if (half == 1 && !wide) break;
+      const int r = fg + 8 * half;
+      const int32_t row = first_row + r;
+      const int32_t j = row / grid.group;
+      const int32_t h = (head0 + hb2) * grid.group + row % grid.group;
+      const int64_t base =
+          (static_cast<int64_t>(s.q_begin) + j) * p.q_token_stride +
+          static_cast<int64_t>(h) * p.q_head_stride;
+      uint32_t hi[2], lo[2];
 #pragma unroll
-      for (int e = 0; e < kElems; ++e)
-        s_acc[warp][r][sub * kElems + e] = acc[r][e];
-      if (sub == 0) {
-        s_m[warp][r] = m[r];
-        s_l[warp][r] = l[r];
+      for (int pair = 0; pair < 2; ++pair) {
+        const int l = 4 * kk + 2 * pair;
+        float v[2] = {0.0f, 0.0f};
+        if (row < rows) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            v[e] = HalfToFloat(p.q, base + Shape::KDim(l + e, fc), bf16_q);
+          }
+        }
+        if constexpr (kBf16) {
+          const __nv_bfloat162 h2 = __floats2bfloat162_rn(v[0], v[1]);
+          const float2 back = __bfloat1622float2(h2);
+          memcpy(&hi[pair], &h2, 4);
+          lo[pair] = PackPair<true>(v[0] - back.x, v[1] - back.y);
+        } else {
+          // Undo the row multiplier's power of two: q' = q * 2^(8 - E).
+          const float f = base_mult / s_rowmult[hb2 * kAttnRows + r];
+          hi[pair] = PackPair<false>(v[0] * f, v[1] * f);
+          lo[pair] = 0;
+        }
+      }
+      q_frag(half, hb2, kk)[ln] = make_uint2(hi[0], hi[1]);
+      if (q_split) {
+        q_frag(half + (wide ? 2 : 1), hb2, kk)[ln] = make_uint2(lo[0], lo[1]);
       }
     }
   }
   __syncthreads();
+  // A fragment {a0, a1, a2, a3} of k step kk: rows g (x, z), g + 8 (y, w).
+  auto load_q = [&](int lo_part, int kk) -> uint4 {
+    const int base_part = lo_part ? (wide ? 2 : 1) : 0;
+    const uint2 a = q_frag(base_part, hb, kk)[lane];
+    uint2 b = make_uint2(0, 0);
+    if (wide) b = q_frag(base_part + 1, hb, kk)[lane];
+    return make_uint4(a.x, b.x, a.y, b.y);
+  };
 
-  // Merge the warps and write: one thread per (row, 8 elements).
+  // Per-lane row state: rows g and g + 8.
+  float rowmult[2];
+  int32_t rb[2], re[2];
+  float m[2], m2[2], l[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int32_t row = first_row + g + 8 * r;
+    rowmult[r] = s_rowmult[hb * kAttnRows + g + 8 * r];
+    if (row < rows) {
+      AttentionRowKeys(s, p.window, row / grid.group, &rb[r], &re[r]);
+    } else {
+      rb[r] = re[r] = 0;
+    }
+    m[r] = m2[r] = -INFINITY;
+    l[r] = 0.0f;
+  }
+  float acc[Shape::kNBlocks][4];
+#pragma unroll
+  for (int nd = 0; nd < Shape::kNBlocks; ++nd) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nd][e] = 0.0f;
+  }
+
+  int stage = 0;
+  for (int32_t i = 0; i < my_tiles; ++i) {
+    {
+      const int32_t ahead = i + kStages - 1;
+      int ahead_stage = stage + kStages - 1;
+      if (ahead_stage >= kStages) ahead_stage -= kStages;
+      if (ahead < my_tiles) issue(ahead_stage, next);
+      CpAsyncCommit();
+      next = offsets_of(ahead + 1);
+    }
+    CpAsyncWait<kStages - 1>();
+    __syncwarp();
+    const unsigned char* st = ring + stage * Shape::kStageBytes;
+    const int32_t key0 = kb + (kw + wph * i) * kAttnKeys;
+    const uint32_t valid = s_valid[warp * kStages + stage];
+
+    // S = q K^T for the tile's two blocks of 8 keys.
+    float sc[2][4];
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[nb][e] = 0.0f;
+    }
+    constexpr int kStepsPerChunk = Shape::kKSteps / Shape::kKChunks;
+#pragma unroll
+    for (int i2 = 0; i2 < Shape::kKChunks; ++i2) {
+      uint4 kraw[2];
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        kraw[nb] = *reinterpret_cast<const uint4*>(
+            st + ((nb * Shape::kKChunks + i2) * 32 + lane) * 16);
+      }
+#pragma unroll
+      for (int s2 = 0; s2 < kStepsPerChunk; ++s2) {
+        const int kk = i2 * kStepsPerChunk + s2;
+        const uint4 qa = load_q(0, kk);
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+          uint32_t b0, b1;
+          KFragment<Cache>(kraw[nb], s2, &b0, &b1);
+          Mma<kBf16>(sc[nb], qa, b0, b1);
+        }
+        if (q_split) {
+          const uint4 ql = load_q(1, kk);
+#pragma unroll
+          for (int nb = 0; nb < 2; ++nb) {
+            uint32_t b0, b1;
+            KFragment<Cache>(kraw[nb], s2, &b0, &b1);
+            Mma<kBf16>(sc[nb], ql, b0, b1);
+          }
+        }
+      }
+    }
+
+    // Scales, soft-cap and masks; element (nb, e) is row g + 8 (e >> 1),
+    // key 8 nb + 2c + (e & 1) of the tile. A narrow tile (rows 8..15 are all
+    // padding) skips the second row: its weights stay 0.
+    float pw[2][4];
+    float alpha2[2] = {1.0f, 1.0f};
+    auto softmax = [&](auto wide_tag) {
+      constexpr bool kWide = decltype(wide_tag)::value;
+      constexpr int kRowsPerLane = kWide ? 2 : 1;
+      float x[2][4], x2[2][4], lvs[2][2];
+      [[maybe_unused]] float vsign[2][2] = {};
+      [[maybe_unused]] const float* scales =
+          reinterpret_cast<const float*>(st + Shape::kKStage + Shape::kVStage);
+      // Keys of the tile each row attends, as a bit mask.
+      uint32_t row_mask[2];
+#pragma unroll
+      for (int r = 0; r < kRowsPerLane; ++r) {
+        const int32_t a = min(max(rb[r] - key0, 0), kAttnKeys);
+        const int32_t b = min(max(re[r] - key0, 0), kAttnKeys);
+        row_mask[r] = valid & ((1u << b) - 1u) & ~((1u << a) - 1u);
+      }
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        float ks[2] = {1.0f, 1.0f};
+        lvs[nb][0] = lvs[nb][1] = 0.0f;
+        if constexpr (kQuant) {
+          const float2 k2 =
+              *reinterpret_cast<const float2*>(scales + 8 * nb + 2 * c);
+          const float2 v2 =
+              *reinterpret_cast<const float2*>(scales + 16 + 8 * nb + 2 * c);
+          ks[0] = k2.x;
+          ks[1] = k2.y;
+          lvs[nb][0] = __log2f(fabsf(v2.x));
+          lvs[nb][1] = __log2f(fabsf(v2.y));
+          vsign[nb][0] = v2.x < 0.0f ? -1.0f : 1.0f;
+          vsign[nb][1] = v2.y < 0.0f ? -1.0f : 1.0f;
+        }
+#pragma unroll
+        for (int e = 0; e < 2 * kRowsPerLane; ++e) {
+          x[nb][e] = sc[nb][e] * ks[e & 1] * rowmult[e >> 1];
+        }
+      }
+      if (capped) {
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 2 * kRowsPerLane; ++e) {
+            x[nb][e] = p.soft_cap * tanhf(x[nb][e] * inv_cap) * kLog2e;
+          }
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2 * kRowsPerLane; ++e) {
+          const int kt = 8 * nb + 2 * c + (e & 1);
+          const bool ok = (row_mask[e >> 1] >> kt) & 1u;
+          x[nb][e] = ok ? x[nb][e] : -INFINITY;
+          x2[nb][e] = x[nb][e] + lvs[nb][e & 1];
+        }
+      }
+
+      // Online softmax per row (the quad of lanes holds a row's 16 keys).
+      float mu[2], mu2[2];
+#pragma unroll
+      for (int r = 0; r < kRowsPerLane; ++r) {
+        float mt = fmaxf(fmaxf(x[0][2 * r], x[0][2 * r + 1]),
+                         fmaxf(x[1][2 * r], x[1][2 * r + 1]));
+        mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 1));
+        mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 2));
+        const float mn = fmaxf(m[r], mt);
+        mu[r] = SafeMax(mn);
+        const float alpha = exp2f(m[r] - mu[r]);
+        l[r] *= alpha;
+        m[r] = mn;
+        if constexpr (kQuant) {
+          float mt2 = fmaxf(fmaxf(x2[0][2 * r], x2[0][2 * r + 1]),
+                            fmaxf(x2[1][2 * r], x2[1][2 * r + 1]));
+          mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 1));
+          mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 2));
+          const float mn2 = fmaxf(m2[r], mt2);
+          mu2[r] = SafeMax(mn2);
+          alpha2[r] = exp2f(m2[r] - mu2[r]);
+          m2[r] = mn2;
+        } else {
+          mu2[r] = mu[r];
+          alpha2[r] = alpha;
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          if (r >= kRowsPerLane) {
+            pw[nb][e] = 0.0f;
+            continue;
+          }
+          const float pr = exp2f(x[nb][e] - mu[r]);
+          l[r] += pr;
+          if constexpr (kQuant) {
+            pw[nb][e] = exp2f(x2[nb][e] - mu2[r]) * vsign[nb][e & 1];
+          } else {
+            pw[nb][e] = pr;
+          }
+        }
+      }
+    };
+    if (wide) {
+      softmax(std::true_type{});
+    } else {
+      softmax(std::false_type{});
+    }
+    // Rescale only when some row's max moved (rare after the first tiles).
+    if (__any_sync(0xFFFFFFFFu, alpha2[0] != 1.0f || alpha2[1] != 1.0f)) {
+#pragma unroll
+      for (int nd = 0; nd < Shape::kNBlocks; ++nd) {
+        acc[nd][0] *= alpha2[0];
+        acc[nd][1] *= alpha2[0];
+        acc[nd][2] *= alpha2[1];
+        acc[nd][3] *= alpha2[1];
+      }
+    }
+    uint4 pa, pl = make_uint4(0, 0, 0, 0);
+    pa.x = PackPair<kBf16>(pw[0][0], pw[0][1]);
+    pa.y = PackPair<kBf16>(pw[0][2], pw[0][3]);
+    pa.z = PackPair<kBf16>(pw[1][0], pw[1][1]);
+    pa.w = PackPair<kBf16>(pw[1][2], pw[1][3]);
+    if constexpr (kBf16) {
+      auto rest = [](uint32_t h, float a, float b) {
+        return PackPair<true>(a - __uint_as_float(h << 16),
+                              b - __uint_as_float(h & 0xFFFF0000u));
+      };
+      pl.x = rest(pa.x, pw[0][0], pw[0][1]);
+      pl.y = rest(pa.y, pw[0][2], pw[0][3]);
+      pl.z = rest(pa.z, pw[1][0], pw[1][1]);
+      pl.w = rest(pa.w, pw[1][2], pw[1][3]);
+    }
+
+    // O += P V: V units of keys (2c, 2c + 1) give b0, (8 + 2c, 9 + 2c) b1.
+#pragma unroll
+    for (int u = 0; u < Shape::kVUnits; ++u) {
+      uint32_t w[4][Shape::kVUnit / 4];
+#pragma unroll
+      for (int vk = 0; vk < 4; ++vk) {
+        const unsigned char* src =
+            st + Shape::kKStage +
+            ((vk * Shape::kVUnits + u) * 32 + lane) * Shape::kVUnit;
+        if constexpr (Shape::kVUnit == 16) {
+          const uint4 t = *reinterpret_cast<const uint4*>(src);
+          w[vk][0] = t.x;
+          w[vk][1] = t.y;
+          w[vk][2] = t.z;
+          w[vk][3] = t.w;
+        } else {
+          const uint2 t = *reinterpret_cast<const uint2*>(src);
+          w[vk][0] = t.x;
+          w[vk][1] = t.y;
+        }
+      }
+#pragma unroll
+      for (int wi = 0; wi < Shape::kVUnit / 4; ++wi) {
+        constexpr int kPerWord = 4 / Shape::kESize;
+        // b[half][e]: keys (2c, 2c + 1) for half 0, (8 + 2c, 9 + 2c) for
+        // half 1, at element e of word wi.
+        uint32_t b[2][kPerWord];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t w0 = w[2 * half][wi], w1 = w[2 * half + 1][wi];
+          if constexpr (std::is_same_v<Cache, Int8Type>) {
+            const uint32_t x0 = w0 ^ 0x80808080u, x1 = w1 ^ 0x80808080u;
+            const uint32_t t01 = __byte_perm(x0, x1, 0x5140u);
+            const uint32_t t23 = __byte_perm(x0, x1, 0x7362u);
+            b[half][0] = BiasedBytesToHalf2(t01, 0x4140u);
+            b[half][1] = BiasedBytesToHalf2(t01, 0x4342u);
+            b[half][2] = BiasedBytesToHalf2(t23, 0x4140u);
+            b[half][3] = BiasedBytesToHalf2(t23, 0x4342u);
+          } else if constexpr (std::is_same_v<Cache, Fp8E4M3Type>) {
+            const uint32_t t01 = __byte_perm(w0, w1, 0x5140u);
+            const uint32_t t23 = __byte_perm(w0, w1, 0x7362u);
+            b[half][0] = Fp8x2ToHalf2(t01);
+            b[half][1] = Fp8x2ToHalf2(t01 >> 16);
+            b[half][2] = Fp8x2ToHalf2(t23);
+            b[half][3] = Fp8x2ToHalf2(t23 >> 16);
+          } else {
+            b[half][0] = __byte_perm(w0, w1, 0x5410u);
+            b[half][1] = __byte_perm(w0, w1, 0x7632u);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < kPerWord; ++e) {
+          const int nd = u * Shape::kVUnitElems + wi * kPerWord + e;
+          Mma<kBf16>(acc[nd], pa, b[0][e], b[1][e]);
+          if constexpr (kBf16) Mma<kBf16>(acc[nd], pl, b[0][e], b[1][e]);
+        }
+      }
+    }
+    __syncwarp();
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+  }
+  CpAsyncWait<0>();
+
+  // ---- Merge the warps through shared memory and write. ----
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xFFFFFFFFu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xFFFFFFFFu, l[r], 2);
+  }
+  __syncthreads();  // Every warp is done with its ring.
+  float* s_o = reinterpret_cast<float*>(smem);  // [warp][row][dim]
+  if (c == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      s_m[warp * kAttnRows + g + 8 * r] = m[r];
+      s_m2[warp * kAttnRows + g + 8 * r] = kQuant ? m2[r] : m[r];
+      s_l[warp * kAttnRows + g + 8 * r] = l[r];
+    }
+  }
+#pragma unroll
+  for (int nd = 0; nd < Shape::kNBlocks; ++nd) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = g + 8 * (e >> 1);
+      const int d = Shape::VDim(nd, 2 * c + (e & 1));
+      s_o[(warp * kAttnRows + r) * kHeadDim + d] = acc[nd][e];
+    }
+  }
+  __syncthreads();
+
+  // One thread per (head of the block, row, 8 elements): merges the warps of
+  // that head.
+  const bool bf16_out = bf16_q;
   constexpr int kChunks = kHeadDim / 8;
-  for (int item = threadIdx.x; item < kRows * kChunks; item += kAttnThreads) {
-    const int r = item / kChunks;
+  for (int item = threadIdx.x; item < heads * kAttnRows * kChunks;
+       item += kAttnThreads) {
+    const int hb2 = item / (kAttnRows * kChunks);
+    const int r = item / kChunks % kAttnRows;
     const int d0 = (item % kChunks) * 8;
     const int32_t row = first_row + r;
     if (row >= rows) continue;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) mx = fmaxf(mx, s_m[w][r]);
-    float sum = 0.0f, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) {
-      const float a = Exp2Diff(s_m[w][r], mx);
-      sum += s_l[w][r] * a;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] += s_acc[w][r][d0 + e] * a;
+    const int w0 = hb2 * wph;
+    float mx = -INFINITY, mx2 = -INFINITY;
+    for (int w = w0; w < w0 + wph; ++w) {
+      mx = fmaxf(mx, s_m[w * kAttnRows + r]);
+      mx2 = fmaxf(mx2, s_m2[w * kAttnRows + r]);
     }
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    float sum = 0.0f, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int w = w0; w < w0 + wph; ++w) {
+      sum += s_l[w * kAttnRows + r] * Exp2Diff(s_m[w * kAttnRows + r], mx);
+      const float a = Exp2Diff(s_m2[w * kAttnRows + r], mx2);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] *= inv;
+      for (int e = 0; e < 8; ++e) {
+        o[e] += s_o[(w * kAttnRows + r) * kHeadDim + d0 + e] * a;
+      }
+    }
+    // o = num 2^mx2 / (sum 2^mx).
+    const float f =
+        sum > 0.0f && mx2 != -INFINITY ? exp2f(mx2 - mx) / sum : 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] *= f;
     const int32_t j = row / grid.group;
-    const int32_t h = kv_head * grid.group + row % grid.group;
+    const int32_t h = (head0 + hb2) * grid.group + row % grid.group;
     const int64_t qrow = static_cast<int64_t>(s.q_begin) + j;
     if (grid.splits == 1) {
       StoreHalf8(p.o, qrow * p.o_token_stride + h * p.o_head_stride + d0, o,
-                 bf16, grid.vector_out);
+                 bf16_out, grid.vector_out);
     } else {
       const int64_t idx = (qrow * p.num_q_heads + h) * grid.splits + split;
       float4* dst = reinterpret_cast<float4*>(p.workspace.partial_o +

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -27,7 +28,7 @@ using internal::AttentionGrid;
 
 // Fewest keys worth a split of their own: below this the merge costs more
 // than the parallelism gains.
-constexpr int64_t kMinKeysPerSplit = 256;
+constexpr int64_t kMinKeysPerSplit = 512;
 
 absl::Status ValidateForCuda(const AttentionParams& p) {
   const CacheLayout& layout = p.cache.layout;
@@ -55,26 +56,56 @@ absl::Status ValidateForCuda(const AttentionParams& p) {
   return absl::OkStatus();
 }
 
-// Rows per thread block: the smallest tile that holds every row of a
-// sequence (query tokens x group), at most 4 for 1-byte caches and 8 for
-// 2-byte ones (registers: rows x 16 bytes of codes as floats, twice).
-int RowsPerTile(const AttentionParams& p, int group) {
-  const int rows = p.max_query_tokens * group;
-  const int cap = DTypeSize(p.cache.layout.cache_dtype) == 1 ? 4 : 8;
-  int r = 1;
-  while (r < rows && r < cap) r *= 2;
-  return r;
+// The share of the device's block slots the last wave of a launch should
+// keep busy before more splits stop paying.
+constexpr double kMinWaveEfficiency = 0.85;
+
+// Splits for `blocks` thread blocks per split on `slots` concurrent blocks:
+// the fewest whose last wave leaves at most 15 % of the slots idle, at most
+// `max_splits` (then the best of those).
+int64_t ChooseSplits(int64_t blocks, int64_t slots, int64_t max_splits) {
+  int64_t best = 1;
+  double best_eff = 0.0;
+  for (int64_t sp = 1; sp <= max_splits; ++sp) {
+    const int64_t total = blocks * sp;
+    const int64_t waves = (total + slots - 1) / slots;
+    const double eff = static_cast<double>(total) / (waves * slots);
+    if (eff >= kMinWaveEfficiency) return sp;
+    if (eff > best_eff + 1e-9) {
+      best = sp;
+      best_eff = eff;
+    }
+  }
+  return best;
 }
 
-absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p, int rows,
-                                         const void* kernel) {
+// Dynamic shared memory of a launch with grid g (AttnShape::MakeLayout).
+template <class Cache, int kHeadDim>
+int SmemBytes(const AttentionParams& p, const AttentionGrid& g) {
+  const bool q_split = std::is_same_v<Cache, internal::BFloat16Type> &&
+                       p.q_dtype != DType::kBFloat16;
+  return internal::AttnShape<Cache, kHeadDim>::MakeLayout(g.wide, q_split,
+                                                          g.heads)
+      .total;
+}
+
+// The grid of a launch; *smem_bytes receives its dynamic shared memory.
+template <class Cache, int kHeadDim>
+absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
+                                         const void* kernel, int* smem_bytes) {
   absl::StatusOr<internal::DeviceLaunchInfo> info =
       internal::CurrentDeviceLaunchInfo();
   if (!info.ok()) return info.status();
   const CacheLayout& layout = p.cache.layout;
   AttentionGrid g;
   g.group = p.num_q_heads / static_cast<int32_t>(layout.num_heads);
-  g.tiles = (p.max_query_tokens * g.group + rows - 1) / rows;
+  const int32_t rows = p.max_query_tokens * g.group;
+  g.tiles = (rows + internal::kAttnRows - 1) / internal::kAttnRows;
+  g.wide = rows > internal::kAttnRows / 2;
+  // KV heads per block: neighbouring heads' rows of the same tokens are read
+  // side by side (one warp per head when 4 divide the heads).
+  const int64_t kv_heads = layout.num_heads;
+  g.heads = kv_heads % 4 == 0 ? 4 : (kv_heads % 2 == 0 ? 2 : 1);
   g.block_size =
       internal::FastDivmod::Make(static_cast<uint32_t>(layout.block_size));
   g.vector_out = internal::RowsAligned16(p.o, 2, p.num_q_tokens, p.num_q_heads,
@@ -85,14 +116,21 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p, int rows,
     span = std::min<int64_t>(span, int64_t{p.window} + p.max_query_tokens - 1);
   }
   span = std::max<int64_t>(span, 1);
+  *smem_bytes = SmemBytes<Cache, kHeadDim>(p, g);
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem_bytes));
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+      cudaSharedmemCarveoutMaxShared));
   int per_sm = 0;
   KVCACHE_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, kernel, internal::kAttnThreads, 0));
+      &per_sm, kernel, internal::kAttnThreads, *smem_bytes));
   const int64_t blocks =
-      int64_t{p.num_seqs} * layout.num_heads * g.tiles;  // Per split.
-  const int64_t target = 2 * int64_t{info->sms} * std::max(per_sm, 1);
-  int64_t splits = (target + blocks - 1) / blocks;
-  splits = std::min(splits, (span + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+      int64_t{p.num_seqs} * (kv_heads / g.heads) * g.tiles;  // Per split.
+  const int64_t slots = int64_t{info->sms} * std::max(per_sm, 1);
+  const int64_t max_splits = std::clamp<int64_t>(
+      (span + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, kMaxAttentionSplits);
+  int64_t splits = ChooseSplits(blocks, slots, max_splits);
   if (p.num_splits > 0) splits = p.num_splits;
   splits = std::clamp<int64_t>(splits, 1, kMaxAttentionSplits);
   // What the workspace holds.
@@ -112,20 +150,23 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p, int rows,
   return g;
 }
 
-template <class Cache, int kHeadDim, int kRows>
+template <class Cache, int kHeadDim>
 absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
-  auto* kernel = &internal::AttentionKernel<Cache, kHeadDim, kRows>;
-  absl::StatusOr<AttentionGrid> grid =
-      ChooseGrid(p, kRows, reinterpret_cast<const void*>(kernel));
+  auto* kernel = &internal::AttentionKernel<Cache, kHeadDim>;
+  int smem = 0;
+  absl::StatusOr<AttentionGrid> grid = ChooseGrid<Cache, kHeadDim>(
+      p, reinterpret_cast<const void*>(kernel), &smem);
   if (!grid.ok()) return grid.status();
   absl::StatusOr<internal::DeviceLaunchInfo> info =
       internal::CurrentDeviceLaunchInfo();
   if (!info.ok()) return info.status();
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(
-      static_cast<unsigned>(p.cache.layout.num_heads * grid->tiles),
-      static_cast<unsigned>(p.num_seqs), static_cast<unsigned>(grid->splits));
+  config.gridDim = dim3(static_cast<unsigned>(p.cache.layout.num_heads /
+                                              grid->heads * grid->tiles),
+                        static_cast<unsigned>(p.num_seqs),
+                        static_cast<unsigned>(grid->splits));
   config.blockDim = dim3(internal::kAttnThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
   config.stream = stream;
   cudaLaunchAttribute attribute = {};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -142,26 +183,6 @@ absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
       &internal::AttentionReduceKernel<kHeadDim>,
       (rows + internal::kAttnWarps - 1) / internal::kAttnWarps,
       internal::kAttnThreads, info->programmatic_launch, stream, p, *grid);
-}
-
-template <class Cache, int kHeadDim>
-absl::Status DispatchRows(const AttentionParams& p, int rows,
-                          cudaStream_t stream) {
-  switch (rows) {
-    case 1:
-      return Launch<Cache, kHeadDim, 1>(p, stream);
-    case 2:
-      return Launch<Cache, kHeadDim, 2>(p, stream);
-    case 4:
-      return Launch<Cache, kHeadDim, 4>(p, stream);
-    default:
-      if constexpr (sizeof(typename Cache::T) == 2) {
-        return Launch<Cache, kHeadDim, 8>(p, stream);
-      } else {
-        return absl::InternalError(
-            absl::StrCat("no kernel for ", rows, " rows"));
-      }
-  }
 }
 
 #ifndef NDEBUG
@@ -191,21 +212,18 @@ absl::Status AttentionCuda(const AttentionParams& params, void* stream) {
 #ifndef NDEBUG
   KVCACHE_RETURN_IF_ERROR(DebugCheckBatch(params, s));
 #endif
-  const int group =
-      params.num_q_heads / static_cast<int>(params.cache.layout.num_heads);
-  const int rows = RowsPerTile(params, group);
-  return internal::DispatchCacheType(
-      params.cache.layout.cache_dtype, [&](auto cache) -> absl::Status {
-        using Cache = decltype(cache);
-        switch (params.cache.layout.head_size) {
-          case 64:
-            return DispatchRows<Cache, 64>(params, rows, s);
-          case 128:
-            return DispatchRows<Cache, 128>(params, rows, s);
-          default:
-            return DispatchRows<Cache, 256>(params, rows, s);
-        }
-      });
+  return internal::DispatchCacheType(params.cache.layout.cache_dtype,
+                                     [&](auto cache) -> absl::Status {
+                                       using Cache = decltype(cache);
+                                       switch (params.cache.layout.head_size) {
+                                         case 64:
+                                           return Launch<Cache, 64>(params, s);
+                                         case 128:
+                                           return Launch<Cache, 128>(params, s);
+                                         default:
+                                           return Launch<Cache, 256>(params, s);
+                                       }
+                                     });
 }
 
 }  // namespace kvcache

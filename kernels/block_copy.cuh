@@ -15,7 +15,8 @@
 namespace kvcache::internal {
 
 struct BlockCopyRegion {
-  char* base = nullptr;  // Null: nothing to copy (scales of bf16/fp16 caches).
+  // Null: nothing to copy (scales of bf16/fp16 caches, inline scales).
+  char* base = nullptr;
   int64_t block_bytes = 0;  // Bytes of one block in this region.
   int32_t access_bytes =
       4;  // 16, 8 or 4: divides block_bytes and the base alignment.

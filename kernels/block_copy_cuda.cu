@@ -48,15 +48,18 @@ absl::Status BlockCopyCuda(const BlockCopyParams& params, void* stream) {
   }
 #endif
   const int64_t elem = static_cast<int64_t>(DTypeSize(layout.cache_dtype));
+  // Inline scales travel with the K and V rows: no scale regions.
   const int64_t scale_bytes =
-      layout.scale_block_elems() * static_cast<int64_t>(sizeof(float));
+      layout.side_scale_block_elems() * static_cast<int64_t>(sizeof(float));
   internal::BlockCopyLaunch launch;
   launch.regions[0] =
       Region(params.cache.key_cache, layout.key_block_elems() * elem);
   launch.regions[1] =
       Region(params.cache.value_cache, layout.value_block_elems() * elem);
-  launch.regions[2] = Region(params.cache.key_scale, scale_bytes);
-  launch.regions[3] = Region(params.cache.value_scale, scale_bytes);
+  if (layout.side_scales()) {
+    launch.regions[2] = Region(params.cache.key_scale, scale_bytes);
+    launch.regions[3] = Region(params.cache.value_scale, scale_bytes);
+  }
   launch.pairs = params.pairs;
   launch.num_pairs = params.num_pairs;
   launch.num_blocks = layout.num_blocks;

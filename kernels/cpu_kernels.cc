@@ -153,9 +153,10 @@ absl::Status BlockCopyCpu(const BlockCopyParams& params, ThreadPool* pool) {
   const int64_t elem = static_cast<int64_t>(DTypeSize(layout.cache_dtype));
   const int64_t key_bytes = layout.key_block_elems() * elem;
   const int64_t value_bytes = layout.value_block_elems() * elem;
+  // Inline scales travel with the K and V rows.
   const int64_t scale_bytes =
-      layout.scale_block_elems() * static_cast<int64_t>(sizeof(float));
-  const bool quantized = IsQuantized(layout.cache_dtype);
+      layout.side_scale_block_elems() * static_cast<int64_t>(sizeof(float));
+  const bool side_scales = layout.side_scales();
   auto copy = [](void* base, int64_t bytes, int64_t src, int64_t dst) {
     char* b = static_cast<char*>(base);
     std::memcpy(b + dst * bytes, b + src * bytes, static_cast<size_t>(bytes));
@@ -167,7 +168,7 @@ absl::Status BlockCopyCpu(const BlockCopyParams& params, ThreadPool* pool) {
                   const int64_t dst = params.pairs[2 * i + 1];
                   copy(params.cache.key_cache, key_bytes, src, dst);
                   copy(params.cache.value_cache, value_bytes, src, dst);
-                  if (quantized) {
+                  if (side_scales) {
                     copy(params.cache.key_scale, scale_bytes, src, dst);
                     copy(params.cache.value_scale, scale_bytes, src, dst);
                   }

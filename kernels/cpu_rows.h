@@ -106,6 +106,8 @@ void WriteRows(const QuantizeWriteParams& p, int64_t begin, int64_t end) {
   auto* value_cache = static_cast<CacheT*>(p.cache.value_cache);
   const RowDividersOf<IntDivider> dividers = CpuRowDividers(layout);
   const int64_t num_slots = layout.num_slots();
+  // Inline scales: the zeros after each scale, as the CUDA kernels store them.
+  const size_t pad = static_cast<size_t>(layout.scale_pad_bytes());
   ForEachRow(
       begin, end, layout.num_heads,
       [&](int64_t r) { return WriteRowAt(p, dividers, r); },
@@ -120,6 +122,10 @@ void WriteRows(const QuantizeWriteParams& p, int64_t begin, int64_t end) {
             value + row.value_offset(p.input), layout.head_size_v,
             value_cache + row.value_offset(layout),
             Cache::kQuantized ? p.cache.value_scale + s : nullptr);
+        if (pad != 0) {
+          std::memset(p.cache.key_scale + s + 1, 0, pad);
+          std::memset(p.cache.value_scale + s + 1, 0, pad);
+        }
       });
 }
 

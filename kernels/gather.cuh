@@ -192,11 +192,18 @@ __global__ void __launch_bounds__(kThreads)
 // lanes, one lane per vector, a grid that covers every row once. In 32 bits:
 //
 //   cache row (slot * num_heads + head)   (slot << log2 heads) | head
+//   its codes                             cache row * row_vecs cache vectors
+//   its scale                             cache row * scale_stride floats
 //   dense output row (r * head_size)      r * kGroup vectors
+//
+// row_vecs is the row pitch in cache vectors (kGroup for side scales) and
+// scale_stride is CacheLayout::scale_stride().
 template <class Cache, class Out, int kGroup, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     GatherDenseBlockKernel(const GatherParams p,
-                           const RowDividersOf<Pow2Divider> dividers) {
+                           const RowDividersOf<Pow2Divider> dividers,
+                           const uint32_t row_vecs,
+                           const uint32_t scale_stride) {
   using V = GatherVecs<Cache, Out>;
   constexpr uint32_t kGroupsPerBlock = kThreads / kGroup;
 
@@ -222,15 +229,15 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t cache_row = (slot << dividers.heads.log2) | h;
   const auto k =
       LoadVec(static_cast<const typename V::CacheVec*>(p.cache.key_cache) +
-              cache_row * kGroup + lane);
+              cache_row * row_vecs + lane);
   const auto v =
       LoadVec(static_cast<const typename V::CacheVec*>(p.cache.value_cache) +
-              cache_row * kGroup + lane);
+              cache_row * row_vecs + lane);
   float kscale = 0.0f;
   float vscale = 0.0f;
   if constexpr (Cache::kQuantized) {
-    kscale = __ldg(p.cache.key_scale + cache_row);
-    vscale = __ldg(p.cache.value_scale + cache_row);
+    kscale = __ldg(p.cache.key_scale + cache_row * scale_stride);
+    vscale = __ldg(p.cache.value_scale + cache_row * scale_stride);
   }
   const bool fast =
       valid && FastInt8Scale<Cache>(kscale) && FastInt8Scale<Cache>(vscale);

@@ -41,7 +41,8 @@ int DenseBlockGroup(const GatherParams& p) {
       p.output.key_token_stride == H * D && p.output.key_head_stride == D &&
       p.output.value_token_stride == H * D && p.output.value_head_stride == D &&
       p.token_begin + p.num_tokens < kLimit && p.num_tokens * H * D < kLimit &&
-      layout.num_blocks * layout.block_size * H * D < kLimit &&
+      layout.num_blocks * layout.block_size * H * layout.key_row_pitch() <
+          kLimit &&
       layout.num_blocks < kLimit;
   return covered ? static_cast<int>(vectors) : 0;
 }
@@ -61,6 +62,12 @@ absl::Status LaunchDenseBlock(const GatherParams& p, int group,
   dividers.block_size.log2 = static_cast<uint32_t>(
       absl::countr_zero(static_cast<uint64_t>(layout.block_size)));
   const int64_t rows = p.num_tokens * layout.num_heads;
+  // The row pitch in cache vectors of kElems codes (a multiple of 16 bytes
+  // for inline rows, so it divides).
+  constexpr int64_t kElems = 16 / sizeof(typename Out::T);
+  const uint32_t row_vecs =
+      static_cast<uint32_t>(layout.key_row_pitch() / kElems);
+  const uint32_t scale_stride = static_cast<uint32_t>(layout.scale_stride());
   auto launch = [&](auto lanes) {
     constexpr int kGroup = decltype(lanes)::value;
     constexpr int kThreads = internal::kThreadsPerBlock;
@@ -68,7 +75,7 @@ absl::Status LaunchDenseBlock(const GatherParams& p, int group,
     return internal::LaunchKernel(
         &internal::GatherDenseBlockKernel<Cache, Out, kGroup, kThreads>,
         (rows + kRowsPerBlock - 1) / kRowsPerBlock, kThreads,
-        info->programmatic_launch, stream, p, dividers);
+        info->programmatic_launch, stream, p, dividers, row_vecs, scale_stride);
   };
   switch (group) {
     case 8:

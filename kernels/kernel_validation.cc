@@ -140,10 +140,22 @@ absl::Status ValidateLayout(const CacheLayout& layout) {
   }
   KVCACHE_RETURN_IF_ERROR(CheckHeadSize("head_size", layout.head_size));
   KVCACHE_RETURN_IF_ERROR(CheckHeadSize("head_size_v", layout.head_size_v));
+  if (!IsValidScalePlacement(layout.scale_placement)) {
+    return InvalidArgumentError(
+        StrCat("scale_placement ", static_cast<int32_t>(layout.scale_placement),
+               " is not side (0) or inline (1)"));
+  }
+  if (layout.inline_scales() && !IsQuantized(layout.cache_dtype)) {
+    return InvalidArgumentError(
+        StrCat("scale_placement inline needs an int8 or fp8_e4m3 cache; cache "
+               "dtype is ",
+               DTypeName(layout.cache_dtype)));
+  }
   // Every element offset (and byte offset, up to 4-byte elements) must fit in
   // int64.
   const int64_t limit = (int64_t{1} << 62) / 4;
-  const int64_t row = std::max(layout.head_size, layout.head_size_v);
+  const int64_t row =
+      std::max(layout.key_row_pitch(), layout.value_row_pitch());
   if (!ProductFits(layout.num_blocks, layout.block_size, limit) ||
       !ProductFits(layout.num_blocks * layout.block_size, layout.num_heads,
                    limit) ||
@@ -167,6 +179,14 @@ absl::Status ValidateLayerCache(const LayerCache& cache) {
         CheckPointer(cache.key_scale, sizeof(float), "key_scale"));
     KVCACHE_RETURN_IF_ERROR(
         CheckPointer(cache.value_scale, sizeof(float), "value_scale"));
+    // Inline scales sit in the rows; the kernels may address them either way.
+    if (cache.layout.inline_scales() &&
+        (cache.key_scale != InlineScale(cache.layout, cache.key_cache) ||
+         cache.value_scale != InlineScale(cache.layout, cache.value_cache))) {
+      return InvalidArgumentError(
+          StrCat("inline scales must point ", cache.layout.scale_byte_offset(),
+                 " bytes into the key and value caches"));
+    }
   } else if (cache.key_scale != nullptr || cache.value_scale != nullptr) {
     return InvalidArgumentError(StrCat("scale pointers must be null for a ",
                                        DTypeName(cache.layout.cache_dtype),

@@ -7,8 +7,9 @@
 // |x| max on packed 16-bit halves, one shuffle reduction carrying the K and V
 // maxima together, then the DESIGN section 3 arithmetic element by element and
 // stores of the packed codes (8 bytes per 16-byte bf16 vector); lanes 0 and 1
-// store the K and V scales. The scalar kernel handles operands whose alignment
-// or strides rule out 16-byte accesses.
+// store the K and V scales (inline: with the row's padding,
+// StoreInlineScale). The scalar kernel handles operands whose alignment or
+// strides rule out 16-byte accesses.
 
 #ifndef KVCACHE_KERNELS_QUANTIZE_WRITE_CUH_
 #define KVCACHE_KERNELS_QUANTIZE_WRITE_CUH_
@@ -120,10 +121,27 @@ __device__ __forceinline__ void EncodeAndStore(const uint4& x, float inv,
   }
 }
 
-template <class In, class Cache, int kGroup, int kVecs, int kThreads>
-__global__ void __launch_bounds__(kThreads)
-    QuantizeWriteVecKernel(const QuantizeWriteParams p,
-                           const RowDividers dividers) {
+// Stores an inline scale with the zeros after it up to the row's end (pad 4
+// or 12 bytes: CacheLayout::scale_pad_bytes) in one 8- or 16-byte store, so
+// that the row's sectors are written whole. The address is aligned to the
+// store when the cache is 16-byte aligned.
+__device__ __forceinline__ void StoreInlineScale(char* at, float value,
+                                                 int64_t pad) {
+  if (pad == 12) {
+    *reinterpret_cast<uint4*>(at) = make_uint4(FloatBits(value), 0, 0, 0);
+  } else {
+    *reinterpret_cast<uint2*>(at) = make_uint2(FloatBits(value), 0);
+  }
+}
+
+// The body of the vector kernels. kInline: the cache's scale placement
+// (CacheLayout::inline_scales()), fixed at compile time so that each
+// placement's index math stays lean: a runtime placement cost the side kernel
+// 5 registers (36 > 32) and a quarter of its occupancy on an H200.
+template <class In, class Cache, int kGroup, int kVecs, int kThreads,
+          bool kInline>
+__device__ __forceinline__ void QuantizeWriteVecRows(
+    const QuantizeWriteParams& p, const RowDividers& dividers) {
   using InT = typename In::T;
   using CacheT = typename Cache::T;
   constexpr int kElems = 16 / sizeof(InT);
@@ -164,10 +182,11 @@ __global__ void __launch_bounds__(kThreads)
     // report them).
     if (!row.in_cache(num_slots)) continue;
     char* kdst = static_cast<char*>(p.cache.key_cache) +
-                 row.key_offset(layout) * static_cast<int64_t>(sizeof(CacheT));
-    char* vdst =
-        static_cast<char*>(p.cache.value_cache) +
-        row.value_offset(layout) * static_cast<int64_t>(sizeof(CacheT));
+                 row.template key_offset_as<kInline>(layout) *
+                     static_cast<int64_t>(sizeof(CacheT));
+    char* vdst = static_cast<char*>(p.cache.value_cache) +
+                 row.template value_offset_as<kInline>(layout) *
+                     static_cast<int64_t>(sizeof(CacheT));
 
     if constexpr (!Cache::kQuantized) {
 #pragma unroll
@@ -216,19 +235,58 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       if (lane < 2) {
-        const int64_t s = row.scale_offset(layout);
-        float* scales = lane == 0 ? p.cache.key_scale : p.cache.value_scale;
-        scales[s] = lane == 0 ? kscale : vscale;
+        if constexpr (kInline) {
+          // Byte scale_byte_offset of the row: where the scale pointer's
+          // scale_offset lands.
+          StoreInlineScale(
+              (lane == 0 ? kdst : vdst) + layout.scale_byte_offset(),
+              lane == 0 ? kscale : vscale, layout.scale_pad_bytes());
+        } else {
+          const int64_t s = row.template scale_offset_as<false>(layout);
+          float* scales = lane == 0 ? p.cache.key_scale : p.cache.value_scale;
+          scales[s] = lane == 0 ? kscale : vscale;
+        }
       }
     }
   }
 }
 
-// One row of n elements by the 32 lanes of a warp, element by element.
+// Side scales (and bf16/fp16 caches).
+template <class In, class Cache, int kGroup, int kVecs, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    QuantizeWriteVecKernel(const QuantizeWriteParams p,
+                           const RowDividers dividers) {
+  QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, false>(p, dividers);
+}
+
+// Threads one SM of the compile target holds (sm_86 and sm_89: 1536; 2048 on
+// sm_80 and sm_90, and in the host pass, where the value is not used).
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 890)
+inline constexpr int kMaxThreadsPerSm = 1536;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+inline constexpr int kMaxThreadsPerSm = 1024;
+#else
+inline constexpr int kMaxThreadsPerSm = 2048;
+#endif
+
+// Inline scales. One vector per lane fits in 32 registers when asked to (35
+// otherwise): full occupancy on sm_90, as the side kernel has.
+template <class In, class Cache, int kGroup, int kVecs, int kThreads>
+__global__ void __launch_bounds__(kThreads,
+                                  kVecs == 1 ? kMaxThreadsPerSm / kThreads : 1)
+    QuantizeWriteInlineVecKernel(const QuantizeWriteParams p,
+                                 const RowDividers dividers) {
+  QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, true>(p, dividers);
+}
+
+// One row of n elements by the 32 lanes of a warp, element by element; `pad`
+// zero bytes after an inline scale (byte stores: the scalar kernel makes no
+// alignment assumption beyond the scale's own).
 template <class In, class Cache>
 __device__ __forceinline__ void WriteRowScalar(
     const typename In::T* __restrict__ src, int64_t n,
-    typename Cache::T* __restrict__ dst, float* __restrict__ scale, int lane) {
+    typename Cache::T* __restrict__ dst, float* __restrict__ scale, int64_t pad,
+    int lane) {
   if constexpr (!Cache::kQuantized) {
     for (int64_t i = lane; i < n; i += 32) dst[i] = src[i];
   } else {
@@ -241,6 +299,9 @@ __device__ __forceinline__ void WriteRowScalar(
     for (int64_t i = lane; i < n; i += 32)
       dst[i] = Cache::Encode(MulRn(In::ToFloat(src[i]), inv));
     if (lane == 0) *scale = s;
+    for (int64_t i = lane; i < pad; i += 32) {
+      reinterpret_cast<char*>(scale + 1)[i] = 0;
+    }
   }
 }
 
@@ -267,12 +328,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         static_cast<const InT*>(p.input.key) + row.key_offset(p.input),
         layout.head_size,
         static_cast<CacheT*>(p.cache.key_cache) + row.key_offset(layout),
-        Cache::kQuantized ? p.cache.key_scale + s : nullptr, lane);
+        Cache::kQuantized ? p.cache.key_scale + s : nullptr,
+        layout.scale_pad_bytes(), lane);
     WriteRowScalar<In, Cache>(
         static_cast<const InT*>(p.input.value) + row.value_offset(p.input),
         layout.head_size_v,
         static_cast<CacheT*>(p.cache.value_cache) + row.value_offset(layout),
-        Cache::kQuantized ? p.cache.value_scale + s : nullptr, lane);
+        Cache::kQuantized ? p.cache.value_scale + s : nullptr,
+        layout.scale_pad_bytes(), lane);
   }
 }
 

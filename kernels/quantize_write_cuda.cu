@@ -28,10 +28,17 @@ absl::Status Launch(const QuantizeWriteParams& p, cudaStream_t stream) {
       internal::CanVectorizeRows<typename In::T>(p.input, p.num_tokens,
                                                  p.cache),
       std::max(layout.head_size, layout.head_size_v) / kElems,
-      [](auto group, auto vecs) {
-        return &internal::QuantizeWriteVecKernel<
-            In, Cache, decltype(group)::value, decltype(vecs)::value,
-            internal::kThreadsPerBlock>;
+      [&layout](auto group, auto vecs) {
+        constexpr int kGroup = decltype(group)::value;
+        constexpr int kVecs = decltype(vecs)::value;
+        if constexpr (Cache::kQuantized) {
+          if (layout.inline_scales()) {
+            return &internal::QuantizeWriteInlineVecKernel<
+                In, Cache, kGroup, kVecs, internal::kThreadsPerBlock>;
+          }
+        }
+        return &internal::QuantizeWriteVecKernel<In, Cache, kGroup, kVecs,
+                                                 internal::kThreadsPerBlock>;
       },
       &internal::QuantizeWriteScalarKernel<In, Cache>,
       internal::RowGrid::kTwoRowsPerGroup, stream);

@@ -65,6 +65,19 @@ struct RowRef {
   KVCACHE_HOST_DEVICE int64_t scale_offset(const CacheLayout& layout) const {
     return layout.scale_offset(slot, head);
   }
+  // ... with the placement fixed at compile time (CacheLayout::key_offset_as).
+  template <bool kInline>
+  KVCACHE_HOST_DEVICE int64_t key_offset_as(const CacheLayout& layout) const {
+    return layout.key_offset_as<kInline>(slot, head);
+  }
+  template <bool kInline>
+  KVCACHE_HOST_DEVICE int64_t value_offset_as(const CacheLayout& layout) const {
+    return layout.value_offset_as<kInline>(slot, head);
+  }
+  template <bool kInline>
+  KVCACHE_HOST_DEVICE int64_t scale_offset_as(const CacheLayout& layout) const {
+    return layout.scale_offset_as<kInline>(slot, head);
+  }
   // ... and in the dense operand.
   KVCACHE_HOST_DEVICE int64_t key_offset(const DenseKV& dense) const {
     return dense.key_offset(token, head);

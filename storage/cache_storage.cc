@@ -26,11 +26,9 @@ LayerOffsets Offsets(const CacheLayout& layout) {
   const int64_t key_bytes = layout.num_blocks * layout.key_block_elems() * elem;
   const int64_t value_bytes =
       layout.num_blocks * layout.value_block_elems() * elem;
-  const int64_t scale_bytes = IsQuantized(layout.cache_dtype)
-                                  ? layout.num_blocks *
-                                        layout.scale_block_elems() *
-                                        static_cast<int64_t>(sizeof(float))
-                                  : 0;
+  const int64_t scale_bytes = layout.num_blocks *
+                              layout.side_scale_block_elems() *
+                              static_cast<int64_t>(sizeof(float));
   LayerOffsets o;
   o.value = AlignUp(key_bytes);
   o.key_scale = o.value + AlignUp(value_bytes);
@@ -67,7 +65,10 @@ absl::StatusOr<std::unique_ptr<CacheStorage>> CacheStorage::Create(
     cache.layout = layout;
     cache.key_cache = base;
     cache.value_cache = base + offsets.value;
-    if (quantized) {
+    if (layout.inline_scales()) {
+      cache.key_scale = InlineScale(layout, cache.key_cache);
+      cache.value_scale = InlineScale(layout, cache.value_cache);
+    } else if (quantized) {
       cache.key_scale = reinterpret_cast<float*>(base + offsets.key_scale);
       cache.value_scale = reinterpret_cast<float*>(base + offsets.value_scale);
     }

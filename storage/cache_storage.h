@@ -3,8 +3,9 @@
 // no layer ever holds garbage).
 //
 // Each layer is one allocation, carved into key cache, value cache, key scales
-// and value scales at 256-byte aligned offsets. Thread-compatible: the pointers
-// never change after Create.
+// and value scales at 256-byte aligned offsets (inline scales: key and value
+// caches only, the scale pointers pointing into their rows). Thread-compatible:
+// the pointers never change after Create.
 
 #ifndef KVCACHE_STORAGE_CACHE_STORAGE_H_
 #define KVCACHE_STORAGE_CACHE_STORAGE_H_

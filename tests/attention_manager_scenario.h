@@ -10,6 +10,7 @@
 #define KVCACHE_TESTS_ATTENTION_MANAGER_SCENARIO_H_
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <random>
@@ -30,9 +31,15 @@ struct MemOps {
   std::function<void(void*, const void*, size_t)> to_host;
 };
 
-inline void RunAttentionManagerScenario(DType cache_dtype, const MemOps& mem) {
-  SCOPED_TRACE(DTypeName(cache_dtype));
+// `placement`: the cache's scale placement; the reference reads either through
+// the layer view (row pitch, scale byte offset) and unpacks it.
+inline void RunAttentionManagerScenario(
+    DType cache_dtype, const MemOps& mem,
+    ScalePlacement placement = ScalePlacement::kSide) {
+  SCOPED_TRACE(::testing::Message() << DTypeName(cache_dtype) << " "
+                                    << ScalePlacementName(placement));
   KVCacheConfig config;
+  config.scale_placement = placement;
   config.num_layers = 2;
   config.num_kv_heads = 2;
   config.num_q_heads = 8;
@@ -121,11 +128,26 @@ inline void RunAttentionManagerScenario(DType cache_dtype, const MemOps& mem) {
             vc(kc.size());
         std::vector<float> ks(IsQuantized(cache_dtype) ? slots * H : 0),
             vs(ks.size());
-        mem.to_host(kc.data(), view->key_cache, kc.size());
-        mem.to_host(vc.data(), view->value_cache, vc.size());
-        if (!ks.empty()) {
-          mem.to_host(ks.data(), view->key_scale, ks.size() * 4);
-          mem.to_host(vs.data(), view->value_scale, vs.size() * 4);
+        if (view->scale_placement == ScalePlacement::kInline) {
+          // Rows of key_row_pitch_bytes: D codes, the scale at
+          // scale_byte_offset.
+          const int64_t pitch = view->key_row_pitch_bytes;
+          std::vector<uint8_t> kraw(slots * H * pitch), vraw(kraw.size());
+          mem.to_host(kraw.data(), view->key_cache, kraw.size());
+          mem.to_host(vraw.data(), view->value_cache, vraw.size());
+          for (int64_t r = 0; r < slots * H; ++r) {
+            std::memcpy(&kc[r * D], &kraw[r * pitch], D);
+            std::memcpy(&vc[r * D], &vraw[r * pitch], D);
+            std::memcpy(&ks[r], &kraw[r * pitch + view->scale_byte_offset], 4);
+            std::memcpy(&vs[r], &vraw[r * pitch + view->scale_byte_offset], 4);
+          }
+        } else {
+          mem.to_host(kc.data(), view->key_cache, kc.size());
+          mem.to_host(vc.data(), view->value_cache, vc.size());
+          if (!ks.empty()) {
+            mem.to_host(ks.data(), view->key_scale, ks.size() * 4);
+            mem.to_host(vs.data(), view->value_scale, vs.size() * 4);
+          }
         }
         RefBatch b;
         b.cache.layout = {view->num_blocks, view->block_size, H, D, D,

@@ -1,7 +1,7 @@
 // KVCacheManager::Attention on the CPU backend (tests/attention_manager_
 // scenario.h: shared prefix blocks, a fork with copy-on-write, 1 to 8 query
-// tokens, window and soft-cap) against the float64 reference, and its
-// argument checks.
+// tokens, window and soft-cap; side and inline scales) against the float64
+// reference, and its argument checks.
 
 #include <cstdlib>
 #include <cstring>
@@ -29,6 +29,13 @@ TEST(AttentionManagerTest, SharedPrefixAndForkInt8) {
 }
 TEST(AttentionManagerTest, SharedPrefixAndForkFp8) {
   RunAttentionManagerScenario(DType::kFp8E4M3, HostOps());
+}
+TEST(AttentionManagerTest, SharedPrefixAndForkInt8InlineScales) {
+  RunAttentionManagerScenario(DType::kInt8, HostOps(), ScalePlacement::kInline);
+}
+TEST(AttentionManagerTest, SharedPrefixAndForkFp8InlineScales) {
+  RunAttentionManagerScenario(DType::kFp8E4M3, HostOps(),
+                              ScalePlacement::kInline);
 }
 TEST(AttentionManagerTest, SharedPrefixAndForkBf16) {
   RunAttentionManagerScenario(DType::kBFloat16, HostOps());

@@ -3,7 +3,8 @@
 // one block of all layers, and the storage stays within the budget; a budget
 // too small for one block is ResourceExhausted naming the bytes; View(layer)
 // has the pointers of the layer's storage and the strides of
-// core/cache_layout.h (scale pointers null for bf16/fp16); QuantizeWrite
+// core/cache_layout.h for side and inline scales (scale pointers null for
+// bf16/fp16; inline ones inside the rows); QuantizeWrite
 // through the backend writes the same bytes as the CPU kernel called directly
 // and touches no other layer; CopyBlocks copies K, V and scales of the given
 // pairs in every layer, and an out-of-range or chained pair is refused with
@@ -51,6 +52,13 @@ bool Contains(absl::string_view haystack, absl::string_view needle) {
   return haystack.find(needle) != absl::string_view::npos;
 }
 
+// Bytes of an inline row of head sizes d and dv, stated here: max(d, dv)
+// codes, 4 bytes of scale, rounded up to 16.
+int64_t InlinePitch(int64_t d, int64_t dv) {
+  const int64_t bytes = std::max(d, dv) + 4;
+  return (bytes + 15) / 16 * 16;
+}
+
 // Bytes of one layer's K, V and scales, as separate regions.
 struct Regions {
   int64_t key = 0, value = 0, scale = 0;
@@ -58,12 +66,17 @@ struct Regions {
 
 Regions RegionBytes(const CacheLayout& l) {
   const int64_t elem = static_cast<int64_t>(DTypeSize(l.cache_dtype));
+  const int64_t rows = l.num_blocks * l.block_size * l.num_heads;
   Regions r;
-  r.key = l.num_blocks * l.block_size * l.num_heads * l.head_size * elem;
-  r.value = l.num_blocks * l.block_size * l.num_heads * l.head_size_v * elem;
-  r.scale = IsQuantized(l.cache_dtype)
-                ? l.num_blocks * l.block_size * l.num_heads * 4
-                : 0;
+  if (l.scale_placement == ScalePlacement::kInline) {
+    // Codes, the float32 scale, padding to 16 bytes; no scale regions.
+    const int64_t pitch = InlinePitch(l.head_size, l.head_size_v);
+    r.key = r.value = rows * pitch;
+    return r;
+  }
+  r.key = rows * l.head_size * elem;
+  r.value = rows * l.head_size_v * elem;
+  r.scale = IsQuantized(l.cache_dtype) ? rows * 4 : 0;
   return r;
 }
 
@@ -105,9 +118,16 @@ class CacheBackendTest : public ::testing::Test {
     return std::uniform_int_distribution<int64_t>(lo, hi)(rng_);
   }
 
-  // A small random shape; capacity left unset.
+  // A small random shape; capacity left unset. Quantized caches get side or
+  // inline scales at random.
   KVCacheConfig RandomShape(DType cache_dtype) {
+    return RandomShape(cache_dtype, IsQuantized(cache_dtype) && Rand(0, 1)
+                                        ? ScalePlacement::kInline
+                                        : ScalePlacement::kSide);
+  }
+  KVCacheConfig RandomShape(DType cache_dtype, ScalePlacement placement) {
     KVCacheConfig c;
+    c.scale_placement = placement;
     c.num_layers = static_cast<int32_t>(Rand(1, 4));
     c.num_kv_heads = static_cast<int32_t>(Rand(1, 4));
     c.head_size = static_cast<int32_t>(8 * Rand(1, 8));
@@ -126,8 +146,10 @@ class CacheBackendTest : public ::testing::Test {
     const int64_t dv = c.head_size_v != 0 ? c.head_size_v : c.head_size;
     const int64_t elem = static_cast<int64_t>(DTypeSize(c.cache_dtype));
     const int64_t scales = IsQuantized(c.cache_dtype) ? 2 * 4 : 0;
-    return int64_t{c.num_layers} * c.block_size * c.num_kv_heads *
-           ((c.head_size + dv) * elem + scales);
+    const int64_t per_head = c.scale_placement == ScalePlacement::kInline
+                                 ? 2 * InlinePitch(c.head_size, dv)
+                                 : (c.head_size + dv) * elem + scales;
+    return int64_t{c.num_layers} * c.block_size * c.num_kv_heads * per_head;
   }
 
   std::unique_ptr<CacheBackend> Make(const KVCacheConfig& config) {
@@ -227,9 +249,13 @@ TEST_F(CacheBackendTest, BudgetTooSmallForOneBlockIsResourceExhausted) {
 }
 
 TEST_F(CacheBackendTest, ViewMatchesTheLayoutAndTheStorage) {
-  for (DType dtype : kCacheDTypes) {
-    SCOPED_TRACE(DTypeName(dtype));
-    KVCacheConfig c = RandomShape(dtype);
+  for (int k = 0; k < 6; ++k) {
+    const DType dtype = kCacheDTypes[k % 4];
+    const bool inline_scales = k >= 4;  // int8 and fp8 again, inline.
+    SCOPED_TRACE(
+        absl::StrCat(DTypeName(dtype), inline_scales ? " inline" : ""));
+    KVCacheConfig c = RandomShape(
+        dtype, inline_scales ? ScalePlacement::kInline : ScalePlacement::kSide);
     c.num_blocks = Rand(1, 20);
     std::unique_ptr<CacheBackend> backend = Make(c);
     ASSERT_NE(backend, nullptr);
@@ -268,6 +294,47 @@ TEST_F(CacheBackendTest, ViewMatchesTheLayoutAndTheStorage) {
       EXPECT_EQ(v.num_kv_heads, l.num_heads);
       EXPECT_EQ(v.head_size, l.head_size);
       EXPECT_EQ(v.head_size_v, l.head_size_v);
+      EXPECT_EQ(v.scale_placement, c.scale_placement);
+      const int64_t elem = static_cast<int64_t>(DTypeSize(dtype));
+      if (inline_scales) {
+        const int64_t pitch = InlinePitch(l.head_size, l.head_size_v);
+        const int64_t at = std::max(l.head_size, l.head_size_v);
+        EXPECT_EQ(v.key_row_pitch_bytes, pitch);
+        EXPECT_EQ(v.value_row_pitch_bytes, pitch);
+        EXPECT_EQ(v.scale_byte_offset, at);
+        EXPECT_EQ(reinterpret_cast<char*>(v.key_scale),
+                  static_cast<char*>(v.key_cache) + at);
+        EXPECT_EQ(reinterpret_cast<char*>(v.value_scale),
+                  static_cast<char*>(v.value_cache) + at);
+      } else {
+        EXPECT_EQ(v.key_row_pitch_bytes, l.head_size * elem);
+        EXPECT_EQ(v.value_row_pitch_bytes, l.head_size_v * elem);
+        EXPECT_EQ(v.scale_byte_offset, 0);
+      }
+      // Each (block, token, head)'s scale, through the scale strides, is where
+      // the placement puts it: byte scale_byte_offset of its K (V) row, or
+      // its element of the dense scale tensors.
+      if (quantized) {
+        for (int probe = 0; probe < 20; ++probe) {
+          const int64_t b = Rand(0, v.num_blocks - 1),
+                        t = Rand(0, v.block_size - 1),
+                        h = Rand(0, v.num_kv_heads - 1);
+          const int64_t s = b * v.scale_strides[0] + t * v.scale_strides[1] +
+                            h * v.scale_strides[2];
+          const int64_t row = (b * v.block_size + t) * v.num_kv_heads + h;
+          if (inline_scales) {
+            EXPECT_EQ(reinterpret_cast<char*>(v.key_scale + s),
+                      static_cast<char*>(v.key_cache) + b * v.key_strides[0] +
+                          t * v.key_strides[1] + h * v.key_strides[2] +
+                          v.scale_byte_offset);
+            EXPECT_EQ(reinterpret_cast<char*>(v.value_scale + s),
+                      static_cast<char*>(v.value_cache) +
+                          row * v.value_row_pitch_bytes + v.scale_byte_offset);
+          } else {
+            EXPECT_EQ(s, row);
+          }
+        }
+      }
       // Strides from the layout's offset functions: one block is block_size
       // slots, one token one slot.
       const int64_t bs = l.block_size;
@@ -293,12 +360,17 @@ TEST_F(CacheBackendTest, ViewMatchesTheLayoutAndTheStorage) {
                                (bs - 1) * v.key_strides[1] +
                                (v.num_kv_heads - 1) * v.key_strides[2] +
                                (v.head_size - 1) * v.key_strides[3];
-      EXPECT_EQ(last_key + 1, l.num_slots() * l.key_slot_elems());
+      // (Inline: plus the scale and padding of the last row.)
+      const int64_t key_tail = v.key_strides[2] - v.head_size;
+      const int64_t value_tail = v.value_strides[2] - v.head_size_v;
+      EXPECT_EQ(last_key + 1 + key_tail, l.num_slots() * l.key_slot_elems());
       const int64_t last_value = (v.num_blocks - 1) * v.value_strides[0] +
                                  (bs - 1) * v.value_strides[1] +
                                  (v.num_kv_heads - 1) * v.value_strides[2] +
                                  (v.head_size_v - 1) * v.value_strides[3];
-      EXPECT_EQ(last_value + 1, l.num_slots() * l.value_slot_elems());
+      EXPECT_EQ(last_value + 1 + value_tail,
+                l.num_slots() * l.value_slot_elems());
+      EXPECT_EQ((last_key + 1 + key_tail) * elem, RegionBytes(l).key);
     }
   }
 }

@@ -74,12 +74,9 @@ Outputs Write(const HostCase& hc, bool scalar, internal::ThreadPool* pool) {
 std::vector<uint8_t> Gather(const HostCase& hc, Outputs& o, GatherCase g,
                             bool scalar, internal::ThreadPool* pool) {
   const bool q = IsQuantized(hc.config.cache_dtype);
-  LayerCache cache;
-  cache.layout = hc.layout;
-  cache.key_cache = o.key_cache.data();
-  cache.value_cache = o.value_cache.data();
-  cache.key_scale = q ? o.key_scale.data() : nullptr;
-  cache.value_scale = q ? o.value_scale.data() : nullptr;
+  const LayerCache cache = hc.Cache(o.key_cache.data(), o.value_cache.data(),
+                                    q ? o.key_scale.data() : nullptr,
+                                    q ? o.value_scale.data() : nullptr);
   ForceScalarCpuRowsForTesting(scalar);
   EXPECT_TRUE(GatherCpu(g.Params(cache, g.output.data(), g.slots.data(),
                                  g.block_table.data()),
@@ -130,7 +127,12 @@ TEST_F(Avx2Test, RowsMatchScalarOnEveryPath) {
         c.num_tokens = TokensFor(heads, d, c.head_size_v, 40000);
         c.input_dtype = pair.input;
         c.cache_dtype = pair.cache;
-        c.layout = static_cast<InputLayout>(i++ % 4);
+        c.layout = static_cast<InputLayout>(i % 4);
+        // Inline scales on every other quantized case.
+        if (IsQuantized(pair.cache) && (i / 4 + i) % 2 == 1) {
+          c.placement = ScalePlacement::kInline;
+        }
+        ++i;
         CheckCase(c, rng);
         if (HasFatalFailure()) return;
       }
@@ -149,6 +151,9 @@ TEST_F(Avx2Test, PooledLargeCallsMatchScalar) {
     c.num_heads = 7;
     c.input_dtype = pair.input;
     c.cache_dtype = pair.cache;
+    if (IsQuantized(pair.cache) && pair.input == DType::kBFloat16) {
+      c.placement = ScalePlacement::kInline;
+    }
     CheckCase(c, rng, &pool);
     if (HasFatalFailure()) return;
   }

@@ -91,17 +91,20 @@ TEST_P(CpuKernelMatrixTest, WriteAndGatherMatchReference) {
   const int64_t dv = block_size == 16 ? d : OtherHeadSize(d);
   int i = 0;
   for (const DTypePair& pair : WriteDTypePairs()) {
-    CaseConfig c;
-    c.head_size = d;
-    c.head_size_v = dv;
-    c.num_heads = heads;
-    c.block_size = block_size;
-    c.num_tokens = TokensFor(heads, d, dv, 120000);
-    c.input_dtype = pair.input;
-    c.cache_dtype = pair.cache;
-    c.layout = static_cast<InputLayout>((i++ + d / 8) % 4);
-    CheckCase(c, rng);
-    if (HasFatalFailure()) return;
+    for (ScalePlacement placement : PlacementsFor(pair.cache)) {
+      CaseConfig c;
+      c.head_size = d;
+      c.head_size_v = dv;
+      c.num_heads = heads;
+      c.block_size = block_size;
+      c.num_tokens = TokensFor(heads, d, dv, 120000);
+      c.input_dtype = pair.input;
+      c.cache_dtype = pair.cache;
+      c.placement = placement;
+      c.layout = static_cast<InputLayout>((i++ + d / 8) % 4);
+      CheckCase(c, rng);
+      if (HasFatalFailure()) return;
+    }
   }
 }
 
@@ -118,24 +121,98 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(CpuKernelsTest, LargeWriteUsesThreadsAndMatchesReference) {
   std::mt19937_64 rng(Seed() + 1);
-  CaseConfig c;
-  c.num_tokens =
-      2048;  // 2048 * 8 * 256 = 4M elements: above the threading threshold.
-  c.specials = true;
-  CheckCase(c, rng);
+  for (ScalePlacement placement : PlacementsFor(DType::kInt8)) {
+    CaseConfig c;
+    c.num_tokens =
+        2048;  // 2048 * 8 * 256 = 4M elements: above the threading threshold.
+    c.specials = true;
+    c.placement = placement;
+    CheckCase(c, rng);
+  }
+}
+
+// The same input written with side and with inline scales gives the same codes
+// and scales, bit for bit (compared unpacked), and the same gathers.
+TEST(CpuKernelsTest, PlacementsHoldIdenticalCodesAndScales) {
+  const uint64_t seed = Seed() + 5;
+  for (const DTypePair& pair : WriteDTypePairs()) {
+    if (!IsQuantized(pair.cache)) continue;
+    for (int64_t dv : {int64_t{128}, int64_t{64}}) {
+      CaseConfig c;
+      c.head_size = 128;
+      c.head_size_v = dv;
+      c.num_tokens = 40;
+      c.input_dtype = pair.input;
+      c.cache_dtype = pair.cache;
+      SCOPED_TRACE(c.Name());
+      ref::Caches unpacked[2];
+      std::vector<uint8_t> gathered[2];
+      for (int k = 0; k < 2; ++k) {
+        c.placement = k == 0 ? ScalePlacement::kSide : ScalePlacement::kInline;
+        std::mt19937_64 rng(seed);  // Same input and slots for both.
+        HostCase hc = MakeCase(c, rng);
+        QuantizeWriteParams p = hc.Params(
+            hc.input.data(), hc.slots.data(), hc.key_cache.data(),
+            hc.value_cache.data(), hc.key_scale.data(), hc.value_scale.data());
+        ASSERT_TRUE(QuantizeWriteCpu(p).ok());
+        ref::Caches written{hc.key_cache, hc.value_cache, hc.key_scale,
+                            hc.value_scale};
+        // Only written slots: unwritten ones hold each case's random bytes.
+        const ref::Caches all = ref::Unpack(hc, written);
+        ref::Caches& u = unpacked[k];
+        const int64_t H = c.num_heads;
+        for (int64_t slot : hc.slots) {
+          if (slot < 0) continue;
+          auto take = [&](const std::vector<uint8_t>& v, int64_t d) {
+            return std::vector<uint8_t>(v.begin() + slot * H * d,
+                                        v.begin() + (slot + 1) * H * d);
+          };
+          for (uint8_t b : take(all.key_cache, c.head_size))
+            u.key_cache.push_back(b);
+          for (uint8_t b : take(all.value_cache, c.head_size_v))
+            u.value_cache.push_back(b);
+          for (int64_t h = 0; h < H; ++h) {
+            u.key_scale.push_back(all.key_scale[slot * H + h]);
+            u.value_scale.push_back(all.value_scale[slot * H + h]);
+          }
+        }
+        std::mt19937_64 grng(seed + 1);
+        GatherCase g = MakeGatherCase(hc, DType::kFloat32, 0, grng);
+        ASSERT_TRUE(GatherCpu(g.Params(p.cache, g.output.data(), g.slots.data(),
+                                       nullptr))
+                        .ok());
+        gathered[k] = g.output;
+      }
+      EXPECT_EQ(unpacked[0].key_cache, unpacked[1].key_cache);
+      EXPECT_EQ(unpacked[0].value_cache, unpacked[1].value_cache);
+      EXPECT_EQ(
+          FirstDiff(unpacked[0].key_scale.data(), unpacked[1].key_scale.data(),
+                    unpacked[0].key_scale.size() * 4),
+          -1);
+      ASSERT_EQ(unpacked[0].value_scale.size(), unpacked[1].value_scale.size());
+      EXPECT_EQ(FirstDiff(unpacked[0].value_scale.data(),
+                          unpacked[1].value_scale.data(),
+                          unpacked[0].value_scale.size() * 4),
+                -1);
+      EXPECT_EQ(gathered[0], gathered[1]);
+    }
+  }
 }
 
 // NaN and Inf stay in their own head: every other head of the token is finite
 // and exact.
 TEST(CpuKernelsTest, NonFiniteHeadsAreConfined) {
   std::mt19937_64 rng(Seed() + 2);
-  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+  for (int k = 0; k < 4; ++k) {
+    const DType cache = k % 2 == 0 ? DType::kInt8 : DType::kFp8E4M3;
     CaseConfig c;
     c.num_tokens = 4;
     c.num_heads = 8;
     c.cache_dtype = cache;
+    c.placement = k < 2 ? ScalePlacement::kSide : ScalePlacement::kInline;
     c.specials = false;
     c.padding = 0;
+    SCOPED_TRACE(c.Name());
     HostCase hc = MakeCase(c, rng);
     // Token 1: head 2 holds a NaN, head 5 an infinity (K only).
     auto poke = [&](int64_t h, int64_t i, float v) {
@@ -153,8 +230,11 @@ TEST(CpuKernelsTest, NonFiniteHeadsAreConfined) {
                         want.key_cache.size()),
               -1);
     const int64_t slot = hc.slots[1];
+    const ref::Caches got{hc.key_cache, hc.value_cache, hc.key_scale,
+                          hc.value_scale};
+    const ref::Placement place(hc);
     for (int64_t h = 0; h < 8; ++h) {
-      const float s = hc.key_scale[slot * 8 + h];
+      const float s = place.GetScale(got, true, slot, h, 8);
       if (h == 2) {
         EXPECT_TRUE(std::isnan(s));
       } else if (h == 5) {
@@ -162,7 +242,8 @@ TEST(CpuKernelsTest, NonFiniteHeadsAreConfined) {
       } else {
         EXPECT_TRUE(std::isfinite(s)) << "head " << h;
       }
-      EXPECT_TRUE(std::isfinite(hc.value_scale[slot * 8 + h])) << "head " << h;
+      EXPECT_TRUE(std::isfinite(place.GetScale(got, false, slot, h, 8)))
+          << "head " << h;
     }
   }
 }
@@ -171,10 +252,12 @@ TEST(CpuKernelsTest, NonFiniteHeadsAreConfined) {
 // DESIGN.md.
 TEST(CpuKernelsTest, RoundTripErrorIsBounded) {
   std::mt19937_64 rng(Seed() + 3);
-  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+  for (int k = 0; k < 4; ++k) {
+    const DType cache = k % 2 == 0 ? DType::kInt8 : DType::kFp8E4M3;
     CaseConfig c;
     c.num_tokens = 256;
     c.cache_dtype = cache;
+    c.placement = k < 2 ? ScalePlacement::kSide : ScalePlacement::kInline;
     c.specials = false;
     c.padding = 0;
     c.gaussian = true;
@@ -200,17 +283,20 @@ TEST(CpuKernelsTest, RoundTripErrorIsBounded) {
       }
     }
     const double rel = std::sqrt(err / norm);
-    std::printf("round trip %s: relative L2 error %.3g\n",
-                DTypeName(cache).data(), rel);
+    std::printf("round trip %s, %s scales: relative L2 error %.3g\n",
+                DTypeName(cache).data(), ScalePlacementName(c.placement), rel);
     EXPECT_LE(rel, cache == DType::kInt8 ? 7e-3 : 2.7e-2);
   }
 }
 
 TEST(CpuKernelsTest, BlockCopyCopiesDataAndScales) {
   std::mt19937_64 rng(Seed() + 4);
-  for (DType cache : {DType::kInt8, DType::kBFloat16}) {
+  for (int k = 0; k < 3; ++k) {
+    const DType cache = k == 1 ? DType::kBFloat16 : DType::kInt8;
     CaseConfig c;
     c.cache_dtype = cache;
+    c.placement = k == 2 ? ScalePlacement::kInline : ScalePlacement::kSide;
+    SCOPED_TRACE(c.Name());
     c.input_dtype = DType::kBFloat16;
     c.head_size = 64;
     c.head_size_v = 128;
@@ -220,25 +306,26 @@ TEST(CpuKernelsTest, BlockCopyCopiesDataAndScales) {
                      hc.value_scale};
     const CacheLayout& L = hc.layout;
     const std::vector<int64_t> pairs = {0, 3, 2, 1, 4, L.num_blocks - 1};
-    const size_t ce = DTypeSize(cache);
+    // Block sizes from the reference's own placement (inline rows carry
+    // their scales; side scales are [slot, head] floats).
+    const ref::Placement place(hc);
+    const int64_t slots = c.block_size * c.num_heads;
     for (size_t i = 0; i < pairs.size(); i += 2) {
       auto copy = [&](auto& v, int64_t elems) {
         std::memcpy(&v[pairs[i + 1] * elems], &v[pairs[i] * elems],
                     elems * sizeof(v[0]));
       };
-      copy(want.key_cache, L.key_block_elems() * ce);
-      copy(want.value_cache, L.value_block_elems() * ce);
-      if (IsQuantized(cache)) {
-        copy(want.key_scale, L.scale_block_elems());
-        copy(want.value_scale, L.scale_block_elems());
+      copy(want.key_cache, slots * place.key_row_bytes);
+      copy(want.value_cache, slots * place.value_row_bytes);
+      if (IsQuantized(cache) && !place.inline_scales) {
+        copy(want.key_scale, slots);
+        copy(want.value_scale, slots);
       }
     }
     BlockCopyParams p;
-    p.cache.layout = L;
-    p.cache.key_cache = hc.key_cache.data();
-    p.cache.value_cache = hc.value_cache.data();
-    p.cache.key_scale = IsQuantized(cache) ? hc.key_scale.data() : nullptr;
-    p.cache.value_scale = IsQuantized(cache) ? hc.value_scale.data() : nullptr;
+    p.cache = hc.Cache(hc.key_cache.data(), hc.value_cache.data(),
+                       IsQuantized(cache) ? hc.key_scale.data() : nullptr,
+                       IsQuantized(cache) ? hc.value_scale.data() : nullptr);
     p.pairs = pairs.data();
     p.num_pairs = 3;
     ASSERT_TRUE(BlockCopyCpu(p).ok());

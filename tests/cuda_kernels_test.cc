@@ -18,6 +18,7 @@
 #include "kernels/cpu_kernels.h"
 #include "testing/cuda_test_util.h"
 #include "tests/conversion_sweep.h"
+#include "tests/kernel_reference.h"
 #include "tests/kernel_test_util.h"
 
 #if defined(KVCACHE_HAVE_CUDA_RUNTIME)
@@ -135,18 +136,21 @@ TEST_P(CudaKernelMatrixTest, WriteAndGatherMatchCpu) {
   const int64_t dv = block_size == 16 ? d : OtherHeadSize(d);
   int i = 0;
   for (const DTypePair& pair : WriteDTypePairs()) {
-    for (int64_t budget : {int64_t{3000}, int64_t{400000}}) {
-      CaseConfig c;
-      c.head_size = d;
-      c.head_size_v = dv;
-      c.num_heads = heads;
-      c.block_size = block_size;
-      c.num_tokens = TokensFor(heads, d, dv, budget);
-      c.input_dtype = pair.input;
-      c.cache_dtype = pair.cache;
-      c.layout = static_cast<InputLayout>((i++ + d / 8) % 4);
-      CheckCase(c, rng);
-      if (HasFatalFailure()) return;
+    for (ScalePlacement placement : PlacementsFor(pair.cache)) {
+      for (int64_t budget : {int64_t{3000}, int64_t{400000}}) {
+        CaseConfig c;
+        c.head_size = d;
+        c.head_size_v = dv;
+        c.num_heads = heads;
+        c.block_size = block_size;
+        c.num_tokens = TokensFor(heads, d, dv, budget);
+        c.input_dtype = pair.input;
+        c.cache_dtype = pair.cache;
+        c.placement = placement;
+        c.layout = static_cast<InputLayout>((i++ + d / 8) % 4);
+        CheckCase(c, rng);
+        if (HasFatalFailure()) return;
+      }
     }
   }
 }
@@ -168,37 +172,47 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(CudaKernelsTest, GatherOfEveryCodeMatchesCpu) {
   KVCACHE_SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(Seed() + 6);
-  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+  for (int k = 0; k < 4; ++k) {
+    const DType cache = k % 2 == 0 ? DType::kInt8 : DType::kFp8E4M3;
     CaseConfig c;
     c.cache_dtype = cache;
+    c.placement = k < 2 ? ScalePlacement::kSide : ScalePlacement::kInline;
     c.num_tokens = 64;
     HostCase hc = MakeCase(c, rng);
     for (std::vector<uint8_t>* codes : {&hc.key_cache, &hc.value_cache}) {
       for (size_t i = 0; i < codes->size(); ++i) (*codes)[i] = i % 256;
       std::shuffle(codes->begin(), codes->end(), rng);
     }
+    // Random finite scales (inline ones overwrite the bytes in their rows).
     std::uniform_real_distribution<float> log_scale(-20.0f, 20.0f);
-    for (std::vector<float>* scales : {&hc.key_scale, &hc.value_scale}) {
-      for (float& x : *scales) x = std::exp2(log_scale(rng));
+    ref::Caches caches{hc.key_cache, hc.value_cache, hc.key_scale,
+                       hc.value_scale};
+    const ref::Placement place(hc);
+    for (int64_t slot = 0; slot < hc.layout.num_slots(); ++slot) {
+      for (int64_t h = 0; h < c.num_heads; ++h) {
+        for (bool key : {true, false}) {
+          place.SetScale(caches, key, slot, h, c.num_heads,
+                         std::exp2(log_scale(rng)));
+        }
+      }
     }
+    hc.key_cache = caches.key_cache;
+    hc.value_cache = caches.value_cache;
+    hc.key_scale = caches.key_scale;
+    hc.value_scale = caches.value_scale;
     DeviceBuffer d_kc(hc.key_cache), d_vc(hc.value_cache), d_ks(hc.key_scale),
         d_vs(hc.value_scale);
-    LayerCache gpu_cache;
-    gpu_cache.layout = hc.layout;
-    gpu_cache.key_cache = d_kc.get();
-    gpu_cache.value_cache = d_vc.get();
-    gpu_cache.key_scale = d_ks.get<float>();
-    gpu_cache.value_scale = d_vs.get<float>();
-    LayerCache cpu_cache = gpu_cache;
-    cpu_cache.key_cache = hc.key_cache.data();
-    cpu_cache.value_cache = hc.value_cache.data();
-    cpu_cache.key_scale = hc.key_scale.data();
-    cpu_cache.value_scale = hc.value_scale.data();
+    const LayerCache gpu_cache =
+        hc.Cache(d_kc.get(), d_vc.get(), d_ks.get<float>(), d_vs.get<float>());
+    const LayerCache cpu_cache =
+        hc.Cache(hc.key_cache.data(), hc.value_cache.data(),
+                 hc.key_scale.data(), hc.value_scale.data());
     for (DType out : {DType::kBFloat16, DType::kFloat16, DType::kFloat32}) {
       for (int variant = 0; variant < kGatherVariants; ++variant) {
         SCOPED_TRACE(::testing::Message()
-                     << DTypeName(cache) << " -> " << DTypeName(out)
-                     << " variant " << variant);
+                     << DTypeName(cache) << " -> " << DTypeName(out) << " "
+                     << ScalePlacementName(c.placement) << " variant "
+                     << variant);
         GatherCase g = MakeGatherCase(hc, out, variant, rng);
         DeviceBuffer d_out(g.output), d_slots(g.slots), d_table(g.block_table);
         ASSERT_TRUE(
@@ -219,10 +233,13 @@ TEST(CudaKernelsTest, LargeWriteMatchesCpu) {
   KVCACHE_SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(Seed() + 1);
   for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
-    CaseConfig c;
-    c.num_tokens = 20000;  // Several waves of the grid-stride loop.
-    c.cache_dtype = cache;
-    CheckCase(c, rng);
+    for (ScalePlacement placement : PlacementsFor(cache)) {
+      CaseConfig c;
+      c.num_tokens = 20000;  // Several waves of the grid-stride loop.
+      c.cache_dtype = cache;
+      c.placement = placement;
+      CheckCase(c, rng);
+    }
   }
 }
 
@@ -241,10 +258,12 @@ TEST(CudaKernelsTest, ConversionsMatchPortableOnEveryFloat) {
 TEST(CudaKernelsTest, RoundTripErrorIsBounded) {
   KVCACHE_SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(Seed() + 3);
-  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+  for (int k = 0; k < 4; ++k) {
+    const DType cache = k % 2 == 0 ? DType::kInt8 : DType::kFp8E4M3;
     CaseConfig c;
     c.num_tokens = 1024;
     c.cache_dtype = cache;
+    c.placement = k < 2 ? ScalePlacement::kSide : ScalePlacement::kInline;
     c.specials = false;
     c.padding = 0;
     c.gaussian = true;
@@ -276,15 +295,18 @@ TEST(CudaKernelsTest, RoundTripErrorIsBounded) {
       }
     }
     const double rel = std::sqrt(err / norm);
-    std::printf("GPU round trip %s: relative L2 error %.4g\n",
-                DTypeName(cache).data(), rel);
+    std::printf("GPU round trip %s, %s scales: relative L2 error %.4g\n",
+                DTypeName(cache).data(), ScalePlacementName(c.placement), rel);
     EXPECT_LE(rel, cache == DType::kInt8 ? 7e-3 : 2.7e-2);
   }
 }
 
-void CheckBlockCopy(DType cache, std::mt19937_64& rng) {
+void CheckBlockCopy(DType cache, ScalePlacement placement,
+                    std::mt19937_64& rng) {
   CaseConfig c;
   c.cache_dtype = cache;
+  c.placement = placement;
+  SCOPED_TRACE(c.Name());
   c.head_size = 80;
   c.head_size_v = 64;
   c.num_heads = 3;
@@ -297,18 +319,14 @@ void CheckBlockCopy(DType cache, std::mt19937_64& rng) {
   const std::vector<int64_t> pairs = {0, 3, 2, 1, 4, hc.layout.num_blocks - 1};
   DeviceBuffer d_pairs(pairs);
   BlockCopyParams p;
-  p.cache.layout = hc.layout;
-  p.cache.key_cache = d_kc.get();
-  p.cache.value_cache = d_vc.get();
-  p.cache.key_scale = d_ks.get<float>();
-  p.cache.value_scale = d_vs.get<float>();
+  p.cache =
+      hc.Cache(d_kc.get(), d_vc.get(), d_ks.get<float>(), d_vs.get<float>());
   p.pairs = d_pairs.get<int64_t>();
   p.num_pairs = 3;
   ASSERT_TRUE(BlockCopyCuda(p, nullptr).ok());
-  p.cache.key_cache = hc.key_cache.data();
-  p.cache.value_cache = hc.value_cache.data();
-  p.cache.key_scale = quantized ? hc.key_scale.data() : nullptr;
-  p.cache.value_scale = quantized ? hc.value_scale.data() : nullptr;
+  p.cache = hc.Cache(hc.key_cache.data(), hc.value_cache.data(),
+                     quantized ? hc.key_scale.data() : nullptr,
+                     quantized ? hc.value_scale.data() : nullptr);
   p.pairs = pairs.data();
   ASSERT_TRUE(BlockCopyCpu(p).ok());
   EXPECT_EQ(FirstDiff(d_kc.Download<uint8_t>(), hc.key_cache), -1);
@@ -322,7 +340,9 @@ TEST(CudaKernelsTest, BlockCopyMatchesCpu) {
   std::mt19937_64 rng(Seed() + 4);
   for (DType cache :
        {DType::kInt8, DType::kFp8E4M3, DType::kBFloat16, DType::kFloat16}) {
-    CheckBlockCopy(cache, rng);
+    for (ScalePlacement placement : PlacementsFor(cache)) {
+      CheckBlockCopy(cache, placement, rng);
+    }
   }
 }
 
@@ -358,13 +378,19 @@ TEST(CudaKernelsSanitizerTest, SmallCasesMatchCpu) {
       c.num_tokens = tokens;
       c.input_dtype = pair.input;
       c.cache_dtype = pair.cache;
-      c.layout = static_cast<InputLayout>(i++ % 4);
+      c.layout = static_cast<InputLayout>(i % 4);
+      // Inline scales on every other quantized case.
+      if (IsQuantized(pair.cache) && (i / 4 + i) % 2 == 1) {
+        c.placement = ScalePlacement::kInline;
+      }
+      ++i;
       CheckCase(c, rng);
       if (HasFatalFailure()) return;
     }
   }
-  for (DType cache : {DType::kInt8, DType::kBFloat16})
-    CheckBlockCopy(cache, rng);
+  CheckBlockCopy(DType::kInt8, ScalePlacement::kSide, rng);
+  CheckBlockCopy(DType::kInt8, ScalePlacement::kInline, rng);
+  CheckBlockCopy(DType::kBFloat16, ScalePlacement::kSide, rng);
 }
 
 #else  // !KVCACHE_HAVE_CUDA_RUNTIME

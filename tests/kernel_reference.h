@@ -159,31 +159,107 @@ inline void DequantizeRow(DType cache, DType out, const uint8_t* codes,
 // Applies quantize-and-write of case hc to copies of its caches.
 struct Caches {
   std::vector<uint8_t> key_cache, value_cache;
-  std::vector<float> key_scale, value_scale;
+  std::vector<float> key_scale, value_scale;  // Side scales only.
 };
+
+// Where the reference puts the rows of case hc: its own statement of the two
+// placements of DESIGN.md section 2 (not CacheLayout's). Side: rows of
+// D (Dv) elements, scales in [slot, head] arrays. Inline: rows of `pitch`
+// bytes, codes at 0, the float32 scale at max(D, Dv), padding to a multiple
+// of 16 (a write stores the zeros after the scale).
+struct Placement {
+  bool inline_scales = false;
+  int64_t key_row_bytes = 0, value_row_bytes = 0;
+  int64_t scale_at = 0;  // Inline: byte of the scale in the row.
+
+  explicit Placement(const HostCase& hc) {
+    const int64_t D = hc.config.head_size, Dv = hc.config.head_size_v;
+    const int64_t ce = static_cast<int64_t>(DTypeSize(hc.config.cache_dtype));
+    inline_scales = hc.config.placement == ScalePlacement::kInline;
+    if (inline_scales) {
+      scale_at = std::max(D, Dv);
+      key_row_bytes = value_row_bytes = (scale_at + 4 + 15) / 16 * 16;
+    } else {
+      key_row_bytes = D * ce;
+      value_row_bytes = Dv * ce;
+    }
+  }
+  // Byte offset of row (slot, h) in the K or V cache.
+  int64_t Row(bool key, int64_t slot, int64_t h, int64_t heads) const {
+    return (slot * heads + h) * (key ? key_row_bytes : value_row_bytes);
+  }
+  float GetScale(const Caches& c, bool key, int64_t slot, int64_t h,
+                 int64_t heads) const {
+    if (!inline_scales) {
+      return (key ? c.key_scale : c.value_scale)[slot * heads + h];
+    }
+    float s;
+    std::memcpy(&s,
+                (key ? c.key_cache : c.value_cache).data() +
+                    Row(key, slot, h, heads) + scale_at,
+                4);
+    return s;
+  }
+  void SetScale(Caches& c, bool key, int64_t slot, int64_t h, int64_t heads,
+                float s) const {
+    if (!inline_scales) {
+      (key ? c.key_scale : c.value_scale)[slot * heads + h] = s;
+      return;
+    }
+    uint8_t* at = (key ? c.key_cache : c.value_cache).data() +
+                  Row(key, slot, h, heads) + scale_at;
+    std::memcpy(at, &s, 4);
+    // Zeros from the scale to the row's end.
+    std::memset(at + 4, 0, key_row_bytes - scale_at - 4);
+  }
+};
+
+// The codes and scales of caches c of case hc, unpacked to the side layout
+// ([slot, head, D] codes, [slot, head] scales), whatever its placement.
+inline Caches Unpack(const HostCase& hc, const Caches& c) {
+  const Placement place(hc);
+  const int64_t H = hc.config.num_heads, D = hc.config.head_size,
+                Dv = hc.config.head_size_v;
+  const int64_t ce = static_cast<int64_t>(DTypeSize(hc.config.cache_dtype));
+  const int64_t slots = hc.layout.num_slots();
+  const bool quantized = IsQuantized(hc.config.cache_dtype);
+  Caches out;
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    for (int64_t h = 0; h < H; ++h) {
+      const uint8_t* k = c.key_cache.data() + place.Row(true, slot, h, H);
+      const uint8_t* v = c.value_cache.data() + place.Row(false, slot, h, H);
+      out.key_cache.insert(out.key_cache.end(), k, k + D * ce);
+      out.value_cache.insert(out.value_cache.end(), v, v + Dv * ce);
+      if (quantized) {
+        out.key_scale.push_back(place.GetScale(c, true, slot, h, H));
+        out.value_scale.push_back(place.GetScale(c, false, slot, h, H));
+      }
+    }
+  }
+  return out;
+}
 
 inline Caches QuantizeWrite(const HostCase& hc) {
   Caches out{hc.key_cache, hc.value_cache, hc.key_scale, hc.value_scale};
+  const Placement place(hc);
   const CacheLayout& L = hc.layout;
+  const int64_t H = L.num_heads;
   const DType in = hc.config.input_dtype, cache = hc.config.cache_dtype;
-  const size_t ce = DTypeSize(cache);
   for (int64_t t = 0; t < hc.config.num_tokens; ++t) {
     const int64_t slot = hc.slots[t];
     if (slot < 0) continue;
-    for (int64_t h = 0; h < L.num_heads; ++h) {
+    for (int64_t h = 0; h < H; ++h) {
       const Quantized k =
           QuantizeRow(in, cache, hc.Row(true, t, h), L.head_size);
       const Quantized v =
           QuantizeRow(in, cache, hc.Row(false, t, h), L.head_size_v);
-      std::memcpy(
-          out.key_cache.data() + ((slot * L.num_heads + h) * L.head_size) * ce,
-          k.codes.data(), k.codes.size());
-      std::memcpy(out.value_cache.data() +
-                      ((slot * L.num_heads + h) * L.head_size_v) * ce,
+      std::memcpy(out.key_cache.data() + place.Row(true, slot, h, H),
+                  k.codes.data(), k.codes.size());
+      std::memcpy(out.value_cache.data() + place.Row(false, slot, h, H),
                   v.codes.data(), v.codes.size());
       if (IsQuantized(cache)) {
-        out.key_scale[slot * L.num_heads + h] = k.scale;
-        out.value_scale[slot * L.num_heads + h] = v.scale;
+        place.SetScale(out, true, slot, h, H, k.scale);
+        place.SetScale(out, false, slot, h, H, v.scale);
       }
     }
   }
@@ -194,15 +270,18 @@ inline Caches QuantizeWrite(const HostCase& hc) {
 inline std::vector<uint8_t> Gather(const HostCase& hc, const Caches& c,
                                    const GatherCase& g) {
   std::vector<uint8_t> out = g.output;
+  const Placement place(hc);
   const CacheLayout& L = hc.layout;
+  const int64_t H = L.num_heads;
   const DType cache = hc.config.cache_dtype;
-  const size_t ce = DTypeSize(cache), oe = DTypeSize(g.out_dtype);
+  const size_t oe = DTypeSize(g.out_dtype);
   for (int64_t t = 0; t < g.num_tokens; ++t) {
     const int64_t slot = g.SlotOf(t, L.block_size);
-    for (int64_t h = 0; h < L.num_heads; ++h) {
+    for (int64_t h = 0; h < H; ++h) {
       for (int kv = 0; kv < 2; ++kv) {
-        const Operand& op = kv == 0 ? g.key : g.value;
-        const int64_t d = kv == 0 ? L.head_size : L.head_size_v;
+        const bool key = kv == 0;
+        const Operand& op = key ? g.key : g.value;
+        const int64_t d = key ? L.head_size : L.head_size_v;
         uint8_t* dst =
             out.data() +
             (op.offset + t * op.token_stride + h * op.head_stride) * oe;
@@ -211,16 +290,11 @@ inline std::vector<uint8_t> Gather(const HostCase& hc, const Caches& c,
             Store(g.out_dtype, 0.0f, dst + i * oe);
           continue;
         }
-        const std::vector<uint8_t>& data =
-            kv == 0 ? c.key_cache : c.value_cache;
+        const std::vector<uint8_t>& data = key ? c.key_cache : c.value_cache;
         const float scale =
-            IsQuantized(cache)
-                ? (kv == 0 ? c.key_scale
-                           : c.value_scale)[slot * L.num_heads + h]
-                : 1.0f;
+            IsQuantized(cache) ? place.GetScale(c, key, slot, h, H) : 1.0f;
         DequantizeRow(cache, g.out_dtype,
-                      data.data() + (slot * L.num_heads + h) * d * ce, scale, d,
-                      dst);
+                      data.data() + place.Row(key, slot, h, H), scale, d, dst);
       }
     }
   }

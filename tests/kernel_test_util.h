@@ -60,12 +60,15 @@ struct CaseConfig {
   bool specials = true;   // Zero, huge, NaN and Inf heads.
   double padding = 0.1;   // Fraction of padding tokens.
   bool gaussian = false;  // Plain N(0, 1) input instead of mixed magnitudes.
+  // Scale placement of the cache (inline only with int8/fp8 caches).
+  ScalePlacement placement = ScalePlacement::kSide;
 
   std::string Name() const {
     return absl::StrCat(
         "D=", head_size, " Dv=", head_size_v, " H=", num_heads,
         " bs=", block_size, " T=", num_tokens, " in=", DTypeName(input_dtype),
-        " cache=", DTypeName(cache_dtype), " layout=", LayoutName(layout));
+        " cache=", DTypeName(cache_dtype), " layout=", LayoutName(layout),
+        " scales=", ScalePlacementName(placement));
   }
 };
 
@@ -82,6 +85,8 @@ struct HostCase {
   std::vector<uint8_t> input;  // Raw bytes of the input buffer.
   Operand key, value;
   std::vector<int64_t> slots;
+  // Inline scales: in the rows of key_cache / value_cache, and the scale
+  // vectors are empty.
   std::vector<uint8_t> key_cache, value_cache;
   std::vector<float> key_scale, value_scale;  // Empty for bf16/fp16 caches.
   std::vector<int64_t>
@@ -95,8 +100,21 @@ struct HostCase {
            (op.offset + t * op.token_stride + h * op.head_stride) * InElem();
   }
 
+  // The layer over the given caches (host or device copies of this case's
+  // buffers); with inline scales ks and vs are ignored and the scale pointers
+  // point into kc and vc.
+  LayerCache Cache(void* kc, void* vc, float* ks, float* vs) const {
+    LayerCache cache;
+    cache.layout = layout;
+    cache.key_cache = kc;
+    cache.value_cache = vc;
+    cache.key_scale = layout.inline_scales() ? InlineScale(layout, kc) : ks;
+    cache.value_scale = layout.inline_scales() ? InlineScale(layout, vc) : vs;
+    return cache;
+  }
+
   // Parameters over the given buffers (host or device copies of this case's
-  // buffers).
+  // buffers; ks and vs as for Cache).
   QuantizeWriteParams Params(void* input_base, const int64_t* slot_ptr,
                              void* kc, void* vc, float* ks, float* vs) const {
     QuantizeWriteParams p;
@@ -110,11 +128,7 @@ struct HostCase {
     p.input.value_head_stride = value.head_stride;
     p.num_tokens = config.num_tokens;
     p.slot_mapping = slot_ptr;
-    p.cache.layout = layout;
-    p.cache.key_cache = kc;
-    p.cache.value_cache = vc;
-    p.cache.key_scale = ks;
-    p.cache.value_scale = vs;
+    p.cache = Cache(kc, vc, ks, vs);
     return p;
   }
 };
@@ -152,6 +166,7 @@ inline HostCase MakeCase(const CaseConfig& c, std::mt19937_64& rng) {
   hc.layout.head_size = D;
   hc.layout.head_size_v = Dv;
   hc.layout.cache_dtype = c.cache_dtype;
+  hc.layout.scale_placement = c.placement;
   std::vector<int64_t> all(static_cast<size_t>(hc.layout.num_slots()));
   std::iota(all.begin(), all.end(), 0);
   std::shuffle(all.begin(), all.end(), rng);
@@ -224,7 +239,9 @@ inline HostCase MakeCase(const CaseConfig& c, std::mt19937_64& rng) {
     }
   }
 
-  // Caches start as random bytes; scales as random floats.
+  // Caches start as random bytes (inline scales and padding too); side scales
+  // as random floats. The draws above do not depend on the placement, so two
+  // cases that differ only in it get the same input and slots.
   const int64_t ce = static_cast<int64_t>(DTypeSize(c.cache_dtype));
   hc.key_cache.resize(static_cast<size_t>(hc.layout.num_blocks *
                                           hc.layout.key_block_elems() * ce));
@@ -232,9 +249,9 @@ inline HostCase MakeCase(const CaseConfig& c, std::mt19937_64& rng) {
       hc.layout.num_blocks * hc.layout.value_block_elems() * ce));
   for (uint8_t& b : hc.key_cache) b = static_cast<uint8_t>(byte(rng));
   for (uint8_t& b : hc.value_cache) b = static_cast<uint8_t>(byte(rng));
-  if (IsQuantized(c.cache_dtype)) {
+  if (hc.layout.side_scales()) {
     const size_t n = static_cast<size_t>(hc.layout.num_blocks *
-                                         hc.layout.scale_block_elems());
+                                         hc.layout.side_scale_block_elems());
     std::uniform_real_distribution<float> any(-1.0f, 1.0f);
     hc.key_scale.resize(n);
     hc.value_scale.resize(n);
@@ -367,6 +384,12 @@ inline const std::vector<int64_t>& MatrixHeadSizes() {
   return sizes;
 }
 inline int64_t OtherHeadSize(int64_t d) { return d == 128 ? 192 : 128; }
+
+// The scale placements a cache dtype supports.
+inline std::vector<ScalePlacement> PlacementsFor(DType cache) {
+  if (!IsQuantized(cache)) return {ScalePlacement::kSide};
+  return {ScalePlacement::kSide, ScalePlacement::kInline};
+}
 
 // Tokens for a case of about `budget` elements.
 inline int64_t TokensFor(int64_t heads, int64_t d, int64_t dv, int64_t budget) {

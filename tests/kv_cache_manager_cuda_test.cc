@@ -1,6 +1,6 @@
 // The CUDA backend against the CPU backend: the same random operations on both
-// must give byte-identical caches and scales in every layer, and Gather must
-// match the reference on CUDA too.
+// must give byte-identical caches and scales in every layer (side and inline
+// scales), and Gather must match the reference on CUDA too.
 
 #include <random>
 #include <vector>
@@ -19,7 +19,9 @@ std::vector<char> LayerBytes(testing::ManagerDriver& driver, int layer) {
   const int64_t elem = static_cast<int64_t>(DTypeSize(view->cache_dtype));
   const int64_t k = view->num_blocks * view->key_strides[0] * elem;
   const int64_t v = view->num_blocks * view->value_strides[0] * elem;
-  const int64_t s = view->key_scale == nullptr
+  // Inline scales are inside the K and V rows.
+  const int64_t s = view->key_scale == nullptr ||
+                            view->scale_placement != ScalePlacement::kSide
                         ? 0
                         : view->num_blocks * view->scale_strides[0] * 4;
   std::vector<char> bytes(k + v + 2 * s);
@@ -38,7 +40,12 @@ std::vector<char> LayerBytes(testing::ManagerDriver& driver, int layer) {
   return bytes;
 }
 
-class CudaManagerTest : public ::testing::TestWithParam<DType> {};
+struct Case {
+  DType cache_dtype;
+  ScalePlacement placement;
+};
+
+class CudaManagerTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(CudaManagerTest, CachesAreByteIdenticalToTheCpuBackend) {
   KVCACHE_SKIP_WITHOUT_GPU();
@@ -50,7 +57,8 @@ TEST_P(CudaManagerTest, CachesAreByteIdenticalToTheCpuBackend) {
   config.head_size = 128;
   config.head_size_v = 64;
   config.block_size = 16;
-  config.cache_dtype = GetParam();
+  config.cache_dtype = GetParam().cache_dtype;
+  config.scale_placement = GetParam().placement;
   config.num_blocks = 64;
   auto cpu = testing::ManagerDriver::Create(config, seed, seed + 1);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
@@ -74,7 +82,7 @@ TEST_P(CudaManagerTest, CachesAreByteIdenticalToTheCpuBackend) {
 }
 
 // The host tier on CUDA (pinned memory, the copy kernel on the manager's
-// stream): random operations with evictions and tier hits, and every
+// stream; both scale placements): random operations with evictions and tier hits, and every
 // committed token of every sequence must Gather back as the reference.
 TEST_P(CudaManagerTest, HostTierHitsReadBackOnCuda) {
   KVCACHE_SKIP_WITHOUT_GPU();
@@ -86,7 +94,8 @@ TEST_P(CudaManagerTest, HostTierHitsReadBackOnCuda) {
   config.head_size = 128;
   config.head_size_v = 64;
   config.block_size = 16;
-  config.cache_dtype = GetParam();
+  config.cache_dtype = GetParam().cache_dtype;
+  config.scale_placement = GetParam().placement;
   config.num_blocks = 64;
   config.backend = Backend::kCuda;
   config.host_tier_bytes = 96 * *BlockBytesAllLayers(config);
@@ -105,12 +114,17 @@ TEST_P(CudaManagerTest, HostTierHitsReadBackOnCuda) {
   EXPECT_EQ(m.tier_copy_failures, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, CudaManagerTest,
-                         ::testing::Values(DType::kInt8, DType::kFp8E4M3,
-                                           DType::kBFloat16),
-                         [](const ::testing::TestParamInfo<DType>& info) {
-                           return std::string(DTypeName(info.param));
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, CudaManagerTest,
+    ::testing::Values(Case{DType::kInt8, ScalePlacement::kSide},
+                      Case{DType::kFp8E4M3, ScalePlacement::kSide},
+                      Case{DType::kBFloat16, ScalePlacement::kSide},
+                      Case{DType::kInt8, ScalePlacement::kInline},
+                      Case{DType::kFp8E4M3, ScalePlacement::kInline}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      return absl::StrCat(DTypeName(info.param.cache_dtype), "_",
+                          ScalePlacementName(info.param.placement));
+    });
 
 TEST(CudaManagerTest, CreateOnAHostWithoutAGpuIsAnErrorNotACrash) {
   absl::StatusOr<int> devices = CudaDeviceCount();

@@ -1,7 +1,7 @@
 // End to end on the CPU backend: random sequences with shared prefixes, chunked
 // prefill, decode, forks (copy-on-write) and frees, every layer appended;
 // Gather must equal the reference quantization of exactly what was appended,
-// token by token, in every layer.
+// token by token, in every layer; with side and with inline scales.
 
 #include <random>
 
@@ -17,6 +17,7 @@ struct Case {
   int head_size;
   int head_size_v;
   int block_size;
+  ScalePlacement placement = ScalePlacement::kSide;
   int host_tier_blocks = 0;  // 0: no host tier.
 };
 
@@ -33,6 +34,7 @@ TEST_P(ManagerEndToEndTest, GatherEqualsReferenceOfWhatWasAppended) {
   config.head_size_v = c.head_size_v;
   config.block_size = c.block_size;
   config.cache_dtype = c.cache_dtype;
+  config.scale_placement = c.placement;
   config.input_dtype = DType::kBFloat16;
   config.num_blocks = 48;
   config.host_tier_bytes = c.host_tier_blocks * *BlockBytesAllLayers(config);
@@ -74,13 +76,23 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         Case{DType::kInt8, 16, 16, 4}, Case{DType::kFp8E4M3, 16, 16, 4},
         Case{DType::kInt8, 24, 8, 3}, Case{DType::kBFloat16, 8, 16, 5},
-        Case{DType::kFp8E4M3, 64, 32, 1}, Case{DType::kInt8, 16, 16, 4, 24},
-        Case{DType::kBFloat16, 8, 16, 5, 8},
-        Case{DType::kFp8E4M3, 64, 32, 1, 64}),
+        Case{DType::kFp8E4M3, 64, 32, 1},
+        // Inline scales.
+        Case{DType::kInt8, 16, 16, 4, ScalePlacement::kInline},
+        Case{DType::kFp8E4M3, 16, 16, 4, ScalePlacement::kInline},
+        Case{DType::kInt8, 24, 8, 3, ScalePlacement::kInline},
+        Case{DType::kFp8E4M3, 64, 32, 1, ScalePlacement::kInline},
+        // A host tier.
+        Case{DType::kInt8, 16, 16, 4, ScalePlacement::kSide, 24},
+        Case{DType::kBFloat16, 8, 16, 5, ScalePlacement::kSide, 8},
+        Case{DType::kFp8E4M3, 64, 32, 1, ScalePlacement::kSide, 64},
+        Case{DType::kInt8, 24, 8, 3, ScalePlacement::kInline, 24},
+        Case{DType::kFp8E4M3, 16, 16, 4, ScalePlacement::kInline, 64}),
     [](const ::testing::TestParamInfo<Case>& info) {
       return absl::StrCat(
           DTypeName(info.param.cache_dtype), "_D", info.param.head_size, "_Dv",
-          info.param.head_size_v, "_bs", info.param.block_size,
+          info.param.head_size_v, "_bs", info.param.block_size, "_",
+          ScalePlacementName(info.param.placement),
           info.param.host_tier_blocks > 0
               ? absl::StrCat("_tier", info.param.host_tier_blocks)
               : "");

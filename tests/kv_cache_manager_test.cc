@@ -135,6 +135,16 @@ TEST(ManagerConfigTest, RejectsBadConfigsByName) {
        "cache_dtype 42"},
       {[](KVCacheConfig& c) { c.max_inflight_plans = 0; },
        "max_inflight_plans 0"},
+      {[](KVCacheConfig& c) {
+         c.scale_placement = static_cast<ScalePlacement>(3);
+       },
+       "scale_placement 3"},
+      {[](KVCacheConfig& c) {
+         c.cache_dtype = c.input_dtype = DType::kFloat16;
+         c.scale_placement = ScalePlacement::kInline;
+       },
+       "scale_placement inline needs an int8 or fp8_e4m3 cache; cache_dtype "
+       "is float16"},
   };
   for (const Bad& bad : cases) {
     KVCacheConfig config = SmallConfig();
@@ -161,6 +171,22 @@ TEST(ManagerConfigTest, CapacityFromAMemoryBudget) {
   m = KVCacheManager::Create(config);
   EXPECT_EQ(m.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(m.status().message()), HasSubstr("holds no block"));
+}
+
+TEST(ManagerConfigTest, InlineScalesCountInTheRowsOfACapacity) {
+  KVCacheConfig config = SmallConfig();
+  config.scale_placement = ScalePlacement::kInline;
+  config.num_blocks = 0;
+  // Inline rows of max(16, 8) codes + 4 bytes of scale, padded to 32 bytes:
+  // one block of both layers is 2 * (4 * 2 * 2 * 32) = 1024 bytes.
+  ASSERT_EQ(config.head_size, 16);
+  ASSERT_EQ(config.head_size_v, 8);
+  EXPECT_EQ(*BlockBytesAllLayers(config), 1024);
+  config.memory_budget_bytes = 2 * 1024 + 100 * 1024 + 10;
+  absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
+      KVCacheManager::Create(config);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ((*m)->TotalBlocks(), 100);
 }
 
 TEST(ManagerConfigTest, CapacityFromAFractionOfFreeMemory) {
@@ -297,8 +323,7 @@ TEST_F(ManagerTest, PlanLifeCycleErrors) {
   ExpectError(manager_->Fork(1, 2), absl::StatusCode::kFailedPrecondition,
               "in flight", before);
   ExpectError(manager_->Reserve({{1, {}, 1}}).status(),
-              absl::StatusCode::kFailedPrecondition,
-              "is in flight", before);
+              absl::StatusCode::kFailedPrecondition, "is in flight", before);
   ASSERT_TRUE(manager_->Append(plan->id, 1, kv.key, kv.value).ok());
   ASSERT_TRUE(manager_->Commit(plan->id).ok());
   before = Snapshot();

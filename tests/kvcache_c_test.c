@@ -229,6 +229,108 @@ int main(void) {
   CHECK_OK(m, kvcache_free(m, 8));
   CHECK(kvcache_free(m, 8) == KVCACHE_NOT_FOUND);
   CHECK_OK(m, kvcache_validate(m));
+
+  /* Lengths and gathers of a step: known = committed + reserved + pending. */
+  int64_t known = 0;
+  CHECK_OK(m, kvcache_known_length(m, 7, &known));
+  CHECK(known == T);
+  CHECK(kvcache_known_length(m, 8, &known) == KVCACHE_NOT_FOUND);
+  CHECK(kvcache_gather(m, 7, 0, 2, 0, &gkt, &gvt, NULL) == KVCACHE_OK);
+  kvcache_gather_request gather[2] = {
+      {sizeof(kvcache_gather_request), 7, 1, 2},
+      {sizeof(kvcache_gather_request), 7, 0, 3}};
+  kvcache_tensor bk = tensor3(gk, KVCACHE_FLOAT32, 5, H, D);
+  kvcache_tensor bv = tensor3(gv, KVCACHE_FLOAT32, 5, H, D);
+  CHECK_OK(m, kvcache_gather_batch(m, gather, 2, 1, &bk, &bv, 0, NULL));
+  float one[3 * H * D], one_v[3 * H * D];
+  kvcache_tensor ok = tensor3(one, KVCACHE_FLOAT32, 3, H, D);
+  kvcache_tensor ov = tensor3(one_v, KVCACHE_FLOAT32, 3, H, D);
+  CHECK_OK(m, kvcache_gather_async(m, 7, 1, 0, 3, &ok, &ov, 0, NULL));
+  CHECK(memcmp(one, gk + 2 * H * D, sizeof(one)) == 0);
+  gather[1].struct_size = 4;
+  CHECK(kvcache_gather_batch(m, gather, 2, 1, &bk, &bv, 0, NULL) ==
+        KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(m), "requests[1].struct_size") != NULL);
+  kvcache_graph_step_inputs inputs =
+      KVCACHE_STRUCT_INIT(kvcache_graph_step_inputs);
+  CHECK(kvcache_graph_step(m, &inputs) == KVCACHE_FAILED_PRECONDITION);
+  kvcache_destroy(m);
+
+  /* The graph step: padded inputs, Commit rules. */
+  config.graph_max_tokens = 4;
+  config.max_tokens_per_step = 8;
+  m = NULL;
+  CHECK_OK(m, kvcache_create(&config, &m));
+  if (m == NULL) return 1;
+  CHECK_OK(m, kvcache_graph_step(m, &inputs));
+  CHECK(inputs.max_tokens == 4 && inputs.max_sequences == 4);
+  CHECK_OK(m, kvcache_add_sequence(m, 1, prompt, 3, 0, NULL, 0, &computed));
+  kvcache_reserve_request prefill = {sizeof(kvcache_reserve_request), 1, 3,
+                                     NULL, 0};
+  CHECK_OK(m, kvcache_reserve(m, &prefill, 1, NULL, &plan));
+  kvcache_tensor k3 = tensor3(k, KVCACHE_FLOAT32, 3, H, D);
+  kvcache_tensor v3 = tensor3(v, KVCACHE_FLOAT32, 3, H, D);
+  for (int l = 0; l < 2; ++l) {
+    CHECK_OK(m, kvcache_append(m, plan.id, l, &k3, &v3, NULL));
+  }
+  CHECK_OK(m, kvcache_commit(m, plan.id));
+  int32_t next = 99;
+  kvcache_reserve_request decode = {sizeof(kvcache_reserve_request), 1, 1,
+                                    &next, 1};
+  CHECK(kvcache_reserve_graph_step(m, &decode, 1, 0, NULL, &plan) ==
+        KVCACHE_INVALID_ARGUMENT);
+  CHECK_OK(m, kvcache_reserve_graph_step(m, &decode, 1, 4, NULL, &plan));
+  CHECK(plan.graph_tokens == 4 && plan.slot_mapping == inputs.slot_mapping);
+  CHECK(inputs.slot_mapping[0] == plan.host_slot_mapping[0]);
+  CHECK(inputs.slot_mapping[1] == -1 && inputs.slot_mapping[3] == -1);
+  CHECK(inputs.positions[0] == 3 && inputs.seq_lens[0] == 4);
+  CHECK_OK(m, kvcache_known_length(m, 1, &known));
+  CHECK_OK(m, kvcache_sequence_length(m, 1, &length));
+  CHECK(length == 3 && known == 4); /* computed + reserved <= known */
+  CHECK(kvcache_commit(m, plan.id) == KVCACHE_FAILED_PRECONDITION);
+  kvcache_tensor k4 = tensor3(k, KVCACHE_FLOAT32, 4, H, D);
+  kvcache_tensor v4 = tensor3(v, KVCACHE_FLOAT32, 4, H, D);
+  CHECK_OK(m, kvcache_append(m, plan.id, 0, &k4, &v4, NULL));
+  /* The in-flight token of layer 0 can be read before the commit. */
+  kvcache_tensor g1 = tensor3(gk, KVCACHE_FLOAT32, 1, H, D);
+  kvcache_tensor g1v = tensor3(gv, KVCACHE_FLOAT32, 1, H, D);
+  CHECK(kvcache_gather_async(m, 1, 0, 3, 1, &g1, &g1v, 0, NULL) ==
+        KVCACHE_INVALID_ARGUMENT);
+  CHECK_OK(m, kvcache_gather_async(m, 1, 0, 3, 1, &g1, &g1v, 1, NULL));
+  CHECK(fabsf(gk[0] - k[0]) < 0.05f);
+  CHECK_OK(m, kvcache_append(m, plan.id, 1, &k4, &v4, NULL));
+  CHECK_OK(m, kvcache_commit(m, plan.id));
+  /* A replay (no append seen on the host) of the captured size commits. */
+  CHECK_OK(m, kvcache_reserve_graph_step(m, &decode, 1, 4, NULL, &plan));
+  CHECK_OK(m, kvcache_commit(m, plan.id));
+  CHECK_OK(m, kvcache_validate(m));
+  kvcache_destroy(m);
+  m = NULL;
+
+  /* Inline scales: int8/fp8 only; the view gives the row pitch and the
+   * scale's byte offset (D = 8: 8 codes, the scale, 4 bytes of padding). */
+  CHECK(config.scale_placement == KVCACHE_SCALES_SIDE);
+  config.scale_placement = 7;
+  CHECK(kvcache_create(&config, &m) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(NULL), "scale_placement 7") != NULL);
+  config.scale_placement = KVCACHE_SCALES_INLINE;
+  config.cache_dtype = KVCACHE_BFLOAT16;
+  config.input_dtype = KVCACHE_BFLOAT16;
+  CHECK(kvcache_create(&config, &m) == KVCACHE_INVALID_ARGUMENT);
+  CHECK(strstr(kvcache_last_error(NULL), "bfloat16") != NULL);
+  config.cache_dtype = KVCACHE_INT8;
+  CHECK_OK(m, kvcache_create(&config, &m));
+  if (m == NULL) return 1;
+  kvcache_layer_view inline_view = KVCACHE_STRUCT_INIT(kvcache_layer_view);
+  CHECK_OK(m, kvcache_get_layer_view(m, 1, &inline_view));
+  CHECK(inline_view.scale_placement == KVCACHE_SCALES_INLINE);
+  CHECK(inline_view.key_row_pitch_bytes == 16);
+  CHECK(inline_view.value_row_pitch_bytes == 16);
+  CHECK(inline_view.scale_byte_offset == 8);
+  CHECK((char*)inline_view.key_scale == (char*)inline_view.key_cache + 8);
+  CHECK((char*)inline_view.value_scale == (char*)inline_view.value_cache + 8);
+  CHECK(inline_view.key_strides[2] == 16 && inline_view.key_strides[1] == 32);
+  CHECK(inline_view.scale_strides[2] == 4 && inline_view.scale_strides[1] == 8);
   kvcache_destroy(m);
 
   if (failures == 0) printf("kvcache_c_test: all checks passed\n");

@@ -2,7 +2,7 @@
 // copies a random HostBatchTable into the fixed device buffer - row-major with
 // row_stride = cols, each row's blocks then zeros (even over stale data),
 // seq_lens after max_sequences * cols entries - and returns the same pointers
-// on every call; gather_range() is fixed and UploadGatherRange writes exactly
+// on every call; the two gather ranges alternate and UploadGatherRange writes exactly
 // the given block ids. KVCACHE_TEST_SEED=<n> reruns one seed.
 
 #include "api/lookup_buffers.h"
@@ -171,28 +171,40 @@ TEST_F(LookupBuffersTest, FullBatchFillsEveryRow) {
   EXPECT_EQ(ReadTable(view->block_table), expected);
 }
 
-TEST_F(LookupBuffersTest, GatherRangeIsFixedAndHoldsTheGivenBlocks) {
-  const int32_t* range = lookups_->gather_range();
-  ASSERT_NE(range, nullptr);
+TEST_F(LookupBuffersTest, GatherRangesAlternateAndHoldTheGivenBlocks) {
+  ASSERT_GE(lookups_->gather_capacity(), cols_);
+  const int32_t* previous = nullptr;
+  const int32_t* before_previous = nullptr;
   for (int round = 0; round < 50; ++round) {
     SCOPED_TRACE(absl::StrCat("round ", round));
-    std::vector<BlockId> blocks(Rand(1, cols_));
+    std::vector<BlockId> blocks(Rand(1, lookups_->gather_capacity()));
     for (BlockId& b : blocks) b = static_cast<BlockId>(Rand(0, INT32_MAX));
-    ASSERT_TRUE(lookups_->UploadGatherRange(blocks, /*stream=*/nullptr).ok());
-    ASSERT_EQ(lookups_->gather_range(), range);
+    absl::StatusOr<const int32_t*> range =
+        lookups_->UploadGatherRange(blocks, /*stream=*/nullptr);
+    ASSERT_TRUE(range.ok()) << range.status();
+    ASSERT_TRUE(lookups_->GatherDone(nullptr).ok());
+    // Two fixed ranges used in turn.
+    ASSERT_NE(*range, previous);
+    if (round >= 2) {
+      ASSERT_EQ(*range, before_previous);
+    }
+    before_previous = previous;
+    previous = *range;
     std::vector<int32_t> got(blocks.size());
-    ASSERT_TRUE(device_
-                    ->CopyToHost(got.data(), lookups_->gather_range(),
-                                 got.size() * sizeof(int32_t))
-                    .ok());
+    ASSERT_TRUE(
+        device_->CopyToHost(got.data(), *range, got.size() * sizeof(int32_t))
+            .ok());
     ASSERT_EQ(got, blocks);
   }
-  // The gather range is its own buffer: a batch table upload leaves it alone.
+  // The gather ranges are their own buffers: a batch table upload leaves them
+  // alone.
   std::vector<BlockId> blocks(cols_);
   for (BlockId& b : blocks) b = static_cast<BlockId>(Rand(0, INT32_MAX));
-  ASSERT_TRUE(lookups_->UploadGatherRange(blocks, nullptr).ok());
+  absl::StatusOr<const int32_t*> range =
+      lookups_->UploadGatherRange(blocks, nullptr);
+  ASSERT_TRUE(range.ok());
   ASSERT_TRUE(lookups_->UploadBatchTable(RandomBatch(), nullptr).ok());
-  EXPECT_EQ(std::vector<int32_t>(range, range + cols_), blocks);
+  EXPECT_EQ(std::vector<int32_t>(*range, *range + cols_), blocks);
 }
 
 }  // namespace

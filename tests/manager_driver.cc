@@ -154,12 +154,13 @@ absl::Status ManagerDriver::Step() {
     return Free(sequences_.rbegin()->first);
   }
   if (absl::IsOutOfRange(plan.status())) {
-    // A sequence outgrew the whole pool (long runs): end the longest one, as
-    // an engine would stop a request at its length limit.
-    int64_t longest = ids.front();
+    // A sequence grew past the whole pool (it can never fit): drop the
+    // longest one of the batch, as an engine would finish it.
+    int64_t longest = ids[0];
     for (int64_t id : ids) {
-      if (sequences_[id].tokens.size() > sequences_[longest].tokens.size())
+      if (sequences_[id].tokens.size() > sequences_[longest].tokens.size()) {
         longest = id;
+      }
     }
     ++counts_.preemptions;
     return Free(longest);

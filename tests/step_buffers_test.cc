@@ -2,7 +2,9 @@
 // num_slots follow the slots' busy flags; Upload writes exactly a random slot
 // mapping and random (src, dst) pairs into the slot's device buffer and nothing
 // else (neither the rest of that slot nor any other slot); a step larger than
-// the buffers is InvalidArgument naming the sizes and changes nothing.
+// the buffers is InvalidArgument naming the sizes and changes nothing; readers
+// on the stream that wrote a slot need no event, and a write from another
+// stream records one on the readers' stream and waits for it.
 // KVCACHE_TEST_SEED=<n> reruns one seed.
 
 #include "api/step_buffers.h"
@@ -255,6 +257,100 @@ TEST_F(StepBuffersTest, UploadRefusesMoreThanTheCapacityAndChangesNothing) {
           << "staging buffer of slot " << i;
     }
   }
+}
+
+// A CPU device that logs the stream of every event record and wait.
+class LoggingDevice : public Device {
+ public:
+  explicit LoggingDevice(std::unique_ptr<Device> base)
+      : base_(std::move(base)) {}
+  DeviceKind kind() const override { return base_->kind(); }
+  int ordinal() const override { return 0; }
+  absl::StatusOr<Buffer> Allocate(size_t bytes) override {
+    return base_->Allocate(bytes);
+  }
+  absl::StatusOr<Buffer> AllocateStaging(size_t bytes) override {
+    return base_->AllocateStaging(bytes);
+  }
+  absl::Status Zero(void* dst, size_t bytes) override {
+    return base_->Zero(dst, bytes);
+  }
+  absl::Status CopyToDeviceAsync(void* dst, const void* src, size_t bytes,
+                                 void* stream) override {
+    return base_->CopyToDeviceAsync(dst, src, bytes, stream);
+  }
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    return base_->CopyToHost(dst, src, bytes);
+  }
+  absl::StatusOr<Event> CreateEvent() override { return base_->CreateEvent(); }
+  absl::Status RecordEvent(const Event& event, void* stream) override {
+    log.push_back(absl::StrCat("record on ", Name(stream)));
+    return base_->RecordEvent(event, stream);
+  }
+  absl::Status StreamWaitEvent(void* stream, const Event& event) override {
+    log.push_back(absl::StrCat("wait on ", Name(stream)));
+    return base_->StreamWaitEvent(stream, event);
+  }
+  absl::Status SynchronizeEvent(const Event& event) override {
+    return base_->SynchronizeEvent(event);
+  }
+  absl::Status SynchronizeStream(void* stream) override {
+    return base_->SynchronizeStream(stream);
+  }
+  absl::StatusOr<Event> CreateTimingEvent() override {
+    return base_->CreateTimingEvent();
+  }
+  absl::StatusOr<float> ElapsedMs(const Event& a, const Event& b) override {
+    return base_->ElapsedMs(a, b);
+  }
+  absl::Status MemoryInfo(size_t* free_bytes, size_t* total_bytes) override {
+    return base_->MemoryInfo(free_bytes, total_bytes);
+  }
+  static std::string Name(void* stream) {
+    return stream == nullptr ? "default" : static_cast<const char*>(stream);
+  }
+  std::vector<std::string> log;
+
+ private:
+  std::unique_ptr<Device> base_;
+};
+
+// Readers on the stream that uploaded a slot need no event; the next write
+// from another stream records one on the readers' stream and waits for it.
+TEST(StepBuffersStreamsTest, SameStreamReadersAreOrderedWithoutEvents) {
+  static char a[] = "A", b[] = "B";
+  LoggingDevice device(CreateCpuDevice());
+  auto buffers = StepBuffers::Create(&device, 1, 8, 2);
+  ASSERT_TRUE(buffers.ok()) << buffers.status();
+  StepBuffers& sb = **buffers;
+  const std::vector<int64_t> slots = {1, 2, 3};
+  ASSERT_TRUE(sb.Upload(0, slots, {}, a).ok());
+  EXPECT_TRUE(sb.SameStreamAsWrite(0, a));
+  EXPECT_FALSE(sb.SameStreamAsWrite(0, b));
+  sb.NoteReader(0, a);
+  // Another upload on A: stream order covers A's readers.
+  device.log.clear();
+  ASSERT_TRUE(sb.Upload(0, slots, {}, a).ok());
+  EXPECT_EQ(device.log, (std::vector<std::string>{"wait on A", "record on A"}));
+  sb.NoteReader(0, a);
+  // An upload on B must wait for A's unrecorded readers.
+  device.log.clear();
+  ASSERT_TRUE(sb.Upload(0, slots, {}, b).ok());
+  EXPECT_EQ(device.log, (std::vector<std::string>{"wait on B", "record on A",
+                                                  "wait on B", "record on B"}));
+  EXPECT_TRUE(sb.SameStreamAsWrite(0, b));
+  EXPECT_FALSE(sb.SameStreamAsWrite(0, a));
+  // A reader on A now (not the writer's stream): the full protocol, and a
+  // later same-stream reader on B does not hide it.
+  sb.NoteReader(0, b);
+  EXPECT_FALSE(sb.SameStreamAsWrite(0, a));
+  // Pad from A after B's unrecorded readers: records on B, waits on A.
+  device.log.clear();
+  ASSERT_TRUE(sb.Pad(0, 1, 1, a).ok());
+  EXPECT_EQ(device.log,
+            (std::vector<std::string>{"wait on A", "record on B", "wait on A",
+                                      "wait on A", "record on A"}));
+  EXPECT_TRUE(sb.SameStreamAsWrite(0, a));
 }
 
 }  // namespace

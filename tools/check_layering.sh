@@ -7,11 +7,12 @@
 #   storage      core
 #   kernels      core
 #   allocator    core
-#   api          allocator storage kernels core
-#   testing      api allocator storage kernels core
-#   tests        testing api allocator storage kernels core
-#   benchmarks   testing api allocator storage kernels core
-#   fuzz         testing api allocator storage kernels core
+#   events       allocator core
+#   api          events allocator storage kernels core
+#   testing      api events allocator storage kernels core
+#   tests        testing api events allocator storage kernels core
+#   benchmarks   testing api events allocator storage kernels core
+#   fuzz         testing api events allocator storage kernels core
 #
 # Usage: check_layering.sh FILE...   (paths relative to the workspace root; Bazel passes the
 # sources of every package through //tools:layering_test).
@@ -22,15 +23,17 @@ declare -A allowed=(
   [storage]="core"
   [kernels]="core"
   [allocator]="core"
-  [api]="allocator storage kernels core"
-  [testing]="api allocator storage kernels core"
-  [tests]="testing api allocator storage kernels core"
-  [benchmarks]="testing api allocator storage kernels core"
-  [fuzz]="testing api allocator storage kernels core"
+  [events]="allocator core"
+  [api]="events allocator storage kernels core"
+  [testing]="api events allocator storage kernels core"
+  [tests]="testing api events allocator storage kernels core"
+  [benchmarks]="testing api events allocator storage kernels core"
+  [fuzz]="testing api events allocator storage kernels core"
 )
 ours=" ${!allowed[*]} "
 # The headers engines include: only api/ and core/ may appear in them.
-public_headers=" api/kv_cache_manager.h api/kv_cache_config.h api/metrics.h api/tensor_view.h api/layer_view.h api/block_table_view.h api/attention_options.h api/kvcache_c.h "
+public_headers=" api/kv_cache_manager.h api/kv_cache_config.h api/metrics.h api/tensor_view.h api/layer_view.h api/block_table_view.h api/attention_options.h api/kvcache_c.h core/kv_event.h "
+public_headers=" api/kv_cache_manager.h api/kv_cache_config.h api/metrics.h api/tensor_view.h api/layer_view.h api/block_table_view.h api/graph_step_inputs.h api/attention_options.h api/kvcache_c.h "
 
 bad=0
 for file in "$@"; do

@@ -15,6 +15,14 @@ PACKAGES=(
   libxxhash-dev
   nlohmann-json3-dev
   libdlpack-dev
+  # KV events (issue #18): ZeroMQ's header (libzmq5, which it brings, is loaded at run time only
+  # by a manager that publishes), cppzmq for the C++ test subscriber, msgpack-c++ (header-only),
+  # and Debian's pyzmq and msgpack for the Python test subscriber.
+  libzmq3-dev
+  cppzmq-dev
+  libmsgpack-cxx-dev
+  python3-zmq
+  python3-msgpack
   # Packaging (issue #19): pkg-config for the install test's C program, Debian's python3 and numpy
   # for the Python package's tests.
   pkgconf

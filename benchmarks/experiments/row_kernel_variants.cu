@@ -179,9 +179,11 @@ struct WriteSetup {
 
 // Scattered: one random block per token out of region * T blocks (in
 // ascending block order when `sorted`); otherwise consecutive slots.
+// Inline scales: rows of codes, scale and padding (core/cache_layout.h).
 WriteSetup MakeWrite(int64_t T, int64_t H, int64_t D, bool scattered,
                      DType cache_dtype, int max_sets, int region = 2,
-                     bool sorted = false) {
+                     bool sorted = false,
+                     ScalePlacement placement = ScalePlacement::kSide) {
   WriteSetup w{T, H, D, scattered, 0, {}, 0};
   const size_t in_bytes = T * H * D * 2;
   w.sets = static_cast<int>(
@@ -193,14 +195,20 @@ WriteSetup MakeWrite(int64_t T, int64_t H, int64_t D, bool scattered,
   layout.head_size_v = D;
   layout.cache_dtype = cache_dtype;
   layout.num_blocks = scattered ? T * region : (T + 15) / 16;
+  layout.scale_placement = placement;
   LayerCache cache;
   cache.layout = layout;
   cache.key_cache = Alloc(layout.num_blocks * layout.key_block_elems());
   cache.value_cache = Alloc(layout.num_blocks * layout.key_block_elems());
-  cache.key_scale =
-      static_cast<float*>(Alloc(layout.num_slots() * H * sizeof(float)));
-  cache.value_scale =
-      static_cast<float*>(Alloc(layout.num_slots() * H * sizeof(float)));
+  if (layout.inline_scales()) {
+    cache.key_scale = InlineScale(layout, cache.key_cache);
+    cache.value_scale = InlineScale(layout, cache.value_cache);
+  } else {
+    cache.key_scale =
+        static_cast<float*>(Alloc(layout.num_slots() * H * sizeof(float)));
+    cache.value_scale =
+        static_cast<float*>(Alloc(layout.num_slots() * H * sizeof(float)));
+  }
   std::mt19937_64 rng(7);
   for (int s = 0; s < w.sets; ++s) {
     std::vector<int64_t> slots(T), blocks(layout.num_blocks);
@@ -230,7 +238,7 @@ std::vector<uint8_t> Snapshot(const QuantizeWriteParams& p) {
   X_CHECK(cudaDeviceSynchronize());
   const CacheLayout& l = p.cache.layout;
   const size_t c = l.num_blocks * l.key_block_elems();
-  const size_t sc = l.num_slots() * l.num_heads * 4;
+  const size_t sc = l.inline_scales() ? 0 : l.num_slots() * l.num_heads * 4;
   std::vector<uint8_t> out(2 * c + 2 * sc);
   X_CHECK(cudaMemcpy(out.data(), p.cache.key_cache, c, cudaMemcpyDeviceToHost));
   X_CHECK(cudaMemcpy(out.data() + c, p.cache.value_cache, c,
@@ -248,8 +256,10 @@ void Clear(const QuantizeWriteParams& p) {
   const size_t sc = l.num_slots() * l.num_heads * 4;
   X_CHECK(cudaMemset(p.cache.key_cache, 0xAB, c));
   X_CHECK(cudaMemset(p.cache.value_cache, 0xAB, c));
-  X_CHECK(cudaMemset(p.cache.key_scale, 0xAB, sc));
-  X_CHECK(cudaMemset(p.cache.value_scale, 0xAB, sc));
+  if (!l.inline_scales()) {  // Inline scales are in the rows cleared above.
+    X_CHECK(cudaMemset(p.cache.key_scale, 0xAB, sc));
+    X_CHECK(cudaMemset(p.cache.value_scale, 0xAB, sc));
+  }
   X_CHECK(cudaDeviceSynchronize());
 }
 
@@ -328,7 +338,8 @@ struct GatherSetup {
 
 // Gather of T tokens (H = 8, D = 128, block size 16) through block tables of
 // random blocks, one table per rotating set.
-GatherSetup MakeGather(int64_t T, DType cache_dtype) {
+GatherSetup MakeGather(int64_t T, DType cache_dtype,
+                       ScalePlacement placement = ScalePlacement::kSide) {
   const int64_t H = 8, D = 128, bs = 16;
   const size_t out_bytes = T * H * D * 2;
   const int sets = static_cast<int>(
@@ -341,20 +352,32 @@ GatherSetup MakeGather(int64_t T, DType cache_dtype) {
   layout.head_size_v = D;
   layout.cache_dtype = cache_dtype;
   layout.num_blocks = per_set * sets;
+  layout.scale_placement = placement;
   LayerCache cache;
   cache.layout = layout;
   const size_t cb = layout.num_blocks * layout.key_block_elems();
   const size_t sb = layout.num_slots() * H * 4;
   cache.key_cache = Alloc(cb);
   cache.value_cache = Alloc(cb);
-  cache.key_scale = static_cast<float*>(Alloc(sb));
-  cache.value_scale = static_cast<float*>(Alloc(sb));
   FillRandomBf16(cache.key_cache, cb, 3);
   FillRandomBf16(cache.value_cache, cb, 4);
+  std::vector<float> sc(sb / 4);
   {
-    std::vector<float> sc(sb / 4);
     std::mt19937 rng(5);
     for (auto& x : sc) x = 1e-3f * (1 + rng() % 1000);
+  }
+  if (layout.inline_scales()) {
+    // The scales into their rows: one 4-byte column of pitch-byte rows.
+    cache.key_scale = InlineScale(layout, cache.key_cache);
+    cache.value_scale = InlineScale(layout, cache.value_cache);
+    const size_t pitch = layout.key_row_pitch();
+    for (float* dst : {cache.key_scale, cache.value_scale}) {
+      X_CHECK(cudaMemcpy2D(dst, pitch, sc.data(), 4, 4, sc.size(),
+                           cudaMemcpyHostToDevice));
+    }
+  } else {
+    cache.key_scale = static_cast<float*>(Alloc(sb));
+    cache.value_scale = static_cast<float*>(Alloc(sb));
     X_CHECK(cudaMemcpy(cache.key_scale, sc.data(), sb, cudaMemcpyHostToDevice));
     X_CHECK(
         cudaMemcpy(cache.value_scale, sc.data(), sb, cudaMemcpyHostToDevice));
@@ -636,9 +659,16 @@ __global__ void __launch_bounds__(128)
                                layout.value_offset(slot[r], h))[lane] =
           make_uint2(v[r].x ^ v[r].y, v[r].z ^ v[r].w);
       if (kScales && lane < 2) {
-        (lane == 0 ? p.cache.key_scale
-                   : p.cache.value_scale)[layout.scale_offset(slot[r], h)] =
-            __uint_as_float(k[r].x);
+        float* scale = (lane == 0 ? p.cache.key_scale : p.cache.value_scale) +
+                       layout.scale_offset(slot[r], h);
+        const float x = __uint_as_float(k[r].x);
+        if (layout.inline_scales()) {
+          // With the row's padding, as the write kernel stores it.
+          internal::StoreInlineScale(reinterpret_cast<char*>(scale), x,
+                                     layout.scale_pad_bytes());
+        } else {
+          *scale = x;
+        }
       }
     }
   }
@@ -751,8 +781,11 @@ void WriteFloor(WriteSetup& w, const std::string& tag, cudaStream_t s) {
   const int per_block = 128 / kGroup;
   const int64_t exact = (rows + per_block - 1) / per_block;
   const int64_t r2 = (exact + 1) / 2;
-  auto k =
-      &internal::QuantizeWriteVecKernel<BFloat16Type, Int8Type, kGroup, 1, 128>;
+  auto k = w.params[0].cache.layout.inline_scales()
+               ? &internal::QuantizeWriteInlineVecKernel<BFloat16Type, Int8Type,
+                                                         kGroup, 1, 128>
+               : &internal::QuantizeWriteVecKernel<BFloat16Type, Int8Type,
+                                                   kGroup, 1, 128>;
   Row(tag + " kernel", w.bytes,
       TimeLaunches(
           [&](int i) { Launch(k, r2 + r2 / 32, 128, true, s, w.params[i], d); },
@@ -779,8 +812,9 @@ void WriteFloor(WriteSetup& w, const std::string& tag, cudaStream_t s) {
 
 // The production gather launch (resident grid, PDL) against its access pattern
 // alone and a copy of the same bytes.
-void GatherFloor(int64_t T, const std::string& tag, cudaStream_t s) {
-  GatherSetup g = MakeGather(T, DType::kInt8);
+void GatherFloor(int64_t T, const std::string& tag, cudaStream_t s,
+                 ScalePlacement placement = ScalePlacement::kSide) {
+  GatherSetup g = MakeGather(T, DType::kInt8, placement);
   internal::RowDividers d;
   d.heads = internal::FastDivmod::Make(8);
   d.block_size = internal::FastDivmod::Make(16);
@@ -816,6 +850,9 @@ void GatherFloor(int64_t T, const std::string& tag, cudaStream_t s) {
 // in flight) against the production kernel and copies of the same bytes; with
 // `all`, also scattered slots in ascending block order and over a cache of 8T
 // blocks instead of 2T (both measured within 0.3 points of plain scattered).
+// Every case runs with side scales and again with inline ones ("inline" in
+// the tag; the pattern kernels address both through CacheLayout, and the same
+// bytes are counted, so each kernel compares with its own placement's floor).
 void Floors(cudaStream_t s, bool all) {
   CopyFloor(double{1 << 30} * 2, "1 GiB", s);
   struct W {
@@ -835,19 +872,26 @@ void Floors(cudaStream_t s, bool all) {
       {"write D=64 T=16384 scat", 16384, 64, true, 2, false, true},
       {"write D=64 T=16384 contig", 16384, 64, false, 2, false, false},
   };
-  for (const W& c : writes) {
-    if (!all && (c.sorted || c.region != 2)) continue;
-    WriteSetup w = MakeWrite(c.T, 8, c.D, c.scattered, DType::kInt8, 32,
-                             c.region, c.sorted);
-    if (c.D == 128) {
-      WriteFloor<16>(w, c.tag, s);
-    } else {
-      WriteFloor<8>(w, c.tag, s);
+  for (ScalePlacement placement :
+       {ScalePlacement::kSide, ScalePlacement::kInline}) {
+    const bool inl = placement == ScalePlacement::kInline;
+    for (const W& c : writes) {
+      if (!all && (c.sorted || c.region != 2)) continue;
+      const std::string tag = std::string(c.tag) + (inl ? " inline" : "");
+      WriteSetup w = MakeWrite(c.T, 8, c.D, c.scattered, DType::kInt8, 32,
+                               c.region, c.sorted, placement);
+      if (c.D == 128) {
+        WriteFloor<16>(w, tag, s);
+      } else {
+        WriteFloor<8>(w, tag, s);
+      }
+      if (c.copy && !inl) CopyFloor(w.bytes, tag, s);
     }
-    if (c.copy) CopyFloor(w.bytes, c.tag, s);
+    GatherFloor(16384, inl ? "gather T=16384 inline" : "gather T=16384", s,
+                placement);
+    GatherFloor(65536, inl ? "gather T=65536 inline" : "gather T=65536", s,
+                placement);
   }
-  GatherFloor(16384, "gather T=16384", s);
-  GatherFloor(65536, "gather T=65536", s);
 }
 
 void AllGatherVariants(cudaStream_t s) {

@@ -102,7 +102,8 @@ absl::Status KvWriter::InitDevice(size_t bytes) {
 
 // Generates layer `layer` of a step's K/V into `input_` on the device (the
 // step's tokens are already there).
-absl::Status KvWriter::FillOnDevice(int layer, int64_t num_tokens) {
+absl::Status KvWriter::FillOnDevice(int layer, int64_t num_tokens,
+                                    void* stream) {
   SyntheticFillParams p;
   p.table = device_table_.as<uint16_t>();
   p.tokens = device_tokens_.as<int32_t>();
@@ -116,10 +117,11 @@ absl::Status KvWriter::FillOnDevice(int layer, int64_t num_tokens) {
   p.out = input_.as<uint16_t>();
   p.token_stride = k_row_ + v_row_;
   p.value_offset = k_row_;
-  return FillSyntheticCuda(p, nullptr);
+  return FillSyntheticCuda(p, stream);
 }
 
-absl::Status KvWriter::UploadTokens(absl::Span<const TokenAt> tokens) {
+absl::Status KvWriter::UploadTokens(absl::Span<const TokenAt> tokens,
+                                    int64_t padded, void* stream) {
   // The previous step's upload must be done before its staging is rewritten.
   if (absl::Status s = device_->SynchronizeEvent(tokens_uploaded_); !s.ok()) {
     return s;
@@ -130,20 +132,24 @@ absl::Status KvWriter::UploadTokens(absl::Span<const TokenAt> tokens) {
     ids[i] = tokens[i].token;
     positions[i] = tokens[i].position;
   }
-  const size_t n = tokens.size();
+  const size_t n = std::max<size_t>(tokens.size(), padded);
+  for (size_t i = tokens.size(); i < n; ++i) {
+    ids[i] = 0;
+    positions[i] = 0;
+  }
   int32_t* device_ids = device_tokens_.as<int32_t>();
   if (absl::Status s = device_->CopyToDeviceAsync(device_ids, ids,
-                                                  n * sizeof(int32_t), nullptr);
+                                                  n * sizeof(int32_t), stream);
       !s.ok()) {
     return s;
   }
   if (absl::Status s = device_->CopyToDeviceAsync(
           reinterpret_cast<int64_t*>(device_ids + PositionsOffset()), positions,
-          n * sizeof(int64_t), nullptr);
+          n * sizeof(int64_t), stream);
       !s.ok()) {
     return s;
   }
-  return device_->RecordEvent(tokens_uploaded_, nullptr);
+  return device_->RecordEvent(tokens_uploaded_, stream);
 }
 
 absl::StatusOr<AppendTiming> KvWriter::AppendStep(
@@ -198,6 +204,80 @@ absl::StatusOr<AppendTiming> KvWriter::AppendStep(
     if (!ms.ok()) return ms.status();
     timing.kernel_ms += *ms;
   }
+  return timing;
+}
+
+KvWriter::~KvWriter() {
+  graphs_.clear();
+  DestroyStepStream(stream_);
+}
+
+absl::StatusOr<void*> KvWriter::stream() {
+  if (stream_ == nullptr) {
+    absl::StatusOr<void*> s = CreateStepStream();
+    if (!s.ok()) return s.status();
+    stream_ = *s;
+  }
+  return stream_;
+}
+
+absl::StatusOr<AppendTiming> KvWriter::GraphStep(
+    uint64_t plan_id, absl::Span<const TokenAt> tokens, int64_t padded) {
+  if (device_->kind() != DeviceKind::kCuda) {
+    return absl::FailedPreconditionError("--cuda_graph needs --backend=cuda");
+  }
+  if (padded > max_tokens_ || static_cast<int64_t>(tokens.size()) > padded) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "graph step of ", tokens.size(), " tokens padded to ", padded));
+  }
+  absl::StatusOr<void*> s = stream();
+  if (!s.ok()) return s.status();
+  if (absl::Status st = UploadTokens(tokens, padded, *s); !st.ok()) return st;
+  auto it = graphs_.find(padded);
+  if (it == graphs_.end()) {
+    const int64_t stride = k_row_ + v_row_;
+    const int64_t d_v = v_row_ / config_.num_kv_heads;
+    absl::StatusOr<std::unique_ptr<StepGraph>> graph =
+        StepGraph::Capture(*s, [&]() -> absl::Status {
+          for (int layer = 0; layer < config_.num_layers; ++layer) {
+            if (absl::Status st = FillOnDevice(layer, padded, *s); !st.ok()) {
+              return st;
+            }
+            uint16_t* input = input_.as<uint16_t>();
+            TensorView key = TensorView::Contiguous(
+                input, config_.input_dtype,
+                {padded, config_.num_kv_heads, config_.head_size},
+                MemoryKind::kCuda, config_.device);
+            key.strides[0] = stride;
+            TensorView value =
+                TensorView::Contiguous(input + k_row_, config_.input_dtype,
+                                       {padded, config_.num_kv_heads, d_v},
+                                       MemoryKind::kCuda, config_.device);
+            value.strides[0] = stride;
+            if (absl::Status st =
+                    manager_->Append(plan_id, layer, key, value, *s);
+                !st.ok()) {
+              return st;
+            }
+          }
+          return absl::OkStatus();
+        });
+    if (!graph.ok()) return graph.status();
+    it = graphs_.emplace(padded, *std::move(graph)).first;
+  }
+  AppendTiming timing;
+  const auto start = std::chrono::steady_clock::now();
+  if (absl::Status st = device_->RecordEvent(starts_[0], *s); !st.ok()) {
+    return st;
+  }
+  if (absl::Status st = it->second->Launch(*s); !st.ok()) return st;
+  if (absl::Status st = device_->RecordEvent(ends_[0], *s); !st.ok()) {
+    return st;
+  }
+  timing.host_ms = MillisSince(start);
+  absl::StatusOr<float> ms = device_->ElapsedMs(starts_[0], ends_[0]);
+  if (!ms.ok()) return ms.status();
+  timing.kernel_ms = *ms;
   return timing;
 }
 

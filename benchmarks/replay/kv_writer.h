@@ -11,12 +11,14 @@
 #define KVCACHE_BENCHMARKS_REPLAY_KV_WRITER_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "api/kv_cache_manager.h"
+#include "benchmarks/replay/step_graph.h"
 #include "benchmarks/replay/synthetic_kv.h"
 #include "benchmarks/replay/synthetic_kv_cuda.h"
 #include "storage/device.h"
@@ -46,6 +48,19 @@ class KvWriter {
   absl::StatusOr<AppendTiming> AppendStep(uint64_t plan_id,
                                           absl::Span<const TokenAt> tokens);
 
+  // --cuda_graph (CUDA): the step of a plan from ReserveGraphStep(...,
+  // padded, stream()): uploads the tokens (padding rows get token 0 at
+  // position 0), then launches the graph of `padded` tokens, capturing it the
+  // first time (every layer's synthetic fill and Append, on stream()).
+  // host_ms is the launch's host time; kernel_ms the graph's device time.
+  absl::StatusOr<AppendTiming> GraphStep(uint64_t plan_id,
+                                         absl::Span<const TokenAt> tokens,
+                                         int64_t padded);
+  // The stream graph steps run on (made by the first call; blocking, so
+  // ordered with the legacy default stream the other steps use).
+  absl::StatusOr<void*> stream();
+  ~KvWriter();
+
   // Gathers committed tokens [begin, begin + tokens.size()) of `id` in
   // `layer` (tokens[i] is the token at begin + i) and adds their error.
   absl::Status SampleError(SequenceId id, int layer, int64_t begin,
@@ -65,8 +80,10 @@ class KvWriter {
   KvWriter(KVCacheManager* manager, Device* device, int64_t max_tokens);
   absl::Status InitHost(size_t bytes);
   absl::Status InitDevice(size_t bytes);
-  absl::Status UploadTokens(absl::Span<const TokenAt> tokens);
-  absl::Status FillOnDevice(int layer, int64_t num_tokens);
+  absl::Status UploadTokens(absl::Span<const TokenAt> tokens,
+                            int64_t padded = 0, void* stream = nullptr);
+  absl::Status FillOnDevice(int layer, int64_t num_tokens,
+                            void* stream = nullptr);
   // Token ids (int32) come first in the token buffers, then positions (int64)
   // from this int32 index on (8-byte aligned).
   int64_t PositionsOffset() const { return (max_tokens_ + 1) / 2 * 2; }
@@ -92,6 +109,8 @@ class KvWriter {
   Buffer gather_out_;
   Buffer attention_q_, attention_out_;  // Made by the first AttentionStep.
   ErrorTotals error_;
+  void* stream_ = nullptr;                                // --cuda_graph.
+  std::map<int64_t, std::unique_ptr<StepGraph>> graphs_;  // By padded size.
 };
 
 }  // namespace kvcache::replay

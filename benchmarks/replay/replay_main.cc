@@ -70,6 +70,11 @@ ABSL_FLAG(bool, attention, false,
           "layer for the step's sequences (one query token each, GQA "
           "--attention_group) and report its time per step.");
 ABSL_FLAG(int, attention_group, 4, "Query heads per KV head for --attention.");
+ABSL_FLAG(bool, cuda_graph, false,
+          "Run steps of decode tokens only as graph steps: ReserveGraphStep "
+          "padded to a power of two, every layer's fill and Append captured "
+          "once per padded size in a CUDA graph and replayed (--backend=cuda). "
+          "The report gives the host time of decode-only steps either way.");
 ABSL_FLAG(int, spec_tokens, 0,
           "Speculative decoding: draft tokens reserved per decode step; "
           "accepted = 1 + (request + step) % (k + 1) of the 1 + k tokens "
@@ -134,6 +139,13 @@ absl::StatusOr<KVCacheConfig> MakeConfig() {
         absl::StrCat("--host_tier_gb ", tier_gb, " is not in [0, 1e6)"));
   }
   config.host_tier_bytes = static_cast<int64_t>(tier_gb * (1 << 30));
+  if (absl::GetFlag(FLAGS_cuda_graph)) {
+    if (config.backend != Backend::kCuda) {
+      return absl::InvalidArgumentError("--cuda_graph needs --backend=cuda");
+    }
+    config.graph_max_tokens =
+        std::min(config.max_tokens_per_step, config.max_sequences_per_step);
+  }
   if (absl::GetFlag(FLAGS_attention)) {
     config.num_q_heads =
         config.num_kv_heads * absl::GetFlag(FLAGS_attention_group);
@@ -179,6 +191,7 @@ absl::Status Run() {
   options.error_samples = absl::GetFlag(FLAGS_error_samples);
   options.attention = absl::GetFlag(FLAGS_attention);
   options.spec_tokens = absl::GetFlag(FLAGS_spec_tokens);
+  options.cuda_graph = absl::GetFlag(FLAGS_cuda_graph);
   if (options.spec_tokens < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--spec_tokens ", options.spec_tokens, " must be >= 0"));
@@ -210,6 +223,7 @@ absl::Status Run() {
   report.cache_dtype = std::string(DTypeName(config->cache_dtype));
   report.num_layers = config->num_layers;
   report.spec_tokens = options.spec_tokens;
+  report.cuda_graph = options.cuda_graph;
   std::fputs(ReportText(report).c_str(), stdout);
   const std::string json_path = absl::GetFlag(FLAGS_json);
   if (!json_path.empty()) {

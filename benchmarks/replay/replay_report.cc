@@ -56,6 +56,10 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.total_blocks = metrics.blocks_total;
   r.host_ms_median = Percentile(stats.step_host_ms, 50.0);
   r.host_ms_p99 = Percentile(stats.step_host_ms, 99.0);
+  r.decode_steps = static_cast<int64_t>(stats.decode_step_host_ms.size());
+  r.graph_steps = stats.graph_steps;
+  r.decode_host_ms_median = Percentile(stats.decode_step_host_ms, 50.0);
+  r.decode_host_ms_p99 = Percentile(stats.decode_step_host_ms, 99.0);
   r.kernel_s = stats.kernel_ms / 1e3;
   r.attention_steps = static_cast<int64_t>(stats.attention_ms.size());
   if (r.attention_steps > 0) {
@@ -127,6 +131,12 @@ std::string ReportText(const ReplayReport& r) {
   absl::StrAppendFormat(&out,
                         "  host time per step    median %.3f ms, p99 %.3f ms\n",
                         r.host_ms_median, r.host_ms_p99);
+  absl::StrAppendFormat(
+      &out,
+      "  decode-only steps     %d (%d in a CUDA graph, --cuda_graph %s): host "
+      "time median %.3f ms, p99 %.3f ms\n",
+      r.decode_steps, r.graph_steps, r.cuda_graph ? "on" : "off",
+      r.decode_host_ms_median, r.decode_host_ms_p99);
   absl::StrAppendFormat(&out, "  kernel time           %.3f s\n", r.kernel_s);
   if (r.attention_steps > 0) {
     absl::StrAppendFormat(
@@ -177,6 +187,11 @@ std::string ReportJson(const ReplayReport& r) {
       {"total_blocks", r.total_blocks},
       {"host_ms_per_step_median", r.host_ms_median},
       {"host_ms_per_step_p99", r.host_ms_p99},
+      {"cuda_graph", r.cuda_graph},
+      {"decode_steps", r.decode_steps},
+      {"graph_steps", r.graph_steps},
+      {"decode_host_ms_per_step_median", r.decode_host_ms_median},
+      {"decode_host_ms_per_step_p99", r.decode_host_ms_p99},
       {"attention_steps", r.attention_steps},
       {"attention_ms_per_step_median", r.attention_ms_median},
       {"attention_ms_per_step_mean", r.attention_ms_mean},

@@ -43,6 +43,13 @@ struct ReplayReport {
   int64_t total_blocks = 0;
   double host_ms_median = 0.0;  // Per step.
   double host_ms_p99 = 0.0;
+  // Steps of decode tokens only, and how many ran in a CUDA graph
+  // (--cuda_graph).
+  bool cuda_graph = false;
+  int64_t decode_steps = 0;
+  int64_t graph_steps = 0;
+  double decode_host_ms_median = 0.0;
+  double decode_host_ms_p99 = 0.0;
   double kernel_s = 0.0;
   // --attention: attention over all layers per step (0 steps when off).
   int64_t attention_steps = 0;

@@ -227,8 +227,29 @@ absl::Status Scheduler::Step() {
   BuildRunningEntries(&entries, &budget);
   if (absl::Status s = AdmitWaiting(&entries, &budget); !s.ok()) return s;
   absl::StatusOr<StepPlanInfo> plan;
+  int64_t padded = 0;  // A graph step's padded size; 0 for other steps.
+  bool decode_only = true;
   while (!entries.empty()) {
-    plan = manager_->Reserve(ToReserve(entries));
+    decode_only = true;
+    int64_t step_tokens = 0;
+    for (const Entry& e : entries) {
+      decode_only = decode_only && e.decode && e.num_tokens == 1;
+      step_tokens += e.num_tokens;
+    }
+    padded = 0;
+    if (options_.cuda_graph && decode_only) {
+      padded = 1;
+      while (padded < step_tokens) padded *= 2;
+      padded = std::min<int64_t>(
+          {padded, options_.max_running, options_.token_budget});
+    }
+    if (padded > 0) {
+      absl::StatusOr<void*> stream = writer_->stream();
+      if (!stream.ok()) return stream.status();
+      plan = manager_->ReserveGraphStep(ToReserve(entries), padded, *stream);
+    } else {
+      plan = manager_->Reserve(ToReserve(entries));
+    }
     if (plan.ok()) break;
     if (!absl::IsResourceExhausted(plan.status())) return plan.status();
     if (absl::Status s = Preempt(&entries); !s.ok()) return s;
@@ -247,8 +268,11 @@ absl::Status Scheduler::Step() {
       tokens.push_back({t, r->computed + k});
     }
   }
-  absl::StatusOr<AppendTiming> timing = writer_->AppendStep(plan->id, tokens);
+  absl::StatusOr<AppendTiming> timing =
+      padded > 0 ? writer_->GraphStep(plan->id, tokens, padded)
+                 : writer_->AppendStep(plan->id, tokens);
   if (!timing.ok()) return timing.status();
+  stats_.graph_steps += padded > 0;
   const Clock::time_point commit_start = Clock::now();
   if (options_.spec_tokens == 0) {
     if (absl::Status s = manager_->Commit(plan->id); !s.ok()) return s;
@@ -304,6 +328,7 @@ absl::Status Scheduler::Step() {
   }
   running_ = std::move(still_running);
   stats_.step_host_ms.push_back(host_ms);
+  if (decode_only) stats_.decode_step_host_ms.push_back(host_ms);
   stats_.simulated_ms = now_ms_;
   return absl::OkStatus();
 }

@@ -29,7 +29,12 @@
 // count as often over a run. Accepted drafts carry the request's true next
 // output ids (DecodeToken); rejected ones a different id, and are rolled back
 // (never hashed or shared). Decode steps pass a deterministic token id per (request, output
-// index) as new_token_ids. Not thread-safe.
+// index) as new_token_ids.
+//
+// cuda_graph: a step of decode tokens only (no prefill chunk, no drafts) is
+// a graph step: ReserveGraphStep padded to the next power of two (at most
+// max_running) on KvWriter's stream, then the graph of that size (captured
+// the first time) is launched, then Commit. Not thread-safe.
 
 #ifndef KVCACHE_BENCHMARKS_REPLAY_REPLAY_SCHEDULER_H_
 #define KVCACHE_BENCHMARKS_REPLAY_REPLAY_SCHEDULER_H_
@@ -54,6 +59,9 @@ struct SchedulerOptions {
   int error_samples = 64;       // Blocks gathered for the error figure.
   bool attention = false;       // Attention over every layer after each Commit.
   int spec_tokens = 0;          // Draft tokens per decode step (0: none).
+  // Steps of decode tokens only run as graph steps (ReserveGraphStep padded
+  // to the next power of two, at most max_running; KvWriter::GraphStep).
+  bool cuda_graph = false;
 };
 
 struct ReplayStats {
@@ -74,6 +82,9 @@ struct ReplayStats {
   double simulated_ms = 0.0;
   double kernel_ms = 0.0;            // Summed over steps.
   std::vector<double> step_host_ms;  // Manager calls per step (host wall time).
+  // Of those, the steps of decode tokens only (graph steps with --cuda_graph).
+  std::vector<double> decode_step_host_ms;
+  int64_t graph_steps = 0;
   std::vector<double> attention_ms;  // --attention: all layers, per step.
   ErrorTotals error;
 

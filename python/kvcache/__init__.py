@@ -26,10 +26,12 @@ from . import _dlpack, _ffi
 __all__ = [
     "Manager", "KVCacheError", "Status", "LogLevel", "Plan", "library", "version",
     "FLOAT32", "FLOAT16", "BFLOAT16", "INT8", "FP8_E4M3", "CPU", "CUDA",
+    "SCALES_SIDE", "SCALES_INLINE",
 ]
 
 FLOAT32, FLOAT16, BFLOAT16, INT8, FP8_E4M3 = 0, 1, 2, 3, 4
 CPU, CUDA = 0, 1
+SCALES_SIDE, SCALES_INLINE = 0, 1  # config scale_placement
 
 
 class Status(enum.IntEnum):
@@ -125,7 +127,8 @@ class Manager:
     (num_layers, num_kv_heads, head_size, head_size_v, block_size, cache_dtype, input_dtype,
     backend, device, num_blocks | memory_budget_bytes | memory_fraction, enable_prefix_caching,
     max_tokens_per_step, max_sequences_per_step, max_blocks_per_sequence, max_inflight_plans,
-    log_level), plus log_sink: a callable(level: LogLevel, message: str).
+    log_level, num_q_heads, scale_placement), plus log_sink: a callable(level: LogLevel,
+    message: str).
     Thread-safe like the C API; use as a context manager or call close()."""
 
     def __init__(self, log_sink=None, **config):
@@ -137,8 +140,10 @@ class Manager:
         for key, value in config.items():
             if key not in names:
                 raise TypeError(f"unknown config field {key!r}")
-            if key == "enable_prefix_caching":
+            if key in ("enable_prefix_caching", "enable_kv_events"):
                 value = int(bool(value))
+            if isinstance(value, str):  # kv_events_endpoint and the like.
+                value = value.encode()
             setattr(c, key, value)
         self._sink = None
         if log_sink is not None:
@@ -297,7 +302,9 @@ class Manager:
         """`layer`'s caches as DLPack tensors over the manager's memory (no copy): key_cache
         [num_blocks, block_size, H, D], value_cache [..., Dv] (int8; fp8 e4m3 as uint8 bytes,
         DLPack 0.6 has no fp8; bf16/fp16 as such) and, for quantized caches, key_scale /
-        value_scale [num_blocks, block_size, H] float32."""
+        value_scale [num_blocks, block_size, H] float32. With scale_placement=SCALES_INLINE
+        the code and scale tensors are strided views of the same rows (row pitch
+        key_row_pitch_bytes)."""
         v = self.layer_view(layer)
         code_bits = {INT8: (_ffi.DL_INT, 8), FP8_E4M3: (_ffi.DL_UINT, 8),
                      BFLOAT16: (_ffi.DL_BFLOAT, 16), FLOAT16: (_ffi.DL_FLOAT, 16)}[v.cache_dtype]
@@ -341,3 +348,38 @@ class Manager:
 
     def validate(self):
         _check(library().kvcache_validate(self._m))
+
+    # -- KV events (README "KV events") --
+    _EVENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+    _MEDIA = ("device", "host")
+
+    def take_events(self):
+        """The batches made since the last call (enable_kv_events=True), oldest first: a list of
+        dicts {sequence, timestamp, events: [{type, medium, block_hashes, parent_block_hash,
+        token_ids, block_size, adapter_id}]}; parent_block_hash is None for a chain's first block."""
+        ev = _ffi.Events(struct_size=ctypes.sizeof(_ffi.Events))
+        _check(library().kvcache_take_events(self._m, ctypes.byref(ev)))
+        try:
+            out = []
+            for b in range(ev.num_batches):
+                cb = ev.batches[b]
+                events = []
+                for i in range(cb.num_events):
+                    e = cb.events[i]
+                    events.append({
+                        "type": self._EVENT_TYPES[e.type],
+                        "medium": self._MEDIA[e.medium],
+                        "block_hashes": [e.block_hashes[j] for j in range(e.num_block_hashes)],
+                        "parent_block_hash": e.parent_block_hash if e.has_parent else None,
+                        "token_ids": [e.token_ids[j] for j in range(e.num_token_ids)],
+                        "block_size": e.block_size,
+                        "adapter_id": e.adapter_id,
+                    })
+                out.append({"sequence": cb.sequence, "timestamp": cb.timestamp,
+                            "events": events})
+            return out
+        finally:
+            library().kvcache_events_free(ctypes.byref(ev))
+
+    def reset_prefix_cache(self):
+        _check(library().kvcache_reset_prefix_cache(self._m))

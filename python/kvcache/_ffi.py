@@ -92,6 +92,15 @@ class Config(Structure):
         ("log_sink", LOG_SINK),
         ("log_sink_user_data", c_void_p),
         ("num_q_heads", c_int32),
+        ("enable_kv_events", c_int32),
+        ("kv_events_queue_capacity", c_int32),
+        ("kv_events_endpoint", c_char_p),
+        ("kv_events_replay_endpoint", c_char_p),
+        ("kv_events_topic", c_char_p),
+        ("kv_events_replay_batches", c_int32),
+        ("kv_events_data_parallel_rank", c_int32),
+        ("scale_placement", c_int32),
+        ("graph_max_tokens", c_int32),
         ("host_tier_bytes", c_int64),
     ]
 
@@ -127,6 +136,7 @@ class Plan(Structure):
         ("slot_mapping", POINTER(c_int64)),
         ("host_slot_mapping", POINTER(c_int64)),
         ("num_block_copies", c_int64),
+        ("graph_tokens", c_int64),
     ]
 
 
@@ -159,6 +169,10 @@ class LayerView(Structure):
         ("key_strides", c_int64 * 4),
         ("value_strides", c_int64 * 4),
         ("scale_strides", c_int64 * 3),
+        ("scale_placement", c_int32),
+        ("key_row_pitch_bytes", c_int64),
+        ("value_row_pitch_bytes", c_int64),
+        ("scale_byte_offset", c_int64),
     ]
 
 
@@ -181,6 +195,9 @@ class Metrics(Structure):
         ("kernel_launches", c_int64),
         ("reserve_failures", c_int64),
         ("block_copies", c_int64),
+        ("kv_event_batches", c_int64),
+        ("kv_event_batches_dropped", c_int64),
+        ("kv_event_batches_unpublished", c_int64),
         ("host_tier_blocks_total", c_int64),
         ("host_tier_blocks_stored", c_int64),
         ("prefix_hit_tokens_device", c_int64),
@@ -224,7 +241,64 @@ class Shortfall(Structure):
     ]
 
 
+class Event(Structure):
+    _fields_ = [
+        ("type", c_int32),
+        ("medium", c_int32),
+        ("block_hashes", POINTER(c_uint64)),
+        ("num_block_hashes", c_int64),
+        ("has_parent", c_int32),
+        ("parent_block_hash", c_uint64),
+        ("token_ids", POINTER(c_int32)),
+        ("num_token_ids", c_int64),
+        ("block_size", c_int32),
+        ("adapter_id", c_int64),
+    ]
+
+
+class EventBatch(Structure):
+    _fields_ = [
+        ("sequence", c_uint64),
+        ("timestamp", c_double),
+        ("events", POINTER(Event)),
+        ("num_events", c_int64),
+    ]
+
+
+class Events(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("batches", POINTER(EventBatch)),
+        ("num_batches", c_int64),
+        ("owner", c_void_p),
+class GraphStepInputs(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("slot_mapping", POINTER(c_int64)),
+        ("positions", POINTER(c_int64)),
+        ("seq_lens", POINTER(c_int32)),
+        ("block_table", POINTER(c_int32)),
+        ("max_tokens", c_int64),
+        ("max_sequences", c_int32),
+        ("row_stride", c_int32),
+    ]
+
+
+class GatherRequest(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("sequence", c_int64),
+        ("token_begin", c_int64),
+        ("num_tokens", c_int64),
+    ]
+
+
 C_STRUCTS = {
+    "kvcache_event": Event,
+    "kvcache_event_batch": EventBatch,
+    "kvcache_events": Events,
+    "kvcache_graph_step_inputs": GraphStepInputs,
+    "kvcache_gather_request": GatherRequest,
     "kvcache_attention_options": AttentionOptions,
     "kvcache_shortfall": Shortfall,
     "kvcache_config": Config,
@@ -276,6 +350,9 @@ _FUNCTIONS = {
     "kvcache_get_metrics": (_S, [_M, POINTER(Metrics)]),
     "kvcache_metrics_text": (c_size_t, [_M, c_char_p, c_size_t]),
     "kvcache_validate": (_S, [_M]),
+    "kvcache_take_events": (_S, [_M, POINTER(Events)]),
+    "kvcache_events_free": (None, [POINTER(Events)]),
+    "kvcache_reset_prefix_cache": (_S, [_M]),
 }
 
 

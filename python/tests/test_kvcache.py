@@ -180,6 +180,32 @@ class ManagerTest(unittest.TestCase):
             m.validate()
 
     @needs_backend
+    def test_kv_events(self):
+        rng = np.random.default_rng()
+        prompt = [int(t) for t in rng.integers(0, 50000, 9)]
+        with make(enable_kv_events=True) as m:
+            m.add_sequence(1, prompt)
+            plan = m.reserve([(1, 9)])
+            for layer in range(2):
+                zeros = B.tensor(np.zeros((9, 2, 16), np.float32))
+                m.append(plan, layer, zeros, zeros)
+            m.commit(plan)
+            batches = m.take_events()
+            self.assertEqual([b["sequence"] for b in batches], [0])
+            (stored,) = batches[0]["events"]
+            self.assertEqual(stored["type"], "BlockStored")
+            self.assertEqual(stored["medium"], "device")
+            self.assertEqual(len(stored["block_hashes"]), 2)
+            self.assertIsNone(stored["parent_block_hash"])
+            self.assertEqual(stored["token_ids"], prompt[:8])
+            self.assertEqual(m.take_events(), [])
+            m.reset_prefix_cache()
+            (cleared,) = m.take_events()
+            self.assertEqual(cleared["sequence"], 1)
+            self.assertEqual(cleared["events"][0]["type"], "AllBlocksCleared")
+            self.assertEqual(m.metrics()["kv_event_batches"], 2)
+
+    @needs_backend
     def test_errors_carry_code_and_message(self):
         with make() as m:
             with self.assertRaises(kvcache.KVCacheError) as e:
@@ -283,6 +309,37 @@ class ManagerTest(unittest.TestCase):
             self.assertTrue((key[block] == 127).all())
             scale = B.numpy(t["key_scale"])
             np.testing.assert_allclose(scale[block], 2.0 / 127, rtol=1e-6)
+
+    @needs_backend
+    def test_inline_scales_hold_the_codes_and_scales_of_side_scales(self):
+        rng = np.random.default_rng()
+        k = rng.normal(size=(6, 2, 16)).astype(np.float32)
+        v = rng.normal(size=(6, 2, 16)).astype(np.float32)
+        got = {}
+        for placement in (kvcache.SCALES_SIDE, kvcache.SCALES_INLINE):
+            with make(scale_placement=placement) as m:
+                m.add_sequence(1, range(6))
+                plan = m.reserve([(1, 6)])
+                for layer in range(2):
+                    m.append(plan, layer, B.tensor(k), B.tensor(v))
+                m.commit(plan)
+                view = m.layer_view(0)
+                t = m.layer_tensors(0)
+                blocks = m.block_table(1)
+                got[placement] = [np.ascontiguousarray(B.numpy(t[name])[blocks])
+                                  for name in ("key_cache", "value_cache", "key_scale",
+                                               "value_scale")]
+                if placement == kvcache.SCALES_INLINE:
+                    # 16 codes, the float32 scale at byte 16, padding to 32 bytes.
+                    self.assertEqual(view.key_row_pitch_bytes, 32)
+                    self.assertEqual(view.scale_byte_offset, 16)
+                    self.assertEqual(tuple(view.key_strides), (4 * 2 * 32, 2 * 32, 32, 1))
+                    self.assertEqual(tuple(view.scale_strides), (4 * 2 * 8, 2 * 8, 8))
+        for side, inline in zip(got[kvcache.SCALES_SIDE], got[kvcache.SCALES_INLINE]):
+            self.assertEqual(side.tobytes(), inline.tobytes())
+        with self.assertRaises(kvcache.KVCacheError):
+            make(scale_placement=kvcache.SCALES_INLINE, cache_dtype=kvcache.BFLOAT16,
+                 input_dtype=kvcache.BFLOAT16)
 
 
 class CacheBytesEqualTheCppRun(unittest.TestCase):

@@ -177,9 +177,10 @@ absl::StatusOr<std::unique_ptr<KVCacheManager>> CreateOn(
 TEST(AllocationFailureTest, EveryDeviceAllocationOfCreate) {
   int64_t points = 0;
   ASSERT_TRUE(CreateOn(-1, &points).ok());
-  // 2 layer caches, 3 plan slots x (staging, device, 2 events), block table
-  // staging + device + event, gather staging + device.
-  EXPECT_EQ(points, 2 + 3 * 4 + 3 + 2);
+  // 2 layer caches, 3 plan slots x (staging, device, 3 events), block table
+  // 2 x (staging + event) + device, 2 gather ranges x (staging, event,
+  // device, event).
+  EXPECT_EQ(points, 2 + 3 * 5 + 5 + 2 * 4);
   for (int64_t i = 0; i < points; ++i) {
     int64_t count = 0;
     absl::StatusOr<std::unique_ptr<KVCacheManager>> m = CreateOn(i, &count);

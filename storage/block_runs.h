@@ -1,5 +1,8 @@
 // The bytes of one block of one layer, as runs of contiguous memory: its K
-// rows, its V rows and, for quantized caches, its K and V scales. A block is
+// rows, its V rows and, for quantized caches with side scales, its K and V
+// scale tensors' rows. With inline scales a row already holds its scale
+// (row_pitch bytes: codes, scale, zeros), so the K and V runs are the whole
+// block and there are no scale runs. A block is
 // moved between tiers as these bytes, whatever they hold, so this is the one
 // place that knows where a block's bytes lie in a layer (core/cache_layout.h
 // says how big each part is). Plain functions; thread-compatible.
@@ -21,7 +24,8 @@ struct ByteRun {
 
 inline constexpr int kMaxBlockRuns = 4;
 
-// Writes the runs of `block` in `cache` to out[0..n) and returns n (2 or 4).
+// Writes the runs of `block` in `cache` to out[0..n) and returns n (2, or 4
+// with side scales).
 inline int BlockRuns(const LayerCache& cache, int64_t block,
                      ByteRun out[kMaxBlockRuns]) {
   const CacheLayout& l = cache.layout;
@@ -31,9 +35,9 @@ inline int BlockRuns(const LayerCache& cache, int64_t block,
   int n = 0;
   out[n++] = ByteRun{static_cast<char*>(cache.key_cache) + block * k, k};
   out[n++] = ByteRun{static_cast<char*>(cache.value_cache) + block * v, v};
-  if (cache.key_scale != nullptr) {
+  if (l.side_scales() && cache.key_scale != nullptr) {
     const int64_t s =
-        l.scale_block_elems() * static_cast<int64_t>(sizeof(float));
+        l.side_scale_block_elems() * static_cast<int64_t>(sizeof(float));
     out[n++] = ByteRun{reinterpret_cast<char*>(cache.key_scale) + block * s, s};
     out[n++] =
         ByteRun{reinterpret_cast<char*>(cache.value_scale) + block * s, s};

@@ -2,7 +2,8 @@
 // host pool there, so every path runs in CI): evicted hashed blocks are
 // copied to the tier and hits come back bit-exactly, also while the offload
 // copy is still in flight; the tier evicts its own oldest; a failed copy
-// drops the block and leaks nothing; metrics and Validate across tiers.
+// drops the block and leaks nothing; metrics and Validate across tiers. Every
+// case runs with side scales and, for int8/fp8, with inline scales.
 
 #include <cstring>
 #include <memory>
@@ -24,7 +25,8 @@ namespace {
 constexpr int kBs = 4;
 constexpr int kHeads = 2, kD = 16, kDv = 8, kLayers = 2;
 
-KVCacheConfig Config(DType cache_dtype, int32_t num_blocks, int tier_blocks) {
+KVCacheConfig Config(DType cache_dtype, int32_t num_blocks, int tier_blocks,
+                     ScalePlacement placement = ScalePlacement::kSide) {
   KVCacheConfig c;
   c.num_layers = kLayers;
   c.num_kv_heads = kHeads;
@@ -32,6 +34,7 @@ KVCacheConfig Config(DType cache_dtype, int32_t num_blocks, int tier_blocks) {
   c.head_size_v = kDv;
   c.block_size = kBs;
   c.cache_dtype = cache_dtype;
+  c.scale_placement = placement;
   c.input_dtype = DType::kBFloat16;
   c.num_blocks = num_blocks;
   c.cpu_threads = 1;
@@ -40,11 +43,19 @@ KVCacheConfig Config(DType cache_dtype, int32_t num_blocks, int tier_blocks) {
   return c;
 }
 
-class HostTierTest : public ::testing::TestWithParam<DType> {
+// A cache dtype and, for int8/fp8, where its scales live (with inline scales
+// a block's bytes are its K and V rows of row_pitch bytes, scales inside).
+struct Case {
+  DType cache_dtype;
+  ScalePlacement placement;
+};
+
+class HostTierTest : public ::testing::TestWithParam<Case> {
  protected:
   void Make(int32_t num_blocks, int tier_blocks) {
     absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
-        KVCacheManager::Create(Config(GetParam(), num_blocks, tier_blocks));
+        KVCacheManager::Create(Config(GetParam().cache_dtype, num_blocks,
+                                      tier_blocks, GetParam().placement));
     ASSERT_TRUE(m.ok()) << m.status();
     m_ = *std::move(m);
     copier_ = KVCacheManagerTestPeer::HostTierCopier(*m_);
@@ -163,7 +174,9 @@ TEST_P(HostTierTest, HitReadsBackBitExactly) {
   EXPECT_EQ(s.tier_offloads, 7);
   EXPECT_EQ(s.host_tier_blocks_stored, 4);
   EXPECT_EQ(3 * s.tier_offload_bytes, 7 * s.tier_onboard_bytes);
-  EXPECT_GT(s.tier_onboard_bytes, 0);
+  // A block moves as exactly its bytes in the layout (inline: rows with
+  // their pitch, no scale tensors).
+  EXPECT_EQ(s.tier_onboard_bytes, 3 * *BlockBytesAllLayers(m_->config()));
   ExpectConsistent();
   // Back on the device: the next hit is a device hit.
   ASSERT_TRUE(m_->Free(3).ok());
@@ -327,12 +340,17 @@ TEST_P(HostTierTest, FailedOnboardFailsAddSequenceAndLeaksNothing) {
   ExpectConsistent();
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, HostTierTest,
-                         ::testing::Values(DType::kInt8, DType::kFp8E4M3,
-                                           DType::kBFloat16),
-                         [](const ::testing::TestParamInfo<DType>& info) {
-                           return std::string(DTypeName(info.param));
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Dtypes, HostTierTest,
+    ::testing::Values(Case{DType::kInt8, ScalePlacement::kSide},
+                      Case{DType::kFp8E4M3, ScalePlacement::kSide},
+                      Case{DType::kBFloat16, ScalePlacement::kSide},
+                      Case{DType::kInt8, ScalePlacement::kInline},
+                      Case{DType::kFp8E4M3, ScalePlacement::kInline}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      return absl::StrCat(DTypeName(info.param.cache_dtype), "_",
+                          ScalePlacementName(info.param.placement));
+    });
 
 TEST(HostTierConfigTest, BadSizesAreRefusedByName) {
   KVCacheConfig c = Config(DType::kInt8, 8, 4);

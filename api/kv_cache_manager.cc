@@ -64,11 +64,10 @@ std::vector<uint64_t> KVCacheManagerTestPeer::CachedHashesForTesting(
     const KVCacheManager& manager, KVEventMedium medium) {
   Lock lock(manager.impl_->mu());
   std::vector<uint64_t> out;
-  if (medium == KVEventMedium::kDevice) {
-    for (const BlockHash& h :
-         manager.impl_->blocks().RegisteredHashesForTesting()) {
-      out.push_back(ExternalBlockHash(h));
-    }
+  for (const BlockHash& h : manager.impl_->blocks().RegisteredHashesForTesting(
+           medium == KVEventMedium::kHost ? BlockMedium::kHost
+                                          : BlockMedium::kDevice)) {
+    out.push_back(ExternalBlockHash(h));
   }
   return out;
 }

@@ -32,8 +32,8 @@ class KVCacheManagerTestPeer {
 
   // The external (64-bit, events/external_hash.h) hashes of every block the
   // manager holds registered in `medium`, in no particular order: what a KV
-  // events subscriber should have rebuilt. (kHost: the host tier's, once it
-  // exists; none before.)
+  // events subscriber should have rebuilt (kHost: the host tier's; none
+  // without one).
   static std::vector<uint64_t> CachedHashesForTesting(
       const KVCacheManager& manager, KVEventMedium medium);
   // Makes every later Append's kernel a no-op (nothing written), so that a

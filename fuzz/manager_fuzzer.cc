@@ -7,10 +7,10 @@
 // from a queue small enough to overflow, have contiguous sequence numbers
 // except where the drop counter says batches were dropped, and (while no
 // batch is missing since the last AllBlocksCleared) rebuild exactly the
-// manager's cached hashes. Any violation aborts (a crash for
-// libFuzzer). Built with clang -fsanitize=fuzzer,address,undefined under
-// --config=fuzz, and as a plain library replayed by fuzz/replay_main.cc in the
-// normal build.
+// manager's cached hashes per medium (device, host tier). Any violation
+// aborts (a crash for libFuzzer). Built with clang
+// -fsanitize=fuzzer,address,undefined under --config=fuzz, and as a plain
+// library replayed by fuzz/replay_main.cc in the normal build.
 
 #include <algorithm>
 #include <cstdint>
@@ -1157,17 +1157,24 @@ class Harness {
     if (missing != dropped - dropped_seen_) Fail("event gaps vs drop counter");
     dropped_seen_ = dropped;
     if (!events_in_sync_) return;
-    const std::vector<uint64_t> cached =
-        KVCacheManagerTestPeer::CachedHashesForTesting(*manager_,
-                                                       KVEventMedium::kDevice);
-    if (std::set<uint64_t>(cached.begin(), cached.end()) != rebuilt_) {
-      Fail("events do not rebuild the cached hashes");
+    for (const KVEventMedium medium :
+         {KVEventMedium::kDevice, KVEventMedium::kHost}) {
+      const std::vector<uint64_t> cached =
+          KVCacheManagerTestPeer::CachedHashesForTesting(*manager_, medium);
+      if (std::set<uint64_t>(cached.begin(), cached.end()) !=
+          rebuilt_[Medium(medium)]) {
+        Fail("events do not rebuild the cached hashes of a medium");
+      }
     }
   }
+  static int Medium(KVEventMedium m) {
+    return m == KVEventMedium::kHost ? 1 : 0;
+  }
   void ApplyEvent(const KVEvent& e) {
+    std::set<uint64_t>& rebuilt = rebuilt_[Medium(e.medium)];
     switch (e.type) {
       case KVEventType::kAllBlocksCleared:
-        rebuilt_.clear();
+        for (std::set<uint64_t>& set : rebuilt_) set.clear();
         events_in_sync_ = true;  // Nothing missed before it matters now.
         return;
       case KVEventType::kBlockStored:
@@ -1176,14 +1183,14 @@ class Harness {
           Fail("a stored event's tokens");
         }
         for (const uint64_t h : e.block_hashes) {
-          if (!rebuilt_.insert(h).second && events_in_sync_) {
+          if (!rebuilt.insert(h).second && events_in_sync_) {
             Fail("a hash stored twice");
           }
         }
         return;
       case KVEventType::kBlockRemoved:
         for (const uint64_t h : e.block_hashes) {
-          if (rebuilt_.erase(h) != 1 && events_in_sync_) {
+          if (rebuilt.erase(h) != 1 && events_in_sync_) {
             Fail("a hash removed but not held");
           }
         }
@@ -1201,7 +1208,7 @@ class Harness {
   // KV events: the next batch expected, the hashes they say are cached, and
   // whether no batch was missed since the last AllBlocksCleared.
   uint64_t next_event_ = 0;
-  std::set<uint64_t> rebuilt_;
+  std::set<uint64_t> rebuilt_[2];  // Per medium: device, host.
   bool events_in_sync_ = true;
   int64_t dropped_seen_ = 0;
 };

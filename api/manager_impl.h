@@ -7,6 +7,7 @@
 //   lookups_   LookupBuffers  block tables handed to kernels
 //   attention_ AttentionBuffers  Attention's tables and split-KV scratch
 //   events_    KVEventSink    KV events (null when off), the blocks' observer
+//   tier_      TierMover      the host tier's memory and copies (null without)
 //   counters_                 the metrics the parts do not keep themselves
 //
 // Thread safety: KVCacheManager locks mu_ around every call; every method
@@ -30,8 +31,8 @@
 #include "api/kv_cache_manager.h"
 #include "api/lookup_buffers.h"
 #include "api/plan_table.h"
-#include "api/tier_mover.h"
 #include "api/tensor_checks.h"
+#include "api/tier_mover.h"
 #include "events/kv_event_sink.h"
 #include "storage/device.h"
 

@@ -52,10 +52,12 @@ struct Case {
 
 class HostTierTest : public ::testing::TestWithParam<Case> {
  protected:
-  void Make(int32_t num_blocks, int tier_blocks) {
+  void Make(int32_t num_blocks, int tier_blocks, int32_t graph_max_tokens = 0) {
+    KVCacheConfig config = Config(GetParam().cache_dtype, num_blocks,
+                                  tier_blocks, GetParam().placement);
+    config.graph_max_tokens = graph_max_tokens;
     absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
-        KVCacheManager::Create(Config(GetParam().cache_dtype, num_blocks,
-                                      tier_blocks, GetParam().placement));
+        KVCacheManager::Create(config);
     ASSERT_TRUE(m.ok()) << m.status();
     m_ = *std::move(m);
     copier_ = KVCacheManagerTestPeer::HostTierCopier(*m_);
@@ -247,6 +249,44 @@ TEST_P(HostTierTest, AppendToAnEvictedBlockWaitsForItsOffload) {
   // Computes a whole-pool sequence: its Appends overwrite the evicted
   // blocks, which must reach the tier first.
   Compute(2, Prompt(8 * kBs));
+  copier_->set_delay_for_testing(absl::ZeroDuration());
+  ASSERT_TRUE(m_->Free(2).ok());
+  const PrefixHits hits = Compute(3, prompt);
+  EXPECT_EQ(hits.host_tokens, 3 * kBs);
+  EXPECT_TRUE(BitEqual(GatherAll(3, 3 * kBs), before));
+  ExpectConsistent();
+}
+
+// The same through a graph step: its Appends wait on nothing (so that they
+// can be captured), so ReserveGraphStep must order the step after the
+// offloads of the blocks it evicted.
+TEST_P(HostTierTest, GraphStepToAnEvictedBlockWaitsForItsOffload) {
+  constexpr int kTokens = 8 * kBs;
+  Make(/*num_blocks=*/8, /*tier_blocks=*/6, /*graph_max_tokens=*/kTokens);
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  Compute(1, prompt);
+  const std::vector<float> before = GatherAll(1, 3 * kBs);
+  ASSERT_TRUE(m_->Free(1).ok());
+  copier_->set_delay_for_testing(absl::Milliseconds(200));
+  ASSERT_EQ(*m_->AddSequence(2, Prompt(kTokens)), 0);
+  absl::StatusOr<StepPlanInfo> plan =
+      m_->ReserveGraphStep({{2, {}, kTokens}}, kTokens);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(m_->Metrics().tier_offloads, 3);
+  std::normal_distribution<float> normal;
+  for (int layer = 0; layer < kLayers; ++layer) {
+    std::vector<uint16_t> k(kTokens * kHeads * kD), v(kTokens * kHeads * kDv);
+    for (uint16_t& x : k) x = testing::FloatToBf16(normal(rng_));
+    for (uint16_t& x : v) x = testing::FloatToBf16(normal(rng_));
+    const absl::Status s =
+        m_->Append(plan->id, layer,
+                   TensorView::Contiguous(k.data(), DType::kBFloat16,
+                                          {kTokens, kHeads, kD}),
+                   TensorView::Contiguous(v.data(), DType::kBFloat16,
+                                          {kTokens, kHeads, kDv}));
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  ASSERT_TRUE(m_->Commit(plan->id).ok());
   copier_->set_delay_for_testing(absl::ZeroDuration());
   ASSERT_TRUE(m_->Free(2).ok());
   const PrefixHits hits = Compute(3, prompt);

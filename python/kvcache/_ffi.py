@@ -271,6 +271,9 @@ class Events(Structure):
         ("batches", POINTER(EventBatch)),
         ("num_batches", c_int64),
         ("owner", c_void_p),
+    ]
+
+
 class GraphStepInputs(Structure):
     _fields_ = [
         ("struct_size", c_size_t),

@@ -48,6 +48,7 @@ internal::PrefixCache::Options PrefixOptions(const BlockManagerOptions& o) {
   p.enabled = o.enable_prefix_caching;
   p.hash_function = o.hash_function_for_testing;
   p.observer = o.observer;
+  p.host_slots = o.host_tier_blocks;
   return p;
 }
 
@@ -62,6 +63,12 @@ absl::StatusOr<std::unique_ptr<BlockManager>> BlockManager::Create(
   if (options.block_size < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("block_size ", options.block_size, " must be >= 1"));
+  }
+  if (options.host_tier_blocks < 0 ||
+      (options.host_tier_blocks > 0 && !options.enable_prefix_caching)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("host_tier_blocks ", options.host_tier_blocks,
+                     " must be >= 0, and 0 without prefix caching"));
   }
   return std::unique_ptr<BlockManager>(new BlockManager(options));
 }
@@ -79,7 +86,10 @@ BlockManager::~BlockManager() = default;
 // ---- Sequences -------------------------------------------------------------
 
 absl::StatusOr<int64_t> BlockManager::AddSequence(
-    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
+    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra,
+    PrefixHitSplit* split) {
+  prefix_.ClearCopies();
+  if (split != nullptr) *split = PrefixHitSplit{};
   if (prompt.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "sequence ", id, ": prompt is empty, expected at least 1 token"));
@@ -104,7 +114,7 @@ absl::StatusOr<int64_t> BlockManager::AddSequence(
   if (caching) prefix_.AcquireRoot(extra, *s);
   const uint64_t root_id = s->root_id;  // `s` is gone if Insert throws.
   try {
-    if (caching) prefix_.Match(*s, prompt);
+    if (caching) prefix_.Match(*s, prompt, pool_);
     AppendTokens(s->tokens, prompt.subspan(s->computed));
     sequences_.Insert(std::move(seq));
   } catch (...) {  // std::bad_alloc: give the root reference back.
@@ -113,8 +123,21 @@ absl::StatusOr<int64_t> BlockManager::AddSequence(
   }
   // From here on nothing allocates.
   if (!caching) return 0;
-  pool_.AcquireAll(s->blocks.data(), s->blocks.size());
+  int64_t onboarded = 0;
+  if (!prefix_.has_tier()) {
+    pool_.AcquireAll(s->blocks.data(), s->blocks.size());
+  } else {
+    for (BlockId b : s->blocks) {
+      if (b >= 0) pool_.Acquire(b);
+    }
+    onboarded = prefix_.Onboard(*s, pool_);
+    prefix_.Flush();
+  }
   prefix_.CountQuery(static_cast<int64_t>(prompt.size()), s->computed);
+  if (split != nullptr) {
+    split->host_tokens = onboarded * options_.block_size;
+    split->device_tokens = s->computed - split->host_tokens;
+  }
   return s->computed;
 }
 
@@ -175,6 +198,7 @@ absl::Status BlockManager::Fork(SequenceId parent, SequenceId child) {
 
 absl::StatusOr<StepPlan> BlockManager::Reserve(
     absl::Span<const ReserveRequest> batch) {
+  prefix_.ClearCopies();
   absl::StatusOr<StepPlan> plan = reserver_.Reserve(batch);
   prefix_.Flush();  // The blocks it evicted.
   return plan;
@@ -273,6 +297,29 @@ absl::Status BlockManager::ResetPrefixCache() {
   return absl::OkStatus();
 }
 
+// ---- Host tier -------------------------------------------------------------
+
+void BlockManager::DropFailedOffloads(absl::Span<const TierCopy> copies) {
+  if (!prefix_.has_tier()) return;
+  prefix_.DropOffloaded(copies);
+  prefix_.Flush();
+}
+
+absl::Status BlockManager::DropFailedOnboards(
+    SequenceId id, absl::Span<const TierCopy> copies) {
+  if (sequences_.Find(id) == nullptr) return SequenceNotFound(id);
+  if (prefix_.has_tier()) prefix_.DropOnboarded(copies, pool_);
+  absl::Status freed = Free(id);
+  prefix_.Flush();
+  return freed;
+}
+
+TierUsage BlockManager::HostTierUsage() const {
+  const internal::HostTier* tier = prefix_.tier();
+  if (tier == nullptr) return TierUsage{};
+  return TierUsage{tier->num_slots(), tier->num_stored()};
+}
+
 // ---- Lookups ---------------------------------------------------------------
 
 absl::StatusOr<absl::Span<const BlockId>> BlockManager::BlockTable(
@@ -355,8 +402,9 @@ PrefixCacheStats BlockManager::PrefixStats() const { return prefix_.stats(); }
 
 const BlockManagerOptions& BlockManager::options() const { return options_; }
 
-std::vector<BlockHash> BlockManager::RegisteredHashesForTesting() const {
-  return prefix_.RegisteredHashes();
+std::vector<BlockHash> BlockManager::RegisteredHashesForTesting(
+    BlockMedium medium) const {
+  return prefix_.RegisteredHashes(medium);
 }
 
 bool BlockManager::BlockHashedForTesting(BlockId block) const {
@@ -447,6 +495,7 @@ absl::Status BlockManager::Validate() const {
   }
   if (absl::Status s = ValidatePlans(); !s.ok()) return s;
   if (absl::Status s = prefix_.ValidateIndex(pool_); !s.ok()) return s;
+  if (absl::Status s = prefix_.ValidateTier(); !s.ok()) return s;
   return prefix_.enabled() ? prefix_.ValidateRoots(sequences_)
                            : absl::OkStatus();
 }

@@ -73,6 +73,22 @@ struct BlockManagerOptions {
   // The most blocks one sequence may hold (the engine's block-table width);
   // Reserve refuses more with InvalidArgument. 0 = no limit but the pool.
   int32_t max_blocks_per_sequence = 0;
+  // Blocks of the host tier behind the pool (DESIGN.md section 11): evicted
+  // registrations move there, and hits come back (allocator/host_tier.h).
+  // 0 = no tier. Needs prefix caching.
+  int32_t host_tier_blocks = 0;
+};
+
+// Where AddSequence's computed tokens came from.
+struct PrefixHitSplit {
+  int64_t device_tokens = 0;  // Shared device blocks.
+  int64_t host_tokens = 0;    // Onboarded from the host tier.
+};
+
+// The host tier's occupancy.
+struct TierUsage {
+  int32_t total_blocks = 0;   // 0 without a tier.
+  int32_t stored_blocks = 0;  // Holding a registration.
 };
 
 struct PoolUsage {
@@ -112,9 +128,17 @@ class BlockManager {
   // reason since shared blocks are already resident; kept for symmetry), and
   // OutOfRange with a never-fits Shortfall (core/shortfall.h) for a prompt
   // needing more blocks than the whole pool.
+  //
+  // With a host tier the shared run goes on through tier blocks (longest
+  // chain across tiers), as many as the pool has room to onboard into: each
+  // gets a fresh device block, registered as before, and a TierCopy (onboard)
+  // that the caller must run before the sequence's blocks are read or
+  // written. `split` (optional) says how many computed tokens came from each
+  // tier.
   absl::StatusOr<int64_t> AddSequence(SequenceId id,
                                       absl::Span<const TokenId> prompt,
-                                      const ExtraKey& extra = {});
+                                      const ExtraKey& extra = {},
+                                      PrefixHitSplit* split = nullptr);
 
   // Reserves room for a batch, all or nothing. ResourceExhausted (and no
   // change) when the pool cannot hold the whole batch now, with a Shortfall
@@ -197,6 +221,26 @@ class BlockManager {
   // reservation.
   absl::Status Fork(SequenceId parent, SequenceId child);
 
+  // ---- Host tier ----
+  //
+  // The byte copies the last AddSequence or Reserve asked for (offloads of
+  // evicted blocks into tier slots, onboards of hits), in the order they
+  // must run. Each call that asks for copies first drops the previous list.
+  absl::Span<const TierCopy> tier_copies() const { return prefix_.copies(); }
+  void ClearTierCopies() { prefix_.ClearCopies(); }
+  // The copies in `copies` failed: the tier blocks its offloads filled are
+  // dropped (OnBlocksRemoved(kHost)), so nothing reads a half-copied block.
+  void DropFailedOffloads(absl::Span<const TierCopy> copies);
+  // AddSequence's onboard copies failed: the onboarded blocks are dropped
+  // (OnBlocksRemoved(kDevice)) and the sequence is freed, as Free.
+  absl::Status DropFailedOnboards(SequenceId id,
+                                  absl::Span<const TierCopy> copies);
+  TierUsage HostTierUsage() const;
+  // Whether evictions offload to the tier (default on). The manager turns it
+  // off while its copy queue is busy, so that offloading never stalls a
+  // step: evicted blocks are then dropped as without a tier.
+  void SetTierOffload(bool on) { prefix_.set_offload(on); }
+
   // Lookups. NotFound for an unknown sequence.
   absl::StatusOr<absl::Span<const BlockId>> BlockTable(SequenceId id) const;
   // Tokens written and committed.
@@ -231,7 +275,8 @@ class BlockManager {
 
   // Every hash registered in the prefix cache, in no particular order (tests
   // compare it with what a BlockObserver was told).
-  std::vector<BlockHash> RegisteredHashesForTesting() const;
+  std::vector<BlockHash> RegisteredHashesForTesting(
+      BlockMedium medium = BlockMedium::kDevice) const;
   // Whether a block carries a hash (registered, cached or in use).
   bool BlockHashedForTesting(BlockId block) const;
 

@@ -157,7 +157,7 @@ absl::StatusOr<int64_t> BlockManager::PeekPrefix(
     return absl::InvalidArgumentError(
         "peek of an empty prompt, expected at least 1 token");
   }
-  return prefix_.Peek(prompt, extra);
+  return prefix_.Peek(prompt, extra, pool_);
 }
 
 }  // namespace kvcache

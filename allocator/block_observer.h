@@ -32,7 +32,11 @@
 // OnBlocksStored(medium kHost) in that tier; its eviction from the device is
 // OnBlocksRemoved(kDevice), and from the host tier OnBlocksRemoved(kHost); a
 // block brought back to the device is OnBlocksStored(kDevice) again. So the
-// calls rebuild the set of hashes per medium.
+// calls rebuild the set of hashes per medium. With a host tier one
+// BlockManager call may move blocks both ways (AddSequence evicts, offloads,
+// drops from the tier and onboards), so the one-call-per-kind rule above
+// becomes: one call per run of records of one kind and medium, in the order
+// they happened (allocator/prefix_cache_tier.cc).
 
 #ifndef KVCACHE_ALLOCATOR_BLOCK_OBSERVER_H_
 #define KVCACHE_ALLOCATOR_BLOCK_OBSERVER_H_

@@ -18,6 +18,8 @@
 //   in use -> free      Release        ref reaches 0, unhashed
 //   in use: unhashed -> hashed
 //                       MarkHashed     its step was committed and it is full
+//   in use: hashed -> unhashed
+//                       Unhash         an onboarded block whose copy failed
 //   cached -> free      ClearHashes    the prefix cache is reset; at the same
 //   in use: hashed -> unhashed         time every hashed block in use loses
 //                                      its hash

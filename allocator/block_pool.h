@@ -43,6 +43,13 @@ class BlockPool {
   // Marks an in-use block as carrying a hash (it will be cached, not freed, at
   // ref 0).
   void MarkHashed(BlockId block);
+  // In use: hashed -> unhashed (an onboarded block whose copy failed; it is
+  // freed, not cached, at ref 0). REQUIRES: block in use and hashed.
+  void Unhash(BlockId block) {
+    ABSL_ASSERT(meta_[block].state == BlockState::kInUse &&
+                meta_[block].hashed);
+    meta_[block].hashed = false;
+  }
   // Drops every hash: cached blocks become free (oldest first, at the back of
   // the free list), hashed blocks in use stay in use, unhashed. O(blocks).
   void ClearHashes();

@@ -1,5 +1,6 @@
 #include "allocator/prefix_cache.h"
 
+#include <algorithm>
 #include <cstring>
 #include <unordered_map>
 
@@ -19,6 +20,21 @@ PrefixCache::PrefixCache(const Options& options)
     // A call stores or evicts each block at most once.
     stored_.reserve(options.num_blocks);
     removed_.reserve(options.num_blocks);
+  }
+  if (options.host_slots > 0 && enabled_) {
+    tier_ = std::make_unique<HostTier>(options.host_slots, options.block_size);
+    meta_.resize(options.num_blocks);
+    // A call offloads each device block at most once and onboards at most one
+    // block per device block.
+    copies_.reserve(2 * static_cast<size_t>(options.num_blocks));
+    slot_recorded_.assign(options.host_slots, 0);
+    if (observer_ != nullptr) {
+      // Per block of a call: evicted, offloaded, a tier block dropped for it,
+      // and onboarded (removed from the tier, stored on the device).
+      records_.reserve(5 * static_cast<size_t>(options.num_blocks));
+      stored_.reserve(2 * static_cast<size_t>(options.num_blocks));
+      removed_.reserve(3 * static_cast<size_t>(options.num_blocks));
+    }
   }
 }
 
@@ -41,8 +57,8 @@ void PrefixCache::AcquireRoot(const ExtraKey& extra, Sequence& s) {
   s.last_chain_id = s.root_id;
 }
 
-int64_t PrefixCache::Match(Sequence& s,
-                           absl::Span<const TokenId> prompt) const {
+int64_t PrefixCache::Match(Sequence& s, absl::Span<const TokenId> prompt,
+                           const BlockPool& pool) const {
   const int64_t bs = math_.size();
   const size_t max_blocks = (prompt.size() - 1) / bs;
   s.hashes.reserve(prompt.size() / bs);
@@ -58,6 +74,10 @@ int64_t PrefixCache::Match(Sequence& s,
     matched = index_.LongestMatch(s.hashes.data(), prompt.data(), max_blocks,
                                   s.root_id, s.blocks.data(), s.last_chain_id);
   }
+  if (tier_ != nullptr && matched < static_cast<int64_t>(max_blocks)) {
+    matched = MatchAcrossTiers(s, prompt.data(), matched,
+                               static_cast<int64_t>(max_blocks), pool);
+  }
   s.blocks.resize(matched);
   s.chained_blocks = matched;
   s.prefix_blocks = static_cast<int32_t>(matched);
@@ -67,7 +87,7 @@ int64_t PrefixCache::Match(Sequence& s,
 }
 
 int64_t PrefixCache::Peek(absl::Span<const TokenId> prompt,
-                          const ExtraKey& extra) const {
+                          const ExtraKey& extra, const BlockPool& pool) const {
   if (!enabled_ || prompt.empty()) return 0;
   const uint64_t root = index_.FindRoot(extra.adapter_id, extra.salt);
   if (root == 0) return 0;  // No live sequence or cached block has this key.
@@ -75,7 +95,7 @@ int64_t PrefixCache::Peek(absl::Span<const TokenId> prompt,
   s.root_id = root;
   s.root_hash = HashExtraKey(extra.adapter_id, extra.salt);
   s.last_chain_id = root;
-  return Match(s, prompt) * math_.size();
+  return Match(s, prompt, pool) * math_.size();
 }
 
 void PrefixCache::Rewind(Sequence& s, int64_t full) const {
@@ -126,14 +146,24 @@ void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
     const BlockId b = s.blocks[i];
     ABSL_ASSERT(!pool.hashed(b) && pool.ref_count(b) == 1);
     uint64_t chain_id;
+    if (tier_ != nullptr && tier_->num_stored() > 0) {
+      bool collision = false;
+      chain_id = Promote(h, b, parent_id, tokens, pool, collision);
+      if (collision) chain_id = index_.NewId();
+      if (chain_id != 0) {
+        s.last_chain_id = chain_id;
+        continue;
+      }
+    }
     const BlockId existing =
         index_.FindOrInsert(h, b, parent_id, tokens, chain_id);
     if (existing < 0) {
       pool.MarkHashed(b);  // Registered: chain_id is its content id.
+      const BlockHash parent_hash = i == 0 ? BlockHash{} : s.hashes[i - 1];
+      if (tier_ != nullptr) meta_[b] = EventMeta{parent_hash, s.adapter_id};
       if (observer_ != nullptr) {
-        stored_.push_back(StoredBlock{
-            b, h, i == 0 ? BlockHash{} : s.hashes[i - 1], i == 0,
-            BlockMedium::kDevice, s.adapter_id,
+        RecordStored(StoredBlock{
+            b, h, parent_hash, i == 0, BlockMedium::kDevice, s.adapter_id,
             absl::Span<const TokenId>(index_.stored_tokens(b), bs)});
       }
     } else if (index_.Matches(existing, parent_id, tokens)) {
@@ -149,7 +179,14 @@ void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
 
 BlockId PrefixCache::Evict(BlockPool& pool) {
   const BlockId b = pool.EvictOldest();
-  if (observer_ != nullptr) removed_.push_back(index_.hash(b));
+  if (observer_ != nullptr) RecordRemoved(index_.hash(b), BlockMedium::kDevice);
+  if (tier_ != nullptr) {  // Before Erase: it reads the ids.
+    if (offload_) {
+      Offload(b);
+    } else {
+      ++stats_.offloads_skipped;
+    }
+  }
   index_.Erase(b);
   ++stats_.evictions;
   return b;
@@ -160,12 +197,46 @@ void PrefixCache::Clear(BlockPool& pool, SequenceTable& sequences) {
     if (index_.registered(b)) index_.Erase(b);
   }
   pool.ClearHashes();
+  if (tier_ != nullptr) {
+    tier_->Clear([&](const TierEntry& e) {
+      if (PrefixCacheIndex::IsRoot(e.parent_id))
+        index_.ReleaseRoot(e.parent_id);
+    });
+  }
   sequences.ForEach([](Sequence& s) { s.last_chain_id = kCutChain; });
-  ABSL_ASSERT(stored_.empty() && removed_.empty());
+  ABSL_ASSERT(stored_.empty() && removed_.empty() && records_.empty());
   if (observer_ != nullptr) observer_->OnAllBlocksCleared();
 }
 
 void PrefixCache::FlushToObserver() {
+  if (tier_ != nullptr) {
+    // Runs of one kind and medium, in order.
+    for (size_t i = 0; i < records_.size();) {
+      const bool stored = records_[i].stored;
+      const BlockMedium medium = records_[i].block.medium;
+      size_t j = i;
+      for (; j < records_.size() && records_[j].stored == stored &&
+             records_[j].block.medium == medium;
+           ++j) {
+        if (stored) {
+          stored_.push_back(records_[j].block);
+        } else {
+          removed_.push_back(records_[j].block.hash);
+        }
+      }
+      if (stored) {
+        observer_->OnBlocksStored(stored_);
+        stored_.clear();
+      } else {
+        observer_->OnBlocksRemoved(removed_, medium);
+        removed_.clear();
+      }
+      i = j;
+    }
+    records_.clear();
+    std::fill(slot_recorded_.begin(), slot_recorded_.end(), 0);
+    return;
+  }
   // One manager call either stores or evicts, never both: the order of the
   // two calls cannot matter.
   ABSL_ASSERT(stored_.empty() || removed_.empty());
@@ -179,8 +250,15 @@ void PrefixCache::FlushToObserver() {
   }
 }
 
-std::vector<BlockHash> PrefixCache::RegisteredHashes() const {
+std::vector<BlockHash> PrefixCache::RegisteredHashes(BlockMedium medium) const {
   std::vector<BlockHash> out;
+  if (medium == BlockMedium::kHost) {
+    if (tier_ != nullptr) {
+      tier_->ForEach(
+          [&](int32_t, const TierEntry& e) { out.push_back(e.hash); });
+    }
+    return out;
+  }
   out.reserve(index_.size());
   index_.table().ForEach(
       [&](const BlockHash& hash, BlockId) { out.push_back(hash); });
@@ -278,6 +356,11 @@ absl::Status PrefixCache::ValidateRoots(const SequenceTable& sequences) const {
   for (BlockId b = 0; b < index_.num_blocks(); ++b) {
     if (index_.registered(b) && PrefixCacheIndex::IsRoot(index_.parent_id(b)))
       ++holders[index_.parent_id(b)];
+  }
+  if (tier_ != nullptr) {
+    tier_->ForEach([&](int32_t, const TierEntry& e) {
+      if (PrefixCacheIndex::IsRoot(e.parent_id)) ++holders[e.parent_id];
+    });
   }
   if (holders.size() != index_.num_roots()) {
     return absl::InternalError(absl::StrCat(

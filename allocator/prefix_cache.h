@@ -11,6 +11,13 @@
 //   Reset        Clear                    drop every registration
 //                                         (-> OnAllBlocksCleared)
 //
+// With a host tier (Options::host_slots > 0; allocator/host_tier.h) an
+// evicted block's registration moves to the tier (Offload), Match finds the
+// longest chain across both tiers, AddSequence brings the host hits back into
+// fresh device blocks (Onboard), and a commit of content the tier holds moves
+// it back to the device (Promote). Each asks the manager for a byte copy
+// (TierCopy), in the order the copies must run.
+//
 // Each of the three transitions of a registration (registered, evicted, all
 // cleared) lives in exactly one function (RegisterFilled, Evict, Clear), the
 // pool's part of it in BlockPool (MarkHashed, EvictOldest, ClearHashes). The
@@ -23,6 +30,7 @@
 #define KVCACHE_ALLOCATOR_PREFIX_CACHE_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,6 +40,7 @@
 #include "allocator/block_math.h"
 #include "allocator/block_observer.h"
 #include "allocator/block_pool.h"
+#include "allocator/host_tier.h"
 #include "allocator/prefix_cache_index.h"
 #include "allocator/sequence.h"
 #include "allocator/sequence_table.h"
@@ -42,8 +51,25 @@ namespace kvcache {
 struct PrefixCacheStats {
   int64_t queries = 0;       // AddSequence calls with prefix caching on.
   int64_t query_tokens = 0;  // Prompt tokens looked up.
-  int64_t hit_tokens = 0;    // Prompt tokens found computed.
+  int64_t hit_tokens = 0;    // Prompt tokens found computed (all tiers).
   int64_t evictions = 0;     // Cached blocks evicted for reuse.
+  // Host tier (zero without one).
+  int64_t host_hit_tokens = 0;  // Of hit_tokens, those onboarded from it.
+  int64_t offloads = 0;         // Blocks copied from the device to the tier.
+  int64_t onboards = 0;         // Blocks copied back (hits and promotions).
+  int64_t host_evictions = 0;   // Tier blocks dropped for room (LRU).
+  int64_t host_drops = 0;       // Tier blocks dropped after a failed copy.
+  // Evicted blocks not offloaded because the manager's copy queue was busy.
+  int64_t offloads_skipped = 0;
+};
+
+// A byte copy of one whole block between the device pool and a host-tier
+// slot, which the manager runs (FIFO, on its copy queue) after the call that
+// asked for it.
+struct TierCopy {
+  int32_t device_block = -1;
+  int32_t host_slot = -1;
+  bool onboard = false;  // false: device -> host (offload).
 };
 
 namespace internal {
@@ -56,6 +82,7 @@ class PrefixCache {
     bool enabled = true;
     BlockHashFunction hash_function = nullptr;  // nullptr: HashBlock.
     BlockObserver* observer = nullptr;          // Not owned; may be nullptr.
+    int32_t host_slots = 0;  // Host-tier blocks; 0 = no tier.
   };
   // May throw std::bad_alloc.
   explicit PrefixCache(const Options& options);
@@ -80,9 +107,39 @@ class PrefixCache {
   // Hashes every full block of the prompt (Commit reuses them) and finds the
   // longest run of cached ones, leaving at least one token to compute: puts
   // them in `s` (their token ids stay out of s.tokens) and returns how many.
-  // Changes nothing but `s`; the caller takes the references. May throw
+  // With a host tier the run goes on through host-tier blocks (in s.blocks as
+  // HostHit(slot)) as long as `pool` has a block to onboard each into besides
+  // the cached device blocks the run shares. Changes nothing but `s`; the
+  // caller takes the references and onboards (Onboard). May throw
   // std::bad_alloc. REQUIRES: `s` has its root, no blocks; prompt not empty.
-  int64_t Match(Sequence& s, absl::Span<const TokenId> prompt) const;
+  int64_t Match(Sequence& s, absl::Span<const TokenId> prompt,
+                const BlockPool& pool) const;
+  // How Match marks a host-tier block in s.blocks, and back.
+  static int32_t HostHit(int32_t slot) { return -2 - slot; }
+  static int32_t HostSlot(int32_t hit) { return -2 - hit; }
+  // Brings the host hits Match put in `s` into fresh device blocks (each
+  // registered with its tier ids: OnBlocksRemoved(kHost), then
+  // OnBlocksStored(kDevice)), which `s` holds once (ref 1), and returns how
+  // many. REQUIRES: s's device hits acquired; pool has the room Match
+  // checked.
+  int64_t Onboard(Sequence& s, BlockPool& pool);
+  // Undoes the registrations of the onboard copies in `copies` (which
+  // failed): each fresh block is unregistered and unhashed
+  // (OnBlocksRemoved(kDevice)), so it is freed, not cached, when its holder
+  // lets go; the tier gave the entry up already, so the content is dropped.
+  void DropOnboarded(absl::Span<const TierCopy> copies, BlockPool& pool);
+  // Drops the tier blocks that the failed offloads of `copies` filled
+  // (OnBlocksRemoved(kHost)).
+  void DropOffloaded(absl::Span<const TierCopy> copies);
+  // The copies asked for since the last ClearCopies, in the order they must
+  // run.
+  absl::Span<const TierCopy> copies() const { return copies_; }
+  void ClearCopies() { copies_.clear(); }
+  bool has_tier() const { return tier_ != nullptr; }
+  // Whether Evict offloads (the manager turns it off while its copy queue
+  // is busy: a block is then evicted as without a tier).
+  void set_offload(bool on) { offload_ = on; }
+  const HostTier* tier() const { return tier_.get(); }
   // Counts a query of `prompt_tokens` of which `hit_tokens` were found.
   void CountQuery(int64_t prompt_tokens, int64_t hit_tokens) {
     ++stats_.queries;
@@ -108,7 +165,8 @@ class PrefixCache {
   // The tokens of `prompt` that AddSequence(prompt, extra) would find
   // computed now (full blocks, at least one token left), changing nothing:
   // no reference, no root, no statistic, no LRU position.
-  int64_t Peek(absl::Span<const TokenId> prompt, const ExtraKey& extra) const;
+  int64_t Peek(absl::Span<const TokenId> prompt, const ExtraKey& extra,
+               const BlockPool& pool) const;
   // Rewinds the chain of `s` to its first `full` blocks: hashes past them are
   // dropped, and the chain goes on from block full - 1 where that block is
   // registered as itself; elsewhere (its content registered under another
@@ -145,8 +203,10 @@ class PrefixCache {
   }
 
   const PrefixCacheStats& stats() const { return stats_; }
-  // Every registered hash, in no particular order (tests, debugging).
-  std::vector<BlockHash> RegisteredHashes() const;
+  // Every registered hash, in no particular order (tests, debugging); with
+  // `medium` kHost, those of the host tier.
+  std::vector<BlockHash> RegisteredHashes(
+      BlockMedium medium = BlockMedium::kDevice) const;
 
   // ---- Validation (BlockManager::Validate) ----
   //
@@ -159,6 +219,9 @@ class PrefixCache {
   // Every root is held exactly by the sequences and the registered first
   // blocks that name it, and by at least one.
   absl::Status ValidateRoots(const SequenceTable& sequences) const;
+  // The host tier's own invariants; no registration in both tiers; no slot
+  // pinned and no observer call pending between manager calls.
+  absl::Status ValidateTier() const;
 
  private:
   // A chain id no block's parent is: a sequence whose chain was cut.
@@ -173,6 +236,28 @@ class PrefixCache {
   void HashChain(const BlockHash& parent, const TokenId* tokens, size_t count,
                  std::vector<BlockHash>& out) const;
   void FlushToObserver();
+  // Match's continuation through both tiers from block `i` (prefix_cache_tier.cc).
+  int64_t MatchAcrossTiers(Sequence& s, const TokenId* prompt, int64_t i,
+                           int64_t count, const BlockPool& pool) const;
+  // The tier side of Evict: moves block b's registration to the host tier
+  // (dropping the tier's oldest for room) and asks for its copy.
+  void Offload(BlockId b);
+  // Tier slot -> dropped (OnBlocksRemoved(kHost)); `failed` counts it as a
+  // drop after a failed copy rather than an LRU eviction.
+  void DropHost(int32_t slot, bool failed);
+  // RegisterFilled's case of content the tier holds: the tier's registration
+  // moves to `b` (with its ids) and the tier copy is dropped; returns its
+  // content id, or 0 when the tier does not hold `h` (or holds other content
+  // under it: then `collision` is set).
+  uint64_t Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
+                   const TokenId* tokens, BlockPool& pool, bool& collision);
+  // A free block, or the oldest cached one evicted.
+  BlockId Allocate(BlockPool& pool) {
+    return pool.num_free() > 0 ? pool.AllocateFree() : Evict(pool);
+  }
+  // Observer records, in order.
+  void RecordStored(const StoredBlock& block);
+  void RecordRemoved(const BlockHash& hash, BlockMedium medium);
 
   BlockMath math_;
   bool enabled_;
@@ -184,6 +269,29 @@ class PrefixCache {
   // block, reserved only with an observer: gathering never allocates).
   std::vector<StoredBlock> stored_;
   std::vector<BlockHash> removed_;
+
+  // Host tier (null without one).
+  std::unique_ptr<HostTier> tier_;
+  bool offload_ = true;
+  // Per device block, what an event of its registration names besides the
+  // index's ids (kept with a tier only).
+  struct EventMeta {
+    BlockHash parent_hash;
+    int64_t adapter_id = 0;
+  };
+  std::vector<EventMeta> meta_;
+  std::vector<TierCopy> copies_;
+  // With a tier, the observer's records in call order (a call may evict,
+  // offload, drop from the tier and onboard): one observer call per run of
+  // one kind and medium. stored_/removed_ then stage a run.
+  struct Record {
+    bool stored = false;
+    StoredBlock block;  // Of a removal: only hash and medium.
+  };
+  std::vector<Record> records_;
+  // Per tier slot: a record not yet flushed names its tokens (a drop of the
+  // slot flushes first, so the span stays valid).
+  std::vector<uint8_t> slot_recorded_;
 };
 
 }  // namespace internal

@@ -116,17 +116,28 @@ BlockId PrefixCacheIndex::FindOrInsert(const BlockHash& hash, BlockId block,
   ABSL_ASSERT(!registered(block));
   const BlockId existing = table_.FindOrInsert(hash, block);
   if (existing >= 0) return existing;
-  content_id = Register(hash, block, parent_id, tokens);
+  content_id = Register(hash, block, parent_id, NewId(), tokens);
   return -1;
+}
+
+void PrefixCacheIndex::Restore(const BlockHash& hash, BlockId block,
+                               uint64_t parent_id, uint64_t content_id,
+                               const TokenId* tokens) {
+  ABSL_ASSERT(!registered(block));
+  const BlockId existing = table_.FindOrInsert(hash, block);
+  ABSL_ASSERT(existing < 0);
+  (void)existing;
+  Register(hash, block, parent_id, content_id, tokens);
 }
 
 // The block's record and tokens, once the table holds it.
 uint64_t PrefixCacheIndex::Register(const BlockHash& hash, BlockId block,
-                                    uint64_t parent_id, const TokenId* tokens) {
+                                    uint64_t parent_id, uint64_t content_id,
+                                    const TokenId* tokens) {
   if (IsRoot(parent_id)) AcquireRoot(parent_id);  // Cannot allocate.
   ids_[block].hash = hash;
   ids_[block].parent = parent_id;
-  ids_[block].content = NewId();
+  ids_[block].content = content_id;
   TokenId* stored = &tokens_[static_cast<size_t>(block) * block_size_];
   if (block_size_ == 16) {  // A fixed-size copy: no call.
     std::memcpy(stored, tokens, 16 * sizeof(TokenId));

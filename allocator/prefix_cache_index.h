@@ -84,6 +84,11 @@ class PrefixCacheIndex {
                        const TokenId* tokens, uint64_t& content_id);
   // Drops a registered block (it was evicted).
   void Erase(BlockId block);
+  // Registers `block` under `hash` with the ids a registration had in
+  // another tier (the host tier; allocator/host_tier.h), so chains through it
+  // still confirm. REQUIRES: `block` and `hash` not registered.
+  void Restore(const BlockHash& hash, BlockId block, uint64_t parent_id,
+               uint64_t content_id, const TokenId* tokens);
 
   bool registered(BlockId block) const { return ids_[block].content != 0; }
   uint64_t content_id(BlockId block) const { return ids_[block].content; }
@@ -159,7 +164,7 @@ class PrefixCacheIndex {
   }
 
   uint64_t Register(const BlockHash& hash, BlockId block, uint64_t parent_id,
-                    const TokenId* tokens);
+                    uint64_t content_id, const TokenId* tokens);
 
   static constexpr uint64_t kRootBit = uint64_t{1} << 63;
   using RootKey = std::pair<int64_t, std::string>;

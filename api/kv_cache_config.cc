@@ -202,6 +202,27 @@ absl::Status CheckStepLimits(const KVCacheConfig& c) {
   return absl::OkStatus();
 }
 
+// host_tier_bytes: 0, or room for at least one block with prefix caching on.
+absl::Status CheckHostTier(const KVCacheConfig& c) {
+  if (c.host_tier_bytes == 0) return absl::OkStatus();
+  if (absl::Status s =
+          CheckRange("host_tier_bytes", c.host_tier_bytes, 0, kMaxCacheBytes);
+      !s.ok()) {
+    return s;
+  }
+  if (!c.enable_prefix_caching) {
+    return Bad("host_tier_bytes", c.host_tier_bytes,
+               "needs enable_prefix_caching (the tier holds cached blocks)");
+  }
+  const absl::StatusOr<int64_t> block = BlockBytesAllLayers(c);
+  if (block.ok() && c.host_tier_bytes < *block) {
+    return Bad("host_tier_bytes", c.host_tier_bytes,
+               absl::StrCat("holds no block: one block of all layers takes ",
+                            *block, " bytes"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckKvEvents(const KVCacheConfig& c) {
   for (absl::Status s :
        {CheckRange("kv_events_queue_capacity", c.kv_events_queue_capacity, 1,
@@ -304,7 +325,7 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
                      " bytes per block (all layers) exceeds kMaxCacheBytes ",
                      kMaxCacheBytes));
   }
-  return absl::OkStatus();
+  return CheckHostTier(c);
 }
 
 GroupPaging ConfigPaging(const KVCacheConfig& c) {

@@ -103,6 +103,13 @@ struct KVCacheConfig {
 
   bool enable_prefix_caching = true;
 
+  // Host tier (DESIGN.md section 11; README "Host tier"): bytes of host
+  // memory (pinned on CUDA; a second host pool on the CPU backend) that
+  // hashed blocks evicted from the cache are copied to, and prefix hits are
+  // brought back from. 0 = off. Needs enable_prefix_caching; at least one
+  // block of all layers, at most kMaxCacheBytes.
+  int64_t host_tier_bytes = 0;
+
   // Fixed-capacity step and lookup buffers (allocated once, so steps allocate
   // nothing and block tables can be captured in a CUDA graph):
   //   max_tokens_per_step      tokens in one Reserve

@@ -73,11 +73,10 @@ std::vector<uint64_t> KVCacheManagerTestPeer::CachedHashesForTesting(
     const KVCacheManager& manager, KVEventMedium medium) {
   Lock lock(manager.impl_->mu());
   std::vector<uint64_t> out;
-  if (medium == KVEventMedium::kDevice) {
-    for (const BlockHash& h :
-         manager.impl_->blocks().RegisteredHashesForTesting()) {
-      out.push_back(ExternalBlockHash(h));
-    }
+  for (const BlockHash& h : manager.impl_->blocks().RegisteredHashesForTesting(
+           medium == KVEventMedium::kHost ? BlockMedium::kHost
+                                          : BlockMedium::kDevice)) {
+    out.push_back(ExternalBlockHash(h));
   }
   return out;
 }
@@ -93,6 +92,21 @@ absl::StatusOr<int64_t> KVCacheManager::AddSequence(
     Lock lock(impl_->mu());
     return impl_->AddSequence(id, prompt, extra);
   });
+}
+
+absl::StatusOr<int64_t> KVCacheManager::AddSequence(
+    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra,
+    PrefixHits* hits) {
+  return NoBadAlloc("AddSequence", [&]() -> absl::StatusOr<int64_t> {
+    Lock lock(impl_->mu());
+    return impl_->AddSequence(id, prompt, extra, hits);
+  });
+}
+
+TierCopier* KVCacheManagerTestPeer::HostTierCopier(KVCacheManager& manager) {
+  Lock lock(manager.impl_->mu());
+  internal::TierMover* tier = manager.impl_->tier();
+  return tier != nullptr ? &tier->copier() : nullptr;
 }
 
 absl::StatusOr<StepPlanInfo> KVCacheManager::Reserve(

@@ -67,6 +67,13 @@ namespace kvcache {
 
 class Device;
 
+// Where the tokens AddSequence found computed came from (README "Host
+// tier"): device_tokens + host_tokens is what AddSequence returns.
+struct PrefixHits {
+  int64_t device_tokens = 0;  // Shared blocks of the cache itself.
+  int64_t host_tokens = 0;    // Blocks onboarded from the host tier.
+};
+
 // What Reserve hands back. The slot mapping lives in the backend's memory
 // (device memory on CUDA, copied asynchronously on the Reserve stream) and
 // stays valid until Commit or Abort.
@@ -120,6 +127,15 @@ class KVCacheManager {
   absl::StatusOr<int64_t> AddSequence(SequenceId id,
                                       absl::Span<const TokenId> prompt,
                                       const ExtraKey& extra = {});
+  // AddSequence that also says, in `*hits` (if not null), how many computed
+  // tokens came from each tier. With a host tier, hits found there are
+  // copied into fresh blocks of the cache (onboarded) on the manager's copy
+  // stream; the sequence's next Reserve, Append, Gather or Attention is
+  // ordered after that copy on its stream. If the copy cannot be made, the
+  // call fails, the sequence is not added and those tier blocks are dropped.
+  absl::StatusOr<int64_t> AddSequence(SequenceId id,
+                                      absl::Span<const TokenId> prompt,
+                                      const ExtraKey& extra, PrefixHits* hits);
   absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
                                        void* stream = nullptr);
 

@@ -16,6 +16,7 @@
 #include "api/kv_cache_manager.h"
 #include "core/kv_event.h"
 #include "storage/device.h"
+#include "storage/tier_copier.h"
 
 namespace kvcache {
 
@@ -25,11 +26,14 @@ class KVCacheManagerTestPeer {
   // (whose memory kind must still match `device`'s kind).
   static absl::StatusOr<std::unique_ptr<KVCacheManager>> CreateWithDevice(
       const KVCacheConfig& config, std::unique_ptr<Device> device);
+  // The host tier's copy queue (delay and failure seams), or null without a
+  // tier. Valid while the manager lives.
+  static TierCopier* HostTierCopier(KVCacheManager& manager);
 
   // The external (64-bit, events/external_hash.h) hashes of every block the
   // manager holds registered in `medium`, in no particular order: what a KV
-  // events subscriber should have rebuilt. (kHost: the host tier's, once it
-  // exists; none before.)
+  // events subscriber should have rebuilt (kHost: the host tier's; none
+  // without one).
   static std::vector<uint64_t> CachedHashesForTesting(
       const KVCacheManager& manager, KVEventMedium medium);
   // Makes every later Append's kernel a no-op (nothing written), so that a

@@ -322,6 +322,7 @@ absl::StatusOr<kvcache::KVCacheConfig> ToConfig(const kvcache_config* c) {
   config.scale_placement =
       static_cast<kvcache::ScalePlacement>(c->scale_placement);
   config.graph_max_tokens = c->graph_max_tokens;
+  config.host_tier_bytes = c->host_tier_bytes;
   if (absl::Status s = SetKvEvents(*c, config); !s.ok()) return s;
   if (absl::Status s = ToGroups(*c, config); !s.ok()) return s;
   return config;
@@ -386,6 +387,7 @@ void kvcache_config_init(kvcache_config* c) {
   c->kv_events_data_parallel_rank = d.kv_events_data_parallel_rank;
   c->scale_placement = static_cast<int32_t>(d.scale_placement);
   c->graph_max_tokens = d.graph_max_tokens;
+  c->host_tier_bytes = d.host_tier_bytes;
 }
 
 const char* kvcache_status_name(kvcache_status status) {
@@ -444,12 +446,22 @@ const char* kvcache_last_error(kvcache_manager* /*manager*/) {
     if ((m) == nullptr) return NullHandle(__func__); \
   } while (0)
 
-kvcache_status kvcache_add_sequence(kvcache_manager* m, int64_t sequence,
-                                    const int32_t* prompt, int64_t prompt_len,
-                                    int64_t adapter_id, const uint8_t* salt,
-                                    size_t salt_len, int64_t* computed_tokens) {
-  KVCACHE_C_REQUIRE(m);
-  return Guarded("kvcache_add_sequence", [&]() -> absl::Status {
+namespace {
+
+// kvcache_add_sequence and kvcache_add_sequence_hits (`hits` may be null).
+kvcache_status AddSequenceC(const char* name, kvcache_manager* m,
+                            int64_t sequence, const int32_t* prompt,
+                            int64_t prompt_len, int64_t adapter_id,
+                            const uint8_t* salt, size_t salt_len,
+                            int64_t* computed_tokens,
+                            kvcache_prefix_hits* hits) {
+  return Guarded(name, [&]() -> absl::Status {
+    if (hits != nullptr) {
+      if (absl::Status s = CheckSize(hits, "kvcache_prefix_hits", "hits");
+          !s.ok()) {
+        return s;
+      }
+    }
     if (absl::Status s =
             CheckCount("prompt_len", prompt_len, KVCACHE_MAX_TOKENS);
         !s.ok()) {
@@ -468,12 +480,40 @@ kvcache_status kvcache_add_sequence(kvcache_manager* m, int64_t sequence,
     if (salt_len > 0) {
       extra.salt.assign(reinterpret_cast<const char*>(salt), salt_len);
     }
+    kvcache::PrefixHits split;
     absl::StatusOr<int64_t> computed = m->impl->AddSequence(
-        sequence, absl::MakeConstSpan(prompt, prompt_len), extra);
+        sequence, absl::MakeConstSpan(prompt, prompt_len), extra, &split);
     if (!computed.ok()) return computed.status();
     if (computed_tokens != nullptr) *computed_tokens = *computed;
+    if (hits != nullptr) {
+      hits->device_tokens = split.device_tokens;
+      hits->host_tokens = split.host_tokens;
+    }
     return absl::OkStatus();
   });
+}
+
+}  // namespace
+
+kvcache_status kvcache_add_sequence(kvcache_manager* m, int64_t sequence,
+                                    const int32_t* prompt, int64_t prompt_len,
+                                    int64_t adapter_id, const uint8_t* salt,
+                                    size_t salt_len, int64_t* computed_tokens) {
+  KVCACHE_C_REQUIRE(m);
+  return AddSequenceC("kvcache_add_sequence", m, sequence, prompt, prompt_len,
+                      adapter_id, salt, salt_len, computed_tokens, nullptr);
+}
+
+kvcache_status kvcache_add_sequence_hits(kvcache_manager* m, int64_t sequence,
+                                         const int32_t* prompt,
+                                         int64_t prompt_len, int64_t adapter_id,
+                                         const uint8_t* salt, size_t salt_len,
+                                         int64_t* computed_tokens,
+                                         kvcache_prefix_hits* hits) {
+  KVCACHE_C_REQUIRE(m);
+  return AddSequenceC("kvcache_add_sequence_hits", m, sequence, prompt,
+                      prompt_len, adapter_id, salt, salt_len, computed_tokens,
+                      hits);
 }
 
 namespace {
@@ -909,6 +949,17 @@ kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
     out->kv_event_batches = s.kv_event_batches;
     out->kv_event_batches_dropped = s.kv_event_batches_dropped;
     out->kv_event_batches_unpublished = s.kv_event_batches_unpublished;
+    out->host_tier_blocks_total = s.host_tier_blocks_total;
+    out->host_tier_blocks_stored = s.host_tier_blocks_stored;
+    out->prefix_hit_tokens_device = s.prefix_hit_tokens_device;
+    out->prefix_hit_tokens_host = s.prefix_hit_tokens_host;
+    out->host_tier_evictions = s.host_tier_evictions;
+    out->tier_offloads = s.tier_offloads;
+    out->tier_onboards = s.tier_onboards;
+    out->tier_offload_bytes = s.tier_offload_bytes;
+    out->tier_onboard_bytes = s.tier_onboard_bytes;
+    out->tier_copy_failures = s.tier_copy_failures;
+    out->tier_offloads_skipped = s.tier_offloads_skipped;
     return absl::OkStatus();
   });
 }

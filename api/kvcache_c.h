@@ -201,6 +201,9 @@ typedef struct kvcache_config {
    * head_size, head_size_v and num_q_heads must be 0. */
   int32_t num_layer_groups;
   const kvcache_layer_group* layer_groups;
+  /* Host tier: bytes of (pinned) host memory behind the cache; 0 = off
+   * (KVCacheConfig::host_tier_bytes; README "Host tier"). */
+  int64_t host_tier_bytes;
 } kvcache_config;
 
 /* The longest string a kvcache_config field may hold (without its NUL). */
@@ -302,7 +305,26 @@ typedef struct kvcache_metrics {
   int64_t kv_event_batches;
   int64_t kv_event_batches_dropped;
   int64_t kv_event_batches_unpublished;
+  /* Host tier (all zero without one); MetricsSnapshot's fields. */
+  int64_t host_tier_blocks_total;
+  int64_t host_tier_blocks_stored;
+  int64_t prefix_hit_tokens_device;
+  int64_t prefix_hit_tokens_host;
+  int64_t host_tier_evictions;
+  int64_t tier_offloads;
+  int64_t tier_onboards;
+  int64_t tier_offload_bytes;
+  int64_t tier_onboard_bytes;
+  int64_t tier_copy_failures;
+  int64_t tier_offloads_skipped;
 } kvcache_metrics;
+
+/* Where kvcache_add_sequence_hits's computed tokens came from. */
+typedef struct kvcache_prefix_hits {
+  size_t struct_size;    /* sizeof(kvcache_prefix_hits), set by the caller */
+  int64_t device_tokens; /* shared blocks of the cache */
+  int64_t host_tokens;   /* blocks onboarded from the host tier */
+} kvcache_prefix_hits;
 
 /* "1.0.0": the library's version (KVCACHE_VERSION_* of the header it was
  * built from). */
@@ -338,6 +360,14 @@ KVCACHE_EXPORT kvcache_status kvcache_add_sequence(
     kvcache_manager* manager, int64_t sequence, const int32_t* prompt,
     int64_t prompt_len, int64_t adapter_id, const uint8_t* salt,
     size_t salt_len, int64_t* computed_tokens);
+/* kvcache_add_sequence that also fills `hits` (if not NULL; its struct_size
+ * set) with how many computed tokens came from each tier. With a host tier,
+ * a failed onboarding copy fails the call: the sequence is not added and
+ * those tier blocks are dropped. */
+KVCACHE_EXPORT kvcache_status kvcache_add_sequence_hits(
+    kvcache_manager* manager, int64_t sequence, const int32_t* prompt,
+    int64_t prompt_len, int64_t adapter_id, const uint8_t* salt,
+    size_t salt_len, int64_t* computed_tokens, kvcache_prefix_hits* hits);
 KVCACHE_EXPORT kvcache_status
 kvcache_reserve(kvcache_manager* manager, const kvcache_reserve_request* batch,
                 int64_t batch_size, void* stream, kvcache_plan* plan);

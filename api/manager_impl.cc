@@ -42,6 +42,12 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
                         config.block_size);
   }
   BlockManagerOptions options;
+  std::unique_ptr<internal::TierMover> tier;
+  if (config.host_tier_bytes > 0) {
+    KVCACHE_ASSIGN_OR_RETURN(tier, internal::TierMover::Create(
+                                       *m->backend_, config.host_tier_bytes));
+    options.host_tier_blocks = tier->num_slots();
+  }
   options.num_blocks = static_cast<int32_t>(num_blocks);
   options.block_size = config.block_size;
   options.enable_prefix_caching = config.enable_prefix_caching;
@@ -61,6 +67,7 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
   KVCACHE_ASSIGN_OR_RETURN(m->events_, CreateEvents(config));
   options.observer = m->events_.get();
   KVCACHE_ASSIGN_OR_RETURN(m->blocks_, BlockManager::Create(options));
+  m->tier_ = std::move(tier);
   KVCACHE_ASSIGN_OR_RETURN(
       m->plans_, internal::PlanTable::Create(dev, config.num_layers,
                                              config.max_inflight_plans,
@@ -139,13 +146,24 @@ absl::Status KVCacheManager::Impl::CheckBatch(
 }
 
 absl::StatusOr<int64_t> KVCacheManager::Impl::AddSequence(
-    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
+    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra,
+    PrefixHits* hits) {
   // Lengths reach the engine as int32 (BatchBlockTable's seq_lens).
   if (prompt.size() > static_cast<size_t>(INT32_MAX)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt of ", prompt.size(), " tokens exceeds ", INT32_MAX, " tokens"));
   }
-  return blocks_->AddSequence(id, prompt, extra);
+  PrefixHitSplit split;
+  AllowOffloadIfQueueIsFree();
+  KVCACHE_ASSIGN_OR_RETURN(const int64_t computed,
+                           blocks_->AddSequence(id, prompt, extra, &split));
+  if (tier_ != nullptr) {
+    KVCACHE_RETURN_IF_ERROR(
+        RunTierCopies(last_stream_, id, /*onboarding=*/split.host_tokens > 0));
+  }
+  if (hits != nullptr)
+    *hits = PrefixHits{split.device_tokens, split.host_tokens};
+  return computed;
 }
 
 absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
@@ -205,10 +223,28 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
                            plans_->Begin(batch.size()));
   StepPlanInfo info;
   info.sequences.reserve(batch.size());
+  AllowOffloadIfQueueIsFree();
   absl::StatusOr<StepPlan> plan = blocks_->Reserve(batch);
   if (!plan.ok()) {
     if (absl::IsResourceExhausted(plan.status())) ++counters_.reserve_failures;
     return plan.status();
+  }
+  if (tier_ != nullptr) {
+    // The evicted blocks' offloads read them before anything writes them:
+    // the stream waits for the copies (on the CPU, Append and copy-on-write
+    // wait). A graph step's Appends wait on nothing (they may run inside a
+    // stream capture, which may not wait on an event recorded outside it),
+    // so its ordering after every tier copy so far happens here, on the
+    // stream the step runs on, before the replay.
+    last_stream_ = stream;
+    RunTierCopies(stream, 0, /*onboarding=*/false).IgnoreError();
+    if (backend_->memory_kind() == MemoryKind::kCuda || graph_tokens > 0 ||
+        !plan->copies.empty()) {
+      if (absl::Status s = OrderAfterTierCopies(stream); !s.ok()) {
+        blocks_->Abort(plan->id).IgnoreError();
+        return s;
+      }
+    }
   }
   // Copy-on-write runs here, in every layer, so that no block table names a
   // copy before it holds the sequence's data; if it cannot, the plan is
@@ -353,7 +389,8 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
   if (plan->graph_tokens > 0) {
     // No events: a stream being captured may not wait on or record one made
     // outside the capture. The graph step's inputs were uploaded on the
-    // stream the step runs on (ReserveGraphStep's), so the order holds.
+    // stream the step runs on (ReserveGraphStep's), which also waited there
+    // for every host tier copy so far, so the order holds.
     if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
       return Annotate(s, absl::StrCat("append to layer ", layer));
     }
@@ -361,7 +398,9 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
   } else if (internal::StepBuffers& buffers = plans_->buffers();
              buffers.SameStreamAsWrite(plan->slot, stream)) {
     // On the stream that uploaded the slot mapping (Reserve's): stream order
-    // alone, no event (api/step_buffers.h).
+    // alone, no event (api/step_buffers.h). Tier copies enqueued since (an
+    // AddSequence's onboards) are still waited for; a no-op when none were.
+    KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
     if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
       return Annotate(s, absl::StrCat("append to layer ", layer));
     }
@@ -371,6 +410,7 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
     const internal::StepBuffers::Slot& slot = buffers.slot(plan->slot);
     Device& device = backend_->device();
     KVCACHE_RETURN_IF_ERROR(device.StreamWaitEvent(stream, slot.uploaded));
+    KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
     if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
       return Annotate(s, absl::StrCat("append to layer ", layer));
     }

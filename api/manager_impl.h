@@ -7,6 +7,7 @@
 //   lookups_   LookupBuffers  block tables handed to kernels
 //   attention_ AttentionBuffers  Attention's tables and split-KV scratch
 //   events_    KVEventSink    KV events (null when off), the blocks' observer
+//   tier_      TierMover      the host tier's memory and copies (null without)
 //   counters_                 the metrics the parts do not keep themselves
 //
 // Thread safety: KVCacheManager locks mu_ around every call; every method
@@ -31,6 +32,7 @@
 #include "api/lookup_buffers.h"
 #include "api/plan_table.h"
 #include "api/tensor_checks.h"
+#include "api/tier_mover.h"
 #include "events/kv_event_sink.h"
 #include "storage/device.h"
 
@@ -51,7 +53,8 @@ class KVCacheManager::Impl {
   // The operations of KVCacheManager, with the same contracts.
   absl::StatusOr<int64_t> AddSequence(SequenceId id,
                                       absl::Span<const TokenId> prompt,
-                                      const ExtraKey& extra)
+                                      const ExtraKey& extra,
+                                      PrefixHits* hits = nullptr)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
                                        void* stream)
@@ -114,6 +117,11 @@ class KVCacheManager::Impl {
 
   absl::Status CheckLayer(int layer) const;
 
+  // The host tier (null without one); for tests.
+  internal::TierMover* tier() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return tier_.get();
+  }
+
  private:
   explicit Impl(const KVCacheConfig& config) : config_(config) {}
 
@@ -155,6 +163,19 @@ class KVCacheManager::Impl {
   // Batch size and token limits of the step buffers, and no sequence pending.
   absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Host tier (api/manager_tier.cc). Runs the tier copies the allocator's
+  // last call asked for, after `stream`'s earlier work; when they cannot
+  // run, the blocks they would have filled are dropped (and `sequence`, if
+  // it was onboarding, is freed: the error is returned).
+  absl::Status RunTierCopies(void* stream, SequenceId sequence, bool onboarding)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Later work on `stream` that reads or writes blocks comes after every
+  // tier copy so far (on the CPU: waits for them). No-op without a tier.
+  absl::Status OrderAfterTierCopies(void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Lets the allocator's next evictions offload unless the copy queue is
+  // still busy with earlier batches (backpressure).
+  void AllowOffloadIfQueueIsFree() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The event sink (and its publisher) config asks for, or null when events
   // are off (api/manager_events.cc).
   static absl::StatusOr<std::unique_ptr<internal::KVEventSink>> CreateEvents(
@@ -176,6 +197,10 @@ class KVCacheManager::Impl {
   // Made at Create when config.num_q_heads > 0.
   std::unique_ptr<internal::AttentionBuffers> attention_ ABSL_GUARDED_BY(mu_);
   MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);
+  // Host tier: its data path, and the stream of the last call that took
+  // one (AddSequence's copies, which has none, come after its work).
+  std::unique_ptr<internal::TierMover> tier_ ABSL_GUARDED_BY(mu_);
+  void* last_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 
 }  // namespace kvcache

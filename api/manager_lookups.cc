@@ -165,6 +165,7 @@ absl::Status KVCacheManager::Impl::GatherBatch(
     // Everything a kernel would refuse is refused before any runs.
     status = Annotate(internal::ValidateGather(params), context);
   }
+  if (status.ok() && !launches.empty()) status = OrderAfterTierCopies(stream);
   for (size_t i = 0; i < launches.size() && status.ok(); ++i) {
     status = Annotate(backend_->Gather(launches[i], stream), context);
     if (status.ok()) ++counters_.kernel_launches;
@@ -191,6 +192,20 @@ MetricsSnapshot KVCacheManager::Impl::Metrics() const {
   s.prefix_query_tokens = prefix.query_tokens;
   s.prefix_hit_tokens = prefix.hit_tokens;
   s.evictions = prefix.evictions;
+  if (tier_ != nullptr) {
+    const TierUsage tier = blocks_->HostTierUsage();
+    s.host_tier_blocks_total = tier.total_blocks;
+    s.host_tier_blocks_stored = tier.stored_blocks;
+    s.prefix_hit_tokens_host = prefix.host_hit_tokens;
+    s.host_tier_evictions = prefix.host_evictions;
+    s.tier_offloads = prefix.offloads;
+    s.tier_onboards = prefix.onboards;
+    s.tier_offload_bytes = tier_->offload_bytes();
+    s.tier_onboard_bytes = tier_->onboard_bytes();
+    s.tier_copy_failures = prefix.host_drops;
+    s.tier_offloads_skipped = prefix.offloads_skipped;
+  }
+  s.prefix_hit_tokens_device = prefix.hit_tokens - prefix.host_hit_tokens;
   if (events_ != nullptr) {
     s.kv_event_batches = static_cast<int64_t>(events_->batches());
     s.kv_event_batches_dropped = static_cast<int64_t>(events_->dropped());

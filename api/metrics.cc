@@ -16,6 +16,54 @@ void Add(std::string* out, absl::string_view name, absl::string_view type,
                   name, " ", type, "\nkvcache_", name, " ", value, "\n");
 }
 
+// The host tier's metrics, labelled by tier (device, host) or direction.
+void AppendTierText(std::string* out, const MetricsSnapshot& m) {
+  absl::StrAppend(
+      out,
+      "# HELP kvcache_prefix_hit_tokens_by_tier_total Prompt tokens found "
+      "computed, by the tier that held them.\n"
+      "# TYPE kvcache_prefix_hit_tokens_by_tier_total counter\n",
+      "kvcache_prefix_hit_tokens_by_tier_total{tier=\"device\"} ",
+      m.prefix_hit_tokens_device, "\n",
+      "kvcache_prefix_hit_tokens_by_tier_total{tier=\"host\"} ",
+      m.prefix_hit_tokens_host, "\n");
+  absl::StrAppend(
+      out,
+      "# HELP kvcache_tier_evictions_total Cached blocks evicted, by tier.\n"
+      "# TYPE kvcache_tier_evictions_total counter\n",
+      "kvcache_tier_evictions_total{tier=\"device\"} ", m.evictions, "\n",
+      "kvcache_tier_evictions_total{tier=\"host\"} ", m.host_tier_evictions,
+      "\n");
+  absl::StrAppend(
+      out,
+      "# HELP kvcache_tier_blocks_moved_total Whole blocks copied between "
+      "tiers.\n# TYPE kvcache_tier_blocks_moved_total counter\n",
+      "kvcache_tier_blocks_moved_total{direction=\"offload\"} ",
+      m.tier_offloads, "\n",
+      "kvcache_tier_blocks_moved_total{direction=\"onboard\"} ",
+      m.tier_onboards, "\n");
+  absl::StrAppend(
+      out,
+      "# HELP kvcache_tier_bytes_moved_total Bytes copied between tiers.\n"
+      "# TYPE kvcache_tier_bytes_moved_total counter\n",
+      "kvcache_tier_bytes_moved_total{direction=\"offload\"} ",
+      m.tier_offload_bytes, "\n",
+      "kvcache_tier_bytes_moved_total{direction=\"onboard\"} ",
+      m.tier_onboard_bytes, "\n");
+  absl::StrAppend(out,
+                  "# HELP kvcache_host_tier_blocks Host-tier blocks by state.\n"
+                  "# TYPE kvcache_host_tier_blocks gauge\n",
+                  "kvcache_host_tier_blocks{state=\"stored\"} ",
+                  m.host_tier_blocks_stored, "\n",
+                  "kvcache_host_tier_blocks{state=\"total\"} ",
+                  m.host_tier_blocks_total, "\n");
+  Add(out, "tier_copy_failures_total", "counter",
+      "Blocks dropped because their tier copy failed.", m.tier_copy_failures);
+  Add(out, "tier_offloads_skipped_total", "counter",
+      "Evicted blocks not offloaded because the copy queue was busy.",
+      m.tier_offloads_skipped);
+}
+
 }  // namespace
 
 std::string ToPrometheusText(const MetricsSnapshot& m) {
@@ -66,6 +114,7 @@ std::string ToPrometheusText(const MetricsSnapshot& m) {
   Add(&out, "kv_event_batches_unpublished_total", "counter",
       "KV event batches the ZeroMQ publisher did not send.",
       m.kv_event_batches_unpublished);
+  if (m.host_tier_blocks_total > 0) AppendTierText(&out, m);
   return out;
 }
 

@@ -32,6 +32,24 @@ struct MetricsSnapshot {
   int64_t reserve_failures = 0;  // Reserve calls refused for lack of room.
   int64_t block_copies =
       0;  // Copy-on-write block copies (per block, all layers).
+
+  // Host tier (README "Host tier"; all zero without one). Hits by tier:
+  // prefix_hit_tokens = prefix_hit_tokens_device + prefix_hit_tokens_host.
+  // Evictions by tier: `evictions` (device; each offloaded when the tier has
+  // room) and host_tier_evictions (dropped from the tier's LRU).
+  int64_t host_tier_blocks_total = 0;   // Gauge: blocks the tier holds at most.
+  int64_t host_tier_blocks_stored = 0;  // Gauge: blocks it holds now.
+  int64_t prefix_hit_tokens_device = 0;
+  int64_t prefix_hit_tokens_host = 0;  // Onboarded from the tier.
+  int64_t host_tier_evictions = 0;
+  int64_t tier_offloads = 0;  // Blocks copied device -> host.
+  int64_t tier_onboards = 0;  // Blocks copied host -> device.
+  int64_t tier_offload_bytes = 0;
+  int64_t tier_onboard_bytes = 0;
+  // Blocks dropped because their tier copy failed (never half-copied).
+  int64_t tier_copy_failures = 0;
+  // Evicted blocks not offloaded because the copy queue was busy.
+  int64_t tier_offloads_skipped = 0;
   // KV events (zero unless enable_kv_events): batches made, batches dropped
   // before TakeEvents read them (queue full), batches the ZeroMQ publisher
   // could not send (its queue full, or a failed send).

@@ -10,6 +10,12 @@
 // placements count the same bytes (codes, 4 bytes of scale per row, inputs or
 // outputs; not the inline rows' padding), so their %copy compare directly.
 //
+// The host tier (README "Host tier"): pinned host <-> device copy bandwidth
+// (1 GiB cudaMemcpyAsync each way) is measured first, then offload (device
+// -> tier) and onboard (tier -> device) batches of whole blocks through the
+// tier's own copy queue (storage/tier_copier.h), each reported as GB/s and
+// as pct_of_copy of the same direction's host copy bandwidth.
+//
 //   bazel run -c opt //benchmarks:kernel_benchmark   (on a GPU host; or via
 //   tools/bundle_gpu.sh)
 
@@ -32,6 +38,9 @@
 #include "kernels/cuda_kernels.h"
 #include "kernels/float_convert.h"
 #include "kernels/kernel_params.h"
+#include "storage/block_runs.h"
+#include "storage/device.h"
+#include "storage/tier_copier.h"
 
 #if defined(KVCACHE_HAVE_CUDA_RUNTIME)
 #include <cuda_runtime.h>
@@ -228,6 +237,164 @@ void BM_DeviceCopy(benchmark::State& state) {
   s.us.push_back(Median(times) * 1e6);
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+}
+
+// Pinned host <-> device copy bandwidth, one direction (bytes moved / time).
+std::vector<double>& HostCopyRuns(bool to_device) {
+  static std::vector<double> runs[2];
+  return runs[to_device];
+}
+
+void BM_HostCopy(benchmark::State& state, bool to_device) {
+  const size_t bytes = size_t{1} << 30;
+  DeviceArena arena;
+  void* dev = nullptr;
+  BENCH_CHECK(arena.Alloc(&dev, bytes));
+  void* host = nullptr;
+  BENCH_CHECK(cudaMallocHost(&host, bytes));
+  std::memset(host, 1, bytes);
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  const cudaMemcpyKind kind =
+      to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost;
+  void* dst = to_device ? dev : host;
+  const void* src = to_device ? host : dev;
+  BENCH_CHECK(cudaMemcpy(dst, src, bytes, kind));  // Warm-up.
+  std::vector<double> times;
+  for (auto _ : state) {
+    cudaEventRecord(start);
+    cudaMemcpyAsync(dst, src, bytes, kind);
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    state.SetIterationTime(ms / 1e3);
+    times.push_back(ms / 1e3);
+  }
+  BENCH_CHECK(cudaGetLastError());
+  const double gbps = bytes / Median(times) / 1e9;
+  HostCopyRuns(to_device).push_back(gbps);
+  state.counters["GB/s"] = gbps;
+  Summary& s =
+      Summaries()[to_device ? "host->device copy 1 GiB (tier baseline)"
+                            : "device->host copy 1 GiB (tier baseline)"];
+  s.gbps.push_back(gbps);
+  s.pct.push_back(100.0);
+  s.us.push_back(Median(times) * 1e6);
+  cudaFreeHost(host);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+}
+
+// Host tier: a batch of `blocks` whole blocks (every layer's K, V and
+// scales) copied between a Llama-3-8B-like int8 cache and the tier's pinned
+// pool by the tier's copy queue, timed on the caller's stream (the batch is
+// ordered after `start` and `stop` after the batch).
+struct TierCase {
+  int64_t blocks;
+  bool onboard;
+  std::string Name() const {
+    return std::string(onboard ? "tier onboard" : "tier offload") + " " +
+           std::to_string(blocks) + " blocks x 32 layers int8 H=8 D=128";
+  }
+};
+
+void BM_TierCopy(benchmark::State& state, TierCase c) {
+  constexpr int kLayers = 32;
+  CacheLayout layout;
+  layout.num_blocks = 4 * c.blocks;  // Rotate over 4 sets of blocks.
+  layout.block_size = 16;
+  layout.num_heads = 8;
+  layout.head_size = 128;
+  layout.head_size_v = 128;
+  layout.cache_dtype = DType::kInt8;
+  DeviceArena arena;
+  std::vector<LayerCache> layers(kLayers);
+  const size_t kv = layout.num_blocks * layout.key_block_elems();
+  const size_t sc = layout.num_blocks * layout.scale_block_elems() * 4;
+  for (LayerCache& l : layers) {
+    void *k, *v, *ks, *vs;
+    BENCH_CHECK(arena.Alloc(&k, kv));
+    BENCH_CHECK(arena.Alloc(&v, kv));
+    BENCH_CHECK(arena.Alloc(&ks, sc));
+    BENCH_CHECK(arena.Alloc(&vs, sc));
+    l = LayerCache{layout, k, v, static_cast<float*>(ks),
+                   static_cast<float*>(vs)};
+  }
+  int64_t slot_bytes = 0;
+  for (const LayerCache& l : layers) {
+    ByteRun runs[kMaxBlockRuns];
+    const int n = BlockRuns(l, 0, runs);
+    for (int i = 0; i < n; ++i) slot_bytes += runs[i].bytes;
+  }
+  absl::StatusOr<std::unique_ptr<Device>> device = CreateCudaDevice(0);
+  BENCH_CHECK(device.status());
+  absl::StatusOr<std::unique_ptr<TierCopier>> copier =
+      CreateTierCopier(**device, layout.num_blocks * slot_bytes);
+  BENCH_CHECK(copier.status());
+  // One batch per set of blocks, built once.
+  std::vector<std::vector<CopyRun>> batches(4);
+  for (int set = 0; set < 4; ++set) {
+    for (int64_t i = 0; i < c.blocks; ++i) {
+      const int64_t b = set * c.blocks + i;
+      char* slot = (*copier)->pool() + b * slot_bytes;
+      for (const LayerCache& l : layers) {
+        ByteRun runs[kMaxBlockRuns];
+        const int n = BlockRuns(l, b, runs);
+        for (int r = 0; r < n; ++r) {
+          batches[set].push_back(
+              c.onboard ? CopyRun{runs[r].data, slot, runs[r].bytes}
+                        : CopyRun{slot, runs[r].data, runs[r].bytes});
+          slot += runs[r].bytes;
+        }
+      }
+    }
+  }
+  cudaStream_t stream;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  for (int set = 0; set < 4; ++set) {  // Warm-up (and first touch).
+    BENCH_CHECK((*copier)->Enqueue(batches[set], stream));
+  }
+  BENCH_CHECK((*copier)->WaitOn(stream));
+  BENCH_CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> times;
+  int set = 0;
+  for (auto _ : state) {
+    cudaEventRecord(start, stream);
+    const absl::Status queued = (*copier)->Enqueue(batches[set], stream);
+    const absl::Status waited = (*copier)->WaitOn(stream);
+    cudaEventRecord(stop, stream);
+    cudaEventSynchronize(stop);
+    if (!queued.ok() || !waited.ok()) {
+      state.SkipWithError((queued.ok() ? waited : queued).ToString().c_str());
+      break;
+    }
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    state.SetIterationTime(ms / 1e3);
+    times.push_back(ms / 1e3);
+    set = (set + 1) % 4;
+  }
+  BENCH_CHECK(cudaGetLastError());
+  const double bytes = static_cast<double>(c.blocks) * slot_bytes;
+  const double t = Median(times);
+  const double gbps = bytes / t / 1e9;
+  const double copy = Median(HostCopyRuns(c.onboard));
+  const double pct = copy > 0 ? 100.0 * gbps / copy : 0;
+  state.counters["GB/s"] = gbps;
+  state.counters["pct_of_copy"] = pct;
+  state.counters["us_per_batch"] = t * 1e6;
+  Summary& s = Summaries()[c.Name()];
+  s.gbps.push_back(gbps);
+  s.pct.push_back(pct);
+  s.us.push_back(t * 1e6);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
 }
 
 struct WriteCase {
@@ -495,6 +662,23 @@ void RegisterAll() {
       ->UseManualTime()
       ->Unit(benchmark::kMicrosecond)
       ->MinTime(0.3);
+  for (bool to_device : {true, false}) {
+    benchmark::RegisterBenchmark(
+        to_device ? "host_to_device_copy_1GiB" : "device_to_host_copy_1GiB",
+        BM_HostCopy, to_device)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond)
+        ->MinTime(0.3);
+  }
+  for (int64_t blocks : {16, 256}) {
+    for (bool onboard : {false, true}) {
+      const TierCase c{blocks, onboard};
+      benchmark::RegisterBenchmark(c.Name().c_str(), BM_TierCopy, c)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond)
+          ->MinTime(0.2);
+    }
+  }
   std::vector<WriteCase> writes;
   for (int64_t t : {16384, 65536}) {
     for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {

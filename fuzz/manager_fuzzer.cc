@@ -7,11 +7,12 @@
 // from a queue small enough to overflow, have contiguous sequence numbers
 // except where the drop counter says batches were dropped, and (while no
 // batch is missing since the last AllBlocksCleared) rebuild exactly the
-// manager's cached hashes. Any violation aborts (a crash for
-// libFuzzer). Built with clang -fsanitize=fuzzer,address,undefined under
-// --config=fuzz, and as a plain library replayed by fuzz/replay_main.cc in the
-// normal build. An input whose first byte is kGroupInputTag drives layer
-// groups instead (fuzz/group_harness.h).
+// manager's cached hashes per medium (device, host tier). Any violation
+// aborts (a crash for libFuzzer). Built with clang
+// -fsanitize=fuzzer,address,undefined under --config=fuzz, and as a plain
+// library replayed by fuzz/replay_main.cc in the normal build. An input whose
+// first byte is kGroupInputTag drives layer groups instead
+// (fuzz/group_harness.h).
 
 #include <algorithm>
 #include <cstdint>
@@ -130,6 +131,11 @@ class Harness {
                                   ? ScalePlacement::kInline
                                   : ScalePlacement::kSide;
     config_.enable_prefix_caching = (b & 0x80) == 0;
+    // A host tier of 1-7 blocks behind the cache (with prefix caching).
+    if ((b & 0xc0) == 0x40) {
+      CheckHostileTier(a);
+      config_.host_tier_bytes = (1 + b % 7) * *BlockBytesAllLayers(config_);
+    }
     config_.max_tokens_per_step = 48;
     config_.max_sequences_per_step = 4;
     config_.max_inflight_plans = 2;
@@ -151,6 +157,19 @@ class Harness {
     if (!m.ok()) Fail("Create: " + m.status().ToString());
     manager_ = *std::move(m);
     return true;
+  }
+
+  // Hostile host_tier_bytes are refused by name, never a crash.
+  void CheckHostileTier(uint8_t a) {
+    KVCacheConfig bad = config_;
+    const int64_t hostile[] = {-1, 1, kMin, kHuge};
+    bad.host_tier_bytes = hostile[a % 4];
+    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
+        KVCacheManager::Create(bad);
+    if (m.ok() || !absl::IsInvalidArgument(m.status()) ||
+        m.status().message().find("host_tier_bytes") == std::string::npos) {
+      Fail("hostile host_tier_bytes: " + m.status().ToString());
+    }
   }
 
   // A placement out of range, or inline with a bf16 cache, is refused by
@@ -381,9 +400,16 @@ class Harness {
     for (int i = 0; i < len; ++i) Push(s, in_.Range(3));
     ExtraKey extra;
     extra.salt = Salt(s.salt);
+    // Odd lengths also ask where the hit came from (host tier or device).
+    PrefixHits hits;
     absl::StatusOr<int64_t> computed =
-        manager_->AddSequence(id, s.tokens, extra);
+        len % 2 == 1 ? manager_->AddSequence(id, s.tokens, extra, &hits)
+                     : manager_->AddSequence(id, s.tokens, extra);
     if (!computed.ok()) return computed.status();
+    if (len % 2 == 1 && (hits.device_tokens + hits.host_tokens != *computed ||
+                         (config_.host_tier_bytes == 0 && hits.host_tokens))) {
+      Fail("PrefixHits do not add up to the computed length");
+    }
     if (seqs_.count(id) || len == 0) Fail("bad AddSequence succeeded");
     if (*computed < 0 || *computed >= len) Fail("bad computed length");
     s.computed = *computed;
@@ -1134,17 +1160,24 @@ class Harness {
     if (missing != dropped - dropped_seen_) Fail("event gaps vs drop counter");
     dropped_seen_ = dropped;
     if (!events_in_sync_) return;
-    const std::vector<uint64_t> cached =
-        KVCacheManagerTestPeer::CachedHashesForTesting(*manager_,
-                                                       KVEventMedium::kDevice);
-    if (std::set<uint64_t>(cached.begin(), cached.end()) != rebuilt_) {
-      Fail("events do not rebuild the cached hashes");
+    for (const KVEventMedium medium :
+         {KVEventMedium::kDevice, KVEventMedium::kHost}) {
+      const std::vector<uint64_t> cached =
+          KVCacheManagerTestPeer::CachedHashesForTesting(*manager_, medium);
+      if (std::set<uint64_t>(cached.begin(), cached.end()) !=
+          rebuilt_[Medium(medium)]) {
+        Fail("events do not rebuild the cached hashes of a medium");
+      }
     }
   }
+  static int Medium(KVEventMedium m) {
+    return m == KVEventMedium::kHost ? 1 : 0;
+  }
   void ApplyEvent(const KVEvent& e) {
+    std::set<uint64_t>& rebuilt = rebuilt_[Medium(e.medium)];
     switch (e.type) {
       case KVEventType::kAllBlocksCleared:
-        rebuilt_.clear();
+        for (std::set<uint64_t>& set : rebuilt_) set.clear();
         events_in_sync_ = true;  // Nothing missed before it matters now.
         return;
       case KVEventType::kBlockStored:
@@ -1153,14 +1186,14 @@ class Harness {
           Fail("a stored event's tokens");
         }
         for (const uint64_t h : e.block_hashes) {
-          if (!rebuilt_.insert(h).second && events_in_sync_) {
+          if (!rebuilt.insert(h).second && events_in_sync_) {
             Fail("a hash stored twice");
           }
         }
         return;
       case KVEventType::kBlockRemoved:
         for (const uint64_t h : e.block_hashes) {
-          if (rebuilt_.erase(h) != 1 && events_in_sync_) {
+          if (rebuilt.erase(h) != 1 && events_in_sync_) {
             Fail("a hash removed but not held");
           }
         }
@@ -1178,7 +1211,7 @@ class Harness {
   // KV events: the next batch expected, the hashes they say are cached, and
   // whether no batch was missed since the last AllBlocksCleared.
   uint64_t next_event_ = 0;
-  std::set<uint64_t> rebuilt_;
+  std::set<uint64_t> rebuilt_[2];  // Per medium: device, host.
   bool events_in_sync_ = true;
   int64_t dropped_seen_ = 0;
 };

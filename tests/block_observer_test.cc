@@ -3,7 +3,8 @@
 // reserve, commit, abort, fork, free, evictions in a small pool, resets), and
 // it must equal the prefix cache's own set after every operation. Also: calls
 // are batched (at most one per kind per manager call), what a StoredBlock
-// says is right, and ResetPrefixCache's contract.
+// says is right, and ResetPrefixCache's contract. With a host tier the calls
+// rebuild the set per medium (device, host), failed tier copies included.
 
 #include "allocator/block_observer.h"
 
@@ -35,9 +36,14 @@ class RecordingObserver : public BlockObserver {
     ++stored_calls;
     EXPECT_FALSE(blocks.empty());
     for (const StoredBlock& b : blocks) {
-      EXPECT_TRUE(hashes.insert(Key(b.hash)).second) << "stored twice";
+      std::set<HashKey>& set =
+          b.medium == BlockMedium::kHost ? host_hashes : hashes;
+      EXPECT_TRUE(set.insert(Key(b.hash)).second) << "stored twice";
       EXPECT_EQ(b.tokens.size(), static_cast<size_t>(kBs));
-      EXPECT_EQ(b.medium, BlockMedium::kDevice);
+      if (b.medium == BlockMedium::kHost) {
+        ++host_stored;
+        EXPECT_EQ(hashes.count(Key(b.hash)), 0u) << "in both media";
+      }
       EXPECT_TRUE(b.adapter_id == 0 || b.adapter_id == 7) << b.adapter_id;
       if (b.first_in_chain) {
         EXPECT_EQ(b.parent_hash, BlockHash{});
@@ -48,18 +54,22 @@ class RecordingObserver : public BlockObserver {
   }
   void OnBlocksRemoved(absl::Span<const BlockHash> removed,
                        BlockMedium medium) override {
-    EXPECT_EQ(medium, BlockMedium::kDevice);
     ++removed_calls;
     EXPECT_FALSE(removed.empty());
+    std::set<HashKey>& set =
+        medium == BlockMedium::kHost ? host_hashes : hashes;
     for (const BlockHash& h : removed)
-      EXPECT_EQ(hashes.erase(Key(h)), 1u) << "removed but never stored";
+      EXPECT_EQ(set.erase(Key(h)), 1u) << "removed but never stored";
   }
   void OnAllBlocksCleared() override {
     ++cleared_calls;
     hashes.clear();
+    host_hashes.clear();
   }
 
-  std::set<HashKey> hashes;
+  std::set<HashKey> hashes;       // Device.
+  std::set<HashKey> host_hashes;  // Host tier.
+  int host_stored = 0;
   std::vector<StoredBlock> stored_blocks;
   int stored_calls = 0;
   int removed_calls = 0;
@@ -67,8 +77,10 @@ class RecordingObserver : public BlockObserver {
 };
 
 std::unique_ptr<BlockManager> Make(int32_t num_blocks, BlockObserver* observer,
-                                   BlockHashFunction hash = nullptr) {
+                                   BlockHashFunction hash = nullptr,
+                                   int32_t host_tier_blocks = 0) {
   BlockManagerOptions o;
+  o.host_tier_blocks = host_tier_blocks;
   o.num_blocks = num_blocks;
   o.block_size = kBs;
   o.hash_function_for_testing = hash;
@@ -76,9 +88,11 @@ std::unique_ptr<BlockManager> Make(int32_t num_blocks, BlockObserver* observer,
   return std::move(*BlockManager::Create(o));
 }
 
-std::set<HashKey> Registered(const BlockManager& m) {
+std::set<HashKey> Registered(const BlockManager& m,
+                             BlockMedium medium = BlockMedium::kDevice) {
   std::set<HashKey> out;
-  for (const BlockHash& h : m.RegisteredHashesForTesting()) out.insert(Key(h));
+  for (const BlockHash& h : m.RegisteredHashesForTesting(medium))
+    out.insert(Key(h));
   return out;
 }
 
@@ -87,13 +101,17 @@ BlockHash WeakHash(const BlockHash& parent, absl::Span<const TokenId> t) {
   return BlockHash{parent.low * 31 + static_cast<uint64_t>(t[0] % 3), 0};
 }
 
-class ObserverRandomTest : public ::testing::TestWithParam<BlockHashFunction> {
+// (hash function, host-tier blocks).
+class ObserverRandomTest
+    : public ::testing::TestWithParam<std::tuple<BlockHashFunction, int32_t>> {
 };
 
 TEST_P(ObserverRandomTest, CallsRebuildTheRegisteredHashes) {
   RecordingObserver obs;
   std::mt19937_64 rng(42);
-  auto m = Make(/*num_blocks=*/40, &obs, GetParam());
+  const int32_t tier = std::get<1>(GetParam());
+  auto m = Make(/*num_blocks=*/40, &obs, std::get<0>(GetParam()), tier);
+  int onboard_failures = 0, offload_failures = 0, host_hits = 0;
   // Three base prompts: new sequences share their prefixes.
   std::vector<std::vector<TokenId>> bases(3);
   for (auto& base : bases) {
@@ -116,8 +134,24 @@ TEST_P(ObserverRandomTest, CallsRebuildTheRegisteredHashes) {
       ExtraKey extra;
       if (rand(4) == 0) extra.adapter_id = 7;
       if (rand(5) == 0) extra.salt = std::string("s\0t", 3);
-      ASSERT_TRUE(m->AddSequence(next_id, prompt, extra).ok());
-      live.push_back(next_id++);
+      PrefixHitSplit split;
+      absl::StatusOr<int64_t> hit =
+          m->AddSequence(next_id, prompt, extra, &split);
+      ASSERT_TRUE(hit.ok()) << hit.status();
+      ASSERT_EQ(*hit, split.device_tokens + split.host_tokens);
+      host_hits += split.host_tokens > 0;
+      bool onboards = false;
+      for (const TierCopy& c : m->tier_copies()) onboards |= c.onboard;
+      if (tier > 0 && onboards && rand(8) == 0) {  // The copy failed.
+        const std::vector<TierCopy> copies(m->tier_copies().begin(),
+                                           m->tier_copies().end());
+        m->DropFailedOffloads(copies);
+        ASSERT_TRUE(m->DropFailedOnboards(next_id, copies).ok());
+        ++onboard_failures;
+        ++next_id;
+      } else {
+        live.push_back(next_id++);
+      }
     } else if (kind < 55 && !live.empty()) {  // Reserve a random batch.
       std::vector<ReserveRequest> batch;
       for (SequenceId id : live) {
@@ -136,12 +170,18 @@ TEST_P(ObserverRandomTest, CallsRebuildTheRegisteredHashes) {
       if (batch.empty()) continue;
       const int64_t evicted = m->PrefixStats().evictions;
       absl::StatusOr<StepPlan> plan = m->Reserve(batch);
+      if (plan.ok() && !m->tier_copies().empty() && rand(8) == 0) {
+        m->DropFailedOffloads(m->tier_copies());  // The copy failed.
+        ++offload_failures;
+      }
       if (plan.ok()) {
         for (const ReserveRequest& r : batch)
           plans[plan->id].push_back(r.sequence);
         if (m->PrefixStats().evictions > evicted) {
           ++evictions_seen;
-          EXPECT_EQ(obs.removed_calls, before_removed + 1);
+          if (tier == 0) {
+            EXPECT_EQ(obs.removed_calls, before_removed + 1);
+          }
         }
       } else {
         ASSERT_EQ(plan.status().code(), absl::StatusCode::kResourceExhausted)
@@ -172,21 +212,34 @@ TEST_P(ObserverRandomTest, CallsRebuildTheRegisteredHashes) {
         ASSERT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
       }
     }
-    // At most one call of each kind per manager call.
-    ASSERT_LE(obs.stored_calls, before_stored + 1);
-    ASSERT_LE(obs.removed_calls, before_removed + 1);
+    // At most one call of each kind per manager call (without a tier; with
+    // one, a call may store on one medium and remove from another).
+    if (tier == 0) {
+      ASSERT_LE(obs.stored_calls, before_stored + 1);
+      ASSERT_LE(obs.removed_calls, before_removed + 1);
+    }
     const absl::Status valid = m->Validate();
     ASSERT_TRUE(valid.ok()) << valid;
     ASSERT_EQ(obs.hashes, Registered(*m));
+    ASSERT_EQ(obs.host_hashes, Registered(*m, BlockMedium::kHost));
+    ASSERT_LE(m->HostTierUsage().stored_blocks, tier);
   }
   EXPECT_GT(obs.stored_calls, 100);
   EXPECT_GT(evictions_seen, 20);
   EXPECT_GT(resets, 3);
   EXPECT_EQ(obs.cleared_calls, resets);
+  if (tier > 0) {
+    EXPECT_GT(obs.host_stored, 50);
+    EXPECT_GT(host_hits, 5);
+    EXPECT_GT(m->PrefixStats().host_evictions, 5);
+    EXPECT_GT(onboard_failures + offload_failures, 3);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Hashes, ObserverRandomTest,
-                         ::testing::Values(nullptr, &WeakHash));
+                         ::testing::Combine(::testing::Values(nullptr,
+                                                              &WeakHash),
+                                            ::testing::Values(0, 12)));
 
 // Creates `id` with `prompt` and computes all of it in one step.
 void Compute(BlockManager& m, SequenceId id, const std::vector<TokenId>& prompt,

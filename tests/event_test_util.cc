@@ -10,7 +10,8 @@
 
 namespace kvcache::testing {
 
-KVCacheConfig SmallEventConfig(int64_t num_blocks, int32_t block_size) {
+KVCacheConfig SmallEventConfig(int64_t num_blocks, int32_t block_size,
+                               int64_t host_tier_blocks) {
   KVCacheConfig c;
   c.num_layers = 1;
   c.num_kv_heads = 1;
@@ -23,6 +24,9 @@ KVCacheConfig SmallEventConfig(int64_t num_blocks, int32_t block_size) {
   c.max_inflight_plans = 2;
   c.max_tokens_per_step = 4096;
   c.enable_kv_events = true;
+  if (host_tier_blocks > 0) {
+    c.host_tier_bytes = host_tier_blocks * *BlockBytesAllLayers(c);
+  }
   return c;
 }
 

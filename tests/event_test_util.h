@@ -22,8 +22,10 @@
 namespace kvcache::testing {
 
 // One layer, one KV head of size 8, int8 cache, float32 input, CPU, one
-// thread, events on.
-KVCacheConfig SmallEventConfig(int64_t num_blocks, int32_t block_size);
+// thread, events on; a host tier of `host_tier_blocks` blocks behind the
+// cache (0: none).
+KVCacheConfig SmallEventConfig(int64_t num_blocks, int32_t block_size,
+                               int64_t host_tier_blocks = 0);
 
 // Reserves `num_tokens` for `id` (after appending `new_tokens`), appends zero
 // K/V to every layer and commits. The manager's status on failure (the plan

@@ -18,6 +18,7 @@ struct Case {
   int head_size_v;
   int block_size;
   ScalePlacement placement = ScalePlacement::kSide;
+  int host_tier_blocks = 0;  // 0: no host tier.
 };
 
 class ManagerEndToEndTest : public ::testing::TestWithParam<Case> {};
@@ -36,10 +37,12 @@ TEST_P(ManagerEndToEndTest, GatherEqualsReferenceOfWhatWasAppended) {
   config.scale_placement = c.placement;
   config.input_dtype = DType::kBFloat16;
   config.num_blocks = 48;
+  config.host_tier_bytes = c.host_tier_blocks * *BlockBytesAllLayers(config);
   absl::StatusOr<std::unique_ptr<testing::ManagerDriver>> driver =
       testing::ManagerDriver::Create(config, seed, seed + 1);
   ASSERT_TRUE(driver.ok()) << driver.status();
-  for (int op = 0; op < 400; ++op) {
+  const int ops = c.host_tier_blocks > 0 ? 1200 : 400;
+  for (int op = 0; op < ops; ++op) {
     absl::Status s = (*driver)->RandomOp();
     ASSERT_TRUE(s.ok()) << "op " << op << ": " << s;
     if (op % 50 == 49) {
@@ -62,6 +65,10 @@ TEST_P(ManagerEndToEndTest, GatherEqualsReferenceOfWhatWasAppended) {
   EXPECT_EQ(m.prefix_hit_tokens, counts.prefix_hit_tokens);
   EXPECT_EQ(m.block_copies, counts.block_copies);
   EXPECT_EQ(m.blocks_free + m.blocks_cached + m.blocks_in_use, m.blocks_total);
+  if (c.host_tier_blocks > 0) {  // The tier served hits, read back above.
+    EXPECT_GT(m.tier_offloads, 0);
+    EXPECT_GT(m.prefix_hit_tokens_host, 0) << "no host-tier hit exercised";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -74,12 +81,21 @@ INSTANTIATE_TEST_SUITE_P(
         Case{DType::kInt8, 16, 16, 4, ScalePlacement::kInline},
         Case{DType::kFp8E4M3, 16, 16, 4, ScalePlacement::kInline},
         Case{DType::kInt8, 24, 8, 3, ScalePlacement::kInline},
-        Case{DType::kFp8E4M3, 64, 32, 1, ScalePlacement::kInline}),
+        Case{DType::kFp8E4M3, 64, 32, 1, ScalePlacement::kInline},
+        // A host tier.
+        Case{DType::kInt8, 16, 16, 4, ScalePlacement::kSide, 24},
+        Case{DType::kBFloat16, 8, 16, 5, ScalePlacement::kSide, 8},
+        Case{DType::kFp8E4M3, 64, 32, 1, ScalePlacement::kSide, 64},
+        Case{DType::kInt8, 24, 8, 3, ScalePlacement::kInline, 24},
+        Case{DType::kFp8E4M3, 16, 16, 4, ScalePlacement::kInline, 64}),
     [](const ::testing::TestParamInfo<Case>& info) {
-      return absl::StrCat(DTypeName(info.param.cache_dtype), "_D",
-                          info.param.head_size, "_Dv", info.param.head_size_v,
-                          "_bs", info.param.block_size, "_",
-                          ScalePlacementName(info.param.placement));
+      return absl::StrCat(
+          DTypeName(info.param.cache_dtype), "_D", info.param.head_size, "_Dv",
+          info.param.head_size_v, "_bs", info.param.block_size, "_",
+          ScalePlacementName(info.param.placement),
+          info.param.host_tier_blocks > 0
+              ? absl::StrCat("_tier", info.param.host_tier_blocks)
+              : "");
     });
 
 }  // namespace

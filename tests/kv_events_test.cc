@@ -1,9 +1,10 @@
 // KV events through KVCacheManager (README "KV events"): what TakeEvents
 // returns for stores, evictions and resets, checked against hashes computed
 // independently from the tokens; the bounded queue's drop-oldest policy;
-// ResetPrefixCache; the config's checks; the msgpack layout, decoded field by
-// field; and 10,000 random operations whose events alone rebuild the
-// manager's set of cached hashes.
+// ResetPrefixCache (with a host tier too); the config's checks; the msgpack
+// layout, decoded field by field; and 10,000 random operations (without and
+// with a host tier) whose events alone rebuild the manager's sets of cached
+// hashes per medium.
 
 #include <algorithm>
 #include <cstring>
@@ -295,11 +296,12 @@ TEST(KvEventsTest, MsgpackLayoutIsVllms) {
             "AllBlocksCleared");
 }
 
-// 10,000 random operations with evictions and resets: the events, taken in
-// pieces, rebuild exactly the manager's cached hashes; no payload carries the
-// secret salt's bytes.
-TEST(KvEventsTest, RandomOpsEventsRebuildTheCachedSet) {
-  auto m = Make(SmallEventConfig(48, kBs));
+// 10,000 random operations with evictions and resets (and, with a host tier
+// of `tier_blocks` blocks, tier moves: offloads, onboards, the tier's own
+// evictions): the events, taken in pieces, rebuild exactly the manager's
+// cached hashes of each medium; no payload carries the secret salt's bytes.
+void RandomOpsRebuildTheCachedSets(int64_t tier_blocks) {
+  auto m = Make(SmallEventConfig(48, kBs, tier_blocks));
   ASSERT_NE(m, nullptr);
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
@@ -308,7 +310,7 @@ TEST(KvEventsTest, RandomOpsEventsRebuildTheCachedSet) {
   for (char& ch : salt) ch = static_cast<char>(rng());
   RandomCacheOps ops(*m, seed, salt);
   EventSetRebuilder rebuilt;
-  int64_t removed = 0, cleared = 0;
+  int64_t removed = 0, cleared = 0, host_stored = 0, host_removed = 0;
   auto drain = [&]() {
     for (const KVEventBatch& b : Take(*m)) {
       const absl::Status s = rebuilt.Apply(b);
@@ -316,6 +318,10 @@ TEST(KvEventsTest, RandomOpsEventsRebuildTheCachedSet) {
       for (const KVEvent& e : b.events) {
         removed += e.type == KVEventType::kBlockRemoved;
         cleared += e.type == KVEventType::kAllBlocksCleared;
+        if (e.medium == KVEventMedium::kHost) {
+          host_stored += e.type == KVEventType::kBlockStored;
+          host_removed += e.type == KVEventType::kBlockRemoved;
+        }
       }
       const std::string payload = internal::EncodeEventBatch(b, 0);
       ASSERT_EQ(
@@ -334,6 +340,9 @@ TEST(KvEventsTest, RandomOpsEventsRebuildTheCachedSet) {
       ASSERT_EQ(rebuilt.hashes(KVEventMedium::kDevice),
                 ManagerHashes(*m, KVEventMedium::kDevice))
           << "after op " << i;
+      ASSERT_EQ(rebuilt.hashes(KVEventMedium::kHost),
+                ManagerHashes(*m, KVEventMedium::kHost))
+          << "after op " << i;
     }
   }
   drain();
@@ -343,9 +352,82 @@ TEST(KvEventsTest, RandomOpsEventsRebuildTheCachedSet) {
             ManagerHashes(*m, KVEventMedium::kHost));
   EXPECT_GT(removed, 100);  // Evictions were exercised...
   EXPECT_EQ(cleared, 2);    // ...and both resets.
-  EXPECT_EQ(m->Metrics().kv_event_batches_dropped, 0);
-  EXPECT_EQ(rebuilt.batches(),
-            static_cast<uint64_t>(m->Metrics().kv_event_batches));
+  const MetricsSnapshot metrics = m->Metrics();
+  if (tier_blocks > 0) {  // ...and tier moves both ways.
+    EXPECT_GT(host_stored, 100);
+    EXPECT_GT(host_removed, 10);
+    EXPECT_GT(metrics.tier_onboards, 10);
+    EXPECT_FALSE(ManagerHashes(*m, KVEventMedium::kHost).empty());
+  } else {
+    EXPECT_EQ(host_stored + host_removed, 0);
+  }
+  EXPECT_EQ(metrics.kv_event_batches_dropped, 0);
+  EXPECT_EQ(rebuilt.batches(), static_cast<uint64_t>(metrics.kv_event_batches));
+  EXPECT_TRUE(m->Validate().ok());
+}
+
+TEST(KvEventsTest, RandomOpsEventsRebuildTheCachedSet) {
+  RandomOpsRebuildTheCachedSets(0);
+}
+
+TEST(KvEventsTest, RandomOpsWithAHostTierRebuildEveryMedium) {
+  RandomOpsRebuildTheCachedSets(16);
+}
+
+// ResetPrefixCache with a host tier: one AllBlocksCleared covers both media,
+// the tier's slots are all freed (it fills to capacity again afterwards),
+// no hash of either medium is left, and the manager stays consistent.
+TEST(KvEventsTest, ResetClearsTheHostTierAndReleasesItsSlots) {
+  constexpr int64_t kTier = 6;
+  auto m = Make(SmallEventConfig(8, kBs, kTier));
+  ASSERT_NE(m, nullptr);
+  std::mt19937_64 rng(std::random_device{}());
+  // Fills the device with cached blocks of fresh prompts, evicting the older
+  // ones to the tier, until the tier is full.
+  SequenceId next = 1;
+  auto fill = [&]() {
+    for (int round = 0; round < 40; ++round) {
+      const std::vector<TokenId> prompt = RandomTokens(rng, 2 * kBs);
+      ASSERT_TRUE(m->AddSequence(next, prompt).ok());
+      ASSERT_TRUE(RunStep(*m, next, 2 * kBs).ok());
+      ASSERT_TRUE(m->Free(next).ok());
+      ++next;
+    }
+  };
+  fill();
+  ASSERT_EQ(m->Metrics().host_tier_blocks_stored, kTier);
+  ASSERT_EQ(ManagerHashes(*m, KVEventMedium::kHost).size(),
+            static_cast<size_t>(kTier));
+  EventSetRebuilder rebuilt;
+  for (const KVEventBatch& b : Take(*m)) ASSERT_TRUE(rebuilt.Apply(b).ok());
+  ASSERT_EQ(rebuilt.hashes(KVEventMedium::kHost).size(),
+            static_cast<size_t>(kTier));
+
+  ASSERT_TRUE(m->ResetPrefixCache().ok());
+  const std::vector<KVEventBatch> reset = Take(*m);
+  ASSERT_EQ(reset.size(), 1u);
+  ASSERT_EQ(reset[0].events.size(), 1u);
+  EXPECT_EQ(reset[0].events[0].type, KVEventType::kAllBlocksCleared);
+  ASSERT_TRUE(rebuilt.Apply(reset[0]).ok());
+  EXPECT_TRUE(rebuilt.hashes(KVEventMedium::kHost).empty());
+  EXPECT_TRUE(ManagerHashes(*m, KVEventMedium::kHost).empty());
+  EXPECT_TRUE(ManagerHashes(*m, KVEventMedium::kDevice).empty());
+  MetricsSnapshot metrics = m->Metrics();
+  EXPECT_EQ(metrics.host_tier_blocks_stored, 0);
+  EXPECT_EQ(metrics.blocks_cached, 0);
+  EXPECT_EQ(metrics.blocks_free, metrics.blocks_total);
+  ASSERT_TRUE(m->Validate().ok());
+
+  // Every slot came back: the tier fills to capacity again, and the events
+  // still rebuild both media.
+  fill();
+  for (const KVEventBatch& b : Take(*m)) ASSERT_TRUE(rebuilt.Apply(b).ok());
+  metrics = m->Metrics();
+  EXPECT_EQ(metrics.host_tier_blocks_stored, kTier);
+  EXPECT_EQ(rebuilt.hashes(KVEventMedium::kHost),
+            ManagerHashes(*m, KVEventMedium::kHost));
+  EXPECT_EQ(rebuilt.hashes(KVEventMedium::kDevice),
+            ManagerHashes(*m, KVEventMedium::kDevice));
   EXPECT_TRUE(m->Validate().ok());
 }
 

@@ -1,5 +1,6 @@
-// KV events over ZeroMQ, end to end: the manager publishes while 10,000
-// random operations (with evictions and two resets) run; a real subscriber
+// KV events over ZeroMQ, end to end: the manager (with a host tier)
+// publishes while 10,000 random operations (with evictions, tier moves and
+// two resets) run; a real subscriber
 // process (tests/kv_events_subscriber.py: Debian's pyzmq and msgpack) joins
 // late, catches up by replay, follows the live stream, and rebuilds the set
 // of cached block hashes per medium from the events alone, which must equal
@@ -119,7 +120,7 @@ TEST(KvEventsZmqTest, SubscriberRebuildsTheCachedSetFromEventsAlone) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
-  KVCacheConfig c = SmallEventConfig(48, kBs);
+  KVCacheConfig c = SmallEventConfig(48, kBs, /*host_tier_blocks=*/16);
   c.kv_events_topic = kTopic;
   c.kv_events_queue_capacity = 1 << 20;
   c.kv_events_replay_batches = 1 << 20;  // Everything, for the late joiner.
@@ -151,6 +152,8 @@ TEST(KvEventsZmqTest, SubscriberRebuildsTheCachedSetFromEventsAlone) {
   const uint64_t last = static_cast<uint64_t>(metrics.kv_event_batches - 1);
   EXPECT_EQ(metrics.kv_event_batches_unpublished, 0);
   EXPECT_GT(metrics.evictions, 100);
+  EXPECT_GT(metrics.tier_offloads, 100);  // Tier moves both ways.
+  EXPECT_GT(metrics.tier_onboards, 10);
 
   const std::set<uint64_t> device = ManagerHashes(*m, KVEventMedium::kDevice);
   const std::set<uint64_t> host = ManagerHashes(*m, KVEventMedium::kHost);
@@ -161,6 +164,7 @@ TEST(KvEventsZmqTest, SubscriberRebuildsTheCachedSetFromEventsAlone) {
   EXPECT_GT(r.stats.at("replayed"), 0);  // It caught up by replay...
   EXPECT_GT(r.stats.at("live"), 0);      // ...and followed the live stream.
   EXPECT_FALSE(device.empty());
+  EXPECT_FALSE(host.empty());
   EXPECT_EQ(
       r.hashes.count("device") ? r.hashes.at("device") : std::set<uint64_t>{},
       device);
@@ -177,6 +181,8 @@ TEST(KvEventsZmqTest, SubscriberRebuildsTheCachedSetFromEventsAlone) {
   EXPECT_EQ(
       a.hashes.count("device") ? a.hashes.at("device") : std::set<uint64_t>{},
       device);
+  EXPECT_EQ(a.hashes.count("host") ? a.hashes.at("host") : std::set<uint64_t>{},
+            host);
 }
 
 }  // namespace

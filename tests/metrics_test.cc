@@ -1,5 +1,6 @@
 // ToPrometheusText (api/metrics.h): for a snapshot of distinct random values
-// (large counters included), every metric appears once with its exact value,
+// (large counters included), every metric appears once with its exact value
+// (the host tier's families exactly when host_tier_blocks_total > 0),
 // every family has one HELP and one TYPE line before its samples (counters
 // named *_total), and the text parses as the exposition format: each
 // non-comment line is `name value` or `name{label="v",...} value`.
@@ -38,7 +39,14 @@ struct Expected {
   std::string family;
   std::string type;
   int64_t MetricsSnapshot::*field;
+  // A host tier family: written only when host_tier_blocks_total > 0.
+  bool tier = false;
 };
+
+// Whether `e`'s sample belongs in the text of `m`.
+bool Present(const Expected& e, const MetricsSnapshot& m) {
+  return !e.tier || m.host_tier_blocks_total > 0;
+}
 
 const std::vector<Expected>& IntegerSamples() {
   static const auto* samples = new std::vector<Expected>{
@@ -82,6 +90,39 @@ const std::vector<Expected>& IntegerSamples() {
       {"kvcache_kv_event_batches_unpublished_total",
        "kvcache_kv_event_batches_unpublished_total", "counter",
        &MetricsSnapshot::kv_event_batches_unpublished},
+      {"kvcache_prefix_hit_tokens_by_tier_total{tier=\"device\"}",
+       "kvcache_prefix_hit_tokens_by_tier_total", "counter",
+       &MetricsSnapshot::prefix_hit_tokens_device, true},
+      {"kvcache_prefix_hit_tokens_by_tier_total{tier=\"host\"}",
+       "kvcache_prefix_hit_tokens_by_tier_total", "counter",
+       &MetricsSnapshot::prefix_hit_tokens_host, true},
+      {"kvcache_tier_evictions_total{tier=\"device\"}",
+       "kvcache_tier_evictions_total", "counter", &MetricsSnapshot::evictions,
+       true},
+      {"kvcache_tier_evictions_total{tier=\"host\"}",
+       "kvcache_tier_evictions_total", "counter",
+       &MetricsSnapshot::host_tier_evictions, true},
+      {"kvcache_tier_blocks_moved_total{direction=\"offload\"}",
+       "kvcache_tier_blocks_moved_total", "counter",
+       &MetricsSnapshot::tier_offloads, true},
+      {"kvcache_tier_blocks_moved_total{direction=\"onboard\"}",
+       "kvcache_tier_blocks_moved_total", "counter",
+       &MetricsSnapshot::tier_onboards, true},
+      {"kvcache_tier_bytes_moved_total{direction=\"offload\"}",
+       "kvcache_tier_bytes_moved_total", "counter",
+       &MetricsSnapshot::tier_offload_bytes, true},
+      {"kvcache_tier_bytes_moved_total{direction=\"onboard\"}",
+       "kvcache_tier_bytes_moved_total", "counter",
+       &MetricsSnapshot::tier_onboard_bytes, true},
+      {"kvcache_host_tier_blocks{state=\"stored\"}", "kvcache_host_tier_blocks",
+       "gauge", &MetricsSnapshot::host_tier_blocks_stored, true},
+      {"kvcache_host_tier_blocks{state=\"total\"}", "kvcache_host_tier_blocks",
+       "gauge", &MetricsSnapshot::host_tier_blocks_total, true},
+      {"kvcache_tier_copy_failures_total", "kvcache_tier_copy_failures_total",
+       "counter", &MetricsSnapshot::tier_copy_failures, true},
+      {"kvcache_tier_offloads_skipped_total",
+       "kvcache_tier_offloads_skipped_total", "counter",
+       &MetricsSnapshot::tier_offloads_skipped, true},
   };
   return *samples;
 }
@@ -200,8 +241,10 @@ class MetricsTest : public ::testing::Test {
                      ")"));
   }
 
-  // Distinct random values of every field, from small to 2^62.
-  MetricsSnapshot RandomSnapshot() {
+  // Distinct random values of every field, from small to 2^62 (a field in
+  // two samples keeps its last value); with `tier` false,
+  // host_tier_blocks_total is 0 (no tier: its families are left out).
+  MetricsSnapshot RandomSnapshot(bool tier = true) {
     MetricsSnapshot m;
     std::set<int64_t> used;
     for (const Expected& e : IntegerSamples()) {
@@ -211,6 +254,10 @@ class MetricsTest : public ::testing::Test {
         v = static_cast<int64_t>(rng_() >> (64 - bits - 1) >> 1);
       } while (!used.insert(v).second);
       m.*e.field = v;
+    }
+    if (!tier) m.host_tier_blocks_total = 0;
+    if (tier && m.host_tier_blocks_total == 0) {
+      m.host_tier_blocks_total = *used.rbegin() + 1;
     }
     m.usage = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
     return m;
@@ -222,11 +269,19 @@ class MetricsTest : public ::testing::Test {
 
 TEST_F(MetricsTest, EveryMetricHasItsExactValue) {
   for (int round = 0; round < 50 && !HasFailure(); ++round) {
-    const MetricsSnapshot m = RandomSnapshot();
+    const MetricsSnapshot m = RandomSnapshot(/*tier=*/round % 2 == 0);
     const std::string text = ToPrometheusText(m);
     SCOPED_TRACE(text);
     const Parsed p = Parse(text);
+    std::set<std::string> families = {std::string(kUsage)};
+    size_t samples = 1;
     for (const Expected& e : IntegerSamples()) {
+      if (!Present(e, m)) {
+        EXPECT_EQ(p.values.count(e.sample), 0u) << e.sample << " without tier";
+        continue;
+      }
+      families.insert(e.family);
+      ++samples;
       auto it = p.values.find(e.sample);
       ASSERT_NE(it, p.values.end()) << e.sample << " is missing";
       EXPECT_EQ(it->second, absl::StrCat(m.*e.field)) << e.sample;
@@ -242,9 +297,7 @@ TEST_F(MetricsTest, EveryMetricHasItsExactValue) {
         << absl::StrCat(m.usage);
     EXPECT_EQ(p.types.at(std::string(kUsage)), "gauge");
     // Nothing else: the integer samples and the ratio, in their families.
-    std::set<std::string> families = {std::string(kUsage)};
-    for (const Expected& e : IntegerSamples()) families.insert(e.family);
-    EXPECT_EQ(p.values.size(), IntegerSamples().size() + 1);
+    EXPECT_EQ(p.values.size(), samples);
     EXPECT_EQ(p.types.size(), families.size());
     EXPECT_EQ(p.helps.size(), families.size());
   }
@@ -266,7 +319,11 @@ TEST_F(MetricsTest, ZeroAndExtremeValues) {
   MetricsSnapshot zero;
   Parsed p = Parse(ToPrometheusText(zero));
   for (const Expected& e : IntegerSamples()) {
-    EXPECT_EQ(p.values[e.sample], "0") << e.sample;
+    if (e.tier) {
+      EXPECT_EQ(p.values.count(e.sample), 0u) << e.sample << " without tier";
+    } else {
+      EXPECT_EQ(p.values[e.sample], "0") << e.sample;
+    }
   }
   EXPECT_EQ(std::strtod(p.values[std::string(kUsage)].c_str(), nullptr), 0.0);
 

@@ -45,7 +45,7 @@ class PrefixCacheUnitTest : public ::testing::Test {
     auto seq = std::make_unique<Sequence>();
     seq->id = id;
     cache_.AcquireRoot(ExtraKey{}, *seq);
-    cache_.Match(*seq, prompt);
+    cache_.Match(*seq, prompt, pool_);
     pool_.AcquireAll(seq->blocks.data(), seq->blocks.size());
     Sequence& s = sequences_.Insert(std::move(seq));
     s.tokens.assign(prompt.begin() + s.computed, prompt.end());

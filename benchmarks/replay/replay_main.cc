@@ -38,7 +38,7 @@ ABSL_FLAG(std::string, trace, "data/mooncake_conversation_trace.jsonl",
           "$BUILD_WORKSPACE_DIRECTORY (bazel run), then the working "
           "directory; $KVCACHE_DATA_DIR/mooncake_conversation_trace.jsonl "
           "is tried last.");
-ABSL_FLAG(int64_t, max_requests, 200,
+ABSL_FLAG(int64_t, max_requests, 3000,
           "Replay the first N requests of the trace; 0 = all (12,031).");
 ABSL_FLAG(bool, back_to_back, false,
           "Ignore timestamps: every request arrives at time 0.");
@@ -47,14 +47,17 @@ ABSL_FLAG(double, step_ms, 50.0,
           "that advances this much per step (idle gaps are skipped).");
 ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda.");
 ABSL_FLAG(int, device, 0, "CUDA device ordinal.");
-ABSL_FLAG(int, num_layers, 32, "Model layers.");
-ABSL_FLAG(int, num_kv_heads, 8, "KV heads.");
-ABSL_FLAG(int, head_size, 128, "Head size of K (and V).");
+ABSL_FLAG(int, num_layers, 2,
+          "Model layers (a small default shape, so that the default run on a "
+          "CPU reaches far enough into the trace for its prefixes to repeat; "
+          "a Llama-3-8B-like shape is 32 layers, 8 KV heads, head size 128).");
+ABSL_FLAG(int, num_kv_heads, 2, "KV heads.");
+ABSL_FLAG(int, head_size, 64, "Head size of K (and V).");
 ABSL_FLAG(std::string, cache_dtype, "int8",
           "int8, fp8 (e4m3), bf16 or fp16. K/V input is bf16 (fp16 for an "
           "fp16 cache).");
 ABSL_FLAG(int, block_size, 16, "Tokens per block.");
-ABSL_FLAG(int64_t, num_blocks, 2048,
+ABSL_FLAG(int64_t, num_blocks, 16384,
           "Pool capacity in blocks (shared by all layers); 0 = use "
           "--memory_fraction.");
 ABSL_FLAG(double, memory_fraction, 0.0,
@@ -88,6 +91,9 @@ ABSL_FLAG(double, model_kv_gib, 16.0,
           "--model: the pool's size in GiB of pages.");
 ABSL_FLAG(int64_t, context_tokens, 32768,
           "--model: the context length of the per-1k-tokens figure.");
+ABSL_FLAG(double, host_tier_gb, 2.0,
+          "Host tier behind the cache, in GiB of host memory (pinned on CUDA); "
+          "0 = none.");
 ABSL_FLAG(std::string, json, "", "Also write the report as JSON to this path.");
 ABSL_FLAG(double, progress_interval_s, 10.0,
           "Seconds between progress lines when stderr is not a terminal.");
@@ -139,6 +145,12 @@ absl::StatusOr<KVCacheConfig> MakeConfig() {
       static_cast<int32_t>(absl::GetFlag(FLAGS_token_budget));
   config.max_sequences_per_step = std::max(1, absl::GetFlag(FLAGS_max_running));
   config.logger_name = "replay";
+  const double tier_gb = absl::GetFlag(FLAGS_host_tier_gb);
+  if (!(tier_gb >= 0.0 && tier_gb < 1e6)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--host_tier_gb ", tier_gb, " is not in [0, 1e6)"));
+  }
+  config.host_tier_bytes = static_cast<int64_t>(tier_gb * (1 << 30));
   if (absl::GetFlag(FLAGS_cuda_graph)) {
     if (config.backend != Backend::kCuda) {
       return absl::InvalidArgumentError("--cuda_graph needs --backend=cuda");

@@ -38,6 +38,16 @@ ReplayReport MakeReport(const ReplayStats& stats,
                           ? static_cast<double>(stats.prefix_hit_tokens) /
                                 static_cast<double>(stats.prompt_tokens)
                           : 0.0;
+  r.prefix_hit_rate_host =
+      stats.prompt_tokens > 0
+          ? static_cast<double>(stats.prefix_hit_tokens_host) /
+                static_cast<double>(stats.prompt_tokens)
+          : 0.0;
+  r.host_tier_blocks = metrics.host_tier_blocks_total;
+  r.tier_offloads = metrics.tier_offloads;
+  r.tier_onboards = metrics.tier_onboards;
+  r.host_tier_evictions = metrics.host_tier_evictions;
+  r.tier_bytes_moved = metrics.tier_offload_bytes + metrics.tier_onboard_bytes;
   r.evictions = metrics.evictions;
   r.preemptions = stats.preemptions;
   r.draft_tokens_accepted = stats.draft_tokens_accepted;
@@ -88,10 +98,27 @@ std::string ReportText(const ReplayReport& r) {
   absl::StrAppendFormat(&out, "  layer appends         %d (tokens x layers)\n",
                         r.layer_appends);
   absl::StrAppendFormat(&out, "  steps                 %d\n", r.steps);
-  absl::StrAppendFormat(&out, "  prefix hit rate       %.1f%%\n",
-                        100.0 * r.prefix_hit_rate);
+  if (r.host_tier_blocks > 0) {
+    absl::StrAppendFormat(
+        &out,
+        "  prefix hit rate       %.1f%% (device %.1f%%, host tier %.1f%%)\n",
+        100.0 * r.prefix_hit_rate,
+        100.0 * (r.prefix_hit_rate - r.prefix_hit_rate_host),
+        100.0 * r.prefix_hit_rate_host);
+  } else {
+    absl::StrAppendFormat(&out, "  prefix hit rate       %.1f%%\n",
+                          100.0 * r.prefix_hit_rate);
+  }
   absl::StrAppendFormat(&out, "  evictions             %d blocks\n",
                         r.evictions);
+  if (r.host_tier_blocks > 0) {
+    absl::StrAppendFormat(
+        &out,
+        "  host tier             %d blocks: %d offloaded, %d onboarded, %d "
+        "evicted (%.2f GB moved)\n",
+        r.host_tier_blocks, r.tier_offloads, r.tier_onboards,
+        r.host_tier_evictions, static_cast<double>(r.tier_bytes_moved) / 1e9);
+  }
   absl::StrAppendFormat(&out, "  preemptions           %d\n", r.preemptions);
   if (r.spec_tokens > 0) {
     absl::StrAppendFormat(
@@ -145,6 +172,12 @@ std::string ReportJson(const ReplayReport& r) {
       {"decode_tokens", r.decode_tokens},
       {"layer_appends", r.layer_appends},
       {"prefix_hit_rate", r.prefix_hit_rate},
+      {"prefix_hit_rate_host", r.prefix_hit_rate_host},
+      {"host_tier_blocks", r.host_tier_blocks},
+      {"tier_offloads", r.tier_offloads},
+      {"tier_onboards", r.tier_onboards},
+      {"host_tier_evictions", r.host_tier_evictions},
+      {"tier_bytes_moved", r.tier_bytes_moved},
       {"evictions", r.evictions},
       {"preemptions", r.preemptions},
       {"spec_tokens", r.spec_tokens},

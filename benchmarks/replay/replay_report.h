@@ -26,6 +26,14 @@ struct ReplayReport {
   int64_t decode_tokens = 0;
   int64_t layer_appends = 0;     // Manager metric: tokens x layers.
   double prefix_hit_rate = 0.0;  // Prompt tokens found cached.
+  // Host tier (--host_tier_gb; zero without one): the hit rate's part found
+  // there, the tier's size and its traffic.
+  double prefix_hit_rate_host = 0.0;
+  int64_t host_tier_blocks = 0;
+  int64_t tier_offloads = 0;
+  int64_t tier_onboards = 0;
+  int64_t host_tier_evictions = 0;
+  int64_t tier_bytes_moved = 0;
   int64_t evictions = 0;
   int64_t preemptions = 0;
   int spec_tokens = 0;  // Draft tokens per decode step (--spec_tokens).

@@ -116,7 +116,9 @@ absl::Status Scheduler::AdmitWaiting(std::vector<Entry>* entries,
     Request* r = waiting_.front().get();
     if (r->tokens.empty()) r->tokens = TracePrompt(*r->trace);
     const SequenceId id = next_sequence_id_++;
-    absl::StatusOr<int64_t> hit = manager_->AddSequence(id, r->tokens);
+    PrefixHits hits;
+    absl::StatusOr<int64_t> hit =
+        manager_->AddSequence(id, r->tokens, {}, &hits);
     if (!hit.ok()) return hit.status();
     const int64_t n =
         std::min(static_cast<int64_t>(r->tokens.size()) - *hit, *budget);
@@ -134,6 +136,7 @@ absl::Status Scheduler::AdmitWaiting(std::vector<Entry>* entries,
     if (!r->admitted_before) {
       stats_.prompt_tokens += static_cast<int64_t>(r->tokens.size());
       stats_.prefix_hit_tokens += *hit;
+      stats_.prefix_hit_tokens_host += hits.host_tokens;
       r->admitted_before = true;
     }
     *budget -= n;

@@ -69,11 +69,12 @@ struct ReplayStats {
   int64_t requests_finished = 0;
   int64_t requests_rejected = 0;  // Larger than the whole pool.
   int64_t steps = 0;
-  int64_t prompt_tokens = 0;      // At first admission.
-  int64_t prefix_hit_tokens = 0;  // Of those, found in the prefix cache.
-  int64_t prefill_tokens = 0;     // Prompt tokens computed (all admissions).
-  int64_t recompute_tokens = 0;   // Of those, recomputed after preemption.
-  int64_t decode_tokens = 0;      // Output tokens appended.
+  int64_t prompt_tokens = 0;           // At first admission.
+  int64_t prefix_hit_tokens = 0;       // Of those, found in the prefix cache.
+  int64_t prefix_hit_tokens_host = 0;  // Of those, from the host tier.
+  int64_t prefill_tokens = 0;    // Prompt tokens computed (all admissions).
+  int64_t recompute_tokens = 0;  // Of those, recomputed after preemption.
+  int64_t decode_tokens = 0;     // Output tokens appended.
   int64_t preemptions = 0;
   int64_t draft_tokens_accepted = 0;  // Speculative drafts kept.
   int64_t draft_tokens_rejected = 0;  // Appended, then rolled back.

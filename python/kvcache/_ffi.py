@@ -119,6 +119,7 @@ class Config(Structure):
         # unset: one uniform group.
         ("num_layer_groups", c_int32),
         ("layer_groups", POINTER(LayerGroup)),
+        ("host_tier_bytes", c_int64),
     ]
 
 
@@ -215,6 +216,25 @@ class Metrics(Structure):
         ("kv_event_batches", c_int64),
         ("kv_event_batches_dropped", c_int64),
         ("kv_event_batches_unpublished", c_int64),
+        ("host_tier_blocks_total", c_int64),
+        ("host_tier_blocks_stored", c_int64),
+        ("prefix_hit_tokens_device", c_int64),
+        ("prefix_hit_tokens_host", c_int64),
+        ("host_tier_evictions", c_int64),
+        ("tier_offloads", c_int64),
+        ("tier_onboards", c_int64),
+        ("tier_offload_bytes", c_int64),
+        ("tier_onboard_bytes", c_int64),
+        ("tier_copy_failures", c_int64),
+        ("tier_offloads_skipped", c_int64),
+    ]
+
+
+class PrefixHits(Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("device_tokens", c_int64),
+        ("host_tokens", c_int64),
     ]
 
 
@@ -310,6 +330,7 @@ C_STRUCTS = {
     "kvcache_block_table_view": BlockTableView,
     "kvcache_layer_view": LayerView,
     "kvcache_metrics": Metrics,
+    "kvcache_prefix_hits": PrefixHits,
 }
 
 _M = c_void_p  # kvcache_manager*
@@ -327,6 +348,9 @@ _FUNCTIONS = {
     "kvcache_last_error": (c_char_p, [_M]),
     "kvcache_add_sequence": (_S, [_M, c_int64, POINTER(c_int32), c_int64, c_int64,
                                   POINTER(c_uint8), c_size_t, POINTER(c_int64)]),
+    "kvcache_add_sequence_hits": (_S, [_M, c_int64, POINTER(c_int32), c_int64, c_int64,
+                                       POINTER(c_uint8), c_size_t, POINTER(c_int64),
+                                       POINTER(PrefixHits)]),
     "kvcache_reserve": (_S, [_M, POINTER(ReserveRequest), c_int64, c_void_p, POINTER(Plan)]),
     "kvcache_can_reserve": (_S, [_M, POINTER(ReserveRequest), c_int64]),
     "kvcache_append": (_S, [_M, c_uint64, c_int32, POINTER(Tensor), POINTER(Tensor), c_void_p]),

@@ -4,7 +4,9 @@
 // KVCacheManager (CPU backend) for a bounded time, preempting their own
 // sequences on ResourceExhausted. Run under --config=tsan for data races; at
 // the end Validate() holds, every remaining sequence reads back correctly and
-// every thread did work.
+// every thread did work. A second run puts a host tier behind the cache
+// (README "Host tier"): evictions are offloaded on the tier's copy thread
+// and hits onboarded while other threads append and gather.
 
 #include <atomic>
 #include <chrono>
@@ -245,9 +247,14 @@ class Worker {
   ThreadStats stats_;
 };
 
-TEST(ConcurrencyStressTest, EightThreadsShareOneManager) {
+// The host tier's size in blocks (0 = none).
+class ConcurrencyStressTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(ConcurrencyStressTest, EightThreadsShareOneManager) {
+  KVCacheConfig config = StressConfig();
+  config.host_tier_bytes = GetParam() * *BlockBytesAllLayers(config);
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
-      KVCacheManager::Create(StressConfig());
+      KVCacheManager::Create(config);
   ASSERT_TRUE(manager.ok()) << manager.status();
   std::mt19937_64 rng(3);
   std::vector<std::vector<int32_t>> prefixes(3);
@@ -288,7 +295,17 @@ TEST(ConcurrencyStressTest, EightThreadsShareOneManager) {
               static_cast<long long>(m.prefix_hit_tokens),
               static_cast<long long>(m.block_copies));
   EXPECT_GT(m.prefix_hit_tokens, 0);
+  if (GetParam() > 0) {
+    std::printf("host tier: %lld offloads, %lld onboards, %lld hit tokens\n",
+                static_cast<long long>(m.tier_offloads),
+                static_cast<long long>(m.tier_onboards),
+                static_cast<long long>(m.prefix_hit_tokens_host));
+    EXPECT_GT(m.tier_offloads, 0);
+  }
 }
+
+INSTANTIATE_TEST_SUITE_P(HostTier, ConcurrencyStressTest,
+                         ::testing::Values(0, 48));
 
 }  // namespace
 }  // namespace kvcache

@@ -1,0 +1,130 @@
+#include "allocator/host_tier.h"
+
+#include <cstring>
+#include <random>
+
+#include "absl/base/macros.h"
+#include "absl/strings/str_cat.h"
+
+namespace kvcache {
+namespace internal {
+
+HostTier::HostTier(int32_t num_slots, int32_t block_size)
+    : num_slots_(num_slots),
+      block_size_(block_size),
+      table_(num_slots, std::random_device{}()),
+      entries_(num_slots),
+      tokens_(static_cast<size_t>(num_slots) * block_size),
+      state_(num_slots, kFree),
+      prev_(num_slots + 1, -1),
+      next_(num_slots + 1, -1) {
+  prev_[Head()] = next_[Head()] = Head();
+  free_.reserve(num_slots);
+  pinned_.reserve(num_slots);
+  for (int32_t s = num_slots - 1; s >= 0; --s) free_.push_back(s);
+}
+
+bool HostTier::Matches(int32_t slot, uint64_t parent_id,
+                       const TokenId* tokens) const {
+  ABSL_ASSERT(state_[slot] == kStored);
+  return entries_[slot].parent_id == parent_id &&
+         std::memcmp(this->tokens(slot), tokens,
+                     static_cast<size_t>(block_size_) * sizeof(TokenId)) == 0;
+}
+
+int32_t HostTier::Insert(const TierEntry& entry, const TokenId* tokens) {
+  ABSL_ASSERT(!free_.empty() && table_.Find(entry.hash) < 0);
+  const int32_t s = free_.back();
+  free_.pop_back();
+  entries_[s] = entry;
+  std::memcpy(&tokens_[static_cast<size_t>(s) * block_size_], tokens,
+              static_cast<size_t>(block_size_) * sizeof(TokenId));
+  state_[s] = kStored;
+  const int32_t last = prev_[Head()];
+  prev_[s] = last;
+  next_[s] = Head();
+  next_[last] = s;
+  prev_[Head()] = s;
+  table_.FindOrInsert(entry.hash, s);
+  ++num_stored_;
+  return s;
+}
+
+int32_t HostTier::Oldest() const {
+  const int32_t s = next_[Head()];
+  return s == Head() ? -1 : s;
+}
+
+void HostTier::Unlink(int32_t s) {
+  ABSL_ASSERT(state_[s] == kStored);
+  next_[prev_[s]] = next_[s];
+  prev_[next_[s]] = prev_[s];
+  prev_[s] = next_[s] = -1;
+  const bool erased = table_.Erase(entries_[s].hash);
+  ABSL_ASSERT(erased);
+  (void)erased;
+  --num_stored_;
+}
+
+TierEntry HostTier::Drop(int32_t s) {
+  Unlink(s);
+  state_[s] = kFree;
+  free_.push_back(s);
+  return entries_[s];
+}
+
+TierEntry HostTier::Take(int32_t s) {
+  Unlink(s);
+  state_[s] = kPinned;
+  pinned_.push_back(s);
+  return entries_[s];
+}
+
+void HostTier::ReleasePinned() {
+  for (int32_t s : pinned_) {
+    ABSL_ASSERT(state_[s] == kPinned);
+    state_[s] = kFree;
+    free_.push_back(s);
+  }
+  pinned_.clear();
+}
+
+absl::Status HostTier::Validate() const {
+  int32_t counts[3] = {0, 0, 0};
+  for (int32_t s = 0; s < num_slots_; ++s) ++counts[state_[s]];
+  if (counts[kFree] != num_free() || counts[kStored] != num_stored_ ||
+      counts[kPinned] != num_pinned()) {
+    return absl::InternalError(absl::StrCat(
+        "host tier: ", counts[kFree], " free, ", counts[kStored], " stored, ",
+        counts[kPinned], " pinned slots, but lists say ", num_free(), ", ",
+        num_stored_, ", ", num_pinned()));
+  }
+  for (int32_t s : free_) {
+    if (state_[s] != kFree)
+      return absl::InternalError(
+          absl::StrCat("host slot ", s, " is on the free stack but not free"));
+  }
+  int32_t listed = 0;
+  int32_t prev = Head();
+  for (int32_t s = next_[Head()]; s != Head(); s = next_[s]) {
+    if (s < 0 || s >= num_slots_ || state_[s] != kStored || prev_[s] != prev ||
+        ++listed > num_stored_) {
+      return absl::InternalError(
+          absl::StrCat("host tier LRU list is broken at slot ", s));
+    }
+    if (table_.Find(entries_[s].hash) != s) {
+      return absl::InternalError(
+          absl::StrCat("host slot ", s, " is not indexed under its hash"));
+    }
+    prev = s;
+  }
+  if (listed != num_stored_ || table_.size() != static_cast<size_t>(listed)) {
+    return absl::InternalError(
+        absl::StrCat("host tier: ", listed, " slots listed, ", num_stored_,
+                     " counted, ", table_.size(), " indexed"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace internal
+}  // namespace kvcache

@@ -1,0 +1,118 @@
+// HostTier: the bookkeeping of the host-memory tier behind the device cache
+// (DESIGN.md section 11): which block registrations live in which host slot,
+// and the tier's own LRU. It holds no K/V: the manager copies a block's bytes
+// into slot s of its host pool when it offloads, and back when it onboards.
+//
+// A registration lives in exactly one tier. When the prefix cache evicts a
+// device block, its registration (hash, parent and content ids, token ids,
+// adapter) moves here with the same content id, so chains that continue on the
+// device (or the host) still confirm exactly (prefix_cache_index.h); a hit
+// takes it back out (Take) to be onboarded into a fresh device block.
+//
+// Slot states:
+//
+//   free     on the free stack: holds nothing.
+//   stored   on the LRU list (oldest first) and in the hash table.
+//   pinned   taken by Take this call: in neither, and not reusable until
+//            ReleasePinned (the onboard copy reads it; a later offload into
+//            the same slot is ordered after that read by the copy queue).
+//
+// Fixed capacity: nothing allocates after construction. Not thread-safe.
+
+#ifndef KVCACHE_ALLOCATOR_HOST_TIER_H_
+#define KVCACHE_ALLOCATOR_HOST_TIER_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "allocator/block_hash.h"
+#include "allocator/block_hash_table.h"
+
+namespace kvcache {
+namespace internal {
+
+// A block registration outside the device index.
+struct TierEntry {
+  BlockHash hash;
+  BlockHash parent_hash;  // Zero when first_in_chain.
+  uint64_t parent_id = 0;
+  uint64_t content_id = 0;  // Kept across tiers.
+  int64_t adapter_id = 0;
+  bool first_in_chain = false;
+};
+
+class HostTier {
+ public:
+  // May throw std::bad_alloc. REQUIRES: num_slots >= 1, block_size >= 1.
+  HostTier(int32_t num_slots, int32_t block_size);
+
+  HostTier(const HostTier&) = delete;
+  HostTier& operator=(const HostTier&) = delete;
+
+  int32_t num_slots() const { return num_slots_; }
+  int32_t num_stored() const { return num_stored_; }
+  int32_t num_pinned() const { return static_cast<int32_t>(pinned_.size()); }
+  int32_t num_free() const { return static_cast<int32_t>(free_.size()); }
+
+  // The slot registered under `hash`, or -1.
+  int32_t Find(const BlockHash& hash) const { return table_.Find(hash); }
+  // Exact confirmation, as PrefixCacheIndex::Matches. REQUIRES: slot stored.
+  bool Matches(int32_t slot, uint64_t parent_id, const TokenId* tokens) const;
+  const TierEntry& entry(int32_t slot) const { return entries_[slot]; }
+  const TokenId* tokens(int32_t slot) const {
+    return &tokens_[static_cast<size_t>(slot) * block_size_];
+  }
+  bool stored(int32_t slot) const { return state_[slot] == kStored; }
+
+  // A free slot for a new entry, or -1 when every slot is stored or pinned
+  // (the caller drops the oldest first: DropOldest).
+  bool HasFreeSlot() const { return !free_.empty(); }
+  // Stores `entry` (newest in the LRU) in a free slot and returns the slot.
+  // REQUIRES: HasFreeSlot(); the hash not stored.
+  int32_t Insert(const TierEntry& entry, const TokenId* tokens);
+  // The oldest stored slot, or -1.
+  int32_t Oldest() const;
+  // Stored -> free. Returns the dropped entry.
+  TierEntry Drop(int32_t slot);
+  // Stored -> pinned (a hit being onboarded). Returns the entry.
+  TierEntry Take(int32_t slot);
+  // Every pinned slot -> free.
+  void ReleasePinned();
+  // Every stored slot -> free (ResetPrefixCache). Calls f(entry) for each.
+  template <typename F>
+  void Clear(F f) {
+    while (num_stored_ > 0) f(Drop(Oldest()));
+  }
+  // Calls f(slot, entry) for every stored slot.
+  template <typename F>
+  void ForEach(F f) const {
+    for (int32_t s = next_[Head()]; s != Head(); s = next_[s])
+      f(s, entries_[s]);
+  }
+
+  // Each slot in exactly one state, the LRU list, free stack and table
+  // consistent, counts right. Internal with the first violation.
+  absl::Status Validate() const;
+
+ private:
+  enum State : uint8_t { kFree, kStored, kPinned };
+  int32_t Head() const { return num_slots_; }
+  void Unlink(int32_t slot);
+
+  int32_t num_slots_;
+  int32_t block_size_;
+  int32_t num_stored_ = 0;
+  BlockHashTable table_;
+  std::vector<TierEntry> entries_;
+  std::vector<TokenId> tokens_;
+  std::vector<State> state_;
+  std::vector<int32_t> prev_, next_;  // LRU links; sentinel at num_slots_.
+  std::vector<int32_t> free_;         // Free slots (a stack).
+  std::vector<int32_t> pinned_;
+};
+
+}  // namespace internal
+}  // namespace kvcache
+
+#endif  // KVCACHE_ALLOCATOR_HOST_TIER_H_

@@ -1,0 +1,229 @@
+// PrefixCache's host tier (prefix_cache.h, host_tier.h): where registrations
+// move on eviction, how a match continues through the tier, and how hits
+// come back. Every tier transition of a registration lives here:
+//
+//   device -> host    Offload        a cached device block is evicted
+//   host -> dropped   DropHost       the tier's LRU needs room, or a copy failed
+//   host -> device    Onboard        a prefix hit (AddSequence)
+//                     Promote        a commit of content the tier holds
+//
+// Each tells the observer in call order (Record*) and asks the manager for
+// the byte copy (copies_), also in the order the copies must run.
+
+#include <algorithm>
+
+#include "absl/base/macros.h"
+#include "absl/strings/str_cat.h"
+#include "allocator/prefix_cache.h"
+
+namespace kvcache {
+namespace internal {
+
+void PrefixCache::RecordStored(const StoredBlock& block) {
+  if (tier_ == nullptr) {
+    stored_.push_back(block);
+  } else {
+    records_.push_back(Record{true, block});
+  }
+}
+
+void PrefixCache::RecordRemoved(const BlockHash& hash, BlockMedium medium) {
+  if (tier_ == nullptr) {
+    removed_.push_back(hash);
+    return;
+  }
+  Record r;
+  r.block.hash = hash;
+  r.block.medium = medium;
+  records_.push_back(r);
+}
+
+int64_t PrefixCache::MatchAcrossTiers(Sequence& s, const TokenId* prompt,
+                                      int64_t i, int64_t count,
+                                      const BlockPool& pool) const {
+  const int64_t bs = math_.size();
+  // Room to onboard: every free or cached block, less the cached ones the
+  // run shares (acquired before the onboarding allocates).
+  const int64_t room = pool.num_free() + pool.num_cached();
+  int64_t cached_shared = 0;
+  for (int64_t k = 0; k < i; ++k)
+    cached_shared += pool.state(s.blocks[k]) == BlockState::kCached;
+  int64_t host_hits = 0;
+  uint64_t parent = s.last_chain_id;
+  for (; i < count; ++i) {
+    const BlockHash& h = s.hashes[i];
+    const TokenId* tokens = prompt + i * bs;
+    const BlockId b = index_.Find(h);
+    if (b >= 0) {
+      if (!index_.Matches(b, parent, tokens)) break;
+      const bool cached = pool.state(b) == BlockState::kCached;
+      if (host_hits > 0 && cached && host_hits + cached_shared + 1 > room)
+        break;
+      cached_shared += cached;
+      parent = index_.content_id(b);
+      s.blocks[i] = b;
+      continue;
+    }
+    const int32_t slot = tier_->Find(h);
+    if (slot < 0 || !tier_->Matches(slot, parent, tokens)) break;
+    if (host_hits + 1 + cached_shared > room) break;
+    ++host_hits;
+    parent = tier_->entry(slot).content_id;
+    s.blocks[i] = HostHit(slot);
+  }
+  s.last_chain_id = parent;
+  return i;
+}
+
+void PrefixCache::Offload(BlockId b) {
+  if (!tier_->HasFreeSlot()) {
+    const int32_t oldest = tier_->Oldest();
+    if (oldest < 0) return;  // Every slot is pinned by this call's onboarding.
+    DropHost(oldest, /*failed=*/false);
+  }
+  TierEntry e;
+  e.hash = index_.hash(b);
+  e.parent_id = index_.parent_id(b);
+  e.content_id = index_.content_id(b);
+  e.first_in_chain = PrefixCacheIndex::IsRoot(e.parent_id);
+  e.parent_hash = meta_[b].parent_hash;
+  e.adapter_id = meta_[b].adapter_id;
+  // The tier holds its own reference on a root (Erase drops the device's).
+  if (e.first_in_chain) index_.AcquireRoot(e.parent_id);
+  const int32_t slot = tier_->Insert(e, index_.stored_tokens(b));
+  copies_.push_back(TierCopy{b, slot, /*onboard=*/false});
+  ++stats_.offloads;
+  if (observer_ != nullptr) {
+    slot_recorded_[slot] = 1;
+    RecordStored(StoredBlock{
+        slot, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kHost,
+        e.adapter_id,
+        absl::Span<const TokenId>(tier_->tokens(slot), math_.size())});
+  }
+}
+
+void PrefixCache::DropHost(int32_t slot, bool failed) {
+  // A record not yet flushed may name this slot's tokens, which a later
+  // Insert overwrites: flush first (rare: the oldest slot is older than the
+  // call).
+  if (observer_ != nullptr && slot_recorded_[slot]) FlushToObserver();
+  const TierEntry e = tier_->Drop(slot);
+  if (PrefixCacheIndex::IsRoot(e.parent_id)) index_.ReleaseRoot(e.parent_id);
+  if (observer_ != nullptr) RecordRemoved(e.hash, BlockMedium::kHost);
+  ++(failed ? stats_.host_drops : stats_.host_evictions);
+}
+
+uint64_t PrefixCache::Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
+                              const TokenId* tokens, BlockPool& pool,
+                              bool& collision) {
+  const int32_t slot = tier_->Find(h);
+  if (slot < 0) return 0;
+  if (!tier_->Matches(slot, parent_id, tokens)) {
+    collision = true;
+    return 0;
+  }
+  if (observer_ != nullptr && slot_recorded_[slot]) FlushToObserver();
+  const TierEntry e = tier_->Drop(slot);
+  if (observer_ != nullptr) RecordRemoved(e.hash, BlockMedium::kHost);
+  index_.Restore(e.hash, b, e.parent_id, e.content_id, tokens);
+  if (PrefixCacheIndex::IsRoot(e.parent_id)) index_.ReleaseRoot(e.parent_id);
+  pool.MarkHashed(b);
+  meta_[b] = EventMeta{e.parent_hash, e.adapter_id};
+  if (observer_ != nullptr) {
+    RecordStored(StoredBlock{
+        b, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kDevice,
+        e.adapter_id,
+        absl::Span<const TokenId>(index_.stored_tokens(b), math_.size())});
+  }
+  return e.content_id;
+}
+
+int64_t PrefixCache::Onboard(Sequence& s, BlockPool& pool) {
+  // Pin every hit first: the allocations below may offload, and an offload
+  // must not drop (or overwrite) a slot this call reads.
+  int64_t hits = 0;
+  for (BlockId& b : s.blocks) {
+    if (b >= 0) continue;
+    tier_->Take(HostSlot(b));
+    ++hits;
+  }
+  if (hits == 0) return 0;
+  const int64_t bs = math_.size();
+  for (BlockId& b : s.blocks) {
+    if (b >= 0) continue;
+    const int32_t slot = HostSlot(b);
+    const TierEntry& e = tier_->entry(slot);
+    const BlockId fresh = Allocate(pool);  // In use, ref 1: s holds it.
+    if (observer_ != nullptr) RecordRemoved(e.hash, BlockMedium::kHost);
+    index_.Restore(e.hash, fresh, e.parent_id, e.content_id,
+                   tier_->tokens(slot));
+    // The device registration took its own root reference.
+    if (PrefixCacheIndex::IsRoot(e.parent_id)) index_.ReleaseRoot(e.parent_id);
+    pool.MarkHashed(fresh);
+    meta_[fresh] = EventMeta{e.parent_hash, e.adapter_id};
+    copies_.push_back(TierCopy{fresh, slot, /*onboard=*/true});
+    if (observer_ != nullptr) {
+      RecordStored(StoredBlock{
+          fresh, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kDevice,
+          e.adapter_id,
+          absl::Span<const TokenId>(index_.stored_tokens(fresh), bs)});
+    }
+    b = fresh;
+  }
+  // The onboard copies run before any later call's offload: the slots may
+  // be reused from here on.
+  tier_->ReleasePinned();
+  s.tail_block = s.blocks.back();
+  stats_.onboards += hits;
+  stats_.host_hit_tokens += hits * bs;
+  return hits;
+}
+
+void PrefixCache::DropOnboarded(absl::Span<const TierCopy> copies,
+                                BlockPool& pool) {
+  for (const TierCopy& c : copies) {
+    if (!c.onboard) continue;
+    const BlockId b = c.device_block;
+    if (!index_.registered(b)) continue;
+    if (observer_ != nullptr)
+      RecordRemoved(index_.hash(b), BlockMedium::kDevice);
+    index_.Erase(b);
+    pool.Unhash(b);
+    ++stats_.host_drops;
+  }
+}
+
+void PrefixCache::DropOffloaded(absl::Span<const TierCopy> copies) {
+  for (const TierCopy& c : copies) {
+    if (!c.onboard && tier_->stored(c.host_slot)) DropHost(c.host_slot, true);
+  }
+}
+
+absl::Status PrefixCache::ValidateTier() const {
+  if (!records_.empty()) {
+    return absl::InternalError(
+        absl::StrCat(records_.size(), " observer records not flushed"));
+  }
+  if (tier_ == nullptr) return absl::OkStatus();
+  if (absl::Status s = tier_->Validate(); !s.ok()) return s;
+  if (tier_->num_pinned() != 0) {
+    return absl::InternalError(absl::StrCat(
+        tier_->num_pinned(), " host-tier slots pinned between calls"));
+  }
+  absl::Status status;
+  tier_->ForEach([&](int32_t slot, const TierEntry& e) {
+    if (!status.ok()) return;
+    if (index_.Find(e.hash) >= 0) {
+      status = absl::InternalError(absl::StrCat(
+          "host slot ", slot, " holds a hash the device index holds too"));
+    } else if (e.content_id == 0 || PrefixCacheIndex::IsRoot(e.content_id) ||
+               e.first_in_chain != PrefixCacheIndex::IsRoot(e.parent_id)) {
+      status = absl::InternalError(
+          absl::StrCat("host slot ", slot, " has bad chain ids"));
+    }
+  });
+  return status;
+}
+
+}  // namespace internal
+}  // namespace kvcache

@@ -8,27 +8,7 @@
 #include <string.h>
 
 #include "api/kvcache_c.h"
-
-static int failures = 0;
-
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                              \
-    }                                                                          \
-  } while (0)
-
-#define CHECK_IS(want, call)                                                 \
-  do {                                                                       \
-    kvcache_status s_ = (call);                                              \
-    if (s_ != (want)) {                                                      \
-      fprintf(stderr, "%s:%d: %s -> %s (want %s): %s\n", __FILE__, __LINE__, \
-              #call, kvcache_status_name(s_), kvcache_status_name(want),     \
-              kvcache_last_error(NULL));                                     \
-      ++failures;                                                            \
-    }                                                                        \
-  } while (0)
+#include "tests/c_check.h"
 
 enum { H = 1, D = 8, BS = 4, BLOCKS = 4 };
 

@@ -267,6 +267,7 @@ void BatchReserver::ApplySlow(const SlowPath& path,
     plan.copies.push_back(BlockCopy{s.blocks.back(), fresh});
     s.cow_src = s.blocks.back();  // Keeps its reference: the copy reads it.
     s.blocks.back() = fresh;
+    ++s.table_version;
   }
   const int64_t end = s.computed + batch[path.index].num_tokens;
   const size_t num_blocks = static_cast<size_t>(math_.CeilDiv(end));

@@ -146,6 +146,7 @@ void BlockManager::ReleaseAll(Sequence& s) {
   s.cow_src = -1;
   for (auto it = s.blocks.rbegin(); it != s.blocks.rend(); ++it)
     pool_.Release(*it);
+  if (!s.blocks.empty()) ++s.table_version;
   s.blocks.clear();
   s.tail_block = -1;
 }
@@ -262,6 +263,7 @@ void BlockManager::Unreserve(Sequence& s, size_t tokens_before) {
   const size_t blocks_before = static_cast<size_t>(math_.CeilDiv(s.computed));
   for (size_t j = s.blocks.size(); j > blocks_before; --j)
     pool_.Release(s.blocks[j - 1]);
+  if (s.blocks.size() > blocks_before || s.cow_src >= 0) ++s.table_version;
   s.blocks.resize(blocks_before);
   if (s.cow_src >= 0) {
     pool_.Release(s.blocks.back());
@@ -327,6 +329,14 @@ absl::StatusOr<absl::Span<const BlockId>> BlockManager::BlockTable(
   const Sequence* s = Find(id);
   if (s == nullptr) return SequenceNotFound(id);
   return absl::Span<const BlockId>(s->blocks);
+}
+
+absl::StatusOr<BlockTableRef> BlockManager::BlockTableWithVersion(
+    SequenceId id) const {
+  const Sequence* s = Find(id);
+  if (s == nullptr) return SequenceNotFound(id);
+  return BlockTableRef{absl::Span<const BlockId>(s->blocks), s->serial,
+                       s->table_version};
 }
 
 absl::StatusOr<int64_t> BlockManager::ComputedLength(SequenceId id) const {

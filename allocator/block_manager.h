@@ -91,6 +91,18 @@ struct TierUsage {
   int32_t stored_blocks = 0;  // Holding a registration.
 };
 
+// A sequence's block table and what its contents are known by between two
+// looks: while `serial` and `version` stay the same, the table only grew at
+// its end (a shrink or a replaced entry, as by Truncate, a rejected draft, an
+// abort or a copy-on-write, changes `version`; a sequence made anew, even
+// under an old id, has a new `serial`). An engine-side copy of the table can
+// then be brought up to date by its new entries alone.
+struct BlockTableRef {
+  absl::Span<const BlockId> blocks;  // Valid until the sequence next changes.
+  uint64_t serial = 0;
+  uint64_t version = 0;
+};
+
 struct PoolUsage {
   int32_t total_blocks = 0;
   int32_t free_blocks = 0;    // On the free list (no content worth keeping).
@@ -243,6 +255,7 @@ class BlockManager {
 
   // Lookups. NotFound for an unknown sequence.
   absl::StatusOr<absl::Span<const BlockId>> BlockTable(SequenceId id) const;
+  absl::StatusOr<BlockTableRef> BlockTableWithVersion(SequenceId id) const;
   // Tokens written and committed.
   absl::StatusOr<int64_t> ComputedLength(SequenceId id) const;
   // Token ids known (prompt + new).

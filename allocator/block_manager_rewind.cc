@@ -35,6 +35,7 @@ void BlockManager::RollBack(Sequence& s, int64_t accepted) {
   const size_t keep = static_cast<size_t>(math_.CeilDiv(end));
   for (size_t j = s.blocks.size(); j > keep; --j)
     pool_.Release(s.blocks[j - 1]);
+  if (s.blocks.size() > keep) ++s.table_version;
   s.blocks.resize(keep);
   s.tail_block = s.blocks.empty() ? -1 : s.blocks.back();
   s.tokens.resize(
@@ -141,6 +142,7 @@ absl::Status BlockManager::Truncate(SequenceId id, int64_t new_length) {
   // The tail first, so that once cached the chain's last blocks go first.
   for (size_t j = s->blocks.size(); j > keep; --j)
     pool_.Release(s->blocks[j - 1]);
+  if (s->blocks.size() > keep) ++s->table_version;
   s->blocks.resize(keep);
   s->tail_block = s->blocks.empty() ? -1 : s->blocks.back();
   if (prefix_.enabled()) prefix_.Rewind(*s, full);

@@ -58,6 +58,13 @@ struct alignas(64) Sequence {
   // root's when there is none, is `last_chain_id`.
   int64_t chained_blocks = 0;
   uint64_t last_chain_id = 0;
+  // What `blocks` is known by between two looks (BlockManager::
+  // BlockTableRef): `serial` is unique among the sequences one SequenceTable
+  // ever held (SequenceTable::Insert sets it), and `table_version` changes
+  // whenever an entry of `blocks` changes or `blocks` shrinks. While both stay
+  // the same, `blocks` only grows at its end.
+  uint64_t serial = 0;
+  uint64_t table_version = 0;
 
   int64_t id = 0;
   // Prefix-cache chain (kept only with prefix caching on).

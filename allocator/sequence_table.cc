@@ -18,6 +18,7 @@ Sequence& SequenceTable::Insert(std::unique_ptr<Sequence> seq) {
   // From here on nothing allocates.
   by_id_.Insert(id, &s);
   ++generation_;
+  s.serial = generation_;  // Unique: generation_ only grows.
   return s;
 }
 

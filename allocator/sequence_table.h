@@ -32,7 +32,8 @@ class SequenceTable {
 
   // The sequence under `id`, or nullptr.
   Sequence* Find(SequenceId id) const { return by_id_.Find(id); }
-  // Takes `seq` (its id not present) and returns it. May throw
+  // Takes `seq` (its id not present), gives it a new serial (Sequence::serial)
+  // and returns it. May throw
   // std::bad_alloc, changing nothing (`seq` is then destroyed).
   Sequence& Insert(std::unique_ptr<Sequence> seq);
   // Destroys the sequence under `id`. REQUIRES: present.

@@ -3,19 +3,29 @@
 // when config.graph_max_tokens > 0, and what the manager knows of the graphs
 // captured over them.
 //
-// Device layout (one allocation, so one upload per step):
+// Device layout (one allocation):
 //
 //   int64 slot_mapping [max_tokens] | int64 positions [max_tokens] |
 //   int32 seq_lens [max_sequences]  | int32 block_table [max_sequences, cols]
 //
 // The host side is staged in two pinned copies used in turn, so writing step
-// N+1's inputs waits at most for step N-1's upload, never for step N's. Each
-// staging copy remembers how far its last contents reached (tokens, rows,
-// blocks per row), so a step rewrites only what changed: padding stays -1
-// (slots), 0 (positions, lengths) and zeros (table columns past a sequence's
-// blocks) without refilling whole buffers. The upload covers the step's rows
-// and whatever the previous contents reached, on the caller's stream, after
-// earlier work on that stream (the graph replays that read the last inputs).
+// N+1's inputs waits at most for step N-1's upload, never for step N's.
+//
+// The block table is kept in step incrementally. For every row the buffers
+// remember what the device holds (which sequence's table, by its serial and
+// version, BlockTableRef, and how many of its blocks; zeros after them), and
+// separately what each staging copy holds. A step brings the staging copy it
+// writes up to date row by row (in decode: the blocks a sequence gained since
+// that copy's last step, two steps ago) and uploads only what the device
+// lacks: the entries a row gained, a whole row when its sequence changed, its
+// table shrank or an entry was replaced (copy-on-write), zeros where a row
+// emptied. Slots, positions and lengths (a few KB) are rewritten every step.
+// On a GPU the upload is one asynchronous copy from the start of the buffer to
+// the end of the last changed row (one call costs the host about the same
+// whatever its size); on the CPU, where a copy is a memcpy paid by the host,
+// it is one copy per run of changed bytes. Every upload runs on the caller's
+// stream, after earlier work on that stream (the graph replays that read the
+// last inputs).
 //
 // Thread-compatible: the manager's mutex guards it. Internal to api/.
 
@@ -31,7 +41,6 @@
 #include "absl/types/span.h"
 #include "allocator/block_manager.h"
 #include "api/graph_step_inputs.h"
-#include "core/plan_sequence.h"
 #include "storage/buffer.h"
 #include "storage/device.h"
 
@@ -49,15 +58,18 @@ class GraphStepBuffers {
   int64_t max_sequences() const { return max_sequences_; }
 
   // Writes a step's inputs: `slots` (the plan's slot mapping, batch order),
-  // `layout` (its sequences), `tables` (their block tables, including this
-  // step's blocks) and padding up to `graph_tokens`, then uploads them on
-  // `stream`. REQUIRES: slots.size() <= graph_tokens <= max_tokens,
-  // layout.size() == tables.size() <= max_sequences, every table at most
-  // cols blocks. On error nothing was uploaded.
+  // per sequence its `num_tokens` and `first_positions` and its block table
+  // (`tables`, including this step's blocks), then -1 / 0 padding, and
+  // uploads what changed on `stream`. REQUIRES: slots.size() <= max_tokens,
+  // the sequences' tokens sum to slots.size(), num_tokens.size() ==
+  // first_positions.size() == tables.size() <= max_sequences, every table at
+  // most cols blocks, and each table's (serial, version) as BlockTableRef
+  // promises. On error the device's contents are unspecified until the next
+  // successful Write (which then rewrites everything).
   absl::Status Write(absl::Span<const int64_t> slots,
-                     absl::Span<const PlanSequence> layout,
-                     absl::Span<const absl::Span<const BlockId>> tables,
-                     int64_t graph_tokens, void* stream);
+                     absl::Span<const int64_t> num_tokens,
+                     absl::Span<const int64_t> first_positions,
+                     absl::Span<const BlockTableRef> tables, void* stream);
   // Rewrites slots [offset, offset + count) of the last written step to -1
   // (RemoveFromPlan) on `stream`. REQUIRES: within the last Write's tokens.
   absl::Status Pad(int64_t offset, int64_t count, void* stream);
@@ -71,13 +83,34 @@ class GraphStepBuffers {
     return captured_[graph_tokens] != 0;
   }
 
+  // Bytes the last Write uploaded and in how many copies (for tests).
+  int64_t last_upload_bytes() const { return last_upload_bytes_; }
+  int64_t last_upload_copies() const { return last_upload_copies_; }
+
  private:
+  // What a block-table row holds: the first `blocks` entries of the table
+  // (serial, version), then zeros. {0, 0, 0} is an empty row.
+  struct RowState {
+    uint64_t serial = 0;
+    uint64_t version = 0;
+    int32_t blocks = 0;
+    bool operator==(const RowState& o) const {
+      return serial == o.serial && version == o.version && blocks == o.blocks;
+    }
+    // The first `blocks` entries are those of `o` (same table, grown since).
+    bool IsPrefixOf(const RowState& o) const {
+      return serial == o.serial && version == o.version && blocks <= o.blocks;
+    }
+  };
   struct Staging {
     Buffer host;
     Event uploaded;
-    int64_t tokens = 0;  // Slots and positions written before the padding.
-    int64_t rows = 0;    // Rows of seq_lens and block_table written.
-    std::vector<int32_t> row_blocks;  // Per row: nonzero table columns.
+    int64_t tokens = 0;           // Slots and positions before the padding.
+    int64_t rows = 0;             // Rows of seq_lens written.
+    std::vector<RowState> table;  // [max_sequences]
+  };
+  struct Range {
+    size_t begin = 0, end = 0;  // Bytes from the start of the buffers.
   };
 
   GraphStepBuffers(Device* device, int64_t max_tokens, int64_t max_sequences,
@@ -85,7 +118,18 @@ class GraphStepBuffers {
       : device_(device),
         max_tokens_(max_tokens),
         max_sequences_(max_sequences),
-        cols_(cols) {}
+        cols_(cols),
+        coalesce_(device->kind() != DeviceKind::kCpu) {}
+
+  // Makes row `row` (staging memory) hold `want`, from `have`, writing only
+  // what differs; `blocks` are want's table. Then have == want.
+  void UpdateRow(RowState& have, const RowState& want, const BlockId* blocks,
+                 int32_t* row) const;
+  // Adds bytes [begin, end) to the upload (in increasing order).
+  void AddRange(size_t begin, size_t end);
+  // After a failed upload: the device may hold anything, so the next Write
+  // rewrites every byte a step could have written.
+  void ForgetDevice();
 
   // Byte offsets of the four arrays.
   size_t positions_offset() const { return max_tokens_ * sizeof(int64_t); }
@@ -98,8 +142,20 @@ class GraphStepBuffers {
   const int64_t max_tokens_;
   const int64_t max_sequences_;
   const int64_t cols_;
+  // One upload per step (GPU), or one per run of changed bytes (CPU).
+  const bool coalesce_;
   Buffer device_buffer_;
   Staging staging_[2];
+  // What the device holds: tokens of slots / positions and rows of seq_lens
+  // that may be nonzero, and per block-table row its state; rows at and past
+  // device_table_rows_ are empty.
+  int64_t device_tokens_ = 0;
+  int64_t device_rows_ = 0;
+  int64_t device_table_rows_ = 0;
+  std::vector<RowState> device_table_;  // [max_sequences]
+  std::vector<Range> ranges_;           // Write's upload, reused.
+  int64_t last_upload_bytes_ = 0;
+  int64_t last_upload_copies_ = 0;
   int next_ = 0;                // The staging copy the next Write uses.
   int last_ = -1;               // The staging copy of the last Write.
   std::vector<char> captured_;  // [max_tokens + 1]

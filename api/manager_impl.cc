@@ -83,6 +83,7 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
             dev, config.graph_max_tokens,
             std::min(config.graph_max_tokens, config.max_sequences_per_step),
             cols));
+    m->graph_tables_.reserve(m->graph_->max_sequences());
   }
   if (config.num_q_heads > 0) {
     KVCACHE_ASSIGN_OR_RETURN(
@@ -270,7 +271,7 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
       }
     }
     if (uploaded.ok() && graph_tokens > 0) {
-      uploaded = WriteGraphStep(*plan, graph_tokens, stream);
+      uploaded = WriteGraphStep(*plan, stream);
     }
   } catch (...) {
     blocks_->Abort(plan->id).IgnoreError();
@@ -302,32 +303,23 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
 }
 
 absl::Status KVCacheManager::Impl::WriteGraphStep(const StepPlan& plan,
-                                                  int64_t graph_tokens,
                                                   void* stream) {
-  // The layout PlanTable::Add will record, and the batch's tables (which
-  // include the blocks just reserved).
-  std::vector<PlanSequence> layout;
-  layout.reserve(plan.sequences.size());
-  int64_t offset = 0;
-  for (size_t i = 0; i < plan.sequences.size(); ++i) {
-    layout.push_back(PlanSequence{plan.sequences[i], offset, plan.num_tokens[i],
-                                  plan.first_positions[i]});
-    offset += plan.num_tokens[i];
-  }
-  std::vector<absl::Span<const BlockId>> tables;
-  tables.reserve(plan.sequences.size());
+  // The batch's tables (which include the blocks just reserved), in a vector
+  // sized at Create: no allocation per step.
+  graph_tables_.clear();
   for (SequenceId id : plan.sequences) {
-    KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> table,
-                             blocks_->BlockTable(id));
+    KVCACHE_ASSIGN_OR_RETURN(const BlockTableRef table,
+                             blocks_->BlockTableWithVersion(id));
     // Reserve keeps every sequence within max_blocks_per_sequence columns.
-    if (static_cast<int64_t>(table.size()) > lookups_->cols()) {
+    if (static_cast<int64_t>(table.blocks.size()) > lookups_->cols()) {
       return absl::InternalError(
-          absl::StrCat("sequence ", id, " holds ", table.size(),
+          absl::StrCat("sequence ", id, " holds ", table.blocks.size(),
                        " blocks, more than ", lookups_->cols(), " columns"));
     }
-    tables.push_back(table);
+    graph_tables_.push_back(table);
   }
-  return graph_->Write(plan.slot_mapping, layout, tables, graph_tokens, stream);
+  return graph_->Write(plan.slot_mapping, plan.num_tokens, plan.first_positions,
+                       graph_tables_, stream);
 }
 
 absl::StatusOr<GraphStepInputs> KVCacheManager::Impl::GraphStep() const {

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -136,8 +137,8 @@ class KVCacheManager::Impl {
                               int64_t graph_tokens) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Writes and uploads the graph step's inputs for a just-reserved plan.
-  absl::Status WriteGraphStep(const StepPlan& plan, int64_t graph_tokens,
-                              void* stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status WriteGraphStep(const StepPlan& plan, void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Takes a plan out of the table (Commit, Abort), freeing the graph step's
   // buffers when it held them.
   void RemovePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -194,6 +195,8 @@ class KVCacheManager::Impl {
   // Made at Create when config.graph_max_tokens > 0.
   std::unique_ptr<internal::GraphStepBuffers> graph_ ABSL_GUARDED_BY(mu_);
   uint64_t graph_plan_ ABSL_GUARDED_BY(mu_) = 0;  // Holding graph_, if not 0.
+  // WriteGraphStep's tables, sized at Create.
+  std::vector<BlockTableRef> graph_tables_ ABSL_GUARDED_BY(mu_);
   // Made at Create when config.num_q_heads > 0.
   std::unique_ptr<internal::AttentionBuffers> attention_ ABSL_GUARDED_BY(mu_);
   MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);

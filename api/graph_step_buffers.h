@@ -86,6 +86,8 @@ class GraphStepBuffers {
   // Bytes the last Write uploaded and in how many copies (for tests).
   int64_t last_upload_bytes() const { return last_upload_bytes_; }
   int64_t last_upload_copies() const { return last_upload_copies_; }
+  // Uploads as on a GPU (one copy) whatever the device.
+  void set_coalesce_for_testing(bool on) { coalesce_ = on; }
 
  private:
   // What a block-table row holds: the first `blocks` entries of the table
@@ -143,7 +145,7 @@ class GraphStepBuffers {
   const int64_t max_sequences_;
   const int64_t cols_;
   // One upload per step (GPU), or one per run of changed bytes (CPU).
-  const bool coalesce_;
+  bool coalesce_;
   Buffer device_buffer_;
   Staging staging_[2];
   // What the device holds: tokens of slots / positions and rows of seq_lens

@@ -86,6 +86,11 @@ void KVCacheManagerTestPeer::DisableCacheWrites(KVCacheManager& manager) {
   manager.impl_->mutable_backend().DisableWritesForTest();
 }
 
+void KVCacheManagerTestPeer::CoalesceGraphStepUploads(KVCacheManager& manager) {
+  Lock lock(manager.impl_->mu());
+  manager.impl_->CoalesceGraphStepUploadsForTesting();
+}
+
 absl::StatusOr<int64_t> KVCacheManager::AddSequence(
     SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra) {
   return NoBadAlloc("AddSequence", [&]() -> absl::StatusOr<int64_t> {

@@ -39,6 +39,11 @@ class KVCacheManagerTestPeer {
   // Makes every later Append's kernel a no-op (nothing written), so that a
   // benchmark times Append's own host work: checks, bookkeeping, dispatch.
   static void DisableCacheWrites(KVCacheManager& manager);
+  // Makes the graph step upload its inputs as on a GPU (one copy from the
+  // buffers' start to the last changed byte) on the CPU backend too, which
+  // otherwise copies each run of changed bytes (api/graph_step_buffers.h).
+  // No-op without graph step buffers.
+  static void CoalesceGraphStepUploads(KVCacheManager& manager);
 };
 
 }  // namespace kvcache

@@ -118,6 +118,11 @@ class KVCacheManager::Impl {
 
   absl::Status CheckLayer(int layer) const;
 
+  // KVCacheManagerTestPeer::CoalesceGraphStepUploads.
+  void CoalesceGraphStepUploadsForTesting() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (graph_ != nullptr) graph_->set_coalesce_for_testing(true);
+  }
+
   // The host tier (null without one); for tests.
   internal::TierMover* tier() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return tier_.get();

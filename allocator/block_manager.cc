@@ -339,6 +339,33 @@ absl::StatusOr<BlockTableRef> BlockManager::BlockTableWithVersion(
                        s->table_version};
 }
 
+uint64_t BlockManager::FirstPendingPlan(absl::Span<const ReserveRequest> batch,
+                                        size_t* index) const {
+  sequences_.PrepareLookups(batch.size());
+  size_t valid = sequences_.cache_valid();
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Sequence* s = sequences_.LookupAt(i, batch[i].sequence, valid);
+    if (s != nullptr && s->plan_id != 0) {
+      *index = i;
+      return s->plan_id;
+    }
+  }
+  return 0;
+}
+
+absl::Status BlockManager::BatchTablesWithVersion(
+    absl::Span<const SequenceId> ids, absl::Span<BlockTableRef> out) const {
+  sequences_.PrepareLookups(ids.size());
+  size_t valid = sequences_.cache_valid();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const Sequence* s = sequences_.LookupAt(i, ids[i], valid);
+    if (s == nullptr) return SequenceNotFound(ids[i]);
+    out[i] = BlockTableRef{absl::Span<const BlockId>(s->blocks), s->serial,
+                           s->table_version};
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int64_t> BlockManager::ComputedLength(SequenceId id) const {
   const Sequence* s = Find(id);
   if (s == nullptr) return SequenceNotFound(id);

@@ -256,6 +256,19 @@ class BlockManager {
   // Lookups. NotFound for an unknown sequence.
   absl::StatusOr<absl::Span<const BlockId>> BlockTable(SequenceId id) const;
   absl::StatusOr<BlockTableRef> BlockTableWithVersion(SequenceId id) const;
+  // The first request of `batch` whose sequence has a plan in flight: sets
+  // *index and returns the plan; 0 when none has (unknown sequences are
+  // Reserve's to refuse). Through the batch lookups Reserve uses, so a decode
+  // step naming the last step's sequences in order costs no search. May throw
+  // std::bad_alloc for a batch longer than any before.
+  uint64_t FirstPendingPlan(absl::Span<const ReserveRequest> batch,
+                            size_t* index) const;
+  // BlockTableWithVersion of every id, into out[i] (out.size() == ids.size()),
+  // found through Reserve's batch lookups: the batch Reserve just took costs
+  // no search. NotFound (out partly written) for an unknown id. May throw
+  // std::bad_alloc for a batch longer than any before.
+  absl::Status BatchTablesWithVersion(absl::Span<const SequenceId> ids,
+                                      absl::Span<BlockTableRef> out) const;
   // Tokens written and committed.
   absl::StatusOr<int64_t> ComputedLength(SequenceId id) const;
   // Token ids known (prompt + new).

@@ -124,9 +124,17 @@ absl::Status KVCacheManager::Impl::CheckBatch(
         "batch of ", batch.size(), " sequences exceeds max_sequences_per_step ",
         config_.max_sequences_per_step));
   }
+  // A sequence in flight, found through the allocator's batch lookups (no
+  // search when the batch names the last one's sequences in order).
+  size_t pending = 0;
+  if (const uint64_t plan = blocks_->FirstPendingPlan(batch, &pending);
+      plan != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "reserve of sequence ", batch[pending].sequence, " while plan ", plan,
+        " is in flight: commit or abort it first"));
+  }
   int64_t tokens = 0;
   for (const ReserveRequest& request : batch) {
-    KVCACHE_RETURN_IF_ERROR(CheckNotPending(request.sequence, "reserve"));
     if (request.num_tokens > config_.max_tokens_per_step) {
       return absl::InvalidArgumentError(absl::StrCat(
           "reserve of ", request.num_tokens, " tokens for sequence ",
@@ -305,18 +313,20 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
 absl::Status KVCacheManager::Impl::WriteGraphStep(const StepPlan& plan,
                                                   void* stream) {
   // The batch's tables (which include the blocks just reserved), in a vector
-  // sized at Create: no allocation per step.
-  graph_tables_.clear();
-  for (SequenceId id : plan.sequences) {
-    KVCACHE_ASSIGN_OR_RETURN(const BlockTableRef table,
-                             blocks_->BlockTableWithVersion(id));
+  // sized at Create, found through the allocator's lookups of the batch it
+  // just reserved: no allocation, no search per step.
+  graph_tables_.resize(plan.sequences.size());
+  KVCACHE_RETURN_IF_ERROR(blocks_->BatchTablesWithVersion(
+      plan.sequences, absl::MakeSpan(graph_tables_)));
+  for (size_t i = 0; i < graph_tables_.size(); ++i) {
     // Reserve keeps every sequence within max_blocks_per_sequence columns.
-    if (static_cast<int64_t>(table.blocks.size()) > lookups_->cols()) {
+    if (static_cast<int64_t>(graph_tables_[i].blocks.size()) >
+        lookups_->cols()) {
       return absl::InternalError(
-          absl::StrCat("sequence ", id, " holds ", table.blocks.size(),
-                       " blocks, more than ", lookups_->cols(), " columns"));
+          absl::StrCat("sequence ", plan.sequences[i], " holds ",
+                       graph_tables_[i].blocks.size(), " blocks, more than ",
+                       lookups_->cols(), " columns"));
     }
-    graph_tables_.push_back(table);
   }
   return graph_->Write(plan.slot_mapping, plan.num_tokens, plan.first_positions,
                        graph_tables_, stream);

@@ -40,6 +40,11 @@ KVCacheConfig Config(DType cache_dtype, int32_t num_blocks, int tier_blocks,
   c.cpu_threads = 1;
   const int64_t block = *BlockBytesAllLayers(c);
   c.host_tier_bytes = tier_blocks * block + block / 2;
+  // These tests count the moves of the plain path (every evicted block
+  // offloaded and reused at once); the policy's tests set their own.
+  c.tier_offload_min_hits = 0;
+  c.tier_offload_max_in_flight_bytes = 0;
+  c.tier_hold_offloads = false;
   return c;
 }
 

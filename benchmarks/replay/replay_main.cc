@@ -105,6 +105,9 @@ ABSL_FLAG(double, tier_offload_max_in_flight_mb,
           "Host tier: MiB of copies in flight past which evicted blocks are "
           "dropped, not offloaded (tier_offload_max_in_flight_bytes; 0 = no "
           "bound).");
+ABSL_FLAG(bool, tier_hold_offloads, kvcache::KVCacheConfig().tier_hold_offloads,
+          "Host tier: hold an offloaded block until its copy is done instead "
+          "of reusing it at once (KVCacheConfig::tier_hold_offloads).");
 ABSL_FLAG(std::string, json, "", "Also write the report as JSON to this path.");
 ABSL_FLAG(double, progress_interval_s, 10.0,
           "Seconds between progress lines when stderr is not a terminal.");
@@ -172,6 +175,7 @@ absl::StatusOr<KVCacheConfig> MakeConfig() {
   }
   config.tier_offload_max_in_flight_bytes =
       static_cast<int64_t>(in_flight_mb * (1 << 20));
+  config.tier_hold_offloads = absl::GetFlag(FLAGS_tier_hold_offloads);
   if (absl::GetFlag(FLAGS_cuda_graph)) {
     if (config.backend != Backend::kCuda) {
       return absl::InvalidArgumentError("--cuda_graph needs --backend=cuda");

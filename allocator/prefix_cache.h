@@ -309,7 +309,8 @@ class PrefixCache {
   // RegisterFilled's case of content the tier holds: the tier's registration
   // moves to `b` (with its ids) and the tier copy is dropped; returns its
   // content id, or 0 when the tier does not hold `h` (or holds other content
-  // under it: then `collision` is set).
+  // under it: then `collision` is set; or the same tokens under a stale
+  // parent, an entry no chain reaches any more: then it is dropped).
   uint64_t Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
                    const TokenId* tokens, BlockPool& pool, bool& collision);
   // A free block, or the oldest cached one evicted.

@@ -120,6 +120,15 @@ uint64_t PrefixCache::Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
   const int32_t slot = tier_->Find(h);
   if (slot < 0) return 0;
   if (!tier_->Matches(slot, parent_id, tokens)) {
+    if (std::equal(tokens, tokens + math_.size(), tier_->tokens(slot))) {
+      // The same content under a parent registered anew since (its old
+      // parent was dropped: a chain cut by the offload policy or the tier's
+      // LRU): the entry can never be reached again. Drop it, and register
+      // the block as new content rather than as a collision, which would
+      // cut this sequence's chain too.
+      DropHost(slot, /*failed=*/false);
+      return 0;
+    }
     collision = true;
     return 0;
   }

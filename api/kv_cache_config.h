@@ -125,7 +125,7 @@ struct KVCacheConfig {
   //        its next write waits: tier_offloads_waited). false: every
   //        offloaded block is reused at once, its writes waiting for the
   //        copy.
-  int32_t tier_offload_min_hits = 0;
+  int32_t tier_offload_min_hits = 1;
   int64_t tier_offload_max_in_flight_bytes = int64_t{256} << 20;
   bool tier_hold_offloads = true;
 

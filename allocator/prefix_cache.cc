@@ -27,6 +27,7 @@ PrefixCache::PrefixCache(const Options& options)
     hold_offloaded_ = options.hold_offloaded;
     meta_.resize(options.num_blocks);
     held_.resize(options.num_blocks);
+    max_held_ = std::max<int64_t>(16, options.num_blocks / 64);
     // A call offloads each device block at most once and onboards at most one
     // block per device block.
     copies_.reserve(2 * static_cast<size_t>(options.num_blocks));
@@ -181,6 +182,10 @@ void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
 }
 
 BlockId PrefixCache::Evict(BlockPool& pool) {
+  // Holding evicts further blocks early; bounded per eviction and in all,
+  // so that a run of selected blocks at the LRU's end does not empty the
+  // cache into the tier (the rest are reused at once and waited for).
+  int holds = 0;
   while (true) {
     const BlockId b = pool.EvictOldest();
     if (observer_ != nullptr)
@@ -196,11 +201,13 @@ BlockId PrefixCache::Evict(BlockPool& pool) {
         --offload_budget_;
         if (!Offload(b)) {
           ++stats_.offloads_skipped;
-        } else if (hold_allowance_ <= 0) {  // Reused at once: writes wait.
+        } else if (hold_allowance_ <= 0 || holds >= kMaxHoldsPerEviction ||
+                   held_count_ >= max_held_) {  // Reused at once: writes wait.
           if (!copies_.empty()) copies_.back().wait = true;
           ++stats_.offloads_waited;
         } else {
           --hold_allowance_;
+          ++holds;
           held_[(held_head_ + held_count_) % held_.size()] = Held{b, 0};
           ++held_count_;
           held = true;

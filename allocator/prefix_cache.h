@@ -168,8 +168,10 @@ class PrefixCache {
   // cache, in use and unregistered, until the manager's copy queue has
   // finished the batch that reads it (ReleaseOffloaded); Evict then evicts
   // the next oldest block too. It holds at most `allowance` blocks per call
-  // (the blocks the call can spare: free and cached, less those it needs);
-  // a selected block evicted past it is dropped (offloads_skipped). Off
+  // (the blocks the call can spare: free and cached, less those it needs),
+  // kMaxHoldsPerEviction per eviction and 1/64 of the pool (at least 16) in
+  // all; a block offloaded past these is reused at once, its copy marked
+  // `wait` (offloads_waited). Off
   // (allowance 0, and nothing held) by default: the caller must then order
   // writes of an offloaded block after its copy.
   void set_hold_allowance(int64_t blocks) {
@@ -338,6 +340,9 @@ class PrefixCache {
   int64_t offload_budget_ = INT64_MAX;
   bool hold_offloaded_ = false;
   int64_t hold_allowance_ = 0;
+  // Holding's bounds: per eviction, and in all (1/64 of the pool, >= 16).
+  static constexpr int kMaxHoldsPerEviction = 8;
+  int64_t max_held_ = 0;
   // Held offloaded blocks, oldest first (a ring of num_blocks entries):
   // batch 0 = this call's copies, not yet queued.
   struct Held {

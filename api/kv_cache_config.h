@@ -126,7 +126,7 @@ struct KVCacheConfig {
   //        offloaded block is reused at once, its writes waiting for the
   //        copy.
   int32_t tier_offload_min_hits = 1;
-  int64_t tier_offload_max_in_flight_bytes = int64_t{256} << 20;
+  int64_t tier_offload_max_in_flight_bytes = int64_t{4} << 30;
   bool tier_hold_offloads = true;
 
   // Fixed-capacity step and lookup buffers (allocated once, so steps allocate

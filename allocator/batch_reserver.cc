@@ -292,6 +292,8 @@ absl::Status BatchReserver::FinishBatch(absl::Span<const ReserveRequest> batch,
   const int64_t available = pool_.num_free() + pool_.num_cached();
   if (p.needed > available) return NoRoom(batch.size(), p.needed);
   plan.copies.reserve(p.copies);
+  // Blocks this batch can spare for the tier's held offloads.
+  prefix_.set_hold_allowance(available - p.needed);
   plan.id = plans_.Admit(record);
   // From here on nothing can fail or allocate.
   for (const SlowPath& path : slow_) ApplySlow(path, batch, plan);

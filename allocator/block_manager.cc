@@ -49,6 +49,8 @@ internal::PrefixCache::Options PrefixOptions(const BlockManagerOptions& o) {
   p.hash_function = o.hash_function_for_testing;
   p.observer = o.observer;
   p.host_slots = o.host_tier_blocks;
+  p.offload_min_hits = o.tier_offload_min_hits;
+  p.hold_offloaded = o.tier_hold_offloaded;
   return p;
 }
 
@@ -69,6 +71,12 @@ absl::StatusOr<std::unique_ptr<BlockManager>> BlockManager::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("host_tier_blocks ", options.host_tier_blocks,
                      " must be >= 0, and 0 without prefix caching"));
+  }
+  if (options.tier_offload_min_hits < 0 ||
+      options.tier_offload_min_hits > internal::PrefixCache::kMaxHitCount) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tier_offload_min_hits ", options.tier_offload_min_hits,
+        " must be in [0, ", internal::PrefixCache::kMaxHitCount, "]"));
   }
   return std::unique_ptr<BlockManager>(new BlockManager(options));
 }
@@ -130,6 +138,7 @@ absl::StatusOr<int64_t> BlockManager::AddSequence(
     for (BlockId b : s->blocks) {
       if (b >= 0) pool_.Acquire(b);
     }
+    prefix_.NoteHits(*s);  // Before Onboard: its blocks count one hit each.
     onboarded = prefix_.Onboard(*s, pool_);
     prefix_.Flush();
   }
@@ -201,6 +210,7 @@ absl::StatusOr<StepPlan> BlockManager::Reserve(
     absl::Span<const ReserveRequest> batch) {
   prefix_.ClearCopies();
   absl::StatusOr<StepPlan> plan = reserver_.Reserve(batch);
+  prefix_.set_hold_allowance(0);
   prefix_.Flush();  // The blocks it evicted.
   return plan;
 }
@@ -304,6 +314,8 @@ absl::Status BlockManager::ResetPrefixCache() {
 void BlockManager::DropFailedOffloads(absl::Span<const TierCopy> copies) {
   if (!prefix_.has_tier()) return;
   prefix_.DropOffloaded(copies);
+  // Nothing reads the held blocks of the failed batch: free them now.
+  prefix_.ReleaseOffloaded(0, pool_, /*all=*/true);
   prefix_.Flush();
 }
 
@@ -523,6 +535,7 @@ absl::Status BlockManager::Validate() const {
     if (status.ok()) status = ValidateSequence(s, refs);
   });
   if (!status.ok()) return status;
+  prefix_.ForEachHeld([&](BlockId b) { ++refs[b]; });  // Held offloads.
   for (BlockId b = 0; b < pool_.num_blocks(); ++b) {
     if (refs[b] != pool_.ref_count(b)) {
       return absl::InternalError(absl::StrCat("block ", b, " has ref count ",

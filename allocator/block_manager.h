@@ -77,6 +77,15 @@ struct BlockManagerOptions {
   // registrations move there, and hits come back (allocator/host_tier.h).
   // 0 = no tier. Needs prefix caching.
   int32_t host_tier_blocks = 0;
+  // The tier's offload selection (PrefixCache::Options::offload_min_hits):
+  // an evicted block is offloaded only after this many prefix hits; 0 =
+  // every evicted block. 0..255.
+  int32_t tier_offload_min_hits = 0;
+  // Whether an offloaded block is held (in use, by nobody) until the copy
+  // that reads it is done (TierOffloadsQueued, ReleaseTierOffloads) instead
+  // of being reused at once; evictions then take the next oldest block, and
+  // drop a selected block when the call has no block to spare.
+  bool tier_hold_offloaded = false;
 };
 
 // Where AddSequence's computed tokens came from.
@@ -252,6 +261,18 @@ class BlockManager {
   // off while its copy queue is busy, so that offloading never stalls a
   // step: evicted blocks are then dropped as without a tier.
   void SetTierOffload(bool on) { prefix_.set_offload(on); }
+  // The held offloads of the copies just queued are in the copy queue's
+  // batch `batch`; those of batches <= `completed` become free.
+  void TierOffloadsQueued(int64_t batch) { prefix_.OffloadsQueued(batch); }
+  void ReleaseTierOffloads(int64_t completed) {
+    prefix_.ReleaseOffloaded(completed, pool_);
+  }
+  int64_t held_tier_offloads() const { return prefix_.num_held(); }
+  // The most blocks the next call may offload (the manager's in-flight
+  // budget); evicted blocks past it are dropped (tier_offloads_skipped).
+  void SetTierOffloadBudget(int64_t blocks) {
+    prefix_.set_offload_budget(blocks);
+  }
 
   // Lookups. NotFound for an unknown sequence.
   absl::StatusOr<absl::Span<const BlockId>> BlockTable(SequenceId id) const;

@@ -23,7 +23,11 @@ PrefixCache::PrefixCache(const Options& options)
   }
   if (options.host_slots > 0 && enabled_) {
     tier_ = std::make_unique<HostTier>(options.host_slots, options.block_size);
+    offload_min_hits_ = options.offload_min_hits;
+    hold_offloaded_ = options.hold_offloaded;
     meta_.resize(options.num_blocks);
+    held_.resize(options.num_blocks);
+    max_held_ = std::max<int64_t>(16, options.num_blocks / 64);
     // A call offloads each device block at most once and onboards at most one
     // block per device block.
     copies_.reserve(2 * static_cast<size_t>(options.num_blocks));
@@ -178,18 +182,71 @@ void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
 }
 
 BlockId PrefixCache::Evict(BlockPool& pool) {
-  const BlockId b = pool.EvictOldest();
-  if (observer_ != nullptr) RecordRemoved(index_.hash(b), BlockMedium::kDevice);
-  if (tier_ != nullptr) {  // Before Erase: it reads the ids.
-    if (offload_) {
-      Offload(b);
-    } else {
-      ++stats_.offloads_skipped;
+  // Holding evicts further blocks early; bounded per eviction and in all,
+  // so that a run of selected blocks at the LRU's end does not empty the
+  // cache into the tier (the rest are reused at once and waited for).
+  int holds = 0;
+  while (true) {
+    const BlockId b = pool.EvictOldest();
+    if (observer_ != nullptr)
+      RecordRemoved(index_.hash(b), BlockMedium::kDevice);
+    bool held = false;
+    if (tier_ != nullptr) {  // Before Erase: it reads the ids.
+      if (meta_[b].hits < offload_min_hits_) {
+        ++stats_.offloads_unselected;
+      } else if (offload_budget_ <= 0) {
+        // Over the in-flight budget: dropped rather than waited for.
+        ++stats_.offloads_skipped;
+      } else {
+        --offload_budget_;
+        if (!Offload(b)) {
+          ++stats_.offloads_skipped;
+        } else if (hold_allowance_ <= 0 || holds >= kMaxHoldsPerEviction ||
+                   held_count_ >= max_held_) {  // Reused at once: writes wait.
+          if (!copies_.empty()) copies_.back().wait = true;
+          ++stats_.offloads_waited;
+        } else {
+          --hold_allowance_;
+          ++holds;
+          held_[(held_head_ + held_count_) % held_.size()] = Held{b, 0};
+          ++held_count_;
+          held = true;
+        }
+      }
+    }
+    index_.Erase(b);
+    ++stats_.evictions;
+    if (!held) return b;
+    // The allowance left a free or cached block for the caller.
+    if (pool.num_free() > 0) return pool.AllocateFree();
+  }
+}
+
+void PrefixCache::OffloadsQueued(int64_t batch) {
+  for (int64_t k = held_count_ - 1; k >= 0; --k) {
+    Held& h = held_[(held_head_ + k) % held_.size()];
+    if (h.batch != 0) break;
+    h.batch = batch;
+  }
+}
+
+void PrefixCache::ReleaseOffloaded(int64_t completed, BlockPool& pool,
+                                   bool all) {
+  if (all) {  // This call's (the newest) first.
+    while (held_count_ > 0) {
+      Held& h = held_[(held_head_ + held_count_ - 1) % held_.size()];
+      if (h.batch != 0) break;
+      pool.Release(h.block);
+      --held_count_;
     }
   }
-  index_.Erase(b);
-  ++stats_.evictions;
-  return b;
+  while (held_count_ > 0) {
+    const Held& h = held_[held_head_];
+    if (h.batch == 0 || h.batch > completed) break;
+    pool.Release(h.block);
+    held_head_ = (held_head_ + 1) % static_cast<int64_t>(held_.size());
+    --held_count_;
+  }
 }
 
 void PrefixCache::Clear(BlockPool& pool, SequenceTable& sequences) {

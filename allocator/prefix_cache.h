@@ -59,8 +59,15 @@ struct PrefixCacheStats {
   int64_t onboards = 0;         // Blocks copied back (hits and promotions).
   int64_t host_evictions = 0;   // Tier blocks dropped for room (LRU).
   int64_t host_drops = 0;       // Tier blocks dropped after a failed copy.
-  // Evicted blocks not offloaded because the manager's copy queue was busy.
+  // Evicted blocks not offloaded because the manager's copy queue was busy
+  // (its offload budget spent: Options::offload_min_hits, set_offload_budget).
   int64_t offloads_skipped = 0;
+  // Evicted blocks not offloaded because they had fewer prefix hits than
+  // Options::offload_min_hits (no evidence of reuse).
+  int64_t offloads_unselected = 0;
+  // Offloads whose block was reused at once (the call had no block to spare
+  // to hold it): the next write of it waits for the copy.
+  int64_t offloads_waited = 0;
 };
 
 // A byte copy of one whole block between the device pool and a host-tier
@@ -70,6 +77,10 @@ struct TierCopy {
   int32_t device_block = -1;
   int32_t host_slot = -1;
   bool onboard = false;  // false: device -> host (offload).
+  // Later writes (and reads) of device_block must be ordered after this
+  // copy: an onboard, or an offload whose block was not held (its block is
+  // reused at once).
+  bool wait = false;
 };
 
 namespace internal {
@@ -83,7 +94,18 @@ class PrefixCache {
     BlockHashFunction hash_function = nullptr;  // nullptr: HashBlock.
     BlockObserver* observer = nullptr;          // Not owned; may be nullptr.
     int32_t host_slots = 0;  // Host-tier blocks; 0 = no tier.
+    // The offload policy's selection: an evicted block is offloaded only if
+    // it was a prefix hit at least this many times while registered on the
+    // device (AddSequence sharing it: NoteHits; a block onboarded from the
+    // tier or promoted from it counts one). 0 = every evicted block.
+    // 0..kMaxHitCount.
+    int32_t offload_min_hits = 0;
+    // Whether offloaded blocks are held until their copy is done
+    // (set_hold_allowance); false: handed out at once.
+    bool hold_offloaded = false;
   };
+  // Hit counts saturate here.
+  static constexpr int32_t kMaxHitCount = 255;
   // May throw std::bad_alloc.
   explicit PrefixCache(const Options& options);
 
@@ -136,9 +158,49 @@ class PrefixCache {
   absl::Span<const TierCopy> copies() const { return copies_; }
   void ClearCopies() { copies_.clear(); }
   bool has_tier() const { return tier_ != nullptr; }
-  // Whether Evict offloads (the manager turns it off while its copy queue
-  // is busy: a block is then evicted as without a tier).
-  void set_offload(bool on) { offload_ = on; }
+  // How many more blocks Evict may offload until the next call of this
+  // (the manager's in-flight budget; a selected block evicted past it is
+  // dropped as without a tier: offloads_skipped). Unlimited by default.
+  void set_offload_budget(int64_t blocks) { offload_budget_ = blocks; }
+  void set_offload(bool on) { offload_budget_ = on ? INT64_MAX : 0; }
+  // Holding offloaded blocks (the offload policy's "never wait on a copy"):
+  // an offloaded block is not handed out for reuse at once but held by the
+  // cache, in use and unregistered, until the manager's copy queue has
+  // finished the batch that reads it (ReleaseOffloaded); Evict then evicts
+  // the next oldest block too. It holds at most `allowance` blocks per call
+  // (the blocks the call can spare: free and cached, less those it needs),
+  // kMaxHoldsPerEviction per eviction and 1/64 of the pool (at least 16) in
+  // all; a block offloaded past these is reused at once, its copy marked
+  // `wait` (offloads_waited). Off
+  // (allowance 0, and nothing held) by default: the caller must then order
+  // writes of an offloaded block after its copy.
+  void set_hold_allowance(int64_t blocks) {
+    hold_allowance_ = hold_offloaded_ ? blocks : 0;
+  }
+  bool hold_offloaded() const { return hold_offloaded_; }
+  // The held blocks offloaded by this call's copies: they are in the copy
+  // queue's batch number `batch` (TierCopier::enqueued()).
+  void OffloadsQueued(int64_t batch);
+  // Held blocks whose batch is <= `completed` become free; with `all`, every
+  // held block of this call's copies too (they failed: nothing reads them).
+  void ReleaseOffloaded(int64_t completed, BlockPool& pool, bool all = false);
+  int64_t num_held() const { return held_count_; }
+  // Calls f(block) for every held block (Validate: the cache's references).
+  template <typename F>
+  void ForEachHeld(F f) const {
+    for (int64_t k = 0; k < held_count_; ++k)
+      f(held_[(held_head_ + k) % held_.size()].block);
+  }
+  // Counts a prefix hit on each device block of s.blocks (AddSequence, after
+  // Match): the reuse evidence of offload_min_hits.
+  void NoteHits(const Sequence& s) {
+    if (tier_ == nullptr) return;
+    for (BlockId b : s.blocks) {
+      if (b >= 0 && meta_[b].hits < kMaxHitCount) ++meta_[b].hits;
+    }
+  }
+  // A device block's hit count (0 without a tier).
+  int32_t hits(BlockId b) const { return tier_ == nullptr ? 0 : meta_[b].hits; }
   const HostTier* tier() const { return tier_.get(); }
   // Counts a query of `prompt_tokens` of which `hit_tokens` were found.
   void CountQuery(int64_t prompt_tokens, int64_t hit_tokens) {
@@ -240,15 +302,17 @@ class PrefixCache {
   int64_t MatchAcrossTiers(Sequence& s, const TokenId* prompt, int64_t i,
                            int64_t count, const BlockPool& pool) const;
   // The tier side of Evict: moves block b's registration to the host tier
-  // (dropping the tier's oldest for room) and asks for its copy.
-  void Offload(BlockId b);
+  // (dropping the tier's oldest for room) and asks for its copy; false (and
+  // nothing done) when every slot is pinned by this call's onboarding.
+  bool Offload(BlockId b);
   // Tier slot -> dropped (OnBlocksRemoved(kHost)); `failed` counts it as a
   // drop after a failed copy rather than an LRU eviction.
   void DropHost(int32_t slot, bool failed);
   // RegisterFilled's case of content the tier holds: the tier's registration
   // moves to `b` (with its ids) and the tier copy is dropped; returns its
   // content id, or 0 when the tier does not hold `h` (or holds other content
-  // under it: then `collision` is set).
+  // under it: then `collision` is set; or the same tokens under a stale
+  // parent, an entry no chain reaches any more: then it is dropped).
   uint64_t Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
                    const TokenId* tokens, BlockPool& pool, bool& collision);
   // A free block, or the oldest cached one evicted.
@@ -272,12 +336,29 @@ class PrefixCache {
 
   // Host tier (null without one).
   std::unique_ptr<HostTier> tier_;
-  bool offload_ = true;
+  int32_t offload_min_hits_ = 0;
+  int64_t offload_budget_ = INT64_MAX;
+  bool hold_offloaded_ = false;
+  int64_t hold_allowance_ = 0;
+  // Holding's bounds: per eviction, and in all (1/64 of the pool, >= 16).
+  static constexpr int kMaxHoldsPerEviction = 8;
+  int64_t max_held_ = 0;
+  // Held offloaded blocks, oldest first (a ring of num_blocks entries):
+  // batch 0 = this call's copies, not yet queued.
+  struct Held {
+    BlockId block = -1;
+    int64_t batch = 0;
+  };
+  std::vector<Held> held_;
+  int64_t held_head_ = 0;
+  int64_t held_count_ = 0;
   // Per device block, what an event of its registration names besides the
   // index's ids (kept with a tier only).
+  // (and the block's prefix hits while registered, for the offload policy).
   struct EventMeta {
     BlockHash parent_hash;
     int64_t adapter_id = 0;
+    uint8_t hits = 0;  // Saturates at kMaxHitCount.
   };
   std::vector<EventMeta> meta_;
   std::vector<TierCopy> copies_;

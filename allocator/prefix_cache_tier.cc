@@ -75,10 +75,10 @@ int64_t PrefixCache::MatchAcrossTiers(Sequence& s, const TokenId* prompt,
   return i;
 }
 
-void PrefixCache::Offload(BlockId b) {
+bool PrefixCache::Offload(BlockId b) {
   if (!tier_->HasFreeSlot()) {
     const int32_t oldest = tier_->Oldest();
-    if (oldest < 0) return;  // Every slot is pinned by this call's onboarding.
+    if (oldest < 0) return false;  // Every slot is pinned by this call.
     DropHost(oldest, /*failed=*/false);
   }
   TierEntry e;
@@ -100,6 +100,7 @@ void PrefixCache::Offload(BlockId b) {
         e.adapter_id,
         absl::Span<const TokenId>(tier_->tokens(slot), math_.size())});
   }
+  return true;
 }
 
 void PrefixCache::DropHost(int32_t slot, bool failed) {
@@ -119,6 +120,15 @@ uint64_t PrefixCache::Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
   const int32_t slot = tier_->Find(h);
   if (slot < 0) return 0;
   if (!tier_->Matches(slot, parent_id, tokens)) {
+    if (std::equal(tokens, tokens + math_.size(), tier_->tokens(slot))) {
+      // The same content under a parent registered anew since (its old
+      // parent was dropped: a chain cut by the offload policy or the tier's
+      // LRU): the entry can never be reached again. Drop it, and register
+      // the block as new content rather than as a collision, which would
+      // cut this sequence's chain too.
+      DropHost(slot, /*failed=*/false);
+      return 0;
+    }
     collision = true;
     return 0;
   }
@@ -128,7 +138,7 @@ uint64_t PrefixCache::Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
   index_.Restore(e.hash, b, e.parent_id, e.content_id, tokens);
   if (PrefixCacheIndex::IsRoot(e.parent_id)) index_.ReleaseRoot(e.parent_id);
   pool.MarkHashed(b);
-  meta_[b] = EventMeta{e.parent_hash, e.adapter_id};
+  meta_[b] = EventMeta{e.parent_hash, e.adapter_id, /*hits=*/1};
   if (observer_ != nullptr) {
     RecordStored(StoredBlock{
         b, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kDevice,
@@ -149,6 +159,8 @@ int64_t PrefixCache::Onboard(Sequence& s, BlockPool& pool) {
   }
   if (hits == 0) return 0;
   const int64_t bs = math_.size();
+  // Match left room for every hit: the rest may hold offloaded blocks.
+  set_hold_allowance(pool.num_free() + pool.num_cached() - hits);
   for (BlockId& b : s.blocks) {
     if (b >= 0) continue;
     const int32_t slot = HostSlot(b);
@@ -160,8 +172,8 @@ int64_t PrefixCache::Onboard(Sequence& s, BlockPool& pool) {
     // The device registration took its own root reference.
     if (PrefixCacheIndex::IsRoot(e.parent_id)) index_.ReleaseRoot(e.parent_id);
     pool.MarkHashed(fresh);
-    meta_[fresh] = EventMeta{e.parent_hash, e.adapter_id};
-    copies_.push_back(TierCopy{fresh, slot, /*onboard=*/true});
+    meta_[fresh] = EventMeta{e.parent_hash, e.adapter_id, /*hits=*/1};
+    copies_.push_back(TierCopy{fresh, slot, /*onboard=*/true, /*wait=*/true});
     if (observer_ != nullptr) {
       RecordStored(StoredBlock{
           fresh, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kDevice,
@@ -173,6 +185,7 @@ int64_t PrefixCache::Onboard(Sequence& s, BlockPool& pool) {
   // The onboard copies run before any later call's offload: the slots may
   // be reused from here on.
   tier_->ReleasePinned();
+  hold_allowance_ = 0;
   s.tail_block = s.blocks.back();
   stats_.onboards += hits;
   stats_.host_hit_tokens += hits * bs;

@@ -204,6 +204,12 @@ absl::Status CheckStepLimits(const KVCacheConfig& c) {
 
 // host_tier_bytes: 0, or room for at least one block with prefix caching on.
 absl::Status CheckHostTier(const KVCacheConfig& c) {
+  for (absl::Status s :
+       {CheckRange("tier_offload_min_hits", c.tier_offload_min_hits, 0, 255),
+        CheckRange("tier_offload_max_in_flight_bytes",
+                   c.tier_offload_max_in_flight_bytes, 0, kMaxCacheBytes)}) {
+    if (!s.ok()) return s;
+  }
   if (c.host_tier_bytes == 0) return absl::OkStatus();
   if (absl::Status s =
           CheckRange("host_tier_bytes", c.host_tier_bytes, 0, kMaxCacheBytes);

@@ -109,6 +109,25 @@ struct KVCacheConfig {
   // brought back from. 0 = off. Needs enable_prefix_caching; at least one
   // block of all layers, at most kMaxCacheBytes.
   int64_t host_tier_bytes = 0;
+  // The tier's offload policy (README "Host tier"): which evicted blocks are
+  // copied to it, and how many bytes of copies may be in flight.
+  //   tier_offload_min_hits              an evicted block is offloaded only
+  //        if it was a prefix hit at least this often while on the device
+  //        (a block brought back from the tier counts one); 0 = every
+  //        evicted block. 0..255.
+  //   tier_offload_max_in_flight_bytes   while this many bytes of tier
+  //        copies are still running, evicted blocks are dropped instead of
+  //        offloaded; 0 = no bound. 0..kMaxCacheBytes.
+  //   tier_hold_offloads   an offloaded device block is held, unused, until
+  //        its copy is done, and the call evicts the next oldest block for
+  //        its need instead, so no step waits for an offload (as long as the
+  //        call has blocks to spare; else the block is reused at once and
+  //        its next write waits: tier_offloads_waited). false: every
+  //        offloaded block is reused at once, its writes waiting for the
+  //        copy.
+  int32_t tier_offload_min_hits = 1;
+  int64_t tier_offload_max_in_flight_bytes = int64_t{4} << 30;
+  bool tier_hold_offloads = true;
 
   // Fixed-capacity step and lookup buffers (allocated once, so steps allocate
   // nothing and block tables can be captured in a CUDA graph):

@@ -323,6 +323,9 @@ absl::StatusOr<kvcache::KVCacheConfig> ToConfig(const kvcache_config* c) {
       static_cast<kvcache::ScalePlacement>(c->scale_placement);
   config.graph_max_tokens = c->graph_max_tokens;
   config.host_tier_bytes = c->host_tier_bytes;
+  config.tier_offload_min_hits = c->tier_offload_min_hits;
+  config.tier_offload_max_in_flight_bytes = c->tier_offload_max_in_flight_bytes;
+  config.tier_hold_offloads = c->tier_hold_offloads != 0;
   if (absl::Status s = SetKvEvents(*c, config); !s.ok()) return s;
   if (absl::Status s = ToGroups(*c, config); !s.ok()) return s;
   return config;
@@ -388,6 +391,9 @@ void kvcache_config_init(kvcache_config* c) {
   c->scale_placement = static_cast<int32_t>(d.scale_placement);
   c->graph_max_tokens = d.graph_max_tokens;
   c->host_tier_bytes = d.host_tier_bytes;
+  c->tier_offload_min_hits = d.tier_offload_min_hits;
+  c->tier_offload_max_in_flight_bytes = d.tier_offload_max_in_flight_bytes;
+  c->tier_hold_offloads = d.tier_hold_offloads ? 1 : 0;
 }
 
 const char* kvcache_status_name(kvcache_status status) {
@@ -960,6 +966,8 @@ kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
     out->tier_onboard_bytes = s.tier_onboard_bytes;
     out->tier_copy_failures = s.tier_copy_failures;
     out->tier_offloads_skipped = s.tier_offloads_skipped;
+    out->tier_offloads_unselected = s.tier_offloads_unselected;
+    out->tier_offloads_waited = s.tier_offloads_waited;
     return absl::OkStatus();
   });
 }

@@ -204,6 +204,11 @@ typedef struct kvcache_config {
   /* Host tier: bytes of (pinned) host memory behind the cache; 0 = off
    * (KVCacheConfig::host_tier_bytes; README "Host tier"). */
   int64_t host_tier_bytes;
+  /* The tier's offload policy (KVCacheConfig::tier_offload_min_hits,
+   * tier_offload_max_in_flight_bytes; README "Host tier"). */
+  int32_t tier_offload_min_hits;
+  int64_t tier_offload_max_in_flight_bytes;
+  int32_t tier_hold_offloads; /* bool */
 } kvcache_config;
 
 /* The longest string a kvcache_config field may hold (without its NUL). */
@@ -317,6 +322,8 @@ typedef struct kvcache_metrics {
   int64_t tier_onboard_bytes;
   int64_t tier_copy_failures;
   int64_t tier_offloads_skipped;
+  int64_t tier_offloads_unselected;
+  int64_t tier_offloads_waited;
 } kvcache_metrics;
 
 /* Where kvcache_add_sequence_hits's computed tokens came from. */

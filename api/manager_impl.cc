@@ -47,6 +47,9 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
     KVCACHE_ASSIGN_OR_RETURN(tier, internal::TierMover::Create(
                                        *m->backend_, config.host_tier_bytes));
     options.host_tier_blocks = tier->num_slots();
+    options.tier_offload_min_hits = config.tier_offload_min_hits;
+    // An offloaded block waits, unused, for its copy: no step waits for it.
+    options.tier_hold_offloaded = config.tier_hold_offloads;
   }
   options.num_blocks = static_cast<int32_t>(num_blocks);
   options.block_size = config.block_size;
@@ -234,14 +237,17 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
   info.sequences.reserve(batch.size());
   AllowOffloadIfQueueIsFree();
   absl::StatusOr<StepPlan> plan = blocks_->Reserve(batch);
+  if (absl::IsResourceExhausted(plan.status()) && ReclaimHeldOffloads()) {
+    plan = blocks_->Reserve(batch);
+  }
   if (!plan.ok()) {
     if (absl::IsResourceExhausted(plan.status())) ++counters_.reserve_failures;
     return plan.status();
   }
   if (tier_ != nullptr) {
-    // The evicted blocks' offloads read them before anything writes them:
-    // the stream waits for the copies (on the CPU, Append and copy-on-write
-    // wait). A graph step's Appends wait on nothing (they may run inside a
+    // The evicted blocks' offloads need no wait: the allocator holds each
+    // offloaded block until its copy is done. Onboards (an AddSequence's)
+    // are waited for, on CUDA here and by Append. A graph step's Appends wait on nothing (they may run inside a
     // stream capture, which may not wait on an event recorded outside it),
     // so its ordering after every tier copy so far happens here, on the
     // stream the step runs on, before the replay.
@@ -343,7 +349,11 @@ absl::StatusOr<GraphStepInputs> KVCacheManager::Impl::GraphStep() const {
 absl::Status KVCacheManager::Impl::CanReserve(
     absl::Span<const ReserveRequest> batch) const {
   KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
-  return blocks_->CanReserve(batch);
+  absl::Status fits = blocks_->CanReserve(batch);
+  if (absl::IsResourceExhausted(fits) && ReclaimHeldOffloads()) {
+    fits = blocks_->CanReserve(batch);
+  }
+  return fits;
 }
 
 absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,

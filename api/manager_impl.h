@@ -176,12 +176,23 @@ class KVCacheManager::Impl {
   absl::Status RunTierCopies(void* stream, SequenceId sequence, bool onboarding)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Later work on `stream` that reads or writes blocks comes after every
-  // tier copy so far (on the CPU: waits for them). No-op without a tier.
+  // tier copy it depends on: every onboard so far (offloaded blocks are held
+  // until their copy is done; on the CPU: waits for them). No-op without a
+  // tier, or when the last onboard is done or already waited for.
   absl::Status OrderAfterTierCopies(void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Lets the allocator's next evictions offload unless the copy queue is
-  // still busy with earlier batches (backpressure).
+  // Frees the held blocks whose offload is done, and gives the allocator's
+  // next evictions the offload budget left (tier_offload_max_in_flight_bytes
+  // less the copies still running; none while the CUDA queue is more than
+  // two batches behind).
   void AllowOffloadIfQueueIsFree() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // When blocks are held for their offload copies: waits for every copy
+  // (the host blocks) and frees them; true when that freed any. For a
+  // Reserve or CanReserve that found no room (the held blocks are the
+  // pool's, just not yet reusable). Logically const: only when held blocks
+  // become free, which no caller can tell from before but by the pool's
+  // counts.
+  bool ReclaimHeldOffloads() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The event sink (and its publisher) config asks for, or null when events
   // are off (api/manager_events.cc).
   static absl::StatusOr<std::unique_ptr<internal::KVEventSink>> CreateEvents(
@@ -209,6 +220,13 @@ class KVCacheManager::Impl {
   // one (AddSequence's copies, which has none, come after its work).
   std::unique_ptr<internal::TierMover> tier_ ABSL_GUARDED_BY(mu_);
   void* last_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // The copy-queue batch that later reads and writes must come after (the
+  // last one with an onboard; offloads are waited for by nobody: their
+  // device blocks are held until done), 0 = none; and the last stream made
+  // to wait, through which batch.
+  int64_t tier_wait_batch_ ABSL_GUARDED_BY(mu_) = 0;
+  void* tier_waited_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int64_t tier_waited_batch_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace kvcache

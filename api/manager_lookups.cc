@@ -204,6 +204,8 @@ MetricsSnapshot KVCacheManager::Impl::Metrics() const {
     s.tier_onboard_bytes = tier_->onboard_bytes();
     s.tier_copy_failures = prefix.host_drops;
     s.tier_offloads_skipped = prefix.offloads_skipped;
+    s.tier_offloads_unselected = prefix.offloads_unselected;
+    s.tier_offloads_waited = prefix.offloads_waited;
   }
   s.prefix_hit_tokens_device = prefix.hit_tokens - prefix.host_hit_tokens;
   if (events_ != nullptr) {

@@ -5,9 +5,15 @@
 //   AddSequence  offloads of blocks it evicted, then onboards of its hits,
 //                after the last stream's work (AddSequence takes none)
 //   Reserve      offloads of blocks it evicted, after the caller's stream;
-//                the stream then waits for them (CUDA), so no write reaches
-//                a block before its old content is out
-//   Append, Gather, Attention, copy-on-write: wait for every copy so far
+//                nobody waits for them: the allocator holds an offloaded
+//                block, unused, until a later call finds its copy done
+//                (ReleaseTierOffloads), so no write reaches it before its
+//                content is out
+//   Append, Gather, Attention, copy-on-write, graph steps: wait for the
+//                last onboard (and everything queued before it)
+
+#include <algorithm>
+#include <cstdint>
 
 #include "absl/strings/str_cat.h"
 #include "api/manager_impl.h"
@@ -22,6 +28,14 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
   if (copies.empty()) return absl::OkStatus();
   absl::Status ran = tier_->Run(copies, stream);
   if (ran.ok()) {
+    const int64_t batch = tier_->copier().enqueued();
+    blocks_->TierOffloadsQueued(batch);
+    for (const TierCopy& c : copies) {
+      if (c.wait) {
+        tier_wait_batch_ = batch;
+        break;
+      }
+    }
     blocks_->ClearTierCopies();
     return absl::OkStatus();
   }
@@ -40,22 +54,54 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
 }
 
 void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
-  // On CUDA offloading is best effort: with more than two earlier batches
-  // still being copied (the host ran ahead of the device), an eviction drops
-  // its block rather than queue more copies behind them, which the caller's
-  // stream would wait for. On the CPU the caller waits for every copy before
-  // it writes anyway, and a skipped block cuts the chains through it (the
-  // blocks after it in the tier can no longer be reached), so it always
-  // offloads. Onboarding never skips.
+  // Offloading is best effort (README "Host tier"): an evicted block is
+  // dropped rather than copied while tier_offload_max_in_flight_bytes of
+  // copies are still running, and on CUDA while more than two earlier
+  // batches are (the host ran ahead of the device: the copier would wait
+  // for a ring entry). Onboarding never skips.
   constexpr int64_t kMaxBatchesInFlight = 2;
-  if (tier_ == nullptr || backend_->memory_kind() != MemoryKind::kCuda) return;
-  blocks_->SetTierOffload(tier_->copier().in_flight() <= kMaxBatchesInFlight);
+  if (tier_ == nullptr) return;
+  TierCopier& copier = tier_->copier();
+  blocks_->ReleaseTierOffloads(copier.completed());
+  int64_t budget = INT64_MAX;
+  const int64_t max_bytes = config_.tier_offload_max_in_flight_bytes;
+  if (max_bytes > 0) {
+    budget = std::max<int64_t>(0, max_bytes - copier.in_flight_bytes()) /
+             tier_->slot_bytes();
+  }
+  if (backend_->memory_kind() == MemoryKind::kCuda &&
+      copier.in_flight() > kMaxBatchesInFlight) {
+    budget = 0;
+  }
+  blocks_->SetTierOffloadBudget(budget);
+}
+
+bool KVCacheManager::Impl::ReclaimHeldOffloads() const {
+  if (tier_ == nullptr || blocks_->held_tier_offloads() == 0) return false;
+  TierCopier& copier = tier_->copier();
+  // On an error the copies may never complete: the blocks stay held (and
+  // the caller's call fails as it would have).
+  if (!copier.Synchronize().ok()) return false;
+  const int64_t held = blocks_->held_tier_offloads();
+  blocks_->ReleaseTierOffloads(copier.completed());
+  return blocks_->held_tier_offloads() < held;
 }
 
 absl::Status KVCacheManager::Impl::OrderAfterTierCopies(void* stream) {
   if (tier_ == nullptr) return absl::OkStatus();
   last_stream_ = stream;
-  return tier_->WaitOn(stream);
+  if (tier_wait_batch_ == 0) return absl::OkStatus();
+  if (stream == tier_waited_stream_ && tier_waited_batch_ >= tier_wait_batch_)
+    return absl::OkStatus();
+  TierCopier& copier = tier_->copier();
+  if (copier.completed() >= tier_wait_batch_) {  // Done: for every stream.
+    tier_wait_batch_ = 0;
+    return absl::OkStatus();
+  }
+  KVCACHE_RETURN_IF_ERROR(copier.WaitOn(stream));
+  tier_waited_stream_ = stream;
+  tier_waited_batch_ = copier.enqueued();
+  return absl::OkStatus();
 }
 
 }  // namespace kvcache

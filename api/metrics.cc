@@ -62,6 +62,13 @@ void AppendTierText(std::string* out, const MetricsSnapshot& m) {
   Add(out, "tier_offloads_skipped_total", "counter",
       "Evicted blocks not offloaded because the copy queue was busy.",
       m.tier_offloads_skipped);
+  Add(out, "tier_offloads_unselected_total", "counter",
+      "Evicted blocks not offloaded for want of prefix hits "
+      "(tier_offload_min_hits).",
+      m.tier_offloads_unselected);
+  Add(out, "tier_offloads_waited_total", "counter",
+      "Offloads a later write waited for (no block to spare to hold).",
+      m.tier_offloads_waited);
 }
 
 }  // namespace

@@ -48,8 +48,16 @@ struct MetricsSnapshot {
   int64_t tier_onboard_bytes = 0;
   // Blocks dropped because their tier copy failed (never half-copied).
   int64_t tier_copy_failures = 0;
-  // Evicted blocks not offloaded because the copy queue was busy.
+  // Evicted blocks not offloaded: the copy queue was busy (over
+  // tier_offload_max_in_flight_bytes, or the call had no block to spare
+  // while the copy runs), or, unselected, the block had fewer prefix hits
+  // than tier_offload_min_hits.
   int64_t tier_offloads_skipped = 0;
+  int64_t tier_offloads_unselected = 0;
+  // Offloads a later write had to wait for: the call that evicted the block
+  // had none to spare to hold it until its copy was done (README "Host
+  // tier"); zero means no step waited for an offload.
+  int64_t tier_offloads_waited = 0;
   // KV events (zero unless enable_kv_events): batches made, batches dropped
   // before TakeEvents read them (queue full), batches the ZeroMQ publisher
   // could not send (its queue full, or a failed send).

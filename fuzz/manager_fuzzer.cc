@@ -135,6 +135,13 @@ class Harness {
     if ((b & 0xc0) == 0x40) {
       CheckHostileTier(a);
       config_.host_tier_bytes = (1 + b % 7) * *BlockBytesAllLayers(config_);
+      // The offload policy: selection by hits (0-2), holding, and a budget
+      // of one block or none.
+      const int policy = (b >> 3) & 7;
+      config_.tier_offload_min_hits = policy % 3;
+      config_.tier_hold_offloads = (policy & 4) != 0;
+      config_.tier_offload_max_in_flight_bytes =
+          (policy & 1) != 0 ? *BlockBytesAllLayers(config_) : 0;
     }
     config_.max_tokens_per_step = 48;
     config_.max_sequences_per_step = 4;

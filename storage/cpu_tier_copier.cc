@@ -42,10 +42,13 @@ class CpuTierCopier final : public TierCopier {
     }
     if (runs.empty()) return absl::OkStatus();
     std::vector<CopyRun> batch(runs.begin(), runs.end());
+    int64_t bytes = 0;
+    for (const CopyRun& r : runs) bytes += r.bytes;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back(Batch{std::move(batch), delay_});
+      queue_.push_back(Batch{std::move(batch), delay_, bytes});
       ++enqueued_;
+      enqueued_bytes_ += bytes;
     }
     cv_.notify_all();
     return absl::OkStatus();
@@ -57,15 +60,30 @@ class CpuTierCopier final : public TierCopier {
     return absl::OkStatus();
   }
 
+  absl::Status Synchronize() override { return WaitOn(nullptr); }
+
   int64_t in_flight() override {
     std::lock_guard<std::mutex> lock(mu_);
     return enqueued_ - done_;
+  }
+  int64_t in_flight_bytes() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return enqueued_bytes_ - done_bytes_;
+  }
+  int64_t enqueued() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return enqueued_;
+  }
+  int64_t completed() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return done_;
   }
 
  private:
   struct Batch {
     std::vector<CopyRun> runs;
     absl::Duration delay;
+    int64_t bytes = 0;
   };
 
   void Run() {
@@ -82,17 +100,20 @@ class CpuTierCopier final : public TierCopier {
       }
       lock.lock();
       ++done_;
+      done_bytes_ += batch.bytes;
       done_cv_.notify_all();
     }
   }
 
   Buffer pool_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   std::condition_variable done_cv_;
   std::deque<Batch> queue_;
   int64_t enqueued_ = 0;
   int64_t done_ = 0;
+  int64_t enqueued_bytes_ = 0;
+  int64_t done_bytes_ = 0;
   bool stop_ = false;
   std::thread thread_;  // Last: starts after the members above exist.
 };

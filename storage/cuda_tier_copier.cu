@@ -110,8 +110,12 @@ class CudaTierCopier final : public TierCopier {
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ring.used, stream_));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(done_, stream_));
+    int64_t batch_bytes = 0;
+    for (const CopyRun& r : runs) batch_bytes += r.bytes;
+    ring.bytes = batch_bytes;
     next_ring_ = (next_ring_ + 1) % kRing;
     ++generation_;
+    ring.batch = static_cast<int64_t>(generation_);
     return absl::OkStatus();
   }
 
@@ -127,17 +131,36 @@ class CudaTierCopier final : public TierCopier {
     return absl::OkStatus();
   }
 
+  absl::Status Synchronize() override {
+    if (generation_ == 0) return absl::OkStatus();
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(done_));
+    return absl::OkStatus();
+  }
   // Batches whose kernel has not finished: each of the last kRing batches
   // owns a ring entry whose event follows its kernel.
   int64_t in_flight() override {
     int64_t busy = 0;
-    for (const Ring& r : ring_) {
-      if (cudaEventQuery(r.used) == cudaErrorNotReady) {
-        cudaGetLastError();
-        ++busy;
-      }
-    }
+    for (const Ring& r : ring_) busy += Busy(r);
     return busy;
+  }
+  int64_t in_flight_bytes() override {
+    int64_t bytes = 0;
+    for (const Ring& r : ring_) bytes += Busy(r) ? r.bytes : 0;
+    return bytes;
+  }
+  int64_t enqueued() const override {
+    return static_cast<int64_t>(generation_);
+  }
+  // Batches are complete in order: up to just before the oldest busy one
+  // of the ring, and every batch older than the ring was waited for by
+  // Enqueue (cudaEventSynchronize on its entry).
+  int64_t completed() override {
+    int64_t oldest_busy = static_cast<int64_t>(generation_) + 1;
+    for (const Ring& r : ring_) {
+      if (r.batch > 0 && Busy(r)) oldest_busy = std::min(oldest_busy, r.batch);
+    }
+    return oldest_busy - 1;
   }
 
  private:
@@ -145,7 +168,14 @@ class CudaTierCopier final : public TierCopier {
   struct Ring {
     Buffer runs;  // Pinned CopyRun array.
     cudaEvent_t used = nullptr;
+    int64_t bytes = 0;  // Of its last batch.
+    int64_t batch = 0;  // Its last batch's number (1-based); 0 = none.
   };
+  static bool Busy(const Ring& r) {
+    if (cudaEventQuery(r.used) != cudaErrorNotReady) return false;
+    cudaGetLastError();
+    return true;
+  }
 
   Device& device_;
   Buffer pool_;

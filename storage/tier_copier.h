@@ -58,9 +58,19 @@ class TierCopier {
   // the top of this file). Cheap when nothing was enqueued since the last
   // WaitOn on the same stream.
   virtual absl::Status WaitOn(void* stream) = 0;
+  // Blocks the calling thread until every batch enqueued so far is done.
+  virtual absl::Status Synchronize() = 0;
   // Batches enqueued and not yet complete (CUDA: of the last four; for
   // backpressure and tests).
   virtual int64_t in_flight() = 0;
+  // Bytes of the batches enqueued and not yet complete (CUDA: of the last
+  // four; the offload policy's in-flight budget).
+  virtual int64_t in_flight_bytes() = 0;
+  // Batches enqueued so far, and of them those known complete (CUDA: as of
+  // the last in_flight or completed call). A batch's number is
+  // enqueued() right after its Enqueue; it is done once completed() >= it.
+  virtual int64_t enqueued() const = 0;
+  virtual int64_t completed() = 0;
 
   // Test seams. Each batch waits `delay` before it runs (CPU only; the
   // batch is in flight meanwhile), and the next `n` Enqueue calls fail.

@@ -26,6 +26,8 @@ KVCacheConfig SmallEventConfig(int64_t num_blocks, int32_t block_size,
   c.enable_kv_events = true;
   if (host_tier_blocks > 0) {
     c.host_tier_bytes = host_tier_blocks * *BlockBytesAllLayers(c);
+    // Every evicted block offloaded, so that the events cover every move.
+    c.tier_offload_min_hits = 0;
   }
   return c;
 }

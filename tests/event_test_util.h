@@ -23,7 +23,7 @@ namespace kvcache::testing {
 
 // One layer, one KV head of size 8, int8 cache, float32 input, CPU, one
 // thread, events on; a host tier of `host_tier_blocks` blocks behind the
-// cache (0: none).
+// cache (0: none) that offloads every evicted block (tier_offload_min_hits 0).
 KVCacheConfig SmallEventConfig(int64_t num_blocks, int32_t block_size,
                                int64_t host_tier_blocks = 0);
 

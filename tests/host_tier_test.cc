@@ -5,15 +5,21 @@
 // drops the block and leaks nothing; metrics and Validate across tiers. Every
 // case runs with side scales and, for int8/fp8, with inline scales.
 
+#include <chrono>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <memory>
 #include <random>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "api/kv_cache_manager.h"
 #include "api/kv_cache_manager_test_peer.h"
+#include "core/kv_event.h"
 #include "gtest/gtest.h"
 #include "storage/device.h"
 #include "storage/tier_copier.h"
@@ -40,6 +46,11 @@ KVCacheConfig Config(DType cache_dtype, int32_t num_blocks, int tier_blocks,
   c.cpu_threads = 1;
   const int64_t block = *BlockBytesAllLayers(c);
   c.host_tier_bytes = tier_blocks * block + block / 2;
+  // These tests count the moves of the plain path (every evicted block
+  // offloaded and reused at once); the policy's tests set their own.
+  c.tier_offload_min_hits = 0;
+  c.tier_offload_max_in_flight_bytes = 0;
+  c.tier_hold_offloads = false;
   return c;
 }
 
@@ -52,10 +63,12 @@ struct Case {
 
 class HostTierTest : public ::testing::TestWithParam<Case> {
  protected:
-  void Make(int32_t num_blocks, int tier_blocks, int32_t graph_max_tokens = 0) {
+  void Make(int32_t num_blocks, int tier_blocks, int32_t graph_max_tokens = 0,
+            const std::function<void(KVCacheConfig&)>& policy = {}) {
     KVCacheConfig config = Config(GetParam().cache_dtype, num_blocks,
                                   tier_blocks, GetParam().placement);
     config.graph_max_tokens = graph_max_tokens;
+    if (policy) policy(config);
     absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
         KVCacheManager::Create(config);
     ASSERT_TRUE(m.ok()) << m.status();
@@ -95,6 +108,18 @@ class HostTierTest : public ::testing::TestWithParam<Case> {
     }
     EXPECT_TRUE(m_->Commit(plan->id).ok());
     return hits;
+  }
+
+  // Appends n tokens of zero K/V to every layer of plan `plan_id`.
+  void AppendZeros(uint64_t plan_id, int64_t n) {
+    std::vector<uint16_t> k(n * kHeads * kD), v(n * kHeads * kDv);
+    for (int layer = 0; layer < kLayers; ++layer) {
+      const absl::Status s = m_->Append(
+          plan_id, layer,
+          TensorView::Contiguous(k.data(), DType::kBFloat16, {n, kHeads, kD}),
+          TensorView::Contiguous(v.data(), DType::kBFloat16, {n, kHeads, kDv}));
+      EXPECT_TRUE(s.ok()) << s;
+    }
   }
 
   // Tokens [0, n) of `id`, every layer's K and V, dequantized to float32.
@@ -378,6 +403,318 @@ TEST_P(HostTierTest, FailedOnboardFailsAddSequenceAndLeaksNothing) {
   ExpectConsistent();
   EXPECT_EQ(*m_->AddSequence(3, prompt), 0);  // The id is free again.
   ExpectConsistent();
+}
+
+// ---- The offload policy (README "Host tier": tier_offload_min_hits,
+// tier_offload_max_in_flight_bytes, tier_hold_offloads) ----
+
+// Every event of the batches taken, in order, flattened.
+std::vector<KVEvent> TakeAllEvents(KVCacheManager& m) {
+  std::vector<KVEvent> out;
+  absl::StatusOr<std::vector<KVEventBatch>> batches = m.TakeEvents();
+  EXPECT_TRUE(batches.ok()) << batches.status();
+  if (!batches.ok()) return out;
+  for (KVEventBatch& b : *batches) {
+    for (KVEvent& e : b.events) out.push_back(std::move(e));
+  }
+  return out;
+}
+
+std::set<uint64_t> EventHashes(const std::vector<KVEvent>& events,
+                               KVEventType type, KVEventMedium medium) {
+  std::set<uint64_t> out;
+  for (const KVEvent& e : events) {
+    if (e.type == type && e.medium == medium)
+      out.insert(e.block_hashes.begin(), e.block_hashes.end());
+  }
+  return out;
+}
+
+// A block never hit is not selected: its eviction drops it as without a tier
+// (BlockRemoved of the device medium, nothing stored on the host); the same
+// content hit once is offloaded.
+TEST_P(HostTierTest, UnselectedBlocksAreDroppedCleanly) {
+  Make(/*num_blocks=*/8, /*tier_blocks=*/6, 0, [](KVCacheConfig& c) {
+    c.tier_offload_min_hits = 1;
+    c.tier_hold_offloads = false;
+    c.enable_kv_events = true;
+  });
+  const std::vector<int32_t> cold = Prompt(3 * kBs + 1);
+  Compute(1, cold);
+  ASSERT_TRUE(m_->Free(1).ok());
+  (void)TakeAllEvents(*m_);
+  StepPlanInfo plan = FillPool(2, 8);
+  std::vector<KVEvent> events = TakeAllEvents(*m_);
+  EXPECT_EQ(
+      EventHashes(events, KVEventType::kBlockRemoved, KVEventMedium::kDevice)
+          .size(),
+      3u);
+  EXPECT_TRUE(
+      EventHashes(events, KVEventType::kBlockStored, KVEventMedium::kHost)
+          .empty());
+  MetricsSnapshot s = m_->Metrics();
+  EXPECT_EQ(s.tier_offloads, 0);
+  EXPECT_EQ(s.tier_offloads_unselected, 3);
+  EXPECT_EQ(s.tier_offload_bytes, 0);
+  EXPECT_EQ(s.host_tier_blocks_stored, 0);
+  ExpectConsistent();
+  ASSERT_TRUE(m_->Abort(plan.id).ok());
+  ASSERT_TRUE(m_->Free(2).ok());
+  EXPECT_EQ(*m_->PeekPrefix(cold), 0);
+
+  // Hit once on the device (sequence 4), then evicted: offloaded.
+  const std::vector<int32_t> warm = Prompt(3 * kBs + 1);
+  Compute(3, warm);
+  const std::vector<float> before = GatherAll(3, 3 * kBs);
+  ASSERT_TRUE(m_->Free(3).ok());
+  ASSERT_EQ(*m_->AddSequence(4, warm), 3 * kBs);
+  ASSERT_TRUE(m_->Free(4).ok());
+  (void)TakeAllEvents(*m_);
+  plan = FillPool(5, 8);
+  events = TakeAllEvents(*m_);
+  const std::set<uint64_t> removed =
+      EventHashes(events, KVEventType::kBlockRemoved, KVEventMedium::kDevice);
+  EXPECT_EQ(removed.size(), 3u);
+  EXPECT_EQ(
+      EventHashes(events, KVEventType::kBlockStored, KVEventMedium::kHost),
+      removed);
+  s = m_->Metrics();
+  EXPECT_EQ(s.tier_offloads, 3);
+  EXPECT_EQ(s.tier_offloads_unselected, 3);
+  ASSERT_TRUE(m_->Abort(plan.id).ok());
+  ASSERT_TRUE(m_->Free(5).ok());
+  const PrefixHits hits = Compute(6, warm);
+  EXPECT_EQ(hits.host_tokens, 3 * kBs);
+  EXPECT_TRUE(BitEqual(GatherAll(6, 3 * kBs), before));
+  ExpectConsistent();
+}
+
+// With holding, an offloaded block is not handed out while its copy is in
+// flight: the call evicts further blocks instead, within the in-flight
+// budget, past which evicted blocks are dropped; nothing waits for the
+// copies, and the held blocks come back (free) once their copy is done.
+TEST_P(HostTierTest, HeldOffloadsStayOutOfUseAndWithinTheBudget) {
+  constexpr int kBlocks = 16;
+  int64_t block_bytes = 0;
+  Make(kBlocks, /*tier_blocks=*/8, 0, [&](KVCacheConfig& c) {
+    block_bytes = *BlockBytesAllLayers(c);
+    c.tier_offload_min_hits = 0;
+    c.tier_offload_max_in_flight_bytes = 2 * block_bytes;
+    c.tier_hold_offloads = true;
+  });
+  // The oldest cached blocks: `warm` (2 blocks), then 6 of `other`.
+  const std::vector<int32_t> warm = Prompt(2 * kBs + 1);
+  Compute(1, warm);
+  const std::vector<float> before = GatherAll(1, 2 * kBs);
+  ASSERT_TRUE(m_->Free(1).ok());
+  Compute(2, Prompt(6 * kBs + 1));
+  ASSERT_TRUE(m_->Free(2).ok());
+  ASSERT_EQ(m_->Metrics().blocks_cached, 8);
+  ASSERT_EQ(m_->Metrics().blocks_free, 8);
+
+  copier_->set_delay_for_testing(absl::Milliseconds(300));
+  // 9 blocks: the 8 free ones and one eviction. The two oldest (warm's) are
+  // offloaded and held (the budget: two blocks), the third is dropped and
+  // handed out.
+  const std::vector<int32_t> fresh = Prompt(9 * kBs);
+  ASSERT_TRUE(m_->AddSequence(3, fresh).ok());
+  absl::StatusOr<StepPlanInfo> plan = m_->Reserve({{3, {}, 9 * kBs}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  MetricsSnapshot s = m_->Metrics();
+  EXPECT_EQ(s.tier_offloads, 2);
+  EXPECT_EQ(s.tier_offloads_skipped, 1);
+  EXPECT_EQ(s.tier_offloads_waited, 0);
+  EXPECT_EQ(s.evictions, 3);
+  EXPECT_EQ(s.blocks_in_use, 9 + 2);  // The two held ones too.
+  EXPECT_LE(copier_->in_flight_bytes(), 2 * block_bytes);
+  ASSERT_GT(copier_->in_flight(), 0);
+  ExpectConsistent();
+  // The plan's Appends do not wait for the copies (they write other blocks).
+  const auto start = std::chrono::steady_clock::now();
+  for (int layer = 0; layer < kLayers; ++layer) {
+    const int64_t n = 9 * kBs;
+    std::vector<uint16_t> k(n * kHeads * kD), v(n * kHeads * kDv);
+    for (uint16_t& x : k) x = testing::FloatToBf16(0.5f);
+    for (uint16_t& x : v) x = testing::FloatToBf16(-0.25f);
+    ASSERT_TRUE(m_->Append(plan->id, layer,
+                           TensorView::Contiguous(k.data(), DType::kBFloat16,
+                                                  {n, kHeads, kD}),
+                           TensorView::Contiguous(v.data(), DType::kBFloat16,
+                                                  {n, kHeads, kDv}))
+                    .ok());
+  }
+  EXPECT_GT(copier_->in_flight(), 0) << "an Append waited for the offload";
+  ASSERT_TRUE(m_->Commit(plan->id).ok());
+  ASSERT_TRUE(m_->Free(3).ok());
+  copier_->set_delay_for_testing(absl::ZeroDuration());
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  (void)start;
+  // The next call frees the held blocks; warm's blocks read back exactly.
+  PrefixHits hits;
+  ASSERT_EQ(*m_->AddSequence(4, warm, {}, &hits), 2 * kBs);
+  EXPECT_EQ(hits.host_tokens, 2 * kBs);
+  s = m_->Metrics();
+  EXPECT_EQ(s.blocks_in_use, 2);
+  EXPECT_TRUE(BitEqual(GatherAll(4, 2 * kBs), before));
+  ExpectConsistent();
+}
+
+// A Reserve that needs the held blocks waits for their copies rather than
+// failing: they are the pool's, only not yet reusable.
+TEST_P(HostTierTest, ReserveThatNeedsHeldBlocksWaitsForThem) {
+  constexpr int kBlocks = 8;
+  Make(kBlocks, /*tier_blocks=*/8, 0, [](KVCacheConfig& c) {
+    c.tier_offload_min_hits = 0;
+    c.tier_offload_max_in_flight_bytes = 0;
+    c.tier_hold_offloads = true;
+  });
+  Compute(1, Prompt(4 * kBs + 1));
+  ASSERT_TRUE(m_->Free(1).ok());  // 4 cached, 4 free.
+  copier_->set_delay_for_testing(absl::Milliseconds(100));
+  ASSERT_TRUE(m_->AddSequence(2, Prompt(6 * kBs)).ok());
+  absl::StatusOr<StepPlanInfo> plan = m_->Reserve({{2, {}, 5 * kBs}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  // 5 blocks of 8: three to spare, so three evicted blocks are held.
+  EXPECT_EQ(m_->Metrics().blocks_in_use, 5 + 3);
+  AppendZeros(plan->id, 5 * kBs);
+  ASSERT_TRUE(m_->Commit(plan->id).ok());
+  copier_->set_delay_for_testing(absl::ZeroDuration());
+  // The sixth block: only a held block can give it.
+  ASSERT_TRUE(m_->CanReserve({{2, {}, kBs}}).ok());
+  plan = m_->Reserve({{2, {}, kBs}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  AppendZeros(plan->id, kBs);
+  ASSERT_TRUE(m_->Commit(plan->id).ok());
+  ExpectConsistent();
+}
+
+// The selection against an independent model: random adds of prompts that
+// share prefixes, computed and freed in a small pool, with min_hits 1 and 2;
+// the model counts each registration's hits from AddSequence's results and
+// the events (a block stored on the device is new, 0 hits, unless the same
+// call removed it from the host tier: 1), and predicts which evicted blocks
+// must be stored on the host in the same call.
+TEST_P(HostTierTest, SelectionMatchesAModelOfHitCounts) {
+  for (const int min_hits : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("min_hits ", min_hits));
+    Make(/*num_blocks=*/12, /*tier_blocks=*/64, 0, [&](KVCacheConfig& c) {
+      c.tier_offload_min_hits = min_hits;
+      c.tier_offload_max_in_flight_bytes = 0;
+      c.tier_hold_offloads = false;  // No budget, no hold: selection alone.
+      c.enable_kv_events = true;
+    });
+    std::vector<std::vector<int32_t>> roots;
+    for (int i = 0; i < 4; ++i) roots.push_back(Prompt(3 * kBs));
+    // (parent hash or 0 for a first block, tokens) -> hash, from events.
+    std::map<std::pair<uint64_t, std::vector<int32_t>>, uint64_t> hash_of;
+    std::map<uint64_t, int> hits;
+    int64_t checked_offloads = 0, checked_drops = 0;
+    SequenceId id = 1;
+    for (int op = 0; op < 300; ++op) {
+      std::vector<int32_t> prompt = roots[rng_() % roots.size()];
+      const int extra = static_cast<int>(rng_() % (3 * kBs));
+      const std::vector<int32_t> tail = Prompt(extra + 1);
+      prompt.insert(prompt.end(), tail.begin(), tail.end());
+      // Each manager call's events, modelled in order.
+      auto model = [&](int64_t computed) {
+        const std::vector<KVEvent> events = TakeAllEvents(*m_);
+        std::set<uint64_t> from_host, expect_host, stored_host;
+        std::set<uint64_t> stored_device;
+        for (const KVEvent& e : events) {
+          if (e.type == KVEventType::kBlockRemoved &&
+              e.medium == KVEventMedium::kHost) {
+            from_host.insert(e.block_hashes.begin(), e.block_hashes.end());
+          } else if (e.type == KVEventType::kBlockRemoved) {
+            for (uint64_t h : e.block_hashes) {
+              if (hits[h] >= min_hits) {
+                expect_host.insert(h);
+              } else {
+                ++checked_drops;
+              }
+            }
+          } else if (e.type == KVEventType::kBlockStored) {
+            uint64_t parent = e.has_parent ? e.parent_block_hash : 0;
+            for (size_t k = 0; k < e.block_hashes.size(); ++k) {
+              const uint64_t h = e.block_hashes[k];
+              hash_of[{parent,
+                       std::vector<int32_t>(
+                           e.token_ids.begin() + k * e.block_size,
+                           e.token_ids.begin() + (k + 1) * e.block_size)}] = h;
+              parent = h;
+              if (e.medium == KVEventMedium::kHost) {
+                stored_host.insert(h);
+              } else {
+                stored_device.insert(h);
+                hits[h] = from_host.count(h) ? 1 : 0;
+              }
+            }
+          }
+        }
+        EXPECT_EQ(stored_host, expect_host);
+        checked_offloads += static_cast<int64_t>(expect_host.size());
+        // AddSequence: its device hits (not brought back by this call).
+        uint64_t parent = 0;
+        for (int64_t b = 0; b < computed / kBs; ++b) {
+          auto it = hash_of.find(
+              {parent, std::vector<int32_t>(prompt.begin() + b * kBs,
+                                            prompt.begin() + (b + 1) * kBs)});
+          ASSERT_NE(it, hash_of.end()) << "a hit block never stored";
+          if (!stored_device.count(it->second)) ++hits[it->second];
+          parent = it->second;
+        }
+      };
+      absl::StatusOr<int64_t> computed = m_->AddSequence(id, prompt);
+      ASSERT_TRUE(computed.ok()) << computed.status();
+      model(*computed);
+      const int64_t n = static_cast<int64_t>(prompt.size()) - *computed;
+      absl::StatusOr<StepPlanInfo> plan = m_->Reserve({{id, {}, n}});
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      model(0);
+      for (int layer = 0; layer < kLayers; ++layer) {
+        std::vector<uint16_t> k(n * kHeads * kD), v(n * kHeads * kDv);
+        ASSERT_TRUE(
+            m_->Append(plan->id, layer,
+                       TensorView::Contiguous(k.data(), DType::kBFloat16,
+                                              {n, kHeads, kD}),
+                       TensorView::Contiguous(v.data(), DType::kBFloat16,
+                                              {n, kHeads, kDv}))
+                .ok());
+      }
+      ASSERT_TRUE(m_->Commit(plan->id).ok());
+      model(0);
+      ASSERT_TRUE(m_->Free(id).ok());
+      model(0);
+      ++id;
+    }
+    ExpectConsistent();
+    const MetricsSnapshot s = m_->Metrics();
+    EXPECT_EQ(s.tier_offloads, checked_offloads);
+    EXPECT_EQ(s.tier_offloads_unselected, checked_drops);
+    EXPECT_GT(checked_offloads, 10);
+    EXPECT_GT(checked_drops, 10);
+  }
+}
+
+TEST(HostTierConfigTest, PolicyFieldsAreCheckedByName) {
+  KVCacheConfig c = Config(DType::kInt8, 8, 4);
+  c.tier_offload_min_hits = 256;
+  absl::StatusOr<std::unique_ptr<KVCacheManager>> m = KVCacheManager::Create(c);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(m.status().message().find("tier_offload_min_hits 256"),
+            std::string::npos)
+      << m.status();
+  c.tier_offload_min_hits = -1;
+  EXPECT_FALSE(KVCacheManager::Create(c).ok());
+  c.tier_offload_min_hits = 0;
+  c.tier_offload_max_in_flight_bytes = -5;
+  m = KVCacheManager::Create(c);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("tier_offload_max_in_flight_bytes -5"),
+            std::string::npos)
+      << m.status();
+  c.tier_offload_max_in_flight_bytes = 0;
+  EXPECT_TRUE(KVCacheManager::Create(c).ok());
 }
 
 INSTANTIATE_TEST_SUITE_P(

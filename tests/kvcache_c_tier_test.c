@@ -55,6 +55,9 @@ int main(void) {
   CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_create(&config, &m));
   CHECK(strstr(kvcache_last_error(NULL), "host_tier_bytes -5") != NULL);
   config.host_tier_bytes = 1 << 20;
+  CHECK(config.tier_offload_min_hits == 1); /* The default policy... */
+  CHECK(config.tier_hold_offloads == 1);
+  config.tier_offload_min_hits = 0; /* ...but here every block offloads. */
   CHECK_IS(KVCACHE_OK, kvcache_create(&config, &m));
   if (m == NULL) return 1;
 
@@ -108,9 +111,9 @@ int main(void) {
   CHECK_IS(KVCACHE_OK, kvcache_add_sequence_hits(m, 4, prompt, 9, 0, NULL, 0,
                                                  &computed, NULL));
   hits.struct_size = 3;
-  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
-           kvcache_add_sequence_hits(m, 5, prompt, 9, 0, NULL, 0, &computed,
-                                     &hits));
+  CHECK_IS(
+      KVCACHE_INVALID_ARGUMENT,
+      kvcache_add_sequence_hits(m, 5, prompt, 9, 0, NULL, 0, &computed, &hits));
   int64_t length = 0;
   CHECK_IS(KVCACHE_NOT_FOUND, kvcache_sequence_length(m, 5, &length));
   CHECK_IS(KVCACHE_INVALID_ARGUMENT,

@@ -123,6 +123,12 @@ const std::vector<Expected>& IntegerSamples() {
       {"kvcache_tier_offloads_skipped_total",
        "kvcache_tier_offloads_skipped_total", "counter",
        &MetricsSnapshot::tier_offloads_skipped, true},
+      {"kvcache_tier_offloads_unselected_total",
+       "kvcache_tier_offloads_unselected_total", "counter",
+       &MetricsSnapshot::tier_offloads_unselected, true},
+      {"kvcache_tier_offloads_waited_total",
+       "kvcache_tier_offloads_waited_total", "counter",
+       &MetricsSnapshot::tier_offloads_waited, true},
   };
   return *samples;
 }

@@ -94,6 +94,20 @@ ABSL_FLAG(int64_t, context_tokens, 32768,
 ABSL_FLAG(double, host_tier_gb, 2.0,
           "Host tier behind the cache, in GiB of host memory (pinned on CUDA); "
           "0 = none.");
+ABSL_FLAG(int32_t, tier_offload_min_hits,
+          kvcache::KVCacheConfig().tier_offload_min_hits,
+          "Host tier: offload only evicted blocks with at least this many "
+          "prefix hits (KVCacheConfig::tier_offload_min_hits; 0 = all).");
+ABSL_FLAG(double, tier_offload_max_in_flight_mb,
+          static_cast<double>(
+              kvcache::KVCacheConfig().tier_offload_max_in_flight_bytes) /
+              (1 << 20),
+          "Host tier: MiB of copies in flight past which evicted blocks are "
+          "dropped, not offloaded (tier_offload_max_in_flight_bytes; 0 = no "
+          "bound).");
+ABSL_FLAG(bool, tier_hold_offloads, kvcache::KVCacheConfig().tier_hold_offloads,
+          "Host tier: hold an offloaded block until its copy is done instead "
+          "of reusing it at once (KVCacheConfig::tier_hold_offloads).");
 ABSL_FLAG(std::string, json, "", "Also write the report as JSON to this path.");
 ABSL_FLAG(double, progress_interval_s, 10.0,
           "Seconds between progress lines when stderr is not a terminal.");
@@ -151,6 +165,17 @@ absl::StatusOr<KVCacheConfig> MakeConfig() {
         absl::StrCat("--host_tier_gb ", tier_gb, " is not in [0, 1e6)"));
   }
   config.host_tier_bytes = static_cast<int64_t>(tier_gb * (1 << 30));
+  config.tier_offload_min_hits = absl::GetFlag(FLAGS_tier_offload_min_hits);
+  const double in_flight_mb =
+      absl::GetFlag(FLAGS_tier_offload_max_in_flight_mb);
+  if (!(in_flight_mb >= 0.0 && in_flight_mb < 1e9)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tier_offload_max_in_flight_mb ", in_flight_mb,
+                     " is not in [0, 1e9)"));
+  }
+  config.tier_offload_max_in_flight_bytes =
+      static_cast<int64_t>(in_flight_mb * (1 << 20));
+  config.tier_hold_offloads = absl::GetFlag(FLAGS_tier_hold_offloads);
   if (absl::GetFlag(FLAGS_cuda_graph)) {
     if (config.backend != Backend::kCuda) {
       return absl::InvalidArgumentError("--cuda_graph needs --backend=cuda");

@@ -48,6 +48,10 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.tier_onboards = metrics.tier_onboards;
   r.host_tier_evictions = metrics.host_tier_evictions;
   r.tier_bytes_moved = metrics.tier_offload_bytes + metrics.tier_onboard_bytes;
+  r.tier_offload_bytes = metrics.tier_offload_bytes;
+  r.tier_offloads_skipped = metrics.tier_offloads_skipped;
+  r.tier_offloads_unselected = metrics.tier_offloads_unselected;
+  r.tier_offloads_waited = metrics.tier_offloads_waited;
   r.evictions = metrics.evictions;
   r.preemptions = stats.preemptions;
   r.draft_tokens_accepted = stats.draft_tokens_accepted;
@@ -118,6 +122,13 @@ std::string ReportText(const ReplayReport& r) {
         "evicted (%.2f GB moved)\n",
         r.host_tier_blocks, r.tier_offloads, r.tier_onboards,
         r.host_tier_evictions, static_cast<double>(r.tier_bytes_moved) / 1e9);
+    absl::StrAppendFormat(
+        &out,
+        "  tier offload policy   %.2f GB offloaded (%d waited for); not "
+        "offloaded: %d unselected (too few hits), %d skipped (copy queue "
+        "busy)\n",
+        static_cast<double>(r.tier_offload_bytes) / 1e9, r.tier_offloads_waited,
+        r.tier_offloads_unselected, r.tier_offloads_skipped);
   }
   absl::StrAppendFormat(&out, "  preemptions           %d\n", r.preemptions);
   if (r.spec_tokens > 0) {
@@ -178,6 +189,10 @@ std::string ReportJson(const ReplayReport& r) {
       {"tier_onboards", r.tier_onboards},
       {"host_tier_evictions", r.host_tier_evictions},
       {"tier_bytes_moved", r.tier_bytes_moved},
+      {"tier_offload_bytes", r.tier_offload_bytes},
+      {"tier_offloads_skipped", r.tier_offloads_skipped},
+      {"tier_offloads_unselected", r.tier_offloads_unselected},
+      {"tier_offloads_waited", r.tier_offloads_waited},
       {"evictions", r.evictions},
       {"preemptions", r.preemptions},
       {"spec_tokens", r.spec_tokens},

@@ -34,6 +34,11 @@ struct ReplayReport {
   int64_t tier_onboards = 0;
   int64_t host_tier_evictions = 0;
   int64_t tier_bytes_moved = 0;
+  int64_t tier_offload_bytes = 0;
+  // Evicted blocks not offloaded: copy queue busy / too few prefix hits.
+  int64_t tier_offloads_skipped = 0;
+  int64_t tier_offloads_unselected = 0;
+  int64_t tier_offloads_waited = 0;  // Steps' writes waited for their copy.
   int64_t evictions = 0;
   int64_t preemptions = 0;
   int spec_tokens = 0;  // Draft tokens per decode step (--spec_tokens).

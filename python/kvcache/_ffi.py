@@ -120,6 +120,9 @@ class Config(Structure):
         ("num_layer_groups", c_int32),
         ("layer_groups", POINTER(LayerGroup)),
         ("host_tier_bytes", c_int64),
+        ("tier_offload_min_hits", c_int32),
+        ("tier_offload_max_in_flight_bytes", c_int64),
+        ("tier_hold_offloads", c_int32),
     ]
 
 
@@ -227,6 +230,8 @@ class Metrics(Structure):
         ("tier_onboard_bytes", c_int64),
         ("tier_copy_failures", c_int64),
         ("tier_offloads_skipped", c_int64),
+        ("tier_offloads_unselected", c_int64),
+        ("tier_offloads_waited", c_int64),
     ]
 
 

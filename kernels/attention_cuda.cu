@@ -25,6 +25,27 @@ namespace kvcache {
 namespace {
 
 using internal::AttentionGrid;
+using internal::AttnConfig;
+
+// The kernel variants of AttentionParams::variant (kAttentionVariantNames):
+// KV heads per block (0 = the default choice), int8 K folding, and the blocks
+// per multiprocessor the kernel is sized for (4 applies to head sizes up to
+// 128; 256 keeps 3). A variant that does not apply to a cache type or head
+// size runs the default kernel there.
+struct VariantSpec {
+  int heads;
+  bool fold_k;
+  int blocks_per_sm;
+};
+constexpr VariantSpec kVariants[kNumAttentionVariants] = {
+    {0, false, 3},  // default
+    {1, false, 3},  // heads1
+    {2, false, 3},  // heads2
+    {0, true, 3},   // foldk
+    {0, false, 4},  // occ4
+    {0, true, 4},   // occ4_foldk
+    {1, false, 4},  // occ4_heads1
+};
 
 // Fewest keys worth a split of their own: below this the merge costs more
 // than the parallelism gains.
@@ -80,17 +101,17 @@ int64_t ChooseSplits(int64_t blocks, int64_t slots, int64_t max_splits) {
 }
 
 // Dynamic shared memory of a launch with grid g (AttnShape::MakeLayout).
-template <class Cache, int kHeadDim>
+template <class Cache, int kHeadDim, class Cfg>
 int SmemBytes(const AttentionParams& p, const AttentionGrid& g) {
   const bool q_split = std::is_same_v<Cache, internal::BFloat16Type> &&
                        p.q_dtype != DType::kBFloat16;
-  return internal::AttnShape<Cache, kHeadDim>::MakeLayout(g.wide, q_split,
-                                                          g.heads)
+  return internal::AttnShape<Cache, kHeadDim, Cfg>::MakeLayout(g.wide, q_split,
+                                                               g.heads)
       .total;
 }
 
 // The grid of a launch; *smem_bytes receives its dynamic shared memory.
-template <class Cache, int kHeadDim>
+template <class Cache, int kHeadDim, class Cfg>
 absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
                                          const void* kernel, int* smem_bytes) {
   absl::StatusOr<internal::DeviceLaunchInfo> info =
@@ -106,6 +127,8 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
   // side by side (one warp per head when 4 divide the heads).
   const int64_t kv_heads = layout.num_heads;
   g.heads = kv_heads % 4 == 0 ? 4 : (kv_heads % 2 == 0 ? 2 : 1);
+  const int forced_heads = kVariants[p.variant].heads;
+  if (forced_heads > 0 && kv_heads % forced_heads == 0) g.heads = forced_heads;
   g.block_size =
       internal::FastDivmod::Make(static_cast<uint32_t>(layout.block_size));
   g.vector_out = internal::RowsAligned16(p.o, 2, p.num_q_tokens, p.num_q_heads,
@@ -116,7 +139,7 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
     span = std::min<int64_t>(span, int64_t{p.window} + p.max_query_tokens - 1);
   }
   span = std::max<int64_t>(span, 1);
-  *smem_bytes = SmemBytes<Cache, kHeadDim>(p, g);
+  *smem_bytes = SmemBytes<Cache, kHeadDim, Cfg>(p, g);
   KVCACHE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem_bytes));
   KVCACHE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
@@ -150,11 +173,11 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
   return g;
 }
 
-template <class Cache, int kHeadDim>
+template <class Cache, int kHeadDim, class Cfg>
 absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
-  auto* kernel = &internal::AttentionKernel<Cache, kHeadDim>;
+  auto* kernel = &internal::AttentionKernel<Cache, kHeadDim, Cfg>;
   int smem = 0;
-  absl::StatusOr<AttentionGrid> grid = ChooseGrid<Cache, kHeadDim>(
+  absl::StatusOr<AttentionGrid> grid = ChooseGrid<Cache, kHeadDim, Cfg>(
       p, reinterpret_cast<const void*>(kernel), &smem);
   if (!grid.ok()) return grid.status();
   absl::StatusOr<internal::DeviceLaunchInfo> info =
@@ -185,6 +208,31 @@ absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
       internal::kAttnThreads, info->programmatic_launch, stream, p, *grid);
 }
 
+// The kernel of p.variant (only the instantiations that differ from the
+// default are compiled).
+template <class Cache, int kHeadDim>
+absl::Status LaunchVariant(const AttentionParams& p, cudaStream_t stream) {
+  const VariantSpec& v = kVariants[p.variant];
+  constexpr bool kInt8 = std::is_same_v<Cache, internal::Int8Type>;
+  constexpr bool kOcc4 = kHeadDim <= 128;
+  if constexpr (kInt8) {
+    if (v.fold_k) {
+      if constexpr (kOcc4) {
+        if (v.blocks_per_sm == 4) {
+          return Launch<Cache, kHeadDim, AttnConfig<true, 4>>(p, stream);
+        }
+      }
+      return Launch<Cache, kHeadDim, AttnConfig<true, 3>>(p, stream);
+    }
+  }
+  if constexpr (kOcc4) {
+    if (v.blocks_per_sm == 4) {
+      return Launch<Cache, kHeadDim, AttnConfig<false, 4>>(p, stream);
+    }
+  }
+  return Launch<Cache, kHeadDim, internal::AttnDefaultConfig>(p, stream);
+}
+
 #ifndef NDEBUG
 absl::Status DebugCheckBatch(const AttentionParams& p, cudaStream_t s) {
   std::vector<int32_t> table, lens, starts;
@@ -212,18 +260,18 @@ absl::Status AttentionCuda(const AttentionParams& params, void* stream) {
 #ifndef NDEBUG
   KVCACHE_RETURN_IF_ERROR(DebugCheckBatch(params, s));
 #endif
-  return internal::DispatchCacheType(params.cache.layout.cache_dtype,
-                                     [&](auto cache) -> absl::Status {
-                                       using Cache = decltype(cache);
-                                       switch (params.cache.layout.head_size) {
-                                         case 64:
-                                           return Launch<Cache, 64>(params, s);
-                                         case 128:
-                                           return Launch<Cache, 128>(params, s);
-                                         default:
-                                           return Launch<Cache, 256>(params, s);
-                                       }
-                                     });
+  return internal::DispatchCacheType(
+      params.cache.layout.cache_dtype, [&](auto cache) -> absl::Status {
+        using Cache = decltype(cache);
+        switch (params.cache.layout.head_size) {
+          case 64:
+            return LaunchVariant<Cache, 64>(params, s);
+          case 128:
+            return LaunchVariant<Cache, 128>(params, s);
+          default:
+            return LaunchVariant<Cache, 256>(params, s);
+        }
+      });
 }
 
 }  // namespace kvcache

@@ -39,6 +39,14 @@ inline constexpr int32_t kMaxAttentionQueryTokens = 8;
 inline constexpr int32_t kMaxAttentionGroupSize = 16;
 // Split-KV: at most this many thread blocks share one sequence's keys.
 inline constexpr int32_t kMaxAttentionSplits = 64;
+// Kernel variants selectable through AttentionParams::variant (performance
+// experiments; kernels/attention_cuda.cu defines them): KV heads per block
+// forced to 1 or 2, int8 K codes folded (no per-pair subtraction), the kernel
+// sized for 4 blocks per multiprocessor instead of 3, and combinations.
+inline constexpr int32_t kNumAttentionVariants = 7;
+inline constexpr const char* kAttentionVariantNames[kNumAttentionVariants] = {
+    "default", "heads1",     "heads2",     "foldk",
+    "occ4",    "occ4_foldk", "occ4_heads1"};
 
 // Split-KV scratch, allocated once by the caller (so a launch allocates
 // nothing and can be captured in a CUDA graph). A launch with S splits over
@@ -86,6 +94,11 @@ struct AttentionParams {
   // CUDA only: splits per sequence, 0 = chosen by the launcher (the tests
   // force values); lowered to what the workspace holds.
   int32_t num_splits = 0;
+  // CUDA only: the kernel variant, for performance experiments
+  // (benchmarks/experiments/attention_variants.sh); 0 = the default kernel.
+  // Every variant computes the same result to within the tests' tolerance;
+  // kernels/attention.cuh lists them (kAttentionVariantNames).
+  int32_t variant = 0;
 };
 
 }  // namespace kvcache

@@ -28,23 +28,27 @@ using internal::AttentionGrid;
 using internal::AttnConfig;
 
 // The kernel variants of AttentionParams::variant (kAttentionVariantNames):
-// KV heads per block (0 = the default choice), int8 K folding, and the blocks
-// per multiprocessor the kernel is sized for (4 applies to head sizes up to
-// 128; 256 keeps 3). A variant that does not apply to a cache type or head
-// size runs the default kernel there.
+// KV heads per block (0 = the default choice, -1 = by shape: see
+// kAutoHeads), int8 K folding, and the blocks per multiprocessor the kernel
+// is sized for (4 applies to 8-bit caches with head sizes up to 128: 16-bit
+// caches' rings fit only 3 blocks anyway). A variant that does not apply to
+// a cache type or head size runs the default kernel there.
+constexpr int kAutoHeads = -1;
 struct VariantSpec {
   int heads;
   bool fold_k;
   int blocks_per_sm;
 };
 constexpr VariantSpec kVariants[kNumAttentionVariants] = {
-    {0, false, 3},  // default
-    {1, false, 3},  // heads1
-    {2, false, 3},  // heads2
-    {0, true, 3},   // foldk
-    {0, false, 4},  // occ4
-    {0, true, 4},   // occ4_foldk
-    {1, false, 4},  // occ4_heads1
+    {0, false, 3},           // default
+    {1, false, 3},           // heads1
+    {2, false, 3},           // heads2
+    {0, true, 3},            // foldk
+    {0, false, 4},           // occ4
+    {0, true, 4},            // occ4_foldk
+    {1, false, 4},           // occ4_heads1
+    {kAutoHeads, false, 3},  // auto_heads
+    {kAutoHeads, false, 4},  // occ4_auto_heads
 };
 
 // Fewest keys worth a split of their own: below this the merge costs more
@@ -129,6 +133,17 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
   g.heads = kv_heads % 4 == 0 ? 4 : (kv_heads % 2 == 0 ? 2 : 1);
   const int forced_heads = kVariants[p.variant].heads;
   if (forced_heads > 0 && kv_heads % forced_heads == 0) g.heads = forced_heads;
+  if (forced_heads == kAutoHeads) {
+    // One head per block when few blocks per split would run with 4 heads
+    // (few long sequences: 8 x 64k), and for 16-bit caches with many (256 x
+    // 1k); what the H200 runs of the 1-head kernel showed.
+    const int64_t blocks4 =
+        int64_t{p.num_seqs} * (kv_heads / g.heads) * g.tiles;
+    const bool wide_cache = sizeof(typename Cache::T) == 2;
+    if (blocks4 * 2 < info->sms || (wide_cache && blocks4 >= 2 * info->sms)) {
+      g.heads = 1;
+    }
+  }
   g.block_size =
       internal::FastDivmod::Make(static_cast<uint32_t>(layout.block_size));
   g.vector_out = internal::RowsAligned16(p.o, 2, p.num_q_tokens, p.num_q_heads,
@@ -214,7 +229,7 @@ template <class Cache, int kHeadDim>
 absl::Status LaunchVariant(const AttentionParams& p, cudaStream_t stream) {
   const VariantSpec& v = kVariants[p.variant];
   constexpr bool kInt8 = std::is_same_v<Cache, internal::Int8Type>;
-  constexpr bool kOcc4 = kHeadDim <= 128;
+  constexpr bool kOcc4 = kHeadDim <= 128 && sizeof(typename Cache::T) == 1;
   if constexpr (kInt8) {
     if (v.fold_k) {
       if constexpr (kOcc4) {

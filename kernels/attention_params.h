@@ -42,11 +42,12 @@ inline constexpr int32_t kMaxAttentionSplits = 64;
 // Kernel variants selectable through AttentionParams::variant (performance
 // experiments; kernels/attention_cuda.cu defines them): KV heads per block
 // forced to 1 or 2, int8 K codes folded (no per-pair subtraction), the kernel
-// sized for 4 blocks per multiprocessor instead of 3, and combinations.
-inline constexpr int32_t kNumAttentionVariants = 7;
+// sized for 4 blocks per multiprocessor instead of 3, heads per block chosen
+// by shape, and combinations.
+inline constexpr int32_t kNumAttentionVariants = 9;
 inline constexpr const char* kAttentionVariantNames[kNumAttentionVariants] = {
-    "default", "heads1",     "heads2",     "foldk",
-    "occ4",    "occ4_foldk", "occ4_heads1"};
+    "default",    "heads1",      "heads2",     "foldk",          "occ4",
+    "occ4_foldk", "occ4_heads1", "auto_heads", "occ4_auto_heads"};
 
 // Split-KV scratch, allocated once by the caller (so a launch allocates
 // nothing and can be captured in a CUDA graph). A launch with S splits over

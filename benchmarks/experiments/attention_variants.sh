@@ -22,7 +22,7 @@ bundle="${KVCACHE_BUNDLE:-$(dirname "$here")}"
 logs="${1:?usage: attention_variants.sh LOG_DIR}"
 mkdir -p "$logs"
 export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-variants="${VARIANTS:-0,1,2,3,4,5,6}"
+variants="${VARIANTS:-0,1,2,3,4,5,6,7,8}"
 summary=()
 run() {  # name, log, command...
   local name="$1" log="$2"

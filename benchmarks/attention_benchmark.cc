@@ -20,7 +20,9 @@
 //                        kAttentionVariantNames), interleaved in every
 //                        iteration on the same inputs, each checked against
 //                        the CPU twin; the table adds each one's speed
-//                        relative to the first listed. Default: 0 only.
+//                        relative to the first listed. Default: 0 only
+//                        (the launcher's policy; 1 is the fixed choice
+//                        before it).
 //   --gather_dense=0     skip the Gather-then-dense path (faster runs).
 //
 //   bazel run -c opt //benchmarks:attention_benchmark  (GPU host, or the bundle)

@@ -67,20 +67,18 @@ inline constexpr int kAttnRows = 16;  // Query rows per block (the mma's M).
 inline constexpr int kAttnKeys = 16;  // Keys per warp tile.
 inline constexpr float kLog2e = 1.4426950408889634f;
 
-// Compile-time knobs of a kernel variant (AttentionParams::variant; the
-// default kernel is AttnConfig<false, 3>):
-//   kFoldK       int8 K codes enter the mma as 1152 + code (no fp16
-//                subtraction per pair); S starts at -1152 sum(q') per row
-//                instead of 0, which cancels the offset.
+// Compile-time knob of a kernel instantiation (the launcher picks it per
+// launch: kernels/attention_cuda.cu, ChooseKernel):
 //   kBlocksPerSm blocks per multiprocessor the registers (launch bounds, for
 //                head sizes up to 128) and the ring's shared memory are sized
-//                for: 3 (default) or 4 (fewer stages, at most 128 registers).
-template <bool kFoldK_, int kBlocksPerSm_>
+//                for: 3 (the base kernel) or 4 (fewer stages, at most 128
+//                registers; compiled for 8-bit caches with head sizes up to
+//                128 only).
+template <int kBlocksPerSm_>
 struct AttnConfig {
-  static constexpr bool kFoldK = kFoldK_;
   static constexpr int kBlocksPerSm = kBlocksPerSm_;
 };
-using AttnDefaultConfig = AttnConfig<false, 3>;
+using AttnDefaultConfig = AttnConfig<3>;
 
 // What the launcher decided for one launch.
 struct AttentionGrid {
@@ -99,7 +97,6 @@ struct AttentionGrid {
 template <class Cache, int kHeadDim, class Cfg = AttnDefaultConfig>
 struct AttnShape {
   using T = typename Cache::T;
-  static constexpr bool kFoldK = Cfg::kFoldK && std::is_same_v<Cache, Int8Type>;
   static constexpr int kESize = sizeof(T);
   static constexpr bool kQuant = Cache::kQuantized;
   static constexpr bool kBf16 = std::is_same_v<Cache, BFloat16Type>;
@@ -135,10 +132,9 @@ struct AttnShape {
       kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
   // The layout after the ring: q fragments (q_parts x heads x
   // kQFragHeadBytes), validity masks [warp][stage], row multipliers
-  // [head][row], with kFoldK the rows' S offsets [head][row], then per warp
-  // and row: m, m', l.
+  // [head][row], then per warp and row: m, m', l.
   struct Layout {
-    int q_parts, valid, rowmult, rowoff, state, total;
+    int q_parts, valid, rowmult, state, total;
   };
   __host__ __device__ static Layout MakeLayout(bool wide, bool q_split,
                                                int heads) {
@@ -146,8 +142,7 @@ struct AttnShape {
     l.q_parts = (wide ? 2 : 1) * (q_split ? 2 : 1);
     l.valid = kRingBytes + l.q_parts * heads * kQFragHeadBytes;
     l.rowmult = l.valid + kAttnWarps * kStages * 4;
-    l.rowoff = l.rowmult + kAttnWarps * kAttnRows * 4;
-    l.state = l.rowoff + (kFoldK ? kAttnWarps * kAttnRows * 4 : 0);
+    l.state = l.rowmult + kAttnWarps * kAttnRows * 4;
     l.total = l.state + 3 * kAttnWarps * kAttnRows * 4;
     return l;
   }
@@ -221,17 +216,12 @@ __device__ __forceinline__ uint32_t Fp8x2ToHalf2(uint32_t w) {
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
 }
 
-// The K B fragment of k step `s` within one 16-byte chunk of codes; with
-// kFold, int8 codes as 1152 + code (exact in fp16).
-template <class Cache, bool kFold = false>
+// The K B fragment of k step `s` within one 16-byte chunk of codes.
+template <class Cache>
 __device__ __forceinline__ void KFragment(const uint4& raw, int s, uint32_t* b0,
                                           uint32_t* b1) {
   const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-  if constexpr (std::is_same_v<Cache, Int8Type> && kFold) {
-    const uint32_t x = w[s] ^ 0x80808080u;
-    *b0 = __byte_perm(x, 0x64646464u, 0x4140u);
-    *b1 = __byte_perm(x, 0x64646464u, 0x4342u);
-  } else if constexpr (std::is_same_v<Cache, Int8Type>) {
+  if constexpr (std::is_same_v<Cache, Int8Type>) {
     const uint32_t x = w[s] ^ 0x80808080u;
     *b0 = BiasedBytesToHalf2(x, 0x4140u);
     *b1 = BiasedBytesToHalf2(x, 0x4342u);
@@ -301,7 +291,6 @@ __global__ void __launch_bounds__(kAttnThreads,
                                   kHeadDim <= 128 ? Cfg::kBlocksPerSm : 1)
     AttentionKernel(const AttentionParams p, const AttentionGrid grid) {
   using Shape = AttnShape<Cache, kHeadDim, Cfg>;
-  constexpr bool kFoldK = Shape::kFoldK;
   using CacheT = typename Cache::T;
   constexpr bool kQuant = Shape::kQuant;
   constexpr bool kBf16 = Shape::kBf16;
@@ -344,8 +333,6 @@ __global__ void __launch_bounds__(kAttnThreads,
   uint2* s_q = reinterpret_cast<uint2*>(smem + Shape::kRingBytes);
   uint32_t* s_valid = reinterpret_cast<uint32_t*>(smem + lay.valid);
   float* s_rowmult = reinterpret_cast<float*>(smem + lay.rowmult);
-  [[maybe_unused]] float* s_rowoff =
-      reinterpret_cast<float*>(smem + lay.rowoff);
   float* s_m = reinterpret_cast<float*>(smem + lay.state);  // [warp][row]
   float* s_m2 = s_m + kAttnWarps * kAttnRows;               // [warp][row]
   float* s_l = s_m2 + kAttnWarps * kAttnRows;               // [warp][row]
@@ -449,27 +436,11 @@ __global__ void __launch_bounds__(kAttnThreads,
     for (int off = 16; off > 0; off /= 2) {
       mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, off));
     }
-    // fp16 operands: q * 2^(8 - E) with max |q| < 2^E, so |q'| < 256.
-    int e = 0;
-    if (!kBf16 && mx > 0.0f && isfinite(mx)) frexpf(mx, &e);
-    const float rm = ldexpf(base_mult, e - 8 * !kBf16);
-    if (lane == 0) s_rowmult[r] = rm;
-    if constexpr (kFoldK) {
-      // -1152 sum(q') of the fp16 q' the mma reads (the fragments below
-      // round the same products), in double: the offset K's codes carry.
-      const float f = base_mult / rm;
-      double sum = 0.0;
-      if (row < rows) {
-        for (int d = lane; d < kHeadDim; d += 32) {
-          sum += __half2float(
-              __float2half_rn(HalfToFloat(p.q, base + d, bf16_q) * f));
-        }
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) {
-        sum += __shfl_xor_sync(0xFFFFFFFFu, sum, off);
-      }
-      if (lane == 0) s_rowoff[r] = static_cast<float>(-1152.0 * sum);
+    if (lane == 0) {
+      // fp16 operands: q * 2^(8 - E) with max |q| < 2^E, so |q'| < 256.
+      int e = 0;
+      if (!kBf16 && mx > 0.0f && isfinite(mx)) frexpf(mx, &e);
+      s_rowmult[r] = ldexpf(base_mult, e - 8 * !kBf16);
     }
   }
   __syncthreads();
@@ -528,14 +499,12 @@ __global__ void __launch_bounds__(kAttnThreads,
 
   // Per-lane row state: rows g and g + 8.
   float rowmult[2];
-  [[maybe_unused]] float rowoff[2] = {0.0f, 0.0f};
   int32_t rb[2], re[2];
   float m[2], m2[2], l[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int32_t row = first_row + g + 8 * r;
     rowmult[r] = s_rowmult[hb * kAttnRows + g + 8 * r];
-    if constexpr (kFoldK) rowoff[r] = s_rowoff[hb * kAttnRows + g + 8 * r];
     if (row < rows) {
       AttentionRowKeys(s, p.window, row / grid.group, &rb[r], &re[r]);
     } else {
@@ -572,7 +541,7 @@ __global__ void __launch_bounds__(kAttnThreads,
 #pragma unroll
     for (int nb = 0; nb < 2; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sc[nb][e] = kFoldK ? rowoff[e >> 1] : 0.0f;
+      for (int e = 0; e < 4; ++e) sc[nb][e] = 0.0f;
     }
     constexpr int kStepsPerChunk = Shape::kKSteps / Shape::kKChunks;
 #pragma unroll
@@ -590,7 +559,7 @@ __global__ void __launch_bounds__(kAttnThreads,
 #pragma unroll
         for (int nb = 0; nb < 2; ++nb) {
           uint32_t b0, b1;
-          KFragment<Cache, kFoldK>(kraw[nb], s2, &b0, &b1);
+          KFragment<Cache>(kraw[nb], s2, &b0, &b1);
           Mma<kBf16>(sc[nb], qa, b0, b1);
         }
         if (q_split) {
@@ -598,7 +567,7 @@ __global__ void __launch_bounds__(kAttnThreads,
 #pragma unroll
           for (int nb = 0; nb < 2; ++nb) {
             uint32_t b0, b1;
-            KFragment<Cache, kFoldK>(kraw[nb], s2, &b0, &b1);
+            KFragment<Cache>(kraw[nb], s2, &b0, &b1);
             Mma<kBf16>(sc[nb], ql, b0, b1);
           }
         }

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "benchmark/benchmark.h"
+#include "benchmarks/bench_util.h"
 #include "core/dtype.h"
 #include "kernels/attention_params.h"
 #include "kernels/cpu_attention.h"
@@ -67,28 +68,14 @@ bool& GatherDense() {
 
 #if defined(KVCACHE_HAVE_CUDA_RUNTIME)
 
-#define BENCH_CHECK(call)                                                      \
-  do {                                                                         \
-    const auto r_ = (call);                                                    \
-    if (!IsOk(r_)) {                                                           \
-      state.SkipWithError((std::string(#call) + ": " + Describe(r_)).c_str()); \
-      return;                                                                  \
-    }                                                                          \
-  } while (0)
+using bench::BM_DeviceCopy;
+using bench::CopyBandwidth;
+using bench::Median;
+using bench::TimePerCall;
+using Arena = bench::DeviceArena;
 
-bool IsOk(cudaError_t e) { return e == cudaSuccess; }
-bool IsOk(const absl::Status& s) { return s.ok(); }
-std::string Describe(cudaError_t e) { return cudaGetErrorString(e); }
-std::string Describe(const absl::Status& s) { return s.ToString(); }
-
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-struct Row {
-  std::vector<double> us, gbps, pct, path_us;
+struct Row : bench::Samples {  // us, gbps, pct of the attention launch.
+  std::vector<double> path_us;
   double bar = 0;
   std::string check = "not run";
   std::string first_variant_row;  // The row this one is compared with.
@@ -97,67 +84,11 @@ std::map<std::string, Row>& Rows() {
   static std::map<std::string, Row> rows;
   return rows;
 }
-std::vector<double>& CopyRuns() {
-  static std::vector<double> runs;
-  return runs;
-}
-
-struct Arena {
-  std::vector<void*> ptrs;
-  ~Arena() {
-    for (void* p : ptrs) cudaFree(p);
-  }
-  template <class T>
-  cudaError_t Alloc(T** p, size_t bytes) {
-    void* v = nullptr;
-    const cudaError_t e = cudaMalloc(&v, bytes);
-    if (e == cudaSuccess) ptrs.push_back(v);
-    *p = static_cast<T*>(v);
-    return e;
-  }
-};
 
 template <class T>
 cudaError_t Upload(T* dst, const std::vector<T>& src) {
   return cudaMemcpy(dst, src.data(), src.size() * sizeof(T),
                     cudaMemcpyHostToDevice);
-}
-
-// Events around `launches` calls of fn on `stream`, per call, after warm-up.
-template <class F>
-double TimePerCall(cudaStream_t stream, int launches, F&& fn) {
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  fn();
-  cudaStreamSynchronize(stream);
-  cudaEventRecord(a, stream);
-  for (int i = 0; i < launches; ++i) fn();
-  cudaEventRecord(b, stream);
-  cudaEventSynchronize(b);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, a, b);
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return ms / 1e3 / launches;
-}
-
-void BM_DeviceCopy(benchmark::State& state) {
-  const size_t bytes = size_t{1} << 30;
-  Arena arena;
-  uint8_t *src, *dst;
-  BENCH_CHECK(arena.Alloc(&src, bytes));
-  BENCH_CHECK(arena.Alloc(&dst, bytes));
-  BENCH_CHECK(cudaMemset(src, 1, bytes));
-  for (auto _ : state) {
-    const double t = TimePerCall(nullptr, 3, [&] {
-      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice);
-    });
-    state.SetIterationTime(t);
-    CopyRuns().push_back(2.0 * bytes / t / 1e9);
-  }
-  BENCH_CHECK(cudaGetLastError());
-  state.counters["GB/s"] = Median(CopyRuns());
 }
 
 struct Case {
@@ -375,10 +306,7 @@ void BM_Attention(benchmark::State& state, Case c) {
       const double t =
           TimePerCall(stream, 20, [&] { (void)AttentionCuda(p, stream); });
       if (v == variants[0]) state.SetIterationTime(t);
-      const double gbps = bytes / t / 1e9;
-      r.us.push_back(t * 1e6);
-      r.gbps.push_back(gbps);
-      r.pct.push_back(100.0 * gbps / std::max(Median(CopyRuns()), 1e-9));
+      r.Add(t, bytes, CopyBandwidth());
     }
     p.variant = 0;
     if (path)
@@ -410,8 +338,7 @@ void RegisterAll() {
 }
 
 void PrintSummary() {
-  std::printf("\ncopy bandwidth %.1f GB/s (read + written)\n",
-              Median(CopyRuns()));
+  std::printf("\ncopy bandwidth %.1f GB/s (read + written)\n", CopyBandwidth());
   std::printf("%-40s %6s %9s %8s %7s %-6s %12s %8s %9s\n",
               "case (8 KV heads, GQA 4, D 128)", "check", "us", "GB/s", "%copy",
               "bar", "gather+dense", "speedup", "vs_first");

@@ -68,7 +68,7 @@ inline constexpr int kAttnKeys = 16;  // Keys per warp tile.
 inline constexpr float kLog2e = 1.4426950408889634f;
 
 // Compile-time knob of a kernel instantiation (the launcher picks it per
-// launch: kernels/attention_cuda.cu, ChooseKernel):
+// launch: kernels/attention_policy.h):
 //   kBlocksPerSm blocks per multiprocessor the registers (launch bounds, for
 //                head sizes up to 128) and the ring's shared memory are sized
 //                for: 3 (the base kernel) or 4 (fewer stages, at most 128

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/cuda_check.h"
 #include "kernels/attention.cuh"
+#include "kernels/attention_policy.h"
 #include "kernels/attention_validation.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/cuda_util.cuh"
@@ -27,102 +28,7 @@ namespace {
 using internal::AttentionGrid;
 using internal::AttnConfig;
 
-// The kernel variants of AttentionParams::variant (kAttentionVariantNames):
-// KV heads per block (kBaseHeads: 4, 2 or 1, the most of those that divide
-// the KV heads; 1 or 2 forced where they divide them; kAutoHeads, kPolicy:
-// by shape, ChooseKernel) and the blocks per multiprocessor the kernel is
-// sized for (3; 4 where compiled: 8-bit caches with head sizes up to 128,
-// since 16-bit caches' rings fit only 3 blocks anyway; kPolicy: by
-// ChooseKernel). A variant that does not apply to a cache type or head size
-// runs the base choice there.
-constexpr int kBaseHeads = 0;
-constexpr int kAutoHeads = -1;
-constexpr int kPolicy = -2;
-struct VariantSpec {
-  int heads;
-  int blocks_per_sm;
-};
-constexpr VariantSpec kVariants[kNumAttentionVariants] = {
-    {kPolicy, kPolicy},  // auto (the default)
-    {kBaseHeads, 3},     // base
-    {1, 3},              // heads1
-    {2, 3},              // heads2
-    {kBaseHeads, 4},     // occ4
-    {1, 4},              // occ4_heads1
-    {kAutoHeads, 3},     // auto_heads
-    {kAutoHeads, 4},     // occ4_auto_heads
-};
-
-// What one launch runs: KV heads per block and the kernel's blocks per
-// multiprocessor.
-struct KernelChoice {
-  int heads;
-  int blocks_per_sm;
-};
-
-// Row tiles per KV head of a launch (AttentionGrid::tiles).
-int32_t RowTiles(const AttentionParams& p) {
-  const int32_t group =
-      p.num_q_heads / static_cast<int32_t>(p.cache.layout.num_heads);
-  const int32_t rows = p.max_query_tokens * group;
-  return (rows + internal::kAttnRows - 1) / internal::kAttnRows;
-}
-
-// The kernel of p.variant on a device of `sms` multiprocessors, for a cache
-// of `cache_bytes`-byte elements (int8: whether it is int8, not fp8) where
-// the 4-blocks kernel is compiled or not (occ4).
-//
-// The policy (variant 0) follows the H200 comparison of the variants
-// (benchmarks/results/NOTES.md, "v4"), in terms of `blocks`, the thread
-// blocks per split with the base heads per block (sequences x KV heads / 4 x
-// row tiles), against the multiprocessors:
-//   few  = blocks < sms / 2 (8 x 64k: 16 blocks on 132),
-//   many = blocks >= 2 sms  (256 x 1k: 512 blocks).
-// - int8: the 4-blocks kernel (128 registers, no spills: 16 warps per
-//   multiprocessor instead of 12); 1 head per block unless many (with 4
-//   blocks per multiprocessor 1-head blocks fill the device without splits
-//   at 64 x 8k; at 256 x 1k they lose to 4 heads). Without the 4-blocks
-//   kernel (head size 256), as fp8.
-// - fp8: 1 head per block when few, else the base. The 4-blocks kernel
-//   (whose fp8 dequantization spills 28 bytes at 128 registers) only when
-//   blocks >= 3 sms: when the base grid fills a wave of the 3-blocks kernel
-//   without splitting, so split-KV cannot add parallelism and the fourth
-//   block per multiprocessor is what fills the device (256 x 1k: 512 blocks
-//   are 1.3 waves of 396 slots with 2 splits, 0.97 of 528 unsplit). With
-//   fewer blocks the launcher's splits fill the 3-blocks kernel and the
-//   spills cost 10-13 % (64 x 8k, 8 x 64k).
-// - 16-bit caches: 1 head per block when few or many, 2 in between (64 x
-//   8k); the 3-blocks kernel (the only one).
-KernelChoice ChooseKernel(const AttentionParams& p, int cache_bytes, bool int8,
-                          bool occ4, int sms) {
-  const VariantSpec& v = kVariants[p.variant];
-  const int64_t kv_heads = p.cache.layout.num_heads;
-  const int base = kv_heads % 4 == 0 ? 4 : (kv_heads % 2 == 0 ? 2 : 1);
-  const int64_t blocks = int64_t{p.num_seqs} * (kv_heads / base) * RowTiles(p);
-  const bool few = blocks * 2 < sms;
-  const bool many = blocks >= 2 * int64_t{sms};
-  KernelChoice c{base, v.blocks_per_sm == 4 && occ4 ? 4 : 3};
-  int heads = v.heads;
-  if (heads == kAutoHeads) {
-    // The first shape rule: 1 head when few, and for 16-bit caches when
-    // many; else the base.
-    heads = few || (cache_bytes == 2 && many) ? 1 : kBaseHeads;
-  } else if (heads == kPolicy) {
-    if (cache_bytes == 2) {
-      heads = few || many ? 1 : 2;
-    } else if (int8 && occ4) {
-      heads = many ? kBaseHeads : 1;
-    } else {
-      heads = few ? 1 : kBaseHeads;
-    }
-  }
-  if (v.blocks_per_sm == kPolicy) {
-    const bool use4 = occ4 && (int8 || blocks >= 3 * int64_t{sms});
-    c.blocks_per_sm = use4 ? 4 : 3;
-  }
-  if (heads > 0 && kv_heads % heads == 0) c.heads = heads;
-  return c;
-}
+static_assert(internal::kAttnRows == internal::kAttentionTileRows);
 
 // Fewest keys worth a split of their own: below this the merge costs more
 // than the parallelism gains.
@@ -198,9 +104,9 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p, int heads,
   AttentionGrid g;
   g.group = p.num_q_heads / static_cast<int32_t>(layout.num_heads);
   const int32_t rows = p.max_query_tokens * g.group;
-  g.tiles = RowTiles(p);
+  g.tiles = internal::AttentionRowTiles(p);
   g.wide = rows > internal::kAttnRows / 2;
-  // KV heads per block (ChooseKernel): neighbouring heads' rows of the same
+  // KV heads per block (ChooseAttentionKernel): neighbouring heads' rows of the same
   // tokens are read side by side, one warp per head.
   const int64_t kv_heads = layout.num_heads;
   g.heads = heads;
@@ -283,9 +189,9 @@ absl::Status Launch(const AttentionParams& p, int heads, cudaStream_t stream) {
       internal::kAttnThreads, info->programmatic_launch, stream, p, *grid);
 }
 
-// The kernel ChooseKernel picks for p (only the instantiations that differ
-// from the base are compiled: the 4-blocks kernel for 8-bit caches with head
-// sizes up to 128).
+// The kernel ChooseAttentionKernel picks for p (kernels/attention_policy.h;
+// only the instantiations that differ from the base are compiled: the
+// 4-blocks kernel for 8-bit caches with head sizes up to 128).
 template <class Cache, int kHeadDim>
 absl::Status LaunchVariant(const AttentionParams& p, cudaStream_t stream) {
   using CacheT = typename Cache::T;
@@ -293,9 +199,8 @@ absl::Status LaunchVariant(const AttentionParams& p, cudaStream_t stream) {
   absl::StatusOr<internal::DeviceLaunchInfo> info =
       internal::CurrentDeviceLaunchInfo();
   if (!info.ok()) return info.status();
-  const KernelChoice c =
-      ChooseKernel(p, sizeof(CacheT), std::is_same_v<Cache, internal::Int8Type>,
-                   kOcc4, info->sms);
+  const internal::AttentionKernelChoice c =
+      internal::ChooseAttentionKernel(p, kOcc4, info->sms);
   if constexpr (kOcc4) {
     if (c.blocks_per_sm == 4) {
       return Launch<Cache, kHeadDim, AttnConfig<4>>(p, c.heads, stream);

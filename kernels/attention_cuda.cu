@@ -106,8 +106,8 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p, int heads,
   const int32_t rows = p.max_query_tokens * g.group;
   g.tiles = internal::AttentionRowTiles(p);
   g.wide = rows > internal::kAttnRows / 2;
-  // KV heads per block (ChooseAttentionKernel): neighbouring heads' rows of the same
-  // tokens are read side by side, one warp per head.
+  // KV heads per block (ChooseAttentionKernel): neighbouring heads' rows of
+  // the same tokens are read side by side, one warp per head.
   const int64_t kv_heads = layout.num_heads;
   g.heads = heads;
   g.block_size =

@@ -15,12 +15,23 @@
 // errored. The summary table marks the bars (80 % of copy at 64 x 8k
 // and 8 x 64k, 70 % at 256 x 1k) as met or below.
 //
+// Own flags (before Google Benchmark's):
+//   --variants=0,4,...   time these kernel variants (AttentionParams::variant,
+//                        kAttentionVariantNames), interleaved in every
+//                        iteration on the same inputs, each checked against
+//                        the CPU twin; the table adds each one's speed
+//                        relative to the first listed. Default: 0 only
+//                        (the launcher's policy; 1 is the fixed choice
+//                        before it).
+//   --gather_dense=0     skip the Gather-then-dense path (faster runs).
+//
 //   bazel run -c opt //benchmarks:attention_benchmark  (GPU host, or the bundle)
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <numeric>
@@ -29,6 +40,7 @@
 #include <vector>
 
 #include "benchmark/benchmark.h"
+#include "benchmarks/bench_util.h"
 #include "core/dtype.h"
 #include "kernels/attention_params.h"
 #include "kernels/cpu_attention.h"
@@ -44,98 +56,39 @@
 namespace kvcache {
 namespace {
 
-#if defined(KVCACHE_HAVE_CUDA_RUNTIME)
-
-#define BENCH_CHECK(call)                                                      \
-  do {                                                                         \
-    const auto r_ = (call);                                                    \
-    if (!IsOk(r_)) {                                                           \
-      state.SkipWithError((std::string(#call) + ": " + Describe(r_)).c_str()); \
-      return;                                                                  \
-    }                                                                          \
-  } while (0)
-
-bool IsOk(cudaError_t e) { return e == cudaSuccess; }
-bool IsOk(const absl::Status& s) { return s.ok(); }
-std::string Describe(cudaError_t e) { return cudaGetErrorString(e); }
-std::string Describe(const absl::Status& s) { return s.ToString(); }
-
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+// Flags of this binary (parsed in main).
+std::vector<int32_t>& Variants() {
+  static std::vector<int32_t> v = {0};
+  return v;
+}
+bool& GatherDense() {
+  static bool on = true;
+  return on;
 }
 
-struct Row {
-  std::vector<double> us, gbps, pct, path_us;
+#if defined(KVCACHE_HAVE_CUDA_RUNTIME)
+
+using bench::BM_DeviceCopy;
+using bench::CopyBandwidth;
+using bench::Median;
+using bench::TimePerCall;
+using Arena = bench::DeviceArena;
+
+struct Row : bench::Samples {  // us, gbps, pct of the attention launch.
+  std::vector<double> path_us;
   double bar = 0;
   std::string check = "not run";
+  std::string first_variant_row;  // The row this one is compared with.
 };
 std::map<std::string, Row>& Rows() {
   static std::map<std::string, Row> rows;
   return rows;
 }
-std::vector<double>& CopyRuns() {
-  static std::vector<double> runs;
-  return runs;
-}
-
-struct Arena {
-  std::vector<void*> ptrs;
-  ~Arena() {
-    for (void* p : ptrs) cudaFree(p);
-  }
-  template <class T>
-  cudaError_t Alloc(T** p, size_t bytes) {
-    void* v = nullptr;
-    const cudaError_t e = cudaMalloc(&v, bytes);
-    if (e == cudaSuccess) ptrs.push_back(v);
-    *p = static_cast<T*>(v);
-    return e;
-  }
-};
 
 template <class T>
 cudaError_t Upload(T* dst, const std::vector<T>& src) {
   return cudaMemcpy(dst, src.data(), src.size() * sizeof(T),
                     cudaMemcpyHostToDevice);
-}
-
-// Events around `launches` calls of fn on `stream`, per call, after warm-up.
-template <class F>
-double TimePerCall(cudaStream_t stream, int launches, F&& fn) {
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  fn();
-  cudaStreamSynchronize(stream);
-  cudaEventRecord(a, stream);
-  for (int i = 0; i < launches; ++i) fn();
-  cudaEventRecord(b, stream);
-  cudaEventSynchronize(b);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, a, b);
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return ms / 1e3 / launches;
-}
-
-void BM_DeviceCopy(benchmark::State& state) {
-  const size_t bytes = size_t{1} << 30;
-  Arena arena;
-  uint8_t *src, *dst;
-  BENCH_CHECK(arena.Alloc(&src, bytes));
-  BENCH_CHECK(arena.Alloc(&dst, bytes));
-  BENCH_CHECK(cudaMemset(src, 1, bytes));
-  for (auto _ : state) {
-    const double t = TimePerCall(nullptr, 3, [&] {
-      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice);
-    });
-    state.SetIterationTime(t);
-    CopyRuns().push_back(2.0 * bytes / t / 1e9);
-  }
-  BENCH_CHECK(cudaGetLastError());
-  state.counters["GB/s"] = Median(CopyRuns());
 }
 
 struct Case {
@@ -245,14 +198,19 @@ void BM_Attention(benchmark::State& state, Case c) {
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   p.num_splits = 0;
-  BENCH_CHECK(AttentionCuda(p, stream));
-  BENCH_CHECK(cudaStreamSynchronize(stream));
-  Row& row = Rows()[c.Name()];
-  row.bar = c.bar;
-  if (row.check == "not run") {  // Once per case: against the CPU twin.
-    std::vector<uint16_t> o(q.size());
-    BENCH_CHECK(
-        cudaMemcpy(o.data(), d_o, o.size() * 2, cudaMemcpyDeviceToHost));
+  const std::vector<int32_t> variants = Variants();
+  auto row_name = [&](int32_t v) {
+    return variants.size() == 1 && v == 0
+               ? c.Name()
+               : c.Name() + " " + kAttentionVariantNames[v];
+  };
+  for (int32_t v : variants) {
+    Row& row = Rows()[row_name(v)];
+    row.bar = c.bar;
+    row.first_variant_row = row_name(variants[0]);
+  }
+  if (Rows()[row_name(variants[0])].check == "not run") {
+    // Once per case: every variant against the CPU twin.
     std::vector<uint8_t> kc(cache_bytes), vc(cache_bytes);
     BENCH_CHECK(cudaMemcpy(kc.data(), cache.key_cache, cache_bytes,
                            cudaMemcpyDeviceToHost));
@@ -274,25 +232,37 @@ void BM_Attention(benchmark::State& state, Case c) {
     h.q_start = starts.data();
     internal::ThreadPool pool(16);
     BENCH_CHECK(AttentionCpu(h, &pool));
-    double err = 0, mx = 0;
-    for (size_t i = 0; i < ref.size(); ++i) {
-      const double a = internal::BFloat16ToFloat(o[i]);
-      const double b = internal::BFloat16ToFloat(ref[i]);
-      err = std::max(err, std::isfinite(a) ? std::fabs(a - b) : 1e30);
-      mx = std::max(mx, std::fabs(b));
+    bool all_ok = true;
+    for (int32_t v : variants) {
+      p.variant = v;
+      BENCH_CHECK(cudaMemset(d_o, 0xFF, q.size() * 2));  // NaN poison.
+      BENCH_CHECK(AttentionCuda(p, stream));
+      BENCH_CHECK(cudaStreamSynchronize(stream));
+      std::vector<uint16_t> o(q.size());
+      BENCH_CHECK(
+          cudaMemcpy(o.data(), d_o, o.size() * 2, cudaMemcpyDeviceToHost));
+      double err = 0, mx = 0;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        const double a = internal::BFloat16ToFloat(o[i]);
+        const double b = internal::BFloat16ToFloat(ref[i]);
+        err = std::max(err, std::isfinite(a) ? std::fabs(a - b) : 1e30);
+        mx = std::max(mx, std::fabs(b));
+      }
+      // Two bf16 roundings of values below max |o|: at most 2^-7 of it.
+      const bool ok = err <= (1.0 / 128 + 2e-3) * mx;
+      Rows()[row_name(v)].check = ok ? "PASS" : "FAIL";
+      std::printf("%s %s: max |gpu - cpu| %.3g, max |o| %.3g\n",
+                  ok ? "PASS" : "FAIL", row_name(v).c_str(), err, mx);
+      all_ok = all_ok && ok;
     }
-    // Two bf16 roundings of values below max |o|: at most 2^-7 of it.
-    const bool ok = err <= (1.0 / 128 + 2e-3) * mx;
-    row.check = ok ? "PASS" : "FAIL";
-    std::printf("%s %s: max |gpu - cpu| %.3g, max |o| %.3g\n",
-                ok ? "PASS" : "FAIL", c.Name().c_str(), err, mx);
-    if (!ok) {
+    p.variant = 0;
+    if (!all_ok) {
       state.SkipWithError("FAIL: CUDA attention differs from the CPU twin");
       return;
     }
   }
   // Gather-to-dense bf16 buffers, and the dense "cache" over them.
-  const bool path = state.range(0) == 1;
+  const bool path = state.range(0) == 1 && GatherDense();
   uint16_t *dk = nullptr, *dv = nullptr;
   int32_t* d_ident = nullptr;
   if (path) {
@@ -327,14 +297,18 @@ void BM_Attention(benchmark::State& state, Case c) {
   const double bytes = 2.0 * tokens * kHeads * kD * esize +
                        (quant ? 2.0 * tokens * kHeads * 4 : 0) +
                        2.0 * q.size() * 2 + table.size() * 4.0 + c.seqs * 8.0;
+  Row& row = Rows()[row_name(variants[0])];
   for (auto _ : state) {
-    const double t =
-        TimePerCall(stream, 20, [&] { (void)AttentionCuda(p, stream); });
-    state.SetIterationTime(t);
-    const double gbps = bytes / t / 1e9;
-    row.us.push_back(t * 1e6);
-    row.gbps.push_back(gbps);
-    row.pct.push_back(100.0 * gbps / std::max(Median(CopyRuns()), 1e-9));
+    // The variants interleaved: each iteration times every one.
+    for (int32_t v : variants) {
+      Row& r = Rows()[row_name(v)];
+      p.variant = v;
+      const double t =
+          TimePerCall(stream, 20, [&] { (void)AttentionCuda(p, stream); });
+      if (v == variants[0]) state.SetIterationTime(t);
+      r.Add(t, bytes, CopyBandwidth());
+    }
+    p.variant = 0;
     if (path)
       row.path_us.push_back(TimePerCall(stream, 3, gather_then_dense) * 1e6);
   }
@@ -364,17 +338,20 @@ void RegisterAll() {
 }
 
 void PrintSummary() {
-  std::printf("\ncopy bandwidth %.1f GB/s (read + written)\n",
-              Median(CopyRuns()));
-  std::printf("%-28s %6s %9s %8s %7s %-6s %12s %8s\n",
+  std::printf("\ncopy bandwidth %.1f GB/s (read + written)\n", CopyBandwidth());
+  std::printf("%-40s %6s %9s %8s %7s %-6s %12s %8s %9s\n",
               "case (8 KV heads, GQA 4, D 128)", "check", "us", "GB/s", "%copy",
-              "bar", "gather+dense", "speedup");
+              "bar", "gather+dense", "speedup", "vs_first");
   for (const auto& [name, r] : Rows()) {
     const double pct = Median(r.pct), us = Median(r.us),
                  path = Median(r.path_us);
-    std::printf("%-28s %6s %9.1f %8.1f %7.1f %-6s %12.1f %7.2fx\n",
+    auto first = Rows().find(r.first_variant_row);
+    const double first_us =
+        first == Rows().end() ? 0 : Median(first->second.us);
+    std::printf("%-40s %6s %9.1f %8.1f %7.1f %-6s %12.1f %7.2fx %8.3fx\n",
                 name.c_str(), r.check.c_str(), us, Median(r.gbps), pct,
-                pct >= r.bar ? "met" : "BELOW", path, us > 0 ? path / us : 0);
+                pct >= r.bar ? "met" : "BELOW", path, us > 0 ? path / us : 0,
+                us > 0 ? first_us / us : 0);
   }
 }
 
@@ -394,6 +371,34 @@ void PrintSummary() {}
 }  // namespace kvcache
 
 int main(int argc, char** argv) {
+  // This binary's own flags, removed before Google Benchmark sees argv.
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--variants=", 0) == 0) {
+      std::vector<int32_t>& v = kvcache::Variants();
+      v.clear();
+      size_t pos = std::strlen("--variants=");
+      while (pos < arg.size()) {
+        size_t end = arg.find(',', pos);
+        if (end == std::string::npos) end = arg.size();
+        const int n = std::atoi(arg.substr(pos, end - pos).c_str());
+        if (n < 0 || n >= kvcache::kNumAttentionVariants) {
+          std::fprintf(stderr, "variant %d is not in [0, %d]\n", n,
+                       kvcache::kNumAttentionVariants - 1);
+          return 1;
+        }
+        v.push_back(n);
+        pos = end + 1;
+      }
+      if (v.empty()) v.push_back(0);
+    } else if (arg.rfind("--gather_dense=", 0) == 0) {
+      kvcache::GatherDense() = arg != "--gather_dense=0";
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   kvcache::RegisterAll();

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "benchmark/benchmark.h"
+#include "benchmarks/bench_util.h"
 #include "benchmarks/empty_kernel.h"
 #include "core/cache_layout.h"
 #include "core/dtype.h"
@@ -51,53 +52,15 @@ namespace {
 
 #if defined(KVCACHE_HAVE_CUDA_RUNTIME)
 
-#define BENCH_CHECK(call)                                              \
-  do {                                                                 \
-    const auto bench_result_ = (call);                                 \
-    if (!IsOk(bench_result_)) {                                        \
-      state.SkipWithError(                                             \
-          (std::string(#call) + " failed: " + Describe(bench_result_)) \
-              .c_str());                                               \
-      return;                                                          \
-    }                                                                  \
-  } while (0)
-
-bool IsOk(cudaError_t e) { return e == cudaSuccess; }
-bool IsOk(const absl::Status& s) { return s.ok(); }
-std::string Describe(cudaError_t e) { return cudaGetErrorString(e); }
-std::string Describe(const absl::Status& s) { return s.ToString(); }
-
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-std::vector<double>& CopyRuns() {
-  static std::vector<double> runs;
-  return runs;
-}
-
-struct Summary {
-  std::vector<double> gbps, pct, us;
-};
+using bench::CopyRuns;
+using bench::DeviceArena;
+using bench::Median;
+// Per case: GB/s, % of copy and us per launch (bench::Samples).
+using Summary = bench::Samples;
 std::map<std::string, Summary>& Summaries() {
   static std::map<std::string, Summary> s;
   return s;
 }
-
-// Device memory owned for the duration of one benchmark run.
-struct DeviceArena {
-  std::vector<void*> ptrs;
-  ~DeviceArena() {
-    for (void* p : ptrs) cudaFree(p);
-  }
-  cudaError_t Alloc(void** p, size_t bytes) {
-    const cudaError_t e = cudaMalloc(p, bytes);
-    if (e == cudaSuccess) ptrs.push_back(*p);
-    return e;
-  }
-};
 
 // Fills `bytes` of device memory with random Gaussian values of dtype (tiling a
 // host pattern).
@@ -201,42 +164,6 @@ void Report(benchmark::State& state, const std::string& name,
   s.gbps.push_back(gbps);
   s.pct.push_back(pct);
   s.us.push_back(t * 1e6);
-}
-
-void BM_DeviceCopy(benchmark::State& state) {
-  const size_t bytes = size_t{1} << 30;
-  DeviceArena arena;
-  void *src = nullptr, *dst = nullptr;
-  BENCH_CHECK(arena.Alloc(&src, bytes));
-  BENCH_CHECK(arena.Alloc(&dst, bytes));
-  BENCH_CHECK(FillRandom(src, bytes, DType::kBFloat16, 1));
-  cudaEvent_t start, stop;
-  BENCH_CHECK(cudaEventCreate(&start));
-  BENCH_CHECK(cudaEventCreate(&stop));
-  BENCH_CHECK(
-      cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));  // Warm-up.
-  std::vector<double> times;
-  for (auto _ : state) {
-    cudaEventRecord(start);
-    cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice);
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    state.SetIterationTime(ms / 1e3);
-    times.push_back(ms / 1e3);
-  }
-  BENCH_CHECK(cudaGetLastError());
-  const double gbps = 2.0 * bytes / Median(times) / 1e9;
-  CopyRuns().push_back(gbps);
-  state.counters["GB/s"] = gbps;
-  state.counters["pct_of_copy"] = 100.0;
-  Summary& s = Summaries()["device copy 1 GiB (baseline)"];
-  s.gbps.push_back(gbps);
-  s.pct.push_back(100.0 * gbps / Median(CopyRuns()));
-  s.us.push_back(Median(times) * 1e6);
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
 }
 
 // Pinned host <-> device copy bandwidth, one direction (bytes moved / time).
@@ -658,7 +585,7 @@ void BM_Gather(benchmark::State& state, GatherCase c) {
 }
 
 void RegisterAll() {
-  benchmark::RegisterBenchmark("device_copy_1GiB", BM_DeviceCopy)
+  benchmark::RegisterBenchmark("device_copy_1GiB", bench::BM_DeviceCopy)
       ->UseManualTime()
       ->Unit(benchmark::kMicrosecond)
       ->MinTime(0.3);
@@ -741,6 +668,9 @@ void RegisterAll() {
 void PrintSummary() {
   std::printf("\n%-62s %10s %8s %12s\n", "case (median over repetitions)",
               "GB/s", "%copy", "us/launch");
+  const double copy = bench::CopyBandwidth();
+  std::printf("%-62s %10.1f %8.1f %12.3f\n", "device copy 1 GiB (baseline)",
+              copy, 100.0, copy > 0 ? 2.0 * (1 << 30) / copy / 1e3 : 0.0);
   for (const auto& [name, s] : Summaries()) {
     std::printf("%-62s %10.1f %8.1f %12.3f\n", name.c_str(), Median(s.gbps),
                 Median(s.pct), Median(s.us));

@@ -67,6 +67,19 @@ inline constexpr int kAttnRows = 16;  // Query rows per block (the mma's M).
 inline constexpr int kAttnKeys = 16;  // Keys per warp tile.
 inline constexpr float kLog2e = 1.4426950408889634f;
 
+// Compile-time knob of a kernel instantiation (the launcher picks it per
+// launch: kernels/attention_policy.h):
+//   kBlocksPerSm blocks per multiprocessor the registers (launch bounds, for
+//                head sizes up to 128) and the ring's shared memory are sized
+//                for: 3 (the base kernel) or 4 (fewer stages, at most 128
+//                registers; compiled for 8-bit caches with head sizes up to
+//                128 only).
+template <int kBlocksPerSm_>
+struct AttnConfig {
+  static constexpr int kBlocksPerSm = kBlocksPerSm_;
+};
+using AttnDefaultConfig = AttnConfig<3>;
+
 // What the launcher decided for one launch.
 struct AttentionGrid {
   int32_t splits = 1;
@@ -81,7 +94,7 @@ struct AttentionGrid {
 
 // Compile-time shape of one kernel instantiation: per-lane byte counts, the
 // shared-memory layout and the pipeline depth.
-template <class Cache, int kHeadDim>
+template <class Cache, int kHeadDim, class Cfg = AttnDefaultConfig>
 struct AttnShape {
   using T = typename Cache::T;
   static constexpr int kESize = sizeof(T);
@@ -106,10 +119,11 @@ struct AttnShape {
   // rows 0..7, 8 more for rows 8..15 when the tile is wide, the whole again
   // for the low bf16 part when q is split.
   static constexpr int kQFragHeadBytes = kKSteps * 32 * 8;
-  // Stages: a block of 4 narrow heads' q fragments and the ring fit 72 KB
-  // (three blocks per multiprocessor).
+  // Stages: a block of 4 narrow heads' q fragments and the ring fit 216 KB /
+  // kBlocksPerSm (72 KB: three blocks per multiprocessor).
   static constexpr int kStagesFit =
-      (73728 - kAttnWarps * kQFragHeadBytes) / (kAttnWarps * kStageBytes);
+      (221184 / Cfg::kBlocksPerSm - kAttnWarps * kQFragHeadBytes) /
+      (kAttnWarps * kStageBytes);
   static constexpr int kStages =
       kStagesFit < 2 ? 2 : (kStagesFit > 4 ? 4 : kStagesFit);
   static constexpr int kPipeBytes = kAttnWarps * kStages * kStageBytes;
@@ -272,10 +286,11 @@ __device__ __forceinline__ float SafeMax(float m) {
   return m == -INFINITY ? 0.0f : m;
 }
 
-template <class Cache, int kHeadDim>
-__global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 3 : 1)
+template <class Cache, int kHeadDim, class Cfg = AttnDefaultConfig>
+__global__ void __launch_bounds__(kAttnThreads,
+                                  kHeadDim <= 128 ? Cfg::kBlocksPerSm : 1)
     AttentionKernel(const AttentionParams p, const AttentionGrid grid) {
-  using Shape = AttnShape<Cache, kHeadDim>;
+  using Shape = AttnShape<Cache, kHeadDim, Cfg>;
   using CacheT = typename Cache::T;
   constexpr bool kQuant = Shape::kQuant;
   constexpr bool kBf16 = Shape::kBf16;

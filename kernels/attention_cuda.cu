@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/cuda_check.h"
 #include "kernels/attention.cuh"
+#include "kernels/attention_policy.h"
 #include "kernels/attention_validation.h"
 #include "kernels/cuda_kernels.h"
 #include "kernels/cuda_util.cuh"
@@ -25,6 +26,9 @@ namespace kvcache {
 namespace {
 
 using internal::AttentionGrid;
+using internal::AttnConfig;
+
+static_assert(internal::kAttnRows == internal::kAttentionTileRows);
 
 // Fewest keys worth a split of their own: below this the merge costs more
 // than the parallelism gains.
@@ -80,18 +84,18 @@ int64_t ChooseSplits(int64_t blocks, int64_t slots, int64_t max_splits) {
 }
 
 // Dynamic shared memory of a launch with grid g (AttnShape::MakeLayout).
-template <class Cache, int kHeadDim>
+template <class Cache, int kHeadDim, class Cfg>
 int SmemBytes(const AttentionParams& p, const AttentionGrid& g) {
   const bool q_split = std::is_same_v<Cache, internal::BFloat16Type> &&
                        p.q_dtype != DType::kBFloat16;
-  return internal::AttnShape<Cache, kHeadDim>::MakeLayout(g.wide, q_split,
-                                                          g.heads)
+  return internal::AttnShape<Cache, kHeadDim, Cfg>::MakeLayout(g.wide, q_split,
+                                                               g.heads)
       .total;
 }
 
 // The grid of a launch; *smem_bytes receives its dynamic shared memory.
-template <class Cache, int kHeadDim>
-absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
+template <class Cache, int kHeadDim, class Cfg>
+absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p, int heads,
                                          const void* kernel, int* smem_bytes) {
   absl::StatusOr<internal::DeviceLaunchInfo> info =
       internal::CurrentDeviceLaunchInfo();
@@ -100,12 +104,12 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
   AttentionGrid g;
   g.group = p.num_q_heads / static_cast<int32_t>(layout.num_heads);
   const int32_t rows = p.max_query_tokens * g.group;
-  g.tiles = (rows + internal::kAttnRows - 1) / internal::kAttnRows;
+  g.tiles = internal::AttentionRowTiles(p);
   g.wide = rows > internal::kAttnRows / 2;
-  // KV heads per block: neighbouring heads' rows of the same tokens are read
-  // side by side (one warp per head when 4 divide the heads).
+  // KV heads per block (ChooseAttentionKernel): neighbouring heads' rows of
+  // the same tokens are read side by side, one warp per head.
   const int64_t kv_heads = layout.num_heads;
-  g.heads = kv_heads % 4 == 0 ? 4 : (kv_heads % 2 == 0 ? 2 : 1);
+  g.heads = heads;
   g.block_size =
       internal::FastDivmod::Make(static_cast<uint32_t>(layout.block_size));
   g.vector_out = internal::RowsAligned16(p.o, 2, p.num_q_tokens, p.num_q_heads,
@@ -116,7 +120,7 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
     span = std::min<int64_t>(span, int64_t{p.window} + p.max_query_tokens - 1);
   }
   span = std::max<int64_t>(span, 1);
-  *smem_bytes = SmemBytes<Cache, kHeadDim>(p, g);
+  *smem_bytes = SmemBytes<Cache, kHeadDim, Cfg>(p, g);
   KVCACHE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, *smem_bytes));
   KVCACHE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
@@ -150,12 +154,12 @@ absl::StatusOr<AttentionGrid> ChooseGrid(const AttentionParams& p,
   return g;
 }
 
-template <class Cache, int kHeadDim>
-absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
-  auto* kernel = &internal::AttentionKernel<Cache, kHeadDim>;
+template <class Cache, int kHeadDim, class Cfg>
+absl::Status Launch(const AttentionParams& p, int heads, cudaStream_t stream) {
+  auto* kernel = &internal::AttentionKernel<Cache, kHeadDim, Cfg>;
   int smem = 0;
-  absl::StatusOr<AttentionGrid> grid = ChooseGrid<Cache, kHeadDim>(
-      p, reinterpret_cast<const void*>(kernel), &smem);
+  absl::StatusOr<AttentionGrid> grid = ChooseGrid<Cache, kHeadDim, Cfg>(
+      p, heads, reinterpret_cast<const void*>(kernel), &smem);
   if (!grid.ok()) return grid.status();
   absl::StatusOr<internal::DeviceLaunchInfo> info =
       internal::CurrentDeviceLaunchInfo();
@@ -185,6 +189,27 @@ absl::Status Launch(const AttentionParams& p, cudaStream_t stream) {
       internal::kAttnThreads, info->programmatic_launch, stream, p, *grid);
 }
 
+// The kernel ChooseAttentionKernel picks for p (kernels/attention_policy.h;
+// only the instantiations that differ from the base are compiled: the
+// 4-blocks kernel for 8-bit caches with head sizes up to 128).
+template <class Cache, int kHeadDim>
+absl::Status LaunchVariant(const AttentionParams& p, cudaStream_t stream) {
+  using CacheT = typename Cache::T;
+  constexpr bool kOcc4 = kHeadDim <= 128 && sizeof(CacheT) == 1;
+  absl::StatusOr<internal::DeviceLaunchInfo> info =
+      internal::CurrentDeviceLaunchInfo();
+  if (!info.ok()) return info.status();
+  const internal::AttentionKernelChoice c =
+      internal::ChooseAttentionKernel(p, kOcc4, info->sms);
+  if constexpr (kOcc4) {
+    if (c.blocks_per_sm == 4) {
+      return Launch<Cache, kHeadDim, AttnConfig<4>>(p, c.heads, stream);
+    }
+  }
+  return Launch<Cache, kHeadDim, internal::AttnDefaultConfig>(p, c.heads,
+                                                              stream);
+}
+
 #ifndef NDEBUG
 absl::Status DebugCheckBatch(const AttentionParams& p, cudaStream_t s) {
   std::vector<int32_t> table, lens, starts;
@@ -212,18 +237,18 @@ absl::Status AttentionCuda(const AttentionParams& params, void* stream) {
 #ifndef NDEBUG
   KVCACHE_RETURN_IF_ERROR(DebugCheckBatch(params, s));
 #endif
-  return internal::DispatchCacheType(params.cache.layout.cache_dtype,
-                                     [&](auto cache) -> absl::Status {
-                                       using Cache = decltype(cache);
-                                       switch (params.cache.layout.head_size) {
-                                         case 64:
-                                           return Launch<Cache, 64>(params, s);
-                                         case 128:
-                                           return Launch<Cache, 128>(params, s);
-                                         default:
-                                           return Launch<Cache, 256>(params, s);
-                                       }
-                                     });
+  return internal::DispatchCacheType(
+      params.cache.layout.cache_dtype, [&](auto cache) -> absl::Status {
+        using Cache = decltype(cache);
+        switch (params.cache.layout.head_size) {
+          case 64:
+            return LaunchVariant<Cache, 64>(params, s);
+          case 128:
+            return LaunchVariant<Cache, 128>(params, s);
+          default:
+            return LaunchVariant<Cache, 256>(params, s);
+        }
+      });
 }
 
 }  // namespace kvcache

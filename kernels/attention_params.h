@@ -39,6 +39,18 @@ inline constexpr int32_t kMaxAttentionQueryTokens = 8;
 inline constexpr int32_t kMaxAttentionGroupSize = 16;
 // Split-KV: at most this many thread blocks share one sequence's keys.
 inline constexpr int32_t kMaxAttentionSplits = 64;
+// Kernel variants selectable through AttentionParams::variant (performance
+// experiments; kernels/attention_cuda.cu defines them): 0 "auto" is the
+// launcher's policy (KV heads per block and blocks per multiprocessor chosen
+// per cache type and shape), 1 "base" the fixed choice before it (4 heads
+// per block when they divide the KV heads, 3 blocks per multiprocessor); the
+// others force one part: heads per block 1 or 2, the kernel sized for 4
+// blocks per multiprocessor (8-bit caches, head sizes up to 128), heads per
+// block by the first shape rule (auto_heads), and combinations.
+inline constexpr int32_t kNumAttentionVariants = 8;
+inline constexpr const char* kAttentionVariantNames[kNumAttentionVariants] = {
+    "auto", "base",        "heads1",     "heads2",
+    "occ4", "occ4_heads1", "auto_heads", "occ4_auto_heads"};
 
 // Split-KV scratch, allocated once by the caller (so a launch allocates
 // nothing and can be captured in a CUDA graph). A launch with S splits over
@@ -86,6 +98,12 @@ struct AttentionParams {
   // CUDA only: splits per sequence, 0 = chosen by the launcher (the tests
   // force values); lowered to what the workspace holds.
   int32_t num_splits = 0;
+  // CUDA only: the kernel variant, for performance experiments
+  // (benchmarks/experiments/attention_variants.sh); 0 = the launcher's
+  // policy (the default), 1 = the fixed choice before it (for A/B runs).
+  // Every variant computes the same result to within the tests' tolerance;
+  // kernels/attention.cuh lists them (kAttentionVariantNames).
+  int32_t variant = 0;
 };
 
 }  // namespace kvcache

@@ -106,6 +106,10 @@ absl::Status ValidateAttention(const AttentionParams& p) {
                                        " is not in [0, ", kMaxAttentionSplits,
                                        "]"));
   }
+  if (p.variant < 0 || p.variant >= kNumAttentionVariants) {
+    return InvalidArgumentError(StrCat("variant ", p.variant, " is not in [0, ",
+                                       kNumAttentionVariants - 1, "]"));
+  }
   if (p.num_q_tokens == 0 || p.num_seqs == 0) return absl::OkStatus();
   KVCACHE_RETURN_IF_ERROR(CheckOperand("q", p.q, p.num_q_tokens, p.num_q_heads,
                                        layout.head_size, p.q_token_stride,

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -172,6 +173,16 @@ TEST(CpuAttentionTest, RejectsBadArguments) {
   EXPECT_TRUE(absl::IsInvalidArgument(AttentionCpu(p)));
   p = params();
   p.soft_cap = -1;
+  EXPECT_TRUE(absl::IsInvalidArgument(AttentionCpu(p)));
+  p = params();
+  p.variant = kNumAttentionVariants;
+  const absl::Status bad_variant = AttentionCpu(p);
+  EXPECT_TRUE(absl::IsInvalidArgument(bad_variant)) << bad_variant;
+  EXPECT_NE(bad_variant.message().find("variant " +
+                                       std::to_string(kNumAttentionVariants)),
+            std::string::npos)
+      << bad_variant;
+  p.variant = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(AttentionCpu(p)));
   a.flat_table[1] = static_cast<int32_t>(a.layout.num_blocks);
   p = params();

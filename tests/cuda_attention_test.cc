@@ -9,10 +9,15 @@
 // CUDA-graph capture and replay with new inputs, and the manager scenario on
 // the CUDA backend. Skips without a device; CudaAttentionSanitizerTest.* is
 // the small subset for compute-sanitizer. Prints PASS/FAIL per case group.
+// Every case of the matrix runs each kernel variant (AttentionParams::variant)
+// against the same reference; KVCACHE_ATTENTION_VARIANTS=0,4 restricts them,
+// and a line per variant at the end counts its failing checks.
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -101,14 +106,14 @@ struct DeviceCase {
   Dev partial_o, partial_lse;
 };
 
-// Runs a case with the launcher's split and with `forced` splits; both must
-// meet the bar. Returns false on failure (already reported).
-bool CheckCase(const AttnCaseConfig& config, std::mt19937_64& rng,
-               int forced = 0) {
-  SCOPED_TRACE(config.Name());
-  const AttnCase a = MakeAttnCase(config, rng);
-  DeviceCase d(a);
-  const std::vector<double> ref = ReferenceAttention(a.Ref());
+// Checks and failures per kernel variant.
+int variant_failures[kNumAttentionVariants] = {};
+int variant_checks[kNumAttentionVariants] = {};
+
+// One kernel variant with the launcher's split and with `forced` splits.
+bool CheckVariant(const AttnCase& a, const AttnCaseConfig& config,
+                  DeviceCase& d, const std::vector<double>& ref,
+                  int32_t variant, int forced) {
   bool ok = true;
   for (int splits : {0, forced}) {
     SCOPED_TRACE(::testing::Message() << "num_splits " << splits);
@@ -116,6 +121,7 @@ bool CheckCase(const AttnCaseConfig& config, std::mt19937_64& rng,
     d.o.Upload(poison);
     AttentionParams p = d.Params(a);
     p.num_splits = splits;
+    p.variant = variant;
     const absl::Status s = AttentionCuda(p, nullptr);
     EXPECT_TRUE(s.ok()) << s;
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -125,8 +131,71 @@ bool CheckCase(const AttnCaseConfig& config, std::mt19937_64& rng,
     EXPECT_LE(e.relative(), kTolerance)
         << "error beyond output rounding " << e.max_excess << ", raw "
         << e.max_abs << ", max |o| " << e.max_ref;
-    ok = ok && s.ok() && e.finite && e.relative() <= kTolerance;
+    const bool pass = s.ok() && e.finite && e.relative() <= kTolerance;
+    ++variant_checks[variant];
+    variant_failures[variant] += pass ? 0 : 1;
+    ok = ok && pass;
     if (forced == 0) break;
+  }
+  return ok;
+}
+
+// The kernel variants to test: all, or KVCACHE_ATTENTION_VARIANTS (a comma
+// list).
+const std::vector<int32_t>& TestedVariants() {
+  static const std::vector<int32_t> variants = [] {
+    std::vector<int32_t> v;
+    const char* env = std::getenv("KVCACHE_ATTENTION_VARIANTS");
+    if (env != nullptr && *env != '\0') {
+      std::string list = env;
+      size_t pos = 0;
+      while (pos < list.size()) {
+        size_t end = list.find(',', pos);
+        if (end == std::string::npos) end = list.size();
+        const int n = std::atoi(list.substr(pos, end - pos).c_str());
+        if (n >= 0 && n < kNumAttentionVariants) v.push_back(n);
+        pos = end + 1;
+      }
+    }
+    if (v.empty()) {
+      for (int32_t i = 0; i < kNumAttentionVariants; ++i) v.push_back(i);
+    }
+    return v;
+  }();
+  return variants;
+}
+
+// Prints each tested variant's failing checks after all tests.
+class VariantSummary : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    for (int32_t v : TestedVariants()) {
+      if (variant_checks[v] == 0) continue;
+      std::printf("%s variant %d (%s): %d of %d checks failed\n",
+                  variant_failures[v] == 0 ? "PASS" : "FAIL", v,
+                  kAttentionVariantNames[v], variant_failures[v],
+                  variant_checks[v]);
+    }
+  }
+};
+[[maybe_unused]] ::testing::Environment* const variant_summary =
+    ::testing::AddGlobalTestEnvironment(new VariantSummary);
+
+// Runs a case with the launcher's split and with `forced` splits, with every
+// tested kernel variant; all must meet the bar. Returns false on failure
+// (already reported).
+bool CheckCase(const AttnCaseConfig& config, std::mt19937_64& rng,
+               int forced = 0) {
+  SCOPED_TRACE(config.Name());
+  const AttnCase a = MakeAttnCase(config, rng);
+  DeviceCase d(a);
+  const std::vector<double> ref = ReferenceAttention(a.Ref());
+  bool ok = true;
+  for (int32_t variant : TestedVariants()) {
+    SCOPED_TRACE(::testing::Message()
+                 << "variant " << variant << " ("
+                 << kAttentionVariantNames[variant] << ")");
+    ok &= CheckVariant(a, config, d, ref, variant, forced);
   }
   return ok;
 }

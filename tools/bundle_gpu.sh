@@ -61,6 +61,9 @@ install -m 755 python/tests/run_python_tests.sh "$out/python/"
 install -m 755 "$bin_dir/python/reference_dump" "$out/python/"
 install -m 644 api/kvcache_c.h "$out/python/include/"
 install -m 644 /usr/include/dlpack/dlpack.h "$out/python/include/dlpack/"
+# Experiment scripts that run the bundle's binaries (e.g. experiments/attention_variants.sh).
+mkdir -p "$out/experiments"
+install -m 755 benchmarks/experiments/*.sh "$out/experiments/"
 if [[ -d ../shared/data ]]; then
   cp ../shared/data/*.jsonl "$out/data/" 2>/dev/null || true
 fi

@@ -1,0 +1,55 @@
+// The launch policy of the CUDA decode attention kernel: for one launch, the
+// KV heads per thread block and the blocks per multiprocessor the kernel
+// instantiation is sized for, as AttentionParams::variant asks (0 "auto":
+// chosen by cache type and shape; the others force a choice, for
+// experiments). Host arithmetic on host-known sizes only (no device access,
+// so a launch stays capturable in a CUDA graph, and CPU tests check it).
+//
+// Thread-safety: pure functions.
+
+#ifndef KVCACHE_KERNELS_ATTENTION_POLICY_H_
+#define KVCACHE_KERNELS_ATTENTION_POLICY_H_
+
+#include <cstdint>
+
+#include "kernels/attention_params.h"
+
+namespace kvcache::internal {
+
+// Query rows per thread block (the mma's M; kAttnRows in attention.cuh).
+inline constexpr int32_t kAttentionTileRows = 16;
+
+// What one launch runs.
+struct AttentionKernelChoice {
+  int heads = 4;          // KV heads per thread block: 1, 2 or 4.
+  int blocks_per_sm = 3;  // The kernel instantiation: 3 or 4.
+};
+
+// Row tiles per KV head: max_query_tokens x GQA group rows, 16 per tile.
+int32_t AttentionRowTiles(const AttentionParams& p);
+
+// The choice for p (validated) on a device of `sms` multiprocessors, where
+// `occ4_compiled` says whether a 4-blocks kernel exists for p's cache type
+// and head size (without it, every choice runs the 3-blocks one). Heads that
+// do not divide the KV heads fall back to the base (4, 2 or 1: the most of
+// those that divide them).
+//
+// Variant 0, the policy, from one H200 run of the variants (README
+// "Attention", benchmarks/results/NOTES.md "v4"), in terms of blocks = the
+// thread blocks per split at the base heads per block (sequences x KV heads /
+// base x row tiles): few = blocks < sms / 2, many = blocks >= 2 sms.
+// - int8: the 4-blocks kernel (128 registers, no spills: 16 warps per
+//   multiprocessor instead of 12); 1 head per block unless many. Without a
+//   4-blocks kernel (head size 256), as fp8.
+// - fp8: 1 head per block when few, else the base; the 4-blocks kernel
+//   (whose fp8 dequantization spills at 128 registers) only when blocks >= 3
+//   sms: when the base grid fills a wave of the 3-blocks kernel unsplit, so
+//   split-KV adds no parallelism and the fourth block per multiprocessor is
+//   what fills the device (many short sequences: 256 x 1k).
+// - bf16/fp16: 1 head per block when few or many, 2 in between; 3 blocks.
+AttentionKernelChoice ChooseAttentionKernel(const AttentionParams& p,
+                                            bool occ4_compiled, int sms);
+
+}  // namespace kvcache::internal
+
+#endif  // KVCACHE_KERNELS_ATTENTION_POLICY_H_

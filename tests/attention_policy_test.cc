@@ -1,0 +1,170 @@
+// The CUDA attention launch policy (kernels/attention_policy.h) on the shapes
+// it was built from (H200: 132 multiprocessors; 8 KV heads, GQA 4, one query
+// token) and around them: the heads per block and kernel instantiation each
+// variant picks, the fallbacks when heads do not divide the KV heads or no
+// 4-blocks kernel exists, and row tiles for wider GQA groups and more query
+// tokens. Expected values are written out from the rules, not computed.
+
+#include "kernels/attention_policy.h"
+
+#include <cstdint>
+#include <string>
+
+#include "core/dtype.h"
+#include "gtest/gtest.h"
+#include "kernels/attention_params.h"
+
+namespace kvcache::testing {
+namespace {
+
+using internal::AttentionKernelChoice;
+using internal::ChooseAttentionKernel;
+
+constexpr int kH200Sms = 132;
+
+AttentionParams Params(DType cache, int32_t seqs, int64_t kv_heads = 8,
+                       int32_t group = 4, int32_t query_tokens = 1,
+                       int32_t variant = 0) {
+  AttentionParams p;
+  p.cache.layout.cache_dtype = cache;
+  p.cache.layout.num_heads = kv_heads;
+  p.cache.layout.head_size = 128;
+  p.cache.layout.head_size_v = 128;
+  p.num_q_heads = static_cast<int32_t>(kv_heads) * group;
+  p.num_seqs = seqs;
+  p.max_query_tokens = query_tokens;
+  p.variant = variant;
+  return p;
+}
+
+struct Expect {
+  DType cache;
+  int32_t seqs;
+  int heads, blocks_per_sm;
+};
+
+std::string Name(DType cache, int32_t seqs) {
+  return std::string(DTypeName(cache)) + " x" + std::to_string(seqs);
+}
+
+TEST(AttentionPolicyTest, BenchmarkShapesGetTheMeasuredBest) {
+  // 64 x 8k, 8 x 64k, 256 x 1k: base grids of 128, 16 and 512 blocks.
+  const Expect cases[] = {
+      {DType::kInt8, 64, 1, 4},      {DType::kInt8, 8, 1, 4},
+      {DType::kInt8, 256, 4, 4},     {DType::kFp8E4M3, 64, 4, 3},
+      {DType::kFp8E4M3, 8, 1, 3},    {DType::kFp8E4M3, 256, 4, 4},
+      {DType::kBFloat16, 64, 2, 3},  {DType::kBFloat16, 8, 1, 3},
+      {DType::kBFloat16, 256, 1, 3}, {DType::kFloat16, 64, 2, 3},
+      {DType::kFloat16, 8, 1, 3},    {DType::kFloat16, 256, 1, 3},
+  };
+  for (const Expect& e : cases) {
+    SCOPED_TRACE(Name(e.cache, e.seqs));
+    const bool occ4 = DTypeSize(e.cache) == 1;
+    const AttentionKernelChoice c =
+        ChooseAttentionKernel(Params(e.cache, e.seqs), occ4, kH200Sms);
+    EXPECT_EQ(c.heads, e.heads);
+    EXPECT_EQ(c.blocks_per_sm, e.blocks_per_sm);
+  }
+}
+
+TEST(AttentionPolicyTest, ThresholdsAroundTheShapes) {
+  // few: blocks < 66; many: blocks >= 264; fp8's 4-blocks kernel: >= 396.
+  struct Edge {
+    DType cache;
+    int32_t seqs;  // Base blocks = 2 x seqs.
+    int heads, blocks_per_sm;
+  };
+  const Edge edges[] = {
+      {DType::kFp8E4M3, 32, 1, 3},   {DType::kFp8E4M3, 33, 4, 3},
+      {DType::kFp8E4M3, 197, 4, 3},  {DType::kFp8E4M3, 198, 4, 4},
+      {DType::kInt8, 131, 1, 4},     {DType::kInt8, 132, 4, 4},
+      {DType::kBFloat16, 32, 1, 3},  {DType::kBFloat16, 33, 2, 3},
+      {DType::kBFloat16, 131, 2, 3}, {DType::kBFloat16, 132, 1, 3},
+  };
+  for (const Edge& e : edges) {
+    SCOPED_TRACE(Name(e.cache, e.seqs));
+    const AttentionKernelChoice c = ChooseAttentionKernel(
+        Params(e.cache, e.seqs), DTypeSize(e.cache) == 1, kH200Sms);
+    EXPECT_EQ(c.heads, e.heads);
+    EXPECT_EQ(c.blocks_per_sm, e.blocks_per_sm);
+  }
+}
+
+TEST(AttentionPolicyTest, WithoutTheFourBlocksKernelInt8FollowsFp8) {
+  // Head size 256: no 4-blocks kernel.
+  for (int32_t seqs : {64, 8, 256}) {
+    SCOPED_TRACE(seqs);
+    const AttentionKernelChoice i8 =
+        ChooseAttentionKernel(Params(DType::kInt8, seqs), false, kH200Sms);
+    const AttentionKernelChoice f8 =
+        ChooseAttentionKernel(Params(DType::kFp8E4M3, seqs), false, kH200Sms);
+    EXPECT_EQ(i8.blocks_per_sm, 3);
+    EXPECT_EQ(f8.blocks_per_sm, 3);
+    EXPECT_EQ(i8.heads, f8.heads);
+    EXPECT_EQ(i8.heads, seqs == 8 ? 1 : 4);
+  }
+}
+
+TEST(AttentionPolicyTest, ForcedVariants) {
+  // 1 base, 2 heads1, 3 heads2, 4 occ4, 5 occ4_heads1, 6 auto_heads,
+  // 7 occ4_auto_heads; int8 at 256 x 1k (many) and 8 x 64k (few).
+  struct Forced {
+    int32_t variant, seqs;
+    int heads, blocks_per_sm;
+  };
+  const Forced forced[] = {
+      {1, 256, 4, 3}, {1, 8, 4, 3},   {2, 256, 1, 3}, {3, 256, 2, 3},
+      {4, 256, 4, 4}, {4, 8, 4, 4},   {5, 256, 1, 4}, {6, 256, 4, 3},
+      {6, 8, 1, 3},   {7, 256, 4, 4}, {7, 8, 1, 4},
+  };
+  for (const Forced& f : forced) {
+    SCOPED_TRACE(kAttentionVariantNames[f.variant]);
+    SCOPED_TRACE(f.seqs);
+    const AttentionKernelChoice c = ChooseAttentionKernel(
+        Params(DType::kInt8, f.seqs, 8, 4, 1, f.variant), true, kH200Sms);
+    EXPECT_EQ(c.heads, f.heads);
+    EXPECT_EQ(c.blocks_per_sm, f.blocks_per_sm);
+  }
+  // occ4 and auto_heads on a 16-bit cache: 3 blocks (none compiled); the
+  // first rule's 1 head when many.
+  AttentionKernelChoice c = ChooseAttentionKernel(
+      Params(DType::kBFloat16, 256, 8, 4, 1, 7), false, kH200Sms);
+  EXPECT_EQ(c.heads, 1);
+  EXPECT_EQ(c.blocks_per_sm, 3);
+  c = ChooseAttentionKernel(Params(DType::kBFloat16, 64, 8, 4, 1, 4), false,
+                            kH200Sms);
+  EXPECT_EQ(c.heads, 4);
+  EXPECT_EQ(c.blocks_per_sm, 3);
+}
+
+TEST(AttentionPolicyTest, HeadsThatDoNotDivideFallBackToTheBase) {
+  // 6 KV heads: base 2; 3 KV heads: base 1.
+  AttentionKernelChoice c = ChooseAttentionKernel(
+      Params(DType::kBFloat16, 64, 6, 4, 1, 1), false, kH200Sms);
+  EXPECT_EQ(c.heads, 2);
+  c = ChooseAttentionKernel(Params(DType::kInt8, 64, 3, 4, 1, 3), true,
+                            kH200Sms);
+  EXPECT_EQ(c.heads, 1);  // heads2 forced, 2 does not divide 3.
+  // Policy, bf16, 6 heads x 32 sequences = 96 base blocks: 2 per block.
+  c = ChooseAttentionKernel(Params(DType::kBFloat16, 32, 6), false, kH200Sms);
+  EXPECT_EQ(c.heads, 2);
+  // 3 KV heads, policy in the middle band: 2 does not divide, base 1.
+  c = ChooseAttentionKernel(Params(DType::kBFloat16, 40, 3), false, kH200Sms);
+  EXPECT_EQ(c.heads, 1);
+}
+
+TEST(AttentionPolicyTest, RowTilesCountGroupsAndQueryTokens) {
+  EXPECT_EQ(internal::AttentionRowTiles(Params(DType::kInt8, 1, 8, 4, 1)), 1);
+  EXPECT_EQ(internal::AttentionRowTiles(Params(DType::kInt8, 1, 8, 16, 1)), 1);
+  EXPECT_EQ(internal::AttentionRowTiles(Params(DType::kInt8, 1, 8, 16, 8)), 8);
+  EXPECT_EQ(internal::AttentionRowTiles(Params(DType::kInt8, 1, 8, 4, 5)), 2);
+  // 8 sequences of GQA 16 x 8 query tokens: 128 base blocks, not few: fp8
+  // keeps 4 heads per block.
+  const AttentionKernelChoice c = ChooseAttentionKernel(
+      Params(DType::kFp8E4M3, 8, 8, 16, 8), true, kH200Sms);
+  EXPECT_EQ(c.heads, 4);
+  EXPECT_EQ(c.blocks_per_sm, 3);
+}
+
+}  // namespace
+}  // namespace kvcache::testing

@@ -33,7 +33,8 @@ LayerOffsets Offsets(const CacheLayout& layout) {
   o.value = AlignUp(key_bytes);
   o.key_scale = o.value + AlignUp(value_bytes);
   o.value_scale = o.key_scale + AlignUp(scale_bytes);
-  o.total = o.value_scale + AlignUp(scale_bytes);
+  // A K-only cache has no V and no V scales.
+  o.total = o.value_scale + (layout.has_value() ? AlignUp(scale_bytes) : 0);
   return o;
 }
 
@@ -71,6 +72,10 @@ absl::StatusOr<std::unique_ptr<CacheStorage>> CacheStorage::Create(
     } else if (quantized) {
       cache.key_scale = reinterpret_cast<float*>(base + offsets.key_scale);
       cache.value_scale = reinterpret_cast<float*>(base + offsets.value_scale);
+    }
+    if (!layout.has_value()) {  // K only: no V cache, no V scale.
+      cache.value_cache = nullptr;
+      cache.value_scale = nullptr;
     }
     storage->layers_.push_back(cache);
     storage->buffers_.push_back(*std::move(buffer));

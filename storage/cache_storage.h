@@ -4,8 +4,10 @@
 //
 // Each layer is one allocation, carved into key cache, value cache, key scales
 // and value scales at 256-byte aligned offsets (inline scales: key and value
-// caches only, the scale pointers pointing into their rows). Thread-compatible:
-// the pointers never change after Create.
+// caches only, the scale pointers pointing into their rows). A K-only layout
+// (head_size_v 0) has a key cache and, quantized, key scales only; its value
+// pointers are null. Thread-compatible: the pointers never change after
+// Create.
 
 #ifndef KVCACHE_STORAGE_CACHE_STORAGE_H_
 #define KVCACHE_STORAGE_CACHE_STORAGE_H_

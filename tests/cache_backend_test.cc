@@ -181,6 +181,68 @@ class CacheBackendTest : public ::testing::Test {
   std::unique_ptr<::testing::ScopedTrace> seed_trace_;
 };
 
+// A K-only (latent) layout, head_size_v 0: the storage holds the key cache
+// (and key scales) alone, its value pointers are null, the allocation is
+// smaller than the same layout with V, and the CPU kernels write and gather K
+// through it.
+TEST(CacheStorageKOnlyTest, HoldsKeyOnlyAndServesTheKernels) {
+  for (int k = 0; k < 3; ++k) {
+    CacheLayout l;
+    l.num_blocks = 5;
+    l.block_size = 4;
+    l.num_heads = 1;
+    l.head_size = 576;
+    l.head_size_v = 0;
+    l.cache_dtype = k == 2 ? DType::kBFloat16 : DType::kInt8;
+    l.scale_placement =
+        k == 1 ? ScalePlacement::kInline : ScalePlacement::kSide;
+    SCOPED_TRACE(absl::StrCat(DTypeName(l.cache_dtype), " ",
+                              ScalePlacementName(l.scale_placement)));
+    std::unique_ptr<Device> device = CreateCpuDevice();
+    absl::StatusOr<std::unique_ptr<CacheStorage>> storage =
+        CacheStorage::Create(device.get(), l, 2);
+    ASSERT_TRUE(storage.ok()) << storage.status();
+    CacheLayout with_v = l;
+    with_v.head_size_v = 512;
+    EXPECT_LT(CacheStorage::LayerAllocationBytes(l),
+              CacheStorage::LayerAllocationBytes(with_v));
+    EXPECT_GE(CacheStorage::LayerAllocationBytes(l), kvcache::LayerBytes(l));
+    const LayerCache& cache = (*storage)->layer(1);
+    EXPECT_NE(cache.key_cache, nullptr);
+    EXPECT_EQ(cache.value_cache, nullptr);
+    EXPECT_EQ(cache.value_scale, nullptr);
+    EXPECT_EQ(cache.key_scale != nullptr, IsQuantized(l.cache_dtype));
+
+    // Write 3 tokens of bf16 K (exact in every cache dtype: small integers
+    // times powers of two), gather them back.
+    std::vector<uint16_t> key(3 * 576);
+    for (size_t i = 0; i < key.size(); ++i) {
+      const float x = static_cast<float>(static_cast<int>(i % 255) - 127);
+      uint32_t bits;
+      std::memcpy(&bits, &x, 4);
+      key[i] = static_cast<uint16_t>(bits >> 16);
+    }
+    const std::vector<int64_t> slots = {7, 0, 19};
+    QuantizeWriteParams w;
+    w.cache = cache;
+    w.input = {key.data(), nullptr, DType::kBFloat16, 576, 576, 0, 0};
+    w.num_tokens = 3;
+    w.slot_mapping = slots.data();
+    ASSERT_TRUE(QuantizeWriteCpu(w).ok());
+    std::vector<float> out(3 * 576, -1.0f);
+    GatherParams g;
+    g.cache = cache;
+    g.slots = slots.data();
+    g.num_tokens = 3;
+    g.output = {out.data(), nullptr, DType::kFloat32, 576, 576, 0, 0};
+    ASSERT_TRUE(GatherCpu(g).ok());
+    for (size_t i = 0; i < out.size(); ++i) {
+      const float x = static_cast<float>(static_cast<int>(i % 255) - 127);
+      ASSERT_EQ(out[i], x) << "element " << i;
+    }
+  }
+}
+
 TEST_F(CacheBackendTest, NumBlocksIsTakenAsIs) {
   for (DType dtype : kCacheDTypes) {
     SCOPED_TRACE(DTypeName(dtype));

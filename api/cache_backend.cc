@@ -68,6 +68,10 @@ absl::StatusOr<std::unique_ptr<CacheBackend>> CacheBackend::Create(
     backend->pool_ = std::make_unique<ThreadPool>(
         ThreadPool::ResolveThreads(config.cpu_threads));
   }
+  if (!config.layer_groups.empty()) {
+    KVCACHE_RETURN_IF_ERROR(backend->CreateGroupStorage(config));
+    return backend;
+  }
   CacheLayout& layout = backend->layout_;
   layout.block_size = config.block_size;
   layout.num_heads = config.num_kv_heads;
@@ -86,6 +90,46 @@ absl::StatusOr<std::unique_ptr<CacheBackend>> CacheBackend::Create(
       backend->storage_,
       CacheStorage::Create(backend->device_.get(), layout, config.num_layers));
   return backend;
+}
+
+absl::Status CacheBackend::CreateGroupStorage(const KVCacheConfig& config) {
+  // One cache shape for every group: then slot s of every page is one
+  // CacheLayout over the pool's pages (block b of the layers in slot s at
+  // b times one layer's block), and today's kernels address it as they are.
+  const LayerGroup& first = config.layer_groups[0];
+  for (size_t i = 1; i < config.layer_groups.size(); ++i) {
+    const LayerGroup& g = config.layer_groups[i];
+    const char* field = g.num_kv_heads != first.num_kv_heads ? "num_kv_heads"
+                        : g.head_size != first.head_size     ? "head_size"
+                        : g.head_size_v != first.head_size_v ? "head_size_v"
+                        : g.cache_dtype != first.cache_dtype ? "cache_dtype"
+                                                             : nullptr;
+    if (field != nullptr) {
+      return absl::UnimplementedError(absl::StrCat(
+          "layer_groups[", i, "].", field,
+          " differs from layer_groups[0]'s: "
+          "groups of different cache shapes (heads, head sizes, dtype) are "
+          "not stored yet; groups may differ in kind, window and layers"));
+    }
+  }
+  CacheLayout& layout = layout_;
+  layout.block_size = config.block_size;
+  layout.num_heads = first.num_kv_heads;
+  layout.head_size = first.head_size;
+  layout.head_size_v = first.head_size_v;  // 0 = K only.
+  layout.cache_dtype = first.cache_dtype;
+  layout.scale_placement = config.scale_placement;
+  KVCACHE_ASSIGN_OR_RETURN(const int64_t page_bytes,
+                           BlockBytesAllLayers(config));
+  KVCACHE_ASSIGN_OR_RETURN(layout.num_blocks,
+                           NumBlocks(config, *device_, page_bytes));
+  KVCACHE_RETURN_IF_ERROR(ValidateLayout(layout));
+  const GroupPaging paging = ConfigPaging(config);
+  KVCACHE_ASSIGN_OR_RETURN(
+      storage_,
+      CacheStorage::CreateSlots(device_.get(), layout, paging.layers_per_page,
+                                paging.layer_slot));
+  return absl::OkStatus();
 }
 
 void CacheBackend::DisableWritesForTest() {
@@ -111,14 +155,16 @@ absl::Status CacheBackend::CopyBlocks(const int64_t* pairs, int64_t num_pairs,
   BlockCopyParams copy;
   copy.pairs = pairs;
   copy.num_pairs = num_pairs;
-  for (int layer = 0; layer < num_layers(); ++layer) {
-    copy.cache = storage_->layer(layer);
+  // Every allocation once: one per layer, or one per page slot with groups.
+  const int n = storage_->num_allocations();
+  for (int layer = 0; layer < n; ++layer) {
+    copy.cache = storage_->allocation(layer);
     if (absl::Status s = ValidateBlockCopy(copy); !s.ok()) {
       return Annotate(s, absl::StrCat("block copy in layer ", layer));
     }
   }
-  for (int layer = 0; layer < num_layers(); ++layer) {
-    copy.cache = storage_->layer(layer);
+  for (int layer = 0; layer < n; ++layer) {
+    copy.cache = storage_->allocation(layer);
     absl::Status s = memory_kind_ == MemoryKind::kCuda
                          ? BlockCopyCuda(copy, stream)
                          : BlockCopyCpu(copy, pool_.get());
@@ -147,12 +193,14 @@ LayerView CacheBackend::View(int layer) const {
   view.scale_placement = l.scale_placement;
   const int64_t elem = static_cast<int64_t>(DTypeSize(l.cache_dtype));
   view.key_row_pitch_bytes = l.key_row_pitch() * elem;
-  view.value_row_pitch_bytes = l.value_row_pitch() * elem;
+  view.value_row_pitch_bytes = l.has_value() ? l.value_row_pitch() * elem : 0;
   view.scale_byte_offset = l.scale_byte_offset();
   const int64_t k[4] = {l.key_block_elems(), l.key_slot_elems(),
                         l.key_row_pitch(), 1};
+  // K only: no V, all-zero strides.
   const int64_t v[4] = {l.value_block_elems(), l.value_slot_elems(),
-                        l.value_row_pitch(), 1};
+                        l.has_value() ? l.value_row_pitch() : 0,
+                        l.has_value() ? 1 : 0};
   std::copy_n(k, 4, view.key_strides);
   std::copy_n(v, 4, view.value_strides);
   view.scale_strides[0] = l.scale_block_elems();

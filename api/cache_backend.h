@@ -39,6 +39,14 @@ class CacheBackend {
   // zeroes every layer. REQUIRES: ValidateConfig(config) is OK.
   // ResourceExhausted when not even one block fits or the memory cannot be
   // allocated.
+  //
+  // With layer_groups (DESIGN.md "Layer groups"): every group must have one
+  // cache shape (num_kv_heads, head_size, head_size_v, cache_dtype; else
+  // Unimplemented naming the field); groups differ in kind, window and
+  // layers. The pool holds num_blocks pages of BlockBytesAllLayers bytes:
+  // one allocation per page slot, and layer(l) is the allocation of its slot
+  // (layers of one slot, one per table, share it: a page belongs to one
+  // table). head_size_v 0 is a K-only cache (null V pointers).
   static absl::StatusOr<std::unique_ptr<CacheBackend>> Create(
       const KVCacheConfig& config, std::unique_ptr<Device> device);
 
@@ -63,7 +71,7 @@ class CacheBackend {
   absl::Status Gather(const GatherParams& params, void* stream) const;
   absl::Status Attention(const AttentionParams& params, void* stream) const;
   // Copies `num_pairs` (src, dst) block pairs (int64, in this backend's
-  // memory) in every layer, K, V and scales. Every layer's arguments are
+  // memory) in every layer (every page slot with groups), K, V and scales. Every layer's arguments are
   // checked before any copy runs.
   absl::Status CopyBlocks(const int64_t* pairs, int64_t num_pairs,
                           void* stream) const;
@@ -80,6 +88,9 @@ class CacheBackend {
 
  private:
   explicit CacheBackend(std::unique_ptr<Device> device);
+
+  // Create's storage for a config with layer groups.
+  absl::Status CreateGroupStorage(const KVCacheConfig& config);
 
   // The quantize-write implementation, chosen once at Create (CPU or CUDA).
   using QuantizeWriteFn = absl::Status (*)(const QuantizeWriteParams& params,

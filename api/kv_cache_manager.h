@@ -66,6 +66,9 @@
 namespace kvcache {
 
 class Device;
+namespace internal {
+class GroupManager;
+}  // namespace internal
 
 // Where the tokens AddSequence found computed came from (README "Host
 // tier"): device_tokens + host_tokens is what AddSequence returns.
@@ -225,6 +228,29 @@ class KVCacheManager {
   absl::StatusOr<BlockTableView> BatchBlockTable(
       absl::Span<const SequenceId> ids, void* stream = nullptr);
   absl::StatusOr<LayerView> GetLayerView(int layer) const;
+
+  // Layer groups (config.layer_groups; README "Layer groups"). A sequence
+  // has one block table per table of the paging (core/layer_group.h: each
+  // group's layers cut into tables of layers_per_page layers); without
+  // groups it has one. Entries of blocks released from a sliding window are
+  // kNullBlock (-1, allocator/group_block_manager.h), in BlockTable and in
+  // the batch table; kernels must not read them (they lie outside every
+  // window). With more than one table, BlockTable and BatchBlockTable
+  // without a table are InvalidArgument.
+  int32_t NumBlockTables() const;
+  // The table `layer` reads and writes (0 without groups). InvalidArgument
+  // for a layer out of range.
+  absl::StatusOr<int32_t> LayerBlockTable(int layer) const;
+  // BlockTable and BatchBlockTable of one table; InvalidArgument for a table
+  // out of [0, NumBlockTables()).
+  absl::StatusOr<std::vector<BlockId>> GroupBlockTable(SequenceId id,
+                                                       int32_t table) const;
+  absl::StatusOr<BlockTableView> GroupBatchBlockTable(
+      absl::Span<const SequenceId> ids, int32_t table, void* stream = nullptr);
+  // Pages held by live sequences in `table` (a page two sequences share
+  // counts twice; without groups, table 0: blocks in use). 0 for a table
+  // out of range.
+  int64_t HeldBlocks(int32_t table) const;
   // Dequantizes tokens [token_begin, token_begin + num_tokens) of a sequence's
   // committed tokens in `layer` into key_out [T, H, D] / value_out [T, H, Dv]
   // (float32, float16 or bfloat16, in the backend's memory). Waits for its own
@@ -307,11 +333,18 @@ class KVCacheManager {
  private:
   class Impl;
   explicit KVCacheManager(std::unique_ptr<Impl> impl);
+  explicit KVCacheManager(std::unique_ptr<internal::GroupManager> groups);
+  // OK when sequences have one block table, else InvalidArgument naming
+  // `what`.
+  absl::Status OneTable(const char* what) const;
   // Create, on `device` (the backend's, or a test's). REQUIRES:
   // ValidateConfig(config) is OK.
   static absl::StatusOr<std::unique_ptr<KVCacheManager>> CreateOn(
       const KVCacheConfig& config, std::unique_ptr<Device> device);
+  // Exactly one is set: impl_ for a uniform config, groups_ with layer
+  // groups (api/group_manager.h).
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<internal::GroupManager> groups_;
 
   friend class KVCacheManagerTestPeer;
 };

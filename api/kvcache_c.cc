@@ -47,6 +47,8 @@ kvcache_status ToCode(const absl::Status& status) {
       return KVCACHE_OUT_OF_RANGE;
     case absl::StatusCode::kInternal:
       return KVCACHE_INTERNAL;
+    case absl::StatusCode::kUnimplemented:
+      return KVCACHE_UNIMPLEMENTED;
     default:
       return KVCACHE_UNKNOWN;
   }
@@ -696,6 +698,11 @@ kvcache_status kvcache_append(kvcache_manager* m, uint64_t plan_id,
   KVCACHE_C_REQUIRE(m);
   return Guarded("kvcache_append", [&]() -> absl::Status {
     if (absl::Status s = CheckTensor(key, "key"); !s.ok()) return s;
+    // NULL value: none (a K-only group; refused by name otherwise).
+    if (value == nullptr) {
+      return m->impl->Append(plan_id, layer, ToView(*key),
+                             kvcache::TensorView(), stream);
+    }
     if (absl::Status s = CheckTensor(value, "value"); !s.ok()) {
       return s;
     }
@@ -809,6 +816,94 @@ kvcache_status kvcache_batch_block_table(kvcache_manager* m,
   });
 }
 
+kvcache_status kvcache_num_block_tables(kvcache_manager* m,
+                                        int32_t* num_tables) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_num_block_tables", [&]() -> absl::Status {
+    if (num_tables == nullptr) return Null("num_tables");
+    *num_tables = m->impl->NumBlockTables();
+    return absl::OkStatus();
+  });
+}
+
+kvcache_status kvcache_layer_block_table(kvcache_manager* m, int32_t layer,
+                                         int32_t* table) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_layer_block_table", [&]() -> absl::Status {
+    if (table == nullptr) return Null("table");
+    absl::StatusOr<int32_t> t = m->impl->LayerBlockTable(layer);
+    if (!t.ok()) return t.status();
+    *table = *t;
+    return absl::OkStatus();
+  });
+}
+
+kvcache_status kvcache_group_block_table(kvcache_manager* m, int64_t sequence,
+                                         int32_t table, int32_t* blocks,
+                                         int64_t capacity,
+                                         int64_t* num_blocks) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_group_block_table", [&]() -> absl::Status {
+    if (num_blocks == nullptr) return Null("num_blocks");
+    absl::StatusOr<std::vector<kvcache::BlockId>> t =
+        m->impl->GroupBlockTable(sequence, table);
+    if (!t.ok()) return t.status();
+    const int64_t n = static_cast<int64_t>(t->size());
+    *num_blocks = n;
+    if (blocks == nullptr && capacity == 0) return absl::OkStatus();
+    if (blocks == nullptr) return Null("blocks");
+    if (n > capacity) {
+      return absl::OutOfRangeError(
+          absl::StrCat("block table ", table, " of sequence ", sequence,
+                       " has ", n, " blocks; capacity is ", capacity));
+    }
+    std::copy(t->begin(), t->end(), blocks);
+    return absl::OkStatus();
+  });
+}
+
+kvcache_status kvcache_group_batch_block_table(
+    kvcache_manager* m, int32_t table, const int64_t* sequences,
+    int64_t num_sequences, void* stream, kvcache_block_table_view* view) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_group_batch_block_table", [&]() -> absl::Status {
+    if (absl::Status s = CheckSize(view, "kvcache_block_table_view", "view");
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s =
+            CheckCount("num_sequences", num_sequences, KVCACHE_MAX_BATCH);
+        !s.ok()) {
+      return s;
+    }
+    if (sequences == nullptr && num_sequences > 0) return Null("sequences");
+    absl::StatusOr<kvcache::BlockTableView> t = m->impl->GroupBatchBlockTable(
+        absl::MakeConstSpan(sequences, num_sequences), table, stream);
+    if (!t.ok()) return t.status();
+    view->block_table = t->block_table;
+    view->seq_lens = t->seq_lens;
+    view->num_sequences = t->num_sequences;
+    view->max_blocks = t->max_blocks;
+    view->row_stride = t->row_stride;
+    return absl::OkStatus();
+  });
+}
+
+kvcache_status kvcache_held_blocks(kvcache_manager* m, int32_t table,
+                                   int64_t* blocks) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_held_blocks", [&]() -> absl::Status {
+    if (blocks == nullptr) return Null("blocks");
+    if (table < 0 || table >= m->impl->NumBlockTables()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block table ", table, " out of range [0, ",
+                       m->impl->NumBlockTables(), ")"));
+    }
+    *blocks = m->impl->HeldBlocks(table);
+    return absl::OkStatus();
+  });
+}
+
 kvcache_status kvcache_get_layer_view(kvcache_manager* m, int32_t layer,
                                       kvcache_layer_view* view) {
   KVCACHE_C_REQUIRE(m);
@@ -851,6 +946,11 @@ kvcache_status kvcache_gather(kvcache_manager* m, int64_t sequence,
   return Guarded("kvcache_gather", [&]() -> absl::Status {
     if (absl::Status s = CheckTensor(key_out, "key_out"); !s.ok()) {
       return s;
+    }
+    // NULL value_out: none (a K-only group; refused by name otherwise).
+    if (value_out == nullptr) {
+      return m->impl->Gather(sequence, layer, token_begin, num_tokens,
+                             ToView(*key_out), kvcache::TensorView(), stream);
     }
     if (absl::Status s = CheckTensor(value_out, "value_out"); !s.ok()) {
       return s;

@@ -90,7 +90,9 @@ typedef enum kvcache_status {
   KVCACHE_FAILED_PRECONDITION = 5,
   KVCACHE_OUT_OF_RANGE = 6,
   KVCACHE_INTERNAL = 7,
-  KVCACHE_UNKNOWN = 8
+  KVCACHE_UNKNOWN = 8,
+  /* Not offered for this config (e.g. Fork with layer groups). */
+  KVCACHE_UNIMPLEMENTED = 9
 } kvcache_status;
 
 /* Values of kvcache::DType. */
@@ -418,6 +420,31 @@ KVCACHE_EXPORT kvcache_status kvcache_batch_block_table(
 KVCACHE_EXPORT kvcache_status kvcache_get_layer_view(kvcache_manager* manager,
                                                      int32_t layer,
                                                      kvcache_layer_view* view);
+/* Layer groups (README "Layer groups"). A sequence has one block table per
+ * table of the paging (1 without groups); layer l reads and writes table
+ * kvcache_layer_block_table(l). Entries of blocks released from a sliding
+ * window are -1 (kNullBlock): kernels must not read them. With more than one
+ * table, kvcache_block_table and kvcache_batch_block_table are
+ * INVALID_ARGUMENT: use the _group twins. A K-only group (head_size_v 0)
+ * takes value NULL in kvcache_append and value_out NULL in kvcache_gather
+ * (a value is INVALID_ARGUMENT). */
+KVCACHE_EXPORT kvcache_status kvcache_num_block_tables(kvcache_manager* manager,
+                                                       int32_t* num_tables);
+KVCACHE_EXPORT kvcache_status kvcache_layer_block_table(
+    kvcache_manager* manager, int32_t layer, int32_t* table);
+/* kvcache_block_table of table `table` (same size query and capacity
+ * rules). */
+KVCACHE_EXPORT kvcache_status kvcache_group_block_table(
+    kvcache_manager* manager, int64_t sequence, int32_t table, int32_t* blocks,
+    int64_t capacity, int64_t* num_blocks);
+KVCACHE_EXPORT kvcache_status kvcache_group_batch_block_table(
+    kvcache_manager* manager, int32_t table, const int64_t* sequences,
+    int64_t num_sequences, void* stream, kvcache_block_table_view* view);
+/* Pages held by live sequences in `table` (a page two sequences share counts
+ * twice; without groups, table 0: blocks in use). */
+KVCACHE_EXPORT kvcache_status kvcache_held_blocks(kvcache_manager* manager,
+                                                  int32_t table,
+                                                  int64_t* blocks);
 KVCACHE_EXPORT kvcache_status kvcache_gather(
     kvcache_manager* manager, int64_t sequence, int32_t layer,
     int64_t token_begin, int64_t num_tokens, const kvcache_tensor* key_out,

@@ -144,6 +144,24 @@ absl::Status CheckKVPair(const TensorView& key, const TensorView& value,
   if (absl::Status s = CheckKVTensor("key", key, expected_key); !s.ok()) {
     return s;
   }
+  if (head_size_v == 0) {
+    // A K-only (latent) cache: no V at all.
+    if (value.data != nullptr || value.ndim != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "value ", value.DebugString(),
+          " given for a K-only cache (head_size_v 0): pass an empty value "
+          "(null data, no dimensions)"));
+    }
+    out->key = key.data;
+    out->value = nullptr;
+    out->dtype = key.dtype;
+    out->key_token_stride = key.strides[0];
+    out->key_head_stride = key.strides[1];
+    out->value_token_stride = 0;
+    out->value_head_stride = 0;
+    *num_tokens = key.shape[0];
+    return absl::OkStatus();
+  }
   ExpectedKV expected_value = expected_key;
   expected_value.num_tokens = key.shape[0];
   expected_value.head_size = head_size_v;
@@ -173,10 +191,14 @@ absl::Status CheckGatherOutputs(const DenseKV& out, int64_t num_tokens,
   const Rows key =
       OutputRows(out.key, elem, num_tokens, out.key_token_stride,
                  layout.num_heads, out.key_head_stride, layout.head_size);
+  // K only: no value rows (an empty range touches nothing).
   const Rows value =
-      OutputRows(out.value, elem, num_tokens, out.value_token_stride,
-                 layout.num_heads, out.value_head_stride, layout.head_size_v);
-  if (Overlap(key, value)) {
+      out.value == nullptr
+          ? Rows{}
+          : OutputRows(out.value, elem, num_tokens, out.value_token_stride,
+                       layout.num_heads, out.value_head_stride,
+                       layout.head_size_v);
+  if (out.value != nullptr && Overlap(key, value)) {
     return absl::InvalidArgumentError(
         out.key == out.value
             ? "key_out and value_out are the same tensor"

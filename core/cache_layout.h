@@ -29,6 +29,10 @@
 // of (slot, head) under both placements: scale_offset steps scale_stride()
 // floats per row (1 side, row_pitch / 4 inline).
 //
+// K-only (latent, MLA) caches: head_size_v == 0. There is no value cache and
+// no value scale (both pointers null); each (token, head) has one K row and
+// one scale. Inline rows are then head_size + 4 bytes rounded up to 16.
+//
 // A slot is block_id * block_size + offset. Plain value types;
 // thread-compatible.
 
@@ -54,13 +58,15 @@ struct CacheLayout {
   int64_t block_size = 0;
   int64_t num_heads = 0;
   int64_t head_size = 0;    // K elements per (token, head).
-  int64_t head_size_v = 0;  // V elements per (token, head).
+  int64_t head_size_v = 0;  // V elements per (token, head); 0 = K only.
   DType cache_dtype = DType::kInt8;
   ScalePlacement scale_placement = ScalePlacement::kSide;
 
   KVCACHE_HOST_DEVICE int64_t num_slots() const {
     return num_blocks * block_size;
   }
+  // Whether the cache has a V half (false for a K-only latent cache).
+  KVCACHE_HOST_DEVICE bool has_value() const { return head_size_v > 0; }
   KVCACHE_HOST_DEVICE bool inline_scales() const {
     return scale_placement == ScalePlacement::kInline;
   }
@@ -99,7 +105,7 @@ struct CacheLayout {
     return num_heads * key_row_pitch();
   }
   KVCACHE_HOST_DEVICE int64_t value_slot_elems() const {
-    return num_heads * value_row_pitch();
+    return has_value() ? num_heads * value_row_pitch() : 0;
   }
   // Element offset of (slot, head, 0) in the K (V) cache.
   KVCACHE_HOST_DEVICE int64_t key_offset(int64_t slot, int64_t head) const {
@@ -174,12 +180,12 @@ inline float* InlineScale(const CacheLayout& layout, void* cache) {
 }
 
 // Total bytes of one layer's K cache, V cache and (for side scales) both
-// scale caches.
+// scale caches (K-only: the K cache and its scales).
 inline int64_t LayerBytes(const CacheLayout& layout) {
   const int64_t elem = static_cast<int64_t>(DTypeSize(layout.cache_dtype));
   return layout.num_blocks *
          ((layout.key_block_elems() + layout.value_block_elems()) * elem +
-          2 * layout.side_scale_block_elems() *
+          (layout.has_value() ? 2 : 1) * layout.side_scale_block_elems() *
               static_cast<int64_t>(sizeof(float)));
 }
 

@@ -61,6 +61,11 @@ absl::Status CheckOperand(const char* what, const void* data, int64_t tokens,
 absl::Status ValidateAttention(const AttentionParams& p) {
   KVCACHE_RETURN_IF_ERROR(ValidateLayerCache(p.cache));
   const CacheLayout& layout = p.cache.layout;
+  if (!layout.has_value()) {
+    return InvalidArgumentError(
+        "attention over a K-only (latent, head_size_v 0) cache is not "
+        "supported: the attention kernels read V rows");
+  }
   if (p.q_dtype != DType::kBFloat16 && p.q_dtype != DType::kFloat16) {
     return InvalidArgumentError(StrCat("q dtype ", DTypeName(p.q_dtype),
                                        " is not bfloat16 or float16"));

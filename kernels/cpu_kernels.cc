@@ -157,6 +157,7 @@ absl::Status BlockCopyCpu(const BlockCopyParams& params, ThreadPool* pool) {
   const int64_t scale_bytes =
       layout.side_scale_block_elems() * static_cast<int64_t>(sizeof(float));
   const bool side_scales = layout.side_scales();
+  const bool has_value = layout.has_value();  // False: K only, no V.
   auto copy = [](void* base, int64_t bytes, int64_t src, int64_t dst) {
     char* b = static_cast<char*>(base);
     std::memcpy(b + dst * bytes, b + src * bytes, static_cast<size_t>(bytes));
@@ -167,10 +168,14 @@ absl::Status BlockCopyCpu(const BlockCopyParams& params, ThreadPool* pool) {
                   const int64_t src = params.pairs[2 * i];
                   const int64_t dst = params.pairs[2 * i + 1];
                   copy(params.cache.key_cache, key_bytes, src, dst);
-                  copy(params.cache.value_cache, value_bytes, src, dst);
+                  if (has_value) {
+                    copy(params.cache.value_cache, value_bytes, src, dst);
+                  }
                   if (side_scales) {
                     copy(params.cache.key_scale, scale_bytes, src, dst);
-                    copy(params.cache.value_scale, scale_bytes, src, dst);
+                    if (has_value) {
+                      copy(params.cache.value_scale, scale_bytes, src, dst);
+                    }
                   }
                 }
               });

@@ -1,5 +1,6 @@
 // The row walks of the CPU kernels, shared by the scalar and the AVX2 paths.
-// A row is one (token, head) of K and of V; row r = t * num_heads + h, taken
+// A row is one (token, head) of K and of V (of K alone in a K-only cache,
+// head_size_v == 0); row r = t * num_heads + h, taken
 // apart, with its slot and offsets, by kernels/row_ref.h as in the CUDA
 // kernels. Each walk runs rows [begin, end) of validated params through a row
 // policy:
@@ -108,6 +109,7 @@ void WriteRows(const QuantizeWriteParams& p, int64_t begin, int64_t end) {
   const int64_t num_slots = layout.num_slots();
   // Inline scales: the zeros after each scale, as the CUDA kernels store them.
   const size_t pad = static_cast<size_t>(layout.scale_pad_bytes());
+  const bool has_value = layout.has_value();  // False: a K-only cache.
   ForEachRow(
       begin, end, layout.num_heads,
       [&](int64_t r) { return WriteRowAt(p, dividers, r); },
@@ -118,14 +120,13 @@ void WriteRows(const QuantizeWriteParams& p, int64_t begin, int64_t end) {
             key + row.key_offset(p.input), layout.head_size,
             key_cache + row.key_offset(layout),
             Cache::kQuantized ? p.cache.key_scale + s : nullptr);
+        if (pad != 0) std::memset(p.cache.key_scale + s + 1, 0, pad);
+        if (!has_value) return;
         Row::template Write<In, Cache>(
             value + row.value_offset(p.input), layout.head_size_v,
             value_cache + row.value_offset(layout),
             Cache::kQuantized ? p.cache.value_scale + s : nullptr);
-        if (pad != 0) {
-          std::memset(p.cache.key_scale + s + 1, 0, pad);
-          std::memset(p.cache.value_scale + s + 1, 0, pad);
-        }
+        if (pad != 0) std::memset(p.cache.value_scale + s + 1, 0, pad);
       });
 }
 
@@ -139,6 +140,7 @@ void GatherRows(const GatherParams& p, int64_t begin, int64_t end) {
   auto* key = static_cast<OutT*>(p.output.key);
   auto* value = static_cast<OutT*>(p.output.value);
   const RowDividersOf<IntDivider> dividers = CpuRowDividers(layout);
+  const bool has_value = layout.has_value();  // False: a K-only cache.
   ForEachRow(
       begin, end, layout.num_heads,
       [&](int64_t r) { return GatherRowAt(p, dividers, r); },
@@ -149,6 +151,7 @@ void GatherRows(const GatherParams& p, int64_t begin, int64_t end) {
             pad ? nullptr : key_cache + row.key_offset(layout),
             Cache::kQuantized ? p.cache.key_scale + s : nullptr,
             layout.head_size, key + row.key_offset(p.output));
+        if (!has_value) return;
         Row::template Read<Cache, Out>(
             pad ? nullptr : value_cache + row.value_offset(layout),
             Cache::kQuantized ? p.cache.value_scale + s : nullptr,

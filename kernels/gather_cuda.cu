@@ -143,11 +143,23 @@ absl::Status GatherCuda(const GatherParams& params, void* stream) {
 #ifndef NDEBUG
   KVCACHE_RETURN_IF_ERROR(DebugCheckIndices(params, s));
 #endif
+  // A K-only cache (head_size_v 0): the kernels' V loops have no vectors, so
+  // V's pointers only need to be loadable; the K ones stand in for them (the
+  // V scale load reads K's scale and discards it). The kernels stay as they
+  // are for caches with V.
+  GatherParams p = params;
+  if (!p.cache.layout.has_value()) {
+    p.cache.value_cache = p.cache.key_cache;
+    p.cache.value_scale = p.cache.key_scale;
+    p.output.value = p.output.key;
+    p.output.value_token_stride = p.output.key_token_stride;
+    p.output.value_head_stride = p.output.key_head_stride;
+  }
   return internal::DispatchCacheType(
-      params.cache.layout.cache_dtype, [&](auto cache) {
+      p.cache.layout.cache_dtype, [&](auto cache) {
         return internal::DispatchFloatType(
-            params.output.dtype, "output", [&](auto out) {
-              return Launch<decltype(cache), decltype(out)>(params, s);
+            p.output.dtype, "output", [&](auto out) {
+              return Launch<decltype(cache), decltype(out)>(p, s);
             });
       });
 }

@@ -111,6 +111,13 @@ absl::Status CheckDenseKV(const DenseKV& kv, const CacheLayout& layout,
   KVCACHE_RETURN_IF_ERROR(CheckDenseOperand(
       key_name, kv.key, kv.dtype, num_tokens, layout.num_heads,
       layout.head_size, kv.key_token_stride, kv.key_head_stride, is_output));
+  if (!layout.has_value()) {
+    if (kv.value != nullptr) {
+      return InvalidArgumentError(StrCat(
+          value_name, " must be null for a K-only cache (head_size_v 0)"));
+    }
+    return absl::OkStatus();
+  }
   return CheckDenseOperand(value_name, kv.value, kv.dtype, num_tokens,
                            layout.num_heads, layout.head_size_v,
                            kv.value_token_stride, kv.value_head_stride,
@@ -139,7 +146,9 @@ absl::Status ValidateLayout(const CacheLayout& layout) {
         StrCat("num_heads ", layout.num_heads, " is less than 1"));
   }
   KVCACHE_RETURN_IF_ERROR(CheckHeadSize("head_size", layout.head_size));
-  KVCACHE_RETURN_IF_ERROR(CheckHeadSize("head_size_v", layout.head_size_v));
+  if (layout.head_size_v != 0) {  // 0 = a K-only (latent) cache.
+    KVCACHE_RETURN_IF_ERROR(CheckHeadSize("head_size_v", layout.head_size_v));
+  }
   if (!IsValidScalePlacement(layout.scale_placement)) {
     return InvalidArgumentError(
         StrCat("scale_placement ", static_cast<int32_t>(layout.scale_placement),
@@ -172,17 +181,28 @@ absl::Status ValidateLayout(const CacheLayout& layout) {
 absl::Status ValidateLayerCache(const LayerCache& cache) {
   KVCACHE_RETURN_IF_ERROR(ValidateLayout(cache.layout));
   const size_t elem = DTypeSize(cache.layout.cache_dtype);
+  const bool has_value = cache.layout.has_value();
   KVCACHE_RETURN_IF_ERROR(CheckPointer(cache.key_cache, elem, "key_cache"));
-  KVCACHE_RETURN_IF_ERROR(CheckPointer(cache.value_cache, elem, "value_cache"));
+  if (has_value) {
+    KVCACHE_RETURN_IF_ERROR(
+        CheckPointer(cache.value_cache, elem, "value_cache"));
+  } else if (cache.value_cache != nullptr || cache.value_scale != nullptr) {
+    return InvalidArgumentError(
+        "value_cache and value_scale must be null for a K-only cache "
+        "(head_size_v 0)");
+  }
   if (IsQuantized(cache.layout.cache_dtype)) {
     KVCACHE_RETURN_IF_ERROR(
         CheckPointer(cache.key_scale, sizeof(float), "key_scale"));
-    KVCACHE_RETURN_IF_ERROR(
-        CheckPointer(cache.value_scale, sizeof(float), "value_scale"));
+    if (has_value) {
+      KVCACHE_RETURN_IF_ERROR(
+          CheckPointer(cache.value_scale, sizeof(float), "value_scale"));
+    }
     // Inline scales sit in the rows; the kernels may address them either way.
     if (cache.layout.inline_scales() &&
         (cache.key_scale != InlineScale(cache.layout, cache.key_cache) ||
-         cache.value_scale != InlineScale(cache.layout, cache.value_cache))) {
+         (has_value &&
+          cache.value_scale != InlineScale(cache.layout, cache.value_cache)))) {
       return InvalidArgumentError(
           StrCat("inline scales must point ", cache.layout.scale_byte_offset(),
                  " bytes into the key and value caches"));

@@ -2,7 +2,8 @@
 // QuantizeWriteParams).
 //
 // One group of kGroup lanes owns one (token, head) row and handles its K and V
-// rows together. Each lane loads up to kVecs 16-byte vectors of K and of V (all
+// rows together (K alone for a K-only cache, head_size_v == 0: no V loads or
+// stores, one scale). Each lane loads up to kVecs 16-byte vectors of K and of V (all
 // loads issued before the slot is used) and works on them as 32-bit words:
 // |x| max on packed 16-bit halves, one shuffle reduction carrying the K and V
 // maxima together, then the DESIGN section 3 arithmetic element by element and
@@ -234,7 +235,8 @@ __device__ __forceinline__ void QuantizeWriteVecRows(
                                     vdst + idx * kOutBytes);
         }
       }
-      if (lane < 2) {
+      // Lane 1 stores the V scale; a K-only cache (nv == 0) has none.
+      if (lane == 0 || (lane == 1 && nv > 0)) {
         if constexpr (kInline) {
           // Byte scale_byte_offset of the row: where the scale pointer's
           // scale_offset lands.
@@ -330,6 +332,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         static_cast<CacheT*>(p.cache.key_cache) + row.key_offset(layout),
         Cache::kQuantized ? p.cache.key_scale + s : nullptr,
         layout.scale_pad_bytes(), lane);
+    if (!layout.has_value()) continue;  // A K-only cache.
     WriteRowScalar<In, Cache>(
         static_cast<const InT*>(p.input.value) + row.value_offset(p.input),
         layout.head_size_v,

@@ -59,13 +59,21 @@ absl::Status QuantizeWriteCuda(const QuantizeWriteParams& params,
       slots.data(), static_cast<int64_t>(slots.size()),
       params.cache.layout.num_slots(), "slot_mapping"));
 #endif
-  return internal::DispatchFloatType(params.input.dtype, "input", [&](auto in) {
+  // A K-only cache (head_size_v 0): no V is read or written; V's input
+  // strides follow K's so that only K decides the vector path.
+  QuantizeWriteParams p = params;
+  if (!p.cache.layout.has_value()) {
+    p.input.value = p.input.key;
+    p.input.value_token_stride = p.input.key_token_stride;
+    p.input.value_head_stride = p.input.key_head_stride;
+  }
+  return internal::DispatchFloatType(p.input.dtype, "input", [&](auto in) {
     return internal::DispatchCacheType(
-        params.cache.layout.cache_dtype, [&](auto cache) {
+        p.cache.layout.cache_dtype, [&](auto cache) {
           using In = decltype(in);
           using Cache = decltype(cache);
           if constexpr (internal::kIsSupportedWrite<In, Cache>) {
-            return Launch<In, Cache>(params, s);
+            return Launch<In, Cache>(p, s);
           } else {
             return absl::InternalError(
                 "unsupported input/cache dtype pair passed validation");

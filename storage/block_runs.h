@@ -1,6 +1,6 @@
 // The bytes of one block of one layer, as runs of contiguous memory: its K
 // rows, its V rows and, for quantized caches with side scales, its K and V
-// scale tensors' rows. With inline scales a row already holds its scale
+// scale tensors' rows (K alone for a K-only cache). With inline scales a row already holds its scale
 // (row_pitch bytes: codes, scale, zeros), so the K and V runs are the whole
 // block and there are no scale runs. A block is
 // moved between tiers as these bytes, whatever they hold, so this is the one
@@ -25,22 +25,27 @@ struct ByteRun {
 inline constexpr int kMaxBlockRuns = 4;
 
 // Writes the runs of `block` in `cache` to out[0..n) and returns n (2, or 4
-// with side scales).
+// with side scales; 1 or 2 for a K-only cache, which has no V runs).
 inline int BlockRuns(const LayerCache& cache, int64_t block,
                      ByteRun out[kMaxBlockRuns]) {
   const CacheLayout& l = cache.layout;
   const int64_t elem = static_cast<int64_t>(DTypeSize(l.cache_dtype));
   const int64_t k = l.key_block_elems() * elem;
   const int64_t v = l.value_block_elems() * elem;
+  const bool has_value = l.has_value();  // False: a K-only cache.
   int n = 0;
   out[n++] = ByteRun{static_cast<char*>(cache.key_cache) + block * k, k};
-  out[n++] = ByteRun{static_cast<char*>(cache.value_cache) + block * v, v};
+  if (has_value) {
+    out[n++] = ByteRun{static_cast<char*>(cache.value_cache) + block * v, v};
+  }
   if (l.side_scales() && cache.key_scale != nullptr) {
     const int64_t s =
         l.side_scale_block_elems() * static_cast<int64_t>(sizeof(float));
     out[n++] = ByteRun{reinterpret_cast<char*>(cache.key_scale) + block * s, s};
-    out[n++] =
-        ByteRun{reinterpret_cast<char*>(cache.value_scale) + block * s, s};
+    if (has_value) {
+      out[n++] =
+          ByteRun{reinterpret_cast<char*>(cache.value_scale) + block * s, s};
+    }
   }
   return n;
 }

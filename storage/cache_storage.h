@@ -4,8 +4,10 @@
 //
 // Each layer is one allocation, carved into key cache, value cache, key scales
 // and value scales at 256-byte aligned offsets (inline scales: key and value
-// caches only, the scale pointers pointing into their rows). Thread-compatible:
-// the pointers never change after Create.
+// caches only, the scale pointers pointing into their rows). A K-only layout
+// (head_size_v 0) has a key cache and, quantized, key scales only; its value
+// pointers are null. Thread-compatible: the pointers never change after
+// Create.
 
 #ifndef KVCACHE_STORAGE_CACHE_STORAGE_H_
 #define KVCACHE_STORAGE_CACHE_STORAGE_H_
@@ -32,6 +34,16 @@ class CacheStorage {
   static absl::StatusOr<std::unique_ptr<CacheStorage>> Create(
       Device* device, const CacheLayout& layout, int num_layers);
 
+  // Layer groups of one cache shape (DESIGN.md "Layer groups"): one
+  // allocation per page slot, `num_slots` of them, and layer l addresses the
+  // allocation of slot layer_slot[l]. A block id names a page, which one
+  // table of layers owns, so the layers sharing a slot (one per table) never
+  // hold the same block at once. REQUIRES: as Create; every layer_slot entry
+  // in [0, num_slots).
+  static absl::StatusOr<std::unique_ptr<CacheStorage>> CreateSlots(
+      Device* device, const CacheLayout& layout, int num_slots,
+      const std::vector<int32_t>& layer_slot);
+
   CacheStorage(const CacheStorage&) = delete;
   CacheStorage& operator=(const CacheStorage&) = delete;
 
@@ -39,13 +51,21 @@ class CacheStorage {
   int num_layers() const { return static_cast<int>(layers_.size()); }
   // REQUIRES: 0 <= layer < num_layers().
   const LayerCache& layer(int layer) const { return layers_[layer]; }
+  // The distinct allocations (one per layer, or one per slot): what copies a
+  // whole block (copy-on-write) walks. REQUIRES: 0 <= i < num_allocations().
+  int num_allocations() const { return static_cast<int>(allocations_.size()); }
+  const LayerCache& allocation(int i) const { return allocations_[i]; }
   int64_t total_bytes() const { return total_bytes_; }
 
  private:
   CacheStorage(const CacheLayout& layout) : layout_(layout) {}
 
+  // Allocates and zeroes `n` layer caches into allocations_.
+  absl::Status Allocate(Device* device, int n, const char* what);
+
   CacheLayout layout_;
   std::vector<Buffer> buffers_;
+  std::vector<LayerCache> allocations_;
   std::vector<LayerCache> layers_;
   int64_t total_bytes_ = 0;
 };

@@ -181,6 +181,261 @@ class CacheBackendTest : public ::testing::Test {
   std::unique_ptr<::testing::ScopedTrace> seed_trace_;
 };
 
+// A K-only (latent) layout, head_size_v 0: the storage holds the key cache
+// (and key scales) alone, its value pointers are null, the allocation is
+// smaller than the same layout with V, and the CPU kernels write and gather K
+// through it.
+TEST(CacheStorageKOnlyTest, HoldsKeyOnlyAndServesTheKernels) {
+  for (int k = 0; k < 3; ++k) {
+    CacheLayout l;
+    l.num_blocks = 5;
+    l.block_size = 4;
+    l.num_heads = 1;
+    l.head_size = 576;
+    l.head_size_v = 0;
+    l.cache_dtype = k == 2 ? DType::kBFloat16 : DType::kInt8;
+    l.scale_placement =
+        k == 1 ? ScalePlacement::kInline : ScalePlacement::kSide;
+    SCOPED_TRACE(absl::StrCat(DTypeName(l.cache_dtype), " ",
+                              ScalePlacementName(l.scale_placement)));
+    std::unique_ptr<Device> device = CreateCpuDevice();
+    absl::StatusOr<std::unique_ptr<CacheStorage>> storage =
+        CacheStorage::Create(device.get(), l, 2);
+    ASSERT_TRUE(storage.ok()) << storage.status();
+    CacheLayout with_v = l;
+    with_v.head_size_v = 512;
+    EXPECT_LT(CacheStorage::LayerAllocationBytes(l),
+              CacheStorage::LayerAllocationBytes(with_v));
+    EXPECT_GE(CacheStorage::LayerAllocationBytes(l), kvcache::LayerBytes(l));
+    const LayerCache& cache = (*storage)->layer(1);
+    EXPECT_NE(cache.key_cache, nullptr);
+    EXPECT_EQ(cache.value_cache, nullptr);
+    EXPECT_EQ(cache.value_scale, nullptr);
+    EXPECT_EQ(cache.key_scale != nullptr, IsQuantized(l.cache_dtype));
+
+    // Write 3 tokens of bf16 K (exact in every cache dtype: small integers
+    // times powers of two), gather them back.
+    std::vector<uint16_t> key(3 * 576);
+    for (size_t i = 0; i < key.size(); ++i) {
+      const float x = static_cast<float>(static_cast<int>(i % 255) - 127);
+      uint32_t bits;
+      std::memcpy(&bits, &x, 4);
+      key[i] = static_cast<uint16_t>(bits >> 16);
+    }
+    const std::vector<int64_t> slots = {7, 0, 19};
+    QuantizeWriteParams w;
+    w.cache = cache;
+    w.input = {key.data(), nullptr, DType::kBFloat16, 576, 576, 0, 0};
+    w.num_tokens = 3;
+    w.slot_mapping = slots.data();
+    ASSERT_TRUE(QuantizeWriteCpu(w).ok());
+    std::vector<float> out(3 * 576, -1.0f);
+    GatherParams g;
+    g.cache = cache;
+    g.slots = slots.data();
+    g.num_tokens = 3;
+    g.output = {out.data(), nullptr, DType::kFloat32, 576, 576, 0, 0};
+    ASSERT_TRUE(GatherCpu(g).ok());
+    for (size_t i = 0; i < out.size(); ++i) {
+      const float x = static_cast<float>(static_cast<int>(i % 255) - 127);
+      ASSERT_EQ(out[i], x) << "element " << i;
+    }
+  }
+}
+
+// A Gemma-3-like config: 12 layers, 10 sliding (window 64) and 2 full, one
+// cache shape. Pages have gcd(10, 2) = 2 slots; layer group.layers[t * 2 + s]
+// uses slot s (stated here, not taken from the paging).
+KVCacheConfig GemmaLikeConfig() {
+  KVCacheConfig c;
+  c.num_layers = 12;
+  c.num_kv_heads = 0;
+  c.head_size = 0;
+  c.head_size_v = 0;
+  c.num_q_heads = 0;
+  c.block_size = 4;
+  c.num_blocks = 9;
+  c.input_dtype = DType::kBFloat16;
+  LayerGroup sliding, full;
+  sliding.kind = AttentionKind::kSlidingWindow;
+  sliding.sliding_window = 64;
+  for (LayerGroup* g : {&sliding, &full}) {
+    g->num_kv_heads = 2;
+    g->head_size = 64;
+    g->head_size_v = 64;
+    g->cache_dtype = DType::kInt8;
+  }
+  for (int l = 0; l < 12; ++l)
+    (l % 6 == 5 ? full : sliding).layers.push_back(l);
+  c.layer_groups = {sliding, full};
+  return c;
+}
+
+// Bytes of the K cache of one slot allocation (all blocks) of `l`.
+int64_t KeyBytes(const CacheLayout& l) {
+  return l.num_blocks * l.block_size * l.num_heads * l.head_size *
+         static_cast<int64_t>(DTypeSize(l.cache_dtype));
+}
+
+TEST(CacheBackendGroupsTest, SlotsOfOnePoolServeEveryLayer) {
+  const KVCacheConfig c = GemmaLikeConfig();
+  ASSERT_TRUE(ValidateConfig(c).ok()) << ValidateConfig(c);
+  absl::StatusOr<std::unique_ptr<CacheBackend>> b =
+      CacheBackend::Create(c, CreateCpuDevice());
+  ASSERT_TRUE(b.ok()) << b.status();
+  const CacheBackend& backend = **b;
+  const CacheLayout& l = backend.layout();
+  EXPECT_EQ(l.num_blocks, 9);
+  EXPECT_EQ(l.num_heads, 2);
+  EXPECT_EQ(l.head_size_v, 64);
+  EXPECT_EQ(backend.num_layers(), 12);
+  ASSERT_EQ(backend.storage().num_allocations(), 2);
+  EXPECT_EQ(backend.storage().total_bytes(),
+            2 * CacheStorage::LayerAllocationBytes(l));
+  // A page: 2 slots x (4 tokens x 2 heads x (64 + 64) int8 + 2 scales x 4).
+  EXPECT_EQ(*BlockBytesAllLayers(c), 2 * (4 * 2 * 128 + 4 * 2 * 8));
+  const int expected_slot[12] = {0, 1, 0, 1, 0, /*full*/ 0,
+                                 1, 0, 1, 0, 1, /*full*/ 1};
+  for (int layer = 0; layer < 12; ++layer) {
+    SCOPED_TRACE(absl::StrCat("layer ", layer));
+    const LayerCache& slot = backend.storage().allocation(expected_slot[layer]);
+    EXPECT_EQ(backend.layer(layer).key_cache, slot.key_cache);
+    EXPECT_EQ(backend.layer(layer).value_scale, slot.value_scale);
+    EXPECT_EQ(backend.View(layer).key_cache, slot.key_cache);
+  }
+  EXPECT_NE(backend.layer(0).key_cache, backend.layer(1).key_cache);
+
+  // A write through layer 0 lands in slot 0 (read back through layer 2, the
+  // same slot of another table) and leaves slot 1 untouched.
+  std::vector<uint16_t> k(2 * 64, 0x42FE), v(2 * 64, 0xC2FE);  // 127, -127
+  const std::vector<int64_t> slots = {3 * 4 + 1};  // Block 3, offset 1.
+  QuantizeWriteParams w;
+  w.cache = backend.layer(0);
+  w.input = {k.data(), v.data(), DType::kBFloat16, 128, 64, 128, 64};
+  w.num_tokens = 1;
+  w.slot_mapping = slots.data();
+  ASSERT_TRUE(backend.QuantizeWrite(w, nullptr).ok());
+  std::vector<float> out(2 * 128, 0.0f);
+  GatherParams g;
+  g.cache = backend.layer(2);
+  g.slots = slots.data();
+  g.num_tokens = 1;
+  g.output = {out.data(), out.data() + 128, DType::kFloat32, 128, 64, 128, 64};
+  ASSERT_TRUE(backend.Gather(g, nullptr).ok());
+  for (int i = 0; i < 128; ++i) {
+    ASSERT_EQ(out[i], 127.0f) << i;
+    ASSERT_EQ(out[128 + i], -127.0f) << i;
+  }
+  const std::vector<uint8_t> slot1_before(
+      static_cast<uint8_t*>(backend.layer(1).key_cache),
+      static_cast<uint8_t*>(backend.layer(1).key_cache) + KeyBytes(l));
+  EXPECT_EQ(std::count(slot1_before.begin(), slot1_before.end(), 0),
+            static_cast<std::ptrdiff_t>(slot1_before.size()));
+
+  // Copy-on-write copies the block in every slot once.
+  w.cache = backend.layer(1);
+  ASSERT_TRUE(backend.QuantizeWrite(w, nullptr).ok());
+  const std::vector<int64_t> pairs = {3, 7};
+  ASSERT_TRUE(backend.CopyBlocks(pairs.data(), 1, nullptr).ok());
+  for (int s = 0; s < 2; ++s) {
+    const LayerCache& a = backend.storage().allocation(s);
+    const int64_t block = l.key_block_elems();
+    const auto* kc = static_cast<const int8_t*>(a.key_cache);
+    EXPECT_TRUE(std::equal(kc + 3 * block, kc + 4 * block, kc + 7 * block))
+        << "slot " << s;
+    EXPECT_TRUE(std::equal(a.key_scale + 3 * 8, a.key_scale + 4 * 8,
+                           a.key_scale + 7 * 8))
+        << "slot " << s;
+    EXPECT_NE(a.key_scale[7 * 8 + 2], 0.0f) << "slot " << s;
+  }
+}
+
+// A DeepSeek-like K-only config (one full group, 1 latent head of 576, no V):
+// one slot per layer, null V pointers in every layer and view.
+TEST(CacheBackendGroupsTest, KOnlyGroupHasNoValue) {
+  KVCacheConfig c;
+  c.num_layers = 6;
+  c.num_kv_heads = 0;
+  c.head_size = 0;
+  c.head_size_v = 0;
+  c.num_q_heads = 0;
+  c.block_size = 16;
+  c.num_blocks = 5;
+  LayerGroup mla;
+  mla.num_kv_heads = 1;
+  mla.head_size = 576;
+  mla.head_size_v = 0;
+  mla.cache_dtype = DType::kFp8E4M3;
+  for (int l = 0; l < 6; ++l) mla.layers.push_back(l);
+  c.layer_groups = {mla};
+  absl::StatusOr<std::unique_ptr<CacheBackend>> b =
+      CacheBackend::Create(c, CreateCpuDevice());
+  ASSERT_TRUE(b.ok()) << b.status();
+  const CacheBackend& backend = **b;
+  EXPECT_EQ(backend.storage().num_allocations(), 6);
+  EXPECT_EQ(*BlockBytesAllLayers(c), 6 * 16 * (576 + 4));
+  for (int layer = 0; layer < 6; ++layer) {
+    EXPECT_EQ(backend.layer(layer).value_cache, nullptr);
+    EXPECT_EQ(backend.layer(layer).value_scale, nullptr);
+    const LayerView view = backend.View(layer);
+    EXPECT_EQ(view.head_size_v, 0);
+    EXPECT_EQ(view.value_cache, nullptr);
+    EXPECT_EQ(view.value_row_pitch_bytes, 0);
+    EXPECT_EQ(view.key_row_pitch_bytes, 576);
+  }
+  // K-only write and gather through the backend.
+  std::vector<uint16_t> k(576, 0x43E0);  // 448: scale 1, exact
+  const std::vector<int64_t> slots = {33};
+  QuantizeWriteParams w;
+  w.cache = backend.layer(4);
+  w.input = {k.data(), nullptr, DType::kBFloat16, 576, 576, 0, 0};
+  w.num_tokens = 1;
+  w.slot_mapping = slots.data();
+  ASSERT_TRUE(backend.QuantizeWrite(w, nullptr).ok());
+  std::vector<float> out(576, 0.0f);
+  GatherParams g;
+  g.cache = backend.layer(4);
+  g.slots = slots.data();
+  g.num_tokens = 1;
+  g.output = {out.data(), nullptr, DType::kFloat32, 576, 576, 0, 0};
+  ASSERT_TRUE(backend.Gather(g, nullptr).ok());
+  for (float x : out) ASSERT_EQ(x, 448.0f);
+  const std::vector<int64_t> pairs = {2, 4};
+  EXPECT_TRUE(backend.CopyBlocks(pairs.data(), 1, nullptr).ok());
+}
+
+// Groups of different cache shapes are refused by field name.
+TEST(CacheBackendGroupsTest, DifferentShapesAreRefusedByName) {
+  for (int k = 0; k < 4; ++k) {
+    KVCacheConfig c = GemmaLikeConfig();
+    LayerGroup& g = c.layer_groups[1];
+    const char* field = "";
+    switch (k) {
+      case 0:
+        g.num_kv_heads = 4;
+        field = "layer_groups[1].num_kv_heads";
+        break;
+      case 1:
+        g.head_size = 128;
+        field = "layer_groups[1].head_size";
+        break;
+      case 2:
+        g.head_size_v = 0;
+        field = "layer_groups[1].head_size_v";
+        break;
+      case 3:
+        g.cache_dtype = DType::kFp8E4M3;
+        field = "layer_groups[1].cache_dtype";
+        break;
+    }
+    ASSERT_TRUE(ValidateConfig(c).ok()) << ValidateConfig(c);
+    absl::StatusOr<std::unique_ptr<CacheBackend>> b =
+        CacheBackend::Create(c, CreateCpuDevice());
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kUnimplemented);
+    EXPECT_TRUE(Contains(b.status().message(), field)) << b.status();
+  }
+}
+
 TEST_F(CacheBackendTest, NumBlocksIsTakenAsIs) {
   for (DType dtype : kCacheDTypes) {
     SCOPED_TRACE(DTypeName(dtype));

@@ -166,6 +166,48 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(std::get<2>(info.param));
     });
 
+// K-only (latent, MLA) caches, head_size_v 0, against the CPU (itself checked
+// against the reference in cpu_kernels_test): vector and scalar paths, both
+// placements, every dtype pair. 576 = 512 + 64 is DeepSeek's latent.
+class CudaKernelKOnlyTest
+    : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, int64_t>> {};
+
+TEST_P(CudaKernelKOnlyTest, WriteAndGatherMatchCpu) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  const auto [d, heads, block_size] = GetParam();
+  std::mt19937_64 rng(Seed() ^ (d * 7919 + heads * 131 + block_size + 17));
+  int i = 0;
+  for (const DTypePair& pair : WriteDTypePairs()) {
+    for (ScalePlacement placement : PlacementsFor(pair.cache)) {
+      for (int64_t budget : {int64_t{3000}, int64_t{400000}}) {
+        CaseConfig c;
+        c.head_size = d;
+        c.head_size_v = 0;
+        c.num_heads = heads;
+        c.block_size = block_size;
+        c.num_tokens = TokensFor(heads, d, 0, budget);
+        c.input_dtype = pair.input;
+        c.cache_dtype = pair.cache;
+        c.placement = placement;
+        c.layout = static_cast<InputLayout>(i++ % 4);
+        CheckCase(c, rng);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    KOnly, CudaKernelKOnlyTest,
+    ::testing::Combine(::testing::Values(8, 64, 128, 512, 576),
+                       ::testing::Values(1, 4, 16),
+                       ::testing::Values(1, 16, 64)),
+    [](const auto& info) {
+      return "D" + std::to_string(std::get<0>(info.param)) + "_H" +
+             std::to_string(std::get<1>(info.param)) + "_bs" +
+             std::to_string(std::get<2>(info.param));
+    });
+
 // Gathers of caches holding every code (all 256 byte values, random order) with
 // random finite scales, into every output dtype: covers codes quantization
 // never writes (int8 -128, fp8 NaN) on the paired decode paths.
@@ -255,15 +297,23 @@ TEST(CudaKernelsTest, ConversionsMatchPortableOnEveryFloat) {
   EXPECT_EQ(m->fp16_widen, 0u);
 }
 
+// k = 4..7: K-only MLA latents (576 = 512 + 64, one head); the int8 bound is
+// 8e-3 there (cpu_kernels_test's KOnlyRoundTripErrorIsBounded says why).
 TEST(CudaKernelsTest, RoundTripErrorIsBounded) {
   KVCACHE_SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(Seed() + 3);
-  for (int k = 0; k < 4; ++k) {
+  for (int k = 0; k < 8; ++k) {
     const DType cache = k % 2 == 0 ? DType::kInt8 : DType::kFp8E4M3;
+    const bool k_only = k >= 4;
     CaseConfig c;
+    if (k_only) {
+      c.head_size = 576;
+      c.head_size_v = 0;
+      c.num_heads = 1;
+    }
     c.num_tokens = 1024;
     c.cache_dtype = cache;
-    c.placement = k < 2 ? ScalePlacement::kSide : ScalePlacement::kInline;
+    c.placement = k % 4 < 2 ? ScalePlacement::kSide : ScalePlacement::kInline;
     c.specials = false;
     c.padding = 0;
     c.gaussian = true;
@@ -295,20 +345,22 @@ TEST(CudaKernelsTest, RoundTripErrorIsBounded) {
       }
     }
     const double rel = std::sqrt(err / norm);
-    std::printf("GPU round trip %s, %s scales: relative L2 error %.4g\n",
-                DTypeName(cache).data(), ScalePlacementName(c.placement), rel);
-    EXPECT_LE(rel, cache == DType::kInt8 ? 7e-3 : 2.7e-2);
+    std::printf("GPU round trip%s %s, %s scales: relative L2 error %.4g\n",
+                k_only ? " (K only, 576)" : "", DTypeName(cache).data(),
+                ScalePlacementName(c.placement), rel);
+    EXPECT_LE(rel, cache == DType::kInt8 ? (k_only ? 8e-3 : 7e-3) : 2.7e-2);
   }
 }
 
-void CheckBlockCopy(DType cache, ScalePlacement placement,
-                    std::mt19937_64& rng) {
+// head_size_v 0: a K-only cache (no V regions).
+void CheckBlockCopy(DType cache, ScalePlacement placement, std::mt19937_64& rng,
+                    int64_t head_size_v = 64) {
   CaseConfig c;
   c.cache_dtype = cache;
   c.placement = placement;
-  SCOPED_TRACE(c.Name());
   c.head_size = 80;
-  c.head_size_v = 64;
+  c.head_size_v = head_size_v;
+  SCOPED_TRACE(c.Name());
   c.num_heads = 3;
   c.block_size = 5;  // Block bytes not a multiple of 16: narrower accesses.
   c.num_tokens = 40;
@@ -342,6 +394,7 @@ TEST(CudaKernelsTest, BlockCopyMatchesCpu) {
        {DType::kInt8, DType::kFp8E4M3, DType::kBFloat16, DType::kFloat16}) {
     for (ScalePlacement placement : PlacementsFor(cache)) {
       CheckBlockCopy(cache, placement, rng);
+      CheckBlockCopy(cache, placement, rng, /*head_size_v=*/0);
     }
   }
 }
@@ -369,7 +422,9 @@ TEST(CudaKernelsSanitizerTest, SmallCasesMatchCpu) {
          {std::tuple<int, int, int, int, int>{128, 128, 8, 16, 1},
           {8, 576, 3, 1, 5},
           {192, 128, 32, 64, 7},
-          {1024, 1024, 1, 16, 2}}) {
+          {1024, 1024, 1, 16, 2},
+          {576, 0, 1, 16, 9},  // K only (MLA latent).
+          {72, 0, 3, 1, 4}}) {
       CaseConfig c;
       c.head_size = d;
       c.head_size_v = dv;
@@ -391,6 +446,7 @@ TEST(CudaKernelsSanitizerTest, SmallCasesMatchCpu) {
   CheckBlockCopy(DType::kInt8, ScalePlacement::kSide, rng);
   CheckBlockCopy(DType::kInt8, ScalePlacement::kInline, rng);
   CheckBlockCopy(DType::kBFloat16, ScalePlacement::kSide, rng);
+  CheckBlockCopy(DType::kInt8, ScalePlacement::kInline, rng, 0);
 }
 
 #else  // !KVCACHE_HAVE_CUDA_RUNTIME

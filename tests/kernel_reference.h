@@ -156,7 +156,8 @@ inline void DequantizeRow(DType cache, DType out, const uint8_t* codes,
   }
 }
 
-// Applies quantize-and-write of case hc to copies of its caches.
+// Applies quantize-and-write of case hc to copies of its caches. A K-only case
+// (head_size_v 0) has no V rows and no V scales.
 struct Caches {
   std::vector<uint8_t> key_cache, value_cache;
   std::vector<float> key_scale, value_scale;  // Side scales only.
@@ -227,11 +228,14 @@ inline Caches Unpack(const HostCase& hc, const Caches& c) {
   for (int64_t slot = 0; slot < slots; ++slot) {
     for (int64_t h = 0; h < H; ++h) {
       const uint8_t* k = c.key_cache.data() + place.Row(true, slot, h, H);
-      const uint8_t* v = c.value_cache.data() + place.Row(false, slot, h, H);
       out.key_cache.insert(out.key_cache.end(), k, k + D * ce);
-      out.value_cache.insert(out.value_cache.end(), v, v + Dv * ce);
       if (quantized) {
         out.key_scale.push_back(place.GetScale(c, true, slot, h, H));
+      }
+      if (Dv == 0) continue;  // K only.
+      const uint8_t* v = c.value_cache.data() + place.Row(false, slot, h, H);
+      out.value_cache.insert(out.value_cache.end(), v, v + Dv * ce);
+      if (quantized) {
         out.value_scale.push_back(place.GetScale(c, false, slot, h, H));
       }
     }
@@ -251,16 +255,15 @@ inline Caches QuantizeWrite(const HostCase& hc) {
     for (int64_t h = 0; h < H; ++h) {
       const Quantized k =
           QuantizeRow(in, cache, hc.Row(true, t, h), L.head_size);
-      const Quantized v =
-          QuantizeRow(in, cache, hc.Row(false, t, h), L.head_size_v);
       std::memcpy(out.key_cache.data() + place.Row(true, slot, h, H),
                   k.codes.data(), k.codes.size());
+      if (IsQuantized(cache)) place.SetScale(out, true, slot, h, H, k.scale);
+      if (L.head_size_v == 0) continue;  // K only: no V, no V scale.
+      const Quantized v =
+          QuantizeRow(in, cache, hc.Row(false, t, h), L.head_size_v);
       std::memcpy(out.value_cache.data() + place.Row(false, slot, h, H),
                   v.codes.data(), v.codes.size());
-      if (IsQuantized(cache)) {
-        place.SetScale(out, true, slot, h, H, k.scale);
-        place.SetScale(out, false, slot, h, H, v.scale);
-      }
+      if (IsQuantized(cache)) place.SetScale(out, false, slot, h, H, v.scale);
     }
   }
   return out;
@@ -278,7 +281,7 @@ inline std::vector<uint8_t> Gather(const HostCase& hc, const Caches& c,
   for (int64_t t = 0; t < g.num_tokens; ++t) {
     const int64_t slot = g.SlotOf(t, L.block_size);
     for (int64_t h = 0; h < H; ++h) {
-      for (int kv = 0; kv < 2; ++kv) {
+      for (int kv = 0; kv < (L.head_size_v == 0 ? 1 : 2); ++kv) {
         const bool key = kv == 0;
         const Operand& op = key ? g.key : g.value;
         const int64_t d = key ? L.head_size : L.head_size_v;

@@ -50,7 +50,7 @@ inline const char* LayoutName(InputLayout l) {
 
 struct CaseConfig {
   int64_t head_size = 128;
-  int64_t head_size_v = 128;
+  int64_t head_size_v = 128;  // 0: a K-only (latent) cache.
   int64_t num_heads = 8;
   int64_t block_size = 16;
   int64_t num_tokens = 16;
@@ -110,6 +110,10 @@ struct HostCase {
     cache.value_cache = vc;
     cache.key_scale = layout.inline_scales() ? InlineScale(layout, kc) : ks;
     cache.value_scale = layout.inline_scales() ? InlineScale(layout, vc) : vs;
+    if (!layout.has_value()) {  // K only: no V cache, no V scales.
+      cache.value_cache = nullptr;
+      cache.value_scale = nullptr;
+    }
     return cache;
   }
 
@@ -120,7 +124,9 @@ struct HostCase {
     QuantizeWriteParams p;
     const size_t e = InElem();
     p.input.key = static_cast<uint8_t*>(input_base) + key.offset * e;
-    p.input.value = static_cast<uint8_t*>(input_base) + value.offset * e;
+    p.input.value = layout.has_value()
+                        ? static_cast<uint8_t*>(input_base) + value.offset * e
+                        : nullptr;
     p.input.dtype = config.input_dtype;
     p.input.key_token_stride = key.token_stride;
     p.input.key_head_stride = key.head_stride;
@@ -254,7 +260,7 @@ inline HostCase MakeCase(const CaseConfig& c, std::mt19937_64& rng) {
                                          hc.layout.side_scale_block_elems());
     std::uniform_real_distribution<float> any(-1.0f, 1.0f);
     hc.key_scale.resize(n);
-    hc.value_scale.resize(n);
+    hc.value_scale.resize(hc.layout.has_value() ? n : 0);
     for (float& s : hc.key_scale) s = any(rng);
     for (float& s : hc.value_scale) s = any(rng);
   }
@@ -295,7 +301,9 @@ struct GatherCase {
     }
     p.num_tokens = num_tokens;
     p.output.key = static_cast<uint8_t*>(out_base) + key.offset * e;
-    p.output.value = static_cast<uint8_t*>(out_base) + value.offset * e;
+    p.output.value = cache.layout.has_value()
+                         ? static_cast<uint8_t*>(out_base) + value.offset * e
+                         : nullptr;
     p.output.dtype = out_dtype;
     p.output.key_token_stride = key.token_stride;
     p.output.key_head_stride = key.head_stride;

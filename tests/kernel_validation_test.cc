@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "gtest/gtest.h"
+#include "kernels/attention_validation.h"
 #include "kernels/cpu_kernels.h"
 
 namespace kvcache {
@@ -97,6 +98,42 @@ TEST(KernelValidationTest, BadLayoutIsNamed) {
     b.mutate(f.copy.cache.layout);
     ExpectInvalid(BlockCopyCpu(f.copy), b.needle);
   }
+}
+
+// A K-only (latent) cache, head_size_v 0: the kernels run with null V
+// pointers and refuse any V pointer by name; attention refuses the cache.
+TEST(KernelValidationTest, KOnlyCacheTakesNoValue) {
+  Fixture f;
+  for (CacheLayout* l :
+       {&f.write.cache.layout, &f.gather.cache.layout, &f.copy.cache.layout}) {
+    l->head_size_v = 0;
+  }
+  ExpectInvalid(QuantizeWriteCpu(f.write), "must be null for a K-only cache");
+  ExpectInvalid(GatherCpu(f.gather), "must be null for a K-only cache");
+  ExpectInvalid(BlockCopyCpu(f.copy), "must be null for a K-only cache");
+  for (LayerCache* c : {&f.write.cache, &f.gather.cache, &f.copy.cache}) {
+    c->value_cache = nullptr;
+    c->value_scale = nullptr;
+  }
+  ExpectInvalid(QuantizeWriteCpu(f.write),
+                "input value must be null for a K-only cache");
+  ExpectInvalid(GatherCpu(f.gather),
+                "output value must be null for a K-only cache");
+  EXPECT_TRUE(BlockCopyCpu(f.copy).ok());
+  f.write.input.value = nullptr;
+  f.gather.output.value = nullptr;
+  EXPECT_TRUE(QuantizeWriteCpu(f.write).ok());
+  EXPECT_TRUE(GatherCpu(f.gather).ok());
+  // A value scale alone is refused too.
+  f.copy.cache.value_scale = f.vs.data();
+  ExpectInvalid(BlockCopyCpu(f.copy), "value_scale must be null");
+  // A negative V size is not K only.
+  f.copy.cache.layout.head_size_v = -8;
+  ExpectInvalid(BlockCopyCpu(f.copy), "head_size_v -8");
+
+  AttentionParams a;
+  a.cache = f.gather.cache;
+  ExpectInvalid(internal::ValidateAttention(a), "K-only");
 }
 
 TEST(KernelValidationTest, BadWriteArgumentsAreNamed) {

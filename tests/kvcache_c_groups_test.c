@@ -1,9 +1,12 @@
 /* The C API's layer groups (api/kvcache_c.h, kvcache_layer_group), from C:
  * kvcache_config_block_bytes validates a hybrid config and gives its page
  * bytes; hostile group arrays (NULL, a wrong struct_size, a huge count, a
- * layer twice) are INVALID_ARGUMENT with a message naming them; and
- * kvcache_create refuses groups with INVALID_ARGUMENT until the manager
- * serves them. Exits non-zero on the first failure. */
+ * layer twice) are INVALID_ARGUMENT with a message naming them;
+ * kvcache_create refuses groups of different shapes (UNIMPLEMENTED); a
+ * manager of same-shape groups (sliding + full, then K-only) appends and
+ * gathers per layer, hands out block tables per table, and refuses a bad
+ * table, a V for a K-only group and what groups do not offer. Exits non-zero
+ * on the first failure. */
 
 #include <stdint.h>
 #include <stdio.h>
@@ -14,6 +17,213 @@
 
 #define CHECK_ERROR_HAS(needle) \
   CHECK(strstr(kvcache_last_error(NULL), (needle)) != NULL)
+
+static kvcache_tensor Tensor(void* data, int64_t t, int64_t h, int64_t d) {
+  kvcache_tensor x;
+  memset(&x, 0, sizeof(x));
+  x.struct_size = sizeof(x);
+  x.data = data;
+  x.dtype = KVCACHE_FLOAT32;
+  x.ndim = 3;
+  x.shape[0] = t;
+  x.shape[1] = h;
+  x.shape[2] = d;
+  x.strides[0] = h * d;
+  x.strides[1] = d;
+  x.strides[2] = 1;
+  x.memory = KVCACHE_HOST;
+  return x;
+}
+
+static uint64_t Reserve(kvcache_manager* m, int64_t seq, int64_t n) {
+  kvcache_reserve_request r;
+  memset(&r, 0, sizeof(r));
+  r.struct_size = sizeof(r);
+  r.sequence = seq;
+  r.num_tokens = n;
+  kvcache_plan plan;
+  memset(&plan, 0, sizeof(plan));
+  plan.struct_size = sizeof(plan);
+  CHECK_IS(KVCACHE_OK, kvcache_reserve(m, &r, 1, NULL, &plan));
+  return plan.id;
+}
+
+/* Gemma-like: layers 0-3 sliding (window 8), 4-5 full, one shape. */
+static void RunManager(void) {
+  static const int32_t sliding[] = {0, 1, 2, 3};
+  static const int32_t full[] = {4, 5};
+  kvcache_layer_group g[2];
+  memset(g, 0, sizeof(g));
+  for (int i = 0; i < 2; ++i) {
+    g[i].struct_size = sizeof(kvcache_layer_group);
+    g[i].cache_dtype = KVCACHE_INT8;
+    g[i].num_kv_heads = 1;
+    g[i].head_size = 8;
+    g[i].head_size_v = 8;
+  }
+  g[0].layers = sliding;
+  g[0].num_layers = 4;
+  g[0].kind = KVCACHE_ATTENTION_SLIDING_WINDOW;
+  g[0].sliding_window = 8;
+  g[1].layers = full;
+  g[1].num_layers = 2;
+  g[1].kind = KVCACHE_ATTENTION_FULL;
+  kvcache_config c;
+  kvcache_config_init(&c);
+  c.num_layers = 6;
+  c.block_size = 4;
+  c.num_blocks = 64;
+  c.input_dtype = KVCACHE_FLOAT32;
+  c.layer_groups = g;
+  c.num_layer_groups = 2;
+  kvcache_manager* m = NULL;
+  CHECK_IS(KVCACHE_OK, kvcache_create(&c, &m));
+  if (m == NULL) return;
+  int32_t tables = 0, table = -1;
+  CHECK_IS(KVCACHE_OK, kvcache_num_block_tables(m, &tables));
+  CHECK(tables == 3); /* gcd(4, 2) = 2 layers per page: 2 + 1 tables. */
+  CHECK_IS(KVCACHE_OK, kvcache_layer_block_table(m, 5, &table));
+  CHECK(table == 2);
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_layer_block_table(m, 6, &table));
+  CHECK_ERROR_HAS("layer 6");
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_layer_block_table(m, 0, NULL));
+
+  const int32_t prompt[20] = {0};
+  int64_t computed = -1;
+  CHECK_IS(KVCACHE_OK,
+           kvcache_add_sequence(m, 7, prompt, 20, 0, NULL, 0, &computed));
+  CHECK(computed == 0);
+  const uint64_t plan = Reserve(m, 7, 20);
+  float k[20 * 8], v[20 * 8], ko[20 * 8], vo[20 * 8];
+  for (int i = 0; i < 20 * 8; ++i) {
+    /* Each row's amax is 127: scale 1, integers round-trip exactly. */
+    k[i] = i % 8 == 0 ? 127.0f : (float)(i % 13) - 6.0f;
+    v[i] = i % 8 == 0 ? -127.0f : (float)(i % 7) - 3.0f;
+  }
+  kvcache_tensor kt = Tensor(k, 20, 1, 8), vt = Tensor(v, 20, 1, 8);
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_append(m, plan, 0, &kt, NULL, NULL));
+  CHECK_ERROR_HAS("value");
+  for (int32_t layer = 0; layer < 6; ++layer) {
+    CHECK_IS(KVCACHE_OK, kvcache_append(m, plan, layer, &kt, &vt, NULL));
+  }
+  CHECK_IS(KVCACHE_OK, kvcache_commit(m, plan));
+
+  /* Full layer 4: every token. */
+  kvcache_tensor kot = Tensor(ko, 20, 1, 8), vot = Tensor(vo, 20, 1, 8);
+  CHECK_IS(KVCACHE_OK, kvcache_gather(m, 7, 4, 0, 20, &kot, &vot, NULL));
+  CHECK(memcmp(ko, k, sizeof(k)) == 0);
+  /* Sliding layer 0: blocks 0-2 left the window of 8 (next token 20 reads
+   * 13..20): released, -1 in the table, their tokens OUT_OF_RANGE. */
+  int32_t blocks[8];
+  int64_t n = 0;
+  CHECK_IS(KVCACHE_OK, kvcache_group_block_table(m, 7, 0, blocks, 8, &n));
+  CHECK(n == 5 && blocks[0] == -1 && blocks[2] == -1 && blocks[3] >= 0);
+  CHECK_IS(KVCACHE_OUT_OF_RANGE,
+           kvcache_gather(m, 7, 0, 0, 4, &kot, &vot, NULL));
+  CHECK_ERROR_HAS("sliding window");
+  kot = Tensor(ko, 8, 1, 8);
+  vot = Tensor(vo, 8, 1, 8);
+  CHECK_IS(KVCACHE_OK, kvcache_gather(m, 7, 0, 12, 8, &kot, &vot, NULL));
+  CHECK(memcmp(ko, k + 12 * 8, 8 * 8 * sizeof(float)) == 0);
+  CHECK(memcmp(vo, v + 12 * 8, 8 * 8 * sizeof(float)) == 0);
+  int64_t held = -1;
+  CHECK_IS(KVCACHE_OK, kvcache_held_blocks(m, 0, &held));
+  CHECK(held == 2);
+  CHECK_IS(KVCACHE_OK, kvcache_held_blocks(m, 2, &held));
+  CHECK(held == 5);
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_held_blocks(m, 3, &held));
+
+  /* Block tables: a table per call; hostile tables and sizes by name. */
+  const int64_t seqs[1] = {7};
+  kvcache_block_table_view view;
+  memset(&view, 0, sizeof(view));
+  view.struct_size = sizeof(view);
+  CHECK_IS(KVCACHE_OK,
+           kvcache_group_batch_block_table(m, 0, seqs, 1, NULL, &view));
+  CHECK(view.num_sequences == 1 && view.max_blocks == 5);
+  CHECK(view.block_table[0] == -1 && view.block_table[3] == blocks[3]);
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_group_batch_block_table(m, 3, seqs, 1, NULL, &view));
+  CHECK_ERROR_HAS("block table 3");
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_group_batch_block_table(m, -1, seqs, 1, NULL, &view));
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_group_batch_block_table(m, 0, NULL, 1, NULL, &view));
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_group_batch_block_table(m, 0, seqs, 1, NULL, NULL));
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_batch_block_table(m, seqs, 1, NULL, &view));
+  CHECK_ERROR_HAS("3 block tables");
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_block_table(m, 7, blocks, 8, &n));
+  CHECK_IS(KVCACHE_OUT_OF_RANGE,
+           kvcache_group_block_table(m, 7, 2, blocks, 2, &n));
+  CHECK(n == 5);
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_group_block_table(m, 7, 9, blocks, 8, &n));
+  CHECK_IS(KVCACHE_NOT_FOUND,
+           kvcache_group_block_table(m, 8, 0, blocks, 8, &n));
+  CHECK_IS(KVCACHE_UNIMPLEMENTED, kvcache_fork(m, 7, 8));
+  CHECK_ERROR_HAS("layer_groups");
+  CHECK_IS(KVCACHE_OK, kvcache_validate(m));
+  CHECK_IS(KVCACHE_OK, kvcache_free(m, 7));
+  kvcache_destroy(m);
+}
+
+/* DeepSeek-like: one K-only latent group (head_size_v 0). */
+static void RunKOnly(void) {
+  static const int32_t layers[] = {0, 1};
+  kvcache_layer_group g;
+  memset(&g, 0, sizeof(g));
+  g.struct_size = sizeof(g);
+  g.cache_dtype = KVCACHE_INT8;
+  g.num_kv_heads = 1;
+  g.head_size = 64;
+  g.head_size_v = 0;
+  g.layers = layers;
+  g.num_layers = 2;
+  kvcache_config c;
+  kvcache_config_init(&c);
+  c.num_layers = 2;
+  c.block_size = 4;
+  c.num_blocks = 8;
+  c.input_dtype = KVCACHE_FLOAT32;
+  c.layer_groups = &g;
+  c.num_layer_groups = 1;
+  kvcache_manager* m = NULL;
+  CHECK_IS(KVCACHE_OK, kvcache_create(&c, &m));
+  if (m == NULL) return;
+  kvcache_layer_view lv;
+  memset(&lv, 0, sizeof(lv));
+  lv.struct_size = sizeof(lv);
+  CHECK_IS(KVCACHE_OK, kvcache_get_layer_view(m, 1, &lv));
+  CHECK(lv.value_cache == NULL && lv.head_size_v == 0);
+  const int32_t prompt[5] = {1, 2, 3, 4, 5};
+  int64_t computed = -1;
+  CHECK_IS(KVCACHE_OK,
+           kvcache_add_sequence(m, 1, prompt, 5, 0, NULL, 0, &computed));
+  const uint64_t plan = Reserve(m, 1, 5);
+  float k[5 * 64], ko[5 * 64];
+  for (int i = 0; i < 5 * 64; ++i) {
+    k[i] = i % 64 == 0 ? 127.0f : (float)(i % 11) - 5.0f;
+  }
+  kvcache_tensor kt = Tensor(k, 5, 1, 64), vt = Tensor(k, 5, 1, 64);
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_append(m, plan, 0, &kt, &vt, NULL));
+  CHECK_ERROR_HAS("K-only");
+  for (int32_t layer = 0; layer < 2; ++layer) {
+    CHECK_IS(KVCACHE_OK, kvcache_append(m, plan, layer, &kt, NULL, NULL));
+  }
+  CHECK_IS(KVCACHE_OK, kvcache_commit(m, plan));
+  kvcache_tensor kot = Tensor(ko, 5, 1, 64), vot = Tensor(ko, 5, 1, 64);
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_gather(m, 1, 1, 0, 5, &kot, &vot, NULL));
+  CHECK_ERROR_HAS("K-only");
+  CHECK_IS(KVCACHE_OK, kvcache_gather(m, 1, 1, 0, 5, &kot, NULL, NULL));
+  CHECK(memcmp(ko, k, sizeof(k)) == 0);
+  CHECK_IS(KVCACHE_OK, kvcache_validate(m));
+  kvcache_destroy(m);
+}
 
 int main(void) {
   static const int32_t sliding_layers[] = {0, 1, 3, 4};
@@ -50,9 +260,10 @@ int main(void) {
   /* Slots: max(16 x 4 x (128 + 8), 16 x 1 x (576 + 4)) = 9280; 2 per page. */
   CHECK(bytes == 2 * 9280);
 
+  /* Groups of different cache shapes are not stored yet. */
   kvcache_manager* m = (kvcache_manager*)1;
-  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_create(&config, &m));
-  CHECK_ERROR_HAS("layer_groups");
+  CHECK_IS(KVCACHE_UNIMPLEMENTED, kvcache_create(&config, &m));
+  CHECK_ERROR_HAS("layer_groups[1].num_kv_heads");
   CHECK(m == NULL);
 
   CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_config_block_bytes(&config, NULL));
@@ -98,6 +309,9 @@ int main(void) {
   config.num_blocks = 4;
   CHECK_IS(KVCACHE_OK, kvcache_config_block_bytes(&config, &bytes));
   CHECK(bytes == 2 * 16 * 2 * (64 + 64 + 8));
+
+  RunManager();
+  RunKOnly();
 
   if (failures != 0) {
     fprintf(stderr, "%d failures\n", failures);

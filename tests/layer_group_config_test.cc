@@ -118,10 +118,18 @@ TEST(LayerGroupConfigTest, PagingSharesSlotsAcrossGroups) {
   EXPECT_EQ(GroupLayerBlockBytes(Group({0}, 0, 1, 576, 0), 64), 64 * (576 + 4));
 }
 
-TEST(LayerGroupConfigTest, CreateSaysGroupsAreNotServedYet) {
+TEST(LayerGroupConfigTest, CreateServesOneShapeAndRefusesMixedShapes) {
+  // Hybrid() mixes 4 x 64 and 2 x 128 heads: not stored yet, by name.
   auto m = KVCacheManager::Create(Hybrid());
-  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(m.status().message().find("layer_groups"), std::string::npos);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(m.status().message().find("layer_groups[1].num_kv_heads"),
+            std::string::npos)
+      << m.status();
+  KVCacheConfig same = Hybrid();
+  same.layer_groups[1] = Group({2, 5}, 0, 4, 64, 64);
+  m = KVCacheManager::Create(same);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ((*m)->NumBlockTables(), 3);
 }
 
 }  // namespace

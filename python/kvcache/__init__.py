@@ -44,6 +44,7 @@ class Status(enum.IntEnum):
     OUT_OF_RANGE = 6
     INTERNAL = 7
     UNKNOWN = 8
+    UNIMPLEMENTED = 9
 
 
 class LogLevel(enum.IntEnum):

@@ -1,0 +1,526 @@
+#include "api/group_manager.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "api/logging.h"
+#include "core/status_macros.h"
+#include "kernels/kernel_validation.h"
+#include "spdlog/spdlog.h"
+
+namespace kvcache::internal {
+namespace {
+
+using Lock = std::lock_guard<std::mutex>;
+
+// Default block-table width: enough blocks for this many tokens (as the
+// uniform manager).
+constexpr int64_t kDefaultMaxTokensPerSequence = 131072;
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<GroupManager>> GroupManager::Create(
+    const KVCacheConfig& config, std::unique_ptr<Device> device) {
+  if (config.host_tier_bytes != 0) {
+    return absl::UnimplementedError(
+        absl::StrCat("host_tier_bytes ", config.host_tier_bytes,
+                     ": a host tier is not offered with layer_groups yet"));
+  }
+  KVCACHE_ASSIGN_OR_RETURN(const std::shared_ptr<spdlog::logger> logger,
+                           MakeLogger(config));
+  std::unique_ptr<GroupManager> m(new GroupManager(config));
+  m->paging_ = ConfigPaging(config);
+  Device* const dev = device.get();
+  KVCACHE_ASSIGN_OR_RETURN(m->backend_,
+                           CacheBackend::Create(config, std::move(device)));
+  const int64_t num_blocks = m->backend_->layout().num_blocks;
+  m->cols_ = config.max_blocks_per_sequence;
+  if (m->cols_ == 0) {
+    m->cols_ = std::min<int64_t>(
+        num_blocks, CeilDiv(kDefaultMaxTokensPerSequence, config.block_size));
+  }
+  GroupBlockManagerOptions options;
+  options.num_blocks = static_cast<int32_t>(num_blocks);
+  options.block_size = config.block_size;
+  options.enable_prefix_caching = config.enable_prefix_caching;
+  for (const GroupTable& t : m->paging_.tables) {
+    options.windows.push_back(t.sliding_window);
+  }
+  ExpectedKV& expected = m->expected_kv_;
+  expected.num_heads = m->backend_->layout().num_heads;
+  expected.head_size = m->backend_->layout().head_size;
+  expected.dtype = config.input_dtype;
+  expected.memory = m->backend_->memory_kind();
+  expected.device = m->backend_->ordinal();
+
+  Lock lock(m->mu_);
+  KVCACHE_ASSIGN_OR_RETURN(m->blocks_, GroupBlockManager::Create(options));
+  const int64_t tables = static_cast<int64_t>(m->paging_.tables.size());
+  KVCACHE_ASSIGN_OR_RETURN(
+      m->plans_,
+      PlanTable::Create(dev, config.num_layers, config.max_inflight_plans,
+                        tables * config.max_tokens_per_step, 1));
+  KVCACHE_ASSIGN_OR_RETURN(
+      m->lookups_,
+      LookupBuffers::Create(dev, config.max_sequences_per_step, m->cols_));
+  logger->info(absl::StrCat(m->backend_->Describe(config), ", ",
+                            config.layer_groups.size(), " layer groups in ",
+                            tables, " block tables, ",
+                            m->paging_.layers_per_page, " layers per page"));
+  return m;
+}
+
+absl::Status GroupManager::CheckLayer(int layer) const {
+  if (layer < 0 || layer >= config_.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer ", layer, " out of range [0, ", config_.num_layers, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GroupManager::CheckTable(int32_t table) const {
+  const int32_t n = static_cast<int32_t>(paging_.tables.size());
+  if (table < 0 || table >= n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block table ", table, " out of range [0, ", n,
+                     ") (LayerTable(layer) names a layer's table)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int32_t> GroupManager::LayerTable(int layer) const {
+  KVCACHE_RETURN_IF_ERROR(CheckLayer(layer));
+  return paging_.layer_table[layer];
+}
+
+absl::StatusOr<int64_t> GroupManager::AddSequence(
+    SequenceId id, absl::Span<const TokenId> prompt, const ExtraKey& extra,
+    PrefixHits* hits) {
+  if (prompt.size() > static_cast<size_t>(INT32_MAX)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", prompt.size(), " tokens exceeds ", INT32_MAX, " tokens"));
+  }
+  Lock lock(mu_);
+  KVCACHE_ASSIGN_OR_RETURN(const int64_t computed,
+                           blocks_->AddSequence(id, prompt, extra));
+  if (hits != nullptr) *hits = PrefixHits{computed, 0};
+  return computed;
+}
+
+absl::StatusOr<int64_t> GroupManager::PeekPrefix(
+    absl::Span<const TokenId> prompt, const ExtraKey& extra) const {
+  Lock lock(mu_);
+  return blocks_->PeekPrefix(prompt, extra);
+}
+
+absl::Status GroupManager::CheckBatch(
+    absl::Span<const ReserveRequest> batch) const {
+  if (batch.empty()) {
+    return absl::InvalidArgumentError("reserve of an empty batch");
+  }
+  if (static_cast<int64_t>(batch.size()) > config_.max_sequences_per_step) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "batch of ", batch.size(), " sequences exceeds max_sequences_per_step ",
+        config_.max_sequences_per_step));
+  }
+  int64_t tokens = 0;
+  for (const ReserveRequest& request : batch) {
+    if (auto it = pending_.find(request.sequence); it != pending_.end()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("reserve of sequence ", request.sequence, " while plan ",
+                       it->second, " is in flight: commit or abort it first"));
+    }
+    if (request.num_tokens > config_.max_tokens_per_step) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "reserve of ", request.num_tokens, " tokens for sequence ",
+          request.sequence, " exceeds max_tokens_per_step ",
+          config_.max_tokens_per_step));
+    }
+    tokens += std::max<int64_t>(request.num_tokens, 0);
+    // The block-table width: no table may outgrow it (unknown sequences
+    // and bad counts are the allocator's to name).
+    absl::StatusOr<int64_t> computed =
+        blocks_->ComputedLength(request.sequence);
+    if (computed.ok() && request.num_tokens > 0 &&
+        CeilDiv(*computed + request.num_tokens, config_.block_size) > cols_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "reserve of ", request.num_tokens, " tokens for sequence ",
+          request.sequence, " (", *computed, " computed) needs more than ",
+          "max_blocks_per_sequence ", cols_, " blocks"));
+    }
+  }
+  if (tokens > config_.max_tokens_per_step) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "batch of ", tokens, " tokens exceeds max_tokens_per_step ",
+        config_.max_tokens_per_step));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GroupManager::CanReserve(
+    absl::Span<const ReserveRequest> batch) const {
+  Lock lock(mu_);
+  KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
+  return blocks_->CanReserve(batch);
+}
+
+absl::StatusOr<StepPlanInfo> GroupManager::Reserve(
+    absl::Span<const ReserveRequest> batch, void* stream) {
+  Lock lock(mu_);
+  KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
+  KVCACHE_ASSIGN_OR_RETURN(PlanTable::Pending pending,
+                           plans_->Begin(batch.size()));
+  StepPlanInfo info;
+  info.sequences.reserve(batch.size());
+  pending_.reserve(pending_.size() + batch.size());
+  absl::StatusOr<GroupStepPlan> plan = blocks_->Reserve(batch);
+  if (!plan.ok()) {
+    if (absl::IsResourceExhausted(plan.status())) ++counters_.reserve_failures;
+    return plan.status();
+  }
+  StepPlan step;
+  std::vector<int64_t> all;
+  absl::Status uploaded;
+  try {
+    const size_t n = plan->slot_mappings[0].size();
+    all.reserve(n * plan->slot_mappings.size());
+    for (const std::vector<int64_t>& m : plan->slot_mappings) {
+      all.insert(all.end(), m.begin(), m.end());
+    }
+    step.sequences = plan->sequences;
+    step.num_tokens = plan->num_tokens;
+    step.first_positions = plan->first_positions;
+    step.slot_mapping = plan->slot_mappings[0];
+    uploaded = plans_->Upload(pending, all, {}, stream);
+  } catch (...) {
+    blocks_->Abort(plan->id).IgnoreError();
+    throw;
+  }
+  if (!uploaded.ok()) {
+    blocks_->Abort(plan->id).IgnoreError();
+    return uploaded;
+  }
+  // From here on nothing allocates (pending_ has the room).
+  info.id = plan->id;
+  info.num_tokens = static_cast<int64_t>(step.slot_mapping.size());
+  info.slot_mapping = plans_->buffers().device_slots(pending.slot);
+  plans_->Add(std::move(pending), info.id, step);
+  for (SequenceId id : plan->sequences) pending_[id] = info.id;
+  info.host_slot_mapping = std::move(step.slot_mapping);
+  const PlanTable::Plan& added = **plans_->Find(info.id);
+  info.sequences.assign(added.sequences.begin(), added.sequences.end());
+  return info;
+}
+
+absl::Status GroupManager::Append(uint64_t plan_id, int layer,
+                                  const TensorView& key,
+                                  const TensorView& value, void* stream) {
+  Lock lock(mu_);
+  KVCACHE_ASSIGN_OR_RETURN(PlanTable::Plan * plan, plans_->Find(plan_id));
+  KVCACHE_RETURN_IF_ERROR(CheckLayer(layer));
+  const CacheLayout& layout = backend_->layout();
+  QuantizeWriteParams params;
+  int64_t num_tokens = 0;
+  KVCACHE_RETURN_IF_ERROR(CheckKVPair(key, value, expected_kv_,
+                                      layout.head_size_v, &params.input,
+                                      &num_tokens));
+  const int64_t done = plan->appended[layer];
+  if (num_tokens > plan->num_tokens - done) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
+                     " of plan ", plan_id, " exceeds its reservation: ", done,
+                     " of ", plan->num_tokens, " tokens already appended"));
+  }
+  // Layer l writes through the slot mapping of its table.
+  const int64_t table = paging_.layer_table[layer];
+  params.slot_mapping =
+      plans_->device_slots(*plan) + table * plan->num_tokens + done;
+  params.num_tokens = num_tokens;
+  params.cache = backend_->layer(layer);
+  if (absl::Status s = ValidateQuantizeWrite(params); !s.ok()) {
+    return Annotate(s, absl::StrCat("append to layer ", layer));
+  }
+  const StepBuffers::Slot& slot = plans_->buffers().slot(plan->slot);
+  Device& device = backend_->device();
+  KVCACHE_RETURN_IF_ERROR(device.StreamWaitEvent(stream, slot.uploaded));
+  if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
+    return Annotate(s, absl::StrCat("append to layer ", layer));
+  }
+  KVCACHE_RETURN_IF_ERROR(device.RecordEvent(slot.last_use, stream));
+  plan->appended[layer] += num_tokens;
+  ++counters_.kernel_launches;
+  counters_.tokens_appended += num_tokens;
+  return absl::OkStatus();
+}
+
+void GroupManager::RemovePlan(uint64_t plan_id) {
+  absl::StatusOr<PlanTable::Plan*> plan = plans_->Find(plan_id);
+  if (!plan.ok()) return;
+  for (const PlanSequence& s : (*plan)->sequences) pending_.erase(s.sequence);
+  plans_->Remove(plan_id);
+}
+
+absl::Status GroupManager::Commit(uint64_t plan_id) {
+  Lock lock(mu_);
+  KVCACHE_ASSIGN_OR_RETURN(const PlanTable::Plan* plan, plans_->Find(plan_id));
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    if (plan->appended[layer] != plan->num_tokens) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "commit of plan ", plan_id, ": layer ", layer, " holds ",
+          plan->appended[layer], " of its ", plan->num_tokens, " tokens"));
+    }
+  }
+  KVCACHE_RETURN_IF_ERROR(blocks_->Commit(plan_id));
+  counters_.tokens_committed += plan->num_tokens;
+  RemovePlan(plan_id);
+  return absl::OkStatus();
+}
+
+absl::Status GroupManager::Abort(uint64_t plan_id) {
+  Lock lock(mu_);
+  KVCACHE_RETURN_IF_ERROR(plans_->Find(plan_id).status());
+  KVCACHE_RETURN_IF_ERROR(blocks_->Abort(plan_id));
+  RemovePlan(plan_id);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<PlanSequence>> GroupManager::PlanLayout(
+    uint64_t plan_id) const {
+  Lock lock(mu_);
+  KVCACHE_ASSIGN_OR_RETURN(const PlanTable::Plan* plan, plans_->Find(plan_id));
+  return plan->sequences;
+}
+
+absl::Status GroupManager::Free(SequenceId id) {
+  Lock lock(mu_);
+  if (auto it = pending_.find(id); it != pending_.end()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("free of sequence ", id, " while plan ", it->second,
+                     " is in flight: commit or abort it first"));
+  }
+  return blocks_->Free(id);
+}
+
+absl::StatusOr<std::vector<BlockId>> GroupManager::BlockTable(
+    SequenceId id, int32_t table) const {
+  KVCACHE_RETURN_IF_ERROR(CheckTable(table));
+  Lock lock(mu_);
+  KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> t,
+                           blocks_->BlockTable(id, table));
+  return std::vector<BlockId>(t.begin(), t.end());
+}
+
+absl::StatusOr<int64_t> GroupManager::SequenceLength(SequenceId id) const {
+  Lock lock(mu_);
+  return blocks_->ComputedLength(id);
+}
+
+absl::StatusOr<BlockTableView> GroupManager::BatchBlockTable(
+    absl::Span<const SequenceId> ids, int32_t table, void* stream) {
+  KVCACHE_RETURN_IF_ERROR(CheckTable(table));
+  if (ids.empty() ||
+      static_cast<int64_t>(ids.size()) > config_.max_sequences_per_step) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block table of ", ids.size(),
+                     " sequences: expected 1 to max_sequences_per_step ",
+                     config_.max_sequences_per_step));
+  }
+  Lock lock(mu_);
+  KVCACHE_ASSIGN_OR_RETURN(const HostBatchTable batch,
+                           blocks_->BatchTable(ids, table));
+  if (batch.max_blocks > lookups_->cols()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a sequence of this batch holds ", batch.max_blocks,
+        " blocks, more than max_blocks_per_sequence ", lookups_->cols()));
+  }
+  return lookups_->UploadBatchTable(batch, stream);
+}
+
+absl::StatusOr<LayerView> GroupManager::GetLayerView(int layer) const {
+  KVCACHE_RETURN_IF_ERROR(CheckLayer(layer));
+  return backend_->View(layer);
+}
+
+absl::StatusOr<int64_t> GroupManager::GatherableLength(
+    SequenceId id, int layer, bool include_in_flight) const {
+  KVCACHE_ASSIGN_OR_RETURN(const int64_t computed, blocks_->ComputedLength(id));
+  auto it = pending_.find(id);
+  if (!include_in_flight || it == pending_.end()) return computed;
+  KVCACHE_ASSIGN_OR_RETURN(const PlanTable::Plan* plan,
+                           plans_->Find(it->second));
+  for (const PlanSequence& row : plan->sequences) {
+    if (row.sequence != id || row.num_tokens == 0) continue;
+    return computed +
+           std::clamp<int64_t>(plan->appended[layer] - row.slot_offset, 0,
+                               row.num_tokens);
+  }
+  return computed;
+}
+
+absl::Status GroupManager::GatherBatch(absl::Span<const GatherRequest> requests,
+                                       int layer, const TensorView& key_out,
+                                       const TensorView& value_out,
+                                       const GatherOptions& options,
+                                       void* stream, bool wait) {
+  KVCACHE_RETURN_IF_ERROR(CheckLayer(layer));
+  if (static_cast<int64_t>(requests.size()) > config_.max_sequences_per_step) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gather of ", requests.size(),
+                     " sequences exceeds max_sequences_per_step ",
+                     config_.max_sequences_per_step));
+  }
+  const int32_t table = paging_.layer_table[layer];
+  const CacheLayout& layout = backend_->layout();
+  Lock lock(mu_);
+  std::vector<BlockId> ranges;
+  std::vector<int64_t> range_begin(requests.size(), 0);
+  int64_t total = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const GatherRequest& r = requests[i];
+    KVCACHE_ASSIGN_OR_RETURN(
+        const int64_t length,
+        GatherableLength(r.sequence, layer, options.include_in_flight));
+    if (r.token_begin < 0 || r.num_tokens < 0 || r.token_begin > length ||
+        r.num_tokens > length - r.token_begin) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "gather of ", r.num_tokens, " tokens from token ", r.token_begin,
+          " of sequence ", r.sequence, ": it has ", length,
+          options.include_in_flight ? " readable" : " computed", " tokens"));
+    }
+    range_begin[i] = static_cast<int64_t>(ranges.size());
+    total += r.num_tokens;
+    if (r.num_tokens == 0) continue;
+    KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> t,
+                             blocks_->BlockTable(r.sequence, table));
+    const int64_t first = r.token_begin / layout.block_size;
+    const int64_t last = (r.token_begin + r.num_tokens - 1) / layout.block_size;
+    // Blocks released from a sliding window are gone: refuse to read them.
+    if (t[first] == kNullBlock) {
+      int64_t readable = first;
+      while (readable < static_cast<int64_t>(t.size()) &&
+             t[readable] == kNullBlock) {
+        ++readable;
+      }
+      return absl::OutOfRangeError(absl::StrCat(
+          "gather of sequence ", r.sequence, " from token ", r.token_begin,
+          " in layer ", layer, ": that block left the sliding window of ",
+          paging_.tables[table].sliding_window,
+          " tokens and was released; this layer holds tokens from ",
+          readable * layout.block_size, " on"));
+    }
+    const int64_t count = last - first + 1;
+    if (static_cast<int64_t>(ranges.size()) + count >
+        lookups_->gather_capacity()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "gather spans more than ", lookups_->gather_capacity(),
+          " blocks (8 x max_blocks_per_sequence, or max_sequences_per_step x "
+          "it when smaller) at request ",
+          i, " (sequence ", r.sequence, "): split it"));
+    }
+    ranges.insert(ranges.end(), t.begin() + first, t.begin() + last + 1);
+  }
+  if (total == 0) return absl::OkStatus();
+  ExpectedKV expected;
+  expected.num_tokens = total;
+  expected.num_heads = layout.num_heads;
+  expected.head_size = layout.head_size;
+  expected.any_float_dtype = true;
+  expected.memory = backend_->memory_kind();
+  expected.device = backend_->ordinal();
+  DenseKV output;
+  int64_t checked_tokens = 0;
+  KVCACHE_RETURN_IF_ERROR(CheckKVPair(key_out, value_out, expected,
+                                      layout.head_size_v, &output,
+                                      &checked_tokens));
+  KVCACHE_RETURN_IF_ERROR(
+      CheckGatherOutputs(output, total, layout, backend_->storage()));
+  KVCACHE_ASSIGN_OR_RETURN(const int32_t* device_ranges,
+                           lookups_->UploadGatherRange(ranges, stream));
+  const size_t elem = DTypeSize(output.dtype);
+  const std::string context = absl::StrCat("gather of layer ", layer);
+  std::vector<GatherParams> launches;
+  launches.reserve(requests.size());
+  absl::Status status;
+  int64_t row = 0;
+  for (size_t i = 0; i < requests.size() && status.ok(); ++i) {
+    const GatherRequest& r = requests[i];
+    if (r.num_tokens == 0) continue;
+    const int64_t first = r.token_begin / layout.block_size;
+    GatherParams& params = launches.emplace_back();
+    params.cache = backend_->layer(layer);
+    params.block_table = device_ranges + range_begin[i];
+    params.block_table_len =
+        (r.token_begin + r.num_tokens - 1) / layout.block_size - first + 1;
+    params.token_begin = r.token_begin - first * layout.block_size;
+    params.num_tokens = r.num_tokens;
+    params.output = output;
+    params.output.key =
+        static_cast<char*>(output.key) + row * output.key_token_stride * elem;
+    if (output.value != nullptr) {
+      params.output.value = static_cast<char*>(output.value) +
+                            row * output.value_token_stride * elem;
+    }
+    row += r.num_tokens;
+    status = Annotate(ValidateGather(params), context);
+  }
+  for (size_t i = 0; i < launches.size() && status.ok(); ++i) {
+    status = Annotate(backend_->Gather(launches[i], stream), context);
+    if (status.ok()) ++counters_.kernel_launches;
+  }
+  absl::Status done = lookups_->GatherDone(stream);
+  if (!status.ok()) return status;
+  KVCACHE_RETURN_IF_ERROR(done);
+  if (wait) return backend_->device().SynchronizeStream(stream);
+  return absl::OkStatus();
+}
+
+int64_t GroupManager::FreeBlocks() const {
+  Lock lock(mu_);
+  return blocks_->Usage().free_blocks;
+}
+
+int64_t GroupManager::EvictableBlocks() const {
+  Lock lock(mu_);
+  return blocks_->Usage().cached_blocks;
+}
+
+int64_t GroupManager::HeldBlocks(int32_t table) const {
+  if (!CheckTable(table).ok()) return 0;
+  Lock lock(mu_);
+  return blocks_->HeldBlocks(table);
+}
+
+MetricsSnapshot GroupManager::Metrics() const {
+  Lock lock(mu_);
+  MetricsSnapshot s = counters_;
+  const PoolUsage usage = blocks_->Usage();
+  const GroupPrefixStats& prefix = blocks_->PrefixStats();
+  s.blocks_total = usage.total_blocks;
+  s.blocks_free = usage.free_blocks;
+  s.blocks_cached = usage.cached_blocks;
+  s.blocks_in_use = usage.used_blocks;
+  s.usage = usage.total_blocks > 0
+                ? static_cast<double>(usage.used_blocks) / usage.total_blocks
+                : 0.0;
+  s.sequences = blocks_->num_sequences();
+  s.plans_in_flight = plans_->size();
+  s.prefix_queries = prefix.queries;
+  s.prefix_query_tokens = prefix.query_tokens;
+  s.prefix_hit_tokens = prefix.hit_tokens;
+  s.prefix_hit_tokens_device = prefix.hit_tokens;
+  s.evictions = prefix.evictions;
+  return s;
+}
+
+absl::Status GroupManager::Validate() const {
+  Lock lock(mu_);
+  KVCACHE_RETURN_IF_ERROR(blocks_->Validate());
+  return plans_->Validate(static_cast<int64_t>(paging_.tables.size()) *
+                          config_.max_tokens_per_step);
+}
+
+}  // namespace kvcache::internal

@@ -1,0 +1,122 @@
+// GroupManager: what a KVCacheManager runs when its config has layer groups
+// (DESIGN.md "Layer groups"; README "Layer groups"). It owns the cache
+// backend (one allocation per page slot; groups of one cache shape), a
+// GroupBlockManager (per-sequence, per-table block tables, sliding-window
+// release, hybrid prefix hits, all-or-nothing Reserve), the plans in flight
+// (each plan's slot mappings, one per table, uploaded together) and the
+// lookup buffers. Append and Gather of layer l use the slot mapping and the
+// block table of l's table.
+//
+// Offered: AddSequence, PeekPrefix, Reserve, CanReserve, Append, Commit,
+// Abort, Free, block tables per table, SequenceLength, Gather (and
+// GatherAsync / GatherBatch), LayerView, capacity, metrics, Validate. The
+// rest (Fork, Truncate, speculative Commit, RemoveFromPlan, graph steps,
+// Attention, host tier, KV events, ResetPrefixCache) is refused with
+// Unimplemented naming layer_groups.
+//
+// Thread safety: every method locks mu_. Ownership: owns all cache memory;
+// views stay valid while it lives. Internal to api/.
+
+#ifndef KVCACHE_API_GROUP_MANAGER_H_
+#define KVCACHE_API_GROUP_MANAGER_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "allocator/group_block_manager.h"
+#include "api/cache_backend.h"
+#include "api/kv_cache_manager.h"
+#include "api/lookup_buffers.h"
+#include "api/plan_table.h"
+#include "api/tensor_checks.h"
+#include "storage/device.h"
+
+namespace kvcache::internal {
+
+class GroupManager {
+ public:
+  // REQUIRES: ValidateConfig(config) is OK, config.layer_groups is not
+  // empty. Unimplemented for groups of different cache shapes or a host
+  // tier (naming the field).
+  static absl::StatusOr<std::unique_ptr<GroupManager>> Create(
+      const KVCacheConfig& config, std::unique_ptr<Device> device);
+
+  const KVCacheConfig& config() const { return config_; }
+  const GroupPaging& paging() const { return paging_; }
+
+  // KVCacheManager's operations, with its contracts (kv_cache_manager.h).
+  absl::StatusOr<int64_t> AddSequence(SequenceId id,
+                                      absl::Span<const TokenId> prompt,
+                                      const ExtraKey& extra, PrefixHits* hits);
+  absl::StatusOr<int64_t> PeekPrefix(absl::Span<const TokenId> prompt,
+                                     const ExtraKey& extra) const;
+  absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
+                                       void* stream);
+  absl::Status CanReserve(absl::Span<const ReserveRequest> batch) const;
+  absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
+                      const TensorView& value, void* stream);
+  absl::Status Commit(uint64_t plan_id);
+  absl::Status Abort(uint64_t plan_id);
+  absl::StatusOr<std::vector<PlanSequence>> PlanLayout(uint64_t plan_id) const;
+  absl::Status Free(SequenceId id);
+
+  absl::StatusOr<int32_t> LayerTable(int layer) const;
+  absl::StatusOr<std::vector<BlockId>> BlockTable(SequenceId id,
+                                                  int32_t table) const;
+  absl::StatusOr<int64_t> SequenceLength(SequenceId id) const;
+  absl::StatusOr<BlockTableView> BatchBlockTable(
+      absl::Span<const SequenceId> ids, int32_t table, void* stream);
+  absl::StatusOr<LayerView> GetLayerView(int layer) const;
+  absl::Status GatherBatch(absl::Span<const GatherRequest> requests, int layer,
+                           const TensorView& key_out,
+                           const TensorView& value_out,
+                           const GatherOptions& options, void* stream,
+                           bool wait);
+
+  int64_t FreeBlocks() const;
+  int64_t EvictableBlocks() const;
+  int64_t TotalBlocks() const { return backend_->layout().num_blocks; }
+  // Pages held by live sequences in `table` (0 for a table out of range).
+  int64_t HeldBlocks(int32_t table) const;
+  MetricsSnapshot Metrics() const;
+  absl::Status Validate() const;
+
+ private:
+  explicit GroupManager(const KVCacheConfig& config) : config_(config) {}
+
+  absl::Status CheckLayer(int layer) const;
+  absl::Status CheckTable(int32_t table) const;
+  absl::Status CheckBatch(absl::Span<const ReserveRequest> batch) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<int64_t> GatherableLength(SequenceId id, int layer,
+                                           bool include_in_flight) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RemovePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const KVCacheConfig config_;
+  GroupPaging paging_;
+  std::unique_ptr<CacheBackend> backend_;
+  ExpectedKV expected_kv_;  // Append's K, set by Create.
+  int64_t cols_ = 0;        // Block-table columns.
+
+  mutable std::mutex mu_;
+  std::unique_ptr<GroupBlockManager> blocks_ ABSL_GUARDED_BY(mu_);
+  // Each plan's step slot holds its tables' slot mappings one after another
+  // (table t's at t * num_tokens).
+  std::unique_ptr<PlanTable> plans_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<LookupBuffers> lookups_ ABSL_GUARDED_BY(mu_);
+  // Sequences of plans in flight -> their plan.
+  absl::flat_hash_map<SequenceId, uint64_t> pending_ ABSL_GUARDED_BY(mu_);
+  MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace kvcache::internal
+
+#endif  // KVCACHE_API_GROUP_MANAGER_H_

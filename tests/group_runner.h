@@ -1,0 +1,242 @@
+// GroupRunner: drives a KVCacheManager configured with layer groups through
+// random steps (add, prefill chunks, decode, free) and checks every layer's
+// Gather against an independent reference: each token's K/V is a synthetic
+// row of (seed, layer, token prefix), quantized and dequantized by
+// testing/kv_reference.h. Inputs and outputs live in `device`'s memory (host
+// or CUDA), so one scenario runs on both backends. Test-only.
+
+#ifndef KVCACHE_TESTS_GROUP_RUNNER_H_
+#define KVCACHE_TESTS_GROUP_RUNNER_H_
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "api/kv_cache_manager.h"
+#include "storage/device.h"
+#include "testing/kv_reference.h"
+
+namespace kvcache::testing {
+
+class GroupRunner {
+ public:
+  struct Seq {
+    std::vector<TokenId> tokens;   // Known tokens.
+    std::vector<uint64_t> hashes;  // hashes[p]: prefix hash of tokens [0, p].
+  };
+
+  GroupRunner(KVCacheManager* manager, Device* device, uint64_t seed)
+      : m_(manager), device_(device), seed_(seed), rng_(seed) {
+    const KVCacheConfig& c = m_->config();
+    const LayerGroup& g = c.layer_groups[0];
+    heads_ = g.num_kv_heads;
+    d_ = g.head_size;
+    dv_ = g.head_size_v;
+    dtype_ = g.cache_dtype;
+  }
+
+  KVCacheManager& manager() { return *m_; }
+  const std::map<SequenceId, Seq>& sequences() const { return seqs_; }
+
+  // Tokens from a small vocabulary so that prompts share prefixes.
+  std::vector<TokenId> RandomTokens(int64_t n, int vocab = 3) {
+    std::vector<TokenId> t(n);
+    for (TokenId& x : t) x = static_cast<TokenId>(rng_() % vocab);
+    return t;
+  }
+
+  absl::StatusOr<int64_t> Add(SequenceId id, std::vector<TokenId> prompt) {
+    absl::StatusOr<int64_t> hit = m_->AddSequence(id, prompt);
+    if (!hit.ok()) return hit;
+    Seq& s = seqs_[id];
+    s.tokens = std::move(prompt);
+    Rehash(s);
+    return hit;
+  }
+
+  absl::Status Free(SequenceId id) {
+    absl::Status st = m_->Free(id);
+    if (st.ok()) seqs_.erase(id);
+    return st;
+  }
+
+  // One step: reserve `n[i]` tokens for `ids[i]` (new token ids drawn at
+  // random when the known tokens run out), append every layer, commit.
+  absl::Status Step(const std::vector<SequenceId>& ids,
+                    const std::vector<int64_t>& n) {
+    std::vector<ReserveRequest> batch;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      Seq& s = seqs_[ids[i]];
+      absl::StatusOr<int64_t> len = m_->SequenceLength(ids[i]);
+      if (!len.ok()) return len.status();
+      ReserveRequest r;
+      r.sequence = ids[i];
+      r.num_tokens = n[i];
+      const int64_t missing =
+          *len + n[i] - static_cast<int64_t>(s.tokens.size());
+      if (missing > 0) r.new_token_ids = RandomTokens(missing);
+      batch.push_back(r);
+    }
+    absl::StatusOr<StepPlanInfo> plan = m_->Reserve(batch);
+    if (!plan.ok()) return plan.status();
+    for (size_t i = 0; i < ids.size(); ++i) {
+      Seq& s = seqs_[ids[i]];
+      s.tokens.insert(s.tokens.end(), batch[i].new_token_ids.begin(),
+                      batch[i].new_token_ids.end());
+      Rehash(s);
+    }
+    const int64_t total = plan->num_tokens;
+    for (int layer = 0; layer < m_->config().num_layers; ++layer) {
+      std::vector<float> k, v;
+      for (const PlanSequence& ps : plan->sequences) {
+        const Seq& s = seqs_[ps.sequence];
+        for (int64_t p = ps.first_position;
+             p < ps.first_position + ps.num_tokens; ++p) {
+          std::vector<float> row = Row(layer, false, s.hashes[p], d_);
+          k.insert(k.end(), row.begin(), row.end());
+          if (dv_ > 0) {
+            row = Row(layer, true, s.hashes[p], dv_);
+            v.insert(v.end(), row.begin(), row.end());
+          }
+        }
+      }
+      absl::StatusOr<Buffer> kb = Upload(k);
+      if (!kb.ok()) return kb.status();
+      TensorView key = View(kb->data(), total, d_);
+      TensorView value;
+      Buffer vb;
+      if (dv_ > 0) {
+        absl::StatusOr<Buffer> b = Upload(v);
+        if (!b.ok()) return b.status();
+        vb = *std::move(b);
+        value = View(vb.data(), total, dv_);
+      }
+      if (absl::Status st = m_->Append(plan->id, layer, key, value); !st.ok()) {
+        m_->Abort(plan->id).IgnoreError();
+        return st;
+      }
+    }
+    return m_->Commit(plan->id);
+  }
+
+  // First token `layer` can still read of `id` (after its released blocks).
+  int64_t FirstReadable(SequenceId id, int layer) {
+    const int32_t table = *m_->LayerBlockTable(layer);
+    const std::vector<BlockId> t = *m_->GroupBlockTable(id, table);
+    int64_t i = 0;
+    while (i < static_cast<int64_t>(t.size()) && t[i] < 0) ++i;
+    return i * m_->config().block_size;
+  }
+
+  // Gathers [begin, begin + n) of `layer` and compares it with the
+  // reference; returns Gather's error, or Internal naming the first
+  // mismatch.
+  absl::Status CheckGather(SequenceId id, int layer, int64_t begin, int64_t n) {
+    const Seq& s = seqs_.at(id);
+    absl::StatusOr<Buffer> kb = device_->Allocate(n * heads_ * d_ * 4);
+    if (!kb.ok()) return kb.status();
+    TensorView key = View(kb->data(), n, d_);
+    TensorView value;
+    Buffer vb;
+    if (dv_ > 0) {
+      absl::StatusOr<Buffer> b = device_->Allocate(n * heads_ * dv_ * 4);
+      if (!b.ok()) return b.status();
+      vb = *std::move(b);
+      value = View(vb.data(), n, dv_);
+    }
+    if (absl::Status st = m_->Gather(id, layer, begin, n, key, value);
+        !st.ok()) {
+      return st;
+    }
+    for (int part = 0; part < (dv_ > 0 ? 2 : 1); ++part) {
+      const int hs = part == 0 ? d_ : dv_;
+      std::vector<float> got(n * heads_ * hs);
+      if (absl::Status st = device_->CopyToHost(
+              got.data(), part == 0 ? kb->data() : vb.data(), got.size() * 4);
+          !st.ok()) {
+        return st;
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const std::vector<float> row =
+            Row(layer, part == 1, s.hashes[begin + t], hs);
+        for (int h = 0; h < heads_; ++h) {
+          const std::vector<float> head(row.begin() + h * hs,
+                                        row.begin() + (h + 1) * hs);
+          const std::vector<float> want = QuantizeDequantizeHead(head, dtype_);
+          for (int e = 0; e < hs; ++e) {
+            const float g = got[(t * heads_ + h) * hs + e];
+            if (std::fabs(g - want[e]) > 1e-3f * (1.0f + std::fabs(want[e]))) {
+              return absl::InternalError(
+                  absl::StrCat("sequence ", id, " layer ", layer, " token ",
+                               begin + t, part == 0 ? " K" : " V", " head ", h,
+                               " elem ", e, ": got ", g, " want ", want[e]));
+            }
+          }
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Every readable token of every live sequence in every layer.
+  absl::Status CheckAll() {
+    for (const auto& [id, s] : seqs_) {
+      const int64_t len = *m_->SequenceLength(id);
+      for (int layer = 0; layer < m_->config().num_layers; ++layer) {
+        const int64_t first = std::min(FirstReadable(id, layer), len);
+        if (len - first == 0) continue;
+        if (absl::Status st = CheckGather(id, layer, first, len - first);
+            !st.ok()) {
+          return st;
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  void Rehash(Seq& s) {
+    uint64_t h = s.hashes.empty() ? 0 : s.hashes.back();
+    for (size_t p = s.hashes.size(); p < s.tokens.size(); ++p) {
+      h = ExtendPrefixHash(h, s.tokens[p]);
+      s.hashes.push_back(h);
+    }
+  }
+  std::vector<float> Row(int layer, bool is_value, uint64_t hash, int hs) {
+    return SyntheticRow(seed_, layer, is_value, hash, heads_, hs);
+  }
+  TensorView View(void* data, int64_t tokens, int hs) const {
+    return TensorView::Contiguous(data, DType::kFloat32, {tokens, heads_, hs},
+                                  device_->kind() == DeviceKind::kCuda
+                                      ? MemoryKind::kCuda
+                                      : MemoryKind::kHost,
+                                  device_->ordinal());
+  }
+  absl::StatusOr<Buffer> Upload(const std::vector<float>& x) {
+    absl::StatusOr<Buffer> b = device_->Allocate(x.size() * 4);
+    if (!b.ok()) return b;
+    absl::Status st =
+        device_->CopyToDeviceAsync(b->data(), x.data(), x.size() * 4, nullptr);
+    if (st.ok()) st = device_->SynchronizeStream(nullptr);
+    if (!st.ok()) return st;
+    return b;
+  }
+
+  KVCacheManager* m_;
+  Device* device_;
+  uint64_t seed_;
+  std::mt19937_64 rng_;
+  int heads_ = 0, d_ = 0, dv_ = 0;
+  DType dtype_ = DType::kInt8;
+  std::map<SequenceId, Seq> seqs_;
+};
+
+}  // namespace kvcache::testing
+
+#endif  // KVCACHE_TESTS_GROUP_RUNNER_H_

@@ -1,0 +1,183 @@
+// Layer groups on the CUDA backend against the CPU backend: the same random
+// scenario (tests/group_runner.h: prefill chunks, decode past the sliding
+// window, prefix hits, frees) on both must leave byte-identical caches and
+// scales in every page slot, and every readable token must gather to the
+// reference on CUDA too. Gemma-like (sliding + full, with V) and
+// DeepSeek-like (K-only) configs, int8 and fp8.
+
+#include <algorithm>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "api/kv_cache_manager.h"
+#include "gtest/gtest.h"
+#include "storage/device.h"
+#include "testing/cuda_test_util.h"
+#include "tests/group_runner.h"
+
+namespace kvcache {
+namespace {
+
+KVCacheConfig Config(bool k_only, DType dtype) {
+  KVCacheConfig c;
+  c.block_size = 16;
+  c.num_blocks = 256;
+  c.input_dtype = DType::kFloat32;
+  c.max_tokens_per_step = 1024;
+  LayerGroup sliding, full;
+  sliding.kind = AttentionKind::kSlidingWindow;
+  sliding.sliding_window = 48;
+  for (LayerGroup* g : {&sliding, &full}) {
+    g->num_kv_heads = k_only ? 1 : 4;
+    g->head_size = k_only ? 576 : 128;
+    g->head_size_v = k_only ? 0 : 64;
+    g->cache_dtype = dtype;
+  }
+  if (k_only) {
+    c.num_layers = 3;
+    full.layers = {0, 1, 2};
+    c.layer_groups = {full};
+  } else {
+    c.num_layers = 6;
+    sliding.layers = {0, 1, 2, 3, 4};
+    full.layers = {5};
+    c.layer_groups = {sliding, full};
+  }
+  return c;
+}
+
+// Every allocation's K, V and scales (each layer's view; layers sharing a
+// slot repeat it).
+std::vector<char> CacheBytes(KVCacheManager& m, Device& device) {
+  std::vector<char> out;
+  for (int layer = 0; layer < m.config().num_layers; ++layer) {
+    const LayerView v = *m.GetLayerView(layer);
+    const int64_t elem = static_cast<int64_t>(DTypeSize(v.cache_dtype));
+    const struct {
+      const void* p;
+      int64_t bytes;
+    } parts[] = {
+        {v.key_cache, v.num_blocks * v.key_strides[0] * elem},
+        {v.value_cache, v.num_blocks * v.value_strides[0] * elem},
+        {v.key_scale, v.num_blocks * v.scale_strides[0] * 4},
+        {v.value_scale, v.num_blocks * v.scale_strides[0] * 4},
+    };
+    for (const auto& part : parts) {
+      if (part.p == nullptr) continue;
+      const size_t at = out.size();
+      out.resize(at + part.bytes);
+      EXPECT_TRUE(device.CopyToHost(out.data() + at, part.p, part.bytes).ok());
+    }
+  }
+  return out;
+}
+
+struct Side {
+  std::unique_ptr<Device> device;
+  std::unique_ptr<KVCacheManager> manager;
+  std::unique_ptr<testing::GroupRunner> runner;
+};
+
+Side Make(KVCacheConfig c, Backend backend, uint64_t seed) {
+  Side s;
+  c.backend = backend;
+  if (backend == Backend::kCuda) {
+    s.device = *CreateCudaDevice(0);
+  } else {
+    s.device = CreateCpuDevice();
+  }
+  absl::StatusOr<std::unique_ptr<KVCacheManager>> m = KVCacheManager::Create(c);
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return s;
+  s.manager = *std::move(m);
+  s.runner = std::make_unique<testing::GroupRunner>(s.manager.get(),
+                                                    s.device.get(), seed);
+  return s;
+}
+
+struct Case {
+  bool k_only;
+  DType dtype;
+};
+
+class CudaGroupsTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaGroupsTest, CachesAreByteIdenticalToTheCpuBackend) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  const KVCacheConfig c = Config(GetParam().k_only, GetParam().dtype);
+  Side cpu = Make(c, Backend::kCpu, seed);
+  Side cuda = Make(c, Backend::kCuda, seed);
+  ASSERT_NE(cpu.manager, nullptr);
+  ASSERT_NE(cuda.manager, nullptr);
+  std::mt19937_64 rng(seed);
+  // The same operations on both sides (each runner draws the same tokens).
+  auto both = [&](auto&& op) {
+    const absl::Status a = op(*cpu.runner);
+    const absl::Status b = op(*cuda.runner);
+    EXPECT_EQ(a, b);
+    return a;
+  };
+  std::vector<SequenceId> live;
+  SequenceId next = 1;
+  std::vector<TokenId> shared = cpu.runner->RandomTokens(40, 1000);
+  cuda.runner->RandomTokens(40, 1000);
+  for (int round = 0; round < 12; ++round) {
+    // Add one (sharing a prefix half of the time), then steps.
+    const SequenceId id = next++;
+    std::vector<TokenId> prompt;
+    if (rng() % 2 == 0) {
+      prompt.assign(shared.begin(), shared.begin() + 8 + rng() % 32);
+    }
+    const int64_t extra = 1 + rng() % 60;
+    for (int64_t i = 0; i < extra; ++i) {
+      prompt.push_back(static_cast<TokenId>(rng() % 1000));
+    }
+    int64_t hit = 0;
+    ASSERT_TRUE(both([&](testing::GroupRunner& r) {
+                  absl::StatusOr<int64_t> h = r.Add(id, prompt);
+                  if (h.ok()) hit = *h;
+                  return h.status();
+                }).ok());
+    ASSERT_TRUE(both([&](testing::GroupRunner& r) {
+                  return r.Step({id},
+                                {static_cast<int64_t>(prompt.size()) - hit});
+                }).ok());
+    live.push_back(id);
+    for (int step = 0; step < 20; ++step) {
+      std::vector<int64_t> ones(live.size(), 1);
+      ASSERT_TRUE(both([&](testing::GroupRunner& r) {
+                    return r.Step(live, ones);
+                  }).ok());
+    }
+    if (live.size() > 3) {
+      const SequenceId gone = live[rng() % live.size()];
+      ASSERT_TRUE(
+          both([&](testing::GroupRunner& r) { return r.Free(gone); }).ok());
+      live.erase(std::find(live.begin(), live.end(), gone));
+    }
+    ASSERT_TRUE(cuda.manager->Validate().ok());
+    if (round % 4 == 3) {  // The fp8 reference is slow: every few rounds.
+      ASSERT_TRUE(cuda.runner->CheckAll().ok()) << cuda.runner->CheckAll();
+    }
+  }
+  const std::vector<char> a = CacheBytes(*cpu.manager, *cpu.device);
+  const std::vector<char> b = CacheBytes(*cuda.manager, *cuda.device);
+  ASSERT_EQ(a.size(), b.size());
+  size_t first = 0;
+  while (first < a.size() && a[first] == b[first]) ++first;
+  EXPECT_EQ(first, a.size())
+      << "first differing byte " << first << " of " << a.size();
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, CudaGroupsTest,
+                         ::testing::Values(Case{false, DType::kInt8},
+                                           Case{false, DType::kFp8E4M3},
+                                           Case{true, DType::kInt8},
+                                           Case{true, DType::kFp8E4M3}));
+
+}  // namespace
+}  // namespace kvcache

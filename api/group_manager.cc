@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "api/gather_launches.h"
 #include "api/logging.h"
 #include "core/status_macros.h"
 #include "kernels/kernel_validation.h"
@@ -424,51 +425,18 @@ absl::Status GroupManager::GatherBatch(absl::Span<const GatherRequest> requests,
     ranges.insert(ranges.end(), t.begin() + first, t.begin() + last + 1);
   }
   if (total == 0) return absl::OkStatus();
-  ExpectedKV expected;
-  expected.num_tokens = total;
-  expected.num_heads = layout.num_heads;
-  expected.head_size = layout.head_size;
-  expected.any_float_dtype = true;
-  expected.memory = backend_->memory_kind();
-  expected.device = backend_->ordinal();
-  DenseKV output;
-  int64_t checked_tokens = 0;
-  KVCACHE_RETURN_IF_ERROR(CheckKVPair(key_out, value_out, expected,
-                                      layout.head_size_v, &output,
-                                      &checked_tokens));
-  KVCACHE_RETURN_IF_ERROR(
-      CheckGatherOutputs(output, total, layout, backend_->storage()));
+  KVCACHE_ASSIGN_OR_RETURN(
+      const DenseKV output,
+      CheckGatherBatchOutputs(*backend_, total, key_out, value_out));
   KVCACHE_ASSIGN_OR_RETURN(const int32_t* device_ranges,
                            lookups_->UploadGatherRange(ranges, stream));
-  const size_t elem = DTypeSize(output.dtype);
+  absl::StatusOr<std::vector<GatherParams>> launches = BuildGatherLaunches(
+      requests, range_begin, device_ranges, backend_->layer(layer),
+      layout.block_size, output, layer);
+  absl::Status status = launches.status();
   const std::string context = absl::StrCat("gather of layer ", layer);
-  std::vector<GatherParams> launches;
-  launches.reserve(requests.size());
-  absl::Status status;
-  int64_t row = 0;
-  for (size_t i = 0; i < requests.size() && status.ok(); ++i) {
-    const GatherRequest& r = requests[i];
-    if (r.num_tokens == 0) continue;
-    const int64_t first = r.token_begin / layout.block_size;
-    GatherParams& params = launches.emplace_back();
-    params.cache = backend_->layer(layer);
-    params.block_table = device_ranges + range_begin[i];
-    params.block_table_len =
-        (r.token_begin + r.num_tokens - 1) / layout.block_size - first + 1;
-    params.token_begin = r.token_begin - first * layout.block_size;
-    params.num_tokens = r.num_tokens;
-    params.output = output;
-    params.output.key =
-        static_cast<char*>(output.key) + row * output.key_token_stride * elem;
-    if (output.value != nullptr) {
-      params.output.value = static_cast<char*>(output.value) +
-                            row * output.value_token_stride * elem;
-    }
-    row += r.num_tokens;
-    status = Annotate(ValidateGather(params), context);
-  }
-  for (size_t i = 0; i < launches.size() && status.ok(); ++i) {
-    status = Annotate(backend_->Gather(launches[i], stream), context);
+  for (size_t i = 0; status.ok() && i < launches->size(); ++i) {
+    status = Annotate(backend_->Gather((*launches)[i], stream), context);
     if (status.ok()) ++counters_.kernel_launches;
   }
   absl::Status done = lookups_->GatherDone(stream);

@@ -1,0 +1,46 @@
+// The part of a batched Gather that the uniform manager and the layer-group
+// manager share: checking the caller's dense outputs, and turning the
+// requests and their uploaded block ranges into one validated kernel launch
+// each. Internal to api/.
+//
+// Free functions, no state: thread-safe as long as their arguments are not
+// written concurrently.
+
+#ifndef KVCACHE_API_GATHER_LAUNCHES_H_
+#define KVCACHE_API_GATHER_LAUNCHES_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "api/cache_backend.h"
+#include "api/kv_cache_manager.h"
+#include "api/tensor_view.h"
+#include "kernels/kernel_params.h"
+
+namespace kvcache::internal {
+
+// Checks `key_out` / `value_out` as the dense output of `total` tokens of
+// the backend's layout (any float dtype; `value_out` empty for a K-only
+// cache) that overlap neither each other nor the cache. Returns them as a
+// DenseKV.
+absl::StatusOr<DenseKV> CheckGatherBatchOutputs(const CacheBackend& backend,
+                                                int64_t total,
+                                                const TensorView& key_out,
+                                                const TensorView& value_out);
+
+// One launch per request with tokens: request i reads `cache` through the
+// blocks at device_ranges + range_begin[i] (its blocks from the one holding
+// its first token to the one holding its last) into the rows of `output`
+// after those of the requests before it. Every launch is validated before
+// any is returned; an error names `layer`.
+absl::StatusOr<std::vector<GatherParams>> BuildGatherLaunches(
+    absl::Span<const GatherRequest> requests,
+    absl::Span<const int64_t> range_begin, const int32_t* device_ranges,
+    const LayerCache& cache, int64_t block_size, const DenseKV& output,
+    int layer);
+
+}  // namespace kvcache::internal
+
+#endif  // KVCACHE_API_GATHER_LAUNCHES_H_

@@ -18,23 +18,6 @@
 #define CHECK_ERROR_HAS(needle) \
   CHECK(strstr(kvcache_last_error(NULL), (needle)) != NULL)
 
-static kvcache_tensor Tensor(void* data, int64_t t, int64_t h, int64_t d) {
-  kvcache_tensor x;
-  memset(&x, 0, sizeof(x));
-  x.struct_size = sizeof(x);
-  x.data = data;
-  x.dtype = KVCACHE_FLOAT32;
-  x.ndim = 3;
-  x.shape[0] = t;
-  x.shape[1] = h;
-  x.shape[2] = d;
-  x.strides[0] = h * d;
-  x.strides[1] = d;
-  x.strides[2] = 1;
-  x.memory = KVCACHE_HOST;
-  return x;
-}
-
 static uint64_t Reserve(kvcache_manager* m, int64_t seq, int64_t n) {
   kvcache_reserve_request r;
   memset(&r, 0, sizeof(r));
@@ -100,7 +83,8 @@ static void RunManager(void) {
     k[i] = i % 8 == 0 ? 127.0f : (float)(i % 13) - 6.0f;
     v[i] = i % 8 == 0 ? -127.0f : (float)(i % 7) - 3.0f;
   }
-  kvcache_tensor kt = Tensor(k, 20, 1, 8), vt = Tensor(v, 20, 1, 8);
+  kvcache_tensor kt = HostTensor3(k, KVCACHE_FLOAT32, 20, 1, 8),
+                 vt = HostTensor3(v, KVCACHE_FLOAT32, 20, 1, 8);
   CHECK_IS(KVCACHE_INVALID_ARGUMENT,
            kvcache_append(m, plan, 0, &kt, NULL, NULL));
   CHECK_ERROR_HAS("value");
@@ -110,7 +94,8 @@ static void RunManager(void) {
   CHECK_IS(KVCACHE_OK, kvcache_commit(m, plan));
 
   /* Full layer 4: every token. */
-  kvcache_tensor kot = Tensor(ko, 20, 1, 8), vot = Tensor(vo, 20, 1, 8);
+  kvcache_tensor kot = HostTensor3(ko, KVCACHE_FLOAT32, 20, 1, 8),
+                 vot = HostTensor3(vo, KVCACHE_FLOAT32, 20, 1, 8);
   CHECK_IS(KVCACHE_OK, kvcache_gather(m, 7, 4, 0, 20, &kot, &vot, NULL));
   CHECK(memcmp(ko, k, sizeof(k)) == 0);
   /* Sliding layer 0: blocks 0-2 left the window of 8 (next token 20 reads
@@ -122,8 +107,8 @@ static void RunManager(void) {
   CHECK_IS(KVCACHE_OUT_OF_RANGE,
            kvcache_gather(m, 7, 0, 0, 4, &kot, &vot, NULL));
   CHECK_ERROR_HAS("sliding window");
-  kot = Tensor(ko, 8, 1, 8);
-  vot = Tensor(vo, 8, 1, 8);
+  kot = HostTensor3(ko, KVCACHE_FLOAT32, 8, 1, 8);
+  vot = HostTensor3(vo, KVCACHE_FLOAT32, 8, 1, 8);
   CHECK_IS(KVCACHE_OK, kvcache_gather(m, 7, 0, 12, 8, &kot, &vot, NULL));
   CHECK(memcmp(ko, k + 12 * 8, 8 * 8 * sizeof(float)) == 0);
   CHECK(memcmp(vo, v + 12 * 8, 8 * 8 * sizeof(float)) == 0);
@@ -207,7 +192,8 @@ static void RunKOnly(void) {
   for (int i = 0; i < 5 * 64; ++i) {
     k[i] = i % 64 == 0 ? 127.0f : (float)(i % 11) - 5.0f;
   }
-  kvcache_tensor kt = Tensor(k, 5, 1, 64), vt = Tensor(k, 5, 1, 64);
+  kvcache_tensor kt = HostTensor3(k, KVCACHE_FLOAT32, 5, 1, 64),
+                 vt = HostTensor3(k, KVCACHE_FLOAT32, 5, 1, 64);
   CHECK_IS(KVCACHE_INVALID_ARGUMENT,
            kvcache_append(m, plan, 0, &kt, &vt, NULL));
   CHECK_ERROR_HAS("K-only");
@@ -215,7 +201,8 @@ static void RunKOnly(void) {
     CHECK_IS(KVCACHE_OK, kvcache_append(m, plan, layer, &kt, NULL, NULL));
   }
   CHECK_IS(KVCACHE_OK, kvcache_commit(m, plan));
-  kvcache_tensor kot = Tensor(ko, 5, 1, 64), vot = Tensor(ko, 5, 1, 64);
+  kvcache_tensor kot = HostTensor3(ko, KVCACHE_FLOAT32, 5, 1, 64),
+                 vot = HostTensor3(ko, KVCACHE_FLOAT32, 5, 1, 64);
   CHECK_IS(KVCACHE_INVALID_ARGUMENT,
            kvcache_gather(m, 1, 1, 0, 5, &kot, &vot, NULL));
   CHECK_ERROR_HAS("K-only");

@@ -16,17 +16,7 @@ enum { H = 1, D = 8, BS = 4 };
 /* Appends t rows of zeros to layer 0. */
 static void append_rows(kvcache_manager* m, uint64_t plan, int64_t t) {
   static uint16_t data[64 * H * D];
-  kvcache_tensor x = KVCACHE_STRUCT_INIT(kvcache_tensor);
-  x.data = data;
-  x.dtype = KVCACHE_BFLOAT16;
-  x.ndim = 3;
-  x.shape[0] = t;
-  x.shape[1] = H;
-  x.shape[2] = D;
-  x.strides[0] = H * D;
-  x.strides[1] = D;
-  x.strides[2] = 1;
-  x.memory = KVCACHE_HOST;
+  kvcache_tensor x = HostTensor3(data, KVCACHE_BFLOAT16, t, H, D);
   CHECK_IS(KVCACHE_OK, kvcache_append(m, plan, 0, &x, &x, NULL));
 }
 

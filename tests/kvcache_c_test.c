@@ -10,15 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int failures = 0;
-
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                              \
-    }                                                                          \
-  } while (0)
+#include "tests/c_check.h"
 
 #define CHECK_OK(m, call)                                                 \
   do {                                                                    \
@@ -39,24 +31,6 @@ static void CollectLog(int32_t level, const char* message, void* user_data) {
   if (level == KVCACHE_LOG_INFO && strstr(message, "kvcache: CPU backend")) {
     log_saw_layout = 1;
   }
-}
-
-static kvcache_tensor tensor3(void* data, int32_t dtype, int64_t t, int64_t h,
-                              int64_t d) {
-  kvcache_tensor x;
-  memset(&x, 0, sizeof(x));
-  x.struct_size = sizeof(x);
-  x.data = data;
-  x.dtype = dtype;
-  x.ndim = 3;
-  x.shape[0] = t;
-  x.shape[1] = h;
-  x.shape[2] = d;
-  x.strides[0] = h * d;
-  x.strides[1] = d;
-  x.strides[2] = 1;
-  x.memory = KVCACHE_HOST;
-  return x;
 }
 
 int main(void) {
@@ -143,8 +117,8 @@ int main(void) {
     k[i] = sinf((float)i) * 3.0f;
     v[i] = cosf((float)i) * 0.5f;
   }
-  kvcache_tensor kt = tensor3(k, KVCACHE_FLOAT32, T, H, D);
-  kvcache_tensor vt = tensor3(v, KVCACHE_FLOAT32, T, H, D);
+  kvcache_tensor kt = HostTensor3(k, KVCACHE_FLOAT32, T, H, D);
+  kvcache_tensor vt = HostTensor3(v, KVCACHE_FLOAT32, T, H, D);
   CHECK(kvcache_commit(m, plan.id) == KVCACHE_FAILED_PRECONDITION);
   for (int layer = 0; layer < 2; ++layer) {
     CHECK_OK(m, kvcache_append(m, plan.id, layer, &kt, &vt, NULL));
@@ -159,8 +133,8 @@ int main(void) {
 
   /* Gather back: int8 round trip error is small. */
   float gk[T * H * D], gv[T * H * D];
-  kvcache_tensor gkt = tensor3(gk, KVCACHE_FLOAT32, T, H, D);
-  kvcache_tensor gvt = tensor3(gv, KVCACHE_FLOAT32, T, H, D);
+  kvcache_tensor gkt = HostTensor3(gk, KVCACHE_FLOAT32, T, H, D);
+  kvcache_tensor gvt = HostTensor3(gv, KVCACHE_FLOAT32, T, H, D);
   CHECK_OK(m, kvcache_gather(m, 7, 1, 0, T, &gkt, &gvt, NULL));
   double err = 0, norm = 0;
   for (int i = 0; i < T * H * D; ++i) {
@@ -239,12 +213,12 @@ int main(void) {
   kvcache_gather_request gather[2] = {
       {sizeof(kvcache_gather_request), 7, 1, 2},
       {sizeof(kvcache_gather_request), 7, 0, 3}};
-  kvcache_tensor bk = tensor3(gk, KVCACHE_FLOAT32, 5, H, D);
-  kvcache_tensor bv = tensor3(gv, KVCACHE_FLOAT32, 5, H, D);
+  kvcache_tensor bk = HostTensor3(gk, KVCACHE_FLOAT32, 5, H, D);
+  kvcache_tensor bv = HostTensor3(gv, KVCACHE_FLOAT32, 5, H, D);
   CHECK_OK(m, kvcache_gather_batch(m, gather, 2, 1, &bk, &bv, 0, NULL));
   float one[3 * H * D], one_v[3 * H * D];
-  kvcache_tensor ok = tensor3(one, KVCACHE_FLOAT32, 3, H, D);
-  kvcache_tensor ov = tensor3(one_v, KVCACHE_FLOAT32, 3, H, D);
+  kvcache_tensor ok = HostTensor3(one, KVCACHE_FLOAT32, 3, H, D);
+  kvcache_tensor ov = HostTensor3(one_v, KVCACHE_FLOAT32, 3, H, D);
   CHECK_OK(m, kvcache_gather_async(m, 7, 1, 0, 3, &ok, &ov, 0, NULL));
   CHECK(memcmp(one, gk + 2 * H * D, sizeof(one)) == 0);
   gather[1].struct_size = 4;
@@ -268,8 +242,8 @@ int main(void) {
   kvcache_reserve_request prefill = {sizeof(kvcache_reserve_request), 1, 3,
                                      NULL, 0};
   CHECK_OK(m, kvcache_reserve(m, &prefill, 1, NULL, &plan));
-  kvcache_tensor k3 = tensor3(k, KVCACHE_FLOAT32, 3, H, D);
-  kvcache_tensor v3 = tensor3(v, KVCACHE_FLOAT32, 3, H, D);
+  kvcache_tensor k3 = HostTensor3(k, KVCACHE_FLOAT32, 3, H, D);
+  kvcache_tensor v3 = HostTensor3(v, KVCACHE_FLOAT32, 3, H, D);
   for (int l = 0; l < 2; ++l) {
     CHECK_OK(m, kvcache_append(m, plan.id, l, &k3, &v3, NULL));
   }
@@ -288,12 +262,12 @@ int main(void) {
   CHECK_OK(m, kvcache_sequence_length(m, 1, &length));
   CHECK(length == 3 && known == 4); /* computed + reserved <= known */
   CHECK(kvcache_commit(m, plan.id) == KVCACHE_FAILED_PRECONDITION);
-  kvcache_tensor k4 = tensor3(k, KVCACHE_FLOAT32, 4, H, D);
-  kvcache_tensor v4 = tensor3(v, KVCACHE_FLOAT32, 4, H, D);
+  kvcache_tensor k4 = HostTensor3(k, KVCACHE_FLOAT32, 4, H, D);
+  kvcache_tensor v4 = HostTensor3(v, KVCACHE_FLOAT32, 4, H, D);
   CHECK_OK(m, kvcache_append(m, plan.id, 0, &k4, &v4, NULL));
   /* The in-flight token of layer 0 can be read before the commit. */
-  kvcache_tensor g1 = tensor3(gk, KVCACHE_FLOAT32, 1, H, D);
-  kvcache_tensor g1v = tensor3(gv, KVCACHE_FLOAT32, 1, H, D);
+  kvcache_tensor g1 = HostTensor3(gk, KVCACHE_FLOAT32, 1, H, D);
+  kvcache_tensor g1v = HostTensor3(gv, KVCACHE_FLOAT32, 1, H, D);
   CHECK(kvcache_gather_async(m, 1, 0, 3, 1, &g1, &g1v, 0, NULL) ==
         KVCACHE_INVALID_ARGUMENT);
   CHECK_OK(m, kvcache_gather_async(m, 1, 0, 3, 1, &g1, &g1v, 1, NULL));

@@ -24,17 +24,7 @@ static void compute(kvcache_manager* m, int64_t id, const int32_t* prompt,
                                n - computed, NULL, 0};
   kvcache_plan plan = KVCACHE_STRUCT_INIT(kvcache_plan);
   CHECK_IS(KVCACHE_OK, kvcache_reserve(m, &r, 1, NULL, &plan));
-  kvcache_tensor x = KVCACHE_STRUCT_INIT(kvcache_tensor);
-  x.data = data;
-  x.dtype = KVCACHE_BFLOAT16;
-  x.ndim = 3;
-  x.shape[0] = n - computed;
-  x.shape[1] = H;
-  x.shape[2] = D;
-  x.strides[0] = H * D;
-  x.strides[1] = D;
-  x.strides[2] = 1;
-  x.memory = KVCACHE_HOST;
+  kvcache_tensor x = HostTensor3(data, KVCACHE_BFLOAT16, n - computed, H, D);
   CHECK_IS(KVCACHE_OK, kvcache_append(m, plan.id, 0, &x, &x, NULL));
   CHECK_IS(KVCACHE_OK, kvcache_commit(m, plan.id));
 }

@@ -10,6 +10,36 @@
 
 namespace kvcache::internal {
 
+absl::Status CheckGatherRange(const GatherRequest& r, int64_t length,
+                              bool include_in_flight) {
+  if (r.token_begin < 0 || r.num_tokens < 0 || r.token_begin > length ||
+      r.num_tokens > length - r.token_begin) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gather of ", r.num_tokens, " tokens from token ", r.token_begin,
+        " of sequence ", r.sequence, ": it has ", length,
+        include_in_flight ? " readable" : " computed", " tokens"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AppendGatherBlocks(const GatherRequest& r, size_t index,
+                                absl::Span<const BlockId> table,
+                                int64_t block_size, int64_t capacity,
+                                std::vector<BlockId>* ranges) {
+  const int64_t first = r.token_begin / block_size;
+  const int64_t last = (r.token_begin + r.num_tokens - 1) / block_size;
+  if (static_cast<int64_t>(ranges->size()) + (last - first + 1) > capacity) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gather spans more than ", capacity,
+        " blocks (8 x max_blocks_per_sequence, or max_sequences_per_step x "
+        "it when smaller) at request ",
+        index, " (sequence ", r.sequence, "): split it"));
+  }
+  ranges->insert(ranges->end(), table.begin() + first,
+                 table.begin() + last + 1);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<DenseKV> CheckGatherBatchOutputs(const CacheBackend& backend,
                                                 int64_t total,
                                                 const TensorView& key_out,

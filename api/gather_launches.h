@@ -12,14 +12,31 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "api/cache_backend.h"
 #include "api/kv_cache_manager.h"
 #include "api/tensor_view.h"
+#include "core/ids.h"
 #include "kernels/kernel_params.h"
 
 namespace kvcache::internal {
+
+// InvalidArgument unless request `r` lies within the `length` tokens its
+// sequence has (readable ones when `include_in_flight`, else computed ones).
+absl::Status CheckGatherRange(const GatherRequest& r, int64_t length,
+                              bool include_in_flight);
+
+// Appends to `ranges` the entries of `table` (the sequence's block table)
+// that hold request `r`'s tokens, from the block of its first token to the
+// block of its last. InvalidArgument, naming request `index`, when `ranges`
+// would exceed `capacity` entries (the lookup buffers' gather range).
+// REQUIRES: r.num_tokens > 0 and r lies within `table`.
+absl::Status AppendGatherBlocks(const GatherRequest& r, size_t index,
+                                absl::Span<const BlockId> table,
+                                int64_t block_size, int64_t capacity,
+                                std::vector<BlockId>* ranges);
 
 // Checks `key_out` / `value_out` as the dense output of `total` tokens of
 // the backend's layout (any float dtype; `value_out` empty for a K-only

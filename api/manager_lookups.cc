@@ -95,31 +95,15 @@ absl::Status KVCacheManager::Impl::GatherBatch(
     KVCACHE_ASSIGN_OR_RETURN(
         const int64_t length,
         GatherableLength(r.sequence, layer, options.include_in_flight));
-    if (r.token_begin < 0 || r.num_tokens < 0 || r.token_begin > length ||
-        r.num_tokens > length - r.token_begin) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "gather of ", r.num_tokens, " tokens from token ", r.token_begin,
-          " of sequence ", r.sequence, ": it has ", length,
-          options.include_in_flight ? " readable" : " computed", " tokens"));
-    }
+    KVCACHE_RETURN_IF_ERROR(
+        internal::CheckGatherRange(r, length, options.include_in_flight));
     range_begin[i] = static_cast<int64_t>(ranges.size());
     total += r.num_tokens;  // Each at most INT32_MAX: no overflow.
     if (r.num_tokens == 0) continue;
     KVCACHE_ASSIGN_OR_RETURN(const absl::Span<const BlockId> table,
                              blocks_->BlockTable(r.sequence));
-    const int64_t first = r.token_begin / layout.block_size;
-    const int64_t last = (r.token_begin + r.num_tokens - 1) / layout.block_size;
-    const int64_t count = last - first + 1;
-    if (static_cast<int64_t>(ranges.size()) + count >
-        lookups_->gather_capacity()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "gather spans more than ", lookups_->gather_capacity(),
-          " blocks (8 x max_blocks_per_sequence, or max_sequences_per_step x "
-          "it when smaller) at request ",
-          i, " (sequence ", r.sequence, "): split it"));
-    }
-    ranges.insert(ranges.end(), table.begin() + first,
-                  table.begin() + last + 1);
+    KVCACHE_RETURN_IF_ERROR(internal::AppendGatherBlocks(
+        r, i, table, layout.block_size, lookups_->gather_capacity(), &ranges));
   }
   if (total == 0) return absl::OkStatus();
   KVCACHE_ASSIGN_OR_RETURN(

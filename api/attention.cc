@@ -108,7 +108,8 @@ absl::Status KVCacheManager::Impl::Attention(
   KVCACHE_RETURN_IF_ERROR(
       internal::Annotate(internal::ValidateAttention(p), context));
   KVCACHE_RETURN_IF_ERROR(attention_->Upload(batch, n, stream));
-  KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
+  KVCACHE_RETURN_IF_ERROR(
+      OrderAfterTierCopies(stream, OnboardWaitFor(sequences)));
   KVCACHE_RETURN_IF_ERROR(
       internal::Annotate(backend_->Attention(p, stream), context));
   ++counters_.kernel_launches;

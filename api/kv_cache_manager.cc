@@ -218,7 +218,18 @@ absl::Status KVCacheManager::Truncate(SequenceId sequence, int64_t new_length) {
   return NoBadAlloc("Truncate", [&]() -> absl::Status {
     if (groups_ != nullptr) return NotWithGroups("Truncate");
     Lock lock(impl_->mu());
-    return impl_->blocks().Truncate(sequence, new_length);
+    return impl_->Truncate(sequence, new_length);
+  });
+}
+
+absl::StatusOr<bool> KVCacheManager::PrefixLoaded(SequenceId id) {
+  return NoBadAlloc("PrefixLoaded", [&]() -> absl::StatusOr<bool> {
+    if (groups_ != nullptr) {  // No host tier with groups: always landed.
+      KVCACHE_RETURN_IF_ERROR(groups_->SequenceLength(id).status());
+      return true;
+    }
+    Lock lock(impl_->mu());
+    return impl_->PrefixLoaded(id);
   });
 }
 

@@ -134,11 +134,21 @@ class KVCacheManager {
   // tokens came from each tier. With a host tier, hits found there are
   // copied into fresh blocks of the cache (onboarded) on the manager's copy
   // stream; the sequence's next Reserve, Append, Gather or Attention is
-  // ordered after that copy on its stream. If the copy cannot be made, the
-  // call fails, the sequence is not added and those tier blocks are dropped.
+  // ordered after that copy on its stream (a step waits only for the
+  // onboards of its own sequences, and of prefix blocks they share). If the
+  // copy cannot be made, the call fails, the sequence is not added and those
+  // tier blocks are dropped.
   absl::StatusOr<int64_t> AddSequence(SequenceId id,
                                       absl::Span<const TokenId> prompt,
                                       const ExtraKey& extra, PrefixHits* hits);
+  // Whether `id`'s prefix has landed: false while a host-tier onboard that
+  // fills one of its blocks is still copying (its own, or another sequence's
+  // whose prefix blocks it hit), true otherwise (always without a tier). A
+  // step that includes a sequence not yet loaded waits for its copy on the
+  // step's stream; an engine that keeps such a sequence out of its steps
+  // until it is loaded hides the copy behind the other sequences' work.
+  // NotFound for an unknown id.
+  absl::StatusOr<bool> PrefixLoaded(SequenceId id);
   absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
                                        void* stream = nullptr);
 

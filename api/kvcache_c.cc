@@ -788,6 +788,18 @@ kvcache_status kvcache_sequence_length(kvcache_manager* m, int64_t sequence,
   });
 }
 
+kvcache_status kvcache_prefix_loaded(kvcache_manager* m, int64_t sequence,
+                                     int* loaded) {
+  KVCACHE_C_REQUIRE(m);
+  return Guarded("kvcache_prefix_loaded", [&]() -> absl::Status {
+    if (loaded == nullptr) return Null("loaded");
+    absl::StatusOr<bool> done = m->impl->PrefixLoaded(sequence);
+    if (!done.ok()) return done.status();
+    *loaded = *done ? 1 : 0;
+    return absl::OkStatus();
+  });
+}
+
 kvcache_status kvcache_batch_block_table(kvcache_manager* m,
                                          const int64_t* sequences,
                                          int64_t num_sequences, void* stream,

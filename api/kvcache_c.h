@@ -414,6 +414,13 @@ KVCACHE_EXPORT kvcache_status kvcache_block_table(kvcache_manager* manager,
 KVCACHE_EXPORT kvcache_status kvcache_sequence_length(kvcache_manager* manager,
                                                       int64_t sequence,
                                                       int64_t* length);
+/* *loaded = 1 once the sequence's prefix has landed on the device, 0 while a
+ * host-tier onboard copy that fills one of its blocks is still running (a
+ * step with the sequence would wait for it on its stream; an engine may run
+ * other sequences meanwhile). Always 1 without a host tier. */
+KVCACHE_EXPORT kvcache_status kvcache_prefix_loaded(kvcache_manager* manager,
+                                                    int64_t sequence,
+                                                    int* loaded);
 KVCACHE_EXPORT kvcache_status kvcache_batch_block_table(
     kvcache_manager* manager, const int64_t* sequences, int64_t num_sequences,
     void* stream, kvcache_block_table_view* view);

@@ -170,8 +170,22 @@ absl::StatusOr<int64_t> KVCacheManager::Impl::AddSequence(
   KVCACHE_ASSIGN_OR_RETURN(const int64_t computed,
                            blocks_->AddSequence(id, prompt, extra, &split));
   if (tier_ != nullptr) {
-    KVCACHE_RETURN_IF_ERROR(
-        RunTierCopies(last_stream_, id, /*onboarding=*/split.host_tokens > 0));
+    // Offloads are best effort: their failure drops the blocks, not the
+    // call. A failed onboard has freed the sequence: the call fails.
+    const bool onboarding = split.host_tokens > 0;
+    absl::Status copied = RunTierCopies(last_stream_, id, onboarding);
+    if (!copied.ok() && onboarding) return copied;
+    // A device hit may be on blocks another sequence's onboard still fills.
+    if (split.device_tokens > 0 && !OnboardDone(tier_onboard_last_)) {
+      const absl::Span<const BlockId> table = *blocks_->BlockTable(id);
+      const size_t hit_blocks =
+          static_cast<size_t>(computed / config_.block_size);
+      int64_t wait = 0;
+      for (size_t i = 0; i < hit_blocks && i < table.size(); ++i) {
+        wait = std::max(wait, tier_->onboard_batch(table[i]));
+      }
+      NotePendingOnboard(id, wait);
+    }
   }
   if (hits != nullptr)
     *hits = PrefixHits{split.device_tokens, split.host_tokens};
@@ -235,6 +249,7 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
                            plans_->Begin(batch.size()));
   StepPlanInfo info;
   info.sequences.reserve(batch.size());
+  int64_t tier_onboard = 0;  // The onboard batch the plan's Appends wait for.
   AllowOffloadIfQueueIsFree();
   absl::StatusOr<StepPlan> plan = blocks_->Reserve(batch);
   if (absl::IsResourceExhausted(plan.status()) && ReclaimHeldOffloads()) {
@@ -253,9 +268,11 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
     // stream the step runs on, before the replay.
     last_stream_ = stream;
     RunTierCopies(stream, 0, /*onboarding=*/false).IgnoreError();
+    tier_onboard = OnboardWaitFor(batch);
     if (backend_->memory_kind() == MemoryKind::kCuda || graph_tokens > 0 ||
         !plan->copies.empty()) {
-      if (absl::Status s = OrderAfterTierCopies(stream); !s.ok()) {
+      if (absl::Status s = OrderAfterTierCopies(stream, tier_onboard);
+          !s.ok()) {
         blocks_->Abort(plan->id).IgnoreError();
         return s;
       }
@@ -304,13 +321,15 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
                           : plans_->buffers().device_slots(pending.slot);
   info.num_block_copies = num_copies;
   plans_->Add(std::move(pending), info.id, *plan);
+  internal::PlanTable::Plan& added_plan = **plans_->Find(info.id);
+  added_plan.tier_onboard = tier_onboard;
   if (graph_tokens > 0) {
-    (*plans_->Find(info.id))->graph_tokens = graph_tokens;
+    added_plan.graph_tokens = graph_tokens;
     graph_plan_ = info.id;
   }
   info.host_slot_mapping = std::move(plan->slot_mapping);
-  const internal::PlanTable::Plan& added = **plans_->Find(info.id);
-  info.sequences.assign(added.sequences.begin(), added.sequences.end());
+  info.sequences.assign(added_plan.sequences.begin(),
+                        added_plan.sequences.end());
   counters_.block_copies += num_copies;
   if (num_copies > 0) counters_.kernel_launches += config_.num_layers;
   return info;
@@ -412,7 +431,7 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
     // On the stream that uploaded the slot mapping (Reserve's): stream order
     // alone, no event (api/step_buffers.h). Tier copies enqueued since (an
     // AddSequence's onboards) are still waited for; a no-op when none were.
-    KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
+    KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream, plan->tier_onboard));
     if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
       return Annotate(s, absl::StrCat("append to layer ", layer));
     }
@@ -422,7 +441,7 @@ absl::Status KVCacheManager::Impl::Append(uint64_t plan_id, int layer,
     const internal::StepBuffers::Slot& slot = buffers.slot(plan->slot);
     Device& device = backend_->device();
     KVCACHE_RETURN_IF_ERROR(device.StreamWaitEvent(stream, slot.uploaded));
-    KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream));
+    KVCACHE_RETURN_IF_ERROR(OrderAfterTierCopies(stream, plan->tier_onboard));
     if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
       return Annotate(s, absl::StrCat("append to layer ", layer));
     }
@@ -539,12 +558,23 @@ absl::Status KVCacheManager::Impl::Abort(uint64_t plan_id) {
 
 absl::Status KVCacheManager::Impl::Fork(SequenceId parent, SequenceId child) {
   KVCACHE_RETURN_IF_ERROR(CheckNotPending(parent, "fork"));
-  return blocks_->Fork(parent, child);
+  KVCACHE_RETURN_IF_ERROR(blocks_->Fork(parent, child));
+  // The child shares the parent's prefix, landed or not.
+  NotePendingOnboard(child, OnboardWaitFor(absl::MakeConstSpan(&parent, 1)));
+  return absl::OkStatus();
 }
 
 absl::Status KVCacheManager::Impl::Free(SequenceId id) {
   KVCACHE_RETURN_IF_ERROR(CheckNotPending(id, "free"));
-  return blocks_->Free(id);
+  KVCACHE_RETURN_IF_ERROR(blocks_->Free(id));
+  ForgetOnboard(id);
+  return absl::OkStatus();
+}
+
+absl::Status KVCacheManager::Impl::Truncate(SequenceId id, int64_t new_length) {
+  KVCACHE_RETURN_IF_ERROR(blocks_->Truncate(id, new_length));
+  ForgetOnboard(id);
+  return absl::OkStatus();
 }
 
 }  // namespace kvcache

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -79,6 +80,10 @@ class KVCacheManager::Impl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Abort(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Fork(SequenceId parent, SequenceId child)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Truncate(SequenceId id, int64_t new_length)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<bool> PrefixLoaded(SequenceId id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Free(SequenceId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -172,15 +177,34 @@ class KVCacheManager::Impl {
   // Host tier (api/manager_tier.cc). Runs the tier copies the allocator's
   // last call asked for, after `stream`'s earlier work; when they cannot
   // run, the blocks they would have filled are dropped (and `sequence`, if
-  // it was onboarding, is freed: the error is returned).
+  // it was onboarding, is freed: the error is returned). An onboard makes
+  // `sequence` wait for it (pending_onboards_).
   absl::Status RunTierCopies(void* stream, SequenceId sequence, bool onboarding)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Later work on `stream` that reads or writes blocks comes after every
-  // tier copy it depends on: every onboard so far (offloaded blocks are held
-  // until their copy is done; on the CPU: waits for them). No-op without a
-  // tier, or when the last onboard is done or already waited for.
-  absl::Status OrderAfterTierCopies(void* stream)
+  // Later work on `stream` that reads or writes blocks comes after the tier
+  // copies it depends on: onboard batch `onboard` (with every onboard before
+  // it; kAllOnboards: the last one), the onboards of sequences freed before
+  // their prefix landed, and offloads whose blocks were not held. No-op
+  // without a tier or when those are done or already waited for.
+  static constexpr int64_t kAllOnboards = -1;
+  absl::Status OrderAfterTierCopies(void* stream,
+                                    int64_t onboard = kAllOnboards)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The onboard batch work on `ids` waits for: the last of their prefixes
+  // still in flight, 0 = none (and no search while no prefix is in flight).
+  int64_t OnboardWaitFor(absl::Span<const SequenceId> ids)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t OnboardWaitFor(absl::Span<const ReserveRequest> batch)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `id`'s prefix is filled by onboard batch `batch` (0: none): work on it
+  // waits for that batch until it is done.
+  void NotePendingOnboard(SequenceId id, int64_t batch)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `id` leaves (Free, Truncate): its blocks may be reused by anyone, so
+  // while its prefix is in flight every later call waits for it.
+  void ForgetOnboard(SequenceId id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether onboard batch `batch` is done (updates the known-done mark).
+  bool OnboardDone(int64_t batch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Frees the held blocks whose offload is done, and gives the allocator's
   // next evictions the offload budget left (tier_offload_max_in_flight_bytes
   // less the copies still running; none while the CUDA queue is more than
@@ -220,13 +244,22 @@ class KVCacheManager::Impl {
   // one (AddSequence's copies, which has none, come after its work).
   std::unique_ptr<internal::TierMover> tier_ ABSL_GUARDED_BY(mu_);
   void* last_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
-  // The copy-queue batch that later reads and writes must come after (the
-  // last one with an onboard; offloads are waited for by nobody: their
-  // device blocks are held until done), 0 = none; and the last stream made
-  // to wait, through which batch.
-  int64_t tier_wait_batch_ ABSL_GUARDED_BY(mu_) = 0;
+  // What later reads and writes wait for (0 = nothing): the last offload
+  // batch with a block that was not held, the last onboard batch, and the
+  // onboard batch every call waits for (ForgetOnboard). Per sequence whose
+  // prefix is still in flight, its onboard batch (AddSequence's own, or the
+  // batch that fills a block it hit on the device); pruned as batches are
+  // found done.
+  int64_t tier_offload_wait_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t tier_onboard_last_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t tier_onboard_floor_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::flat_hash_map<SequenceId, int64_t> pending_onboards_
+      ABSL_GUARDED_BY(mu_);
+  // Per lane: the batch known done, and through which batch the last stream
+  // made to wait (tier_waited_stream_) waits.
+  int64_t tier_known_done_[kNumTierLanes] ABSL_GUARDED_BY(mu_) = {0, 0};
   void* tier_waited_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
-  int64_t tier_waited_batch_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t tier_waited_[kNumTierLanes] ABSL_GUARDED_BY(mu_) = {0, 0};
 };
 
 }  // namespace kvcache

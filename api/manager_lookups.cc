@@ -116,7 +116,14 @@ absl::Status KVCacheManager::Impl::GatherBatch(
                                     backend_->layer(layer), layout.block_size,
                                     output, layer);
   absl::Status status = launches.status();
-  if (status.ok() && !launches->empty()) status = OrderAfterTierCopies(stream);
+  if (status.ok() && !launches->empty()) {
+    int64_t onboard = 0;  // The requests' prefixes still in flight.
+    for (const GatherRequest& r : requests) {
+      onboard = std::max(onboard,
+                         OnboardWaitFor(absl::MakeConstSpan(&r.sequence, 1)));
+    }
+    status = OrderAfterTierCopies(stream, onboard);
+  }
   const std::string context = absl::StrCat("gather of layer ", layer);
   for (size_t i = 0; status.ok() && i < launches->size(); ++i) {
     status = Annotate(backend_->Gather((*launches)[i], stream), context);

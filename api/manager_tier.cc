@@ -2,18 +2,26 @@
 // 11): running the copies the allocator asks for, and ordering the caller's
 // work after them.
 //
-//   AddSequence  offloads of blocks it evicted, then onboards of its hits,
-//                after the last stream's work (AddSequence takes none)
+//   AddSequence  offloads of blocks it evicted (offload lane), then onboards
+//                of its hits (onboard lane), after the last stream's work
+//                (AddSequence takes none)
 //   Reserve      offloads of blocks it evicted, after the caller's stream;
 //                nobody waits for them: the allocator holds an offloaded
 //                block, unused, until a later call finds its copy done
 //                (ReleaseTierOffloads), so no write reaches it before its
 //                content is out
-//   Append, Gather, Attention, copy-on-write, graph steps: wait for the
-//                last onboard (and everything queued before it)
+//   a plan's Appends, copy-on-write and graph step, Attention, GatherBatch:
+//                wait for the onboards of their own sequences' prefixes
+//                only (a step never waits for another sequence's prefix:
+//                PrefixLoaded tells an engine when a sequence's has landed)
+//   other reads: wait for the last onboard (and everything before it)
+//
+// A sequence freed or truncated while its prefix is in flight makes every
+// later call wait for that onboard (its blocks may be reused by anyone).
 
 #include <algorithm>
 #include <cstdint>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "api/manager_impl.h"
@@ -26,22 +34,27 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
                                                  bool onboarding) {
   const absl::Span<const TierCopy> copies = blocks_->tier_copies();
   if (copies.empty()) return absl::OkStatus();
-  absl::Status ran = tier_->Run(copies, stream);
+  internal::TierMover::Batches queued;
+  absl::Status ran = tier_->Run(copies, stream, &queued);
+  bool offloads = false;
+  for (const TierCopy& c : copies) {
+    if (c.onboard) continue;
+    offloads = true;
+    if (c.wait && queued.offload != 0) tier_offload_wait_ = queued.offload;
+  }
+  if (queued.offload != 0) blocks_->TierOffloadsQueued(queued.offload);
+  if (queued.onboard != 0) {
+    tier_onboard_last_ = queued.onboard;
+    if (onboarding) NotePendingOnboard(sequence, queued.onboard);
+  }
   if (ran.ok()) {
-    const int64_t batch = tier_->copier().enqueued();
-    blocks_->TierOffloadsQueued(batch);
-    for (const TierCopy& c : copies) {
-      if (c.wait) {
-        tier_wait_batch_ = batch;
-        break;
-      }
-    }
     blocks_->ClearTierCopies();
     return absl::OkStatus();
   }
-  // Nothing of the batch moved: drop what it would have filled (the list
-  // stays the allocator's until ClearTierCopies; dropping allocates nothing).
-  blocks_->DropFailedOffloads(copies);
+  // Nothing of the failed batch moved: drop what it would have filled (the
+  // list stays the allocator's until ClearTierCopies; dropping allocates
+  // nothing). The onboards are not run when the offloads fail.
+  if (offloads && queued.offload == 0) blocks_->DropFailedOffloads(copies);
   if (onboarding) blocks_->DropFailedOnboards(sequence, copies).IgnoreError();
   blocks_->ClearTierCopies();
   if (!onboarding) return ran;
@@ -56,21 +69,22 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
 void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
   // Offloading is best effort (README "Host tier"): an evicted block is
   // dropped rather than copied while tier_offload_max_in_flight_bytes of
-  // copies are still running, and on CUDA while more than two earlier
-  // batches are (the host ran ahead of the device: the copier would wait
+  // offloads are still running, and on CUDA while more than half the offload
+  // lane's ring is (the host ran ahead of the device: the copier would wait
   // for a ring entry). Onboarding never skips.
-  constexpr int64_t kMaxBatchesInFlight = 2;
+  constexpr int64_t kMaxBatchesInFlight = 4;
   if (tier_ == nullptr) return;
   TierCopier& copier = tier_->copier();
-  blocks_->ReleaseTierOffloads(copier.completed());
+  blocks_->ReleaseTierOffloads(copier.completed(TierLane::kOffload));
   int64_t budget = INT64_MAX;
   const int64_t max_bytes = config_.tier_offload_max_in_flight_bytes;
   if (max_bytes > 0) {
-    budget = std::max<int64_t>(0, max_bytes - copier.in_flight_bytes()) /
+    budget = std::max<int64_t>(
+                 0, max_bytes - copier.in_flight_bytes(TierLane::kOffload)) /
              tier_->slot_bytes();
   }
   if (backend_->memory_kind() == MemoryKind::kCuda &&
-      copier.in_flight() > kMaxBatchesInFlight) {
+      copier.in_flight(TierLane::kOffload) > kMaxBatchesInFlight) {
     budget = 0;
   }
   blocks_->SetTierOffloadBudget(budget);
@@ -83,24 +97,89 @@ bool KVCacheManager::Impl::ReclaimHeldOffloads() const {
   // the caller's call fails as it would have).
   if (!copier.Synchronize().ok()) return false;
   const int64_t held = blocks_->held_tier_offloads();
-  blocks_->ReleaseTierOffloads(copier.completed());
+  blocks_->ReleaseTierOffloads(copier.completed(TierLane::kOffload));
   return blocks_->held_tier_offloads() < held;
 }
 
-absl::Status KVCacheManager::Impl::OrderAfterTierCopies(void* stream) {
+bool KVCacheManager::Impl::OnboardDone(int64_t batch) {
+  constexpr int kOnboard = static_cast<int>(TierLane::kOnboard);
+  if (batch <= tier_known_done_[kOnboard]) return true;
+  tier_known_done_[kOnboard] = tier_->copier().completed(TierLane::kOnboard);
+  return batch <= tier_known_done_[kOnboard];
+}
+
+int64_t KVCacheManager::Impl::OnboardWaitFor(absl::Span<const SequenceId> ids) {
+  if (pending_onboards_.empty()) return 0;
+  int64_t wait = 0;
+  for (SequenceId id : ids) {
+    auto it = pending_onboards_.find(id);
+    if (it == pending_onboards_.end()) continue;
+    if (OnboardDone(it->second)) {
+      pending_onboards_.erase(it);
+    } else {
+      wait = std::max(wait, it->second);
+    }
+  }
+  return wait;
+}
+
+int64_t KVCacheManager::Impl::OnboardWaitFor(
+    absl::Span<const ReserveRequest> batch) {
+  if (pending_onboards_.empty()) return 0;
+  int64_t wait = 0;
+  for (const ReserveRequest& r : batch) {
+    wait = std::max(wait, OnboardWaitFor(absl::MakeConstSpan(&r.sequence, 1)));
+  }
+  return wait;
+}
+
+void KVCacheManager::Impl::NotePendingOnboard(SequenceId id, int64_t batch) {
+  if (batch == 0 || OnboardDone(batch)) return;
+  try {
+    int64_t& pending = pending_onboards_[id];
+    pending = std::max(pending, batch);
+  } catch (const std::bad_alloc&) {
+    // No room to remember it for `id` alone: every later call waits for it.
+    tier_onboard_floor_ = std::max(tier_onboard_floor_, batch);
+  }
+}
+
+void KVCacheManager::Impl::ForgetOnboard(SequenceId id) {
+  auto it = pending_onboards_.find(id);
+  if (it == pending_onboards_.end()) return;
+  if (!OnboardDone(it->second)) {
+    tier_onboard_floor_ = std::max(tier_onboard_floor_, it->second);
+  }
+  pending_onboards_.erase(it);
+}
+
+absl::StatusOr<bool> KVCacheManager::Impl::PrefixLoaded(SequenceId id) {
+  KVCACHE_RETURN_IF_ERROR(blocks_->ComputedLength(id).status());
+  return OnboardWaitFor(absl::MakeConstSpan(&id, 1)) == 0;
+}
+
+absl::Status KVCacheManager::Impl::OrderAfterTierCopies(void* stream,
+                                                        int64_t onboard) {
   if (tier_ == nullptr) return absl::OkStatus();
   last_stream_ = stream;
-  if (tier_wait_batch_ == 0) return absl::OkStatus();
-  if (stream == tier_waited_stream_ && tier_waited_batch_ >= tier_wait_batch_)
-    return absl::OkStatus();
+  if (onboard == kAllOnboards) onboard = tier_onboard_last_;
+  const int64_t wait[kNumTierLanes] = {tier_offload_wait_,
+                                       std::max(onboard, tier_onboard_floor_)};
   TierCopier& copier = tier_->copier();
-  if (copier.completed() >= tier_wait_batch_) {  // Done: for every stream.
-    tier_wait_batch_ = 0;
-    return absl::OkStatus();
+  for (int lane = 0; lane < kNumTierLanes; ++lane) {
+    const int64_t batch = wait[lane];
+    if (batch <= tier_known_done_[lane]) continue;
+    if (stream == tier_waited_stream_ && batch <= tier_waited_[lane]) continue;
+    const TierLane l = static_cast<TierLane>(lane);
+    tier_known_done_[lane] = copier.completed(l);
+    if (batch <= tier_known_done_[lane]) continue;  // Done: for every stream.
+    KVCACHE_RETURN_IF_ERROR(copier.WaitOn(l, batch, stream));
+    if (stream != tier_waited_stream_) {
+      tier_waited_stream_ = stream;
+      tier_waited_[0] = tier_waited_[1] = 0;
+    }
+    tier_waited_[lane] = batch;
   }
-  KVCACHE_RETURN_IF_ERROR(copier.WaitOn(stream));
-  tier_waited_stream_ = stream;
-  tier_waited_batch_ = copier.enqueued();
   return absl::OkStatus();
 }
 

@@ -38,6 +38,9 @@ class PlanTable {
     std::vector<int64_t> appended;
     // Per sequence, batch order (num_tokens 0 once removed from the plan).
     std::vector<PlanSequence> sequences;
+    // The host tier's onboard batch its Appends wait for (the last of its
+    // sequences' prefixes still in flight at Reserve), 0 = none.
+    int64_t tier_onboard = 0;
   };
 
  private:

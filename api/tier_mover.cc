@@ -4,6 +4,7 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
 #include "storage/block_runs.h"
 
 namespace kvcache::internal {
@@ -31,38 +32,78 @@ absl::StatusOr<std::unique_ptr<TierMover>> TierMover::Create(
       backend, *std::move(copier), slot_bytes, static_cast<int32_t>(slots)));
 }
 
+TierMover::TierMover(const CacheBackend& backend,
+                     std::unique_ptr<TierCopier> copier, int64_t slot_bytes,
+                     int32_t num_slots)
+    : backend_(backend),
+      copier_(std::move(copier)),
+      slot_bytes_(slot_bytes),
+      num_slots_(num_slots) {
+  for (int lane = 0; lane < kNumTierLanes; ++lane) {
+    slot_batch_[lane].assign(num_slots, 0);
+    block_batch_[lane].assign(backend.layout().num_blocks, 0);
+  }
+}
+
 absl::Status TierMover::Run(absl::Span<const TierCopy> copies,
-                            void* after_stream) {
-  if (copies.empty()) return absl::OkStatus();
-  int64_t offloaded = 0, onboarded = 0;
+                            void* after_stream, Batches* queued) {
+  *queued = Batches{};
+  KVCACHE_RETURN_IF_ERROR(
+      RunLane(TierLane::kOffload, copies, after_stream, &queued->offload));
+  return RunLane(TierLane::kOnboard, copies, after_stream, &queued->onboard);
+}
+
+absl::Status TierMover::RunLane(TierLane lane,
+                                absl::Span<const TierCopy> copies,
+                                void* after_stream, int64_t* batch) {
+  *batch = 0;
+  const bool onboard = lane == TierLane::kOnboard;
+  const int me = static_cast<int>(lane);
+  const int other = 1 - me;
+  int64_t bytes = 0;
+  int64_t after_other = 0;
   try {
     runs_.clear();
     for (const TierCopy& c : copies) {
+      if (c.onboard != onboard) continue;
+      after_other = std::max({after_other, slot_batch_[other][c.host_slot],
+                              block_batch_[other][c.device_block]});
       char* slot = copier_->pool() + c.host_slot * slot_bytes_;
       for (int layer = 0; layer < backend_.num_layers(); ++layer) {
         ByteRun block[kMaxBlockRuns];
         const int n = BlockRuns(backend_.layer(layer), c.device_block, block);
         for (int i = 0; i < n; ++i) {
-          runs_.push_back(c.onboard
+          runs_.push_back(onboard
                               ? CopyRun{block[i].data, slot, block[i].bytes}
                               : CopyRun{slot, block[i].data, block[i].bytes});
           slot += block[i].bytes;
         }
       }
-      (c.onboard ? onboarded : offloaded) += slot_bytes_;
+      bytes += slot_bytes_;
     }
+    if (runs_.empty()) return absl::OkStatus();
+    // Known done: no wait to ask for.
+    if (after_other <= copier_->completed(OtherLane(lane))) after_other = 0;
     // Inside the try: the CPU queue allocates too.
-    if (absl::Status s = copier_->Enqueue(runs_, after_stream); !s.ok()) {
+    if (absl::Status s =
+            copier_->Enqueue(lane, runs_, after_stream, after_other);
+        !s.ok()) {
       ++failed_batches_;
       return s;
     }
   } catch (const std::bad_alloc&) {
     ++failed_batches_;
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "out of host memory queueing ", copies.size(), " tier copies"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("out of host memory queueing ", copies.size(),
+                     " tier copies (", onboard ? "onboards" : "offloads", ")"));
   }
-  offload_bytes_ += offloaded;
-  onboard_bytes_ += onboarded;
+  *batch = copier_->enqueued(lane);
+  for (const TierCopy& c : copies) {
+    if (c.onboard != onboard) continue;
+    slot_batch_[me][c.host_slot] = *batch;
+    block_batch_[me][c.device_block] = *batch;
+  }
+  (onboard ? onboard_bytes_ : offload_bytes_) += bytes;
   return absl::OkStatus();
 }
 

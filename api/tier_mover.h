@@ -5,6 +5,14 @@
 // slot s being slot_bytes() bytes (a block of all layers: the runs back to
 // back) at s * slot_bytes() in the pool.
 //
+// Offloads run on the copier's offload lane, onboards on its onboard lane
+// (storage/tier_copier.h). The mover orders the two where they meet: a batch
+// waits for the other lane's last batch that touched one of its host slots
+// or device blocks (an onboard of a slot whose offload is still running; an
+// offload into a slot an onboard may still be reading, or of a block an
+// onboard wrote; an onboard into a block whose unheld offload still reads
+// it). Otherwise the lanes run side by side.
+//
 // Thread safety: the manager's lock serializes every call. Ownership: owns
 // the copier; reads the backend's layer pointers, which outlive it.
 // Internal to api/.
@@ -37,12 +45,23 @@ class TierMover {
   int64_t slot_bytes() const { return slot_bytes_; }
   TierCopier& copier() const { return *copier_; }
 
-  // Runs `copies` in order as one batch, after the work enqueued so far on
-  // `after_stream`. All or nothing: on an error no byte of them moved.
-  absl::Status Run(absl::Span<const TierCopy> copies, void* after_stream);
-  // The caller's later work on `stream` comes after every copy run so far
-  // (on the CPU: waits for them).
-  absl::Status WaitOn(void* stream) { return copier_->WaitOn(stream); }
+  // What one Run queued: a batch number per lane (0: none).
+  struct Batches {
+    int64_t offload = 0;
+    int64_t onboard = 0;
+  };
+  // Runs `copies`: the offloads as one batch of the offload lane, then the
+  // onboards as one batch of the onboard lane, after the work enqueued so
+  // far on `after_stream`. On an error *queued says what did run: nothing
+  // when the offloads failed (the onboards are not tried), the offloads
+  // alone when the onboards failed; no byte of a failed batch moves.
+  absl::Status Run(absl::Span<const TierCopy> copies, void* after_stream,
+                   Batches* queued);
+
+  // The last onboard batch that filled device block `block` (0: none).
+  int64_t onboard_batch(int32_t block) const {
+    return block_batch_[static_cast<int>(TierLane::kOnboard)][block];
+  }
 
   int64_t offload_bytes() const { return offload_bytes_; }
   int64_t onboard_bytes() const { return onboard_bytes_; }
@@ -50,17 +69,22 @@ class TierMover {
 
  private:
   TierMover(const CacheBackend& backend, std::unique_ptr<TierCopier> copier,
-            int64_t slot_bytes, int32_t num_slots)
-      : backend_(backend),
-        copier_(std::move(copier)),
-        slot_bytes_(slot_bytes),
-        num_slots_(num_slots) {}
+            int64_t slot_bytes, int32_t num_slots);
+
+  // Queues the copies of `copies` that go `lane`'s way as one batch; returns
+  // its number in *batch (0 when there were none).
+  absl::Status RunLane(TierLane lane, absl::Span<const TierCopy> copies,
+                       void* after_stream, int64_t* batch);
 
   const CacheBackend& backend_;
   std::unique_ptr<TierCopier> copier_;
   int64_t slot_bytes_;
   int32_t num_slots_;
   std::vector<CopyRun> runs_;  // Reused by every Run.
+  // Per lane, the last batch that touched each host slot and each device
+  // block (0: none).
+  std::vector<int64_t> slot_batch_[kNumTierLanes];
+  std::vector<int64_t> block_batch_[kNumTierLanes];
   int64_t offload_bytes_ = 0;
   int64_t onboard_bytes_ = 0;
   int64_t failed_batches_ = 0;

@@ -14,7 +14,8 @@
 // (1 GiB cudaMemcpyAsync each way) is measured first, then offload (device
 // -> tier) and onboard (tier -> device) batches of whole blocks through the
 // tier's own copy queue (storage/tier_copier.h), each reported as GB/s and
-// as pct_of_copy of the same direction's host copy bandwidth.
+// as pct_of_copy of the same direction's host copy bandwidth; "ctas=N" rows
+// limit the copy kernel to N thread blocks (default: the copier's own).
 //
 //   bazel run -c opt //benchmarks:kernel_benchmark   (on a GPU host; or via
 //   tools/bundle_gpu.sh)
@@ -221,9 +222,11 @@ void BM_HostCopy(benchmark::State& state, bool to_device) {
 struct TierCase {
   int64_t blocks;
   bool onboard;
+  int ctas = 0;  // Thread blocks of the copy kernel; 0 = the copier's own.
   std::string Name() const {
     return std::string(onboard ? "tier onboard" : "tier offload") + " " +
-           std::to_string(blocks) + " blocks x 32 layers int8 H=8 D=128";
+           std::to_string(blocks) + " blocks x 32 layers int8 H=8 D=128" +
+           (ctas > 0 ? " ctas=" + std::to_string(ctas) : "");
   }
 };
 
@@ -260,6 +263,8 @@ void BM_TierCopy(benchmark::State& state, TierCase c) {
   absl::StatusOr<std::unique_ptr<TierCopier>> copier =
       CreateTierCopier(**device, layout.num_blocks * slot_bytes);
   BENCH_CHECK(copier.status());
+  if (c.ctas > 0) (*copier)->set_max_blocks_for_testing(c.ctas);
+  const TierLane lane = c.onboard ? TierLane::kOnboard : TierLane::kOffload;
   // One batch per set of blocks, built once.
   std::vector<std::vector<CopyRun>> batches(4);
   for (int set = 0; set < 4; ++set) {
@@ -284,16 +289,18 @@ void BM_TierCopy(benchmark::State& state, TierCase c) {
   BENCH_CHECK(cudaEventCreate(&start));
   BENCH_CHECK(cudaEventCreate(&stop));
   for (int set = 0; set < 4; ++set) {  // Warm-up (and first touch).
-    BENCH_CHECK((*copier)->Enqueue(batches[set], stream));
+    BENCH_CHECK((*copier)->Enqueue(lane, batches[set], stream, 0));
   }
-  BENCH_CHECK((*copier)->WaitOn(stream));
+  BENCH_CHECK((*copier)->WaitOn(lane, (*copier)->enqueued(lane), stream));
   BENCH_CHECK(cudaStreamSynchronize(stream));
   std::vector<double> times;
   int set = 0;
   for (auto _ : state) {
     cudaEventRecord(start, stream);
-    const absl::Status queued = (*copier)->Enqueue(batches[set], stream);
-    const absl::Status waited = (*copier)->WaitOn(stream);
+    const absl::Status queued =
+        (*copier)->Enqueue(lane, batches[set], stream, 0);
+    const absl::Status waited =
+        (*copier)->WaitOn(lane, (*copier)->enqueued(lane), stream);
     cudaEventRecord(stop, stream);
     cudaEventSynchronize(stop);
     if (!queued.ok() || !waited.ok()) {
@@ -599,11 +606,14 @@ void RegisterAll() {
   }
   for (int64_t blocks : {16, 256}) {
     for (bool onboard : {false, true}) {
-      const TierCase c{blocks, onboard};
-      benchmark::RegisterBenchmark(c.Name().c_str(), BM_TierCopy, c)
-          ->UseManualTime()
-          ->Unit(benchmark::kMicrosecond)
-          ->MinTime(0.2);
+      for (int ctas : {0, 8, 16, 64, 1056}) {
+        if (blocks == 16 && ctas != 0) continue;
+        const TierCase c{blocks, onboard, ctas};
+        benchmark::RegisterBenchmark(c.Name().c_str(), BM_TierCopy, c)
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond)
+            ->MinTime(0.2);
+      }
     }
   }
   std::vector<WriteCase> writes;

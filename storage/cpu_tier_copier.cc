@@ -1,5 +1,5 @@
-// The CPU backend's TierCopier: a second host pool, and one thread that runs
-// the queued batches in order (storage/tier_copier.h).
+// The CPU backend's TierCopier: a second host pool, and one thread per lane
+// that runs the lane's batches in order (storage/tier_copier.h).
 
 #include <condition_variable>
 #include <cstring>
@@ -19,16 +19,23 @@ namespace {
 
 class CpuTierCopier final : public TierCopier {
  public:
-  explicit CpuTierCopier(Buffer pool) : pool_(std::move(pool)) {
-    thread_ = std::thread([this] { Run(); });
-  }
+  explicit CpuTierCopier(Buffer pool) : pool_(std::move(pool)) {}
   ~CpuTierCopier() override {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
     }
     cv_.notify_all();
-    thread_.join();
+    for (std::thread& t : threads_) {
+      if (t.joinable()) t.join();
+    }
+  }
+
+  // Starts the lanes' threads. May throw std::system_error.
+  void Start() {
+    for (int lane = 0; lane < kNumTierLanes; ++lane) {
+      threads_[lane] = std::thread([this, lane] { Run(lane); });
+    }
   }
 
   char* pool() const override { return pool_.as<char>(); }
@@ -36,7 +43,8 @@ class CpuTierCopier final : public TierCopier {
     return static_cast<int64_t>(pool_.size());
   }
 
-  absl::Status Enqueue(absl::Span<const CopyRun> runs, void*) override {
+  absl::Status Enqueue(TierLane lane, absl::Span<const CopyRun> runs, void*,
+                       int64_t after_other_lane) override {
     if (TakeInjectedFailure()) {
       return absl::InternalError("tier copy failed (injected by a test)");
     }
@@ -46,37 +54,51 @@ class CpuTierCopier final : public TierCopier {
     for (const CopyRun& r : runs) bytes += r.bytes;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back(Batch{std::move(batch), delay_, bytes});
-      ++enqueued_;
-      enqueued_bytes_ += bytes;
+      Lane& l = lanes_[Index(lane)];
+      l.queue.push_back(
+          Batch{std::move(batch), delay_, bytes, after_other_lane});
+      ++l.enqueued;
+      l.enqueued_bytes += bytes;
     }
     cv_.notify_all();
     return absl::OkStatus();
   }
 
-  absl::Status WaitOn(void*) override {
+  absl::Status WaitOn(TierLane lane, int64_t batch, void*) override {
     std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [this] { return done_ == enqueued_; });
+    const Lane& l = lanes_[Index(lane)];
+    cv_.wait(lock, [&] { return l.done >= batch; });
     return absl::OkStatus();
   }
 
-  absl::Status Synchronize() override { return WaitOn(nullptr); }
+  absl::Status Synchronize() override {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] {
+      for (const Lane& l : lanes_) {
+        if (l.done < l.enqueued) return false;
+      }
+      return true;
+    });
+    return absl::OkStatus();
+  }
 
-  int64_t in_flight() override {
+  int64_t in_flight(TierLane lane) override {
     std::lock_guard<std::mutex> lock(mu_);
-    return enqueued_ - done_;
+    const Lane& l = lanes_[Index(lane)];
+    return l.enqueued - l.done;
   }
-  int64_t in_flight_bytes() override {
+  int64_t in_flight_bytes(TierLane lane) override {
     std::lock_guard<std::mutex> lock(mu_);
-    return enqueued_bytes_ - done_bytes_;
+    const Lane& l = lanes_[Index(lane)];
+    return l.enqueued_bytes - l.done_bytes;
   }
-  int64_t enqueued() const override {
+  int64_t enqueued(TierLane lane) const override {
     std::lock_guard<std::mutex> lock(mu_);
-    return enqueued_;
+    return lanes_[Index(lane)].enqueued;
   }
-  int64_t completed() override {
+  int64_t completed(TierLane lane) override {
     std::lock_guard<std::mutex> lock(mu_);
-    return done_;
+    return lanes_[Index(lane)].done;
   }
 
  private:
@@ -84,38 +106,51 @@ class CpuTierCopier final : public TierCopier {
     std::vector<CopyRun> runs;
     absl::Duration delay;
     int64_t bytes = 0;
+    int64_t after_other_lane = 0;
   };
+  struct Lane {
+    std::deque<Batch> queue;
+    int64_t enqueued = 0;
+    int64_t done = 0;
+    int64_t enqueued_bytes = 0;
+    int64_t done_bytes = 0;
+  };
+  static int Index(TierLane lane) { return static_cast<int>(lane); }
 
-  void Run() {
+  // Lane `lane`'s thread: runs its batches in order, each once the other
+  // lane's batch it names is done.
+  void Run(int lane) {
+    Lane& l = lanes_[lane];
+    const Lane& other = lanes_[1 - lane];
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
-      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // Stopped and drained.
-      Batch batch = std::move(queue_.front());
-      queue_.pop_front();
+      cv_.wait(lock, [&] {
+        return (stop_ && l.queue.empty()) ||
+               (!l.queue.empty() &&
+                other.done >= l.queue.front().after_other_lane);
+      });
+      if (l.queue.empty()) return;  // Stopped and drained.
+      Batch batch = std::move(l.queue.front());
+      l.queue.pop_front();
       lock.unlock();
       if (batch.delay > absl::ZeroDuration()) absl::SleepFor(batch.delay);
       for (const CopyRun& r : batch.runs) {
         std::memcpy(r.dst, r.src, static_cast<size_t>(r.bytes));
       }
       lock.lock();
-      ++done_;
-      done_bytes_ += batch.bytes;
-      done_cv_.notify_all();
+      ++l.done;
+      l.done_bytes += batch.bytes;
+      cv_.notify_all();
     }
   }
 
   Buffer pool_;
   mutable std::mutex mu_;
+  // Signals a batch enqueued, a batch done, or stop_.
   std::condition_variable cv_;
-  std::condition_variable done_cv_;
-  std::deque<Batch> queue_;
-  int64_t enqueued_ = 0;
-  int64_t done_ = 0;
-  int64_t enqueued_bytes_ = 0;
-  int64_t done_bytes_ = 0;
+  Lane lanes_[kNumTierLanes];
   bool stop_ = false;
-  std::thread thread_;  // Last: starts after the members above exist.
+  std::thread threads_[kNumTierLanes];
 };
 
 }  // namespace
@@ -128,8 +163,10 @@ absl::StatusOr<std::unique_ptr<TierCopier>> CreateCpuTierCopier(
     return absl::ResourceExhaustedError(absl::StrCat(
         "host tier of ", pool_bytes, " bytes: ", pool.status().message()));
   }
+  auto copier = std::make_unique<CpuTierCopier>(*std::move(pool));
   try {
-    return std::unique_ptr<TierCopier>(new CpuTierCopier(*std::move(pool)));
+    copier->Start();
+    return std::unique_ptr<TierCopier>(std::move(copier));
   } catch (const std::system_error& e) {  // The thread could not start.
     return absl::ResourceExhaustedError(
         absl::StrCat("host tier: could not start its copy thread: ", e.what()));

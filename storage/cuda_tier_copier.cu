@@ -1,6 +1,6 @@
 // The CUDA backend's TierCopier (storage/tier_copier.h): a pool of pinned
 // host memory, which the device reaches through unified addressing, and one
-// copy kernel per batch on the copier's own stream. A kernel, not one
+// copy kernel per batch on its lane's own stream. A kernel, not one
 // cudaMemcpyAsync per run: a block of a 32-layer model is 128 runs of a few
 // KiB, which a copy call each would spend in launch overhead.
 
@@ -18,9 +18,19 @@
 namespace kvcache {
 namespace {
 
-// One CUDA block per run (grid-strided over runs); 16-byte accesses where
-// both ends and the length allow them.
-__global__ void __launch_bounds__(256)
+// Thread blocks per batch by default: with four 16-byte accesses in flight
+// per thread, 32 blocks of 256 threads keep 512 KiB of copies in flight,
+// several times what the PCIe link's bandwidth-latency product needs, while
+// holding an eighth of the threads of a quarter of an H200's
+// multiprocessors: the caller's kernels keep the rest.
+constexpr int kDefaultCopyBlocks = 32;
+constexpr int kCopyThreads = 256;
+constexpr int kUnroll = 4;
+
+// One thread block per run (grid-strided over runs); 16-byte accesses where
+// both ends and the length allow them, kUnroll loads issued before their
+// stores so that each thread keeps several reads in flight.
+__global__ void __launch_bounds__(kCopyThreads)
     CopyRunsKernel(const CopyRun* __restrict__ runs, int64_t num_runs) {
   for (int64_t r = blockIdx.x; r < num_runs; r += gridDim.x) {
     const CopyRun run = runs[r];
@@ -31,11 +41,20 @@ __global__ void __launch_bounds__(256)
       const int64_t n = run.bytes / 16;
       uint4* dst = static_cast<uint4*>(run.dst);
       const uint4* src = static_cast<const uint4*>(run.src);
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+      constexpr int64_t kStep = int64_t{kCopyThreads} * kUnroll;
+      int64_t i = threadIdx.x;
+      for (; i + (kUnroll - 1) * kCopyThreads < n; i += kStep) {
+        uint4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) v[u] = src[i + u * kCopyThreads];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) dst[i + u * kCopyThreads] = v[u];
+      }
+      for (; i < n; i += kCopyThreads) dst[i] = src[i];
     } else {
       char* dst = static_cast<char*>(run.dst);
       const char* src = static_cast<const char*>(run.src);
-      for (int64_t i = threadIdx.x; i < run.bytes; i += blockDim.x)
+      for (int64_t i = threadIdx.x; i < run.bytes; i += kCopyThreads)
         dst[i] = src[i];
     }
   }
@@ -51,29 +70,33 @@ class CudaTierCopier final : public TierCopier {
       : device_(device), pool_(std::move(pool)) {}
   ~CudaTierCopier() override {
     cudaSetDevice(device_.ordinal());
-    if (stream_ != nullptr) {
-      cudaStreamSynchronize(stream_);
-      cudaStreamDestroy(stream_);
+    for (Lane& l : lanes_) {
+      if (l.stream != nullptr) {
+        cudaStreamSynchronize(l.stream);
+        cudaStreamDestroy(l.stream);
+      }
+      for (Ring& r : l.ring) DestroyEventHandle(r.used);
     }
-    DestroyEventHandle(done_);
     DestroyEventHandle(caller_);
-    for (Ring& r : ring_) DestroyEventHandle(r.used);
   }
 
   absl::Status Init() {
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
+    // The lowest priority (the greatest number): the caller's kernels are
+    // scheduled first whenever both wait for a multiprocessor.
+    int least = 0, greatest = 0;
     KVCACHE_CUDA_RETURN_IF_ERROR(
-        cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    KVCACHE_CUDA_RETURN_IF_ERROR(
-        cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+        cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    for (Lane& l : lanes_) {
+      KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(
+          &l.stream, cudaStreamNonBlocking, least));
+      for (Ring& r : l.ring) {
+        KVCACHE_CUDA_RETURN_IF_ERROR(
+            cudaEventCreateWithFlags(&r.used, cudaEventDisableTiming));
+      }
+    }
     KVCACHE_CUDA_RETURN_IF_ERROR(
         cudaEventCreateWithFlags(&caller_, cudaEventDisableTiming));
-    for (Ring& r : ring_) {
-      KVCACHE_CUDA_RETURN_IF_ERROR(
-          cudaEventCreateWithFlags(&r.used, cudaEventDisableTiming));
-    }
-    KVCACHE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
-        &num_sms_, cudaDevAttrMultiProcessorCount, device_.ordinal()));
     return absl::OkStatus();
   }
 
@@ -82,16 +105,17 @@ class CudaTierCopier final : public TierCopier {
     return static_cast<int64_t>(pool_.size());
   }
 
-  absl::Status Enqueue(absl::Span<const CopyRun> runs,
-                       void* after_stream) override {
+  absl::Status Enqueue(TierLane lane, absl::Span<const CopyRun> runs,
+                       void* after_stream, int64_t after_other_lane) override {
     if (TakeInjectedFailure()) {
       return absl::InternalError("tier copy failed (injected by a test)");
     }
     if (runs.empty()) return absl::OkStatus();
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
+    Lane& l = lanes_[Index(lane)];
     // The batch's description goes to pinned memory the kernel reads; the
     // ring entry's last kernel must be done with it first.
-    Ring& ring = ring_[next_ring_];
+    Ring& ring = l.ring[l.enqueued % kRingEntries];
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ring.used));
     const size_t bytes = runs.size() * sizeof(CopyRun);
     if (ring.runs.size() < bytes) {
@@ -103,74 +127,92 @@ class CudaTierCopier final : public TierCopier {
     std::memcpy(ring.runs.data(), runs.data(), bytes);
     KVCACHE_CUDA_RETURN_IF_ERROR(
         cudaEventRecord(caller_, static_cast<cudaStream_t>(after_stream)));
-    KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, caller_, 0));
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(l.stream, caller_, 0));
+    if (absl::Status s = WaitOn(OtherLane(lane), after_other_lane, l.stream);
+        !s.ok()) {
+      return s;
+    }
     const int64_t n = static_cast<int64_t>(runs.size());
-    const int grid = static_cast<int>(std::min<int64_t>(n, 8 * num_sms_));
-    CopyRunsKernel<<<grid, 256, 0, stream_>>>(ring.runs.as<CopyRun>(), n);
+    const int grid = static_cast<int>(std::min<int64_t>(n, max_blocks_));
+    CopyRunsKernel<<<grid, kCopyThreads, 0, l.stream>>>(ring.runs.as<CopyRun>(),
+                                                        n);
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ring.used, stream_));
-    KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(done_, stream_));
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ring.used, l.stream));
     int64_t batch_bytes = 0;
     for (const CopyRun& r : runs) batch_bytes += r.bytes;
     ring.bytes = batch_bytes;
-    next_ring_ = (next_ring_ + 1) % kRing;
-    ++generation_;
-    ring.batch = static_cast<int64_t>(generation_);
+    ring.batch = ++l.enqueued;
     return absl::OkStatus();
   }
 
-  absl::Status WaitOn(void* stream) override {
-    if (generation_ == 0) return absl::OkStatus();
-    if (stream == waited_stream_ && generation_ == waited_generation_)
-      return absl::OkStatus();
+  absl::Status WaitOn(TierLane lane, int64_t batch, void* stream) override {
+    const Lane& l = lanes_[Index(lane)];
+    if (batch <= l.known_done) return absl::OkStatus();
+    // Batch `batch` still owns its ring entry, or it is older than the ring
+    // and Enqueue waited for it when it reused the entry.
+    const Ring& ring = l.ring[(batch - 1) % kRingEntries];
+    if (ring.batch != batch) return absl::OkStatus();
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
     KVCACHE_CUDA_RETURN_IF_ERROR(
-        cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), done_, 0));
-    waited_stream_ = stream;
-    waited_generation_ = generation_;
+        cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), ring.used, 0));
     return absl::OkStatus();
   }
 
   absl::Status Synchronize() override {
-    if (generation_ == 0) return absl::OkStatus();
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
-    KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(done_));
+    for (const Lane& l : lanes_) {
+      KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(l.stream));
+    }
     return absl::OkStatus();
   }
-  // Batches whose kernel has not finished: each of the last kRing batches
-  // owns a ring entry whose event follows its kernel.
-  int64_t in_flight() override {
+  int64_t in_flight(TierLane lane) override {
     int64_t busy = 0;
-    for (const Ring& r : ring_) busy += Busy(r);
+    for (const Ring& r : lanes_[Index(lane)].ring) busy += Busy(r);
     return busy;
   }
-  int64_t in_flight_bytes() override {
+  int64_t in_flight_bytes(TierLane lane) override {
     int64_t bytes = 0;
-    for (const Ring& r : ring_) bytes += Busy(r) ? r.bytes : 0;
+    for (const Ring& r : lanes_[Index(lane)].ring)
+      bytes += Busy(r) ? r.bytes : 0;
     return bytes;
   }
-  int64_t enqueued() const override {
-    return static_cast<int64_t>(generation_);
+  int64_t enqueued(TierLane lane) const override {
+    return lanes_[Index(lane)].enqueued;
   }
-  // Batches are complete in order: up to just before the oldest busy one
-  // of the ring, and every batch older than the ring was waited for by
+  // Batches of a lane complete in order: up to just before the oldest busy
+  // one of its ring, and every batch older than the ring was waited for by
   // Enqueue (cudaEventSynchronize on its entry).
-  int64_t completed() override {
-    int64_t oldest_busy = static_cast<int64_t>(generation_) + 1;
-    for (const Ring& r : ring_) {
-      if (r.batch > 0 && Busy(r)) oldest_busy = std::min(oldest_busy, r.batch);
+  int64_t completed(TierLane lane) override {
+    Lane& l = lanes_[Index(lane)];
+    int64_t oldest_busy = l.enqueued + 1;
+    for (const Ring& r : l.ring) {
+      if (r.batch > l.known_done && Busy(r)) {
+        oldest_busy = std::min(oldest_busy, r.batch);
+      }
     }
-    return oldest_busy - 1;
+    l.known_done = oldest_busy - 1;
+    return l.known_done;
+  }
+
+  void set_max_blocks_for_testing(int blocks) override {
+    max_blocks_ = std::max(blocks, 1);
   }
 
  private:
-  static constexpr int kRing = 4;
+  static constexpr int kRingEntries = 8;
   struct Ring {
     Buffer runs;  // Pinned CopyRun array.
     cudaEvent_t used = nullptr;
     int64_t bytes = 0;  // Of its last batch.
     int64_t batch = 0;  // Its last batch's number (1-based); 0 = none.
   };
+  struct Lane {
+    cudaStream_t stream = nullptr;
+    Ring ring[kRingEntries];
+    int64_t enqueued = 0;    // Batches enqueued.
+    int64_t known_done = 0;  // Every batch up to it is done.
+  };
+  static int Index(TierLane lane) { return static_cast<int>(lane); }
   static bool Busy(const Ring& r) {
     if (cudaEventQuery(r.used) != cudaErrorNotReady) return false;
     cudaGetLastError();
@@ -179,15 +221,9 @@ class CudaTierCopier final : public TierCopier {
 
   Device& device_;
   Buffer pool_;
-  cudaStream_t stream_ = nullptr;
-  cudaEvent_t done_ = nullptr;    // After the last batch.
+  Lane lanes_[kNumTierLanes];
   cudaEvent_t caller_ = nullptr;  // The caller's stream at Enqueue.
-  Ring ring_[kRing];
-  int next_ring_ = 0;
-  int num_sms_ = 1;
-  uint64_t generation_ = 0;  // Batches enqueued.
-  void* waited_stream_ = nullptr;
-  uint64_t waited_generation_ = 0;
+  int max_blocks_ = kDefaultCopyBlocks;
 };
 
 }  // namespace

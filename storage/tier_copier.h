@@ -1,23 +1,35 @@
 // TierCopier: the host-memory tier's memory (DESIGN.md section 11) and the
-// queue that copies bytes between it and a cache's device memory, off the
-// caller's thread and stream: batches of copies run one after another, in the
-// order they were enqueued, overlapped with the caller's work.
+// queues that copy bytes between it and a cache's device memory, off the
+// caller's thread and stream, overlapped with the caller's work.
+//
+// Two lanes: offloads (device -> pool) and onboards (pool -> device). Each
+// lane runs its batches one after another in the order they were enqueued;
+// the lanes run side by side, so an onboard a step needs never queues behind
+// the offloads of the blocks evicted before it. They are ordered against
+// each other only where Enqueue says so (a batch of the other lane that must
+// be done first: the caller's dependency between a slot or block the two
+// touch).
 //
 //   CUDA   the pool is pinned host memory (Device::AllocateStaging, mapped
 //          into the device's address space); a batch is one copy kernel on
-//          the copier's own stream, after the caller's stream's earlier work.
-//   CPU    the pool is a second host allocation; a batch runs on the
-//          copier's thread.
+//          its lane's stream (low priority, a few dozen thread blocks, so it
+//          leaves the multiprocessors to the caller's kernels), after the
+//          caller's stream's earlier work.
+//   CPU    the pool is a second host allocation; each lane has a thread.
 //
-// Ordering: Enqueue's batch reads and writes after everything earlier on the
-// queue, and (CUDA) after all work enqueued so far on `after_stream`; WaitOn
-// makes the caller's later work (CUDA: on `stream`; CPU: the calling thread
-// itself, which blocks) come after every batch enqueued so far.
+// Ordering: Enqueue's batch reads and writes after everything earlier on its
+// lane, after the named batch of the other lane, and (CUDA) after all work
+// enqueued so far on `after_stream`. WaitOn(lane, n, stream) makes the
+// caller's later work (CUDA: on `stream`; CPU: the calling thread itself,
+// which blocks) come after batch n of `lane` and every batch before it on
+// that lane.
+//
+// Batches are numbered per lane from 1 in enqueue order; 0 names none.
 //
 // Thread safety: Enqueue and WaitOn are called by one thread at a time (the
-// manager's lock); the copier's own thread synchronizes with them.
-// Ownership: owns the pool, the stream or thread, and the staging of the
-// batches' descriptions. Destruction waits for the queue to drain.
+// manager's lock); the copier's own threads synchronize with them.
+// Ownership: owns the pool, the streams or threads, and the staging of the
+// batches' descriptions. Destruction waits for the queues to drain.
 
 #ifndef KVCACHE_STORAGE_TIER_COPIER_H_
 #define KVCACHE_STORAGE_TIER_COPIER_H_
@@ -40,6 +52,12 @@ struct CopyRun {
   int64_t bytes = 0;
 };
 
+enum class TierLane : int { kOffload = 0, kOnboard = 1 };
+inline constexpr int kNumTierLanes = 2;
+inline TierLane OtherLane(TierLane lane) {
+  return lane == TierLane::kOffload ? TierLane::kOnboard : TierLane::kOffload;
+}
+
 class TierCopier {
  public:
   virtual ~TierCopier() = default;
@@ -48,34 +66,47 @@ class TierCopier {
   virtual char* pool() const = 0;
   virtual int64_t pool_bytes() const = 0;
 
-  // Queues `runs` as one batch. All or nothing: on an error (Internal; a
-  // launch failure, or the injected failure below) no run of the batch is
-  // copied, and earlier batches are unaffected. REQUIRES: runs do not
-  // overlap within the batch.
-  virtual absl::Status Enqueue(absl::Span<const CopyRun> runs,
-                               void* after_stream) = 0;
-  // Orders the caller's later work after every batch enqueued so far (see
-  // the top of this file). Cheap when nothing was enqueued since the last
-  // WaitOn on the same stream.
-  virtual absl::Status WaitOn(void* stream) = 0;
+  // Queues `runs` as one batch of `lane`, to run after batch
+  // `after_other_lane` (0: none) of the other lane. All or nothing: on an
+  // error (Internal; a launch failure, or the injected failure below) no run
+  // of the batch is copied, and earlier batches are unaffected. REQUIRES:
+  // runs do not overlap within the batch; after_other_lane <=
+  // enqueued(other lane).
+  virtual absl::Status Enqueue(TierLane lane, absl::Span<const CopyRun> runs,
+                               void* after_stream,
+                               int64_t after_other_lane) = 0;
+  // Orders the caller's later work after batch `batch` of `lane` (see the
+  // top of this file). Cheap when it is known done. REQUIRES: batch <=
+  // enqueued(lane).
+  virtual absl::Status WaitOn(TierLane lane, int64_t batch, void* stream) = 0;
   // Blocks the calling thread until every batch enqueued so far is done.
   virtual absl::Status Synchronize() = 0;
-  // Batches enqueued and not yet complete (CUDA: of the last four; for
-  // backpressure and tests).
-  virtual int64_t in_flight() = 0;
-  // Bytes of the batches enqueued and not yet complete (CUDA: of the last
-  // four; the offload policy's in-flight budget).
-  virtual int64_t in_flight_bytes() = 0;
-  // Batches enqueued so far, and of them those known complete (CUDA: as of
-  // the last in_flight or completed call). A batch's number is
-  // enqueued() right after its Enqueue; it is done once completed() >= it.
-  virtual int64_t enqueued() const = 0;
-  virtual int64_t completed() = 0;
+  // Batches of `lane` enqueued and not yet complete (CUDA: of its last
+  // kRingEntries; for backpressure and tests), and their bytes (the offload
+  // policy's in-flight budget).
+  virtual int64_t in_flight(TierLane lane) = 0;
+  virtual int64_t in_flight_bytes(TierLane lane) = 0;
+  // Batches of `lane` enqueued so far, and the number of its last batch known
+  // complete (batches of a lane complete in order; CUDA: as of this call).
+  virtual int64_t enqueued(TierLane lane) const = 0;
+  virtual int64_t completed(TierLane lane) = 0;
 
-  // Test seams. Each batch waits `delay` before it runs (CPU only; the
-  // batch is in flight meanwhile), and the next `n` Enqueue calls fail.
+  // Both lanes together.
+  int64_t in_flight() {
+    return in_flight(TierLane::kOffload) + in_flight(TierLane::kOnboard);
+  }
+  int64_t in_flight_bytes() {
+    return in_flight_bytes(TierLane::kOffload) +
+           in_flight_bytes(TierLane::kOnboard);
+  }
+
+  // Test seams. Each batch enqueued from now on waits `delay` before it runs
+  // (CPU only; the batch is in flight meanwhile), and the next `n` Enqueue
+  // calls fail.
   void set_delay_for_testing(absl::Duration delay) { delay_ = delay; }
   void fail_next_for_testing(int n) { fail_next_ = n; }
+  // CUDA: the most thread blocks one batch's copy kernel uses (benchmarks).
+  virtual void set_max_blocks_for_testing(int) {}
 
  protected:
   // Consumes one injected failure, if any.

@@ -155,6 +155,16 @@ class HostTierTest : public ::testing::TestWithParam<Case> {
     return plan.ok() ? *plan : StepPlanInfo{};
   }
 
+  // Frees `id` and puts its full blocks in the tier (evicted by a
+  // whole-pool plan, aborted): every device block is free after.
+  void EvictToTier(SequenceId id, int32_t num_blocks) {
+    ASSERT_TRUE(m_->Free(id).ok());
+    const StepPlanInfo fill = FillPool(id + 100, num_blocks);
+    ASSERT_TRUE(m_->Abort(fill.id).ok());
+    ASSERT_TRUE(m_->Free(id + 100).ok());
+    ASSERT_TRUE(copier_->Synchronize().ok());
+  }
+
   void ExpectConsistent() {
     const absl::Status valid = m_->Validate();
     EXPECT_TRUE(valid.ok()) << valid;
@@ -261,6 +271,133 @@ TEST_P(HostTierTest, HitWhileOffloadIsInFlight) {
   copier_->set_delay_for_testing(absl::ZeroDuration());
   EXPECT_TRUE(BitEqual(GatherAll(3, 3 * kBs), before));  // Waits for both.
   EXPECT_EQ(copier_->in_flight(), 0);
+  ExpectConsistent();
+}
+
+// The two lanes: an onboard does not queue behind offloads it does not
+// depend on, and a step waits only for its own sequences' onboards.
+
+TEST_P(HostTierTest, OnboardDoesNotWaitForUnrelatedOffloads) {
+  Make(/*num_blocks=*/12, /*tier_blocks=*/8);
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  Compute(1, prompt);
+  const std::vector<float> before = GatherAll(1, 3 * kBs);
+  ASSERT_NO_FATAL_FAILURE(EvictToTier(1, 12));
+  // Four cached blocks, then a slow offload of them: sequence 7 evicts them
+  // once sequence 6 holds every free block.
+  Compute(5, Prompt(4 * kBs));
+  ASSERT_TRUE(m_->Free(5).ok());
+  ASSERT_EQ(*m_->AddSequence(6, Prompt(8 * kBs)), 0);
+  absl::StatusOr<StepPlanInfo> six = m_->Reserve({{6, {}, 8 * kBs}});
+  ASSERT_TRUE(six.ok()) << six.status();
+  copier_->set_delay_for_testing(absl::Seconds(2));
+  ASSERT_EQ(*m_->AddSequence(7, Prompt(4 * kBs)), 0);
+  absl::StatusOr<StepPlanInfo> seven = m_->Reserve({{7, {}, 4 * kBs}});
+  ASSERT_TRUE(seven.ok()) << seven.status();
+  copier_->set_delay_for_testing(absl::ZeroDuration());
+  ASSERT_GT(copier_->in_flight(TierLane::kOffload), 0);
+  ASSERT_TRUE(m_->Abort(six->id).ok());  // Free blocks for the onboard.
+  ASSERT_TRUE(m_->Free(6).ok());
+  PrefixHits hits;
+  ASSERT_EQ(*m_->AddSequence(3, prompt, {}, &hits), 3 * kBs);
+  ASSERT_EQ(hits.host_tokens, 3 * kBs);
+  // The onboard lands while the offload still sleeps.
+  const absl::Time deadline = absl::Now() + absl::Milliseconds(1500);
+  while (!*m_->PrefixLoaded(3) && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_TRUE(*m_->PrefixLoaded(3));
+  EXPECT_GT(copier_->in_flight(TierLane::kOffload), 0)
+      << "the onboard waited for the offload";
+  EXPECT_TRUE(BitEqual(GatherAll(3, 3 * kBs), before));
+  ASSERT_TRUE(m_->Abort(seven->id).ok());
+  ExpectConsistent();
+}
+
+TEST_P(HostTierTest, StepWaitsOnlyForItsOwnSequencesOnboards) {
+  Make(/*num_blocks=*/12, /*tier_blocks=*/6);
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  Compute(1, prompt);
+  const std::vector<float> before = GatherAll(1, 3 * kBs);
+  ASSERT_NO_FATAL_FAILURE(EvictToTier(1, 12));
+  EXPECT_EQ(m_->PrefixLoaded(7).status().code(), absl::StatusCode::kNotFound);
+
+  copier_->set_delay_for_testing(absl::Milliseconds(500));
+  PrefixHits hits;
+  ASSERT_EQ(*m_->AddSequence(3, prompt, {}, &hits), 3 * kBs);
+  ASSERT_EQ(hits.host_tokens, 3 * kBs);
+  copier_->set_delay_for_testing(absl::ZeroDuration());
+  EXPECT_FALSE(*m_->PrefixLoaded(3));
+  // A device hit on the blocks being onboarded waits for them too.
+  ASSERT_EQ(*m_->AddSequence(4, prompt, {}, &hits), 3 * kBs);
+  EXPECT_EQ(hits.device_tokens, 3 * kBs);
+  EXPECT_FALSE(*m_->PrefixLoaded(4));
+  // So does a fork of it.
+  ASSERT_TRUE(m_->Fork(4, 6).ok());
+  EXPECT_FALSE(*m_->PrefixLoaded(6));
+  // Another sequence's whole step runs meanwhile (on the CPU a wait would
+  // block this thread until the onboard is done).
+  ASSERT_EQ(*m_->AddSequence(5, Prompt(2 * kBs)), 0);
+  EXPECT_TRUE(*m_->PrefixLoaded(5));
+  absl::StatusOr<StepPlanInfo> plan = m_->Reserve({{5, {}, 2 * kBs}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  AppendZeros(plan->id, 2 * kBs);
+  ASSERT_TRUE(m_->Commit(plan->id).ok());
+  EXPECT_GT(copier_->in_flight(TierLane::kOnboard), 0)
+      << "sequence 5's step waited for sequence 3's onboard";
+  EXPECT_FALSE(*m_->PrefixLoaded(3));
+  // Sequence 3's own step waits for it.
+  plan = m_->Reserve({{3, {}, 1}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  AppendZeros(plan->id, 1);
+  EXPECT_EQ(copier_->in_flight(TierLane::kOnboard), 0);
+  ASSERT_TRUE(m_->Commit(plan->id).ok());
+  EXPECT_TRUE(*m_->PrefixLoaded(3));
+  EXPECT_TRUE(*m_->PrefixLoaded(4));
+  EXPECT_TRUE(*m_->PrefixLoaded(6));
+  EXPECT_TRUE(BitEqual(GatherAll(3, 3 * kBs), before));
+  EXPECT_TRUE(BitEqual(GatherAll(4, 3 * kBs), before));
+  ExpectConsistent();
+}
+
+// A sequence freed before its prefix landed: its blocks may go to anyone,
+// so every later step waits for the onboard that fills them.
+TEST_P(HostTierTest, FreeBeforeThePrefixLandedOrdersEveryoneAfterIt) {
+  // Evicted blocks are dropped, not offloaded (an onboarded block counts
+  // one hit): only the rule above orders the step after the onboard.
+  Make(/*num_blocks=*/8, /*tier_blocks=*/6, 0,
+       [](KVCacheConfig& c) { c.tier_offload_min_hits = 3; });
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  {
+    // With min_hits 3 the prompt must be hit three times to be offloaded.
+    Compute(1, prompt);
+    ASSERT_TRUE(m_->Free(1).ok());
+    for (SequenceId id : {11, 12, 13}) {
+      ASSERT_EQ(*m_->AddSequence(id, prompt), 3 * kBs);
+      ASSERT_TRUE(m_->Free(id).ok());
+    }
+    const StepPlanInfo fill = FillPool(2, 8);
+    ASSERT_TRUE(m_->Abort(fill.id).ok());
+    ASSERT_TRUE(m_->Free(2).ok());
+    ASSERT_TRUE(copier_->Synchronize().ok());
+    ASSERT_EQ(m_->Metrics().host_tier_blocks_stored, 3);
+  }
+  copier_->set_delay_for_testing(absl::Milliseconds(300));
+  ASSERT_EQ(*m_->AddSequence(3, prompt), 3 * kBs);
+  copier_->set_delay_for_testing(absl::ZeroDuration());
+  ASSERT_TRUE(m_->Free(3).ok());
+  ASSERT_GT(copier_->in_flight(TierLane::kOnboard), 0);
+  // A whole-pool step reuses the onboarded blocks: it must not write them
+  // before the onboard is done.
+  ASSERT_EQ(*m_->AddSequence(4, Prompt(8 * kBs)), 0);
+  absl::StatusOr<StepPlanInfo> plan = m_->Reserve({{4, {}, 8 * kBs}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  AppendZeros(plan->id, 8 * kBs);
+  EXPECT_EQ(copier_->in_flight(TierLane::kOnboard), 0);
+  ASSERT_TRUE(m_->Commit(plan->id).ok());
+  const std::vector<float> zeros(static_cast<size_t>(kLayers) * 8 * kBs *
+                                 kHeads * (kD + kDv));
+  EXPECT_TRUE(BitEqual(GatherAll(4, 8 * kBs), zeros));
   ExpectConsistent();
 }
 

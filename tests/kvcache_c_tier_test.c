@@ -85,6 +85,13 @@ int main(void) {
   out_v.data = v;
   CHECK_IS(KVCACHE_OK, kvcache_gather(m, 3, 0, 0, 8, &out, &out_v, NULL));
   for (int i = 0; i < 8 * H * D; ++i) CHECK(k[i] == 1.0f && v[i] == 1.0f);
+  /* Landed once gathered (the gather waited for it); bad input refused. */
+  int loaded = -1;
+  CHECK_IS(KVCACHE_OK, kvcache_prefix_loaded(m, 3, &loaded));
+  CHECK(loaded == 1);
+  CHECK_IS(KVCACHE_NOT_FOUND, kvcache_prefix_loaded(m, 77, &loaded));
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_prefix_loaded(m, 3, NULL));
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_prefix_loaded(NULL, 3, &loaded));
 
   kvcache_metrics metrics = KVCACHE_STRUCT_INIT(kvcache_metrics);
   CHECK_IS(KVCACHE_OK, kvcache_get_metrics(m, &metrics));

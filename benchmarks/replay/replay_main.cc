@@ -94,6 +94,11 @@ ABSL_FLAG(int64_t, context_tokens, 32768,
 ABSL_FLAG(double, host_tier_gb, 2.0,
           "Host tier behind the cache, in GiB of host memory (pinned on CUDA); "
           "0 = none.");
+ABSL_FLAG(bool, async_onboard, true,
+          "Host tier: a request whose prefix is still being copied in from "
+          "the tier sits out the steps until it lands "
+          "(KVCacheManager::PrefixLoaded), so other requests' steps hide the "
+          "copy; false: it joins at once and its step waits for the copy.");
 ABSL_FLAG(int32_t, tier_offload_min_hits,
           kvcache::KVCacheConfig().tier_offload_min_hits,
           "Host tier: offload only evicted blocks with at least this many "
@@ -266,6 +271,7 @@ absl::Status Run() {
   options.attention = absl::GetFlag(FLAGS_attention);
   options.spec_tokens = absl::GetFlag(FLAGS_spec_tokens);
   options.cuda_graph = absl::GetFlag(FLAGS_cuda_graph);
+  options.async_onboard = absl::GetFlag(FLAGS_async_onboard);
   if (options.spec_tokens < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--spec_tokens ", options.spec_tokens, " must be >= 0"));
@@ -298,6 +304,7 @@ absl::Status Run() {
   report.num_layers = config->num_layers;
   report.spec_tokens = options.spec_tokens;
   report.cuda_graph = options.cuda_graph;
+  report.async_onboard = options.async_onboard;
   std::fputs(ReportText(report).c_str(), stdout);
   const std::string json_path = absl::GetFlag(FLAGS_json);
   if (!json_path.empty()) {

@@ -52,6 +52,7 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.tier_offloads_skipped = metrics.tier_offloads_skipped;
   r.tier_offloads_unselected = metrics.tier_offloads_unselected;
   r.tier_offloads_waited = metrics.tier_offloads_waited;
+  r.onboard_deferrals = stats.onboard_deferrals;
   r.evictions = metrics.evictions;
   r.preemptions = stats.preemptions;
   r.draft_tokens_accepted = stats.draft_tokens_accepted;
@@ -129,6 +130,11 @@ std::string ReportText(const ReplayReport& r) {
         "busy)\n",
         static_cast<double>(r.tier_offload_bytes) / 1e9, r.tier_offloads_waited,
         r.tier_offloads_unselected, r.tier_offloads_skipped);
+    absl::StrAppendFormat(
+        &out,
+        "  onboarding            --async_onboard %s: %d request-steps sat out "
+        "waiting for their prefix\n",
+        r.async_onboard ? "on" : "off", r.onboard_deferrals);
   }
   absl::StrAppendFormat(&out, "  preemptions           %d\n", r.preemptions);
   if (r.spec_tokens > 0) {
@@ -193,6 +199,8 @@ std::string ReportJson(const ReplayReport& r) {
       {"tier_offloads_skipped", r.tier_offloads_skipped},
       {"tier_offloads_unselected", r.tier_offloads_unselected},
       {"tier_offloads_waited", r.tier_offloads_waited},
+      {"async_onboard", r.async_onboard},
+      {"onboard_deferrals", r.onboard_deferrals},
       {"evictions", r.evictions},
       {"preemptions", r.preemptions},
       {"spec_tokens", r.spec_tokens},

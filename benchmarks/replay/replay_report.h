@@ -39,6 +39,10 @@ struct ReplayReport {
   int64_t tier_offloads_skipped = 0;
   int64_t tier_offloads_unselected = 0;
   int64_t tier_offloads_waited = 0;  // Steps' writes waited for their copy.
+  // --async_onboard: steps requests sat out while their prefix was copied
+  // in (on or off).
+  bool async_onboard = true;
+  int64_t onboard_deferrals = 0;
   int64_t evictions = 0;
   int64_t preemptions = 0;
   int spec_tokens = 0;  // Draft tokens per decode step (--spec_tokens).

@@ -39,6 +39,9 @@ struct Scheduler::Request {
   int64_t max_computed = 0;     // Over all admissions (for recompute counts).
   int64_t generated = 0;        // Output tokens decoded.
   bool admitted_before = false;
+  // async_onboard: its prefix is still being copied in from the host tier
+  // (KVCacheManager::PrefixLoaded); it sits out the steps until it lands.
+  bool loading = false;
 };
 
 Scheduler::Scheduler(KVCacheManager* manager, KvWriter* writer,
@@ -80,10 +83,28 @@ void Scheduler::Arrive() {
   }
 }
 
-void Scheduler::BuildRunningEntries(std::vector<Entry>* entries,
-                                    int64_t* budget) {
+absl::StatusOr<bool> Scheduler::StillLoading(Request* r) {
+  if (!r->loading) return false;
+  absl::StatusOr<bool> loaded = manager_->PrefixLoaded(r->sequence);
+  if (!loaded.ok()) return loaded.status();
+  r->loading = !*loaded;
+  return r->loading;
+}
+
+absl::Status Scheduler::BuildRunningEntries(std::vector<Entry>* entries,
+                                            int64_t* budget,
+                                            bool include_loading) {
   for (const std::unique_ptr<Request>& r : running_) {
     if (*budget == 0) break;
+    if (!include_loading) {
+      absl::StatusOr<bool> loading = StillLoading(r.get());
+      if (!loading.ok()) return loading.status();
+      if (*loading) {
+        ++stats_.onboard_deferrals;
+        continue;
+      }
+    }
+    r->loading = false;
     const int64_t pending =
         static_cast<int64_t>(r->tokens.size()) - r->computed;
     if (pending > 0) {
@@ -107,6 +128,7 @@ void Scheduler::BuildRunningEntries(std::vector<Entry>* entries,
       *budget -= 1 + drafts;
     }
   }
+  return absl::OkStatus();
 }
 
 absl::Status Scheduler::AdmitWaiting(std::vector<Entry>* entries,
@@ -138,6 +160,20 @@ absl::Status Scheduler::AdmitWaiting(std::vector<Entry>* entries,
       stats_.prefix_hit_tokens += *hit;
       stats_.prefix_hit_tokens_host += hits.host_tokens;
       r->admitted_before = true;
+    }
+    if (options_.async_onboard && hits.host_tokens > 0) {
+      // Its chunk fits (checked above), but it waits for its prefix rather
+      // than making this step wait on the copy.
+      r->loading = true;
+      absl::StatusOr<bool> loading = StillLoading(r);
+      if (!loading.ok()) return loading.status();
+      if (*loading) {
+        entries->pop_back();
+        ++stats_.onboard_deferrals;
+        running_.push_back(std::move(waiting_.front()));
+        waiting_.pop_front();
+        continue;
+      }
     }
     *budget -= n;
     running_.push_back(std::move(waiting_.front()));
@@ -224,8 +260,19 @@ absl::Status Scheduler::Step() {
   const Clock::time_point start = Clock::now();
   std::vector<Entry> entries;
   int64_t budget = options_.token_budget;
-  BuildRunningEntries(&entries, &budget);
+  if (absl::Status s = BuildRunningEntries(&entries, &budget, false); !s.ok()) {
+    return s;
+  }
   if (absl::Status s = AdmitWaiting(&entries, &budget); !s.ok()) return s;
+  if (entries.empty() && !running_.empty()) {
+    // Every running request waits for its prefix: nothing to overlap the
+    // copies with, so the step takes them (and waits on its stream).
+    budget = options_.token_budget;
+    if (absl::Status s = BuildRunningEntries(&entries, &budget, true);
+        !s.ok()) {
+      return s;
+    }
+  }
   absl::StatusOr<StepPlanInfo> plan;
   int64_t padded = 0;  // A graph step's padded size; 0 for other steps.
   bool decode_only = true;

@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "api/kv_cache_manager.h"
 #include "benchmarks/replay/kv_writer.h"
 #include "testing/trace.h"
@@ -62,6 +63,12 @@ struct SchedulerOptions {
   // Steps of decode tokens only run as graph steps (ReserveGraphStep padded
   // to the next power of two, at most max_running; KvWriter::GraphStep).
   bool cuda_graph = false;
+  // A request whose prefix hit is still being onboarded from the host tier
+  // (KVCacheManager::PrefixLoaded false) sits out the steps until it lands,
+  // as an engine's asynchronous KV loading does, unless every running
+  // request is loading; false: it joins at once and its step waits on the
+  // copy.
+  bool async_onboard = true;
 };
 
 struct ReplayStats {
@@ -85,6 +92,8 @@ struct ReplayStats {
   // Of those, the steps of decode tokens only (graph steps with --cuda_graph).
   std::vector<double> decode_step_host_ms;
   int64_t graph_steps = 0;
+  // async_onboard: steps a running request sat out waiting for its prefix.
+  int64_t onboard_deferrals = 0;
   std::vector<double> attention_ms;  // --attention: all layers, per step.
   ErrorTotals error;
 
@@ -118,7 +127,12 @@ class Scheduler {
   };
 
   void Arrive();
-  void BuildRunningEntries(std::vector<Entry>* entries, int64_t* budget);
+  // The running requests' entries, oldest first, within *budget; those
+  // still loading their prefix sit out unless include_loading.
+  absl::Status BuildRunningEntries(std::vector<Entry>* entries, int64_t* budget,
+                                   bool include_loading);
+  // Whether `r`'s prefix is still being onboarded (updates r->loading).
+  absl::StatusOr<bool> StillLoading(Request* r);
   absl::Status AdmitWaiting(std::vector<Entry>* entries, int64_t* budget);
   absl::Status Preempt(std::vector<Entry>* entries);
   absl::Status Finish(Request* request);

@@ -263,6 +263,12 @@ class Manager:
         _check(library().kvcache_sequence_length(self._m, sequence, ctypes.byref(n)))
         return n.value
 
+    def prefix_loaded(self, sequence):
+        """False while a host-tier onboard that fills the sequence's prefix is still copying."""
+        loaded = ctypes.c_int32()
+        _check(library().kvcache_prefix_loaded(self._m, sequence, ctypes.byref(loaded)))
+        return bool(loaded.value)
+
     def tokens_that_fit(self, sequence):
         n = ctypes.c_int64()
         _check(library().kvcache_tokens_that_fit(self._m, sequence, ctypes.byref(n)))

@@ -367,6 +367,7 @@ _FUNCTIONS = {
     "kvcache_free": (_S, [_M, c_int64]),
     "kvcache_block_table": (_S, [_M, c_int64, POINTER(c_int32), c_int64, POINTER(c_int64)]),
     "kvcache_sequence_length": (_S, [_M, c_int64, POINTER(c_int64)]),
+    "kvcache_prefix_loaded": (_S, [_M, c_int64, POINTER(c_int32)]),
     "kvcache_batch_block_table": (_S, [_M, POINTER(c_int64), c_int64, c_void_p,
                                        POINTER(BlockTableView)]),
     "kvcache_get_layer_view": (_S, [_M, c_int32, POINTER(LayerView)]),

@@ -162,6 +162,9 @@ class ManagerTest(unittest.TestCase):
                          B.tensor(np.ones((2, 2, 16), np.float32)))
             m.commit(step)
             self.assertEqual(m.sequence_length(1), 11)
+            self.assertTrue(m.prefix_loaded(1))  # No host tier: always landed.
+            with self.assertRaises(kvcache.KVCacheError):
+                m.prefix_loaded(404)
             key, value = B.empty((10, 2, 16)), B.empty((10, 2, 16))
             m.gather(1, 2, 0, 10, key, value)
             k_in, v_in = inputs[2]

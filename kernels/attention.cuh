@@ -82,8 +82,9 @@ inline constexpr float kLog2e = 1.4426950408889634f;
 //                operands are read (lane (g, c) copies the chunks c, c + 4,
 //                ... of key g: 64-byte pieces of 8 rows per instruction, two
 //                L2 requests per line: 32). Same bytes, same shared-memory
-//                layout, same result; the L2's request rate, not its bytes,
-//                is what limited the kernel (benchmarks/results/NOTES.md).
+//                layout, same result; the earlier kernel's speeds all match
+//                one L2 request rate, not a byte rate, which this halves for
+//                K (benchmarks/results/NOTES.md "v5"; to be measured).
 template <int kBlocksPerSm_, bool kRowCopy_ = true>
 struct AttnConfig {
   static constexpr int kBlocksPerSm = kBlocksPerSm_;

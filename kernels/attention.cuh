@@ -14,9 +14,10 @@
 //   kStages shared-memory stages with cp.async (16-byte copies of codes,
 //   4-byte copies of scales), the block table read one tile ahead of the
 //   copies and the first copies issued before q is set up.
-//   Lane (g = lane / 4, c = lane % 4) copies exactly the bytes it later reads
-//   as mma operands, so a stage needs no barrier but the warp's own (the
-//   scales and the validity mask are shared across the warp):
+//   The operands lane (g = lane / 4, c = lane % 4) reads from a stage (the
+//   scales and the validity mask are shared across the warp; K rows are
+//   copied in row order by neighbouring lanes, AttnConfig::kRowCopy), so a
+//   stage needs no barrier but the warp's own:
 //     K: of keys g and 8 + g, the 16-byte chunks c, c + 4, ... of the row;
 //        the head dimension is permuted consistently in q and K, so these are
 //        the B fragments of mma.m16n8k16 (S = q K^T, fp32 accumulation).
@@ -74,9 +75,20 @@ inline constexpr float kLog2e = 1.4426950408889634f;
 //                for: 3 (the base kernel) or 4 (fewer stages, at most 128
 //                registers; compiled for 8-bit caches with head sizes up to
 //                128 only).
-template <int kBlocksPerSm_>
+//   kRowCopy     how a tile's K rows are copied: true (the launcher's
+//                default) in row order, so that the lanes of one copy
+//                instruction cover whole rows (one L2 request per 128-byte
+//                line: 16 per int8 tile of head size 128); false as the
+//                operands are read (lane (g, c) copies the chunks c, c + 4,
+//                ... of key g: 64-byte pieces of 8 rows per instruction, two
+//                L2 requests per line: 32). Same bytes, same shared-memory
+//                layout, same result; the earlier kernel's speeds all match
+//                one L2 request rate, not a byte rate, which this halves for
+//                K (benchmarks/results/NOTES.md "v5"; to be measured).
+template <int kBlocksPerSm_, bool kRowCopy_ = true>
 struct AttnConfig {
   static constexpr int kBlocksPerSm = kBlocksPerSm_;
+  static constexpr bool kRowCopy = kRowCopy_;
 };
 using AttnDefaultConfig = AttnConfig<3>;
 
@@ -350,12 +362,36 @@ __global__ void __launch_bounds__(kAttnThreads,
   unsigned char* ring = smem + warp * kStages * Shape::kStageBytes;
 
   // Offsets of this lane's key (lane % 16) of the warp's i-th tile; key = -1
-  // when the key is past the split or its block-table entry is out of range.
+  // (row = kNoRow) when the key is past the split or its block-table entry is
+  // out of range. With row copies (kRowCopy) the K rows are addressed by
+  // row = slot x num_heads + kv_head, shuffled as 32 bits (rows of at least
+  // 64 bytes: 2^32 of them would be a 256 GiB cache) and `key` is unused.
+  constexpr bool kRowCopy = Cfg::kRowCopy;
+  constexpr uint32_t kNoRow = 0xFFFFFFFFu;
+  const uint32_t k_pitch = static_cast<uint32_t>(layout.key_row_pitch());
   struct KeyOffsets {
     int64_t key, value, scale;
+    uint32_t row;
+  };
+  auto key_ok = [&](const KeyOffsets& o) {
+    if constexpr (kRowCopy) {
+      return o.row != kNoRow;
+    } else {
+      return o.key >= 0;
+    }
+  };
+  // Whether key `src_lane` of the tile is valid, and (row copies) its row.
+  auto shfl_ok = [&](const KeyOffsets& o, int src_lane, uint32_t* row) {
+    if constexpr (kRowCopy) {
+      *row = __shfl_sync(0xFFFFFFFFu, o.row, src_lane);
+      return *row != kNoRow;
+    } else {
+      *row = 0;
+      return __shfl_sync(0xFFFFFFFFu, o.key, src_lane) >= 0;
+    }
   };
   auto offsets_of = [&](int32_t i) -> KeyOffsets {
-    KeyOffsets o{-1, 0, 0};
+    KeyOffsets o{-1, 0, 0, kNoRow};
     const int32_t key = kb + (kw + wph * i) * kAttnKeys + (lane & 15);
     if (i >= my_tiles || key >= ke) return o;
     uint32_t block_index, offset;
@@ -365,27 +401,70 @@ __global__ void __launch_bounds__(kAttnThreads,
     const int64_t slot =
         static_cast<int64_t>(block) * layout.block_size + offset;
     o.key = layout.key_offset(slot, kv_head);
+    o.row = static_cast<uint32_t>(slot * layout.num_heads + kv_head);
     o.value = layout.value_offset(slot, kv_head);
     o.scale = layout.scale_offset(slot, kv_head);
     return o;
   };
   auto issue = [&](int stage, const KeyOffsets& ko) {
     unsigned char* st = ring + stage * Shape::kStageBytes;
+    if constexpr (Cfg::kRowCopy) {
+      // The tile's 16 K rows of kRowChunks 16-byte chunks, in row order:
+      // each copy instruction reads 4 whole 128-byte lines (8 lanes each),
+      // or 8 whole 64-byte rows. Each chunk lands where the lane that reads
+      // it as an operand finds it (the slot of key 8 nb + g, chunk 4 i + c
+      // below), so the stage's layout is the same.
+      constexpr int kRowChunks = 4 * Shape::kKChunks;
+      if constexpr (kRowChunks < 8) {
+        // 64-byte rows: copy t of lane L is chunk L % 4 of key 8 t + L / 4,
+        // which is where that lane reads it.
 #pragma unroll
-    for (int nb = 0; nb < 2; ++nb) {
-      const int64_t ok = __shfl_sync(0xFFFFFFFFu, ko.key, 8 * nb + g);
-      const CacheT* src = kc + (ok < 0 ? 0 : ok);
+        for (int nb = 0; nb < 2; ++nb) {
+          uint32_t row;
+          const bool ok = shfl_ok(ko, 8 * nb + g, &row);
+          const CacheT* src = kc + (ok ? uint64_t{row} * k_pitch : 0);
+          CpAsync<16>(SmemAddr(st + (nb * 32 + lane) * 16),
+                      src + c * Shape::kKChunkElems, ok);
+        }
+      } else {
+        // Lanes 8 j .. 8 j + 7 read line `line` of key 4 kk + j: chunk
+        // 8 line + lane % 8 of the row; one shuffled offset per key.
+        constexpr int kLines = kRowChunks / 8;
+        const int j = lane / 8;
 #pragma unroll
-      for (int i = 0; i < Shape::kKChunks; ++i) {
-        CpAsync<16>(
-            SmemAddr(st + ((nb * Shape::kKChunks + i) * 32 + lane) * 16),
-            src + (i * 4 + c) * Shape::kKChunkElems, ok >= 0);
+        for (int kk = 0; kk < 4; ++kk) {
+          const int key = 4 * kk + j;
+          uint32_t row;
+          const bool ok = shfl_ok(ko, key, &row);
+          const CacheT* src = kc + (ok ? uint64_t{row} * k_pitch : 0);
+#pragma unroll
+          for (int line = 0; line < kLines; ++line) {
+            const int chunk = 8 * line + lane % 8;
+            const int dst = ((key / 8) * Shape::kKChunks + chunk / 4) * 32 +
+                            (key % 8) * 4 + chunk % 4;
+            CpAsync<16>(SmemAddr(st + dst * 16),
+                        src + chunk * Shape::kKChunkElems, ok);
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        const int64_t ok = __shfl_sync(0xFFFFFFFFu, ko.key, 8 * nb + g);
+        const CacheT* src = kc + (ok < 0 ? 0 : ok);
+#pragma unroll
+        for (int i = 0; i < Shape::kKChunks; ++i) {
+          CpAsync<16>(
+              SmemAddr(st + ((nb * Shape::kKChunks + i) * 32 + lane) * 16),
+              src + (i * 4 + c) * Shape::kKChunkElems, ok >= 0);
+        }
       }
     }
 #pragma unroll
     for (int vk = 0; vk < 4; ++vk) {
       const int key = 8 * (vk >> 1) + 2 * c + (vk & 1);
-      const bool ok = __shfl_sync(0xFFFFFFFFu, ko.key, key) >= 0;
+      uint32_t row;
+      const bool ok = shfl_ok(ko, key, &row);
       const int64_t ov = __shfl_sync(0xFFFFFFFFu, ko.value, key);
       const CacheT* src = vc + (ok ? ov : 0);
 #pragma unroll
@@ -398,11 +477,11 @@ __global__ void __launch_bounds__(kAttnThreads,
     }
     if constexpr (kQuant) {
       const float* src = (lane < 16 ? p.cache.key_scale : p.cache.value_scale) +
-                         (ko.key >= 0 ? ko.scale : 0);
+                         (key_ok(ko) ? ko.scale : 0);
       CpAsync<4>(SmemAddr(st + Shape::kKStage + Shape::kVStage + lane * 4), src,
-                 ko.key >= 0);
+                 key_ok(ko));
     }
-    const uint32_t valid = __ballot_sync(0xFFFFFFFFu, ko.key >= 0) & 0xFFFFu;
+    const uint32_t valid = __ballot_sync(0xFFFFFFFFu, key_ok(ko)) & 0xFFFFu;
     if (lane == 0) s_valid[warp * kStages + stage] = valid;
   };
 

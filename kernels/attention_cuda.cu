@@ -190,8 +190,23 @@ absl::Status Launch(const AttentionParams& p, int heads, cudaStream_t stream) {
 }
 
 // The kernel ChooseAttentionKernel picks for p (kernels/attention_policy.h;
-// only the instantiations that differ from the base are compiled: the
-// 4-blocks kernel for 8-bit caches with head sizes up to 128).
+// the 4-blocks kernel is compiled for 8-bit caches with head sizes up to 128
+// only), with K rows copied in row order or, for A/B runs, operand order.
+template <class Cache, int kHeadDim, bool kRowCopy>
+absl::Status LaunchChoice(const AttentionParams& p,
+                          const internal::AttentionKernelChoice& c,
+                          cudaStream_t stream) {
+  using CacheT = typename Cache::T;
+  constexpr bool kOcc4 = kHeadDim <= 128 && sizeof(CacheT) == 1;
+  if constexpr (kOcc4) {
+    if (c.blocks_per_sm == 4) {
+      return Launch<Cache, kHeadDim, AttnConfig<4, kRowCopy>>(p, c.heads,
+                                                              stream);
+    }
+  }
+  return Launch<Cache, kHeadDim, AttnConfig<3, kRowCopy>>(p, c.heads, stream);
+}
+
 template <class Cache, int kHeadDim>
 absl::Status LaunchVariant(const AttentionParams& p, cudaStream_t stream) {
   using CacheT = typename Cache::T;
@@ -201,13 +216,8 @@ absl::Status LaunchVariant(const AttentionParams& p, cudaStream_t stream) {
   if (!info.ok()) return info.status();
   const internal::AttentionKernelChoice c =
       internal::ChooseAttentionKernel(p, kOcc4, info->sms);
-  if constexpr (kOcc4) {
-    if (c.blocks_per_sm == 4) {
-      return Launch<Cache, kHeadDim, AttnConfig<4>>(p, c.heads, stream);
-    }
-  }
-  return Launch<Cache, kHeadDim, internal::AttnDefaultConfig>(p, c.heads,
-                                                              stream);
+  if (c.row_copy) return LaunchChoice<Cache, kHeadDim, true>(p, c, stream);
+  return LaunchChoice<Cache, kHeadDim, false>(p, c, stream);
 }
 
 #ifndef NDEBUG

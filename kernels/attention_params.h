@@ -40,17 +40,26 @@ inline constexpr int32_t kMaxAttentionGroupSize = 16;
 // Split-KV: at most this many thread blocks share one sequence's keys.
 inline constexpr int32_t kMaxAttentionSplits = 64;
 // Kernel variants selectable through AttentionParams::variant (performance
-// experiments; kernels/attention_cuda.cu defines them): 0 "auto" is the
+// experiments; kernels/attention_policy.cc defines them): 0 "auto" is the
 // launcher's policy (KV heads per block and blocks per multiprocessor chosen
-// per cache type and shape), 1 "base" the fixed choice before it (4 heads
-// per block when they divide the KV heads, 3 blocks per multiprocessor); the
-// others force one part: heads per block 1 or 2, the kernel sized for 4
-// blocks per multiprocessor (8-bit caches, head sizes up to 128), heads per
-// block by the first shape rule (auto_heads), and combinations.
-inline constexpr int32_t kNumAttentionVariants = 8;
+// per cache type and shape; K rows copied in row order: whole 128-byte lines
+// per L2 request), 1 "base" the fixed choice before it (4 heads per block
+// when they divide the KV heads, 3 blocks per multiprocessor); 2-7 force one
+// part: heads per block 1 or 2, the kernel sized for 4 blocks per
+// multiprocessor (8-bit caches, head sizes up to 128), heads per block by
+// the first shape rule (auto_heads), and combinations. 1-7 copy K in operand
+// order (the v4 kernel: two 64-byte requests per 128-byte line), as does 8
+// "auto_v4" (the policy as it was before row copies); 9-13 "rows_*" force
+// heads and blocks per multiprocessor with row copies.
+inline constexpr int32_t kNumAttentionVariants = 14;
 inline constexpr const char* kAttentionVariantNames[kNumAttentionVariants] = {
-    "auto", "base",        "heads1",     "heads2",
-    "occ4", "occ4_heads1", "auto_heads", "occ4_auto_heads"};
+    "auto",        "base",
+    "heads1",      "heads2",
+    "occ4",        "occ4_heads1",
+    "auto_heads",  "occ4_auto_heads",
+    "auto_v4",     "rows_base",
+    "rows_heads1", "rows_heads2",
+    "rows_occ4",   "rows_occ4_heads1"};
 
 // Split-KV scratch, allocated once by the caller (so a launch allocates
 // nothing and can be captured in a CUDA graph). A launch with S splits over

@@ -9,23 +9,34 @@ namespace {
 
 // The variants of AttentionParams::variant (kAttentionVariantNames): KV heads
 // per block (kBaseHeads; 1 or 2 forced; kAutoHeads: the first shape rule;
-// kPolicy) and blocks per multiprocessor (3, 4, kPolicy).
+// kPolicy), blocks per multiprocessor (3, 4, kPolicy) and how K rows are
+// copied (kRowCopies: whole rows per copy instruction, the kernel's default;
+// kOperandCopies: as the lanes read them, the kernel before, kept for A/B).
 constexpr int kBaseHeads = 0;
 constexpr int kAutoHeads = -1;
 constexpr int kPolicy = -2;
+constexpr bool kRowCopies = true;
+constexpr bool kOperandCopies = false;
 struct VariantSpec {
   int heads;
   int blocks_per_sm;
+  bool row_copy;
 };
 constexpr VariantSpec kVariants[kNumAttentionVariants] = {
-    {kPolicy, kPolicy},  // auto (the default)
-    {kBaseHeads, 3},     // base
-    {1, 3},              // heads1
-    {2, 3},              // heads2
-    {kBaseHeads, 4},     // occ4
-    {1, 4},              // occ4_heads1
-    {kAutoHeads, 3},     // auto_heads
-    {kAutoHeads, 4},     // occ4_auto_heads
+    {kPolicy, kPolicy, kRowCopies},      // auto (the default)
+    {kBaseHeads, 3, kOperandCopies},     // base
+    {1, 3, kOperandCopies},              // heads1
+    {2, 3, kOperandCopies},              // heads2
+    {kBaseHeads, 4, kOperandCopies},     // occ4
+    {1, 4, kOperandCopies},              // occ4_heads1
+    {kAutoHeads, 3, kOperandCopies},     // auto_heads
+    {kAutoHeads, 4, kOperandCopies},     // occ4_auto_heads
+    {kPolicy, kPolicy, kOperandCopies},  // auto_v4
+    {kBaseHeads, 3, kRowCopies},         // rows_base
+    {1, 3, kRowCopies},                  // rows_heads1
+    {2, 3, kRowCopies},                  // rows_heads2
+    {kBaseHeads, 4, kRowCopies},         // rows_occ4
+    {1, 4, kRowCopies},                  // rows_occ4_heads1
 };
 
 }  // namespace
@@ -51,6 +62,7 @@ AttentionKernelChoice ChooseAttentionKernel(const AttentionParams& p,
   const bool many = blocks >= 2 * int64_t{sms};
   AttentionKernelChoice c;
   c.heads = base;
+  c.row_copy = v.row_copy;
   c.blocks_per_sm = v.blocks_per_sm == 4 && occ4_compiled ? 4 : 3;
   int heads = v.heads;
   if (heads == kAutoHeads) {

@@ -23,6 +23,9 @@ inline constexpr int32_t kAttentionTileRows = 16;
 struct AttentionKernelChoice {
   int heads = 4;          // KV heads per thread block: 1, 2 or 4.
   int blocks_per_sm = 3;  // The kernel instantiation: 3 or 4.
+  // K rows copied in row order (AttnConfig::kRowCopy in attention.cuh; the
+  // policy's choice), or as the lanes read them (the kernel before, for A/B).
+  bool row_copy = true;
 };
 
 // Row tiles per KV head: max_query_tokens x GQA group rows, 16 per tile.
@@ -47,6 +50,12 @@ int32_t AttentionRowTiles(const AttentionParams& p);
 //   split-KV adds no parallelism and the fourth block per multiprocessor is
 //   what fills the device (many short sequences: 256 x 1k).
 // - bf16/fp16: 1 head per block when few or many, 2 in between; 3 blocks.
+// - Every cache: K rows copied in row order (row_copy): half the L2 requests
+//   for K at head size 128 (a whole 128-byte line per request instead of two
+//   64-byte halves), same bytes; the L2 request rate is what the v4 kernel
+//   was limited by (benchmarks/results/NOTES.md "v5"). Variant 8 "auto_v4"
+//   is this policy with the operand-order copies of v4, for A/B; the rows_*
+//   variants force heads and blocks per multiprocessor with row copies.
 AttentionKernelChoice ChooseAttentionKernel(const AttentionParams& p,
                                             bool occ4_compiled, int sms);
 

@@ -2,8 +2,9 @@
 // it was built from (H200: 132 multiprocessors; 8 KV heads, GQA 4, one query
 // token) and around them: the heads per block and kernel instantiation each
 // variant picks, the fallbacks when heads do not divide the KV heads or no
-// 4-blocks kernel exists, and row tiles for wider GQA groups and more query
-// tokens. Expected values are written out from the rules, not computed.
+// 4-blocks kernel exists, how each variant copies K rows, and row tiles for
+// wider GQA groups and more query tokens. Expected values are written out
+// from the rules, not computed.
 
 #include "kernels/attention_policy.h"
 
@@ -64,6 +65,13 @@ TEST(AttentionPolicyTest, BenchmarkShapesGetTheMeasuredBest) {
         ChooseAttentionKernel(Params(e.cache, e.seqs), occ4, kH200Sms);
     EXPECT_EQ(c.heads, e.heads);
     EXPECT_EQ(c.blocks_per_sm, e.blocks_per_sm);
+    EXPECT_TRUE(c.row_copy);  // The policy copies K in row order.
+    // auto_v4: the same heads and kernel, K copied in operand order.
+    const AttentionKernelChoice v4 = ChooseAttentionKernel(
+        Params(e.cache, e.seqs, 8, 4, 1, 8), occ4, kH200Sms);
+    EXPECT_EQ(v4.heads, e.heads);
+    EXPECT_EQ(v4.blocks_per_sm, e.blocks_per_sm);
+    EXPECT_FALSE(v4.row_copy);
   }
 }
 
@@ -107,15 +115,23 @@ TEST(AttentionPolicyTest, WithoutTheFourBlocksKernelInt8FollowsFp8) {
 
 TEST(AttentionPolicyTest, ForcedVariants) {
   // 1 base, 2 heads1, 3 heads2, 4 occ4, 5 occ4_heads1, 6 auto_heads,
-  // 7 occ4_auto_heads; int8 at 256 x 1k (many) and 8 x 64k (few).
+  // 7 occ4_auto_heads, 8 auto_v4 (operand-order K copies); 9 rows_base,
+  // 10 rows_heads1, 11 rows_heads2, 12 rows_occ4, 13 rows_occ4_heads1 (row
+  // copies); int8 at 256 x 1k (many) and 8 x 64k (few).
   struct Forced {
     int32_t variant, seqs;
     int heads, blocks_per_sm;
+    bool row_copy;
   };
   const Forced forced[] = {
-      {1, 256, 4, 3}, {1, 8, 4, 3},   {2, 256, 1, 3}, {3, 256, 2, 3},
-      {4, 256, 4, 4}, {4, 8, 4, 4},   {5, 256, 1, 4}, {6, 256, 4, 3},
-      {6, 8, 1, 3},   {7, 256, 4, 4}, {7, 8, 1, 4},
+      {1, 256, 4, 3, false}, {1, 8, 4, 3, false},   {2, 256, 1, 3, false},
+      {3, 256, 2, 3, false}, {4, 256, 4, 4, false}, {4, 8, 4, 4, false},
+      {5, 256, 1, 4, false}, {6, 256, 4, 3, false}, {6, 8, 1, 3, false},
+      {7, 256, 4, 4, false}, {7, 8, 1, 4, false},   {8, 256, 4, 4, false},
+      {8, 8, 1, 4, false},   {9, 256, 4, 3, true},  {9, 8, 4, 3, true},
+      {10, 256, 1, 3, true}, {11, 256, 2, 3, true}, {12, 256, 4, 4, true},
+      {12, 8, 4, 4, true},   {13, 256, 1, 4, true}, {13, 8, 1, 4, true},
+      {0, 256, 4, 4, true},  {0, 8, 1, 4, true},
   };
   for (const Forced& f : forced) {
     SCOPED_TRACE(kAttentionVariantNames[f.variant]);
@@ -124,11 +140,19 @@ TEST(AttentionPolicyTest, ForcedVariants) {
         Params(DType::kInt8, f.seqs, 8, 4, 1, f.variant), true, kH200Sms);
     EXPECT_EQ(c.heads, f.heads);
     EXPECT_EQ(c.blocks_per_sm, f.blocks_per_sm);
+    EXPECT_EQ(c.row_copy, f.row_copy);
   }
+  // rows_occ4 without a 4-blocks kernel (head size 256, 16-bit caches): the
+  // 3-blocks kernel, still with row copies.
+  AttentionKernelChoice c = ChooseAttentionKernel(
+      Params(DType::kBFloat16, 64, 8, 4, 1, 12), false, kH200Sms);
+  EXPECT_EQ(c.heads, 4);
+  EXPECT_EQ(c.blocks_per_sm, 3);
+  EXPECT_TRUE(c.row_copy);
   // occ4 and auto_heads on a 16-bit cache: 3 blocks (none compiled); the
   // first rule's 1 head when many.
-  AttentionKernelChoice c = ChooseAttentionKernel(
-      Params(DType::kBFloat16, 256, 8, 4, 1, 7), false, kH200Sms);
+  c = ChooseAttentionKernel(Params(DType::kBFloat16, 256, 8, 4, 1, 7), false,
+                            kH200Sms);
   EXPECT_EQ(c.heads, 1);
   EXPECT_EQ(c.blocks_per_sm, 3);
   c = ChooseAttentionKernel(Params(DType::kBFloat16, 64, 8, 4, 1, 4), false,

@@ -11,20 +11,23 @@
 #    same inputs in each of 10 iterations (medians of 10 runs of 20 launches),
 #    each checked against the CPU twin; no Gather-then-dense path. Summary
 #    table at the end of LOG_DIR/attention_variants_benchmark.log (vs_first:
-#    speed relative to the first listed variant, by default 1 "base", the
-#    fixed choice before the launcher's policy, variant 0 "auto").
+#    speed relative to the first listed variant, by default 8 "auto_v4", the
+#    launcher's policy with the v4 kernel's operand-order K copies, against
+#    0 "auto" (the same policy, K rows copied in row order) and the row-copy
+#    variants 9-13 with forced heads and blocks per multiprocessor).
 # 2. cuda_attention_test with every variant on each case of the shape matrix
 #    and the long contexts (one reference per case); per-variant PASS/FAIL
 #    lines at the end of LOG_DIR/cuda_attention_test_variants.log.
-# VARIANTS=1,0 restricts both (the first listed is the benchmark's
-# reference); TEST_TIMEOUT (s, default 420) bounds the test.
+# VARIANTS=8,0 restricts both (the first listed is the benchmark's
+# reference; all 14: VARIANTS=8,0,1,2,3,4,5,6,7,9,10,11,12,13); TEST_TIMEOUT
+# (s, default 420) bounds the test.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bundle="${KVCACHE_BUNDLE:-$(dirname "$here")}"
 logs="${1:?usage: attention_variants.sh LOG_DIR}"
 mkdir -p "$logs"
 export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-variants="${VARIANTS:-1,0,2,3,4,5,6,7}"
+variants="${VARIANTS:-8,0,9,10,11,12,13}"
 summary=()
 run() {  # name, log, command...
   local name="$1" log="$2"

@@ -311,9 +311,10 @@ absl::Status BlockManager::ResetPrefixCache() {
 
 // ---- Host tier -------------------------------------------------------------
 
-void BlockManager::DropFailedOffloads(absl::Span<const TierCopy> copies) {
+void BlockManager::DropFailedOffloads(absl::Span<const TierCopy> copies,
+                                      bool reused_only) {
   if (!prefix_.has_tier()) return;
-  prefix_.DropOffloaded(copies);
+  prefix_.DropOffloaded(copies, reused_only);
   // Nothing reads the held blocks of the failed batch: free them now.
   prefix_.ReleaseOffloaded(0, pool_, /*all=*/true);
   prefix_.Flush();

@@ -249,9 +249,12 @@ class BlockManager {
   // must run. Each call that asks for copies first drops the previous list.
   absl::Span<const TierCopy> tier_copies() const { return prefix_.copies(); }
   void ClearTierCopies() { prefix_.ClearCopies(); }
-  // The copies in `copies` failed: the tier blocks its offloads filled are
-  // dropped (OnBlocksRemoved(kHost)), so nothing reads a half-copied block.
-  void DropFailedOffloads(absl::Span<const TierCopy> copies);
+  // The offloads in `copies` failed (with reused_only, only those of blocks
+  // reused at once, TierCopy::wait: the held ones were queued): the tier
+  // blocks they filled are dropped (OnBlocksRemoved(kHost)), so nothing
+  // reads a half-copied block.
+  void DropFailedOffloads(absl::Span<const TierCopy> copies,
+                          bool reused_only = false);
   // AddSequence's onboard copies failed: the onboarded blocks are dropped
   // (OnBlocksRemoved(kDevice)) and the sequence is freed, as Free.
   absl::Status DropFailedOnboards(SequenceId id,

@@ -151,8 +151,8 @@ class PrefixCache {
   // lets go; the tier gave the entry up already, so the content is dropped.
   void DropOnboarded(absl::Span<const TierCopy> copies, BlockPool& pool);
   // Drops the tier blocks that the failed offloads of `copies` filled
-  // (OnBlocksRemoved(kHost)).
-  void DropOffloaded(absl::Span<const TierCopy> copies);
+  // (OnBlocksRemoved(kHost)); with reused_only, only those with wait set.
+  void DropOffloaded(absl::Span<const TierCopy> copies, bool reused_only);
   // The copies asked for since the last ClearCopies, in the order they must
   // run.
   absl::Span<const TierCopy> copies() const { return copies_; }

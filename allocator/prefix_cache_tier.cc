@@ -206,9 +206,11 @@ void PrefixCache::DropOnboarded(absl::Span<const TierCopy> copies,
   }
 }
 
-void PrefixCache::DropOffloaded(absl::Span<const TierCopy> copies) {
+void PrefixCache::DropOffloaded(absl::Span<const TierCopy> copies,
+                                bool reused_only) {
   for (const TierCopy& c : copies) {
-    if (!c.onboard && tier_->stored(c.host_slot)) DropHost(c.host_slot, true);
+    if (c.onboard || (reused_only && !c.wait)) continue;
+    if (tier_->stored(c.host_slot)) DropHost(c.host_slot, true);
   }
 }
 

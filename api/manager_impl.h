@@ -210,8 +210,8 @@ class KVCacheManager::Impl {
   // less the copies still running; none while the CUDA queue is more than
   // two batches behind).
   void AllowOffloadIfQueueIsFree() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // When blocks are held for their offload copies: waits for every copy
-  // (the host blocks) and frees them; true when that freed any. For a
+  // When blocks are held for their offload copies: waits for them (the
+  // offload lane; the host blocks) and frees them; true when that freed any. For a
   // Reserve or CanReserve that found no room (the held blocks are the
   // pool's, just not yet reusable). Logically const: only when held blocks
   // become free, which no caller can tell from before but by the pool's
@@ -244,8 +244,9 @@ class KVCacheManager::Impl {
   // one (AddSequence's copies, which has none, come after its work).
   std::unique_ptr<internal::TierMover> tier_ ABSL_GUARDED_BY(mu_);
   void* last_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
-  // What later reads and writes wait for (0 = nothing): the last offload
-  // batch with a block that was not held, the last onboard batch, and the
+  // What later reads and writes wait for (0 = nothing): the last batch of
+  // offloads of blocks reused at once (kOffloadReused), the last onboard
+  // batch, and the
   // onboard batch every call waits for (ForgetOnboard). Per sequence whose
   // prefix is still in flight, its onboard batch (AddSequence's own, or the
   // batch that fills a block it hit on the device); pruned as batches are
@@ -257,9 +258,9 @@ class KVCacheManager::Impl {
       ABSL_GUARDED_BY(mu_);
   // Per lane: the batch known done, and through which batch the last stream
   // made to wait (tier_waited_stream_) waits.
-  int64_t tier_known_done_[kNumTierLanes] ABSL_GUARDED_BY(mu_) = {0, 0};
+  int64_t tier_known_done_[kNumTierLanes] ABSL_GUARDED_BY(mu_) = {};
   void* tier_waited_stream_ ABSL_GUARDED_BY(mu_) = nullptr;
-  int64_t tier_waited_[kNumTierLanes] ABSL_GUARDED_BY(mu_) = {0, 0};
+  int64_t tier_waited_[kNumTierLanes] ABSL_GUARDED_BY(mu_) = {};
 };
 
 }  // namespace kvcache

@@ -36,13 +36,14 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
   if (copies.empty()) return absl::OkStatus();
   internal::TierMover::Batches queued;
   absl::Status ran = tier_->Run(copies, stream, &queued);
-  bool offloads = false;
+  bool held = false, reused = false;
   for (const TierCopy& c : copies) {
     if (c.onboard) continue;
-    offloads = true;
-    if (c.wait && queued.offload != 0) tier_offload_wait_ = queued.offload;
+    (c.wait ? reused : held) = true;
   }
   if (queued.offload != 0) blocks_->TierOffloadsQueued(queued.offload);
+  // A reused block's next write, whoever makes it, waits for its offload.
+  if (queued.offload_reused != 0) tier_offload_wait_ = queued.offload_reused;
   if (queued.onboard != 0) {
     tier_onboard_last_ = queued.onboard;
     if (onboarding) NotePendingOnboard(sequence, queued.onboard);
@@ -51,10 +52,14 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
     blocks_->ClearTierCopies();
     return absl::OkStatus();
   }
-  // Nothing of the failed batch moved: drop what it would have filled (the
-  // list stays the allocator's until ClearTierCopies; dropping allocates
-  // nothing). The onboards are not run when the offloads fail.
-  if (offloads && queued.offload == 0) blocks_->DropFailedOffloads(copies);
+  // Nothing of the failed batch (or the later ones) moved: drop what it
+  // would have filled (the list stays the allocator's until ClearTierCopies;
+  // dropping allocates nothing). Onboards run last: they fail with any.
+  if (held && queued.offload == 0) {
+    blocks_->DropFailedOffloads(copies);
+  } else if (reused && queued.offload_reused == 0) {
+    blocks_->DropFailedOffloads(copies, /*reused_only=*/true);
+  }
   if (onboarding) blocks_->DropFailedOnboards(sequence, copies).IgnoreError();
   blocks_->ClearTierCopies();
   if (!onboarding) return ran;
@@ -69,7 +74,7 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
 void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
   // Offloading is best effort (README "Host tier"): an evicted block is
   // dropped rather than copied while tier_offload_max_in_flight_bytes of
-  // offloads are still running, and on CUDA while more than half the offload
+  // copies are still running, and on CUDA while more than half the offload
   // lane's ring is (the host ran ahead of the device: the copier would wait
   // for a ring entry). Onboarding never skips.
   constexpr int64_t kMaxBatchesInFlight = 4;
@@ -79,8 +84,7 @@ void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
   int64_t budget = INT64_MAX;
   const int64_t max_bytes = config_.tier_offload_max_in_flight_bytes;
   if (max_bytes > 0) {
-    budget = std::max<int64_t>(
-                 0, max_bytes - copier.in_flight_bytes(TierLane::kOffload)) /
+    budget = std::max<int64_t>(0, max_bytes - copier.in_flight_bytes()) /
              tier_->slot_bytes();
   }
   if (backend_->memory_kind() == MemoryKind::kCuda &&
@@ -95,7 +99,7 @@ bool KVCacheManager::Impl::ReclaimHeldOffloads() const {
   TierCopier& copier = tier_->copier();
   // On an error the copies may never complete: the blocks stay held (and
   // the caller's call fails as it would have).
-  if (!copier.Synchronize().ok()) return false;
+  if (!copier.Synchronize(TierLane::kOffload).ok()) return false;
   const int64_t held = blocks_->held_tier_offloads();
   blocks_->ReleaseTierOffloads(copier.completed(TierLane::kOffload));
   return blocks_->held_tier_offloads() < held;
@@ -163,20 +167,22 @@ absl::Status KVCacheManager::Impl::OrderAfterTierCopies(void* stream,
   if (tier_ == nullptr) return absl::OkStatus();
   last_stream_ = stream;
   if (onboard == kAllOnboards) onboard = tier_onboard_last_;
-  const int64_t wait[kNumTierLanes] = {tier_offload_wait_,
-                                       std::max(onboard, tier_onboard_floor_)};
+  TierDeps wait;
+  wait.batch[static_cast<int>(TierLane::kOnboard)] =
+      std::max(onboard, tier_onboard_floor_);
+  wait.batch[static_cast<int>(TierLane::kOffloadReused)] = tier_offload_wait_;
   TierCopier& copier = tier_->copier();
   for (int lane = 0; lane < kNumTierLanes; ++lane) {
-    const int64_t batch = wait[lane];
+    const int64_t batch = wait.batch[lane];
     if (batch <= tier_known_done_[lane]) continue;
     if (stream == tier_waited_stream_ && batch <= tier_waited_[lane]) continue;
-    const TierLane l = static_cast<TierLane>(lane);
+    const TierLane l = kTierLanes[lane];
     tier_known_done_[lane] = copier.completed(l);
     if (batch <= tier_known_done_[lane]) continue;  // Done: for every stream.
     KVCACHE_RETURN_IF_ERROR(copier.WaitOn(l, batch, stream));
     if (stream != tier_waited_stream_) {
       tier_waited_stream_ = stream;
-      tier_waited_[0] = tier_waited_[1] = 0;
+      for (int64_t& w : tier_waited_) w = 0;
     }
     tier_waited_[lane] = batch;
   }

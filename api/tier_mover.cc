@@ -45,11 +45,23 @@ TierMover::TierMover(const CacheBackend& backend,
   }
 }
 
+namespace {
+
+// The lane a copy goes to.
+TierLane LaneOf(const TierCopy& c) {
+  if (c.onboard) return TierLane::kOnboard;
+  return c.wait ? TierLane::kOffloadReused : TierLane::kOffload;
+}
+
+}  // namespace
+
 absl::Status TierMover::Run(absl::Span<const TierCopy> copies,
                             void* after_stream, Batches* queued) {
   *queued = Batches{};
   KVCACHE_RETURN_IF_ERROR(
       RunLane(TierLane::kOffload, copies, after_stream, &queued->offload));
+  KVCACHE_RETURN_IF_ERROR(RunLane(TierLane::kOffloadReused, copies,
+                                  after_stream, &queued->offload_reused));
   return RunLane(TierLane::kOnboard, copies, after_stream, &queued->onboard);
 }
 
@@ -59,15 +71,18 @@ absl::Status TierMover::RunLane(TierLane lane,
   *batch = 0;
   const bool onboard = lane == TierLane::kOnboard;
   const int me = static_cast<int>(lane);
-  const int other = 1 - me;
   int64_t bytes = 0;
-  int64_t after_other = 0;
+  TierDeps after;
   try {
     runs_.clear();
     for (const TierCopy& c : copies) {
-      if (c.onboard != onboard) continue;
-      after_other = std::max({after_other, slot_batch_[other][c.host_slot],
-                              block_batch_[other][c.device_block]});
+      if (LaneOf(c) != lane) continue;
+      for (int other = 0; other < kNumTierLanes; ++other) {
+        if (other == me) continue;
+        after.batch[other] =
+            std::max({after.batch[other], slot_batch_[other][c.host_slot],
+                      block_batch_[other][c.device_block]});
+      }
       char* slot = copier_->pool() + c.host_slot * slot_bytes_;
       for (int layer = 0; layer < backend_.num_layers(); ++layer) {
         ByteRun block[kMaxBlockRuns];
@@ -82,11 +97,12 @@ absl::Status TierMover::RunLane(TierLane lane,
       bytes += slot_bytes_;
     }
     if (runs_.empty()) return absl::OkStatus();
-    // Known done: no wait to ask for.
-    if (after_other <= copier_->completed(OtherLane(lane))) after_other = 0;
+    for (TierLane other : kTierLanes) {  // Known done: no wait to ask for.
+      int64_t& b = after.batch[static_cast<int>(other)];
+      if (other == lane || b <= copier_->completed(other)) b = 0;
+    }
     // Inside the try: the CPU queue allocates too.
-    if (absl::Status s =
-            copier_->Enqueue(lane, runs_, after_stream, after_other);
+    if (absl::Status s = copier_->Enqueue(lane, runs_, after_stream, after);
         !s.ok()) {
       ++failed_batches_;
       return s;
@@ -99,7 +115,7 @@ absl::Status TierMover::RunLane(TierLane lane,
   }
   *batch = copier_->enqueued(lane);
   for (const TierCopy& c : copies) {
-    if (c.onboard != onboard) continue;
+    if (LaneOf(c) != lane) continue;
     slot_batch_[me][c.host_slot] = *batch;
     block_batch_[me][c.device_block] = *batch;
   }

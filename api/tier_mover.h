@@ -5,13 +5,14 @@
 // slot s being slot_bytes() bytes (a block of all layers: the runs back to
 // back) at s * slot_bytes() in the pool.
 //
-// Offloads run on the copier's offload lane, onboards on its onboard lane
-// (storage/tier_copier.h). The mover orders the two where they meet: a batch
-// waits for the other lane's last batch that touched one of its host slots
-// or device blocks (an onboard of a slot whose offload is still running; an
-// offload into a slot an onboard may still be reading, or of a block an
-// onboard wrote; an onboard into a block whose unheld offload still reads
-// it). Otherwise the lanes run side by side.
+// A call's copies go to the copier's lanes (storage/tier_copier.h): offloads
+// of held blocks to kOffload, offloads of blocks reused at once to
+// kOffloadReused, onboards to kOnboard. The mover orders the lanes where they
+// meet: a batch waits for each other lane's last batch that touched one of
+// its host slots or device blocks (an onboard of a slot whose offload is
+// still running; an offload into a slot an onboard may still be reading, or
+// of a block an onboard wrote; an onboard into a block whose offload still
+// reads it). Otherwise the lanes run side by side.
 //
 // Thread safety: the manager's lock serializes every call. Ownership: owns
 // the copier; reads the backend's layer pointers, which outlive it.
@@ -47,14 +48,14 @@ class TierMover {
 
   // What one Run queued: a batch number per lane (0: none).
   struct Batches {
-    int64_t offload = 0;
-    int64_t onboard = 0;
+    int64_t offload = 0;         // kOffload: held blocks' offloads.
+    int64_t offload_reused = 0;  // kOffloadReused.
+    int64_t onboard = 0;         // kOnboard.
   };
-  // Runs `copies`: the offloads as one batch of the offload lane, then the
-  // onboards as one batch of the onboard lane, after the work enqueued so
-  // far on `after_stream`. On an error *queued says what did run: nothing
-  // when the offloads failed (the onboards are not tried), the offloads
-  // alone when the onboards failed; no byte of a failed batch moves.
+  // Runs `copies`: held blocks' offloads, then reused blocks' offloads, then
+  // onboards, each kind one batch of its lane, after the work enqueued so
+  // far on `after_stream`. On an error, *queued says which batches ran: the
+  // first that failed and every later one did not (no byte of them moved).
   absl::Status Run(absl::Span<const TierCopy> copies, void* after_stream,
                    Batches* queued);
 
@@ -71,7 +72,7 @@ class TierMover {
   TierMover(const CacheBackend& backend, std::unique_ptr<TierCopier> copier,
             int64_t slot_bytes, int32_t num_slots);
 
-  // Queues the copies of `copies` that go `lane`'s way as one batch; returns
+  // Queues the copies of `copies` that go to `lane` as one batch; returns
   // its number in *batch (0 when there were none).
   absl::Status RunLane(TierLane lane, absl::Span<const TierCopy> copies,
                        void* after_stream, int64_t* batch);

@@ -289,7 +289,7 @@ void BM_TierCopy(benchmark::State& state, TierCase c) {
   BENCH_CHECK(cudaEventCreate(&start));
   BENCH_CHECK(cudaEventCreate(&stop));
   for (int set = 0; set < 4; ++set) {  // Warm-up (and first touch).
-    BENCH_CHECK((*copier)->Enqueue(lane, batches[set], stream, 0));
+    BENCH_CHECK((*copier)->Enqueue(lane, batches[set], stream, TierDeps()));
   }
   BENCH_CHECK((*copier)->WaitOn(lane, (*copier)->enqueued(lane), stream));
   BENCH_CHECK(cudaStreamSynchronize(stream));
@@ -298,7 +298,7 @@ void BM_TierCopy(benchmark::State& state, TierCase c) {
   for (auto _ : state) {
     cudaEventRecord(start, stream);
     const absl::Status queued =
-        (*copier)->Enqueue(lane, batches[set], stream, 0);
+        (*copier)->Enqueue(lane, batches[set], stream, TierDeps());
     const absl::Status waited =
         (*copier)->WaitOn(lane, (*copier)->enqueued(lane), stream);
     cudaEventRecord(stop, stream);

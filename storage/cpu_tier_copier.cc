@@ -44,7 +44,7 @@ class CpuTierCopier final : public TierCopier {
   }
 
   absl::Status Enqueue(TierLane lane, absl::Span<const CopyRun> runs, void*,
-                       int64_t after_other_lane) override {
+                       const TierDeps& after) override {
     if (TakeInjectedFailure()) {
       return absl::InternalError("tier copy failed (injected by a test)");
     }
@@ -55,8 +55,7 @@ class CpuTierCopier final : public TierCopier {
     {
       std::lock_guard<std::mutex> lock(mu_);
       Lane& l = lanes_[Index(lane)];
-      l.queue.push_back(
-          Batch{std::move(batch), delay_, bytes, after_other_lane});
+      l.queue.push_back(Batch{std::move(batch), delay_, bytes, after});
       ++l.enqueued;
       l.enqueued_bytes += bytes;
     }
@@ -71,14 +70,10 @@ class CpuTierCopier final : public TierCopier {
     return absl::OkStatus();
   }
 
-  absl::Status Synchronize() override {
+  absl::Status Synchronize(TierLane lane) override {
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [this] {
-      for (const Lane& l : lanes_) {
-        if (l.done < l.enqueued) return false;
-      }
-      return true;
-    });
+    const Lane& l = lanes_[Index(lane)];
+    cv_.wait(lock, [&] { return l.done == l.enqueued; });
     return absl::OkStatus();
   }
 
@@ -106,7 +101,7 @@ class CpuTierCopier final : public TierCopier {
     std::vector<CopyRun> runs;
     absl::Duration delay;
     int64_t bytes = 0;
-    int64_t after_other_lane = 0;
+    TierDeps after;
   };
   struct Lane {
     std::deque<Batch> queue;
@@ -117,17 +112,25 @@ class CpuTierCopier final : public TierCopier {
   };
   static int Index(TierLane lane) { return static_cast<int>(lane); }
 
+  // Whether the batches `after` names of lanes other than `lane` are done.
+  bool Ready(int lane, const TierDeps& after) const {
+    for (int other = 0; other < kNumTierLanes; ++other) {
+      if (other != lane && lanes_[other].done < after.batch[other]) {
+        return false;
+      }
+    }
+    return true;
+  }
+
   // Lane `lane`'s thread: runs its batches in order, each once the other
-  // lane's batch it names is done.
+  // lanes' batches it names are done.
   void Run(int lane) {
     Lane& l = lanes_[lane];
-    const Lane& other = lanes_[1 - lane];
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
       cv_.wait(lock, [&] {
         return (stop_ && l.queue.empty()) ||
-               (!l.queue.empty() &&
-                other.done >= l.queue.front().after_other_lane);
+               (!l.queue.empty() && Ready(lane, l.queue.front().after));
       });
       if (l.queue.empty()) return;  // Stopped and drained.
       Batch batch = std::move(l.queue.front());

@@ -106,7 +106,7 @@ class CudaTierCopier final : public TierCopier {
   }
 
   absl::Status Enqueue(TierLane lane, absl::Span<const CopyRun> runs,
-                       void* after_stream, int64_t after_other_lane) override {
+                       void* after_stream, const TierDeps& after) override {
     if (TakeInjectedFailure()) {
       return absl::InternalError("tier copy failed (injected by a test)");
     }
@@ -128,9 +128,12 @@ class CudaTierCopier final : public TierCopier {
     KVCACHE_CUDA_RETURN_IF_ERROR(
         cudaEventRecord(caller_, static_cast<cudaStream_t>(after_stream)));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(l.stream, caller_, 0));
-    if (absl::Status s = WaitOn(OtherLane(lane), after_other_lane, l.stream);
-        !s.ok()) {
-      return s;
+    for (TierLane other : kTierLanes) {
+      if (other == lane) continue;
+      if (absl::Status s = WaitOn(other, after.batch[Index(other)], l.stream);
+          !s.ok()) {
+        return s;
+      }
     }
     const int64_t n = static_cast<int64_t>(runs.size());
     const int grid = static_cast<int>(std::min<int64_t>(n, max_blocks_));
@@ -158,11 +161,10 @@ class CudaTierCopier final : public TierCopier {
     return absl::OkStatus();
   }
 
-  absl::Status Synchronize() override {
+  absl::Status Synchronize(TierLane lane) override {
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
-    for (const Lane& l : lanes_) {
-      KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(l.stream));
-    }
+    KVCACHE_CUDA_RETURN_IF_ERROR(
+        cudaStreamSynchronize(lanes_[Index(lane)].stream));
     return absl::OkStatus();
   }
   int64_t in_flight(TierLane lane) override {

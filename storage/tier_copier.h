@@ -2,13 +2,19 @@
 // queues that copy bytes between it and a cache's device memory, off the
 // caller's thread and stream, overlapped with the caller's work.
 //
-// Two lanes: offloads (device -> pool) and onboards (pool -> device). Each
-// lane runs its batches one after another in the order they were enqueued;
-// the lanes run side by side, so an onboard a step needs never queues behind
-// the offloads of the blocks evicted before it. They are ordered against
-// each other only where Enqueue says so (a batch of the other lane that must
-// be done first: the caller's dependency between a slot or block the two
-// touch).
+// Three lanes, each running its batches one after another in the order they
+// were enqueued, side by side with the others:
+//
+//   kOffload        offloads nobody waits for (the allocator holds their
+//                   blocks until done): background traffic
+//   kOnboard        onboards, which the sequences that hit them wait for
+//   kOffloadReused  offloads of blocks handed out again at once, which the
+//                   next write of the block waits for
+//
+// so an onboard or a reused block's offload never queues behind background
+// offloads. Lanes are ordered against each other only where Enqueue says so
+// (a batch of another lane that must be done first: the caller's dependency
+// between a slot or block both touch).
 //
 //   CUDA   the pool is pinned host memory (Device::AllocateStaging, mapped
 //          into the device's address space); a batch is one copy kernel on
@@ -18,7 +24,7 @@
 //   CPU    the pool is a second host allocation; each lane has a thread.
 //
 // Ordering: Enqueue's batch reads and writes after everything earlier on its
-// lane, after the named batch of the other lane, and (CUDA) after all work
+// lane, after the named batches of the other lanes, and (CUDA) after all work
 // enqueued so far on `after_stream`. WaitOn(lane, n, stream) makes the
 // caller's later work (CUDA: on `stream`; CPU: the calling thread itself,
 // which blocks) come after batch n of `lane` and every batch before it on
@@ -52,11 +58,16 @@ struct CopyRun {
   int64_t bytes = 0;
 };
 
-enum class TierLane : int { kOffload = 0, kOnboard = 1 };
-inline constexpr int kNumTierLanes = 2;
-inline TierLane OtherLane(TierLane lane) {
-  return lane == TierLane::kOffload ? TierLane::kOnboard : TierLane::kOffload;
-}
+enum class TierLane : int { kOffload = 0, kOnboard = 1, kOffloadReused = 2 };
+inline constexpr int kNumTierLanes = 3;
+inline constexpr TierLane kTierLanes[kNumTierLanes] = {
+    TierLane::kOffload, TierLane::kOnboard, TierLane::kOffloadReused};
+
+// The batch of each lane a batch must come after (0: none; its own lane's
+// entry is ignored).
+struct TierDeps {
+  int64_t batch[kNumTierLanes] = {};
+};
 
 class TierCopier {
  public:
@@ -66,21 +77,27 @@ class TierCopier {
   virtual char* pool() const = 0;
   virtual int64_t pool_bytes() const = 0;
 
-  // Queues `runs` as one batch of `lane`, to run after batch
-  // `after_other_lane` (0: none) of the other lane. All or nothing: on an
-  // error (Internal; a launch failure, or the injected failure below) no run
-  // of the batch is copied, and earlier batches are unaffected. REQUIRES:
-  // runs do not overlap within the batch; after_other_lane <=
-  // enqueued(other lane).
+  // Queues `runs` as one batch of `lane`, to run after the batches `after`
+  // names of the other lanes. All or nothing: on an error (Internal; a
+  // launch failure, or the injected failure below) no run of the batch is
+  // copied, and earlier batches are unaffected. REQUIRES: runs do not
+  // overlap within the batch; after.batch[l] <= enqueued(l).
   virtual absl::Status Enqueue(TierLane lane, absl::Span<const CopyRun> runs,
-                               void* after_stream,
-                               int64_t after_other_lane) = 0;
+                               void* after_stream, const TierDeps& after) = 0;
   // Orders the caller's later work after batch `batch` of `lane` (see the
   // top of this file). Cheap when it is known done. REQUIRES: batch <=
   // enqueued(lane).
   virtual absl::Status WaitOn(TierLane lane, int64_t batch, void* stream) = 0;
-  // Blocks the calling thread until every batch enqueued so far is done.
-  virtual absl::Status Synchronize() = 0;
+  // Blocks the calling thread until every batch enqueued so far on `lane`
+  // (on the other lanes, what those batches wait for) is done.
+  virtual absl::Status Synchronize(TierLane lane) = 0;
+  // The same for every lane.
+  absl::Status Synchronize() {
+    for (TierLane lane : kTierLanes) {
+      if (absl::Status s = Synchronize(lane); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
   // Batches of `lane` enqueued and not yet complete (CUDA: of its last
   // kRingEntries; for backpressure and tests), and their bytes (the offload
   // policy's in-flight budget).
@@ -91,13 +108,16 @@ class TierCopier {
   virtual int64_t enqueued(TierLane lane) const = 0;
   virtual int64_t completed(TierLane lane) = 0;
 
-  // Both lanes together.
+  // Every lane together.
   int64_t in_flight() {
-    return in_flight(TierLane::kOffload) + in_flight(TierLane::kOnboard);
+    int64_t n = 0;
+    for (TierLane lane : kTierLanes) n += in_flight(lane);
+    return n;
   }
   int64_t in_flight_bytes() {
-    return in_flight_bytes(TierLane::kOffload) +
-           in_flight_bytes(TierLane::kOnboard);
+    int64_t n = 0;
+    for (TierLane lane : kTierLanes) n += in_flight_bytes(lane);
+    return n;
   }
 
   // Test seams. Each batch enqueued from now on waits `delay` before it runs

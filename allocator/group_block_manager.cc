@@ -119,6 +119,7 @@ absl::StatusOr<int64_t> GroupBlockManager::AddSequence(
   const int64_t bs = options_.block_size;
   s.tables.resize(num_tables());
   s.released.resize(num_tables());
+  s.cow_src.assign(num_tables(), kNullBlock);
   for (int32_t t = 0; t < num_tables(); ++t) {
     const int64_t first = FirstNeeded(t, hit * bs);
     s.tables[t].assign(hit, kNullBlock);
@@ -158,12 +159,22 @@ absl::StatusOr<int64_t> GroupBlockManager::PeekPrefix(
   return HitBlocks(s.root, s.hashes, prompt) * options_.block_size;
 }
 
+bool GroupBlockManager::NeedsCopy(const Sequence& s, int32_t t) const {
+  const int64_t bs = options_.block_size;
+  if (s.computed % bs == 0) return false;
+  // The partial last block holds position computed - 1, inside every
+  // window: never kNullBlock.
+  const BlockId b = s.tables[t][s.computed / bs];
+  return pool_.ref_count(b) > 1 || pool_.hashed(b);
+}
+
 int64_t GroupBlockManager::NewPages(const Sequence& s, int64_t tokens) const {
   const int64_t bs = options_.block_size;
   const int64_t blocks = (s.computed + tokens + bs - 1) / bs;
   int64_t need = 0;
-  for (const std::vector<BlockId>& table : s.tables) {
-    need += std::max<int64_t>(0, blocks - static_cast<int64_t>(table.size()));
+  for (int32_t t = 0; t < num_tables(); ++t) {
+    const int64_t size = static_cast<int64_t>(s.tables[t].size());
+    need += std::max<int64_t>(0, blocks - size) + (NeedsCopy(s, t) ? 1 : 0);
   }
   return need;
 }
@@ -242,6 +253,15 @@ absl::StatusOr<GroupStepPlan> GroupBlockManager::Reserve(
     for (int32_t t = 0; t < num_tables(); ++t) {
       std::vector<BlockId>& table = s.tables[t];
       sizes.push_back(table.size());
+      if (NeedsCopy(s, t)) {
+        // The source keeps this sequence's reference until Commit or Abort:
+        // the copy reads it, and Abort puts it back.
+        BlockId& last = table[s.computed / bs];
+        const BlockId fresh = TakePage();
+        out.copies.push_back(BlockCopy{last, fresh});
+        s.cow_src[t] = last;
+        last = fresh;
+      }
       while (static_cast<int64_t>(table.size()) * bs < end) {
         table.push_back(TakePage());
         ++held_[t];
@@ -306,15 +326,23 @@ absl::Status GroupBlockManager::Commit(uint64_t plan_id) {
   for (SequenceId id : it->second.sequences) {
     auto s = sequences_.find(id);
     if (s == sequences_.end() || s->second.plan_id != plan_id) continue;
-    Sequence& seq = s->second;
-    seq.computed += seq.reserved;
-    seq.reserved = 0;
-    seq.plan_id = 0;
-    RegisterFull(seq);
-    ReleaseOutOfWindow(seq);
+    CommitSequence(s->second);
   }
   plans_.erase(it);
   return absl::OkStatus();
+}
+
+void GroupBlockManager::CommitSequence(Sequence& s) {
+  for (BlockId& src : s.cow_src) {
+    if (src == kNullBlock) continue;
+    pool_.Release(src);  // The copy now holds this sequence's data.
+    src = kNullBlock;
+  }
+  s.computed += s.reserved;
+  s.reserved = 0;
+  s.plan_id = 0;
+  RegisterFull(s);
+  ReleaseOutOfWindow(s);
 }
 
 void GroupBlockManager::Unreserve(Sequence& s, size_t tokens_before,
@@ -325,6 +353,12 @@ void GroupBlockManager::Unreserve(Sequence& s, size_t tokens_before,
       pool_.Release(table.back());  // Unhashed: straight to the free list.
       table.pop_back();
       --held_[t];
+    }
+    if (s.cow_src[t] != kNullBlock) {
+      BlockId& last = table[s.computed / options_.block_size];
+      pool_.Release(last);  // The unhashed copy.
+      last = s.cow_src[t];
+      s.cow_src[t] = kNullBlock;
     }
   }
   s.tokens.resize(tokens_before);
@@ -429,6 +463,14 @@ absl::StatusOr<int64_t> GroupBlockManager::ComputedLength(SequenceId id) const {
   return it->second.computed;
 }
 
+absl::StatusOr<int64_t> GroupBlockManager::KnownLength(SequenceId id) const {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrCat("sequence ", id, " not found"));
+  }
+  return static_cast<int64_t>(it->second.tokens.size());
+}
+
 PoolUsage GroupBlockManager::Usage() const {
   return {pool_.num_blocks(), pool_.num_free(), pool_.num_cached(),
           pool_.num_used()};
@@ -452,6 +494,14 @@ absl::Status GroupBlockManager::Validate() const {
         if (table[b] == kNullBlock) continue;
         ++refs[table[b]];
         ++held[t];
+      }
+      if (s.cow_src[t] != kNullBlock) {
+        if (s.plan_id == 0) {
+          return absl::InternalError(
+              absl::StrCat("sequence ", id, " table ", t, " keeps copy source ",
+                           s.cow_src[t], " outside a plan"));
+        }
+        ++refs[s.cow_src[t]];
       }
     }
     if (s.has_tip) tips.push_back(s.hashes[s.registered - 1]);

@@ -7,12 +7,13 @@
 // lookup buffers. Append and Gather of layer l use the slot mapping and the
 // block table of l's table.
 //
-// Offered: AddSequence, PeekPrefix, Reserve, CanReserve, Append, Commit,
-// Abort, Free, block tables per table, SequenceLength, Gather (and
-// GatherAsync / GatherBatch), LayerView, capacity, metrics, Validate. The
-// rest (Fork, Truncate, speculative Commit, RemoveFromPlan, graph steps,
-// Attention, host tier, KV events, ResetPrefixCache) is refused with
-// Unimplemented naming layer_groups.
+// Offered: AddSequence, PeekPrefix, Reserve (with copy-on-write of shared
+// partial blocks), CanReserve, Append, Commit (also with accepted counts),
+// RemoveFromPlan, Abort, Fork, Truncate, Free, block tables per table,
+// SequenceLength, KnownLength, Gather (and GatherAsync / GatherBatch),
+// LayerView, capacity, metrics, Validate. The rest (graph steps, Attention,
+// host tier, KV events, ResetPrefixCache) is refused with Unimplemented
+// naming layer_groups.
 //
 // Thread safety: every method locks mu_. Ownership: owns all cache memory;
 // views stay valid while it lives. Internal to api/.
@@ -63,7 +64,14 @@ class GroupManager {
   absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
                       const TensorView& value, void* stream);
   absl::Status Commit(uint64_t plan_id);
+  absl::Status Commit(uint64_t plan_id, absl::Span<const int64_t> accepted);
+  absl::Status RemoveFromPlan(uint64_t plan_id, SequenceId sequence,
+                              void* stream);
   absl::Status Abort(uint64_t plan_id);
+  // Truncate: also FailedPrecondition when a sliding-window table would need
+  // a block it released (GroupBlockManager::Truncate).
+  absl::Status Truncate(SequenceId id, int64_t new_length);
+  absl::Status Fork(SequenceId parent, SequenceId child);
   absl::StatusOr<std::vector<PlanSequence>> PlanLayout(uint64_t plan_id) const;
   absl::Status Free(SequenceId id);
 
@@ -71,6 +79,7 @@ class GroupManager {
   absl::StatusOr<std::vector<BlockId>> BlockTable(SequenceId id,
                                                   int32_t table) const;
   absl::StatusOr<int64_t> SequenceLength(SequenceId id) const;
+  absl::StatusOr<int64_t> KnownLength(SequenceId id) const;
   absl::StatusOr<BlockTableView> BatchBlockTable(
       absl::Span<const SequenceId> ids, int32_t table, void* stream);
   absl::StatusOr<LayerView> GetLayerView(int layer) const;
@@ -99,6 +108,9 @@ class GroupManager {
                                            bool include_in_flight) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RemovePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // FailedPrecondition naming the first layer short of the plan's tokens.
+  absl::Status CheckAppended(uint64_t plan_id,
+                             const PlanTable::Plan& plan) const;
 
   const KVCacheConfig config_;
   GroupPaging paging_;

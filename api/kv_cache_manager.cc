@@ -199,7 +199,7 @@ absl::Status KVCacheManager::Commit(uint64_t plan_id) {
 absl::Status KVCacheManager::Commit(uint64_t plan_id,
                                     absl::Span<const int64_t> accepted) {
   return NoBadAlloc("Commit", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("Commit with accepted counts");
+    if (groups_ != nullptr) return groups_->Commit(plan_id, accepted);
     Lock lock(impl_->mu());
     return impl_->Commit(plan_id, accepted);
   });
@@ -208,7 +208,9 @@ absl::Status KVCacheManager::Commit(uint64_t plan_id,
 absl::Status KVCacheManager::RemoveFromPlan(uint64_t plan_id,
                                             SequenceId sequence, void* stream) {
   return NoBadAlloc("RemoveFromPlan", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("RemoveFromPlan");
+    if (groups_ != nullptr) {
+      return groups_->RemoveFromPlan(plan_id, sequence, stream);
+    }
     Lock lock(impl_->mu());
     return impl_->RemoveFromPlan(plan_id, sequence, stream);
   });
@@ -216,7 +218,7 @@ absl::Status KVCacheManager::RemoveFromPlan(uint64_t plan_id,
 
 absl::Status KVCacheManager::Truncate(SequenceId sequence, int64_t new_length) {
   return NoBadAlloc("Truncate", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("Truncate");
+    if (groups_ != nullptr) return groups_->Truncate(sequence, new_length);
     Lock lock(impl_->mu());
     return impl_->blocks().Truncate(sequence, new_length);
   });
@@ -252,7 +254,7 @@ absl::Status KVCacheManager::Abort(uint64_t plan_id) {
 
 absl::Status KVCacheManager::Fork(SequenceId parent, SequenceId child) {
   return NoBadAlloc("Fork", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("Fork");
+    if (groups_ != nullptr) return groups_->Fork(parent, child);
     Lock lock(impl_->mu());
     return impl_->Fork(parent, child);
   });
@@ -291,7 +293,7 @@ absl::StatusOr<int64_t> KVCacheManager::SequenceLength(SequenceId id) const {
 
 absl::StatusOr<int64_t> KVCacheManager::KnownLength(SequenceId id) const {
   return NoBadAlloc("KnownLength", [&]() -> absl::StatusOr<int64_t> {
-    if (groups_ != nullptr) return NotWithGroups("KnownLength");
+    if (groups_ != nullptr) return groups_->KnownLength(id);
     Lock lock(impl_->mu());
     return impl_->blocks().KnownLength(id);
   });

@@ -114,6 +114,7 @@ absl::StatusOr<int64_t> GroupBlockManager::AddSequence(
   if (options_.enable_prefix_caching) {
     s.root = HashExtraKey(extra.adapter_id, extra.salt);
   }
+  s.adapter_id = extra.adapter_id;
   HashKnown(s);
   const int64_t hit = HitBlocks(s.root, s.hashes, prompt);
   const int64_t bs = options_.block_size;
@@ -227,6 +228,14 @@ absl::Status GroupBlockManager::CanReserve(
 BlockId GroupBlockManager::TakePage() {
   if (pool_.num_free() > 0) return pool_.AllocateFree();
   const BlockId b = pool_.EvictOldest();
+  if (options_.observer != nullptr) {
+    const BlockHash hash = index_.RegisteredHash(b);
+    auto it = tables_per_hash_.find(hash);
+    if (--it->second == 0) {
+      tables_per_hash_.erase(it);
+      removed_.push_back(hash);
+    }
+  }
   index_.Unregister(b);
   ++stats_.evictions;
   return b;
@@ -277,6 +286,7 @@ absl::StatusOr<GroupStepPlan> GroupBlockManager::Reserve(
     out.first_positions.push_back(s.computed);
   }
   plans_.emplace(out.id, std::move(plan));
+  FlushEvents();
   return out;
 }
 
@@ -299,6 +309,17 @@ void GroupBlockManager::RegisterFull(Sequence& s) {
       if (b != kNullBlock && !pool_.hashed(b) &&
           index_.Register(t, s.hashes[i], b)) {
         pool_.MarkHashed(b);
+        if (options_.observer != nullptr &&
+            ++tables_per_hash_[s.hashes[i]] == 1) {
+          StoredBlock stored;
+          stored.block = b;
+          stored.hash = s.hashes[i];
+          stored.first_in_chain = i == 0;
+          if (i > 0) stored.parent_hash = s.hashes[i - 1];
+          stored.adapter_id = s.adapter_id;
+          stored.tokens = absl::MakeConstSpan(s.tokens.data() + i * bs, bs);
+          stored_.push_back(stored);
+        }
       }
     }
   }
@@ -329,6 +350,33 @@ absl::Status GroupBlockManager::Commit(uint64_t plan_id) {
     CommitSequence(s->second);
   }
   plans_.erase(it);
+  FlushEvents();
+  return absl::OkStatus();
+}
+
+void GroupBlockManager::FlushEvents() {
+  if (options_.observer == nullptr) return;
+  if (!stored_.empty()) options_.observer->OnBlocksStored(stored_);
+  if (!removed_.empty()) {
+    options_.observer->OnBlocksRemoved(removed_, BlockMedium::kDevice);
+  }
+  stored_.clear();
+  removed_.clear();
+}
+
+absl::Status GroupBlockManager::ResetPrefixCache() {
+  if (!plans_.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("reset of the prefix cache while ", plans_.size(),
+                     " plans are in flight: commit or abort them first"));
+  }
+  if (!options_.enable_prefix_caching) return absl::OkStatus();
+  for (BlockId b = 0; b < pool_.num_blocks(); ++b) index_.Unregister(b);
+  pool_.ClearHashes();
+  // A live sequence's later blocks would chain to hashes no longer cached.
+  for (auto& [id, s] : sequences_) s.chain_broken = true;
+  tables_per_hash_.clear();
+  if (options_.observer != nullptr) options_.observer->OnAllBlocksCleared();
   return absl::OkStatus();
 }
 

@@ -55,6 +55,7 @@
 #include "absl/types/span.h"
 #include "allocator/block_hash.h"
 #include "allocator/block_manager.h"
+#include "allocator/block_observer.h"
 #include "allocator/block_pool.h"
 #include "allocator/group_prefix_index.h"
 #include "allocator/step_plan.h"
@@ -76,6 +77,12 @@ struct GroupBlockManagerOptions {
   // Per table: 0 = full attention, else the sliding window in tokens. At
   // least one table.
   std::vector<int32_t> windows;
+  // KV events (may be null; must outlive the manager): one store per block
+  // hash when the first table registers it (Commit), one removal when the
+  // last table's block for it is evicted (Reserve), AllBlocksCleared on
+  // ResetPrefixCache. Replaying them rebuilds the set of hashes registered
+  // in any table (RegisteredHashesForTesting).
+  BlockObserver* observer = nullptr;
 };
 
 // What Reserve hands out: one slot mapping per table.
@@ -147,6 +154,11 @@ class GroupBlockManager {
   // unknown parent, AlreadyExists for an existing child, FailedPrecondition
   // while the parent is in a plan.
   absl::Status Fork(SequenceId parent, SequenceId child);
+  // Drops every registration of every table (cached blocks become free;
+  // blocks in use stay with their sequences, unhashed; a live sequence
+  // registers nothing more) and tells the observer. FailedPrecondition while
+  // a plan is in flight, changing nothing.
+  absl::Status ResetPrefixCache();
   // Returns the plan's new pages; the sequences are as before Reserve.
   absl::Status Abort(uint64_t plan_id);
   // Releases every block of the sequence (and its part of a plan).
@@ -185,6 +197,10 @@ class GroupBlockManager {
   // hits independently from it.
   BlockId RegisteredForTesting(int32_t table, absl::Span<const TokenId> prefix,
                                const ExtraKey& extra = {}) const;
+  // Every hash registered in at least one table.
+  std::vector<BlockHash> RegisteredHashesForTesting() const {
+    return index_.RegisteredHashes();
+  }
 
  private:
   struct Sequence {
@@ -196,6 +212,7 @@ class GroupBlockManager {
     // referenced until Commit or Abort), or kNullBlock.
     std::vector<BlockId> cow_src;
     BlockHash root;
+    int64_t adapter_id = 0;  // The extra key's, for KV events.
     int64_t computed = 0;
     int64_t reserved = 0;
     uint64_t plan_id = 0;
@@ -233,6 +250,8 @@ class GroupBlockManager {
   void HashKnown(Sequence& s) const;
   void RegisterFull(Sequence& s);
   void ReleaseOutOfWindow(Sequence& s);
+  // Hands the call's stores / removals to the observer.
+  void FlushEvents();
   void ReleaseAll(Sequence& s);
   void Unreserve(Sequence& s, size_t tokens_before,
                  const std::vector<size_t>& sizes_before);
@@ -245,6 +264,11 @@ class GroupBlockManager {
   uint64_t next_plan_id_ = 1;
   GroupPrefixStats stats_;
   std::vector<int64_t> held_;  // Per table: non-null entries of all tables.
+  // With an observer: per hash, the tables that register it, and the
+  // stores / removals of the call in progress.
+  absl::flat_hash_map<BlockHash, int32_t> tables_per_hash_;
+  std::vector<StoredBlock> stored_;
+  std::vector<BlockHash> removed_;
 };
 
 }  // namespace kvcache

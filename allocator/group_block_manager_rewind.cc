@@ -107,6 +107,7 @@ absl::Status GroupBlockManager::Commit(uint64_t plan_id,
     CommitSequence(s->second);
   }
   plans_.erase(it);
+  FlushEvents();
   return absl::OkStatus();
 }
 

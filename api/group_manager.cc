@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "api/event_sink_factory.h"
 #include "api/gather_launches.h"
 #include "api/logging.h"
 #include "core/status_macros.h"
@@ -59,6 +60,8 @@ absl::StatusOr<std::unique_ptr<GroupManager>> GroupManager::Create(
   expected.device = m->backend_->ordinal();
 
   Lock lock(m->mu_);
+  KVCACHE_ASSIGN_OR_RETURN(m->events_, CreateEventSink(config));
+  options.observer = m->events_.get();
   KVCACHE_ASSIGN_OR_RETURN(m->blocks_, GroupBlockManager::Create(options));
   const int64_t tables = static_cast<int64_t>(m->paging_.tables.size());
   KVCACHE_ASSIGN_OR_RETURN(
@@ -522,6 +525,22 @@ absl::Status GroupManager::GatherBatch(absl::Span<const GatherRequest> requests,
   return absl::OkStatus();
 }
 
+std::vector<KVEventBatch> GroupManager::TakeEvents() {
+  Lock lock(mu_);
+  if (events_ == nullptr) return {};
+  return events_->Take();
+}
+
+absl::Status GroupManager::ResetPrefixCache() {
+  Lock lock(mu_);
+  return blocks_->ResetPrefixCache();
+}
+
+std::vector<BlockHash> GroupManager::RegisteredHashesForTesting() const {
+  Lock lock(mu_);
+  return blocks_->RegisteredHashesForTesting();
+}
+
 int64_t GroupManager::FreeBlocks() const {
   Lock lock(mu_);
   return blocks_->Usage().free_blocks;
@@ -557,6 +576,12 @@ MetricsSnapshot GroupManager::Metrics() const {
   s.prefix_hit_tokens = prefix.hit_tokens;
   s.prefix_hit_tokens_device = prefix.hit_tokens;
   s.evictions = prefix.evictions;
+  if (events_ != nullptr) {
+    s.kv_event_batches = static_cast<int64_t>(events_->batches());
+    s.kv_event_batches_dropped = static_cast<int64_t>(events_->dropped());
+    s.kv_event_batches_unpublished =
+        static_cast<int64_t>(events_->unpublished());
+  }
   return s;
 }
 

@@ -11,9 +11,10 @@
 // partial blocks), CanReserve, Append, Commit (also with accepted counts),
 // RemoveFromPlan, Abort, Fork, Truncate, Free, block tables per table,
 // SequenceLength, KnownLength, Gather (and GatherAsync / GatherBatch),
-// LayerView, capacity, metrics, Validate. The rest (graph steps, Attention,
-// host tier, KV events, ResetPrefixCache) is refused with Unimplemented
-// naming layer_groups.
+// LayerView, capacity, metrics, Validate, KV events (TakeEvents; the
+// allocator is the sink's observer) and ResetPrefixCache. The rest (graph
+// steps, Attention, host tier) is refused with Unimplemented naming
+// layer_groups.
 //
 // Thread safety: every method locks mu_. Ownership: owns all cache memory;
 // views stay valid while it lives. Internal to api/.
@@ -37,6 +38,8 @@
 #include "api/lookup_buffers.h"
 #include "api/plan_table.h"
 #include "api/tensor_checks.h"
+#include "core/kv_event.h"
+#include "events/kv_event_sink.h"
 #include "storage/device.h"
 
 namespace kvcache::internal {
@@ -89,6 +92,11 @@ class GroupManager {
                            const GatherOptions& options, void* stream,
                            bool wait);
 
+  std::vector<KVEventBatch> TakeEvents();
+  absl::Status ResetPrefixCache();
+  // Hashes registered in any table (KVCacheManagerTestPeer).
+  std::vector<BlockHash> RegisteredHashesForTesting() const;
+
   int64_t FreeBlocks() const;
   int64_t EvictableBlocks() const;
   int64_t TotalBlocks() const { return backend_->layout().num_blocks; }
@@ -119,6 +127,8 @@ class GroupManager {
   int64_t cols_ = 0;        // Block-table columns.
 
   mutable std::mutex mu_;
+  // Declared before blocks_, which calls it: null when events are off.
+  std::unique_ptr<KVEventSink> events_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<GroupBlockManager> blocks_ ABSL_GUARDED_BY(mu_);
   // Each plan's step slot holds its tables' slot mappings one after another
   // (table t's at t * num_tokens).

@@ -85,9 +85,16 @@ KVCacheManagerTestPeer::CreateWithDevice(const KVCacheConfig& config,
 
 std::vector<uint64_t> KVCacheManagerTestPeer::CachedHashesForTesting(
     const KVCacheManager& manager, KVEventMedium medium) {
-  if (manager.groups_ != nullptr) return {};
-  Lock lock(manager.impl_->mu());
   std::vector<uint64_t> out;
+  if (manager.groups_ != nullptr) {
+    // Groups have no host tier: their hashes are all on the device.
+    if (medium == KVEventMedium::kHost) return out;
+    for (const BlockHash& h : manager.groups_->RegisteredHashesForTesting()) {
+      out.push_back(ExternalBlockHash(h));
+    }
+    return out;
+  }
+  Lock lock(manager.impl_->mu());
   for (const BlockHash& h : manager.impl_->blocks().RegisteredHashesForTesting(
            medium == KVEventMedium::kHost ? BlockMedium::kHost
                                           : BlockMedium::kDevice)) {
@@ -419,10 +426,7 @@ std::string KVCacheManager::MetricsText() const {
 absl::StatusOr<std::vector<KVEventBatch>> KVCacheManager::TakeEvents() {
   return NoBadAlloc("TakeEvents",
                     [&]() -> absl::StatusOr<std::vector<KVEventBatch>> {
-                      // KV events are off with groups: nothing to take.
-                      if (groups_ != nullptr) {
-                        return std::vector<KVEventBatch>();
-                      }
+                      if (groups_ != nullptr) return groups_->TakeEvents();
                       Lock lock(impl_->mu());
                       return impl_->TakeEvents();
                     });
@@ -430,7 +434,7 @@ absl::StatusOr<std::vector<KVEventBatch>> KVCacheManager::TakeEvents() {
 
 absl::Status KVCacheManager::ResetPrefixCache() {
   return NoBadAlloc("ResetPrefixCache", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("ResetPrefixCache");
+    if (groups_ != nullptr) return groups_->ResetPrefixCache();
     Lock lock(impl_->mu());
     return impl_->blocks().ResetPrefixCache();
   });

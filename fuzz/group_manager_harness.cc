@@ -7,12 +7,14 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "api/kv_cache_manager.h"
+#include "api/kv_cache_manager_test_peer.h"
 #include "spdlog/sinks/null_sink.h"
 #include "spdlog/spdlog.h"
 #include "testing/kv_reference.h"
@@ -90,6 +92,10 @@ class Harness {
     c.max_tokens_per_step = 32;
     c.max_sequences_per_step = 3;
     c.max_inflight_plans = 2;
+    // KV events, in a queue that never drops within one input: replayed,
+    // they must rebuild the manager's cached hashes.
+    c.enable_kv_events = true;
+    c.kv_events_queue_capacity = 4 * kMaxOps;
     const DType dtypes[] = {DType::kInt8, DType::kFp8E4M3};
     LayerGroup sliding, full;
     sliding.kind = AttentionKind::kSlidingWindow;
@@ -155,6 +161,7 @@ class Harness {
              ") but changed the manager");
       }
       CheckTables();
+      CheckEvents();
       if (op % 4 == 3) CheckData();
     }
     CheckData();
@@ -214,7 +221,7 @@ class Harness {
   }
 
   absl::Status Op(const char*& call) {
-    switch (in_.Range(9)) {
+    switch (in_.Range(10)) {
       case 0: {
         call = "AddSequence";
         const SequenceId id = Id();
@@ -283,6 +290,13 @@ class Harness {
         const SequenceId id = Id();
         absl::Status st = m_->Free(id);
         if (st.ok()) seqs_.erase(id);
+        return st;
+      }
+      case 9: {
+        call = "ResetPrefixCache";
+        absl::Status st = m_->ResetPrefixCache();
+        if (st.ok() != plans_.empty())
+          Fail("ResetPrefixCache: " + st.ToString());
         return st;
       }
       default: {
@@ -454,6 +468,34 @@ class Harness {
     }
   }
 
+  // The events so far, replayed, hold exactly the manager's cached hashes.
+  void CheckEvents() {
+    absl::StatusOr<std::vector<KVEventBatch>> batches = m_->TakeEvents();
+    if (!batches.ok()) Fail("TakeEvents: " + batches.status().ToString());
+    for (const KVEventBatch& b : *batches) {
+      if (b.sequence != next_batch_++) Fail("a gap in the event batches");
+      for (const KVEvent& e : b.events) {
+        if (e.type == KVEventType::kAllBlocksCleared) {
+          cached_.clear();
+          continue;
+        }
+        if (e.medium != KVEventMedium::kDevice) Fail("an event off the device");
+        for (uint64_t h : e.block_hashes) {
+          const bool stored = e.type == KVEventType::kBlockStored;
+          if (stored ? !cached_.insert(h).second : cached_.erase(h) == 0) {
+            Fail(stored ? "a hash stored twice" : "a hash removed not held");
+          }
+        }
+      }
+    }
+    const std::vector<uint64_t> held =
+        KVCacheManagerTestPeer::CachedHashesForTesting(*m_,
+                                                       KVEventMedium::kDevice);
+    if (std::set<uint64_t>(held.begin(), held.end()) != cached_) {
+      Fail("the events do not rebuild the cached hashes");
+    }
+  }
+
   // Every token each layer holds gathers to the reference.
   void CheckData() const {
     const int64_t bs = config_.block_size;
@@ -508,6 +550,8 @@ class Harness {
   DType dtype_ = DType::kInt8;
   std::map<SequenceId, RefSeq> seqs_;
   std::map<uint64_t, RefPlan> plans_;
+  std::set<uint64_t> cached_;  // Rebuilt from events.
+  uint64_t next_batch_ = 0;
 };
 
 }  // namespace

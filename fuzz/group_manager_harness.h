@@ -3,8 +3,9 @@
 // KVCacheManager (CPU backend) with sliding-window and full-attention groups
 // of one shape (K and V, or K-only), driven with valid and hostile AddSequence,
 // Reserve + Append, Commit (all or accepted counts), Abort, RemoveFromPlan,
-// Fork, Truncate and Free. After every call: Validate() holds; a failed call
-// left the pool, the lengths and every block table as they were; each
+// Fork, Truncate, Free and ResetPrefixCache. After every call: Validate()
+// holds; the KV events so far rebuild the manager's cached hashes; a failed
+// call left the pool, the lengths and every block table as they were; each
 // sequence's tables have the entries its length needs, the released ones
 // (kNullBlock) exactly where its windows ended; every token a layer still
 // holds gathers to the reference quantization of what was appended; and a

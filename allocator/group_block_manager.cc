@@ -291,7 +291,9 @@ absl::StatusOr<GroupStepPlan> GroupBlockManager::Reserve(
 }
 
 void GroupBlockManager::RegisterFull(Sequence& s) {
-  if (!options_.enable_prefix_caching || s.chain_broken) return;
+  if (!options_.enable_prefix_caching || s.chain_broken || s.reset_cut) {
+    return;
+  }
   const int64_t bs = options_.block_size;
   const int64_t full = s.computed / bs;
   for (int64_t i = s.registered; i < full; ++i) {
@@ -374,7 +376,7 @@ absl::Status GroupBlockManager::ResetPrefixCache() {
   for (BlockId b = 0; b < pool_.num_blocks(); ++b) index_.Unregister(b);
   pool_.ClearHashes();
   // A live sequence's later blocks would chain to hashes no longer cached.
-  for (auto& [id, s] : sequences_) s.chain_broken = true;
+  for (auto& [id, s] : sequences_) s.reset_cut = true;
   tables_per_hash_.clear();
   if (options_.observer != nullptr) options_.observer->OnAllBlocksCleared();
   return absl::OkStatus();

@@ -219,6 +219,7 @@ class GroupBlockManager {
     int64_t registered = 0;  // Full blocks whose chain node exists.
     bool has_tip = false;    // Holds a reference on node hashes[registered-1].
     bool chain_broken = false;  // A colliding node: register nothing more.
+    bool reset_cut = false;     // Alive across ResetPrefixCache: likewise.
   };
   struct Plan {
     std::vector<SequenceId> sequences;

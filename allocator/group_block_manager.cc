@@ -114,11 +114,13 @@ absl::StatusOr<int64_t> GroupBlockManager::AddSequence(
   if (options_.enable_prefix_caching) {
     s.root = HashExtraKey(extra.adapter_id, extra.salt);
   }
+  s.adapter_id = extra.adapter_id;
   HashKnown(s);
   const int64_t hit = HitBlocks(s.root, s.hashes, prompt);
   const int64_t bs = options_.block_size;
   s.tables.resize(num_tables());
   s.released.resize(num_tables());
+  s.cow_src.assign(num_tables(), kNullBlock);
   for (int32_t t = 0; t < num_tables(); ++t) {
     const int64_t first = FirstNeeded(t, hit * bs);
     s.tables[t].assign(hit, kNullBlock);
@@ -158,12 +160,22 @@ absl::StatusOr<int64_t> GroupBlockManager::PeekPrefix(
   return HitBlocks(s.root, s.hashes, prompt) * options_.block_size;
 }
 
+bool GroupBlockManager::NeedsCopy(const Sequence& s, int32_t t) const {
+  const int64_t bs = options_.block_size;
+  if (s.computed % bs == 0) return false;
+  // The partial last block holds position computed - 1, inside every
+  // window: never kNullBlock.
+  const BlockId b = s.tables[t][s.computed / bs];
+  return pool_.ref_count(b) > 1 || pool_.hashed(b);
+}
+
 int64_t GroupBlockManager::NewPages(const Sequence& s, int64_t tokens) const {
   const int64_t bs = options_.block_size;
   const int64_t blocks = (s.computed + tokens + bs - 1) / bs;
   int64_t need = 0;
-  for (const std::vector<BlockId>& table : s.tables) {
-    need += std::max<int64_t>(0, blocks - static_cast<int64_t>(table.size()));
+  for (int32_t t = 0; t < num_tables(); ++t) {
+    const int64_t size = static_cast<int64_t>(s.tables[t].size());
+    need += std::max<int64_t>(0, blocks - size) + (NeedsCopy(s, t) ? 1 : 0);
   }
   return need;
 }
@@ -216,6 +228,14 @@ absl::Status GroupBlockManager::CanReserve(
 BlockId GroupBlockManager::TakePage() {
   if (pool_.num_free() > 0) return pool_.AllocateFree();
   const BlockId b = pool_.EvictOldest();
+  if (options_.observer != nullptr) {
+    const BlockHash hash = index_.RegisteredHash(b);
+    auto it = tables_per_hash_.find(hash);
+    if (--it->second == 0) {
+      tables_per_hash_.erase(it);
+      removed_.push_back(hash);
+    }
+  }
   index_.Unregister(b);
   ++stats_.evictions;
   return b;
@@ -242,6 +262,15 @@ absl::StatusOr<GroupStepPlan> GroupBlockManager::Reserve(
     for (int32_t t = 0; t < num_tables(); ++t) {
       std::vector<BlockId>& table = s.tables[t];
       sizes.push_back(table.size());
+      if (NeedsCopy(s, t)) {
+        // The source keeps this sequence's reference until Commit or Abort:
+        // the copy reads it, and Abort puts it back.
+        BlockId& last = table[s.computed / bs];
+        const BlockId fresh = TakePage();
+        out.copies.push_back(BlockCopy{last, fresh});
+        s.cow_src[t] = last;
+        last = fresh;
+      }
       while (static_cast<int64_t>(table.size()) * bs < end) {
         table.push_back(TakePage());
         ++held_[t];
@@ -257,11 +286,14 @@ absl::StatusOr<GroupStepPlan> GroupBlockManager::Reserve(
     out.first_positions.push_back(s.computed);
   }
   plans_.emplace(out.id, std::move(plan));
+  FlushEvents();
   return out;
 }
 
 void GroupBlockManager::RegisterFull(Sequence& s) {
-  if (!options_.enable_prefix_caching || s.chain_broken) return;
+  if (!options_.enable_prefix_caching || s.chain_broken || s.reset_cut) {
+    return;
+  }
   const int64_t bs = options_.block_size;
   const int64_t full = s.computed / bs;
   for (int64_t i = s.registered; i < full; ++i) {
@@ -279,6 +311,17 @@ void GroupBlockManager::RegisterFull(Sequence& s) {
       if (b != kNullBlock && !pool_.hashed(b) &&
           index_.Register(t, s.hashes[i], b)) {
         pool_.MarkHashed(b);
+        if (options_.observer != nullptr &&
+            ++tables_per_hash_[s.hashes[i]] == 1) {
+          StoredBlock stored;
+          stored.block = b;
+          stored.hash = s.hashes[i];
+          stored.first_in_chain = i == 0;
+          if (i > 0) stored.parent_hash = s.hashes[i - 1];
+          stored.adapter_id = s.adapter_id;
+          stored.tokens = absl::MakeConstSpan(s.tokens.data() + i * bs, bs);
+          stored_.push_back(stored);
+        }
       }
     }
   }
@@ -306,15 +349,50 @@ absl::Status GroupBlockManager::Commit(uint64_t plan_id) {
   for (SequenceId id : it->second.sequences) {
     auto s = sequences_.find(id);
     if (s == sequences_.end() || s->second.plan_id != plan_id) continue;
-    Sequence& seq = s->second;
-    seq.computed += seq.reserved;
-    seq.reserved = 0;
-    seq.plan_id = 0;
-    RegisterFull(seq);
-    ReleaseOutOfWindow(seq);
+    CommitSequence(s->second);
   }
   plans_.erase(it);
+  FlushEvents();
   return absl::OkStatus();
+}
+
+void GroupBlockManager::FlushEvents() {
+  if (options_.observer == nullptr) return;
+  if (!stored_.empty()) options_.observer->OnBlocksStored(stored_);
+  if (!removed_.empty()) {
+    options_.observer->OnBlocksRemoved(removed_, BlockMedium::kDevice);
+  }
+  stored_.clear();
+  removed_.clear();
+}
+
+absl::Status GroupBlockManager::ResetPrefixCache() {
+  if (!plans_.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("reset of the prefix cache while ", plans_.size(),
+                     " plans are in flight: commit or abort them first"));
+  }
+  if (!options_.enable_prefix_caching) return absl::OkStatus();
+  for (BlockId b = 0; b < pool_.num_blocks(); ++b) index_.Unregister(b);
+  pool_.ClearHashes();
+  // A live sequence's later blocks would chain to hashes no longer cached.
+  for (auto& [id, s] : sequences_) s.reset_cut = true;
+  tables_per_hash_.clear();
+  if (options_.observer != nullptr) options_.observer->OnAllBlocksCleared();
+  return absl::OkStatus();
+}
+
+void GroupBlockManager::CommitSequence(Sequence& s) {
+  for (BlockId& src : s.cow_src) {
+    if (src == kNullBlock) continue;
+    pool_.Release(src);  // The copy now holds this sequence's data.
+    src = kNullBlock;
+  }
+  s.computed += s.reserved;
+  s.reserved = 0;
+  s.plan_id = 0;
+  RegisterFull(s);
+  ReleaseOutOfWindow(s);
 }
 
 void GroupBlockManager::Unreserve(Sequence& s, size_t tokens_before,
@@ -325,6 +403,12 @@ void GroupBlockManager::Unreserve(Sequence& s, size_t tokens_before,
       pool_.Release(table.back());  // Unhashed: straight to the free list.
       table.pop_back();
       --held_[t];
+    }
+    if (s.cow_src[t] != kNullBlock) {
+      BlockId& last = table[s.computed / options_.block_size];
+      pool_.Release(last);  // The unhashed copy.
+      last = s.cow_src[t];
+      s.cow_src[t] = kNullBlock;
     }
   }
   s.tokens.resize(tokens_before);
@@ -429,6 +513,14 @@ absl::StatusOr<int64_t> GroupBlockManager::ComputedLength(SequenceId id) const {
   return it->second.computed;
 }
 
+absl::StatusOr<int64_t> GroupBlockManager::KnownLength(SequenceId id) const {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrCat("sequence ", id, " not found"));
+  }
+  return static_cast<int64_t>(it->second.tokens.size());
+}
+
 PoolUsage GroupBlockManager::Usage() const {
   return {pool_.num_blocks(), pool_.num_free(), pool_.num_cached(),
           pool_.num_used()};
@@ -452,6 +544,14 @@ absl::Status GroupBlockManager::Validate() const {
         if (table[b] == kNullBlock) continue;
         ++refs[table[b]];
         ++held[t];
+      }
+      if (s.cow_src[t] != kNullBlock) {
+        if (s.plan_id == 0) {
+          return absl::InternalError(
+              absl::StrCat("sequence ", id, " table ", t, " keeps copy source ",
+                           s.cow_src[t], " outside a plan"));
+        }
+        ++refs[s.cow_src[t]];
       }
     }
     if (s.has_tip) tips.push_back(s.hashes[s.registered - 1]);

@@ -23,9 +23,24 @@
 // of the window, so eviction takes out-of-window blocks, which only a
 // shorter prefix could use, before the full tables' later blocks.
 //
-// Not supported (InvalidArgument-free by construction: the methods do not
-// exist): Fork, Truncate, speculative Commit. Not thread-safe: the caller
-// serializes calls. A call that fails leaves the manager as it was.
+// Fork shares every table's blocks (a reference each; released entries stay
+// kNullBlock in the child). A table whose last block is partial and shared
+// (a fork, or a block registered in the prefix cache after Truncate) gets a
+// fresh page at the next Reserve, which names the (source, copy) pair in
+// GroupStepPlan::copies: the caller copies the page before any write of the
+// step (copy-on-write). The source keeps the sequence's reference until
+// Commit (released) or Abort (restored).
+//
+// Taking tokens back (Commit with accepted counts, RemoveFromPlan, Truncate)
+// works per table as BlockManager's. A sliding table cannot bring back the
+// blocks it released: Truncate to a length whose window would read a
+// released block is FailedPrecondition (naming the length and the window),
+// with nothing changed. Such a Truncate succeeds exactly when, for every
+// sliding table of window W, floor(max(0, new_length - W + 1) / block_size)
+// is at least the table's count of released entries.
+//
+// Not thread-safe: the caller serializes calls. A call that fails leaves the
+// manager as it was.
 
 #ifndef KVCACHE_ALLOCATOR_GROUP_BLOCK_MANAGER_H_
 #define KVCACHE_ALLOCATOR_GROUP_BLOCK_MANAGER_H_
@@ -40,8 +55,10 @@
 #include "absl/types/span.h"
 #include "allocator/block_hash.h"
 #include "allocator/block_manager.h"
+#include "allocator/block_observer.h"
 #include "allocator/block_pool.h"
 #include "allocator/group_prefix_index.h"
+#include "allocator/step_plan.h"
 #include "core/extra_key.h"
 #include "core/ids.h"
 #include "core/reserve_request.h"
@@ -60,6 +77,12 @@ struct GroupBlockManagerOptions {
   // Per table: 0 = full attention, else the sliding window in tokens. At
   // least one table.
   std::vector<int32_t> windows;
+  // KV events (may be null; must outlive the manager): one store per block
+  // hash when the first table registers it (Commit), one removal when the
+  // last table's block for it is evicted (Reserve), AllBlocksCleared on
+  // ResetPrefixCache. Replaying them rebuilds the set of hashes registered
+  // in any table (RegisteredHashesForTesting).
+  BlockObserver* observer = nullptr;
 };
 
 // What Reserve hands out: one slot mapping per table.
@@ -70,6 +93,8 @@ struct GroupStepPlan {
   std::vector<int64_t> first_positions;
   // slot_mappings[t]: one slot per reserved token (request order) in table t.
   std::vector<std::vector<int64_t>> slot_mappings;
+  // Copy-on-write: whole pages to copy (every slot) before any write.
+  std::vector<BlockCopy> copies;
 };
 
 struct GroupPrefixStats {
@@ -106,6 +131,34 @@ class GroupBlockManager {
   // newly full blocks are registered, and sliding tables release the blocks
   // that left their window. NotFound for an unknown plan.
   absl::Status Commit(uint64_t plan_id);
+  // Speculative Commit: accepted[i] (plan order; 0 <= accepted[i] <= the
+  // tokens reserved for sequence i) of sequence i's tokens become computed;
+  // the rest are rolled back in every table (the pages only they needed go
+  // back to the free list, never hashed) and the known tokens end at the new
+  // length. Entries of sequences no longer in the plan are ignored.
+  // InvalidArgument for a wrong size or an entry out of range, NotFound for
+  // an unknown plan; both change nothing.
+  absl::Status Commit(uint64_t plan_id, absl::Span<const int64_t> accepted);
+  // Takes one sequence out of a plan in flight, as Abort does for all.
+  // NotFound for an unknown plan or sequence, InvalidArgument when the
+  // sequence is not in that plan.
+  absl::Status RemoveFromPlan(uint64_t plan_id, SequenceId id);
+  // Rewinds a sequence to its first new_length computed tokens: entries past
+  // ceil(new_length / block_size) are released in every table, known tokens
+  // past new_length are dropped, and a now-partial shared or registered last
+  // block is copied at the next Reserve. InvalidArgument for new_length
+  // outside [0, computed], FailedPrecondition while in a plan or when a
+  // sliding table would need a block it released (see above).
+  absl::Status Truncate(SequenceId id, int64_t new_length);
+  // The child shares the parent's blocks in every table. NotFound for an
+  // unknown parent, AlreadyExists for an existing child, FailedPrecondition
+  // while the parent is in a plan.
+  absl::Status Fork(SequenceId parent, SequenceId child);
+  // Drops every registration of every table (cached blocks become free;
+  // blocks in use stay with their sequences, unhashed; a live sequence
+  // registers nothing more) and tells the observer. FailedPrecondition while
+  // a plan is in flight, changing nothing.
+  absl::Status ResetPrefixCache();
   // Returns the plan's new pages; the sequences are as before Reserve.
   absl::Status Abort(uint64_t plan_id);
   // Releases every block of the sequence (and its part of a plan).
@@ -123,6 +176,8 @@ class GroupBlockManager {
   absl::StatusOr<HostBatchTable> BatchTable(absl::Span<const SequenceId> ids,
                                             int32_t table) const;
   absl::StatusOr<int64_t> ComputedLength(SequenceId id) const;
+  // Computed + reserved + given, not yet reserved.
+  absl::StatusOr<int64_t> KnownLength(SequenceId id) const;
   // Pages held by live sequences in `table` (each sequence's entries that
   // are not kNullBlock; a page two sequences share counts twice). O(1).
   int64_t HeldBlocks(int32_t table) const { return held_[table]; }
@@ -142,6 +197,10 @@ class GroupBlockManager {
   // hits independently from it.
   BlockId RegisteredForTesting(int32_t table, absl::Span<const TokenId> prefix,
                                const ExtraKey& extra = {}) const;
+  // Every hash registered in at least one table.
+  std::vector<BlockHash> RegisteredHashesForTesting() const {
+    return index_.RegisteredHashes();
+  }
 
  private:
   struct Sequence {
@@ -149,13 +208,18 @@ class GroupBlockManager {
     std::vector<BlockHash> hashes;  // Chain of full known blocks.
     std::vector<std::vector<BlockId>> tables;
     std::vector<int64_t> released;  // Per table: leading null entries.
+    // Per table: the page a copy-on-write of this plan replaced (still
+    // referenced until Commit or Abort), or kNullBlock.
+    std::vector<BlockId> cow_src;
     BlockHash root;
+    int64_t adapter_id = 0;  // The extra key's, for KV events.
     int64_t computed = 0;
     int64_t reserved = 0;
     uint64_t plan_id = 0;
     int64_t registered = 0;  // Full blocks whose chain node exists.
     bool has_tip = false;    // Holds a reference on node hashes[registered-1].
     bool chain_broken = false;  // A colliding node: register nothing more.
+    bool reset_cut = false;     // Alive across ResetPrefixCache: likewise.
   };
   struct Plan {
     std::vector<SequenceId> sequences;
@@ -170,6 +234,13 @@ class GroupBlockManager {
   absl::Status CheckBatch(absl::Span<const ReserveRequest> batch,
                           int64_t& need) const;
   int64_t NewPages(const Sequence& s, int64_t tokens) const;
+  // Table t's last block is partial and shared or registered: the next
+  // write must go to a copy.
+  bool NeedsCopy(const Sequence& s, int32_t t) const;
+  // Commit's work for one sequence of the plan.
+  void CommitSequence(Sequence& s);
+  // Drops a reservation's tokens past the first `accepted`.
+  void RollBack(Sequence& s, int64_t accepted);
   BlockId TakePage();
   // The largest servable hit (in blocks) of a prompt; `hashes` its full
   // blocks' chain.
@@ -180,6 +251,8 @@ class GroupBlockManager {
   void HashKnown(Sequence& s) const;
   void RegisterFull(Sequence& s);
   void ReleaseOutOfWindow(Sequence& s);
+  // Hands the call's stores / removals to the observer.
+  void FlushEvents();
   void ReleaseAll(Sequence& s);
   void Unreserve(Sequence& s, size_t tokens_before,
                  const std::vector<size_t>& sizes_before);
@@ -192,6 +265,11 @@ class GroupBlockManager {
   uint64_t next_plan_id_ = 1;
   GroupPrefixStats stats_;
   std::vector<int64_t> held_;  // Per table: non-null entries of all tables.
+  // With an observer: per hash, the tables that register it, and the
+  // stores / removals of the call in progress.
+  absl::flat_hash_map<BlockHash, int32_t> tables_per_hash_;
+  std::vector<StoredBlock> stored_;
+  std::vector<BlockHash> removed_;
 };
 
 }  // namespace kvcache

@@ -81,6 +81,17 @@ bool GroupPrefixIndex::Register(int32_t table, const BlockHash& hash,
   return true;
 }
 
+std::vector<BlockHash> GroupPrefixIndex::RegisteredHashes() const {
+  absl::flat_hash_map<BlockHash, bool> seen;
+  std::vector<BlockHash> out;
+  for (const auto& table : tables_) {
+    for (const auto& [hash, block] : table) {
+      if (seen.emplace(hash, true).second) out.push_back(hash);
+    }
+  }
+  return out;
+}
+
 void GroupPrefixIndex::Unregister(BlockId block) {
   BlockMeta& m = meta_[block];
   if (m.table < 0) return;

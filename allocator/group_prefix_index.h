@@ -64,6 +64,12 @@ class GroupPrefixIndex {
   // Drops an evicted block's registration, if any.
   void Unregister(BlockId block);
   bool IsRegistered(BlockId block) const { return meta_[block].table >= 0; }
+  // The node hash a registered block is registered for.
+  const BlockHash& RegisteredHash(BlockId block) const {
+    return meta_[block].hash;
+  }
+  // Every hash registered in at least one table (for tests; O(entries)).
+  std::vector<BlockHash> RegisteredHashes() const;
 
   // Nodes, registrations and their reference counts agree; `tips` are the
   // live sequences' chain tips.

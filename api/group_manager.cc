@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "api/event_sink_factory.h"
 #include "api/gather_launches.h"
 #include "api/logging.h"
 #include "core/status_macros.h"
@@ -59,12 +60,15 @@ absl::StatusOr<std::unique_ptr<GroupManager>> GroupManager::Create(
   expected.device = m->backend_->ordinal();
 
   Lock lock(m->mu_);
+  KVCACHE_ASSIGN_OR_RETURN(m->events_, CreateEventSink(config));
+  options.observer = m->events_.get();
   KVCACHE_ASSIGN_OR_RETURN(m->blocks_, GroupBlockManager::Create(options));
   const int64_t tables = static_cast<int64_t>(m->paging_.tables.size());
   KVCACHE_ASSIGN_OR_RETURN(
       m->plans_,
       PlanTable::Create(dev, config.num_layers, config.max_inflight_plans,
-                        tables * config.max_tokens_per_step, 1));
+                        tables * config.max_tokens_per_step,
+                        tables * config.max_sequences_per_step));
   KVCACHE_ASSIGN_OR_RETURN(
       m->lookups_,
       LookupBuffers::Create(dev, config.max_sequences_per_step, m->cols_));
@@ -196,7 +200,19 @@ absl::StatusOr<StepPlanInfo> GroupManager::Reserve(
     step.num_tokens = plan->num_tokens;
     step.first_positions = plan->first_positions;
     step.slot_mapping = plan->slot_mappings[0];
-    uploaded = plans_->Upload(pending, all, {}, stream);
+    uploaded = plans_->Upload(pending, all, plan->copies, stream);
+    // Copy-on-write (shared partial blocks after Fork or Truncate) runs
+    // here, on every page slot, before any Append of the step can write.
+    if (uploaded.ok() && !plan->copies.empty()) {
+      uploaded = backend_->CopyBlocks(plans_->device_pairs(pending.slot),
+                                      static_cast<int64_t>(plan->copies.size()),
+                                      stream);
+      // The next upload into this slot must wait for the copies' reads.
+      if (uploaded.ok()) {
+        uploaded = backend_->device().RecordEvent(
+            plans_->buffers().slot(pending.slot).last_use, stream);
+      }
+    }
   } catch (...) {
     blocks_->Abort(plan->id).IgnoreError();
     throw;
@@ -212,8 +228,13 @@ absl::StatusOr<StepPlanInfo> GroupManager::Reserve(
   plans_->Add(std::move(pending), info.id, step);
   for (SequenceId id : plan->sequences) pending_[id] = info.id;
   info.host_slot_mapping = std::move(step.slot_mapping);
+  info.num_block_copies = static_cast<int64_t>(plan->copies.size());
   const PlanTable::Plan& added = **plans_->Find(info.id);
   info.sequences.assign(added.sequences.begin(), added.sequences.end());
+  counters_.block_copies += info.num_block_copies;
+  if (info.num_block_copies > 0) {
+    counters_.kernel_launches += paging_.layers_per_page;
+  }
   return info;
 }
 
@@ -261,24 +282,91 @@ absl::Status GroupManager::Append(uint64_t plan_id, int layer,
 void GroupManager::RemovePlan(uint64_t plan_id) {
   absl::StatusOr<PlanTable::Plan*> plan = plans_->Find(plan_id);
   if (!plan.ok()) return;
-  for (const PlanSequence& s : (*plan)->sequences) pending_.erase(s.sequence);
+  for (const PlanSequence& s : (*plan)->sequences) {
+    // A sequence removed from the plan may be in another one by now.
+    auto it = pending_.find(s.sequence);
+    if (it != pending_.end() && it->second == plan_id) pending_.erase(it);
+  }
   plans_->Remove(plan_id);
+}
+
+absl::Status GroupManager::CheckAppended(uint64_t plan_id,
+                                         const PlanTable::Plan& plan) const {
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    if (plan.appended[layer] != plan.num_tokens) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "commit of plan ", plan_id, ": layer ", layer, " holds ",
+          plan.appended[layer], " of its ", plan.num_tokens, " tokens"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status GroupManager::Commit(uint64_t plan_id) {
   Lock lock(mu_);
   KVCACHE_ASSIGN_OR_RETURN(const PlanTable::Plan* plan, plans_->Find(plan_id));
-  for (int layer = 0; layer < config_.num_layers; ++layer) {
-    if (plan->appended[layer] != plan->num_tokens) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "commit of plan ", plan_id, ": layer ", layer, " holds ",
-          plan->appended[layer], " of its ", plan->num_tokens, " tokens"));
-    }
-  }
+  KVCACHE_RETURN_IF_ERROR(CheckAppended(plan_id, *plan));
   KVCACHE_RETURN_IF_ERROR(blocks_->Commit(plan_id));
-  counters_.tokens_committed += plan->num_tokens;
+  for (const PlanSequence& s : plan->sequences) {
+    counters_.tokens_committed += s.num_tokens;  // 0 once removed.
+  }
   RemovePlan(plan_id);
   return absl::OkStatus();
+}
+
+absl::Status GroupManager::Commit(uint64_t plan_id,
+                                  absl::Span<const int64_t> accepted) {
+  Lock lock(mu_);
+  KVCACHE_ASSIGN_OR_RETURN(const PlanTable::Plan* plan, plans_->Find(plan_id));
+  KVCACHE_RETURN_IF_ERROR(CheckAppended(plan_id, *plan));
+  KVCACHE_RETURN_IF_ERROR(blocks_->Commit(plan_id, accepted));
+  // The allocator checked the size and every entry of a sequence in the plan.
+  for (size_t i = 0; i < plan->sequences.size(); ++i) {
+    const int64_t reserved = plan->sequences[i].num_tokens;
+    if (reserved == 0) continue;  // Removed: its entry is ignored.
+    counters_.tokens_committed += accepted[i];
+    counters_.tokens_rejected += reserved - accepted[i];
+  }
+  RemovePlan(plan_id);
+  return absl::OkStatus();
+}
+
+absl::Status GroupManager::RemoveFromPlan(uint64_t plan_id, SequenceId sequence,
+                                          void* stream) {
+  Lock lock(mu_);
+  KVCACHE_ASSIGN_OR_RETURN(PlanTable::Plan * plan, plans_->Find(plan_id));
+  PlanSequence* row = nullptr;
+  for (PlanSequence& s : plan->sequences) {
+    if (s.sequence == sequence && s.num_tokens > 0) row = &s;
+  }
+  // Not in the plan: the allocator names the cause (and changes nothing).
+  if (row == nullptr) return blocks_->RemoveFromPlan(plan_id, sequence);
+  // Its rows of every table's mapping become padding first: if that fails,
+  // the allocator has not changed.
+  for (size_t t = 0; t < paging_.tables.size(); ++t) {
+    KVCACHE_RETURN_IF_ERROR(plans_->Pad(
+        *plan, static_cast<int64_t>(t) * plan->num_tokens + row->slot_offset,
+        row->num_tokens, stream));
+  }
+  KVCACHE_RETURN_IF_ERROR(blocks_->RemoveFromPlan(plan_id, sequence));
+  row->num_tokens = 0;
+  pending_.erase(sequence);
+  return absl::OkStatus();
+}
+
+absl::Status GroupManager::Truncate(SequenceId id, int64_t new_length) {
+  Lock lock(mu_);
+  return blocks_->Truncate(id, new_length);
+}
+
+absl::Status GroupManager::Fork(SequenceId parent, SequenceId child) {
+  Lock lock(mu_);
+  if (auto it = pending_.find(parent); it != pending_.end()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("fork of sequence ", parent, " while plan ", it->second,
+                     " is in flight: commit or abort it first"));
+  }
+  return blocks_->Fork(parent, child);
 }
 
 absl::Status GroupManager::Abort(uint64_t plan_id) {
@@ -318,6 +406,11 @@ absl::StatusOr<std::vector<BlockId>> GroupManager::BlockTable(
 absl::StatusOr<int64_t> GroupManager::SequenceLength(SequenceId id) const {
   Lock lock(mu_);
   return blocks_->ComputedLength(id);
+}
+
+absl::StatusOr<int64_t> GroupManager::KnownLength(SequenceId id) const {
+  Lock lock(mu_);
+  return blocks_->KnownLength(id);
 }
 
 absl::StatusOr<BlockTableView> GroupManager::BatchBlockTable(
@@ -432,6 +525,22 @@ absl::Status GroupManager::GatherBatch(absl::Span<const GatherRequest> requests,
   return absl::OkStatus();
 }
 
+std::vector<KVEventBatch> GroupManager::TakeEvents() {
+  Lock lock(mu_);
+  if (events_ == nullptr) return {};
+  return events_->Take();
+}
+
+absl::Status GroupManager::ResetPrefixCache() {
+  Lock lock(mu_);
+  return blocks_->ResetPrefixCache();
+}
+
+std::vector<BlockHash> GroupManager::RegisteredHashesForTesting() const {
+  Lock lock(mu_);
+  return blocks_->RegisteredHashesForTesting();
+}
+
 int64_t GroupManager::FreeBlocks() const {
   Lock lock(mu_);
   return blocks_->Usage().free_blocks;
@@ -467,6 +576,12 @@ MetricsSnapshot GroupManager::Metrics() const {
   s.prefix_hit_tokens = prefix.hit_tokens;
   s.prefix_hit_tokens_device = prefix.hit_tokens;
   s.evictions = prefix.evictions;
+  if (events_ != nullptr) {
+    s.kv_event_batches = static_cast<int64_t>(events_->batches());
+    s.kv_event_batches_dropped = static_cast<int64_t>(events_->dropped());
+    s.kv_event_batches_unpublished =
+        static_cast<int64_t>(events_->unpublished());
+  }
   return s;
 }
 

@@ -7,12 +7,14 @@
 // lookup buffers. Append and Gather of layer l use the slot mapping and the
 // block table of l's table.
 //
-// Offered: AddSequence, PeekPrefix, Reserve, CanReserve, Append, Commit,
-// Abort, Free, block tables per table, SequenceLength, Gather (and
-// GatherAsync / GatherBatch), LayerView, capacity, metrics, Validate. The
-// rest (Fork, Truncate, speculative Commit, RemoveFromPlan, graph steps,
-// Attention, host tier, KV events, ResetPrefixCache) is refused with
-// Unimplemented naming layer_groups.
+// Offered: AddSequence, PeekPrefix, Reserve (with copy-on-write of shared
+// partial blocks), CanReserve, Append, Commit (also with accepted counts),
+// RemoveFromPlan, Abort, Fork, Truncate, Free, block tables per table,
+// SequenceLength, KnownLength, Gather (and GatherAsync / GatherBatch),
+// LayerView, capacity, metrics, Validate, KV events (TakeEvents; the
+// allocator is the sink's observer) and ResetPrefixCache. The rest (graph
+// steps, Attention, host tier) is refused with Unimplemented naming
+// layer_groups.
 //
 // Thread safety: every method locks mu_. Ownership: owns all cache memory;
 // views stay valid while it lives. Internal to api/.
@@ -36,6 +38,8 @@
 #include "api/lookup_buffers.h"
 #include "api/plan_table.h"
 #include "api/tensor_checks.h"
+#include "core/kv_event.h"
+#include "events/kv_event_sink.h"
 #include "storage/device.h"
 
 namespace kvcache::internal {
@@ -63,7 +67,14 @@ class GroupManager {
   absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
                       const TensorView& value, void* stream);
   absl::Status Commit(uint64_t plan_id);
+  absl::Status Commit(uint64_t plan_id, absl::Span<const int64_t> accepted);
+  absl::Status RemoveFromPlan(uint64_t plan_id, SequenceId sequence,
+                              void* stream);
   absl::Status Abort(uint64_t plan_id);
+  // Truncate: also FailedPrecondition when a sliding-window table would need
+  // a block it released (GroupBlockManager::Truncate).
+  absl::Status Truncate(SequenceId id, int64_t new_length);
+  absl::Status Fork(SequenceId parent, SequenceId child);
   absl::StatusOr<std::vector<PlanSequence>> PlanLayout(uint64_t plan_id) const;
   absl::Status Free(SequenceId id);
 
@@ -71,6 +82,7 @@ class GroupManager {
   absl::StatusOr<std::vector<BlockId>> BlockTable(SequenceId id,
                                                   int32_t table) const;
   absl::StatusOr<int64_t> SequenceLength(SequenceId id) const;
+  absl::StatusOr<int64_t> KnownLength(SequenceId id) const;
   absl::StatusOr<BlockTableView> BatchBlockTable(
       absl::Span<const SequenceId> ids, int32_t table, void* stream);
   absl::StatusOr<LayerView> GetLayerView(int layer) const;
@@ -79,6 +91,11 @@ class GroupManager {
                            const TensorView& value_out,
                            const GatherOptions& options, void* stream,
                            bool wait);
+
+  std::vector<KVEventBatch> TakeEvents();
+  absl::Status ResetPrefixCache();
+  // Hashes registered in any table (KVCacheManagerTestPeer).
+  std::vector<BlockHash> RegisteredHashesForTesting() const;
 
   int64_t FreeBlocks() const;
   int64_t EvictableBlocks() const;
@@ -99,6 +116,9 @@ class GroupManager {
                                            bool include_in_flight) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RemovePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // FailedPrecondition naming the first layer short of the plan's tokens.
+  absl::Status CheckAppended(uint64_t plan_id,
+                             const PlanTable::Plan& plan) const;
 
   const KVCacheConfig config_;
   GroupPaging paging_;
@@ -107,6 +127,8 @@ class GroupManager {
   int64_t cols_ = 0;        // Block-table columns.
 
   mutable std::mutex mu_;
+  // Declared before blocks_, which calls it: null when events are off.
+  std::unique_ptr<KVEventSink> events_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<GroupBlockManager> blocks_ ABSL_GUARDED_BY(mu_);
   // Each plan's step slot holds its tables' slot mappings one after another
   // (table t's at t * num_tokens).

@@ -103,10 +103,6 @@ absl::Status CheckGroups(const KVCacheConfig& c) {
     return Bad("graph_max_tokens", c.graph_max_tokens,
                "must be 0 with layer_groups (no graph step for groups yet)");
   }
-  if (c.enable_kv_events) {
-    return absl::InvalidArgumentError(
-        "enable_kv_events is not offered with layer_groups yet");
-  }
   if (c.layer_groups.size() > static_cast<size_t>(c.num_layers)) {
     return Bad("layer_groups.size()",
                static_cast<int64_t>(c.layer_groups.size()),

@@ -85,9 +85,16 @@ KVCacheManagerTestPeer::CreateWithDevice(const KVCacheConfig& config,
 
 std::vector<uint64_t> KVCacheManagerTestPeer::CachedHashesForTesting(
     const KVCacheManager& manager, KVEventMedium medium) {
-  if (manager.groups_ != nullptr) return {};
-  Lock lock(manager.impl_->mu());
   std::vector<uint64_t> out;
+  if (manager.groups_ != nullptr) {
+    // Groups have no host tier: their hashes are all on the device.
+    if (medium == KVEventMedium::kHost) return out;
+    for (const BlockHash& h : manager.groups_->RegisteredHashesForTesting()) {
+      out.push_back(ExternalBlockHash(h));
+    }
+    return out;
+  }
+  Lock lock(manager.impl_->mu());
   for (const BlockHash& h : manager.impl_->blocks().RegisteredHashesForTesting(
            medium == KVEventMedium::kHost ? BlockMedium::kHost
                                           : BlockMedium::kDevice)) {
@@ -199,7 +206,7 @@ absl::Status KVCacheManager::Commit(uint64_t plan_id) {
 absl::Status KVCacheManager::Commit(uint64_t plan_id,
                                     absl::Span<const int64_t> accepted) {
   return NoBadAlloc("Commit", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("Commit with accepted counts");
+    if (groups_ != nullptr) return groups_->Commit(plan_id, accepted);
     Lock lock(impl_->mu());
     return impl_->Commit(plan_id, accepted);
   });
@@ -208,7 +215,9 @@ absl::Status KVCacheManager::Commit(uint64_t plan_id,
 absl::Status KVCacheManager::RemoveFromPlan(uint64_t plan_id,
                                             SequenceId sequence, void* stream) {
   return NoBadAlloc("RemoveFromPlan", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("RemoveFromPlan");
+    if (groups_ != nullptr) {
+      return groups_->RemoveFromPlan(plan_id, sequence, stream);
+    }
     Lock lock(impl_->mu());
     return impl_->RemoveFromPlan(plan_id, sequence, stream);
   });
@@ -216,7 +225,7 @@ absl::Status KVCacheManager::RemoveFromPlan(uint64_t plan_id,
 
 absl::Status KVCacheManager::Truncate(SequenceId sequence, int64_t new_length) {
   return NoBadAlloc("Truncate", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("Truncate");
+    if (groups_ != nullptr) return groups_->Truncate(sequence, new_length);
     Lock lock(impl_->mu());
     return impl_->Truncate(sequence, new_length);
   });
@@ -263,7 +272,7 @@ absl::Status KVCacheManager::Abort(uint64_t plan_id) {
 
 absl::Status KVCacheManager::Fork(SequenceId parent, SequenceId child) {
   return NoBadAlloc("Fork", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("Fork");
+    if (groups_ != nullptr) return groups_->Fork(parent, child);
     Lock lock(impl_->mu());
     return impl_->Fork(parent, child);
   });
@@ -302,7 +311,7 @@ absl::StatusOr<int64_t> KVCacheManager::SequenceLength(SequenceId id) const {
 
 absl::StatusOr<int64_t> KVCacheManager::KnownLength(SequenceId id) const {
   return NoBadAlloc("KnownLength", [&]() -> absl::StatusOr<int64_t> {
-    if (groups_ != nullptr) return NotWithGroups("KnownLength");
+    if (groups_ != nullptr) return groups_->KnownLength(id);
     Lock lock(impl_->mu());
     return impl_->blocks().KnownLength(id);
   });
@@ -428,10 +437,7 @@ std::string KVCacheManager::MetricsText() const {
 absl::StatusOr<std::vector<KVEventBatch>> KVCacheManager::TakeEvents() {
   return NoBadAlloc("TakeEvents",
                     [&]() -> absl::StatusOr<std::vector<KVEventBatch>> {
-                      // KV events are off with groups: nothing to take.
-                      if (groups_ != nullptr) {
-                        return std::vector<KVEventBatch>();
-                      }
+                      if (groups_ != nullptr) return groups_->TakeEvents();
                       Lock lock(impl_->mu());
                       return impl_->TakeEvents();
                     });
@@ -439,7 +445,7 @@ absl::StatusOr<std::vector<KVEventBatch>> KVCacheManager::TakeEvents() {
 
 absl::Status KVCacheManager::ResetPrefixCache() {
   return NoBadAlloc("ResetPrefixCache", [&]() -> absl::Status {
-    if (groups_ != nullptr) return NotWithGroups("ResetPrefixCache");
+    if (groups_ != nullptr) return groups_->ResetPrefixCache();
     Lock lock(impl_->mu());
     return impl_->blocks().ResetPrefixCache();
   });

@@ -1,11 +1,12 @@
-// KV events of KVCacheManager::Impl: the sink that config.enable_kv_events
-// asks for, with its ZeroMQ publisher when config.kv_events_endpoint is set
-// (events/), and TakeEvents.
+// KV events of KVCacheManager::Impl (and of the layer-groups manager): the
+// sink that config.enable_kv_events asks for, with its ZeroMQ publisher when
+// config.kv_events_endpoint is set (events/), and TakeEvents.
 
 #include <memory>
 #include <utility>
 #include <vector>
 
+#include "api/event_sink_factory.h"
 #include "api/manager_impl.h"
 #include "core/status_macros.h"
 #include "events/kv_event_sink.h"
@@ -15,6 +16,11 @@ namespace kvcache {
 
 absl::StatusOr<std::unique_ptr<internal::KVEventSink>>
 KVCacheManager::Impl::CreateEvents(const KVCacheConfig& config) {
+  return internal::CreateEventSink(config);
+}
+
+absl::StatusOr<std::unique_ptr<internal::KVEventSink>>
+internal::CreateEventSink(const KVCacheConfig& config) {
   if (!config.enable_kv_events) return nullptr;
   internal::KVEventSink::Options options;
   options.block_size = config.block_size;

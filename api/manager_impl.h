@@ -218,7 +218,7 @@ class KVCacheManager::Impl {
   // counts.
   bool ReclaimHeldOffloads() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The event sink (and its publisher) config asks for, or null when events
-  // are off (api/manager_events.cc).
+  // are off (internal::CreateEventSink, api/manager_events.cc).
   static absl::StatusOr<std::unique_ptr<internal::KVEventSink>> CreateEvents(
       const KVCacheConfig& config);
 

@@ -96,7 +96,7 @@ void FuzzManager(Bytes& in) {
   for (int op = 0; op < 64 && !in.empty(); ++op) {
     const PoolUsage before = m.Usage();
     absl::Status st;
-    switch (in.Range(8)) {
+    switch (in.Range(12)) {
       case 0: {  // AddSequence, maybe empty, maybe a duplicate id.
         std::vector<TokenId> prompt(in.Range(20));
         for (TokenId& t : prompt) t = in.Range(3);
@@ -143,9 +143,29 @@ void FuzzManager(Bytes& in) {
         st = m.BatchTable(ids, in.Int()).status();
         break;
       }
-      default:
+      case 7:
         st = m.PeekPrefix(std::vector<TokenId>(in.Range(12), 1)).status();
         break;
+      case 8:
+        st = m.Fork(in.Range(8) - 1, in.Range(8) - 1);
+        break;
+      case 9:  // Truncate to a hostile or near length.
+        st = m.Truncate(in.Range(8) - 1, in.Int());
+        break;
+      case 10: {  // Commit with accepted counts, hostile sizes and values.
+        const uint64_t id =
+            plans.empty() ? 1 : plans[in.Range(static_cast<int>(plans.size()))];
+        std::vector<int64_t> accepted(in.Range(4));
+        for (int64_t& a : accepted) a = in.Int() % 8;
+        st = m.Commit(id, accepted);
+        break;
+      }
+      default: {
+        const uint64_t id =
+            plans.empty() ? 1 : plans[in.Range(static_cast<int>(plans.size()))];
+        st = m.RemoveFromPlan(id, in.Range(8) - 1);
+        break;
+      }
     }
     if (absl::Status v = m.Validate(); !v.ok()) Fail("Validate", v);
     if (!st.ok()) {

@@ -1,7 +1,9 @@
 // The layer-groups part of the fuzzer (fuzz/manager_fuzzer.cc hands it every
 // input whose first byte is kGroupInputTag): a hostile LayerGroup config for
 // ValidateConfig, then a GroupBlockManager driven with valid and hostile
-// calls, its invariants checked after each. Any violation aborts.
+// calls (AddSequence, Reserve, Commit with or without accepted counts, Abort,
+// RemoveFromPlan, Fork, Truncate, Free, lookups), its invariants checked
+// after each. Any violation aborts.
 
 #ifndef KVCACHE_FUZZ_GROUP_HARNESS_H_
 #define KVCACHE_FUZZ_GROUP_HARNESS_H_

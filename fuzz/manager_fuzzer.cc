@@ -11,8 +11,9 @@
 // aborts (a crash for libFuzzer). Built with clang
 // -fsanitize=fuzzer,address,undefined under --config=fuzz, and as a plain
 // library replayed by fuzz/replay_main.cc in the normal build. An input whose
-// first byte is kGroupInputTag drives layer groups instead
-// (fuzz/group_harness.h).
+// first byte is kGroupInputTag drives layer groups' allocator instead
+// (fuzz/group_harness.h), and one whose first byte is kGroupManagerInputTag
+// a KVCacheManager with layer groups (fuzz/group_manager_harness.h).
 
 #include <algorithm>
 #include <cstdint>
@@ -32,6 +33,7 @@
 #include "api/kv_cache_manager_test_peer.h"
 #include "dlpack/dlpack.h"
 #include "fuzz/group_harness.h"
+#include "fuzz/group_manager_harness.h"
 #include "spdlog/sinks/null_sink.h"
 #include "spdlog/spdlog.h"
 #include "testing/kv_reference.h"
@@ -1229,6 +1231,10 @@ class Harness {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size > 0 && data[0] == kvcache::kGroupInputTag) {
     kvcache::FuzzLayerGroups(data + 1, size - 1);
+    return 0;
+  }
+  if (size > 0 && data[0] == kvcache::kGroupManagerInputTag) {
+    kvcache::FuzzGroupManager(data + 1, size - 1);
     return 0;
   }
   kvcache::Input in(data, size);

@@ -1,7 +1,8 @@
 // GroupBlockManager (allocator/group_block_manager.h): window release with
 // kNullBlock entries, all-or-nothing Reserve across tables, hybrid prefix
-// hits in a hand-made eviction order, and the steady state of a Gemma-3-like
-// model with 32k-token sequences.
+// hits in a hand-made eviction order, the steady state of a Gemma-3-like
+// model with 32k-token sequences, and Fork / Truncate / speculative Commit
+// per table (copy-on-write, released entries, refusals below a window).
 
 #include "allocator/group_block_manager.h"
 
@@ -239,6 +240,162 @@ TEST(GroupBlockManagerTest, GemmaLikeSteadyStateHoldsOnlyTheWindows) {
   // Against every layer full: 31 tables x 2048 blocks per sequence.
   const int64_t all_full = kSeqs * 31 * (kLen / kBs);
   EXPECT_LT(m->Usage().used_blocks * 4, all_full);
+}
+
+TEST(GroupBlockManagerTest, ForkSharesEveryTableAndCopiesThePartialTail) {
+  // Block size 4, window 8, full table 0: 14 computed tokens -> the sliding
+  // table released block 0 ((14 - 7) / 4 = 1).
+  auto m = Make(64, 4, {0, 8}, /*prefix=*/false);
+  ASSERT_TRUE(m->AddSequence(1, Iota(14, 100)).ok());
+  Step(*m, 1, 14);
+  ASSERT_EQ((*m->BlockTable(1, 1))[0], kNullBlock);
+  const int64_t used = m->Usage().used_blocks;
+  ASSERT_TRUE(m->Fork(1, 2).ok());
+  EXPECT_EQ(m->Usage().used_blocks, used);  // Shared, not copied.
+  for (int32_t t = 0; t < 2; ++t) {
+    const auto parent = *m->BlockTable(1, t);
+    const auto child = *m->BlockTable(2, t);
+    EXPECT_EQ(std::vector<BlockId>(parent.begin(), parent.end()),
+              std::vector<BlockId>(child.begin(), child.end()));
+  }
+  EXPECT_EQ(m->HeldBlocks(0), 8);
+  EXPECT_EQ(m->HeldBlocks(1), 6);
+  EXPECT_EQ(m->Fork(1, 2).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(m->Fork(9, 3).code(), absl::StatusCode::kNotFound);
+  // The child's next step writes into copies of both tables' last block
+  // (block 3, tokens 12..15); the parent's stay.
+  const BlockId tail0 = (*m->BlockTable(1, 0))[3];
+  const BlockId tail1 = (*m->BlockTable(1, 1))[3];
+  auto plan = m->Reserve({{2, {7}, 1}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->copies.size(), 2u);
+  EXPECT_EQ(plan->copies[0].src, tail0);
+  EXPECT_EQ(plan->copies[1].src, tail1);
+  EXPECT_EQ((*m->BlockTable(2, 0))[3], plan->copies[0].dst);
+  EXPECT_EQ(plan->slot_mappings[0][0], plan->copies[0].dst * 4 + 2);
+  EXPECT_EQ(m->Fork(2, 3).code(), absl::StatusCode::kFailedPrecondition);
+  // Abort puts the shared blocks back; a second Reserve copies again.
+  ASSERT_TRUE(m->Abort(plan->id).ok());
+  EXPECT_EQ((*m->BlockTable(2, 0))[3], tail0);
+  EXPECT_EQ(m->Usage().used_blocks, used);
+  ASSERT_TRUE(m->Validate().ok()) << m->Validate();
+  plan = m->Reserve({{2, {7}, 1}});
+  ASSERT_TRUE(plan.ok());
+  ASSERT_TRUE(m->Commit(plan->id).ok());
+  ASSERT_TRUE(m->Validate().ok()) << m->Validate();
+  EXPECT_EQ(m->Usage().used_blocks, used + 2);
+  // The parent is the last holder now: it writes in place.
+  plan = m->Reserve({{1, {8}, 1}});
+  ASSERT_TRUE(plan.ok());
+  EXPECT_TRUE(plan->copies.empty());
+  ASSERT_TRUE(m->Commit(plan->id).ok());
+  ASSERT_TRUE(m->Free(1).ok());
+  ASSERT_TRUE(m->Free(2).ok());
+  EXPECT_EQ(m->Usage().used_blocks, 0);
+  ASSERT_TRUE(m->Validate().ok()) << m->Validate();
+}
+
+TEST(GroupBlockManagerTest, TruncateBelowTheWindowIsRefused) {
+  auto m = Make(64, 4, {0, 8}, /*prefix=*/false);
+  ASSERT_TRUE(m->AddSequence(1, Iota(21, 100)).ok());
+  Step(*m, 1, 21);
+  // (21 - 7) / 4 = 3: blocks 0..2 of the sliding table are released. At
+  // length L the window reads from L - 7: L >= 19 keeps block 3 the first.
+  ASSERT_EQ(m->HeldBlocks(1), 3);
+  const absl::Status refused = m->Truncate(1, 18);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.message().find("to 18 tokens"), std::string::npos)
+      << refused;
+  EXPECT_NE(refused.message().find("sliding window of 8"), std::string::npos);
+  EXPECT_NE(refused.message().find("at least 19"), std::string::npos);
+  EXPECT_EQ(*m->ComputedLength(1), 21);
+  EXPECT_EQ(m->HeldBlocks(0), 6);
+  EXPECT_EQ(m->Truncate(1, 22).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(m->Truncate(1, 19).ok());
+  EXPECT_EQ(*m->ComputedLength(1), 19);
+  EXPECT_EQ(*m->KnownLength(1), 19);
+  EXPECT_EQ(m->HeldBlocks(0), 5);
+  EXPECT_EQ(m->HeldBlocks(1), 2);
+  ASSERT_TRUE(m->Validate().ok()) << m->Validate();
+  // Not shared, not registered: the partial tail is written in place.
+  auto plan = m->Reserve({{1, {5, 6}, 2}});
+  ASSERT_TRUE(plan.ok());
+  EXPECT_TRUE(plan->copies.empty());
+  // A full-attention-only sequence truncates to any length.
+  auto full = Make(16, 4, {0});
+  ASSERT_TRUE(full->AddSequence(1, Iota(9, 0)).ok());
+  Step(*full, 1, 9);
+  ASSERT_TRUE(full->Truncate(1, 0).ok());
+  EXPECT_EQ(full->Usage().used_blocks, 0);
+  // Truncated into a registered block: the next Reserve copies it and the
+  // cached block keeps its tokens (a new prompt still hits it).
+  ASSERT_TRUE(full->Free(1).ok());
+  ASSERT_EQ(*full->AddSequence(2, Iota(9, 0)), 8);  // The cached blocks.
+  Step(*full, 2, 1);
+  ASSERT_TRUE(full->Truncate(2, 6).ok());
+  plan = full->Reserve({{2, {50}, 1}});
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->copies.size(), 1u);
+  ASSERT_TRUE(full->Commit(plan->id).ok());
+  EXPECT_EQ(*full->PeekPrefix(Iota(9, 0)), 8);
+  ASSERT_TRUE(full->Validate().ok()) << full->Validate();
+}
+
+TEST(GroupBlockManagerTest, SpeculativeCommitRollsBackEveryTable) {
+  auto m = Make(64, 4, {0, 6, 0});
+  ASSERT_TRUE(m->AddSequence(1, Iota(6, 0)).ok());
+  ASSERT_TRUE(m->AddSequence(2, Iota(3, 40)).ok());
+  auto plan = m->Reserve({{1, {}, 6}, {2, {}, 3}});
+  ASSERT_TRUE(plan.ok());
+  ASSERT_TRUE(m->Commit(plan->id).ok());
+  // Sampled token + 5 drafts for 1 (tokens 6..11: blocks 1, 2), 3 for 2.
+  plan = m->Reserve({{1, {1, 2, 3, 4, 5, 6}, 6}, {2, {7, 8, 9}, 3}});
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ((*m->BlockTable(1, 0)).size(), 3u);
+  const std::vector<int64_t> wrong_size = {1};
+  EXPECT_EQ(m->Commit(plan->id, wrong_size).code(),
+            absl::StatusCode::kInvalidArgument);
+  const std::vector<int64_t> too_many = {7, 0};
+  EXPECT_EQ(m->Commit(plan->id, too_many).code(),
+            absl::StatusCode::kInvalidArgument);
+  const std::vector<int64_t> accepted = {1, 0};
+  ASSERT_TRUE(m->Commit(plan->id, accepted).ok());
+  EXPECT_EQ(*m->ComputedLength(1), 7);
+  EXPECT_EQ(*m->KnownLength(1), 7);
+  EXPECT_EQ(*m->ComputedLength(2), 3);
+  EXPECT_EQ(*m->KnownLength(2), 3);
+  for (int32_t t = 0; t < 3; ++t) {
+    EXPECT_EQ((*m->BlockTable(1, t)).size(), 2u) << t;
+    EXPECT_EQ((*m->BlockTable(2, t)).size(), 1u) << t;
+  }
+  // Window 6 at 7 tokens: (7 - 5) / 4 = 0 released.
+  EXPECT_NE((*m->BlockTable(1, 1))[0], kNullBlock);
+  // 2 + 2 + 2 blocks of sequence 1 and 1 + 1 + 1 of sequence 2.
+  EXPECT_EQ(m->Usage().used_blocks, 9);
+  ASSERT_TRUE(m->Validate().ok()) << m->Validate();
+  // Only full blocks of accepted tokens were registered: block 1 of
+  // sequence 1 (tokens 4..7) is not full.
+  EXPECT_EQ(*m->PeekPrefix(Iota(9, 0)), 4);
+}
+
+TEST(GroupBlockManagerTest, RemoveFromPlanLeavesTheOthers) {
+  auto m = Make(64, 4, {0, 8});
+  ASSERT_TRUE(m->AddSequence(1, Iota(5, 0)).ok());
+  ASSERT_TRUE(m->AddSequence(2, Iota(5, 10)).ok());
+  auto plan = m->Reserve({{1, {}, 5}, {2, {}, 5}});
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(m->RemoveFromPlan(plan->id, 3).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(m->RemoveFromPlan(plan->id + 1, 1).code(),
+            absl::StatusCode::kNotFound);
+  ASSERT_TRUE(m->RemoveFromPlan(plan->id, 1).ok());
+  EXPECT_EQ(m->RemoveFromPlan(plan->id, 1).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*m->BlockTable(1, 0)).size(), 0u);
+  ASSERT_TRUE(m->Validate().ok()) << m->Validate();
+  ASSERT_TRUE(m->Commit(plan->id).ok());
+  EXPECT_EQ(*m->ComputedLength(1), 0);
+  EXPECT_EQ(*m->ComputedLength(2), 5);
+  ASSERT_TRUE(m->Validate().ok()) << m->Validate();
 }
 
 }  // namespace

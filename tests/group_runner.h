@@ -1,5 +1,6 @@
 // GroupRunner: drives a KVCacheManager configured with layer groups through
-// random steps (add, prefill chunks, decode, free) and checks every layer's
+// random steps (add, prefill chunks, decode, speculative steps, fork,
+// truncate, free) and checks every layer's
 // Gather against an independent reference: each token's K/V is a synthetic
 // row of (seed, layer, token prefix), quantized and dequantized by
 // testing/kv_reference.h. Inputs and outputs live in `device`'s memory (host
@@ -12,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -23,6 +25,16 @@
 #include "testing/kv_reference.h"
 
 namespace kvcache::testing {
+
+// GroupRunner::Step's options.
+struct GroupStepOptions {
+  // Commit with these accepted counts (batch order): a speculative step.
+  const std::vector<int64_t>* accepted = nullptr;
+  // Takes this sequence out of the plan before the Appends (which still
+  // carry its rows: padding).
+  std::optional<SequenceId> remove;
+  int64_t* copies = nullptr;  // Receives the step's copy-on-write count.
+};
 
 class GroupRunner {
  public:
@@ -66,10 +78,30 @@ class GroupRunner {
     return st;
   }
 
+  absl::Status Fork(SequenceId parent, SequenceId child) {
+    absl::Status st = m_->Fork(parent, child);
+    if (st.ok()) seqs_[child] = seqs_.at(parent);
+    return st;
+  }
+
+  absl::Status Truncate(SequenceId id, int64_t length) {
+    absl::Status st = m_->Truncate(id, length);
+    if (st.ok()) {
+      Seq& s = seqs_.at(id);
+      s.tokens.resize(length);
+      s.hashes.resize(length);
+    }
+    return st;
+  }
+
+  using StepOptions = GroupStepOptions;
+
   // One step: reserve `n[i]` tokens for `ids[i]` (new token ids drawn at
   // random when the known tokens run out), append every layer, commit.
   absl::Status Step(const std::vector<SequenceId>& ids,
-                    const std::vector<int64_t>& n) {
+                    const std::vector<int64_t>& n,
+                    const StepOptions& options = {}) {
+    const std::vector<int64_t>* accepted = options.accepted;
     std::vector<ReserveRequest> batch;
     for (size_t i = 0; i < ids.size(); ++i) {
       Seq& s = seqs_[ids[i]];
@@ -85,23 +117,40 @@ class GroupRunner {
     }
     absl::StatusOr<StepPlanInfo> plan = m_->Reserve(batch);
     if (!plan.ok()) return plan.status();
+    if (options.copies != nullptr) *options.copies = plan->num_block_copies;
     for (size_t i = 0; i < ids.size(); ++i) {
       Seq& s = seqs_[ids[i]];
       s.tokens.insert(s.tokens.end(), batch[i].new_token_ids.begin(),
                       batch[i].new_token_ids.end());
       Rehash(s);
     }
+    if (options.remove.has_value()) {
+      if (absl::Status st = m_->RemoveFromPlan(plan->id, *options.remove);
+          !st.ok()) {
+        m_->Abort(plan->id).IgnoreError();
+        return st;
+      }
+      for (size_t i = 0; i < ids.size(); ++i) {
+        if (ids[i] != *options.remove) continue;
+        Seq& s = seqs_[ids[i]];
+        s.tokens.resize(s.tokens.size() - batch[i].new_token_ids.size());
+        s.hashes.resize(s.tokens.size());
+      }
+    }
     const int64_t total = plan->num_tokens;
     for (int layer = 0; layer < m_->config().num_layers; ++layer) {
       std::vector<float> k, v;
       for (const PlanSequence& ps : plan->sequences) {
         const Seq& s = seqs_[ps.sequence];
+        const bool removed = options.remove == ps.sequence;
         for (int64_t p = ps.first_position;
              p < ps.first_position + ps.num_tokens; ++p) {
-          std::vector<float> row = Row(layer, false, s.hashes[p], d_);
+          // A removed sequence's rows are padding: any content.
+          const uint64_t hash = removed ? ~uint64_t{0} - p : s.hashes[p];
+          std::vector<float> row = Row(layer, false, hash, d_);
           k.insert(k.end(), row.begin(), row.end());
           if (dv_ > 0) {
-            row = Row(layer, true, s.hashes[p], dv_);
+            row = Row(layer, true, hash, dv_);
             v.insert(v.end(), row.begin(), row.end());
           }
         }
@@ -122,7 +171,20 @@ class GroupRunner {
         return st;
       }
     }
-    return m_->Commit(plan->id);
+    if (accepted == nullptr) return m_->Commit(plan->id);
+    if (absl::Status st = m_->Commit(plan->id, *accepted); !st.ok()) {
+      m_->Abort(plan->id).IgnoreError();
+      return st;
+    }
+    // The known tokens end at the accepted ones.
+    for (size_t i = 0; i < plan->sequences.size(); ++i) {
+      const PlanSequence& ps = plan->sequences[i];
+      if (options.remove == ps.sequence) continue;
+      Seq& s = seqs_[ps.sequence];
+      s.tokens.resize(ps.first_position + (*accepted)[i]);
+      s.hashes.resize(s.tokens.size());
+    }
+    return absl::OkStatus();
   }
 
   // First token `layer` can still read of `id` (after its released blocks).

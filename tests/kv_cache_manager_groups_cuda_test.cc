@@ -1,6 +1,7 @@
 // Layer groups on the CUDA backend against the CPU backend: the same random
 // scenario (tests/group_runner.h: prefill chunks, decode past the sliding
-// window, prefix hits, frees) on both must leave byte-identical caches and
+// window, prefix hits, forks with copy-on-write, speculative steps,
+// truncations, frees) on both must leave byte-identical caches and
 // scales in every page slot, and every readable token must gather to the
 // reference on CUDA too. Gemma-like (sliding + full, with V) and
 // DeepSeek-like (K-only) configs, int8 and fp8.
@@ -153,6 +154,33 @@ TEST_P(CudaGroupsTest, CachesAreByteIdenticalToTheCpuBackend) {
                     return r.Step(live, ones);
                   }).ok());
     }
+    // A fork (its next step copies the shared partial blocks), a
+    // speculative step and a truncation, which a sliding window may refuse:
+    // identically on both sides.
+    if (live.size() <= 2) {
+      const SequenceId parent = live[rng() % live.size()];
+      const SequenceId child = next++;
+      ASSERT_TRUE(both([&](testing::GroupRunner& r) {
+                    return r.Fork(parent, child);
+                  }).ok());
+      live.push_back(child);
+    }
+    std::vector<int64_t> drafts(live.size()), accepted(live.size());
+    for (size_t i = 0; i < live.size(); ++i) {
+      drafts[i] = 1 + static_cast<int64_t>(rng() % 4);
+      accepted[i] = static_cast<int64_t>(rng() % (drafts[i] + 1));
+    }
+    testing::GroupStepOptions speculative;
+    speculative.accepted = &accepted;
+    ASSERT_TRUE(both([&](testing::GroupRunner& r) {
+                  return r.Step(live, drafts, speculative);
+                }).ok());
+    const SequenceId cut = live[rng() % live.size()];
+    const int64_t len = *cpu.manager->SequenceLength(cut);
+    const int64_t to = len - std::min<int64_t>(len, rng() % 6);
+    both([&](testing::GroupRunner& r) {
+      return r.Truncate(cut, to);
+    }).IgnoreError();  // Refused or not, the same on both (checked).
     if (live.size() > 3) {
       const SequenceId gone = live[rng() % live.size()];
       ASSERT_TRUE(

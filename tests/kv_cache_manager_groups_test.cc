@@ -4,6 +4,7 @@
 // release (reads of in-window tokens stay right, released tokens are
 // refused, pages held stay bounded), hybrid prefix hits against an
 // independent computation, and the refusals of what groups do not offer.
+// Fork, Truncate and speculative steps: kv_cache_manager_groups_fork_test.
 
 #include <memory>
 #include <random>
@@ -317,10 +318,9 @@ TEST(GroupManagerTest, RefusesWhatGroupsDoNotOffer) {
          "layer 12");
   expect(m.GetLayerView(-1).status(), absl::StatusCode::kInvalidArgument,
          "layer -1");
-  expect(m.Fork(1, 2), absl::StatusCode::kUnimplemented, "layer_groups");
-  expect(m.Truncate(1, 0), absl::StatusCode::kUnimplemented, "layer_groups");
-  expect(m.ResetPrefixCache(), absl::StatusCode::kUnimplemented,
-         "layer_groups");
+  expect(m.Truncate(1, 3), absl::StatusCode::kInvalidArgument,
+         "expected 0 to its 0 computed tokens");
+  EXPECT_TRUE(m.ResetPrefixCache().ok());
   expect(m.GraphStep().status(), absl::StatusCode::kUnimplemented,
          "layer_groups");
   expect(m.GroupBlockTable(77, 0).status(), absl::StatusCode::kNotFound, "77");
@@ -330,7 +330,11 @@ TEST(GroupManagerTest, RefusesWhatGroupsDoNotOffer) {
   absl::StatusOr<StepPlanInfo> plan = m.Reserve({req});
   ASSERT_TRUE(plan.ok()) << plan.status();
   expect(m.Commit(plan->id, std::vector<int64_t>{5}),
-         absl::StatusCode::kUnimplemented, "layer_groups");
+         absl::StatusCode::kFailedPrecondition, "layer 0 holds 0");
+  expect(m.Fork(1, 2), absl::StatusCode::kFailedPrecondition, "in flight");
+  expect(m.Truncate(1, 0), absl::StatusCode::kFailedPrecondition, "in flight");
+  expect(m.ResetPrefixCache(), absl::StatusCode::kFailedPrecondition,
+         "in flight");
   expect(m.Commit(plan->id), absl::StatusCode::kFailedPrecondition,
          "layer 0 holds 0");
   expect(m.Free(1), absl::StatusCode::kFailedPrecondition, "in flight");
@@ -365,11 +369,6 @@ TEST(GroupManagerTest, CreateRefusesByName) {
   m = KVCacheManager::Create(c);
   EXPECT_FALSE(m.ok());
   EXPECT_THAT(m.status().message(), HasSubstr("host_tier_bytes"));
-  c = GemmaLike();
-  c.enable_kv_events = true;
-  m = KVCacheManager::Create(c);
-  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(m.status().message(), HasSubstr("enable_kv_events"));
 }
 
 TEST(GroupManagerTest, UniformManagerHasOneTable) {

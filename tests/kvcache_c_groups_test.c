@@ -4,9 +4,12 @@
  * layer twice) are INVALID_ARGUMENT with a message naming them;
  * kvcache_create refuses groups of different shapes (UNIMPLEMENTED); a
  * manager of same-shape groups (sliding + full, then K-only) appends and
- * gathers per layer, hands out block tables per table, and refuses a bad
- * table, a V for a K-only group and what groups do not offer. Exits non-zero
- * on the first failure. */
+ * gathers per layer, hands out block tables per table, forks (the child's
+ * draft step writes a copy of the shared last block; the parent reads back
+ * unchanged), truncates (refused below the sliding window's released
+ * blocks), commits accepted drafts, and refuses a bad table, a V for a
+ * K-only group and what groups do not offer. Exits non-zero on the first
+ * failure. */
 
 #include <stdint.h>
 #include <stdio.h>
@@ -148,8 +151,70 @@ static void RunManager(void) {
            kvcache_group_block_table(m, 7, 9, blocks, 8, &n));
   CHECK_IS(KVCACHE_NOT_FOUND,
            kvcache_group_block_table(m, 8, 0, blocks, 8, &n));
-  CHECK_IS(KVCACHE_UNIMPLEMENTED, kvcache_fork(m, 7, 8));
-  CHECK_ERROR_HAS("layer_groups");
+
+  /* Fork: the child shares every table, released entries included. */
+  CHECK_IS(KVCACHE_OK, kvcache_fork(m, 7, 8));
+  int32_t child[8];
+  for (int32_t t = 0; t < 3; ++t) {
+    int64_t pn = 0, cn = 0;
+    CHECK_IS(KVCACHE_OK, kvcache_group_block_table(m, 7, t, blocks, 8, &pn));
+    CHECK_IS(KVCACHE_OK, kvcache_group_block_table(m, 8, t, child, 8, &cn));
+    CHECK(pn == cn && memcmp(blocks, child, pn * sizeof(int32_t)) == 0);
+  }
+  int64_t length = 0;
+  CHECK_IS(KVCACHE_OK, kvcache_known_length(m, 8, &length));
+  CHECK(length == 20);
+  /* 3 blocks left the window: at 18 tokens the window (8) reads token 11,
+   * in a released block; 19 is the shortest length that works. */
+  CHECK_IS(KVCACHE_FAILED_PRECONDITION, kvcache_truncate(m, 8, 18));
+  CHECK_ERROR_HAS("sliding window of 8");
+  CHECK_ERROR_HAS("at least 19");
+  CHECK_IS(KVCACHE_OK, kvcache_truncate(m, 8, 19));
+  /* A draft step of 3 tokens on the child, 1 accepted: token 19 sits in the
+   * block it shares with the parent, which Reserve copies first. */
+  const int32_t drafts[3] = {5, 6, 7};
+  kvcache_reserve_request r;
+  memset(&r, 0, sizeof(r));
+  r.struct_size = sizeof(r);
+  r.sequence = 8;
+  r.num_tokens = 3;
+  r.new_token_ids = drafts;
+  r.num_new_token_ids = 3;
+  kvcache_plan dp;
+  memset(&dp, 0, sizeof(dp));
+  dp.struct_size = sizeof(dp);
+  CHECK_IS(KVCACHE_OK, kvcache_reserve(m, &r, 1, NULL, &dp));
+  float dk[3 * 8], dv[3 * 8];
+  for (int i = 0; i < 3 * 8; ++i) {
+    dk[i] = i % 8 == 0 ? 127.0f : 2.0f;
+    dv[i] = i % 8 == 0 ? 127.0f : -2.0f;
+  }
+  kvcache_tensor dkt = HostTensor3(dk, KVCACHE_FLOAT32, 3, 1, 8),
+                 dvt = HostTensor3(dv, KVCACHE_FLOAT32, 3, 1, 8);
+  for (int32_t layer = 0; layer < 6; ++layer) {
+    CHECK_IS(KVCACHE_OK, kvcache_append(m, dp.id, layer, &dkt, &dvt, NULL));
+  }
+  const int64_t wrong[1] = {4};
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT,
+           kvcache_commit_accepted(m, dp.id, wrong, 1));
+  const int64_t accepted[1] = {1};
+  CHECK_IS(KVCACHE_OK, kvcache_commit_accepted(m, dp.id, accepted, 1));
+  CHECK_IS(KVCACHE_OK, kvcache_sequence_length(m, 8, &length));
+  CHECK(length == 20);
+  CHECK_IS(KVCACHE_OK, kvcache_known_length(m, 8, &length));
+  CHECK(length == 20);
+  kot = HostTensor3(ko, KVCACHE_FLOAT32, 20, 1, 8);
+  vot = HostTensor3(vo, KVCACHE_FLOAT32, 20, 1, 8);
+  CHECK_IS(KVCACHE_OK, kvcache_gather(m, 8, 4, 0, 20, &kot, &vot, NULL));
+  CHECK(memcmp(ko, k, 19 * 8 * sizeof(float)) == 0);
+  CHECK(memcmp(ko + 19 * 8, dk, 8 * sizeof(float)) == 0);
+  CHECK(memcmp(vo + 19 * 8, dv, 8 * sizeof(float)) == 0);
+  CHECK_IS(KVCACHE_OK, kvcache_gather(m, 7, 4, 0, 20, &kot, &vot, NULL));
+  CHECK(memcmp(ko, k, sizeof(k)) == 0);
+  CHECK(memcmp(vo, v, sizeof(v)) == 0);
+  CHECK_IS(KVCACHE_OK, kvcache_validate(m));
+  CHECK_IS(KVCACHE_OK, kvcache_free(m, 8));
+  CHECK_IS(KVCACHE_OK, kvcache_reset_prefix_cache(m));
   CHECK_IS(KVCACHE_OK, kvcache_validate(m));
   CHECK_IS(KVCACHE_OK, kvcache_free(m, 7));
   kvcache_destroy(m);

@@ -92,8 +92,8 @@ TEST(LayerGroupConfigTest, RejectsBadGroupsNamingTheField) {
   c.graph_max_tokens = 16;
   ExpectBad(c, "graph_max_tokens 16 must be 0 with layer_groups");
   c = Hybrid();
-  c.enable_kv_events = true;
-  ExpectBad(c, "enable_kv_events is not offered with layer_groups");
+  c.enable_kv_events = true;  // Offered (tests/kv_events_groups_test.cc).
+  EXPECT_TRUE(ValidateConfig(c).ok()) << ValidateConfig(c);
 }
 
 TEST(LayerGroupConfigTest, PagingSharesSlotsAcrossGroups) {

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/layer_group.h"
 #include "core/status_macros.h"
 #include "kernels/cpu_attention.h"
 #include "kernels/cpu_kernels.h"
@@ -93,42 +95,42 @@ absl::StatusOr<std::unique_ptr<CacheBackend>> CacheBackend::Create(
 }
 
 absl::Status CacheBackend::CreateGroupStorage(const KVCacheConfig& config) {
-  // One cache shape for every group: then slot s of every page is one
-  // CacheLayout over the pool's pages (block b of the layers in slot s at
-  // b times one layer's block), and today's kernels address it as they are.
-  const LayerGroup& first = config.layer_groups[0];
-  for (size_t i = 1; i < config.layer_groups.size(); ++i) {
-    const LayerGroup& g = config.layer_groups[i];
-    const char* field = g.num_kv_heads != first.num_kv_heads ? "num_kv_heads"
-                        : g.head_size != first.head_size     ? "head_size"
-                        : g.head_size_v != first.head_size_v ? "head_size_v"
-                        : g.cache_dtype != first.cache_dtype ? "cache_dtype"
-                                                             : nullptr;
-    if (field != nullptr) {
-      return absl::UnimplementedError(absl::StrCat(
-          "layer_groups[", i, "].", field,
-          " differs from layer_groups[0]'s: "
-          "groups of different cache shapes (heads, head sizes, dtype) are "
-          "not stored yet; groups may differ in kind, window and layers"));
-    }
-  }
-  CacheLayout& layout = layout_;
-  layout.block_size = config.block_size;
-  layout.num_heads = first.num_kv_heads;
-  layout.head_size = first.head_size;
-  layout.head_size_v = first.head_size_v;  // 0 = K only.
-  layout.cache_dtype = first.cache_dtype;
-  layout.scale_placement = config.scale_placement;
+  const GroupPaging paging = ConfigPaging(config);
+  // layout_: the pool (pages, tokens per block) with layer_groups[0]'s
+  // shape; each layer's own shape is in its LayerCache.
+  layout_ = GroupLayout(config.layer_groups[0], config.block_size,
+                        config.scale_placement);
   KVCACHE_ASSIGN_OR_RETURN(const int64_t page_bytes,
                            BlockBytesAllLayers(config));
-  KVCACHE_ASSIGN_OR_RETURN(layout.num_blocks,
+  KVCACHE_ASSIGN_OR_RETURN(layout_.num_blocks,
                            NumBlocks(config, *device_, page_bytes));
-  KVCACHE_RETURN_IF_ERROR(ValidateLayout(layout));
-  const GroupPaging paging = ConfigPaging(config);
+  if (paging.record_bytes == 0) {
+    // One cache shape: slot s of every page is one dense layout over the
+    // pool's pages (block b of the layers in slot s at b times one layer's
+    // block), and the kernels address it as a uniform layer.
+    KVCACHE_RETURN_IF_ERROR(ValidateLayout(layout_));
+    KVCACHE_ASSIGN_OR_RETURN(
+        storage_,
+        CacheStorage::CreateSlots(device_.get(), layout_,
+                                  paging.layers_per_page, paging.layer_slot));
+    return absl::OkStatus();
+  }
+  // Several shapes: every slot is records of paging.record_bytes per token
+  // slot of the pool, each layer its group's shape over them.
+  std::vector<CacheLayout> layouts(config.num_layers);
+  for (const LayerGroup& g : config.layer_groups) {
+    CacheLayout layout =
+        GroupLayout(g, config.block_size, config.scale_placement);
+    layout.num_blocks = layout_.num_blocks;
+    layout.record_pitch =
+        paging.record_bytes / static_cast<int64_t>(DTypeSize(g.cache_dtype));
+    KVCACHE_RETURN_IF_ERROR(ValidateLayout(layout));
+    for (int32_t l : g.layers) layouts[l] = layout;
+  }
   KVCACHE_ASSIGN_OR_RETURN(
-      storage_,
-      CacheStorage::CreateSlots(device_.get(), layout, paging.layers_per_page,
-                                paging.layer_slot));
+      storage_, CacheStorage::CreateRecordSlots(
+                    device_.get(), layout_, layouts, paging.layers_per_page,
+                    paging.layer_slot, paging.record_bytes));
   return absl::OkStatus();
 }
 
@@ -176,7 +178,7 @@ absl::Status CacheBackend::CopyBlocks(const int64_t* pairs, int64_t num_pairs,
 
 LayerView CacheBackend::View(int layer) const {
   const LayerCache& cache = storage_->layer(layer);
-  const CacheLayout& l = layout_;
+  const CacheLayout& l = cache.layout;
   LayerView view;
   view.key_cache = cache.key_cache;
   view.value_cache = cache.value_cache;
@@ -195,16 +197,17 @@ LayerView CacheBackend::View(int layer) const {
   view.key_row_pitch_bytes = l.key_row_pitch() * elem;
   view.value_row_pitch_bytes = l.has_value() ? l.value_row_pitch() * elem : 0;
   view.scale_byte_offset = l.scale_byte_offset();
-  const int64_t k[4] = {l.key_block_elems(), l.key_slot_elems(),
+  const int64_t k[4] = {l.block_size * l.key_slot_stride(), l.key_slot_stride(),
                         l.key_row_pitch(), 1};
   // K only: no V, all-zero strides.
-  const int64_t v[4] = {l.value_block_elems(), l.value_slot_elems(),
-                        l.has_value() ? l.value_row_pitch() : 0,
-                        l.has_value() ? 1 : 0};
+  const int64_t v[4] = {
+      l.has_value() ? l.block_size * l.value_slot_stride() : 0,
+      l.has_value() ? l.value_slot_stride() : 0,
+      l.has_value() ? l.value_row_pitch() : 0, l.has_value() ? 1 : 0};
   std::copy_n(k, 4, view.key_strides);
   std::copy_n(v, 4, view.value_strides);
-  view.scale_strides[0] = l.scale_block_elems();
-  view.scale_strides[1] = l.num_heads * l.scale_stride();
+  view.scale_strides[0] = l.block_size * l.scale_slot_stride();
+  view.scale_strides[1] = l.scale_slot_stride();
   view.scale_strides[2] = l.scale_stride();
   return view;
 }
@@ -214,13 +217,22 @@ std::string CacheBackend::Describe(const KVCacheConfig& config) const {
   const bool cuda = memory_kind_ == MemoryKind::kCuda;
   const int64_t tenths_of_mib =
       (storage_->total_bytes() * 10 + (1 << 19)) / (1 << 20);
+  // Layer groups of several shapes: each layer's shape is its group's.
+  const CacheLayout& first = storage_->layer(0).layout;
+  const std::string shape =
+      first.records()
+          ? absl::StrCat("layer groups of several shapes, records of ",
+                         first.record_pitch *
+                             static_cast<int64_t>(DTypeSize(first.cache_dtype)),
+                         " bytes per token and page slot]")
+          : absl::StrCat(layout_.num_heads, " heads, K ", layout_.head_size,
+                         " / V ", layout_.head_size_v, "] ",
+                         DTypeName(layout_.cache_dtype));
   return absl::StrCat(
       "kvcache: ", cuda ? "CUDA" : "CPU", " backend",
       cuda ? absl::StrCat(" (device ", device_->ordinal(), ")") : "", ", ",
       config.num_layers, " layers x [", layout_.num_blocks, " blocks, ",
-      layout_.block_size, " tokens, ", layout_.num_heads, " heads, K ",
-      layout_.head_size, " / V ", layout_.head_size_v, "] ",
-      DTypeName(layout_.cache_dtype),
+      layout_.block_size, " tokens, ", shape,
       layout_.inline_scales() ? " with inline scales" : "", " (input ",
       DTypeName(config.input_dtype), "), ", tenths_of_mib / 10, ".",
       tenths_of_mib % 10, " MiB of cache, ",

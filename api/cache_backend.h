@@ -40,13 +40,14 @@ class CacheBackend {
   // ResourceExhausted when not even one block fits or the memory cannot be
   // allocated.
   //
-  // With layer_groups (DESIGN.md "Layer groups"): every group must have one
-  // cache shape (num_kv_heads, head_size, head_size_v, cache_dtype; else
-  // Unimplemented naming the field); groups differ in kind, window and
-  // layers. The pool holds num_blocks pages of BlockBytesAllLayers bytes:
-  // one allocation per page slot, and layer(l) is the allocation of its slot
-  // (layers of one slot, one per table, share it: a page belongs to one
-  // table). head_size_v 0 is a K-only cache (null V pointers).
+  // With layer_groups (DESIGN.md "Layer groups"): the pool holds num_blocks
+  // pages of BlockBytesAllLayers bytes, one allocation per page slot, and
+  // layer(l) lies in the allocation of its slot (layers of one slot, one per
+  // table, share it: a page belongs to one table). Groups of one cache shape
+  // keep the dense layout in each slot; groups of several shapes (KV heads,
+  // head sizes, dtype) interleave each slot in records (core/cache_layout.h)
+  // and layer(l).layout is l's group's shape. head_size_v 0 is a K-only
+  // cache (null V pointers).
   static absl::StatusOr<std::unique_ptr<CacheBackend>> Create(
       const KVCacheConfig& config, std::unique_ptr<Device> device);
 
@@ -54,6 +55,9 @@ class CacheBackend {
   CacheBackend& operator=(const CacheBackend&) = delete;
 
   Device& device() const { return *device_; }
+  // The pool's layout: num_blocks, block_size and, without layer groups,
+  // every layer's shape. With groups it has layer_groups[0]'s shape; a
+  // layer's own is layer(l).layout.
   const CacheLayout& layout() const { return layout_; }
   int num_layers() const { return storage_->num_layers(); }
   // REQUIRES: 0 <= layer < num_layers().

@@ -43,8 +43,9 @@ absl::Status AppendGatherBlocks(const GatherRequest& r, size_t index,
 absl::StatusOr<DenseKV> CheckGatherBatchOutputs(const CacheBackend& backend,
                                                 int64_t total,
                                                 const TensorView& key_out,
-                                                const TensorView& value_out) {
-  const CacheLayout& layout = backend.layout();
+                                                const TensorView& value_out,
+                                                int layer) {
+  const CacheLayout& layout = backend.layer(layer).layout;
   ExpectedKV expected;
   expected.num_tokens = total;
   expected.num_heads = layout.num_heads;

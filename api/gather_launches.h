@@ -39,13 +39,14 @@ absl::Status AppendGatherBlocks(const GatherRequest& r, size_t index,
                                 std::vector<BlockId>* ranges);
 
 // Checks `key_out` / `value_out` as the dense output of `total` tokens of
-// the backend's layout (any float dtype; `value_out` empty for a K-only
-// cache) that overlap neither each other nor the cache. Returns them as a
-// DenseKV.
+// `layer`'s shape (any float dtype; `value_out` empty for a K-only cache)
+// that overlap neither each other nor the cache. Returns them as a DenseKV.
+// REQUIRES: 0 <= layer < backend.num_layers().
 absl::StatusOr<DenseKV> CheckGatherBatchOutputs(const CacheBackend& backend,
                                                 int64_t total,
                                                 const TensorView& key_out,
-                                                const TensorView& value_out);
+                                                const TensorView& value_out,
+                                                int layer = 0);
 
 // One launch per request with tokens: request i reads `cache` through the
 // blocks at device_ranges + range_begin[i] (its blocks from the one holding

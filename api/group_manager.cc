@@ -244,12 +244,15 @@ absl::Status GroupManager::Append(uint64_t plan_id, int layer,
   Lock lock(mu_);
   KVCACHE_ASSIGN_OR_RETURN(PlanTable::Plan * plan, plans_->Find(plan_id));
   KVCACHE_RETURN_IF_ERROR(CheckLayer(layer));
-  const CacheLayout& layout = backend_->layout();
+  // The layer's own shape (groups may differ in heads, sizes and dtype).
+  const CacheLayout& layout = backend_->layer(layer).layout;
+  ExpectedKV expected = expected_kv_;
+  expected.num_heads = layout.num_heads;
+  expected.head_size = layout.head_size;
   QuantizeWriteParams params;
   int64_t num_tokens = 0;
-  KVCACHE_RETURN_IF_ERROR(CheckKVPair(key, value, expected_kv_,
-                                      layout.head_size_v, &params.input,
-                                      &num_tokens));
+  KVCACHE_RETURN_IF_ERROR(CheckKVPair(key, value, expected, layout.head_size_v,
+                                      &params.input, &num_tokens));
   const int64_t done = plan->appended[layer];
   if (num_tokens > plan->num_tokens - done) {
     return absl::InvalidArgumentError(
@@ -468,7 +471,7 @@ absl::Status GroupManager::GatherBatch(absl::Span<const GatherRequest> requests,
                      config_.max_sequences_per_step));
   }
   const int32_t table = paging_.layer_table[layer];
-  const CacheLayout& layout = backend_->layout();
+  const CacheLayout& layout = backend_->layer(layer).layout;
   Lock lock(mu_);
   std::vector<BlockId> ranges;
   std::vector<int64_t> range_begin(requests.size(), 0);
@@ -506,7 +509,7 @@ absl::Status GroupManager::GatherBatch(absl::Span<const GatherRequest> requests,
   if (total == 0) return absl::OkStatus();
   KVCACHE_ASSIGN_OR_RETURN(
       const DenseKV output,
-      CheckGatherBatchOutputs(*backend_, total, key_out, value_out));
+      CheckGatherBatchOutputs(*backend_, total, key_out, value_out, layer));
   KVCACHE_ASSIGN_OR_RETURN(const int32_t* device_ranges,
                            lookups_->UploadGatherRange(ranges, stream));
   absl::StatusOr<std::vector<GatherParams>> launches = BuildGatherLaunches(

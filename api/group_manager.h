@@ -47,8 +47,7 @@ namespace kvcache::internal {
 class GroupManager {
  public:
   // REQUIRES: ValidateConfig(config) is OK, config.layer_groups is not
-  // empty. Unimplemented for groups of different cache shapes or a host
-  // tier (naming the field).
+  // empty. Unimplemented for a host tier (naming the field).
   static absl::StatusOr<std::unique_ptr<GroupManager>> Create(
       const KVCacheConfig& config, std::unique_ptr<Device> device);
 

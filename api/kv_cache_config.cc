@@ -1,5 +1,6 @@
 #include "api/kv_cache_config.h"
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
@@ -92,13 +93,7 @@ absl::Status CheckGroups(const KVCacheConfig& c) {
                  "Attention is not offered with groups)");
     }
   }
-  // Group pages keep side scales (core/layer_group.h); the graph step and KV
-  // events are not offered with groups yet.
-  if (c.scale_placement != ScalePlacement::kSide) {
-    return absl::InvalidArgumentError(
-        "scale_placement inline is not offered with layer_groups (group pages "
-        "keep side scales)");
-  }
+  // The graph step and KV events are not offered with groups yet.
   if (c.graph_max_tokens != 0) {
     return Bad("graph_max_tokens", c.graph_max_tokens,
                "must be 0 with layer_groups (no graph step for groups yet)");
@@ -137,6 +132,15 @@ absl::Status CheckGroups(const KVCacheConfig& c) {
       return absl::InvalidArgumentError(
           absl::StrCat("layer ", layer, " is in no layer group"));
     }
+  }
+  // Inline scales apply to the quantized groups (bf16/fp16 ones have none).
+  if (c.scale_placement == ScalePlacement::kInline &&
+      std::none_of(
+          c.layer_groups.begin(), c.layer_groups.end(),
+          [](const LayerGroup& g) { return IsQuantized(g.cache_dtype); })) {
+    return absl::InvalidArgumentError(
+        "scale_placement inline needs an int8 or fp8_e4m3 layer group; every "
+        "group is bfloat16 or float16");
   }
   return CheckRange("block_size", c.block_size, 1, kMaxBlockSize);
 }
@@ -261,7 +265,7 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
     return Bad("scale_placement", static_cast<int32_t>(c.scale_placement),
                "is not side (0) or inline (1)");
   }
-  if (c.scale_placement == ScalePlacement::kInline &&
+  if (c.scale_placement == ScalePlacement::kInline && c.layer_groups.empty() &&
       !IsQuantized(c.cache_dtype)) {
     return absl::InvalidArgumentError(
         absl::StrCat("scale_placement inline needs an int8 or fp8_e4m3 "
@@ -331,7 +335,8 @@ absl::Status ValidateConfig(const KVCacheConfig& c) {
 }
 
 GroupPaging ConfigPaging(const KVCacheConfig& c) {
-  return PlanGroupPaging(c.layer_groups, c.num_layers, c.block_size);
+  return PlanGroupPaging(c.layer_groups, c.num_layers, c.block_size,
+                         c.scale_placement);
 }
 
 absl::StatusOr<int64_t> BlockBytesAllLayers(const KVCacheConfig& c) {

@@ -68,7 +68,9 @@ struct KVCacheConfig {
   // num_layers) exactly once and carry each layer's shape: num_kv_heads,
   // head_size, head_size_v and num_q_heads must then be 0 (cache_dtype is
   // not read), and input_dtype must equal the cache_dtype of every
-  // unquantized group.
+  // unquantized group. Groups may differ in every field (kind, window, KV
+  // heads, head sizes, dtype); scale_placement applies to the quantized
+  // ones.
   std::vector<LayerGroup> layer_groups;
   // Query heads, for KVCacheManager::Attention (a multiple of num_kv_heads,
   // at most 16 per KV head); 0 = no attention (its buffers are not made).
@@ -80,7 +82,8 @@ struct KVCacheConfig {
   // Where an int8/fp8 cache keeps its per-(token, head) scales (README "Scale
   // placement"): kSide, their own tensors, or kInline, each row's scale right
   // after its codes, the row padded to a multiple of 16 bytes. kInline with a
-  // bf16/fp16 cache is InvalidArgument.
+  // bf16/fp16 cache (with layer_groups: when no group is int8 or fp8) is
+  // InvalidArgument.
   ScalePlacement scale_placement = ScalePlacement::kSide;
   // K/V handed to Append: float32, float16 or bfloat16.
   DType input_dtype = DType::kBFloat16;

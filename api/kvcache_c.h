@@ -265,6 +265,13 @@ typedef struct kvcache_block_table_view {
   int32_t row_stride;
 } kvcache_block_table_view;
 
+/* One layer's cache, as kvcache::LayerView (api/layer_view.h): element
+ * (b, t, h, e) of K is key_cache[b * key_strides[0] + t * key_strides[1] +
+ * h * key_strides[2] + e], V and the scales alike. With layer groups of
+ * several cache shapes each token's K rows, V rows and side scales share one
+ * record (key_strides[1] == value_strides[1] == record bytes / element size,
+ * scale_strides[1] == record bytes / 4), and each layer has its group's
+ * heads, head sizes and dtype. */
 typedef struct kvcache_layer_view {
   size_t struct_size; /* sizeof(kvcache_layer_view) */
   void* key_cache;

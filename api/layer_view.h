@@ -27,6 +27,30 @@ namespace kvcache {
 // (token, head), its codes at byte 0 and its float32 scale at byte
 // scale_byte_offset; key_scale == key_cache + scale_byte_offset bytes, and
 // scale_strides[2] == row pitch / 4. The same strides index both placements.
+//
+// Element (b, t, h, e) of K is key_cache[b * key_strides[0] + t *
+// key_strides[1] + h * key_strides[2] + e] (V, scales alike), whatever the
+// layout, and every stride says where it is:
+//
+//   uniform model, or layer groups of one cache shape: the dense tensors
+//     above; key_strides[1] == num_kv_heads * key_strides[2] (one token's
+//     rows), key_strides[0] == block_size * key_strides[1].
+//   layer groups of several shapes (DESIGN.md section 10, "records"): each
+//     token slot of a page slot is one record of R bytes holding the token's
+//     K rows, then its V rows, then (side scales) its K and V scales, so
+//     key_strides[1] == value_strides[1] == R / element size,
+//     scale_strides[1] == R / 4, key_strides[0] == block_size *
+//     key_strides[1]; value_cache, key_scale and value_scale point into the
+//     first record. The K, V and scale "tensors" interleave: a tensor's bytes
+//     end at its last row ((num_blocks * block_size - 1) * strides[1] +
+//     (num_kv_heads - 1) * strides[2] + row elements), not at num_blocks *
+//     strides[0]. A block of such a layer (what a block copy moves) is the
+//     key_strides[0] * element size bytes from key_cache + b *
+//     key_strides[0] elements.
+//
+// K-only layers (head_size_v 0) have null V pointers and zero V strides.
+// Layers of different groups differ in num_kv_heads, head sizes, dtype and
+// scale placement (bf16/fp16 groups have no scales, kSide).
 struct LayerView {
   void* key_cache = nullptr;
   void* value_cache = nullptr;

@@ -204,17 +204,19 @@ absl::Status CheckGatherOutputs(const DenseKV& out, int64_t num_tokens,
             ? "key_out and value_out are the same tensor"
             : "key_out and value_out overlap: they would overwrite each other");
   }
-  const int64_t layer_bytes = CacheStorage::LayerAllocationBytes(layout);
-  for (int layer = 0; layer < storage.num_layers(); ++layer) {
+  // Every layer lies in one of the allocations (one per layer, or per page
+  // slot with layer groups).
+  for (int i = 0; i < storage.num_allocations(); ++i) {
     const uintptr_t begin =
-        reinterpret_cast<uintptr_t>(storage.layer(layer).key_cache);
-    const uintptr_t end = begin + layer_bytes;
+        reinterpret_cast<uintptr_t>(storage.allocation(i).key_cache);
+    const uintptr_t end = begin + storage.allocation_bytes(i);
     for (const Rows* rows : {&key, &value}) {
       if (rows->Touches(begin, end)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(rows == &key ? "key_out" : "value_out",
-                         " overlaps the cache of layer ", layer,
-                         ": outputs must be the caller's own memory"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            rows == &key ? "key_out" : "value_out", " overlaps the cache of ",
+            storage.num_allocations() == storage.num_layers() ? "layer "
+                                                              : "page slot ",
+            i, ": outputs must be the caller's own memory"));
       }
     }
   }

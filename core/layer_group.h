@@ -14,12 +14,20 @@
 // groups' layer counts, so no slot is ever padding; the only waste is a group
 // whose one-layer block is smaller than slot_bytes (its slots' tails).
 //
-// One layer's block inside its slot (offsets from the slot's start):
+// Slot s of every page is one allocation (CacheStorage::CreateSlots) laid out
+// one of two ways:
 //
-//   key     [block_size, num_kv_heads, head_size]     cache_dtype
-//   value   [block_size, num_kv_heads, head_size_v]   cache_dtype (absent when head_size_v = 0)
-//   k_scale [block_size, num_kv_heads]                float32 (quantized caches only)
-//   v_scale [block_size, num_kv_heads]                float32 (quantized, head_size_v > 0)
+//   one cache shape   (every group has the same KV heads, head sizes and
+//                      dtype; record_bytes 0) the dense layout of DESIGN.md
+//                      section 2 over the pool's pages, slot_bytes = one
+//                      layer's block
+//   several shapes    records (core/cache_layout.h): token slot p of the
+//                      pool (page p / block_size) owns record_bytes bytes at
+//                      p * record_bytes, the largest record of any group; a
+//                      layer's record holds its K rows, V rows and side
+//                      scales (RecordOffsetsOf), slot_bytes = block_size *
+//                      record_bytes, and a page's block of one slot is one
+//                      contiguous run of slot_bytes
 
 #ifndef KVCACHE_CORE_LAYER_GROUP_H_
 #define KVCACHE_CORE_LAYER_GROUP_H_
@@ -27,7 +35,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/cache_layout.h"
 #include "core/dtype.h"
+#include "core/scale_placement.h"
 
 namespace kvcache {
 
@@ -50,17 +60,21 @@ struct LayerGroup {
   DType cache_dtype = DType::kInt8;
 };
 
-// Bytes of one layer's block of `block_size` tokens in `group` (K, V, their
-// scales). REQUIRES: a validated group (no overflow below 2^56).
-inline int64_t GroupLayerBlockBytes(const LayerGroup& group,
-                                    int64_t block_size) {
-  const int64_t elem = static_cast<int64_t>(DTypeSize(group.cache_dtype));
-  int64_t per_head = (int64_t{group.head_size} + group.head_size_v) * elem;
-  if (IsQuantized(group.cache_dtype)) {
-    per_head += (group.head_size_v > 0 ? 2 : 1) * int64_t{sizeof(float)};
-  }
-  return block_size * group.num_kv_heads * per_head;
-}
+// The layout of one layer of `group` (num_blocks 0, dense): its shape, and
+// `placement` when the group is quantized (bf16/fp16 groups have no scales
+// and keep kSide).
+CacheLayout GroupLayout(const LayerGroup& group, int64_t block_size,
+                        ScalePlacement placement);
+
+// Whether two groups have one cache shape (KV heads, K and V head sizes,
+// dtype): what decides between the dense and the record page layout.
+bool SameCacheShape(const LayerGroup& a, const LayerGroup& b);
+
+// Bytes of one layer's dense block of `block_size` tokens in `group` (K, V,
+// their side scales; inline rows with their scales and padding). REQUIRES: a
+// validated group (no overflow below 2^56).
+int64_t GroupLayerBlockBytes(const LayerGroup& group, int64_t block_size,
+                             ScalePlacement placement = ScalePlacement::kSide);
 
 // One block table of a sequence: `layers_per_page` layers of one group.
 struct GroupTable {
@@ -72,6 +86,9 @@ struct GroupTable {
 struct GroupPaging {
   int32_t layers_per_page = 0;
   int64_t slot_bytes = 0;  // Bytes of one slot of one page.
+  // Bytes of one token's record in every slot when the groups have several
+  // cache shapes; 0 when they share one (dense slots).
+  int64_t record_bytes = 0;
   std::vector<GroupTable> tables;
   // Per layer: its table and its slot within a page.
   std::vector<int32_t> layer_table;
@@ -80,10 +97,12 @@ struct GroupPaging {
   int64_t page_bytes() const { return layers_per_page * slot_bytes; }
 };
 
-// The paging of validated groups over `num_layers` layers (REQUIRES: each
-// layer in exactly one group, block_size >= 1).
+// The paging of validated groups over `num_layers` layers, quantized groups
+// keeping their scales at `placement` (REQUIRES: each layer in exactly one
+// group, block_size >= 1).
 GroupPaging PlanGroupPaging(const std::vector<LayerGroup>& groups,
-                            int32_t num_layers, int32_t block_size);
+                            int32_t num_layers, int32_t block_size,
+                            ScalePlacement placement = ScalePlacement::kSide);
 
 }  // namespace kvcache
 

@@ -400,10 +400,11 @@ __global__ void __launch_bounds__(kAttnThreads,
     if (block < 0 || block >= layout.num_blocks) return o;
     const int64_t slot =
         static_cast<int64_t>(block) * layout.block_size + offset;
-    o.key = layout.key_offset(slot, kv_head);
+    // Dense caches only (ValidateAttention refuses records).
+    o.key = layout.key_offset_in<false>(slot, kv_head);
     o.row = static_cast<uint32_t>(slot * layout.num_heads + kv_head);
-    o.value = layout.value_offset(slot, kv_head);
-    o.scale = layout.scale_offset(slot, kv_head);
+    o.value = layout.value_offset_in<false>(slot, kv_head);
+    o.scale = layout.scale_offset_in<false>(slot, kv_head);
     return o;
   };
   auto issue = [&](int stage, const KeyOffsets& ko) {

@@ -66,6 +66,11 @@ absl::Status ValidateAttention(const AttentionParams& p) {
         "attention over a K-only (latent, head_size_v 0) cache is not "
         "supported: the attention kernels read V rows");
   }
+  if (layout.records()) {
+    return InvalidArgumentError(StrCat(
+        "attention over a cache in records (record_pitch ", layout.record_pitch,
+        ": layer groups of several shapes) is not supported"));
+  }
   if (p.q_dtype != DType::kBFloat16 && p.q_dtype != DType::kFloat16) {
     return InvalidArgumentError(StrCat("q dtype ", DTypeName(p.q_dtype),
                                        " is not bfloat16 or float16"));

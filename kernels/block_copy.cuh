@@ -2,8 +2,9 @@
 // copy-on-write step.
 //
 // Grid: x over pairs, y over chunks of a block, z over the four regions of a
-// layer (K, V, K scales, V scales). Each region is copied in the widest access
-// (16, 8 or 4 bytes) that its block size and base alignment allow.
+// layer (K, V, K scales, V scales; a layer in records has one region, its
+// records). Each region is copied in the widest access (16, 8 or 4 bytes)
+// that its block size and base alignment allow.
 
 #ifndef KVCACHE_KERNELS_BLOCK_COPY_CUH_
 #define KVCACHE_KERNELS_BLOCK_COPY_CUH_

@@ -52,11 +52,16 @@ absl::Status BlockCopyCuda(const BlockCopyParams& params, void* stream) {
   const int64_t scale_bytes =
       layout.side_scale_block_elems() * static_cast<int64_t>(sizeof(float));
   internal::BlockCopyLaunch launch;
-  launch.regions[0] =
-      Region(params.cache.key_cache, layout.key_block_elems() * elem);
-  launch.regions[1] =
-      Region(params.cache.value_cache, layout.value_block_elems() * elem);
-  if (layout.side_scales()) {
+  if (layout.records()) {  // A block is one run of block_size records.
+    launch.regions[0] = Region(params.cache.key_cache,
+                               layout.block_size * layout.record_pitch * elem);
+  } else {
+    launch.regions[0] =
+        Region(params.cache.key_cache, layout.key_block_elems() * elem);
+    launch.regions[1] =
+        Region(params.cache.value_cache, layout.value_block_elems() * elem);
+  }
+  if (layout.side_scales() && !layout.records()) {
     launch.regions[2] = Region(params.cache.key_scale, scale_bytes);
     launch.regions[3] = Region(params.cache.value_scale, scale_bytes);
   }

@@ -72,15 +72,15 @@ void AttendOne(const AttentionParams& p, int32_t seq, int32_t kv_head,
     const int64_t slot =
         internal::AttentionSlot(table, layout.block_size, layout.num_blocks, k);
     if (slot < 0) continue;
-    const int64_t so = layout.scale_offset(slot, kv_head);
-    LoadRow<Cache>(kc + layout.key_offset(slot, kv_head),
+    const int64_t so = layout.scale_offset_in<false>(slot, kv_head);
+    LoadRow<Cache>(kc + layout.key_offset_in<false>(slot, kv_head),
                    Cache::kQuantized ? p.cache.key_scale + so : nullptr, D,
                    krow);
     bool loaded_v = false;
     for (int32_t r = 0; r < rows; ++r) {
       if (k < begin[r] || k >= end[r]) continue;
       if (!loaded_v) {
-        LoadRow<Cache>(vc + layout.value_offset(slot, kv_head),
+        LoadRow<Cache>(vc + layout.value_offset_in<false>(slot, kv_head),
                        Cache::kQuantized ? p.cache.value_scale + so : nullptr,
                        Dv, vrow);
         loaded_v = true;

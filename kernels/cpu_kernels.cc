@@ -151,6 +151,18 @@ absl::Status BlockCopyCpu(const BlockCopyParams& params, ThreadPool* pool) {
   KVCACHE_RETURN_IF_ERROR(internal::CheckBlockPairIndices(
       params.pairs, params.num_pairs, layout.num_blocks));
   const int64_t elem = static_cast<int64_t>(DTypeSize(layout.cache_dtype));
+  if (layout.records()) {  // A block is one run of block_size records.
+    const int64_t bytes = layout.block_size * layout.record_pitch * elem;
+    char* base = static_cast<char*>(params.cache.key_cache);
+    ParallelFor(pool, params.num_pairs, bytes, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        std::memcpy(base + params.pairs[2 * i + 1] * bytes,
+                    base + params.pairs[2 * i] * bytes,
+                    static_cast<size_t>(bytes));
+      }
+    });
+    return absl::OkStatus();
+  }
   const int64_t key_bytes = layout.key_block_elems() * elem;
   const int64_t value_bytes = layout.value_block_elems() * elem;
   // Inline scales travel with the K and V rows.

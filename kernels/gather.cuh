@@ -116,7 +116,10 @@ __device__ __forceinline__ OutVec ConvertVec(const CacheVec& c, float scale,
   return o;
 }
 
-template <class Cache, class Out, int kGroup, int kVecs, int kThreads>
+// kRecords: CacheLayout::records(), fixed at compile time (the dense
+// instantiation's index math is what it was before records existed).
+template <class Cache, class Out, int kGroup, int kVecs, int kThreads,
+          bool kRecords>
 __global__ void __launch_bounds__(kThreads)
     GatherVecKernel(const GatherParams p, const RowDividers dividers) {
   using V = GatherVecs<Cache, Out>;
@@ -145,14 +148,14 @@ __global__ void __launch_bounds__(kThreads)
     read.slot = row.slot >= 0 ? row.slot : 0;
     const auto* ksrc = reinterpret_cast<const typename V::CacheVec*>(
         static_cast<const typename V::CacheT*>(p.cache.key_cache) +
-        read.key_offset(layout));
+        read.template key_offset_in<kRecords>(layout));
     const auto* vsrc = reinterpret_cast<const typename V::CacheVec*>(
         static_cast<const typename V::CacheT*>(p.cache.value_cache) +
-        read.value_offset(layout));
+        read.template value_offset_in<kRecords>(layout));
     float kscale = 0.0f;
     float vscale = 0.0f;
     if constexpr (Cache::kQuantized) {
-      const int64_t s = read.scale_offset(layout);
+      const int64_t s = read.template scale_offset_in<kRecords>(layout);
       kscale = __ldg(p.cache.key_scale + s);
       vscale = __ldg(p.cache.value_scale + s);
     }
@@ -186,7 +189,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // The block-table gather of the common shapes, with the index math cut to
 // shifts and masks (it bounds the generic kernel: benchmarks/results/NOTES.md):
-// power-of-two num_heads and block_size (Pow2Divider), head_size ==
+// dense caches (no records), power-of-two num_heads and block_size
+// (Pow2Divider), head_size ==
 // head_size_v == kGroup 16-byte output vectors, dense outputs, and fewer than
 // 2^31 rows, cache elements and output elements. One row per group of kGroup
 // lanes, one lane per vector, a grid that covers every row once. In 32 bits:

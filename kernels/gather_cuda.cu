@@ -35,8 +35,8 @@ int DenseBlockGroup(const GatherParams& p) {
     return n > 0 && absl::has_single_bit(static_cast<uint64_t>(n));
   };
   const bool covered =
-      p.block_table != nullptr && pow2(H) && pow2(layout.block_size) &&
-      layout.head_size_v == D &&
+      p.block_table != nullptr && !layout.records() && pow2(H) &&
+      pow2(layout.block_size) && layout.head_size_v == D &&
       (vectors == 8 || vectors == 16 || vectors == 32) &&
       p.output.key_token_stride == H * D && p.output.key_head_stride == D &&
       p.output.value_token_stride == H * D && p.output.value_head_stride == D &&
@@ -104,10 +104,15 @@ absl::Status Launch(const GatherParams& p, cudaStream_t stream) {
   return internal::LaunchRowKernel(
       p, rows, vectorize,
       std::max(layout.head_size, layout.head_size_v) / kElems,
-      [](auto group, auto vecs) {
-        return &internal::GatherVecKernel<Cache, Out, decltype(group)::value,
-                                          decltype(vecs)::value,
-                                          internal::kThreadsPerBlock>;
+      [&layout](auto group, auto vecs) {
+        constexpr int kGroup = decltype(group)::value;
+        constexpr int kVecs = decltype(vecs)::value;
+        constexpr int kThreads = internal::kThreadsPerBlock;
+        return layout.records()
+                   ? &internal::GatherVecKernel<Cache, Out, kGroup, kVecs,
+                                                kThreads, true>
+                   : &internal::GatherVecKernel<Cache, Out, kGroup, kVecs,
+                                                kThreads, false>;
       },
       &internal::GatherScalarKernel<Cache, Out>, internal::RowGrid::kResident,
       stream);

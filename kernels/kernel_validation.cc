@@ -124,6 +124,47 @@ absl::Status CheckDenseKV(const DenseKV& kv, const CacheLayout& layout,
                            is_output);
 }
 
+// A layer in records: V and the scales at their record offsets from
+// key_cache (block copy moves a block as one run from there).
+absl::Status CheckRecordParts(const LayerCache& cache) {
+  const CacheLayout& l = cache.layout;
+  if (!l.records()) return absl::OkStatus();
+  const char* base = static_cast<const char*>(cache.key_cache);
+  const RecordOffsets r = RecordOffsetsOf(l);
+  const int64_t sbo = l.scale_byte_offset();
+  struct Part {
+    const void* p;
+    const char* want;
+    const char* name;
+  };
+  const char* v = base + r.value;
+  const Part parts[] = {
+      {cache.value_cache, l.has_value() ? v : nullptr, "value_cache"},
+      {cache.key_scale,
+       l.inline_scales() ? base + sbo
+       : l.side_scales() ? base + r.key_scale
+                         : nullptr,
+       "key_scale"},
+      {cache.value_scale,
+       !l.has_value()      ? nullptr
+       : l.inline_scales() ? v + sbo
+       : l.side_scales()   ? base + r.value_scale
+                           : nullptr,
+       "value_scale"},
+  };
+  for (const Part& part : parts) {
+    if (part.p == part.want) continue;
+    if (part.want == nullptr) {
+      return InvalidArgumentError(
+          StrCat(part.name, " must be null for this layout"));
+    }
+    return InvalidArgumentError(StrCat(part.name, " must point ",
+                                       part.want - base,
+                                       " bytes into key_cache's records"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status ValidateLayout(const CacheLayout& layout) {
@@ -160,6 +201,23 @@ absl::Status ValidateLayout(const CacheLayout& layout) {
                "dtype is ",
                DTypeName(layout.cache_dtype)));
   }
+  // Records: a pitch that holds the slot's parts, in 16-byte steps.
+  if (layout.record_pitch < 0) {
+    return InvalidArgumentError(
+        StrCat("record_pitch ", layout.record_pitch, " is negative"));
+  }
+  if (layout.records()) {
+    const int64_t elem = static_cast<int64_t>(DTypeSize(layout.cache_dtype));
+    const int64_t need = RecordOffsetsOf(layout).bytes;
+    if (layout.record_pitch > (int64_t{1} << 40) ||
+        layout.record_pitch * elem < need ||
+        layout.record_pitch * elem % kRecordAlignment != 0) {
+      return InvalidArgumentError(StrCat(
+          "record_pitch ", layout.record_pitch, " x ", elem,
+          " bytes is not a multiple of ", kRecordAlignment, " of at least ",
+          need, " bytes (the slot's K rows, V rows and scales)"));
+    }
+  }
   // Every element offset (and byte offset, up to 4-byte elements) must fit in
   // int64.
   const int64_t limit = (int64_t{1} << 62) / 4;
@@ -174,6 +232,13 @@ absl::Status ValidateLayout(const CacheLayout& layout) {
         StrCat("cache of ", layout.num_blocks, " blocks x ", layout.block_size,
                " slots x ", layout.num_heads, " heads x ", row,
                " elements overflows 64-bit offsets"));
+  }
+  if (!ProductFits(layout.num_blocks * layout.block_size, layout.record_pitch,
+                   limit)) {
+    return InvalidArgumentError(StrCat("cache of ", layout.num_blocks,
+                                       " blocks x ", layout.block_size,
+                                       " records of ", layout.record_pitch,
+                                       " elements overflows 64-bit offsets"));
   }
   return absl::OkStatus();
 }
@@ -199,7 +264,8 @@ absl::Status ValidateLayerCache(const LayerCache& cache) {
           CheckPointer(cache.value_scale, sizeof(float), "value_scale"));
     }
     // Inline scales sit in the rows; the kernels may address them either way.
-    if (cache.layout.inline_scales() &&
+    // (Records check their parts below.)
+    if (cache.layout.inline_scales() && !cache.layout.records() &&
         (cache.key_scale != InlineScale(cache.layout, cache.key_cache) ||
          (has_value &&
           cache.value_scale != InlineScale(cache.layout, cache.value_cache)))) {
@@ -212,7 +278,7 @@ absl::Status ValidateLayerCache(const LayerCache& cache) {
                                        DTypeName(cache.layout.cache_dtype),
                                        " cache"));
   }
-  return absl::OkStatus();
+  return CheckRecordParts(cache);
 }
 
 absl::Status ValidateQuantizeWrite(const QuantizeWriteParams& params) {

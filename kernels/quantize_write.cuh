@@ -136,11 +136,13 @@ __device__ __forceinline__ void StoreInlineScale(char* at, float value,
 }
 
 // The body of the vector kernels. kInline: the cache's scale placement
-// (CacheLayout::inline_scales()), fixed at compile time so that each
-// placement's index math stays lean: a runtime placement cost the side kernel
-// 5 registers (36 > 32) and a quarter of its occupancy on an H200.
+// (CacheLayout::inline_scales()), and kRecords: whether its slots are records
+// (CacheLayout::records(), layer groups of several shapes), fixed at compile
+// time so that each layout's index math stays lean: a runtime placement cost
+// the side kernel 5 registers (36 > 32) and a quarter of its occupancy on an
+// H200, and the record offsets, taken for dense caches too, 2 registers.
 template <class In, class Cache, int kGroup, int kVecs, int kThreads,
-          bool kInline>
+          bool kInline, bool kRecords>
 __device__ __forceinline__ void QuantizeWriteVecRows(
     const QuantizeWriteParams& p, const RowDividers& dividers) {
   using InT = typename In::T;
@@ -183,10 +185,10 @@ __device__ __forceinline__ void QuantizeWriteVecRows(
     // report them).
     if (!row.in_cache(num_slots)) continue;
     char* kdst = static_cast<char*>(p.cache.key_cache) +
-                 row.template key_offset_as<kInline>(layout) *
+                 row.template key_offset_as<kInline, kRecords>(layout) *
                      static_cast<int64_t>(sizeof(CacheT));
     char* vdst = static_cast<char*>(p.cache.value_cache) +
-                 row.template value_offset_as<kInline>(layout) *
+                 row.template value_offset_as<kInline, kRecords>(layout) *
                      static_cast<int64_t>(sizeof(CacheT));
 
     if constexpr (!Cache::kQuantized) {
@@ -244,7 +246,8 @@ __device__ __forceinline__ void QuantizeWriteVecRows(
               (lane == 0 ? kdst : vdst) + layout.scale_byte_offset(),
               lane == 0 ? kscale : vscale, layout.scale_pad_bytes());
         } else {
-          const int64_t s = row.template scale_offset_as<false>(layout);
+          const int64_t s =
+              row.template scale_offset_as<false, kRecords>(layout);
           float* scales = lane == 0 ? p.cache.key_scale : p.cache.value_scale;
           scales[s] = lane == 0 ? kscale : vscale;
         }
@@ -254,11 +257,13 @@ __device__ __forceinline__ void QuantizeWriteVecRows(
 }
 
 // Side scales (and bf16/fp16 caches).
-template <class In, class Cache, int kGroup, int kVecs, int kThreads>
+template <class In, class Cache, int kGroup, int kVecs, int kThreads,
+          bool kRecords>
 __global__ void __launch_bounds__(kThreads)
     QuantizeWriteVecKernel(const QuantizeWriteParams p,
                            const RowDividers dividers) {
-  QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, false>(p, dividers);
+  QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, false, kRecords>(
+      p, dividers);
 }
 
 // Threads one SM of the compile target holds (sm_86 and sm_89: 1536; 2048 on
@@ -273,12 +278,14 @@ inline constexpr int kMaxThreadsPerSm = 2048;
 
 // Inline scales. One vector per lane fits in 32 registers when asked to (35
 // otherwise): full occupancy on sm_90, as the side kernel has.
-template <class In, class Cache, int kGroup, int kVecs, int kThreads>
+template <class In, class Cache, int kGroup, int kVecs, int kThreads,
+          bool kRecords>
 __global__ void __launch_bounds__(kThreads,
                                   kVecs == 1 ? kMaxThreadsPerSm / kThreads : 1)
     QuantizeWriteInlineVecKernel(const QuantizeWriteParams p,
                                  const RowDividers dividers) {
-  QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, true>(p, dividers);
+  QuantizeWriteVecRows<In, Cache, kGroup, kVecs, kThreads, true, kRecords>(
+      p, dividers);
 }
 
 // One row of n elements by the 32 lanes of a warp, element by element; `pad`

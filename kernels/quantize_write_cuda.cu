@@ -31,14 +31,21 @@ absl::Status Launch(const QuantizeWriteParams& p, cudaStream_t stream) {
       [&layout](auto group, auto vecs) {
         constexpr int kGroup = decltype(group)::value;
         constexpr int kVecs = decltype(vecs)::value;
+        constexpr int kThreads = internal::kThreadsPerBlock;
+        const bool records = layout.records();
         if constexpr (Cache::kQuantized) {
           if (layout.inline_scales()) {
-            return &internal::QuantizeWriteInlineVecKernel<
-                In, Cache, kGroup, kVecs, internal::kThreadsPerBlock>;
+            return records ? &internal::QuantizeWriteInlineVecKernel<
+                                 In, Cache, kGroup, kVecs, kThreads, true>
+                           : &internal::QuantizeWriteInlineVecKernel<
+                                 In, Cache, kGroup, kVecs, kThreads, false>;
           }
         }
-        return &internal::QuantizeWriteVecKernel<In, Cache, kGroup, kVecs,
-                                                 internal::kThreadsPerBlock>;
+        return records
+                   ? &internal::QuantizeWriteVecKernel<In, Cache, kGroup, kVecs,
+                                                       kThreads, true>
+                   : &internal::QuantizeWriteVecKernel<In, Cache, kGroup, kVecs,
+                                                       kThreads, false>;
       },
       &internal::QuantizeWriteScalarKernel<In, Cache>,
       internal::RowGrid::kTwoRowsPerGroup, stream);

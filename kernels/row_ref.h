@@ -65,18 +65,31 @@ struct RowRef {
   KVCACHE_HOST_DEVICE int64_t scale_offset(const CacheLayout& layout) const {
     return layout.scale_offset(slot, head);
   }
-  // ... with the placement fixed at compile time (CacheLayout::key_offset_as).
-  template <bool kInline>
+  // ... with records() fixed at compile time (CacheLayout::key_offset_in) ...
+  template <bool kRecords>
+  KVCACHE_HOST_DEVICE int64_t key_offset_in(const CacheLayout& layout) const {
+    return layout.key_offset_in<kRecords>(slot, head);
+  }
+  template <bool kRecords>
+  KVCACHE_HOST_DEVICE int64_t value_offset_in(const CacheLayout& layout) const {
+    return layout.value_offset_in<kRecords>(slot, head);
+  }
+  template <bool kRecords>
+  KVCACHE_HOST_DEVICE int64_t scale_offset_in(const CacheLayout& layout) const {
+    return layout.scale_offset_in<kRecords>(slot, head);
+  }
+  // ... and the placement too (CacheLayout::key_offset_as).
+  template <bool kInline, bool kRecords>
   KVCACHE_HOST_DEVICE int64_t key_offset_as(const CacheLayout& layout) const {
-    return layout.key_offset_as<kInline>(slot, head);
+    return layout.key_offset_as<kInline, kRecords>(slot, head);
   }
-  template <bool kInline>
+  template <bool kInline, bool kRecords>
   KVCACHE_HOST_DEVICE int64_t value_offset_as(const CacheLayout& layout) const {
-    return layout.value_offset_as<kInline>(slot, head);
+    return layout.value_offset_as<kInline, kRecords>(slot, head);
   }
-  template <bool kInline>
+  template <bool kInline, bool kRecords>
   KVCACHE_HOST_DEVICE int64_t scale_offset_as(const CacheLayout& layout) const {
-    return layout.scale_offset_as<kInline>(slot, head);
+    return layout.scale_offset_as<kInline, kRecords>(slot, head);
   }
   // ... and in the dense operand.
   KVCACHE_HOST_DEVICE int64_t key_offset(const DenseKV& dense) const {

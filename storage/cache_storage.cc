@@ -45,22 +45,32 @@ int64_t CacheStorage::LayerAllocationBytes(const CacheLayout& layout) {
   return Offsets(layout).total;
 }
 
+absl::StatusOr<char*> CacheStorage::AllocateZeroed(Device* device,
+                                                   int64_t bytes, int i, int n,
+                                                   const char* what) {
+  absl::StatusOr<Buffer> buffer = device->Allocate(bytes);
+  if (!buffer.ok()) {
+    return absl::Status(
+        buffer.status().code(),
+        absl::StrCat("cache of ", what, " ", i, " of ", n, " (", bytes,
+                     " bytes): ", buffer.status().message()));
+  }
+  KVCACHE_RETURN_IF_ERROR(device->Zero(buffer->data(), buffer->size()));
+  char* base = buffer->as<char>();
+  buffers_.push_back(*std::move(buffer));
+  allocation_bytes_.push_back(bytes);
+  total_bytes_ += bytes;
+  return base;
+}
+
 absl::Status CacheStorage::Allocate(Device* device, int n, const char* what) {
   const LayerOffsets offsets = Offsets(layout_);
   const bool quantized = IsQuantized(layout_.cache_dtype);
   buffers_.reserve(n);
   allocations_.reserve(n);
   for (int i = 0; i < n; ++i) {
-    absl::StatusOr<Buffer> buffer = device->Allocate(offsets.total);
-    if (!buffer.ok()) {
-      return absl::Status(
-          buffer.status().code(),
-          absl::StrCat("cache of ", what, " ", i, " of ", n, " (",
-                       offsets.total, " bytes): ", buffer.status().message()));
-    }
-    absl::Status zeroed = device->Zero(buffer->data(), buffer->size());
-    if (!zeroed.ok()) return zeroed;
-    char* base = buffer->as<char>();
+    KVCACHE_ASSIGN_OR_RETURN(char* base,
+                             AllocateZeroed(device, offsets.total, i, n, what));
     LayerCache cache;
     cache.layout = layout_;
     cache.key_cache = base;
@@ -77,8 +87,6 @@ absl::Status CacheStorage::Allocate(Device* device, int n, const char* what) {
       cache.value_scale = nullptr;
     }
     allocations_.push_back(cache);
-    buffers_.push_back(*std::move(buffer));
-    total_bytes_ += offsets.total;
   }
   return absl::OkStatus();
 }
@@ -99,6 +107,61 @@ absl::StatusOr<std::unique_ptr<CacheStorage>> CacheStorage::CreateSlots(
   storage->layers_.reserve(layer_slot.size());
   for (int32_t slot : layer_slot) {
     storage->layers_.push_back(storage->allocations_[slot]);
+  }
+  return storage;
+}
+
+namespace {
+
+// Layer `layout` over the records at `base` (core/cache_layout.h "Records").
+LayerCache RecordLayer(CacheLayout layout, char* base, int64_t record_bytes) {
+  const int64_t elem = static_cast<int64_t>(DTypeSize(layout.cache_dtype));
+  layout.record_pitch = record_bytes / elem;
+  const RecordOffsets r = RecordOffsetsOf(layout);
+  LayerCache cache;
+  cache.layout = layout;
+  cache.key_cache = base;
+  if (layout.has_value()) cache.value_cache = base + r.value;
+  if (layout.inline_scales()) {
+    cache.key_scale = InlineScale(layout, cache.key_cache);
+    if (layout.has_value()) {
+      cache.value_scale = InlineScale(layout, cache.value_cache);
+    }
+  } else if (layout.side_scales()) {
+    cache.key_scale = reinterpret_cast<float*>(base + r.key_scale);
+    if (layout.has_value()) {
+      cache.value_scale = reinterpret_cast<float*>(base + r.value_scale);
+    }
+  }
+  return cache;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CacheStorage>> CacheStorage::CreateRecordSlots(
+    Device* device, const CacheLayout& pool,
+    const std::vector<CacheLayout>& layouts, int num_slots,
+    const std::vector<int32_t>& layer_slot, int64_t record_bytes) {
+  std::unique_ptr<CacheStorage> storage(new CacheStorage(pool));
+  const int64_t bytes = pool.num_blocks * pool.block_size * record_bytes;
+  std::vector<char*> bases;
+  storage->buffers_.reserve(num_slots);
+  for (int i = 0; i < num_slots; ++i) {
+    KVCACHE_ASSIGN_OR_RETURN(
+        char* base,
+        storage->AllocateZeroed(device, bytes, i, num_slots, "page slot"));
+    bases.push_back(base);
+  }
+  storage->allocations_.resize(num_slots);
+  storage->layers_.reserve(layer_slot.size());
+  for (size_t l = 0; l < layer_slot.size(); ++l) {
+    CacheLayout layout = layouts[l];
+    layout.num_blocks = pool.num_blocks;
+    layout.block_size = pool.block_size;
+    storage->layers_.push_back(
+        RecordLayer(layout, bases[layer_slot[l]], record_bytes));
+    // Any layer of a slot describes its blocks for a copy.
+    storage->allocations_[layer_slot[l]] = storage->layers_.back();
   }
   return storage;
 }

@@ -18,6 +18,7 @@
 #include "gtest/gtest.h"
 #include "tests/kernel_reference.h"
 #include "tests/kernel_test_util.h"
+#include "tests/record_reference.h"
 
 namespace kvcache::testing {
 namespace {
@@ -496,6 +497,145 @@ TEST(CpuKernelsTest, BlockCopyCopiesDataAndScales) {
     EXPECT_EQ(hc.key_scale, want.key_scale);
     EXPECT_EQ(hc.value_scale, want.value_scale);
   }
+}
+
+// Records (layer groups of several cache shapes): a case written into
+// records holds exactly the reference's rows and scales at the record offsets
+// tests/record_reference.h states, every other byte untouched; gathers from
+// the records match the reference's; block copy moves block_size whole
+// records. K/V, K-only, side and inline, every dtype pair, vector and scalar
+// input layouts, pitches with room to spare.
+void CheckRecordCase(const CaseConfig& config, std::mt19937_64& rng) {
+  SCOPED_TRACE(config.Name());
+  HostCase hc = MakeCase(config, rng);
+  const ref::Caches want = ref::QuantizeWrite(hc);
+  const int64_t extra = 16 * static_cast<int64_t>(rng() % 3);
+  const uint64_t filler = rng();
+  SCOPED_TRACE(::testing::Message() << "extra " << extra);
+  ref::Records got = ref::ToRecords(
+      hc, {hc.key_cache, hc.value_cache, hc.key_scale, hc.value_scale}, extra,
+      filler);
+  ref::Records expected = ref::ToRecords(hc, want, extra, filler);
+  std::vector<uint8_t> input = hc.input;
+  QuantizeWriteParams p = hc.Params(input.data(), hc.slots.data(), nullptr,
+                                    nullptr, nullptr, nullptr);
+  p.cache = got.Cache(hc, got.bytes.data());
+  ASSERT_TRUE(QuantizeWriteCpu(p).ok()) << QuantizeWriteCpu(p);
+  ASSERT_EQ(
+      FirstDiff(got.bytes.data(), expected.bytes.data(), expected.bytes.size()),
+      -1);
+
+  const DType outs[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  for (int variant = 0; variant < kGatherVariants; ++variant) {
+    const DType out = outs[(variant + rng() % 3) % 3];
+    GatherCase g = MakeGatherCase(hc, out, variant, rng);
+    SCOPED_TRACE(::testing::Message()
+                 << "gather variant " << variant << " out " << DTypeName(out));
+    const std::vector<uint8_t> reference = ref::Gather(hc, want, g);
+    GatherParams gp = g.Params(p.cache, g.output.data(), g.slots.data(),
+                               g.block_table.data());
+    ASSERT_TRUE(GatherCpu(gp).ok());
+    ASSERT_EQ(FirstDiff(g.output.data(), reference.data(), reference.size()),
+              -1);
+  }
+
+  const int64_t blocks = hc.layout.num_blocks;
+  if (blocks < 2) return;
+  std::vector<int64_t> pairs = {0, blocks - 1};
+  if (blocks >= 4) pairs.insert(pairs.end(), {2, 1});
+  const int64_t run = config.block_size * got.pitch;
+  for (size_t i = 0; i < pairs.size(); i += 2) {
+    std::memcpy(expected.bytes.data() + pairs[i + 1] * run,
+                expected.bytes.data() + pairs[i] * run, run);
+  }
+  BlockCopyParams copy;
+  copy.cache = p.cache;
+  copy.pairs = pairs.data();
+  copy.num_pairs = static_cast<int64_t>(pairs.size()) / 2;
+  ASSERT_TRUE(BlockCopyCpu(copy).ok()) << BlockCopyCpu(copy);
+  ASSERT_EQ(
+      FirstDiff(got.bytes.data(), expected.bytes.data(), expected.bytes.size()),
+      -1);
+}
+
+TEST(CpuKernelsTest, RecordsHoldTheReferenceRows) {
+  std::mt19937_64 rng(Seed() + 21);
+  struct Shape {
+    int64_t d, dv, heads, block_size;
+  };
+  const Shape shapes[] = {{128, 128, 8, 16}, {256, 256, 4, 4},
+                          {576, 0, 1, 16},   {64, 128, 3, 1},
+                          {8, 8, 1, 2},      {128, 64, 2, 16}};
+  int i = 0;
+  for (const Shape& shape : shapes) {
+    for (const DTypePair& pair : WriteDTypePairs()) {
+      for (ScalePlacement placement : PlacementsFor(pair.cache)) {
+        CaseConfig c;
+        c.head_size = shape.d;
+        c.head_size_v = shape.dv;
+        c.num_heads = shape.heads;
+        c.block_size = shape.block_size;
+        c.num_tokens = TokensFor(shape.heads, shape.d, shape.dv, 40000);
+        c.input_dtype = pair.input;
+        c.cache_dtype = pair.cache;
+        c.placement = placement;
+        c.layout = static_cast<InputLayout>(i++ % 4);
+        CheckRecordCase(c, rng);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// The scalar rows address records as the AVX2 rows do.
+TEST(CpuKernelsTest, RecordsScalarRowsMatchReference) {
+  std::mt19937_64 rng(Seed() + 22);
+  internal::ForceScalarCpuRowsForTesting(true);
+  for (int k = 0; k < 4; ++k) {
+    CaseConfig c;
+    c.head_size = k < 2 ? 128 : 576;
+    c.head_size_v = k < 2 ? 64 : 0;
+    c.num_heads = k < 2 ? 4 : 1;
+    c.cache_dtype = k % 2 == 0 ? DType::kInt8 : DType::kFp8E4M3;
+    c.placement = k == 1 ? ScalePlacement::kInline : ScalePlacement::kSide;
+    c.num_tokens = 48;
+    CheckRecordCase(c, rng);
+    if (HasFatalFailure()) break;
+  }
+  internal::ForceScalarCpuRowsForTesting(false);
+}
+
+// A record layout whose pitch cannot hold its parts, or whose pointers are
+// not at their record offsets, is refused by name.
+TEST(CpuKernelsTest, RecordsRefuseBadPitchAndPointers) {
+  std::mt19937_64 rng(Seed() + 23);
+  CaseConfig c;
+  c.num_tokens = 4;
+  HostCase hc = MakeCase(c, rng);
+  ref::Records r = ref::ToRecords(
+      hc, {hc.key_cache, hc.value_cache, hc.key_scale, hc.value_scale}, 0, 1);
+  std::vector<uint8_t> input = hc.input;
+  QuantizeWriteParams p = hc.Params(input.data(), hc.slots.data(), nullptr,
+                                    nullptr, nullptr, nullptr);
+  p.cache = r.Cache(hc, r.bytes.data());
+  ASSERT_TRUE(QuantizeWriteCpu(p).ok());
+  QuantizeWriteParams bad = p;
+  bad.cache.layout.record_pitch -= 16;
+  absl::Status s = QuantizeWriteCpu(bad);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("record_pitch"), std::string::npos) << s;
+  bad = p;
+  bad.cache.layout.record_pitch += 4;
+  EXPECT_EQ(QuantizeWriteCpu(bad).code(), absl::StatusCode::kInvalidArgument);
+  bad = p;
+  bad.cache.value_cache = static_cast<char*>(bad.cache.value_cache) + 16;
+  s = QuantizeWriteCpu(bad);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("value_cache must point"), std::string::npos) << s;
+  bad = p;
+  bad.cache.value_scale = bad.cache.key_scale;
+  s = QuantizeWriteCpu(bad);
+  EXPECT_NE(s.message().find("value_scale must point"), std::string::npos) << s;
 }
 
 }  // namespace

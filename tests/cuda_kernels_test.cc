@@ -20,6 +20,7 @@
 #include "tests/conversion_sweep.h"
 #include "tests/kernel_reference.h"
 #include "tests/kernel_test_util.h"
+#include "tests/record_reference.h"
 
 #if defined(KVCACHE_HAVE_CUDA_RUNTIME)
 #include <cuda_runtime.h>
@@ -395,6 +396,92 @@ TEST(CudaKernelsTest, BlockCopyMatchesCpu) {
     for (ScalePlacement placement : PlacementsFor(cache)) {
       CheckBlockCopy(cache, placement, rng);
       CheckBlockCopy(cache, placement, rng, /*head_size_v=*/0);
+    }
+  }
+}
+
+// Records (layer groups of several cache shapes): write, gathers and block
+// copy on CUDA leave the same record bytes and outputs as on the CPU (whose
+// records tests/cpu_kernels_test.cc checks against the reference). Vector and
+// scalar inputs, K/V and K-only, side and inline, every dtype pair.
+void CheckRecordCase(const CaseConfig& config, std::mt19937_64& rng) {
+  SCOPED_TRACE(config.Name());
+  HostCase hc = MakeCase(config, rng);
+  const int64_t extra = 16 * static_cast<int64_t>(rng() % 2);
+  ref::Records cpu = ref::ToRecords(
+      hc, {hc.key_cache, hc.value_cache, hc.key_scale, hc.value_scale}, extra,
+      rng());
+  DeviceBuffer d_input(hc.input), d_slots(hc.slots), d_rec(cpu.bytes);
+  QuantizeWriteParams gpu = hc.Params(d_input.get(), d_slots.get<int64_t>(),
+                                      nullptr, nullptr, nullptr, nullptr);
+  gpu.cache = cpu.Cache(hc, d_rec.get());
+  ASSERT_TRUE(QuantizeWriteCuda(gpu, nullptr).ok());
+  QuantizeWriteParams host = hc.Params(hc.input.data(), hc.slots.data(),
+                                       nullptr, nullptr, nullptr, nullptr);
+  host.cache = cpu.Cache(hc, cpu.bytes.data());
+  ASSERT_TRUE(QuantizeWriteCpu(host).ok());
+  ASSERT_EQ(FirstDiff(d_rec.Download<uint8_t>(), cpu.bytes), -1);
+
+  const DType outs[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  for (int variant = 0; variant < kGatherVariants; ++variant) {
+    const DType out = outs[(variant + rng() % 3) % 3];
+    GatherCase g = MakeGatherCase(hc, out, variant, rng);
+    SCOPED_TRACE(::testing::Message()
+                 << "gather variant " << variant << " out " << DTypeName(out));
+    DeviceBuffer d_out(g.output), d_gslots(g.slots), d_table(g.block_table);
+    ASSERT_TRUE(
+        GatherCuda(g.Params(gpu.cache, d_out.get(), d_gslots.get<int64_t>(),
+                            d_table.get<int32_t>()),
+                   nullptr)
+            .ok());
+    ASSERT_TRUE(GatherCpu(g.Params(host.cache, g.output.data(), g.slots.data(),
+                                   g.block_table.data()))
+                    .ok());
+    ASSERT_EQ(FirstDiff(d_out.Download<uint8_t>(), g.output), -1);
+  }
+
+  const int64_t blocks = hc.layout.num_blocks;
+  if (blocks < 2) return;
+  std::vector<int64_t> pairs = {0, blocks - 1};
+  if (blocks >= 4) pairs.insert(pairs.end(), {2, 1});
+  DeviceBuffer d_pairs(pairs);
+  BlockCopyParams copy;
+  copy.num_pairs = static_cast<int64_t>(pairs.size()) / 2;
+  copy.cache = gpu.cache;
+  copy.pairs = d_pairs.get<int64_t>();
+  ASSERT_TRUE(BlockCopyCuda(copy, nullptr).ok());
+  copy.cache = host.cache;
+  copy.pairs = pairs.data();
+  ASSERT_TRUE(BlockCopyCpu(copy).ok());
+  ASSERT_EQ(FirstDiff(d_rec.Download<uint8_t>(), cpu.bytes), -1);
+}
+
+TEST(CudaKernelsTest, RecordsMatchCpu) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(Seed() + 6);
+  struct Shape {
+    int64_t d, dv, heads, block_size;
+  };
+  const Shape shapes[] = {{128, 128, 8, 16}, {256, 256, 4, 16},
+                          {576, 0, 1, 16},   {64, 128, 3, 1},
+                          {128, 64, 2, 16},  {512, 512, 2, 4}};
+  int i = 0;
+  for (const Shape& shape : shapes) {
+    for (const DTypePair& pair : WriteDTypePairs()) {
+      for (ScalePlacement placement : PlacementsFor(pair.cache)) {
+        CaseConfig c;
+        c.head_size = shape.d;
+        c.head_size_v = shape.dv;
+        c.num_heads = shape.heads;
+        c.block_size = shape.block_size;
+        c.num_tokens = TokensFor(shape.heads, shape.d, shape.dv, 60000);
+        c.input_dtype = pair.input;
+        c.cache_dtype = pair.cache;
+        c.placement = placement;
+        c.layout = static_cast<InputLayout>(i++ % 4);
+        CheckRecordCase(c, rng);
+        if (HasFatalFailure()) return;
+      }
     }
   }
 }

@@ -3,8 +3,11 @@
 // truncate, free) and checks every layer's
 // Gather against an independent reference: each token's K/V is a synthetic
 // row of (seed, layer, token prefix), quantized and dequantized by
-// testing/kv_reference.h. Inputs and outputs live in `device`'s memory (host
-// or CUDA), so one scenario runs on both backends. Test-only.
+// testing/kv_reference.h. Each layer has its group's shape (KV heads, K and
+// V head sizes, cache dtype); inputs are the config's input_dtype (float32 or
+// bfloat16: the synthetic rows are bf16 values, so both carry them exactly)
+// and outputs float32. Inputs and outputs live in `device`'s memory (host or
+// CUDA), so one scenario runs on both backends. Test-only.
 
 #ifndef KVCACHE_TESTS_GROUP_RUNNER_H_
 #define KVCACHE_TESTS_GROUP_RUNNER_H_
@@ -43,14 +46,33 @@ class GroupRunner {
     std::vector<uint64_t> hashes;  // hashes[p]: prefix hash of tokens [0, p].
   };
 
+  // One layer's shape (its group's).
+  struct Shape {
+    int heads = 0, d = 0, dv = 0;
+    DType dtype = DType::kInt8;
+  };
+
   GroupRunner(KVCacheManager* manager, Device* device, uint64_t seed)
       : m_(manager), device_(device), seed_(seed), rng_(seed) {
     const KVCacheConfig& c = m_->config();
-    const LayerGroup& g = c.layer_groups[0];
-    heads_ = g.num_kv_heads;
-    d_ = g.head_size;
-    dv_ = g.head_size_v;
-    dtype_ = g.cache_dtype;
+    shapes_.resize(c.num_layers);
+    for (const LayerGroup& g : c.layer_groups) {
+      for (int32_t l : g.layers) {
+        shapes_[l] = {g.num_kv_heads, g.head_size, g.head_size_v,
+                      g.cache_dtype};
+      }
+    }
+    input_dtype_ = c.input_dtype;
+  }
+
+  const Shape& shape(int layer) const { return shapes_[layer]; }
+
+  // K (V) of token `p` of `id` in `layer`, as Step appends it.
+  std::vector<float> TokenRow(SequenceId id, int layer, bool is_value,
+                              int64_t p) {
+    const Shape& sh = shapes_[layer];
+    return Row(layer, is_value, seqs_.at(id).hashes[p],
+               is_value ? sh.dv : sh.d);
   }
 
   KVCacheManager& manager() { return *m_; }
@@ -137,36 +159,9 @@ class GroupRunner {
         s.hashes.resize(s.tokens.size());
       }
     }
-    const int64_t total = plan->num_tokens;
     for (int layer = 0; layer < m_->config().num_layers; ++layer) {
-      std::vector<float> k, v;
-      for (const PlanSequence& ps : plan->sequences) {
-        const Seq& s = seqs_[ps.sequence];
-        const bool removed = options.remove == ps.sequence;
-        for (int64_t p = ps.first_position;
-             p < ps.first_position + ps.num_tokens; ++p) {
-          // A removed sequence's rows are padding: any content.
-          const uint64_t hash = removed ? ~uint64_t{0} - p : s.hashes[p];
-          std::vector<float> row = Row(layer, false, hash, d_);
-          k.insert(k.end(), row.begin(), row.end());
-          if (dv_ > 0) {
-            row = Row(layer, true, hash, dv_);
-            v.insert(v.end(), row.begin(), row.end());
-          }
-        }
-      }
-      absl::StatusOr<Buffer> kb = Upload(k);
-      if (!kb.ok()) return kb.status();
-      TensorView key = View(kb->data(), total, d_);
-      TensorView value;
-      Buffer vb;
-      if (dv_ > 0) {
-        absl::StatusOr<Buffer> b = Upload(v);
-        if (!b.ok()) return b.status();
-        vb = *std::move(b);
-        value = View(vb.data(), total, dv_);
-      }
-      if (absl::Status st = m_->Append(plan->id, layer, key, value); !st.ok()) {
+      if (absl::Status st = AppendLayer(*plan, layer, options.remove);
+          !st.ok()) {
         m_->Abort(plan->id).IgnoreError();
         return st;
       }
@@ -187,6 +182,56 @@ class GroupRunner {
     return absl::OkStatus();
   }
 
+  // Step without the appends and the commit: reserves and returns the plan
+  // (AppendLayer each layer, then Commit). Known tokens only.
+  absl::StatusOr<StepPlanInfo> ReserveOnly(const std::vector<SequenceId>& ids,
+                                           const std::vector<int64_t>& n) {
+    std::vector<ReserveRequest> batch;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      ReserveRequest r;
+      r.sequence = ids[i];
+      r.num_tokens = n[i];
+      batch.push_back(r);
+    }
+    absl::StatusOr<StepPlanInfo> plan = m_->Reserve(batch);
+    return plan;
+  }
+
+  // Appends `layer`'s K/V of every token of `plan` (the rows of a sequence
+  // removed from it are padding: any content).
+  absl::Status AppendLayer(const StepPlanInfo& plan, int layer,
+                           std::optional<SequenceId> removed = std::nullopt) {
+    const Shape& sh = shapes_[layer];
+    std::vector<float> k, v;
+    for (const PlanSequence& ps : plan.sequences) {
+      const Seq& s = seqs_[ps.sequence];
+      const bool padding = removed == ps.sequence;
+      for (int64_t p = ps.first_position; p < ps.first_position + ps.num_tokens;
+           ++p) {
+        const uint64_t hash = padding ? ~uint64_t{0} - p : s.hashes[p];
+        std::vector<float> row = Row(layer, false, hash, sh.d);
+        k.insert(k.end(), row.begin(), row.end());
+        if (sh.dv > 0) {
+          row = Row(layer, true, hash, sh.dv);
+          v.insert(v.end(), row.begin(), row.end());
+        }
+      }
+    }
+    const int64_t total = plan.num_tokens;
+    absl::StatusOr<Buffer> kb = Upload(k);
+    if (!kb.ok()) return kb.status();
+    TensorView key = View(kb->data(), total, sh.heads, sh.d, input_dtype_);
+    TensorView value;
+    Buffer vb;
+    if (sh.dv > 0) {
+      absl::StatusOr<Buffer> b = Upload(v);
+      if (!b.ok()) return b.status();
+      vb = *std::move(b);
+      value = View(vb.data(), total, sh.heads, sh.dv, input_dtype_);
+    }
+    return m_->Append(plan.id, layer, key, value);
+  }
+
   // First token `layer` can still read of `id` (after its released blocks).
   int64_t FirstReadable(SequenceId id, int layer) {
     const int32_t table = *m_->LayerBlockTable(layer);
@@ -201,24 +246,26 @@ class GroupRunner {
   // mismatch.
   absl::Status CheckGather(SequenceId id, int layer, int64_t begin, int64_t n) {
     const Seq& s = seqs_.at(id);
-    absl::StatusOr<Buffer> kb = device_->Allocate(n * heads_ * d_ * 4);
+    const Shape& sh = shapes_[layer];
+    const int heads = sh.heads, dv = sh.dv;
+    absl::StatusOr<Buffer> kb = device_->Allocate(n * heads * sh.d * 4);
     if (!kb.ok()) return kb.status();
-    TensorView key = View(kb->data(), n, d_);
+    TensorView key = View(kb->data(), n, heads, sh.d, DType::kFloat32);
     TensorView value;
     Buffer vb;
-    if (dv_ > 0) {
-      absl::StatusOr<Buffer> b = device_->Allocate(n * heads_ * dv_ * 4);
+    if (dv > 0) {
+      absl::StatusOr<Buffer> b = device_->Allocate(n * heads * dv * 4);
       if (!b.ok()) return b.status();
       vb = *std::move(b);
-      value = View(vb.data(), n, dv_);
+      value = View(vb.data(), n, heads, dv, DType::kFloat32);
     }
     if (absl::Status st = m_->Gather(id, layer, begin, n, key, value);
         !st.ok()) {
       return st;
     }
-    for (int part = 0; part < (dv_ > 0 ? 2 : 1); ++part) {
-      const int hs = part == 0 ? d_ : dv_;
-      std::vector<float> got(n * heads_ * hs);
+    for (int part = 0; part < (dv > 0 ? 2 : 1); ++part) {
+      const int hs = part == 0 ? sh.d : dv;
+      std::vector<float> got(n * heads * hs);
       if (absl::Status st = device_->CopyToHost(
               got.data(), part == 0 ? kb->data() : vb.data(), got.size() * 4);
           !st.ok()) {
@@ -227,12 +274,13 @@ class GroupRunner {
       for (int64_t t = 0; t < n; ++t) {
         const std::vector<float> row =
             Row(layer, part == 1, s.hashes[begin + t], hs);
-        for (int h = 0; h < heads_; ++h) {
+        for (int h = 0; h < heads; ++h) {
           const std::vector<float> head(row.begin() + h * hs,
                                         row.begin() + (h + 1) * hs);
-          const std::vector<float> want = QuantizeDequantizeHead(head, dtype_);
+          const std::vector<float> want =
+              QuantizeDequantizeHead(head, sh.dtype);
           for (int e = 0; e < hs; ++e) {
-            const float g = got[(t * heads_ + h) * hs + e];
+            const float g = got[(t * heads + h) * hs + e];
             if (std::fabs(g - want[e]) > 1e-3f * (1.0f + std::fabs(want[e]))) {
               return absl::InternalError(
                   absl::StrCat("sequence ", id, " layer ", layer, " token ",
@@ -271,20 +319,30 @@ class GroupRunner {
     }
   }
   std::vector<float> Row(int layer, bool is_value, uint64_t hash, int hs) {
-    return SyntheticRow(seed_, layer, is_value, hash, heads_, hs);
+    return SyntheticRow(seed_, layer, is_value, hash, shapes_[layer].heads, hs);
   }
-  TensorView View(void* data, int64_t tokens, int hs) const {
-    return TensorView::Contiguous(data, DType::kFloat32, {tokens, heads_, hs},
+  TensorView View(void* data, int64_t tokens, int heads, int hs,
+                  DType dtype) const {
+    return TensorView::Contiguous(data, dtype, {tokens, heads, hs},
                                   device_->kind() == DeviceKind::kCuda
                                       ? MemoryKind::kCuda
                                       : MemoryKind::kHost,
                                   device_->ordinal());
   }
+  // `x` in the input dtype (float32, or bf16: exact for synthetic rows).
   absl::StatusOr<Buffer> Upload(const std::vector<float>& x) {
-    absl::StatusOr<Buffer> b = device_->Allocate(x.size() * 4);
+    std::vector<uint16_t> bf16;
+    const void* src = x.data();
+    size_t bytes = x.size() * 4;
+    if (input_dtype_ == DType::kBFloat16) {
+      for (float f : x) bf16.push_back(FloatToBf16(f));
+      src = bf16.data();
+      bytes = bf16.size() * 2;
+    }
+    absl::StatusOr<Buffer> b = device_->Allocate(bytes);
     if (!b.ok()) return b;
     absl::Status st =
-        device_->CopyToDeviceAsync(b->data(), x.data(), x.size() * 4, nullptr);
+        device_->CopyToDeviceAsync(b->data(), src, bytes, nullptr);
     if (st.ok()) st = device_->SynchronizeStream(nullptr);
     if (!st.ok()) return st;
     return b;
@@ -294,8 +352,8 @@ class GroupRunner {
   Device* device_;
   uint64_t seed_;
   std::mt19937_64 rng_;
-  int heads_ = 0, d_ = 0, dv_ = 0;
-  DType dtype_ = DType::kInt8;
+  std::vector<Shape> shapes_;  // Per layer.
+  DType input_dtype_ = DType::kFloat32;
   std::map<SequenceId, Seq> seqs_;
 };
 

@@ -4,7 +4,9 @@
 // truncations, frees) on both must leave byte-identical caches and
 // scales in every page slot, and every readable token must gather to the
 // reference on CUDA too. Gemma-like (sliding + full, with V) and
-// DeepSeek-like (K-only) configs, int8 and fp8.
+// DeepSeek-like (K-only) configs, int8 and fp8; and groups of different cache
+// shapes (records): 8 KV heads full beside 4 sliding, head sizes 128 / 256 /
+// K-only 576, an int8 group beside a bf16 one, side and inline scales.
 
 #include <algorithm>
 #include <memory>
@@ -20,6 +22,47 @@
 
 namespace kvcache {
 namespace {
+
+enum class Kind { kGemmaLike, kKOnly, kHeads, kSizes, kDtypes };
+
+LayerGroup Group(std::vector<int32_t> layers, int32_t window, int32_t heads,
+                 int32_t k, int32_t v, DType dtype) {
+  LayerGroup g;
+  g.layers = std::move(layers);
+  g.kind = window > 0 ? AttentionKind::kSlidingWindow : AttentionKind::kFull;
+  g.sliding_window = window;
+  g.num_kv_heads = heads;
+  g.head_size = k;
+  g.head_size_v = v;
+  g.cache_dtype = dtype;
+  return g;
+}
+
+// Groups of different shapes (`dtype` for the quantized ones).
+KVCacheConfig MixedConfig(Kind kind, DType dtype, ScalePlacement placement) {
+  KVCacheConfig c;
+  c.block_size = 16;
+  c.num_blocks = 256;
+  c.input_dtype = DType::kFloat32;
+  c.max_tokens_per_step = 1024;
+  c.scale_placement = placement;
+  if (kind == Kind::kHeads) {
+    c.num_layers = 8;
+    c.layer_groups = {Group({0, 1, 2, 4, 5, 6}, 48, 4, 128, 128, dtype),
+                      Group({3, 7}, 0, 8, 128, 128, dtype)};
+  } else if (kind == Kind::kSizes) {
+    c.num_layers = 6;
+    c.layer_groups = {Group({0, 3}, 48, 2, 128, 128, dtype),
+                      Group({1, 4}, 0, 2, 256, 256, dtype),
+                      Group({2, 5}, 0, 1, 576, 0, dtype)};
+  } else {
+    c.num_layers = 6;
+    c.input_dtype = DType::kBFloat16;
+    c.layer_groups = {Group({0, 1, 2, 3}, 48, 4, 128, 128, dtype),
+                      Group({4, 5}, 0, 4, 128, 64, DType::kBFloat16)};
+  }
+  return c;
+}
 
 KVCacheConfig Config(bool k_only, DType dtype) {
   KVCacheConfig c;
@@ -49,21 +92,28 @@ KVCacheConfig Config(bool k_only, DType dtype) {
   return c;
 }
 
-// Every allocation's K, V and scales (each layer's view; layers sharing a
-// slot repeat it).
+// Every allocation's bytes (each layer's view; layers sharing a slot repeat
+// it): from each part's pointer to the end of its last row, by the view's
+// strides (records interleave the parts, so the K part spans the slot).
 std::vector<char> CacheBytes(KVCacheManager& m, Device& device) {
   std::vector<char> out;
   for (int layer = 0; layer < m.config().num_layers; ++layer) {
     const LayerView v = *m.GetLayerView(layer);
     const int64_t elem = static_cast<int64_t>(DTypeSize(v.cache_dtype));
+    const int64_t last_slot = v.num_blocks * v.block_size - 1;
+    auto extent = [&](const int64_t* st, int64_t row_elems) {
+      return last_slot * st[1] + (v.num_kv_heads - 1) * st[2] + row_elems;
+    };
+    const int64_t key_row = v.key_row_pitch_bytes / elem;
+    const int64_t value_row = v.value_row_pitch_bytes / elem;
     const struct {
       const void* p;
       int64_t bytes;
     } parts[] = {
-        {v.key_cache, v.num_blocks * v.key_strides[0] * elem},
-        {v.value_cache, v.num_blocks * v.value_strides[0] * elem},
-        {v.key_scale, v.num_blocks * v.scale_strides[0] * 4},
-        {v.value_scale, v.num_blocks * v.scale_strides[0] * 4},
+        {v.key_cache, extent(v.key_strides, key_row) * elem},
+        {v.value_cache, extent(v.value_strides, value_row) * elem},
+        {v.key_scale, extent(v.scale_strides, 1) * 4},
+        {v.value_scale, extent(v.scale_strides, 1) * 4},
     };
     for (const auto& part : parts) {
       if (part.p == nullptr) continue;
@@ -99,8 +149,9 @@ Side Make(KVCacheConfig c, Backend backend, uint64_t seed) {
 }
 
 struct Case {
-  bool k_only;
+  Kind kind;
   DType dtype;
+  ScalePlacement placement = ScalePlacement::kSide;
 };
 
 class CudaGroupsTest : public ::testing::TestWithParam<Case> {};
@@ -109,7 +160,10 @@ TEST_P(CudaGroupsTest, CachesAreByteIdenticalToTheCpuBackend) {
   KVCACHE_SKIP_WITHOUT_GPU();
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(absl::StrCat("seed ", seed));
-  const KVCacheConfig c = Config(GetParam().k_only, GetParam().dtype);
+  const Case& p = GetParam();
+  const KVCacheConfig c = p.kind == Kind::kGemmaLike || p.kind == Kind::kKOnly
+                              ? Config(p.kind == Kind::kKOnly, p.dtype)
+                              : MixedConfig(p.kind, p.dtype, p.placement);
   Side cpu = Make(c, Backend::kCpu, seed);
   Side cuda = Make(c, Backend::kCuda, seed);
   ASSERT_NE(cpu.manager, nullptr);
@@ -201,11 +255,18 @@ TEST_P(CudaGroupsTest, CachesAreByteIdenticalToTheCpuBackend) {
       << "first differing byte " << first << " of " << a.size();
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, CudaGroupsTest,
-                         ::testing::Values(Case{false, DType::kInt8},
-                                           Case{false, DType::kFp8E4M3},
-                                           Case{true, DType::kInt8},
-                                           Case{true, DType::kFp8E4M3}));
+INSTANTIATE_TEST_SUITE_P(
+    Cases, CudaGroupsTest,
+    ::testing::Values(
+        Case{Kind::kGemmaLike, DType::kInt8},
+        Case{Kind::kGemmaLike, DType::kFp8E4M3},
+        Case{Kind::kKOnly, DType::kInt8}, Case{Kind::kKOnly, DType::kFp8E4M3},
+        Case{Kind::kHeads, DType::kInt8},
+        Case{Kind::kHeads, DType::kFp8E4M3, ScalePlacement::kInline},
+        Case{Kind::kSizes, DType::kInt8}, Case{Kind::kSizes, DType::kFp8E4M3},
+        Case{Kind::kSizes, DType::kInt8, ScalePlacement::kInline},
+        Case{Kind::kDtypes, DType::kInt8},
+        Case{Kind::kDtypes, DType::kFp8E4M3, ScalePlacement::kInline}));
 
 }  // namespace
 }  // namespace kvcache

@@ -2,14 +2,14 @@
  * kvcache_config_block_bytes validates a hybrid config and gives its page
  * bytes; hostile group arrays (NULL, a wrong struct_size, a huge count, a
  * layer twice) are INVALID_ARGUMENT with a message naming them;
- * kvcache_create refuses groups of different shapes (UNIMPLEMENTED); a
- * manager of same-shape groups (sliding + full, then K-only) appends and
- * gathers per layer, hands out block tables per table, forks (the child's
- * draft step writes a copy of the shared last block; the parent reads back
- * unchanged), truncates (refused below the sliding window's released
- * blocks), commits accepted drafts, and refuses a bad table, a V for a
- * K-only group and what groups do not offer. Exits non-zero on the first
- * failure. */
+ * kvcache_create serves groups of different shapes (records; each layer's
+ * view its group's shape); a manager of same-shape groups (sliding + full,
+ * then K-only) appends and gathers per layer, hands out block tables per
+ * table, forks (the child's draft step writes a copy of the shared last
+ * block; the parent reads back unchanged), truncates (refused below the
+ * sliding window's released blocks), commits accepted drafts, and refuses a
+ * bad table, a V for a K-only group and what groups do not offer. Exits
+ * non-zero on the first failure. */
 
 #include <stdint.h>
 #include <stdio.h>
@@ -309,14 +309,24 @@ int main(void) {
   config.num_layer_groups = 2;
   int64_t bytes = 0;
   CHECK_IS(KVCACHE_OK, kvcache_config_block_bytes(&config, &bytes));
-  /* Slots: max(16 x 4 x (128 + 8), 16 x 1 x (576 + 4)) = 9280; 2 per page. */
-  CHECK(bytes == 2 * 9280);
+  /* Two shapes: records of the larger of 4 x 64 + 4 x 64 + 2 x 4 x 4 = 544
+   * and 576 + 4 -> 592 bytes per token; slots of 16 records, 2 per page. */
+  CHECK(bytes == 2 * 16 * 592);
 
-  /* Groups of different cache shapes are not stored yet. */
-  kvcache_manager* m = (kvcache_manager*)1;
-  CHECK_IS(KVCACHE_UNIMPLEMENTED, kvcache_create(&config, &m));
-  CHECK_ERROR_HAS("layer_groups[1].num_kv_heads");
-  CHECK(m == NULL);
+  /* Each layer has its group's shape over the records. */
+  kvcache_manager* m = NULL;
+  CHECK_IS(KVCACHE_OK, kvcache_create(&config, &m));
+  kvcache_layer_view lv;
+  memset(&lv, 0, sizeof(lv));
+  lv.struct_size = sizeof(lv);
+  CHECK_IS(KVCACHE_OK, kvcache_get_layer_view(m, 0, &lv));
+  CHECK(lv.num_kv_heads == 4 && lv.head_size == 64 && lv.value_cache != NULL);
+  CHECK(lv.key_strides[1] == 592 && lv.value_strides[1] == 592);
+  CHECK(lv.scale_strides[1] == 592 / 4);
+  CHECK_IS(KVCACHE_OK, kvcache_get_layer_view(m, 2, &lv));
+  CHECK(lv.num_kv_heads == 1 && lv.head_size == 576 && lv.value_cache == NULL);
+  CHECK(lv.key_strides[1] == 592 && lv.key_strides[0] == 16 * 592);
+  kvcache_destroy(m);
 
   CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_config_block_bytes(&config, NULL));
   config.layer_groups = NULL;

@@ -272,8 +272,8 @@ void WriteProduction(WriteSetup& w, const std::string& tag, bool decode,
   internal::RowDividers d;
   d.heads = internal::FastDivmod::Make(w.H);
   d.block_size = internal::FastDivmod::Make(16);
-  auto k =
-      &internal::QuantizeWriteVecKernel<BFloat16Type, Cache, kGroup, 1, 128>;
+  auto k = &internal::QuantizeWriteVecKernel<BFloat16Type, Cache, kGroup, 1,
+                                             128, false>;
   const int64_t per_block = 128 / kGroup;
   const int64_t exact = (w.T * w.H + per_block - 1) / per_block;
   const int64_t r2 = (exact + 1) / 2;
@@ -526,7 +526,7 @@ void GatherProduction(GatherSetup& g, int64_t T, const std::string& tag,
   internal::RowDividers d;
   d.heads = internal::FastDivmod::Make(8);
   d.block_size = internal::FastDivmod::Make(16);
-  auto k = &internal::GatherVecKernel<Cache, BFloat16Type, 16, 1, 128>;
+  auto k = &internal::GatherVecKernel<Cache, BFloat16Type, 16, 1, 128, false>;
   const int64_t exact = (T * 8 + 7) / 8;
   const int64_t resident =
       std::min<int64_t>(exact, Resident(reinterpret_cast<const void*>(k), 128));
@@ -783,9 +783,9 @@ void WriteFloor(WriteSetup& w, const std::string& tag, cudaStream_t s) {
   const int64_t r2 = (exact + 1) / 2;
   auto k = w.params[0].cache.layout.inline_scales()
                ? &internal::QuantizeWriteInlineVecKernel<BFloat16Type, Int8Type,
-                                                         kGroup, 1, 128>
+                                                         kGroup, 1, 128, false>
                : &internal::QuantizeWriteVecKernel<BFloat16Type, Int8Type,
-                                                   kGroup, 1, 128>;
+                                                   kGroup, 1, 128, false>;
   Row(tag + " kernel", w.bytes,
       TimeLaunches(
           [&](int i) { Launch(k, r2 + r2 / 32, 128, true, s, w.params[i], d); },
@@ -819,7 +819,8 @@ void GatherFloor(int64_t T, const std::string& tag, cudaStream_t s,
   d.heads = internal::FastDivmod::Make(8);
   d.block_size = internal::FastDivmod::Make(16);
   const int64_t rows = T * 8;
-  auto k = &internal::GatherVecKernel<Int8Type, BFloat16Type, 16, 1, 128>;
+  auto k =
+      &internal::GatherVecKernel<Int8Type, BFloat16Type, 16, 1, 128, false>;
   const int64_t resident = std::min<int64_t>(
       Resident(reinterpret_cast<const void*>(k), 128), (rows + 7) / 8);
   Row(tag + " kernel", g.bytes,

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <random>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -208,6 +209,47 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(std::get<1>(info.param)) + "_bs" +
              std::to_string(std::get<2>(info.param));
     });
+
+// The inline write against the CPU on the shapes where its stores are most
+// awkward: scales at 8 mod 16 bytes (pad 4, the last chunk holds codes and the
+// scale), K and V of different lengths (the gap before the shorter one's
+// scale), K-only rows, 1 to 8 vectors per lane, decode-sized and odd token
+// counts, all input layouts, every quantized dtype pair.
+TEST(CudaKernelsTest, InlineWriteAwkwardShapesMatchCpu) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(Seed() + 11);
+  int i = 0;
+  for (auto [d, dv] : {std::pair<int, int>{8, 8},
+                       {24, 24},
+                       {64, 64},
+                       {72, 0},
+                       {128, 128},
+                       {136, 136},
+                       {128, 200},
+                       {200, 64},
+                       {256, 256},
+                       {520, 520},
+                       {576, 0},
+                       {1000, 1000},
+                       {1024, 8}}) {
+    for (const DTypePair& pair : WriteDTypePairs()) {
+      if (!IsQuantized(pair.cache)) continue;
+      CaseConfig c;
+      c.head_size = d;
+      c.head_size_v = dv;
+      c.num_heads = 1 + i % 5;
+      c.block_size = i % 3 == 0 ? 1 : 16;
+      c.num_tokens = i % 2 == 0 ? 1 + i % 7 : 13 + i % 29;
+      c.input_dtype = pair.input;
+      c.cache_dtype = pair.cache;
+      c.placement = ScalePlacement::kInline;
+      c.layout = static_cast<InputLayout>(i % 4);
+      ++i;
+      CheckCase(c, rng);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
 
 // Gathers of caches holding every code (all 256 byte values, random order) with
 // random finite scales, into every output dtype: covers codes quantization

@@ -114,9 +114,12 @@ class CudaTierCopier final : public TierCopier {
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
     Lane& l = lanes_[Index(lane)];
     // The batch's description goes to pinned memory the kernel reads; the
-    // ring entry's last kernel must be done with it first.
+    // ring entry's last kernel must be done with it first (the host waits
+    // only when kRingEntries batches of the lane are in flight).
     Ring& ring = l.ring[l.enqueued % kRingEntries];
-    KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ring.used));
+    if (l.enqueued - Advance(l) >= kRingEntries) {
+      KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ring.used));
+    }
     const size_t bytes = runs.size() * sizeof(CopyRun);
     if (ring.runs.size() < bytes) {
       absl::StatusOr<Buffer> grown =
@@ -168,32 +171,22 @@ class CudaTierCopier final : public TierCopier {
     return absl::OkStatus();
   }
   int64_t in_flight(TierLane lane) override {
-    int64_t busy = 0;
-    for (const Ring& r : lanes_[Index(lane)].ring) busy += Busy(r);
-    return busy;
+    Lane& l = lanes_[Index(lane)];
+    return l.enqueued - Advance(l);
   }
   int64_t in_flight_bytes(TierLane lane) override {
+    Lane& l = lanes_[Index(lane)];
     int64_t bytes = 0;
-    for (const Ring& r : lanes_[Index(lane)].ring)
-      bytes += Busy(r) ? r.bytes : 0;
+    for (int64_t b = Advance(l) + 1; b <= l.enqueued; ++b) {
+      bytes += l.ring[(b - 1) % kRingEntries].bytes;
+    }
     return bytes;
   }
   int64_t enqueued(TierLane lane) const override {
     return lanes_[Index(lane)].enqueued;
   }
-  // Batches of a lane complete in order: up to just before the oldest busy
-  // one of its ring, and every batch older than the ring was waited for by
-  // Enqueue (cudaEventSynchronize on its entry).
   int64_t completed(TierLane lane) override {
-    Lane& l = lanes_[Index(lane)];
-    int64_t oldest_busy = l.enqueued + 1;
-    for (const Ring& r : l.ring) {
-      if (r.batch > l.known_done && Busy(r)) {
-        oldest_busy = std::min(oldest_busy, r.batch);
-      }
-    }
-    l.known_done = oldest_busy - 1;
-    return l.known_done;
+    return Advance(lanes_[Index(lane)]);
   }
 
   void set_max_blocks_for_testing(int blocks) override {
@@ -201,7 +194,7 @@ class CudaTierCopier final : public TierCopier {
   }
 
  private:
-  static constexpr int kRingEntries = 8;
+  static constexpr int kRingEntries = 32;
   struct Ring {
     Buffer runs;  // Pinned CopyRun array.
     cudaEvent_t used = nullptr;
@@ -215,6 +208,18 @@ class CudaTierCopier final : public TierCopier {
     int64_t known_done = 0;  // Every batch up to it is done.
   };
   static int Index(TierLane lane) { return static_cast<int>(lane); }
+  // Moves l.known_done past the batches found complete and returns it.
+  // Batches of a lane complete in order, so the scan stops at the first busy
+  // one (one event query while the oldest is still running); batches older
+  // than the ring were waited for by Enqueue when it reused their entry.
+  static int64_t Advance(Lane& l) {
+    l.known_done = std::max(l.known_done, l.enqueued - kRingEntries);
+    while (l.known_done < l.enqueued &&
+           !Busy(l.ring[l.known_done % kRingEntries])) {
+      ++l.known_done;
+    }
+    return l.known_done;
+  }
   static bool Busy(const Ring& r) {
     if (cudaEventQuery(r.used) != cudaErrorNotReady) return false;
     cudaGetLastError();

@@ -104,6 +104,11 @@ class GroupManager {
 
   std::vector<KVEventBatch> TakeEvents();
   absl::Status ResetPrefixCache();
+  // KVCacheManagerTestPeer::CoalesceGraphStepUploads.
+  void CoalesceGraphStepUploadsForTesting() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (graph_ != nullptr) graph_->set_coalesce_for_testing(true);
+  }
   // Hashes registered in any table (KVCacheManagerTestPeer).
   std::vector<BlockHash> RegisteredHashesForTesting() const;
 

@@ -110,6 +110,10 @@ void KVCacheManagerTestPeer::DisableCacheWrites(KVCacheManager& manager) {
 }
 
 void KVCacheManagerTestPeer::CoalesceGraphStepUploads(KVCacheManager& manager) {
+  if (manager.groups_ != nullptr) {
+    manager.groups_->CoalesceGraphStepUploadsForTesting();
+    return;
+  }
   Lock lock(manager.impl_->mu());
   manager.impl_->CoalesceGraphStepUploadsForTesting();
 }

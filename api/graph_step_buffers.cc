@@ -11,9 +11,9 @@ namespace kvcache::internal {
 
 absl::StatusOr<std::unique_ptr<GraphStepBuffers>> GraphStepBuffers::Create(
     Device* device, int64_t max_tokens, int64_t max_sequences, int64_t cols,
-    int64_t tables) {
-  std::unique_ptr<GraphStepBuffers> b(
-      new GraphStepBuffers(device, max_tokens, max_sequences, cols, tables));
+    int64_t tables, bool released) {
+  std::unique_ptr<GraphStepBuffers> b(new GraphStepBuffers(
+      device, max_tokens, max_sequences, cols, tables, released));
   const size_t bytes =
       b->table_offset() + max_sequences * tables * cols * sizeof(int32_t);
   KVCACHE_ASSIGN_OR_RETURN(b->device_buffer_, device->Allocate(bytes));
@@ -51,10 +51,10 @@ GraphStepInputs GraphStepBuffers::inputs(int64_t table) const {
   return in;
 }
 
+template <bool kReleased>
 void GraphStepBuffers::UpdateRow(RowState& have, const RowState& want,
                                  const BlockId* blocks, int32_t* row) const {
-  if (have == want) return;
-  if (have.IsPrefixOf(want)) {
+  if (have.IsPrefixOf<kReleased>(want)) {
     // Entries released since, then entries gained since.
     std::copy(blocks + have.released, blocks + want.released,
               row + have.released);
@@ -86,6 +86,45 @@ void GraphStepBuffers::ForgetDevice() {
   for (RowState& r : device_table_) {
     r = RowState{std::numeric_limits<uint64_t>::max(), 0,
                  static_cast<int32_t>(cols_), 0};
+  }
+}
+
+template <bool kReleased>
+void GraphStepBuffers::WriteTables(Staging& st, int32_t* table, int64_t rows,
+                                   absl::Span<const BlockTableRef> tables) {
+  // Row by row (every table of a row, in memory order) over every row the
+  // step or the device holds.
+  const int64_t table_rows = std::max(rows, device_table_rows_);
+  for (int64_t i = 0; i < table_rows * tables_; ++i) {
+    RowState want;
+    const BlockId* blocks = nullptr;
+    if (i < rows * tables_) {
+      const BlockTableRef& ref = tables[i];
+      want = RowState{ref.serial, ref.version,
+                      static_cast<int32_t>(ref.blocks.size()),
+                      kReleased ? static_cast<int32_t>(ref.released) : 0};
+      blocks = ref.blocks.data();
+    }
+    // Most decode rows are unchanged: only the others call out.
+    if (RowState& staged = st.table[i]; !staged.Same<kReleased>(want)) {
+      UpdateRow<kReleased>(staged, want, blocks, table + i * cols_);
+    }
+    RowState& device = device_table_[i];
+    if (device.Same<kReleased>(want)) continue;
+    const size_t row_offset = table_offset() + i * cols_ * sizeof(int32_t);
+    if (device.IsPrefixOf<kReleased>(want)) {
+      if (kReleased) {
+        AddRange(row_offset + device.released * sizeof(int32_t),
+                 row_offset + want.released * sizeof(int32_t));
+      }
+      const int32_t begin = std::max(device.blocks, want.released);
+      AddRange(row_offset + begin * sizeof(int32_t),
+               row_offset + want.blocks * sizeof(int32_t));
+    } else {
+      AddRange(row_offset, row_offset + std::max(device.blocks, want.blocks) *
+                                            sizeof(int32_t));
+    }
+    device = want;
   }
 }
 
@@ -138,35 +177,10 @@ absl::Status GraphStepBuffers::Write(absl::Span<const int64_t> slots,
   AddRange(lens_offset(),
            lens_offset() + std::max(rows, device_rows_) * sizeof(int32_t));
 
-  // The block tables, row by row (every table of a row, in memory order)
-  // over every row the step or the device holds.
-  const int64_t table_rows = std::max(rows, device_table_rows_);
-  for (int64_t i = 0; i < table_rows * tables_; ++i) {
-    RowState want;
-    const BlockId* blocks = nullptr;
-    if (i < rows * tables_) {
-      const BlockTableRef& ref = tables[i];
-      want = RowState{ref.serial, ref.version,
-                      static_cast<int32_t>(ref.blocks.size()),
-                      static_cast<int32_t>(ref.released)};
-      blocks = ref.blocks.data();
-    }
-    int32_t* row = table + i * cols_;
-    UpdateRow(st.table[i], want, blocks, row);
-    RowState& device = device_table_[i];
-    if (device == want) continue;
-    const size_t row_offset = table_offset() + i * cols_ * sizeof(int32_t);
-    if (device.IsPrefixOf(want)) {
-      AddRange(row_offset + device.released * sizeof(int32_t),
-               row_offset + want.released * sizeof(int32_t));
-      const int32_t begin = std::max(device.blocks, want.released);
-      AddRange(row_offset + begin * sizeof(int32_t),
-               row_offset + want.blocks * sizeof(int32_t));
-    } else {
-      AddRange(row_offset, row_offset + std::max(device.blocks, want.blocks) *
-                                            sizeof(int32_t));
-    }
-    device = want;
+  if (released_) {
+    WriteTables<true>(st, table, rows, tables);
+  } else {
+    WriteTables<false>(st, table, rows, tables);
   }
   device_tokens_ = n;
   device_rows_ = rows;

@@ -59,10 +59,12 @@ namespace kvcache::internal {
 class GraphStepBuffers {
  public:
   // REQUIRES: `device` outlives the buffers; max_tokens, max_sequences,
-  // cols, tables >= 1.
+  // cols, tables >= 1. `released`: tables may have released entries
+  // (BlockTableRef::released; sliding windows); without it they are
+  // ignored.
   static absl::StatusOr<std::unique_ptr<GraphStepBuffers>> Create(
       Device* device, int64_t max_tokens, int64_t max_sequences, int64_t cols,
-      int64_t tables = 1);
+      int64_t tables = 1, bool released = false);
 
   // Table `table`'s inputs (its slot mapping and block table; the shared
   // positions and lengths). REQUIRES: 0 <= table < tables().
@@ -115,15 +117,19 @@ class GraphStepBuffers {
     uint64_t version = 0;
     int32_t blocks = 0;
     int32_t released = 0;
-    bool operator==(const RowState& o) const {
+    // kReleased: whether `released` may be nonzero (sliding windows); the
+    // uniform manager's rows compare without it.
+    template <bool kReleased>
+    bool Same(const RowState& o) const {
       return serial == o.serial && version == o.version && blocks == o.blocks &&
-             released == o.released;
+             (!kReleased || released == o.released);
     }
     // The entries are those of `o` but for o's entries past `blocks` and
     // its released ones past `released` (same table, grown since).
+    template <bool kReleased>
     bool IsPrefixOf(const RowState& o) const {
       return serial == o.serial && version == o.version && blocks <= o.blocks &&
-             released <= o.released;
+             (!kReleased || released <= o.released);
     }
   };
   struct Staging {
@@ -138,18 +144,26 @@ class GraphStepBuffers {
   };
 
   GraphStepBuffers(Device* device, int64_t max_tokens, int64_t max_sequences,
-                   int64_t cols, int64_t tables)
+                   int64_t cols, int64_t tables, bool released)
       : device_(device),
         max_tokens_(max_tokens),
         max_sequences_(max_sequences),
         cols_(cols),
         tables_(tables),
+        released_(released),
         coalesce_(device->kind() != DeviceKind::kCpu) {}
 
-  // Makes row `row` (staging memory) hold `want`, from `have`, writing only
-  // what differs; `blocks` are want's table. Then have == want.
+  // Makes row `row` (staging memory) hold `want`, from `have` (!= want),
+  // writing only what differs; `blocks` are want's table. Then have ==
+  // want.
+  template <bool kReleased>
   void UpdateRow(RowState& have, const RowState& want, const BlockId* blocks,
                  int32_t* row) const;
+  // Write's block tables: staging copy `st` (its table entries at `table`)
+  // and the upload ranges for `rows` rows of `tables`.
+  template <bool kReleased>
+  void WriteTables(Staging& st, int32_t* table, int64_t rows,
+                   absl::Span<const BlockTableRef> tables);
   // Adds bytes [begin, end) to the upload (in increasing order).
   void AddRange(size_t begin, size_t end);
   // After a failed upload: the device may hold anything, so the next Write
@@ -172,6 +186,7 @@ class GraphStepBuffers {
   const int64_t max_sequences_;
   const int64_t cols_;
   const int64_t tables_;
+  const bool released_;
   // One upload per step (GPU), or one per run of changed bytes (CPU).
   bool coalesce_;
   Buffer device_buffer_;

@@ -78,7 +78,7 @@ absl::StatusOr<std::unique_ptr<GroupManager>> GroupManager::Create(
         GraphStepBuffers::Create(
             dev, config.graph_max_tokens,
             std::min(config.graph_max_tokens, config.max_sequences_per_step),
-            m->cols_, tables));
+            m->cols_, tables, /*released=*/true));
     m->graph_tables_.reserve(m->graph_->max_sequences() * tables);
   }
   logger->info(absl::StrCat(m->backend_->Describe(config), ", ",

@@ -607,6 +607,12 @@ absl::StatusOr<int64_t> GroupManager::GatherableLength(
                            plans_->Find(it->second));
   for (const PlanSequence& row : plan->sequences) {
     if (row.sequence != id || row.num_tokens == 0) continue;
+    if (plan->graph_tokens > 0 && plan->appended[layer] != plan->graph_tokens) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "gather of sequence ", id, " including graph step plan ", it->second,
+          ": its Appends of layer ", layer,
+          " did not run on the host (a replayed graph); commit it first"));
+    }
     return computed +
            std::clamp<int64_t>(plan->appended[layer] - row.slot_offset, 0,
                                row.num_tokens);

@@ -410,6 +410,20 @@ TEST(GraphStepGroupsTest, CaptureRuleLimitsAndLayerTables) {
   for (int layer = 0; layer < 11; ++layer) {
     ASSERT_TRUE(r.AppendLayer(*plan, layer, std::nullopt, 4).ok());
   }
+  // Gathers including the step's tokens: of a layer appended on the host,
+  // yes; of one whose Append the host never saw (a replay), refused.
+  {
+    std::vector<float> k(10 * 2 * 16), v(10 * 2 * 16);
+    const TensorView kt =
+        TensorView::Contiguous(k.data(), DType::kFloat32, {10, 2, 16});
+    const TensorView vt =
+        TensorView::Contiguous(v.data(), DType::kFloat32, {10, 2, 16});
+    GatherOptions in_flight;
+    in_flight.include_in_flight = true;
+    EXPECT_TRUE(m.GatherAsync(1, 5, 0, 10, kt, vt, in_flight).ok());
+    EXPECT_THAT(m.GatherAsync(1, 11, 0, 10, kt, vt, in_flight).message(),
+                HasSubstr("did not run on the host"));
+  }
   EXPECT_THAT(m.Commit(plan->id).message(), HasSubstr("layer 11 holds 0"));
   ASSERT_TRUE(r.AppendLayer(*plan, 11, std::nullopt, 4).ok());
   ASSERT_TRUE(m.Commit(plan->id).ok());

@@ -110,6 +110,11 @@ struct BlockTableRef {
   absl::Span<const BlockId> blocks;  // Valid until the sequence next changes.
   uint64_t serial = 0;
   uint64_t version = 0;
+  // Leading entries that are kNullBlock (blocks released from a sliding
+  // window, allocator/group_block_manager.h; always 0 here). While serial
+  // and version stay the same it only grows, and the entries past it are
+  // blocks.
+  int64_t released = 0;
 };
 
 struct PoolUsage {

@@ -115,6 +115,7 @@ absl::StatusOr<int64_t> GroupBlockManager::AddSequence(
     s.root = HashExtraKey(extra.adapter_id, extra.salt);
   }
   s.adapter_id = extra.adapter_id;
+  s.serial = next_serial_++;
   HashKnown(s);
   const int64_t hit = HitBlocks(s.root, s.hashes, prompt);
   const int64_t bs = options_.block_size;
@@ -270,6 +271,7 @@ absl::StatusOr<GroupStepPlan> GroupBlockManager::Reserve(
         out.copies.push_back(BlockCopy{last, fresh});
         s.cow_src[t] = last;
         last = fresh;
+        ++s.version;
       }
       while (static_cast<int64_t>(table.size()) * bs < end) {
         table.push_back(TakePage());
@@ -397,6 +399,7 @@ void GroupBlockManager::CommitSequence(Sequence& s) {
 
 void GroupBlockManager::Unreserve(Sequence& s, size_t tokens_before,
                                   const std::vector<size_t>& sizes_before) {
+  ++s.version;  // Tables shrink or get their copied entry back.
   for (int32_t t = 0; t < num_tables(); ++t) {
     std::vector<BlockId>& table = s.tables[t];
     while (table.size() > sizes_before[t]) {
@@ -480,6 +483,24 @@ absl::StatusOr<absl::Span<const BlockId>> GroupBlockManager::BlockTable(
         absl::StrCat("table ", table, " is not in [0, ", num_tables(), ")"));
   }
   return absl::MakeConstSpan(it->second.tables[table]);
+}
+
+absl::Status GroupBlockManager::TablesWithVersion(
+    absl::Span<const SequenceId> ids, absl::Span<BlockTableRef> out) const {
+  const size_t tables = static_cast<size_t>(num_tables());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    auto it = sequences_.find(ids[i]);
+    if (it == sequences_.end()) {
+      return absl::NotFoundError(
+          absl::StrCat("sequence ", ids[i], " not found"));
+    }
+    const Sequence& s = it->second;
+    for (size_t t = 0; t < tables; ++t) {
+      out[i * tables + t] = BlockTableRef{absl::MakeConstSpan(s.tables[t]),
+                                          s.serial, s.version, s.released[t]};
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<HostBatchTable> GroupBlockManager::BatchTable(

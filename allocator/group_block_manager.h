@@ -171,6 +171,15 @@ class GroupBlockManager {
   // unknown sequence, InvalidArgument for a table out of range.
   absl::StatusOr<absl::Span<const BlockId>> BlockTable(SequenceId id,
                                                        int32_t table) const;
+  // Every table of a batch of sequences with what its contents are known by
+  // (BlockTableRef: serial new for every sequence made, also by Fork;
+  // version changed whenever an entry is replaced or a table shrinks;
+  // released = the table's leading kNullBlock entries): out[i * num_tables()
+  // + t] is sequence ids[i]'s table t, valid until that sequence next
+  // changes. NotFound naming an unknown sequence. REQUIRES: out.size() ==
+  // ids.size() * num_tables().
+  absl::Status TablesWithVersion(absl::Span<const SequenceId> ids,
+                                 absl::Span<BlockTableRef> out) const;
   // A batch's tables of one table (HostBatchTable: padded, unused entries 0;
   // released entries kNullBlock).
   absl::StatusOr<HostBatchTable> BatchTable(absl::Span<const SequenceId> ids,
@@ -220,6 +229,11 @@ class GroupBlockManager {
     bool has_tip = false;    // Holds a reference on node hashes[registered-1].
     bool chain_broken = false;  // A colliding node: register nothing more.
     bool reset_cut = false;     // Alive across ResetPrefixCache: likewise.
+    // TablesWithVersion: unique per sequence made (AddSequence, Fork), and
+    // bumped whenever an entry of any table is replaced (copy-on-write,
+    // Abort) or a table shrinks (rejected drafts, RemoveFromPlan, Truncate).
+    uint64_t serial = 0;
+    uint64_t version = 0;
   };
   struct Plan {
     std::vector<SequenceId> sequences;
@@ -263,6 +277,8 @@ class GroupBlockManager {
   absl::flat_hash_map<SequenceId, Sequence> sequences_;
   absl::flat_hash_map<uint64_t, Plan> plans_;
   uint64_t next_plan_id_ = 1;
+  uint64_t next_serial_ = 1;  // 0 is no sequence (an empty row).
+
   GroupPrefixStats stats_;
   std::vector<int64_t> held_;  // Per table: non-null entries of all tables.
   // With an observer: per hash, the tables that register it, and the

@@ -46,6 +46,8 @@ absl::Status GroupBlockManager::Fork(SequenceId parent, SequenceId child) {
   // Copy first (may throw std::bad_alloc with nothing changed), then insert
   // and take the references. `p` may dangle after the insert.
   Sequence copy = p->second;
+  copy.serial = next_serial_++;
+  copy.version = 0;
   auto [c, inserted] = sequences_.emplace(child, std::move(copy));
   const Sequence& s = c->second;
   for (int32_t t = 0; t < num_tables(); ++t) {
@@ -65,6 +67,7 @@ void GroupBlockManager::RollBack(Sequence& s, int64_t accepted) {
   // The entries past `keep` were taken by this plan (a copy-on-write copy
   // is at most the last of those kept).
   const size_t keep = static_cast<size_t>((end + bs - 1) / bs);
+  ++s.version;
   for (int32_t t = 0; t < num_tables(); ++t) {
     std::vector<BlockId>& table = s.tables[t];
     while (table.size() > keep) {
@@ -170,6 +173,7 @@ absl::Status GroupBlockManager::Truncate(SequenceId id, int64_t new_length) {
   // From here on nothing fails. The tail first, so that once cached the
   // chain's last blocks go first.
   const size_t keep = static_cast<size_t>((new_length + bs - 1) / bs);
+  ++s.version;
   for (int32_t t = 0; t < num_tables(); ++t) {
     std::vector<BlockId>& table = s.tables[t];
     while (table.size() > keep) {

@@ -10,22 +10,24 @@
 namespace kvcache::internal {
 
 absl::StatusOr<std::unique_ptr<GraphStepBuffers>> GraphStepBuffers::Create(
-    Device* device, int64_t max_tokens, int64_t max_sequences, int64_t cols) {
-  std::unique_ptr<GraphStepBuffers> b(
-      new GraphStepBuffers(device, max_tokens, max_sequences, cols));
+    Device* device, int64_t max_tokens, int64_t max_sequences, int64_t cols,
+    int64_t tables, bool released) {
+  std::unique_ptr<GraphStepBuffers> b(new GraphStepBuffers(
+      device, max_tokens, max_sequences, cols, tables, released));
   const size_t bytes =
-      b->table_offset() + max_sequences * cols * sizeof(int32_t);
+      b->table_offset() + max_sequences * tables * cols * sizeof(int32_t);
   KVCACHE_ASSIGN_OR_RETURN(b->device_buffer_, device->Allocate(bytes));
   for (Staging& st : b->staging_) {
     KVCACHE_ASSIGN_OR_RETURN(st.host, device->AllocateStaging(bytes));
     KVCACHE_ASSIGN_OR_RETURN(st.uploaded, device->CreateEvent());
     std::memset(st.host.data(), 0, bytes);
-    std::fill_n(st.host.as<int64_t>(), max_tokens, int64_t{-1});
-    st.table.assign(max_sequences, RowState{});
+    std::fill_n(st.host.as<int64_t>(), tables * max_tokens, int64_t{-1});
+    st.table.assign(max_sequences * tables, RowState{});
   }
-  b->device_table_.assign(max_sequences, RowState{});
-  // Slots, positions, lengths and one range per row at most.
-  b->ranges_.reserve(max_sequences + 3);
+  b->device_table_.assign(max_sequences * tables, RowState{});
+  // Slots per table, positions, lengths and two ranges per row and table at
+  // most (released entries, new entries).
+  b->ranges_.reserve(2 * max_sequences * tables + tables + 2);
   b->captured_.assign(max_tokens + 1, 0);
   // The buffers start as an empty step: every slot padding.
   KVCACHE_RETURN_IF_ERROR(device->CopyToDeviceAsync(
@@ -34,26 +36,35 @@ absl::StatusOr<std::unique_ptr<GraphStepBuffers>> GraphStepBuffers::Create(
   return b;
 }
 
-GraphStepInputs GraphStepBuffers::inputs() const {
+GraphStepInputs GraphStepBuffers::inputs(int64_t table) const {
   const char* base = static_cast<const char*>(device_buffer_.data());
   GraphStepInputs in;
-  in.slot_mapping = reinterpret_cast<const int64_t*>(base);
+  in.slot_mapping =
+      reinterpret_cast<const int64_t*>(base) + table * max_tokens_;
   in.positions = reinterpret_cast<const int64_t*>(base + positions_offset());
   in.seq_lens = reinterpret_cast<const int32_t*>(base + lens_offset());
-  in.block_table = reinterpret_cast<const int32_t*>(base + table_offset());
+  in.block_table =
+      reinterpret_cast<const int32_t*>(base + table_offset()) + table * cols_;
   in.max_tokens = max_tokens_;
   in.max_sequences = static_cast<int32_t>(max_sequences_);
-  in.row_stride = static_cast<int32_t>(cols_);
+  in.row_stride = static_cast<int32_t>(tables_ * cols_);
   return in;
 }
 
+template <bool kReleased>
 void GraphStepBuffers::UpdateRow(RowState& have, const RowState& want,
                                  const BlockId* blocks, int32_t* row) const {
-  if (have == want) return;
-  const int32_t begin = have.IsPrefixOf(want) ? have.blocks : 0;
-  std::copy(blocks + begin, blocks + want.blocks, row + begin);
-  if (have.blocks > want.blocks) {
-    std::fill(row + want.blocks, row + have.blocks, 0);
+  if (have.IsPrefixOf<kReleased>(want)) {
+    // Entries released since, then entries gained since.
+    std::copy(blocks + have.released, blocks + want.released,
+              row + have.released);
+    const int32_t begin = std::max(have.blocks, want.released);
+    std::copy(blocks + begin, blocks + want.blocks, row + begin);
+  } else {
+    std::copy(blocks, blocks + want.blocks, row);
+    if (have.blocks > want.blocks) {
+      std::fill(row + want.blocks, row + have.blocks, 0);
+    }
   }
   have = want;
 }
@@ -74,7 +85,46 @@ void GraphStepBuffers::ForgetDevice() {
   // No staging row is ever in this state: every row is rewritten whole.
   for (RowState& r : device_table_) {
     r = RowState{std::numeric_limits<uint64_t>::max(), 0,
-                 static_cast<int32_t>(cols_)};
+                 static_cast<int32_t>(cols_), 0};
+  }
+}
+
+template <bool kReleased>
+void GraphStepBuffers::WriteTables(Staging& st, int32_t* table, int64_t rows,
+                                   absl::Span<const BlockTableRef> tables) {
+  // Row by row (every table of a row, in memory order) over every row the
+  // step or the device holds.
+  const int64_t table_rows = std::max(rows, device_table_rows_);
+  for (int64_t i = 0; i < table_rows * tables_; ++i) {
+    RowState want;
+    const BlockId* blocks = nullptr;
+    if (i < rows * tables_) {
+      const BlockTableRef& ref = tables[i];
+      want = RowState{ref.serial, ref.version,
+                      static_cast<int32_t>(ref.blocks.size()),
+                      kReleased ? static_cast<int32_t>(ref.released) : 0};
+      blocks = ref.blocks.data();
+    }
+    // Most decode rows are unchanged: only the others call out.
+    if (RowState& staged = st.table[i]; !staged.Same<kReleased>(want)) {
+      UpdateRow<kReleased>(staged, want, blocks, table + i * cols_);
+    }
+    RowState& device = device_table_[i];
+    if (device.Same<kReleased>(want)) continue;
+    const size_t row_offset = table_offset() + i * cols_ * sizeof(int32_t);
+    if (device.IsPrefixOf<kReleased>(want)) {
+      if (kReleased) {
+        AddRange(row_offset + device.released * sizeof(int32_t),
+                 row_offset + want.released * sizeof(int32_t));
+      }
+      const int32_t begin = std::max(device.blocks, want.released);
+      AddRange(row_offset + begin * sizeof(int32_t),
+               row_offset + want.blocks * sizeof(int32_t));
+    } else {
+      AddRange(row_offset, row_offset + std::max(device.blocks, want.blocks) *
+                                            sizeof(int32_t));
+    }
+    device = want;
   }
 }
 
@@ -95,11 +145,14 @@ absl::Status GraphStepBuffers::Write(absl::Span<const int64_t> slots,
   // Slots, positions and lengths: this copy's whole arrays are made right
   // (padding past the step), and the device's covered up to what either the
   // step or the device's last contents reach.
-  const int64_t n = static_cast<int64_t>(slots.size());
-  const int64_t rows = static_cast<int64_t>(tables.size());
-  std::copy(slots.begin(), slots.end(), host_slots);
+  const int64_t n = static_cast<int64_t>(slots.size()) / tables_;
+  const int64_t rows = static_cast<int64_t>(num_tokens.size());
+  for (int64_t t = 0; t < tables_; ++t) {
+    int64_t* mapping = host_slots + t * max_tokens_;
+    std::copy(slots.begin() + t * n, slots.begin() + (t + 1) * n, mapping);
+    if (st.tokens > n) std::fill(mapping + n, mapping + st.tokens, int64_t{-1});
+  }
   if (st.tokens > n) {
-    std::fill(host_slots + n, host_slots + st.tokens, int64_t{-1});
     std::fill(positions + n, positions + st.tokens, int64_t{0});
   }
   int64_t offset = 0;
@@ -116,31 +169,18 @@ absl::Status GraphStepBuffers::Write(absl::Span<const int64_t> slots,
   st.rows = rows;
   ranges_.clear();
   const size_t token_bytes = std::max(n, device_tokens_) * sizeof(int64_t);
-  AddRange(0, token_bytes);
+  for (int64_t t = 0; t < tables_; ++t) {
+    const size_t begin = t * max_tokens_ * sizeof(int64_t);
+    AddRange(begin, begin + token_bytes);
+  }
   AddRange(positions_offset(), positions_offset() + token_bytes);
   AddRange(lens_offset(),
            lens_offset() + std::max(rows, device_rows_) * sizeof(int32_t));
 
-  // The block table, row by row over every row the step or the device holds.
-  const int64_t table_rows = std::max(rows, device_table_rows_);
-  for (int64_t r = 0; r < table_rows; ++r) {
-    RowState want;
-    const BlockId* blocks = nullptr;
-    if (r < rows) {
-      want = RowState{tables[r].serial, tables[r].version,
-                      static_cast<int32_t>(tables[r].blocks.size())};
-      blocks = tables[r].blocks.data();
-    }
-    int32_t* row = table + r * cols_;
-    UpdateRow(st.table[r], want, blocks, row);
-    RowState& device = device_table_[r];
-    if (device == want) continue;
-    const int32_t begin = device.IsPrefixOf(want) ? device.blocks : 0;
-    const int32_t end = std::max(device.blocks, want.blocks);
-    const size_t row_offset = table_offset() + r * cols_ * sizeof(int32_t);
-    AddRange(row_offset + begin * sizeof(int32_t),
-             row_offset + end * sizeof(int32_t));
-    device = want;
+  if (released_) {
+    WriteTables<true>(st, table, rows, tables);
+  } else {
+    WriteTables<false>(st, table, rows, tables);
   }
   device_tokens_ = n;
   device_rows_ = rows;
@@ -175,11 +215,14 @@ absl::Status GraphStepBuffers::Pad(int64_t offset, int64_t count,
   if (count <= 0 || last_ < 0) return absl::OkStatus();
   Staging& st = staging_[last_];
   KVCACHE_RETURN_IF_ERROR(device_->SynchronizeEvent(st.uploaded));
-  int64_t* staged = st.host.as<int64_t>() + offset;
-  std::fill(staged, staged + count, int64_t{-1});
-  KVCACHE_RETURN_IF_ERROR(device_->CopyToDeviceAsync(
-      device_buffer_.as<int64_t>() + offset, staged,
-      static_cast<size_t>(count) * sizeof(int64_t), stream));
+  for (int64_t t = 0; t < tables_; ++t) {
+    const int64_t at = t * max_tokens_ + offset;
+    int64_t* staged = st.host.as<int64_t>() + at;
+    std::fill(staged, staged + count, int64_t{-1});
+    KVCACHE_RETURN_IF_ERROR(device_->CopyToDeviceAsync(
+        device_buffer_.as<int64_t>() + at, staged,
+        static_cast<size_t>(count) * sizeof(int64_t), stream));
+  }
   return device_->RecordEvent(st.uploaded, stream);
 }
 

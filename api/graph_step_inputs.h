@@ -25,6 +25,13 @@ namespace kvcache {
 //   block_table   int32 [max_sequences, row_stride]  row i: sequence i's
 //                                      blocks (including the ones reserved for
 //                                      this step), then zeros
+//
+// With layer groups (KVCacheManager::GroupGraphStep(table)) each block table
+// has its own slot_mapping and block_table (entries of blocks released from a
+// sliding window are kNullBlock, -1), and every table shares positions and
+// seq_lens. The tables' rows interleave in one buffer: row i of table t
+// starts at entry i * row_stride of its block_table, row_stride being
+// NumBlockTables() x max_blocks_per_sequence (without groups, the columns).
 struct GraphStepInputs {
   const int64_t* slot_mapping = nullptr;
   const int64_t* positions = nullptr;
@@ -35,7 +42,9 @@ struct GraphStepInputs {
   // most max_sequences sequences.
   int64_t max_tokens = 0;
   int32_t max_sequences = 0;
-  int32_t row_stride = 0;  // Columns of block_table.
+  // Entries from one row of block_table to the next (its columns without
+  // groups; NumBlockTables() x the columns with them).
+  int32_t row_stride = 0;
 };
 
 }  // namespace kvcache

@@ -72,6 +72,15 @@ absl::StatusOr<std::unique_ptr<GroupManager>> GroupManager::Create(
   KVCACHE_ASSIGN_OR_RETURN(
       m->lookups_,
       LookupBuffers::Create(dev, config.max_sequences_per_step, m->cols_));
+  if (config.graph_max_tokens > 0) {
+    KVCACHE_ASSIGN_OR_RETURN(
+        m->graph_,
+        GraphStepBuffers::Create(
+            dev, config.graph_max_tokens,
+            std::min(config.graph_max_tokens, config.max_sequences_per_step),
+            m->cols_, tables, /*released=*/true));
+    m->graph_tables_.reserve(m->graph_->max_sequences() * tables);
+  }
   logger->info(absl::StrCat(m->backend_->Describe(config), ", ",
                             config.layer_groups.size(), " layer groups in ",
                             tables, " block tables, ",
@@ -177,6 +186,85 @@ absl::StatusOr<StepPlanInfo> GroupManager::Reserve(
     absl::Span<const ReserveRequest> batch, void* stream) {
   Lock lock(mu_);
   KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
+  return ReservePlan(batch, 0, stream);
+}
+
+absl::Status GroupManager::CheckGraphStep(
+    absl::Span<const ReserveRequest> batch, int64_t graph_tokens) const {
+  if (graph_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "graph step of a manager created with graph_max_tokens 0");
+  }
+  if (graph_tokens < 1 || graph_tokens > graph_->max_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "graph step padded to ", graph_tokens,
+        " tokens: expected 1 to graph_max_tokens ", graph_->max_tokens()));
+  }
+  if (graph_plan_ != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "graph step while graph step plan ", graph_plan_,
+        " is in flight (its inputs share one set of buffers): commit or "
+        "abort it first"));
+  }
+  if (static_cast<int64_t>(batch.size()) > graph_->max_sequences()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("graph step of ", batch.size(), " sequences exceeds its ",
+                     graph_->max_sequences(), " block-table rows"));
+  }
+  int64_t tokens = 0;
+  for (const ReserveRequest& request : batch) {
+    tokens += std::max<int64_t>(request.num_tokens, 0);
+  }
+  if (tokens > graph_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("graph step of ", tokens,
+                                                   " tokens padded to only ",
+                                                   graph_tokens, " tokens"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepPlanInfo> GroupManager::ReserveGraphStep(
+    absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+    void* stream) {
+  Lock lock(mu_);
+  KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
+  KVCACHE_RETURN_IF_ERROR(CheckGraphStep(batch, graph_tokens));
+  return ReservePlan(batch, graph_tokens, stream);
+}
+
+absl::StatusOr<GraphStepInputs> GroupManager::GraphStep(int32_t table) const {
+  KVCACHE_RETURN_IF_ERROR(CheckTable(table));
+  Lock lock(mu_);
+  if (graph_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "no graph step: the manager was created with graph_max_tokens 0");
+  }
+  return graph_->inputs(table);
+}
+
+absl::Status GroupManager::WriteGraphStep(const GroupStepPlan& plan,
+                                          absl::Span<const int64_t> slots,
+                                          void* stream) {
+  const size_t tables = paging_.tables.size();
+  graph_tables_.resize(plan.sequences.size() * tables);
+  KVCACHE_RETURN_IF_ERROR(blocks_->TablesWithVersion(
+      plan.sequences, absl::MakeSpan(graph_tables_)));
+  for (size_t i = 0; i < graph_tables_.size(); ++i) {
+    // CheckBatch keeps every table within cols_ columns.
+    if (static_cast<int64_t>(graph_tables_[i].blocks.size()) > cols_) {
+      return absl::InternalError(
+          absl::StrCat("sequence ", plan.sequences[i / tables], " holds ",
+                       graph_tables_[i].blocks.size(), " blocks in table ",
+                       i % tables, ", more than ", cols_, " columns"));
+    }
+  }
+  return graph_->Write(slots, plan.num_tokens, plan.first_positions,
+                       graph_tables_, stream);
+}
+
+absl::StatusOr<StepPlanInfo> GroupManager::ReservePlan(
+    absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+    void* stream) {
   KVCACHE_ASSIGN_OR_RETURN(PlanTable::Pending pending,
                            plans_->Begin(batch.size()));
   StepPlanInfo info;
@@ -200,7 +288,13 @@ absl::StatusOr<StepPlanInfo> GroupManager::Reserve(
     step.num_tokens = plan->num_tokens;
     step.first_positions = plan->first_positions;
     step.slot_mapping = plan->slot_mappings[0];
-    uploaded = plans_->Upload(pending, all, plan->copies, stream);
+    // A graph step's Appends read the graph step's slot mappings, not the
+    // plan's own (a graph step without copies leaves its step slot alone).
+    if (graph_tokens == 0 || !plan->copies.empty()) {
+      uploaded = plans_->Upload(
+          pending, graph_tokens > 0 ? absl::Span<const int64_t>() : all,
+          plan->copies, stream);
+    }
     // Copy-on-write (shared partial blocks after Fork or Truncate) runs
     // here, on every page slot, before any Append of the step can write.
     if (uploaded.ok() && !plan->copies.empty()) {
@@ -213,6 +307,9 @@ absl::StatusOr<StepPlanInfo> GroupManager::Reserve(
             plans_->buffers().slot(pending.slot).last_use, stream);
       }
     }
+    if (uploaded.ok() && graph_tokens > 0) {
+      uploaded = WriteGraphStep(*plan, all, stream);
+    }
   } catch (...) {
     blocks_->Abort(plan->id).IgnoreError();
     throw;
@@ -224,8 +321,15 @@ absl::StatusOr<StepPlanInfo> GroupManager::Reserve(
   // From here on nothing allocates (pending_ has the room).
   info.id = plan->id;
   info.num_tokens = static_cast<int64_t>(step.slot_mapping.size());
-  info.slot_mapping = plans_->buffers().device_slots(pending.slot);
+  info.graph_tokens = graph_tokens;
+  info.slot_mapping = graph_tokens > 0
+                          ? graph_->inputs(0).slot_mapping
+                          : plans_->buffers().device_slots(pending.slot);
   plans_->Add(std::move(pending), info.id, step);
+  if (graph_tokens > 0) {
+    (*plans_->Find(info.id))->graph_tokens = graph_tokens;
+    graph_plan_ = info.id;
+  }
   for (SequenceId id : plan->sequences) pending_[id] = info.id;
   info.host_slot_mapping = std::move(step.slot_mapping);
   info.num_block_copies = static_cast<int64_t>(plan->copies.size());
@@ -254,20 +358,45 @@ absl::Status GroupManager::Append(uint64_t plan_id, int layer,
   KVCACHE_RETURN_IF_ERROR(CheckKVPair(key, value, expected, layout.head_size_v,
                                       &params.input, &num_tokens));
   const int64_t done = plan->appended[layer];
-  if (num_tokens > plan->num_tokens - done) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
-                     " of plan ", plan_id, " exceeds its reservation: ", done,
-                     " of ", plan->num_tokens, " tokens already appended"));
-  }
   // Layer l writes through the slot mapping of its table.
   const int64_t table = paging_.layer_table[layer];
-  params.slot_mapping =
-      plans_->device_slots(*plan) + table * plan->num_tokens + done;
+  if (plan->graph_tokens > 0) {
+    // A graph step: the whole padded batch from table(l)'s fixed-address
+    // mapping, so running it again (warm-up, then capture) rewrites the
+    // same slots.
+    if (num_tokens != plan->graph_tokens) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
+                       " of graph step plan ", plan_id,
+                       ": expected its padded count ", plan->graph_tokens));
+    }
+    params.slot_mapping = graph_->inputs(table).slot_mapping;
+  } else {
+    if (num_tokens > plan->num_tokens - done) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("append of ", num_tokens, " tokens to layer ", layer,
+                       " of plan ", plan_id, " exceeds its reservation: ", done,
+                       " of ", plan->num_tokens, " tokens already appended"));
+    }
+    params.slot_mapping =
+        plans_->device_slots(*plan) + table * plan->num_tokens + done;
+  }
   params.num_tokens = num_tokens;
   params.cache = backend_->layer(layer);
   if (absl::Status s = ValidateQuantizeWrite(params); !s.ok()) {
     return Annotate(s, absl::StrCat("append to layer ", layer));
+  }
+  if (plan->graph_tokens > 0) {
+    // No events: a stream being captured may not wait on or record one made
+    // outside the capture. The inputs were uploaded on the stream the step
+    // runs on (ReserveGraphStep's), so stream order suffices.
+    if (absl::Status s = backend_->QuantizeWrite(params, stream); !s.ok()) {
+      return Annotate(s, absl::StrCat("append to layer ", layer));
+    }
+    plan->appended[layer] = num_tokens;
+    ++counters_.kernel_launches;
+    counters_.tokens_appended += num_tokens;
+    return absl::OkStatus();
   }
   const StepBuffers::Slot& slot = plans_->buffers().slot(plan->slot);
   Device& device = backend_->device();
@@ -283,6 +412,7 @@ absl::Status GroupManager::Append(uint64_t plan_id, int layer,
 }
 
 void GroupManager::RemovePlan(uint64_t plan_id) {
+  if (plan_id == graph_plan_) graph_plan_ = 0;
   absl::StatusOr<PlanTable::Plan*> plan = plans_->Find(plan_id);
   if (!plan.ok()) return;
   for (const PlanSequence& s : (*plan)->sequences) {
@@ -295,11 +425,26 @@ void GroupManager::RemovePlan(uint64_t plan_id) {
 
 absl::Status GroupManager::CheckAppended(uint64_t plan_id,
                                          const PlanTable::Plan& plan) const {
-  for (int layer = 0; layer < config_.num_layers; ++layer) {
-    if (plan.appended[layer] != plan.num_tokens) {
+  int64_t expected = plan.num_tokens;
+  if (plan.graph_tokens > 0) {
+    expected = plan.graph_tokens;
+    // No Append seen on the host: a replay of a graph captured complete.
+    bool any = false;
+    for (int64_t n : plan.appended) any = any || n > 0;
+    if (!any) {
+      if (graph_->IsCaptured(plan.graph_tokens)) return absl::OkStatus();
       return absl::FailedPreconditionError(absl::StrCat(
-          "commit of plan ", plan_id, ": layer ", layer, " holds ",
-          plan.appended[layer], " of its ", plan.num_tokens, " tokens"));
+          "commit of graph step plan ", plan_id, " of ", plan.graph_tokens,
+          " padded tokens: no Append ran on the host and no step of that size "
+          "was ever committed with every layer appended (capture the graph "
+          "with an Append for every layer first)"));
+    }
+  }
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    if (plan.appended[layer] != expected) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("commit of plan ", plan_id, ": layer ", layer, " holds ",
+                       plan.appended[layer], " of its ", expected, " tokens"));
     }
   }
   return absl::OkStatus();
@@ -312,6 +457,9 @@ absl::Status GroupManager::Commit(uint64_t plan_id) {
   KVCACHE_RETURN_IF_ERROR(blocks_->Commit(plan_id));
   for (const PlanSequence& s : plan->sequences) {
     counters_.tokens_committed += s.num_tokens;  // 0 once removed.
+  }
+  if (plan->graph_tokens > 0 && plan->appended[0] > 0) {
+    graph_->MarkCaptured(plan->graph_tokens);
   }
   RemovePlan(plan_id);
   return absl::OkStatus();
@@ -330,6 +478,9 @@ absl::Status GroupManager::Commit(uint64_t plan_id,
     counters_.tokens_committed += accepted[i];
     counters_.tokens_rejected += reserved - accepted[i];
   }
+  if (plan->graph_tokens > 0 && plan->appended[0] > 0) {
+    graph_->MarkCaptured(plan->graph_tokens);
+  }
   RemovePlan(plan_id);
   return absl::OkStatus();
 }
@@ -346,10 +497,15 @@ absl::Status GroupManager::RemoveFromPlan(uint64_t plan_id, SequenceId sequence,
   if (row == nullptr) return blocks_->RemoveFromPlan(plan_id, sequence);
   // Its rows of every table's mapping become padding first: if that fails,
   // the allocator has not changed.
-  for (size_t t = 0; t < paging_.tables.size(); ++t) {
-    KVCACHE_RETURN_IF_ERROR(plans_->Pad(
-        *plan, static_cast<int64_t>(t) * plan->num_tokens + row->slot_offset,
-        row->num_tokens, stream));
+  if (plan->graph_tokens > 0) {
+    KVCACHE_RETURN_IF_ERROR(
+        graph_->Pad(row->slot_offset, row->num_tokens, stream));
+  } else {
+    for (size_t t = 0; t < paging_.tables.size(); ++t) {
+      KVCACHE_RETURN_IF_ERROR(plans_->Pad(
+          *plan, static_cast<int64_t>(t) * plan->num_tokens + row->slot_offset,
+          row->num_tokens, stream));
+    }
   }
   KVCACHE_RETURN_IF_ERROR(blocks_->RemoveFromPlan(plan_id, sequence));
   row->num_tokens = 0;
@@ -451,6 +607,12 @@ absl::StatusOr<int64_t> GroupManager::GatherableLength(
                            plans_->Find(it->second));
   for (const PlanSequence& row : plan->sequences) {
     if (row.sequence != id || row.num_tokens == 0) continue;
+    if (plan->graph_tokens > 0 && plan->appended[layer] != plan->graph_tokens) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "gather of sequence ", id, " including graph step plan ", it->second,
+          ": its Appends of layer ", layer,
+          " did not run on the host (a replayed graph); commit it first"));
+    }
     return computed +
            std::clamp<int64_t>(plan->appended[layer] - row.slot_offset, 0,
                                row.num_tokens);

@@ -8,13 +8,14 @@
 // block table of l's table.
 //
 // Offered: AddSequence, PeekPrefix, Reserve (with copy-on-write of shared
-// partial blocks), CanReserve, Append, Commit (also with accepted counts),
+// partial blocks), ReserveGraphStep and GraphStep (one fixed-address slot
+// mapping and block table per table, api/graph_step_buffers.h), CanReserve,
+// Append, Commit (also with accepted counts),
 // RemoveFromPlan, Abort, Fork, Truncate, Free, block tables per table,
 // SequenceLength, KnownLength, Gather (and GatherAsync / GatherBatch),
 // LayerView, capacity, metrics, Validate, KV events (TakeEvents; the
-// allocator is the sink's observer) and ResetPrefixCache. The rest (graph
-// steps, Attention, host tier) is refused with Unimplemented naming
-// layer_groups.
+// allocator is the sink's observer) and ResetPrefixCache. The rest
+// (Attention, host tier) is refused with Unimplemented naming layer_groups.
 //
 // Thread safety: every method locks mu_. Ownership: owns all cache memory;
 // views stay valid while it lives. Internal to api/.
@@ -34,6 +35,7 @@
 #include "absl/types/span.h"
 #include "allocator/group_block_manager.h"
 #include "api/cache_backend.h"
+#include "api/graph_step_buffers.h"
 #include "api/kv_cache_manager.h"
 #include "api/lookup_buffers.h"
 #include "api/plan_table.h"
@@ -62,6 +64,15 @@ class GroupManager {
                                      const ExtraKey& extra) const;
   absl::StatusOr<StepPlanInfo> Reserve(absl::Span<const ReserveRequest> batch,
                                        void* stream);
+  // The graph step (KVCacheManager::ReserveGraphStep): every table's slot
+  // mapping and block table, and the shared positions and lengths, are
+  // rewritten on `stream`; an Append of layer l reads table(l)'s mapping.
+  absl::StatusOr<StepPlanInfo> ReserveGraphStep(
+      absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+      void* stream);
+  // Table `table`'s graph-step inputs. FailedPrecondition without graph
+  // buffers, InvalidArgument for a table out of range.
+  absl::StatusOr<GraphStepInputs> GraphStep(int32_t table) const;
   absl::Status CanReserve(absl::Span<const ReserveRequest> batch) const;
   absl::Status Append(uint64_t plan_id, int layer, const TensorView& key,
                       const TensorView& value, void* stream);
@@ -93,6 +104,11 @@ class GroupManager {
 
   std::vector<KVEventBatch> TakeEvents();
   absl::Status ResetPrefixCache();
+  // KVCacheManagerTestPeer::CoalesceGraphStepUploads.
+  void CoalesceGraphStepUploadsForTesting() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (graph_ != nullptr) graph_->set_coalesce_for_testing(true);
+  }
   // Hashes registered in any table (KVCacheManagerTestPeer).
   std::vector<BlockHash> RegisteredHashesForTesting() const;
 
@@ -115,6 +131,20 @@ class GroupManager {
                                            bool include_in_flight) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RemovePlan(uint64_t plan_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Reserve and ReserveGraphStep after their checks (graph_tokens 0: not a
+  // graph step).
+  absl::StatusOr<StepPlanInfo> ReservePlan(
+      absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
+      void* stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The graph step's limits (as the uniform manager's CheckGraphStep).
+  absl::Status CheckGraphStep(absl::Span<const ReserveRequest> batch,
+                              int64_t graph_tokens) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes and uploads a just-reserved graph step's inputs; `slots` are its
+  // tables' slot mappings one after another.
+  absl::Status WriteGraphStep(const GroupStepPlan& plan,
+                              absl::Span<const int64_t> slots, void* stream)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // FailedPrecondition naming the first layer short of the plan's tokens.
   absl::Status CheckAppended(uint64_t plan_id,
                              const PlanTable::Plan& plan) const;
@@ -133,6 +163,13 @@ class GroupManager {
   // (table t's at t * num_tokens).
   std::unique_ptr<PlanTable> plans_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<LookupBuffers> lookups_ ABSL_GUARDED_BY(mu_);
+  // Made at Create when config.graph_max_tokens > 0: one slot mapping and
+  // block table per table.
+  std::unique_ptr<GraphStepBuffers> graph_ ABSL_GUARDED_BY(mu_);
+  uint64_t graph_plan_ ABSL_GUARDED_BY(mu_) = 0;  // Holding graph_, if not 0.
+  // WriteGraphStep's tables (sequence i's table t at i * tables + t), sized
+  // at Create.
+  std::vector<BlockTableRef> graph_tables_ ABSL_GUARDED_BY(mu_);
   // Sequences of plans in flight -> their plan.
   absl::flat_hash_map<SequenceId, uint64_t> pending_ ABSL_GUARDED_BY(mu_);
   MetricsSnapshot counters_ ABSL_GUARDED_BY(mu_);

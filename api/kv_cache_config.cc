@@ -93,11 +93,6 @@ absl::Status CheckGroups(const KVCacheConfig& c) {
                  "Attention is not offered with groups)");
     }
   }
-  // The graph step and KV events are not offered with groups yet.
-  if (c.graph_max_tokens != 0) {
-    return Bad("graph_max_tokens", c.graph_max_tokens,
-               "must be 0 with layer_groups (no graph step for groups yet)");
-  }
   if (c.layer_groups.size() > static_cast<size_t>(c.num_layers)) {
     return Bad("layer_groups.size()",
                static_cast<int64_t>(c.layer_groups.size()),

@@ -110,6 +110,10 @@ void KVCacheManagerTestPeer::DisableCacheWrites(KVCacheManager& manager) {
 }
 
 void KVCacheManagerTestPeer::CoalesceGraphStepUploads(KVCacheManager& manager) {
+  if (manager.groups_ != nullptr) {
+    manager.groups_->CoalesceGraphStepUploadsForTesting();
+    return;
+  }
   Lock lock(manager.impl_->mu());
   manager.impl_->CoalesceGraphStepUploadsForTesting();
 }
@@ -156,16 +160,31 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::ReserveGraphStep(
     absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
     void* stream) {
   return NoBadAlloc("ReserveGraphStep", [&]() -> absl::StatusOr<StepPlanInfo> {
-    if (groups_ != nullptr) return NotWithGroups("ReserveGraphStep");
+    if (groups_ != nullptr) {
+      return groups_->ReserveGraphStep(batch, graph_tokens, stream);
+    }
     Lock lock(impl_->mu());
     return impl_->ReserveGraphStep(batch, graph_tokens, stream);
   });
 }
 
 absl::StatusOr<GraphStepInputs> KVCacheManager::GraphStep() const {
-  if (groups_ != nullptr) return NotWithGroups("GraphStep");
+  if (groups_ != nullptr) {
+    KVCACHE_RETURN_IF_ERROR(OneTable("GraphStep"));
+    return groups_->GraphStep(0);
+  }
   Lock lock(impl_->mu());
   return impl_->GraphStep();
+}
+
+absl::StatusOr<GraphStepInputs> KVCacheManager::GroupGraphStep(
+    int32_t table) const {
+  if (groups_ != nullptr) return groups_->GraphStep(table);
+  if (table != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "block table ", table, " out of range [0, 1) (no layer_groups)"));
+  }
+  return GraphStep();
 }
 
 absl::Status KVCacheManager::Append(uint64_t plan_id, int layer,

@@ -175,8 +175,18 @@ class KVCacheManager {
       void* stream = nullptr);
   // The graph step's buffers and limits (api/graph_step_inputs.h), fixed for
   // the manager's life: ask before capture which padded sizes may be used.
-  // FailedPrecondition when config.graph_max_tokens is 0.
+  // FailedPrecondition when config.graph_max_tokens is 0. With more than one
+  // block table (layer groups) InvalidArgument: use GroupGraphStep.
   absl::StatusOr<GraphStepInputs> GraphStep() const;
+  // With layer groups: table `table`'s graph-step inputs, its own slot
+  // mapping and block table (released sliding-window entries kNullBlock)
+  // beside the positions and lengths every table shares. The Append of a
+  // graph step to layer l reads GroupGraphStep(LayerBlockTable(l))'s
+  // slot_mapping; the tables' rows interleave in one buffer, so row_stride is
+  // NumBlockTables() x the columns of a row (max_blocks_per_sequence).
+  // Without groups, table 0 is GraphStep(). InvalidArgument for a table out
+  // of [0, NumBlockTables()), then GraphStep's errors.
+  absl::StatusOr<GraphStepInputs> GroupGraphStep(int32_t table) const;
   // Writes the plan's next key.shape[0] tokens of `layer` (key [T, H, D], value
   // [T, H, Dv], any token/head strides, unit last stride, input_dtype, in the
   // backend's memory). A plan's tokens may be appended in several calls per

@@ -589,16 +589,19 @@ kvcache_status kvcache_reserve_graph_step(kvcache_manager* m,
                   graph_tokens, stream, plan);
 }
 
-kvcache_status kvcache_graph_step(kvcache_manager* m,
-                                  kvcache_graph_step_inputs* inputs) {
-  KVCACHE_C_REQUIRE(m);
-  return Guarded("kvcache_graph_step", [&]() -> absl::Status {
+namespace {
+
+// kvcache_graph_step (table -1) and kvcache_group_graph_step.
+kvcache_status GraphStepC(kvcache_manager* m, const char* name, int32_t table,
+                          kvcache_graph_step_inputs* inputs) {
+  return Guarded(name, [&]() -> absl::Status {
     if (absl::Status s =
             CheckSize(inputs, "kvcache_graph_step_inputs", "inputs");
         !s.ok()) {
       return s;
     }
-    absl::StatusOr<kvcache::GraphStepInputs> in = m->impl->GraphStep();
+    absl::StatusOr<kvcache::GraphStepInputs> in =
+        table < 0 ? m->impl->GraphStep() : m->impl->GroupGraphStep(table);
     if (!in.ok()) return in.status();
     inputs->slot_mapping = in->slot_mapping;
     inputs->positions = in->positions;
@@ -609,6 +612,26 @@ kvcache_status kvcache_graph_step(kvcache_manager* m,
     inputs->row_stride = in->row_stride;
     return absl::OkStatus();
   });
+}
+
+}  // namespace
+
+kvcache_status kvcache_graph_step(kvcache_manager* m,
+                                  kvcache_graph_step_inputs* inputs) {
+  KVCACHE_C_REQUIRE(m);
+  return GraphStepC(m, "kvcache_graph_step", -1, inputs);
+}
+
+kvcache_status kvcache_group_graph_step(kvcache_manager* m, int32_t table,
+                                        kvcache_graph_step_inputs* inputs) {
+  KVCACHE_C_REQUIRE(m);
+  if (table < 0) {
+    return Guarded("kvcache_group_graph_step", [&]() -> absl::Status {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block table ", table, " must be >= 0"));
+    });
+  }
+  return GraphStepC(m, "kvcache_group_graph_step", table, inputs);
 }
 
 kvcache_status kvcache_known_length(kvcache_manager* m, int64_t sequence,

@@ -683,9 +683,21 @@ typedef struct kvcache_graph_step_inputs {
   int32_t max_sequences;
   int32_t row_stride;
 } kvcache_graph_step_inputs;
-/* KVCACHE_FAILED_PRECONDITION when config.graph_max_tokens is 0. */
+/* KVCACHE_FAILED_PRECONDITION when config.graph_max_tokens is 0;
+ * KVCACHE_INVALID_ARGUMENT with more than one block table (layer groups:
+ * use kvcache_group_graph_step). */
 KVCACHE_EXPORT kvcache_status
 kvcache_graph_step(kvcache_manager* manager, kvcache_graph_step_inputs* inputs);
+/* Layer groups (KVCacheManager::GroupGraphStep): block table `table`'s
+ * graph-step inputs, its own slot_mapping and block_table (entries released
+ * from a sliding window are -1), with the positions and seq_lens all tables
+ * share. The graph step's append to layer l reads the slot_mapping of table
+ * kvcache_layer_block_table(l). The tables' rows interleave in one buffer:
+ * row_stride is kvcache_num_block_tables() x the columns of a row
+ * (max_blocks_per_sequence). Without groups table 0 is kvcache_graph_step.
+ * KVCACHE_INVALID_ARGUMENT for a table out of range. */
+KVCACHE_EXPORT kvcache_status kvcache_group_graph_step(
+    kvcache_manager* manager, int32_t table, kvcache_graph_step_inputs* inputs);
 /* kvcache_reserve for a graph step padded to graph_tokens tokens
  * (KVCacheManager::ReserveGraphStep): every append of the plan takes K/V of
  * exactly graph_tokens tokens. One graph step is in flight at a time. */

@@ -5,8 +5,10 @@
 // prefix hits, each step ReserveGraphStep + copy of the step's K/V into the
 // graph's fixed input buffers + graph launch + Commit. The caches and scales
 // must be byte-identical to the same steps without a graph (plain Reserve /
-// Append / Commit on CUDA) and to the CPU backend. Prints PASS or FAIL per
-// cache dtype. KVCACHE_TEST_SEED=<n> reruns one seed.
+// Append / Commit on CUDA) and to the CPU backend. Also with layer groups
+// (three sliding-window layers and a full one, one block table each): each
+// captured Append reads its layer's table's fixed slot mapping. Prints PASS
+// or FAIL per case. KVCACHE_TEST_SEED=<n> reruns one seed.
 
 #include <cstdio>
 #include <cstdlib>
@@ -197,7 +199,12 @@ uint64_t Seed() {
   return std::random_device{}();
 }
 
-class GraphStepCudaTest : public ::testing::TestWithParam<DType> {};
+struct Case {
+  DType cache;
+  int32_t sliding_window;  // > 0: layer groups (graph_step_scenario.h).
+};
+
+class GraphStepCudaTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(GraphStepCudaTest, CapturedStepMatchesPlainStepsAndTheCpuBackend) {
   KVCACHE_SKIP_WITHOUT_GPU();
@@ -210,7 +217,8 @@ TEST_P(GraphStepCudaTest, CapturedStepMatchesPlainStepsAndTheCpuBackend) {
   o.capture_tokens = 8;
   o.head_size = 128;
   o.head_size_v = 64;
-  o.cache_dtype = GetParam();
+  o.cache_dtype = GetParam().cache;
+  o.sliding_window = GetParam().sliding_window;
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking),
             cudaSuccess);
@@ -256,10 +264,11 @@ TEST_P(GraphStepCudaTest, CapturedStepMatchesPlainStepsAndTheCpuBackend) {
   EXPECT_TRUE(same_as_plain) << "graph caches differ from plain CUDA steps";
   EXPECT_TRUE(same_as_cpu) << "graph caches differ from the CPU backend";
   std::printf(
-      "graph_step_cuda_test %s: %lld steps (%lld padded), %lld forks, %lld "
+      "graph_step_cuda_test %s%s: %lld steps (%lld padded), %lld forks, %lld "
       "block copies, %lld prefix-hit tokens: graph == plain %s, graph == CPU "
       "%s: %s\n",
       std::string(DTypeName(o.cache_dtype)).c_str(),
+      o.sliding_window > 0 ? " (layer groups)" : "",
       static_cast<long long>(counts[2].decode_steps),
       static_cast<long long>(counts[2].padded_steps),
       static_cast<long long>(counts[2].forks),
@@ -272,8 +281,11 @@ TEST_P(GraphStepCudaTest, CapturedStepMatchesPlainStepsAndTheCpuBackend) {
 }
 
 INSTANTIATE_TEST_SUITE_P(CacheDTypes, GraphStepCudaTest,
-                         ::testing::Values(DType::kInt8, DType::kFp8E4M3,
-                                           DType::kBFloat16));
+                         ::testing::Values(Case{DType::kInt8, 0},
+                                           Case{DType::kFp8E4M3, 0},
+                                           Case{DType::kBFloat16, 0},
+                                           Case{DType::kInt8, 6},
+                                           Case{DType::kFp8E4M3, 6}));
 
 #else
 

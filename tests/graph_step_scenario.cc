@@ -55,6 +55,22 @@ KVCacheConfig ScenarioConfig(const ScenarioOptions& o, Backend backend,
   c.max_sequences_per_step = 32;
   c.max_blocks_per_sequence = 16;
   c.graph_max_tokens = graph ? static_cast<int32_t>(o.capture_tokens) : 0;
+  if (o.sliding_window > 0) {
+    LayerGroup sliding, full;
+    sliding.kind = AttentionKind::kSlidingWindow;
+    sliding.sliding_window = o.sliding_window;
+    for (LayerGroup* g : {&sliding, &full}) {
+      g->num_kv_heads = o.num_kv_heads;
+      g->head_size = o.head_size;
+      g->head_size_v = o.head_size_v;
+      g->cache_dtype = o.cache_dtype;
+    }
+    for (int l = 0; l + 1 < o.num_layers; ++l) sliding.layers.push_back(l);
+    full.layers = {o.num_layers - 1};
+    c.layer_groups = {sliding, full};
+    c.num_kv_heads = c.head_size = c.head_size_v = 0;
+    c.num_blocks = 480;  // A page per table: the full table's and windows'.
+  }
   return c;
 }
 

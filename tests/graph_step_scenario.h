@@ -31,6 +31,10 @@ struct ScenarioOptions {
   int head_size_v = 32;
   int block_size = 4;
   DType cache_dtype = DType::kInt8;
+  // > 0: layer groups of this shape, every layer but the last a sliding
+  // window of this many tokens, the last full attention (one block table
+  // per layer); 0: the uniform config.
+  int32_t sliding_window = 0;
 };
 
 // One step's K/V on the host, bf16 bits per layer: k[layer] [rows, heads,

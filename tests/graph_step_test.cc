@@ -11,6 +11,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -97,6 +98,15 @@ class GraphRunner : public PlainRunner {
     if (plan->graph_tokens != padded) {
       return absl::InternalError("graph_tokens not reported");
     }
+    if (m.NumBlockTables() > 1) {
+      // Layer groups: each table's inputs are checked by
+      // graph_step_groups_test; here the caches.
+      if (absl::Status s = AppendAll(m, o_, plan->id, kv, padded); !s.ok()) {
+        return s;
+      }
+      ++checked_steps;
+      return m.Commit(plan->id);
+    }
     const GraphStepInputs in = *m.GraphStep();
     if (plan->slot_mapping != in.slot_mapping) {
       return absl::InternalError("plan slot mapping is not the graph step's");
@@ -178,12 +188,19 @@ absl::Status HostCopy(void* dst, const void* src, size_t bytes) {
 }
 
 TEST(GraphStepTest, PaddedStepInputsAndCachesMatchPlainSteps) {
-  for (DType cache : {DType::kInt8, DType::kFp8E4M3, DType::kBFloat16}) {
+  // The uniform config per cache dtype, then layer groups (sliding window 6
+  // and full; the scenario's sequences outgrow the window).
+  for (auto [cache, window] : {std::pair{DType::kInt8, 0},
+                               {DType::kFp8E4M3, 0},
+                               {DType::kBFloat16, 0},
+                               {DType::kInt8, 6}}) {
     const uint64_t seed = Seed();
-    SCOPED_TRACE(absl::StrCat("seed ", seed, " cache ", DTypeName(cache)));
+    SCOPED_TRACE(absl::StrCat("seed ", seed, " cache ", DTypeName(cache),
+                              " window ", window));
     ScenarioOptions o;
     o.seed = seed;
     o.cache_dtype = cache;
+    o.sliding_window = window;
     auto plain = KVCacheManager::Create(
         testing::ScenarioConfig(o, Backend::kCpu, /*graph=*/false));
     auto graph = KVCacheManager::Create(

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <random>
@@ -197,10 +198,66 @@ class GroupRunner {
     return plan;
   }
 
+  // A graph step (KVCacheManager::ReserveGraphStep) of `n[i]` tokens for
+  // `ids[i]`, padded to graph_tokens: reserves, runs `inspect` (say, a check
+  // of the graph-step inputs; its error aborts the plan), optionally takes
+  // `remove` out of the plan and runs `inspect` again, appends every layer
+  // (graph_tokens rows each, the padding rows junk), and commits.
+  absl::Status GraphStep(
+      const std::vector<SequenceId>& ids, const std::vector<int64_t>& n,
+      int64_t graph_tokens,
+      const std::function<absl::Status(const StepPlanInfo&,
+                                       std::optional<SequenceId>)>& inspect,
+      std::optional<SequenceId> remove = std::nullopt) {
+    std::vector<ReserveRequest> batch;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      Seq& s = seqs_[ids[i]];
+      absl::StatusOr<int64_t> len = m_->SequenceLength(ids[i]);
+      if (!len.ok()) return len.status();
+      ReserveRequest r;
+      r.sequence = ids[i];
+      r.num_tokens = n[i];
+      const int64_t missing =
+          *len + n[i] - static_cast<int64_t>(s.tokens.size());
+      if (missing > 0) r.new_token_ids = RandomTokens(missing);
+      batch.push_back(r);
+    }
+    absl::StatusOr<StepPlanInfo> plan =
+        m_->ReserveGraphStep(batch, graph_tokens);
+    if (!plan.ok()) return plan.status();
+    for (size_t i = 0; i < ids.size(); ++i) {
+      Seq& s = seqs_[ids[i]];
+      s.tokens.insert(s.tokens.end(), batch[i].new_token_ids.begin(),
+                      batch[i].new_token_ids.end());
+      Rehash(s);
+    }
+    absl::Status st = inspect(*plan, std::nullopt);
+    if (st.ok() && remove.has_value()) {
+      st = m_->RemoveFromPlan(plan->id, *remove);
+      if (st.ok()) {
+        for (size_t i = 0; i < ids.size(); ++i) {
+          if (ids[i] != *remove) continue;
+          Seq& s = seqs_[ids[i]];
+          s.tokens.resize(s.tokens.size() - batch[i].new_token_ids.size());
+          s.hashes.resize(s.tokens.size());
+        }
+        st = inspect(*plan, remove);
+      }
+    }
+    for (int layer = 0; st.ok() && layer < m_->config().num_layers; ++layer) {
+      st = AppendLayer(*plan, layer, remove, graph_tokens);
+    }
+    if (st.ok()) st = m_->Commit(plan->id);
+    if (!st.ok()) m_->Abort(plan->id).IgnoreError();
+    return st;
+  }
+
   // Appends `layer`'s K/V of every token of `plan` (the rows of a sequence
-  // removed from it are padding: any content).
+  // removed from it are padding: any content), then junk rows up to
+  // `padded_to` tokens (a graph step's padding).
   absl::Status AppendLayer(const StepPlanInfo& plan, int layer,
-                           std::optional<SequenceId> removed = std::nullopt) {
+                           std::optional<SequenceId> removed = std::nullopt,
+                           int64_t padded_to = 0) {
     const Shape& sh = shapes_[layer];
     std::vector<float> k, v;
     for (const PlanSequence& ps : plan.sequences) {
@@ -217,7 +274,16 @@ class GroupRunner {
         }
       }
     }
-    const int64_t total = plan.num_tokens;
+    int64_t total = plan.num_tokens;
+    for (; total < padded_to; ++total) {
+      const uint64_t junk = ~uint64_t{0} / 2 + total;
+      std::vector<float> row = Row(layer, false, junk, sh.d);
+      k.insert(k.end(), row.begin(), row.end());
+      if (sh.dv > 0) {
+        row = Row(layer, true, junk, sh.dv);
+        v.insert(v.end(), row.begin(), row.end());
+      }
+    }
     absl::StatusOr<Buffer> kb = Upload(k);
     if (!kb.ok()) return kb.status();
     TensorView key = View(kb->data(), total, sh.heads, sh.d, input_dtype_);

@@ -6,10 +6,13 @@
 // reference on CUDA too. Gemma-like (sliding + full, with V) and
 // DeepSeek-like (K-only) configs, int8 and fp8; and groups of different cache
 // shapes (records): 8 KV heads full beside 4 sliding, head sizes 128 / 256 /
-// K-only 576, an int8 group beside a bf16 one, side and inline scales.
+// K-only 576, an int8 group beside a bf16 one, side and inline scales. Each
+// round has a graph step whose uploaded per-table inputs must equal the CPU
+// backend's byte for byte.
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -45,6 +48,7 @@ KVCacheConfig MixedConfig(Kind kind, DType dtype, ScalePlacement placement) {
   c.num_blocks = 256;
   c.input_dtype = DType::kFloat32;
   c.max_tokens_per_step = 1024;
+  c.graph_max_tokens = 16;
   c.scale_placement = placement;
   if (kind == Kind::kHeads) {
     c.num_layers = 8;
@@ -70,6 +74,7 @@ KVCacheConfig Config(bool k_only, DType dtype) {
   c.num_blocks = 256;
   c.input_dtype = DType::kFloat32;
   c.max_tokens_per_step = 1024;
+  c.graph_max_tokens = 16;
   LayerGroup sliding, full;
   sliding.kind = AttentionKind::kSlidingWindow;
   sliding.sliding_window = 48;
@@ -123,6 +128,39 @@ std::vector<char> CacheBytes(KVCacheManager& m, Device& device) {
     }
   }
   return out;
+}
+
+// The graph step's inputs of every table (GroupGraphStep), copied to the
+// host: each table's slot mapping, then the shared positions and lengths,
+// then the interleaved block tables.
+absl::Status SnapshotGraphInputs(KVCacheManager& m, Device& device,
+                                 std::vector<char>* out) {
+  out->clear();
+  for (int32_t t = 0; t < m.NumBlockTables(); ++t) {
+    absl::StatusOr<GraphStepInputs> in = m.GroupGraphStep(t);
+    if (!in.ok()) return in.status();
+    const struct {
+      const void* p;
+      int64_t bytes;
+    } parts[] = {
+        {in->slot_mapping, in->max_tokens * 8},
+        {in->positions, t == 0 ? in->max_tokens * 8 : 0},
+        {in->seq_lens, t == 0 ? int64_t{in->max_sequences} * 4 : 0},
+        {in->block_table,
+         t == 0 ? int64_t{in->max_sequences} * in->row_stride * 4 : 0},
+    };
+    for (const auto& part : parts) {
+      const size_t at = out->size();
+      out->resize(at + part.bytes);
+      if (part.bytes == 0) continue;
+      if (absl::Status st =
+              device.CopyToHost(out->data() + at, part.p, part.bytes);
+          !st.ok()) {
+        return st;
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 struct Side {
@@ -207,6 +245,28 @@ TEST_P(CudaGroupsTest, CachesAreByteIdenticalToTheCpuBackend) {
       ASSERT_TRUE(both([&](testing::GroupRunner& r) {
                     return r.Step(live, ones);
                   }).ok());
+    }
+    // A decode graph step padded to a power of two (the Appends run on the
+    // host, as at capture, from each table's fixed-address mapping): the
+    // CUDA side's uploaded inputs equal the CPU side's byte for byte.
+    {
+      std::vector<int64_t> ones(live.size(), 1);
+      int64_t padded = 1;
+      while (padded < static_cast<int64_t>(live.size())) padded *= 2;
+      std::vector<char> inputs[2];
+      ASSERT_TRUE(both([&](testing::GroupRunner& r) {
+                    const bool on_cuda = &r == cuda.runner.get();
+                    Side& side = on_cuda ? cuda : cpu;
+                    return r.GraphStep(
+                        live, ones, padded,
+                        [&](const StepPlanInfo&, std::optional<SequenceId>) {
+                          return SnapshotGraphInputs(
+                              *side.manager, *side.device, &inputs[on_cuda]);
+                        });
+                  }).ok());
+      ASSERT_FALSE(inputs[0].empty());
+      EXPECT_TRUE(inputs[0] == inputs[1])
+          << "graph-step inputs differ between the backends";
     }
     // A fork (its next step copies the shared partial blocks), a
     // speculative step and a truncation, which a sliding window may refuse:

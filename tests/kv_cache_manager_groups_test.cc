@@ -321,8 +321,13 @@ TEST(GroupManagerTest, RefusesWhatGroupsDoNotOffer) {
   expect(m.Truncate(1, 3), absl::StatusCode::kInvalidArgument,
          "expected 0 to its 0 computed tokens");
   EXPECT_TRUE(m.ResetPrefixCache().ok());
-  expect(m.GraphStep().status(), absl::StatusCode::kUnimplemented,
-         "layer_groups");
+  // graph_max_tokens 0: no graph step; GraphStep needs a table named.
+  expect(m.GroupGraphStep(0).status(), absl::StatusCode::kFailedPrecondition,
+         "graph_max_tokens 0");
+  expect(m.GroupGraphStep(6).status(), absl::StatusCode::kInvalidArgument,
+         "block table 6");
+  expect(m.GraphStep().status(), absl::StatusCode::kInvalidArgument,
+         "6 block tables");
   expect(m.GroupBlockTable(77, 0).status(), absl::StatusCode::kNotFound, "77");
   ReserveRequest req;
   req.sequence = 1;

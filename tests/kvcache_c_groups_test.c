@@ -7,7 +7,8 @@
  * then K-only) appends and gathers per layer, hands out block tables per
  * table, forks (the child's draft step writes a copy of the shared last
  * block; the parent reads back unchanged), truncates (refused below the
- * sliding window's released blocks), commits accepted drafts, and refuses a
+ * sliding window's released blocks), commits accepted drafts, runs a graph
+ * step (kvcache_group_graph_step: each table's inputs), and refuses a
  * bad table, a V for a K-only group and what groups do not offer. Exits
  * non-zero on the first failure. */
 
@@ -62,6 +63,7 @@ static void RunManager(void) {
   c.input_dtype = KVCACHE_FLOAT32;
   c.layer_groups = g;
   c.num_layer_groups = 2;
+  c.graph_max_tokens = 4;
   kvcache_manager* m = NULL;
   CHECK_IS(KVCACHE_OK, kvcache_create(&c, &m));
   if (m == NULL) return;
@@ -214,6 +216,67 @@ static void RunManager(void) {
   CHECK(memcmp(vo, v, sizeof(v)) == 0);
   CHECK_IS(KVCACHE_OK, kvcache_validate(m));
   CHECK_IS(KVCACHE_OK, kvcache_free(m, 8));
+
+  /* A graph step: per table a slot mapping and a block table at fixed
+   * addresses (rows interleaved: row_stride = 3 tables x 64 columns), the
+   * positions and lengths shared; released entries -1. */
+  kvcache_graph_step_inputs gs[3];
+  for (int32_t t = 0; t < 3; ++t) {
+    memset(&gs[t], 0, sizeof(gs[t]));
+    gs[t].struct_size = sizeof(gs[t]);
+    CHECK_IS(KVCACHE_OK, kvcache_group_graph_step(m, t, &gs[t]));
+  }
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_graph_step(m, &gs[0]));
+  CHECK_ERROR_HAS("3 block tables");
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_group_graph_step(m, 3, &gs[0]));
+  CHECK_ERROR_HAS("block table 3");
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_group_graph_step(m, -1, &gs[0]));
+  CHECK_IS(KVCACHE_INVALID_ARGUMENT, kvcache_group_graph_step(m, 0, NULL));
+  CHECK(gs[0].positions == gs[2].positions);
+  CHECK(gs[0].slot_mapping != gs[2].slot_mapping);
+  CHECK(gs[0].max_tokens == 4 && gs[0].row_stride == 3 * 64);
+  const int32_t next[1] = {9};
+  memset(&r, 0, sizeof(r));
+  r.struct_size = sizeof(r);
+  r.sequence = 7;
+  r.num_tokens = 1;
+  r.new_token_ids = next;
+  r.num_new_token_ids = 1;
+  kvcache_plan gp;
+  memset(&gp, 0, sizeof(gp));
+  gp.struct_size = sizeof(gp);
+  CHECK_IS(KVCACHE_OK, kvcache_reserve_graph_step(m, &r, 1, 2, NULL, &gp));
+  CHECK(gp.graph_tokens == 2 && gp.slot_mapping == gs[0].slot_mapping);
+  for (int32_t t = 0; t < 3; ++t) {
+    CHECK_IS(KVCACHE_OK, kvcache_group_block_table(m, 7, t, blocks, 8, &n));
+    CHECK(n == 6);
+    CHECK(gs[t].slot_mapping[0] == (int64_t)blocks[5] * 4);
+    CHECK(gs[t].slot_mapping[1] == -1);
+    CHECK(memcmp(gs[t].block_table, blocks, 6 * sizeof(int32_t)) == 0);
+    CHECK(gs[t].block_table[6] == 0);
+  }
+  CHECK(gs[0].block_table[0] == -1 && gs[2].block_table[0] >= 0);
+  CHECK(gs[0].positions[0] == 20 && gs[0].positions[1] == 0);
+  CHECK(gs[0].seq_lens[0] == 21 && gs[0].seq_lens[1] == 0);
+  /* Each append takes the padded 2 rows (the second is padding). */
+  float gk[2 * 8], gv[2 * 8];
+  for (int i = 0; i < 2 * 8; ++i) {
+    gk[i] = i % 8 == 0 ? 127.0f : 3.0f;
+    gv[i] = i % 8 == 0 ? -127.0f : -4.0f;
+  }
+  kvcache_tensor gkt = HostTensor3(gk, KVCACHE_FLOAT32, 2, 1, 8),
+                 gvt = HostTensor3(gv, KVCACHE_FLOAT32, 2, 1, 8);
+  for (int32_t layer = 0; layer < 6; ++layer) {
+    CHECK_IS(KVCACHE_OK, kvcache_append(m, gp.id, layer, &gkt, &gvt, NULL));
+  }
+  CHECK_IS(KVCACHE_OK, kvcache_commit(m, gp.id));
+  kot = HostTensor3(ko, KVCACHE_FLOAT32, 1, 1, 8);
+  vot = HostTensor3(vo, KVCACHE_FLOAT32, 1, 1, 8);
+  for (int32_t layer = 0; layer < 6; ++layer) {
+    CHECK_IS(KVCACHE_OK, kvcache_gather(m, 7, layer, 20, 1, &kot, &vot, NULL));
+    CHECK(memcmp(ko, gk, 8 * sizeof(float)) == 0);
+    CHECK(memcmp(vo, gv, 8 * sizeof(float)) == 0);
+  }
   CHECK_IS(KVCACHE_OK, kvcache_reset_prefix_cache(m));
   CHECK_IS(KVCACHE_OK, kvcache_validate(m));
   CHECK_IS(KVCACHE_OK, kvcache_free(m, 7));

@@ -262,7 +262,10 @@ class GroupModelTest : public ::testing::TestWithParam<GroupVariant> {
     for (const auto& [other, s] : seqs_) {
       if (other == id) continue;
       for (int32_t t = 0; t < tables(); ++t) {
-        for (BlockId b : *m_->BlockTable(other, t)) {
+        // The StatusOr outlives the loop (a range-for over *f() would not).
+        const absl::StatusOr<absl::Span<const BlockId>> table =
+            m_->BlockTable(other, t);
+        for (BlockId b : *table) {
           if (b == block) return true;
         }
       }

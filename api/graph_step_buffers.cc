@@ -5,6 +5,7 @@
 #include <limits>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
 
 namespace kvcache::internal {
@@ -224,6 +225,42 @@ absl::Status GraphStepBuffers::Pad(int64_t offset, int64_t count,
         static_cast<size_t>(count) * sizeof(int64_t), stream));
   }
   return device_->RecordEvent(st.uploaded, stream);
+}
+
+absl::Status CheckGraphStep(const GraphStepBuffers* graph,
+                            uint64_t plan_in_flight,
+                            absl::Span<const ReserveRequest> batch,
+                            int64_t graph_tokens) {
+  if (graph == nullptr) {
+    return absl::FailedPreconditionError(
+        "graph step of a manager created with graph_max_tokens 0");
+  }
+  if (graph_tokens < 1 || graph_tokens > graph->max_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "graph step padded to ", graph_tokens,
+        " tokens: expected 1 to graph_max_tokens ", graph->max_tokens()));
+  }
+  if (plan_in_flight != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "graph step while graph step plan ", plan_in_flight,
+        " is in flight (its inputs share one set of buffers): commit or "
+        "abort it first"));
+  }
+  if (static_cast<int64_t>(batch.size()) > graph->max_sequences()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("graph step of ", batch.size(), " sequences exceeds its ",
+                     graph->max_sequences(), " block-table rows"));
+  }
+  int64_t tokens = 0;
+  for (const ReserveRequest& request : batch) {
+    tokens += std::max<int64_t>(request.num_tokens, 0);
+  }
+  if (tokens > graph_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("graph step of ", tokens,
+                                                   " tokens padded to only ",
+                                                   graph_tokens, " tokens"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace kvcache::internal

@@ -206,6 +206,17 @@ class GraphStepBuffers {
   std::vector<char> captured_;  // [max_tokens + 1]
 };
 
+// The graph step's limits, the same for both managers: its buffers made
+// (`graph` not null: config.graph_max_tokens > 0), the padded count within
+// 1..max_tokens, no graph step plan in flight (`plan_in_flight` 0; the steps
+// share one set of buffers), the batch within the block-table rows and its
+// tokens within the padded count. FailedPrecondition or InvalidArgument
+// naming the value.
+absl::Status CheckGraphStep(const GraphStepBuffers* graph,
+                            uint64_t plan_in_flight,
+                            absl::Span<const ReserveRequest> batch,
+                            int64_t graph_tokens);
+
 }  // namespace kvcache::internal
 
 #endif  // KVCACHE_API_GRAPH_STEP_BUFFERS_H_

@@ -136,10 +136,6 @@ class GroupManager {
   absl::StatusOr<StepPlanInfo> ReservePlan(
       absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
       void* stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The graph step's limits (as the uniform manager's CheckGraphStep).
-  absl::Status CheckGraphStep(absl::Span<const ReserveRequest> batch,
-                              int64_t graph_tokens) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Writes and uploads a just-reserved graph step's inputs; `slots` are its
   // tables' slot mappings one after another.
   absl::Status WriteGraphStep(const GroupStepPlan& plan,

@@ -198,45 +198,12 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::Reserve(
   return ReservePlan(batch, 0, stream);
 }
 
-absl::Status KVCacheManager::Impl::CheckGraphStep(
-    absl::Span<const ReserveRequest> batch, int64_t graph_tokens) const {
-  if (graph_ == nullptr) {
-    return absl::FailedPreconditionError(
-        "graph step of a manager created with graph_max_tokens 0");
-  }
-  if (graph_tokens < 1 || graph_tokens > graph_->max_tokens()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "graph step padded to ", graph_tokens,
-        " tokens: expected 1 to graph_max_tokens ", graph_->max_tokens()));
-  }
-  if (graph_plan_ != 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "graph step while graph step plan ", graph_plan_,
-        " is in flight (its inputs share one set of buffers): commit or "
-        "abort it first"));
-  }
-  if (static_cast<int64_t>(batch.size()) > graph_->max_sequences()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("graph step of ", batch.size(), " sequences exceeds its ",
-                     graph_->max_sequences(), " block-table rows"));
-  }
-  int64_t tokens = 0;
-  for (const ReserveRequest& request : batch) {
-    tokens += std::max<int64_t>(request.num_tokens, 0);
-  }
-  if (tokens > graph_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("graph step of ", tokens,
-                                                   " tokens padded to only ",
-                                                   graph_tokens, " tokens"));
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReserveGraphStep(
     absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
     void* stream) {
   KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
-  KVCACHE_RETURN_IF_ERROR(CheckGraphStep(batch, graph_tokens));
+  KVCACHE_RETURN_IF_ERROR(
+      internal::CheckGraphStep(graph_.get(), graph_plan_, batch, graph_tokens));
   return ReservePlan(batch, graph_tokens, stream);
 }
 

@@ -141,11 +141,6 @@ class KVCacheManager::Impl {
   absl::StatusOr<StepPlanInfo> ReservePlan(
       absl::Span<const ReserveRequest> batch, int64_t graph_tokens,
       void* stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The graph step's limits: buffers made, padded count in range, no other
-  // graph step in flight, the batch within its rows and padded count.
-  absl::Status CheckGraphStep(absl::Span<const ReserveRequest> batch,
-                              int64_t graph_tokens) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Writes and uploads the graph step's inputs for a just-reserved plan.
   absl::Status WriteGraphStep(const StepPlan& plan, void* stream)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -49,55 +49,40 @@ std::vector<uint64_t> Seeds() {
 // 12 layers: 5 and 11 full, the others sliding (window 10): 5 sliding
 // tables and 1 full table.
 KVCacheConfig GemmaLike() {
-  KVCacheConfig c;
-  c.num_layers = 12;
-  c.block_size = kBlock;
-  c.num_blocks = 900;
-  c.input_dtype = DType::kFloat32;
-  c.max_tokens_per_step = 64;
-  c.max_sequences_per_step = 8;
+  testing::HybridSpec spec;
+  spec.num_layers = 12;
+  spec.sliding_layers = {0, 1, 2, 3, 4, 6, 7, 8, 9, 10};
+  spec.full_layers = {5, 11};
+  spec.window = 10;
+  spec.num_kv_heads = 2;
+  spec.head_size = 16;
+  spec.head_size_v = 16;
+  spec.num_blocks = 900;
+  spec.block_size = kBlock;
+  KVCacheConfig c = testing::HybridConfig(spec);
   c.max_blocks_per_sequence = kCols;
   c.graph_max_tokens = kGraphTokens;
-  LayerGroup sliding, full;
-  sliding.kind = AttentionKind::kSlidingWindow;
-  sliding.sliding_window = 10;
-  for (LayerGroup* g : {&sliding, &full}) {
-    g->num_kv_heads = 2;
-    g->head_size = 16;
-    g->head_size_v = 16;
-    g->cache_dtype = DType::kInt8;
-  }
-  for (int l = 0; l < 12; ++l) {
-    (l % 6 == 5 ? full : sliding).layers.push_back(l);
-  }
-  c.layer_groups = {sliding, full};
   return c;
 }
 
 // K-only latent caches (MLA-like, one head of 64): two full layers and two
 // sliding ones (window 7), fp8.
 KVCacheConfig KOnly() {
-  KVCacheConfig c;
-  c.num_layers = 4;
-  c.block_size = kBlock;
-  c.num_blocks = 500;
-  c.input_dtype = DType::kFloat32;
-  c.max_tokens_per_step = 64;
-  c.max_sequences_per_step = 8;
+  testing::HybridSpec spec;
+  spec.num_layers = 4;
+  spec.sliding_layers = {1, 3};
+  spec.full_layers = {0, 2};
+  spec.window = 7;
+  spec.num_kv_heads = 1;
+  spec.head_size = 64;
+  spec.head_size_v = 0;
+  spec.cache_dtype = DType::kFp8E4M3;
+  spec.num_blocks = 500;
+  spec.block_size = kBlock;
+  spec.full_first = true;
+  KVCacheConfig c = testing::HybridConfig(spec);
   c.max_blocks_per_sequence = kCols;
   c.graph_max_tokens = kGraphTokens;
-  LayerGroup sliding, full;
-  sliding.kind = AttentionKind::kSlidingWindow;
-  sliding.sliding_window = 7;
-  for (LayerGroup* g : {&sliding, &full}) {
-    g->num_kv_heads = 1;
-    g->head_size = 64;
-    g->head_size_v = 0;
-    g->cache_dtype = DType::kFp8E4M3;
-  }
-  full.layers = {0, 2};
-  sliding.layers = {1, 3};
-  c.layer_groups = {full, sliding};
   return c;
 }
 

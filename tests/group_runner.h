@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <random>
 #include <string>
@@ -25,6 +26,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "api/kv_cache_manager.h"
+#include "gtest/gtest.h"
 #include "storage/device.h"
 #include "testing/kv_reference.h"
 
@@ -421,6 +423,63 @@ class GroupRunner {
   std::vector<Shape> shapes_;  // Per layer.
   DType input_dtype_ = DType::kFloat32;
   std::map<SequenceId, Seq> seqs_;
+};
+
+// A sliding-window group and a full-attention group of one cache shape
+// (float32 inputs): the group tests' configs.
+struct HybridSpec {
+  int32_t num_layers = 0;
+  std::vector<int32_t> sliding_layers, full_layers;
+  int32_t window = 0;
+  int32_t num_kv_heads = 1, head_size = 8, head_size_v = 8;
+  DType cache_dtype = DType::kInt8;
+  int64_t num_blocks = 0;
+  int32_t block_size = 4;
+  int32_t max_tokens_per_step = 64;
+  int32_t max_sequences_per_step = 8;
+  bool full_first = false;  // The groups' order in layer_groups.
+};
+
+inline KVCacheConfig HybridConfig(const HybridSpec& spec) {
+  KVCacheConfig c;
+  c.num_layers = spec.num_layers;
+  c.block_size = spec.block_size;
+  c.num_blocks = spec.num_blocks;
+  c.input_dtype = DType::kFloat32;
+  c.max_tokens_per_step = spec.max_tokens_per_step;
+  c.max_sequences_per_step = spec.max_sequences_per_step;
+  LayerGroup sliding, full;
+  sliding.kind = AttentionKind::kSlidingWindow;
+  sliding.sliding_window = spec.window;
+  for (LayerGroup* g : {&sliding, &full}) {
+    g->num_kv_heads = spec.num_kv_heads;
+    g->head_size = spec.head_size;
+    g->head_size_v = spec.head_size_v;
+    g->cache_dtype = spec.cache_dtype;
+  }
+  sliding.layers = spec.sliding_layers;
+  full.layers = spec.full_layers;
+  c.layer_groups = spec.full_first ? std::vector<LayerGroup>{full, sliding}
+                                   : std::vector<LayerGroup>{sliding, full};
+  return c;
+}
+
+// A manager with layer groups on the CPU backend and a GroupRunner driving
+// it: the group tests' fixture. A config Create refuses fails the test (and
+// leaves runner null).
+struct GroupFixture {
+  std::unique_ptr<Device> device = CreateCpuDevice();
+  std::unique_ptr<KVCacheManager> manager;
+  std::unique_ptr<GroupRunner> runner;
+
+  GroupFixture(const KVCacheConfig& c, uint64_t seed) {
+    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
+        KVCacheManager::Create(c);
+    EXPECT_TRUE(m.ok()) << m.status();
+    if (!m.ok()) return;
+    manager = *std::move(m);
+    runner = std::make_unique<GroupRunner>(manager.get(), device.get(), seed);
+  }
 };
 
 }  // namespace kvcache::testing

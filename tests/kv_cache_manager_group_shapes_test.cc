@@ -94,21 +94,7 @@ std::string ParamName(const ::testing::TestParamInfo<Param>& info) {
                       ScalePlacementName(info.param.placement));
 }
 
-struct Fixture {
-  std::unique_ptr<Device> device = CreateCpuDevice();
-  std::unique_ptr<KVCacheManager> manager;
-  std::unique_ptr<testing::GroupRunner> runner;
-
-  Fixture(const KVCacheConfig& c, uint64_t seed) {
-    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
-        KVCacheManager::Create(c);
-    EXPECT_TRUE(m.ok()) << m.status();
-    if (!m.ok()) return;
-    manager = *std::move(m);
-    runner = std::make_unique<testing::GroupRunner>(manager.get(), device.get(),
-                                                    seed);
-  }
-};
+using Fixture = testing::GroupFixture;
 
 class GroupShapesTest : public ::testing::TestWithParam<Param> {};
 

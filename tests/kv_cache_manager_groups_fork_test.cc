@@ -30,62 +30,38 @@ constexpr int kBlock = 4;
 
 // 6 layers: 5 sliding (window 10), 1 full; K and V.
 KVCacheConfig SlidingAndFull() {
-  KVCacheConfig c;
-  c.num_layers = 6;
-  c.block_size = kBlock;
-  c.num_blocks = 600;
-  c.input_dtype = DType::kFloat32;
-  c.max_tokens_per_step = 256;
-  c.max_sequences_per_step = 8;
-  LayerGroup sliding, full;
-  sliding.kind = AttentionKind::kSlidingWindow;
-  sliding.sliding_window = 10;
-  for (LayerGroup* g : {&sliding, &full}) {
-    g->num_kv_heads = 2;
-    g->head_size = 16;
-    g->head_size_v = 8;
-    g->cache_dtype = DType::kInt8;
-  }
-  sliding.layers = {0, 1, 2, 3, 4};
-  full.layers = {5};
-  c.layer_groups = {sliding, full};
-  return c;
+  testing::HybridSpec spec;
+  spec.num_layers = 6;
+  spec.sliding_layers = {0, 1, 2, 3, 4};
+  spec.full_layers = {5};
+  spec.window = 10;
+  spec.num_kv_heads = 2;
+  spec.head_size = 16;
+  spec.head_size_v = 8;
+  spec.num_blocks = 600;
+  spec.block_size = kBlock;
+  spec.max_tokens_per_step = 256;
+  return testing::HybridConfig(spec);
 }
 
 // K-only (latent) layers, two sliding (window 7) and two full, fp8.
 KVCacheConfig KOnlyHybrid() {
-  KVCacheConfig c = SlidingAndFull();
-  c.num_layers = 4;
-  LayerGroup sliding, full;
-  sliding.kind = AttentionKind::kSlidingWindow;
-  sliding.sliding_window = 7;
-  for (LayerGroup* g : {&sliding, &full}) {
-    g->num_kv_heads = 1;
-    g->head_size = 64;
-    g->head_size_v = 0;
-    g->cache_dtype = DType::kFp8E4M3;
-  }
-  sliding.layers = {0, 2};
-  full.layers = {1, 3};
-  c.layer_groups = {sliding, full};
-  return c;
+  testing::HybridSpec spec;
+  spec.num_layers = 4;
+  spec.sliding_layers = {0, 2};
+  spec.full_layers = {1, 3};
+  spec.window = 7;
+  spec.num_kv_heads = 1;
+  spec.head_size = 64;
+  spec.head_size_v = 0;
+  spec.cache_dtype = DType::kFp8E4M3;
+  spec.num_blocks = 600;
+  spec.block_size = kBlock;
+  spec.max_tokens_per_step = 256;
+  return testing::HybridConfig(spec);
 }
 
-struct Fixture {
-  std::unique_ptr<Device> device = CreateCpuDevice();
-  std::unique_ptr<KVCacheManager> manager;
-  std::unique_ptr<testing::GroupRunner> runner;
-
-  Fixture(const KVCacheConfig& c, uint64_t seed) {
-    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
-        KVCacheManager::Create(c);
-    EXPECT_TRUE(m.ok()) << m.status();
-    if (!m.ok()) return;
-    manager = *std::move(m);
-    runner = std::make_unique<testing::GroupRunner>(manager.get(), device.get(),
-                                                    seed);
-  }
-};
+using Fixture = testing::GroupFixture;
 
 // The independent rule: a truncation from `length` to `to` is refused when
 // some sliding group's window at `to` reads a block released at `length`.

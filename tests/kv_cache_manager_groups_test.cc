@@ -67,21 +67,7 @@ KVCacheConfig DeepSeekLike(DType dtype = DType::kInt8) {
   return c;
 }
 
-struct Fixture {
-  std::unique_ptr<Device> device = CreateCpuDevice();
-  std::unique_ptr<KVCacheManager> manager;
-  std::unique_ptr<testing::GroupRunner> runner;
-
-  explicit Fixture(const KVCacheConfig& c, uint64_t seed) {
-    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
-        KVCacheManager::Create(c);
-    EXPECT_TRUE(m.ok()) << m.status();
-    if (!m.ok()) return;
-    manager = *std::move(m);
-    runner = std::make_unique<testing::GroupRunner>(manager.get(), device.get(),
-                                                    seed);
-  }
-};
+using Fixture = testing::GroupFixture;
 
 TEST(GroupManagerTest, TablesAndViewsPerLayer) {
   Fixture f(GemmaLike(), 1);

@@ -30,45 +30,23 @@ constexpr int kBlock = 4;
 
 // Layers 0, 2 sliding (window 6), 1 full: three tables (one layer a page).
 KVCacheConfig Config(int64_t num_blocks) {
-  KVCacheConfig c;
-  c.num_layers = 3;
-  c.block_size = kBlock;
-  c.num_blocks = num_blocks;
-  c.input_dtype = DType::kFloat32;
-  c.max_tokens_per_step = 128;
-  c.max_sequences_per_step = 8;
+  testing::HybridSpec spec;
+  spec.num_layers = 3;
+  spec.sliding_layers = {0, 2};
+  spec.full_layers = {1};
+  spec.window = 6;
+  spec.num_blocks = num_blocks;
+  spec.block_size = kBlock;
+  spec.max_tokens_per_step = 128;
+  KVCacheConfig c = testing::HybridConfig(spec);
   c.enable_kv_events = true;
   c.kv_events_queue_capacity = 100000;
-  LayerGroup sliding, full;
-  sliding.kind = AttentionKind::kSlidingWindow;
-  sliding.sliding_window = 6;
-  for (LayerGroup* g : {&sliding, &full}) {
-    g->num_kv_heads = 1;
-    g->head_size = 8;
-    g->head_size_v = 8;
-    g->cache_dtype = DType::kInt8;
-  }
-  sliding.layers = {0, 2};
-  full.layers = {1};
-  c.layer_groups = {sliding, full};
   return c;
 }
 
-struct Fixture {
-  std::unique_ptr<Device> device = CreateCpuDevice();
-  std::unique_ptr<KVCacheManager> manager;
-  std::unique_ptr<testing::GroupRunner> runner;
+struct Fixture : testing::GroupFixture {
+  using GroupFixture::GroupFixture;
   testing::EventSetRebuilder rebuilt;
-
-  Fixture(const KVCacheConfig& c, uint64_t seed) {
-    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
-        KVCacheManager::Create(c);
-    EXPECT_TRUE(m.ok()) << m.status();
-    if (!m.ok()) return;
-    manager = *std::move(m);
-    runner = std::make_unique<testing::GroupRunner>(manager.get(), device.get(),
-                                                    seed);
-  }
 
   // Drains the events into `rebuilt`; the events of each kind, counted.
   absl::Status Drain(std::vector<KVEvent>* events = nullptr) {

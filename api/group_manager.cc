@@ -8,6 +8,7 @@
 #include "api/event_sink_factory.h"
 #include "api/gather_launches.h"
 #include "api/logging.h"
+#include "api/manager_metrics.h"
 #include "core/status_macros.h"
 #include "kernels/kernel_validation.h"
 #include "spdlog/spdlog.h"
@@ -692,28 +693,10 @@ int64_t GroupManager::HeldBlocks(int32_t table) const {
 MetricsSnapshot GroupManager::Metrics() const {
   Lock lock(mu_);
   MetricsSnapshot s = counters_;
-  const PoolUsage usage = blocks_->Usage();
   const GroupPrefixStats& prefix = blocks_->PrefixStats();
-  s.blocks_total = usage.total_blocks;
-  s.blocks_free = usage.free_blocks;
-  s.blocks_cached = usage.cached_blocks;
-  s.blocks_in_use = usage.used_blocks;
-  s.usage = usage.total_blocks > 0
-                ? static_cast<double>(usage.used_blocks) / usage.total_blocks
-                : 0.0;
-  s.sequences = blocks_->num_sequences();
-  s.plans_in_flight = plans_->size();
-  s.prefix_queries = prefix.queries;
-  s.prefix_query_tokens = prefix.query_tokens;
-  s.prefix_hit_tokens = prefix.hit_tokens;
+  FillCommonMetrics(blocks_->Usage(), prefix, blocks_->num_sequences(),
+                    plans_->size(), events_.get(), &s);
   s.prefix_hit_tokens_device = prefix.hit_tokens;
-  s.evictions = prefix.evictions;
-  if (events_ != nullptr) {
-    s.kv_event_batches = static_cast<int64_t>(events_->batches());
-    s.kv_event_batches_dropped = static_cast<int64_t>(events_->dropped());
-    s.kv_event_batches_unpublished =
-        static_cast<int64_t>(events_->unpublished());
-  }
   return s;
 }
 

@@ -81,10 +81,11 @@ inline constexpr float kLog2e = 1.4426950408889634f;
 //                line: 16 per int8 tile of head size 128); false as the
 //                operands are read (lane (g, c) copies the chunks c, c + 4,
 //                ... of key g: 64-byte pieces of 8 rows per instruction, two
-//                L2 requests per line: 32). Same bytes, same shared-memory
-//                layout, same result; the earlier kernel's speeds all match
-//                one L2 request rate, not a byte rate, which this halves for
-//                K (benchmarks/results/NOTES.md "v5"; to be measured).
+//                L2 requests per line: 32). With row copies the V rows are
+//                also copied in row order, into slots arranged so that each
+//                32-byte sector lands in one piece (AttnShape::VSlot): the
+//                operand-order V copies fetch every sector twice
+//                (benchmarks/results/NOTES.md "v6"). Same bytes, same result.
 template <int kBlocksPerSm_, bool kRowCopy_ = true>
 struct AttnConfig {
   static constexpr int kBlocksPerSm = kBlocksPerSm_;
@@ -167,6 +168,30 @@ struct AttnShape {
   // Head dimension of a lane's local V element l (lane g = lane / 4).
   __device__ static int VDim(int l, int g) {
     return ((l / kVUnitElems) * 8 + g) * kVUnitElems + l % kVUnitElems;
+  }
+  // The slot of a stage's V unit slab [32 slots] that reader lane `lane`
+  // (g, c) takes its unit from, and where the copy puts that unit. The copy
+  // unit fetches a 32-byte sector once only when the sector's bytes land
+  // side by side in shared memory (ncu: otherwise every 16-byte piece
+  // fetches its sector again, 32 L2 sectors per copy of 16). So the units
+  // of one sector (neighbouring g, same c) take neighbouring slots, and the
+  // rest is arranged so that neither the 8 (16) lanes of a shared-memory
+  // read phase nor the lanes that copy one row share a bank group:
+  //   16-byte units (m = g / 2):  slot = 8 m + 2 (c ^ m) + g % 2
+  //    8-byte units (m = g / 4):  slot = 16 m + 4 (c ^ m) + g % 4
+  // kSwizzle false: slot = lane (the operand-order copies, kRowCopy false).
+  template <bool kSwizzle>
+  __device__ static int VSlot(int lane) {
+    const int g = lane / 4, c = lane % 4;
+    if constexpr (!kSwizzle) {
+      return lane;
+    } else if constexpr (kVUnit == 16) {
+      const int m = g / 2;
+      return 8 * m + 2 * (c ^ m) + g % 2;
+    } else {
+      const int m = g / 4;
+      return 16 * m + 4 * (c ^ m) + g % 4;
+    }
   }
 };
 
@@ -368,7 +393,10 @@ __global__ void __launch_bounds__(kAttnThreads,
   // 64 bytes: 2^32 of them would be a 256 GiB cache) and `key` is unused.
   constexpr bool kRowCopy = Cfg::kRowCopy;
   constexpr uint32_t kNoRow = 0xFFFFFFFFu;
+  // This lane's V slot in a stage (swizzled with row copies: Shape::VSlot).
+  const int v_slot = Shape::template VSlot<kRowCopy>(lane);
   const uint32_t k_pitch = static_cast<uint32_t>(layout.key_row_pitch());
+  const uint32_t v_pitch = static_cast<uint32_t>(layout.value_row_pitch());
   struct KeyOffsets {
     int64_t key, value, scale;
     uint32_t row;
@@ -461,19 +489,44 @@ __global__ void __launch_bounds__(kAttnThreads,
         }
       }
     }
+    if constexpr (Cfg::kRowCopy) {
+      // V rows in row order too: lanes 8 j .. 8 j + 7 copy line u (units
+      // 8 u .. 8 u + 7) of key 4 t + j. Unit 8 u + g of key k lands where
+      // its reader finds it: slab vk = 2 (k / 8) + k % 2, the slot of lane
+      // (g, c = (k % 8) / 2) (AttnShape::VSlot: a sector's units side by
+      // side, so each sector is fetched once).
+      const int j = lane / 8;
+      const int gu = lane % 8;
 #pragma unroll
-    for (int vk = 0; vk < 4; ++vk) {
-      const int key = 8 * (vk >> 1) + 2 * c + (vk & 1);
-      uint32_t row;
-      const bool ok = shfl_ok(ko, key, &row);
-      const int64_t ov = __shfl_sync(0xFFFFFFFFu, ko.value, key);
-      const CacheT* src = vc + (ok ? ov : 0);
+      for (int t = 0; t < 4; ++t) {
+        const int key = 4 * t + j;
+        const int vk = 2 * (key / 8) + (key & 1);
+        const int slot = Shape::template VSlot<true>(4 * gu + (key % 8) / 2);
+        uint32_t row;
+        const bool ok = shfl_ok(ko, key, &row);
+        const CacheT* src = vc + (ok ? uint64_t{row} * v_pitch : 0);
 #pragma unroll
-      for (int u = 0; u < Shape::kVUnits; ++u) {
-        CpAsync<Shape::kVUnit>(
-            SmemAddr(st + Shape::kKStage +
-                     ((vk * Shape::kVUnits + u) * 32 + lane) * Shape::kVUnit),
-            src + (u * 8 + g) * Shape::kVUnitElems, ok);
+        for (int u = 0; u < Shape::kVUnits; ++u) {
+          CpAsync<Shape::kVUnit>(
+              SmemAddr(st + Shape::kKStage +
+                       ((vk * Shape::kVUnits + u) * 32 + slot) * Shape::kVUnit),
+              src + (u * 8 + gu) * Shape::kVUnitElems, ok);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int vk = 0; vk < 4; ++vk) {
+        const int key = 8 * (vk >> 1) + 2 * c + (vk & 1);
+        const int64_t ov = __shfl_sync(0xFFFFFFFFu, ko.value, key);
+        const CacheT* src = vc + (ov < 0 ? 0 : ov);
+        const bool ok = __shfl_sync(0xFFFFFFFFu, ko.key, key) >= 0;
+#pragma unroll
+        for (int u = 0; u < Shape::kVUnits; ++u) {
+          CpAsync<Shape::kVUnit>(
+              SmemAddr(st + Shape::kKStage +
+                       ((vk * Shape::kVUnits + u) * 32 + lane) * Shape::kVUnit),
+              src + (u * 8 + g) * Shape::kVUnitElems, ok);
+        }
       }
     }
     if constexpr (kQuant) {
@@ -800,7 +853,7 @@ __global__ void __launch_bounds__(kAttnThreads,
       for (int vk = 0; vk < 4; ++vk) {
         const unsigned char* src =
             st + Shape::kKStage +
-            ((vk * Shape::kVUnits + u) * 32 + lane) * Shape::kVUnit;
+            ((vk * Shape::kVUnits + u) * 32 + v_slot) * Shape::kVUnit;
         if constexpr (Shape::kVUnit == 16) {
           const uint4 t = *reinterpret_cast<const uint4*>(src);
           w[vk][0] = t.x;

@@ -86,10 +86,20 @@ inline constexpr float kLog2e = 1.4426950408889634f;
 //                32-byte sector lands in one piece (AttnShape::VSlot): the
 //                operand-order V copies fetch every sector twice
 //                (benchmarks/results/NOTES.md "v6"). Same bytes, same result.
-template <int kBlocksPerSm_, bool kRowCopy_ = true>
+//   kSwap        narrow tiles with the mma's operands swapped (8-bit caches,
+//                at most 8 query rows per KV head: the launcher's default
+//                there): S^T = K q^T and O^T = V^T P^T, keys and head
+//                dimensions as the mma's M, the 8 rows as its N, so no mma
+//                works on the 8 padding rows of a 16-row tile (half the mmas,
+//                half the accumulators, no zero operands to rebuild). K and V
+//                fragments are the same registers as unswapped, regrouped;
+//                P^T is the S^T tile transposed in registers (movmatrix).
+template <int kBlocksPerSm_, bool kRowCopy_ = true, bool kSwap_ = false>
 struct AttnConfig {
   static constexpr int kBlocksPerSm = kBlocksPerSm_;
   static constexpr bool kRowCopy = kRowCopy_;
+  static constexpr bool kSwap = kSwap_;
+  static_assert(!kSwap || kRowCopy, "swapped tiles read row-copied stages");
 };
 using AttnDefaultConfig = AttnConfig<3>;
 
@@ -237,6 +247,23 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint4& a, uint32_t b0,
   }
 }
 
+// The 8x8 16-bit matrix whose lane t holds row t / 4, columns 2 (t % 4) and
+// 2 (t % 4) + 1, transposed (lane t gets the same places of the transpose).
+__device__ __forceinline__ uint32_t Transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n"
+               : "=r"(y)
+               : "r"(x));
+  return y;
+}
+
+// log2 |x| (-inf for 0 and for subnormal x, whose weight is then 0).
+__device__ __forceinline__ float Log2AbsFtz(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(fabsf(x)));
+  return y;
+}
+
 // Two biased int8 codes (bytes 0 and 1 of w after `sel`) -> fp16x2, exactly:
 // fp16 bits 0x64uu = 1024 + u, minus 1152 = code.
 __device__ __forceinline__ uint32_t BiasedBytesToHalf2(uint32_t w,
@@ -251,6 +278,29 @@ __device__ __forceinline__ uint32_t Fp8x2ToHalf2(uint32_t w) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
       static_cast<__nv_fp8x2_storage_t>(w & 0xFFFFu), __NV_E4M3);
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
+// The 4 fp16 pairs (key a, key b) of elements 0..3 of two keys' words of
+// 8-bit V codes (w0 of key a, w1 of key b).
+template <class Cache>
+__device__ __forceinline__ void VPairs(uint32_t w0, uint32_t w1,
+                                       uint32_t (&b)[4]) {
+  if constexpr (std::is_same_v<Cache, Int8Type>) {
+    const uint32_t x0 = w0 ^ 0x80808080u, x1 = w1 ^ 0x80808080u;
+    const uint32_t t01 = __byte_perm(x0, x1, 0x5140u);
+    const uint32_t t23 = __byte_perm(x0, x1, 0x7362u);
+    b[0] = BiasedBytesToHalf2(t01, 0x4140u);
+    b[1] = BiasedBytesToHalf2(t01, 0x4342u);
+    b[2] = BiasedBytesToHalf2(t23, 0x4140u);
+    b[3] = BiasedBytesToHalf2(t23, 0x4342u);
+  } else {
+    const uint32_t t01 = __byte_perm(w0, w1, 0x5140u);
+    const uint32_t t23 = __byte_perm(w0, w1, 0x7362u);
+    b[0] = Fp8x2ToHalf2(t01);
+    b[1] = Fp8x2ToHalf2(t01 >> 16);
+    b[2] = Fp8x2ToHalf2(t23);
+    b[3] = Fp8x2ToHalf2(t23 >> 16);
+  }
 }
 
 // The K B fragment of k step `s` within one 16-byte chunk of codes.
@@ -630,14 +680,18 @@ __global__ void __launch_bounds__(kAttnThreads,
     return make_uint4(a.x, b.x, a.y, b.y);
   };
 
-  // Per-lane row state: rows g and g + 8.
+  // Per-lane row state: rows g and g + 8 (swapped: rows 2c and 2c + 1).
+  constexpr bool kSwap = Cfg::kSwap;
+  static_assert(!kSwap || kQuant,
+                "swapped tiles are compiled for 8-bit caches");
+  auto lane_row = [&](int r) { return kSwap ? 2 * c + r : g + 8 * r; };
   float rowmult[2];
   int32_t rb[2], re[2];
   float m[2], m2[2], l[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int32_t row = first_row + g + 8 * r;
-    rowmult[r] = s_rowmult[hb * kAttnRows + g + 8 * r];
+    const int32_t row = first_row + lane_row(r);
+    rowmult[r] = s_rowmult[hb * kAttnRows + lane_row(r)];
     if (row < rows) {
       AttentionRowKeys(s, p.window, row / grid.group, &rb[r], &re[r]);
     } else {
@@ -646,36 +700,23 @@ __global__ void __launch_bounds__(kAttnThreads,
     m[r] = m2[r] = -INFINITY;
     l[r] = 0.0f;
   }
-  float acc[Shape::kNBlocks][4];
+  // Unswapped: n-block nd of o (8 dims); swapped: m-block nd of o^T (16).
+  constexpr int kAccBlocks = kSwap ? Shape::kNBlocks / 2 : Shape::kNBlocks;
+  float acc[kAccBlocks][4];
 #pragma unroll
-  for (int nd = 0; nd < Shape::kNBlocks; ++nd) {
+  for (int nd = 0; nd < kAccBlocks; ++nd) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nd][e] = 0.0f;
   }
 
-  int stage = 0;
-  for (int32_t i = 0; i < my_tiles; ++i) {
-    {
-      const int32_t ahead = i + kStages - 1;
-      int ahead_stage = stage + kStages - 1;
-      if (ahead_stage >= kStages) ahead_stage -= kStages;
-      if (ahead < my_tiles) issue(ahead_stage, next);
-      CpAsyncCommit();
-      next = offsets_of(ahead + 1);
-    }
-    CpAsyncWait<kStages - 1>();
-    __syncwarp();
-    const unsigned char* st = ring + stage * Shape::kStageBytes;
-    const int32_t key0 = kb + (kw + wph * i) * kAttnKeys;
-    const uint32_t valid = s_valid[warp * kStages + stage];
-
-    // S = q K^T for the tile's two blocks of 8 keys.
-    float sc[2][4];
-#pragma unroll
-    for (int nb = 0; nb < 2; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sc[nb][e] = 0.0f;
-    }
+  // One tile with swapped operands (kSwap): this lane holds S^T of keys g and
+  // g + 8 for rows 2c and 2c + 1, and o^T of dims (VDim(2 nd, g),
+  // VDim(2 nd + 1, g)) for the same rows.
+  [[maybe_unused]] auto swapped_tile = [&](const unsigned char* st,
+                                           int32_t key0, uint32_t valid) {
+    // S^T = K q^T: A = keys g, g + 8 (the unswapped B fragments of n-blocks
+    // 0 and 1), B = q row g.
+    float sk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     constexpr int kStepsPerChunk = Shape::kKSteps / Shape::kKChunks;
 #pragma unroll
     for (int i2 = 0; i2 < Shape::kKChunks; ++i2) {
@@ -687,165 +728,84 @@ __global__ void __launch_bounds__(kAttnThreads,
       }
 #pragma unroll
       for (int s2 = 0; s2 < kStepsPerChunk; ++s2) {
-        const int kk = i2 * kStepsPerChunk + s2;
-        const uint4 qa = load_q(0, kk);
-#pragma unroll
-        for (int nb = 0; nb < 2; ++nb) {
-          uint32_t b0, b1;
-          KFragment<Cache>(kraw[nb], s2, &b0, &b1);
-          Mma<kBf16>(sc[nb], qa, b0, b1);
-        }
-        if (q_split) {
-          const uint4 ql = load_q(1, kk);
-#pragma unroll
-          for (int nb = 0; nb < 2; ++nb) {
-            uint32_t b0, b1;
-            KFragment<Cache>(kraw[nb], s2, &b0, &b1);
-            Mma<kBf16>(sc[nb], ql, b0, b1);
-          }
-        }
+        const uint2 qb = q_frag(0, hb, i2 * kStepsPerChunk + s2)[lane];
+        uint32_t k00, k01, k10, k11;
+        KFragment<Cache>(kraw[0], s2, &k00, &k01);
+        KFragment<Cache>(kraw[1], s2, &k10, &k11);
+        Mma<false>(sk, make_uint4(k00, k10, k01, k11), qb.x, qb.y);
       }
     }
-
-    // Scales, soft-cap and masks; element (nb, e) is row g + 8 (e >> 1),
-    // key 8 nb + 2c + (e & 1) of the tile. A narrow tile (rows 8..15 are all
-    // padding) skips the second row: its weights stay 0.
-    float pw[2][4];
-    float alpha2[2] = {1.0f, 1.0f};
-    auto softmax = [&](auto wide_tag) {
-      constexpr bool kWide = decltype(wide_tag)::value;
-      constexpr int kRowsPerLane = kWide ? 2 : 1;
-      float x[2][4], x2[2][4], lvs[2][2];
-      [[maybe_unused]] float vsign[2][2] = {};
-      [[maybe_unused]] const float* scales =
-          reinterpret_cast<const float*>(st + Shape::kKStage + Shape::kVStage);
-      // Keys of the tile each row attends, as a bit mask.
-      uint32_t row_mask[2];
+    // Scales, soft-cap, masks; x[kq][r] is key g + 8 kq, row 2c + r.
+    const float* scales =
+        reinterpret_cast<const float*>(st + Shape::kKStage + Shape::kVStage);
+    float x[2][2], x2[2][2], vsign[2];
+    uint32_t row_mask[2];
 #pragma unroll
-      for (int r = 0; r < kRowsPerLane; ++r) {
-        const int32_t a = min(max(rb[r] - key0, 0), kAttnKeys);
-        const int32_t b = min(max(re[r] - key0, 0), kAttnKeys);
-        row_mask[r] = valid & ((1u << b) - 1u) & ~((1u << a) - 1u);
-      }
-#pragma unroll
-      for (int nb = 0; nb < 2; ++nb) {
-        float ks[2] = {1.0f, 1.0f};
-        lvs[nb][0] = lvs[nb][1] = 0.0f;
-        if constexpr (kQuant) {
-          const float2 k2 =
-              *reinterpret_cast<const float2*>(scales + 8 * nb + 2 * c);
-          const float2 v2 =
-              *reinterpret_cast<const float2*>(scales + 16 + 8 * nb + 2 * c);
-          ks[0] = k2.x;
-          ks[1] = k2.y;
-          lvs[nb][0] = __log2f(fabsf(v2.x));
-          lvs[nb][1] = __log2f(fabsf(v2.y));
-          vsign[nb][0] = v2.x < 0.0f ? -1.0f : 1.0f;
-          vsign[nb][1] = v2.y < 0.0f ? -1.0f : 1.0f;
-        }
-#pragma unroll
-        for (int e = 0; e < 2 * kRowsPerLane; ++e) {
-          x[nb][e] = sc[nb][e] * ks[e & 1] * rowmult[e >> 1];
-        }
-      }
-      if (capped) {
-#pragma unroll
-        for (int nb = 0; nb < 2; ++nb) {
-#pragma unroll
-          for (int e = 0; e < 2 * kRowsPerLane; ++e) {
-            x[nb][e] = p.soft_cap * tanhf(x[nb][e] * inv_cap) * kLog2e;
-          }
-        }
-      }
-#pragma unroll
-      for (int nb = 0; nb < 2; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2 * kRowsPerLane; ++e) {
-          const int kt = 8 * nb + 2 * c + (e & 1);
-          const bool ok = (row_mask[e >> 1] >> kt) & 1u;
-          x[nb][e] = ok ? x[nb][e] : -INFINITY;
-          x2[nb][e] = x[nb][e] + lvs[nb][e & 1];
-        }
-      }
-
-      // Online softmax per row (the quad of lanes holds a row's 16 keys).
-      float mu[2], mu2[2];
-#pragma unroll
-      for (int r = 0; r < kRowsPerLane; ++r) {
-        float mt = fmaxf(fmaxf(x[0][2 * r], x[0][2 * r + 1]),
-                         fmaxf(x[1][2 * r], x[1][2 * r + 1]));
-        mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 1));
-        mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 2));
-        const float mn = fmaxf(m[r], mt);
-        mu[r] = SafeMax(mn);
-        const float alpha = exp2f(m[r] - mu[r]);
-        l[r] *= alpha;
-        m[r] = mn;
-        if constexpr (kQuant) {
-          float mt2 = fmaxf(fmaxf(x2[0][2 * r], x2[0][2 * r + 1]),
-                            fmaxf(x2[1][2 * r], x2[1][2 * r + 1]));
-          mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 1));
-          mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 2));
-          const float mn2 = fmaxf(m2[r], mt2);
-          mu2[r] = SafeMax(mn2);
-          alpha2[r] = exp2f(m2[r] - mu2[r]);
-          m2[r] = mn2;
-        } else {
-          mu2[r] = mu[r];
-          alpha2[r] = alpha;
-        }
-      }
-#pragma unroll
-      for (int nb = 0; nb < 2; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1;
-          if (r >= kRowsPerLane) {
-            pw[nb][e] = 0.0f;
-            continue;
-          }
-          const float pr = exp2f(x[nb][e] - mu[r]);
-          l[r] += pr;
-          if constexpr (kQuant) {
-            pw[nb][e] = exp2f(x2[nb][e] - mu2[r]) * vsign[nb][e & 1];
-          } else {
-            pw[nb][e] = pr;
-          }
-        }
-      }
-    };
-    if (wide) {
-      softmax(std::true_type{});
-    } else {
-      softmax(std::false_type{});
+    for (int r = 0; r < 2; ++r) {
+      const int32_t a = min(max(rb[r] - key0, 0), kAttnKeys);
+      const int32_t b = min(max(re[r] - key0, 0), kAttnKeys);
+      row_mask[r] = valid & ((1u << b) - 1u) & ~((1u << a) - 1u);
     }
-    // Rescale only when some row's max moved (rare after the first tiles).
+#pragma unroll
+    for (int kq = 0; kq < 2; ++kq) {
+      const int key = g + 8 * kq;
+      const float ks = scales[key];
+      const float vs = scales[16 + key];
+      const float lvs = Log2AbsFtz(vs);
+      vsign[kq] = vs < 0.0f ? -1.0f : 1.0f;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float v = sk[2 * kq + r] * ks * rowmult[r];
+        if (capped) v = p.soft_cap * tanhf(v * inv_cap) * kLog2e;
+        v = (row_mask[r] >> key) & 1u ? v : -INFINITY;
+        x[kq][r] = v;
+        x2[kq][r] = v + lvs;
+      }
+    }
+    // Online softmax per row: a row's 16 keys are on the 8 lanes of its c.
+    float mu[2], mu2[2], alpha2[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mt = fmaxf(x[0][r], x[1][r]);
+      float mt2 = fmaxf(x2[0][r], x2[1][r]);
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) {
+        mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, off));
+        mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, off));
+      }
+      const float mn = fmaxf(m[r], mt);
+      mu[r] = SafeMax(mn);
+      l[r] *= mn == m[r] ? 1.0f : exp2f(m[r] - mu[r]);
+      m[r] = mn;
+      const float mn2 = fmaxf(m2[r], mt2);
+      mu2[r] = SafeMax(mn2);
+      alpha2[r] = mn2 == m2[r] ? 1.0f : exp2f(m2[r] - mu2[r]);
+      m2[r] = mn2;
+    }
+    float pw[2][2];
+#pragma unroll
+    for (int kq = 0; kq < 2; ++kq) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        l[r] += exp2f(x[kq][r] - mu[r]);
+        pw[kq][r] = exp2f(x2[kq][r] - mu2[r]) * vsign[kq];
+      }
+    }
     if (__any_sync(0xFFFFFFFFu, alpha2[0] != 1.0f || alpha2[1] != 1.0f)) {
 #pragma unroll
-      for (int nd = 0; nd < Shape::kNBlocks; ++nd) {
+      for (int nd = 0; nd < kAccBlocks; ++nd) {
         acc[nd][0] *= alpha2[0];
-        acc[nd][1] *= alpha2[0];
-        acc[nd][2] *= alpha2[1];
+        acc[nd][1] *= alpha2[1];
+        acc[nd][2] *= alpha2[0];
         acc[nd][3] *= alpha2[1];
       }
     }
-    uint4 pa, pl = make_uint4(0, 0, 0, 0);
-    pa.x = PackPair<kBf16>(pw[0][0], pw[0][1]);
-    pa.y = PackPair<kBf16>(pw[0][2], pw[0][3]);
-    pa.z = PackPair<kBf16>(pw[1][0], pw[1][1]);
-    pa.w = PackPair<kBf16>(pw[1][2], pw[1][3]);
-    if constexpr (kBf16) {
-      auto rest = [](uint32_t h, float a, float b) {
-        return PackPair<true>(a - __uint_as_float(h << 16),
-                              b - __uint_as_float(h & 0xFFFF0000u));
-      };
-      pl.x = rest(pa.x, pw[0][0], pw[0][1]);
-      pl.y = rest(pa.y, pw[0][2], pw[0][3]);
-      pl.z = rest(pa.z, pw[1][0], pw[1][1]);
-      pl.w = rest(pa.w, pw[1][2], pw[1][3]);
-    }
-
-    // O += P V: V units of keys (2c, 2c + 1) give b0, (8 + 2c, 9 + 2c) b1.
+    // P^T as the B operand (keys 2c, 2c + 1 | 8 + 2c, 9 + 2c of row g): the
+    // lane's (key g | g + 8; rows 2c, 2c + 1) pairs, transposed.
+    const uint32_t pb0 = Transpose8x8(PackPair<false>(pw[0][0], pw[0][1]));
+    const uint32_t pb1 = Transpose8x8(PackPair<false>(pw[1][0], pw[1][1]));
+    // O^T += V^T P^T: A = dims (VDim(2 nd, g) | VDim(2 nd + 1, g)) of keys
+    // 2c, 2c + 1 | 8 + 2c, 9 + 2c: the unswapped B pairs of two elements.
 #pragma unroll
     for (int u = 0; u < Shape::kVUnits; ++u) {
       uint32_t w[4][Shape::kVUnit / 4];
@@ -868,68 +828,298 @@ __global__ void __launch_bounds__(kAttnThreads,
       }
 #pragma unroll
       for (int wi = 0; wi < Shape::kVUnit / 4; ++wi) {
-        constexpr int kPerWord = 4 / Shape::kESize;
-        // b[half][e]: keys (2c, 2c + 1) for half 0, (8 + 2c, 9 + 2c) for
-        // half 1, at element e of word wi.
-        uint32_t b[2][kPerWord];
+        uint32_t b[2][4];  // [keys half][element 4 wi + e]
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const uint32_t w0 = w[2 * half][wi], w1 = w[2 * half + 1][wi];
-          if constexpr (std::is_same_v<Cache, Int8Type>) {
-            const uint32_t x0 = w0 ^ 0x80808080u, x1 = w1 ^ 0x80808080u;
-            const uint32_t t01 = __byte_perm(x0, x1, 0x5140u);
-            const uint32_t t23 = __byte_perm(x0, x1, 0x7362u);
-            b[half][0] = BiasedBytesToHalf2(t01, 0x4140u);
-            b[half][1] = BiasedBytesToHalf2(t01, 0x4342u);
-            b[half][2] = BiasedBytesToHalf2(t23, 0x4140u);
-            b[half][3] = BiasedBytesToHalf2(t23, 0x4342u);
-          } else if constexpr (std::is_same_v<Cache, Fp8E4M3Type>) {
-            const uint32_t t01 = __byte_perm(w0, w1, 0x5140u);
-            const uint32_t t23 = __byte_perm(w0, w1, 0x7362u);
-            b[half][0] = Fp8x2ToHalf2(t01);
-            b[half][1] = Fp8x2ToHalf2(t01 >> 16);
-            b[half][2] = Fp8x2ToHalf2(t23);
-            b[half][3] = Fp8x2ToHalf2(t23 >> 16);
-          } else {
-            b[half][0] = __byte_perm(w0, w1, 0x5410u);
-            b[half][1] = __byte_perm(w0, w1, 0x7632u);
-          }
+          VPairs<Cache>(w[2 * half][wi], w[2 * half + 1][wi], b[half]);
         }
 #pragma unroll
-        for (int e = 0; e < kPerWord; ++e) {
-          const int nd = u * Shape::kVUnitElems + wi * kPerWord + e;
-          Mma<kBf16>(acc[nd], pa, b[0][e], b[1][e]);
-          if constexpr (kBf16) Mma<kBf16>(acc[nd], pl, b[0][e], b[1][e]);
+        for (int j = 0; j < 2; ++j) {
+          const int nd = (u * Shape::kVUnitElems + 4 * wi) / 2 + j;
+          Mma<false>(acc[nd],
+                     make_uint4(b[0][2 * j], b[0][2 * j + 1], b[1][2 * j],
+                                b[1][2 * j + 1]),
+                     pb0, pb1);
         }
       }
     }
+  };
+
+  int stage = 0;
+  for (int32_t i = 0; i < my_tiles; ++i) {
+    {
+      const int32_t ahead = i + kStages - 1;
+      int ahead_stage = stage + kStages - 1;
+      if (ahead_stage >= kStages) ahead_stage -= kStages;
+      if (ahead < my_tiles) issue(ahead_stage, next);
+      CpAsyncCommit();
+      next = offsets_of(ahead + 1);
+    }
+    CpAsyncWait<kStages - 1>();
+    __syncwarp();
+    const unsigned char* st = ring + stage * Shape::kStageBytes;
+    const int32_t key0 = kb + (kw + wph * i) * kAttnKeys;
+    const uint32_t valid = s_valid[warp * kStages + stage];
+    if constexpr (kSwap) {
+      swapped_tile(st, key0, valid);
+    } else {
+      // S = q K^T for the tile's two blocks of 8 keys.
+      float sc[2][4];
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[nb][e] = 0.0f;
+      }
+      constexpr int kStepsPerChunk = Shape::kKSteps / Shape::kKChunks;
+#pragma unroll
+      for (int i2 = 0; i2 < Shape::kKChunks; ++i2) {
+        uint4 kraw[2];
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+          kraw[nb] = *reinterpret_cast<const uint4*>(
+              st + ((nb * Shape::kKChunks + i2) * 32 + lane) * 16);
+        }
+#pragma unroll
+        for (int s2 = 0; s2 < kStepsPerChunk; ++s2) {
+          const int kk = i2 * kStepsPerChunk + s2;
+          const uint4 qa = load_q(0, kk);
+#pragma unroll
+          for (int nb = 0; nb < 2; ++nb) {
+            uint32_t b0, b1;
+            KFragment<Cache>(kraw[nb], s2, &b0, &b1);
+            Mma<kBf16>(sc[nb], qa, b0, b1);
+          }
+          if (q_split) {
+            const uint4 ql = load_q(1, kk);
+#pragma unroll
+            for (int nb = 0; nb < 2; ++nb) {
+              uint32_t b0, b1;
+              KFragment<Cache>(kraw[nb], s2, &b0, &b1);
+              Mma<kBf16>(sc[nb], ql, b0, b1);
+            }
+          }
+        }
+      }
+
+      // Scales, soft-cap and masks; element (nb, e) is row g + 8 (e >> 1),
+      // key 8 nb + 2c + (e & 1) of the tile. A narrow tile (rows 8..15 are all
+      // padding) skips the second row: its weights stay 0.
+      float pw[2][4];
+      float alpha2[2] = {1.0f, 1.0f};
+      auto softmax = [&](auto wide_tag) {
+        constexpr bool kWide = decltype(wide_tag)::value;
+        constexpr int kRowsPerLane = kWide ? 2 : 1;
+        float x[2][4], x2[2][4], lvs[2][2];
+        [[maybe_unused]] float vsign[2][2] = {};
+        [[maybe_unused]] const float* scales = reinterpret_cast<const float*>(
+            st + Shape::kKStage + Shape::kVStage);
+        // Keys of the tile each row attends, as a bit mask.
+        uint32_t row_mask[2];
+#pragma unroll
+        for (int r = 0; r < kRowsPerLane; ++r) {
+          const int32_t a = min(max(rb[r] - key0, 0), kAttnKeys);
+          const int32_t b = min(max(re[r] - key0, 0), kAttnKeys);
+          row_mask[r] = valid & ((1u << b) - 1u) & ~((1u << a) - 1u);
+        }
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+          float ks[2] = {1.0f, 1.0f};
+          lvs[nb][0] = lvs[nb][1] = 0.0f;
+          if constexpr (kQuant) {
+            const float2 k2 =
+                *reinterpret_cast<const float2*>(scales + 8 * nb + 2 * c);
+            const float2 v2 =
+                *reinterpret_cast<const float2*>(scales + 16 + 8 * nb + 2 * c);
+            ks[0] = k2.x;
+            ks[1] = k2.y;
+            lvs[nb][0] = Log2AbsFtz(v2.x);
+            lvs[nb][1] = Log2AbsFtz(v2.y);
+            vsign[nb][0] = v2.x < 0.0f ? -1.0f : 1.0f;
+            vsign[nb][1] = v2.y < 0.0f ? -1.0f : 1.0f;
+          }
+#pragma unroll
+          for (int e = 0; e < 2 * kRowsPerLane; ++e) {
+            x[nb][e] = sc[nb][e] * ks[e & 1] * rowmult[e >> 1];
+          }
+        }
+        if (capped) {
+#pragma unroll
+          for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 2 * kRowsPerLane; ++e) {
+              x[nb][e] = p.soft_cap * tanhf(x[nb][e] * inv_cap) * kLog2e;
+            }
+          }
+        }
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 2 * kRowsPerLane; ++e) {
+            const int kt = 8 * nb + 2 * c + (e & 1);
+            const bool ok = (row_mask[e >> 1] >> kt) & 1u;
+            x[nb][e] = ok ? x[nb][e] : -INFINITY;
+            x2[nb][e] = x[nb][e] + lvs[nb][e & 1];
+          }
+        }
+
+        // Online softmax per row (the quad of lanes holds a row's 16 keys).
+        float mu[2], mu2[2];
+#pragma unroll
+        for (int r = 0; r < kRowsPerLane; ++r) {
+          float mt = fmaxf(fmaxf(x[0][2 * r], x[0][2 * r + 1]),
+                           fmaxf(x[1][2 * r], x[1][2 * r + 1]));
+          mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 1));
+          mt = fmaxf(mt, __shfl_xor_sync(0xFFFFFFFFu, mt, 2));
+          const float mn = fmaxf(m[r], mt);
+          mu[r] = SafeMax(mn);
+          // 1 when the max stayed (also at -inf: a row with no key yet, or a
+          // padding row, whose accumulators are 0 and need no rescale).
+          const float alpha = mn == m[r] ? 1.0f : exp2f(m[r] - mu[r]);
+          l[r] *= alpha;
+          m[r] = mn;
+          if constexpr (kQuant) {
+            float mt2 = fmaxf(fmaxf(x2[0][2 * r], x2[0][2 * r + 1]),
+                              fmaxf(x2[1][2 * r], x2[1][2 * r + 1]));
+            mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 1));
+            mt2 = fmaxf(mt2, __shfl_xor_sync(0xFFFFFFFFu, mt2, 2));
+            const float mn2 = fmaxf(m2[r], mt2);
+            mu2[r] = SafeMax(mn2);
+            alpha2[r] = mn2 == m2[r] ? 1.0f : exp2f(m2[r] - mu2[r]);
+            m2[r] = mn2;
+          } else {
+            mu2[r] = mu[r];
+            alpha2[r] = alpha;
+          }
+        }
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            if (r >= kRowsPerLane) {
+              pw[nb][e] = 0.0f;
+              continue;
+            }
+            const float pr = exp2f(x[nb][e] - mu[r]);
+            l[r] += pr;
+            if constexpr (kQuant) {
+              pw[nb][e] = exp2f(x2[nb][e] - mu2[r]) * vsign[nb][e & 1];
+            } else {
+              pw[nb][e] = pr;
+            }
+          }
+        }
+      };
+      if (wide) {
+        softmax(std::true_type{});
+      } else {
+        softmax(std::false_type{});
+      }
+      // Rescale only when some row's max moved (rare after the first tiles).
+      if (__any_sync(0xFFFFFFFFu, alpha2[0] != 1.0f || alpha2[1] != 1.0f)) {
+#pragma unroll
+        for (int nd = 0; nd < Shape::kNBlocks; ++nd) {
+          acc[nd][0] *= alpha2[0];
+          acc[nd][1] *= alpha2[0];
+          acc[nd][2] *= alpha2[1];
+          acc[nd][3] *= alpha2[1];
+        }
+      }
+      uint4 pa, pl = make_uint4(0, 0, 0, 0);
+      pa.x = PackPair<kBf16>(pw[0][0], pw[0][1]);
+      pa.y = PackPair<kBf16>(pw[0][2], pw[0][3]);
+      pa.z = PackPair<kBf16>(pw[1][0], pw[1][1]);
+      pa.w = PackPair<kBf16>(pw[1][2], pw[1][3]);
+      if constexpr (kBf16) {
+        auto rest = [](uint32_t h, float a, float b) {
+          return PackPair<true>(a - __uint_as_float(h << 16),
+                                b - __uint_as_float(h & 0xFFFF0000u));
+        };
+        pl.x = rest(pa.x, pw[0][0], pw[0][1]);
+        pl.y = rest(pa.y, pw[0][2], pw[0][3]);
+        pl.z = rest(pa.z, pw[1][0], pw[1][1]);
+        pl.w = rest(pa.w, pw[1][2], pw[1][3]);
+      }
+
+      // O += P V: V units of keys (2c, 2c + 1) give b0, (8 + 2c, 9 + 2c) b1.
+#pragma unroll
+      for (int u = 0; u < Shape::kVUnits; ++u) {
+        uint32_t w[4][Shape::kVUnit / 4];
+#pragma unroll
+        for (int vk = 0; vk < 4; ++vk) {
+          const unsigned char* src =
+              st + Shape::kKStage +
+              ((vk * Shape::kVUnits + u) * 32 + v_slot) * Shape::kVUnit;
+          if constexpr (Shape::kVUnit == 16) {
+            const uint4 t = *reinterpret_cast<const uint4*>(src);
+            w[vk][0] = t.x;
+            w[vk][1] = t.y;
+            w[vk][2] = t.z;
+            w[vk][3] = t.w;
+          } else {
+            const uint2 t = *reinterpret_cast<const uint2*>(src);
+            w[vk][0] = t.x;
+            w[vk][1] = t.y;
+          }
+        }
+#pragma unroll
+        for (int wi = 0; wi < Shape::kVUnit / 4; ++wi) {
+          constexpr int kPerWord = 4 / Shape::kESize;
+          // b[half][e]: keys (2c, 2c + 1) for half 0, (8 + 2c, 9 + 2c) for
+          // half 1, at element e of word wi.
+          uint32_t b[2][kPerWord];
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const uint32_t w0 = w[2 * half][wi], w1 = w[2 * half + 1][wi];
+            if constexpr (Shape::kQuant) {
+              VPairs<Cache>(w0, w1, b[half]);
+            } else {
+              b[half][0] = __byte_perm(w0, w1, 0x5410u);
+              b[half][1] = __byte_perm(w0, w1, 0x7632u);
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < kPerWord; ++e) {
+            const int nd = u * Shape::kVUnitElems + wi * kPerWord + e;
+            Mma<kBf16>(acc[nd], pa, b[0][e], b[1][e]);
+            if constexpr (kBf16) Mma<kBf16>(acc[nd], pl, b[0][e], b[1][e]);
+          }
+        }
+      }
+    }  // !kSwap
     __syncwarp();
     stage = stage + 1 == kStages ? 0 : stage + 1;
   }
   CpAsyncWait<0>();
 
   // ---- Merge the warps through shared memory and write. ----
+  // A row's sums are spread over the lanes of its g (swapped: of its c).
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xFFFFFFFFu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xFFFFFFFFu, l[r], 2);
+#pragma unroll
+    for (int off = kSwap ? 4 : 1; off < (kSwap ? 32 : 4); off *= 2) {
+      l[r] += __shfl_xor_sync(0xFFFFFFFFu, l[r], off);
+    }
   }
   __syncthreads();  // Every warp is done with its ring.
   float* s_o = reinterpret_cast<float*>(smem);  // [warp][row][dim]
-  if (c == 0) {
+  if ((kSwap ? g : c) == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      s_m[warp * kAttnRows + g + 8 * r] = m[r];
-      s_m2[warp * kAttnRows + g + 8 * r] = kQuant ? m2[r] : m[r];
-      s_l[warp * kAttnRows + g + 8 * r] = l[r];
+      s_m[warp * kAttnRows + lane_row(r)] = m[r];
+      s_m2[warp * kAttnRows + lane_row(r)] = kQuant ? m2[r] : m[r];
+      s_l[warp * kAttnRows + lane_row(r)] = l[r];
     }
   }
 #pragma unroll
-  for (int nd = 0; nd < Shape::kNBlocks; ++nd) {
+  for (int nd = 0; nd < kAccBlocks; ++nd) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int r = g + 8 * (e >> 1);
-      const int d = Shape::VDim(nd, 2 * c + (e & 1));
+      // Unswapped: row g + 8 (e / 2), dim of n-block nd at column
+      // 2c + e % 2; swapped: row 2c + e % 2, dim (2 nd + e / 2, g).
+      const int r = kSwap ? 2 * c + (e & 1) : g + 8 * (e >> 1);
+      const int d = kSwap ? Shape::VDim(2 * nd + (e >> 1), g)
+                          : Shape::VDim(nd, 2 * c + (e & 1));
       s_o[(warp * kAttnRows + r) * kHeadDim + d] = acc[nd][e];
     }
   }

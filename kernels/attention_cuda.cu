@@ -198,6 +198,19 @@ absl::Status LaunchChoice(const AttentionParams& p,
                           cudaStream_t stream) {
   using CacheT = typename Cache::T;
   constexpr bool kOcc4 = kHeadDim <= 128 && sizeof(CacheT) == 1;
+  // Swapped narrow tiles: 8-bit caches, row copies (the policy's choice).
+  if constexpr (kRowCopy && sizeof(CacheT) == 1) {
+    if (c.swap) {
+      if constexpr (kOcc4) {
+        if (c.blocks_per_sm == 4) {
+          return Launch<Cache, kHeadDim, AttnConfig<4, true, true>>(p, c.heads,
+                                                                    stream);
+        }
+      }
+      return Launch<Cache, kHeadDim, AttnConfig<3, true, true>>(p, c.heads,
+                                                                stream);
+    }
+  }
   if constexpr (kOcc4) {
     if (c.blocks_per_sm == 4) {
       return Launch<Cache, kHeadDim, AttnConfig<4, kRowCopy>>(p, c.heads,

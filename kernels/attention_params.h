@@ -50,8 +50,9 @@ inline constexpr int32_t kMaxAttentionSplits = 64;
 // the first shape rule (auto_heads), and combinations. 1-7 copy K in operand
 // order (the v4 kernel: two 64-byte requests per 128-byte line), as does 8
 // "auto_v4" (the policy as it was before row copies); 9-13 "rows_*" force
-// heads and blocks per multiprocessor with row copies.
-inline constexpr int32_t kNumAttentionVariants = 14;
+// heads and blocks per multiprocessor with row copies; 14 "auto_v5" is the
+// policy without swapped narrow tiles (0 uses them for 8-bit caches).
+inline constexpr int32_t kNumAttentionVariants = 15;
 inline constexpr const char* kAttentionVariantNames[kNumAttentionVariants] = {
     "auto",        "base",
     "heads1",      "heads2",
@@ -59,7 +60,8 @@ inline constexpr const char* kAttentionVariantNames[kNumAttentionVariants] = {
     "auto_heads",  "occ4_auto_heads",
     "auto_v4",     "rows_base",
     "rows_heads1", "rows_heads2",
-    "rows_occ4",   "rows_occ4_heads1"};
+    "rows_occ4",   "rows_occ4_heads1",
+    "auto_v5"};
 
 // Split-KV scratch, allocated once by the caller (so a launch allocates
 // nothing and can be captured in a CUDA graph). A launch with S splits over

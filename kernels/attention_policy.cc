@@ -21,22 +21,24 @@ struct VariantSpec {
   int heads;
   int blocks_per_sm;
   bool row_copy;
+  bool swap = false;  // Swapped narrow tiles where they apply.
 };
 constexpr VariantSpec kVariants[kNumAttentionVariants] = {
-    {kPolicy, kPolicy, kRowCopies},      // auto (the default)
-    {kBaseHeads, 3, kOperandCopies},     // base
-    {1, 3, kOperandCopies},              // heads1
-    {2, 3, kOperandCopies},              // heads2
-    {kBaseHeads, 4, kOperandCopies},     // occ4
-    {1, 4, kOperandCopies},              // occ4_heads1
-    {kAutoHeads, 3, kOperandCopies},     // auto_heads
-    {kAutoHeads, 4, kOperandCopies},     // occ4_auto_heads
-    {kPolicy, kPolicy, kOperandCopies},  // auto_v4
-    {kBaseHeads, 3, kRowCopies},         // rows_base
-    {1, 3, kRowCopies},                  // rows_heads1
-    {2, 3, kRowCopies},                  // rows_heads2
-    {kBaseHeads, 4, kRowCopies},         // rows_occ4
-    {1, 4, kRowCopies},                  // rows_occ4_heads1
+    {kPolicy, kPolicy, kRowCopies, true},  // auto (the default)
+    {kBaseHeads, 3, kOperandCopies},       // base
+    {1, 3, kOperandCopies},                // heads1
+    {2, 3, kOperandCopies},                // heads2
+    {kBaseHeads, 4, kOperandCopies},       // occ4
+    {1, 4, kOperandCopies},                // occ4_heads1
+    {kAutoHeads, 3, kOperandCopies},       // auto_heads
+    {kAutoHeads, 4, kOperandCopies},       // occ4_auto_heads
+    {kPolicy, kPolicy, kOperandCopies},    // auto_v4
+    {kBaseHeads, 3, kRowCopies},           // rows_base
+    {1, 3, kRowCopies},                    // rows_heads1
+    {2, 3, kRowCopies},                    // rows_heads2
+    {kBaseHeads, 4, kRowCopies},           // rows_occ4
+    {1, 4, kRowCopies},                    // rows_occ4_heads1
+    {kPolicy, kPolicy, kRowCopies},        // auto_v5
 };
 
 }  // namespace
@@ -63,6 +65,10 @@ AttentionKernelChoice ChooseAttentionKernel(const AttentionParams& p,
   AttentionKernelChoice c;
   c.heads = base;
   c.row_copy = v.row_copy;
+  // Swapped tiles: 8-bit caches whose rows per KV head fit the mma's N (8).
+  c.swap = v.swap && !wide &&
+           int64_t{p.max_query_tokens} * (p.num_q_heads / kv_heads) <=
+               kAttentionTileRows / 2;
   c.blocks_per_sm = v.blocks_per_sm == 4 && occ4_compiled ? 4 : 3;
   int heads = v.heads;
   if (heads == kAutoHeads) {

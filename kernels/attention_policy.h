@@ -26,6 +26,10 @@ struct AttentionKernelChoice {
   // K rows copied in row order (AttnConfig::kRowCopy in attention.cuh; the
   // policy's choice), or as the lanes read them (the kernel before, for A/B).
   bool row_copy = true;
+  // Narrow tiles with the mma's operands swapped (AttnConfig::kSwap in
+  // attention.cuh): 8-bit caches with at most 8 query rows per KV head
+  // (max_query_tokens x GQA group), row copies only.
+  bool swap = false;
 };
 
 // Row tiles per KV head: max_query_tokens x GQA group rows, 16 per tile.
@@ -56,6 +60,9 @@ int32_t AttentionRowTiles(const AttentionParams& p);
 //   was limited by (benchmarks/results/NOTES.md "v5"). Variant 8 "auto_v4"
 //   is this policy with the operand-order copies of v4, for A/B; the rows_*
 //   variants force heads and blocks per multiprocessor with row copies.
+// - 8-bit caches with at most 8 query rows per KV head: swapped tiles (swap;
+//   no mma on padding rows). Variant 14 "auto_v5" is the policy without
+//   them, for A/B.
 AttentionKernelChoice ChooseAttentionKernel(const AttentionParams& p,
                                             bool occ4_compiled, int sms);
 

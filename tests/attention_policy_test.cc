@@ -161,6 +161,55 @@ TEST(AttentionPolicyTest, ForcedVariants) {
   EXPECT_EQ(c.blocks_per_sm, 3);
 }
 
+TEST(AttentionPolicyTest, SwappedTilesFor8BitCachesWithAtMost8Rows) {
+  struct Swap {
+    DType cache;
+    int32_t group, query_tokens, variant;
+    bool swap;
+  };
+  const Swap cases[] = {
+      // auto: 8-bit caches whose rows per KV head (tokens x group) fit 8.
+      {DType::kInt8, 4, 1, 0, true},
+      {DType::kFp8E4M3, 4, 1, 0, true},
+      {DType::kInt8, 8, 1, 0, true},
+      {DType::kInt8, 1, 8, 0, true},
+      {DType::kInt8, 4, 2, 0, true},
+      {DType::kInt8, 16, 1, 0, false},
+      {DType::kInt8, 4, 3, 0, false},
+      {DType::kFp8E4M3, 1, 9, 0, false},
+      {DType::kBFloat16, 4, 1, 0, false},
+      {DType::kFloat16, 1, 1, 0, false},
+      // auto_v5 (the policy without them) and the forced variants: never.
+      {DType::kInt8, 4, 1, 14, false},
+      {DType::kInt8, 4, 1, 8, false},
+      {DType::kInt8, 4, 1, 13, false},
+      {DType::kFp8E4M3, 4, 1, 9, false},
+  };
+  for (const Swap& w : cases) {
+    SCOPED_TRACE(std::string(DTypeName(w.cache)) + " group " +
+                 std::to_string(w.group) + " tokens " +
+                 std::to_string(w.query_tokens) + " " +
+                 kAttentionVariantNames[w.variant]);
+    const AttentionKernelChoice c = ChooseAttentionKernel(
+        Params(w.cache, 64, 8, w.group, w.query_tokens, w.variant),
+        DTypeSize(w.cache) == 1, kH200Sms);
+    EXPECT_EQ(c.swap, w.swap);
+    if (w.swap) {
+      EXPECT_TRUE(c.row_copy);
+    }
+  }
+  // auto_v5 makes the same heads and kernel choice as auto.
+  for (int32_t seqs : {8, 64, 256}) {
+    const AttentionKernelChoice a =
+        ChooseAttentionKernel(Params(DType::kInt8, seqs), true, kH200Sms);
+    const AttentionKernelChoice v5 = ChooseAttentionKernel(
+        Params(DType::kInt8, seqs, 8, 4, 1, 14), true, kH200Sms);
+    EXPECT_EQ(a.heads, v5.heads);
+    EXPECT_EQ(a.blocks_per_sm, v5.blocks_per_sm);
+    EXPECT_TRUE(v5.row_copy);
+  }
+}
+
 TEST(AttentionPolicyTest, HeadsThatDoNotDivideFallBackToTheBase) {
   // 6 KV heads: base 2; 3 KV heads: base 1.
   AttentionKernelChoice c = ChooseAttentionKernel(

@@ -219,7 +219,8 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
   int64_t tier_onboard = 0;  // The onboard batch the plan's Appends wait for.
   AllowOffloadIfQueueIsFree();
   absl::StatusOr<StepPlan> plan = blocks_->Reserve(batch);
-  if (absl::IsResourceExhausted(plan.status()) && ReclaimHeldOffloads()) {
+  if (absl::IsResourceExhausted(plan.status()) &&
+      ReclaimHeldOffloads(plan.status())) {
     plan = blocks_->Reserve(batch);
   }
   if (!plan.ok()) {
@@ -336,7 +337,7 @@ absl::Status KVCacheManager::Impl::CanReserve(
     absl::Span<const ReserveRequest> batch) const {
   KVCACHE_RETURN_IF_ERROR(CheckBatch(batch));
   absl::Status fits = blocks_->CanReserve(batch);
-  if (absl::IsResourceExhausted(fits) && ReclaimHeldOffloads()) {
+  if (absl::IsResourceExhausted(fits) && ReclaimHeldOffloads(fits)) {
     fits = blocks_->CanReserve(batch);
   }
   return fits;

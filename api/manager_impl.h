@@ -211,7 +211,11 @@ class KVCacheManager::Impl {
   // pool's, just not yet reusable). Logically const: only when held blocks
   // become free, which no caller can tell from before but by the pool's
   // counts.
-  bool ReclaimHeldOffloads() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `no_room` is the ResourceExhausted that asked: when its Shortfall says
+  // the batch would not fit even with every held block free, nothing is
+  // waited for (returns false at once).
+  bool ReclaimHeldOffloads(const absl::Status& no_room) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The event sink (and its publisher) config asks for, or null when events
   // are off (internal::CreateEventSink, api/manager_events.cc).
   static absl::StatusOr<std::unique_ptr<internal::KVEventSink>> CreateEvents(

@@ -22,9 +22,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <new>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "api/manager_impl.h"
+#include "core/shortfall.h"
 #include "core/status_macros.h"
 
 namespace kvcache {
@@ -94,8 +96,17 @@ void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
   blocks_->SetTierOffloadBudget(budget);
 }
 
-bool KVCacheManager::Impl::ReclaimHeldOffloads() const {
+bool KVCacheManager::Impl::ReclaimHeldOffloads(
+    const absl::Status& no_room) const {
   if (tier_ == nullptr || blocks_->held_tier_offloads() == 0) return false;
+  // Waiting for the copies is worth it only when their blocks would make
+  // the batch fit (an engine's admission probe that does not fit anyway,
+  // the usual last CanReserve of a step, must not stall on the link).
+  if (const std::optional<Shortfall> s = GetShortfall(no_room);
+      s.has_value() && s->blocks_needed > s->blocks_free + s->blocks_evictable +
+                                              blocks_->held_tier_offloads()) {
+    return false;
+  }
   TierCopier& copier = tier_->copier();
   // On an error the copies may never complete: the blocks stay held (and
   // the caller's call fails as it would have).

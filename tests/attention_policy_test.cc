@@ -179,11 +179,16 @@ TEST(AttentionPolicyTest, SwappedTilesFor8BitCachesWithAtMost8Rows) {
       {DType::kFp8E4M3, 1, 9, 0, false},
       {DType::kBFloat16, 4, 1, 0, false},
       {DType::kFloat16, 1, 1, 0, false},
-      // auto_v5 (the policy without them) and the forced variants: never.
+      // The rows_* variants too; auto_v5 (the policy without them) and the
+      // operand-order variants never.
+      {DType::kInt8, 4, 1, 13, true},
+      {DType::kFp8E4M3, 4, 1, 9, true},
+      {DType::kInt8, 16, 1, 10, false},
+      {DType::kBFloat16, 4, 1, 12, false},
       {DType::kInt8, 4, 1, 14, false},
       {DType::kInt8, 4, 1, 8, false},
-      {DType::kInt8, 4, 1, 13, false},
-      {DType::kFp8E4M3, 4, 1, 9, false},
+      {DType::kInt8, 4, 1, 1, false},
+      {DType::kFp8E4M3, 4, 1, 5, false},
   };
   for (const Swap& w : cases) {
     SCOPED_TRACE(std::string(DTypeName(w.cache)) + " group " +

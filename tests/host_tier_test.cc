@@ -10,6 +10,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <utility>
@@ -20,6 +21,7 @@
 #include "api/kv_cache_manager.h"
 #include "api/kv_cache_manager_test_peer.h"
 #include "core/kv_event.h"
+#include "core/shortfall.h"
 #include "gtest/gtest.h"
 #include "storage/device.h"
 #include "storage/tier_copier.h"
@@ -708,12 +710,24 @@ TEST_P(HostTierTest, ReserveThatNeedsHeldBlocksWaitsForThem) {
   });
   Compute(1, Prompt(4 * kBs + 1));
   ASSERT_TRUE(m_->Free(1).ok());  // 4 cached, 4 free.
-  copier_->set_delay_for_testing(absl::Milliseconds(100));
+  // Long enough that the copies are still running at the probe below.
+  copier_->set_delay_for_testing(absl::Milliseconds(1000));
   ASSERT_TRUE(m_->AddSequence(2, Prompt(6 * kBs)).ok());
   absl::StatusOr<StepPlanInfo> plan = m_->Reserve({{2, {}, 5 * kBs}});
   ASSERT_TRUE(plan.ok()) << plan.status();
   // 5 blocks of 8: three to spare, so three evicted blocks are held.
   EXPECT_EQ(m_->Metrics().blocks_in_use, 5 + 3);
+  // A probe that would not fit even with the held blocks free (4 blocks
+  // against 3 held, none free or evictable) fails at once: it waits for no
+  // copy, so the held blocks are still held (waiting would have freed them).
+  ASSERT_TRUE(m_->AddSequence(3, Prompt(4 * kBs)).ok());
+  const absl::Status probe = m_->CanReserve({{3, {}, 4 * kBs}});
+  ASSERT_TRUE(absl::IsResourceExhausted(probe)) << probe;
+  const std::optional<Shortfall> shortfall = GetShortfall(probe);
+  ASSERT_TRUE(shortfall.has_value());
+  EXPECT_EQ(shortfall->blocks_free + shortfall->blocks_evictable, 0);
+  EXPECT_EQ(m_->Metrics().blocks_in_use, 5 + 3);
+  ASSERT_TRUE(m_->Free(3).ok());
   AppendZeros(plan->id, 5 * kBs);
   ASSERT_TRUE(m_->Commit(plan->id).ok());
   copier_->set_delay_for_testing(absl::ZeroDuration());

@@ -37,6 +37,11 @@
 //   bits to bf16 (the low part of a bf16 q is zero and skipped).
 //   A narrow tile (at most 8 rows: rows 8..15 padding) skips the second
 //   row's softmax; the accumulators are rescaled only when a row's max moved.
+//   For 8-bit caches a narrow tile swaps the operands (AttnConfig::kSwap):
+//   S^T = K q^T and O^T = V^T P^T, the keys and head dimensions as the mma's
+//   M and the 8 rows as its N; lane (g, c) then holds keys g, g + 8 of rows
+//   2c, 2c + 1, a row's softmax reduces over the 8 lanes of its c, and P^T's
+//   B fragments come from S^T by movmatrix.trans.
 //   End of the split: the warps of a head merge their states through shared
 //   memory; with one split the block writes o = acc / sum, otherwise
 //   (acc / sum, max + log2 sum) to the workspace, and AttentionReduceKernel

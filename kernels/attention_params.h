@@ -50,8 +50,9 @@ inline constexpr int32_t kMaxAttentionSplits = 64;
 // the first shape rule (auto_heads), and combinations. 1-7 copy K in operand
 // order (the v4 kernel: two 64-byte requests per 128-byte line), as does 8
 // "auto_v4" (the policy as it was before row copies); 9-13 "rows_*" force
-// heads and blocks per multiprocessor with row copies; 14 "auto_v5" is the
-// policy without swapped narrow tiles (0 uses them for 8-bit caches).
+// heads and blocks per multiprocessor with row copies (and swapped narrow
+// tiles for 8-bit caches, as 0 "auto"); 14 "auto_v5" is the policy without
+// swapped tiles.
 inline constexpr int32_t kNumAttentionVariants = 15;
 inline constexpr const char* kAttentionVariantNames[kNumAttentionVariants] = {
     "auto",        "base",

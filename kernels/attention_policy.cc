@@ -33,11 +33,11 @@ constexpr VariantSpec kVariants[kNumAttentionVariants] = {
     {kAutoHeads, 3, kOperandCopies},       // auto_heads
     {kAutoHeads, 4, kOperandCopies},       // occ4_auto_heads
     {kPolicy, kPolicy, kOperandCopies},    // auto_v4
-    {kBaseHeads, 3, kRowCopies},           // rows_base
-    {1, 3, kRowCopies},                    // rows_heads1
-    {2, 3, kRowCopies},                    // rows_heads2
-    {kBaseHeads, 4, kRowCopies},           // rows_occ4
-    {1, 4, kRowCopies},                    // rows_occ4_heads1
+    {kBaseHeads, 3, kRowCopies, true},     // rows_base
+    {1, 3, kRowCopies, true},              // rows_heads1
+    {2, 3, kRowCopies, true},              // rows_heads2
+    {kBaseHeads, 4, kRowCopies, true},     // rows_occ4
+    {1, 4, kRowCopies, true},              // rows_occ4_heads1
     {kPolicy, kPolicy, kRowCopies},        // auto_v5
 };
 

@@ -61,8 +61,8 @@ int32_t AttentionRowTiles(const AttentionParams& p);
 //   is this policy with the operand-order copies of v4, for A/B; the rows_*
 //   variants force heads and blocks per multiprocessor with row copies.
 // - 8-bit caches with at most 8 query rows per KV head: swapped tiles (swap;
-//   no mma on padding rows). Variant 14 "auto_v5" is the policy without
-//   them, for A/B.
+//   no mma on padding rows), also in the rows_* variants. Variant 14
+//   "auto_v5" is the policy without them, for A/B.
 AttentionKernelChoice ChooseAttentionKernel(const AttentionParams& p,
                                             bool occ4_compiled, int sms);
 

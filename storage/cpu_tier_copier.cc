@@ -25,7 +25,7 @@ class CpuTierCopier final : public TierCopier {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
     }
-    cv_.notify_all();
+    for (Lane& l : lanes_) l.work.notify_all();
     for (std::thread& t : threads_) {
       if (t.joinable()) t.join();
     }
@@ -49,31 +49,41 @@ class CpuTierCopier final : public TierCopier {
       return absl::InternalError("tier copy failed (injected by a test)");
     }
     if (runs.empty()) return absl::OkStatus();
-    std::vector<CopyRun> batch(runs.begin(), runs.end());
     int64_t bytes = 0;
     for (const CopyRun& r : runs) bytes += r.bytes;
+    Lane& l = lanes_[Index(lane)];
+    std::vector<CopyRun> batch;
+    {
+      // A description a finished batch left behind: large batches would
+      // otherwise map and fault in fresh pages on every call.
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!l.spare.empty()) {
+        batch = std::move(l.spare.back());
+        l.spare.pop_back();
+      }
+    }
+    batch.assign(runs.begin(), runs.end());
     {
       std::lock_guard<std::mutex> lock(mu_);
-      Lane& l = lanes_[Index(lane)];
       l.queue.push_back(Batch{std::move(batch), delay_, bytes, after});
       ++l.enqueued;
       l.enqueued_bytes += bytes;
     }
-    cv_.notify_all();
+    l.work.notify_one();  // Only this lane's thread has new work.
     return absl::OkStatus();
   }
 
   absl::Status WaitOn(TierLane lane, int64_t batch, void*) override {
     std::unique_lock<std::mutex> lock(mu_);
     const Lane& l = lanes_[Index(lane)];
-    cv_.wait(lock, [&] { return l.done >= batch; });
+    done_.wait(lock, [&] { return l.done >= batch; });
     return absl::OkStatus();
   }
 
   absl::Status Synchronize(TierLane lane) override {
     std::unique_lock<std::mutex> lock(mu_);
     const Lane& l = lanes_[Index(lane)];
-    cv_.wait(lock, [&] { return l.done == l.enqueued; });
+    done_.wait(lock, [&] { return l.done == l.enqueued; });
     return absl::OkStatus();
   }
 
@@ -109,7 +119,13 @@ class CpuTierCopier final : public TierCopier {
     int64_t done = 0;
     int64_t enqueued_bytes = 0;
     int64_t done_bytes = 0;
+    // Signals the lane's thread: a batch enqueued, another lane's batch
+    // done (its front batch may wait for it), or stop_.
+    std::condition_variable work;
+    // Descriptions of finished batches, for reuse (at most kMaxSpare).
+    std::vector<std::vector<CopyRun>> spare;
   };
+  static constexpr size_t kMaxSpare = 4;
   static int Index(TierLane lane) { return static_cast<int>(lane); }
 
   // Whether the batches `after` names of lanes other than `lane` are done.
@@ -128,7 +144,7 @@ class CpuTierCopier final : public TierCopier {
     Lane& l = lanes_[lane];
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
-      cv_.wait(lock, [&] {
+      l.work.wait(lock, [&] {
         return (stop_ && l.queue.empty()) ||
                (!l.queue.empty() && Ready(lane, l.queue.front().after));
       });
@@ -143,14 +159,22 @@ class CpuTierCopier final : public TierCopier {
       lock.lock();
       ++l.done;
       l.done_bytes += batch.bytes;
-      cv_.notify_all();
+      if (l.spare.size() < kMaxSpare) l.spare.push_back(std::move(batch.runs));
+      done_.notify_all();
+      // Another lane's next batch may have been waiting for this one.
+      for (int other = 0; other < kNumTierLanes; ++other) {
+        if (other != lane && !lanes_[other].queue.empty() &&
+            lanes_[other].queue.front().after.batch[lane] == l.done) {
+          lanes_[other].work.notify_one();
+        }
+      }
     }
   }
 
   Buffer pool_;
   mutable std::mutex mu_;
-  // Signals a batch enqueued, a batch done, or stop_.
-  std::condition_variable cv_;
+  // Signals a batch done (WaitOn, Synchronize).
+  std::condition_variable done_;
   Lane lanes_[kNumTierLanes];
   bool stop_ = false;
   std::thread threads_[kNumTierLanes];

@@ -714,6 +714,29 @@ __global__ void __launch_bounds__(kAttnThreads,
     for (int e = 0; e < 4; ++e) acc[nd][e] = 0.0f;
   }
 
+  // The words of V unit slab u of a stage that this lane reads, per key
+  // slot vk (keys 2c, 2c + 1, 8 + 2c, 9 + 2c): w[vk][word].
+  auto load_v = [&](const unsigned char* st, int u,
+                    uint32_t(&w)[4][Shape::kVUnit / 4]) {
+#pragma unroll
+    for (int vk = 0; vk < 4; ++vk) {
+      const unsigned char* src =
+          st + Shape::kKStage +
+          ((vk * Shape::kVUnits + u) * 32 + v_slot) * Shape::kVUnit;
+      if constexpr (Shape::kVUnit == 16) {
+        const uint4 t = *reinterpret_cast<const uint4*>(src);
+        w[vk][0] = t.x;
+        w[vk][1] = t.y;
+        w[vk][2] = t.z;
+        w[vk][3] = t.w;
+      } else {
+        const uint2 t = *reinterpret_cast<const uint2*>(src);
+        w[vk][0] = t.x;
+        w[vk][1] = t.y;
+      }
+    }
+  };
+
   // One tile with swapped operands (kSwap): this lane holds S^T of keys g and
   // g + 8 for rows 2c and 2c + 1, and o^T of dims (VDim(2 nd, g),
   // VDim(2 nd + 1, g)) for the same rows.
@@ -814,23 +837,7 @@ __global__ void __launch_bounds__(kAttnThreads,
 #pragma unroll
     for (int u = 0; u < Shape::kVUnits; ++u) {
       uint32_t w[4][Shape::kVUnit / 4];
-#pragma unroll
-      for (int vk = 0; vk < 4; ++vk) {
-        const unsigned char* src =
-            st + Shape::kKStage +
-            ((vk * Shape::kVUnits + u) * 32 + v_slot) * Shape::kVUnit;
-        if constexpr (Shape::kVUnit == 16) {
-          const uint4 t = *reinterpret_cast<const uint4*>(src);
-          w[vk][0] = t.x;
-          w[vk][1] = t.y;
-          w[vk][2] = t.z;
-          w[vk][3] = t.w;
-        } else {
-          const uint2 t = *reinterpret_cast<const uint2*>(src);
-          w[vk][0] = t.x;
-          w[vk][1] = t.y;
-        }
-      }
+      load_v(st, u, w);
 #pragma unroll
       for (int wi = 0; wi < Shape::kVUnit / 4; ++wi) {
         uint32_t b[2][4];  // [keys half][element 4 wi + e]
@@ -1050,23 +1057,7 @@ __global__ void __launch_bounds__(kAttnThreads,
 #pragma unroll
       for (int u = 0; u < Shape::kVUnits; ++u) {
         uint32_t w[4][Shape::kVUnit / 4];
-#pragma unroll
-        for (int vk = 0; vk < 4; ++vk) {
-          const unsigned char* src =
-              st + Shape::kKStage +
-              ((vk * Shape::kVUnits + u) * 32 + v_slot) * Shape::kVUnit;
-          if constexpr (Shape::kVUnit == 16) {
-            const uint4 t = *reinterpret_cast<const uint4*>(src);
-            w[vk][0] = t.x;
-            w[vk][1] = t.y;
-            w[vk][2] = t.z;
-            w[vk][3] = t.w;
-          } else {
-            const uint2 t = *reinterpret_cast<const uint2*>(src);
-            w[vk][0] = t.x;
-            w[vk][1] = t.y;
-          }
-        }
+        load_v(st, u, w);
 #pragma unroll
         for (int wi = 0; wi < Shape::kVUnit / 4; ++wi) {
           constexpr int kPerWord = 4 / Shape::kESize;

@@ -714,6 +714,14 @@ __global__ void __launch_bounds__(kAttnThreads,
     for (int e = 0; e < 4; ++e) acc[nd][e] = 0.0f;
   }
 
+  // This lane's 16-byte K chunk i2 of keys g (kraw[0]) and 8 + g (kraw[1]).
+  auto load_k = [&](const unsigned char* st, int i2, uint4(&kraw)[2]) {
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
+      kraw[nb] = *reinterpret_cast<const uint4*>(
+          st + ((nb * Shape::kKChunks + i2) * 32 + lane) * 16);
+    }
+  };
   // The words of V unit slab u of a stage that this lane reads, per key
   // slot vk (keys 2c, 2c + 1, 8 + 2c, 9 + 2c): w[vk][word].
   auto load_v = [&](const unsigned char* st, int u,
@@ -749,11 +757,7 @@ __global__ void __launch_bounds__(kAttnThreads,
 #pragma unroll
     for (int i2 = 0; i2 < Shape::kKChunks; ++i2) {
       uint4 kraw[2];
-#pragma unroll
-      for (int nb = 0; nb < 2; ++nb) {
-        kraw[nb] = *reinterpret_cast<const uint4*>(
-            st + ((nb * Shape::kKChunks + i2) * 32 + lane) * 16);
-      }
+      load_k(st, i2, kraw);
 #pragma unroll
       for (int s2 = 0; s2 < kStepsPerChunk; ++s2) {
         const uint2 qb = q_frag(0, hb, i2 * kStepsPerChunk + s2)[lane];
@@ -886,11 +890,7 @@ __global__ void __launch_bounds__(kAttnThreads,
 #pragma unroll
       for (int i2 = 0; i2 < Shape::kKChunks; ++i2) {
         uint4 kraw[2];
-#pragma unroll
-        for (int nb = 0; nb < 2; ++nb) {
-          kraw[nb] = *reinterpret_cast<const uint4*>(
-              st + ((nb * Shape::kKChunks + i2) * 32 + lane) * 16);
-        }
+        load_k(st, i2, kraw);
 #pragma unroll
         for (int s2 = 0; s2 < kStepsPerChunk; ++s2) {
           const int kk = i2 * kStepsPerChunk + s2;

@@ -52,6 +52,7 @@ struct ReplayReport {
   int64_t total_blocks = 0;
   double host_ms_median = 0.0;  // Per step.
   double host_ms_p99 = 0.0;
+  double host_s_total = 0.0;  // Sum over steps.
   // Steps of decode tokens only, and how many ran in a CUDA graph
   // (--cuda_graph).
   bool cuda_graph = false;

@@ -54,12 +54,12 @@ int32_t AttentionRowTiles(const AttentionParams& p);
 //   split-KV adds no parallelism and the fourth block per multiprocessor is
 //   what fills the device (many short sequences: 256 x 1k).
 // - bf16/fp16: 1 head per block when few or many, 2 in between; 3 blocks.
-// - Every cache: K rows copied in row order (row_copy): half the L2 requests
-//   for K at head size 128 (a whole 128-byte line per request instead of two
-//   64-byte halves), same bytes; the L2 request rate is what the v4 kernel
-//   was limited by (benchmarks/results/NOTES.md "v5"). Variant 8 "auto_v4"
-//   is this policy with the operand-order copies of v4, for A/B; the rows_*
-//   variants force heads and blocks per multiprocessor with row copies.
+// - Every cache: K and V rows copied in row order (row_copy), V into slots
+//   that keep each 32-byte sector in one piece: the operand-order V copies
+//   fetched every sector twice (benchmarks/results/NOTES.md "v6"). Variant 8
+//   "auto_v4" is this policy with the operand-order copies of v4, for A/B;
+//   the rows_* variants force heads and blocks per multiprocessor with row
+//   copies.
 // - 8-bit caches with at most 8 query rows per KV head: swapped tiles (swap;
 //   no mma on padding rows), also in the rows_* variants. Variant 14
 //   "auto_v5" is the policy without them, for A/B.

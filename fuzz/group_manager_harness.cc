@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
@@ -221,7 +222,7 @@ class Harness {
   }
 
   absl::Status Op(const char*& call) {
-    switch (in_.Range(10)) {
+    switch (in_.Range(11)) {
       case 0: {
         call = "AddSequence";
         const SequenceId id = Id();
@@ -290,6 +291,21 @@ class Harness {
         const SequenceId id = Id();
         absl::Status st = m_->Free(id);
         if (st.ok()) seqs_.erase(id);
+        return st;
+      }
+      case 10: {
+        // A hostile table: out of range is InvalidArgument; in range, the
+        // graph step's own error (graph_max_tokens is 0 here).
+        call = "GroupGraphStep";
+        const int32_t tables[] = {0, 1, m_->NumBlockTables(), -1, INT32_MAX};
+        const int32_t table = tables[in_.Range(5)];
+        const absl::Status st = m_->GroupGraphStep(table).status();
+        const bool in_range = table >= 0 && table < m_->NumBlockTables();
+        if (in_range ? !absl::IsFailedPrecondition(st)
+                     : !absl::IsInvalidArgument(st)) {
+          Fail("GroupGraphStep of table " + std::to_string(table) + ": " +
+               st.ToString());
+        }
         return st;
       }
       case 9: {

@@ -1059,9 +1059,35 @@ class Harness {
   }
 
   absl::Status Lookup() {
-    const int kind = in_.Range(7);
+    const int kind = in_.Range(9);
     const int64_t id = Id();
     switch (kind) {
+      case 7: {
+        // Known ids only; true once no onboard fills the prefix (always
+        // without a tier).
+        absl::StatusOr<bool> loaded = manager_->PrefixLoaded(id);
+        if (loaded.ok() != (seqs_.count(id) == 1))
+          Fail("PrefixLoaded vs model");
+        if (loaded.ok() && config_.host_tier_bytes == 0 && !*loaded) {
+          Fail("PrefixLoaded false without a tier");
+        }
+        return loaded.status();
+      }
+      case 8: {
+        // A hostile table: only 0 exists without layer groups, and it is
+        // GraphStep().
+        const int32_t tables[] = {0, 1, -1, INT32_MAX, INT32_MIN};
+        const int32_t table = tables[in_.Range(5)];
+        absl::StatusOr<GraphStepInputs> in = manager_->GroupGraphStep(table);
+        if (table != 0 && !absl::IsInvalidArgument(in.status())) {
+          Fail("GroupGraphStep of table " + std::to_string(table) + ": " +
+               in.status().ToString());
+        }
+        if (table == 0 && in.ok() != (config_.graph_max_tokens > 0)) {
+          Fail("GroupGraphStep(0) vs graph_max_tokens");
+        }
+        return in.status();
+      }
       case 0: {
         std::vector<SequenceId> ids;
         const int n = in_.Range(6);  // 0 and 5 are hostile

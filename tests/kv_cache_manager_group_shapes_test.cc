@@ -25,25 +25,13 @@
 #include "storage/device.h"
 #include "testing/kv_reference.h"
 #include "tests/group_runner.h"
+#include "tests/make_layer_group.h"
 
 namespace kvcache {
 namespace {
 
 constexpr int kWindow = 16;
 constexpr int kBlock = 4;
-
-LayerGroup Group(std::vector<int32_t> layers, int32_t window, int32_t heads,
-                 int32_t k, int32_t v, DType dtype) {
-  LayerGroup g;
-  g.layers = std::move(layers);
-  g.kind = window > 0 ? AttentionKind::kSlidingWindow : AttentionKind::kFull;
-  g.sliding_window = window;
-  g.num_kv_heads = heads;
-  g.head_size = k;
-  g.head_size_v = v;
-  g.cache_dtype = dtype;
-  return g;
-}
 
 enum class Shapes { kHeads, kSizes, kDtypes };
 
@@ -65,20 +53,21 @@ KVCacheConfig Config(Shapes shapes, ScalePlacement placement) {
     case Shapes::kHeads:  // 8 KV heads full : 4 KV heads sliding.
       c.num_layers = 8;
       c.layer_groups = {
-          Group({0, 1, 2, 4, 5, 6}, kWindow, 4, 128, 128, DType::kInt8),
-          Group({3, 7}, 0, 8, 128, 128, DType::kInt8)};
+          MakeGroup({0, 1, 2, 4, 5, 6}, kWindow, 4, 128, 128, DType::kInt8),
+          MakeGroup({3, 7}, 0, 8, 128, 128, DType::kInt8)};
       break;
     case Shapes::kSizes:  // 128 sliding, 256 full, a K-only 576 latent.
       c.num_layers = 6;
-      c.layer_groups = {Group({0, 3}, kWindow, 2, 128, 128, DType::kInt8),
-                        Group({1, 4}, 0, 2, 256, 256, DType::kFp8E4M3),
-                        Group({2, 5}, 0, 1, 576, 0, DType::kFp8E4M3)};
+      c.layer_groups = {MakeGroup({0, 3}, kWindow, 2, 128, 128, DType::kInt8),
+                        MakeGroup({1, 4}, 0, 2, 256, 256, DType::kFp8E4M3),
+                        MakeGroup({2, 5}, 0, 1, 576, 0, DType::kFp8E4M3)};
       break;
     case Shapes::kDtypes:  // int8 sliding beside bf16 full (bf16 input).
       c.num_layers = 6;
       c.input_dtype = DType::kBFloat16;
-      c.layer_groups = {Group({0, 1, 2, 3}, kWindow, 4, 128, 128, DType::kInt8),
-                        Group({4, 5}, 0, 4, 128, 64, DType::kBFloat16)};
+      c.layer_groups = {
+          MakeGroup({0, 1, 2, 3}, kWindow, 4, 128, 128, DType::kInt8),
+          MakeGroup({4, 5}, 0, 4, 128, 64, DType::kBFloat16)};
       break;
   }
   return c;

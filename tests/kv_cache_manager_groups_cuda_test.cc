@@ -22,24 +22,12 @@
 #include "storage/device.h"
 #include "testing/cuda_test_util.h"
 #include "tests/group_runner.h"
+#include "tests/make_layer_group.h"
 
 namespace kvcache {
 namespace {
 
 enum class Kind { kGemmaLike, kKOnly, kHeads, kSizes, kDtypes };
-
-LayerGroup Group(std::vector<int32_t> layers, int32_t window, int32_t heads,
-                 int32_t k, int32_t v, DType dtype) {
-  LayerGroup g;
-  g.layers = std::move(layers);
-  g.kind = window > 0 ? AttentionKind::kSlidingWindow : AttentionKind::kFull;
-  g.sliding_window = window;
-  g.num_kv_heads = heads;
-  g.head_size = k;
-  g.head_size_v = v;
-  g.cache_dtype = dtype;
-  return g;
-}
 
 // Groups of different shapes (`dtype` for the quantized ones).
 KVCacheConfig MixedConfig(Kind kind, DType dtype, ScalePlacement placement) {
@@ -52,18 +40,18 @@ KVCacheConfig MixedConfig(Kind kind, DType dtype, ScalePlacement placement) {
   c.scale_placement = placement;
   if (kind == Kind::kHeads) {
     c.num_layers = 8;
-    c.layer_groups = {Group({0, 1, 2, 4, 5, 6}, 48, 4, 128, 128, dtype),
-                      Group({3, 7}, 0, 8, 128, 128, dtype)};
+    c.layer_groups = {MakeGroup({0, 1, 2, 4, 5, 6}, 48, 4, 128, 128, dtype),
+                      MakeGroup({3, 7}, 0, 8, 128, 128, dtype)};
   } else if (kind == Kind::kSizes) {
     c.num_layers = 6;
-    c.layer_groups = {Group({0, 3}, 48, 2, 128, 128, dtype),
-                      Group({1, 4}, 0, 2, 256, 256, dtype),
-                      Group({2, 5}, 0, 1, 576, 0, dtype)};
+    c.layer_groups = {MakeGroup({0, 3}, 48, 2, 128, 128, dtype),
+                      MakeGroup({1, 4}, 0, 2, 256, 256, dtype),
+                      MakeGroup({2, 5}, 0, 1, 576, 0, dtype)};
   } else {
     c.num_layers = 6;
     c.input_dtype = DType::kBFloat16;
-    c.layer_groups = {Group({0, 1, 2, 3}, 48, 4, 128, 128, dtype),
-                      Group({4, 5}, 0, 4, 128, 64, DType::kBFloat16)};
+    c.layer_groups = {MakeGroup({0, 1, 2, 3}, 48, 4, 128, 128, dtype),
+                      MakeGroup({4, 5}, 0, 4, 128, 64, DType::kBFloat16)};
   }
   return c;
 }

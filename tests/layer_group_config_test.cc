@@ -8,30 +8,18 @@
 #include "api/layer_view.h"
 #include "core/layer_group.h"
 #include "gtest/gtest.h"
+#include "tests/make_layer_group.h"
 
 namespace kvcache {
 namespace {
-
-LayerGroup Group(std::vector<int32_t> layers, int32_t window, int32_t heads,
-                 int32_t k, int32_t v, DType dtype = DType::kInt8) {
-  LayerGroup g;
-  g.layers = std::move(layers);
-  g.kind = window > 0 ? AttentionKind::kSlidingWindow : AttentionKind::kFull;
-  g.sliding_window = window;
-  g.num_kv_heads = heads;
-  g.head_size = k;
-  g.head_size_v = v;
-  g.cache_dtype = dtype;
-  return g;
-}
 
 KVCacheConfig Hybrid() {
   KVCacheConfig c;
   c.num_layers = 6;
   c.block_size = 16;
   c.num_blocks = 8;
-  c.layer_groups = {Group({0, 1, 3, 4}, 64, 4, 64, 64),
-                    Group({2, 5}, 0, 2, 128, 128)};
+  c.layer_groups = {MakeGroup({0, 1, 3, 4}, 64, 4, 64, 64),
+                    MakeGroup({2, 5}, 0, 2, 128, 128)};
   return c;
 }
 
@@ -46,7 +34,7 @@ TEST(LayerGroupConfigTest, AcceptsHybridAndLatentGroups) {
   KVCacheConfig mla;
   mla.num_layers = 3;
   mla.num_blocks = 4;
-  mla.layer_groups = {Group({0, 1, 2}, 0, 1, 576, 0, DType::kFp8E4M3)};
+  mla.layer_groups = {MakeGroup({0, 1, 2}, 0, 1, 576, 0, DType::kFp8E4M3)};
   EXPECT_TRUE(ValidateConfig(mla).ok()) << ValidateConfig(mla);
 }
 
@@ -123,9 +111,10 @@ TEST(LayerGroupConfigTest, PagingSharesSlotsAcrossGroups) {
   EXPECT_EQ(p.slot_bytes, 16 * 544);
   EXPECT_EQ(*BlockBytesAllLayers(c), 2 * 8704);
   // K-only: one scale per (token, head).
-  EXPECT_EQ(GroupLayerBlockBytes(Group({0}, 0, 1, 576, 0), 64), 64 * (576 + 4));
+  EXPECT_EQ(GroupLayerBlockBytes(MakeGroup({0}, 0, 1, 576, 0), 64),
+            64 * (576 + 4));
   // Inline rows carry their scales: 128 + 4 -> 144 bytes per row.
-  EXPECT_EQ(GroupLayerBlockBytes(Group({0}, 0, 2, 128, 128), 16,
+  EXPECT_EQ(GroupLayerBlockBytes(MakeGroup({0}, 0, 2, 128, 128), 16,
                                  ScalePlacement::kInline),
             16 * 2 * 2 * 144);
 }
@@ -141,9 +130,9 @@ TEST(LayerGroupConfigTest, RecordBytesAreTheLargestRecord) {
   c.input_dtype = DType::kBFloat16;
   // 8 KV heads x 128 int8 (K 1024 + V 1024 + 64 scales = 2112), 4 x 256
   // bf16 (K 2048 + V 2048 = 4096), K-only 576 fp8 (576 + 4 -> 592).
-  c.layer_groups = {Group({0, 3}, 0, 8, 128, 128),
-                    Group({1, 4}, 32, 4, 256, 256, DType::kBFloat16),
-                    Group({2, 5}, 0, 1, 576, 0, DType::kFp8E4M3)};
+  c.layer_groups = {MakeGroup({0, 3}, 0, 8, 128, 128),
+                    MakeGroup({1, 4}, 32, 4, 256, 256, DType::kBFloat16),
+                    MakeGroup({2, 5}, 0, 1, 576, 0, DType::kFp8E4M3)};
   ASSERT_TRUE(ValidateConfig(c).ok()) << ValidateConfig(c);
   GroupPaging p = ConfigPaging(c);
   EXPECT_EQ(p.layers_per_page, 2);
@@ -158,7 +147,7 @@ TEST(LayerGroupConfigTest, RecordBytesAreTheLargestRecord) {
   EXPECT_EQ(ConfigPaging(c).record_bytes, 2304);
   // One shape: dense slots, no records.
   c = Hybrid();
-  c.layer_groups[1] = Group({2, 5}, 0, 4, 64, 64);
+  c.layer_groups[1] = MakeGroup({2, 5}, 0, 4, 64, 64);
   EXPECT_EQ(ConfigPaging(c).record_bytes, 0);
   EXPECT_EQ(ConfigPaging(c).slot_bytes, 8704);
 }
@@ -188,7 +177,7 @@ TEST(LayerGroupConfigTest, CreateServesOneShapeAndMixedShapes) {
     EXPECT_EQ(v->value_scale - v->key_scale, v->num_kv_heads);
   }
   KVCacheConfig same = Hybrid();
-  same.layer_groups[1] = Group({2, 5}, 0, 4, 64, 64);
+  same.layer_groups[1] = MakeGroup({2, 5}, 0, 4, 64, 64);
   m = KVCacheManager::Create(same);
   ASSERT_TRUE(m.ok()) << m.status();
   EXPECT_EQ((*m)->NumBlockTables(), 3);

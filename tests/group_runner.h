@@ -127,26 +127,15 @@ class GroupRunner {
                     const std::vector<int64_t>& n,
                     const StepOptions& options = {}) {
     const std::vector<int64_t>* accepted = options.accepted;
-    std::vector<ReserveRequest> batch;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      Seq& s = seqs_[ids[i]];
-      absl::StatusOr<int64_t> len = m_->SequenceLength(ids[i]);
-      if (!len.ok()) return len.status();
-      ReserveRequest r;
-      r.sequence = ids[i];
-      r.num_tokens = n[i];
-      const int64_t missing =
-          *len + n[i] - static_cast<int64_t>(s.tokens.size());
-      if (missing > 0) r.new_token_ids = RandomTokens(missing);
-      batch.push_back(r);
-    }
-    absl::StatusOr<StepPlanInfo> plan = m_->Reserve(batch);
+    absl::StatusOr<std::vector<ReserveRequest>> batch = Batch(ids, n);
+    if (!batch.ok()) return batch.status();
+    absl::StatusOr<StepPlanInfo> plan = m_->Reserve(*batch);
     if (!plan.ok()) return plan.status();
     if (options.copies != nullptr) *options.copies = plan->num_block_copies;
     for (size_t i = 0; i < ids.size(); ++i) {
       Seq& s = seqs_[ids[i]];
-      s.tokens.insert(s.tokens.end(), batch[i].new_token_ids.begin(),
-                      batch[i].new_token_ids.end());
+      s.tokens.insert(s.tokens.end(), (*batch)[i].new_token_ids.begin(),
+                      (*batch)[i].new_token_ids.end());
       Rehash(s);
     }
     if (options.remove.has_value()) {
@@ -158,7 +147,7 @@ class GroupRunner {
       for (size_t i = 0; i < ids.size(); ++i) {
         if (ids[i] != *options.remove) continue;
         Seq& s = seqs_[ids[i]];
-        s.tokens.resize(s.tokens.size() - batch[i].new_token_ids.size());
+        s.tokens.resize(s.tokens.size() - (*batch)[i].new_token_ids.size());
         s.hashes.resize(s.tokens.size());
       }
     }
@@ -211,26 +200,15 @@ class GroupRunner {
       const std::function<absl::Status(const StepPlanInfo&,
                                        std::optional<SequenceId>)>& inspect,
       std::optional<SequenceId> remove = std::nullopt) {
-    std::vector<ReserveRequest> batch;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      Seq& s = seqs_[ids[i]];
-      absl::StatusOr<int64_t> len = m_->SequenceLength(ids[i]);
-      if (!len.ok()) return len.status();
-      ReserveRequest r;
-      r.sequence = ids[i];
-      r.num_tokens = n[i];
-      const int64_t missing =
-          *len + n[i] - static_cast<int64_t>(s.tokens.size());
-      if (missing > 0) r.new_token_ids = RandomTokens(missing);
-      batch.push_back(r);
-    }
+    absl::StatusOr<std::vector<ReserveRequest>> batch = Batch(ids, n);
+    if (!batch.ok()) return batch.status();
     absl::StatusOr<StepPlanInfo> plan =
-        m_->ReserveGraphStep(batch, graph_tokens);
+        m_->ReserveGraphStep(*batch, graph_tokens);
     if (!plan.ok()) return plan.status();
     for (size_t i = 0; i < ids.size(); ++i) {
       Seq& s = seqs_[ids[i]];
-      s.tokens.insert(s.tokens.end(), batch[i].new_token_ids.begin(),
-                      batch[i].new_token_ids.end());
+      s.tokens.insert(s.tokens.end(), (*batch)[i].new_token_ids.begin(),
+                      (*batch)[i].new_token_ids.end());
       Rehash(s);
     }
     absl::Status st = inspect(*plan, std::nullopt);
@@ -240,7 +218,7 @@ class GroupRunner {
         for (size_t i = 0; i < ids.size(); ++i) {
           if (ids[i] != *remove) continue;
           Seq& s = seqs_[ids[i]];
-          s.tokens.resize(s.tokens.size() - batch[i].new_token_ids.size());
+          s.tokens.resize(s.tokens.size() - (*batch)[i].new_token_ids.size());
           s.hashes.resize(s.tokens.size());
         }
         st = inspect(*plan, remove);
@@ -379,6 +357,26 @@ class GroupRunner {
   }
 
  private:
+  // The reserve requests of a step of `n[i]` tokens for `ids[i]`, with new
+  // token ids drawn at random where the known tokens run out.
+  absl::StatusOr<std::vector<ReserveRequest>> Batch(
+      const std::vector<SequenceId>& ids, const std::vector<int64_t>& n) {
+    std::vector<ReserveRequest> batch;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      Seq& s = seqs_[ids[i]];
+      absl::StatusOr<int64_t> len = m_->SequenceLength(ids[i]);
+      if (!len.ok()) return len.status();
+      ReserveRequest r;
+      r.sequence = ids[i];
+      r.num_tokens = n[i];
+      const int64_t missing =
+          *len + n[i] - static_cast<int64_t>(s.tokens.size());
+      if (missing > 0) r.new_token_ids = RandomTokens(missing);
+      batch.push_back(r);
+    }
+    return batch;
+  }
+
   void Rehash(Seq& s) {
     uint64_t h = s.hashes.empty() ? 0 : s.hashes.back();
     for (size_t p = s.hashes.size(); p < s.tokens.size(); ++p) {

@@ -24,6 +24,8 @@
 //                        (the launcher's policy; 1 is the fixed choice
 //                        before it).
 //   --gather_dense=0     skip the Gather-then-dense path (faster runs).
+//   --splits=N           force N splits (AttentionParams::num_splits; 0, the
+//                        default, lets the launcher choose).
 //
 //   bazel run -c opt //benchmarks:attention_benchmark  (GPU host, or the bundle)
 
@@ -64,6 +66,10 @@ std::vector<int32_t>& Variants() {
 bool& GatherDense() {
   static bool on = true;
   return on;
+}
+int32_t& ForcedSplits() {
+  static int32_t splits = 0;
+  return splits;
 }
 
 #if defined(KVCACHE_HAVE_CUDA_RUNTIME)
@@ -197,7 +203,7 @@ void BM_Attention(benchmark::State& state, Case c) {
   p.workspace = {d_po, d_plse, partial_rows * kD, partial_rows};
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  p.num_splits = 0;
+  p.num_splits = ForcedSplits();
   const std::vector<int32_t> variants = Variants();
   auto row_name = [&](int32_t v) {
     return variants.size() == 1 && v == 0
@@ -392,6 +398,14 @@ int main(int argc, char** argv) {
         pos = end + 1;
       }
       if (v.empty()) v.push_back(0);
+    } else if (arg.rfind("--splits=", 0) == 0) {
+      const int n = std::atoi(arg.c_str() + std::strlen("--splits="));
+      if (n < 0 || n > kvcache::kMaxAttentionSplits) {
+        std::fprintf(stderr, "--splits %d is not in [0, %d]\n", n,
+                     kvcache::kMaxAttentionSplits);
+        return 1;
+      }
+      kvcache::ForcedSplits() = n;
     } else if (arg.rfind("--gather_dense=", 0) == 0) {
       kvcache::GatherDense() = arg != "--gather_dense=0";
     } else {

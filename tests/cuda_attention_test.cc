@@ -238,6 +238,42 @@ TEST(CudaAttentionTest, ShapeMatrix) {
   Verdict("CudaAttentionTest.ShapeMatrix (72 batches)", ok);
 }
 
+// Narrow 8-bit tiles (swapped operands) on 4 and 8 KV heads, so blocks of
+// 1, 2 and 4 heads: rows per head (tokens x group) up to 8, odd block sizes,
+// windows, soft-cap, padding, shared prefixes and a long context.
+TEST(CudaAttentionTest, NarrowTilesOnManyHeads) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(34);
+  bool ok = true;
+  int n = 0;
+  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+    for (int64_t d : {64, 128, 256}) {
+      for (int32_t g : {1, 4, 8}) {
+        AttnCaseConfig c;
+        c.head_size = d;
+        c.group = g;
+        c.num_kv_heads = n % 2 ? 8 : 4;
+        c.cache_dtype = cache;
+        c.q_dtype = n % 2 ? DType::kFloat16 : DType::kBFloat16;
+        c.block_size = n % 3 == 0 ? 16 : (n % 3 == 1 ? 32 : 7);
+        const int32_t t = 8 / g;  // Most query tokens with <= 8 rows.
+        c.seq_lens = {1, 15, 16, 0, 17, 1000};
+        c.num_query = {t, 1, 1 + n % t, 1, t, 1};
+        if (n % 3 == 0) {
+          c.seq_lens.push_back(32768);
+          c.num_query.push_back(1);
+        }
+        c.window = n % 4 == 1 ? 300 : 0;
+        c.soft_cap = n % 4 == 2 ? 5.0f : 0.0f;
+        c.share_prefix = n % 5 == 0;
+        ok &= CheckCase(c, rng, 2 + n % 40);
+        ++n;
+      }
+    }
+  }
+  Verdict("CudaAttentionTest.NarrowTilesOnManyHeads (18 batches)", ok);
+}
+
 TEST(CudaAttentionTest, LongContextsAndBigBatches) {
   KVCACHE_SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(31);
@@ -374,6 +410,20 @@ TEST(CudaAttentionSanitizerTest, Small) {
     c.cache_dtype = cache;
     c.seq_lens = {1, 0, 600, 33};
     c.num_query = {1, 2, 8, 3};
+    c.window = cache == DType::kFp8E4M3 ? 100 : 0;
+    c.share_prefix = true;
+    ok &= CheckCase(c, rng, 3);
+  }
+  // Narrow 8-bit tiles (swapped operands) on 8 KV heads.
+  for (DType cache : {DType::kInt8, DType::kFp8E4M3}) {
+    AttnCaseConfig c;
+    c.head_size = 128;
+    c.num_kv_heads = 8;
+    c.group = 4;
+    c.cache_dtype = cache;
+    c.block_size = cache == DType::kInt8 ? 16 : 7;
+    c.seq_lens = {1, 0, 600, 33};
+    c.num_query = {1, 2, 2, 1};
     c.window = cache == DType::kFp8E4M3 ? 100 : 0;
     c.share_prefix = true;
     ok &= CheckCase(c, rng, 3);

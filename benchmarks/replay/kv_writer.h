@@ -28,6 +28,10 @@ namespace kvcache::replay {
 struct AppendTiming {
   double host_ms = 0.0;    // Wall time inside the Append calls.
   double kernel_ms = 0.0;  // Timed by events around each Append.
+  double wait_ms = 0.0;    // Host wall time waiting for the step's kernels.
+  // The step's device time from its token upload to its last Append's end
+  // (uploads, synthetic fills, Appends and any wait between them).
+  double device_ms = 0.0;
 };
 
 struct ErrorTotals {
@@ -104,6 +108,7 @@ class KvWriter {
   Buffer device_tokens_;  // The same layout on the device.
   Event tokens_uploaded_;
   Buffer input_;
+  Event step_start_;  // Before a step's upload.
   std::vector<Event> starts_;
   std::vector<Event> ends_;
   Buffer gather_out_;

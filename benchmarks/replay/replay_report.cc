@@ -62,6 +62,15 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.host_ms_median = Percentile(stats.step_host_ms, 50.0);
   r.host_ms_p99 = Percentile(stats.step_host_ms, 99.0);
   for (double ms : stats.step_host_ms) r.host_s_total += ms / 1000.0;
+  r.plan_s = stats.plan_ms / 1e3;
+  r.enqueue_s = stats.enqueue_ms / 1e3;
+  r.wait_s = stats.wait_ms / 1e3;
+  r.commit_s = stats.commit_ms / 1e3;
+  r.finish_s = stats.finish_ms / 1e3;
+  r.device_s = stats.device_ms / 1e3;
+  r.device_extra_waited_s = stats.device_extra_waited_ms / 1e3;
+  r.device_extra_other_s = stats.device_extra_other_ms / 1e3;
+  r.steps_waited = stats.steps_waited;
   r.decode_steps = static_cast<int64_t>(stats.decode_step_host_ms.size());
   r.graph_steps = stats.graph_steps;
   r.decode_host_ms_median = Percentile(stats.decode_step_host_ms, 50.0);
@@ -157,6 +166,17 @@ std::string ReportText(const ReplayReport& r) {
       r.decode_steps, r.graph_steps, r.cuda_graph ? "on" : "off",
       r.decode_host_ms_median, r.decode_host_ms_p99);
   absl::StrAppendFormat(&out, "  kernel time           %.3f s\n", r.kernel_s);
+  absl::StrAppendFormat(
+      &out,
+      "  step time by part     plan %.3f s, enqueue %.3f s, wait for kernels "
+      "%.3f s, commit %.3f s, finish %.3f s\n",
+      r.plan_s, r.enqueue_s, r.wait_s, r.commit_s, r.finish_s);
+  absl::StrAppendFormat(
+      &out,
+      "  device time of steps  %.3f s: beyond the Appends %.3f s in the %d "
+      "steps that waited for an offload, %.3f s in the others\n",
+      r.device_s, r.device_extra_waited_s, r.steps_waited,
+      r.device_extra_other_s);
   if (r.attention_steps > 0) {
     absl::StrAppendFormat(
         &out,
@@ -213,6 +233,15 @@ std::string ReportJson(const ReplayReport& r) {
       {"host_ms_per_step_median", r.host_ms_median},
       {"host_ms_per_step_p99", r.host_ms_p99},
       {"host_s_total", r.host_s_total},
+      {"plan_s", r.plan_s},
+      {"enqueue_s", r.enqueue_s},
+      {"wait_s", r.wait_s},
+      {"commit_s", r.commit_s},
+      {"finish_s", r.finish_s},
+      {"device_s", r.device_s},
+      {"device_extra_waited_s", r.device_extra_waited_s},
+      {"device_extra_other_s", r.device_extra_other_s},
+      {"steps_waited", r.steps_waited},
       {"cuda_graph", r.cuda_graph},
       {"decode_steps", r.decode_steps},
       {"graph_steps", r.graph_steps},

@@ -53,6 +53,16 @@ struct ReplayReport {
   double host_ms_median = 0.0;  // Per step.
   double host_ms_p99 = 0.0;
   double host_s_total = 0.0;  // Sum over steps.
+  // The steps' wall time by part (ReplayStats::plan_ms and the rest), s.
+  double plan_s = 0.0;
+  double enqueue_s = 0.0;
+  double wait_s = 0.0;
+  double commit_s = 0.0;
+  double finish_s = 0.0;
+  double device_s = 0.0;  // ReplayStats::device_ms and the rest, in s.
+  double device_extra_waited_s = 0.0;
+  double device_extra_other_s = 0.0;
+  int64_t steps_waited = 0;
   // Steps of decode tokens only, and how many ran in a CUDA graph
   // (--cuda_graph).
   bool cuda_graph = false;

@@ -258,6 +258,7 @@ absl::Status Scheduler::Step() {
     if (waiting_.empty()) return absl::OkStatus();  // All rejected.
   }
   const Clock::time_point start = Clock::now();
+  const int64_t waited_before = manager_->Metrics().tier_offloads_waited;
   std::vector<Entry> entries;
   int64_t budget = options_.token_budget;
   if (absl::Status s = BuildRunningEntries(&entries, &budget, false); !s.ok()) {
@@ -304,8 +305,10 @@ absl::Status Scheduler::Step() {
   now_ms_ += options_.step_ms;
   if (entries.empty()) return absl::OkStatus();
   double host_ms = MillisSince(start);
+  const MetricsSnapshot metrics = manager_->Metrics();
   stats_.peak_blocks_in_use =
-      std::max(stats_.peak_blocks_in_use, manager_->Metrics().blocks_in_use);
+      std::max(stats_.peak_blocks_in_use, metrics.blocks_in_use);
+  const bool waited = metrics.tier_offloads_waited > waited_before;
 
   std::vector<TokenAt> tokens;
   for (const Entry& e : entries) {
@@ -315,10 +318,19 @@ absl::Status Scheduler::Step() {
       tokens.push_back({t, r->computed + k});
     }
   }
+  stats_.plan_ms += host_ms;
+  const Clock::time_point append_start = Clock::now();
   absl::StatusOr<AppendTiming> timing =
       padded > 0 ? writer_->GraphStep(plan->id, tokens, padded)
                  : writer_->AppendStep(plan->id, tokens);
   if (!timing.ok()) return timing.status();
+  stats_.enqueue_ms += MillisSince(append_start) - timing->wait_ms;
+  stats_.wait_ms += timing->wait_ms;
+  stats_.device_ms += timing->device_ms;
+  const double extra = timing->device_ms - timing->kernel_ms;
+  (waited ? stats_.device_extra_waited_ms : stats_.device_extra_other_ms) +=
+      extra;
+  stats_.steps_waited += waited;
   stats_.graph_steps += padded > 0;
   const Clock::time_point commit_start = Clock::now();
   if (options_.spec_tokens == 0) {
@@ -331,6 +343,7 @@ absl::Status Scheduler::Step() {
       return s;
     }
   }
+  stats_.commit_ms += MillisSince(commit_start);
   host_ms += timing->host_ms + MillisSince(commit_start);
   stats_.kernel_ms += timing->kernel_ms;
   ++stats_.steps;
@@ -369,6 +382,7 @@ absl::Status Scheduler::Step() {
       const Clock::time_point free_start = Clock::now();
       if (absl::Status s = Finish(r.get()); !s.ok()) return s;
       host_ms += MillisSince(free_start);
+      stats_.finish_ms += MillisSince(free_start);
     } else {
       still_running.push_back(std::move(r));
     }

@@ -87,7 +87,23 @@ struct ReplayStats {
   int64_t draft_tokens_rejected = 0;  // Appended, then rolled back.
   int64_t peak_blocks_in_use = 0;
   double simulated_ms = 0.0;
-  double kernel_ms = 0.0;            // Summed over steps.
+  double kernel_ms = 0.0;  // Summed over steps.
+  // The steps' wall time by part, summed over steps: admission and Reserve,
+  // the writer's enqueue (uploads, fills, Append calls), waiting for the
+  // step's kernels, Commit, and finishing requests (Free).
+  double plan_ms = 0.0;
+  double enqueue_ms = 0.0;
+  double wait_ms = 0.0;
+  double commit_ms = 0.0;
+  double finish_ms = 0.0;
+  // Device time of the steps (AppendTiming::device_ms), and the device time
+  // beyond the Appends' kernels in steps whose Reserve or admission had an
+  // evicted block's offload waited for (tier_offloads_waited grew) and in
+  // the other steps.
+  double device_ms = 0.0;
+  double device_extra_waited_ms = 0.0;
+  double device_extra_other_ms = 0.0;
+  int64_t steps_waited = 0;
   std::vector<double> step_host_ms;  // Manager calls per step (host wall time).
   // Of those, the steps of decode tokens only (graph steps with --cuda_graph).
   std::vector<double> decode_step_host_ms;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <new>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
@@ -11,11 +12,18 @@ namespace kvcache::internal {
 
 absl::StatusOr<std::unique_ptr<TierMover>> TierMover::Create(
     const CacheBackend& backend, int64_t host_tier_bytes) {
+  // Block 0's runs: block b's lie b * bytes further, a run's bytes being its
+  // part of one block. In the slot, layer by layer, back to back.
+  std::vector<TierRun> runs;
   int64_t slot_bytes = 0;
   for (int layer = 0; layer < backend.num_layers(); ++layer) {
-    ByteRun runs[kMaxBlockRuns];
-    const int n = BlockRuns(backend.layer(layer), 0, runs);
-    for (int i = 0; i < n; ++i) slot_bytes += runs[i].bytes;
+    ByteRun block0[kMaxBlockRuns];
+    const int n = BlockRuns(backend.layer(layer), 0, block0);
+    for (int i = 0; i < n; ++i) {
+      if (block0[i].bytes == 0) continue;
+      runs.push_back(TierRun{block0[i].data, block0[i].bytes, slot_bytes});
+      slot_bytes += block0[i].bytes;
+    }
   }
   const int64_t slots =
       std::min<int64_t>(host_tier_bytes / slot_bytes, INT32_MAX);
@@ -25,23 +33,20 @@ absl::StatusOr<std::unique_ptr<TierMover>> TierMover::Create(
                      " holds no block: one block of all layers takes ",
                      slot_bytes, " bytes in the tier"));
   }
-  absl::StatusOr<std::unique_ptr<TierCopier>> copier =
-      CreateTierCopier(backend.device(), slots * slot_bytes);
+  absl::StatusOr<std::unique_ptr<TierCopier>> copier = CreateTierCopier(
+      backend.device(), runs, slot_bytes, static_cast<int32_t>(slots));
   if (!copier.ok()) return copier.status();
-  return std::unique_ptr<TierMover>(new TierMover(
-      backend, *std::move(copier), slot_bytes, static_cast<int32_t>(slots)));
+  return std::unique_ptr<TierMover>(
+      new TierMover(*std::move(copier), backend.layout().num_blocks));
 }
 
-TierMover::TierMover(const CacheBackend& backend,
-                     std::unique_ptr<TierCopier> copier, int64_t slot_bytes,
-                     int32_t num_slots)
-    : backend_(backend),
-      copier_(std::move(copier)),
-      slot_bytes_(slot_bytes),
-      num_slots_(num_slots) {
+TierMover::TierMover(std::unique_ptr<TierCopier> copier, int64_t num_blocks)
+    : copier_(std::move(copier)),
+      slot_bytes_(copier_->slot_bytes()),
+      num_slots_(copier_->num_slots()) {
   for (int lane = 0; lane < kNumTierLanes; ++lane) {
-    slot_batch_[lane].assign(num_slots, 0);
-    block_batch_[lane].assign(backend.layout().num_blocks, 0);
+    slot_batch_[lane].assign(num_slots_, 0);
+    block_batch_[lane].assign(num_blocks, 0);
   }
 }
 
@@ -71,10 +76,9 @@ absl::Status TierMover::RunLane(TierLane lane,
   *batch = 0;
   const bool onboard = lane == TierLane::kOnboard;
   const int me = static_cast<int>(lane);
-  int64_t bytes = 0;
   TierDeps after;
   try {
-    runs_.clear();
+    batch_.clear();
     for (const TierCopy& c : copies) {
       if (LaneOf(c) != lane) continue;
       for (int other = 0; other < kNumTierLanes; ++other) {
@@ -83,26 +87,15 @@ absl::Status TierMover::RunLane(TierLane lane,
             std::max({after.batch[other], slot_batch_[other][c.host_slot],
                       block_batch_[other][c.device_block]});
       }
-      char* slot = copier_->pool() + c.host_slot * slot_bytes_;
-      for (int layer = 0; layer < backend_.num_layers(); ++layer) {
-        ByteRun block[kMaxBlockRuns];
-        const int n = BlockRuns(backend_.layer(layer), c.device_block, block);
-        for (int i = 0; i < n; ++i) {
-          runs_.push_back(onboard
-                              ? CopyRun{block[i].data, slot, block[i].bytes}
-                              : CopyRun{slot, block[i].data, block[i].bytes});
-          slot += block[i].bytes;
-        }
-      }
-      bytes += slot_bytes_;
+      batch_.push_back(TierPair{c.device_block, c.host_slot});
     }
-    if (runs_.empty()) return absl::OkStatus();
+    if (batch_.empty()) return absl::OkStatus();
     for (TierLane other : kTierLanes) {  // Known done: no wait to ask for.
       int64_t& b = after.batch[static_cast<int>(other)];
       if (other == lane || b <= copier_->completed(other)) b = 0;
     }
     // Inside the try: the CPU queue allocates too.
-    if (absl::Status s = copier_->Enqueue(lane, runs_, after_stream, after);
+    if (absl::Status s = copier_->Enqueue(lane, batch_, after_stream, after);
         !s.ok()) {
       ++failed_batches_;
       return s;
@@ -119,7 +112,8 @@ absl::Status TierMover::RunLane(TierLane lane,
     slot_batch_[me][c.host_slot] = *batch;
     block_batch_[me][c.device_block] = *batch;
   }
-  (onboard ? onboard_bytes_ : offload_bytes_) += bytes;
+  (onboard ? onboard_bytes_ : offload_bytes_) +=
+      static_cast<int64_t>(batch_.size()) * slot_bytes_;
   return absl::OkStatus();
 }
 

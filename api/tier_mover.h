@@ -1,9 +1,12 @@
 // TierMover: the host tier's data path (DESIGN.md section 11). It owns the
 // tier's memory and copy queue (storage/tier_copier.h) and turns the
 // allocator's TierCopy list (allocator/prefix_cache.h: block d <-> slot s)
-// into byte copies of whole blocks, every layer's runs (storage/block_runs.h),
-// slot s being slot_bytes() bytes (a block of all layers: the runs back to
-// back) at s * slot_bytes() in the pool.
+// into batches of (block, slot) pairs, which the copier expands into byte
+// copies of whole blocks. Create tells the copier once where a block's bytes
+// lie: every layer's runs (storage/block_runs.h; 4 a layer for an int8 cache
+// with side scales, 1 for a layer in records), slot s being slot_bytes()
+// bytes (a block of all layers: the runs back to back, layer by layer) at
+// s * slot_bytes() in the pool.
 //
 // A call's copies go to the copier's lanes (storage/tier_copier.h): offloads
 // of held blocks to kOffload, offloads of blocks reused at once to
@@ -15,7 +18,8 @@
 // reads it). Otherwise the lanes run side by side.
 //
 // Thread safety: the manager's lock serializes every call. Ownership: owns
-// the copier; reads the backend's layer pointers, which outlive it.
+// the copier, which holds the backend's layer pointers: the backend must
+// outlive the mover.
 // Internal to api/.
 
 #ifndef KVCACHE_API_TIER_MOVER_H_
@@ -69,19 +73,17 @@ class TierMover {
   int64_t failed_batches() const { return failed_batches_; }
 
  private:
-  TierMover(const CacheBackend& backend, std::unique_ptr<TierCopier> copier,
-            int64_t slot_bytes, int32_t num_slots);
+  TierMover(std::unique_ptr<TierCopier> copier, int64_t num_blocks);
 
   // Queues the copies of `copies` that go to `lane` as one batch; returns
   // its number in *batch (0 when there were none).
   absl::Status RunLane(TierLane lane, absl::Span<const TierCopy> copies,
                        void* after_stream, int64_t* batch);
 
-  const CacheBackend& backend_;
   std::unique_ptr<TierCopier> copier_;
   int64_t slot_bytes_;
   int32_t num_slots_;
-  std::vector<CopyRun> runs_;  // Reused by every Run.
+  std::vector<TierPair> batch_;  // Reused by every RunLane.
   // Per lane, the last batch that touched each host slot and each device
   // block (0: none).
   std::vector<int64_t> slot_batch_[kNumTierLanes];

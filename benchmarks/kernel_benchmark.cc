@@ -12,7 +12,8 @@
 //
 // The host tier (README "Host tier"): pinned host <-> device copy bandwidth
 // (1 GiB cudaMemcpyAsync each way) is measured first, then offload (device
-// -> tier) and onboard (tier -> device) batches of whole blocks through the
+// -> tier) and onboard (tier -> device) batches of whole blocks (a list of
+// (block, slot) pairs over the run table of a block's 128 runs) through the
 // tier's own copy queue (storage/tier_copier.h), each reported as GB/s and
 // as pct_of_copy of the same direction's host copy bandwidth; "ctas=N" rows
 // limit the copy kernel to N thread blocks (default: the copier's own).
@@ -252,35 +253,31 @@ void BM_TierCopy(benchmark::State& state, TierCase c) {
     l = LayerCache{layout, k, v, static_cast<float*>(ks),
                    static_cast<float*>(vs)};
   }
+  // As the host tier lays a block out: every layer's runs of block 0, back
+  // to back in the slot.
+  std::vector<TierRun> tier_runs;
   int64_t slot_bytes = 0;
   for (const LayerCache& l : layers) {
     ByteRun runs[kMaxBlockRuns];
     const int n = BlockRuns(l, 0, runs);
-    for (int i = 0; i < n; ++i) slot_bytes += runs[i].bytes;
+    for (int i = 0; i < n; ++i) {
+      tier_runs.push_back(TierRun{runs[i].data, runs[i].bytes, slot_bytes});
+      slot_bytes += runs[i].bytes;
+    }
   }
   absl::StatusOr<std::unique_ptr<Device>> device = CreateCudaDevice(0);
   BENCH_CHECK(device.status());
-  absl::StatusOr<std::unique_ptr<TierCopier>> copier =
-      CreateTierCopier(**device, layout.num_blocks * slot_bytes);
+  absl::StatusOr<std::unique_ptr<TierCopier>> copier = CreateTierCopier(
+      **device, tier_runs, slot_bytes, static_cast<int32_t>(layout.num_blocks));
   BENCH_CHECK(copier.status());
   if (c.ctas > 0) (*copier)->set_max_blocks_for_testing(c.ctas);
   const TierLane lane = c.onboard ? TierLane::kOnboard : TierLane::kOffload;
-  // One batch per set of blocks, built once.
-  std::vector<std::vector<CopyRun>> batches(4);
+  // One batch per set of blocks, built once: block b <-> slot b.
+  std::vector<std::vector<TierPair>> batches(4);
   for (int set = 0; set < 4; ++set) {
     for (int64_t i = 0; i < c.blocks; ++i) {
-      const int64_t b = set * c.blocks + i;
-      char* slot = (*copier)->pool() + b * slot_bytes;
-      for (const LayerCache& l : layers) {
-        ByteRun runs[kMaxBlockRuns];
-        const int n = BlockRuns(l, b, runs);
-        for (int r = 0; r < n; ++r) {
-          batches[set].push_back(
-              c.onboard ? CopyRun{runs[r].data, slot, runs[r].bytes}
-                        : CopyRun{slot, runs[r].data, runs[r].bytes});
-          slot += runs[r].bytes;
-        }
-      }
+      const int32_t b = static_cast<int32_t>(set * c.blocks + i);
+      batches[set].push_back(TierPair{b, b});
     }
   }
   cudaStream_t stream;

@@ -1,5 +1,6 @@
 // The CPU backend's TierCopier: a second host pool, and one thread per lane
-// that runs the lane's batches in order (storage/tier_copier.h).
+// that runs the lane's batches in order, each pair's runs one memcpy each
+// (storage/tier_copier.h).
 
 #include <condition_variable>
 #include <cstring>
@@ -19,7 +20,9 @@ namespace {
 
 class CpuTierCopier final : public TierCopier {
  public:
-  explicit CpuTierCopier(Buffer pool) : pool_(std::move(pool)) {}
+  CpuTierCopier(Buffer pool, absl::Span<const TierRun> runs, int64_t slot_bytes,
+                int32_t num_slots)
+      : TierCopier(runs, slot_bytes, num_slots), pool_(std::move(pool)) {}
   ~CpuTierCopier() override {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -39,20 +42,16 @@ class CpuTierCopier final : public TierCopier {
   }
 
   char* pool() const override { return pool_.as<char>(); }
-  int64_t pool_bytes() const override {
-    return static_cast<int64_t>(pool_.size());
-  }
 
-  absl::Status Enqueue(TierLane lane, absl::Span<const CopyRun> runs, void*,
+  absl::Status Enqueue(TierLane lane, absl::Span<const TierPair> copies, void*,
                        const TierDeps& after) override {
     if (TakeInjectedFailure()) {
       return absl::InternalError("tier copy failed (injected by a test)");
     }
-    if (runs.empty()) return absl::OkStatus();
-    int64_t bytes = 0;
-    for (const CopyRun& r : runs) bytes += r.bytes;
+    if (copies.empty()) return absl::OkStatus();
+    const int64_t bytes = static_cast<int64_t>(copies.size()) * slot_bytes();
     Lane& l = lanes_[Index(lane)];
-    std::vector<CopyRun> batch;
+    std::vector<TierPair> batch;
     {
       // A description a finished batch left behind: large batches would
       // otherwise map and fault in fresh pages on every call.
@@ -62,7 +61,7 @@ class CpuTierCopier final : public TierCopier {
         l.spare.pop_back();
       }
     }
-    batch.assign(runs.begin(), runs.end());
+    batch.assign(copies.begin(), copies.end());
     {
       std::lock_guard<std::mutex> lock(mu_);
       l.queue.push_back(Batch{std::move(batch), delay_, bytes, after});
@@ -108,7 +107,7 @@ class CpuTierCopier final : public TierCopier {
 
  private:
   struct Batch {
-    std::vector<CopyRun> runs;
+    std::vector<TierPair> copies;
     absl::Duration delay;
     int64_t bytes = 0;
     TierDeps after;
@@ -123,7 +122,7 @@ class CpuTierCopier final : public TierCopier {
     // done (its front batch may wait for it), or stop_.
     std::condition_variable work;
     // Descriptions of finished batches, for reuse (at most kMaxSpare).
-    std::vector<std::vector<CopyRun>> spare;
+    std::vector<std::vector<TierPair>> spare;
   };
   static constexpr size_t kMaxSpare = 4;
   static int Index(TierLane lane) { return static_cast<int>(lane); }
@@ -136,6 +135,19 @@ class CpuTierCopier final : public TierCopier {
       }
     }
     return true;
+  }
+
+  // Copies every run of each pair: pool -> cache (onboard) or cache -> pool.
+  void Copy(bool onboard, const std::vector<TierPair>& copies) const {
+    char* const pool = pool_.as<char>();
+    for (const TierPair& c : copies) {
+      for (const TierRun& run : runs()) {
+        char* cache = DeviceRunAddress(run, c.device_block);
+        char* slot = SlotRunAddress(pool, slot_bytes(), run, c.host_slot);
+        std::memcpy(onboard ? cache : slot, onboard ? slot : cache,
+                    static_cast<size_t>(run.bytes));
+      }
+    }
   }
 
   // Lane `lane`'s thread: runs its batches in order, each once the other
@@ -153,13 +165,13 @@ class CpuTierCopier final : public TierCopier {
       l.queue.pop_front();
       lock.unlock();
       if (batch.delay > absl::ZeroDuration()) absl::SleepFor(batch.delay);
-      for (const CopyRun& r : batch.runs) {
-        std::memcpy(r.dst, r.src, static_cast<size_t>(r.bytes));
-      }
+      Copy(lane == Index(TierLane::kOnboard), batch.copies);
       lock.lock();
       ++l.done;
       l.done_bytes += batch.bytes;
-      if (l.spare.size() < kMaxSpare) l.spare.push_back(std::move(batch.runs));
+      if (l.spare.size() < kMaxSpare) {
+        l.spare.push_back(std::move(batch.copies));
+      }
       done_.notify_all();
       // Another lane's next batch may have been waiting for this one.
       for (int other = 0; other < kNumTierLanes; ++other) {
@@ -183,14 +195,20 @@ class CpuTierCopier final : public TierCopier {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<TierCopier>> CreateCpuTierCopier(
-    Device& device, int64_t pool_bytes) {
+    Device& device, absl::Span<const TierRun> runs, int64_t slot_bytes,
+    int32_t num_slots) {
+  if (absl::Status s = ValidateTierRuns(runs, slot_bytes, num_slots); !s.ok()) {
+    return s;
+  }
+  const int64_t pool_bytes = slot_bytes * num_slots;
   absl::StatusOr<Buffer> pool =
       device.AllocateStaging(static_cast<size_t>(pool_bytes));
   if (!pool.ok()) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "host tier of ", pool_bytes, " bytes: ", pool.status().message()));
   }
-  auto copier = std::make_unique<CpuTierCopier>(*std::move(pool));
+  auto copier = std::make_unique<CpuTierCopier>(*std::move(pool), runs,
+                                                slot_bytes, num_slots);
   try {
     copier->Start();
     return std::unique_ptr<TierCopier>(std::move(copier));
@@ -201,10 +219,11 @@ absl::StatusOr<std::unique_ptr<TierCopier>> CreateCpuTierCopier(
 }
 
 absl::StatusOr<std::unique_ptr<TierCopier>> CreateTierCopier(
-    Device& device, int64_t pool_bytes) {
+    Device& device, absl::Span<const TierRun> runs, int64_t slot_bytes,
+    int32_t num_slots) {
   return device.kind() == DeviceKind::kCuda
-             ? CreateCudaTierCopier(device, pool_bytes)
-             : CreateCpuTierCopier(device, pool_bytes);
+             ? CreateCudaTierCopier(device, runs, slot_bytes, num_slots)
+             : CreateCpuTierCopier(device, runs, slot_bytes, num_slots);
 }
 
 }  // namespace kvcache

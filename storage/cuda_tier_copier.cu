@@ -1,8 +1,19 @@
 // The CUDA backend's TierCopier (storage/tier_copier.h): a pool of pinned
 // host memory, which the device reaches through unified addressing, and one
-// copy kernel per batch on its lane's own stream. A kernel, not one
-// cudaMemcpyAsync per run: a block of a 32-layer model is 128 runs of a few
+// copy kernel per batch on its lane's own stream
+// (storage/tier_copy_kernel.cuh). A kernel, not one cudaMemcpyAsync per run:
+// a block of a 32-layer int8 model with side scales is 128 runs of a few
 // KiB, which a copy call each would spend in launch overhead.
+//
+// A batch is described by its (device block, host slot) pairs alone, 8 bytes
+// a block: the runs of a block (where each layer's K, V and scale bytes lie
+// on the device and in a slot) are in device memory, uploaded once at
+// creation, and the kernel walks pairs x runs. The pairs go to a pinned
+// buffer of the lane's ring (kRingEntries per lane, 64 KiB each, allocated
+// at creation), which the kernel reads; a batch too large for its entry
+// grows it geometrically, keeping the old buffer until the copier is
+// destroyed: freeing pinned memory (cudaFreeHost) synchronizes the whole
+// device, which on Enqueue's path would wait for every copy in flight.
 
 #include <cuda_runtime.h>
 
@@ -10,13 +21,19 @@
 #include <cstring>
 #include <memory>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/cuda_check.h"
+#include "core/status_macros.h"
 #include "storage/tier_copier.h"
+#include "storage/tier_copy_kernel.cuh"
 
 namespace kvcache {
 namespace {
+
+using internal::kTierCopyThreads;
+using internal::TierCopyParams;
 
 // Thread blocks per batch by default: with four 16-byte accesses in flight
 // per thread, 32 blocks of 256 threads keep 512 KiB of copies in flight,
@@ -24,40 +41,25 @@ namespace {
 // holding an eighth of the threads of a quarter of an H200's
 // multiprocessors: the caller's kernels keep the rest.
 constexpr int kDefaultCopyBlocks = 32;
-constexpr int kCopyThreads = 256;
-constexpr int kUnroll = 4;
+// A ring entry's first pair buffer: 8,192 blocks.
+constexpr size_t kMinRingBytes = size_t{64} << 10;
 
-// One thread block per run (grid-strided over runs); 16-byte accesses where
-// both ends and the length allow them, kUnroll loads issued before their
-// stores so that each thread keeps several reads in flight.
-__global__ void __launch_bounds__(kCopyThreads)
-    CopyRunsKernel(const CopyRun* __restrict__ runs, int64_t num_runs) {
-  for (int64_t r = blockIdx.x; r < num_runs; r += gridDim.x) {
-    const CopyRun run = runs[r];
-    const uintptr_t bits = reinterpret_cast<uintptr_t>(run.dst) |
-                           reinterpret_cast<uintptr_t>(run.src) |
-                           static_cast<uintptr_t>(run.bytes);
-    if ((bits & 15) == 0) {
-      const int64_t n = run.bytes / 16;
-      uint4* dst = static_cast<uint4*>(run.dst);
-      const uint4* src = static_cast<const uint4*>(run.src);
-      constexpr int64_t kStep = int64_t{kCopyThreads} * kUnroll;
-      int64_t i = threadIdx.x;
-      for (; i + (kUnroll - 1) * kCopyThreads < n; i += kStep) {
-        uint4 v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) v[u] = src[i + u * kCopyThreads];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) dst[i + u * kCopyThreads] = v[u];
-      }
-      for (; i < n; i += kCopyThreads) dst[i] = src[i];
-    } else {
-      char* dst = static_cast<char*>(run.dst);
-      const char* src = static_cast<const char*>(run.src);
-      for (int64_t i = threadIdx.x; i < run.bytes; i += kCopyThreads)
-        dst[i] = src[i];
-    }
+// Validates, sizes the grid (at most max_blocks) and launches one batch.
+absl::Status LaunchTierCopy(const TierCopyParams& p, int max_blocks,
+                            cudaStream_t stream) {
+  if (p.runs == nullptr || p.num_runs < 1 || p.copies == nullptr ||
+      p.num_copies < 1 || p.pool == nullptr || p.slot_bytes < 1 ||
+      max_blocks < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tier copy: num_runs ", p.num_runs, ", num_copies ", p.num_copies,
+        ", slot_bytes ", p.slot_bytes, ", max_blocks ", max_blocks,
+        ": expected each >= 1 and non-null runs, copies and pool"));
   }
+  const int64_t items = p.num_copies * p.num_runs;
+  const int grid = static_cast<int>(std::min<int64_t>(items, max_blocks));
+  internal::TierCopyKernel<<<grid, kTierCopyThreads, 0, stream>>>(p);
+  KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
 }
 
 void DestroyEventHandle(cudaEvent_t e) {
@@ -66,8 +68,11 @@ void DestroyEventHandle(cudaEvent_t e) {
 
 class CudaTierCopier final : public TierCopier {
  public:
-  CudaTierCopier(Device& device, Buffer pool)
-      : device_(device), pool_(std::move(pool)) {}
+  CudaTierCopier(Device& device, Buffer pool, absl::Span<const TierRun> runs,
+                 int64_t slot_bytes, int32_t num_slots)
+      : TierCopier(runs, slot_bytes, num_slots),
+        device_(device),
+        pool_(std::move(pool)) {}
   ~CudaTierCopier() override {
     cudaSetDevice(device_.ordinal());
     for (Lane& l : lanes_) {
@@ -82,6 +87,19 @@ class CudaTierCopier final : public TierCopier {
 
   absl::Status Init() {
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
+    // The run table, once, in device memory.
+    const size_t table_bytes = runs().size() * sizeof(TierRun);
+    absl::StatusOr<Buffer> table = device_.Allocate(table_bytes);
+    if (!table.ok()) return table.status();
+    run_table_ = *std::move(table);
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaMemcpy(
+        run_table_.data(), runs().data(), table_bytes, cudaMemcpyHostToDevice));
+    // Every ring entry's first pair buffer, carved from one allocation.
+    absl::StatusOr<Buffer> slab =
+        device_.AllocateStaging(kNumTierLanes * kRingEntries * kMinRingBytes);
+    if (!slab.ok()) return slab.status();
+    char* next = slab->as<char>();
+    staging_.push_back(*std::move(slab));
     // The lowest priority (the greatest number): the caller's kernels are
     // scheduled first whenever both wait for a multiprocessor.
     int least = 0, greatest = 0;
@@ -93,6 +111,9 @@ class CudaTierCopier final : public TierCopier {
       for (Ring& r : l.ring) {
         KVCACHE_CUDA_RETURN_IF_ERROR(
             cudaEventCreateWithFlags(&r.used, cudaEventDisableTiming));
+        r.copies = reinterpret_cast<TierPair*>(next);
+        r.capacity = kMinRingBytes;
+        next += kMinRingBytes;
       }
     }
     KVCACHE_CUDA_RETURN_IF_ERROR(
@@ -101,33 +122,28 @@ class CudaTierCopier final : public TierCopier {
   }
 
   char* pool() const override { return pool_.as<char>(); }
-  int64_t pool_bytes() const override {
-    return static_cast<int64_t>(pool_.size());
-  }
 
-  absl::Status Enqueue(TierLane lane, absl::Span<const CopyRun> runs,
+  absl::Status Enqueue(TierLane lane, absl::Span<const TierPair> copies,
                        void* after_stream, const TierDeps& after) override {
     if (TakeInjectedFailure()) {
       return absl::InternalError("tier copy failed (injected by a test)");
     }
-    if (runs.empty()) return absl::OkStatus();
+    if (copies.empty()) return absl::OkStatus();
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
     Lane& l = lanes_[Index(lane)];
-    // The batch's description goes to pinned memory the kernel reads; the
-    // ring entry's last kernel must be done with it first (the host waits
-    // only when kRingEntries batches of the lane are in flight).
+    // The batch's pairs go to pinned memory the kernel reads; the ring
+    // entry's last kernel must be done with it first (the host waits only
+    // when kRingEntries batches of the lane are in flight).
     Ring& ring = l.ring[l.enqueued % kRingEntries];
     if (l.enqueued - Advance(l) >= kRingEntries) {
       KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ring.used));
+      MarkOldestDone(l);
     }
-    const size_t bytes = runs.size() * sizeof(CopyRun);
-    if (ring.runs.size() < bytes) {
-      absl::StatusOr<Buffer> grown =
-          device_.AllocateStaging(std::max(bytes, 2 * ring.runs.size()));
-      if (!grown.ok()) return grown.status();
-      ring.runs = *std::move(grown);
+    const size_t bytes = copies.size() * sizeof(TierPair);
+    if (ring.capacity < bytes) {
+      KVCACHE_RETURN_IF_ERROR(Grow(ring, bytes));
     }
-    std::memcpy(ring.runs.data(), runs.data(), bytes);
+    std::memcpy(ring.copies, copies.data(), bytes);
     KVCACHE_CUDA_RETURN_IF_ERROR(
         cudaEventRecord(caller_, static_cast<cudaStream_t>(after_stream)));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(l.stream, caller_, 0));
@@ -138,24 +154,27 @@ class CudaTierCopier final : public TierCopier {
         return s;
       }
     }
-    const int64_t n = static_cast<int64_t>(runs.size());
-    const int grid = static_cast<int>(std::min<int64_t>(n, max_blocks_));
-    CopyRunsKernel<<<grid, kCopyThreads, 0, l.stream>>>(ring.runs.as<CopyRun>(),
-                                                        n);
-    KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    TierCopyParams p;
+    p.runs = run_table_.as<TierRun>();
+    p.num_runs = static_cast<int32_t>(runs().size());
+    p.copies = ring.copies;
+    p.num_copies = static_cast<int64_t>(copies.size());
+    p.pool = pool_.as<char>();
+    p.slot_bytes = slot_bytes();
+    p.onboard = lane == TierLane::kOnboard;
+    KVCACHE_RETURN_IF_ERROR(LaunchTierCopy(p, max_blocks_, l.stream));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ring.used, l.stream));
-    int64_t batch_bytes = 0;
-    for (const CopyRun& r : runs) batch_bytes += r.bytes;
-    ring.bytes = batch_bytes;
+    ring.bytes = p.num_copies * slot_bytes();
     ring.batch = ++l.enqueued;
+    l.in_flight_bytes += ring.bytes;
     return absl::OkStatus();
   }
 
   absl::Status WaitOn(TierLane lane, int64_t batch, void* stream) override {
     const Lane& l = lanes_[Index(lane)];
     if (batch <= l.known_done) return absl::OkStatus();
-    // Batch `batch` still owns its ring entry, or it is older than the ring
-    // and Enqueue waited for it when it reused the entry.
+    // Batch `batch` still owns its ring entry: Enqueue marks a batch done
+    // before it reuses the batch's entry.
     const Ring& ring = l.ring[(batch - 1) % kRingEntries];
     if (ring.batch != batch) return absl::OkStatus();
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_.ordinal()));
@@ -176,11 +195,8 @@ class CudaTierCopier final : public TierCopier {
   }
   int64_t in_flight_bytes(TierLane lane) override {
     Lane& l = lanes_[Index(lane)];
-    int64_t bytes = 0;
-    for (int64_t b = Advance(l) + 1; b <= l.enqueued; ++b) {
-      bytes += l.ring[(b - 1) % kRingEntries].bytes;
-    }
-    return bytes;
+    Advance(l);
+    return l.in_flight_bytes;
   }
   int64_t enqueued(TierLane lane) const override {
     return lanes_[Index(lane)].enqueued;
@@ -196,7 +212,8 @@ class CudaTierCopier final : public TierCopier {
  private:
   static constexpr int kRingEntries = 32;
   struct Ring {
-    Buffer runs;  // Pinned CopyRun array.
+    TierPair* copies = nullptr;  // Pinned, owned by staging_.
+    size_t capacity = 0;         // Bytes at `copies`.
     cudaEvent_t used = nullptr;
     int64_t bytes = 0;  // Of its last batch.
     int64_t batch = 0;  // Its last batch's number (1-based); 0 = none.
@@ -204,19 +221,27 @@ class CudaTierCopier final : public TierCopier {
   struct Lane {
     cudaStream_t stream = nullptr;
     Ring ring[kRingEntries];
-    int64_t enqueued = 0;    // Batches enqueued.
-    int64_t known_done = 0;  // Every batch up to it is done.
+    int64_t enqueued = 0;  // Batches enqueued.
+    // Every batch up to it is done; the batches after it still own their
+    // ring entries (enqueued - known_done <= kRingEntries).
+    int64_t known_done = 0;
+    int64_t in_flight_bytes = 0;  // Of batches (known_done, enqueued].
   };
   static int Index(TierLane lane) { return static_cast<int>(lane); }
+
+  // Marks the lane's oldest batch not known done as done.
+  // REQUIRES: l.known_done < l.enqueued.
+  static void MarkOldestDone(Lane& l) {
+    l.in_flight_bytes -= l.ring[l.known_done % kRingEntries].bytes;
+    ++l.known_done;
+  }
   // Moves l.known_done past the batches found complete and returns it.
   // Batches of a lane complete in order, so the scan stops at the first busy
-  // one (one event query while the oldest is still running); batches older
-  // than the ring were waited for by Enqueue when it reused their entry.
+  // one (one event query while the oldest is still running).
   static int64_t Advance(Lane& l) {
-    l.known_done = std::max(l.known_done, l.enqueued - kRingEntries);
     while (l.known_done < l.enqueued &&
            !Busy(l.ring[l.known_done % kRingEntries])) {
-      ++l.known_done;
+      MarkOldestDone(l);
     }
     return l.known_done;
   }
@@ -226,8 +251,23 @@ class CudaTierCopier final : public TierCopier {
     return true;
   }
 
+  // Gives `ring` a pair buffer of at least `bytes` (twice its capacity at
+  // least); the old one stays in staging_ (its batch is done, but freeing
+  // pinned memory would synchronize the device).
+  absl::Status Grow(Ring& ring, size_t bytes) {
+    absl::StatusOr<Buffer> grown =
+        device_.AllocateStaging(std::max(bytes, 2 * ring.capacity));
+    if (!grown.ok()) return grown.status();
+    staging_.push_back(*std::move(grown));
+    ring.copies = staging_.back().as<TierPair>();
+    ring.capacity = staging_.back().size();
+    return absl::OkStatus();
+  }
+
   Device& device_;
   Buffer pool_;
+  Buffer run_table_;             // Device memory: runs().
+  std::vector<Buffer> staging_;  // Every pair buffer the rings ever had.
   Lane lanes_[kNumTierLanes];
   cudaEvent_t caller_ = nullptr;  // The caller's stream at Enqueue.
   int max_blocks_ = kDefaultCopyBlocks;
@@ -236,7 +276,12 @@ class CudaTierCopier final : public TierCopier {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<TierCopier>> CreateCudaTierCopier(
-    Device& device, int64_t pool_bytes) {
+    Device& device, absl::Span<const TierRun> runs, int64_t slot_bytes,
+    int32_t num_slots) {
+  if (absl::Status s = ValidateTierRuns(runs, slot_bytes, num_slots); !s.ok()) {
+    return s;
+  }
+  const int64_t pool_bytes = slot_bytes * num_slots;
   absl::StatusOr<Buffer> pool =
       device.AllocateStaging(static_cast<size_t>(pool_bytes));
   if (!pool.ok()) {
@@ -244,7 +289,8 @@ absl::StatusOr<std::unique_ptr<TierCopier>> CreateCudaTierCopier(
         absl::StrCat("host tier of ", pool_bytes,
                      " bytes of pinned memory: ", pool.status().message()));
   }
-  auto copier = std::make_unique<CudaTierCopier>(device, *std::move(pool));
+  auto copier = std::make_unique<CudaTierCopier>(device, *std::move(pool), runs,
+                                                 slot_bytes, num_slots);
   if (absl::Status s = copier->Init(); !s.ok()) return s;
   return std::unique_ptr<TierCopier>(std::move(copier));
 }

@@ -3,8 +3,8 @@
 
 namespace kvcache {
 
-absl::StatusOr<std::unique_ptr<TierCopier>> CreateCudaTierCopier(Device&,
-                                                                 int64_t) {
+absl::StatusOr<std::unique_ptr<TierCopier>> CreateCudaTierCopier(
+    Device&, absl::Span<const TierRun>, int64_t, int32_t) {
   return absl::FailedPreconditionError(
       "kvcache was built without CUDA support: no CUDA host tier");
 }

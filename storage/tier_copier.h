@@ -1,15 +1,23 @@
 // TierCopier: the host-memory tier's memory (DESIGN.md section 11) and the
-// queues that copy bytes between it and a cache's device memory, off the
-// caller's thread and stream, overlapped with the caller's work.
+// queues that copy whole blocks between it and a cache's device memory, off
+// the caller's thread and stream, overlapped with the caller's work.
+//
+// The copier is told once, at creation, where a block's bytes lie: its runs
+// (TierRun; storage/block_runs.h: each layer's K, V and scale bytes), run r
+// of block b at run.device + b * run.bytes in the cache and at
+// run.slot_offset in a slot of slot_bytes bytes, slot s at s * slot_bytes in
+// the pool. A batch is then a list of (device block, host slot) pairs
+// (TierPair), every run of each pair copied, in its lane's direction.
 //
 // Three lanes, each running its batches one after another in the order they
 // were enqueued, side by side with the others:
 //
 //   kOffload        offloads nobody waits for (the allocator holds their
-//                   blocks until done): background traffic
-//   kOnboard        onboards, which the sequences that hit them wait for
+//                   blocks until done): background traffic; cache -> pool
+//   kOnboard        onboards, which the sequences that hit them wait for;
+//                   pool -> cache
 //   kOffloadReused  offloads of blocks handed out again at once, which the
-//                   next write of the block waits for
+//                   next write of the block waits for; cache -> pool
 //
 // so an onboard or a reused block's offload never queues behind background
 // offloads. Lanes are ordered against each other only where Enqueue says so
@@ -17,11 +25,14 @@
 // between a slot or block both touch).
 //
 //   CUDA   the pool is pinned host memory (Device::AllocateStaging, mapped
-//          into the device's address space); a batch is one copy kernel on
-//          its lane's stream (low priority, a few dozen thread blocks, so it
-//          leaves the multiprocessors to the caller's kernels), after the
-//          caller's stream's earlier work.
-//   CPU    the pool is a second host allocation; each lane has a thread.
+//          into the device's address space); the runs are uploaded to device
+//          memory once, a batch's pairs go to a pinned buffer of the lane's
+//          ring, and a batch is one copy kernel on its lane's stream (low
+//          priority, a few dozen thread blocks, so it leaves the
+//          multiprocessors to the caller's kernels), after the caller's
+//          stream's earlier work.
+//   CPU    the pool is a second host allocation; each lane has a thread,
+//          which copies pairs x runs with memcpy.
 //
 // Ordering: Enqueue's batch reads and writes after everything earlier on its
 // lane, after the named batches of the other lanes, and (CUDA) after all work
@@ -34,29 +45,50 @@
 //
 // Thread safety: Enqueue and WaitOn are called by one thread at a time (the
 // manager's lock); the copier's own threads synchronize with them.
-// Ownership: owns the pool, the streams or threads, and the staging of the
-// batches' descriptions. Destruction waits for the queues to drain.
+// Ownership: owns the pool, the run table, the streams or threads, and the
+// staging of the batches' pairs. Destruction waits for the queues to drain.
+// The cache memory the runs point at must outlive the copier.
 
 #ifndef KVCACHE_STORAGE_TIER_COPIER_H_
 #define KVCACHE_STORAGE_TIER_COPIER_H_
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "core/host_device.h"
 #include "storage/device.h"
 
 namespace kvcache {
 
-// One contiguous copy. Both ends are in the cache's memory or the pool.
-struct CopyRun {
-  void* dst = nullptr;
-  const void* src = nullptr;
+// One contiguous part of every block (a layer's K, V or scale bytes): block
+// b's lies at device + b * bytes in the cache, and at slot_offset in the
+// block's tier slot.
+struct TierRun {
+  char* device = nullptr;
   int64_t bytes = 0;
+  int64_t slot_offset = 0;
 };
+
+// One block of a batch: device block <-> host slot (the lane says which way).
+struct TierPair {
+  int32_t device_block = 0;
+  int32_t host_slot = 0;
+};
+
+// Where `run` of device block `block` lies, and where it lies in `slot` of
+// a pool of slots of `slot_bytes` (the CPU and CUDA copiers share these).
+KVCACHE_HOST_DEVICE char* DeviceRunAddress(const TierRun& run, int32_t block) {
+  return run.device + static_cast<int64_t>(block) * run.bytes;
+}
+KVCACHE_HOST_DEVICE char* SlotRunAddress(char* pool, int64_t slot_bytes,
+                                         const TierRun& run, int32_t slot) {
+  return pool + static_cast<int64_t>(slot) * slot_bytes + run.slot_offset;
+}
 
 enum class TierLane : int { kOffload = 0, kOnboard = 1, kOffloadReused = 2 };
 inline constexpr int kNumTierLanes = 3;
@@ -69,20 +101,37 @@ struct TierDeps {
   int64_t batch[kNumTierLanes] = {};
 };
 
+// InvalidArgument, naming the value, unless there is at least one run, every
+// run has a device pointer and bytes > 0 and lies inside the slot
+// ([slot_offset, slot_offset + bytes) within [0, slot_bytes)), no two runs
+// overlap in the slot, and num_slots >= 1.
+absl::Status ValidateTierRuns(absl::Span<const TierRun> runs,
+                              int64_t slot_bytes, int32_t num_slots);
+
 class TierCopier {
  public:
   virtual ~TierCopier() = default;
 
-  // The tier's host memory (pool_bytes() bytes, 256-byte aligned).
+  // The tier's host memory (num_slots() slots of slot_bytes() bytes,
+  // 256-byte aligned).
   virtual char* pool() const = 0;
-  virtual int64_t pool_bytes() const = 0;
+  int64_t pool_bytes() const { return slot_bytes_ * num_slots_; }
+  int64_t slot_bytes() const { return slot_bytes_; }
+  int32_t num_slots() const { return num_slots_; }
+  // The runs of a block, as given at creation.
+  absl::Span<const TierRun> runs() const { return runs_; }
 
-  // Queues `runs` as one batch of `lane`, to run after the batches `after`
-  // names of the other lanes. All or nothing: on an error (Internal; a
-  // launch failure, or the injected failure below) no run of the batch is
-  // copied, and earlier batches are unaffected. REQUIRES: runs do not
-  // overlap within the batch; after.batch[l] <= enqueued(l).
-  virtual absl::Status Enqueue(TierLane lane, absl::Span<const CopyRun> runs,
+  // Queues `copies` as one batch of `lane`, to run after the batches `after`
+  // names of the other lanes: every run of each pair, from the cache to the
+  // pool (kOffload, kOffloadReused) or from the pool to the cache (kOnboard).
+  // The batch moves copies.size() * slot_bytes() bytes. All or nothing: on
+  // an error (Internal: a launch failure, or the injected failure below;
+  // ResourceExhausted: the pairs' staging could not grow) no byte of the
+  // batch is copied, and earlier batches are unaffected. REQUIRES: every
+  // device_block names a block of the cache the runs point at, every
+  // host_slot is in [0, num_slots()); the batch writes no block (onboard) or
+  // slot (offload) twice; after.batch[l] <= enqueued(l).
+  virtual absl::Status Enqueue(TierLane lane, absl::Span<const TierPair> copies,
                                void* after_stream, const TierDeps& after) = 0;
   // Orders the caller's later work after batch `batch` of `lane` (see the
   // top of this file). Cheap when it is known done. REQUIRES: batch <=
@@ -98,9 +147,9 @@ class TierCopier {
     }
     return absl::OkStatus();
   }
-  // Batches of `lane` enqueued and not yet complete (CUDA: of its last
-  // kRingEntries; for backpressure and tests), and their bytes (the offload
-  // policy's in-flight budget).
+  // Batches of `lane` enqueued and not yet known complete (CUDA: as of this
+  // call; for backpressure and tests), and their bytes (the offload policy's
+  // in-flight budget): a running count, no walk over the batches.
   virtual int64_t in_flight(TierLane lane) = 0;
   virtual int64_t in_flight_bytes(TierLane lane) = 0;
   // Batches of `lane` enqueued so far, and the number of its last batch known
@@ -129,6 +178,13 @@ class TierCopier {
   virtual void set_max_blocks_for_testing(int) {}
 
  protected:
+  // REQUIRES: ValidateTierRuns(runs, slot_bytes, num_slots) is OK.
+  TierCopier(absl::Span<const TierRun> runs, int64_t slot_bytes,
+             int32_t num_slots)
+      : runs_(runs.begin(), runs.end()),
+        slot_bytes_(slot_bytes),
+        num_slots_(num_slots) {}
+
   // Consumes one injected failure, if any.
   bool TakeInjectedFailure() {
     if (fail_next_ <= 0) return false;
@@ -137,19 +193,29 @@ class TierCopier {
   }
   absl::Duration delay_;
   int fail_next_ = 0;
+
+ private:
+  const std::vector<TierRun> runs_;
+  const int64_t slot_bytes_;
+  const int32_t num_slots_;
 };
 
-// A copier for `device`'s memory with a pool of `pool_bytes`, which `device`
-// must outlive. ResourceExhausted when the pool cannot be allocated;
+// A copier between `device`'s memory, where a block's bytes lie as `runs`
+// say, and a pool of `num_slots` slots of `slot_bytes`. `device` and the
+// memory the runs point at must outlive it. InvalidArgument from
+// ValidateTierRuns; ResourceExhausted when the pool cannot be allocated;
 // FailedPrecondition for a CUDA device in a build without CUDA.
 absl::StatusOr<std::unique_ptr<TierCopier>> CreateTierCopier(
-    Device& device, int64_t pool_bytes);
+    Device& device, absl::Span<const TierRun> runs, int64_t slot_bytes,
+    int32_t num_slots);
 
 // The two implementations (CreateTierCopier picks by device kind).
 absl::StatusOr<std::unique_ptr<TierCopier>> CreateCpuTierCopier(
-    Device& device, int64_t pool_bytes);
+    Device& device, absl::Span<const TierRun> runs, int64_t slot_bytes,
+    int32_t num_slots);
 absl::StatusOr<std::unique_ptr<TierCopier>> CreateCudaTierCopier(
-    Device& device, int64_t pool_bytes);
+    Device& device, absl::Span<const TierRun> runs, int64_t slot_bytes,
+    int32_t num_slots);
 
 }  // namespace kvcache
 

@@ -64,7 +64,8 @@ class Device {
   // ResourceExhausted on failure.
   virtual absl::StatusOr<Buffer> Allocate(size_t bytes) = 0;
   // Host memory that CopyToDeviceAsync may read without a stall (pinned on
-  // CUDA).
+  // CUDA, and mapped: device code may dereference it; from 256 MiB up a
+  // registered anonymous mapping, zero-filled, instead of cudaMallocHost).
   virtual absl::StatusOr<Buffer> AllocateStaging(size_t bytes) = 0;
 
   // Sets `bytes` bytes at `dst` (device memory) to zero; completes before

@@ -33,5 +33,24 @@ TEST(CudaTierCopierTest, BatchesMatchTheModel) {
   }
 }
 
+// A pool of 300 MiB: from 256 MiB up the CUDA device pins staging memory by
+// registering a mapping (storage/cuda_device.cc), which the copy kernel must
+// reach through the same pointers.
+TEST(CudaTierCopierTest, RegisteredPoolMatchesTheModel) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  absl::StatusOr<std::unique_ptr<Device>> device = CreateCudaDevice(0);
+  ASSERT_TRUE(device.ok()) << device.status();
+  testing::TierCopierShape large;
+  large.name = "registered_pool";
+  large.run_bytes = {512 << 10, 4096, 512 << 10};
+  large.misalign = {0, 0, 0};
+  large.num_blocks = 64;
+  large.num_slots = 290;  // 290 x 1028 KiB: 291 MiB.
+  large.max_pairs = 16;
+  large.batches_per_round = 40;
+  large.rounds = 2;
+  testing::CheckTierCopier(**device, large, Seed());
+}
+
 }  // namespace
 }  // namespace kvcache

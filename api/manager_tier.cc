@@ -76,9 +76,9 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
 void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
   // Offloading is best effort (README "Host tier"): an evicted block is
   // dropped rather than copied while tier_offload_max_in_flight_bytes of
-  // copies are still running, and on CUDA while more than half the offload
-  // lane's ring is (the host ran ahead of the device: the copier would wait
-  // for a ring entry). Onboarding never skips.
+  // copies are still running, and on CUDA while more than kMaxBatchesInFlight
+  // offload batches are (the host ran ahead of the device). Onboarding never
+  // skips.
   constexpr int64_t kMaxBatchesInFlight = 4;
   if (tier_ == nullptr) return;
   TierCopier& copier = tier_->copier();

@@ -1,6 +1,7 @@
 #include "tests/tier_copier_check.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
@@ -235,6 +236,12 @@ std::vector<TierCopierShape> TierCopierShapes() {
   many.batches_per_round = 12;
   many.rounds = 2;
   return {layers, ragged, many};
+}
+
+uint64_t TierCopierSeed() {
+  const char* env = std::getenv("KVCACHE_TEST_SEED");
+  return env != nullptr ? std::strtoull(env, nullptr, 10)
+                        : std::random_device{}();
 }
 
 void CheckTierCopier(Device& device, const TierCopierShape& shape,

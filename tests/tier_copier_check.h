@@ -48,6 +48,10 @@ std::vector<TierCopierShape> TierCopierShapes();
 void CheckTierCopier(Device& device, const TierCopierShape& shape,
                      uint64_t seed);
 
+// The seed of a run: KVCACHE_TEST_SEED if set, else random (CheckTierCopier
+// prints it with any failure).
+uint64_t TierCopierSeed();
+
 }  // namespace kvcache::testing
 
 #endif  // KVCACHE_TESTS_TIER_COPIER_CHECK_H_

@@ -5,9 +5,7 @@
 // Skipped without a GPU. KVCACHE_TEST_SEED=<n> reruns one seed.
 
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
-#include <random>
 
 #include "absl/status/statusor.h"
 #include "gtest/gtest.h"
@@ -18,18 +16,12 @@
 namespace kvcache {
 namespace {
 
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
-
 TEST(CudaTierCopierTest, BatchesMatchTheModel) {
   KVCACHE_SKIP_WITHOUT_GPU();
   absl::StatusOr<std::unique_ptr<Device>> device = CreateCudaDevice(0);
   ASSERT_TRUE(device.ok()) << device.status();
   for (const testing::TierCopierShape& shape : testing::TierCopierShapes()) {
-    testing::CheckTierCopier(**device, shape, Seed());
+    testing::CheckTierCopier(**device, shape, testing::TierCopierSeed());
   }
 }
 
@@ -49,7 +41,7 @@ TEST(CudaTierCopierTest, RegisteredPoolMatchesTheModel) {
   large.max_pairs = 16;
   large.batches_per_round = 40;
   large.rounds = 2;
-  testing::CheckTierCopier(**device, large, Seed());
+  testing::CheckTierCopier(**device, large, testing::TierCopierSeed());
 }
 
 }  // namespace

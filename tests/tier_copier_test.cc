@@ -7,9 +7,7 @@
 #include "storage/tier_copier.h"
 
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -21,16 +19,10 @@
 namespace kvcache {
 namespace {
 
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
-
 TEST(CpuTierCopierTest, BatchesMatchTheModel) {
   std::unique_ptr<Device> device = CreateCpuDevice();
   for (const testing::TierCopierShape& shape : testing::TierCopierShapes()) {
-    testing::CheckTierCopier(*device, shape, Seed());
+    testing::CheckTierCopier(*device, shape, testing::TierCopierSeed());
   }
 }
 

@@ -51,6 +51,7 @@ internal::PrefixCache::Options PrefixOptions(const BlockManagerOptions& o) {
   p.host_slots = o.host_tier_blocks;
   p.offload_min_hits = o.tier_offload_min_hits;
   p.hold_offloaded = o.tier_hold_offloaded;
+  p.offload_ahead_blocks = o.tier_offload_ahead_blocks;
   return p;
 }
 

@@ -86,6 +86,9 @@ struct BlockManagerOptions {
   // of being reused at once; evictions then take the next oldest block, and
   // drop a selected block when the call has no block to spare.
   bool tier_hold_offloaded = false;
+  // Offload ahead (PrefixCache::Options::offload_ahead_blocks): the most
+  // cached blocks with a tier copy made before their eviction; 0 = off.
+  int64_t tier_offload_ahead_blocks = 0;
 };
 
 // Where AddSequence's computed tokens came from.
@@ -276,6 +279,20 @@ class BlockManager {
     prefix_.ReleaseOffloaded(completed, pool_);
   }
   int64_t held_tier_offloads() const { return prefix_.num_held(); }
+  // Offload ahead (PrefixCache::OffloadAhead): asks for copies (tier_copies,
+  // after dropping the previous list) of up to `max_new` cached blocks next
+  // in line for eviction, and returns how many. The manager queues them and
+  // tells the batch by TierOffloadsQueued.
+  int64_t TierOffloadAhead(int64_t max_new) {
+    prefix_.ClearCopies();
+    const int64_t n = prefix_.OffloadAhead(pool_, max_new);
+    prefix_.Flush();
+    return n;
+  }
+  // The newest offload batch that a block reused since the last call of this
+  // may still be read by (its copy ahead): its next write waits for it.
+  int64_t TakeTierAheadWait() { return prefix_.TakeAheadWait(); }
+  int64_t tier_offloads_ahead() const { return prefix_.num_ahead(); }
   // The most blocks the next call may offload (the manager's in-flight
   // budget); evicted blocks past it are dropped (tier_offloads_skipped).
   void SetTierOffloadBudget(int64_t blocks) {

@@ -67,6 +67,24 @@ class BlockPool {
   int32_t ref_count(BlockId block) const { return meta_[block].ref_count; }
   bool hashed(BlockId block) const { return meta_[block].hashed; }
 
+  // A walk of the LRU list, oldest first (the host tier's offload ahead):
+  // the oldest cached block, the next newer one after cached `block`, -1 past
+  // the newest.
+  BlockId OldestCached() const {
+    const int32_t n = meta_[LruHead()].next;
+    return n == LruHead() ? -1 : n;
+  }
+  BlockId NewerCached(BlockId block) const {
+    ABSL_ASSERT(meta_[block].state == BlockState::kCached);
+    const int32_t n = meta_[block].next;
+    return n == LruHead() ? -1 : n;
+  }
+  // How many times `block` has become cached (wrapping): a walk's bookmark
+  // still stands where it was iff its block is cached with the same epoch.
+  uint16_t cached_epoch(BlockId block) const {
+    return meta_[block].cached_epoch;
+  }
+
   // Walks both lists and every block: each block in exactly one state, list
   // links consistent, counts right. Internal with the first violation.
   absl::Status Validate() const;
@@ -78,6 +96,7 @@ class BlockPool {
     int32_t ref_count = 0;
     BlockState state = BlockState::kFree;
     bool hashed = false;
+    uint16_t cached_epoch = 0;  // Fills the entry's padding (16 bytes).
   };
   // List ids: sentinels live after the blocks, at num_blocks_ (free) and
   // num_blocks_ + 1 (LRU).
@@ -179,6 +198,7 @@ inline void BlockPool::Release(BlockId b) {
   if (--m.ref_count > 0) return;
   if (m.hashed) {
     m.state = BlockState::kCached;
+    ++m.cached_epoch;
     PushBack(LruHead(), b);
     ++num_cached_;
   } else {

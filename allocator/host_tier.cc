@@ -33,9 +33,38 @@ bool HostTier::Matches(int32_t slot, uint64_t parent_id,
 }
 
 int32_t HostTier::Insert(const TierEntry& entry, const TokenId* tokens) {
-  ABSL_ASSERT(!free_.empty() && table_.Find(entry.hash) < 0);
+  ABSL_ASSERT(!free_.empty());
   const int32_t s = free_.back();
   free_.pop_back();
+  Store(s, entry, tokens);
+  return s;
+}
+
+int32_t HostTier::ReserveSlot() {
+  ABSL_ASSERT(!free_.empty());
+  const int32_t s = free_.back();
+  free_.pop_back();
+  state_[s] = kReserved;
+  ++num_reserved_;
+  return s;
+}
+
+void HostTier::Unreserve(int32_t s) {
+  ABSL_ASSERT(state_[s] == kReserved);
+  state_[s] = kFree;
+  --num_reserved_;
+  free_.push_back(s);
+}
+
+void HostTier::InsertReserved(int32_t s, const TierEntry& entry,
+                              const TokenId* tokens) {
+  ABSL_ASSERT(state_[s] == kReserved);
+  --num_reserved_;
+  Store(s, entry, tokens);
+}
+
+void HostTier::Store(int32_t s, const TierEntry& entry, const TokenId* tokens) {
+  ABSL_ASSERT(table_.Find(entry.hash) < 0);
   entries_[s] = entry;
   std::memcpy(&tokens_[static_cast<size_t>(s) * block_size_], tokens,
               static_cast<size_t>(block_size_) * sizeof(TokenId));
@@ -47,7 +76,6 @@ int32_t HostTier::Insert(const TierEntry& entry, const TokenId* tokens) {
   prev_[Head()] = s;
   table_.FindOrInsert(entry.hash, s);
   ++num_stored_;
-  return s;
 }
 
 int32_t HostTier::Oldest() const {
@@ -90,14 +118,15 @@ void HostTier::ReleasePinned() {
 }
 
 absl::Status HostTier::Validate() const {
-  int32_t counts[3] = {0, 0, 0};
+  int32_t counts[4] = {0, 0, 0, 0};
   for (int32_t s = 0; s < num_slots_; ++s) ++counts[state_[s]];
   if (counts[kFree] != num_free() || counts[kStored] != num_stored_ ||
-      counts[kPinned] != num_pinned()) {
+      counts[kPinned] != num_pinned() || counts[kReserved] != num_reserved_) {
     return absl::InternalError(absl::StrCat(
         "host tier: ", counts[kFree], " free, ", counts[kStored], " stored, ",
-        counts[kPinned], " pinned slots, but lists say ", num_free(), ", ",
-        num_stored_, ", ", num_pinned()));
+        counts[kPinned], " pinned, ", counts[kReserved],
+        " reserved slots, but lists say ", num_free(), ", ", num_stored_, ", ",
+        num_pinned(), ", ", num_reserved_));
   }
   for (int32_t s : free_) {
     if (state_[s] != kFree)

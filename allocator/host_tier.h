@@ -16,6 +16,10 @@
 //   pinned   taken by Take this call: in neither, and not reusable until
 //            ReleasePinned (the onboard copy reads it; a later offload into
 //            the same slot is ordered after that read by the copy queue).
+//   reserved taken by ReserveSlot for an offload ahead (a copy of a cached
+//            device block made before its eviction): in neither until
+//            InsertReserved registers the block there (its eviction) or
+//            Unreserve frees it (the copy went unused).
 //
 // Fixed capacity: nothing allocates after construction. Not thread-safe.
 
@@ -54,6 +58,7 @@ class HostTier {
   int32_t num_stored() const { return num_stored_; }
   int32_t num_pinned() const { return static_cast<int32_t>(pinned_.size()); }
   int32_t num_free() const { return static_cast<int32_t>(free_.size()); }
+  int32_t num_reserved() const { return num_reserved_; }
 
   // The slot registered under `hash`, or -1.
   int32_t Find(const BlockHash& hash) const { return table_.Find(hash); }
@@ -64,6 +69,7 @@ class HostTier {
     return &tokens_[static_cast<size_t>(slot) * block_size_];
   }
   bool stored(int32_t slot) const { return state_[slot] == kStored; }
+  bool reserved(int32_t slot) const { return state_[slot] == kReserved; }
 
   // A free slot for a new entry, or -1 when every slot is stored or pinned
   // (the caller drops the oldest first: DropOldest).
@@ -71,6 +77,14 @@ class HostTier {
   // Stores `entry` (newest in the LRU) in a free slot and returns the slot.
   // REQUIRES: HasFreeSlot(); the hash not stored.
   int32_t Insert(const TierEntry& entry, const TokenId* tokens);
+  // Free -> reserved: a slot for an offload ahead. REQUIRES: HasFreeSlot().
+  int32_t ReserveSlot();
+  // Reserved -> free.
+  void Unreserve(int32_t slot);
+  // Reserved -> stored: Insert into the slot the offload ahead filled.
+  // REQUIRES: slot reserved; the hash not stored.
+  void InsertReserved(int32_t slot, const TierEntry& entry,
+                      const TokenId* tokens);
   // The oldest stored slot, or -1.
   int32_t Oldest() const;
   // Stored -> free. Returns the dropped entry.
@@ -96,13 +110,16 @@ class HostTier {
   absl::Status Validate() const;
 
  private:
-  enum State : uint8_t { kFree, kStored, kPinned };
+  enum State : uint8_t { kFree, kStored, kPinned, kReserved };
   int32_t Head() const { return num_slots_; }
   void Unlink(int32_t slot);
+  // Fills slot s (no longer free) as Insert.
+  void Store(int32_t s, const TierEntry& entry, const TokenId* tokens);
 
   int32_t num_slots_;
   int32_t block_size_;
   int32_t num_stored_ = 0;
+  int32_t num_reserved_ = 0;
   BlockHashTable table_;
   std::vector<TierEntry> entries_;
   std::vector<TokenId> tokens_;

@@ -28,6 +28,10 @@ PrefixCache::PrefixCache(const Options& options)
     meta_.resize(options.num_blocks);
     held_.resize(options.num_blocks);
     max_held_ = std::max<int64_t>(16, options.num_blocks / 64);
+    ahead_window_ = std::clamp<int64_t>(options.offload_ahead_blocks, 0,
+                                        options.host_slots / 2);
+    ahead_new_.reserve(ahead_window_);
+    retired_.reserve(ahead_window_);
     // A call offloads each device block at most once and onboards at most one
     // block per device block.
     copies_.reserve(2 * static_cast<size_t>(options.num_blocks));
@@ -192,7 +196,9 @@ BlockId PrefixCache::Evict(BlockPool& pool) {
       RecordRemoved(index_.hash(b), BlockMedium::kDevice);
     bool held = false;
     if (tier_ != nullptr) {  // Before Erase: it reads the ids.
-      if (meta_[b].hits < offload_min_hits_) {
+      if (meta_[b].ahead_slot >= 0) {
+        OffloadFromAhead(b);  // Its copy is made (or on its way).
+      } else if (meta_[b].hits < offload_min_hits_) {
         ++stats_.offloads_unselected;
       } else if (offload_budget_ <= 0) {
         // Over the in-flight budget: dropped rather than waited for.
@@ -223,6 +229,10 @@ BlockId PrefixCache::Evict(BlockPool& pool) {
 }
 
 void PrefixCache::OffloadsQueued(int64_t batch) {
+  for (BlockId b : ahead_new_) {
+    if (meta_[b].ahead_slot >= 0) meta_[b].ahead_batch = batch;
+  }
+  ahead_new_.clear();
   for (int64_t k = held_count_ - 1; k >= 0; --k) {
     Held& h = held_[(held_head_ + k) % held_.size()];
     if (h.batch != 0) break;
@@ -232,6 +242,18 @@ void PrefixCache::OffloadsQueued(int64_t batch) {
 
 void PrefixCache::ReleaseOffloaded(int64_t completed, BlockPool& pool,
                                    bool all) {
+  offload_completed_ = std::max(offload_completed_, completed);
+  if (!retired_.empty()) {
+    size_t kept = 0;
+    for (const Retired& r : retired_) {
+      if (r.batch <= offload_completed_) {
+        tier_->Unreserve(r.slot);
+      } else {
+        retired_[kept++] = r;
+      }
+    }
+    retired_.resize(kept);
+  }
   if (all) {  // This call's (the newest) first.
     while (held_count_ > 0) {
       Held& h = held_[(held_head_ + held_count_ - 1) % held_.size()];
@@ -251,8 +273,11 @@ void PrefixCache::ReleaseOffloaded(int64_t completed, BlockPool& pool,
 
 void PrefixCache::Clear(BlockPool& pool, SequenceTable& sequences) {
   for (BlockId b = 0; b < pool.num_blocks(); ++b) {
-    if (index_.registered(b)) index_.Erase(b);
+    if (!index_.registered(b)) continue;
+    if (tier_ != nullptr && meta_[b].ahead_slot >= 0) RetireAhead(b);
+    index_.Erase(b);
   }
+  ahead_bookmark_ = -1;
   pool.ClearHashes();
   if (tier_ != nullptr) {
     tier_->Clear([&](const TierEntry& e) {

@@ -68,6 +68,11 @@ struct PrefixCacheStats {
   // Offloads whose block was reused at once (the call had no block to spare
   // to hold it): the next write of it waits for the copy.
   int64_t offloads_waited = 0;
+  // Offload ahead (Options::offload_ahead_blocks): copies of cached blocks
+  // made before their eviction, and the evictions that found theirs (done
+  // or still running) and so needed no copy of their own.
+  int64_t ahead_copies = 0;
+  int64_t offloads_ahead = 0;
 };
 
 // A byte copy of one whole block between the device pool and a host-tier
@@ -81,6 +86,9 @@ struct TierCopy {
   // copy: an onboard, or an offload whose block was not held (its block is
   // reused at once).
   bool wait = false;
+  // An offload ahead (PrefixCache::OffloadAhead): the block stays cached and
+  // registered; the slot is reserved for it until its eviction.
+  bool ahead = false;
 };
 
 namespace internal {
@@ -103,6 +111,10 @@ class PrefixCache {
     // Whether offloaded blocks are held until their copy is done
     // (set_hold_allowance); false: handed out at once.
     bool hold_offloaded = false;
+    // Offload ahead: how many cached blocks at most have a copy in the tier
+    // made before their eviction (OffloadAhead); 0 = off. At most half the
+    // tier's slots are used so.
+    int64_t offload_ahead_blocks = 0;
   };
   // Hit counts saturate here.
   static constexpr int32_t kMaxHitCount = 255;
@@ -178,10 +190,12 @@ class PrefixCache {
     hold_allowance_ = hold_offloaded_ ? blocks : 0;
   }
   bool hold_offloaded() const { return hold_offloaded_; }
-  // The held blocks offloaded by this call's copies: they are in the copy
-  // queue's batch number `batch` (TierCopier::enqueued()).
+  // The held blocks offloaded by this call's copies, and its offloads ahead:
+  // they are in the copy queue's batch number `batch`
+  // (TierCopier::enqueued()).
   void OffloadsQueued(int64_t batch);
-  // Held blocks whose batch is <= `completed` become free; with `all`, every
+  // Held blocks whose batch is <= `completed` become free, and so do the
+  // tier slots of unused offloads ahead of such batches; with `all`, every
   // held block of this call's copies too (they failed: nothing reads them).
   void ReleaseOffloaded(int64_t completed, BlockPool& pool, bool all = false);
   int64_t num_held() const { return held_count_; }
@@ -191,6 +205,25 @@ class PrefixCache {
     for (int64_t k = 0; k < held_count_; ++k)
       f(held_[(held_head_ + k) % held_.size()].block);
   }
+  // Offload ahead: copies the cached blocks next in line for eviction (the
+  // LRU's oldest that offload_min_hits selects) into reserved tier slots
+  // while they stay cached and registered, at most `max_new` this call and
+  // Options::offload_ahead_blocks at a time; asks for each copy (TierCopy
+  // with `ahead`; the manager queues them as one background batch and tells
+  // the batch by OffloadsQueued). A tier entry is dropped (LRU) for a slot
+  // when none is free. Evict then registers such a block in its slot without
+  // a copy of its own; a block that leaves the index otherwise (reset) gives
+  // its slot back once its copy is done. Returns the copies asked for.
+  int64_t OffloadAhead(BlockPool& pool, int64_t max_new);
+  // The newest offload batch a block evicted since the last call of this
+  // reuses while its copy ahead may still be running (0: none): the block's
+  // next write must wait for that batch. Resets it.
+  int64_t TakeAheadWait() {
+    const int64_t b = ahead_wait_;
+    ahead_wait_ = 0;
+    return b;
+  }
+  int64_t num_ahead() const { return num_ahead_; }
   // Counts a prefix hit on each device block of s.blocks (AddSequence, after
   // Match): the reuse evidence of offload_min_hits.
   void NoteHits(const Sequence& s) {
@@ -305,6 +338,14 @@ class PrefixCache {
   // (dropping the tier's oldest for room) and asks for its copy; false (and
   // nothing done) when every slot is pinned by this call's onboarding.
   bool Offload(BlockId b);
+  // Evict's case of a block with a copy ahead: registers it in its slot
+  // (no copy; if the copy may still be running, ahead_wait_ names it).
+  void OffloadFromAhead(BlockId b);
+  // The tier registration of device block b, as Offload moves it.
+  TierEntry EntryOf(BlockId b) const;
+  // A block's copy ahead is not needed (its registration goes): its slot is
+  // freed once the copy is done (at once if it was never queued).
+  void RetireAhead(BlockId b);
   // Tier slot -> dropped (OnBlocksRemoved(kHost)); `failed` counts it as a
   // drop after a failed copy rather than an LRU eviction.
   void DropHost(int32_t slot, bool failed);
@@ -359,8 +400,29 @@ class PrefixCache {
     BlockHash parent_hash;
     int64_t adapter_id = 0;
     uint8_t hits = 0;  // Saturates at kMaxHitCount.
+    // Its copy ahead: the reserved tier slot (-1: none) and the copy's batch
+    // (0: this call's, not yet queued).
+    int32_t ahead_slot = -1;
+    int64_t ahead_batch = 0;
   };
   std::vector<EventMeta> meta_;
+  // Offload ahead: the most blocks with a copy ahead (0 = off), how many
+  // have one, the LRU walk's bookmark (the newest cached block it looked
+  // at, with its epoch), this call's (not yet queued), the slots of unused
+  // copies waiting for their batch, the newest offload batch known done, and
+  // TakeAheadWait's batch.
+  int64_t ahead_window_ = 0;
+  int64_t num_ahead_ = 0;
+  BlockId ahead_bookmark_ = -1;
+  uint16_t ahead_bookmark_epoch_ = 0;
+  std::vector<BlockId> ahead_new_;
+  struct Retired {
+    int32_t slot = -1;
+    int64_t batch = 0;
+  };
+  std::vector<Retired> retired_;
+  int64_t offload_completed_ = 0;
+  int64_t ahead_wait_ = 0;
   std::vector<TierCopy> copies_;
   // With a tier, the observer's records in call order (a call may evict,
   // offload, drop from the tier and onboard): one observer call per run of

@@ -75,12 +75,7 @@ int64_t PrefixCache::MatchAcrossTiers(Sequence& s, const TokenId* prompt,
   return i;
 }
 
-bool PrefixCache::Offload(BlockId b) {
-  if (!tier_->HasFreeSlot()) {
-    const int32_t oldest = tier_->Oldest();
-    if (oldest < 0) return false;  // Every slot is pinned by this call.
-    DropHost(oldest, /*failed=*/false);
-  }
+TierEntry PrefixCache::EntryOf(BlockId b) const {
   TierEntry e;
   e.hash = index_.hash(b);
   e.parent_id = index_.parent_id(b);
@@ -88,6 +83,16 @@ bool PrefixCache::Offload(BlockId b) {
   e.first_in_chain = PrefixCacheIndex::IsRoot(e.parent_id);
   e.parent_hash = meta_[b].parent_hash;
   e.adapter_id = meta_[b].adapter_id;
+  return e;
+}
+
+bool PrefixCache::Offload(BlockId b) {
+  if (!tier_->HasFreeSlot()) {
+    const int32_t oldest = tier_->Oldest();
+    if (oldest < 0) return false;  // Every slot is pinned or reserved.
+    DropHost(oldest, /*failed=*/false);
+  }
+  const TierEntry e = EntryOf(b);
   // The tier holds its own reference on a root (Erase drops the device's).
   if (e.first_in_chain) index_.AcquireRoot(e.parent_id);
   const int32_t slot = tier_->Insert(e, index_.stored_tokens(b));
@@ -101,6 +106,85 @@ bool PrefixCache::Offload(BlockId b) {
         absl::Span<const TokenId>(tier_->tokens(slot), math_.size())});
   }
   return true;
+}
+
+void PrefixCache::OffloadFromAhead(BlockId b) {
+  EventMeta& m = meta_[b];
+  const int32_t slot = m.ahead_slot;
+  const int64_t batch = m.ahead_batch;
+  m.ahead_slot = -1;
+  --num_ahead_;
+  // Queued by an earlier call (OffloadAhead's copies are queued before the
+  // call that made them returns); done, or the block's next write waits.
+  ABSL_ASSERT(batch > 0);
+  if (batch > offload_completed_) ahead_wait_ = std::max(ahead_wait_, batch);
+  const TierEntry e = EntryOf(b);
+  if (e.first_in_chain) index_.AcquireRoot(e.parent_id);
+  tier_->InsertReserved(slot, e, index_.stored_tokens(b));
+  ++stats_.offloads;
+  ++stats_.offloads_ahead;
+  if (observer_ != nullptr) {
+    slot_recorded_[slot] = 1;
+    RecordStored(StoredBlock{
+        slot, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kHost,
+        e.adapter_id,
+        absl::Span<const TokenId>(tier_->tokens(slot), math_.size())});
+  }
+}
+
+void PrefixCache::RetireAhead(BlockId b) {
+  EventMeta& m = meta_[b];
+  if (m.ahead_batch == 0 || m.ahead_batch <= offload_completed_) {
+    tier_->Unreserve(m.ahead_slot);
+  } else {
+    retired_.push_back(Retired{m.ahead_slot, m.ahead_batch});
+  }
+  m.ahead_slot = -1;
+  --num_ahead_;
+}
+
+int64_t PrefixCache::OffloadAhead(BlockPool& pool, int64_t max_new) {
+  if (tier_ == nullptr || ahead_window_ == 0) return 0;
+  // Slots of unused copies still in flight count against the window too.
+  const int64_t room =
+      std::min(max_new, ahead_window_ - num_ahead_ -
+                            static_cast<int64_t>(retired_.size()));
+  if (room <= 0) return 0;
+  // Blocks up to the bookmark were looked at by an earlier call: the
+  // unselected stay so while cached (a hit takes a block out of the list;
+  // it comes back newest, with a new epoch).
+  BlockId b = pool.OldestCached();
+  if (ahead_bookmark_ >= 0 &&
+      pool.state(ahead_bookmark_) == BlockState::kCached &&
+      pool.cached_epoch(ahead_bookmark_) == ahead_bookmark_epoch_) {
+    b = pool.NewerCached(ahead_bookmark_);
+  }
+  // A bounded walk per call: the unselected blocks (most, under the default
+  // selection) cost a look each.
+  constexpr int kMaxLooks = 4096;
+  int64_t made = 0;
+  for (int looks = 0; b >= 0 && made < room && looks < kMaxLooks;
+       ++looks, b = pool.NewerCached(b)) {
+    ahead_bookmark_ = b;
+    ahead_bookmark_epoch_ = pool.cached_epoch(b);
+    EventMeta& m = meta_[b];
+    if (m.ahead_slot >= 0 || m.hits < offload_min_hits_) continue;
+    if (!tier_->HasFreeSlot()) {
+      const int32_t oldest = tier_->Oldest();
+      if (oldest < 0) break;  // Every slot pinned or reserved.
+      DropHost(oldest, /*failed=*/false);
+    }
+    m.ahead_slot = tier_->ReserveSlot();
+    m.ahead_batch = 0;
+    ++num_ahead_;
+    ahead_new_.push_back(b);
+    TierCopy c{b, m.ahead_slot, /*onboard=*/false};
+    c.ahead = true;
+    copies_.push_back(c);
+    ++made;
+  }
+  stats_.ahead_copies += made;
+  return made;
 }
 
 void PrefixCache::DropHost(int32_t slot, bool failed) {
@@ -198,6 +282,7 @@ void PrefixCache::DropOnboarded(absl::Span<const TierCopy> copies,
     if (!c.onboard) continue;
     const BlockId b = c.device_block;
     if (!index_.registered(b)) continue;
+    if (meta_[b].ahead_slot >= 0) RetireAhead(b);
     if (observer_ != nullptr)
       RecordRemoved(index_.hash(b), BlockMedium::kDevice);
     index_.Erase(b);
@@ -210,8 +295,20 @@ void PrefixCache::DropOffloaded(absl::Span<const TierCopy> copies,
                                 bool reused_only) {
   for (const TierCopy& c : copies) {
     if (c.onboard || (reused_only && !c.wait)) continue;
+    if (c.ahead) {  // Never queued: the slot was not written.
+      EventMeta& m = meta_[c.device_block];
+      if (m.ahead_slot == c.host_slot && m.ahead_batch == 0) {
+        tier_->Unreserve(c.host_slot);
+        m.ahead_slot = -1;
+        --num_ahead_;
+        --stats_.ahead_copies;
+      }
+      continue;
+    }
     if (tier_->stored(c.host_slot)) DropHost(c.host_slot, true);
   }
+  // This call's copies ahead were in the failed batch (or none were made).
+  if (!reused_only) ahead_new_.clear();
 }
 
 absl::Status PrefixCache::ValidateTier() const {
@@ -224,6 +321,32 @@ absl::Status PrefixCache::ValidateTier() const {
   if (tier_->num_pinned() != 0) {
     return absl::InternalError(absl::StrCat(
         tier_->num_pinned(), " host-tier slots pinned between calls"));
+  }
+  // Offload ahead: each copy ahead belongs to a registered block and a
+  // reserved slot; every reserved slot to one such block or to one unused
+  // copy still in flight.
+  if (!ahead_new_.empty()) {
+    return absl::InternalError(
+        absl::StrCat(ahead_new_.size(), " offloads ahead not queued"));
+  }
+  int64_t ahead = 0;
+  for (BlockId b = 0; b < static_cast<BlockId>(meta_.size()); ++b) {
+    const int32_t slot = meta_[b].ahead_slot;
+    if (slot < 0) continue;
+    ++ahead;
+    if (!index_.registered(b) || slot >= tier_->num_slots() ||
+        !tier_->reserved(slot) || meta_[b].ahead_batch <= 0) {
+      return absl::InternalError(absl::StrCat(
+          "block ", b, " has a copy ahead in host slot ", slot,
+          " but is not registered, or the slot not reserved, or not queued"));
+    }
+  }
+  if (ahead != num_ahead_ ||
+      ahead + static_cast<int64_t>(retired_.size()) != tier_->num_reserved()) {
+    return absl::InternalError(absl::StrCat(
+        ahead, " blocks with copies ahead (counted ", num_ahead_, ") and ",
+        retired_.size(), " unused copies in flight, but ",
+        tier_->num_reserved(), " reserved host slots"));
   }
   absl::Status status;
   tier_->ForEach([&](int32_t slot, const TierEntry& e) {

@@ -202,7 +202,9 @@ absl::Status CheckHostTier(const KVCacheConfig& c) {
   for (absl::Status s :
        {CheckRange("tier_offload_min_hits", c.tier_offload_min_hits, 0, 255),
         CheckRange("tier_offload_max_in_flight_bytes",
-                   c.tier_offload_max_in_flight_bytes, 0, kMaxCacheBytes)}) {
+                   c.tier_offload_max_in_flight_bytes, 0, kMaxCacheBytes),
+        CheckRange("tier_offload_ahead_blocks", c.tier_offload_ahead_blocks, -1,
+                   INT32_MAX)}) {
     if (!s.ok()) return s;
   }
   if (c.host_tier_bytes == 0) return absl::OkStatus();

@@ -131,6 +131,15 @@ struct KVCacheConfig {
   int32_t tier_offload_min_hits = 1;
   int64_t tier_offload_max_in_flight_bytes = int64_t{4} << 30;
   bool tier_hold_offloads = true;
+  //   tier_offload_ahead_blocks   offload ahead: up to this many cached
+  //        blocks next in line for eviction (those the selection would
+  //        offload) are copied to the tier in the background while they stay
+  //        cached, so that their eviction needs no copy and no step waits
+  //        for one; a copy ahead of a block that is hit again before its
+  //        eviction stays good (its content cannot change). -1 = 1/16 of the
+  //        cache's blocks (at least 16); 0 = off; at most half the tier's
+  //        blocks are used so. -1..INT32_MAX.
+  int64_t tier_offload_ahead_blocks = -1;
 
   // Fixed-capacity step and lookup buffers (allocated once, so steps allocate
   // nothing and block tables can be captured in a CUDA graph):

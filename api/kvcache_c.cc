@@ -328,6 +328,7 @@ absl::StatusOr<kvcache::KVCacheConfig> ToConfig(const kvcache_config* c) {
   config.tier_offload_min_hits = c->tier_offload_min_hits;
   config.tier_offload_max_in_flight_bytes = c->tier_offload_max_in_flight_bytes;
   config.tier_hold_offloads = c->tier_hold_offloads != 0;
+  config.tier_offload_ahead_blocks = c->tier_offload_ahead_blocks;
   if (absl::Status s = SetKvEvents(*c, config); !s.ok()) return s;
   if (absl::Status s = ToGroups(*c, config); !s.ok()) return s;
   return config;
@@ -396,6 +397,7 @@ void kvcache_config_init(kvcache_config* c) {
   c->tier_offload_min_hits = d.tier_offload_min_hits;
   c->tier_offload_max_in_flight_bytes = d.tier_offload_max_in_flight_bytes;
   c->tier_hold_offloads = d.tier_hold_offloads ? 1 : 0;
+  c->tier_offload_ahead_blocks = d.tier_offload_ahead_blocks;
 }
 
 const char* kvcache_status_name(kvcache_status status) {
@@ -1103,6 +1105,8 @@ kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
     out->tier_offloads_skipped = s.tier_offloads_skipped;
     out->tier_offloads_unselected = s.tier_offloads_unselected;
     out->tier_offloads_waited = s.tier_offloads_waited;
+    out->tier_offload_ahead_copies = s.tier_offload_ahead_copies;
+    out->tier_offloads_ahead = s.tier_offloads_ahead;
     return absl::OkStatus();
   });
 }

@@ -211,6 +211,9 @@ typedef struct kvcache_config {
   int32_t tier_offload_min_hits;
   int64_t tier_offload_max_in_flight_bytes;
   int32_t tier_hold_offloads; /* bool */
+  /* Offload ahead (KVCacheConfig::tier_offload_ahead_blocks): -1 = 1/16 of
+   * the cache's blocks, 0 = off. */
+  int64_t tier_offload_ahead_blocks;
 } kvcache_config;
 
 /* The longest string a kvcache_config field may hold (without its NUL). */
@@ -333,6 +336,8 @@ typedef struct kvcache_metrics {
   int64_t tier_offloads_skipped;
   int64_t tier_offloads_unselected;
   int64_t tier_offloads_waited;
+  int64_t tier_offload_ahead_copies;
+  int64_t tier_offloads_ahead;
 } kvcache_metrics;
 
 /* Where kvcache_add_sequence_hits's computed tokens came from. */

@@ -50,6 +50,10 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
     options.tier_offload_min_hits = config.tier_offload_min_hits;
     // An offloaded block waits, unused, for its copy: no step waits for it.
     options.tier_hold_offloaded = config.tier_hold_offloads;
+    options.tier_offload_ahead_blocks =
+        config.tier_offload_ahead_blocks >= 0
+            ? config.tier_offload_ahead_blocks
+            : std::max<int64_t>(16, num_blocks / 16);
   }
   options.num_blocks = static_cast<int32_t>(num_blocks);
   options.block_size = config.block_size;
@@ -236,6 +240,9 @@ absl::StatusOr<StepPlanInfo> KVCacheManager::Impl::ReservePlan(
     // stream the step runs on, before the replay.
     last_stream_ = stream;
     RunTierCopies(stream, 0, /*onboarding=*/false).IgnoreError();
+    // Copies ahead for the next steps' evictions (after this step's own
+    // offloads, on the same lane).
+    OffloadAhead(stream);
     tier_onboard = OnboardWaitFor(batch);
     if (backend_->memory_kind() == MemoryKind::kCuda || graph_tokens > 0 ||
         !plan->copies.empty()) {

@@ -205,6 +205,11 @@ class KVCacheManager::Impl {
   // less the copies still running; none while the CUDA queue is more than
   // two batches behind).
   void AllowOffloadIfQueueIsFree() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Offload ahead: queues background copies of the cached blocks next in
+  // line for eviction (BlockManager::TierOffloadAhead), after `stream`'s
+  // earlier work, when the offload lane is idle and the in-flight budget
+  // allows. Best effort, like every offload.
+  void OffloadAhead(void* stream) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // When blocks are held for their offload copies: waits for them (the
   // offload lane; the host blocks) and frees them; true when that freed any. For a
   // Reserve or CanReserve that found no room (the held blocks are the
@@ -251,6 +256,9 @@ class KVCacheManager::Impl {
   // batch that fills a block it hit on the device); pruned as batches are
   // found done.
   int64_t tier_offload_wait_ ABSL_GUARDED_BY(mu_) = 0;
+  // The last offload batch (kOffload) a reused block's copy ahead may still
+  // be running in (BlockManager::TakeTierAheadWait).
+  int64_t tier_ahead_wait_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tier_onboard_last_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tier_onboard_floor_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<SequenceId, int64_t> pending_onboards_

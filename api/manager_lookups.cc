@@ -155,6 +155,8 @@ MetricsSnapshot KVCacheManager::Impl::Metrics() const {
     s.tier_offloads_skipped = prefix.offloads_skipped;
     s.tier_offloads_unselected = prefix.offloads_unselected;
     s.tier_offloads_waited = prefix.offloads_waited;
+    s.tier_offload_ahead_copies = prefix.ahead_copies;
+    s.tier_offloads_ahead = prefix.offloads_ahead;
   }
   s.prefix_hit_tokens_device = prefix.hit_tokens - prefix.host_hit_tokens;
   return s;

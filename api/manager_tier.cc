@@ -34,6 +34,9 @@ namespace kvcache {
 absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
                                                  SequenceId sequence,
                                                  bool onboarding) {
+  // A block evicted by the call whose copy ahead may still be running: its
+  // next write waits for that copy's batch.
+  tier_ahead_wait_ = std::max(tier_ahead_wait_, blocks_->TakeTierAheadWait());
   const absl::Span<const TierCopy> copies = blocks_->tier_copies();
   if (copies.empty()) return absl::OkStatus();
   internal::TierMover::Batches queued;
@@ -94,6 +97,26 @@ void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
     budget = 0;
   }
   blocks_->SetTierOffloadBudget(budget);
+}
+
+void KVCacheManager::Impl::OffloadAhead(void* stream) {
+  // Copies ahead are background traffic on the offload lane: at most
+  // kMaxAheadPerCall blocks a call, none while more than two offload batches
+  // are in flight (the link is busy; the blocks are not needed yet), and
+  // within the in-flight byte budget.
+  constexpr int64_t kMaxAheadPerCall = 256;
+  if (tier_ == nullptr) return;
+  TierCopier& copier = tier_->copier();
+  if (copier.in_flight(TierLane::kOffload) > 2) return;
+  int64_t blocks = kMaxAheadPerCall;
+  const int64_t max_bytes = config_.tier_offload_max_in_flight_bytes;
+  if (max_bytes > 0) {
+    blocks = std::min(
+        blocks, std::max<int64_t>(0, max_bytes - copier.in_flight_bytes()) /
+                    tier_->slot_bytes());
+  }
+  if (blocks <= 0 || blocks_->TierOffloadAhead(blocks) == 0) return;
+  RunTierCopies(stream, 0, /*onboarding=*/false).IgnoreError();
 }
 
 bool KVCacheManager::Impl::ReclaimHeldOffloads(
@@ -182,6 +205,7 @@ absl::Status KVCacheManager::Impl::OrderAfterTierCopies(void* stream,
   wait.batch[static_cast<int>(TierLane::kOnboard)] =
       std::max(onboard, tier_onboard_floor_);
   wait.batch[static_cast<int>(TierLane::kOffloadReused)] = tier_offload_wait_;
+  wait.batch[static_cast<int>(TierLane::kOffload)] = tier_ahead_wait_;
   TierCopier& copier = tier_->copier();
   for (int lane = 0; lane < kNumTierLanes; ++lane) {
     const int64_t batch = wait.batch[lane];

@@ -69,6 +69,12 @@ void AppendTierText(std::string* out, const MetricsSnapshot& m) {
   Add(out, "tier_offloads_waited_total", "counter",
       "Offloads a later write waited for (no block to spare to hold).",
       m.tier_offloads_waited);
+  Add(out, "tier_offload_ahead_copies_total", "counter",
+      "Copies of cached blocks made before their eviction (offload ahead).",
+      m.tier_offload_ahead_copies);
+  Add(out, "tier_offloads_ahead_total", "counter",
+      "Offloads that used a copy made ahead (no copy of their own).",
+      m.tier_offloads_ahead);
 }
 
 }  // namespace

@@ -58,6 +58,11 @@ struct MetricsSnapshot {
   // had none to spare to hold it until its copy was done (README "Host
   // tier"); zero means no step waited for an offload.
   int64_t tier_offloads_waited = 0;
+  // Offload ahead (tier_offload_ahead_blocks): copies made of cached blocks
+  // before their eviction, and the offloads that used one (needing no copy
+  // of their own); the difference, less those still waiting, went unused.
+  int64_t tier_offload_ahead_copies = 0;
+  int64_t tier_offloads_ahead = 0;
   // KV events (zero unless enable_kv_events): batches made, batches dropped
   // before TakeEvents read them (queue full), batches the ZeroMQ publisher
   // could not send (its queue full, or a failed send).

@@ -49,10 +49,12 @@ KVCacheConfig Config(DType cache_dtype, int32_t num_blocks, int tier_blocks,
   const int64_t block = *BlockBytesAllLayers(c);
   c.host_tier_bytes = tier_blocks * block + block / 2;
   // These tests count the moves of the plain path (every evicted block
-  // offloaded and reused at once); the policy's tests set their own.
+  // offloaded and reused at once, no copies ahead); the policy's tests set
+  // their own.
   c.tier_offload_min_hits = 0;
   c.tier_offload_max_in_flight_bytes = 0;
   c.tier_hold_offloads = false;
+  c.tier_offload_ahead_blocks = 0;
   return c;
 }
 
@@ -867,6 +869,156 @@ TEST(HostTierConfigTest, PolicyFieldsAreCheckedByName) {
       << m.status();
   c.tier_offload_max_in_flight_bytes = 0;
   EXPECT_TRUE(KVCacheManager::Create(c).ok());
+}
+
+// Offload ahead (tier_offload_ahead_blocks): the cached blocks next in
+// line for eviction are copied to the tier by a step's Reserve while they
+// stay cached; their eviction then registers them in the tier without a copy
+// of its own, and a hit reads them back bit-exactly.
+TEST_P(HostTierTest, OffloadAheadCopiesBlocksBeforeTheirEviction) {
+  constexpr int kBlocks = 16;
+  Make(kBlocks, /*tier_blocks=*/8, 0,
+       [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+  const int64_t block_bytes = *BlockBytesAllLayers(m_->config());
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  Compute(1, prompt);
+  const std::vector<float> before = GatherAll(1, 3 * kBs);
+  ASSERT_TRUE(m_->Free(1).ok());  // 3 cached blocks, the oldest.
+  // Another sequence's step copies them ahead (nothing is evicted yet).
+  Compute(2, Prompt(2 * kBs + 1));
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  MetricsSnapshot s = m_->Metrics();
+  EXPECT_EQ(s.tier_offload_ahead_copies, 3);
+  EXPECT_EQ(s.tier_offloads, 0);
+  EXPECT_EQ(s.host_tier_blocks_stored, 0);
+  EXPECT_EQ(s.tier_offload_bytes, 3 * block_bytes);
+  EXPECT_EQ(s.blocks_cached, 3);
+  ExpectConsistent();
+  ASSERT_TRUE(m_->Free(2).ok());  // 2 more cached blocks, newer.
+  // A whole-pool sequence evicts all 5: the 3 copied ahead move to the tier
+  // with no copy of their own, the 2 others are copied now.
+  Compute(3, Prompt(kBlocks * kBs));
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  s = m_->Metrics();
+  EXPECT_EQ(s.evictions, 5);
+  EXPECT_EQ(s.tier_offloads, 5);
+  EXPECT_EQ(s.tier_offloads_ahead, 3);
+  EXPECT_EQ(s.host_tier_blocks_stored, 5);
+  EXPECT_EQ(s.tier_offload_bytes, 5 * block_bytes);
+  ExpectConsistent();
+  ASSERT_TRUE(m_->Free(3).ok());
+  const PrefixHits hits = Compute(4, prompt);
+  EXPECT_EQ(hits.host_tokens, 3 * kBs);
+  EXPECT_TRUE(BitEqual(GatherAll(4, 3 * kBs), before));
+  ExpectConsistent();
+}
+
+// A block hit on the device after its copy ahead keeps the copy (its content
+// cannot change while it is registered): evicted later, it needs no copy.
+// Every offload's bytes are moved exactly once, ahead or at eviction.
+TEST_P(HostTierTest, CopyAheadSurvivesADeviceHit) {
+  constexpr int kBlocks = 16;
+  Make(kBlocks, /*tier_blocks=*/8, 0,
+       [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+  const int64_t block_bytes = *BlockBytesAllLayers(m_->config());
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  Compute(1, prompt);
+  const std::vector<float> before = GatherAll(1, 3 * kBs);
+  ASSERT_TRUE(m_->Free(1).ok());
+  Compute(2, Prompt(2 * kBs + 1));  // Copies prompt's 3 blocks ahead.
+  ASSERT_TRUE(m_->Free(2).ok());
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  ASSERT_EQ(m_->Metrics().tier_offload_ahead_copies, 3);
+  // A device hit takes them out of the LRU; freed, they come back newest.
+  const PrefixHits hit = Compute(3, prompt);
+  EXPECT_EQ(hit.device_tokens, 3 * kBs);
+  ASSERT_TRUE(m_->Free(3).ok());
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  ExpectConsistent();
+  Compute(4, Prompt(kBlocks * kBs));  // Evicts every cached block.
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  MetricsSnapshot s = m_->Metrics();
+  EXPECT_GE(s.tier_offloads_ahead, 3);
+  EXPECT_LE(s.tier_offloads_ahead, s.tier_offload_ahead_copies);
+  // Bytes moved = copies ahead + offloads that made their own copy.
+  EXPECT_EQ(s.tier_offload_bytes, (s.tier_offload_ahead_copies +
+                                   s.tier_offloads - s.tier_offloads_ahead) *
+                                      block_bytes);
+  ExpectConsistent();
+  ASSERT_TRUE(m_->Free(4).ok());
+  const PrefixHits hits = Compute(5, prompt);
+  EXPECT_EQ(hits.host_tokens, 3 * kBs);
+  EXPECT_TRUE(BitEqual(GatherAll(5, 3 * kBs), before));
+  ExpectConsistent();
+}
+
+// A block evicted while its copy ahead is still running is reused at once:
+// its next write waits for that copy, so the tier gets the old content and
+// the new owner's writes land after it.
+TEST_P(HostTierTest, EvictionDuringACopyAheadWaitsForIt) {
+  constexpr int kBlocks = 16;
+  Make(kBlocks, /*tier_blocks=*/8, 0,
+       [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  Compute(1, prompt);
+  const std::vector<float> before = GatherAll(1, 3 * kBs);
+  ASSERT_TRUE(m_->Free(1).ok());
+  copier_->set_delay_for_testing(absl::Milliseconds(200));
+  Compute(2, Prompt(2 * kBs + 1));  // Its Reserve copies 3 blocks ahead.
+  ASSERT_TRUE(m_->Free(2).ok());
+  ASSERT_GT(copier_->in_flight(TierLane::kOffload), 0);
+  copier_->set_delay_for_testing(absl::ZeroDuration());
+  // Evicted at once, while the copies still wait out their delay: the
+  // whole-pool sequence's Appends write the same blocks.
+  Compute(3, Prompt(kBlocks * kBs));
+  EXPECT_EQ(m_->Metrics().tier_offloads_ahead, 3);
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  ExpectConsistent();
+  ASSERT_TRUE(m_->Free(3).ok());
+  const PrefixHits hits = Compute(4, prompt);
+  EXPECT_EQ(hits.host_tokens, 3 * kBs);
+  EXPECT_TRUE(BitEqual(GatherAll(4, 3 * kBs), before));
+  ExpectConsistent();
+}
+
+// A reset while copies ahead are in flight, and a failed batch of copies
+// ahead: nothing is registered, the reserved slots come back, and the
+// manager stays consistent (Validate counts every reserved slot).
+TEST_P(HostTierTest, CopiesAheadSurviveResetAndFailure) {
+  constexpr int kBlocks = 16;
+  Make(kBlocks, /*tier_blocks=*/8, 0,
+       [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+  Compute(1, Prompt(3 * kBs + 1));
+  ASSERT_TRUE(m_->Free(1).ok());
+  copier_->set_delay_for_testing(absl::Milliseconds(100));
+  Compute(2, Prompt(2 * kBs + 1));  // 3 copies ahead, in flight.
+  ASSERT_TRUE(m_->Free(2).ok());
+  ASSERT_EQ(m_->Metrics().tier_offload_ahead_copies, 3);
+  ASSERT_TRUE(m_->ResetPrefixCache().ok());
+  ExpectConsistent();
+  copier_->set_delay_for_testing(absl::ZeroDuration());
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  // A failed batch of copies ahead drops them (never registered).
+  Compute(3, Prompt(3 * kBs + 1));
+  ASSERT_TRUE(m_->Free(3).ok());
+  copier_->fail_next_for_testing(1);
+  Compute(4, Prompt(2 * kBs + 1));
+  ASSERT_TRUE(m_->Free(4).ok());
+  EXPECT_EQ(m_->Metrics().tier_offload_ahead_copies, 3);  // Only the first.
+  ExpectConsistent();
+  // Then the tier works on: every block reaches it, and the slots of the
+  // copies the reset made unused are free again (the tier fills up).
+  for (SequenceId id = 10; id < 20; ++id) {
+    Compute(id, Prompt(3 * kBs + 1));
+    ASSERT_TRUE(m_->Free(id).ok());
+    ASSERT_TRUE(copier_->Synchronize().ok());
+  }
+  Compute(20, Prompt(kBlocks * kBs));
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  MetricsSnapshot s = m_->Metrics();
+  EXPECT_GT(s.tier_offloads_ahead, 0);
+  EXPECT_GE(s.host_tier_blocks_stored, 8 - 4);
+  ExpectConsistent();
 }
 
 INSTANTIATE_TEST_SUITE_P(

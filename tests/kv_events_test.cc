@@ -379,7 +379,10 @@ TEST(KvEventsTest, RandomOpsWithAHostTierRebuildEveryMedium) {
 // no hash of either medium is left, and the manager stays consistent.
 TEST(KvEventsTest, ResetClearsTheHostTierAndReleasesItsSlots) {
   constexpr int64_t kTier = 6;
-  auto m = Make(SmallEventConfig(8, kBs, kTier));
+  KVCacheConfig config = SmallEventConfig(8, kBs, kTier);
+  // Every slot stored when full (copies ahead would reserve some).
+  config.tier_offload_ahead_blocks = 0;
+  auto m = Make(config);
   ASSERT_NE(m, nullptr);
   std::mt19937_64 rng(std::random_device{}());
   // Fills the device with cached blocks of fresh prompts, evicting the older

@@ -129,6 +129,11 @@ const std::vector<Expected>& IntegerSamples() {
       {"kvcache_tier_offloads_waited_total",
        "kvcache_tier_offloads_waited_total", "counter",
        &MetricsSnapshot::tier_offloads_waited, true},
+      {"kvcache_tier_offload_ahead_copies_total",
+       "kvcache_tier_offload_ahead_copies_total", "counter",
+       &MetricsSnapshot::tier_offload_ahead_copies, true},
+      {"kvcache_tier_offloads_ahead_total", "kvcache_tier_offloads_ahead_total",
+       "counter", &MetricsSnapshot::tier_offloads_ahead, true},
   };
   return *samples;
 }

@@ -110,6 +110,11 @@ ABSL_FLAG(double, tier_offload_max_in_flight_mb,
           "Host tier: MiB of copies in flight past which evicted blocks are "
           "dropped, not offloaded (tier_offload_max_in_flight_bytes; 0 = no "
           "bound).");
+ABSL_FLAG(int64_t, tier_offload_ahead_blocks,
+          kvcache::KVCacheConfig().tier_offload_ahead_blocks,
+          "Offload ahead: cached blocks next in line for eviction copied to "
+          "the tier before it (KVCacheConfig::tier_offload_ahead_blocks; -1 = "
+          "1/16 of the cache, 0 = off).");
 ABSL_FLAG(bool, tier_hold_offloads, kvcache::KVCacheConfig().tier_hold_offloads,
           "Host tier: hold an offloaded block until its copy is done instead "
           "of reusing it at once (KVCacheConfig::tier_hold_offloads).");
@@ -181,6 +186,8 @@ absl::StatusOr<KVCacheConfig> MakeConfig() {
   config.tier_offload_max_in_flight_bytes =
       static_cast<int64_t>(in_flight_mb * (1 << 20));
   config.tier_hold_offloads = absl::GetFlag(FLAGS_tier_hold_offloads);
+  config.tier_offload_ahead_blocks =
+      absl::GetFlag(FLAGS_tier_offload_ahead_blocks);
   if (absl::GetFlag(FLAGS_cuda_graph)) {
     if (config.backend != Backend::kCuda) {
       return absl::InvalidArgumentError("--cuda_graph needs --backend=cuda");

@@ -52,6 +52,8 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.tier_offloads_skipped = metrics.tier_offloads_skipped;
   r.tier_offloads_unselected = metrics.tier_offloads_unselected;
   r.tier_offloads_waited = metrics.tier_offloads_waited;
+  r.tier_offload_ahead_copies = metrics.tier_offload_ahead_copies;
+  r.tier_offloads_ahead = metrics.tier_offloads_ahead;
   r.onboard_deferrals = stats.onboard_deferrals;
   r.evictions = metrics.evictions;
   r.preemptions = stats.preemptions;
@@ -135,10 +137,11 @@ std::string ReportText(const ReplayReport& r) {
         r.host_tier_evictions, static_cast<double>(r.tier_bytes_moved) / 1e9);
     absl::StrAppendFormat(
         &out,
-        "  tier offload policy   %.2f GB offloaded (%d waited for); not "
-        "offloaded: %d unselected (too few hits), %d skipped (copy queue "
-        "busy)\n",
+        "  tier offload policy   %.2f GB offloaded (%d waited for; %d copied "
+        "ahead, %d offloads used one); not offloaded: %d unselected (too few "
+        "hits), %d skipped (copy queue busy)\n",
         static_cast<double>(r.tier_offload_bytes) / 1e9, r.tier_offloads_waited,
+        r.tier_offload_ahead_copies, r.tier_offloads_ahead,
         r.tier_offloads_unselected, r.tier_offloads_skipped);
     absl::StrAppendFormat(
         &out,
@@ -221,6 +224,8 @@ std::string ReportJson(const ReplayReport& r) {
       {"tier_offloads_skipped", r.tier_offloads_skipped},
       {"tier_offloads_unselected", r.tier_offloads_unselected},
       {"tier_offloads_waited", r.tier_offloads_waited},
+      {"tier_offload_ahead_copies", r.tier_offload_ahead_copies},
+      {"tier_offloads_ahead", r.tier_offloads_ahead},
       {"async_onboard", r.async_onboard},
       {"onboard_deferrals", r.onboard_deferrals},
       {"evictions", r.evictions},

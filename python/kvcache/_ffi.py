@@ -123,6 +123,7 @@ class Config(Structure):
         ("tier_offload_min_hits", c_int32),
         ("tier_offload_max_in_flight_bytes", c_int64),
         ("tier_hold_offloads", c_int32),
+        ("tier_offload_ahead_blocks", c_int64),
     ]
 
 
@@ -232,6 +233,8 @@ class Metrics(Structure):
         ("tier_offloads_skipped", c_int64),
         ("tier_offloads_unselected", c_int64),
         ("tier_offloads_waited", c_int64),
+        ("tier_offload_ahead_copies", c_int64),
+        ("tier_offloads_ahead", c_int64),
     ]
 
 

@@ -144,6 +144,9 @@ class Harness {
       config_.tier_hold_offloads = (policy & 4) != 0;
       config_.tier_offload_max_in_flight_bytes =
           (policy & 1) != 0 ? *BlockBytesAllLayers(config_) : 0;
+      // Offload ahead: the default (1/16 of the pool, at least 16: capped
+      // at half the tier), off, or one or two blocks.
+      config_.tier_offload_ahead_blocks = (a >> 1) % 4 - 1;
     }
     config_.max_tokens_per_step = 48;
     config_.max_sequences_per_step = 4;

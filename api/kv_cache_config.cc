@@ -204,7 +204,9 @@ absl::Status CheckHostTier(const KVCacheConfig& c) {
         CheckRange("tier_offload_max_in_flight_bytes",
                    c.tier_offload_max_in_flight_bytes, 0, kMaxCacheBytes),
         CheckRange("tier_offload_ahead_blocks", c.tier_offload_ahead_blocks, -1,
-                   INT32_MAX)}) {
+                   INT32_MAX),
+        CheckRange("tier_copy_thread_blocks", c.tier_copy_thread_blocks, 1,
+                   1024)}) {
     if (!s.ok()) return s;
   }
   if (c.host_tier_bytes == 0) return absl::OkStatus();

@@ -329,6 +329,7 @@ absl::StatusOr<kvcache::KVCacheConfig> ToConfig(const kvcache_config* c) {
   config.tier_offload_max_in_flight_bytes = c->tier_offload_max_in_flight_bytes;
   config.tier_hold_offloads = c->tier_hold_offloads != 0;
   config.tier_offload_ahead_blocks = c->tier_offload_ahead_blocks;
+  config.tier_copy_thread_blocks = c->tier_copy_thread_blocks;
   if (absl::Status s = SetKvEvents(*c, config); !s.ok()) return s;
   if (absl::Status s = ToGroups(*c, config); !s.ok()) return s;
   return config;
@@ -398,6 +399,7 @@ void kvcache_config_init(kvcache_config* c) {
   c->tier_offload_max_in_flight_bytes = d.tier_offload_max_in_flight_bytes;
   c->tier_hold_offloads = d.tier_hold_offloads ? 1 : 0;
   c->tier_offload_ahead_blocks = d.tier_offload_ahead_blocks;
+  c->tier_copy_thread_blocks = d.tier_copy_thread_blocks;
 }
 
 const char* kvcache_status_name(kvcache_status status) {

@@ -214,6 +214,9 @@ typedef struct kvcache_config {
   /* Offload ahead (KVCacheConfig::tier_offload_ahead_blocks): -1 = 1/16 of
    * the cache's blocks, 0 = off. */
   int64_t tier_offload_ahead_blocks;
+  /* CUDA: thread blocks per tier copy kernel
+   * (KVCacheConfig::tier_copy_thread_blocks; default 4). */
+  int32_t tier_copy_thread_blocks;
 } kvcache_config;
 
 /* The longest string a kvcache_config field may hold (without its NUL). */

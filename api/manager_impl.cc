@@ -46,6 +46,7 @@ KVCacheManager::Impl::Create(const KVCacheConfig& config,
   if (config.host_tier_bytes > 0) {
     KVCACHE_ASSIGN_OR_RETURN(tier, internal::TierMover::Create(
                                        *m->backend_, config.host_tier_bytes));
+    tier->copier().set_copy_blocks(config.tier_copy_thread_blocks);
     options.host_tier_blocks = tier->num_slots();
     options.tier_offload_min_hits = config.tier_offload_min_hits;
     // An offloaded block waits, unused, for its copy: no step waits for it.

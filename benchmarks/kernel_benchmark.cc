@@ -270,7 +270,7 @@ void BM_TierCopy(benchmark::State& state, TierCase c) {
   absl::StatusOr<std::unique_ptr<TierCopier>> copier = CreateTierCopier(
       **device, tier_runs, slot_bytes, static_cast<int32_t>(layout.num_blocks));
   BENCH_CHECK(copier.status());
-  if (c.ctas > 0) (*copier)->set_max_blocks_for_testing(c.ctas);
+  if (c.ctas > 0) (*copier)->set_copy_blocks(c.ctas);
   const TierLane lane = c.onboard ? TierLane::kOnboard : TierLane::kOffload;
   // One batch per set of blocks, built once: block b <-> slot b.
   std::vector<std::vector<TierPair>> batches(4);
@@ -603,7 +603,7 @@ void RegisterAll() {
   }
   for (int64_t blocks : {16, 256}) {
     for (bool onboard : {false, true}) {
-      for (int ctas : {0, 8, 16, 64, 1056}) {
+      for (int ctas : {0, 8, 16, 32, 64, 1056}) {
         if (blocks == 16 && ctas != 0) continue;
         const TierCase c{blocks, onboard, ctas};
         benchmark::RegisterBenchmark(c.Name().c_str(), BM_TierCopy, c)

@@ -35,17 +35,6 @@ namespace {
 using internal::kTierCopyThreads;
 using internal::TierCopyParams;
 
-// Thread blocks per batch by default: with four 16-byte accesses in flight
-// per thread, 32 blocks of 256 threads keep 512 KiB of copies in flight,
-// several times what the PCIe link's bandwidth-latency product needs, while
-// holding an eighth of the threads of a quarter of an H200's
-// multiprocessors: the caller's kernels keep the rest.
-constexpr int kDefaultCopyBlocks = 32;
-// The background lane (offloads nobody waits for, copies ahead) gets half:
-// 16 blocks still carry a 256-block batch at the same 88 % of the host copy
-// bandwidth as 32 on an H200 (8 fall to 50 %), and hold half the
-// multiprocessors' slots the caller's kernels would otherwise share.
-constexpr int kBackgroundCopyBlocks = 16;
 // A ring entry's first pair buffer: 8,192 blocks.
 constexpr size_t kMinRingBytes = size_t{64} << 10;
 
@@ -167,10 +156,7 @@ class CudaTierCopier final : public TierCopier {
     p.pool = pool_.as<char>();
     p.slot_bytes = slot_bytes();
     p.onboard = lane == TierLane::kOnboard;
-    const int blocks = max_blocks_ > 0              ? max_blocks_
-                       : lane == TierLane::kOffload ? kBackgroundCopyBlocks
-                                                    : kDefaultCopyBlocks;
-    KVCACHE_RETURN_IF_ERROR(LaunchTierCopy(p, blocks, l.stream));
+    KVCACHE_RETURN_IF_ERROR(LaunchTierCopy(p, max_blocks_, l.stream));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ring.used, l.stream));
     ring.bytes = p.num_copies * slot_bytes();
     ring.batch = ++l.enqueued;
@@ -213,7 +199,7 @@ class CudaTierCopier final : public TierCopier {
     return Advance(lanes_[Index(lane)]);
   }
 
-  void set_max_blocks_for_testing(int blocks) override {
+  void set_copy_blocks(int blocks) override {
     max_blocks_ = std::max(blocks, 1);
   }
 
@@ -278,7 +264,7 @@ class CudaTierCopier final : public TierCopier {
   std::vector<Buffer> staging_;  // Every pair buffer the rings ever had.
   Lane lanes_[kNumTierLanes];
   cudaEvent_t caller_ = nullptr;  // The caller's stream at Enqueue.
-  int max_blocks_ = 0;            // 0: by lane.
+  int max_blocks_ = kDefaultTierCopyBlocks;
 };
 
 }  // namespace

@@ -28,9 +28,8 @@
 //          into the device's address space); the runs are uploaded to device
 //          memory once, a batch's pairs go to a pinned buffer of the lane's
 //          ring, and a batch is one copy kernel on its lane's stream (low
-//          priority, a few dozen thread blocks, so it leaves the
-//          multiprocessors to the caller's kernels), after the caller's
-//          stream's earlier work.
+//          priority, a few thread blocks: set_copy_blocks), after the
+//          caller's stream's earlier work.
 //   CPU    the pool is a second host allocation; each lane has a thread,
 //          which copies pairs x runs with memcpy.
 //
@@ -90,6 +89,11 @@ KVCACHE_HOST_DEVICE char* SlotRunAddress(char* pool, int64_t slot_bytes,
   return pool + static_cast<int64_t>(slot) * slot_bytes + run.slot_offset;
 }
 
+// The copy kernel's thread blocks per batch by default (CUDA): few, so that
+// the copies leave the PCIe link and the multiprocessors mostly to the
+// caller's work (README "Host tier": measured on the whole trace replay).
+inline constexpr int kDefaultTierCopyBlocks = 4;
+
 enum class TierLane : int { kOffload = 0, kOnboard = 1, kOffloadReused = 2 };
 inline constexpr int kNumTierLanes = 3;
 inline constexpr TierLane kTierLanes[kNumTierLanes] = {
@@ -147,6 +151,9 @@ class TierCopier {
     }
     return absl::OkStatus();
   }
+  // CUDA: the most thread blocks one batch's copy kernel uses, from the next
+  // batch on (kDefaultTierCopyBlocks until set; at least 1). CPU: ignored.
+  virtual void set_copy_blocks(int) {}
   // Batches of `lane` enqueued and not yet known complete (CUDA: as of this
   // call; for backpressure and tests), and their bytes (the offload policy's
   // in-flight budget): a running count, no walk over the batches.
@@ -174,8 +181,6 @@ class TierCopier {
   // calls fail.
   void set_delay_for_testing(absl::Duration delay) { delay_ = delay; }
   void fail_next_for_testing(int n) { fail_next_ = n; }
-  // CUDA: the most thread blocks one batch's copy kernel uses (benchmarks).
-  virtual void set_max_blocks_for_testing(int) {}
 
  protected:
   // REQUIRES: ValidateTierRuns(runs, slot_bytes, num_slots) is OK.

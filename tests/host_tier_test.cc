@@ -1059,5 +1059,37 @@ TEST(HostTierConfigTest, BadSizesAreRefusedByName) {
   EXPECT_EQ((*m)->MetricsText().find("tier"), std::string::npos);
 }
 
+// The copy knobs are range-checked by name: offload ahead -1 (1/16 of the
+// pool), 0 (off) or a count; 1..1024 copy thread blocks.
+TEST(HostTierConfigTest, BadCopyKnobsAreRefusedByName) {
+  struct Bad {
+    std::function<void(KVCacheConfig&)> set;
+    std::string message;
+  };
+  const std::vector<Bad> bad = {
+      {[](KVCacheConfig& c) { c.tier_offload_ahead_blocks = -2; },
+       "tier_offload_ahead_blocks -2"},
+      {[](KVCacheConfig& c) { c.tier_copy_thread_blocks = 0; },
+       "tier_copy_thread_blocks 0"},
+      {[](KVCacheConfig& c) { c.tier_copy_thread_blocks = 1025; },
+       "tier_copy_thread_blocks 1025"},
+  };
+  for (const Bad& b : bad) {
+    KVCacheConfig c = Config(DType::kInt8, 8, 4);
+    b.set(c);
+    absl::StatusOr<std::unique_ptr<KVCacheManager>> m =
+        KVCacheManager::Create(c);
+    ASSERT_FALSE(m.ok()) << b.message;
+    EXPECT_NE(m.status().message().find(b.message), std::string::npos)
+        << m.status();
+  }
+  for (int64_t ahead : {int64_t{-1}, int64_t{0}, int64_t{3}}) {
+    KVCacheConfig c = Config(DType::kInt8, 8, 4);
+    c.tier_offload_ahead_blocks = ahead;
+    c.tier_copy_thread_blocks = 1024;
+    EXPECT_TRUE(KVCacheManager::Create(c).ok()) << ahead;
+  }
+}
+
 }  // namespace
 }  // namespace kvcache

@@ -115,6 +115,10 @@ ABSL_FLAG(int64_t, tier_offload_ahead_blocks,
           "Offload ahead: cached blocks next in line for eviction copied to "
           "the tier before it (KVCacheConfig::tier_offload_ahead_blocks; -1 = "
           "1/16 of the cache, 0 = off).");
+ABSL_FLAG(int32_t, tier_copy_thread_blocks,
+          kvcache::KVCacheConfig().tier_copy_thread_blocks,
+          "Host tier on CUDA: thread blocks per copy kernel "
+          "(KVCacheConfig::tier_copy_thread_blocks).");
 ABSL_FLAG(bool, tier_hold_offloads, kvcache::KVCacheConfig().tier_hold_offloads,
           "Host tier: hold an offloaded block until its copy is done instead "
           "of reusing it at once (KVCacheConfig::tier_hold_offloads).");
@@ -188,6 +192,7 @@ absl::StatusOr<KVCacheConfig> MakeConfig() {
   config.tier_hold_offloads = absl::GetFlag(FLAGS_tier_hold_offloads);
   config.tier_offload_ahead_blocks =
       absl::GetFlag(FLAGS_tier_offload_ahead_blocks);
+  config.tier_copy_thread_blocks = absl::GetFlag(FLAGS_tier_copy_thread_blocks);
   if (absl::GetFlag(FLAGS_cuda_graph)) {
     if (config.backend != Backend::kCuda) {
       return absl::InvalidArgumentError("--cuda_graph needs --backend=cuda");

@@ -124,6 +124,7 @@ class Config(Structure):
         ("tier_offload_max_in_flight_bytes", c_int64),
         ("tier_hold_offloads", c_int32),
         ("tier_offload_ahead_blocks", c_int64),
+        ("tier_copy_thread_blocks", c_int32),
     ]
 
 

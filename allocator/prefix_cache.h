@@ -343,6 +343,10 @@ class PrefixCache {
   void OffloadFromAhead(BlockId b);
   // The tier registration of device block b, as Offload moves it.
   TierEntry EntryOf(BlockId b) const;
+  // Registers device block b's content in the tier (in `reserved_slot`, or
+  // a free slot when it is -1; REQUIRES: one is free), with the tier's own
+  // root reference and the observer's record, and returns the slot.
+  int32_t MoveToTier(BlockId b, int32_t reserved_slot);
   // A block's copy ahead is not needed (its registration goes): its slot is
   // freed once the copy is done (at once if it was never queued).
   void RetireAhead(BlockId b);

@@ -92,11 +92,22 @@ bool PrefixCache::Offload(BlockId b) {
     if (oldest < 0) return false;  // Every slot is pinned or reserved.
     DropHost(oldest, /*failed=*/false);
   }
+  const int32_t slot = MoveToTier(b, /*reserved_slot=*/-1);
+  copies_.push_back(TierCopy{b, slot, /*onboard=*/false});
+  return true;
+}
+
+int32_t PrefixCache::MoveToTier(BlockId b, int32_t reserved_slot) {
   const TierEntry e = EntryOf(b);
   // The tier holds its own reference on a root (Erase drops the device's).
   if (e.first_in_chain) index_.AcquireRoot(e.parent_id);
-  const int32_t slot = tier_->Insert(e, index_.stored_tokens(b));
-  copies_.push_back(TierCopy{b, slot, /*onboard=*/false});
+  const TokenId* tokens = index_.stored_tokens(b);
+  int32_t slot = reserved_slot;
+  if (slot < 0) {
+    slot = tier_->Insert(e, tokens);
+  } else {
+    tier_->InsertReserved(slot, e, tokens);
+  }
   ++stats_.offloads;
   if (observer_ != nullptr) {
     slot_recorded_[slot] = 1;
@@ -105,7 +116,7 @@ bool PrefixCache::Offload(BlockId b) {
         e.adapter_id,
         absl::Span<const TokenId>(tier_->tokens(slot), math_.size())});
   }
-  return true;
+  return slot;
 }
 
 void PrefixCache::OffloadFromAhead(BlockId b) {
@@ -118,18 +129,8 @@ void PrefixCache::OffloadFromAhead(BlockId b) {
   // call that made them returns); done, or the block's next write waits.
   ABSL_ASSERT(batch > 0);
   if (batch > offload_completed_) ahead_wait_ = std::max(ahead_wait_, batch);
-  const TierEntry e = EntryOf(b);
-  if (e.first_in_chain) index_.AcquireRoot(e.parent_id);
-  tier_->InsertReserved(slot, e, index_.stored_tokens(b));
-  ++stats_.offloads;
+  MoveToTier(b, slot);
   ++stats_.offloads_ahead;
-  if (observer_ != nullptr) {
-    slot_recorded_[slot] = 1;
-    RecordStored(StoredBlock{
-        slot, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kHost,
-        e.adapter_id,
-        absl::Span<const TokenId>(tier_->tokens(slot), math_.size())});
-  }
 }
 
 void PrefixCache::RetireAhead(BlockId b) {

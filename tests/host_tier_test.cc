@@ -169,6 +169,38 @@ class HostTierTest : public ::testing::TestWithParam<Case> {
     ASSERT_TRUE(copier_->Synchronize().ok());
   }
 
+  // Offload ahead's tests: a pool of kAheadPool blocks, a tier of 8, at most
+  // 4 copies ahead.
+  static constexpr int kAheadPool = 16;
+  void MakeWithCopiesAhead() {
+    Make(kAheadPool, /*tier_blocks=*/8, 0,
+         [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+  }
+  // Computes `prompt` (3 full blocks and a token) as `id` and frees it, so
+  // its 3 blocks are the oldest cached; returns their K/V.
+  std::vector<float> CacheOldest(SequenceId id,
+                                 const std::vector<int32_t>& prompt) {
+    Compute(id, prompt);
+    std::vector<float> kv = GatherAll(id, 3 * kBs);
+    EXPECT_TRUE(m_->Free(id).ok());
+    return kv;
+  }
+  // A step of a 3-block sequence `id`, freed after: its Reserve copies the
+  // oldest cached blocks ahead (nothing is evicted).
+  void StepThatCopiesAhead(SequenceId id) {
+    Compute(id, Prompt(2 * kBs + 1));
+    EXPECT_TRUE(m_->Free(id).ok());
+  }
+
+  // A new sequence `id` of `prompt` finds its 3 full blocks in the tier and
+  // reads back `kv` bit-exactly.
+  void ExpectHostHit(SequenceId id, const std::vector<int32_t>& prompt,
+                     const std::vector<float>& kv) {
+    const PrefixHits hits = Compute(id, prompt);
+    EXPECT_EQ(hits.host_tokens, 3 * kBs);
+    EXPECT_TRUE(BitEqual(GatherAll(id, 3 * kBs), kv));
+  }
+
   void ExpectConsistent() {
     const absl::Status valid = m_->Validate();
     EXPECT_TRUE(valid.ok()) << valid;
@@ -876,28 +908,24 @@ TEST(HostTierConfigTest, PolicyFieldsAreCheckedByName) {
 // stay cached; their eviction then registers them in the tier without a copy
 // of its own, and a hit reads them back bit-exactly.
 TEST_P(HostTierTest, OffloadAheadCopiesBlocksBeforeTheirEviction) {
-  constexpr int kBlocks = 16;
-  Make(kBlocks, /*tier_blocks=*/8, 0,
-       [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+  MakeWithCopiesAhead();
   const int64_t block_bytes = *BlockBytesAllLayers(m_->config());
   const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
-  Compute(1, prompt);
-  const std::vector<float> before = GatherAll(1, 3 * kBs);
-  ASSERT_TRUE(m_->Free(1).ok());  // 3 cached blocks, the oldest.
-  // Another sequence's step copies them ahead (nothing is evicted yet).
-  Compute(2, Prompt(2 * kBs + 1));
+  const std::vector<float> before = CacheOldest(1, prompt);
+  // Another sequence's step copies them ahead (nothing is evicted yet); its
+  // own 2 full blocks are cached after it, newer.
+  StepThatCopiesAhead(2);
   ASSERT_TRUE(copier_->Synchronize().ok());
   MetricsSnapshot s = m_->Metrics();
   EXPECT_EQ(s.tier_offload_ahead_copies, 3);
   EXPECT_EQ(s.tier_offloads, 0);
   EXPECT_EQ(s.host_tier_blocks_stored, 0);
   EXPECT_EQ(s.tier_offload_bytes, 3 * block_bytes);
-  EXPECT_EQ(s.blocks_cached, 3);
+  EXPECT_EQ(s.blocks_cached, 5);
   ExpectConsistent();
-  ASSERT_TRUE(m_->Free(2).ok());  // 2 more cached blocks, newer.
   // A whole-pool sequence evicts all 5: the 3 copied ahead move to the tier
   // with no copy of their own, the 2 others are copied now.
-  Compute(3, Prompt(kBlocks * kBs));
+  Compute(3, Prompt(kAheadPool * kBs));
   ASSERT_TRUE(copier_->Synchronize().ok());
   s = m_->Metrics();
   EXPECT_EQ(s.evictions, 5);
@@ -907,9 +935,7 @@ TEST_P(HostTierTest, OffloadAheadCopiesBlocksBeforeTheirEviction) {
   EXPECT_EQ(s.tier_offload_bytes, 5 * block_bytes);
   ExpectConsistent();
   ASSERT_TRUE(m_->Free(3).ok());
-  const PrefixHits hits = Compute(4, prompt);
-  EXPECT_EQ(hits.host_tokens, 3 * kBs);
-  EXPECT_TRUE(BitEqual(GatherAll(4, 3 * kBs), before));
+  ExpectHostHit(4, prompt, before);
   ExpectConsistent();
 }
 
@@ -917,16 +943,11 @@ TEST_P(HostTierTest, OffloadAheadCopiesBlocksBeforeTheirEviction) {
 // cannot change while it is registered): evicted later, it needs no copy.
 // Every offload's bytes are moved exactly once, ahead or at eviction.
 TEST_P(HostTierTest, CopyAheadSurvivesADeviceHit) {
-  constexpr int kBlocks = 16;
-  Make(kBlocks, /*tier_blocks=*/8, 0,
-       [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+  MakeWithCopiesAhead();
   const int64_t block_bytes = *BlockBytesAllLayers(m_->config());
   const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
-  Compute(1, prompt);
-  const std::vector<float> before = GatherAll(1, 3 * kBs);
-  ASSERT_TRUE(m_->Free(1).ok());
-  Compute(2, Prompt(2 * kBs + 1));  // Copies prompt's 3 blocks ahead.
-  ASSERT_TRUE(m_->Free(2).ok());
+  const std::vector<float> before = CacheOldest(1, prompt);
+  StepThatCopiesAhead(2);  // Copies prompt's 3 blocks ahead.
   ASSERT_TRUE(copier_->Synchronize().ok());
   ASSERT_EQ(m_->Metrics().tier_offload_ahead_copies, 3);
   // A device hit takes them out of the LRU; freed, they come back newest.
@@ -935,7 +956,7 @@ TEST_P(HostTierTest, CopyAheadSurvivesADeviceHit) {
   ASSERT_TRUE(m_->Free(3).ok());
   ASSERT_TRUE(copier_->Synchronize().ok());
   ExpectConsistent();
-  Compute(4, Prompt(kBlocks * kBs));  // Evicts every cached block.
+  Compute(4, Prompt(kAheadPool * kBs));  // Evicts every cached block.
   ASSERT_TRUE(copier_->Synchronize().ok());
   MetricsSnapshot s = m_->Metrics();
   EXPECT_GE(s.tier_offloads_ahead, 3);
@@ -946,9 +967,7 @@ TEST_P(HostTierTest, CopyAheadSurvivesADeviceHit) {
                                       block_bytes);
   ExpectConsistent();
   ASSERT_TRUE(m_->Free(4).ok());
-  const PrefixHits hits = Compute(5, prompt);
-  EXPECT_EQ(hits.host_tokens, 3 * kBs);
-  EXPECT_TRUE(BitEqual(GatherAll(5, 3 * kBs), before));
+  ExpectHostHit(5, prompt, before);
   ExpectConsistent();
 }
 
@@ -956,28 +975,21 @@ TEST_P(HostTierTest, CopyAheadSurvivesADeviceHit) {
 // its next write waits for that copy, so the tier gets the old content and
 // the new owner's writes land after it.
 TEST_P(HostTierTest, EvictionDuringACopyAheadWaitsForIt) {
-  constexpr int kBlocks = 16;
-  Make(kBlocks, /*tier_blocks=*/8, 0,
-       [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+  MakeWithCopiesAhead();
   const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
-  Compute(1, prompt);
-  const std::vector<float> before = GatherAll(1, 3 * kBs);
-  ASSERT_TRUE(m_->Free(1).ok());
+  const std::vector<float> before = CacheOldest(1, prompt);
   copier_->set_delay_for_testing(absl::Milliseconds(200));
-  Compute(2, Prompt(2 * kBs + 1));  // Its Reserve copies 3 blocks ahead.
-  ASSERT_TRUE(m_->Free(2).ok());
+  StepThatCopiesAhead(2);  // Its Reserve copies 3 blocks ahead.
   ASSERT_GT(copier_->in_flight(TierLane::kOffload), 0);
   copier_->set_delay_for_testing(absl::ZeroDuration());
   // Evicted at once, while the copies still wait out their delay: the
   // whole-pool sequence's Appends write the same blocks.
-  Compute(3, Prompt(kBlocks * kBs));
+  Compute(3, Prompt(kAheadPool * kBs));
   EXPECT_EQ(m_->Metrics().tier_offloads_ahead, 3);
   ASSERT_TRUE(copier_->Synchronize().ok());
   ExpectConsistent();
   ASSERT_TRUE(m_->Free(3).ok());
-  const PrefixHits hits = Compute(4, prompt);
-  EXPECT_EQ(hits.host_tokens, 3 * kBs);
-  EXPECT_TRUE(BitEqual(GatherAll(4, 3 * kBs), before));
+  ExpectHostHit(4, prompt, before);
   ExpectConsistent();
 }
 
@@ -985,25 +997,19 @@ TEST_P(HostTierTest, EvictionDuringACopyAheadWaitsForIt) {
 // ahead: nothing is registered, the reserved slots come back, and the
 // manager stays consistent (Validate counts every reserved slot).
 TEST_P(HostTierTest, CopiesAheadSurviveResetAndFailure) {
-  constexpr int kBlocks = 16;
-  Make(kBlocks, /*tier_blocks=*/8, 0,
-       [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
-  Compute(1, Prompt(3 * kBs + 1));
-  ASSERT_TRUE(m_->Free(1).ok());
+  MakeWithCopiesAhead();
+  CacheOldest(1, Prompt(3 * kBs + 1));
   copier_->set_delay_for_testing(absl::Milliseconds(100));
-  Compute(2, Prompt(2 * kBs + 1));  // 3 copies ahead, in flight.
-  ASSERT_TRUE(m_->Free(2).ok());
+  StepThatCopiesAhead(2);  // 3 copies ahead, in flight.
   ASSERT_EQ(m_->Metrics().tier_offload_ahead_copies, 3);
   ASSERT_TRUE(m_->ResetPrefixCache().ok());
   ExpectConsistent();
   copier_->set_delay_for_testing(absl::ZeroDuration());
   ASSERT_TRUE(copier_->Synchronize().ok());
   // A failed batch of copies ahead drops them (never registered).
-  Compute(3, Prompt(3 * kBs + 1));
-  ASSERT_TRUE(m_->Free(3).ok());
+  CacheOldest(3, Prompt(3 * kBs + 1));
   copier_->fail_next_for_testing(1);
-  Compute(4, Prompt(2 * kBs + 1));
-  ASSERT_TRUE(m_->Free(4).ok());
+  StepThatCopiesAhead(4);
   EXPECT_EQ(m_->Metrics().tier_offload_ahead_copies, 3);  // Only the first.
   ExpectConsistent();
   // Then the tier works on: every block reaches it, and the slots of the
@@ -1013,7 +1019,7 @@ TEST_P(HostTierTest, CopiesAheadSurviveResetAndFailure) {
     ASSERT_TRUE(m_->Free(id).ok());
     ASSERT_TRUE(copier_->Synchronize().ok());
   }
-  Compute(20, Prompt(kBlocks * kBs));
+  Compute(20, Prompt(kAheadPool * kBs));
   ASSERT_TRUE(copier_->Synchronize().ok());
   MetricsSnapshot s = m_->Metrics();
   EXPECT_GT(s.tier_offloads_ahead, 0);

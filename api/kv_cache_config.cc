@@ -205,7 +205,7 @@ absl::Status CheckHostTier(const KVCacheConfig& c) {
                    c.tier_offload_max_in_flight_bytes, 0, kMaxCacheBytes),
         CheckRange("tier_offload_ahead_blocks", c.tier_offload_ahead_blocks, -1,
                    INT32_MAX),
-        CheckRange("tier_copy_thread_blocks", c.tier_copy_thread_blocks, 1,
+        CheckRange("tier_copy_thread_blocks", c.tier_copy_thread_blocks, 0,
                    1024)}) {
     if (!s.ok()) return s;
   }

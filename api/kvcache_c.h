@@ -215,7 +215,8 @@ typedef struct kvcache_config {
    * the cache's blocks, 0 = off. */
   int64_t tier_offload_ahead_blocks;
   /* CUDA: thread blocks per tier copy kernel
-   * (KVCacheConfig::tier_copy_thread_blocks; default 4). */
+   * (KVCacheConfig::tier_copy_thread_blocks; default 4; 0 = the copy
+   * engines). */
   int32_t tier_copy_thread_blocks;
 } kvcache_config;
 

@@ -16,7 +16,8 @@
 // (block, slot) pairs over the run table of a block's 128 runs) through the
 // tier's own copy queue (storage/tier_copier.h), each reported as GB/s and
 // as pct_of_copy of the same direction's host copy bandwidth; "ctas=N" rows
-// limit the copy kernel to N thread blocks (default: the copier's own).
+// limit the copy kernel to N thread blocks (default: the copier's own), and
+// "copy_engines" rows use no kernel (cudaMemcpyBatchAsync).
 //
 //   bazel run -c opt //benchmarks:kernel_benchmark   (on a GPU host; or via
 //   tools/bundle_gpu.sh)
@@ -223,11 +224,15 @@ void BM_HostCopy(benchmark::State& state, bool to_device) {
 struct TierCase {
   int64_t blocks;
   bool onboard;
-  int ctas = 0;  // Thread blocks of the copy kernel; 0 = the copier's own.
+  // Thread blocks of the copy kernel; -1 = the copier's own, 0 = the copy
+  // engines (no kernel).
+  int ctas = -1;
   std::string Name() const {
     return std::string(onboard ? "tier onboard" : "tier offload") + " " +
            std::to_string(blocks) + " blocks x 32 layers int8 H=8 D=128" +
-           (ctas > 0 ? " ctas=" + std::to_string(ctas) : "");
+           (ctas > 0    ? " ctas=" + std::to_string(ctas)
+            : ctas == 0 ? " copy_engines"
+                        : "");
   }
 };
 
@@ -270,7 +275,7 @@ void BM_TierCopy(benchmark::State& state, TierCase c) {
   absl::StatusOr<std::unique_ptr<TierCopier>> copier = CreateTierCopier(
       **device, tier_runs, slot_bytes, static_cast<int32_t>(layout.num_blocks));
   BENCH_CHECK(copier.status());
-  if (c.ctas > 0) (*copier)->set_copy_blocks(c.ctas);
+  if (c.ctas >= 0) (*copier)->set_copy_blocks(c.ctas);
   const TierLane lane = c.onboard ? TierLane::kOnboard : TierLane::kOffload;
   // One batch per set of blocks, built once: block b <-> slot b.
   std::vector<std::vector<TierPair>> batches(4);
@@ -603,8 +608,8 @@ void RegisterAll() {
   }
   for (int64_t blocks : {16, 256}) {
     for (bool onboard : {false, true}) {
-      for (int ctas : {0, 8, 16, 32, 64, 1056}) {
-        if (blocks == 16 && ctas != 0) continue;
+      for (int ctas : {-1, 0, 8, 16, 32, 64, 1056}) {
+        if (blocks == 16 && ctas > 0) continue;
         const TierCase c{blocks, onboard, ctas};
         benchmark::RegisterBenchmark(c.Name().c_str(), BM_TierCopy, c)
             ->UseManualTime()

@@ -5,6 +5,10 @@
 // a block of a 32-layer int8 model with side scales is 128 runs of a few
 // KiB, which a copy call each would spend in launch overhead.
 //
+// With set_copy_blocks(0) a batch goes to the copy engines instead: one
+// cudaMemcpyBatchAsync of its pairs x runs (a descriptor per run, built on
+// the host), which leaves the multiprocessors alone.
+//
 // A batch is described by its (device block, host slot) pairs alone, 8 bytes
 // a block: the runs of a block (where each layer's K, V and scale bytes lie
 // on the device and in a slot) are in device memory, uploaded once at
@@ -20,6 +24,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -134,10 +139,10 @@ class CudaTierCopier final : public TierCopier {
       MarkOldestDone(l);
     }
     const size_t bytes = copies.size() * sizeof(TierPair);
-    if (ring.capacity < bytes) {
+    if (max_blocks_ > 0 && ring.capacity < bytes) {
       KVCACHE_RETURN_IF_ERROR(Grow(ring, bytes));
     }
-    std::memcpy(ring.copies, copies.data(), bytes);
+    if (max_blocks_ > 0) std::memcpy(ring.copies, copies.data(), bytes);
     KVCACHE_CUDA_RETURN_IF_ERROR(
         cudaEventRecord(caller_, static_cast<cudaStream_t>(after_stream)));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(l.stream, caller_, 0));
@@ -156,7 +161,11 @@ class CudaTierCopier final : public TierCopier {
     p.pool = pool_.as<char>();
     p.slot_bytes = slot_bytes();
     p.onboard = lane == TierLane::kOnboard;
-    KVCACHE_RETURN_IF_ERROR(LaunchTierCopy(p, max_blocks_, l.stream));
+    if (max_blocks_ > 0) {
+      KVCACHE_RETURN_IF_ERROR(LaunchTierCopy(p, max_blocks_, l.stream));
+    } else {
+      KVCACHE_RETURN_IF_ERROR(CopyByEngines(copies, p.onboard, l.stream));
+    }
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ring.used, l.stream));
     ring.bytes = p.num_copies * slot_bytes();
     ring.batch = ++l.enqueued;
@@ -200,7 +209,7 @@ class CudaTierCopier final : public TierCopier {
   }
 
   void set_copy_blocks(int blocks) override {
-    max_blocks_ = std::max(blocks, 1);
+    max_blocks_ = std::max(blocks, 0);
   }
 
  private:
@@ -245,6 +254,41 @@ class CudaTierCopier final : public TierCopier {
     return true;
   }
 
+  // One batch by the copy engines: a descriptor per pair and run, the
+  // source read in stream order (after the waits Enqueue made).
+  absl::Status CopyByEngines(absl::Span<const TierPair> copies, bool onboard,
+                             cudaStream_t stream) {
+    const absl::Span<const TierRun> r = runs();
+    const size_t count = copies.size() * r.size();
+    try {
+      dma_dst_.resize(count);
+      dma_src_.resize(count);
+      dma_bytes_.resize(count);
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "tier copy: no host memory for ", count, " copy descriptors"));
+    }
+    size_t k = 0;
+    for (const TierPair& c : copies) {
+      for (const TierRun& run : r) {
+        char* device = DeviceRunAddress(run, c.device_block);
+        char* slot = SlotRunAddress(pool(), slot_bytes(), run, c.host_slot);
+        dma_dst_[k] = onboard ? device : slot;
+        dma_src_[k] = onboard ? slot : device;
+        dma_bytes_[k] = static_cast<size_t>(run.bytes);
+        ++k;
+      }
+    }
+    cudaMemcpyAttributes attr = {};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+    size_t first = 0;
+    KVCACHE_CUDA_RETURN_IF_ERROR(cudaMemcpyBatchAsync(
+        dma_dst_.data(), dma_src_.data(), dma_bytes_.data(), count, &attr,
+        &first, 1, stream));
+    return absl::OkStatus();
+  }
+
   // Gives `ring` a pair buffer of at least `bytes` (twice its capacity at
   // least); the old one stays in staging_ (its batch is done, but freeing
   // pinned memory would synchronize the device).
@@ -263,8 +307,12 @@ class CudaTierCopier final : public TierCopier {
   Buffer run_table_;             // Device memory: runs().
   std::vector<Buffer> staging_;  // Every pair buffer the rings ever had.
   Lane lanes_[kNumTierLanes];
-  cudaEvent_t caller_ = nullptr;  // The caller's stream at Enqueue.
-  int max_blocks_ = kDefaultTierCopyBlocks;
+  cudaEvent_t caller_ = nullptr;             // The caller's stream at Enqueue.
+  int max_blocks_ = kDefaultTierCopyBlocks;  // 0: the copy engines.
+  // CopyByEngines' descriptors (reused; only the host reads them).
+  std::vector<void*> dma_dst_;
+  std::vector<const void*> dma_src_;
+  std::vector<size_t> dma_bytes_;
 };
 
 }  // namespace

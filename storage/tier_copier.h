@@ -152,7 +152,9 @@ class TierCopier {
     return absl::OkStatus();
   }
   // CUDA: the most thread blocks one batch's copy kernel uses, from the next
-  // batch on (kDefaultTierCopyBlocks until set; at least 1). CPU: ignored.
+  // batch on (kDefaultTierCopyBlocks until set); 0: no kernel, the batches
+  // go to the copy engines (cudaMemcpyBatchAsync, a descriptor per run).
+  // CPU: ignored.
   virtual void set_copy_blocks(int) {}
   // Batches of `lane` enqueued and not yet known complete (CUDA: as of this
   // call; for backpressure and tests), and their bytes (the offload policy's

@@ -1066,7 +1066,8 @@ TEST(HostTierConfigTest, BadSizesAreRefusedByName) {
 }
 
 // The copy knobs are range-checked by name: offload ahead -1 (1/16 of the
-// pool), 0 (off) or a count; 1..1024 copy thread blocks.
+// pool), 0 (off) or a count; 0 (the copy engines) to 1024 copy thread
+// blocks.
 TEST(HostTierConfigTest, BadCopyKnobsAreRefusedByName) {
   struct Bad {
     std::function<void(KVCacheConfig&)> set;
@@ -1075,8 +1076,8 @@ TEST(HostTierConfigTest, BadCopyKnobsAreRefusedByName) {
   const std::vector<Bad> bad = {
       {[](KVCacheConfig& c) { c.tier_offload_ahead_blocks = -2; },
        "tier_offload_ahead_blocks -2"},
-      {[](KVCacheConfig& c) { c.tier_copy_thread_blocks = 0; },
-       "tier_copy_thread_blocks 0"},
+      {[](KVCacheConfig& c) { c.tier_copy_thread_blocks = -1; },
+       "tier_copy_thread_blocks -1"},
       {[](KVCacheConfig& c) { c.tier_copy_thread_blocks = 1025; },
        "tier_copy_thread_blocks 1025"},
   };
@@ -1092,7 +1093,7 @@ TEST(HostTierConfigTest, BadCopyKnobsAreRefusedByName) {
   for (int64_t ahead : {int64_t{-1}, int64_t{0}, int64_t{3}}) {
     KVCacheConfig c = Config(DType::kInt8, 8, 4);
     c.tier_offload_ahead_blocks = ahead;
-    c.tier_copy_thread_blocks = 1024;
+    c.tier_copy_thread_blocks = ahead == 3 ? 0 : 1024;
     EXPECT_TRUE(KVCacheManager::Create(c).ok()) << ahead;
   }
 }

@@ -91,6 +91,7 @@ class Checker {
         CreateTierCopier(device_, runs_, slot_bytes_, shape_.num_slots);
     ASSERT_TRUE(copier.ok()) << copier.status();
     copier_ = *std::move(copier);
+    if (shape_.copy_blocks >= 0) copier_->set_copy_blocks(shape_.copy_blocks);
     ASSERT_EQ(copier_->slot_bytes(), slot_bytes_);
     ASSERT_EQ(copier_->num_slots(), shape_.num_slots);
     ASSERT_EQ(copier_->pool_bytes(), slot_bytes_ * shape_.num_slots);

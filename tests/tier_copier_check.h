@@ -36,6 +36,9 @@ struct TierCopierShape {
   int64_t max_pairs = 0;      // and at most.
   int batches_per_round = 0;  // Batches enqueued before a wait.
   int rounds = 0;
+  // TierCopier::set_copy_blocks before the first batch (CUDA: 0 = the copy
+  // engines); -1 = the copier's default.
+  int copy_blocks = -1;
 };
 
 // Shapes both tests run: "layers" (8 layers of an int8 cache with side

@@ -25,6 +25,22 @@ TEST(CudaTierCopierTest, BatchesMatchTheModel) {
   }
 }
 
+// The same shapes with one thread block per copy kernel (the grid strides
+// over every pair and run) and by the copy engines (no kernel: a
+// cudaMemcpyBatchAsync descriptor per run).
+TEST(CudaTierCopierTest, OneBlockAndCopyEnginesMatchTheModel) {
+  KVCACHE_SKIP_WITHOUT_GPU();
+  absl::StatusOr<std::unique_ptr<Device>> device = CreateCudaDevice(0);
+  ASSERT_TRUE(device.ok()) << device.status();
+  for (int copy_blocks : {1, 0}) {
+    SCOPED_TRACE(copy_blocks == 0 ? "copy engines" : "one thread block");
+    for (testing::TierCopierShape shape : testing::TierCopierShapes()) {
+      shape.copy_blocks = copy_blocks;
+      testing::CheckTierCopier(**device, shape, testing::TierCopierSeed());
+    }
+  }
+}
+
 // A pool of 300 MiB: from 256 MiB up the CUDA device pins staging memory by
 // registering a mapping (storage/cuda_device.cc), which the copy kernel must
 // reach through the same pointers.

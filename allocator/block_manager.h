@@ -292,7 +292,6 @@ class BlockManager {
   // The newest offload batch that a block reused since the last call of this
   // may still be read by (its copy ahead): its next write waits for it.
   int64_t TakeTierAheadWait() { return prefix_.TakeAheadWait(); }
-  int64_t tier_offloads_ahead() const { return prefix_.num_ahead(); }
   // The most blocks the next call may offload (the manager's in-flight
   // budget); evicted blocks past it are dropped (tier_offloads_skipped).
   void SetTierOffloadBudget(int64_t blocks) {

@@ -223,7 +223,6 @@ class PrefixCache {
     ahead_wait_ = 0;
     return b;
   }
-  int64_t num_ahead() const { return num_ahead_; }
   // Counts a prefix hit on each device block of s.blocks (AddSequence, after
   // Match): the reuse evidence of offload_min_hits.
   void NoteHits(const Sequence& s) {
@@ -338,6 +337,9 @@ class PrefixCache {
   // (dropping the tier's oldest for room) and asks for its copy; false (and
   // nothing done) when every slot is pinned by this call's onboarding.
   bool Offload(BlockId b);
+  // Frees a tier slot if none is free by dropping the tier's oldest entry
+  // (an LRU eviction); false when every slot is pinned or reserved.
+  bool MakeRoomInTier();
   // Evict's case of a block with a copy ahead: registers it in its slot
   // (no copy; if the copy may still be running, ahead_wait_ names it).
   void OffloadFromAhead(BlockId b);

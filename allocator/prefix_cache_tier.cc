@@ -86,12 +86,16 @@ TierEntry PrefixCache::EntryOf(BlockId b) const {
   return e;
 }
 
+bool PrefixCache::MakeRoomInTier() {
+  if (tier_->HasFreeSlot()) return true;
+  const int32_t oldest = tier_->Oldest();
+  if (oldest < 0) return false;  // Every slot is pinned or reserved.
+  DropHost(oldest, /*failed=*/false);
+  return true;
+}
+
 bool PrefixCache::Offload(BlockId b) {
-  if (!tier_->HasFreeSlot()) {
-    const int32_t oldest = tier_->Oldest();
-    if (oldest < 0) return false;  // Every slot is pinned or reserved.
-    DropHost(oldest, /*failed=*/false);
-  }
+  if (!MakeRoomInTier()) return false;
   const int32_t slot = MoveToTier(b, /*reserved_slot=*/-1);
   copies_.push_back(TierCopy{b, slot, /*onboard=*/false});
   return true;
@@ -170,11 +174,7 @@ int64_t PrefixCache::OffloadAhead(BlockPool& pool, int64_t max_new) {
     ahead_bookmark_epoch_ = pool.cached_epoch(b);
     EventMeta& m = meta_[b];
     if (m.ahead_slot >= 0 || m.hits < offload_min_hits_) continue;
-    if (!tier_->HasFreeSlot()) {
-      const int32_t oldest = tier_->Oldest();
-      if (oldest < 0) break;  // Every slot pinned or reserved.
-      DropHost(oldest, /*failed=*/false);
-    }
+    if (!MakeRoomInTier()) break;
     m.ahead_slot = tier_->ReserveSlot();
     m.ahead_batch = 0;
     ++num_ahead_;
@@ -296,12 +296,10 @@ void PrefixCache::DropOffloaded(absl::Span<const TierCopy> copies,
                                 bool reused_only) {
   for (const TierCopy& c : copies) {
     if (c.onboard || (reused_only && !c.wait)) continue;
-    if (c.ahead) {  // Never queued: the slot was not written.
-      EventMeta& m = meta_[c.device_block];
+    if (c.ahead) {  // Never queued: RetireAhead frees the slot at once.
+      const EventMeta& m = meta_[c.device_block];
       if (m.ahead_slot == c.host_slot && m.ahead_batch == 0) {
-        tier_->Unreserve(c.host_slot);
-        m.ahead_slot = -1;
-        --num_ahead_;
+        RetireAhead(c.device_block);
         --stats_.ahead_copies;
       }
       continue;

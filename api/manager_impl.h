@@ -205,6 +205,9 @@ class KVCacheManager::Impl {
   // less the copies still running; none while the CUDA queue is more than
   // two batches behind).
   void AllowOffloadIfQueueIsFree() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whole blocks of copies that tier_offload_max_in_flight_bytes leaves room
+  // for beside the copies still running (INT64_MAX without a bound).
+  int64_t BlocksWithinInFlightBudget() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Offload ahead: queues background copies of the cached blocks next in
   // line for eviction (BlockManager::TierOffloadAhead), after `stream`'s
   // earlier work, when the offload lane is idle and the in-flight budget

@@ -76,6 +76,13 @@ absl::Status KVCacheManager::Impl::RunTierCopies(void* stream,
                    ran.message()));
 }
 
+int64_t KVCacheManager::Impl::BlocksWithinInFlightBudget() {
+  const int64_t max_bytes = config_.tier_offload_max_in_flight_bytes;
+  if (max_bytes <= 0) return INT64_MAX;
+  return std::max<int64_t>(0, max_bytes - tier_->copier().in_flight_bytes()) /
+         tier_->slot_bytes();
+}
+
 void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
   // Offloading is best effort (README "Host tier"): an evicted block is
   // dropped rather than copied while tier_offload_max_in_flight_bytes of
@@ -86,12 +93,7 @@ void KVCacheManager::Impl::AllowOffloadIfQueueIsFree() {
   if (tier_ == nullptr) return;
   TierCopier& copier = tier_->copier();
   blocks_->ReleaseTierOffloads(copier.completed(TierLane::kOffload));
-  int64_t budget = INT64_MAX;
-  const int64_t max_bytes = config_.tier_offload_max_in_flight_bytes;
-  if (max_bytes > 0) {
-    budget = std::max<int64_t>(0, max_bytes - copier.in_flight_bytes()) /
-             tier_->slot_bytes();
-  }
+  int64_t budget = BlocksWithinInFlightBudget();
   if (backend_->memory_kind() == MemoryKind::kCuda &&
       copier.in_flight(TierLane::kOffload) > kMaxBatchesInFlight) {
     budget = 0;
@@ -106,15 +108,9 @@ void KVCacheManager::Impl::OffloadAhead(void* stream) {
   // within the in-flight byte budget.
   constexpr int64_t kMaxAheadPerCall = 256;
   if (tier_ == nullptr) return;
-  TierCopier& copier = tier_->copier();
-  if (copier.in_flight(TierLane::kOffload) > 2) return;
-  int64_t blocks = kMaxAheadPerCall;
-  const int64_t max_bytes = config_.tier_offload_max_in_flight_bytes;
-  if (max_bytes > 0) {
-    blocks = std::min(
-        blocks, std::max<int64_t>(0, max_bytes - copier.in_flight_bytes()) /
-                    tier_->slot_bytes());
-  }
+  if (tier_->copier().in_flight(TierLane::kOffload) > 2) return;
+  const int64_t blocks =
+      std::min(kMaxAheadPerCall, BlocksWithinInFlightBudget());
   if (blocks <= 0 || blocks_->TierOffloadAhead(blocks) == 0) return;
   RunTierCopies(stream, 0, /*onboarding=*/false).IgnoreError();
 }

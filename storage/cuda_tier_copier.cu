@@ -138,11 +138,14 @@ class CudaTierCopier final : public TierCopier {
       KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ring.used));
       MarkOldestDone(l);
     }
+    // The kernel reads the pairs from the ring; the copy engines' descriptors
+    // are built on the host from `copies` itself.
+    const bool by_kernel = max_blocks_ > 0;
     const size_t bytes = copies.size() * sizeof(TierPair);
-    if (max_blocks_ > 0 && ring.capacity < bytes) {
-      KVCACHE_RETURN_IF_ERROR(Grow(ring, bytes));
+    if (by_kernel) {
+      if (ring.capacity < bytes) KVCACHE_RETURN_IF_ERROR(Grow(ring, bytes));
+      std::memcpy(ring.copies, copies.data(), bytes);
     }
-    if (max_blocks_ > 0) std::memcpy(ring.copies, copies.data(), bytes);
     KVCACHE_CUDA_RETURN_IF_ERROR(
         cudaEventRecord(caller_, static_cast<cudaStream_t>(after_stream)));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(l.stream, caller_, 0));
@@ -161,7 +164,7 @@ class CudaTierCopier final : public TierCopier {
     p.pool = pool_.as<char>();
     p.slot_bytes = slot_bytes();
     p.onboard = lane == TierLane::kOnboard;
-    if (max_blocks_ > 0) {
+    if (by_kernel) {
       KVCACHE_RETURN_IF_ERROR(LaunchTierCopy(p, max_blocks_, l.stream));
     } else {
       KVCACHE_RETURN_IF_ERROR(CopyByEngines(copies, p.onboard, l.stream));

@@ -144,9 +144,12 @@ struct KVCacheConfig {
   // keep the copies from crowding the caller's work off the PCIe link and
   // the multiprocessors (the whole trace replay on an H200 ran 72 s with 4,
   // 82 s with 16-32, 63 s without a tier); more copy a batch faster (16 carry
-  // an offload at ~88 % of the link). 0: no copy kernel, the copy engines
-  // (cudaMemcpyBatchAsync, one descriptor per layer's K, V and scale run of
-  // a block; not yet measured in the replay). 0..1024; ignored on the CPU.
+  // an offload at ~88 % of the link). 0: no copy kernel crosses the link,
+  // the copy engines do (cudaMemcpyBatchAsync of whole slots through a
+  // 32 MiB staging buffer per copy lane in device memory, beyond the cache;
+  // offload and onboard at 72-78 % of the link, slowing the caller's
+  // kernels 2-5 % while they run against 2-11 % with 4 thread blocks).
+  // 0..1024; ignored on the CPU.
   int32_t tier_copy_thread_blocks = 4;
 
   // Fixed-capacity step and lookup buffers (allocated once, so steps allocate

@@ -216,7 +216,7 @@ typedef struct kvcache_config {
   int64_t tier_offload_ahead_blocks;
   /* CUDA: thread blocks per tier copy kernel
    * (KVCacheConfig::tier_copy_thread_blocks; default 4; 0 = the copy
-   * engines). */
+   * engines through a staging buffer). */
   int32_t tier_copy_thread_blocks;
 } kvcache_config;
 

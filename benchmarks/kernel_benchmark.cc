@@ -17,7 +17,8 @@
 // tier's own copy queue (storage/tier_copier.h), each reported as GB/s and
 // as pct_of_copy of the same direction's host copy bandwidth; "ctas=N" rows
 // limit the copy kernel to N thread blocks (default: the copier's own), and
-// "copy_engines" rows use no kernel (cudaMemcpyBatchAsync).
+// "copy_engines" rows cross the link by the copy engines (whole slots through
+// a staging buffer: set_copy_blocks(0)).
 //
 //   bazel run -c opt //benchmarks:kernel_benchmark   (on a GPU host; or via
 //   tools/bundle_gpu.sh)

@@ -5,9 +5,16 @@
 // a block of a 32-layer int8 model with side scales is 128 runs of a few
 // KiB, which a copy call each would spend in launch overhead.
 //
-// With set_copy_blocks(0) a batch goes to the copy engines instead: one
-// cudaMemcpyBatchAsync of its pairs x runs (a descriptor per run, built on
-// the host), which leaves the multiprocessors alone.
+// With set_copy_blocks(0) the bytes cross the PCIe link by the copy engines
+// instead, through a staging buffer in device memory (one per lane, made at
+// the first such batch): an offload gathers up to staging-size blocks' runs
+// into whole slot images there (a short device-to-device kernel), then one
+// cudaMemcpyBatchAsync moves each image to its slot (a descriptor per slot,
+// neighbours merged); an onboard does the reverse. The copy engines read
+// and write host memory with far less cost to the caller's kernels than a
+// kernel doing it (benchmarks/tier_interference_benchmark.cc), but a
+// descriptor per run (16 KiB) keeps them at a fraction of the link's speed:
+// whole slots (a block's every run, about 1 MiB) keep them near it.
 //
 // A batch is described by its (device block, host slot) pairs alone, 8 bytes
 // a block: the runs of a block (where each layer's K, V and scale bytes lie
@@ -42,6 +49,10 @@ using internal::TierCopyParams;
 
 // A ring entry's first pair buffer: 8,192 blocks.
 constexpr size_t kMinRingBytes = size_t{64} << 10;
+// Each lane's staging buffer for the copy engines, and the thread blocks of
+// its gather and scatter kernels (device memory only: brief).
+constexpr int64_t kStagingBytes = int64_t{32} << 20;
+constexpr int kStagingCopyBlocks = 16;
 
 // Validates, sizes the grid (at most max_blocks) and launches one batch.
 absl::Status LaunchTierCopy(const TierCopyParams& p, int max_blocks,
@@ -71,7 +82,9 @@ class CudaTierCopier final : public TierCopier {
                  int64_t slot_bytes, int32_t num_slots)
       : TierCopier(runs, slot_bytes, num_slots),
         device_(device),
-        pool_(std::move(pool)) {}
+        pool_(std::move(pool)),
+        staging_blocks_(
+            std::clamp<int64_t>(kStagingBytes / slot_bytes, 1, num_slots)) {}
   ~CudaTierCopier() override {
     cudaSetDevice(device_.ordinal());
     for (Lane& l : lanes_) {
@@ -138,14 +151,13 @@ class CudaTierCopier final : public TierCopier {
       KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ring.used));
       MarkOldestDone(l);
     }
-    // The kernel reads the pairs from the ring; the copy engines' descriptors
-    // are built on the host from `copies` itself.
+    // The kernels (the copy kernel, or the staging path's gather and
+    // scatter) read the pairs from the ring.
     const bool by_kernel = max_blocks_ > 0;
     const size_t bytes = copies.size() * sizeof(TierPair);
-    if (by_kernel) {
-      if (ring.capacity < bytes) KVCACHE_RETURN_IF_ERROR(Grow(ring, bytes));
-      std::memcpy(ring.copies, copies.data(), bytes);
-    }
+    if (ring.capacity < bytes) KVCACHE_RETURN_IF_ERROR(Grow(ring, bytes));
+    if (!by_kernel) KVCACHE_RETURN_IF_ERROR(EnsureStaging(l));
+    std::memcpy(ring.copies, copies.data(), bytes);
     KVCACHE_CUDA_RETURN_IF_ERROR(
         cudaEventRecord(caller_, static_cast<cudaStream_t>(after_stream)));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(l.stream, caller_, 0));
@@ -167,7 +179,7 @@ class CudaTierCopier final : public TierCopier {
     if (by_kernel) {
       KVCACHE_RETURN_IF_ERROR(LaunchTierCopy(p, max_blocks_, l.stream));
     } else {
-      KVCACHE_RETURN_IF_ERROR(CopyByEngines(copies, p.onboard, l.stream));
+      KVCACHE_RETURN_IF_ERROR(CopyThroughStaging(l, copies, p));
     }
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ring.used, l.stream));
     ring.bytes = p.num_copies * slot_bytes();
@@ -214,6 +226,10 @@ class CudaTierCopier final : public TierCopier {
   void set_copy_blocks(int blocks) override {
     max_blocks_ = std::max(blocks, 0);
   }
+  void set_staging_blocks(int64_t blocks) override {
+    staging_blocks_ = std::max<int64_t>(blocks, 1);
+    for (Lane& l : lanes_) l.staging = Buffer();  // Remade at the next use.
+  }
 
  private:
   static constexpr int kRingEntries = 32;
@@ -232,6 +248,7 @@ class CudaTierCopier final : public TierCopier {
     // ring entries (enqueued - known_done <= kRingEntries).
     int64_t known_done = 0;
     int64_t in_flight_bytes = 0;  // Of batches (known_done, enqueued].
+    Buffer staging;  // Device memory: staging_blocks_ slots (copy engines).
   };
   static int Index(TierLane lane) { return static_cast<int>(lane); }
 
@@ -257,38 +274,88 @@ class CudaTierCopier final : public TierCopier {
     return true;
   }
 
-  // One batch by the copy engines: a descriptor per pair and run, the
-  // source read in stream order (after the waits Enqueue made).
-  absl::Status CopyByEngines(absl::Span<const TierPair> copies, bool onboard,
-                             cudaStream_t stream) {
-    const absl::Span<const TierRun> r = runs();
-    const size_t count = copies.size() * r.size();
-    try {
-      dma_dst_.resize(count);
-      dma_src_.resize(count);
-      dma_bytes_.resize(count);
-    } catch (const std::bad_alloc&) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "tier copy: no host memory for ", count, " copy descriptors"));
+  // Makes `l`'s staging buffer if it has none. Its previous batches (stream
+  // order on the lane) are the only users of an existing one.
+  absl::Status EnsureStaging(Lane& l) {
+    if (l.staging.data() != nullptr) return absl::OkStatus();
+    absl::StatusOr<Buffer> staging =
+        device_.Allocate(static_cast<size_t>(staging_blocks_ * slot_bytes()));
+    if (!staging.ok()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("tier copy: no device memory for a staging buffer of ",
+                       staging_blocks_, " slots of ", slot_bytes(),
+                       " bytes: ", staging.status().message()));
     }
-    size_t k = 0;
-    for (const TierPair& c : copies) {
-      for (const TierRun& run : r) {
-        char* device = DeviceRunAddress(run, c.device_block);
-        char* slot = SlotRunAddress(pool(), slot_bytes(), run, c.host_slot);
-        dma_dst_[k] = onboard ? device : slot;
-        dma_src_[k] = onboard ? slot : device;
-        dma_bytes_[k] = static_cast<size_t>(run.bytes);
-        ++k;
-      }
-    }
+    l.staging = *std::move(staging);
+    return absl::OkStatus();
+  }
+
+  // One batch by the copy engines, in chunks of staging_blocks_ pairs on the
+  // lane's stream: offload = gather kernel (cache -> staging images), then
+  // the images to their slots; onboard = slots to images, then scatter
+  // kernel (staging -> cache). `p` is the whole batch's kernel parameters.
+  absl::Status CopyThroughStaging(Lane& l, absl::Span<const TierPair> copies,
+                                  const TierCopyParams& p) {
+    const int64_t n = static_cast<int64_t>(copies.size());
+    const int64_t slot = slot_bytes();
+    char* staging = l.staging.as<char>();
     cudaMemcpyAttributes attr = {};
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
     attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-    size_t first = 0;
-    KVCACHE_CUDA_RETURN_IF_ERROR(cudaMemcpyBatchAsync(
-        dma_dst_.data(), dma_src_.data(), dma_bytes_.data(), count, &attr,
-        &first, 1, stream));
+    for (int64_t first = 0; first < n; first += staging_blocks_) {
+      const int64_t count = std::min(staging_blocks_, n - first);
+      TierCopyParams chunk = p;
+      chunk.copies = p.copies + first;
+      chunk.num_copies = count;
+      chunk.pool = staging;
+      chunk.slot_is_index = true;
+      // A descriptor per stretch that is contiguous both in staging and in
+      // the pool: a slot's segments (its runs, merged where they touch; one
+      // for a slot the runs tile), merged across neighbouring slots. The
+      // bytes between runs are never copied.
+      dma_dst_.clear();
+      dma_src_.clear();
+      dma_bytes_.clear();
+      try {
+        dma_dst_.reserve(count * slot_segments_.size());
+        dma_src_.reserve(count * slot_segments_.size());
+        dma_bytes_.reserve(count * slot_segments_.size());
+      } catch (const std::bad_alloc&) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "tier copy: no host memory for ", count, " copy descriptors"));
+      }
+      const char* image_end = nullptr;
+      const char* host_end = nullptr;
+      for (int64_t i = 0; i < count; ++i) {
+        char* image = staging + i * slot;
+        char* host = pool() + int64_t{copies[first + i].host_slot} * slot;
+        for (const Segment& seg : slot_segments_) {
+          char* a = image + seg.offset;
+          char* b = host + seg.offset;
+          if (a == image_end && b == host_end) {
+            dma_bytes_.back() += static_cast<size_t>(seg.bytes);
+          } else {
+            dma_dst_.push_back(p.onboard ? a : b);
+            dma_src_.push_back(p.onboard ? b : a);
+            dma_bytes_.push_back(static_cast<size_t>(seg.bytes));
+          }
+          image_end = a + seg.bytes;
+          host_end = b + seg.bytes;
+        }
+      }
+      if (!p.onboard) {
+        KVCACHE_RETURN_IF_ERROR(
+            LaunchTierCopy(chunk, kStagingCopyBlocks, l.stream));
+      }
+      size_t first_attr = 0;
+      KVCACHE_CUDA_RETURN_IF_ERROR(cudaMemcpyBatchAsync(
+          dma_dst_.data(), dma_src_.data(), dma_bytes_.data(),
+          dma_bytes_.size(), &attr, &first_attr, 1, l.stream));
+      if (p.onboard) {
+        KVCACHE_RETURN_IF_ERROR(
+            LaunchTierCopy(chunk, kStagingCopyBlocks, l.stream));
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -312,7 +379,13 @@ class CudaTierCopier final : public TierCopier {
   Lane lanes_[kNumTierLanes];
   cudaEvent_t caller_ = nullptr;             // The caller's stream at Enqueue.
   int max_blocks_ = kDefaultTierCopyBlocks;  // 0: the copy engines.
-  // CopyByEngines' descriptors (reused; only the host reads them).
+  int64_t staging_blocks_;                   // Slots of a staging buffer.
+  // The parts of a slot its runs cover, in slot order, touching ones merged.
+  struct Segment {
+    int64_t offset, bytes;
+  };
+  std::vector<Segment> slot_segments_;
+  // CopyThroughStaging's descriptors (reused; only the host reads them).
   std::vector<void*> dma_dst_;
   std::vector<const void*> dma_src_;
   std::vector<size_t> dma_bytes_;

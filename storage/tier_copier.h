@@ -152,10 +152,15 @@ class TierCopier {
     return absl::OkStatus();
   }
   // CUDA: the most thread blocks one batch's copy kernel uses, from the next
-  // batch on (kDefaultTierCopyBlocks until set); 0: no kernel, the batches
-  // go to the copy engines (cudaMemcpyBatchAsync, a descriptor per run).
+  // batch on (kDefaultTierCopyBlocks until set); 0: no copy kernel, the
+  // bytes cross the link by the copy engines, whole slots at a time, through
+  // a staging buffer per lane in device memory (32 MiB; made at the lane's
+  // first such batch: ResourceExhausted from Enqueue when it cannot be).
   // CPU: ignored.
   virtual void set_copy_blocks(int) {}
+  // CUDA test seam: the staging buffer's slots (at least 1; a batch of more
+  // pairs goes in chunks), from the next batch on. CPU: ignored.
+  virtual void set_staging_blocks(int64_t) {}
   // Batches of `lane` enqueued and not yet known complete (CUDA: as of this
   // call; for backpressure and tests), and their bytes (the offload policy's
   // in-flight budget): a running count, no walk over the batches.

@@ -30,6 +30,9 @@ struct TierCopyParams {
   char* pool = nullptr;  // Slots of slot_bytes.
   int64_t slot_bytes = 0;
   bool onboard = false;  // Pool -> cache; false: cache -> pool.
+  // The slot of copies[c] is c itself, not its host_slot: the "pool" is a
+  // staging buffer of num_copies slots (the copy engines' path).
+  bool slot_is_index = false;
 };
 
 // The thread block copies `bytes` from src to dst.
@@ -75,7 +78,9 @@ __global__ void __launch_bounds__(kTierCopyThreads)
     }
     const TierRun run = p.runs[item - c * p.num_runs];
     char* cache = DeviceRunAddress(run, copy.device_block);
-    char* slot = SlotRunAddress(p.pool, p.slot_bytes, run, copy.host_slot);
+    const int32_t s =
+        p.slot_is_index ? static_cast<int32_t>(c) : copy.host_slot;
+    char* slot = SlotRunAddress(p.pool, p.slot_bytes, run, s);
     if (p.onboard) {
       CopyTierRun(cache, slot, run.bytes);
     } else {

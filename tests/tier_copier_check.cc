@@ -92,6 +92,9 @@ class Checker {
     ASSERT_TRUE(copier.ok()) << copier.status();
     copier_ = *std::move(copier);
     if (shape_.copy_blocks >= 0) copier_->set_copy_blocks(shape_.copy_blocks);
+    if (shape_.staging_blocks >= 1) {
+      copier_->set_staging_blocks(shape_.staging_blocks);
+    }
     ASSERT_EQ(copier_->slot_bytes(), slot_bytes_);
     ASSERT_EQ(copier_->num_slots(), shape_.num_slots);
     ASSERT_EQ(copier_->pool_bytes(), slot_bytes_ * shape_.num_slots);
@@ -128,6 +131,12 @@ class Checker {
           Rand(0, (onboard ? shape_.num_slots : shape_.num_blocks) - 1));
       pairs[i] =
           onboard ? TierPair{distinct[i], other} : TierPair{other, distinct[i]};
+    }
+    if (shape_.sorted_slots) {
+      std::sort(pairs.begin(), pairs.end(),
+                [](const TierPair& a, const TierPair& b) {
+                  return a.host_slot < b.host_slot;
+                });
     }
     return pairs;
   }

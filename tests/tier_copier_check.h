@@ -39,6 +39,11 @@ struct TierCopierShape {
   // TierCopier::set_copy_blocks before the first batch (CUDA: 0 = the copy
   // engines); -1 = the copier's default.
   int copy_blocks = -1;
+  // TierCopier::set_staging_blocks before the first batch; -1 = default.
+  int64_t staging_blocks = -1;
+  // Each batch's pairs in slot order (runs of neighbouring slots, which the
+  // copy engines' path merges into one descriptor).
+  bool sorted_slots = false;
 };
 
 // Shapes both tests run: "layers" (8 layers of an int8 cache with side

@@ -26,16 +26,28 @@ TEST(CudaTierCopierTest, BatchesMatchTheModel) {
 }
 
 // The same shapes with one thread block per copy kernel (the grid strides
-// over every pair and run) and by the copy engines (no kernel: a
-// cudaMemcpyBatchAsync descriptor per run).
+// over every pair and run) and by the copy engines (whole slots through a
+// staging buffer): with the default staging (every batch of these shapes in
+// one chunk), and with a 3-slot staging buffer and pairs in slot order
+// (batches in chunks, neighbouring slots merged into one descriptor).
 TEST(CudaTierCopierTest, OneBlockAndCopyEnginesMatchTheModel) {
   KVCACHE_SKIP_WITHOUT_GPU();
   absl::StatusOr<std::unique_ptr<Device>> device = CreateCudaDevice(0);
   ASSERT_TRUE(device.ok()) << device.status();
-  for (int copy_blocks : {1, 0}) {
-    SCOPED_TRACE(copy_blocks == 0 ? "copy engines" : "one thread block");
+  struct Mode {
+    const char* name;
+    int copy_blocks;
+    int64_t staging_blocks;
+    bool sorted_slots;
+  };
+  for (const Mode& mode : {Mode{"one thread block", 1, -1, false},
+                           Mode{"copy engines", 0, -1, false},
+                           Mode{"copy engines, 3-slot staging", 0, 3, true}}) {
+    SCOPED_TRACE(mode.name);
     for (testing::TierCopierShape shape : testing::TierCopierShapes()) {
-      shape.copy_blocks = copy_blocks;
+      shape.copy_blocks = mode.copy_blocks;
+      shape.staging_blocks = mode.staging_blocks;
+      shape.sorted_slots = mode.sorted_slots;
       testing::CheckTierCopier(**device, shape, testing::TierCopierSeed());
     }
   }

@@ -117,8 +117,8 @@ ABSL_FLAG(int64_t, tier_offload_ahead_blocks,
           "1/16 of the cache, 0 = off).");
 ABSL_FLAG(int32_t, tier_copy_thread_blocks,
           kvcache::KVCacheConfig().tier_copy_thread_blocks,
-          "Host tier on CUDA: thread blocks per copy kernel "
-          "(KVCacheConfig::tier_copy_thread_blocks).");
+          "Host tier on CUDA: thread blocks per copy kernel; 0 = the copy "
+          "engines (KVCacheConfig::tier_copy_thread_blocks).");
 ABSL_FLAG(bool, tier_hold_offloads, kvcache::KVCacheConfig().tier_hold_offloads,
           "Host tier: hold an offloaded block until its copy is done instead "
           "of reusing it at once (KVCacheConfig::tier_hold_offloads).");

@@ -25,11 +25,15 @@
 // (a decode step: CUDA-graph replays of 100 launches) and T = 8192 (a
 // prefill step of the replay's token budget). Each iteration times one
 // graph (or 8 launches); the background is queued before the first and must
-// still run after the last (`covered` = 1, else the row says so).
+// still run after the last (`covered` = 1, else the row says so). Each
+// iteration then also times the host: 32 launches of the write, each
+// followed by an event record, as a replay step enqueues its layers
+// (`host_us_per_launch`, wall time of the enqueue alone).
 //
 //   bazel run -c opt //benchmarks:tier_interference_benchmark  (GPU host)
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -91,6 +95,12 @@ struct Case {
            BackgroundName();
   }
 };
+
+// Median host microseconds per launch + event record of each case, by name.
+std::map<std::string, std::vector<double>>& HostResults() {
+  static std::map<std::string, std::vector<double>> r;
+  return r;
+}
 
 // Median microseconds per write launch of each case, by name.
 std::map<std::string, std::vector<double>>& Results() {
@@ -376,7 +386,10 @@ void BM_WriteUnder(benchmark::State& state, Case c) {
   BENCH_CHECK(cudaEventElapsedTime(&round_ms, start, stop));
   const double seconds = round_ms / 4e3 * state.max_iterations * 3 + 0.01;
   BENCH_CHECK(StartBackground(*rig, c, seconds));
-  std::vector<double> per_launch;
+  constexpr int kHostLaunches = 32;
+  cudaEvent_t marks[kHostLaunches];
+  for (cudaEvent_t& e : marks) BENCH_CHECK(cudaEventCreate(&e));
+  std::vector<double> per_launch, host_per_launch;
   for (auto _ : state) {
     cudaEventRecord(start, stream);
     int launches = 0;
@@ -395,13 +408,28 @@ void BM_WriteUnder(benchmark::State& state, Case c) {
     cudaEventElapsedTime(&ms, start, stop);
     state.SetIterationTime(ms / 1e3);
     per_launch.push_back(ms / 1e3 / launches);
+    const auto host_start = std::chrono::steady_clock::now();
+    for (int i = 0; i < kHostLaunches; ++i) {
+      (void)QuantizeWriteCuda(params[i % kSets], stream);
+      cudaEventRecord(marks[i], stream);
+    }
+    const std::chrono::duration<double> host =
+        std::chrono::steady_clock::now() - host_start;
+    cudaEventSynchronize(marks[kHostLaunches - 1]);
+    host_per_launch.push_back(host.count() / kHostLaunches);
   }
   const bool covered = StillRunningThenFinish(*rig, c);
   BENCH_CHECK(cudaGetLastError());
   const double us = Median(per_launch) * 1e6;
+  const double host_us = Median(host_per_launch) * 1e6;
   state.counters["us_per_launch"] = us;
+  state.counters["host_us_per_launch"] = host_us;
   state.counters["covered"] = covered ? 1 : 0;
-  if (covered) Results()[c.Name()].push_back(us);
+  if (covered) {
+    Results()[c.Name()].push_back(us);
+    HostResults()[c.Name()].push_back(host_us);
+  }
+  for (cudaEvent_t e : marks) cudaEventDestroy(e);
   if (exec != nullptr) cudaGraphExecDestroy(exec);
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
@@ -434,15 +462,18 @@ void RegisterAll() {
   }
 }
 
-// Per write size: each background's median us per launch and its ratio to
-// the median of the baseline rows (both "none" rows, every repetition).
+// Per write size: each background's median us per launch (device, and the
+// host's enqueue) and their ratios to the medians of the baseline rows (both
+// "none" rows, every repetition).
 void PrintSummary() {
-  std::printf("\n%-48s %12s %9s %6s\n", "case (median over repetitions)",
-              "us/launch", "slowdown", "reps");
-  std::map<int64_t, double> baseline;
+  std::printf("\n%-48s %12s %9s %10s %9s %6s\n",
+              "case (median over repetitions)", "us/launch", "slowdown",
+              "host us", "host x", "reps");
+  std::map<int64_t, double> baseline, host_baseline;
   for (const Case& c : Cases()) {
     if (c.background != Background::kNone) continue;
     baseline[c.tokens] = Median(Results()[c.Name()]);
+    host_baseline[c.tokens] = Median(HostResults()[c.Name()]);
   }
   std::map<std::string, bool> printed;
   for (const Case& c : Cases()) {
@@ -452,8 +483,11 @@ void PrintSummary() {
     const std::vector<double>& r = Results()[name];
     const double us = Median(r);
     const double base = baseline[c.tokens];
-    std::printf("%-48s %12.3f %9.3f %6zu\n", name.c_str(), us,
-                base > 0 && us > 0 ? us / base : 0.0, r.size());
+    const double host = Median(HostResults()[name]);
+    const double host_base = host_baseline[c.tokens];
+    std::printf("%-48s %12.3f %9.3f %10.3f %9.3f %6zu\n", name.c_str(), us,
+                base > 0 && us > 0 ? us / base : 0.0, host,
+                host_base > 0 && host > 0 ? host / host_base : 0.0, r.size());
   }
 }
 

@@ -49,6 +49,9 @@ struct Case {
 
 class CudaManagerTest : public ::testing::TestWithParam<Case> {};
 
+// Random operations with the host tier on CUDA (below).
+void CheckHostTierReadBack(const Case& param, int copy_blocks);
+
 TEST_P(CudaManagerTest, CachesAreByteIdenticalToTheCpuBackend) {
   KVCACHE_SKIP_WITHOUT_GPU();
   const uint64_t seed = std::random_device{}();
@@ -83,11 +86,20 @@ TEST_P(CudaManagerTest, CachesAreByteIdenticalToTheCpuBackend) {
   }
 }
 
-// The host tier on CUDA (pinned memory, the copy kernel on the manager's
-// stream; both scale placements): random operations with evictions and tier hits, and every
-// committed token of every sequence must Gather back as the reference.
+// The host tier on CUDA (pinned memory; the copies by the default copy
+// kernel, then by the copy engines through staging, tier_copy_thread_blocks
+// = 0; both scale placements): random operations with evictions and tier
+// hits, and every committed token of every sequence must Gather back as the
+// reference.
 TEST_P(CudaManagerTest, HostTierHitsReadBackOnCuda) {
   KVCACHE_SKIP_WITHOUT_GPU();
+  for (int copy_blocks : {KVCacheConfig().tier_copy_thread_blocks, 0}) {
+    SCOPED_TRACE(absl::StrCat("tier_copy_thread_blocks ", copy_blocks));
+    CheckHostTierReadBack(GetParam(), copy_blocks);
+  }
+}
+
+void CheckHostTierReadBack(const Case& param, int copy_blocks) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(absl::StrCat("seed ", seed));
   KVCacheConfig config;
@@ -96,11 +108,12 @@ TEST_P(CudaManagerTest, HostTierHitsReadBackOnCuda) {
   config.head_size = 128;
   config.head_size_v = 64;
   config.block_size = 16;
-  config.cache_dtype = GetParam().cache_dtype;
-  config.scale_placement = GetParam().placement;
+  config.cache_dtype = param.cache_dtype;
+  config.scale_placement = param.placement;
   config.num_blocks = 64;
   config.backend = Backend::kCuda;
   config.host_tier_bytes = 96 * *BlockBytesAllLayers(config);
+  config.tier_copy_thread_blocks = copy_blocks;
   auto cuda = testing::ManagerDriver::Create(config, seed, seed + 1);
   ASSERT_TRUE(cuda.ok()) << cuda.status();
   TierCopier* copier =

@@ -363,12 +363,7 @@ void PrintSummary() {
 
 #else
 
-void NoCuda(benchmark::State& state) {
-  for (auto _ : state) {
-  }
-  state.SkipWithError("kvcache was built without CUDA support");
-}
-void RegisterAll() { benchmark::RegisterBenchmark("no_cuda", NoCuda); }
+void RegisterAll() { bench::RegisterNoCuda(); }
 void PrintSummary() {}
 
 #endif
@@ -413,10 +408,6 @@ int main(int argc, char** argv) {
     }
   }
   argc = kept;
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  kvcache::RegisterAll();
-  benchmark::RunSpecifiedBenchmarks();
-  kvcache::PrintSummary();
-  return 0;
+  return kvcache::bench::BenchmarkMain(argc, argv, kvcache::RegisterAll,
+                                       kvcache::PrintSummary);
 }

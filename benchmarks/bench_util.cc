@@ -6,6 +6,24 @@
 
 namespace kvcache::bench {
 
+int BenchmarkMain(int argc, char** argv, void (*register_all)(),
+                  void (*print_summary)()) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  register_all();
+  benchmark::RunSpecifiedBenchmarks();
+  print_summary();
+  return 0;
+}
+
+void RegisterNoCuda() {
+  benchmark::RegisterBenchmark("no_cuda", [](benchmark::State& state) {
+    for (auto _ : state) {
+    }
+    state.SkipWithError("kvcache was built without CUDA support");
+  });
+}
+
 double Median(std::vector<double> v) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());

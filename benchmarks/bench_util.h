@@ -24,6 +24,15 @@
 
 namespace kvcache::bench {
 
+// A GPU benchmark binary's main(): Google Benchmark's flags (an unknown one
+// is an error: 1), then `register_all`, the run, then `print_summary`.
+int BenchmarkMain(int argc, char** argv, void (*register_all)(),
+                  void (*print_summary)());
+
+// A build without CUDA: registers the one benchmark such a binary has, which
+// reports "kvcache was built without CUDA support" as its error.
+void RegisterNoCuda();
+
 // The median (the upper one of an even count); 0 for no values.
 double Median(std::vector<double> v);
 

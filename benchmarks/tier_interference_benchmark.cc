@@ -132,7 +132,7 @@ Rig* GetRig() {
   static Rig* rig = [] {
     auto* r = new Rig;
     auto fail = [r](const std::string& what) {
-      r->error = what;
+      r->error = what + " (" + cudaGetErrorString(cudaGetLastError()) + ")";
       return r;
     };
     CacheLayout layout;
@@ -493,12 +493,7 @@ void PrintSummary() {
 
 #else  // !KVCACHE_HAVE_CUDA_RUNTIME
 
-void NoCuda(benchmark::State& state) {
-  for (auto _ : state) {
-  }
-  state.SkipWithError("kvcache was built without CUDA support");
-}
-void RegisterAll() { benchmark::RegisterBenchmark("no_cuda", NoCuda); }
+void RegisterAll() { bench::RegisterNoCuda(); }
 void PrintSummary() {}
 
 #endif
@@ -507,10 +502,6 @@ void PrintSummary() {}
 }  // namespace kvcache
 
 int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  kvcache::RegisterAll();
-  benchmark::RunSpecifiedBenchmarks();
-  kvcache::PrintSummary();
-  return 0;
+  return kvcache::bench::BenchmarkMain(argc, argv, kvcache::RegisterAll,
+                                       kvcache::PrintSummary);
 }

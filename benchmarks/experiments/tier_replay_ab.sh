@@ -10,7 +10,8 @@
 # engines (tier_copy_thread_blocks=0), 64 GiB tier with 4 copy thread blocks
 # (the default), so that each round compares the three on the same host
 # state. MAX_REQUESTS (default 0: all 12,031) shortens it; TIMEOUT (s,
-# default 150) bounds each run. One log per run, and a summary of hit rate,
+# default 150) bounds each run; EXTRA_FLAGS (e.g. --cuda_graph) go to every
+# run. One log per run, and a summary of hit rate,
 # wall time and the step-time split at the end of LOG_DIR/summary.txt.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,7 +24,7 @@ replay=("$bundle/tools/replay" --backend=cuda
         --trace="$bundle/data/mooncake_conversation_trace.jsonl"
         --max_requests="${MAX_REQUESTS:-0}" --num_layers=32 --num_kv_heads=8
         --head_size=128 --num_blocks=117560 --max_running=256
-        --token_budget=8192)
+        --token_budget=8192 ${EXTRA_FLAGS:-})
 for ((r = 1; r <= rounds; ++r)); do
   for run in notier engines ctas4; do
     case "$run" in

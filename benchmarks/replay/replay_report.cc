@@ -66,6 +66,7 @@ ReplayReport MakeReport(const ReplayStats& stats,
   for (double ms : stats.step_host_ms) r.host_s_total += ms / 1000.0;
   r.plan_s = stats.plan_ms / 1e3;
   r.enqueue_s = stats.enqueue_ms / 1e3;
+  r.append_calls_s = stats.append_calls_ms / 1e3;
   r.wait_s = stats.wait_ms / 1e3;
   r.commit_s = stats.commit_ms / 1e3;
   r.finish_s = stats.finish_ms / 1e3;
@@ -171,9 +172,10 @@ std::string ReportText(const ReplayReport& r) {
   absl::StrAppendFormat(&out, "  kernel time           %.3f s\n", r.kernel_s);
   absl::StrAppendFormat(
       &out,
-      "  step time by part     plan %.3f s, enqueue %.3f s, wait for kernels "
-      "%.3f s, commit %.3f s, finish %.3f s\n",
-      r.plan_s, r.enqueue_s, r.wait_s, r.commit_s, r.finish_s);
+      "  step time by part     plan %.3f s, enqueue %.3f s (Append calls "
+      "%.3f s), wait for kernels %.3f s, commit %.3f s, finish %.3f s\n",
+      r.plan_s, r.enqueue_s, r.append_calls_s, r.wait_s, r.commit_s,
+      r.finish_s);
   absl::StrAppendFormat(
       &out,
       "  device time of steps  %.3f s: beyond the Appends %.3f s in the %d "
@@ -240,6 +242,7 @@ std::string ReportJson(const ReplayReport& r) {
       {"host_s_total", r.host_s_total},
       {"plan_s", r.plan_s},
       {"enqueue_s", r.enqueue_s},
+      {"append_calls_s", r.append_calls_s},
       {"wait_s", r.wait_s},
       {"commit_s", r.commit_s},
       {"finish_s", r.finish_s},

@@ -58,6 +58,7 @@ struct ReplayReport {
   // The steps' wall time by part (ReplayStats::plan_ms and the rest), s.
   double plan_s = 0.0;
   double enqueue_s = 0.0;
+  double append_calls_s = 0.0;  // Of enqueue_s.
   double wait_s = 0.0;
   double commit_s = 0.0;
   double finish_s = 0.0;

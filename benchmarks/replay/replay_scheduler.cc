@@ -325,6 +325,7 @@ absl::Status Scheduler::Step() {
                  : writer_->AppendStep(plan->id, tokens);
   if (!timing.ok()) return timing.status();
   stats_.enqueue_ms += MillisSince(append_start) - timing->wait_ms;
+  stats_.append_calls_ms += timing->host_ms;
   stats_.wait_ms += timing->wait_ms;
   stats_.device_ms += timing->device_ms;
   const double extra = timing->device_ms - timing->kernel_ms;

@@ -93,6 +93,7 @@ struct ReplayStats {
   // step's kernels, Commit, and finishing requests (Free).
   double plan_ms = 0.0;
   double enqueue_ms = 0.0;
+  double append_calls_ms = 0.0;  // Of enqueue_ms: the Append calls.
   double wait_ms = 0.0;
   double commit_ms = 0.0;
   double finish_ms = 0.0;

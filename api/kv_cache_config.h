@@ -146,7 +146,9 @@ struct KVCacheConfig {
   // 82 s with 16-32, 63 s without a tier); more copy a batch faster (16 carry
   // an offload at ~88 % of the link). 0: no copy kernel crosses the link,
   // the copy engines do (cudaMemcpyBatchAsync of whole slots through a
-  // 32 MiB staging buffer per copy lane in device memory, beyond the cache;
+  // 32 MiB staging buffer per copy lane in device memory, beyond the cache
+  // and made at the lane's first copy: a cache sized by memory_fraction
+  // must leave that room, or those copies fail and their blocks are dropped;
   // offload and onboard at 72-78 % of the link, slowing the caller's
   // kernels 2-5 % while they run against 2-11 % with 4 thread blocks).
   // 0..1024; ignored on the CPU.

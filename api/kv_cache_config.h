@@ -148,7 +148,9 @@ struct KVCacheConfig {
   // the copy engines do (cudaMemcpyBatchAsync of whole slots through a
   // 32 MiB staging buffer per copy lane in device memory, beyond the cache
   // and made at the lane's first copy: a cache sized by memory_fraction
-  // must leave that room, or those copies fail and their blocks are dropped;
+  // must leave that room, or those copies fail (ResourceExhausted: the
+  // blocks are dropped, and an AddSequence that onboards fails as it does
+  // for any failed onboard);
   // offload and onboard at 72-78 % of the link, slowing the caller's
   // kernels 2-5 % while they run against 2-11 % with 4 thread blocks).
   // 0..1024; ignored on the CPU.

@@ -298,7 +298,7 @@ TEST(KvEventsTest, MsgpackLayoutIsVllms) {
 
 // 10,000 random operations with evictions and resets (and, with a host tier
 // of `tier_blocks` blocks, tier moves: offloads, onboards, the tier's own
-// evictions): the events, taken in pieces, rebuild exactly the manager's
+// evictions; more operations while onboards are still few): the events, taken in pieces, rebuild exactly the manager's
 // cached hashes of each medium; no payload carries the secret salt's bytes.
 void RandomOpsRebuildTheCachedSets(int64_t tier_blocks) {
   auto m = Make(SmallEventConfig(48, kBs, tier_blocks));
@@ -329,7 +329,7 @@ void RandomOpsRebuildTheCachedSets(int64_t tier_blocks) {
           payload.end());
     }
   };
-  for (int i = 0; i < 10000; ++i) {
+  auto op = [&](int i) {
     const absl::Status s = ops.Op();
     ASSERT_TRUE(s.ok()) << "op " << i << ": " << s;
     if (i == 3000 || i == 7000) {
@@ -344,6 +344,19 @@ void RandomOpsRebuildTheCachedSets(int64_t tier_blocks) {
                 ManagerHashes(*m, KVEventMedium::kHost))
           << "after op " << i;
     }
+  };
+  int i = 0;
+  for (; i < 10000; ++i) {
+    op(i);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  // With a tier, a run whose draws onboarded little (how many depends on
+  // when the background copies finish) goes on, up to 20,000 more ops, until
+  // the tier has moved blocks both ways often enough to count as exercised.
+  for (; tier_blocks > 0 && m->Metrics().tier_onboards <= 10 && i < 30000;
+       ++i) {
+    op(i);
+    if (::testing::Test::HasFatalFailure()) return;
   }
   drain();
   EXPECT_EQ(rebuilt.hashes(KVEventMedium::kDevice),

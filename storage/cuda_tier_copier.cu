@@ -9,8 +9,9 @@
 // instead, through a staging buffer in device memory (one per lane, made at
 // the first such batch): an offload gathers up to staging-size blocks' runs
 // into whole slot images there (a short device-to-device kernel), then one
-// cudaMemcpyBatchAsync moves each image to its slot (a descriptor per slot,
-// neighbours merged); an onboard does the reverse. The copy engines read
+// cudaMemcpyBatchAsync moves each image's covered bytes to its slot (a
+// descriptor per segment the runs cover, neighbours merged:
+// AppendStagedCopies); an onboard does the reverse. The copy engines read
 // and write host memory with far less cost to the caller's kernels than a
 // kernel doing it (benchmarks/tier_interference_benchmark.cc), but a
 // descriptor per run (16 KiB) keeps them at a fraction of the link's speed:
@@ -84,7 +85,8 @@ class CudaTierCopier final : public TierCopier {
         device_(device),
         pool_(std::move(pool)),
         staging_blocks_(
-            std::clamp<int64_t>(kStagingBytes / slot_bytes, 1, num_slots)) {}
+            std::clamp<int64_t>(kStagingBytes / slot_bytes, 1, num_slots)),
+        slot_segments_(SlotSegments(runs)) {}
   ~CudaTierCopier() override {
     cudaSetDevice(device_.ordinal());
     for (Lane& l : lanes_) {
@@ -309,39 +311,28 @@ class CudaTierCopier final : public TierCopier {
       chunk.num_copies = count;
       chunk.pool = staging;
       chunk.slot_is_index = true;
-      // A descriptor per stretch that is contiguous both in staging and in
-      // the pool: a slot's segments (its runs, merged where they touch; one
-      // for a slot the runs tile), merged across neighbouring slots. The
-      // bytes between runs are never copied.
+      // A descriptor per stretch contiguous both in staging and in the pool
+      // (AppendStagedCopies: a slot's covered segments, neighbours merged).
+      staged_.clear();
       dma_dst_.clear();
       dma_src_.clear();
       dma_bytes_.clear();
       try {
-        dma_dst_.reserve(count * slot_segments_.size());
-        dma_src_.reserve(count * slot_segments_.size());
-        dma_bytes_.reserve(count * slot_segments_.size());
+        const size_t most = count * slot_segments_.size();
+        staged_.reserve(most);
+        dma_dst_.reserve(most);
+        dma_src_.reserve(most);
+        dma_bytes_.reserve(most);
       } catch (const std::bad_alloc&) {
         return absl::ResourceExhaustedError(absl::StrCat(
             "tier copy: no host memory for ", count, " copy descriptors"));
       }
-      const char* image_end = nullptr;
-      const char* host_end = nullptr;
-      for (int64_t i = 0; i < count; ++i) {
-        char* image = staging + i * slot;
-        char* host = pool() + int64_t{copies[first + i].host_slot} * slot;
-        for (const Segment& seg : slot_segments_) {
-          char* a = image + seg.offset;
-          char* b = host + seg.offset;
-          if (a == image_end && b == host_end) {
-            dma_bytes_.back() += static_cast<size_t>(seg.bytes);
-          } else {
-            dma_dst_.push_back(p.onboard ? a : b);
-            dma_src_.push_back(p.onboard ? b : a);
-            dma_bytes_.push_back(static_cast<size_t>(seg.bytes));
-          }
-          image_end = a + seg.bytes;
-          host_end = b + seg.bytes;
-        }
+      AppendStagedCopies(slot_segments_, copies.subspan(first, count), staging,
+                         pool(), slot, staged_);
+      for (const StagedCopy& c : staged_) {
+        dma_dst_.push_back(p.onboard ? c.staging : c.pool);
+        dma_src_.push_back(p.onboard ? c.pool : c.staging);
+        dma_bytes_.push_back(static_cast<size_t>(c.bytes));
       }
       if (!p.onboard) {
         KVCACHE_RETURN_IF_ERROR(
@@ -380,12 +371,9 @@ class CudaTierCopier final : public TierCopier {
   cudaEvent_t caller_ = nullptr;             // The caller's stream at Enqueue.
   int max_blocks_ = kDefaultTierCopyBlocks;  // 0: the copy engines.
   int64_t staging_blocks_;                   // Slots of a staging buffer.
-  // The parts of a slot its runs cover, in slot order, touching ones merged.
-  struct Segment {
-    int64_t offset, bytes;
-  };
-  std::vector<Segment> slot_segments_;
-  // CopyThroughStaging's descriptors (reused; only the host reads them).
+  const std::vector<SlotSegment> slot_segments_;  // SlotSegments(runs()).
+  // CopyThroughStaging's copies and descriptors (reused; host memory only).
+  std::vector<StagedCopy> staged_;
   std::vector<void*> dma_dst_;
   std::vector<const void*> dma_src_;
   std::vector<size_t> dma_bytes_;

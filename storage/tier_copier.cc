@@ -9,6 +9,46 @@
 
 namespace kvcache {
 
+std::vector<SlotSegment> SlotSegments(absl::Span<const TierRun> runs) {
+  std::vector<SlotSegment> segments;
+  for (const TierRun& r : runs) segments.push_back({r.slot_offset, r.bytes});
+  std::sort(segments.begin(), segments.end(),
+            [](const SlotSegment& a, const SlotSegment& b) {
+              return a.offset < b.offset;
+            });
+  size_t kept = 0;
+  for (const SlotSegment& s : segments) {
+    if (kept > 0 &&
+        segments[kept - 1].offset + segments[kept - 1].bytes == s.offset) {
+      segments[kept - 1].bytes += s.bytes;
+    } else {
+      segments[kept++] = s;
+    }
+  }
+  segments.resize(kept);
+  return segments;
+}
+
+void AppendStagedCopies(absl::Span<const SlotSegment> segments,
+                        absl::Span<const TierPair> copies, char* staging,
+                        char* pool, int64_t slot_bytes,
+                        std::vector<StagedCopy>& out) {
+  for (size_t i = 0; i < copies.size(); ++i) {
+    char* image = staging + static_cast<int64_t>(i) * slot_bytes;
+    char* slot = pool + int64_t{copies[i].host_slot} * slot_bytes;
+    for (const SlotSegment& seg : segments) {
+      char* a = image + seg.offset;
+      char* b = slot + seg.offset;
+      if (!out.empty() && out.back().staging + out.back().bytes == a &&
+          out.back().pool + out.back().bytes == b) {
+        out.back().bytes += seg.bytes;
+      } else {
+        out.push_back({a, b, seg.bytes});
+      }
+    }
+  }
+}
+
 absl::Status ValidateTierRuns(absl::Span<const TierRun> runs,
                               int64_t slot_bytes, int32_t num_slots) {
   if (runs.empty()) {

@@ -105,6 +105,33 @@ struct TierDeps {
   int64_t batch[kNumTierLanes] = {};
 };
 
+// A stretch of a slot that the runs cover: runs that touch are one segment.
+struct SlotSegment {
+  int64_t offset = 0;
+  int64_t bytes = 0;
+};
+// The slot's segments in slot order (one when the runs tile the slot).
+// REQUIRES: ValidateTierRuns(runs, ...) is OK.
+std::vector<SlotSegment> SlotSegments(absl::Span<const TierRun> runs);
+
+// One copy between a staging buffer of slot images (image i of a batch's
+// copies[i] at staging + i * slot_bytes) and the pool: `bytes` at `staging`
+// and at `pool`, in either direction (the CUDA copier's copy-engine path).
+struct StagedCopy {
+  char* staging = nullptr;
+  char* pool = nullptr;
+  int64_t bytes = 0;
+};
+// Appends to `out` the copies that move every segment of each image i to or
+// from slot copies[i].host_slot of `pool`, a copy per segment, merged with
+// the previous one where both sides continue it (a slot the runs tile,
+// followed by the next slot: one copy for both). Bytes between runs are
+// never copied.
+void AppendStagedCopies(absl::Span<const SlotSegment> segments,
+                        absl::Span<const TierPair> copies, char* staging,
+                        char* pool, int64_t slot_bytes,
+                        std::vector<StagedCopy>& out);
+
 // InvalidArgument, naming the value, unless there is at least one run, every
 // run has a device pointer and bytes > 0 and lies inside the slot
 // ([slot_offset, slot_offset + bytes) within [0, slot_bytes)), no two runs

@@ -147,6 +147,10 @@ class Harness {
       // Offload ahead: the default (1/16 of the pool, at least 16: capped
       // at half the tier), off, or one or two blocks.
       config_.tier_offload_ahead_blocks = (a >> 1) % 4 - 1;
+      // Copy thread blocks (CUDA only; range-checked everywhere): the copy
+      // engines, one, the default, the most.
+      const int32_t copy_blocks[] = {0, 1, 4, 1024};
+      config_.tier_copy_thread_blocks = copy_blocks[(a >> 3) % 4];
     }
     config_.max_tokens_per_step = 48;
     config_.max_sequences_per_step = 4;
@@ -171,7 +175,8 @@ class Harness {
     return true;
   }
 
-  // Hostile host_tier_bytes are refused by name, never a crash.
+  // Hostile host_tier_bytes and tier_copy_thread_blocks are refused by
+  // name, never a crash.
   void CheckHostileTier(uint8_t a) {
     KVCacheConfig bad = config_;
     const int64_t hostile[] = {-1, 1, kMin, kHuge};
@@ -181,6 +186,16 @@ class Harness {
     if (m.ok() || !absl::IsInvalidArgument(m.status()) ||
         m.status().message().find("host_tier_bytes") == std::string::npos) {
       Fail("hostile host_tier_bytes: " + m.status().ToString());
+    }
+    bad = config_;
+    bad.host_tier_bytes = 4 * *BlockBytesAllLayers(config_);
+    const int32_t hostile_blocks[] = {-1, 1025, INT32_MIN, INT32_MAX};
+    bad.tier_copy_thread_blocks = hostile_blocks[(a >> 2) % 4];
+    m = KVCacheManager::Create(bad);
+    if (m.ok() || !absl::IsInvalidArgument(m.status()) ||
+        m.status().message().find("tier_copy_thread_blocks") ==
+            std::string::npos) {
+      Fail("hostile tier_copy_thread_blocks: " + m.status().ToString());
     }
   }
 

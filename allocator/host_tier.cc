@@ -108,8 +108,22 @@ TierEntry HostTier::Take(int32_t s) {
   return entries_[s];
 }
 
+void HostTier::KeepPinned(int32_t s) {
+  ABSL_ASSERT(state_[s] == kPinned);
+  state_[s] = kReserved;
+  ++num_reserved_;
+}
+
+TierEntry HostTier::Keep(int32_t s) {
+  Unlink(s);
+  state_[s] = kReserved;
+  ++num_reserved_;
+  return entries_[s];
+}
+
 void HostTier::ReleasePinned() {
   for (int32_t s : pinned_) {
+    if (state_[s] == kReserved) continue;  // Kept (KeepPinned).
     ABSL_ASSERT(state_[s] == kPinned);
     state_[s] = kFree;
     free_.push_back(s);

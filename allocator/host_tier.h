@@ -91,6 +91,12 @@ class HostTier {
   TierEntry Drop(int32_t slot);
   // Stored -> pinned (a hit being onboarded). Returns the entry.
   TierEntry Take(int32_t slot);
+  // Pinned -> reserved: an onboarded slot kept as its block's copy ahead
+  // (its bytes are the block's). ReleasePinned passes it by.
+  void KeepPinned(int32_t slot);
+  // Stored -> reserved: as KeepPinned, for a registration that moves to the
+  // device without a copy (a promotion). Returns the entry.
+  TierEntry Keep(int32_t slot);
   // Every pinned slot -> free.
   void ReleasePinned();
   // Every stored slot -> free (ResetPrefixCache). Calls f(entry) for each.

@@ -30,6 +30,7 @@ PrefixCache::PrefixCache(const Options& options)
     max_held_ = std::max<int64_t>(16, options.num_blocks / 64);
     ahead_window_ = std::clamp<int64_t>(options.offload_ahead_blocks, 0,
                                         options.host_slots / 2);
+    kept_window_ = std::min<int64_t>(ahead_window_, options.host_slots / 4);
     ahead_new_.reserve(ahead_window_);
     retired_.reserve(ahead_window_);
     // A call offloads each device block at most once and onboards at most one

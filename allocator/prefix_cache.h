@@ -73,6 +73,9 @@ struct PrefixCacheStats {
   // or still running) and so needed no copy of their own.
   int64_t ahead_copies = 0;
   int64_t offloads_ahead = 0;
+  // Offloads of blocks onboarded or promoted from the tier whose slot was
+  // kept as their copy (PrefixCache::KeepAsCopyAhead): no copy at all.
+  int64_t offloads_kept = 0;
 };
 
 // A byte copy of one whole block between the device pool and a host-tier
@@ -352,6 +355,12 @@ class PrefixCache {
   // A block's copy ahead is not needed (its registration goes): its slot is
   // freed once the copy is done (at once if it was never queued).
   void RetireAhead(BlockId b);
+  // Device block b's content came from tier slot `slot` (an onboard, or a
+  // promotion), whose bytes stay the block's: while the offload-ahead window
+  // has room, keeps the slot reserved as b's copy ahead (kKeptCopy), so that
+  // b's eviction needs no copy. Returns whether it did; else the caller
+  // frees the slot.
+  bool KeepAsCopyAhead(BlockId b, int32_t slot);
   // Tier slot -> dropped (OnBlocksRemoved(kHost)); `failed` counts it as a
   // drop after a failed copy rather than an LRU eviction.
   void DropHost(int32_t slot, bool failed);
@@ -407,10 +416,12 @@ class PrefixCache {
     int64_t adapter_id = 0;
     uint8_t hits = 0;  // Saturates at kMaxHitCount.
     // Its copy ahead: the reserved tier slot (-1: none) and the copy's batch
-    // (0: this call's, not yet queued).
+    // (0: this call's, not yet queued; kKeptCopy: no copy of its own, the
+    // slot it was onboarded or promoted from).
     int32_t ahead_slot = -1;
     int64_t ahead_batch = 0;
   };
+  static constexpr int64_t kKeptCopy = -1;
   std::vector<EventMeta> meta_;
   // Offload ahead: the most blocks with a copy ahead (0 = off), how many
   // have one, the LRU walk's bookmark (the newest cached block it looked
@@ -419,6 +430,9 @@ class PrefixCache {
   // TakeAheadWait's batch.
   int64_t ahead_window_ = 0;
   int64_t num_ahead_ = 0;
+  // Of num_ahead_, kept copies (KeepAsCopyAhead), and their own window.
+  int64_t num_kept_ = 0;
+  int64_t kept_window_ = 0;
   BlockId ahead_bookmark_ = -1;
   uint16_t ahead_bookmark_epoch_ = 0;
   std::vector<BlockId> ahead_new_;

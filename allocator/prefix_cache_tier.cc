@@ -129,12 +129,13 @@ void PrefixCache::OffloadFromAhead(BlockId b) {
   const int64_t batch = m.ahead_batch;
   m.ahead_slot = -1;
   --num_ahead_;
+  if (batch == kKeptCopy) --num_kept_;
   // Queued by an earlier call (OffloadAhead's copies are queued before the
   // call that made them returns); done, or the block's next write waits.
-  ABSL_ASSERT(batch > 0);
+  ABSL_ASSERT(batch > 0 || batch == kKeptCopy);
   if (batch > offload_completed_) ahead_wait_ = std::max(ahead_wait_, batch);
   MoveToTier(b, slot);
-  ++stats_.offloads_ahead;
+  ++(batch == kKeptCopy ? stats_.offloads_kept : stats_.offloads_ahead);
 }
 
 void PrefixCache::RetireAhead(BlockId b) {
@@ -144,15 +145,27 @@ void PrefixCache::RetireAhead(BlockId b) {
   } else {
     retired_.push_back(Retired{m.ahead_slot, m.ahead_batch});
   }
+  if (m.ahead_batch == kKeptCopy) --num_kept_;
   m.ahead_slot = -1;
   --num_ahead_;
 }
 
+bool PrefixCache::KeepAsCopyAhead(BlockId b, int32_t slot) {
+  if (num_kept_ >= kept_window_) return false;
+  EventMeta& m = meta_[b];
+  m.ahead_slot = slot;
+  m.ahead_batch = kKeptCopy;
+  ++num_ahead_;
+  ++num_kept_;
+  return true;
+}
+
 int64_t PrefixCache::OffloadAhead(BlockPool& pool, int64_t max_new) {
   if (tier_ == nullptr || ahead_window_ == 0) return 0;
-  // Slots of unused copies still in flight count against the window too.
+  // Slots of unused copies still in flight count against the window too;
+  // kept copies (KeepAsCopyAhead) have a window of their own.
   const int64_t room =
-      std::min(max_new, ahead_window_ - num_ahead_ -
+      std::min(max_new, ahead_window_ - (num_ahead_ - num_kept_) -
                             static_cast<int64_t>(retired_.size()));
   if (room <= 0) return 0;
   // Blocks up to the bookmark were looked at by an earlier call: the
@@ -218,12 +231,16 @@ uint64_t PrefixCache::Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
     return 0;
   }
   if (observer_ != nullptr && slot_recorded_[slot]) FlushToObserver();
-  const TierEntry e = tier_->Drop(slot);
+  // The slot's bytes are b's content: kept as b's copy ahead if there is
+  // room (Keep), else freed.
+  const bool keep = num_kept_ < kept_window_;
+  const TierEntry e = keep ? tier_->Keep(slot) : tier_->Drop(slot);
   if (observer_ != nullptr) RecordRemoved(e.hash, BlockMedium::kHost);
   index_.Restore(e.hash, b, e.parent_id, e.content_id, tokens);
   if (PrefixCacheIndex::IsRoot(e.parent_id)) index_.ReleaseRoot(e.parent_id);
   pool.MarkHashed(b);
   meta_[b] = EventMeta{e.parent_hash, e.adapter_id, /*hits=*/1};
+  if (keep) KeepAsCopyAhead(b, slot);
   if (observer_ != nullptr) {
     RecordStored(StoredBlock{
         b, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kDevice,
@@ -259,6 +276,7 @@ int64_t PrefixCache::Onboard(Sequence& s, BlockPool& pool) {
     pool.MarkHashed(fresh);
     meta_[fresh] = EventMeta{e.parent_hash, e.adapter_id, /*hits=*/1};
     copies_.push_back(TierCopy{fresh, slot, /*onboard=*/true, /*wait=*/true});
+    if (KeepAsCopyAhead(fresh, slot)) tier_->KeepPinned(slot);
     if (observer_ != nullptr) {
       RecordStored(StoredBlock{
           fresh, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kDevice,
@@ -328,17 +346,24 @@ absl::Status PrefixCache::ValidateTier() const {
     return absl::InternalError(
         absl::StrCat(ahead_new_.size(), " offloads ahead not queued"));
   }
-  int64_t ahead = 0;
+  int64_t ahead = 0, kept = 0;
   for (BlockId b = 0; b < static_cast<BlockId>(meta_.size()); ++b) {
     const int32_t slot = meta_[b].ahead_slot;
     if (slot < 0) continue;
     ++ahead;
+    kept += meta_[b].ahead_batch == kKeptCopy;
     if (!index_.registered(b) || slot >= tier_->num_slots() ||
-        !tier_->reserved(slot) || meta_[b].ahead_batch <= 0) {
+        !tier_->reserved(slot) ||
+        (meta_[b].ahead_batch <= 0 && meta_[b].ahead_batch != kKeptCopy)) {
       return absl::InternalError(absl::StrCat(
           "block ", b, " has a copy ahead in host slot ", slot,
           " but is not registered, or the slot not reserved, or not queued"));
     }
+  }
+  if (kept != num_kept_ || kept > kept_window_) {
+    return absl::InternalError(
+        absl::StrCat(kept, " kept copies ahead, counted ", num_kept_,
+                     ", window ", kept_window_));
   }
   if (ahead != num_ahead_ ||
       ahead + static_cast<int64_t>(retired_.size()) != tier_->num_reserved()) {

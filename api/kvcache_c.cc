@@ -1109,6 +1109,7 @@ kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
     out->tier_offloads_waited = s.tier_offloads_waited;
     out->tier_offload_ahead_copies = s.tier_offload_ahead_copies;
     out->tier_offloads_ahead = s.tier_offloads_ahead;
+    out->tier_offloads_kept = s.tier_offloads_kept;
     return absl::OkStatus();
   });
 }

@@ -157,6 +157,7 @@ MetricsSnapshot KVCacheManager::Impl::Metrics() const {
     s.tier_offloads_waited = prefix.offloads_waited;
     s.tier_offload_ahead_copies = prefix.ahead_copies;
     s.tier_offloads_ahead = prefix.offloads_ahead;
+    s.tier_offloads_kept = prefix.offloads_kept;
   }
   s.prefix_hit_tokens_device = prefix.hit_tokens - prefix.host_hit_tokens;
   return s;

@@ -75,6 +75,10 @@ void AppendTierText(std::string* out, const MetricsSnapshot& m) {
   Add(out, "tier_offloads_ahead_total", "counter",
       "Offloads that used a copy made ahead (no copy of their own).",
       m.tier_offloads_ahead);
+  Add(out, "tier_offloads_kept_total", "counter",
+      "Offloads of blocks back from the tier whose slot still held them (no "
+      "copy).",
+      m.tier_offloads_kept);
 }
 
 }  // namespace

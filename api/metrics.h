@@ -63,6 +63,11 @@ struct MetricsSnapshot {
   // of their own); the difference, less those still waiting, went unused.
   int64_t tier_offload_ahead_copies = 0;
   int64_t tier_offloads_ahead = 0;
+  // Offloads of blocks that came from the tier (onboarded, or promoted by a
+  // commit of content it held) and were evicted again while their tier slot
+  // was still kept for them: the slot already held their bytes, so no copy
+  // at all (README "Host tier").
+  int64_t tier_offloads_kept = 0;
   // KV events (zero unless enable_kv_events): batches made, batches dropped
   // before TakeEvents read them (queue full), batches the ZeroMQ publisher
   // could not send (its queue full, or a failed send).

@@ -1027,6 +1027,105 @@ TEST_P(HostTierTest, CopiesAheadSurviveResetAndFailure) {
   ExpectConsistent();
 }
 
+// A block onboarded from the tier keeps its slot as its copy ahead (the
+// slot's bytes are its content): evicted again, it goes back to the tier with
+// no copy at all (tier_offloads_kept), and a hit reads it back bit-exactly.
+// Kept slots have a window of their own, min(tier_offload_ahead_blocks, a
+// quarter of the tier): past it, an onboarded slot is freed as before.
+TEST_P(HostTierTest, OnboardedBlockGoesBackToItsKeptSlotWithoutACopy) {
+  for (const int tier_blocks : {12, 8}) {  // Kept window 3, then 2.
+    SCOPED_TRACE(absl::StrCat("tier of ", tier_blocks, " blocks"));
+    Make(kAheadPool, tier_blocks, 0,
+         [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+    const int kept_window = std::min(4, tier_blocks / 4);
+    const int64_t block_bytes = *BlockBytesAllLayers(m_->config());
+    const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+    const std::vector<float> before = CacheOldest(1, prompt);
+    Compute(2, Prompt(kAheadPool * kBs));  // Evicts them to the tier.
+    ASSERT_TRUE(m_->Free(2).ok());
+    ASSERT_TRUE(copier_->Synchronize().ok());
+    ExpectHostHit(3, prompt, before);  // Onboards the 3.
+    ASSERT_TRUE(copier_->Synchronize().ok());
+    ExpectConsistent();
+    MetricsSnapshot s = m_->Metrics();
+    EXPECT_EQ(s.tier_onboards, 3);
+    EXPECT_EQ(s.tier_offloads_kept, 0);
+    ASSERT_TRUE(m_->Free(3).ok());
+    Compute(4, Prompt(kAheadPool * kBs));  // Evicts them again.
+    ASSERT_TRUE(copier_->Synchronize().ok());
+    s = m_->Metrics();
+    EXPECT_EQ(s.tier_offloads_kept, kept_window);
+    // Bytes moved: copies ahead, and offloads that used neither a copy
+    // ahead nor a kept slot.
+    EXPECT_EQ(s.tier_offload_bytes,
+              (s.tier_offload_ahead_copies + s.tier_offloads -
+               s.tier_offloads_ahead - s.tier_offloads_kept) *
+                  block_bytes);
+    ExpectConsistent();
+    ASSERT_TRUE(m_->Free(4).ok());
+    ExpectHostHit(5, prompt, before);
+    ExpectConsistent();
+    ASSERT_TRUE(m_->Free(5).ok());
+  }
+}
+
+// A kept slot whose block leaves the device otherwise is freed: by a reset
+// (the slot comes back to the tier), and by a failed onboard (the onboarded
+// blocks are dropped, their kept slots with them); nothing leaks and the
+// tier keeps working.
+TEST_P(HostTierTest, KeptSlotsSurviveResetAndFailedOnboards) {
+  Make(kAheadPool, /*tier_blocks=*/12, 0,
+       [](KVCacheConfig& c) { c.tier_offload_ahead_blocks = 4; });
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  const std::vector<float> before = CacheOldest(1, prompt);
+  Compute(2, Prompt(kAheadPool * kBs));
+  ASSERT_TRUE(m_->Free(2).ok());
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  ExpectHostHit(3, prompt, before);  // 3 kept slots.
+  ASSERT_TRUE(m_->Free(3).ok());
+  ASSERT_TRUE(m_->ResetPrefixCache().ok());
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  ExpectConsistent();
+  MetricsSnapshot s = m_->Metrics();
+  EXPECT_EQ(s.host_tier_blocks_stored, 0);
+  // The tier fills up again (no slot stayed reserved).
+  for (SequenceId id = 10; id < 30; ++id) {
+    Compute(id, Prompt(3 * kBs + 1));
+    ASSERT_TRUE(m_->Free(id).ok());
+    ASSERT_TRUE(copier_->Synchronize().ok());
+  }
+  Compute(30, Prompt(kAheadPool * kBs));
+  ASSERT_TRUE(m_->Free(30).ok());
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  EXPECT_GE(m_->Metrics().host_tier_blocks_stored, 12 - 4);
+  ExpectConsistent();
+
+  // A failed onboard: the sequence is not added and its blocks (and their
+  // kept slots) are dropped.
+  const std::vector<int32_t> second = Prompt(3 * kBs + 1);
+  const std::vector<float> second_kv = CacheOldest(40, second);
+  Compute(41, Prompt(kAheadPool * kBs));
+  ASSERT_TRUE(m_->Free(41).ok());
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  ASSERT_EQ(*m_->PeekPrefix(second), 3 * kBs);
+  const int64_t failures = m_->Metrics().tier_copy_failures;
+  const int64_t offloads = m_->Metrics().tier_offloads;
+  copier_->fail_next_for_testing(2);  // The call's offloads and onboards.
+  EXPECT_FALSE(m_->AddSequence(42, second).ok());
+  EXPECT_FALSE(m_->SequenceLength(42).ok());
+  EXPECT_GT(m_->Metrics().tier_copy_failures, failures);
+  ExpectConsistent();
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  // The content is gone from both tiers; recomputed, it caches as new.
+  EXPECT_EQ(*m_->PeekPrefix(second), 0);
+  Compute(43, second);
+  ASSERT_TRUE(m_->Free(43).ok());
+  Compute(44, Prompt(kAheadPool * kBs));
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  EXPECT_GT(m_->Metrics().tier_offloads, offloads);
+  ExpectConsistent();
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Dtypes, HostTierTest,
     ::testing::Values(Case{DType::kInt8, ScalePlacement::kSide},

@@ -134,6 +134,8 @@ const std::vector<Expected>& IntegerSamples() {
        &MetricsSnapshot::tier_offload_ahead_copies, true},
       {"kvcache_tier_offloads_ahead_total", "kvcache_tier_offloads_ahead_total",
        "counter", &MetricsSnapshot::tier_offloads_ahead, true},
+      {"kvcache_tier_offloads_kept_total", "kvcache_tier_offloads_kept_total",
+       "counter", &MetricsSnapshot::tier_offloads_kept, true},
   };
   return *samples;
 }

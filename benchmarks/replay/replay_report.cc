@@ -54,6 +54,7 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.tier_offloads_waited = metrics.tier_offloads_waited;
   r.tier_offload_ahead_copies = metrics.tier_offload_ahead_copies;
   r.tier_offloads_ahead = metrics.tier_offloads_ahead;
+  r.tier_offloads_kept = metrics.tier_offloads_kept;
   r.onboard_deferrals = stats.onboard_deferrals;
   r.evictions = metrics.evictions;
   r.preemptions = stats.preemptions;
@@ -139,11 +140,13 @@ std::string ReportText(const ReplayReport& r) {
     absl::StrAppendFormat(
         &out,
         "  tier offload policy   %.2f GB offloaded (%d waited for; %d copied "
-        "ahead, %d offloads used one); not offloaded: %d unselected (too few "
-        "hits), %d skipped (copy queue busy)\n",
+        "ahead, %d offloads used one, %d needed no copy: slot kept since "
+        "their onboard); not offloaded: %d unselected (too few hits), %d "
+        "skipped (copy queue busy)\n",
         static_cast<double>(r.tier_offload_bytes) / 1e9, r.tier_offloads_waited,
         r.tier_offload_ahead_copies, r.tier_offloads_ahead,
-        r.tier_offloads_unselected, r.tier_offloads_skipped);
+        r.tier_offloads_kept, r.tier_offloads_unselected,
+        r.tier_offloads_skipped);
     absl::StrAppendFormat(
         &out,
         "  onboarding            --async_onboard %s: %d request-steps sat out "
@@ -228,6 +231,7 @@ std::string ReportJson(const ReplayReport& r) {
       {"tier_offloads_waited", r.tier_offloads_waited},
       {"tier_offload_ahead_copies", r.tier_offload_ahead_copies},
       {"tier_offloads_ahead", r.tier_offloads_ahead},
+      {"tier_offloads_kept", r.tier_offloads_kept},
       {"async_onboard", r.async_onboard},
       {"onboard_deferrals", r.onboard_deferrals},
       {"evictions", r.evictions},

@@ -41,6 +41,7 @@ struct ReplayReport {
   int64_t tier_offloads_waited = 0;  // Steps' writes waited for their copy.
   int64_t tier_offload_ahead_copies = 0;  // Copies made before eviction.
   int64_t tier_offloads_ahead = 0;        // Offloads that used one.
+  int64_t tier_offloads_kept = 0;  // Offloads whose slot was kept (no copy).
   // --async_onboard: steps requests sat out while their prefix was copied
   // in (on or off).
   bool async_onboard = true;

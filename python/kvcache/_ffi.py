@@ -236,6 +236,7 @@ class Metrics(Structure):
         ("tier_offloads_waited", c_int64),
         ("tier_offload_ahead_copies", c_int64),
         ("tier_offloads_ahead", c_int64),
+        ("tier_offloads_kept", c_int64),
     ]
 
 

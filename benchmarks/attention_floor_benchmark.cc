@@ -191,9 +191,11 @@ void BM_PagedRead(benchmark::State& state, Case c) {
                 ("LaunchPagedRead: CUDA error " + std::to_string(rc)).c_str());
             return;
           }
-          // The first launch's outputs, checked.
+          // The first launch's outputs, checked (the stream is non-blocking:
+          // a plain cudaMemcpy would not wait for the launch).
           const size_t words = static_cast<size_t>(c.seqs) * groups * splits;
           std::vector<uint32_t> got(words);
+          BENCH_CHECK(cudaStreamSynchronize(stream));
           BENCH_CHECK(
               cudaMemcpy(got.data(), out, words * 4, cudaMemcpyDeviceToHost));
           uint32_t all = 0;

@@ -161,15 +161,18 @@ absl::Status Scheduler::AdmitWaiting(std::vector<Entry>* entries,
       stats_.prefix_hit_tokens_host += hits.host_tokens;
       r->admitted_before = true;
     }
-    if (options_.async_onboard && hits.host_tokens > 0) {
+    if (options_.async_onboard && *hit > 0) {
       // Its chunk fits (checked above), but it waits for its prefix rather
-      // than making this step wait on the copy.
+      // than making this step wait on the copy: its own host hits, or
+      // device hits on blocks another sequence's onboard still fills
+      // (PrefixLoaded knows both).
       r->loading = true;
       absl::StatusOr<bool> loading = StillLoading(r);
       if (!loading.ok()) return loading.status();
       if (*loading) {
         entries->pop_back();
         ++stats_.onboard_deferrals;
+        ++stats_.requests_deferred;
         running_.push_back(std::move(waiting_.front()));
         waiting_.pop_front();
         continue;

@@ -109,8 +109,10 @@ struct ReplayStats {
   // Of those, the steps of decode tokens only (graph steps with --cuda_graph).
   std::vector<double> decode_step_host_ms;
   int64_t graph_steps = 0;
-  // async_onboard: steps a running request sat out waiting for its prefix.
+  // async_onboard: steps a running request sat out waiting for its prefix,
+  // and the requests that did so at their admission.
   int64_t onboard_deferrals = 0;
+  int64_t requests_deferred = 0;
   std::vector<double> attention_ms;  // --attention: all layers, per step.
   ErrorTotals error;
 

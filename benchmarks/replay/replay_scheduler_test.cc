@@ -211,6 +211,47 @@ TEST(ReplaySchedulerTest, AsyncOnboardSitsOutUntilThePrefixLands) {
   }
 }
 
+// Two requests of one conversation arrive together after its prefix went to
+// the tier: the first onboards it (host hits); the second's hits are device
+// hits on the blocks that onboard still fills. Both sit out until it lands
+// (PrefixLoaded knows both cases), so no step waits for the copy; a request
+// of another conversation keeps the steps going meanwhile.
+TEST(ReplaySchedulerTest, DeviceHitsOnAnOnboardInFlightSitOutToo) {
+  SchedulerOptions options = Options();
+  options.back_to_back = false;
+  options.step_ms = 1.0;
+  options.max_running = 8;
+  auto request = [](double t, int64_t input, int64_t output, int64_t hash) {
+    TraceRequest r;
+    r.timestamp_ms = t;
+    r.input_length = input;
+    r.output_length = output;
+    r.hash_ids = {hash};
+    return r;
+  };
+  const std::vector<TraceRequest> trace = {
+      request(0, 64, 2, 7000),    // Caches the conversation's 4 blocks.
+      request(5, 16, 150, 7001),  // Runs throughout.
+      request(10, 960, 2, 7002),  // Evicts them to the tier.
+      request(100, 80, 2, 7000),  // Host hits: onboards them.
+      request(100, 80, 2, 7000),  // Device hits on that onboard.
+  };
+  Harness h(/*num_blocks=*/64, options, trace, /*tier_blocks=*/64);
+  TierCopier* copier = KVCacheManagerTestPeer::HostTierCopier(*h.manager);
+  ASSERT_NE(copier, nullptr);
+  copier->set_delay_for_testing(absl::Milliseconds(30));
+  h.RunToEnd();
+  const ReplayStats& s = h.scheduler->stats();
+  EXPECT_EQ(s.requests_finished, 5);
+  EXPECT_EQ(s.preemptions, 0);
+  EXPECT_GT(s.prefix_hit_tokens_host, 0);
+  EXPECT_EQ(s.requests_deferred, 2)
+      << "preemptions " << s.preemptions << ", deferrals "
+      << s.onboard_deferrals << ", host hits " << s.prefix_hit_tokens_host
+      << ", hits " << s.prefix_hit_tokens;
+  EXPECT_GE(s.onboard_deferrals, 2);
+}
+
 TEST(ReplaySchedulerTest, ArrivalsFollowTimestamps) {
   SchedulerOptions options = Options();
   options.back_to_back = false;

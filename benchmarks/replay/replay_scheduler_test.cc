@@ -221,12 +221,15 @@ TEST(ReplaySchedulerTest, DeviceHitsOnAnOnboardInFlightSitOutToo) {
   options.back_to_back = false;
   options.step_ms = 1.0;
   options.max_running = 8;
+  // A hash id per 512 tokens of the prompt (the trace's blocks).
   auto request = [](double t, int64_t input, int64_t output, int64_t hash) {
     TraceRequest r;
     r.timestamp_ms = t;
     r.input_length = input;
     r.output_length = output;
-    r.hash_ids = {hash};
+    for (int64_t i = 0; i * kTraceBlockTokens < input; ++i) {
+      r.hash_ids.push_back(hash + 100 * i);
+    }
     return r;
   };
   const std::vector<TraceRequest> trace = {

@@ -356,11 +356,13 @@ class PrefixCache {
   // freed once the copy is done (at once if it was never queued).
   void RetireAhead(BlockId b);
   // Device block b's content came from tier slot `slot` (an onboard, or a
-  // promotion), whose bytes stay the block's: while the kept window
-  // (min(offload-ahead window, a quarter of the tier)) has room, keeps the
-  // slot reserved as b's copy ahead (kKeptCopy), so that b's eviction needs
-  // no copy. Returns whether it did; else the caller frees the slot.
-  bool KeepAsCopyAhead(BlockId b, int32_t slot);
+  // promotion), whose bytes stay the block's: KeepAsCopyAhead makes the
+  // (reserved) slot b's copy ahead (kKeptCopy), so that b's eviction needs
+  // no copy. Only while CanKeepCopy(): the kept window (min(offload-ahead
+  // window, a quarter of the tier)) has room; else the caller frees the
+  // slot.
+  bool CanKeepCopy() const { return num_kept_ < kept_window_; }
+  void KeepAsCopyAhead(BlockId b, int32_t slot);
   // Tier slot -> dropped (OnBlocksRemoved(kHost)); `failed` counts it as a
   // drop after a failed copy rather than an LRU eviction.
   void DropHost(int32_t slot, bool failed);

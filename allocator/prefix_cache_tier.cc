@@ -150,14 +150,13 @@ void PrefixCache::RetireAhead(BlockId b) {
   --num_ahead_;
 }
 
-bool PrefixCache::KeepAsCopyAhead(BlockId b, int32_t slot) {
-  if (num_kept_ >= kept_window_) return false;
+void PrefixCache::KeepAsCopyAhead(BlockId b, int32_t slot) {
+  ABSL_ASSERT(CanKeepCopy());
   EventMeta& m = meta_[b];
   m.ahead_slot = slot;
   m.ahead_batch = kKeptCopy;
   ++num_ahead_;
   ++num_kept_;
-  return true;
 }
 
 int64_t PrefixCache::OffloadAhead(BlockPool& pool, int64_t max_new) {
@@ -233,7 +232,7 @@ uint64_t PrefixCache::Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
   if (observer_ != nullptr && slot_recorded_[slot]) FlushToObserver();
   // The slot's bytes are b's content: kept as b's copy ahead if there is
   // room (Keep), else freed.
-  const bool keep = num_kept_ < kept_window_;
+  const bool keep = CanKeepCopy();
   const TierEntry e = keep ? tier_->Keep(slot) : tier_->Drop(slot);
   if (observer_ != nullptr) RecordRemoved(e.hash, BlockMedium::kHost);
   index_.Restore(e.hash, b, e.parent_id, e.content_id, tokens);
@@ -276,7 +275,10 @@ int64_t PrefixCache::Onboard(Sequence& s, BlockPool& pool) {
     pool.MarkHashed(fresh);
     meta_[fresh] = EventMeta{e.parent_hash, e.adapter_id, /*hits=*/1};
     copies_.push_back(TierCopy{fresh, slot, /*onboard=*/true, /*wait=*/true});
-    if (KeepAsCopyAhead(fresh, slot)) tier_->KeepPinned(slot);
+    if (CanKeepCopy()) {
+      KeepAsCopyAhead(fresh, slot);
+      tier_->KeepPinned(slot);
+    }
     if (observer_ != nullptr) {
       RecordStored(StoredBlock{
           fresh, e.hash, e.parent_hash, e.first_in_chain, BlockMedium::kDevice,

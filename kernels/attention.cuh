@@ -41,7 +41,11 @@
 //   S^T = K q^T and O^T = V^T P^T, the keys and head dimensions as the mma's
 //   M and the 8 rows as its N; lane (g, c) then holds keys g, g + 8 of rows
 //   2c, 2c + 1, a row's softmax reduces over the 8 lanes of its c, and P^T's
-//   B fragments come from S^T by movmatrix.trans.
+//   B fragments come from S^T by movmatrix.trans. An int8 cache's swapped
+//   tiles (AttnConfig::kInt8Mma, the launcher's choice) compute S^T on the
+//   integer tensor cores instead: the K words as copied are the A operand of
+//   mma.m16n8k32.s8 and q enters as two int8 parts per row (hi + lo / 256
+//   in units of max |q| / 127), so K needs no conversion at all.
 //   End of the split: the warps of a head merge their states through shared
 //   memory; with one split the block writes o = acc / sum, otherwise
 //   (acc / sum, max + log2 sum) to the workspace, and AttentionReduceKernel
@@ -99,11 +103,31 @@ inline constexpr float kLog2e = 1.4426950408889634f;
 //                half the accumulators, no zero operands to rebuild). K and V
 //                fragments are the same registers as unswapped, regrouped;
 //                P^T is the S^T tile transposed in registers (movmatrix).
-template <int kBlocksPerSm_, bool kRowCopy_ = true, bool kSwap_ = false>
+//   kChains      swapped tiles: independent accumulator chains of S^T's k
+//                steps (1: every mma adds to one accumulator, a chain of
+//                head_size / 16 dependent mmas; 2: even and odd k steps in
+//                two, summed at the end: half the chain's latency).
+//   kL2Bytes     the L2 prefetch size the code copies ask for (0: none; 256:
+//                cp.async's L2::256B hint, the neighbouring line of the
+//                token's next head comes into L2 with the row).
+//   kInt8Mma     swapped tiles of an int8 cache: S^T = K q^T on the integer
+//                tensor cores (mma.m16n8k32.s8), the K codes as they are
+//                stored (no conversion to fp16) and q as two int8 parts per
+//                row, q ~ sq (hi + lo / 256) with sq = max |q| / 127 (error
+//                at most sq / 512, finer than fp16's); two exact int32
+//                accumulator chains, S^T = sq (hi + lo / 256) in fp32.
+template <int kBlocksPerSm_, bool kRowCopy_ = true, bool kSwap_ = false,
+          int kChains_ = 1, int kL2Bytes_ = 0, bool kInt8Mma_ = false>
 struct AttnConfig {
   static constexpr int kBlocksPerSm = kBlocksPerSm_;
   static constexpr bool kRowCopy = kRowCopy_;
   static constexpr bool kSwap = kSwap_;
+  static constexpr int kChains = kChains_;
+  static constexpr int kL2Bytes = kL2Bytes_;
+  static constexpr bool kInt8Mma = kInt8Mma_;
+  static_assert(kChains == 1 || kChains == 2);
+  static_assert(kL2Bytes == 0 || kL2Bytes == 256);
+  static_assert(!kInt8Mma || kSwap, "int8 mma is compiled for swapped tiles");
   static_assert(!kSwap || kRowCopy, "swapped tiles read row-copied stages");
 };
 using AttnDefaultConfig = AttnConfig<3>;
@@ -214,12 +238,17 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Copies 16 (8, 4) bytes global -> shared; zero-fills when !pred.
-template <int kBytes>
+// Copies 16 (8, 4) bytes global -> shared; zero-fills when !pred. kL2Bytes
+// 256: 16-byte copies ask the L2 to fetch 256 bytes around them.
+template <int kBytes, int kL2Bytes = 0>
 __device__ __forceinline__ void CpAsync(uint32_t dst, const void* src,
                                         bool pred) {
   const int n = pred ? kBytes : 0;
-  if constexpr (kBytes == 16) {
+  if constexpr (kBytes == 16 && kL2Bytes == 256) {
+    asm volatile(
+        "cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst),
+        "l"(src), "r"(n));
+  } else if constexpr (kBytes == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
                  "l"(src), "r"(n));
   } else {
@@ -250,6 +279,29 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint4& a, uint32_t b0,
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
   }
+}
+
+// d += a b (m16n8k32, int8 operands, exact int32 accumulators). Lane
+// (g, c): a = rows g, g + 8 x k 4c..4c+3, then the same rows x k 16+4c..;
+// b = k 4c..4c+3 and 16+4c.. of column g; d as Mma's.
+__device__ __forceinline__ void MmaS8(int32_t (&d)[4], const uint4& a,
+                                      uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+// Four int8 values (rounded and clamped to [-127, 127]) in one word, the
+// first in the lowest byte.
+__device__ __forceinline__ uint32_t PackInt8x4(const float (&v)[4]) {
+  uint32_t w = 0;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int q = __float2int_rn(fminf(fmaxf(v[e], -127.0f), 127.0f));
+    w |= (static_cast<uint32_t>(q) & 0xFFu) << (8 * e);
+  }
+  return w;
 }
 
 // The 8x8 16-bit matrix whose lane t holds row t / 4, columns 2 (t % 4) and
@@ -507,8 +559,8 @@ __global__ void __launch_bounds__(kAttnThreads,
           uint32_t row;
           const bool ok = shfl_ok(ko, 8 * nb + g, &row);
           const CacheT* src = kc + (ok ? uint64_t{row} * k_pitch : 0);
-          CpAsync<16>(SmemAddr(st + (nb * 32 + lane) * 16),
-                      src + c * Shape::kKChunkElems, ok);
+          CpAsync<16, Cfg::kL2Bytes>(SmemAddr(st + (nb * 32 + lane) * 16),
+                                     src + c * Shape::kKChunkElems, ok);
         }
       } else {
         // Lanes 8 j .. 8 j + 7 read line `line` of key 4 kk + j: chunk
@@ -526,8 +578,8 @@ __global__ void __launch_bounds__(kAttnThreads,
             const int chunk = 8 * line + lane % 8;
             const int dst = ((key / 8) * Shape::kKChunks + chunk / 4) * 32 +
                             (key % 8) * 4 + chunk % 4;
-            CpAsync<16>(SmemAddr(st + dst * 16),
-                        src + chunk * Shape::kKChunkElems, ok);
+            CpAsync<16, Cfg::kL2Bytes>(SmemAddr(st + dst * 16),
+                                       src + chunk * Shape::kKChunkElems, ok);
           }
         }
       }
@@ -562,7 +614,7 @@ __global__ void __launch_bounds__(kAttnThreads,
         const CacheT* src = vc + (ok ? uint64_t{row} * v_pitch : 0);
 #pragma unroll
         for (int u = 0; u < Shape::kVUnits; ++u) {
-          CpAsync<Shape::kVUnit>(
+          CpAsync<Shape::kVUnit, Cfg::kL2Bytes>(
               SmemAddr(st + Shape::kKStage +
                        ((vk * Shape::kVUnits + u) * 32 + slot) * Shape::kVUnit),
               src + (u * 8 + gu) * Shape::kVUnitElems, ok);
@@ -625,14 +677,59 @@ __global__ void __launch_bounds__(kAttnThreads,
       mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, off));
     }
     if (lane == 0) {
-      // fp16 operands: q * 2^(8 - E) with max |q| < 2^E, so |q'| < 256.
-      int e = 0;
-      if (!kBf16 && mx > 0.0f && isfinite(mx)) frexpf(mx, &e);
-      s_rowmult[r] = ldexpf(base_mult, e - 8 * !kBf16);
+      if constexpr (Cfg::kInt8Mma) {
+        // int8 parts in units of sq = max |q| / 127 (0 for a zero row; a
+        // non-finite max makes the row's scores non-finite, as fp16 would).
+        s_rowmult[r] = isfinite(mx) ? base_mult * (mx / 127.0f) : mx;
+      } else {
+        // fp16 operands: q * 2^(8 - E) with max |q| < 2^E, so |q'| < 256.
+        int e = 0;
+        if (!kBf16 && mx > 0.0f && isfinite(mx)) frexpf(mx, &e);
+        s_rowmult[r] = ldexpf(base_mult, e - 8 * !kBf16);
+      }
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < heads * kKSteps * 32; idx += kAttnThreads) {
+  if constexpr (Cfg::kInt8Mma) {
+    // B fragments of k32 step st2 = 2 i2 + h of lane (fg, fc): the 8 q values
+    // of head dimensions 16 (4 i2 + fc) + 8 h + 0..7 (the dimensions of the
+    // K words 2h, 2h + 1 of the lane's chunk 4 i2 + fc: load_k), as the hi
+    // part (q_frag k step 2 st2) and the lo part (2 st2 + 1). Narrow tiles
+    // only (swapped): row fg.
+    for (int idx = threadIdx.x; idx < heads * (kKSteps / 2) * 32;
+         idx += kAttnThreads) {
+      const int hb2 = idx / (kKSteps / 2 * 32);
+      const int st2 = idx / 32 % (kKSteps / 2), ln = idx % 32;
+      const int fg = ln / 4, fc = ln % 4;
+      const int32_t row = first_row + fg;
+      const int32_t j = row / grid.group;
+      const int32_t h = (head0 + hb2) * grid.group + row % grid.group;
+      const int64_t base =
+          (static_cast<int64_t>(s.q_begin) + j) * p.q_token_stride +
+          static_cast<int64_t>(h) * p.q_head_stride;
+      const float rm = s_rowmult[hb2 * kAttnRows + fg];
+      const float f = rm > 0.0f && isfinite(rm) ? base_mult / rm : 0.0f;
+      const int d0 = 16 * (4 * (st2 / 2) + fc) + 8 * (st2 % 2);
+      float hi[2][4], lo[2][4];
+#pragma unroll
+      for (int w = 0; w < 2; ++w) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v =
+              row < rows ? HalfToFloat(p.q, base + d0 + 4 * w + e, bf16_q) * f
+                         : 0.0f;
+          hi[w][e] = rintf(v);
+          lo[w][e] = (v - hi[w][e]) * 256.0f;
+        }
+      }
+      q_frag(0, hb2, 2 * st2)[ln] =
+          make_uint2(PackInt8x4(hi[0]), PackInt8x4(hi[1]));
+      q_frag(0, hb2, 2 * st2 + 1)[ln] =
+          make_uint2(PackInt8x4(lo[0]), PackInt8x4(lo[1]));
+    }
+  }
+  for (int idx = threadIdx.x; idx < (Cfg::kInt8Mma ? 0 : heads * kKSteps * 32);
+       idx += kAttnThreads) {
     const int hb2 = idx / (kKSteps * 32);
     const int kk = idx / 32 % kKSteps, ln = idx % 32;
     const int fg = ln / 4, fc = ln % 4;
@@ -752,19 +849,61 @@ __global__ void __launch_bounds__(kAttnThreads,
                                            int32_t key0, uint32_t valid) {
     // S^T = K q^T: A = keys g, g + 8 (the unswapped B fragments of n-blocks
     // 0 and 1), B = q row g.
-    float sk[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    constexpr int kStepsPerChunk = Shape::kKSteps / Shape::kKChunks;
+    float sk[4];
+    if constexpr (Cfg::kInt8Mma) {
+      // Raw codes as A: words 2h, 2h + 1 of chunk 4 i2 + c of keys g, g + 8
+      // are k 4c..4c+3 and 16+4c.. of k32 step 2 i2 + h (the q setup's
+      // dimensions); hi and lo parts in two exact chains.
+      int32_t shi[4] = {0, 0, 0, 0}, slo[4] = {0, 0, 0, 0};
 #pragma unroll
-    for (int i2 = 0; i2 < Shape::kKChunks; ++i2) {
-      uint4 kraw[2];
-      load_k(st, i2, kraw);
+      for (int i2 = 0; i2 < Shape::kKChunks; ++i2) {
+        uint4 kraw[2];
+        load_k(st, i2, kraw);
+        const uint32_t k0[4] = {kraw[0].x, kraw[0].y, kraw[0].z, kraw[0].w};
+        const uint32_t k1[4] = {kraw[1].x, kraw[1].y, kraw[1].z, kraw[1].w};
 #pragma unroll
-      for (int s2 = 0; s2 < kStepsPerChunk; ++s2) {
-        const uint2 qb = q_frag(0, hb, i2 * kStepsPerChunk + s2)[lane];
-        uint32_t k00, k01, k10, k11;
-        KFragment<Cache>(kraw[0], s2, &k00, &k01);
-        KFragment<Cache>(kraw[1], s2, &k10, &k11);
-        Mma<false>(sk, make_uint4(k00, k10, k01, k11), qb.x, qb.y);
+        for (int h = 0; h < 2; ++h) {
+          const int st2 = 2 * i2 + h;
+          const uint4 a =
+              make_uint4(k0[2 * h], k1[2 * h], k0[2 * h + 1], k1[2 * h + 1]);
+          const uint2 qh = q_frag(0, hb, 2 * st2)[lane];
+          const uint2 ql = q_frag(0, hb, 2 * st2 + 1)[lane];
+          MmaS8(shi, a, qh.x, qh.y);
+          MmaS8(slo, a, ql.x, ql.y);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sk[e] = fmaf(static_cast<float>(slo[e]), 1.0f / 256.0f,
+                     static_cast<float>(shi[e]));
+      }
+    } else {
+      constexpr int kChains = Cfg::kChains;
+      float skc[kChains][4];
+#pragma unroll
+      for (int ch = 0; ch < kChains; ++ch) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) skc[ch][e] = 0.0f;
+      }
+      constexpr int kStepsPerChunk = Shape::kKSteps / Shape::kKChunks;
+#pragma unroll
+      for (int i2 = 0; i2 < Shape::kKChunks; ++i2) {
+        uint4 kraw[2];
+        load_k(st, i2, kraw);
+#pragma unroll
+        for (int s2 = 0; s2 < kStepsPerChunk; ++s2) {
+          const uint2 qb = q_frag(0, hb, i2 * kStepsPerChunk + s2)[lane];
+          uint32_t k00, k01, k10, k11;
+          KFragment<Cache>(kraw[0], s2, &k00, &k01);
+          KFragment<Cache>(kraw[1], s2, &k10, &k11);
+          Mma<false>(skc[(i2 * kStepsPerChunk + s2) % kChains],
+                     make_uint4(k00, k10, k01, k11), qb.x, qb.y);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sk[e] = skc[0][e];
+        if constexpr (kChains == 2) sk[e] += skc[kChains - 1][e];
       }
     }
     // Scales, soft-cap, masks; x[kq][r] is key g + 8 kq, row 2c + r.

@@ -189,6 +189,25 @@ absl::Status Launch(const AttentionParams& p, int heads, cudaStream_t stream) {
       internal::kAttnThreads, info->programmatic_launch, stream, p, *grid);
 }
 
+// Swapped narrow tiles (8-bit caches, row copies) with kChains accumulator
+// chains and kL2Bytes of L2 prefetch, on the 3- or 4-blocks kernel.
+template <class Cache, int kHeadDim, int kChains, int kL2Bytes,
+          bool kInt8Mma = false>
+absl::Status LaunchSwapped(const AttentionParams& p,
+                           const internal::AttentionKernelChoice& c,
+                           cudaStream_t stream) {
+  if constexpr (kHeadDim <= 128) {
+    if (c.blocks_per_sm == 4) {
+      return Launch<Cache, kHeadDim,
+                    AttnConfig<4, true, true, kChains, kL2Bytes, kInt8Mma>>(
+          p, c.heads, stream);
+    }
+  }
+  return Launch<Cache, kHeadDim,
+                AttnConfig<3, true, true, kChains, kL2Bytes, kInt8Mma>>(
+      p, c.heads, stream);
+}
+
 // The kernel ChooseAttentionKernel picks for p (kernels/attention_policy.h;
 // the 4-blocks kernel is compiled for 8-bit caches with head sizes up to 128
 // only), with K rows copied in row order or, for A/B runs, operand order.
@@ -201,14 +220,24 @@ absl::Status LaunchChoice(const AttentionParams& p,
   // Swapped narrow tiles: 8-bit caches, row copies (the policy's choice).
   if constexpr (kRowCopy && sizeof(CacheT) == 1) {
     if (c.swap) {
-      if constexpr (kOcc4) {
-        if (c.blocks_per_sm == 4) {
-          return Launch<Cache, kHeadDim, AttnConfig<4, true, true>>(p, c.heads,
-                                                                    stream);
+      if constexpr (std::is_same_v<Cache, internal::Int8Type>) {
+        if (c.int8_mma && c.l2_bytes == 256) {
+          return LaunchSwapped<Cache, kHeadDim, 1, 256, true>(p, c, stream);
+        }
+        if (c.int8_mma) {
+          return LaunchSwapped<Cache, kHeadDim, 1, 0, true>(p, c, stream);
         }
       }
-      return Launch<Cache, kHeadDim, AttnConfig<3, true, true>>(p, c.heads,
-                                                                stream);
+      if (c.chains == 2 && c.l2_bytes == 256) {
+        return LaunchSwapped<Cache, kHeadDim, 2, 256>(p, c, stream);
+      }
+      if (c.chains == 2) {
+        return LaunchSwapped<Cache, kHeadDim, 2, 0>(p, c, stream);
+      }
+      if (c.l2_bytes == 256) {
+        return LaunchSwapped<Cache, kHeadDim, 1, 256>(p, c, stream);
+      }
+      return LaunchSwapped<Cache, kHeadDim, 1, 0>(p, c, stream);
     }
   }
   if constexpr (kOcc4) {

@@ -30,6 +30,14 @@ struct AttentionKernelChoice {
   // attention.cuh): 8-bit caches with at most 8 query rows per KV head
   // (max_query_tokens x GQA group), row copies only.
   bool swap = false;
+  // Swapped tiles only (AttnConfig::kChains and kL2Bytes in attention.cuh):
+  // S^T's accumulator chains (1 or 2) and the L2 prefetch size the code
+  // copies ask for (0 or 256); the policy: int8 1 and 256, fp8 2 and 256.
+  int chains = 1;
+  int l2_bytes = 0;
+  // Swapped tiles of int8 caches: S^T on the integer tensor cores
+  // (AttnConfig::kInt8Mma).
+  bool int8_mma = false;
 };
 
 // Row tiles per KV head: max_query_tokens x GQA group rows, 16 per tile.
@@ -63,6 +71,12 @@ int32_t AttentionRowTiles(const AttentionParams& p);
 // - 8-bit caches with at most 8 query rows per KV head: swapped tiles (swap;
 //   no mma on padding rows), also in the rows_* variants. Variant 14
 //   "auto_v5" is the policy without them, for A/B.
+// - Swapped tiles (v10, benchmarks/results/NOTES.md): int8 computes S^T on
+//   the integer tensor cores (int8_mma: the codes as stored, q as two int8
+//   parts; 1.033-1.036x alone), fp8 in two accumulator chains; both with
+//   the L2::256B hint on code copies (int8 1.044-1.045x, fp8 1.010-1.018x
+//   over the v7 policy at 64 x 8k and 8 x 64k). Variant 20 "auto_v7" is the
+//   policy before them.
 AttentionKernelChoice ChooseAttentionKernel(const AttentionParams& p,
                                             bool occ4_compiled, int sms);
 

@@ -231,6 +231,51 @@ TEST(AttentionPolicyTest, HeadsThatDoNotDivideFallBackToTheBase) {
   EXPECT_EQ(c.heads, 1);
 }
 
+TEST(AttentionPolicyTest, SwappedTileVariantsOnlyChangeSwappedTiles) {
+  // chains2 (15), l2_256 (16), both (17), i8mma (18), i8mma_l2_256 (19) and
+  // auto_v7 (20): the policy's heads, kernel and swap, plus their knobs
+  // where tiles are swapped (int8 mma: int8 caches only). The policy (0):
+  // int8 as i8mma_l2_256, fp8 as chains2_l2_256 (chains -1 below: 1 for
+  // int8, 2 for fp8).
+  struct Knobs {
+    int32_t variant;
+    int chains, l2_bytes;
+    bool int8_mma;
+  };
+  const Knobs knobs[] = {{0, -1, 256, true},  {15, 2, 0, false},
+                         {16, 1, 256, false}, {17, 2, 256, false},
+                         {18, 1, 0, true},    {19, 1, 256, true},
+                         {20, 1, 0, false}};
+  for (const Knobs& k : knobs) {
+    for (DType cache : {DType::kInt8, DType::kFp8E4M3, DType::kBFloat16}) {
+      for (int32_t group : {4, 16}) {
+        for (int32_t seqs : {8, 64, 256}) {
+          SCOPED_TRACE(std::string(kAttentionVariantNames[k.variant]) + " " +
+                       std::string(DTypeName(cache)) + " group " +
+                       std::to_string(group) + " seqs " + std::to_string(seqs));
+          const bool occ4 = DTypeSize(cache) == 1;
+          const AttentionKernelChoice a = ChooseAttentionKernel(
+              Params(cache, seqs, 8, group), occ4, kH200Sms);
+          const AttentionKernelChoice v = ChooseAttentionKernel(
+              Params(cache, seqs, 8, group, 1, k.variant), occ4, kH200Sms);
+          EXPECT_EQ(v.heads, a.heads);
+          EXPECT_EQ(v.blocks_per_sm, a.blocks_per_sm);
+          EXPECT_EQ(v.row_copy, a.row_copy);
+          EXPECT_EQ(v.swap, a.swap);
+          // Swapped: 8-bit caches with at most 8 rows per KV head.
+          const bool swapped = occ4 && group <= 8;
+          EXPECT_EQ(v.swap, swapped);
+          const int chains =
+              k.chains >= 0 ? k.chains : (cache == DType::kInt8 ? 1 : 2);
+          EXPECT_EQ(v.chains, swapped ? chains : 1);
+          EXPECT_EQ(v.l2_bytes, swapped ? k.l2_bytes : 0);
+          EXPECT_EQ(v.int8_mma, swapped && cache == DType::kInt8 && k.int8_mma);
+        }
+      }
+    }
+  }
+}
+
 TEST(AttentionPolicyTest, RowTilesCountGroupsAndQueryTokens) {
   EXPECT_EQ(internal::AttentionRowTiles(Params(DType::kInt8, 1, 8, 4, 1)), 1);
   EXPECT_EQ(internal::AttentionRowTiles(Params(DType::kInt8, 1, 8, 16, 1)), 1);

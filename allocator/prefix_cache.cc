@@ -191,7 +191,26 @@ BlockId PrefixCache::Evict(BlockPool& pool) {
   // so that a run of selected blocks at the LRU's end does not empty the
   // cache into the tier (the rest are reused at once and waited for).
   int holds = 0;
+  int deferrals = 0;
+  // Fewer than the cached blocks: when every one is still being copied,
+  // the oldest of them is reused (and waited for) after all.
+  const int max_deferrals =
+      std::min(kMaxDeferralsPerEviction, pool.num_cached() - 1);
   while (true) {
+    // The oldest block's copy ahead may still be running (copies ahead are
+    // made in LRU order, so the blocks after it likely too): reusing it now
+    // would order the step's writes after that copy, on the device. It
+    // becomes the newest cached block instead (its copy completes long
+    // before it is the oldest again), up to max_deferrals times.
+    while (tier_ != nullptr && deferrals < max_deferrals) {
+      const BlockId oldest = pool.OldestCached();
+      const EventMeta& m = meta_[oldest];
+      if (m.ahead_slot < 0 || m.ahead_batch <= offload_completed_) break;
+      pool.Acquire(oldest);
+      pool.Release(oldest);
+      ++deferrals;
+      ++stats_.evictions_deferred;
+    }
     const BlockId b = pool.EvictOldest();
     if (observer_ != nullptr)
       RecordRemoved(index_.hash(b), BlockMedium::kDevice);

@@ -76,6 +76,10 @@ struct PrefixCacheStats {
   // Offloads of blocks onboarded or promoted from the tier whose slot was
   // kept as their copy (PrefixCache::KeepAsCopyAhead): no copy at all.
   int64_t offloads_kept = 0;
+  // Evictions that passed over the oldest cached block because its copy
+  // ahead was still running (it became the newest instead): reusing it
+  // would have made the next step wait for that copy on the device.
+  int64_t evictions_deferred = 0;
 };
 
 // A byte copy of one whole block between the device pool and a host-tier
@@ -400,6 +404,9 @@ class PrefixCache {
   int64_t hold_allowance_ = 0;
   // Holding's bounds: per eviction, and in all (1/64 of the pool, >= 16).
   static constexpr int kMaxHoldsPerEviction = 8;
+  // Blocks with a copy ahead still running that one eviction passes over
+  // (PrefixCache::Evict) before it reuses one and its writes wait.
+  static constexpr int kMaxDeferralsPerEviction = 64;
   int64_t max_held_ = 0;
   // Held offloaded blocks, oldest first (a ring of num_blocks entries):
   // batch 0 = this call's copies, not yet queued.

@@ -1110,6 +1110,7 @@ kvcache_status kvcache_get_metrics(kvcache_manager* m, kvcache_metrics* out) {
     out->tier_offload_ahead_copies = s.tier_offload_ahead_copies;
     out->tier_offloads_ahead = s.tier_offloads_ahead;
     out->tier_offloads_kept = s.tier_offloads_kept;
+    out->tier_evictions_deferred = s.tier_evictions_deferred;
     return absl::OkStatus();
   });
 }

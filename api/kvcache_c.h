@@ -343,6 +343,7 @@ typedef struct kvcache_metrics {
   int64_t tier_offload_ahead_copies;
   int64_t tier_offloads_ahead;
   int64_t tier_offloads_kept;
+  int64_t tier_evictions_deferred;
 } kvcache_metrics;
 
 /* Where kvcache_add_sequence_hits's computed tokens came from. */

@@ -158,6 +158,7 @@ MetricsSnapshot KVCacheManager::Impl::Metrics() const {
     s.tier_offload_ahead_copies = prefix.ahead_copies;
     s.tier_offloads_ahead = prefix.offloads_ahead;
     s.tier_offloads_kept = prefix.offloads_kept;
+    s.tier_evictions_deferred = prefix.evictions_deferred;
   }
   s.prefix_hit_tokens_device = prefix.hit_tokens - prefix.host_hit_tokens;
   return s;

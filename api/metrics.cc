@@ -79,6 +79,9 @@ void AppendTierText(std::string* out, const MetricsSnapshot& m) {
       "Offloads of blocks back from the tier whose slot still held them (no "
       "copy).",
       m.tier_offloads_kept);
+  Add(out, "tier_evictions_deferred_total", "counter",
+      "Evictions that passed over a block whose copy ahead was still running.",
+      m.tier_evictions_deferred);
 }
 
 }  // namespace

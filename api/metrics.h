@@ -68,6 +68,10 @@ struct MetricsSnapshot {
   // was still kept for them: the slot already held their bytes, so no copy
   // at all (README "Host tier").
   int64_t tier_offloads_kept = 0;
+  // Evictions that passed over a block whose copy ahead was still running
+  // (it became the newest cached block instead of being reused at once, so
+  // no step waited for that copy on the device; README "Host tier").
+  int64_t tier_evictions_deferred = 0;
   // KV events (zero unless enable_kv_events): batches made, batches dropped
   // before TakeEvents read them (queue full), batches the ZeroMQ publisher
   // could not send (its queue full, or a failed send).

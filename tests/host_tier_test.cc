@@ -1000,6 +1000,48 @@ TEST_P(HostTierTest, EvictionDuringACopyAheadWaitsForIt) {
   ExpectConsistent();
 }
 
+// An eviction passes over cached blocks whose copy ahead is still running
+// (they become the newest instead) when other cached blocks can go: no
+// step's writes wait for those copies. The passed-over blocks stay cached
+// and hit on the device bit-exactly; their copies still land in the tier.
+TEST_P(HostTierTest, EvictionPassesOverACopyAheadStillRunning) {
+  MakeWithCopiesAhead();
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  const std::vector<float> before = CacheOldest(1, prompt);
+  copier_->set_delay_for_testing(absl::Milliseconds(300));
+  StepThatCopiesAhead(2);  // Copies prompt's 3 blocks ahead; 2 more cached.
+  ASSERT_GT(copier_->in_flight(TierLane::kOffload), 0);
+  copier_->set_delay_for_testing(absl::ZeroDuration());
+  ASSERT_EQ(m_->Metrics().blocks_cached, 5);
+  // 13 blocks with 11 free: two evictions, taken from the two blocks that
+  // have no copy ahead, though prompt's 3 are older.
+  Compute(3, Prompt(13 * kBs));
+  MetricsSnapshot s = m_->Metrics();
+  EXPECT_EQ(s.evictions, 2);
+  EXPECT_EQ(s.tier_evictions_deferred, 3);
+  EXPECT_EQ(s.tier_offloads_ahead, 0);
+  EXPECT_EQ(s.blocks_cached, 3);
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  ExpectConsistent();
+  ASSERT_TRUE(m_->Free(3).ok());
+  const PrefixHits hits = Compute(4, prompt);
+  EXPECT_EQ(hits.device_tokens, 3 * kBs);
+  EXPECT_TRUE(BitEqual(GatherAll(4, 3 * kBs), before));
+  ASSERT_TRUE(m_->Free(4).ok());
+  ExpectConsistent();
+  // Their copies finished: evicted now (with every other cached block),
+  // they move to the tier with no copy of their own and read back
+  // bit-exactly.
+  Compute(5, Prompt(kAheadPool * kBs));
+  s = m_->Metrics();
+  EXPECT_EQ(s.evictions, 2 + 3 + 13);
+  EXPECT_GE(s.tier_offloads_ahead, 3);
+  ASSERT_TRUE(copier_->Synchronize().ok());
+  ASSERT_TRUE(m_->Free(5).ok());
+  ExpectHostHit(6, prompt, before);
+  ExpectConsistent();
+}
+
 // A reset while copies ahead are in flight, and a failed batch of copies
 // ahead: nothing is registered, the reserved slots come back, and the
 // manager stays consistent (Validate counts every reserved slot).

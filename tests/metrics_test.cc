@@ -136,6 +136,9 @@ const std::vector<Expected>& IntegerSamples() {
        "counter", &MetricsSnapshot::tier_offloads_ahead, true},
       {"kvcache_tier_offloads_kept_total", "kvcache_tier_offloads_kept_total",
        "counter", &MetricsSnapshot::tier_offloads_kept, true},
+      {"kvcache_tier_evictions_deferred_total",
+       "kvcache_tier_evictions_deferred_total", "counter",
+       &MetricsSnapshot::tier_evictions_deferred, true},
   };
   return *samples;
 }

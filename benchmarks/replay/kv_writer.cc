@@ -57,6 +57,9 @@ absl::StatusOr<std::unique_ptr<KvWriter>> KvWriter::Create(
   absl::StatusOr<Event> step_start = device->CreateTimingEvent();
   if (!step_start.ok()) return step_start.status();
   w->step_start_ = *std::move(step_start);
+  absl::StatusOr<Event> plan_start = device->CreateTimingEvent();
+  if (!plan_start.ok()) return plan_start.status();
+  w->plan_start_ = *std::move(plan_start);
   for (int l = 0; l < layers; ++l) {
     absl::StatusOr<Event> start = device->CreateTimingEvent();
     if (!start.ok()) return start.status();
@@ -155,6 +158,27 @@ absl::Status KvWriter::UploadTokens(absl::Span<const TokenAt> tokens,
   return device_->RecordEvent(tokens_uploaded_, stream);
 }
 
+absl::Status KvWriter::MarkPlanStart(bool graph) {
+  if (device_->kind() != DeviceKind::kCuda) return absl::OkStatus();
+  void* s = nullptr;
+  if (graph) {
+    absl::StatusOr<void*> st = stream();
+    if (!st.ok()) return st.status();
+    s = *st;
+  }
+  plan_marked_ = true;
+  return device_->RecordEvent(plan_start_, s);
+}
+
+// Device time from the plan's start to `first` (the step's first event).
+absl::StatusOr<double> KvWriter::TakeBeforeMs(const Event& first) {
+  if (!plan_marked_) return 0.0;
+  plan_marked_ = false;
+  absl::StatusOr<float> ms = device_->ElapsedMs(plan_start_, first);
+  if (!ms.ok()) return ms.status();
+  return static_cast<double>(*ms);
+}
+
 absl::StatusOr<AppendTiming> KvWriter::AppendStep(
     uint64_t plan_id, absl::Span<const TokenAt> tokens) {
   const int64_t t = static_cast<int64_t>(tokens.size());
@@ -215,6 +239,9 @@ absl::StatusOr<AppendTiming> KvWriter::AppendStep(
       device_->ElapsedMs(step_start_, ends_[config_.num_layers - 1]);
   if (!device_ms.ok()) return device_ms.status();
   timing.device_ms = *device_ms;
+  absl::StatusOr<double> before = TakeBeforeMs(step_start_);
+  if (!before.ok()) return before.status();
+  timing.before_ms = *before;
   for (int layer = 0; layer < config_.num_layers; ++layer) {
     absl::StatusOr<float> ms = device_->ElapsedMs(starts_[layer], ends_[layer]);
     if (!ms.ok()) return ms.status();
@@ -300,6 +327,9 @@ absl::StatusOr<AppendTiming> KvWriter::GraphStep(
   if (!ms.ok()) return ms.status();
   timing.kernel_ms = *ms;
   timing.device_ms = *ms;  // The graph holds the fills too.
+  absl::StatusOr<double> before = TakeBeforeMs(starts_[0]);
+  if (!before.ok()) return before.status();
+  timing.before_ms = *before;
   return timing;
 }
 

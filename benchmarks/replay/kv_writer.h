@@ -32,6 +32,10 @@ struct AppendTiming {
   // The step's device time from its token upload to its last Append's end
   // (uploads, synthetic fills, Appends and any wait between them).
   double device_ms = 0.0;
+  // CUDA, after MarkPlanStart: device time from the plan's start to the
+  // step's first work: the host's plan (the device idles) and whatever the
+  // plan ordered the step's stream after (host-tier copies).
+  double before_ms = 0.0;
 };
 
 struct ErrorTotals {
@@ -57,6 +61,11 @@ class KvWriter {
   // position 0), then launches the graph of `padded` tokens, capturing it the
   // first time (every layer's synthetic fill and Append, on stream()).
   // host_ms is the launch's host time; kernel_ms the graph's device time.
+  // Records the start of a step's plan on the stream the step will run on
+  // (the graph stream when `graph`), for AppendTiming::before_ms. CUDA only
+  // (a no-op on the CPU).
+  absl::Status MarkPlanStart(bool graph);
+
   absl::StatusOr<AppendTiming> GraphStep(uint64_t plan_id,
                                          absl::Span<const TokenAt> tokens,
                                          int64_t padded);
@@ -109,6 +118,9 @@ class KvWriter {
   Event tokens_uploaded_;
   Buffer input_;
   Event step_start_;  // Before a step's upload.
+  Event plan_start_;  // Before a step's plan (MarkPlanStart).
+  absl::StatusOr<double> TakeBeforeMs(const Event& first);
+  bool plan_marked_ = false;
   std::vector<Event> starts_;
   std::vector<Event> ends_;
   Buffer gather_out_;

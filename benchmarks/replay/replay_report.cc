@@ -55,6 +55,7 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.tier_offload_ahead_copies = metrics.tier_offload_ahead_copies;
   r.tier_offloads_ahead = metrics.tier_offloads_ahead;
   r.tier_offloads_kept = metrics.tier_offloads_kept;
+  r.tier_evictions_deferred = metrics.tier_evictions_deferred;
   r.onboard_deferrals = stats.onboard_deferrals;
   r.evictions = metrics.evictions;
   r.preemptions = stats.preemptions;
@@ -74,6 +75,7 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.device_s = stats.device_ms / 1e3;
   r.device_extra_waited_s = stats.device_extra_waited_ms / 1e3;
   r.device_extra_other_s = stats.device_extra_other_ms / 1e3;
+  r.device_before_s = stats.device_before_ms / 1e3;
   r.steps_waited = stats.steps_waited;
   r.decode_steps = static_cast<int64_t>(stats.decode_step_host_ms.size());
   r.graph_steps = stats.graph_steps;
@@ -141,12 +143,13 @@ std::string ReportText(const ReplayReport& r) {
         &out,
         "  tier offload policy   %.2f GB offloaded (%d waited for; %d copied "
         "ahead, %d offloads used one, %d needed no copy: slot kept since "
-        "their onboard); not offloaded: %d unselected (too few hits), %d "
-        "skipped (copy queue busy)\n",
+        "their onboard; %d evictions passed over a copy ahead still "
+        "running); not offloaded: %d unselected (too few hits), %d skipped "
+        "(copy queue busy)\n",
         static_cast<double>(r.tier_offload_bytes) / 1e9, r.tier_offloads_waited,
         r.tier_offload_ahead_copies, r.tier_offloads_ahead,
-        r.tier_offloads_kept, r.tier_offloads_unselected,
-        r.tier_offloads_skipped);
+        r.tier_offloads_kept, r.tier_evictions_deferred,
+        r.tier_offloads_unselected, r.tier_offloads_skipped);
     absl::StrAppendFormat(
         &out,
         "  onboarding            --async_onboard %s: %d request-steps sat out "
@@ -182,9 +185,11 @@ std::string ReportText(const ReplayReport& r) {
   absl::StrAppendFormat(
       &out,
       "  device time of steps  %.3f s: beyond the Appends %.3f s in the %d "
-      "steps that waited for an offload, %.3f s in the others\n",
+      "steps that waited for an offload, %.3f s in the others; before the "
+      "steps %.3f s (from each plan's start: the plan, and host-tier copies "
+      "it ordered the step after)\n",
       r.device_s, r.device_extra_waited_s, r.steps_waited,
-      r.device_extra_other_s);
+      r.device_extra_other_s, r.device_before_s);
   if (r.attention_steps > 0) {
     absl::StrAppendFormat(
         &out,
@@ -232,6 +237,7 @@ std::string ReportJson(const ReplayReport& r) {
       {"tier_offload_ahead_copies", r.tier_offload_ahead_copies},
       {"tier_offloads_ahead", r.tier_offloads_ahead},
       {"tier_offloads_kept", r.tier_offloads_kept},
+      {"tier_evictions_deferred", r.tier_evictions_deferred},
       {"async_onboard", r.async_onboard},
       {"onboard_deferrals", r.onboard_deferrals},
       {"evictions", r.evictions},
@@ -253,6 +259,7 @@ std::string ReportJson(const ReplayReport& r) {
       {"device_s", r.device_s},
       {"device_extra_waited_s", r.device_extra_waited_s},
       {"device_extra_other_s", r.device_extra_other_s},
+      {"device_before_s", r.device_before_s},
       {"steps_waited", r.steps_waited},
       {"cuda_graph", r.cuda_graph},
       {"decode_steps", r.decode_steps},

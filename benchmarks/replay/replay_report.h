@@ -42,6 +42,8 @@ struct ReplayReport {
   int64_t tier_offload_ahead_copies = 0;  // Copies made before eviction.
   int64_t tier_offloads_ahead = 0;        // Offloads that used one.
   int64_t tier_offloads_kept = 0;  // Offloads whose slot was kept (no copy).
+  // Evictions that passed over a block whose copy ahead was still running.
+  int64_t tier_evictions_deferred = 0;
   // --async_onboard: steps requests sat out while their prefix was copied
   // in (on or off).
   bool async_onboard = true;
@@ -66,6 +68,7 @@ struct ReplayReport {
   double device_s = 0.0;  // ReplayStats::device_ms and the rest, in s.
   double device_extra_waited_s = 0.0;
   double device_extra_other_s = 0.0;
+  double device_before_s = 0.0;  // ReplayStats::device_before_ms, in s.
   int64_t steps_waited = 0;
   // Steps of decode tokens only, and how many ran in a CUDA graph
   // (--cuda_graph).

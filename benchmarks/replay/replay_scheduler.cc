@@ -294,6 +294,9 @@ absl::Status Scheduler::Step() {
       padded = std::min<int64_t>(
           {padded, options_.max_running, options_.token_budget});
     }
+    if (absl::Status s = writer_->MarkPlanStart(padded > 0); !s.ok()) {
+      return s;
+    }
     if (padded > 0) {
       absl::StatusOr<void*> stream = writer_->stream();
       if (!stream.ok()) return stream.status();
@@ -331,6 +334,7 @@ absl::Status Scheduler::Step() {
   stats_.append_calls_ms += timing->host_ms;
   stats_.wait_ms += timing->wait_ms;
   stats_.device_ms += timing->device_ms;
+  stats_.device_before_ms += timing->before_ms;
   const double extra = timing->device_ms - timing->kernel_ms;
   (waited ? stats_.device_extra_waited_ms : stats_.device_extra_other_ms) +=
       extra;

@@ -104,6 +104,9 @@ struct ReplayStats {
   double device_ms = 0.0;
   double device_extra_waited_ms = 0.0;
   double device_extra_other_ms = 0.0;
+  // Device time from each step's plan to its first work
+  // (AppendTiming::before_ms; CUDA only).
+  double device_before_ms = 0.0;
   int64_t steps_waited = 0;
   std::vector<double> step_host_ms;  // Manager calls per step (host wall time).
   // Of those, the steps of decode tokens only (graph steps with --cuda_graph).

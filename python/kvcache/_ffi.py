@@ -237,6 +237,7 @@ class Metrics(Structure):
         ("tier_offload_ahead_copies", c_int64),
         ("tier_offloads_ahead", c_int64),
         ("tier_offloads_kept", c_int64),
+        ("tier_evictions_deferred", c_int64),
     ]
 
 

@@ -220,22 +220,16 @@ absl::Status LaunchChoice(const AttentionParams& p,
   // Swapped narrow tiles: 8-bit caches, row copies (the policy's choice).
   if constexpr (kRowCopy && sizeof(CacheT) == 1) {
     if (c.swap) {
+      // The policy's v10 tiles (int8: integer mma; fp8: two chains; both
+      // with the L2 hint), or the v7 tiles (auto_v7 and the rows_* variants).
       if constexpr (std::is_same_v<Cache, internal::Int8Type>) {
-        if (c.int8_mma && c.l2_bytes == 256) {
+        if (c.int8_mma) {
           return LaunchSwapped<Cache, kHeadDim, 1, 256, true>(p, c, stream);
         }
-        if (c.int8_mma) {
-          return LaunchSwapped<Cache, kHeadDim, 1, 0, true>(p, c, stream);
+      } else {
+        if (c.chains == 2) {
+          return LaunchSwapped<Cache, kHeadDim, 2, 256>(p, c, stream);
         }
-      }
-      if (c.chains == 2 && c.l2_bytes == 256) {
-        return LaunchSwapped<Cache, kHeadDim, 2, 256>(p, c, stream);
-      }
-      if (c.chains == 2) {
-        return LaunchSwapped<Cache, kHeadDim, 2, 0>(p, c, stream);
-      }
-      if (c.l2_bytes == 256) {
-        return LaunchSwapped<Cache, kHeadDim, 1, 256>(p, c, stream);
       }
       return LaunchSwapped<Cache, kHeadDim, 1, 0>(p, c, stream);
     }

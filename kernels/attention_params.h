@@ -52,14 +52,11 @@ inline constexpr int32_t kMaxAttentionSplits = 64;
 // "auto_v4" (the policy as it was before row copies); 9-13 "rows_*" force
 // heads and blocks per multiprocessor with row copies (and swapped narrow
 // tiles for 8-bit caches, as 0 "auto"); 14 "auto_v5" is the policy without
-// swapped tiles; 15-17 are the policy with swapped tiles' S^T in two
-// accumulator chains ("chains2"), code copies asking the L2 for 256 bytes
-// ("l2_256"), and both; 18-19 the policy with int8 caches' swapped tiles
-// computing S^T on the integer tensor cores ("i8mma"; kernels/attention.cuh
-// AttnConfig::kInt8Mma), alone and with the L2 hint. Variant 0 "auto" uses
-// i8mma_l2_256 for int8 and chains2_l2_256 for fp8 swapped tiles; 20
-// "auto_v7" is the policy before them (fp16 mma, one chain, no hint).
-inline constexpr int32_t kNumAttentionVariants = 21;
+// swapped tiles; 15 "auto_v7" is the policy before the v10 swapped tiles
+// (variant 0's int8 tiles compute S^T on the integer tensor cores, fp8 ones
+// in two accumulator chains, both with the L2::256B hint on code copies:
+// kernels/attention.cuh AttnConfig).
+inline constexpr int32_t kNumAttentionVariants = 16;
 inline constexpr const char* kAttentionVariantNames[kNumAttentionVariants] = {
     "auto",        "base",
     "heads1",      "heads2",
@@ -68,10 +65,7 @@ inline constexpr const char* kAttentionVariantNames[kNumAttentionVariants] = {
     "auto_v4",     "rows_base",
     "rows_heads1", "rows_heads2",
     "rows_occ4",   "rows_occ4_heads1",
-    "auto_v5",     "chains2",
-    "l2_256",      "chains2_l2_256",
-    "i8mma",       "i8mma_l2_256",
-    "auto_v7"};
+    "auto_v5",     "auto_v7"};
 
 // Split-KV scratch, allocated once by the caller (so a launch allocates
 // nothing and can be captured in a CUDA graph). A launch with S splits over

@@ -22,34 +22,27 @@ struct VariantSpec {
   int blocks_per_sm;
   bool row_copy;
   bool swap = false;  // Swapped narrow tiles where they apply.
-  // Swapped tiles' knobs, kPolicy: by cache type (int8: the integer mma
-  // and the L2 hint; fp8: two chains and the L2 hint).
-  int chains = 1;    // S^T accumulator chains of swapped tiles.
-  int l2_bytes = 0;  // L2 prefetch size of swapped tiles' code copies.
-  int int8_mma = 0;  // Swapped int8 tiles on the integer tensor cores.
+  // Swapped tiles with the v10 knobs (int8: S^T on the integer tensor cores;
+  // fp8: two accumulator chains; both: the L2::256B hint on code copies).
+  bool v10 = false;
 };
 constexpr VariantSpec kVariants[kNumAttentionVariants] = {
-    {kPolicy, kPolicy, kRowCopies, true, kPolicy, kPolicy, kPolicy},  // auto
-    {kBaseHeads, 3, kOperandCopies},                                  // base
-    {1, 3, kOperandCopies},                                           // heads1
-    {2, 3, kOperandCopies},                                           // heads2
-    {kBaseHeads, 4, kOperandCopies},                                  // occ4
-    {1, 4, kOperandCopies},                           // occ4_heads1
-    {kAutoHeads, 3, kOperandCopies},                  // auto_heads
-    {kAutoHeads, 4, kOperandCopies},                  // occ4_auto_heads
-    {kPolicy, kPolicy, kOperandCopies},               // auto_v4
-    {kBaseHeads, 3, kRowCopies, true},                // rows_base
-    {1, 3, kRowCopies, true},                         // rows_heads1
-    {2, 3, kRowCopies, true},                         // rows_heads2
-    {kBaseHeads, 4, kRowCopies, true},                // rows_occ4
-    {1, 4, kRowCopies, true},                         // rows_occ4_heads1
-    {kPolicy, kPolicy, kRowCopies},                   // auto_v5
-    {kPolicy, kPolicy, kRowCopies, true, 2, 0},       // chains2
-    {kPolicy, kPolicy, kRowCopies, true, 1, 256},     // l2_256
-    {kPolicy, kPolicy, kRowCopies, true, 2, 256},     // chains2_l2_256
-    {kPolicy, kPolicy, kRowCopies, true, 1, 0, 1},    // i8mma
-    {kPolicy, kPolicy, kRowCopies, true, 1, 256, 1},  // i8mma_l2_256
-    {kPolicy, kPolicy, kRowCopies, true},             // auto_v7
+    {kPolicy, kPolicy, kRowCopies, true, true},  // auto (the default)
+    {kBaseHeads, 3, kOperandCopies},             // base
+    {1, 3, kOperandCopies},                      // heads1
+    {2, 3, kOperandCopies},                      // heads2
+    {kBaseHeads, 4, kOperandCopies},             // occ4
+    {1, 4, kOperandCopies},                      // occ4_heads1
+    {kAutoHeads, 3, kOperandCopies},             // auto_heads
+    {kAutoHeads, 4, kOperandCopies},             // occ4_auto_heads
+    {kPolicy, kPolicy, kOperandCopies},          // auto_v4
+    {kBaseHeads, 3, kRowCopies, true},           // rows_base
+    {1, 3, kRowCopies, true},                    // rows_heads1
+    {2, 3, kRowCopies, true},                    // rows_heads2
+    {kBaseHeads, 4, kRowCopies, true},           // rows_occ4
+    {1, 4, kRowCopies, true},                    // rows_occ4_heads1
+    {kPolicy, kPolicy, kRowCopies},              // auto_v5
+    {kPolicy, kPolicy, kRowCopies, true},        // auto_v7
 };
 
 }  // namespace
@@ -81,14 +74,11 @@ AttentionKernelChoice ChooseAttentionKernel(const AttentionParams& p,
            int64_t{p.max_query_tokens} * (p.num_q_heads / kv_heads) <=
                kAttentionTileRows / 2;
   c.blocks_per_sm = v.blocks_per_sm == 4 && occ4_compiled ? 4 : 3;
-  if (c.swap) {
-    // The policy's knobs (README "Attention", benchmarks/results/NOTES.md
-    // "v10"): int8 computes S^T on the integer tensor cores (no K
-    // conversion) and fp8 in two accumulator chains; both ask the L2 for
-    // 256 bytes around each code copy.
-    c.chains = v.chains == kPolicy ? (int8 ? 1 : 2) : v.chains;
-    c.l2_bytes = v.l2_bytes == kPolicy ? 256 : v.l2_bytes;
-    c.int8_mma = int8 && (v.int8_mma == kPolicy || v.int8_mma == 1);
+  if (c.swap && v.v10) {
+    // README "Attention", benchmarks/results/NOTES.md "v10".
+    c.chains = int8 ? 1 : 2;
+    c.l2_bytes = 256;
+    c.int8_mma = int8;
   }
   int heads = v.heads;
   if (heads == kAutoHeads) {

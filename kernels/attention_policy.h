@@ -75,7 +75,7 @@ int32_t AttentionRowTiles(const AttentionParams& p);
 //   the integer tensor cores (int8_mma: the codes as stored, q as two int8
 //   parts; 1.033-1.036x alone), fp8 in two accumulator chains; both with
 //   the L2::256B hint on code copies (int8 1.044-1.045x, fp8 1.010-1.018x
-//   over the v7 policy at 64 x 8k and 8 x 64k). Variant 20 "auto_v7" is the
+//   over the v7 policy at 64 x 8k and 8 x 64k). Variant 15 "auto_v7" is the
 //   policy before them.
 AttentionKernelChoice ChooseAttentionKernel(const AttentionParams& p,
                                             bool occ4_compiled, int sms);

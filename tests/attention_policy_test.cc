@@ -231,21 +231,16 @@ TEST(AttentionPolicyTest, HeadsThatDoNotDivideFallBackToTheBase) {
   EXPECT_EQ(c.heads, 1);
 }
 
-TEST(AttentionPolicyTest, SwappedTileVariantsOnlyChangeSwappedTiles) {
-  // chains2 (15), l2_256 (16), both (17), i8mma (18), i8mma_l2_256 (19) and
-  // auto_v7 (20): the policy's heads, kernel and swap, plus their knobs
-  // where tiles are swapped (int8 mma: int8 caches only). The policy (0):
-  // int8 as i8mma_l2_256, fp8 as chains2_l2_256 (chains -1 below: 1 for
-  // int8, 2 for fp8).
+TEST(AttentionPolicyTest, V10KnobsOnlyChangeSwappedTiles) {
+  // The policy (0): int8 swapped tiles on the integer tensor cores, fp8 ones
+  // in two chains (chains -1 below: 1 for int8, 2 for fp8), both with the
+  // L2 hint; auto_v7 (15): the same heads, kernel and swap with none of them.
   struct Knobs {
     int32_t variant;
     int chains, l2_bytes;
     bool int8_mma;
   };
-  const Knobs knobs[] = {{0, -1, 256, true},  {15, 2, 0, false},
-                         {16, 1, 256, false}, {17, 2, 256, false},
-                         {18, 1, 0, true},    {19, 1, 256, true},
-                         {20, 1, 0, false}};
+  const Knobs knobs[] = {{0, -1, 256, true}, {15, 1, 0, false}};
   for (const Knobs& k : knobs) {
     for (DType cache : {DType::kInt8, DType::kFp8E4M3, DType::kBFloat16}) {
       for (int32_t group : {4, 16}) {

@@ -2,22 +2,29 @@
 # The host tier's cost on the whole trace, on one GPU host, inside a bundle
 # made by tools/bundle_gpu.sh (which copies this script to experiments/):
 #
-#   experiments/tier_replay_ab.sh LOG_DIR [ROUNDS]
+#   experiments/tier_replay_ab.sh LOG_DIR [RUN...]
 #
 # Replays the conversation trace with the README's GPU shape (32 layers, 8
 # KV heads of 128, int8, 117,560 blocks, 256 running, 8192 tokens a step)
-# ROUNDS times (default 1) in the order: no tier, 64 GiB tier with the copy
-# engines (tier_copy_thread_blocks=0), 64 GiB tier with 4 copy thread blocks
-# (the default), so that each round compares the three on the same host
-# state. MAX_REQUESTS (default 0: all 12,031) shortens it; TIMEOUT (s,
-# default 150) bounds each run; EXTRA_FLAGS (e.g. --cuda_graph) go to every
-# run. One log per run, and a summary of hit rate,
-# wall time and the step-time split at the end of LOG_DIR/summary.txt.
+# once per RUN, in the order given, so that runs alternate on the same host
+# state. A RUN is a tier setting with optional prefixes:
+#   notier   --host_tier_gb=0
+#   engines  --host_tier_gb=64 --tier_copy_thread_blocks=0 (the copy engines)
+#   ctas4    --host_tier_gb=64 --tier_copy_thread_blocks=4
+#   w...     --pipeline=false (each step waits for its kernels before the
+#            next is planned), e.g. wnotier
+#   g...     --cuda_graph, e.g. gengines or wgengines
+# Default RUNS: notier engines wnotier wengines. MAX_REQUESTS (default 0: all
+# 12,031) shortens the replay; TIMEOUT (s, default 150) bounds each run;
+# EXTRA_FLAGS go to every run. One log per run, and a summary of hit rate,
+# tier traffic, wall time and the step-time split in LOG_DIR/summary.txt.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bundle="${KVCACHE_BUNDLE:-$(dirname "$here")}"
-logs="${1:?usage: tier_replay_ab.sh LOG_DIR [ROUNDS]}"
-rounds="${2:-1}"
+logs="${1:?usage: tier_replay_ab.sh LOG_DIR [RUN...]}"
+shift
+runs=("$@")
+[[ ${#runs[@]} -gt 0 ]] || runs=(notier engines wnotier wengines)
 mkdir -p "$logs"
 export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 replay=("$bundle/tools/replay" --backend=cuda
@@ -25,18 +32,23 @@ replay=("$bundle/tools/replay" --backend=cuda
         --max_requests="${MAX_REQUESTS:-0}" --num_layers=32 --num_kv_heads=8
         --head_size=128 --num_blocks=117560 --max_running=256
         --token_budget=8192 ${EXTRA_FLAGS:-})
-for ((r = 1; r <= rounds; ++r)); do
-  for run in notier engines ctas4; do
-    case "$run" in
-      notier) flags=(--host_tier_gb=0) ;;
-      engines) flags=(--host_tier_gb=64 --tier_copy_thread_blocks=0) ;;
-      ctas4) flags=(--host_tier_gb=64 --tier_copy_thread_blocks=4) ;;
-    esac
-    log="$logs/round${r}_$run.log"
-    timeout "${TIMEOUT:-150}" "${replay[@]}" "${flags[@]}" >"$log" 2>&1
-    echo "round $r $run: exit $?" >>"$logs/summary.txt"
-    grep -E "prefix hit rate|sat out|kernel time|step time by part|wall time" \
-      "$log" | sed 's/^/  /' >>"$logs/summary.txt"
-  done
+i=0
+for run in "${runs[@]}"; do
+  i=$((i + 1))
+  flags=()
+  name="$run"
+  if [[ "$name" == w* ]]; then flags+=(--pipeline=false); name="${name#w}"; fi
+  if [[ "$name" == g* ]]; then flags+=(--cuda_graph); name="${name#g}"; fi
+  case "$name" in
+    notier) flags+=(--host_tier_gb=0) ;;
+    engines) flags+=(--host_tier_gb=64 --tier_copy_thread_blocks=0) ;;
+    ctas4) flags+=(--host_tier_gb=64 --tier_copy_thread_blocks=4) ;;
+    *) echo "unknown run $run" >&2; exit 2 ;;
+  esac
+  log="$logs/${i}_$run.log"
+  timeout "${TIMEOUT:-150}" "${replay[@]}" "${flags[@]}" >"$log" 2>&1
+  echo "=== $i $run (${flags[*]}): exit $?" >>"$logs/summary.txt"
+  grep -E "prefix hit rate|host tier |tier offload|sat out|kernel time|step time by part|device time|wall time" \
+    "$log" | sed 's/^/  /' >>"$logs/summary.txt"
 done
 cat "$logs/summary.txt"

@@ -54,19 +54,20 @@ absl::StatusOr<std::unique_ptr<KvWriter>> KvWriter::Create(
       !s.ok()) {
     return s;
   }
-  absl::StatusOr<Event> step_start = device->CreateTimingEvent();
-  if (!step_start.ok()) return step_start.status();
-  w->step_start_ = *std::move(step_start);
-  absl::StatusOr<Event> plan_start = device->CreateTimingEvent();
-  if (!plan_start.ok()) return plan_start.status();
-  w->plan_start_ = *std::move(plan_start);
-  for (int l = 0; l < layers; ++l) {
-    absl::StatusOr<Event> start = device->CreateTimingEvent();
-    if (!start.ok()) return start.status();
-    absl::StatusOr<Event> end = device->CreateTimingEvent();
-    if (!end.ok()) return end.status();
-    w->starts_.push_back(*std::move(start));
-    w->ends_.push_back(*std::move(end));
+  for (StepSet& set : w->sets_) {
+    for (Event* e : {&set.step_start, &set.plan_start}) {
+      absl::StatusOr<Event> event = device->CreateTimingEvent();
+      if (!event.ok()) return event.status();
+      *e = *std::move(event);
+    }
+    for (int l = 0; l < layers; ++l) {
+      absl::StatusOr<Event> start = device->CreateTimingEvent();
+      if (!start.ok()) return start.status();
+      absl::StatusOr<Event> end = device->CreateTimingEvent();
+      if (!end.ok()) return end.status();
+      set.starts.push_back(*std::move(start));
+      set.ends.push_back(*std::move(end));
+    }
   }
   return w;
 }
@@ -81,11 +82,11 @@ absl::Status KvWriter::InitHost(size_t bytes) {
 absl::Status KvWriter::InitDevice(size_t bytes) {
   const std::vector<uint16_t>& table = synthetic_.table();
   const size_t table_bytes = table.size() * sizeof(uint16_t);
-  const size_t token_bytes =
-      PositionsOffset() * sizeof(int32_t) + max_tokens_ * sizeof(int64_t);
+  const size_t token_bytes = TokenBytes();
   for (auto [buffer, size, pinned] :
        {std::make_tuple(&device_table_, table_bytes, false),
-        std::make_tuple(&token_staging_, std::max(token_bytes, table_bytes),
+        std::make_tuple(&token_staging_,
+                        std::max(kMaxStepsInFlight * token_bytes, table_bytes),
                         true),
         std::make_tuple(&device_tokens_, token_bytes, false),
         std::make_tuple(&input_, bytes, false)}) {
@@ -94,9 +95,11 @@ absl::Status KvWriter::InitDevice(size_t bytes) {
     if (!b.ok()) return b.status();
     *buffer = *std::move(b);
   }
-  absl::StatusOr<Event> uploaded = device_->CreateEvent();
-  if (!uploaded.ok()) return uploaded.status();
-  tokens_uploaded_ = *std::move(uploaded);
+  for (StepSet& set : sets_) {
+    absl::StatusOr<Event> uploaded = device_->CreateEvent();
+    if (!uploaded.ok()) return uploaded.status();
+    set.tokens_uploaded = *std::move(uploaded);
+  }
   std::memcpy(token_staging_.data(), table.data(), table_bytes);
   if (absl::Status s = device_->CopyToDeviceAsync(
           device_table_.data(), token_staging_.data(), table_bytes, nullptr);
@@ -126,13 +129,16 @@ absl::Status KvWriter::FillOnDevice(int layer, int64_t num_tokens,
   return FillSyntheticCuda(p, stream);
 }
 
-absl::Status KvWriter::UploadTokens(absl::Span<const TokenAt> tokens,
+absl::Status KvWriter::UploadTokens(int set, absl::Span<const TokenAt> tokens,
                                     int64_t padded, void* stream) {
-  // The previous step's upload must be done before its staging is rewritten.
-  if (absl::Status s = device_->SynchronizeEvent(tokens_uploaded_); !s.ok()) {
+  // The set's previous upload (kMaxStepsInFlight steps ago) must be done
+  // before its staging is rewritten.
+  const Event& uploaded = sets_[set].tokens_uploaded;
+  if (absl::Status s = device_->SynchronizeEvent(uploaded); !s.ok()) {
     return s;
   }
-  int32_t* ids = token_staging_.as<int32_t>();
+  int32_t* ids = reinterpret_cast<int32_t*>(token_staging_.as<uint8_t>() +
+                                            set * TokenBytes());
   int64_t* positions = reinterpret_cast<int64_t*>(ids + PositionsOffset());
   for (size_t i = 0; i < tokens.size(); ++i) {
     ids[i] = tokens[i].token;
@@ -155,10 +161,21 @@ absl::Status KvWriter::UploadTokens(absl::Span<const TokenAt> tokens,
       !s.ok()) {
     return s;
   }
-  return device_->RecordEvent(tokens_uploaded_, stream);
+  return device_->RecordEvent(uploaded, stream);
+}
+
+absl::StatusOr<KvWriter::StepSet*> KvWriter::NextSet() {
+  if (static_cast<int>(in_flight_.size()) >= kMaxStepsInFlight) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(in_flight_.size(), " steps are in flight, at most ",
+                     kMaxStepsInFlight, ": WaitStep first"));
+  }
+  return &sets_[next_set_];
 }
 
 absl::Status KvWriter::MarkPlanStart(bool graph) {
+  absl::StatusOr<StepSet*> set = NextSet();
+  if (!set.ok()) return set.status();
   if (device_->kind() != DeviceKind::kCuda) return absl::OkStatus();
   void* s = nullptr;
   if (graph) {
@@ -166,36 +183,64 @@ absl::Status KvWriter::MarkPlanStart(bool graph) {
     if (!st.ok()) return st.status();
     s = *st;
   }
-  plan_marked_ = true;
-  return device_->RecordEvent(plan_start_, s);
+  (*set)->plan_marked = true;
+  return device_->RecordEvent((*set)->plan_start, s);
 }
 
-// Device time from the plan's start to `first` (the step's first event).
-absl::StatusOr<double> KvWriter::TakeBeforeMs(const Event& first) {
-  if (!plan_marked_) return 0.0;
-  plan_marked_ = false;
-  absl::StatusOr<float> ms = device_->ElapsedMs(plan_start_, first);
-  if (!ms.ok()) return ms.status();
-  return static_cast<double>(*ms);
+absl::StatusOr<AppendTiming> KvWriter::WaitStep() {
+  if (in_flight_.empty()) {
+    return absl::FailedPreconditionError("no step is in flight");
+  }
+  StepSet& set = sets_[in_flight_.front()];
+  const int last = set.graph ? 0 : config_.num_layers - 1;
+  AppendTiming timing;
+  timing.host_ms = set.host_ms;
+  const auto wait_start = std::chrono::steady_clock::now();
+  if (absl::Status s = device_->SynchronizeEvent(set.ends[last]); !s.ok()) {
+    return s;
+  }
+  timing.wait_ms = MillisSince(wait_start);
+  // A graph step's events are around the graph, which holds the fills too.
+  const Event& first = set.graph ? set.starts[0] : set.step_start;
+  absl::StatusOr<float> device_ms = device_->ElapsedMs(first, set.ends[last]);
+  if (!device_ms.ok()) return device_ms.status();
+  timing.device_ms = *device_ms;
+  if (set.plan_marked) {  // Device time from the plan's start to the step's.
+    absl::StatusOr<float> ms = device_->ElapsedMs(set.plan_start, first);
+    if (!ms.ok()) return ms.status();
+    timing.before_ms = *ms;
+    set.plan_marked = false;
+  }
+  for (int layer = 0; layer <= last; ++layer) {
+    absl::StatusOr<float> ms =
+        device_->ElapsedMs(set.starts[layer], set.ends[layer]);
+    if (!ms.ok()) return ms.status();
+    timing.kernel_ms += *ms;
+  }
+  in_flight_.pop_front();
+  return timing;
 }
 
-absl::StatusOr<AppendTiming> KvWriter::AppendStep(
-    uint64_t plan_id, absl::Span<const TokenAt> tokens) {
+absl::StatusOr<double> KvWriter::AppendStep(uint64_t plan_id,
+                                            absl::Span<const TokenAt> tokens) {
   const int64_t t = static_cast<int64_t>(tokens.size());
   if (t > max_tokens_) {
     return absl::InvalidArgumentError(
         absl::StrCat("step of ", t, " tokens exceeds ", max_tokens_));
   }
+  absl::StatusOr<StepSet*> next = NextSet();
+  if (!next.ok()) return next.status();
+  StepSet& set = **next;
   const bool cuda = device_->kind() == DeviceKind::kCuda;
   const MemoryKind memory = cuda ? MemoryKind::kCuda : MemoryKind::kHost;
   const int64_t stride = k_row_ + v_row_;
   const int64_t d_v = v_row_ / config_.num_kv_heads;
-  AppendTiming timing;
-  if (absl::Status s = device_->RecordEvent(step_start_, nullptr); !s.ok()) {
+  double host_ms = 0.0;
+  if (absl::Status s = device_->RecordEvent(set.step_start, nullptr); !s.ok()) {
     return s;
   }
   if (cuda) {
-    if (absl::Status s = UploadTokens(tokens); !s.ok()) return s;
+    if (absl::Status s = UploadTokens(next_set_, tokens); !s.ok()) return s;
   }
   for (int layer = 0; layer < config_.num_layers; ++layer) {
     uint16_t* input;
@@ -216,7 +261,7 @@ absl::StatusOr<AppendTiming> KvWriter::AppendStep(
         memory, config_.device);
     value.strides[0] = stride;
     const auto start = std::chrono::steady_clock::now();
-    if (absl::Status s = device_->RecordEvent(starts_[layer], nullptr);
+    if (absl::Status s = device_->RecordEvent(set.starts[layer], nullptr);
         !s.ok()) {
       return s;
     }
@@ -224,30 +269,17 @@ absl::StatusOr<AppendTiming> KvWriter::AppendStep(
         !s.ok()) {
       return s;
     }
-    if (absl::Status s = device_->RecordEvent(ends_[layer], nullptr); !s.ok()) {
+    if (absl::Status s = device_->RecordEvent(set.ends[layer], nullptr);
+        !s.ok()) {
       return s;
     }
-    timing.host_ms += MillisSince(start);
+    host_ms += MillisSince(start);
   }
-  const auto wait_start = std::chrono::steady_clock::now();
-  if (absl::Status s = device_->SynchronizeEvent(ends_[config_.num_layers - 1]);
-      !s.ok()) {
-    return s;
-  }
-  timing.wait_ms = MillisSince(wait_start);
-  absl::StatusOr<float> device_ms =
-      device_->ElapsedMs(step_start_, ends_[config_.num_layers - 1]);
-  if (!device_ms.ok()) return device_ms.status();
-  timing.device_ms = *device_ms;
-  absl::StatusOr<double> before = TakeBeforeMs(step_start_);
-  if (!before.ok()) return before.status();
-  timing.before_ms = *before;
-  for (int layer = 0; layer < config_.num_layers; ++layer) {
-    absl::StatusOr<float> ms = device_->ElapsedMs(starts_[layer], ends_[layer]);
-    if (!ms.ok()) return ms.status();
-    timing.kernel_ms += *ms;
-  }
-  return timing;
+  set.graph = false;
+  set.host_ms = host_ms;
+  in_flight_.push_back(next_set_);
+  next_set_ = (next_set_ + 1) % kMaxStepsInFlight;
+  return host_ms;
 }
 
 KvWriter::~KvWriter() {
@@ -264,8 +296,9 @@ absl::StatusOr<void*> KvWriter::stream() {
   return stream_;
 }
 
-absl::StatusOr<AppendTiming> KvWriter::GraphStep(
-    uint64_t plan_id, absl::Span<const TokenAt> tokens, int64_t padded) {
+absl::StatusOr<double> KvWriter::GraphStep(uint64_t plan_id,
+                                           absl::Span<const TokenAt> tokens,
+                                           int64_t padded) {
   if (device_->kind() != DeviceKind::kCuda) {
     return absl::FailedPreconditionError("--cuda_graph needs --backend=cuda");
   }
@@ -273,9 +306,14 @@ absl::StatusOr<AppendTiming> KvWriter::GraphStep(
     return absl::InvalidArgumentError(absl::StrCat(
         "graph step of ", tokens.size(), " tokens padded to ", padded));
   }
+  absl::StatusOr<StepSet*> next = NextSet();
+  if (!next.ok()) return next.status();
+  StepSet& set = **next;
   absl::StatusOr<void*> s = stream();
   if (!s.ok()) return s.status();
-  if (absl::Status st = UploadTokens(tokens, padded, *s); !st.ok()) return st;
+  if (absl::Status st = UploadTokens(next_set_, tokens, padded, *s); !st.ok()) {
+    return st;
+  }
   auto it = graphs_.find(padded);
   if (it == graphs_.end()) {
     const int64_t stride = k_row_ + v_row_;
@@ -308,33 +346,29 @@ absl::StatusOr<AppendTiming> KvWriter::GraphStep(
     if (!graph.ok()) return graph.status();
     it = graphs_.emplace(padded, *std::move(graph)).first;
   }
-  AppendTiming timing;
   const auto start = std::chrono::steady_clock::now();
-  if (absl::Status st = device_->RecordEvent(starts_[0], *s); !st.ok()) {
+  if (absl::Status st = device_->RecordEvent(set.starts[0], *s); !st.ok()) {
     return st;
   }
   if (absl::Status st = it->second->Launch(*s); !st.ok()) return st;
-  if (absl::Status st = device_->RecordEvent(ends_[0], *s); !st.ok()) {
+  if (absl::Status st = device_->RecordEvent(set.ends[0], *s); !st.ok()) {
     return st;
   }
-  timing.host_ms = MillisSince(start);
-  const auto wait_start = std::chrono::steady_clock::now();
-  if (absl::Status st = device_->SynchronizeEvent(ends_[0]); !st.ok()) {
-    return st;
-  }
-  timing.wait_ms = MillisSince(wait_start);
-  absl::StatusOr<float> ms = device_->ElapsedMs(starts_[0], ends_[0]);
-  if (!ms.ok()) return ms.status();
-  timing.kernel_ms = *ms;
-  timing.device_ms = *ms;  // The graph holds the fills too.
-  absl::StatusOr<double> before = TakeBeforeMs(starts_[0]);
-  if (!before.ok()) return before.status();
-  timing.before_ms = *before;
-  return timing;
+  set.graph = true;
+  set.host_ms = MillisSince(start);
+  in_flight_.push_back(next_set_);
+  next_set_ = (next_set_ + 1) % kMaxStepsInFlight;
+  return set.host_ms;
 }
 
 absl::StatusOr<double> KvWriter::AttentionStep(
     absl::Span<const SequenceId> ids) {
+  if (!in_flight_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        in_flight_.size(), " steps are in flight: WaitStep first"));
+  }
+  std::vector<Event>& starts = sets_[0].starts;
+  std::vector<Event>& ends = sets_[0].ends;
   const bool cuda = device_->kind() == DeviceKind::kCuda;
   const MemoryKind memory = cuda ? MemoryKind::kCuda : MemoryKind::kHost;
   const int64_t n = static_cast<int64_t>(ids.size());
@@ -370,7 +404,7 @@ absl::StatusOr<double> KvWriter::AttentionStep(
   options.softmax_scale =
       1.0f / std::sqrt(static_cast<float>(config_.head_size));
   for (int layer = 0; layer < config_.num_layers; ++layer) {
-    if (absl::Status s = device_->RecordEvent(starts_[layer], nullptr);
+    if (absl::Status s = device_->RecordEvent(starts[layer], nullptr);
         !s.ok()) {
       return s;
     }
@@ -378,13 +412,13 @@ absl::StatusOr<double> KvWriter::AttentionStep(
         !s.ok()) {
       return s;
     }
-    if (absl::Status s = device_->RecordEvent(ends_[layer], nullptr); !s.ok()) {
+    if (absl::Status s = device_->RecordEvent(ends[layer], nullptr); !s.ok()) {
       return s;
     }
   }
   double total = 0.0;
   for (int layer = 0; layer < config_.num_layers; ++layer) {
-    absl::StatusOr<float> ms = device_->ElapsedMs(starts_[layer], ends_[layer]);
+    absl::StatusOr<float> ms = device_->ElapsedMs(starts[layer], ends[layer]);
     if (!ms.ok()) return ms.status();
     total += *ms;
   }

@@ -4,13 +4,22 @@
 // CUDA, the host clock on the CPU). It also gathers committed tokens back and
 // accumulates their quantization error against the exact input.
 //
+// Steps in flight: AppendStep and GraphStep enqueue a step and return; its
+// timing comes from WaitStep, which waits for the oldest step enqueued. Up to
+// kMaxStepsInFlight steps may be enqueued and not yet waited for (each has
+// its own timing events and token staging), so the caller can plan and
+// commit step N+1 while the device runs step N. On the CPU every step has
+// finished when AppendStep returns.
+//
 // Not thread-safe: one scheduler drives it. Borrows the manager and device,
 // which must outlive it.
 
 #ifndef KVCACHE_BENCHMARKS_REPLAY_KV_WRITER_H_
 #define KVCACHE_BENCHMARKS_REPLAY_KV_WRITER_H_
 
+#include <array>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <vector>
@@ -52,23 +61,35 @@ class KvWriter {
   static absl::StatusOr<std::unique_ptr<KvWriter>> Create(
       KVCacheManager* manager, Device* device, int64_t max_tokens);
 
-  // Appends all layers of `tokens` (the plan's tokens, in batch order).
-  absl::StatusOr<AppendTiming> AppendStep(uint64_t plan_id,
-                                          absl::Span<const TokenAt> tokens);
+  static constexpr int kMaxStepsInFlight = 2;
+
+  // Records the start of the next step's plan on the stream the step will
+  // run on (the graph stream when `graph`), for AppendTiming::before_ms. CUDA
+  // only (a no-op on the CPU). FailedPrecondition when kMaxStepsInFlight
+  // steps are in flight.
+  absl::Status MarkPlanStart(bool graph);
+
+  // Enqueues all layers of `tokens` (the plan's tokens, in batch order) and
+  // returns the host time of the Append calls in ms. FailedPrecondition when
+  // kMaxStepsInFlight steps are in flight.
+  absl::StatusOr<double> AppendStep(uint64_t plan_id,
+                                    absl::Span<const TokenAt> tokens);
 
   // --cuda_graph (CUDA): the step of a plan from ReserveGraphStep(...,
   // padded, stream()): uploads the tokens (padding rows get token 0 at
   // position 0), then launches the graph of `padded` tokens, capturing it the
   // first time (every layer's synthetic fill and Append, on stream()).
-  // host_ms is the launch's host time; kernel_ms the graph's device time.
-  // Records the start of a step's plan on the stream the step will run on
-  // (the graph stream when `graph`), for AppendTiming::before_ms. CUDA only
-  // (a no-op on the CPU).
-  absl::Status MarkPlanStart(bool graph);
+  // Returns the launch's host time in ms; its timing's kernel_ms is the
+  // graph's device time.
+  absl::StatusOr<double> GraphStep(uint64_t plan_id,
+                                   absl::Span<const TokenAt> tokens,
+                                   int64_t padded);
 
-  absl::StatusOr<AppendTiming> GraphStep(uint64_t plan_id,
-                                         absl::Span<const TokenAt> tokens,
-                                         int64_t padded);
+  // Waits for the oldest step in flight and returns its timing.
+  // FailedPrecondition when none is in flight.
+  absl::StatusOr<AppendTiming> WaitStep();
+  int steps_in_flight() const { return static_cast<int>(in_flight_.size()); }
+
   // The stream graph steps run on (made by the first call; blocking, so
   // ordered with the legacy default stream the other steps use).
   absl::StatusOr<void*> stream();
@@ -81,7 +102,8 @@ class KvWriter {
 
   // --attention: KVCacheManager::Attention over every layer for `ids`, one
   // query token each (its last committed token), timed like the appends;
-  // returns the summed kernel time in ms.
+  // returns the summed kernel time in ms. FailedPrecondition while a step
+  // is in flight.
   absl::StatusOr<double> AttentionStep(absl::Span<const SequenceId> ids);
 
   const ErrorTotals& error() const { return error_; }
@@ -91,15 +113,36 @@ class KvWriter {
 
  private:
   KvWriter(KVCacheManager* manager, Device* device, int64_t max_tokens);
+  // The events and token staging of one step in flight; the sets are used in
+  // turn.
+  struct StepSet {
+    Event step_start;  // Before the step's upload.
+    Event plan_start;  // Before the step's plan (MarkPlanStart).
+    bool plan_marked = false;
+    // Around each layer's Append; a graph step uses [0] around its launch.
+    std::vector<Event> starts, ends;
+    bool graph = false;
+    double host_ms = 0.0;   // The Append calls or the graph launch.
+    Event tokens_uploaded;  // After the last upload from this set's staging.
+  };
+
   absl::Status InitHost(size_t bytes);
   absl::Status InitDevice(size_t bytes);
-  absl::Status UploadTokens(absl::Span<const TokenAt> tokens,
+  // The set the next step uses; FailedPrecondition while it is in flight.
+  absl::StatusOr<StepSet*> NextSet();
+  absl::Status UploadTokens(int set, absl::Span<const TokenAt> tokens,
                             int64_t padded = 0, void* stream = nullptr);
   absl::Status FillOnDevice(int layer, int64_t num_tokens,
                             void* stream = nullptr);
   // Token ids (int32) come first in the token buffers, then positions (int64)
   // from this int32 index on (8-byte aligned).
   int64_t PositionsOffset() const { return (max_tokens_ + 1) / 2 * 2; }
+  // Bytes of one set's part of token_staging_ (64-byte aligned).
+  size_t TokenBytes() const {
+    const size_t bytes =
+        PositionsOffset() * sizeof(int32_t) + max_tokens_ * sizeof(int64_t);
+    return (bytes + 63) / 64 * 64;
+  }
 
   KVCacheManager* manager_;
   Device* device_;
@@ -113,16 +156,16 @@ class KvWriter {
   // CUDA: the table and one step's token ids and positions on the device; the
   // K/V of each layer is generated on the device into `input_`.
   Buffer device_table_;
-  Buffer token_staging_;  // Pinned: int32 tokens then int64 positions.
-  Buffer device_tokens_;  // The same layout on the device.
-  Event tokens_uploaded_;
+  // Pinned, one part per set: int32 tokens then int64 positions.
+  Buffer token_staging_;
+  // One step's tokens on the device, in the same layout: each step's upload
+  // is ordered after the previous step's fills by its stream (the graph
+  // stream blocks with the legacy default stream).
+  Buffer device_tokens_;
   Buffer input_;
-  Event step_start_;  // Before a step's upload.
-  Event plan_start_;  // Before a step's plan (MarkPlanStart).
-  absl::StatusOr<double> TakeBeforeMs(const Event& first);
-  bool plan_marked_ = false;
-  std::vector<Event> starts_;
-  std::vector<Event> ends_;
+  std::array<StepSet, kMaxStepsInFlight> sets_;
+  int next_set_ = 0;
+  std::deque<int> in_flight_;  // Sets of the steps in flight, oldest first.
   Buffer gather_out_;
   Buffer attention_q_, attention_out_;  // Made by the first AttentionStep.
   ErrorTotals error_;

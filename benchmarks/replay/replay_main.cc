@@ -77,6 +77,11 @@ ABSL_FLAG(bool, cuda_graph, false,
           "padded to a power of two, every layer's fill and Append captured "
           "once per padded size in a CUDA graph and replayed (--backend=cuda). "
           "The report gives the host time of decode-only steps either way.");
+ABSL_FLAG(bool, pipeline, true,
+          "Plan, enqueue and commit step N+1 while the device runs step N (at "
+          "most two steps in flight), as an engine's asynchronous scheduling "
+          "does; false: wait for each step's kernels before its Commit and "
+          "the next plan.");
 ABSL_FLAG(int, spec_tokens, 0,
           "Speculative decoding: draft tokens reserved per decode step; "
           "accepted = 1 + (request + step) % (k + 1) of the 1 + k tokens "
@@ -283,6 +288,7 @@ absl::Status Run() {
   options.attention = absl::GetFlag(FLAGS_attention);
   options.spec_tokens = absl::GetFlag(FLAGS_spec_tokens);
   options.cuda_graph = absl::GetFlag(FLAGS_cuda_graph);
+  options.pipeline = absl::GetFlag(FLAGS_pipeline);
   options.async_onboard = absl::GetFlag(FLAGS_async_onboard);
   if (options.spec_tokens < 0) {
     return absl::InvalidArgumentError(
@@ -316,6 +322,7 @@ absl::Status Run() {
   report.num_layers = config->num_layers;
   report.spec_tokens = options.spec_tokens;
   report.cuda_graph = options.cuda_graph;
+  report.pipeline = options.pipeline;
   report.async_onboard = options.async_onboard;
   std::fputs(ReportText(report).c_str(), stdout);
   const std::string json_path = absl::GetFlag(FLAGS_json);

@@ -179,9 +179,12 @@ std::string ReportText(const ReplayReport& r) {
   absl::StrAppendFormat(
       &out,
       "  step time by part     plan %.3f s, enqueue %.3f s (Append calls "
-      "%.3f s), wait for kernels %.3f s, commit %.3f s, finish %.3f s\n",
-      r.plan_s, r.enqueue_s, r.append_calls_s, r.wait_s, r.commit_s,
-      r.finish_s);
+      "%.3f s), wait for kernels %.3f s (--pipeline %s), commit %.3f s, "
+      "finish %.3f s\n",
+      r.plan_s, r.enqueue_s, r.append_calls_s, r.wait_s,
+      r.pipeline ? "on: each step's wait is for the step before"
+                 : "off: each step waits for its own",
+      r.commit_s, r.finish_s);
   absl::StrAppendFormat(
       &out,
       "  device time of steps  %.3f s: beyond the Appends %.3f s in the %d "
@@ -261,6 +264,7 @@ std::string ReportJson(const ReplayReport& r) {
       {"device_extra_other_s", r.device_extra_other_s},
       {"device_before_s", r.device_before_s},
       {"steps_waited", r.steps_waited},
+      {"pipeline", r.pipeline},
       {"cuda_graph", r.cuda_graph},
       {"decode_steps", r.decode_steps},
       {"graph_steps", r.graph_steps},

@@ -70,6 +70,8 @@ struct ReplayReport {
   double device_extra_other_s = 0.0;
   double device_before_s = 0.0;  // ReplayStats::device_before_ms, in s.
   int64_t steps_waited = 0;
+  // --pipeline: the host planned each step while the step before ran.
+  bool pipeline = true;
   // Steps of decode tokens only, and how many ran in a CUDA graph
   // (--cuda_graph).
   bool cuda_graph = false;

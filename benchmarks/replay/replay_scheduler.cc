@@ -61,7 +61,26 @@ Scheduler::Scheduler(KVCacheManager* manager, KvWriter* writer,
 Scheduler::~Scheduler() = default;
 
 bool Scheduler::Done() const {
-  return next_arrival_ >= trace_.size() && waiting_.empty() && running_.empty();
+  return next_arrival_ >= trace_.size() && waiting_.empty() &&
+         running_.empty() && in_flight_waited_.empty();
+}
+
+absl::Status Scheduler::WaitSteps(size_t keep) {
+  while (in_flight_waited_.size() > keep) {
+    absl::StatusOr<AppendTiming> timing = writer_->WaitStep();
+    if (!timing.ok()) return timing.status();
+    const bool waited = in_flight_waited_.front();
+    in_flight_waited_.pop_front();
+    stats_.wait_ms += timing->wait_ms;
+    stats_.device_ms += timing->device_ms;
+    stats_.device_before_ms += timing->before_ms;
+    stats_.kernel_ms += timing->kernel_ms;
+    const double extra = timing->device_ms - timing->kernel_ms;
+    (waited ? stats_.device_extra_waited_ms : stats_.device_extra_other_ms) +=
+        extra;
+    stats_.steps_waited += waited;
+  }
+  return absl::OkStatus();
 }
 
 void Scheduler::Arrive() {
@@ -255,7 +274,7 @@ std::vector<ReserveRequest> Scheduler::ToReserve(
 absl::Status Scheduler::Step() {
   Arrive();
   if (running_.empty() && waiting_.empty()) {
-    if (next_arrival_ >= trace_.size()) return absl::OkStatus();
+    if (next_arrival_ >= trace_.size()) return WaitSteps(0);
     now_ms_ = std::max<double>(now_ms_, trace_[next_arrival_].timestamp_ms);
     Arrive();                                       // Skip the idle gap.
     if (waiting_.empty()) return absl::OkStatus();  // All rejected.
@@ -326,20 +345,17 @@ absl::Status Scheduler::Step() {
   }
   stats_.plan_ms += host_ms;
   const Clock::time_point append_start = Clock::now();
-  absl::StatusOr<AppendTiming> timing =
+  absl::StatusOr<double> append_ms =
       padded > 0 ? writer_->GraphStep(plan->id, tokens, padded)
                  : writer_->AppendStep(plan->id, tokens);
-  if (!timing.ok()) return timing.status();
-  stats_.enqueue_ms += MillisSince(append_start) - timing->wait_ms;
-  stats_.append_calls_ms += timing->host_ms;
-  stats_.wait_ms += timing->wait_ms;
-  stats_.device_ms += timing->device_ms;
-  stats_.device_before_ms += timing->before_ms;
-  const double extra = timing->device_ms - timing->kernel_ms;
-  (waited ? stats_.device_extra_waited_ms : stats_.device_extra_other_ms) +=
-      extra;
-  stats_.steps_waited += waited;
+  if (!append_ms.ok()) return append_ms.status();
+  stats_.enqueue_ms += MillisSince(append_start);
+  stats_.append_calls_ms += *append_ms;
+  in_flight_waited_.push_back(waited);
   stats_.graph_steps += padded > 0;
+  if (!options_.pipeline) {
+    if (absl::Status s = WaitSteps(0); !s.ok()) return s;
+  }
   const Clock::time_point commit_start = Clock::now();
   if (options_.spec_tokens == 0) {
     if (absl::Status s = manager_->Commit(plan->id); !s.ok()) return s;
@@ -352,10 +368,10 @@ absl::Status Scheduler::Step() {
     }
   }
   stats_.commit_ms += MillisSince(commit_start);
-  host_ms += timing->host_ms + MillisSince(commit_start);
-  stats_.kernel_ms += timing->kernel_ms;
+  host_ms += *append_ms + MillisSince(commit_start);
   ++stats_.steps;
   if (options_.attention) {  // One query token per sequence of the step.
+    if (absl::Status s = WaitSteps(0); !s.ok()) return s;
     std::vector<SequenceId> ids;
     for (const Entry& e : entries) ids.push_back(e.request->sequence);
     absl::StatusOr<double> ms = writer_->AttentionStep(ids);
@@ -399,7 +415,8 @@ absl::Status Scheduler::Step() {
   stats_.step_host_ms.push_back(host_ms);
   if (decode_only) stats_.decode_step_host_ms.push_back(host_ms);
   stats_.simulated_ms = now_ms_;
-  return absl::OkStatus();
+  // Pipelined, this step stays in flight while the next one is planned.
+  return WaitSteps(options_.pipeline ? 1 : 0);
 }
 
 }  // namespace kvcache::replay

@@ -15,6 +15,12 @@
 //   5. KvWriter appends every layer; Commit. A request that has decoded
 //      output_length tokens is freed (after an optional quantization-error
 //      sample of one committed block).
+//   6. With pipeline (the default), the step returns once the step before
+//      it has finished on the device, so the host plans, enqueues and
+//      commits step N+1 while the device runs step N, as an engine's
+//      asynchronous scheduling does (nothing the host decides depends on a
+//      step's device results: the tokens come from the trace). Without it,
+//      each step waits for its own kernels before its Commit.
 // A request that cannot fit in the whole pool (prompt + output) is rejected
 // and counted.
 //
@@ -63,6 +69,8 @@ struct SchedulerOptions {
   // Steps of decode tokens only run as graph steps (ReserveGraphStep padded
   // to the next power of two, at most max_running; KvWriter::GraphStep).
   bool cuda_graph = false;
+  // Plan step N+1 while the device runs step N (step 6 above).
+  bool pipeline = true;
   // A request whose prefix hit is still being onboarded from the host tier
   // (KVCacheManager::PrefixLoaded false) sits out the steps until it lands,
   // as an engine's asynchronous KV loading does, unless every running
@@ -89,8 +97,9 @@ struct ReplayStats {
   double simulated_ms = 0.0;
   double kernel_ms = 0.0;  // Summed over steps.
   // The steps' wall time by part, summed over steps: admission and Reserve,
-  // the writer's enqueue (uploads, fills, Append calls), waiting for the
-  // step's kernels, Commit, and finishing requests (Free).
+  // the writer's enqueue (uploads, fills, Append calls), waiting for
+  // kernels (the step's own, or with pipeline the step before's), Commit,
+  // and finishing requests (Free).
   double plan_ms = 0.0;
   double enqueue_ms = 0.0;
   double append_calls_ms = 0.0;  // Of enqueue_ms: the Append calls.
@@ -134,6 +143,7 @@ class Scheduler {
             std::vector<TraceRequest> requests, SchedulerOptions options);
   ~Scheduler();
 
+  // Every request finished or rejected and every step waited for.
   bool Done() const;
   absl::Status Step();
   const ReplayStats& stats() const { return stats_; }
@@ -148,6 +158,9 @@ class Scheduler {
     int64_t accepted = 0;  // Tokens Commit keeps.
   };
 
+  // Waits for steps in flight until at most `keep` remain, adding their
+  // timing to the stats.
+  absl::Status WaitSteps(size_t keep);
   void Arrive();
   // The running requests' entries, oldest first, within *budget; those
   // still loading their prefix sit out unless include_loading.
@@ -173,6 +186,9 @@ class Scheduler {
   int64_t sample_every_ = 1;
   std::deque<std::unique_ptr<Request>> waiting_;
   std::vector<std::unique_ptr<Request>> running_;  // Admission order.
+  // Per step in flight (oldest first): whether its plan waited for an
+  // offload (tier_offloads_waited grew).
+  std::deque<bool> in_flight_waited_;
   ReplayStats stats_;
 };
 

@@ -255,6 +255,89 @@ TEST(ReplaySchedulerTest, DeviceHitsOnAnOnboardInFlightSitOutToo) {
   EXPECT_GE(s.onboard_deferrals, 2);
 }
 
+// Pipelined steps (the host plans step N+1 before waiting for step N) make
+// the same manager calls in the same order as steps that each wait for their
+// own kernels: the same tokens, hits, preemptions and gathered bytes, and
+// every step's timing is collected by the end.
+TEST(ReplaySchedulerTest, PipelinedStepsMatchWaitedSteps) {
+  for (int64_t blocks : {512, 24}) {  // Roomy, and preempting.
+    SCOPED_TRACE(blocks);
+    SchedulerOptions waited = Options();
+    waited.pipeline = false;
+    Harness a(blocks, waited);
+    a.RunToEnd();
+    Harness b(blocks, Options());
+    ASSERT_TRUE(Options().pipeline);
+    b.RunToEnd();
+    const ReplayStats& x = a.scheduler->stats();
+    const ReplayStats& y = b.scheduler->stats();
+    EXPECT_EQ(y.requests_finished, 12);
+    EXPECT_EQ(y.steps, x.steps);
+    EXPECT_EQ(y.prefill_tokens, x.prefill_tokens);
+    EXPECT_EQ(y.recompute_tokens, x.recompute_tokens);
+    EXPECT_EQ(y.decode_tokens, x.decode_tokens);
+    EXPECT_EQ(y.prefix_hit_tokens, x.prefix_hit_tokens);
+    EXPECT_EQ(y.preemptions, x.preemptions);
+    EXPECT_EQ(y.peak_blocks_in_use, x.peak_blocks_in_use);
+    EXPECT_EQ(y.error.samples, x.error.samples);
+    EXPECT_EQ(y.error.tokens, x.error.tokens);
+    EXPECT_EQ(y.error.error_sq, x.error.error_sq);
+    EXPECT_EQ(b.manager->Metrics().evictions, a.manager->Metrics().evictions);
+    EXPECT_EQ(b.manager->Metrics().tokens_appended,
+              a.manager->Metrics().tokens_appended);
+    EXPECT_EQ(b.writer->steps_in_flight(), 0);
+    EXPECT_GT(y.kernel_ms, 0.0);
+    EXPECT_GE(y.device_ms, y.kernel_ms);
+  }
+}
+
+// The writer keeps at most kMaxStepsInFlight steps enqueued; WaitStep takes
+// them oldest first, and refuses when none is in flight.
+TEST(ReplaySchedulerTest, WriterKeepsAtMostTwoStepsInFlight) {
+  static_assert(KvWriter::kMaxStepsInFlight == 2);
+  Harness h(/*num_blocks=*/64, Options());
+  KVCacheManager& m = *h.manager;
+  std::vector<TokenId> prompt(40);
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = 11 + i;
+  ASSERT_TRUE(m.AddSequence(1, prompt).ok());
+  auto step = [&](int64_t begin, int64_t n) -> absl::Status {
+    absl::StatusOr<StepPlanInfo> plan = m.Reserve({{1, {}, n}});
+    if (!plan.ok()) return plan.status();
+    std::vector<TokenAt> tokens;
+    for (int64_t p = begin; p < begin + n; ++p)
+      tokens.push_back({prompt[p], p});
+    if (absl::Status s = h.writer->MarkPlanStart(false); !s.ok()) {
+      m.Abort(plan->id).IgnoreError();
+      return s;
+    }
+    absl::StatusOr<double> host_ms = h.writer->AppendStep(plan->id, tokens);
+    if (!host_ms.ok()) {
+      m.Abort(plan->id).IgnoreError();
+      return host_ms.status();
+    }
+    return m.Commit(plan->id);
+  };
+  EXPECT_TRUE(absl::IsFailedPrecondition(h.writer->WaitStep().status()));
+  ASSERT_TRUE(step(0, 10).ok());
+  ASSERT_TRUE(step(10, 10).ok());
+  EXPECT_EQ(h.writer->steps_in_flight(), 2);
+  const absl::Status third = step(20, 10);
+  EXPECT_TRUE(absl::IsFailedPrecondition(third)) << third;
+  EXPECT_NE(third.message().find("2 steps are in flight"), std::string::npos)
+      << third;
+  EXPECT_EQ(m.SequenceLength(1).value(), 20);  // The refused step rolled back.
+  ASSERT_TRUE(h.writer->WaitStep().ok());
+  ASSERT_TRUE(step(20, 10).ok());
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<AppendTiming> t = h.writer->WaitStep();
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_GE(t->device_ms, t->kernel_ms);
+  }
+  EXPECT_EQ(h.writer->steps_in_flight(), 0);
+  EXPECT_TRUE(absl::IsFailedPrecondition(h.writer->WaitStep().status()));
+  EXPECT_EQ(m.Metrics().tokens_appended, kLayers * 30);
+}
+
 TEST(ReplaySchedulerTest, ArrivalsFollowTimestamps) {
   SchedulerOptions options = Options();
   options.back_to_back = false;

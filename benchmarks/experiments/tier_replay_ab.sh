@@ -14,6 +14,7 @@
 #   w...     --pipeline=false (each step waits for its kernels before the
 #            next is planned), e.g. wnotier
 #   g...     --cuda_graph, e.g. gengines or wgengines
+#   ...@N    --steps_in_flight=N, e.g. engines@3
 # Default RUNS: notier engines wnotier wengines. MAX_REQUESTS (default 0: all
 # 12,031) shortens the replay; TIMEOUT (s, default 150) bounds each run;
 # EXTRA_FLAGS go to every run. One log per run, and a summary of hit rate,
@@ -37,6 +38,10 @@ for run in "${runs[@]}"; do
   i=$((i + 1))
   flags=()
   name="$run"
+  if [[ "$name" == *@* ]]; then
+    flags+=(--steps_in_flight="${name#*@}")
+    name="${name%@*}"
+  fi
   if [[ "$name" == w* ]]; then flags+=(--pipeline=false); name="${name#w}"; fi
   if [[ "$name" == g* ]]; then flags+=(--cuda_graph); name="${name#g}"; fi
   case "$name" in

@@ -24,28 +24,36 @@ double ErrorTotals::RelativeL2() const {
   return reference_sq > 0.0 ? std::sqrt(error_sq / reference_sq) : 0.0;
 }
 
-KvWriter::KvWriter(KVCacheManager* manager, Device* device, int64_t max_tokens)
+KvWriter::KvWriter(KVCacheManager* manager, Device* device, int64_t max_tokens,
+                   int max_steps_in_flight)
     : manager_(manager),
       device_(device),
       config_(manager->config()),
       synthetic_(
           config_.input_dtype, config_.num_kv_heads, config_.head_size,
           config_.head_size_v != 0 ? config_.head_size_v : config_.head_size),
-      max_tokens_(max_tokens) {
+      max_tokens_(max_tokens),
+      sets_(max_steps_in_flight) {
   k_row_ = static_cast<int64_t>(config_.num_kv_heads) * config_.head_size;
   v_row_ = static_cast<int64_t>(config_.num_kv_heads) *
            (config_.head_size_v != 0 ? config_.head_size_v : config_.head_size);
 }
 
 absl::StatusOr<std::unique_ptr<KvWriter>> KvWriter::Create(
-    KVCacheManager* manager, Device* device, int64_t max_tokens) {
+    KVCacheManager* manager, Device* device, int64_t max_tokens,
+    int max_steps_in_flight) {
+  if (max_steps_in_flight < 1 || max_steps_in_flight > 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_steps_in_flight ", max_steps_in_flight, " is not in [1, 8]"));
+  }
   const DType input = manager->config().input_dtype;
   if (input != DType::kBFloat16 && input != DType::kFloat16) {
     return absl::InvalidArgumentError(
         absl::StrCat("replay input_dtype ", DTypeName(input),
                      " is not bfloat16 or float16"));
   }
-  std::unique_ptr<KvWriter> w(new KvWriter(manager, device, max_tokens));
+  std::unique_ptr<KvWriter> w(
+      new KvWriter(manager, device, max_tokens, max_steps_in_flight));
   const bool cuda = device->kind() == DeviceKind::kCuda;
   const int layers = w->config_.num_layers;
   // K then V per token, like a slice of a fused QKV output.
@@ -86,7 +94,7 @@ absl::Status KvWriter::InitDevice(size_t bytes) {
   for (auto [buffer, size, pinned] :
        {std::make_tuple(&device_table_, table_bytes, false),
         std::make_tuple(&token_staging_,
-                        std::max(kMaxStepsInFlight * token_bytes, table_bytes),
+                        std::max(sets_.size() * token_bytes, table_bytes),
                         true),
         std::make_tuple(&device_tokens_, token_bytes, false),
         std::make_tuple(&input_, bytes, false)}) {
@@ -131,7 +139,7 @@ absl::Status KvWriter::FillOnDevice(int layer, int64_t num_tokens,
 
 absl::Status KvWriter::UploadTokens(int set, absl::Span<const TokenAt> tokens,
                                     int64_t padded, void* stream) {
-  // The set's previous upload (kMaxStepsInFlight steps ago) must be done
+  // The set's previous upload (max_steps_in_flight() steps ago) must be done
   // before its staging is rewritten.
   const Event& uploaded = sets_[set].tokens_uploaded;
   if (absl::Status s = device_->SynchronizeEvent(uploaded); !s.ok()) {
@@ -165,10 +173,10 @@ absl::Status KvWriter::UploadTokens(int set, absl::Span<const TokenAt> tokens,
 }
 
 absl::StatusOr<KvWriter::StepSet*> KvWriter::NextSet() {
-  if (static_cast<int>(in_flight_.size()) >= kMaxStepsInFlight) {
+  if (in_flight_.size() >= sets_.size()) {
     return absl::FailedPreconditionError(
         absl::StrCat(in_flight_.size(), " steps are in flight, at most ",
-                     kMaxStepsInFlight, ": WaitStep first"));
+                     sets_.size(), ": WaitStep first"));
   }
   return &sets_[next_set_];
 }
@@ -278,7 +286,7 @@ absl::StatusOr<double> KvWriter::AppendStep(uint64_t plan_id,
   set.graph = false;
   set.host_ms = host_ms;
   in_flight_.push_back(next_set_);
-  next_set_ = (next_set_ + 1) % kMaxStepsInFlight;
+  next_set_ = (next_set_ + 1) % max_steps_in_flight();
   return host_ms;
 }
 
@@ -357,7 +365,7 @@ absl::StatusOr<double> KvWriter::GraphStep(uint64_t plan_id,
   set.graph = true;
   set.host_ms = MillisSince(start);
   in_flight_.push_back(next_set_);
-  next_set_ = (next_set_ + 1) % kMaxStepsInFlight;
+  next_set_ = (next_set_ + 1) % max_steps_in_flight();
   return set.host_ms;
 }
 

@@ -6,8 +6,8 @@
 //
 // Steps in flight: AppendStep and GraphStep enqueue a step and return; its
 // timing comes from WaitStep, which waits for the oldest step enqueued. Up to
-// kMaxStepsInFlight steps may be enqueued and not yet waited for (each has
-// its own timing events and token staging), so the caller can plan and
+// max_steps_in_flight() steps may be enqueued and not yet waited for (each
+// has its own timing events and token staging), so the caller can plan and
 // commit step N+1 while the device runs step N. On the CPU every step has
 // finished when AppendStep returns.
 //
@@ -17,7 +17,6 @@
 #ifndef KVCACHE_BENCHMARKS_REPLAY_KV_WRITER_H_
 #define KVCACHE_BENCHMARKS_REPLAY_KV_WRITER_H_
 
-#include <array>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -57,21 +56,21 @@ struct ErrorTotals {
 
 class KvWriter {
  public:
-  // `max_tokens`: most tokens one step appends.
+  // `max_tokens`: most tokens one step appends; `max_steps_in_flight`: steps
+  // enqueued and not yet waited for, in [1, 8].
   static absl::StatusOr<std::unique_ptr<KvWriter>> Create(
-      KVCacheManager* manager, Device* device, int64_t max_tokens);
-
-  static constexpr int kMaxStepsInFlight = 2;
+      KVCacheManager* manager, Device* device, int64_t max_tokens,
+      int max_steps_in_flight = 2);
 
   // Records the start of the next step's plan on the stream the step will
   // run on (the graph stream when `graph`), for AppendTiming::before_ms. CUDA
-  // only (a no-op on the CPU). FailedPrecondition when kMaxStepsInFlight
+  // only (a no-op on the CPU). FailedPrecondition when max_steps_in_flight()
   // steps are in flight.
   absl::Status MarkPlanStart(bool graph);
 
   // Enqueues all layers of `tokens` (the plan's tokens, in batch order) and
   // returns the host time of the Append calls in ms. FailedPrecondition when
-  // kMaxStepsInFlight steps are in flight.
+  // max_steps_in_flight() steps are in flight.
   absl::StatusOr<double> AppendStep(uint64_t plan_id,
                                     absl::Span<const TokenAt> tokens);
 
@@ -89,6 +88,7 @@ class KvWriter {
   // FailedPrecondition when none is in flight.
   absl::StatusOr<AppendTiming> WaitStep();
   int steps_in_flight() const { return static_cast<int>(in_flight_.size()); }
+  int max_steps_in_flight() const { return static_cast<int>(sets_.size()); }
 
   // The stream graph steps run on (made by the first call; blocking, so
   // ordered with the legacy default stream the other steps use).
@@ -112,7 +112,8 @@ class KvWriter {
   int64_t BytesPerToken() const;
 
  private:
-  KvWriter(KVCacheManager* manager, Device* device, int64_t max_tokens);
+  KvWriter(KVCacheManager* manager, Device* device, int64_t max_tokens,
+           int max_steps_in_flight);
   // The events and token staging of one step in flight; the sets are used in
   // turn.
   struct StepSet {
@@ -163,7 +164,7 @@ class KvWriter {
   // stream blocks with the legacy default stream).
   Buffer device_tokens_;
   Buffer input_;
-  std::array<StepSet, kMaxStepsInFlight> sets_;
+  std::vector<StepSet> sets_;
   int next_set_ = 0;
   std::deque<int> in_flight_;  // Sets of the steps in flight, oldest first.
   Buffer gather_out_;

@@ -82,6 +82,9 @@ ABSL_FLAG(bool, pipeline, true,
           "most two steps in flight), as an engine's asynchronous scheduling "
           "does; false: wait for each step's kernels before its Commit and "
           "the next plan.");
+ABSL_FLAG(int, steps_in_flight, 2,
+          "--pipeline: steps enqueued before the host waits for the oldest, "
+          "in [2, 8] (2: the host plans one step ahead).");
 ABSL_FLAG(int, spec_tokens, 0,
           "Speculative decoding: draft tokens reserved per decode step; "
           "accepted = 1 + (request + step) % (k + 1) of the 1 + k tokens "
@@ -275,8 +278,15 @@ absl::Status Run() {
   absl::StatusOr<std::unique_ptr<KVCacheManager>> manager =
       KVCacheManager::Create(*config);
   if (!manager.ok()) return manager.status();
+  const int steps_in_flight = absl::GetFlag(FLAGS_steps_in_flight);
+  if (steps_in_flight < 2 || steps_in_flight > 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--steps_in_flight ", steps_in_flight, " is not in [2, 8]"));
+  }
+  const bool pipeline = absl::GetFlag(FLAGS_pipeline);
   absl::StatusOr<std::unique_ptr<KvWriter>> writer = KvWriter::Create(
-      manager->get(), device.get(), absl::GetFlag(FLAGS_token_budget));
+      manager->get(), device.get(), absl::GetFlag(FLAGS_token_budget),
+      pipeline ? steps_in_flight : 1);
   if (!writer.ok()) return writer.status();
 
   SchedulerOptions options;
@@ -288,7 +298,8 @@ absl::Status Run() {
   options.attention = absl::GetFlag(FLAGS_attention);
   options.spec_tokens = absl::GetFlag(FLAGS_spec_tokens);
   options.cuda_graph = absl::GetFlag(FLAGS_cuda_graph);
-  options.pipeline = absl::GetFlag(FLAGS_pipeline);
+  options.pipeline = pipeline;
+  options.steps_in_flight = steps_in_flight;
   options.async_onboard = absl::GetFlag(FLAGS_async_onboard);
   if (options.spec_tokens < 0) {
     return absl::InvalidArgumentError(
@@ -323,6 +334,7 @@ absl::Status Run() {
   report.spec_tokens = options.spec_tokens;
   report.cuda_graph = options.cuda_graph;
   report.pipeline = options.pipeline;
+  report.steps_in_flight = options.steps_in_flight;
   report.async_onboard = options.async_onboard;
   std::fputs(ReportText(report).c_str(), stdout);
   const std::string json_path = absl::GetFlag(FLAGS_json);

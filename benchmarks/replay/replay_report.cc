@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 
@@ -179,11 +181,13 @@ std::string ReportText(const ReplayReport& r) {
   absl::StrAppendFormat(
       &out,
       "  step time by part     plan %.3f s, enqueue %.3f s (Append calls "
-      "%.3f s), wait for kernels %.3f s (--pipeline %s), commit %.3f s, "
-      "finish %.3f s\n",
+      "%.3f s), wait for kernels %.3f s (%s), commit %.3f s, finish %.3f "
+      "s\n",
       r.plan_s, r.enqueue_s, r.append_calls_s, r.wait_s,
-      r.pipeline ? "on: each step's wait is for the step before"
-                 : "off: each step waits for its own",
+      r.pipeline ? absl::StrCat("--pipeline on: up to ", r.steps_in_flight,
+                                " steps in flight, the host waits for the "
+                                "oldest")
+                 : std::string("--pipeline off: each step waits for its own"),
       r.commit_s, r.finish_s);
   absl::StrAppendFormat(
       &out,
@@ -265,6 +269,7 @@ std::string ReportJson(const ReplayReport& r) {
       {"device_before_s", r.device_before_s},
       {"steps_waited", r.steps_waited},
       {"pipeline", r.pipeline},
+      {"steps_in_flight", r.steps_in_flight},
       {"cuda_graph", r.cuda_graph},
       {"decode_steps", r.decode_steps},
       {"graph_steps", r.graph_steps},

@@ -72,6 +72,7 @@ struct ReplayReport {
   int64_t steps_waited = 0;
   // --pipeline: the host planned each step while the step before ran.
   bool pipeline = true;
+  int steps_in_flight = 2;
   // Steps of decode tokens only, and how many ran in a CUDA graph
   // (--cuda_graph).
   bool cuda_graph = false;

@@ -416,7 +416,10 @@ absl::Status Scheduler::Step() {
   if (decode_only) stats_.decode_step_host_ms.push_back(host_ms);
   stats_.simulated_ms = now_ms_;
   // Pipelined, this step stays in flight while the next one is planned.
-  return WaitSteps(options_.pipeline ? 1 : 0);
+  if (!options_.pipeline) return WaitSteps(0);
+  const int depth =
+      std::min(options_.steps_in_flight, writer_->max_steps_in_flight());
+  return WaitSteps(static_cast<size_t>(std::max(depth - 1, 0)));
 }
 
 }  // namespace kvcache::replay

@@ -15,12 +15,14 @@
 //   5. KvWriter appends every layer; Commit. A request that has decoded
 //      output_length tokens is freed (after an optional quantization-error
 //      sample of one committed block).
-//   6. With pipeline (the default), the step returns once the step before
-//      it has finished on the device, so the host plans, enqueues and
-//      commits step N+1 while the device runs step N, as an engine's
-//      asynchronous scheduling does (nothing the host decides depends on a
-//      step's device results: the tokens come from the trace). Without it,
-//      each step waits for its own kernels before its Commit.
+//   6. With pipeline (the default), the step returns while up to
+//      steps_in_flight - 1 steps (itself included) have not finished on the
+//      device: with 2, the host plans, enqueues and commits step N+1 while
+//      the device runs step N, as an engine's asynchronous scheduling does
+//      (nothing the host decides depends on a step's device results: the
+//      tokens come from the trace). Without it, each step waits for its own
+//      kernels before its Commit. The manager calls and their order are the
+//      same either way.
 // A request that cannot fit in the whole pool (prompt + output) is rejected
 // and counted.
 //
@@ -69,8 +71,11 @@ struct SchedulerOptions {
   // Steps of decode tokens only run as graph steps (ReserveGraphStep padded
   // to the next power of two, at most max_running; KvWriter::GraphStep).
   bool cuda_graph = false;
-  // Plan step N+1 while the device runs step N (step 6 above).
+  // Plan step N+1 while the device runs step N (step 6 above), with at most
+  // steps_in_flight steps enqueued (capped by the writer's
+  // max_steps_in_flight).
   bool pipeline = true;
+  int steps_in_flight = 2;
   // A request whose prefix hit is still being onboarded from the host tier
   // (KVCacheManager::PrefixLoaded false) sits out the steps until it lands,
   // as an engine's asynchronous KV loading does, unless every running

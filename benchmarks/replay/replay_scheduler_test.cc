@@ -2,8 +2,10 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "api/kv_cache_manager.h"
 #include "api/kv_cache_manager_test_peer.h"
@@ -59,7 +61,8 @@ struct Harness {
       config.tier_hold_offloads = false;
     }
     manager = KVCacheManager::Create(config).value();
-    writer = KvWriter::Create(manager.get(), device.get(), options.token_budget)
+    writer = KvWriter::Create(manager.get(), device.get(), options.token_budget,
+                              options.pipeline ? options.steps_in_flight : 1)
                  .value();
     scheduler = std::make_unique<Scheduler>(manager.get(), writer.get(),
                                             std::move(trace), options);
@@ -260,14 +263,19 @@ TEST(ReplaySchedulerTest, DeviceHitsOnAnOnboardInFlightSitOutToo) {
 // own kernels: the same tokens, hits, preemptions and gathered bytes, and
 // every step's timing is collected by the end.
 TEST(ReplaySchedulerTest, PipelinedStepsMatchWaitedSteps) {
-  for (int64_t blocks : {512, 24}) {  // Roomy, and preempting.
-    SCOPED_TRACE(blocks);
+  for (auto [blocks, depth] : {std::pair<int64_t, int>{512, 2},
+                               {24, 2},
+                               {24, 3}}) {  // Roomy, and preempting.
+    SCOPED_TRACE(absl::StrCat(blocks, " blocks, ", depth, " in flight"));
     SchedulerOptions waited = Options();
     waited.pipeline = false;
     Harness a(blocks, waited);
     a.RunToEnd();
-    Harness b(blocks, Options());
-    ASSERT_TRUE(Options().pipeline);
+    SchedulerOptions piped = Options();
+    ASSERT_TRUE(piped.pipeline);
+    piped.steps_in_flight = depth;
+    Harness b(blocks, piped);
+    ASSERT_EQ(b.writer->max_steps_in_flight(), depth);
     b.RunToEnd();
     const ReplayStats& x = a.scheduler->stats();
     const ReplayStats& y = b.scheduler->stats();
@@ -291,11 +299,11 @@ TEST(ReplaySchedulerTest, PipelinedStepsMatchWaitedSteps) {
   }
 }
 
-// The writer keeps at most kMaxStepsInFlight steps enqueued; WaitStep takes
-// them oldest first, and refuses when none is in flight.
+// The writer keeps at most max_steps_in_flight steps enqueued; WaitStep
+// takes them oldest first, and refuses when none is in flight.
 TEST(ReplaySchedulerTest, WriterKeepsAtMostTwoStepsInFlight) {
-  static_assert(KvWriter::kMaxStepsInFlight == 2);
   Harness h(/*num_blocks=*/64, Options());
+  ASSERT_EQ(h.writer->max_steps_in_flight(), 2);
   KVCacheManager& m = *h.manager;
   std::vector<TokenId> prompt(40);
   for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = 11 + i;

@@ -69,6 +69,10 @@ ReplayReport MakeReport(const ReplayStats& stats,
   r.host_ms_p99 = Percentile(stats.step_host_ms, 99.0);
   for (double ms : stats.step_host_ms) r.host_s_total += ms / 1000.0;
   r.plan_s = stats.plan_ms / 1e3;
+  r.plan_add_s = stats.plan_add_ms / 1e3;
+  r.plan_can_reserve_s = stats.plan_can_reserve_ms / 1e3;
+  r.plan_reserve_s = stats.plan_reserve_ms / 1e3;
+  r.plan_loaded_s = stats.plan_loaded_ms / 1e3;
   r.enqueue_s = stats.enqueue_ms / 1e3;
   r.append_calls_s = stats.append_calls_ms / 1e3;
   r.wait_s = stats.wait_ms / 1e3;
@@ -191,6 +195,13 @@ std::string ReportText(const ReplayReport& r) {
       r.commit_s, r.finish_s);
   absl::StrAppendFormat(
       &out,
+      "  plan by call          AddSequence %.3f s, CanReserve %.3f s, Reserve "
+      "%.3f s, PrefixLoaded %.3f s, the rest %.3f s\n",
+      r.plan_add_s, r.plan_can_reserve_s, r.plan_reserve_s, r.plan_loaded_s,
+      r.plan_s - r.plan_add_s - r.plan_can_reserve_s - r.plan_reserve_s -
+          r.plan_loaded_s);
+  absl::StrAppendFormat(
+      &out,
       "  device time of steps  %.3f s: beyond the Appends %.3f s in the %d "
       "steps that waited for an offload, %.3f s in the others; before the "
       "steps %.3f s (from each plan's start: the plan, and host-tier copies "
@@ -258,6 +269,10 @@ std::string ReportJson(const ReplayReport& r) {
       {"host_ms_per_step_p99", r.host_ms_p99},
       {"host_s_total", r.host_s_total},
       {"plan_s", r.plan_s},
+      {"plan_add_s", r.plan_add_s},
+      {"plan_can_reserve_s", r.plan_can_reserve_s},
+      {"plan_reserve_s", r.plan_reserve_s},
+      {"plan_loaded_s", r.plan_loaded_s},
       {"enqueue_s", r.enqueue_s},
       {"append_calls_s", r.append_calls_s},
       {"wait_s", r.wait_s},

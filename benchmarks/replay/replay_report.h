@@ -60,6 +60,11 @@ struct ReplayReport {
   double host_s_total = 0.0;  // Sum over steps.
   // The steps' wall time by part (ReplayStats::plan_ms and the rest), s.
   double plan_s = 0.0;
+  // Of plan_s: AddSequence, CanReserve, Reserve and PrefixLoaded.
+  double plan_add_s = 0.0;
+  double plan_can_reserve_s = 0.0;
+  double plan_reserve_s = 0.0;
+  double plan_loaded_s = 0.0;
   double enqueue_s = 0.0;
   double append_calls_s = 0.0;  // Of enqueue_s.
   double wait_s = 0.0;

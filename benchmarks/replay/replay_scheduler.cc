@@ -104,7 +104,9 @@ void Scheduler::Arrive() {
 
 absl::StatusOr<bool> Scheduler::StillLoading(Request* r) {
   if (!r->loading) return false;
+  const Clock::time_point start = Clock::now();
   absl::StatusOr<bool> loaded = manager_->PrefixLoaded(r->sequence);
+  stats_.plan_loaded_ms += MillisSince(start);
   if (!loaded.ok()) return loaded.status();
   r->loading = !*loaded;
   return r->loading;
@@ -158,15 +160,19 @@ absl::Status Scheduler::AdmitWaiting(std::vector<Entry>* entries,
     if (r->tokens.empty()) r->tokens = TracePrompt(*r->trace);
     const SequenceId id = next_sequence_id_++;
     PrefixHits hits;
+    const Clock::time_point add_start = Clock::now();
     absl::StatusOr<int64_t> hit =
         manager_->AddSequence(id, r->tokens, {}, &hits);
+    stats_.plan_add_ms += MillisSince(add_start);
     if (!hit.ok()) return hit.status();
     const int64_t n =
         std::min(static_cast<int64_t>(r->tokens.size()) - *hit, *budget);
     entries->push_back({r, n, /*decode=*/false, 0, n});
     r->sequence = id;
     r->computed = *hit;
+    const Clock::time_point can_start = Clock::now();
     const absl::Status fits = manager_->CanReserve(ToReserve(*entries));
+    stats_.plan_can_reserve_ms += MillisSince(can_start);
     if (absl::IsResourceExhausted(fits)) {
       entries->pop_back();
       r->sequence = 0;
@@ -316,6 +322,7 @@ absl::Status Scheduler::Step() {
     if (absl::Status s = writer_->MarkPlanStart(padded > 0); !s.ok()) {
       return s;
     }
+    const Clock::time_point reserve_start = Clock::now();
     if (padded > 0) {
       absl::StatusOr<void*> stream = writer_->stream();
       if (!stream.ok()) return stream.status();
@@ -323,6 +330,7 @@ absl::Status Scheduler::Step() {
     } else {
       plan = manager_->Reserve(ToReserve(entries));
     }
+    stats_.plan_reserve_ms += MillisSince(reserve_start);
     if (plan.ok()) break;
     if (!absl::IsResourceExhausted(plan.status())) return plan.status();
     if (absl::Status s = Preempt(&entries); !s.ok()) return s;

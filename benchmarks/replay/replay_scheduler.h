@@ -106,6 +106,12 @@ struct ReplayStats {
   // kernels (the step's own, or with pipeline the step before's), Commit,
   // and finishing requests (Free).
   double plan_ms = 0.0;
+  // Of plan_ms, the manager calls: AddSequence, CanReserve, Reserve (or
+  // ReserveGraphStep, with preemptions' retries) and PrefixLoaded.
+  double plan_add_ms = 0.0;
+  double plan_can_reserve_ms = 0.0;
+  double plan_reserve_ms = 0.0;
+  double plan_loaded_ms = 0.0;
   double enqueue_ms = 0.0;
   double append_calls_ms = 0.0;  // Of enqueue_ms: the Append calls.
   double wait_ms = 0.0;

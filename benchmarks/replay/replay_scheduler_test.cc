@@ -385,6 +385,9 @@ TEST(ReplaySchedulerTest, JsonReportParsesAndHasEveryField) {
                           "total_blocks",
                           "host_ms_per_step_median",
                           "host_ms_per_step_p99",
+                          "plan_s",
+                          "plan_add_s",
+                          "plan_reserve_s",
                           "kernel_s",
                           "append_gb_per_s",
                           "quant_rel_l2_error",
@@ -400,6 +403,13 @@ TEST(ReplaySchedulerTest, JsonReportParsesAndHasEveryField) {
   EXPECT_GT(j["append_gb_per_s"].get<double>(), 0.0);
   EXPECT_GT(j["prefix_hit_rate"].get<double>(), 0.0);
   EXPECT_NE(ReportText(report).find("preemptions"), std::string::npos);
+  // The plan's calls are part of it.
+  const ReplayStats& s = h.scheduler->stats();
+  EXPECT_GT(s.plan_add_ms, 0.0);
+  EXPECT_GT(s.plan_reserve_ms, 0.0);
+  EXPECT_LE(s.plan_add_ms + s.plan_can_reserve_ms + s.plan_reserve_ms +
+                s.plan_loaded_ms,
+            s.plan_ms);
 }
 
 }  // namespace

@@ -3,7 +3,8 @@
 Every .cu file is compiled by a genrule with `nvcc -O3 -std=c++17`, native code for each architecture
 in CUDA_ARCHS and PTX for the newest, and linked with the toolkit's static cudart. Without a toolkit
 the target is built from `stub_srcs` instead: plain C++ that reports "built without CUDA support" at
-run time, so everything that depends on it builds and tests unchanged.
+run time, so everything that depends on it builds and tests unchanged. So is it under
+--define=kvcache_cuda=off (//tools:cuda_off; tools/cuda_configure.bzl).
 """
 
 load("@local_cuda//:defs.bzl", "CUDA_ARCHS", "CUDA_AVAILABLE", "NVCC")
@@ -65,7 +66,10 @@ def cuda_library(name, srcs, hdrs = [], deps = [], stub_srcs = [], nvcc_hdrs = [
         objs.append(obj)
     native.cc_library(
         name = name,
-        srcs = objs + cc_srcs,
+        srcs = select({
+            "//tools:cuda_off": stub_srcs,
+            "//conditions:default": objs + cc_srcs,
+        }),
         hdrs = hdrs,
         deps = deps + ["@local_cuda//:cuda_runtime"],
         alwayslink = True,

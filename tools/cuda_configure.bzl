@@ -8,6 +8,11 @@ repository holds:
   //:defs.bzl       CUDA_AVAILABLE, NVCC, CUDA_ARCHS
 The architecture list defaults to 80,89,90 (native code for each, plus PTX for the newest) and is
 overridden from the command line with --repo_env=KVCACHE_CUDA_ARCHS=90 (comma separated).
+
+With --define=kvcache_cuda=off (//tools:cuda_off) a build behaves as if no toolkit were found:
+cuda_runtime and cuda_headers_lib are empty and cuda_library builds its stub sources. The
+sanitizer and fuzz configurations use it: they test host code, and nvcc would otherwise compile
+every kernel again for each of them.
 """
 
 _DEFAULT_ARCHS = "80,89,90"
@@ -46,9 +51,28 @@ filegroup(name = "cuda_headers")
     ctx.file("BUILD", """
 package(default_visibility = ["//visibility:public"])
 
+# --define=kvcache_cuda=off: as if no toolkit were found.
+alias(
+    name = "cuda_runtime",
+    actual = select({{
+        "@//tools:cuda_off": ":no_cuda",
+        "//conditions:default": ":cuda_runtime_lib",
+    }}),
+)
+
+alias(
+    name = "cuda_headers_lib",
+    actual = select({{
+        "@//tools:cuda_off": ":no_cuda",
+        "//conditions:default": ":cuda_headers_only_lib",
+    }}),
+)
+
+cc_library(name = "no_cuda")
+
 # CUDA runtime headers and the static runtime library of the toolkit at {root}.
 cc_library(
-    name = "cuda_runtime",
+    name = "cuda_runtime_lib",
     srcs = ["lib/libcudart_static.a"],
     hdrs = glob(["include/**/*.h", "include/**/*.hpp"]),
     includes = ["include"],
@@ -59,7 +83,7 @@ cc_library(
 
 # Headers only (no cudart): host code may include host-callable headers such as cuda_fp8.h.
 cc_library(
-    name = "cuda_headers_lib",
+    name = "cuda_headers_only_lib",
     hdrs = glob(["include/**/*.h", "include/**/*.hpp", "include/nv/**"]),
     includes = ["include"],
     defines = ["KVCACHE_HAVE_CUDA_HEADERS=1"],

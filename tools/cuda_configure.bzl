@@ -10,9 +10,9 @@ The architecture list defaults to 80,89,90 (native code for each, plus PTX for t
 overridden from the command line with --repo_env=KVCACHE_CUDA_ARCHS=90 (comma separated).
 
 With --define=kvcache_cuda=off (//tools:cuda_off) a build behaves as if no toolkit were found:
-cuda_runtime and cuda_headers_lib are empty and cuda_library builds its stub sources. The
-sanitizer and fuzz configurations use it: they test host code, and nvcc would otherwise compile
-every kernel again for each of them.
+cuda_runtime and cuda_headers_lib are empty and cuda_library builds its stub sources. The fuzz
+configuration uses it: the fuzzer drives the CPU backend, and nvcc would otherwise compile every
+kernel again in the fuzz build's own output tree.
 """
 
 _DEFAULT_ARCHS = "80,89,90"

@@ -283,11 +283,16 @@ absl::StatusOr<double> KvWriter::AppendStep(uint64_t plan_id,
     }
     host_ms += MillisSince(start);
   }
-  set.graph = false;
+  Enqueued(/*graph=*/false, host_ms);
+  return host_ms;
+}
+
+void KvWriter::Enqueued(bool graph, double host_ms) {
+  StepSet& set = sets_[next_set_];
+  set.graph = graph;
   set.host_ms = host_ms;
   in_flight_.push_back(next_set_);
   next_set_ = (next_set_ + 1) % max_steps_in_flight();
-  return host_ms;
 }
 
 KvWriter::~KvWriter() {
@@ -362,11 +367,9 @@ absl::StatusOr<double> KvWriter::GraphStep(uint64_t plan_id,
   if (absl::Status st = device_->RecordEvent(set.ends[0], *s); !st.ok()) {
     return st;
   }
-  set.graph = true;
-  set.host_ms = MillisSince(start);
-  in_flight_.push_back(next_set_);
-  next_set_ = (next_set_ + 1) % max_steps_in_flight();
-  return set.host_ms;
+  const double host_ms = MillisSince(start);
+  Enqueued(/*graph=*/true, host_ms);
+  return host_ms;
 }
 
 absl::StatusOr<double> KvWriter::AttentionStep(

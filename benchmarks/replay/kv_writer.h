@@ -131,6 +131,8 @@ class KvWriter {
   absl::Status InitDevice(size_t bytes);
   // The set the next step uses; FailedPrecondition while it is in flight.
   absl::StatusOr<StepSet*> NextSet();
+  // Marks the next set's step, just enqueued, in flight.
+  void Enqueued(bool graph, double host_ms);
   absl::Status UploadTokens(int set, absl::Span<const TokenAt> tokens,
                             int64_t padded = 0, void* stream = nullptr);
   absl::Status FillOnDevice(int layer, int64_t num_tokens,

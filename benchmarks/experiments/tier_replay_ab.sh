@@ -17,8 +17,10 @@
 #   ...@N    --steps_in_flight=N, e.g. engines@3
 # Default RUNS: notier engines wnotier wengines. MAX_REQUESTS (default 0: all
 # 12,031) shortens the replay; TIMEOUT (s, default 150) bounds each run;
-# EXTRA_FLAGS go to every run. One log per run, and a summary of hit rate,
-# tier traffic, wall time and the step-time split in LOG_DIR/summary.txt.
+# EXTRA_FLAGS go to every run; REPLAY names another replay binary (default
+# the bundle's tools/replay), so that two builds can alternate on one host.
+# One log per run, and a summary of hit rate, tier traffic, wall time and the
+# step-time split in LOG_DIR/summary.txt.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bundle="${KVCACHE_BUNDLE:-$(dirname "$here")}"
@@ -28,7 +30,7 @@ runs=("$@")
 [[ ${#runs[@]} -gt 0 ]] || runs=(notier engines wnotier wengines)
 mkdir -p "$logs"
 export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-replay=("$bundle/tools/replay" --backend=cuda
+replay=("${REPLAY:-$bundle/tools/replay}" --backend=cuda
         --trace="$bundle/data/mooncake_conversation_trace.jsonl"
         --max_requests="${MAX_REQUESTS:-0}" --num_layers=32 --num_kv_heads=8
         --head_size=128 --num_blocks=117560 --max_running=256
@@ -52,8 +54,8 @@ for run in "${runs[@]}"; do
   esac
   log="$logs/${i}_$run.log"
   timeout "${TIMEOUT:-150}" "${replay[@]}" "${flags[@]}" >"$log" 2>&1
-  echo "=== $i $run (${flags[*]}): exit $?" >>"$logs/summary.txt"
-  grep -E "prefix hit rate|host tier |tier offload|sat out|kernel time|step time by part|device time|wall time" \
+  echo "=== $i $run (${flags[*]}) ${REPLAY:+[$REPLAY]}: exit $?" >>"$logs/summary.txt"
+  grep -E "prefix hit rate|host tier |tier offload|sat out|kernel time|step time by part|plan by call|device time|wall time" \
     "$log" | sed 's/^/  /' >>"$logs/summary.txt"
 done
 cat "$logs/summary.txt"

@@ -9,10 +9,29 @@
 namespace kvcache {
 namespace internal {
 
-HostTier::HostTier(int32_t num_slots, int32_t block_size)
+namespace {
+
+// The filter's size: a power of two, at least `want` and at least 2 (an
+// index is the top log2(size) bits of a 64-bit product).
+size_t FilterSize(int32_t num_slots, int64_t want) {
+  if (want <= 0) want = int64_t{8} * num_slots;
+  size_t size = 2;
+  while (size < static_cast<size_t>(want)) size *= 2;
+  return size;
+}
+
+}  // namespace
+
+HostTier::HostTier(int32_t num_slots, int32_t block_size,
+                   int64_t filter_buckets)
     : num_slots_(num_slots),
       block_size_(block_size),
       table_(num_slots, std::random_device{}()),
+      filter_(FilterSize(num_slots, filter_buckets), 0),
+      filter_key_((static_cast<uint64_t>(std::random_device{}()) << 32 |
+                   std::random_device{}()) |
+                  1),
+      filter_shift_(64 - __builtin_ctzll(filter_.size())),
       entries_(num_slots),
       tokens_(static_cast<size_t>(num_slots) * block_size),
       state_(num_slots, kFree),
@@ -75,6 +94,8 @@ void HostTier::Store(int32_t s, const TierEntry& entry, const TokenId* tokens) {
   next_[last] = s;
   prev_[Head()] = s;
   table_.FindOrInsert(entry.hash, s);
+  uint8_t& count = filter_[FilterIndex(entry.hash)];
+  if (count != kFilterStuck) ++count;
   ++num_stored_;
 }
 
@@ -91,6 +112,9 @@ void HostTier::Unlink(int32_t s) {
   const bool erased = table_.Erase(entries_[s].hash);
   ABSL_ASSERT(erased);
   (void)erased;
+  uint8_t& count = filter_[FilterIndex(entries_[s].hash)];
+  ABSL_ASSERT(count > 0);
+  if (count != kFilterStuck) --count;
   --num_stored_;
 }
 
@@ -165,6 +189,18 @@ absl::Status HostTier::Validate() const {
     return absl::InternalError(
         absl::StrCat("host tier: ", listed, " slots listed, ", num_stored_,
                      " counted, ", table_.size(), " indexed"));
+  }
+  // Each filter counter: the stored hashes that map to it (or stuck).
+  std::vector<int32_t> expected(filter_.size(), 0);
+  for (int32_t s = next_[Head()]; s != Head(); s = next_[s]) {
+    ++expected[FilterIndex(entries_[s].hash)];
+  }
+  for (size_t b = 0; b < filter_.size(); ++b) {
+    if (filter_[b] != kFilterStuck && filter_[b] != expected[b]) {
+      return absl::InternalError(
+          absl::StrCat("host tier filter bucket ", b, " counts ", filter_[b],
+                       " hashes, ", expected[b], " are stored there"));
+    }
   }
   return absl::OkStatus();
 }

@@ -21,6 +21,11 @@
 //            InsertReserved registers the block there (its eviction) or
 //            Unreserve frees it (the copy went unused).
 //
+// Find first reads a small counting filter over the stored hashes (a byte
+// per bucket, 8 buckets a slot): most lookups are misses (every block that
+// becomes full on the device is looked up), and a zero counter answers them
+// without touching the table, a cache miss per lookup in a large tier.
+//
 // Fixed capacity: nothing allocates after construction. Not thread-safe.
 
 #ifndef KVCACHE_ALLOCATOR_HOST_TIER_H_
@@ -49,7 +54,9 @@ struct TierEntry {
 class HostTier {
  public:
   // May throw std::bad_alloc. REQUIRES: num_slots >= 1, block_size >= 1.
-  HostTier(int32_t num_slots, int32_t block_size);
+  // filter_buckets: the filter's counters (rounded up to a power of two, at
+  // least 2); 0 = 8 a slot. Tests pass 2 to saturate it.
+  HostTier(int32_t num_slots, int32_t block_size, int64_t filter_buckets = 0);
 
   HostTier(const HostTier&) = delete;
   HostTier& operator=(const HostTier&) = delete;
@@ -61,7 +68,10 @@ class HostTier {
   int32_t num_reserved() const { return num_reserved_; }
 
   // The slot registered under `hash`, or -1.
-  int32_t Find(const BlockHash& hash) const { return table_.Find(hash); }
+  int32_t Find(const BlockHash& hash) const {
+    if (filter_[FilterIndex(hash)] == 0) return -1;
+    return table_.Find(hash);
+  }
   // Exact confirmation, as PrefixCacheIndex::Matches. REQUIRES: slot stored.
   bool Matches(int32_t slot, uint64_t parent_id, const TokenId* tokens) const;
   const TierEntry& entry(int32_t slot) const { return entries_[slot]; }
@@ -121,12 +131,22 @@ class HostTier {
   void Unlink(int32_t slot);
   // Fills slot s (no longer free) as Insert.
   void Store(int32_t s, const TierEntry& entry, const TokenId* tokens);
+  size_t FilterIndex(const BlockHash& h) const {
+    return static_cast<size_t>(((h.low ^ h.high) * filter_key_) >>
+                               filter_shift_);
+  }
+  // A counter at kFilterStuck stays there (never decremented): it may
+  // overstate, never understate, how many stored hashes map to it.
+  static constexpr uint8_t kFilterStuck = 255;
 
   int32_t num_slots_;
   int32_t block_size_;
   int32_t num_stored_ = 0;
   int32_t num_reserved_ = 0;
   BlockHashTable table_;
+  std::vector<uint8_t> filter_;  // Stored hashes per bucket (saturating).
+  uint64_t filter_key_;          // Odd, random: buckets cannot be aimed at.
+  int filter_shift_;             // 64 - log2(filter_.size()).
   std::vector<TierEntry> entries_;
   std::vector<TokenId> tokens_;
   std::vector<State> state_;

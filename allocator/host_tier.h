@@ -26,7 +26,8 @@
 // becomes full on the device is looked up), and a zero counter answers them
 // without touching the table, a cache miss per lookup in a large tier.
 //
-// Fixed capacity: nothing allocates after construction. Not thread-safe.
+// Fixed capacity: nothing allocates after construction (but Validate, which
+// recounts the filter's buckets in a scratch vector). Not thread-safe.
 
 #ifndef KVCACHE_ALLOCATOR_HOST_TIER_H_
 #define KVCACHE_ALLOCATOR_HOST_TIER_H_

@@ -11,11 +11,13 @@
 // into whole slot images there (a short device-to-device kernel), then one
 // cudaMemcpyBatchAsync moves each image's covered bytes to its slot (a
 // descriptor per segment the runs cover, neighbours merged:
-// AppendStagedCopies); an onboard does the reverse. The copy engines read
-// and write host memory with far less cost to the caller's kernels than a
-// kernel doing it (benchmarks/tier_interference_benchmark.cc), but a
-// descriptor per run (16 KiB) keeps them at a fraction of the link's speed:
-// whole slots (a block's every run, about 1 MiB) keep them near it.
+// AppendStagedCopies, with the batch in slot order: SortBySlot); an onboard
+// does the reverse. The copy engines read and write host memory with far
+// less cost to the caller's kernels than a kernel doing it
+// (benchmarks/tier_interference_benchmark.cc), but a descriptor per run (16
+// KiB) keeps them at a fraction of the link's speed: whole slots (a block's
+// every run, about 1 MiB) keep them near it, and each descriptor costs the
+// host about 0.45 us in the call (benchmarks/results/NOTES.md).
 //
 // A batch is described by its (device block, host slot) pairs alone, 8 bytes
 // a block: the runs of a block (where each layer's K, V and scale bytes lie
@@ -160,6 +162,8 @@ class CudaTierCopier final : public TierCopier {
     if (ring.capacity < bytes) KVCACHE_RETURN_IF_ERROR(Grow(ring, bytes));
     if (!by_kernel) KVCACHE_RETURN_IF_ERROR(EnsureStaging(l));
     std::memcpy(ring.copies, copies.data(), bytes);
+    // The copy engines: neighbouring slots one descriptor (SortBySlot).
+    if (!by_kernel) SortBySlot(absl::MakeSpan(ring.copies, copies.size()));
     KVCACHE_CUDA_RETURN_IF_ERROR(
         cudaEventRecord(caller_, static_cast<cudaStream_t>(after_stream)));
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(l.stream, caller_, 0));
@@ -181,7 +185,8 @@ class CudaTierCopier final : public TierCopier {
     if (by_kernel) {
       KVCACHE_RETURN_IF_ERROR(LaunchTierCopy(p, max_blocks_, l.stream));
     } else {
-      KVCACHE_RETURN_IF_ERROR(CopyThroughStaging(l, copies, p));
+      KVCACHE_RETURN_IF_ERROR(CopyThroughStaging(
+          l, absl::MakeConstSpan(ring.copies, copies.size()), p));
     }
     KVCACHE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ring.used, l.stream));
     ring.bytes = p.num_copies * slot_bytes();

@@ -29,6 +29,13 @@ std::vector<SlotSegment> SlotSegments(absl::Span<const TierRun> runs) {
   return segments;
 }
 
+void SortBySlot(absl::Span<TierPair> copies) {
+  std::sort(copies.begin(), copies.end(),
+            [](const TierPair& a, const TierPair& b) {
+              return a.host_slot < b.host_slot;
+            });
+}
+
 void AppendStagedCopies(absl::Span<const SlotSegment> segments,
                         absl::Span<const TierPair> copies, char* staging,
                         char* pool, int64_t slot_bytes,

@@ -122,6 +122,13 @@ struct StagedCopy {
   char* pool = nullptr;
   int64_t bytes = 0;
 };
+// Puts a batch's pairs in slot order. A batch is a set (no slot or block
+// twice), so the order is free; in slot order, slots handed out together are
+// neighbours in staging too, and AppendStagedCopies merges them into one copy
+// whatever order the batch listed them in (a prefix onboards head first; its
+// blocks were offloaded tail first, into ascending slots).
+void SortBySlot(absl::Span<TierPair> copies);
+
 // Appends to `out` the copies that move every segment of each image i to or
 // from slot copies[i].host_slot of `pool`, a copy per segment, merged with
 // the previous one where both sides continue it (a slot the runs tile,

@@ -73,6 +73,34 @@ class HostTier {
     if (filter_[FilterIndex(hash)] == 0) return -1;
     return table_.Find(hash);
   }
+  // Starts loading what the next inserts read (the prefix cache's evictions,
+  // which come in runs): the filter counter and table slot of `next_hash`,
+  // the slot it will take (the next free one, or when none is free the
+  // second oldest, which the insert after this call's drops), and for the
+  // oldest slot after that, its entry (read by the drop after next) and,
+  // the entry being cached by now in a run, its hash's table slot and
+  // counter.
+  void PrefetchInserts(const BlockHash& next_hash) const {
+    __builtin_prefetch(&filter_[FilterIndex(next_hash)], 1);
+    table_.Prefetch(next_hash);
+    if (!free_.empty()) {
+      const int32_t s = free_.back();
+      __builtin_prefetch(&entries_[s], 1);
+      __builtin_prefetch(&tokens_[static_cast<size_t>(s) * block_size_], 1);
+      return;
+    }
+    const int32_t oldest = next_[Head()];
+    if (oldest == Head()) return;
+    const int32_t second = next_[oldest];
+    if (second == Head()) return;
+    __builtin_prefetch(&tokens_[static_cast<size_t>(second) * block_size_], 1);
+    const BlockHash& h = entries_[second].hash;
+    __builtin_prefetch(&filter_[FilterIndex(h)], 1);
+    table_.Prefetch(h);
+    if (const int32_t third = next_[second]; third != Head()) {
+      __builtin_prefetch(&entries_[third], 1);
+    }
+  }
   // Exact confirmation, as PrefixCacheIndex::Matches. REQUIRES: slot stored.
   bool Matches(int32_t slot, uint64_t parent_id, const TokenId* tokens) const;
   const TierEntry& entry(int32_t slot) const { return entries_[slot]; }

@@ -26,6 +26,7 @@ PrefixCache::PrefixCache(const Options& options)
     offload_min_hits_ = options.offload_min_hits;
     hold_offloaded_ = options.hold_offloaded;
     meta_.resize(options.num_blocks);
+    tier_bits_.assign(options.num_blocks, TierBits(EventMeta{}));
     held_.resize(options.num_blocks);
     max_held_ = std::max<int64_t>(16, options.num_blocks / 64);
     ahead_window_ = std::clamp<int64_t>(options.offload_ahead_blocks, 0,
@@ -169,7 +170,7 @@ void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
     if (existing < 0) {
       pool.MarkHashed(b);  // Registered: chain_id is its content id.
       const BlockHash parent_hash = i == 0 ? BlockHash{} : s.hashes[i - 1];
-      if (tier_ != nullptr) meta_[b] = EventMeta{parent_hash, s.adapter_id};
+      if (tier_ != nullptr) SetMeta(b, EventMeta{parent_hash, s.adapter_id});
       if (observer_ != nullptr) {
         RecordStored(StoredBlock{
             b, h, parent_hash, i == 0, BlockMedium::kDevice, s.adapter_id,
@@ -204,21 +205,40 @@ BlockId PrefixCache::Evict(BlockPool& pool) {
     // before it is the oldest again), up to max_deferrals times.
     while (tier_ != nullptr && deferrals < max_deferrals) {
       const BlockId oldest = pool.OldestCached();
-      const EventMeta& m = meta_[oldest];
-      if (m.ahead_slot < 0 || m.ahead_batch <= offload_completed_) break;
+      if (!(tier_bits_[oldest] & kHasAhead) ||
+          meta_[oldest].ahead_batch <= offload_completed_) {
+        break;
+      }
       pool.Acquire(oldest);
       pool.Release(oldest);
       ++deferrals;
       ++stats_.evictions_deferred;
     }
     const BlockId b = pool.EvictOldest();
+    // Evictions come in runs (a prefill's new blocks), so the next victims'
+    // entries load while this one is handled: the next one's hash table
+    // slot (its ids loaded during this eviction in a run) and tier record,
+    // the one after it's ids and pool entry.
+    if (const BlockId next = pool.OldestCached(); next >= 0) {
+      index_.Prefetch(index_.hash(next));
+      if (tier_ != nullptr) {
+        __builtin_prefetch(&meta_[next]);
+        if (tier_bits_[next] & kSelected)
+          tier_->PrefetchInserts(index_.hash(next));
+      }
+      if (const BlockId after = pool.NewerCached(next); after >= 0) {
+        index_.PrefetchIds(after);
+        pool.Prefetch(after);
+      }
+    }
     if (observer_ != nullptr)
       RecordRemoved(index_.hash(b), BlockMedium::kDevice);
     bool held = false;
     if (tier_ != nullptr) {  // Before Erase: it reads the ids.
-      if (meta_[b].ahead_slot >= 0) {
+      const uint8_t bits = tier_bits_[b];
+      if (bits & kHasAhead) {
         OffloadFromAhead(b);  // Its copy is made (or on its way).
-      } else if (meta_[b].hits < offload_min_hits_) {
+      } else if (!(bits & kSelected)) {
         ++stats_.offloads_unselected;
       } else if (offload_budget_ <= 0) {
         // Over the in-flight budget: dropped rather than waited for.
@@ -294,7 +314,7 @@ void PrefixCache::ReleaseOffloaded(int64_t completed, BlockPool& pool,
 void PrefixCache::Clear(BlockPool& pool, SequenceTable& sequences) {
   for (BlockId b = 0; b < pool.num_blocks(); ++b) {
     if (!index_.registered(b)) continue;
-    if (tier_ != nullptr && meta_[b].ahead_slot >= 0) RetireAhead(b);
+    if (tier_ != nullptr && (tier_bits_[b] & kHasAhead)) RetireAhead(b);
     index_.Erase(b);
   }
   ahead_bookmark_ = -1;

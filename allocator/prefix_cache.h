@@ -235,7 +235,10 @@ class PrefixCache {
   void NoteHits(const Sequence& s) {
     if (tier_ == nullptr) return;
     for (BlockId b : s.blocks) {
-      if (b >= 0 && meta_[b].hits < kMaxHitCount) ++meta_[b].hits;
+      if (b >= 0 && meta_[b].hits < kMaxHitCount) {
+        ++meta_[b].hits;
+        SyncTierBits(b);
+      }
     }
   }
   // A device block's hit count (0 without a tier).
@@ -432,6 +435,25 @@ class PrefixCache {
   };
   static constexpr int64_t kKeptCopy = -1;
   std::vector<EventMeta> meta_;
+  // Two bits of each block's EventMeta, a byte a block: whether it has a
+  // copy ahead, and whether it is selected for offload (hits >=
+  // offload_min_hits_). Every eviction reads them for the oldest cached
+  // block and the offload-ahead walk for each block it passes, most of which
+  // have neither; here that is a read of 1 byte a block (115 KiB for 117,560
+  // blocks) instead of a cache miss into meta_ (40 bytes a block).
+  // SyncTierBits(b) after every change to meta_[b]; ValidateTier checks.
+  enum : uint8_t { kHasAhead = 1, kSelected = 2 };
+  std::vector<uint8_t> tier_bits_;
+  uint8_t TierBits(const EventMeta& m) const {
+    return (m.ahead_slot >= 0 ? kHasAhead : 0) |
+           (m.hits >= offload_min_hits_ ? kSelected : 0);
+  }
+  void SyncTierBits(BlockId b) { tier_bits_[b] = TierBits(meta_[b]); }
+  // Sets meta_[b] (its bits too).
+  void SetMeta(BlockId b, const EventMeta& m) {
+    meta_[b] = m;
+    SyncTierBits(b);
+  }
   // Offload ahead: the most blocks with a copy ahead (0 = off), how many
   // have one, the LRU walk's bookmark (the newest cached block it looked
   // at, with its epoch), this call's (not yet queued), the slots of unused

@@ -128,6 +128,7 @@ void PrefixCache::OffloadFromAhead(BlockId b) {
   const int32_t slot = m.ahead_slot;
   const int64_t batch = m.ahead_batch;
   m.ahead_slot = -1;
+  SyncTierBits(b);
   --num_ahead_;
   if (batch == kKeptCopy) --num_kept_;
   // Queued by an earlier call (OffloadAhead's copies are queued before the
@@ -147,6 +148,7 @@ void PrefixCache::RetireAhead(BlockId b) {
   }
   if (m.ahead_batch == kKeptCopy) --num_kept_;
   m.ahead_slot = -1;
+  SyncTierBits(b);
   --num_ahead_;
 }
 
@@ -155,6 +157,7 @@ void PrefixCache::KeepAsCopyAhead(BlockId b, int32_t slot) {
   EventMeta& m = meta_[b];
   m.ahead_slot = slot;
   m.ahead_batch = kKeptCopy;
+  SyncTierBits(b);
   ++num_ahead_;
   ++num_kept_;
 }
@@ -184,11 +187,13 @@ int64_t PrefixCache::OffloadAhead(BlockPool& pool, int64_t max_new) {
        ++looks, b = pool.NewerCached(b)) {
     ahead_bookmark_ = b;
     ahead_bookmark_epoch_ = pool.cached_epoch(b);
-    EventMeta& m = meta_[b];
-    if (m.ahead_slot >= 0 || m.hits < offload_min_hits_) continue;
+    // Selected, and no copy ahead yet.
+    if (tier_bits_[b] != kSelected) continue;
     if (!MakeRoomInTier()) break;
+    EventMeta& m = meta_[b];
     m.ahead_slot = tier_->ReserveSlot();
     m.ahead_batch = 0;
+    SyncTierBits(b);
     ++num_ahead_;
     ahead_new_.push_back(b);
     TierCopy c{b, m.ahead_slot, /*onboard=*/false};
@@ -238,7 +243,7 @@ uint64_t PrefixCache::Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
   index_.Restore(e.hash, b, e.parent_id, e.content_id, tokens);
   if (PrefixCacheIndex::IsRoot(e.parent_id)) index_.ReleaseRoot(e.parent_id);
   pool.MarkHashed(b);
-  meta_[b] = EventMeta{e.parent_hash, e.adapter_id, /*hits=*/1};
+  SetMeta(b, EventMeta{e.parent_hash, e.adapter_id, /*hits=*/1});
   if (keep) KeepAsCopyAhead(b, slot);
   if (observer_ != nullptr) {
     RecordStored(StoredBlock{
@@ -273,7 +278,7 @@ int64_t PrefixCache::Onboard(Sequence& s, BlockPool& pool) {
     // The device registration took its own root reference.
     if (PrefixCacheIndex::IsRoot(e.parent_id)) index_.ReleaseRoot(e.parent_id);
     pool.MarkHashed(fresh);
-    meta_[fresh] = EventMeta{e.parent_hash, e.adapter_id, /*hits=*/1};
+    SetMeta(fresh, EventMeta{e.parent_hash, e.adapter_id, /*hits=*/1});
     copies_.push_back(TierCopy{fresh, slot, /*onboard=*/true, /*wait=*/true});
     if (CanKeepCopy()) {
       KeepAsCopyAhead(fresh, slot);
@@ -303,7 +308,7 @@ void PrefixCache::DropOnboarded(absl::Span<const TierCopy> copies,
     if (!c.onboard) continue;
     const BlockId b = c.device_block;
     if (!index_.registered(b)) continue;
-    if (meta_[b].ahead_slot >= 0) RetireAhead(b);
+    if (tier_bits_[b] & kHasAhead) RetireAhead(b);
     if (observer_ != nullptr)
       RecordRemoved(index_.hash(b), BlockMedium::kDevice);
     index_.Erase(b);
@@ -350,6 +355,13 @@ absl::Status PrefixCache::ValidateTier() const {
   }
   int64_t ahead = 0, kept = 0;
   for (BlockId b = 0; b < static_cast<BlockId>(meta_.size()); ++b) {
+    if (tier_bits_[b] != TierBits(meta_[b])) {
+      return absl::InternalError(absl::StrCat(
+          "block ", b, ": tier bits ", static_cast<int>(tier_bits_[b]),
+          ", its meta says ", static_cast<int>(TierBits(meta_[b])),
+          " (ahead_slot ", meta_[b].ahead_slot, ", hits ",
+          static_cast<int>(meta_[b].hits), ")"));
+    }
     const int32_t slot = meta_[b].ahead_slot;
     if (slot < 0) continue;
     ++ahead;

@@ -6,6 +6,13 @@
 //                               block) + Commit (hashing filled blocks).
 //   BM_DecodeStepEvicting/256   the same with a pool full of cached blocks,
 //                               so that every new block evicts one.
+//   BM_DecodeStepEvictingTier/256
+//                               the same with a host tier of half the pool's
+//                               blocks that takes every evicted block
+//                               (tier_offload_min_hits 0; the copies it asks
+//                               for are dropped, as by a copier that costs
+//                               nothing): the tier's host work a step, read
+//                               as a ratio to BM_DecodeStepEvicting/256.
 //   BM_CreateFullHit32k         AddSequence of a 32k-token prompt whose 2048
 //                               full blocks are all cached (hash chain,
 //                               lookups, exact compares, taking them off LRU).
@@ -29,10 +36,14 @@ namespace {
 
 constexpr int32_t kBs = 16;
 
-std::unique_ptr<BlockManager> MakeManager(int32_t num_blocks) {
+// tier_blocks > 0: a host tier that takes every evicted block.
+std::unique_ptr<BlockManager> MakeManager(int32_t num_blocks,
+                                          int32_t tier_blocks = 0) {
   BlockManagerOptions o;
   o.num_blocks = num_blocks;
   o.block_size = kBs;
+  o.host_tier_blocks = tier_blocks;
+  o.tier_offload_min_hits = 0;
   return std::move(*BlockManager::Create(o));
 }
 
@@ -46,6 +57,7 @@ void Prefill(BlockManager& m, SequenceId id) {
   const int64_t n = *m.KnownLength(id) - *m.ComputedLength(id);
   auto plan = m.Reserve({ReserveRequest{id, {}, n}});
   if (!plan.ok() || !m.Commit(plan->id).ok()) std::abort();
+  m.ClearTierCopies();  // A copier's work (none without a tier).
 }
 
 // Sequence i has computed 256 + i % 16 tokens, so each step fills 1 in 16
@@ -59,18 +71,20 @@ void StartDecode(BlockManager& m, int num_seqs, std::mt19937& rng) {
 
 // Decode steps of num_seqs sequences; every kStepsPerRound steps the sequences
 // restart (untimed) on a fresh manager, or, when `evicting`, on the same one,
-// whose pool is then full of cached blocks so that each new block evicts one.
-void DecodeSteps(benchmark::State& state, bool evicting) {
+// whose pool is then full of cached blocks so that each new block evicts one
+// (into a host tier of half as many blocks, with `tier`).
+void DecodeSteps(benchmark::State& state, bool evicting, bool tier = false) {
   const int num_seqs = static_cast<int>(state.range(0));
   constexpr int kStepsPerRound = 1024;
   const int32_t num_blocks = num_seqs * (17 + kStepsPerRound / kBs + 1);
+  const int32_t tier_blocks = tier ? num_blocks / 2 : 0;
   std::mt19937 rng(1);
   std::unique_ptr<BlockManager> m;
   std::vector<ReserveRequest> batch(num_seqs);
   for (int i = 0; i < num_seqs; ++i) batch[i] = ReserveRequest{i, {0}, 1};
   auto restart = [&] {
     if (m == nullptr || !evicting) {
-      m = MakeManager(num_blocks);
+      m = MakeManager(num_blocks, tier_blocks);
     } else {
       for (int i = 0; i < num_seqs; ++i) (void)m->Free(i);
     }
@@ -82,6 +96,7 @@ void DecodeSteps(benchmark::State& state, bool evicting) {
       for (ReserveRequest& r : batch) r.new_token_ids[0] = rng();
       auto plan = m->Reserve(batch);
       if (!plan.ok() || !m->Commit(plan->id).ok()) std::abort();
+      m->ClearTierCopies();
     }
     restart();
   }
@@ -96,6 +111,7 @@ void DecodeSteps(benchmark::State& state, bool evicting) {
       break;
     }
     benchmark::DoNotOptimize(plan->slot_mapping.data());
+    m->ClearTierCopies();
     if (++step % kStepsPerRound == 0) {
       state.PauseTiming();
       restart();
@@ -103,6 +119,7 @@ void DecodeSteps(benchmark::State& state, bool evicting) {
     }
   }
   state.counters["evictions"] = static_cast<double>(m->PrefixStats().evictions);
+  state.counters["offloads"] = static_cast<double>(m->PrefixStats().offloads);
 }
 
 void BM_DecodeStep(benchmark::State& state) { DecodeSteps(state, false); }
@@ -112,6 +129,11 @@ void BM_DecodeStepEvicting(benchmark::State& state) {
   DecodeSteps(state, true);
 }
 BENCHMARK(BM_DecodeStepEvicting)->Arg(256);
+
+void BM_DecodeStepEvictingTier(benchmark::State& state) {
+  DecodeSteps(state, true, /*tier=*/true);
+}
+BENCHMARK(BM_DecodeStepEvictingTier)->Arg(256);
 
 // A 32k-token prompt (+1 token, so all 2048 full blocks may hit) cached by an
 // earlier sequence.

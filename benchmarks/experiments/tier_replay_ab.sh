@@ -20,7 +20,8 @@
 # EXTRA_FLAGS go to every run; REPLAY names another replay binary (default
 # the bundle's tools/replay), so that two builds can alternate on one host.
 # One log per run, and a summary of hit rate, tier traffic, wall time and the
-# step-time split in LOG_DIR/summary.txt.
+# step-time split in LOG_DIR/summary.txt, ending with each RUN's wall times
+# and their median (repeat a RUN, alternating, to compare medians).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bundle="${KVCACHE_BUNDLE:-$(dirname "$here")}"
@@ -58,4 +59,14 @@ for run in "${runs[@]}"; do
   grep -E "prefix hit rate|host tier |tier offload|sat out|kernel time|step time by part|plan by call|device time|wall time" \
     "$log" | sed 's/^/  /' >>"$logs/summary.txt"
 done
+# Wall times by RUN, in the order first run, with their median.
+for run in $(printf '%s\n' "${runs[@]}" | awk '!seen[$0]++'); do
+  times=$(grep -h "wall time" "$logs"/*_"$run".log 2>/dev/null |
+          awk '{print $3}' | sort -n)
+  [[ -n "$times" ]] || continue
+  echo "$times" | awk -v run="$run" '
+    { t[NR] = $1; all = all " " $1 }
+    END { m = NR % 2 ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2
+          printf "wall time %s:%s s (median %.1f s of %d)\n", run, all, m, NR }'
+done >>"$logs/summary.txt"
 cat "$logs/summary.txt"

@@ -14,7 +14,7 @@ namespace {
 // The filter's size: a power of two, at least `want` and at least 2 (an
 // index is the top log2(size) bits of a 64-bit product).
 size_t FilterSize(int32_t num_slots, int64_t want) {
-  if (want <= 0) want = int64_t{8} * num_slots;
+  if (want <= 0) want = int64_t{16} * num_slots;
   size_t size = 2;
   while (size < static_cast<size_t>(want)) size *= 2;
   return size;
@@ -28,6 +28,7 @@ HostTier::HostTier(int32_t num_slots, int32_t block_size,
       block_size_(block_size),
       table_(num_slots, std::random_device{}()),
       filter_(FilterSize(num_slots, filter_buckets), 0),
+      filter_bits_((filter_.size() + 63) / 64, 0),
       filter_key_((static_cast<uint64_t>(std::random_device{}()) << 32 |
                    std::random_device{}()) |
                   1),
@@ -94,8 +95,7 @@ void HostTier::Store(int32_t s, const TierEntry& entry, const TokenId* tokens) {
   next_[last] = s;
   prev_[Head()] = s;
   table_.FindOrInsert(entry.hash, s);
-  uint8_t& count = filter_[FilterIndex(entry.hash)];
-  if (count != kFilterStuck) ++count;
+  FilterAdd(FilterIndex(entry.hash));
   ++num_stored_;
 }
 
@@ -112,10 +112,21 @@ void HostTier::Unlink(int32_t s) {
   const bool erased = table_.Erase(entries_[s].hash);
   ABSL_ASSERT(erased);
   (void)erased;
-  uint8_t& count = filter_[FilterIndex(entries_[s].hash)];
-  ABSL_ASSERT(count > 0);
-  if (count != kFilterStuck) --count;
+  FilterRemove(FilterIndex(entries_[s].hash));
   --num_stored_;
+}
+
+void HostTier::FilterAdd(size_t b) {
+  uint8_t& count = filter_[b];
+  if (count == 0) filter_bits_[b >> 6] |= uint64_t{1} << (b & 63);
+  if (count != kFilterStuck) ++count;
+}
+
+void HostTier::FilterRemove(size_t b) {
+  uint8_t& count = filter_[b];
+  ABSL_ASSERT(count > 0);
+  if (count == kFilterStuck) return;
+  if (--count == 0) filter_bits_[b >> 6] &= ~(uint64_t{1} << (b & 63));
 }
 
 TierEntry HostTier::Drop(int32_t s) {
@@ -200,6 +211,11 @@ absl::Status HostTier::Validate() const {
       return absl::InternalError(
           absl::StrCat("host tier filter bucket ", b, " counts ", filter_[b],
                        " hashes, ", expected[b], " are stored there"));
+    }
+    if (FilterBit(b) != (filter_[b] != 0)) {
+      return absl::InternalError(
+          absl::StrCat("host tier filter bucket ", b, " counts ", filter_[b],
+                       " hashes but its bit is ", FilterBit(b) ? 1 : 0));
     }
   }
   return absl::OkStatus();

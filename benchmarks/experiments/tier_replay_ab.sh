@@ -37,6 +37,7 @@ replay=("${REPLAY:-$bundle/tools/replay}" --backend=cuda
         --head_size=128 --num_blocks=117560 --max_running=256
         --token_budget=8192 ${EXTRA_FLAGS:-})
 i=0
+declare -A walls  # RUN -> its runs' wall times (s), in run order.
 for run in "${runs[@]}"; do
   i=$((i + 1))
   flags=()
@@ -58,15 +59,15 @@ for run in "${runs[@]}"; do
   echo "=== $i $run (${flags[*]}) ${REPLAY:+[$REPLAY]}: exit $?" >>"$logs/summary.txt"
   grep -E "prefix hit rate|host tier |tier offload|sat out|kernel time|step time by part|plan by call|device time|wall time" \
     "$log" | sed 's/^/  /' >>"$logs/summary.txt"
+  wall=$(awk '/wall time/ {print $3}' "$log")
+  [[ -n "$wall" ]] && walls[$run]+=" $wall"
 done
 # Wall times by RUN, in the order first run, with their median.
 for run in $(printf '%s\n' "${runs[@]}" | awk '!seen[$0]++'); do
-  times=$(grep -h "wall time" "$logs"/*_"$run".log 2>/dev/null |
-          awk '{print $3}' | sort -n)
-  [[ -n "$times" ]] || continue
-  echo "$times" | awk -v run="$run" '
-    { t[NR] = $1; all = all " " $1 }
-    END { m = NR % 2 ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2
-          printf "wall time %s:%s s (median %.1f s of %d)\n", run, all, m, NR }'
+  [[ -n "${walls[$run]:-}" ]] || continue
+  echo "${walls[$run]}" | tr ' ' '\n' | sort -n | awk -v run="$run" -v all="${walls[$run]}" '
+    NF { t[++n] = $1 }
+    END { m = n % 2 ? t[(n + 1) / 2] : (t[n / 2] + t[n / 2 + 1]) / 2
+          printf "wall time %s:%s s (median %.1f s of %d)\n", run, all, m, n }'
 done >>"$logs/summary.txt"
 cat "$logs/summary.txt"

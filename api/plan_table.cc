@@ -47,7 +47,7 @@ void PlanTable::Add(Pending pending, uint64_t id, const StepPlan& step) {
                                           step.first_positions[i]});
     offset += step.num_tokens[i];
   }
-  buffers_->slot(pending.slot).busy = true;
+  buffers_->Take(pending.slot);
   plans_.insert(std::move(pending.node));
 }
 

@@ -37,8 +37,10 @@ absl::StatusOr<std::unique_ptr<StepBuffers>> StepBuffers::Create(
 }
 
 int StepBuffers::FindFree() const {
-  for (size_t i = 0; i < slots_.size(); ++i) {
-    if (!slots_[i].busy) return static_cast<int>(i);
+  const int n = static_cast<int>(slots_.size());
+  for (int k = 0; k < n; ++k) {
+    const int i = (next_ + k) % n;
+    if (!slots_[i].busy) return i;
   }
   return -1;
 }

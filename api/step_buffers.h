@@ -52,8 +52,18 @@ class StepBuffers {
   static absl::StatusOr<std::unique_ptr<StepBuffers>> Create(
       Device* device, int num_slots, int64_t max_tokens, int64_t max_copies);
 
-  // A free slot's index, or -1 when every slot is busy.
+  // A free slot's index, or -1 when every slot is busy: the first free one
+  // at or after the slot after the last one taken, so that plans committed
+  // one after another use the slots in turn, and a plan's Upload waits for
+  // the upload of the plan num_slots() before it, not the one just before
+  // (an engine may keep num_slots() steps in flight without the host
+  // waiting in Reserve).
   int FindFree() const;
+  // Marks slot `index` busy (owned by a plan) and moves the turn past it.
+  void Take(int index) {
+    slots_[index].busy = true;
+    next_ = (index + 1) % static_cast<int>(slots_.size());
+  }
   // Writes `slots` and `copies` into slot `index` and uploads them on `stream`.
   // On error the slot is left free.
   absl::Status Upload(int index, absl::Span<const int64_t> slots,
@@ -98,6 +108,7 @@ class StepBuffers {
   const int64_t max_tokens_;
   const int64_t max_copies_;
   std::vector<Slot> slots_;
+  int next_ = 0;  // Where FindFree starts looking.
 };
 
 }  // namespace kvcache::internal

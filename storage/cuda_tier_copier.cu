@@ -68,9 +68,17 @@ absl::Status LaunchTierCopy(const TierCopyParams& p, int max_blocks,
         ", slot_bytes ", p.slot_bytes, ", max_blocks ", max_blocks,
         ": expected each >= 1 and non-null runs, copies and pool"));
   }
-  const int64_t items = p.num_copies * p.num_runs;
-  const int grid = static_cast<int>(std::min<int64_t>(items, max_blocks));
-  internal::TierCopyKernel<<<grid, kTierCopyThreads, 0, stream>>>(p);
+  // Staging (device memory at both ends): a thread block per pair, a warp
+  // per run; the pool: a thread block per (pair, run).
+  if (p.slot_is_index) {
+    const int grid =
+        static_cast<int>(std::min<int64_t>(p.num_copies, max_blocks));
+    internal::TierCopyKernel<true><<<grid, kTierCopyThreads, 0, stream>>>(p);
+  } else {
+    const int64_t items = p.num_copies * p.num_runs;
+    const int grid = static_cast<int>(std::min<int64_t>(items, max_blocks));
+    internal::TierCopyKernel<false><<<grid, kTierCopyThreads, 0, stream>>>(p);
+  }
   KVCACHE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

@@ -1,6 +1,7 @@
 // PlanTable (api/plan_table.h) on the CPU device: Begin hands out distinct
 // free step slots until max_plans are in flight, then FailedPrecondition
-// naming the count; Add/Find/Remove keep a plan's slot, token count and a
+// naming the count, and plans committed one at a time still use every slot
+// in turn; Add/Find/Remove keep a plan's slot, token count and a
 // zeroed per-layer appended vector; Find of an unknown id is NotFound naming
 // it; Validate holds through a random life cycle and is Internal once a test
 // corrupts the table (appended out of range, a busy slot without a plan, a
@@ -144,6 +145,27 @@ TEST_F(PlanTableTest, BeginHandsOutDistinctFreeSlotsUntilMaxPlans) {
   absl::StatusOr<PlanTable::Pending> again = table_->Begin(1);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->slot, freed);
+}
+
+TEST_F(PlanTableTest, PlansOneAtATimeUseEverySlotInTurn) {
+  // Each plan removed (committed) before the next Begin, as a pipelined
+  // engine does: the slots still rotate, so that a slot's staging is
+  // rewritten only max_plans plans after its last upload.
+  std::vector<int> used;
+  for (int i = 0; i < 3 * max_plans_; ++i) {
+    absl::StatusOr<PlanTable::Pending> pending = table_->Begin(1);
+    ASSERT_TRUE(pending.ok()) << pending.status();
+    used.push_back(pending->slot);
+    table_->Add(*std::move(pending), /*id=*/2000 + i,
+                OneSequencePlan(Rand(1, kMaxTokens)));
+    ASSERT_TRUE(table_->Validate(kMaxTokens).ok());
+    table_->Remove(2000 + i);
+    EXPECT_EQ(table_->buffers().num_busy(), 0);
+  }
+  for (size_t i = 0; i < used.size(); ++i) {
+    EXPECT_EQ(used[i], (used[0] + static_cast<int>(i)) % max_plans_)
+        << "plan " << i;
+  }
 }
 
 TEST_F(PlanTableTest, AddFindRemoveLifeCycle) {

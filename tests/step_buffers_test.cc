@@ -1,5 +1,6 @@
 // StepBuffers (api/step_buffers.h) on the CPU device: FindFree, num_busy and
-// num_slots follow the slots' busy flags; Upload writes exactly a random slot
+// num_slots follow the slots' busy flags, and FindFree hands the slots out in
+// turn after Take; Upload writes exactly a random slot
 // mapping and random (src, dst) pairs into the slot's device buffer and nothing
 // else (neither the rest of that slot nor any other slot); a step larger than
 // the buffers is InvalidArgument naming the sizes and changes nothing; readers
@@ -122,6 +123,50 @@ TEST_F(StepBuffersTest, FindFreeAndCountsFollowBusyFlags) {
   buffers_->slot(freed).busy = false;
   EXPECT_EQ(buffers_->FindFree(), freed);
   EXPECT_EQ(buffers_->num_busy(), n - 1);
+}
+
+TEST_F(StepBuffersTest, TakeMakesFindFreeHandTheSlotsOutInTurn) {
+  const int n = static_cast<int>(Rand(2, 12));
+  Make(n, 4, 2);
+  // A model: the turn starts after the last slot taken; FindFree is the
+  // first free slot from there on, cyclically (or -1). Random takes of the
+  // slot FindFree names, and random frees.
+  std::vector<bool> busy(n, false);
+  int turn = 0;
+  for (int step = 0; step < 400; ++step) {
+    int expected = -1;
+    for (int k = 0; k < n && expected < 0; ++k) {
+      if (!busy[(turn + k) % n]) expected = (turn + k) % n;
+    }
+    const int found = buffers_->FindFree();
+    ASSERT_EQ(found, expected) << "step " << step << ", turn " << turn;
+    if (found >= 0 && Rand(0, 2) != 0) {
+      buffers_->Take(found);
+      busy[found] = true;
+      turn = (found + 1) % n;
+      ASSERT_TRUE(buffers_->slot(found).busy);
+    } else {
+      const int i = static_cast<int>(Rand(0, n - 1));
+      busy[i] = false;
+      buffers_->slot(i).busy = false;
+    }
+    int expected_busy = 0;
+    for (bool b : busy) expected_busy += b;
+    ASSERT_EQ(buffers_->num_busy(), expected_busy) << "step " << step;
+  }
+
+  // One plan at a time (taken, then freed, as a plan committed before the
+  // next Reserve): every slot in turn, so a slot is rewritten only every n
+  // plans.
+  for (int i = 0; i < n; ++i) buffers_->slot(i).busy = false;
+  const int first = buffers_->FindFree();
+  ASSERT_GE(first, 0);
+  for (int k = 0; k < 3 * n; ++k) {
+    const int slot = buffers_->FindFree();
+    ASSERT_EQ(slot, (first + k) % n) << "plan " << k;
+    buffers_->Take(slot);
+    buffers_->slot(slot).busy = false;
+  }
 }
 
 TEST_F(StepBuffersTest, UploadWritesExactlyTheSlotsAndPairs) {

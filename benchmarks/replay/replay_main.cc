@@ -78,13 +78,14 @@ ABSL_FLAG(bool, cuda_graph, false,
           "once per padded size in a CUDA graph and replayed (--backend=cuda). "
           "The report gives the host time of decode-only steps either way.");
 ABSL_FLAG(bool, pipeline, true,
-          "Plan, enqueue and commit step N+1 while the device runs step N (at "
-          "most two steps in flight), as an engine's asynchronous scheduling "
-          "does; false: wait for each step's kernels before its Commit and "
-          "the next plan.");
-ABSL_FLAG(int, steps_in_flight, 2,
+          "Plan, enqueue and commit step N+1 while the device runs the steps "
+          "before it (up to --steps_in_flight in flight), as an engine's "
+          "asynchronous scheduling does; false: wait for each step's kernels "
+          "before its Commit and the next plan.");
+ABSL_FLAG(int, steps_in_flight, 3,
           "--pipeline: steps enqueued before the host waits for the oldest, "
-          "in [2, 8] (2: the host plans one step ahead).");
+          "in [2, 8] (2: the host plans one step ahead; more than the "
+          "manager's max_inflight_plans, 4, makes Reserve wait for uploads).");
 ABSL_FLAG(int, spec_tokens, 0,
           "Speculative decoding: draft tokens reserved per decode step; "
           "accepted = 1 + (request + step) % (k + 1) of the 1 + k tokens "

@@ -262,6 +262,9 @@ void BlockManager::FinishCommit(internal::PlanRecords::InFlight plan) {
     s->reserved = 0;
     s->plan_id = 0;
   }
+  for (int32_t k : fillers) {
+    if (seqs[k] != nullptr) prefix_.TouchRegistration(*seqs[k]);
+  }
   // The blocks that became full get their chained hash, in batch order.
   for (int32_t k : fillers) {
     if (seqs[k] != nullptr) prefix_.RegisterFilled(*seqs[k], pool_);

@@ -140,6 +140,12 @@ void PrefixCache::PrepareRegistration(Sequence& s,
   }
 }
 
+void PrefixCache::TouchRegistration(const Sequence& s) const {
+  const size_t full =
+      std::min(s.hashes.size(), static_cast<size_t>(math_.Div(s.computed)));
+  for (size_t i = s.chained_blocks; i < full; ++i) index_.Touch(s.hashes[i]);
+}
+
 void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
   const int64_t bs = math_.size();
   const size_t full = static_cast<size_t>(math_.Div(s.computed));

@@ -257,6 +257,12 @@ class PrefixCache {
   // prefetches the index and pool entries that RegisterFilled then reads and
   // writes. REQUIRES: s.hashes has the capacity for them.
   void PrepareRegistration(Sequence& s, const BlockPool& pool) const;
+  // Loads the index table slots RegisterFilled probes first, for the blocks
+  // PrepareRegistration hashed: a prefetch of them is not always honoured (on
+  // a CPU replay of the whole trace, most of them still missed), and these
+  // loads, independent of each other, overlap. Call after PrepareRegistration
+  // of every sequence of the commit and after `computed` moved.
+  void TouchRegistration(const Sequence& s) const;
   // Transition "became cached": registers the full computed blocks of `s`
   // not yet chained. A block whose content is already registered under
   // another block (or whose hash collides with different content, or whose

@@ -45,6 +45,9 @@ class PrefixCacheIndex {
   // The block registered under `hash`, or -1.
   BlockId Find(const BlockHash& hash) const { return table_.Find(hash); }
   void Prefetch(const BlockHash& hash) const { table_.Prefetch(hash); }
+  // Loads the table slot FindOrInsert(hash) probes first
+  // (BlockHashTable::Touch).
+  void Touch(const BlockHash& hash) const { table_.Touch(hash); }
   // Prefetches what Matches(), content_id() and FindOrInsert() touch of
   // `block`.
   void PrefetchBlock(BlockId block) const {

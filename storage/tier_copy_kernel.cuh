@@ -53,60 +53,49 @@ struct TierCopyParams {
   bool slot_is_index = false;
 };
 
-// The thread block copies `bytes` from src to dst.
+// A group of kThreads threads (a thread block, or a warp) copies `bytes` from
+// src to dst; `rank` is the calling thread's index in its group.
+template <int kThreads, int kUnroll>
 __device__ __forceinline__ void CopyTierRun(char* __restrict__ dst,
                                             const char* __restrict__ src,
-                                            int64_t bytes) {
+                                            int64_t bytes, int rank) {
   const uintptr_t bits = reinterpret_cast<uintptr_t>(dst) |
                          reinterpret_cast<uintptr_t>(src) |
                          static_cast<uintptr_t>(bytes);
   if ((bits & 15) != 0) {
-    for (int64_t i = threadIdx.x; i < bytes; i += kTierCopyThreads) {
-      dst[i] = src[i];
-    }
+    for (int64_t i = rank; i < bytes; i += kThreads) dst[i] = src[i];
     return;
   }
   const int64_t n = bytes / 16;
   uint4* d = reinterpret_cast<uint4*>(dst);
   const uint4* s = reinterpret_cast<const uint4*>(src);
-  constexpr int64_t kStep = int64_t{kTierCopyThreads} * kTierCopyUnroll;
-  int64_t i = threadIdx.x;
-  for (; i + (kTierCopyUnroll - 1) * kTierCopyThreads < n; i += kStep) {
-    uint4 v[kTierCopyUnroll];
+  constexpr int64_t kStep = int64_t{kThreads} * kUnroll;
+  int64_t i = rank;
+  for (; i + (kUnroll - 1) * kThreads < n; i += kStep) {
+    uint4 v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kTierCopyUnroll; ++u)
-      v[u] = s[i + u * kTierCopyThreads];
+    for (int u = 0; u < kUnroll; ++u) v[u] = s[i + u * kThreads];
 #pragma unroll
-    for (int u = 0; u < kTierCopyUnroll; ++u)
-      d[i + u * kTierCopyThreads] = v[u];
+    for (int u = 0; u < kUnroll; ++u) d[i + u * kThreads] = v[u];
   }
-  for (; i < n; i += kTierCopyThreads) d[i] = s[i];
+  for (; i < n; i += kThreads) d[i] = s[i];
 }
 
-// The calling warp copies `bytes` from src to dst.
-__device__ __forceinline__ void CopyTierRunByWarp(char* __restrict__ dst,
-                                                  const char* __restrict__ src,
-                                                  int64_t bytes, int lane) {
-  const uintptr_t bits = reinterpret_cast<uintptr_t>(dst) |
-                         reinterpret_cast<uintptr_t>(src) |
-                         static_cast<uintptr_t>(bytes);
-  if ((bits & 15) != 0) {
-    for (int64_t i = lane; i < bytes; i += 32) dst[i] = src[i];
-    return;
+// Copies run `run` of pair `copy` (the c-th of the batch) in the batch's
+// direction, by the calling group.
+template <int kThreads, int kUnroll>
+__device__ __forceinline__ void CopyPairRun(const TierCopyParams& p,
+                                            const TierRun& run,
+                                            const TierPair& copy, int64_t c,
+                                            int rank) {
+  char* cache = DeviceRunAddress(run, copy.device_block);
+  const int32_t s = p.slot_is_index ? static_cast<int32_t>(c) : copy.host_slot;
+  char* slot = SlotRunAddress(p.pool, p.slot_bytes, run, s);
+  if (p.onboard) {
+    CopyTierRun<kThreads, kUnroll>(cache, slot, run.bytes, rank);
+  } else {
+    CopyTierRun<kThreads, kUnroll>(slot, cache, run.bytes, rank);
   }
-  const int64_t n = bytes / 16;
-  uint4* d = reinterpret_cast<uint4*>(dst);
-  const uint4* s = reinterpret_cast<const uint4*>(src);
-  constexpr int64_t kStep = int64_t{32} * kTierWarpUnroll;
-  int64_t i = lane;
-  for (; i + (kTierWarpUnroll - 1) * 32 < n; i += kStep) {
-    uint4 v[kTierWarpUnroll];
-#pragma unroll
-    for (int u = 0; u < kTierWarpUnroll; ++u) v[u] = s[i + u * 32];
-#pragma unroll
-    for (int u = 0; u < kTierWarpUnroll; ++u) d[i + u * 32] = v[u];
-  }
-  for (; i < n; i += 32) d[i] = s[i];
 }
 
 template <bool kWarpPerRun>
@@ -122,17 +111,8 @@ __global__ void __launch_bounds__(kTierCopyThreads)
     for (; c < p.num_copies; c += gridDim.x) {
       const TierPair copy = next;
       if (c + gridDim.x < p.num_copies) next = p.copies[c + gridDim.x];
-      const int32_t s =
-          p.slot_is_index ? static_cast<int32_t>(c) : copy.host_slot;
       for (int r = warp; r < p.num_runs; r += kWarps) {
-        const TierRun run = p.runs[r];
-        char* cache = DeviceRunAddress(run, copy.device_block);
-        char* slot = SlotRunAddress(p.pool, p.slot_bytes, run, s);
-        if (p.onboard) {
-          CopyTierRunByWarp(cache, slot, run.bytes, lane);
-        } else {
-          CopyTierRunByWarp(slot, cache, run.bytes, lane);
-        }
+        CopyPairRun<32, kTierWarpUnroll>(p, p.runs[r], copy, c, lane);
       }
     }
   } else {
@@ -145,16 +125,8 @@ __global__ void __launch_bounds__(kTierCopyThreads)
         copy = p.copies[c];
         pair = c;
       }
-      const TierRun run = p.runs[item - c * p.num_runs];
-      char* cache = DeviceRunAddress(run, copy.device_block);
-      const int32_t s =
-          p.slot_is_index ? static_cast<int32_t>(c) : copy.host_slot;
-      char* slot = SlotRunAddress(p.pool, p.slot_bytes, run, s);
-      if (p.onboard) {
-        CopyTierRun(cache, slot, run.bytes);
-      } else {
-        CopyTierRun(slot, cache, run.bytes);
-      }
+      CopyPairRun<kTierCopyThreads, kTierCopyUnroll>(
+          p, p.runs[item - c * p.num_runs], copy, c, threadIdx.x);
     }
   }
 }

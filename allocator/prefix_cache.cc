@@ -149,6 +149,12 @@ void PrefixCache::TouchRegistration(const Sequence& s) const {
 void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
   const int64_t bs = math_.size();
   const size_t full = static_cast<size_t>(math_.Div(s.computed));
+  // Whether the previous block was registered anew by this loop: its content
+  // id is brand new, so no tier entry names it as parent, and the tier can
+  // hold the next block's hash only under a parent no chain reaches any more
+  // (a stale entry, which MoveToTier replaces if the block is offloaded).
+  // Only the first block of a run is looked up in the tier, not every one.
+  bool parent_is_new = false;
   for (size_t i = s.chained_blocks; i < full; ++i) {
     const uint64_t parent_id = s.last_chain_id;
     const TokenId* tokens = s.token(i * bs, bs);
@@ -162,17 +168,19 @@ void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
     const BlockId b = s.blocks[i];
     ABSL_ASSERT(!pool.hashed(b) && pool.ref_count(b) == 1);
     uint64_t chain_id;
-    if (tier_ != nullptr && tier_->num_stored() > 0) {
+    if (tier_ != nullptr && !parent_is_new && tier_->num_stored() > 0) {
       bool collision = false;
       chain_id = Promote(h, b, parent_id, tokens, pool, collision);
       if (collision) chain_id = index_.NewId();
       if (chain_id != 0) {
         s.last_chain_id = chain_id;
+        parent_is_new = false;
         continue;
       }
     }
     const BlockId existing =
         index_.FindOrInsert(h, b, parent_id, tokens, chain_id);
+    parent_is_new = existing < 0;
     if (existing < 0) {
       pool.MarkHashed(b);  // Registered: chain_id is its content id.
       const BlockHash parent_hash = i == 0 ? BlockHash{} : s.hashes[i - 1];

@@ -106,6 +106,12 @@ int32_t PrefixCache::MoveToTier(BlockId b, int32_t reserved_slot) {
   // The tier holds its own reference on a root (Erase drops the device's).
   if (e.first_in_chain) index_.AcquireRoot(e.parent_id);
   const TokenId* tokens = index_.stored_tokens(b);
+  // The tier may hold the same hash under a parent no chain reaches any
+  // more (RegisterFilled does not look up the blocks after one it registers
+  // anew): that entry gives way.
+  if (const int32_t stale = tier_->Find(e.hash); stale >= 0) {
+    DropHost(stale, /*failed=*/false);
+  }
   int32_t slot = reserved_slot;
   if (slot < 0) {
     slot = tier_->Insert(e, tokens);
@@ -389,9 +395,13 @@ absl::Status PrefixCache::ValidateTier() const {
   absl::Status status;
   tier_->ForEach([&](int32_t slot, const TierEntry& e) {
     if (!status.ok()) return;
-    if (index_.Find(e.hash) >= 0) {
+    // The same hash in both tiers only as a stale tier entry: under another
+    // parent than the device's (MoveToTier), so no chain reaches both.
+    if (const BlockId b = index_.Find(e.hash);
+        b >= 0 && index_.parent_id(b) == e.parent_id) {
       status = absl::InternalError(absl::StrCat(
-          "host slot ", slot, " holds a hash the device index holds too"));
+          "host slot ", slot, " holds a registration the device index holds "
+          "too (block ", b, ")"));
     } else if (e.content_id == 0 || PrefixCacheIndex::IsRoot(e.content_id) ||
                e.first_in_chain != PrefixCacheIndex::IsRoot(e.parent_id)) {
       status = absl::InternalError(

@@ -536,6 +536,65 @@ TEST_P(HostTierTest, TierEvictsItsOldest) {
   ExpectConsistent();
 }
 
+// A chain's head dropped while its tail stays in the tier (the head was
+// onboarded, then evicted unselected), then the chain computed anew: the
+// commit registers the tail on the device without looking it up in the tier
+// (only the first block after a registration made anew could match there),
+// so the tier's stale entries stay until the tail's own offload replaces
+// them; a later prompt then hits the new content across the tier.
+TEST_P(HostTierTest, StaleTierEntriesGiveWayToTheChainComputedAnew) {
+  Make(/*num_blocks=*/8, /*tier_blocks=*/3, 0,
+       [](KVCacheConfig& c) { c.tier_offload_min_hits = 2; });
+  const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
+  // Each run of three: computed, then hit twice on the device, so that its
+  // three full blocks are selected for offload.
+  auto compute_and_hit_twice = [&](SequenceId id) {
+    Compute(id, prompt);
+    std::vector<float> kv = GatherAll(id, 3 * kBs);
+    EXPECT_TRUE(m_->Free(id).ok());
+    for (SequenceId hit = id + 1; hit <= id + 2; ++hit) {
+      EXPECT_EQ(Compute(hit, prompt).device_tokens, 3 * kBs);
+      EXPECT_TRUE(m_->Free(hit).ok());
+    }
+    return kv;
+  };
+  auto evict_all = [&](SequenceId filler) {
+    const StepPlanInfo fill = FillPool(filler, 8);
+    ASSERT_TRUE(m_->Abort(fill.id).ok());
+    ASSERT_TRUE(m_->Free(filler).ok());
+    ASSERT_TRUE(copier_->Synchronize().ok());
+  };
+  compute_and_hit_twice(1);
+  evict_all(100);
+  EXPECT_EQ(m_->Metrics().host_tier_blocks_stored, 3);
+  // The head alone comes back (one hit: below the selection), and leaves.
+  std::vector<int32_t> head(prompt.begin(), prompt.begin() + kBs);
+  head.push_back(7);
+  EXPECT_EQ(Compute(4, head).host_tokens, kBs);
+  ASSERT_TRUE(m_->Free(4).ok());
+  evict_all(101);
+  MetricsSnapshot s = m_->Metrics();
+  EXPECT_EQ(s.host_tier_blocks_stored, 2);  // The tail, under a dead parent.
+  ExpectConsistent();
+  // Computed anew: nothing hits (the head is gone), the tail's stale
+  // entries stay beside the new registrations.
+  const int64_t evictions_before = s.host_tier_evictions;
+  const std::vector<float> kv = compute_and_hit_twice(10);
+  s = m_->Metrics();
+  EXPECT_EQ(s.host_tier_blocks_stored, 2);
+  ExpectConsistent();
+  // Their offloads replace the stale entries (dropped as evictions).
+  evict_all(102);
+  s = m_->Metrics();
+  EXPECT_EQ(s.host_tier_blocks_stored, 3);
+  EXPECT_EQ(s.host_tier_evictions, evictions_before + 2);
+  ExpectConsistent();
+  const PrefixHits hits = Compute(20, prompt);
+  EXPECT_EQ(hits.host_tokens, 3 * kBs);
+  EXPECT_TRUE(BitEqual(GatherAll(20, 3 * kBs), kv));
+  ExpectConsistent();
+}
+
 TEST_P(HostTierTest, FailedOffloadDropsTheBlocks) {
   Make(/*num_blocks=*/8, /*tier_blocks=*/6);
   const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);

@@ -399,9 +399,11 @@ absl::Status PrefixCache::ValidateTier() const {
     // parent than the device's (MoveToTier), so no chain reaches both.
     if (const BlockId b = index_.Find(e.hash);
         b >= 0 && index_.parent_id(b) == e.parent_id) {
-      status = absl::InternalError(absl::StrCat(
-          "host slot ", slot, " holds a registration the device index holds "
-          "too (block ", b, ")"));
+      status = absl::InternalError(
+          absl::StrCat("host slot ", slot,
+                       " holds a registration the device index holds "
+                       "too (block ",
+                       b, ")"));
     } else if (e.content_id == 0 || PrefixCacheIndex::IsRoot(e.content_id) ||
                e.first_in_chain != PrefixCacheIndex::IsRoot(e.parent_id)) {
       status = absl::InternalError(

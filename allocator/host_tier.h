@@ -7,7 +7,11 @@
 // device block, its registration (hash, parent and content ids, token ids,
 // adapter) moves here with the same content id, so chains that continue on the
 // device (or the host) still confirm exactly (prefix_cache_index.h); a hit
-// takes it back out (Take) to be onboarded into a fresh device block.
+// takes it back out (Take) to be onboarded into a fresh device block. A hash
+// may be here and on the device at once only as a stale entry: stored under
+// a parent no chain reaches any more, while the device registered the same
+// content anew under a new one (the prefix cache looks a commit's blocks up
+// here only where they could match); an offload of that hash replaces it.
 //
 // Slot states:
 //

@@ -384,6 +384,8 @@ class PrefixCache {
   // content id, or 0 when the tier does not hold `h` (or holds other content
   // under it: then `collision` is set; or the same tokens under a stale
   // parent, an entry no chain reaches any more: then it is dropped).
+  // RegisterFilled asks only for the first block of a run it registers anew:
+  // the next ones' parent ids are brand new, which no tier entry names.
   uint64_t Promote(const BlockHash& h, BlockId b, uint64_t parent_id,
                    const TokenId* tokens, BlockPool& pool, bool& collision);
   // A free block, or the oldest cached one evicted.

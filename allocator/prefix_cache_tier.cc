@@ -400,10 +400,8 @@ absl::Status PrefixCache::ValidateTier() const {
     if (const BlockId b = index_.Find(e.hash);
         b >= 0 && index_.parent_id(b) == e.parent_id) {
       status = absl::InternalError(
-          absl::StrCat("host slot ", slot,
-                       " holds a registration the device index holds "
-                       "too (block ",
-                       b, ")"));
+          absl::StrCat("host slot ", slot, " and device block ", b,
+                       " hold the same registration (hash and parent)"));
     } else if (e.content_id == 0 || PrefixCacheIndex::IsRoot(e.content_id) ||
                e.first_in_chain != PrefixCacheIndex::IsRoot(e.parent_id)) {
       status = absl::InternalError(

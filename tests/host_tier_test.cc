@@ -546,33 +546,29 @@ TEST_P(HostTierTest, StaleTierEntriesGiveWayToTheChainComputedAnew) {
   Make(/*num_blocks=*/8, /*tier_blocks=*/3, 0,
        [](KVCacheConfig& c) { c.tier_offload_min_hits = 2; });
   const std::vector<int32_t> prompt = Prompt(3 * kBs + 1);
-  // Each run of three: computed, then hit twice on the device, so that its
-  // three full blocks are selected for offload.
+  // Computed as `id`, then hit twice on the device (as id + 1, id + 2, the
+  // last left running), so that its three full blocks are selected for
+  // offload; returns their K/V.
   auto compute_and_hit_twice = [&](SequenceId id) {
     Compute(id, prompt);
     std::vector<float> kv = GatherAll(id, 3 * kBs);
     EXPECT_TRUE(m_->Free(id).ok());
     for (SequenceId hit = id + 1; hit <= id + 2; ++hit) {
       EXPECT_EQ(Compute(hit, prompt).device_tokens, 3 * kBs);
-      EXPECT_TRUE(m_->Free(hit).ok());
+      if (hit < id + 2) {
+        EXPECT_TRUE(m_->Free(hit).ok());
+      }
     }
     return kv;
   };
-  auto evict_all = [&](SequenceId filler) {
-    const StepPlanInfo fill = FillPool(filler, 8);
-    ASSERT_TRUE(m_->Abort(fill.id).ok());
-    ASSERT_TRUE(m_->Free(filler).ok());
-    ASSERT_TRUE(copier_->Synchronize().ok());
-  };
   compute_and_hit_twice(1);
-  evict_all(100);
+  EvictToTier(3, 8);
   EXPECT_EQ(m_->Metrics().host_tier_blocks_stored, 3);
   // The head alone comes back (one hit: below the selection), and leaves.
   std::vector<int32_t> head(prompt.begin(), prompt.begin() + kBs);
   head.push_back(7);
   EXPECT_EQ(Compute(4, head).host_tokens, kBs);
-  ASSERT_TRUE(m_->Free(4).ok());
-  evict_all(101);
+  EvictToTier(4, 8);
   MetricsSnapshot s = m_->Metrics();
   EXPECT_EQ(s.host_tier_blocks_stored, 2);  // The tail, under a dead parent.
   ExpectConsistent();
@@ -584,7 +580,7 @@ TEST_P(HostTierTest, StaleTierEntriesGiveWayToTheChainComputedAnew) {
   EXPECT_EQ(s.host_tier_blocks_stored, 2);
   ExpectConsistent();
   // Their offloads replace the stale entries (dropped as evictions).
-  evict_all(102);
+  EvictToTier(12, 8);
   s = m_->Metrics();
   EXPECT_EQ(s.host_tier_blocks_stored, 3);
   EXPECT_EQ(s.host_tier_evictions, evictions_before + 2);

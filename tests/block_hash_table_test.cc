@@ -8,7 +8,6 @@
 #include "allocator/block_hash_table.h"
 
 #include <cstdint>
-#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -17,18 +16,13 @@
 #include "absl/strings/str_cat.h"
 #include "allocator/block_hash.h"
 #include "gtest/gtest.h"
+#include "testing/test_seed.h"
 
 namespace kvcache::internal {
 namespace {
 
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
-
 TEST(BlockHashTableTest, MatchesAReferenceMapAndTouchReadsAHeldBlock) {
-  const uint64_t seed = Seed();
+  const uint64_t seed = kvcache::testing::TestSeed();
   SCOPED_TRACE(absl::StrCat("seed ", seed,
                             " (rerun with KVCACHE_TEST_SEED=", seed, ")"));
   std::mt19937_64 rng(seed);

@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -33,6 +32,7 @@
 #include "kernels/kernel_params.h"
 #include "storage/cache_storage.h"
 #include "storage/device.h"
+#include "testing/test_seed.h"
 
 namespace kvcache::internal {
 namespace {
@@ -41,12 +41,6 @@ constexpr DType kCacheDTypes[] = {DType::kInt8, DType::kFp8E4M3,
                                   DType::kBFloat16, DType::kFloat16};
 constexpr DType kInputDTypes[] = {DType::kFloat32, DType::kFloat16,
                                   DType::kBFloat16};
-
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
 
 bool Contains(absl::string_view haystack, absl::string_view needle) {
   return haystack.find(needle) != absl::string_view::npos;
@@ -106,7 +100,7 @@ LayerBytes Read(const LayerCache& cache) {
 class CacheBackendTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const uint64_t seed = Seed();
+    const uint64_t seed = kvcache::testing::TestSeed();
     rng_.seed(seed);
     seed_trace_ = std::make_unique<::testing::ScopedTrace>(
         __FILE__, __LINE__,

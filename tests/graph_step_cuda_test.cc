@@ -11,15 +11,14 @@
 // or FAIL per case. KVCACHE_TEST_SEED=<n> reruns one seed.
 
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "testing/cuda_test_util.h"
+#include "testing/test_seed.h"
 #include "tests/graph_step_scenario.h"
 
 #if defined(KVCACHE_HAVE_CUDA_RUNTIME)
@@ -192,13 +191,6 @@ class GraphRunner : public PlainRunner {
   cudaGraphExec_t exec_ = nullptr;
 };
 
-uint64_t Seed() {
-  if (const char* s = std::getenv("KVCACHE_TEST_SEED")) {
-    return std::strtoull(s, nullptr, 10);
-  }
-  return std::random_device{}();
-}
-
 struct Case {
   DType cache;
   int32_t sliding_window;  // > 0: layer groups (graph_step_scenario.h).
@@ -208,7 +200,7 @@ class GraphStepCudaTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(GraphStepCudaTest, CapturedStepMatchesPlainStepsAndTheCpuBackend) {
   KVCACHE_SKIP_WITHOUT_GPU();
-  const uint64_t seed = Seed();
+  const uint64_t seed = kvcache::testing::TestSeed();
   SCOPED_TRACE(absl::StrCat("seed ", seed));
   ScenarioOptions o;
   o.seed = seed;

@@ -7,7 +7,6 @@
 // complete; the graph step's errors; KnownLength; Gather's asynchronous,
 // batched, empty and in-flight forms. KVCACHE_TEST_SEED=<n> reruns one seed.
 
-#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -18,6 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "testing/kv_reference.h"
+#include "testing/test_seed.h"
 #include "tests/graph_step_scenario.h"
 
 namespace kvcache {
@@ -26,13 +26,6 @@ namespace {
 using ::testing::HasSubstr;
 using testing::ScenarioOptions;
 using testing::StepKV;
-
-uint64_t Seed() {
-  if (const char* s = std::getenv("KVCACHE_TEST_SEED")) {
-    return std::strtoull(s, nullptr, 10);
-  }
-  return std::random_device{}();
-}
 
 TensorView KView(const ScenarioOptions& o, const StepKV& kv, int layer,
                  int64_t rows) {
@@ -194,7 +187,7 @@ TEST(GraphStepTest, PaddedStepInputsAndCachesMatchPlainSteps) {
                                {DType::kFp8E4M3, 0},
                                {DType::kBFloat16, 0},
                                {DType::kInt8, 6}}) {
-    const uint64_t seed = Seed();
+    const uint64_t seed = kvcache::testing::TestSeed();
     SCOPED_TRACE(absl::StrCat("seed ", seed, " cache ", DTypeName(cache),
                               " window ", window));
     ScenarioOptions o;

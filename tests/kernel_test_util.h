@@ -21,6 +21,7 @@
 #include "core/dtype.h"
 #include "kernels/float_convert.h"
 #include "kernels/kernel_params.h"
+#include "testing/test_seed.h"
 
 namespace kvcache::testing {
 
@@ -359,15 +360,6 @@ inline GatherCase MakeGatherCase(const HostCase& hc, DType out, int variant,
                    (H - 1) * g.value.head_stride + Dv);
   g.output.assign(static_cast<size_t>(extent) * DTypeSize(out), 0xAB);
   return g;
-}
-
-// The seed of this test run: KVCACHE_TEST_SEED if set, else random (printed by
-// the caller).
-inline uint64_t TestSeed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  if (env != nullptr) return std::strtoull(env, nullptr, 10);
-  return std::random_device{}() * 0x9E3779B97F4A7C15ull ^
-         std::random_device{}();
 }
 
 // The input/cache dtype pairs quantize-and-write supports.

@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <random>
 #include <vector>
@@ -19,22 +18,17 @@
 #include "api/block_table_view.h"
 #include "gtest/gtest.h"
 #include "storage/device.h"
+#include "testing/test_seed.h"
 
 namespace kvcache::internal {
 namespace {
 
 constexpr int32_t kStale = 0x7EADBEEF;
 
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
-
 class LookupBuffersTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const uint64_t seed = Seed();
+    const uint64_t seed = kvcache::testing::TestSeed();
     rng_.seed(seed);
     seed_trace_ = std::make_unique<::testing::ScopedTrace>(
         __FILE__, __LINE__,

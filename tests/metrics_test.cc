@@ -10,7 +10,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <random>
@@ -23,15 +22,10 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "gtest/gtest.h"
+#include "testing/test_seed.h"
 
 namespace kvcache {
 namespace {
-
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
 
 // The samples each field must produce: sample (name with labels) -> field.
 struct Expected {
@@ -249,7 +243,7 @@ Parsed Parse(const std::string& text) {
 class MetricsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const uint64_t seed = Seed();
+    const uint64_t seed = kvcache::testing::TestSeed();
     rng_.seed(seed);
     seed_trace_ = std::make_unique<::testing::ScopedTrace>(
         __FILE__, __LINE__,

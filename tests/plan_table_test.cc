@@ -11,7 +11,6 @@
 #include "api/plan_table.h"
 
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <random>
@@ -24,6 +23,7 @@
 #include "allocator/step_plan.h"
 #include "gtest/gtest.h"
 #include "storage/device.h"
+#include "testing/test_seed.h"
 
 namespace kvcache::internal {
 namespace {
@@ -40,12 +40,6 @@ StepPlan OneSequencePlan(int64_t num_tokens) {
 
 constexpr int64_t kMaxTokens = 64;
 
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
-
 bool Contains(absl::string_view haystack, absl::string_view needle) {
   return haystack.find(needle) != absl::string_view::npos;
 }
@@ -53,7 +47,7 @@ bool Contains(absl::string_view haystack, absl::string_view needle) {
 class PlanTableTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const uint64_t seed = Seed();
+    const uint64_t seed = kvcache::testing::TestSeed();
     rng_.seed(seed);
     seed_trace_ = std::make_unique<::testing::ScopedTrace>(
         __FILE__, __LINE__,

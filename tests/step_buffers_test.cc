@@ -11,7 +11,6 @@
 #include "api/step_buffers.h"
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -23,22 +22,17 @@
 #include "allocator/block_manager.h"
 #include "gtest/gtest.h"
 #include "storage/device.h"
+#include "testing/test_seed.h"
 
 namespace kvcache::internal {
 namespace {
 
 constexpr int64_t kSentinel = 0x5A5A5A5A5A5A5A5A;
 
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
-
 class StepBuffersTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const uint64_t seed = Seed();
+    const uint64_t seed = kvcache::testing::TestSeed();
     rng_.seed(seed);
     RecordProperty("seed", std::to_string(seed));
     seed_trace_ = std::make_unique<::testing::ScopedTrace>(

@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <random>
@@ -32,18 +31,13 @@
 #include "kernels/kernel_validation.h"
 #include "storage/cache_storage.h"
 #include "storage/device.h"
+#include "testing/test_seed.h"
 
 namespace kvcache::internal {
 namespace {
 
 constexpr DType kFloatDTypes[] = {DType::kFloat32, DType::kFloat16,
                                   DType::kBFloat16};
-
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
 
 bool Contains(absl::string_view haystack, absl::string_view needle) {
   return haystack.find(needle) != absl::string_view::npos;
@@ -61,7 +55,7 @@ bool Contains(absl::string_view haystack, absl::string_view needle) {
 class TensorChecksTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const uint64_t seed = Seed();
+    const uint64_t seed = kvcache::testing::TestSeed();
     rng_.seed(seed);
     seed_trace_ = std::make_unique<::testing::ScopedTrace>(
         __FILE__, __LINE__,

@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
@@ -33,6 +32,7 @@
 #include "gtest/gtest.h"
 #include "storage/device.h"
 #include "storage/tier_copier.h"
+#include "testing/test_seed.h"
 #include "tests/make_layer_group.h"
 
 namespace kvcache::internal {
@@ -40,12 +40,6 @@ namespace {
 
 constexpr int32_t kBlocks = 24;
 constexpr int kPairs = 8;
-
-uint64_t Seed() {
-  const char* env = std::getenv("KVCACHE_TEST_SEED");
-  return env != nullptr ? std::strtoull(env, nullptr, 10)
-                        : std::random_device{}();
-}
 
 struct Case {
   const char* name;
@@ -117,7 +111,7 @@ class TierMoverTest : public ::testing::TestWithParam<bool> {};
 
 TEST_P(TierMoverTest, RoundTripMatchesCopyOnWrite) {
   const bool one_call = GetParam();
-  const uint64_t seed = Seed();
+  const uint64_t seed = kvcache::testing::TestSeed();
   SCOPED_TRACE(absl::StrCat("seed ", seed,
                             " (rerun with KVCACHE_TEST_SEED=", seed, ")"));
   std::mt19937_64 rng(seed);

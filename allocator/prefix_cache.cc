@@ -174,7 +174,6 @@ void PrefixCache::RegisterFilled(Sequence& s, BlockPool& pool) {
       if (collision) chain_id = index_.NewId();
       if (chain_id != 0) {
         s.last_chain_id = chain_id;
-        parent_is_new = false;
         continue;
       }
     }
